@@ -1,0 +1,338 @@
+"""Per-component facts, in one place.
+
+Each of the five exported components has a :class:`ComponentSpec`: input and output names,
+dtypes, symbolic shapes, validation tolerances and how its optimization-profile ranges follow
+from the build settings. Export, build, the runtime and the tests all read these specs, so a
+name or an axis is written exactly once. Nothing here imports torch.
+
+Where the glue lives (decided here, used by export and the runtime):
+- CLIP padding and concatenation are done by the runtime: the CLIP graphs return the
+  penultimate hidden states and the projected pooled embedding, unchanged from PyTorch.
+- The VAE scaling and shift (``latents / scaling_factor + shift_factor``) and the mapping of
+  the decoded image from [-1, 1] to [0, 1] are inside the VAE decoder graph, so the runtime
+  only converts [0, 1] floats to 8-bit pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from sd35trt.config import BuildSettings, Range
+from sd35trt.errors import ConfigError, ModelError
+
+CLIP_MAX_LENGTH = 77
+
+
+class Component(str, Enum):
+    """The five exported components of an SD3.5 pipeline, in execution order."""
+
+    CLIP_L = "clip_l"
+    CLIP_G = "clip_g"
+    T5 = "t5"
+    TRANSFORMER = "transformer"
+    VAE_DECODER = "vae_decoder"
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self in (Component.CLIP_L, Component.CLIP_G, Component.T5)
+
+
+#: diffusers pipeline subfolder of each component's weights.
+SUBFOLDER = {
+    Component.CLIP_L: "text_encoder",
+    Component.CLIP_G: "text_encoder_2",
+    Component.T5: "text_encoder_3",
+    Component.TRANSFORMER: "transformer",
+    Component.VAE_DECODER: "vae",
+}
+
+#: Tokenizer subfolders that travel with the engines (the runtime needs no model directory).
+TOKENIZER_SUBFOLDERS = {
+    Component.CLIP_L: "tokenizer",
+    Component.CLIP_G: "tokenizer_2",
+    Component.T5: "tokenizer_3",
+}
+
+
+class TensorType(str, Enum):
+    FLOAT = "float"  # the component's export precision (fp32 / fp16 / bf16)
+    INT64 = "int64"
+    FLOAT32 = "float32"  # always fp32, whatever the export precision
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape`` mixes ints and symbolic axis names."""
+
+    name: str
+    dtype: TensorType
+    shape: tuple[int | str, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a concrete pipeline, read from its diffusers config files."""
+
+    clip_l_hidden: int
+    clip_l_projection: int
+    clip_g_hidden: int
+    clip_g_projection: int
+    t5_hidden: int
+    latent_channels: int
+    patch_size: int
+    num_layers: int
+    head_dim: int
+    num_heads: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    pos_embed_max_size: int
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    vae_shift_factor: float
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def max_image_size(self) -> int:
+        """Largest height/width the positional embedding covers."""
+        return self.pos_embed_max_size * self.patch_size * self.vae_scale_factor
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> ModelDims:
+        """Read the dims from a diffusers SD3 directory's JSON configs (no weights loaded).
+
+        Raises:
+            ModelError: a config file is missing or lacks a key.
+        """
+        root = Path(model_dir)
+
+        def read(sub: str, name: str = "config.json") -> dict:
+            p = root / sub / name
+            try:
+                return json.loads(p.read_text())
+            except FileNotFoundError:
+                raise ModelError(f"{p} is missing: {root} is not a diffusers SD3 pipeline directory") from None
+            except json.JSONDecodeError as err:
+                raise ModelError(f"{p} is not valid JSON: {err}") from None
+
+        try:
+            tr = read("transformer")
+            cl = read("text_encoder")
+            cg = read("text_encoder_2")
+            t5 = read("text_encoder_3")
+            vae = read("vae")
+            return cls(
+                clip_l_hidden=cl["hidden_size"],
+                clip_l_projection=cl["projection_dim"],
+                clip_g_hidden=cg["hidden_size"],
+                clip_g_projection=cg["projection_dim"],
+                t5_hidden=t5["d_model"],
+                latent_channels=tr["in_channels"],
+                patch_size=tr["patch_size"],
+                num_layers=tr["num_layers"],
+                head_dim=tr["attention_head_dim"],
+                num_heads=tr["num_attention_heads"],
+                joint_attention_dim=tr["joint_attention_dim"],
+                pooled_projection_dim=tr["pooled_projection_dim"],
+                pos_embed_max_size=tr["pos_embed_max_size"],
+                vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                vae_scaling_factor=float(vae["scaling_factor"]),
+                vae_shift_factor=float(vae.get("shift_factor") or 0.0),
+            )
+        except KeyError as err:
+            raise ModelError(f"{root}: a component config lacks key {err}") from None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelDims:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Validation tolerance: ``max|a-b| <= atol + rtol * max|b|`` over each output."""
+
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """The I/O contract of one exported component."""
+
+    component: Component
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tolerance: Tolerance
+    #: tolerance for the FP8 graph against ModelOpt's fake-quant PyTorch model.
+    fp8_tolerance: Tolerance | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+
+def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> ComponentSpec:
+    """The I/O contract of ``component`` for a pipeline of size ``dims``.
+
+    ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
+    over that many blocks; see :class:`sd35trt.modules.Transformer`).
+
+    Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
+    ``latent_height`` / ``latent_width`` (image size / VAE scale factor), ``text_length``
+    (77 CLIP tokens + the T5 sequence length).
+    """
+    f, i64 = TensorType.FLOAT, TensorType.INT64
+    if component in (Component.CLIP_L, Component.CLIP_G):
+        hidden, proj = (
+            (dims.clip_l_hidden, dims.clip_l_projection)
+            if component is Component.CLIP_L
+            else (dims.clip_g_hidden, dims.clip_g_projection)
+        )
+        return ComponentSpec(
+            component,
+            inputs=(TensorSpec("input_ids", i64, ("batch", CLIP_MAX_LENGTH)),),
+            outputs=(
+                TensorSpec("hidden_states", f, ("batch", CLIP_MAX_LENGTH, hidden)),  # penultimate layer
+                TensorSpec("text_embeds", f, ("batch", proj)),
+            ),
+            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+        )
+    if component is Component.T5:
+        return ComponentSpec(
+            component,
+            inputs=(TensorSpec("input_ids", i64, ("batch", "t5_length")),),
+            outputs=(TensorSpec("last_hidden_state", f, ("batch", "t5_length", dims.t5_hidden)),),
+            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+        )
+    if component is Component.TRANSFORMER:
+        c = dims.latent_channels
+        return ComponentSpec(
+            component,
+            inputs=(
+                TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
+                TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
+                TensorSpec("timestep", f, ("batch",)),
+                *((TensorSpec("skip_layers", f, (skip_layers,)),) if skip_layers else ()),
+            ),
+            outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
+            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+            fp8_tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+        )
+    if component is Component.VAE_DECODER:
+        return ComponentSpec(
+            component,
+            inputs=(TensorSpec("latent", f, ("batch", dims.latent_channels, "latent_height", "latent_width")),),
+            outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),  # in [0, 1]
+            tolerance=Tolerance(rtol=1e-3, atol=1e-3),
+        )
+    raise ValueError(f"unknown component {component!r}")
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max shapes of one input in an optimization profile."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.min) and all(
+            lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True)
+        )
+
+    def to_json(self) -> dict:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ShapeRange:
+        return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
+
+
+def batch_range(component: Component, images: Range, cfg_by_default: bool = True) -> Range:
+    """Engine batch range for ``images`` images per request.
+
+    The text encoders and the transformer see ``[negative, positive]`` under classifier-free
+    guidance, so their maximum is twice the image batch; guidance can be off (turbo), so their
+    minimum is the image batch minimum. The VAE decodes images only.
+    """
+    if component is Component.VAE_DECODER:
+        return images
+    opt = images.opt * 2 if cfg_by_default else images.opt
+    return Range(min=images.min, opt=opt, max=images.max * 2)
+
+
+def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
+    """Convert an image-size range (pixels) to latent sizes, refusing sizes the model can't take."""
+    m = dims.size_multiple
+    for key in ("min", "opt", "max"):
+        v = getattr(r, key)
+        if v % m:
+            raise ConfigError(f"build.{field}.{key} = {v} is not a multiple of {m} (VAE factor x patch size)")
+    if r.max > dims.max_image_size:
+        raise ConfigError(
+            f"build.{field}.max = {r.max} exceeds what the positional embedding covers "
+            f"({dims.max_image_size} = pos_embed_max_size {dims.pos_embed_max_size} x {m})"
+        )
+    s = dims.vae_scale_factor
+    return Range(min=r.min // s, opt=r.opt // s, max=r.max // s)
+
+
+def profile(
+    component: Component,
+    dims: ModelDims,
+    build: BuildSettings,
+    max_sequence_length: int = 256,
+    cfg_by_default: bool = True,
+    skip_layers: int = 0,
+) -> dict[str, ShapeRange]:
+    """Optimization-profile shape ranges per input of ``component``.
+
+    Static builds are expressed by ranges whose min == opt == max in the config.
+
+    Raises:
+        ConfigError: a range is not a multiple of the model's size multiple, or too large.
+    """
+    b = batch_range(component, build.batch, cfg_by_default)
+    h = latent_range(build.height, dims, "height")
+    w = latent_range(build.width, dims, "width")
+    text_len = CLIP_MAX_LENGTH + max_sequence_length
+    sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+    sizes = {
+        "batch": b,
+        "latent_height": h,
+        "latent_width": w,
+        "t5_length": Range.static(max_sequence_length),
+        "text_length": Range.static(text_len),
+    }
+    out = {}
+    for t in sp.inputs:
+        lo, op, hi = [], [], []
+        for d in t.shape:
+            r = sizes[d] if isinstance(d, str) else Range.static(d)
+            lo.append(r.min)
+            op.append(r.opt)
+            hi.append(r.max)
+        out[t.name] = ShapeRange(tuple(lo), tuple(op), tuple(hi))
+    return out

@@ -1,0 +1,277 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML.
+
+Every model forbids unknown keys, so a misspelt key is an error naming the key and the file.
+Closed sets (backends, precisions, model sources) are enums. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sd35trt.errors import ConfigError
+
+#: Image sizes must be multiples of this: the VAE downsamples 8x and the transformer patchifies 2x2.
+SIZE_MULTIPLE = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class ModelSource(str, Enum):
+    """Where the diffusers pipeline comes from."""
+
+    TINY = "tiny"  # the built-in tiny SD3.5-shaped pipeline (sd35trt.tiny), generated offline
+    LOCAL = "local"  # a local diffusers directory (safetensors only)
+    RANDOM = "random"  # random weights with a published architecture's shapes (scale tests)
+
+
+class Architecture(str, Enum):
+    TINY = "tiny"
+    SD35_MEDIUM = "sd3.5-medium"
+    SD35_LARGE = "sd3.5-large"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class LoadDtype(str, Enum):
+    """Dtype to load PyTorch modules in; ``auto`` is BF16 on CUDA and FP32 on CPU."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class Range(_Strict):
+    """An inclusive ``min <= opt <= max`` range (a dimension of an optimization profile)."""
+
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}")
+        return self
+
+    @classmethod
+    def static(cls, value: int) -> Range:
+        return cls(min=value, opt=value, max=value)
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+class ModelSettings(_Strict):
+    source: ModelSource = ModelSource.TINY
+    path: Path | None = Field(default=None, description="local diffusers directory (source: local)")
+    architecture: Architecture = Architecture.TINY
+    seed: int = Field(default=0, ge=0, description="weight seed for source tiny / random")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> ModelSettings:
+        if self.source is ModelSource.LOCAL and self.path is None:
+            raise ValueError("source 'local' needs 'path' (a diffusers directory)")
+        if self.source is not ModelSource.LOCAL and self.path is not None:
+            raise ValueError(f"'path' is only used with source 'local', not '{self.source.value}'")
+        if self.source is ModelSource.TINY and self.architecture is not Architecture.TINY:
+            raise ValueError("source 'tiny' has architecture 'tiny'; use source 'random' for published shapes")
+        return self
+
+
+class CalibrateSettings(_Strict):
+    prompts: Path = Path("calibration_prompts/calibration.txt")
+    heldout_prompts: Path = Path("calibration_prompts/heldout.txt")
+    num_prompts: int = Field(default=32, ge=1, le=100_000)
+    batch_size: int = Field(default=1, ge=1, le=64)
+    steps: int = Field(default=20, ge=1, le=200)
+    guidance_scale: float = Field(default=4.5, ge=0.0, le=50.0)
+    height: int = Field(default=1024, ge=SIZE_MULTIPLE)
+    width: int = Field(default=1024, ge=SIZE_MULTIPLE)
+    seed: int = Field(default=0, ge=0)
+    dtype: LoadDtype = LoadDtype.AUTO
+    #: fnmatch patterns over transformer module names kept out of FP8.
+    exclude: tuple[str, ...] = (
+        "time_text_embed*",
+        "pos_embed*",
+        "context_embedder*",
+        "norm_out*",
+        "proj_out*",
+    )
+    #: transformer_blocks indices kept entirely in high precision.
+    high_precision_blocks: tuple[int, ...] = ()
+    fp8_attention: bool = False
+    #: quality report: number of held-out prompts and steps.
+    report_prompts: int = Field(default=4, ge=1)
+    report_steps: int | None = Field(default=None, ge=1)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple(cls, v: int) -> int:
+        if v % SIZE_MULTIPLE:
+            raise ValueError(f"{v} is not a multiple of {SIZE_MULTIPLE}")
+        return v
+
+
+class ComponentPrecisions(_Strict):
+    """Export dtype per component. T5 overflows in FP16 (NaN, black images), so it is refused."""
+
+    clip_l: Precision = Precision.FP32
+    clip_g: Precision = Precision.FP32
+    t5: Precision = Precision.FP32
+    transformer: Precision = Precision.FP32
+    vae_decoder: Precision = Precision.FP32
+
+    @field_validator("t5")
+    @classmethod
+    def _t5_not_fp16(cls, v: Precision) -> Precision:
+        if v is Precision.FP16:
+            raise ValueError("T5 overflows in fp16 (NaN / black images); use bf16 or fp32")
+        return v
+
+
+class ExportSettings(_Strict):
+    opset: int = Field(default=19, ge=19, le=23)
+    precision: ComponentPrecisions = ComponentPrecisions()
+    quantize: bool = True
+    fp8_weights: bool = False
+
+
+class BuildSettings(_Strict):
+    backend: Backend = Backend.AUTO
+    #: images per request (before classifier-free guidance doubles the transformer batch).
+    batch: Range = Range(min=1, opt=1, max=2)
+    height: Range = Range(min=512, opt=1024, max=1536)
+    width: Range = Range(min=512, opt=1024, max=1536)
+    optimization_level: int = Field(default=3, ge=0, le=5)
+    workspace_gib: float | None = Field(default=None, gt=0)
+    weight_streaming: bool = False
+    refit: bool = False
+
+    @model_validator(mode="after")
+    def _sizes(self) -> BuildSettings:
+        for name in ("height", "width"):
+            r: Range = getattr(self, name)
+            for key in ("min", "opt", "max"):
+                if getattr(r, key) % SIZE_MULTIPLE:
+                    raise ValueError(f"{name}.{key} = {getattr(r, key)} is not a multiple of {SIZE_MULTIPLE}")
+        return self
+
+
+class SkipLayerGuidance(_Strict):
+    layers: tuple[int, ...]
+    scale: float = Field(default=2.8, ge=0.0)
+    start: float = Field(default=0.01, ge=0.0, le=1.0)
+    stop: float = Field(default=0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _window(self) -> SkipLayerGuidance:
+        if not self.layers:
+            raise ValueError("layers must name at least one transformer block")
+        if self.start >= self.stop:
+            raise ValueError(f"start ({self.start}) must be below stop ({self.stop})")
+        return self
+
+
+class RuntimeSettings(_Strict):
+    steps: int = Field(default=28, ge=1, le=500)
+    guidance_scale: float = Field(default=3.5, ge=0.0, le=50.0)
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int = Field(default=256, ge=1, le=512)
+    negative_prompt: str = ""
+    skip_layer_guidance: SkipLayerGuidance | None = None
+
+
+class Config(_Strict):
+    """A whole sd35trt config file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSettings = ModelSettings()
+    calibrate: CalibrateSettings = CalibrateSettings()
+    export: ExportSettings = ExportSettings()
+    build: BuildSettings = BuildSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @model_validator(mode="after")
+    def _runtime_inside_profiles(self) -> Config:
+        for name in ("height", "width"):
+            value = getattr(self.runtime, name)
+            r: Range = getattr(self.build, name)
+            if not r.contains(value):
+                raise ValueError(f"runtime.{name} = {value} is outside build.{name} range {r.min}..{r.max}")
+        return self
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the named sections (e.g. ``"model", "calibrate"``) in canonical JSON."""
+        data = self.model_dump(mode="json", include=set(sections))
+        return sha256_json(data)
+
+
+def sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def config_from_dict(data: Any, source: str = "<config>") -> Config:
+    """Validate a mapping into a :class:`Config`.
+
+    Raises:
+        ConfigError: naming every bad key of ``source`` and what was wrong with it.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation (the key is named).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        known = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        hint = f"; available: {', '.join(known)}" if known else ""
+        raise ConfigError(f"config file {path} does not exist{hint}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(data, str(path))

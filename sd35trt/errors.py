@@ -1,0 +1,77 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad input, a missing or stale artefact, an engine built for
+another machine) is raised as an :class:`Sd35TrtError` subclass whose message names the
+thing, what was found and what was expected. The CLI prints those as one line and exits 1;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class Sd35TrtError(Exception):
+    """Base class of every error a user can act on."""
+
+
+class ConfigError(Sd35TrtError):
+    """A config file or option is invalid (unknown key, wrong type, value out of range)."""
+
+
+class ModelError(Sd35TrtError):
+    """A model directory is missing, incomplete, unsafe (pickle weights) or corrupt."""
+
+
+class ManifestError(Sd35TrtError):
+    """A run directory's manifest is missing, unreadable, or lacks a stage's record."""
+
+
+class StaleArtifactError(ManifestError):
+    """An artefact was produced from inputs or settings that have changed since."""
+
+
+class VerificationError(ManifestError):
+    """A file does not match its manifest record (missing, wrong size or sha256)."""
+
+
+class IncompatibleEngineError(VerificationError):
+    """An engine was built for another backend, TensorRT version or GPU."""
+
+
+class CalibrationError(Sd35TrtError):
+    """Calibration produced unusable ranges (an amax of 0, inf or NaN)."""
+
+
+class ExportError(Sd35TrtError):
+    """An ONNX export or its numerical validation failed."""
+
+
+class BuildError(Sd35TrtError):
+    """An engine could not be built."""
+
+
+class BackendUnavailableError(Sd35TrtError):
+    """The requested backend (TensorRT, CUDA) is not installed or has no device."""
+
+
+class RequestError(Sd35TrtError):
+    """A generation request is invalid (size, steps, guidance, seed, prompt).
+
+    Attributes:
+        field: the request field at fault, so the HTTP layer can name it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NonFiniteError(Sd35TrtError):
+    """A stage produced NaN or inf; the stage is named so the request can fail cleanly."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class DeviceOutOfMemoryError(Sd35TrtError):
+    """The device ran out of memory during a request."""

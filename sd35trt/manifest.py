@@ -1,0 +1,322 @@
+"""Run manifests: records, digests, atomic writes and verification.
+
+A run directory ``runs/<name>/`` holds one sub-directory per stage (``calibrate/``, ``onnx/``,
+``engines/``) and ``manifest.json`` with one record per stage. A record lists every file the
+stage wrote (path relative to the run directory, size, sha256), the digest of the config
+sections the stage depends on, the digests of the upstream records it used, and tool versions.
+
+Stages publish atomically: they write into a temporary sibling directory, rename it into place,
+and only then add their record (the manifest itself is replaced with ``os.replace``). A stage
+killed at any point leaves either the old complete state or a record-less directory that the
+next stage refuses; its leftovers are removed by the next run of the same stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sd35trt.config import sha256_json
+from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class Stage(str, Enum):
+    """Pipeline stages that write artefacts, in order; the value is also the CLI verb."""
+
+    CALIBRATE = "calibrate"
+    EXPORT = "export"
+    BUILD = "build"
+
+    @property
+    def directory(self) -> str:
+        """Sub-directory of the run directory the stage writes."""
+        return {Stage.CALIBRATE: "calibrate", Stage.EXPORT: "onnx", Stage.BUILD: "engines"}[self]
+
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        """Config sections whose change makes this stage's output stale."""
+        return {
+            Stage.CALIBRATE: ("model", "calibrate"),
+            Stage.EXPORT: ("model", "export"),
+            Stage.BUILD: ("build", "runtime"),
+        }[self]
+
+    @property
+    def upstream(self) -> Stage | None:
+        return {Stage.CALIBRATE: None, Stage.EXPORT: Stage.CALIBRATE, Stage.BUILD: Stage.EXPORT}[self]
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # POSIX path relative to the directory the record is anchored at
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> FileRecord:
+        return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(root: str | Path, path: str | Path) -> FileRecord:
+    """Record ``path`` (inside ``root``) with its size and sha256."""
+    root, path = Path(root), Path(path)
+    full = path if path.is_absolute() else root / path
+    return FileRecord(full.relative_to(root).as_posix(), full.stat().st_size, sha256_file(full))
+
+
+def records_for_tree(root: str | Path, subdir: str | Path) -> list[FileRecord]:
+    """Records of every regular file below ``root/subdir``, sorted by path."""
+    root = Path(root)
+    base = root / subdir
+    return [file_record(root, p) for p in sorted(base.rglob("*")) if p.is_file()]
+
+
+def verify_files(root: str | Path, files: Iterable[FileRecord], what: str = "") -> None:
+    """Check that every file exists with its recorded size and sha256.
+
+    Sizes are checked before hashing, so a truncated multi-GB file fails fast. Every problem is
+    collected and reported together.
+
+    Raises:
+        VerificationError: naming each missing, resized or modified file.
+    """
+    root = Path(root)
+    problems = []
+    for rec in files:
+        p = root / rec.path
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+            continue
+        size = p.stat().st_size
+        if size != rec.size:
+            problems.append(f"{p} has {size} bytes, the manifest records {rec.size} (truncated or replaced)")
+            continue
+        digest = sha256_file(p)
+        if digest != rec.sha256:
+            problems.append(f"{p} sha256 {digest[:12]}… does not match the manifest's {rec.sha256[:12]}… (modified)")
+    if problems:
+        prefix = f"{what}: " if what else ""
+        raise VerificationError(prefix + "; ".join(problems))
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the tools whose output the artefacts depend on (no imports)."""
+    out = {}
+    for dist in (
+        "sd35trt",
+        "torch",
+        "diffusers",
+        "transformers",
+        "nvidia-modelopt",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def record_digest(record: dict) -> str:
+    """Digest of a stage record: downstream records name their inputs by it."""
+    return sha256_json(record)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path} is not valid JSON ({err}); {what}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object; {what}")
+    return data
+
+
+def _leftovers(run_dir: Path, name: str) -> list[Path]:
+    return [*run_dir.glob(f".{name}.tmp-*"), *run_dir.glob(f".{name}.old-*")]
+
+
+def clean_leftovers(run_dir: str | Path, name: str) -> list[Path]:
+    """Remove what a killed run of the stage writing ``run_dir/name`` left behind."""
+    removed = _leftovers(Path(run_dir), name)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``run_dir/name`` on success.
+
+    On an exception the temporary directory is removed and ``run_dir/name`` is untouched.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(run_dir, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = run_dir / name
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=run_dir))
+        old.rmdir()
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class RunManifest:
+    """``runs/<name>/manifest.json``: one record per stage.
+
+    A record is a JSON object with at least ``stage``, ``created``, ``config_digest``,
+    ``upstream`` (stage -> record digest), ``versions`` and ``files``; stages add their own
+    ``details``.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / MANIFEST_NAME
+
+    def load(self) -> dict:
+        if not self.path.exists():
+            return {"format": FORMAT_VERSION, "records": {}}
+        data = read_json(self.path, "delete it and re-run the stages")
+        if data.get("format") != FORMAT_VERSION or not isinstance(data.get("records"), dict):
+            raise ManifestError(
+                f"{self.path} has format {data.get('format')!r}, this sd35trt reads format {FORMAT_VERSION}"
+            )
+        return data
+
+    def get(self, stage: Stage) -> dict | None:
+        return self.load()["records"].get(stage.value)
+
+    def require(self, stage: Stage, hint: str = "") -> dict:
+        """The record of ``stage``.
+
+        Raises:
+            ManifestError: there is none; the message says which command to run.
+        """
+        rec = self.get(stage)
+        if rec is None:
+            cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
+            raise ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
+        return rec
+
+    def put(self, stage: Stage, record: dict) -> None:
+        """Add or replace the record of ``stage`` (atomically, after its files are in place)."""
+        data = self.load()
+        data["records"][stage.value] = record
+        atomic_write_json(self.path, data)
+
+    def verified(self, stage: Stage, config_digest: str | None = None, hint: str = "") -> dict:
+        """The record of ``stage`` after checking its files, its config digest and its upstream.
+
+        Args:
+            stage: the stage whose output is about to be used.
+            config_digest: the current digest of ``stage.config_sections``; ``None`` skips it.
+            hint: appended to the suggested command (e.g. ``--config configs/tiny.yaml``).
+
+        Raises:
+            ManifestError: no record.
+            StaleArtifactError: the config changed since, or an upstream stage re-ran since.
+            VerificationError: a file is missing or differs from its record.
+        """
+        rec = self.require(stage, hint)
+        rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
+        if config_digest is not None and rec.get("config_digest") != config_digest:
+            sections = ", ".join(stage.config_sections)
+            raise StaleArtifactError(
+                f"the {stage.value} output in {self.run_dir} is stale: config sections [{sections}] changed "
+                f"since it was made; re-run {rerun}"
+            )
+        up = stage.upstream
+        if up is not None and up.value in rec.get("upstream", {}):
+            current = self.get(up)
+            if current is None or record_digest(current) != rec["upstream"][up.value]:
+                raise StaleArtifactError(
+                    f"the {stage.value} output in {self.run_dir} was made from an older {up.value} output; "
+                    f"re-run {rerun}"
+                )
+        verify_files(
+            self.run_dir,
+            [FileRecord.from_json(f) for f in rec.get("files", [])],
+            what=f"{stage.value} output (re-run {rerun})",
+        )
+        return rec
+
+
+def new_record(
+    stage: Stage,
+    config_digest: str,
+    files: list[FileRecord],
+    upstream: dict[Stage, dict] | None = None,
+    details: dict | None = None,
+) -> dict:
+    """A stage record ready for :meth:`RunManifest.put`."""
+    return {
+        "stage": stage.value,
+        "created": now_utc(),
+        "config_digest": config_digest,
+        "upstream": {s.value: record_digest(r) for s, r in (upstream or {}).items()},
+        "versions": tool_versions(),
+        "files": [f.to_json() for f in files],
+        "details": details or {},
+    }
