@@ -44,7 +44,9 @@ def info() -> None:
 
 
 @app.command()
-def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory or an engines directory.")]) -> None:
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or an engines directory.")],
+) -> None:
     """Print a run's (or an engines directory's) manifest in readable form."""
     from sd35trt.info import format_manifest
 
@@ -68,7 +70,9 @@ def reference(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: config runtime.steps).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: config runtime.steps).")
+    ] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale (default: config).")] = None,
     height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
@@ -80,8 +84,16 @@ def reference(
 
     cfg, rd = _load(config, run_dir)
     path = generate_reference(
-        cfg, rd, prompt, out, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-        height=height, width=width, seed=seed,
+        cfg,
+        rd,
+        prompt,
+        out,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        seed=seed,
     )
     typer.echo(f"wrote {path}")
 

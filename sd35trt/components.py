@@ -120,7 +120,9 @@ class ModelDims:
             try:
                 return json.loads(p.read_text())
             except FileNotFoundError:
-                raise ModelError(f"{p} is missing: {root} is not a diffusers SD3 pipeline directory") from None
+                raise ModelError(
+                    f"{p} is missing: {root} is not a diffusers SD3 pipeline directory"
+                ) from None
             except json.JSONDecodeError as err:
                 raise ModelError(f"{p} is not valid JSON: {err}") from None
 
@@ -242,7 +244,9 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
     if component is Component.VAE_DECODER:
         return ComponentSpec(
             component,
-            inputs=(TensorSpec("latent", f, ("batch", dims.latent_channels, "latent_height", "latent_width")),),
+            inputs=(
+                TensorSpec("latent", f, ("batch", dims.latent_channels, "latent_height", "latent_width")),
+            ),
             outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),  # in [0, 1]
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )

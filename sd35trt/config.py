@@ -93,7 +93,9 @@ class ModelSettings(_Strict):
         if self.source is not ModelSource.LOCAL and self.path is not None:
             raise ValueError(f"'path' is only used with source 'local', not '{self.source.value}'")
         if self.source is ModelSource.TINY and self.architecture is not Architecture.TINY:
-            raise ValueError("source 'tiny' has architecture 'tiny'; use source 'random' for published shapes")
+            raise ValueError(
+                "source 'tiny' has architecture 'tiny'; use source 'random' for published shapes"
+            )
         return self
 
 

@@ -119,7 +119,9 @@ def verify_files(root: str | Path, files: Iterable[FileRecord], what: str = "") 
             continue
         digest = sha256_file(p)
         if digest != rec.sha256:
-            problems.append(f"{p} sha256 {digest[:12]}… does not match the manifest's {rec.sha256[:12]}… (modified)")
+            problems.append(
+                f"{p} sha256 {digest[:12]}… does not match the manifest's {rec.sha256[:12]}… (modified)"
+            )
     if problems:
         prefix = f"{what}: " if what else ""
         raise VerificationError(prefix + "; ".join(problems))

@@ -40,7 +40,8 @@ def reference_images(
     with torch.inference_mode():
         return pipe(
             prompts,
-            negative_prompt=[negative_prompt if negative_prompt is not None else rt.negative_prompt] * len(prompts),
+            negative_prompt=[negative_prompt if negative_prompt is not None else rt.negative_prompt]
+            * len(prompts),
             num_inference_steps=steps or rt.steps,
             guidance_scale=rt.guidance_scale if guidance is None else guidance,
             height=height or rt.height,

@@ -31,16 +31,18 @@ SCHEDULER_SHIFT = 3.0
 
 # Frequent words of image prompts: they make the T5 vocabulary word-level for common text and
 # keep it deterministic (no trainer, no corpus).
-_T5_WORDS = """a an the of in on at with and or by from to for under over near above below
-photo photograph painting drawing sketch render illustration portrait landscape close-up
-cat dog bird horse fox owl fish dragon robot person woman man child girl boy old young
-red orange yellow green blue purple pink brown black white gray golden silver
-light shadow sunset sunrise night day morning evening rain snow fog storm cloud sky sea ocean
-river lake mountain forest desert city street house castle tower bridge room window door
-table chair book cup flower tree garden field beach island space star moon sun planet
-style detailed realistic cinematic soft warm cold bright dark vivid neon studio lighting
-oil watercolor digital pixel art anime 3d wide angle macro aerial view high quality sign
-that reads text word letter poster cover logo old new small large tiny giant beautiful""".split()
+_T5_WORDS = """
+a an the of in on at with and or by from to for under over near above below photo photograph
+painting drawing sketch render illustration portrait landscape close-up cat dog bird horse fox
+owl fish dragon robot person woman man child girl boy old young red orange yellow green blue
+purple pink brown black white gray golden silver light shadow sunset sunrise night day morning
+evening rain snow fog storm cloud sky sea ocean river lake mountain forest desert city street
+house castle tower bridge room window door table chair book cup flower tree garden field beach
+island space star moon sun planet style detailed realistic cinematic soft warm cold bright dark
+vivid neon studio lighting oil watercolor digital pixel art anime 3d wide angle macro aerial
+view high quality sign that reads text word letter poster cover logo old new small large tiny
+giant beautiful
+""".split()
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ def architecture_config(arch: Architecture) -> ArchitectureConfig:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP reversible byte -> printable unicode map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -221,11 +225,15 @@ def build_components(arch: Architecture, seed: int = 0, device: str | torch.devi
     return {
         "transformer": make(0, lambda: SD3Transformer2DModel(**cfg.transformer)),
         "text_encoder": make(1, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_l, **special))),
-        "text_encoder_2": make(2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_g, **special))),
+        "text_encoder_2": make(
+            2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_g, **special))
+        ),
         "text_encoder_3": make(
             3,
             lambda: T5EncoderModel(
-                T5Config(**cfg.t5, vocab_size=len(tok_3), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                T5Config(
+                    **cfg.t5, vocab_size=len(tok_3), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1
+                )
             ),
         ),
         "vae": make(4, lambda: AutoencoderKL(**cfg.vae)),

@@ -1,0 +1,378 @@
+"""Dynamic batching: a bounded queue and one worker that runs engine batches in a thread.
+
+Requests wait in arrival order. The worker takes the oldest one, then, for up to the batching
+window, gathers later requests that are *compatible* with it (same batch key: size, steps,
+guidance) while their images fit the engine's maximum batch. Incompatible requests keep their
+place and wait their turn, so the oldest request is always the next to run.
+
+The batch runs in a single-thread executor (engines are not re-entrant; the event loop stays
+responsive). When a merged batch fails as a whole (a NaN, out of memory, any exception), each of
+its requests is re-run alone, so only the request at fault fails.
+
+Nothing here knows about HTTP or engines: :class:`Batcher` calls ``run_batch(requests)``, which
+returns one result (or exception) per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("sd35trt.serve")
+
+#: ``run_batch(requests) -> [result or exception per request]``; it may also raise for the whole batch.
+RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class QueueFullError(Exception):
+    """The queue holds ``queue_size`` requests already (HTTP 429)."""
+
+    def __init__(self, queue_size: int, retry_after_s: int) -> None:
+        super().__init__(f"the queue is full ({queue_size} requests waiting); retry in {retry_after_s} s")
+        self.queue_size = queue_size
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(Exception):
+    """The server is draining: requests already accepted finish, new ones are refused (HTTP 503)."""
+
+
+class RequestTimeoutError(Exception):
+    """A request did not finish within its timeout (HTTP 504)."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How a request was run: which batch, merged with how many others."""
+
+    id: int
+    requests: int  # requests merged into this engine batch
+    images: int  # images in this engine batch
+    queue_s: float  # this request's wait before its batch started
+    run_s: float  # the batch's engine time
+    retried_alone: bool = False  # the merged batch failed, this request was re-run on its own
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "requests": self.requests,
+            "images": self.images,
+            "queue_ms": round(self.queue_s * 1000, 2),
+            "run_ms": round(self.run_s * 1000, 2),
+            "retried_alone": self.retried_alone,
+        }
+
+
+@dataclass
+class Job:
+    request: Any
+    key: Hashable
+    size: int  # images this request asks for
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+
+@dataclass
+class BatcherStats:
+    queued: int
+    running: int
+    batches: int
+    requests_done: int
+    rejected: int
+    timed_out: int
+    max_batch: int
+    queue_size: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Batcher:
+    """Bounded request queue plus one batching worker.
+
+    Use from the event loop that called :meth:`start`: ``job = batcher.submit(...)``, then
+    ``result, info = await batcher.wait(job, timeout)``.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch: int,
+        window_s: float,
+        queue_size: int,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if max_batch < 1 or queue_size < 1 or window_s < 0:
+            raise ValueError(f"bad batcher limits: max_batch={max_batch} queue_size={queue_size} window_s={window_s}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.queue_size = queue_size
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sd35trt-engine")
+        self._pending: collections.deque[Job] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._resumed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: asyncio.Task | None = None
+        self._running: list[Job] = []
+        self._draining = False
+        self._batch_ids = 0
+        self._done = 0
+        self._rejected = 0
+        self._timed_out = 0
+        self._avg_image_s: float | None = None  # running mean of engine seconds per image
+        self._paused_flag = threading.Event()  # readable from other threads (tests)
+        self.idle = threading.Event()  # set while the worker waits with nothing to run
+        self.idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._arrived = asyncio.Event()
+        self._resumed = asyncio.Event()
+        if not self._paused_flag.is_set():
+            self._resumed.set()
+        self._worker = asyncio.create_task(self._work(), name="sd35trt-batcher")
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; queued and running ones still complete."""
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def close(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, let queued and running requests finish, stop the worker."""
+        self._draining = True
+        if self._arrived is not None:
+            self._arrived.set()
+        if self._resumed is not None and not self._resumed.is_set():
+            log.warning("batcher closed while paused: resuming to drain %d queued requests", len(self._pending))
+            self._resumed.set()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), drain_timeout_s)
+            except TimeoutError:
+                self._worker.cancel()
+                for job in self._pending:
+                    if not job.future.done():
+                        job.future.set_exception(ShuttingDownError("the server shut down before this request ran"))
+                self._pending.clear()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._worker
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    # -- test and operations hooks (thread-safe) ---------------------------------------------
+
+    def pause(self) -> None:
+        """Hold the worker before its next batch (requests keep queueing). Thread-safe."""
+        self._paused_flag.set()
+        if self._loop is not None and self._resumed is not None:
+            self._loop.call_soon_threadsafe(self._resumed.clear)
+
+    def resume(self) -> None:
+        self._paused_flag.clear()
+        if self._loop is not None and self._resumed is not None:
+            self._loop.call_soon_threadsafe(self._resumed.set)
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            queued=len(self._pending),
+            running=len(self._running),
+            batches=self._batch_ids,
+            requests_done=self._done,
+            rejected=self._rejected,
+            timed_out=self._timed_out,
+            max_batch=self.max_batch,
+            queue_size=self.queue_size,
+        )
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def retry_after_s(self) -> int:
+        """Seconds until a queue slot is likely free, at the measured engine pace."""
+        # a slot frees when the worker takes its next batch: about one engine batch from now
+        per_image = self._avg_image_s if self._avg_image_s is not None else 1.0
+        return max(1, math.ceil(per_image * self.max_batch))
+
+    def submit(self, request: Any, key: Hashable, size: int) -> Job:
+        """Queue a request (from the event loop).
+
+        Raises:
+            ShuttingDownError: the batcher is draining.
+            QueueFullError: ``queue_size`` requests are waiting already.
+            ValueError: ``size`` exceeds the engine batch (validation should have refused it).
+        """
+        if self._worker is None or self._loop is None:
+            raise RuntimeError("Batcher.start() was not called")
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        if not 1 <= size <= self.max_batch:
+            raise ValueError(f"a request of {size} images cannot fit an engine batch of {self.max_batch}")
+        if len(self._pending) >= self.queue_size:
+            self._rejected += 1
+            raise QueueFullError(self.queue_size, self.retry_after_s())
+        job = Job(request=request, key=key, size=size, future=self._loop.create_future())
+        self._pending.append(job)
+        self._arrived.set()
+        return job
+
+    async def wait(self, job: Job, timeout_s: float | None) -> tuple[Any, BatchInfo]:
+        """The result of ``job`` and how it ran.
+
+        Raises:
+            RequestTimeoutError: not done within ``timeout_s`` (it is dropped if still queued).
+            Exception: whatever ``run_batch`` gave or raised for this request.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except TimeoutError:
+            self._timed_out += 1
+            state = "running" if job.started is not None else "queued"
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+            if not job.future.done():
+                job.future.cancel()  # a running batch's result for it is dropped
+            raise RequestTimeoutError(
+                f"the request did not finish within {timeout_s:g} s (it was {state})"
+            ) from None
+        except asyncio.CancelledError:
+            # the client went away (or the server is cancelling tasks): free the queue slot
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+            if not job.future.done():
+                job.future.cancel()
+            raise
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _take_compatible(self, batch: list[Job], total: int) -> int:
+        """Move queued jobs with the head's key that still fit into ``batch``; returns the image count."""
+        head = batch[0]
+        for job in list(self._pending):
+            if total >= self.max_batch:
+                break
+            if job.future.done():  # timed out or cancelled while queued
+                self._pending.remove(job)
+                continue
+            if job.key == head.key and total + job.size <= self.max_batch:
+                self._pending.remove(job)
+                batch.append(job)
+                total += job.size
+        return total
+
+    async def _next_head(self) -> Job | None:
+        while True:
+            while self._pending and self._pending[0].future.done():
+                self._pending.popleft()
+            if self._pending:
+                return self._pending.popleft()
+            if self._draining:
+                return None
+            self._arrived.clear()
+            self.idle.set()
+            await self._arrived.wait()
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._resumed.wait()
+            head = await self._next_head()
+            if head is None:
+                return
+            if not self._resumed.is_set():  # paused while we waited for work: put it back
+                self._pending.appendleft(head)
+                continue
+            self.idle.clear()
+            batch = [head]
+            total = self._take_compatible(batch, head.size)
+            deadline = loop.time() + self.window_s
+            while total < self.max_batch and not self._draining:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                total = self._take_compatible(batch, total)
+            batch = [j for j in batch if not j.future.done()]
+            if not batch:
+                continue
+            await self._run(batch)
+
+    async def _run(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self._batch_ids += 1
+        batch_id = self._batch_ids
+        started = time.monotonic()
+        for job in batch:
+            job.started = started
+        self._running = batch
+        images = sum(j.size for j in batch)
+        try:
+            results: Sequence[Any]
+            retried = False
+            try:
+                results = await loop.run_in_executor(self._executor, self._call, [j.request for j in batch])
+            except Exception as err:
+                if len(batch) == 1:
+                    results = [err]
+                else:
+                    # One bad request must not fail the others merged with it: run each alone.
+                    log.warning("batch %d of %d requests failed (%s: %s); re-running each alone",
+                                batch_id, len(batch), type(err).__name__, err)
+                    retried = True
+                    results = []
+                    for job in batch:
+                        try:
+                            results.extend(await loop.run_in_executor(self._executor, self._call, [job.request]))
+                        except Exception as single_err:
+                            results.append(single_err)
+            run_s = time.monotonic() - started
+            if not retried:
+                per_image = run_s / max(images, 1)
+                self._avg_image_s = per_image if self._avg_image_s is None else 0.8 * self._avg_image_s + 0.2 * per_image
+            for job, result in zip(batch, results, strict=True):
+                self._done += 1
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    info = BatchInfo(
+                        id=batch_id,
+                        requests=1 if retried else len(batch),
+                        images=job.size if retried else images,
+                        queue_s=started - job.enqueued,
+                        run_s=run_s,
+                        retried_alone=retried,
+                    )
+                    job.future.set_result((result, info))
+        except BaseException as err:  # a bug in the batcher itself or cancellation: fail the batch
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err if isinstance(err, Exception) else ShuttingDownError(str(err)))
+            raise
+        finally:
+            self._running = []
+
+    def _call(self, requests: list[Any]) -> Sequence[Any]:
+        results = self.run_batch(requests)
+        if len(results) != len(requests):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(requests)} requests")
+        return results

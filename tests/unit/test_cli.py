@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from sd35trt.cli import app
+
+
+def test_cli_import_leaves_heavy_modules_out():
+    code = (
+        "import sys, sd35trt.cli, sd35trt.config, sd35trt.manifest, sd35trt.components;"
+        "print(sorted(m for m in ('tensorrt', 'modelopt', 'torch', 'onnx', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_lists_the_verbs():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("info", "inspect", "tiny", "reference"):
+        assert verb in result.stdout
+
+
+def test_user_error_is_one_line_exit_1(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35trt.cli", "inspect", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error:") and "nowhere has no manifest.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_typo_via_cli_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nruntime:\n  stepz: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35trt.cli", "reference", "a cat", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "runtime.stepz" in proc.stderr and "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35trt.cli", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SD35TRT_DEBUG": "1"},
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_tiny_and_info_commands(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["tiny", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t" / "model_index.json").is_file()
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0
+    assert "torch" in result.stdout and "tensorrt" in result.stdout

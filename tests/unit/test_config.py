@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sd35trt.config import Config, Precision, Range, load_config
+from sd35trt.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    # The runtime default size must be buildable: the validator checks it against the profile.
+    assert cfg.build.height.contains(cfg.runtime.height)
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_misspelt_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, {"name": "x", "calibrate": {"stpes": 4}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "calibrate.stpes" in msg and str(p) in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    p = _write(tmp_path, {"name": "x", "runtime": {"steps": "many"}})
+    with pytest.raises(ConfigError, match=r"runtime\.steps.*'many'"):
+        load_config(p)
+
+
+def test_t5_fp16_refused(tmp_path):
+    p = _write(tmp_path, {"name": "x", "export": {"precision": {"t5": "fp16"}}})
+    with pytest.raises(ConfigError, match=r"export\.precision\.t5.*fp16"):
+        load_config(p)
+
+
+def test_runtime_size_outside_profile_refused(tmp_path):
+    data = {
+        "name": "x",
+        "build": {"height": {"min": 512, "opt": 512, "max": 768}},
+        "runtime": {"height": 1024},
+    }
+    with pytest.raises(
+        ConfigError, match=r"runtime\.height = 1024 is outside build\.height range 512\.\.768"
+    ):
+        load_config(_write(tmp_path, data))
+
+
+def test_size_not_multiple_of_16_refused(tmp_path):
+    data = {"name": "x", "build": {"width": {"min": 500, "opt": 1024, "max": 1024}}}
+    with pytest.raises(ConfigError, match=r"width\.min = 500 is not a multiple of 16"):
+        load_config(_write(tmp_path, data))
+
+
+def test_range_order_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range(min=4, opt=2, max=8)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write_text(tmp_path, "name: [unclosed"))
+
+
+def _write_text(tmp_path, text):
+    p = tmp_path / "broken.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_local_source_needs_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.*needs 'path'"):
+        load_config(_write(tmp_path, {"name": "x", "model": {"source": "local"}}))
+
+
+def test_digest_tracks_only_named_sections():
+    a = Config(name="a")
+    b = a.model_copy(update={"runtime": a.runtime.model_copy(update={"steps": 3})})
+    assert a.digest("model", "calibrate") == b.digest("model", "calibrate")
+    assert a.digest("runtime") != b.digest("runtime")
+    assert a.export.precision.t5 is Precision.FP32
