@@ -28,11 +28,80 @@ RunDirOpt = Annotated[
 ]
 
 
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+
+
 def _load(config: Path, run_dir: Path | None):
     from sd35trt.config import load_config
 
     cfg = load_config(config)
     return cfg, (run_dir or Path("runs") / cfg.name)
+
+
+def _run_stage(stage_name: str, config: Path, run_dir: Path | None, force: bool, fn) -> None:
+    """Shared body of the stage verbs: skip when the manifest says the output is fresh."""
+    from sd35trt.manifest import Stage, atomic_write_text, is_fresh
+
+    stage = Stage(stage_name)
+    cfg, rd = _load(config, run_dir)
+    if not force and is_fresh(rd, stage, cfg.digest(*stage.config_sections)):
+        typer.echo(f"{stage.value}: up to date in {rd} (--force to redo)")
+        return
+    # The config a run was made with travels with it (package ships it).
+    atomic_write_text(rd / "config.yaml", config.read_text())
+    fn(cfg, rd)
+    typer.echo(f"{stage.value}: done -> {rd / stage.directory} (sd35trt inspect {rd})")
+
+
+@app.command()
+def calibrate(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
+
+    def body(cfg, rd):
+        from sd35trt.calibrate import calibrate as run
+
+        run(cfg, rd, force=force)
+
+    _run_stage("calibrate", config, run_dir, force, body)
+
+
+@app.command()
+def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
+
+    def body(cfg, rd):
+        from sd35trt.export import export as run
+
+        run(cfg, rd, force=force)
+
+    _run_stage("export", config, run_dir, force, body)
+
+
+@app.command()
+def build(
+    config: ConfigOpt = Path("configs/tiny.yaml"),
+    run_dir: RunDirOpt = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
+    ] = None,
+    force: ForceOpt = False,
+):
+    """Engines from the ONNX export (TensorRT, or ONNX Runtime where TensorRT is absent)."""
+    from sd35trt.config import Backend
+    from sd35trt.errors import ConfigError
+
+    try:
+        chosen = Backend(backend) if backend is not None else None
+    except ValueError:
+        allowed = ", ".join(b.value for b in Backend)
+        raise ConfigError(f"--backend {backend!r} is not one of: {allowed}") from None
+
+    def body(cfg, rd):
+        from sd35trt.build import build as run
+
+        run(cfg, rd, chosen, force=force)
+
+    _run_stage("build", config, run_dir, force or chosen is not None, body)
 
 
 @app.command()
@@ -96,6 +165,35 @@ def reference(
         seed=seed,
     )
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def package(
+    run_dir: Annotated[Path, typer.Argument(help="A built run directory (runs/<name>).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artefact to write (.tar.gz).")],
+) -> None:
+    """Pack engines, manifest, tokenizers, scheduler and config into a checksummed artefact."""
+    from sd35trt.package import package as run
+
+    path = run(run_dir, out)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="An artefact (.tar.gz), its unpacked directory, or engines dir.")],
+) -> None:
+    """Check every file's size and sha256 and whether this machine can load the engines."""
+    from sd35trt.errors import VerificationError
+    from sd35trt.package import verify as run
+
+    report = run(path)
+    if report.ok:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+        return
+    for problem in report.problems:
+        typer.echo(f"  - {problem}", err=True)
+    raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
 
 
 def main() -> None:

@@ -157,15 +157,14 @@ def record_digest(record: dict) -> str:
     return sha256_json(record)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -173,6 +172,11 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -303,6 +307,18 @@ class RunManifest:
             what=f"{stage.value} output (re-run {rerun})",
         )
         return rec
+
+
+def is_fresh(run_dir: str | Path, stage: Stage, config_digest: str) -> bool:
+    """Whether ``stage``'s output is complete, intact and made from the current config and upstream.
+
+    Stages use this to do nothing when re-run on unchanged inputs (``make`` chains them).
+    """
+    try:
+        RunManifest(run_dir).verified(stage, config_digest)
+    except ManifestError:
+        return False
+    return True
 
 
 def new_record(

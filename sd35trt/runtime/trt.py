@@ -250,9 +250,7 @@ class TrtEngine(Engine):
         self._state: dict[str, Any] = {}
 
     def activate(self) -> None:
-        import tensorrt as trt
-        import torch
-
+        # The bytes TensorRT deserializes are the bytes hashed here, before tensorrt is even imported.
         data = self.path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.sha256:
@@ -260,6 +258,9 @@ class TrtEngine(Engine):
                 f"{self.path} sha256 {digest[:12]}… does not match the engine manifest's {self.sha256[:12]}… "
                 "(modified since verification); rebuild with `sd35trt build`"
             )
+        import tensorrt as trt
+        import torch
+
         device = torch.device(self.device)
         with torch.cuda.device(device):
             logger = trt.Logger(trt.Logger.WARNING)

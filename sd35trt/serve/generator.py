@@ -1,0 +1,69 @@
+"""What the server needs from a runtime, and the adapter onto :mod:`sd35trt.runtime.pipeline`.
+
+The server talks to a narrow :class:`Generator`: ``prepare`` validates one request against the
+engine manifest (raising :class:`~sd35trt.errors.RequestError` naming the field) and returns a
+:class:`Prepared` with the parameters actually used and the key that says which requests may
+share an engine batch; ``run_batch`` runs several prepared requests as one engine batch and gives
+one :class:`ImageSet` (or exception) per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request.
+
+    Attributes:
+        key: requests with equal keys can run in one engine batch (size, steps, guidance).
+        size: images this request produces.
+        params: the parameters actually used (defaults filled in, the seed drawn), for the reply.
+        native: the runtime's own request object.
+    """
+
+    key: Hashable
+    size: int
+    params: Mapping[str, Any]
+    native: Any
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class ImageSet:
+    """The images of one request, with per-image seeds, stage timings (seconds) and warnings."""
+
+    images: list  # PIL images
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    @property
+    def max_batch(self) -> int:
+        """Most images one engine batch can hold (the engines' profile maximum)."""
+
+    def limits(self) -> dict:
+        """Allowed ranges read from the engine manifest, for ``/ready`` and error messages."""
+
+    def prepare(self, fields: Mapping[str, Any]) -> Prepared:
+        """Validate one request (``None`` fields take the engine defaults).
+
+        Raises:
+            RequestError: naming the field and the allowed range.
+        """
+
+    def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
+        """Run ``requests`` (all with the same key) as one engine batch.
+
+        Returns one result per request; raises when the batch fails as a whole (the server then
+        re-runs each request alone).
+        """
+
+    def warmup(self) -> None:
+        """One small generation, so the first request doesn't pay for lazy initialisation."""

@@ -1,0 +1,216 @@
+"""Queue logic of the serving batcher, with a FAKE run_batch (no engines, no HTTP).
+
+These check merging, ordering, the queue bound, isolation of failures, timeouts and draining.
+The server's behaviour with the real tiny engines is tested in tests/e2e/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from sd35trt.serve.batcher import Batcher, QueueFullError, RequestTimeoutError, ShuttingDownError
+
+
+class FakeRunBatch:
+    """Records the batches it is given; returns ``"<name>-done"`` per request.
+
+    ``bad`` names make a merged batch raise as a whole, and fail on their own too.
+    """
+
+    def __init__(self, delay_s: float = 0.0, bad: frozenset[str] = frozenset()) -> None:
+        self.delay_s = delay_s
+        self.bad = bad
+        self.batches: list[list[str]] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, requests):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(requests))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if any(r in self.bad for r in requests):
+            raise FloatingPointError(f"NaN in a batch holding {sorted(set(requests) & self.bad)}")
+        return [f"{r}-done" for r in requests]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def _started(fake, **kw) -> Batcher:
+    opts = {"max_batch": 2, "window_s": 0.05, "queue_size": 8} | kw
+    b = Batcher(fake, **opts)
+    await b.start()
+    return b
+
+
+def test_fake_merges_compatible_requests_up_to_the_engine_batch():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=2)
+        jobs = [b.submit(n, key="64x64/2/4.5", size=1) for n in ("a", "b", "c")]
+        out = await asyncio.gather(*(b.wait(j, 5) for j in jobs))
+        await b.close()
+        return fake, out
+
+    fake, out = run(main())
+    assert fake.batches == [["a", "b"], ["c"]]
+    assert [r for r, _ in out] == ["a-done", "b-done", "c-done"]
+    infos = [i for _, i in out]
+    assert (infos[0].requests, infos[0].images) == (2, 2)
+    assert infos[0].id == infos[1].id != infos[2].id
+    assert infos[2].requests == 1
+
+
+def test_fake_incompatible_requests_wait_their_turn_and_the_oldest_goes_first():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=4)
+        b.pause()
+        await asyncio.sleep(0.01)
+        jobs = [
+            b.submit("a", key="k1", size=1),
+            b.submit("b", key="k2", size=1),
+            b.submit("c", key="k1", size=2),
+            b.submit("d", key="k2", size=1),
+            b.submit("e", key="k1", size=2),  # does not fit beside a + c
+        ]
+        b.resume()
+        await asyncio.gather(*(b.wait(j, 5) for j in jobs))
+        await b.close()
+        return fake
+
+    assert run(main()).batches == [["a", "c"], ["b", "d"], ["e"]]
+
+
+def test_fake_window_gathers_late_arrivals_and_zero_window_does_not():
+    async def main(window_s):
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=2, window_s=window_s)
+        first = b.submit("a", key="k", size=1)
+        await asyncio.sleep(0.02)  # the worker has taken "a" and waits (or not) for company
+        second = b.submit("b", key="k", size=1)
+        await asyncio.gather(b.wait(first, 5), b.wait(second, 5))
+        await b.close()
+        return fake.batches
+
+    assert run(main(0.5)) == [["a", "b"]]
+    assert run(main(0.0)) == [["a"], ["b"]]
+
+
+def test_fake_queue_bound_rejects_exactly_the_excess_and_the_rest_complete():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=2, queue_size=3)
+        b.pause()
+        await asyncio.sleep(0.01)
+        accepted, rejected = [], []
+        for i in range(5):
+            try:
+                accepted.append(b.submit(f"r{i}", key="k", size=1))
+            except QueueFullError as err:
+                rejected.append(err)
+        assert b.stats().queued == 3
+        b.resume()
+        out = await asyncio.gather(*(b.wait(j, 5) for j in accepted))
+        stats = b.stats()
+        await b.close()
+        return accepted, rejected, out, stats
+
+    accepted, rejected, out, stats = run(main())
+    assert len(accepted) == 3 and len(rejected) == 2
+    assert all(e.retry_after_s >= 1 and e.queue_size == 3 for e in rejected)
+    assert [r for r, _ in out] == ["r0-done", "r1-done", "r2-done"]
+    assert stats.rejected == 2 and stats.requests_done == 3
+
+
+def test_fake_a_failing_request_in_a_merged_batch_fails_alone():
+    async def main():
+        fake = FakeRunBatch(bad=frozenset({"poison"}))
+        b = await _started(fake, max_batch=2)
+        b.pause()
+        await asyncio.sleep(0.01)
+        good = b.submit("good", key="k", size=1)
+        bad = b.submit("poison", key="k", size=1)
+        b.resume()
+        res = await asyncio.gather(b.wait(good, 5), b.wait(bad, 5), return_exceptions=True)
+        # the worker is still serving afterwards
+        later = await b.wait(b.submit("later", key="k", size=1), 5)
+        await b.close()
+        return fake, res, later
+
+    fake, (good, bad), later = run(main())
+    assert fake.batches[0] == ["good", "poison"]  # merged first
+    assert ["good"] in fake.batches and ["poison"] in fake.batches  # then each alone
+    assert good[0] == "good-done" and good[1].retried_alone and good[1].requests == 1
+    assert isinstance(bad, FloatingPointError)
+    assert later[0] == "later-done"
+
+
+def test_fake_timeout_while_queued_drops_the_request_and_while_running_reports_it():
+    async def main():
+        fake = FakeRunBatch(delay_s=0.4)
+        b = await _started(fake, max_batch=1, window_s=0)
+        running = b.submit("slow", key="k", size=1)
+        await asyncio.sleep(0.05)
+        queued = b.submit("queued", key="k", size=1)
+        with pytest.raises(RequestTimeoutError, match="queued"):
+            await b.wait(queued, 0.1)
+        with pytest.raises(RequestTimeoutError, match="running"):
+            await b.wait(running, 0.1)
+        await asyncio.sleep(0.5)
+        stats = b.stats()
+        await b.close()
+        return fake, stats
+
+    fake, stats = run(main())
+    assert fake.batches == [["slow"]]  # the timed-out queued request never ran
+    assert stats.timed_out == 2 and stats.queued == 0
+
+
+def test_fake_drain_refuses_new_requests_and_finishes_accepted_ones():
+    async def main():
+        fake = FakeRunBatch(delay_s=0.1)
+        b = await _started(fake, max_batch=1, window_s=0)
+        jobs = [b.submit(n, key="k", size=1) for n in ("a", "b", "c")]
+        b.begin_drain()
+        with pytest.raises(ShuttingDownError):
+            b.submit("late", key="k", size=1)
+        waits = asyncio.gather(*(b.wait(j, 5) for j in jobs))
+        await b.close(drain_timeout_s=5)
+        return fake, await waits
+
+    fake, out = run(main())
+    assert fake.batches == [["a"], ["b"], ["c"]]
+    assert [r for r, _ in out] == ["a-done", "b-done", "c-done"]
+
+
+def test_fake_engine_runs_off_the_event_loop_thread():
+    async def main():
+        fake = FakeRunBatch(delay_s=0.3)
+        b = await _started(fake, max_batch=1, window_s=0)
+        job = b.submit("a", key="k", size=1)
+        ticks = 0
+        while not job.future.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        await b.close()
+        return fake, ticks
+
+    fake, ticks = run(main())
+    assert ticks >= 10  # the loop kept turning while the batch ran
+    assert fake.threads and all(t.startswith("sd35trt-engine") for t in fake.threads)
+
+
+def test_fake_oversized_request_is_refused_at_submit():
+    async def main():
+        b = await _started(FakeRunBatch(), max_batch=2)
+        with pytest.raises(ValueError, match="cannot fit"):
+            b.submit("big", key="k", size=3)
+        await b.close()
+
+    run(main())
