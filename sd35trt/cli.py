@@ -54,7 +54,9 @@ def _run_stage(stage_name: str, config: Path, run_dir: Path | None, force: bool,
 
 
 @app.command()
-def calibrate(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
+def calibrate(
+    config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False
+):
     """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
 
     def body(cfg, rd):
@@ -181,7 +183,7 @@ def package(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="An artefact (.tar.gz), its unpacked directory, or engines dir.")],
+    path: Annotated[Path, typer.Argument(help="Artefact (.tar.gz), its unpacked directory, or engines dir.")],
 ) -> None:
     """Check every file's size and sha256 and whether this machine can load the engines."""
     from sd35trt.errors import VerificationError
