@@ -15,7 +15,7 @@ FORCE ?=
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup test test-gpu lint format calibrate export build run all reference clean
+.PHONY: setup test test-gpu lint format calibrate export build run all reference artifact clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ all: run
 
 reference:
 	$(SD35) reference --config $(CONFIG) --run-dir $(RUN_DIR) "$(PROMPT)" -o $(RUN_DIR)/images/reference.png
+
+ARTIFACT ?= $(RUN_DIR)/sd35trt-$(MODEL).tar.gz
+
+artifact: build
+	$(SD35) package $(RUN_DIR) --out $(ARTIFACT)
+	$(SD35) verify $(ARTIFACT)
 
 clean:
 	rm -rf $(RUN_DIR)

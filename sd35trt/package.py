@@ -142,7 +142,11 @@ def verify(path: str | Path, machine=None) -> VerifyReport:
     path = Path(path)
     if path.is_file():
         with tempfile.TemporaryDirectory(prefix="sd35trt-verify-") as tmp:
-            report = verify(unpack(path, tmp), machine)
+            try:
+                top = unpack(path, tmp)
+            except VerificationError as err:
+                return VerifyReport(root=path, problems=[str(err)])
+            report = verify(top, machine)
             report.root = path
             return report
     report = VerifyReport(root=path)

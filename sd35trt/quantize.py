@@ -43,6 +43,8 @@ ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer",
 #: The range of a softmax output. SDPA fuses the softmax, so calibration never sees it; this is
 #: its exact bound and the scale ModelOpt's FP8 attention export writes for it.
 SOFTMAX_AMAX = 1.0
+#: The calibration file inside the run's ``calibrate/`` directory (export restores it).
+CALIBRATION_FILE = "amax.safetensors"
 #: Identifies the calibration file layout (safetensors metadata ``format``).
 CALIBRATION_FORMAT = "sd35trt-fp8-amax/1"
 #: Name of the transformer's block list, as in diffusers' ``SD3Transformer2DModel``.
@@ -163,9 +165,8 @@ def quant_config(settings: CalibrateSettings, num_layers: int, head_dim: int | N
         entries += [{"quantizer_name": f"*.{name}", "cfg": fp8()} for name in ATTENTION_QUANTIZERS]
     # A module pattern matches the quantizers below it: `proj_out*` -> `proj_out*.*`.
     entries += [{"quantizer_name": f"{pattern}.*", "enable": False} for pattern in settings.exclude]
-    entries += [
-        {"quantizer_name": f"{BLOCKS}.{b}.*", "enable": False} for b in sorted(set(settings.high_precision_blocks))
-    ]
+    blocks = sorted(set(settings.high_precision_blocks))
+    entries += [{"quantizer_name": f"{BLOCKS}.{b}.*", "enable": False} for b in blocks]
     return {"quant_cfg": entries, "algorithm": "max"}
 
 
@@ -289,7 +290,9 @@ def quantize(
         if "nan" not in str(err).lower() and "inf" not in str(err).lower():
             raise
         where = _quantizer_at_fault(err, transformer) or "a transformer quantizer"
-        raise CalibrationError(f"calibration of {where} saw non-finite values ({err}); no FP8 range exists") from None
+        raise CalibrationError(
+            f"calibration of {where} saw non-finite values ({err}); FP8 needs a finite range"
+        ) from None
     _set_softmax_range(transformer)
     check_amax(transformer)
     return summarize(transformer)
@@ -331,7 +334,8 @@ def save_calibration(transformer: nn.Module, path: Path) -> None:
         for name, q in quantizers(transformer).items()
         if q.is_enabled
     }
-    meta = {"format": CALIBRATION_FORMAT, "quantizers": json.dumps(_quantizer_formats(transformer), sort_keys=True)}
+    formats = json.dumps(_quantizer_formats(transformer), sort_keys=True)
+    meta = {"format": CALIBRATION_FORMAT, "quantizers": formats}
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -370,7 +374,8 @@ def restore_calibration(transformer: nn.Module, settings: CalibrateSettings, pat
         raise CalibrationError(f"calibration file {path} is not readable safetensors: {err}") from None
     if meta.get("format") != CALIBRATION_FORMAT:
         raise CalibrationError(
-            f"calibration file {path} has format {meta.get('format')!r}, this sd35trt reads {CALIBRATION_FORMAT!r}"
+            f"calibration file {path} has format {meta.get('format')!r}, "
+            f"this sd35trt reads {CALIBRATION_FORMAT!r}"
         )
     stored = json.loads(meta["quantizers"])
 

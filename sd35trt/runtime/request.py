@@ -1,0 +1,312 @@
+"""Generation requests and their validation against what the engines accept.
+
+A :class:`GenerationRequest` holds what a caller asked for (``None`` = the engines' default);
+:func:`resolve_request` checks it against the :class:`RequestLimits` read from the engine manifest
+and returns the :class:`GenerationParams` actually used. Every problem is a
+:class:`~sd35trt.errors.RequestError` naming the field, the value found and what is allowed, so
+the CLI prints it as one line and the HTTP server answers 422 with the field. Nothing here runs
+an engine or imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
+from sd35trt.config import RuntimeSettings, SkipLayerGuidance
+from sd35trt.errors import ManifestError, RequestError
+
+#: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
+MAX_STEPS = 500
+#: Guidance far above SD3.5's 3.5 to 7 only saturates images; this bounds what is accepted.
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+#: Classifier-free guidance runs when the scale is above this (diffusers' rule).
+CFG_THRESHOLD = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a caller asks for; ``None`` fields take the defaults recorded with the engines.
+
+    Attributes:
+        prompt: the text prompt (not empty; text over a tokenizer's limit is cut and reported).
+        negative_prompt: the negative prompt (classifier-free guidance only).
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
+        height: image height in pixels.
+        width: image width in pixels.
+        seed: noise seed, ``0..2**63-1``; drawn at random when ``None``.
+        num_images: images for this prompt (one engine batch).
+        skip_layer_guidance: use skip-layer guidance when the engines support it (default: as built).
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    skip_layer_guidance: bool | None = None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """The parameters a generation runs with: a validated request, defaults filled in."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+    num_images: int
+    #: the skip-layer guidance applied, or ``None`` (not built, turned off, or no CFG).
+    skip_layer_guidance: SkipLayerGuidance | None = None
+    #: what the caller should know (e.g. text dropped by truncation).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def cfg(self) -> bool:
+        """Whether classifier-free guidance runs (a ``[negative, positive]`` batch)."""
+        return self.guidance_scale > CFG_THRESHOLD
+
+    @property
+    def batch_key(self) -> tuple:
+        """Generations with equal keys can share one engine batch."""
+        return (self.height, self.width, self.steps, self.guidance_scale, self.skip_layer_guidance)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("warnings")
+        slg = self.skip_layer_guidance
+        data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
+        return data
+
+
+def _span(r: ShapeRange, index: int) -> tuple[int, int]:
+    return r.min[index], r.max[index]
+
+
+def _axis(spec: ComponentSpec, profile: Mapping[str, ShapeRange], axis: str) -> tuple[int, int]:
+    """``(min, max)`` of the symbolic ``axis`` over the inputs of one engine's profile."""
+    lo, hi = 1, math.inf
+    found = False
+    for t in spec.inputs:
+        if axis in t.shape:
+            if t.name not in profile:
+                raise ManifestError(f"the {spec.component.value} engine has no profile for input {t.name}")
+            a, b = _span(profile[t.name], t.shape.index(axis))
+            lo, hi, found = max(lo, a), min(hi, b), True
+    if not found:
+        raise ValueError(f"{spec.component.value} has no axis {axis!r}")
+    return lo, int(hi)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the engines accept, read from their optimization profiles.
+
+    Attributes:
+        height: ``(min, max)`` image height in pixels (transformer and VAE profiles intersected).
+        width: ``(min, max)`` image width in pixels.
+        size_multiple: height and width must be multiples of this (VAE factor x patch size).
+        transformer_batch: ``(min, max)`` batch of the transformer engine.
+        decoder_batch: ``(min, max)`` batch of the VAE decoder engine.
+        encoder_batch: ``(min, max)`` batch all three text encoders accept.
+        t5_length: tokens per text for T5 (static in the engines).
+        skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
+    """
+
+    height: tuple[int, int]
+    width: tuple[int, int]
+    size_multiple: int
+    transformer_batch: tuple[int, int]
+    decoder_batch: tuple[int, int]
+    encoder_batch: tuple[int, int]
+    t5_length: int
+    skip_layer_guidance: SkipLayerGuidance | None
+
+    @classmethod
+    def from_profiles(
+        cls,
+        specs: Mapping[Component, ComponentSpec],
+        profiles: Mapping[Component, Mapping[str, ShapeRange]],
+        dims: ModelDims,
+        skip_layer_guidance: SkipLayerGuidance | None,
+    ) -> RequestLimits:
+        """Derive the limits from each engine's spec and profile.
+
+        Args:
+            specs: the I/O contract of every component's engine.
+            profiles: the optimization-profile ranges per input of every component's engine.
+            dims: the model sizes (VAE scale factor, patch size).
+            skip_layer_guidance: the runtime defaults' SLG settings when the transformer engine
+                has a ``skip_layers`` input, else ``None``.
+
+        Raises:
+            ManifestError: an engine's profile lacks an input or is empty, or T5's length is not static.
+        """
+        tr, vae = Component.TRANSFORMER, Component.VAE_DECODER
+        s = dims.vae_scale_factor
+        sizes = {}
+        for axis in ("latent_height", "latent_width"):
+            a = _axis(specs[tr], profiles[tr], axis)
+            b = _axis(specs[vae], profiles[vae], axis)
+            sizes[axis] = (max(a[0], b[0]) * s, min(a[1], b[1]) * s)
+        enc = [_axis(specs[c], profiles[c], "batch") for c in (Component.CLIP_L, Component.CLIP_G, Component.T5)]
+        t5_min, t5_max = _axis(specs[Component.T5], profiles[Component.T5], "t5_length")
+        if t5_min != t5_max:
+            raise ManifestError(f"the t5 engine's sequence length must be static, its profile allows {t5_min}..{t5_max}")
+        limits = cls(
+            height=sizes["latent_height"],
+            width=sizes["latent_width"],
+            size_multiple=dims.size_multiple,
+            transformer_batch=_axis(specs[tr], profiles[tr], "batch"),
+            decoder_batch=_axis(specs[vae], profiles[vae], "batch"),
+            encoder_batch=(max(lo for lo, _ in enc), min(hi for _, hi in enc)),
+            t5_length=t5_min,
+            skip_layer_guidance=skip_layer_guidance,
+        )
+        for name in ("height", "width", "transformer_batch", "decoder_batch", "encoder_batch"):
+            lo, hi = getattr(limits, name)
+            if lo > hi:
+                raise ManifestError(f"the engines' profiles leave no valid {name} (min {lo} > max {hi})")
+        return limits
+
+    def images(self, cfg: bool, slg: bool = False) -> tuple[int, int]:
+        """``(min, max)`` images per batch: the transformer sees twice as many under CFG, once more for SLG."""
+        t_lo, t_hi = self.transformer_batch
+        per = 2 if cfg else 1
+        lo = max(self.decoder_batch[0], -(-t_lo // per), t_lo if slg else 1)
+        return lo, min(self.decoder_batch[1], t_hi // per)
+
+    def to_json(self) -> dict[str, Any]:
+        """The limits as plain JSON (e.g. for a server's readiness answer)."""
+        slg = self.skip_layer_guidance
+        return {
+            "height": list(self.height),
+            "width": list(self.width),
+            "size_multiple": self.size_multiple,
+            "num_images": {"cfg": list(self.images(True)), "no_cfg": list(self.images(False))},
+            "steps": [1, MAX_STEPS],
+            "guidance_scale": [0.0, MAX_GUIDANCE],
+            "seed": [0, MAX_SEED],
+            "t5_length": self.t5_length,
+            "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
+        }
+
+
+def _int(name: str, value: Any) -> int:
+    # bool is an int subclass; True as a step count is a caller's bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"{name} {value!r} is not an integer")
+    return value
+
+
+def _size(name: str, value: Any, span: tuple[int, int], multiple: int) -> int:
+    value = _int(name, value)
+    lo, hi = span
+    allowed = f"these engines accept {lo}..{hi} in multiples of {multiple}"
+    if value % multiple:
+        raise RequestError(name, f"{name} {value} is not a multiple of {multiple}; {allowed}")
+    if not lo <= value <= hi:
+        raise RequestError(name, f"{name} {value} is outside the engines' range; {allowed}")
+    return value
+
+
+def _guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError("guidance_scale", f"guidance_scale {value!r} is not a number")
+    value = float(value)
+    allowed = f"use 0..{MAX_GUIDANCE:g} (at most {CFG_THRESHOLD:g} turns classifier-free guidance off)"
+    if not math.isfinite(value):
+        raise RequestError("guidance_scale", f"guidance_scale {value} is not a finite number; {allowed}")
+    if not 0.0 <= value <= MAX_GUIDANCE:
+        raise RequestError("guidance_scale", f"guidance_scale {value:g} is outside the allowed range; {allowed}")
+    return value
+
+
+def _text(name: str, value: Any, required: bool) -> str:
+    if not isinstance(value, str):
+        raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RequestError(name, f"{name} is empty; give a text {name.replace('_', ' ')}")
+    return value
+
+
+def resolve_request(request: GenerationRequest, limits: RequestLimits, defaults: RuntimeSettings) -> GenerationParams:
+    """Validate ``request`` against the engines and fill in the defaults.
+
+    Args:
+        request: what the caller asked for.
+        limits: what the engines accept (from the engine manifest).
+        defaults: the runtime defaults recorded with the engines.
+
+    Returns:
+        The parameters the generation runs with (a drawn seed when none was given).
+
+    Raises:
+        RequestError: naming the first invalid field, its value and the allowed values.
+    """
+    prompt = _text("prompt", request.prompt, required=True)
+    negative = defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
+    negative = _text("negative_prompt", negative, required=False)
+
+    steps = _int("steps", defaults.steps if request.steps is None else request.steps)
+    if not 1 <= steps <= MAX_STEPS:
+        raise RequestError("steps", f"steps {steps} is outside 1..{MAX_STEPS}")
+    guidance = _guidance(defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale)
+    m = limits.size_multiple
+    height = _size("height", defaults.height if request.height is None else request.height, limits.height, m)
+    width = _size("width", defaults.width if request.width is None else request.width, limits.width, m)
+
+    if request.seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    else:
+        seed = _int("seed", request.seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError("seed", f"seed {seed} is outside 0..{MAX_SEED} (2^63-1)")
+
+    cfg = guidance > CFG_THRESHOLD
+    wanted_slg = request.skip_layer_guidance
+    if wanted_slg is not None and not isinstance(wanted_slg, bool):
+        raise RequestError("skip_layer_guidance", f"skip_layer_guidance {wanted_slg!r} is not true or false")
+    if wanted_slg and limits.skip_layer_guidance is None:
+        raise RequestError(
+            "skip_layer_guidance",
+            "skip_layer_guidance was requested, but these engines were built without it "
+            "(set runtime.skip_layer_guidance in the config and rebuild)",
+        )
+    slg = limits.skip_layer_guidance if (wanted_slg is not False and cfg) else None
+
+    num_images = _int("num_images", request.num_images)
+    lo, hi = limits.images(cfg, slg is not None)
+    if not lo <= num_images <= hi:
+        mode = "with classifier-free guidance" if cfg else "without classifier-free guidance"
+        raise RequestError("num_images", f"num_images {num_images} is outside {lo}..{hi}, the engines' batch {mode}")
+    texts = 2 if cfg else 1
+    if not limits.encoder_batch[0] <= texts <= limits.encoder_batch[1]:
+        e_lo, e_hi = limits.encoder_batch
+        raise RequestError(
+            "guidance_scale",
+            f"guidance_scale {guidance:g} needs text-encoder batches of {texts}, these engines take {e_lo}..{e_hi}",
+        )
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        num_images=num_images,
+        skip_layer_guidance=slg,
+    )

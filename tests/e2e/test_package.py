@@ -1,0 +1,97 @@
+"""The deployment artefact: pack, verify, tamper, unpack elsewhere."""
+
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from sd35trt.errors import VerificationError
+from sd35trt.package import CHECKSUMS, engines_dir_of, package, unpack, verify
+from sd35trt.runtime.engines import GpuInfo, MachineInfo
+
+
+@pytest.fixture(scope="module")
+def artefact(built_run, tmp_path_factory):
+    return package(built_run, tmp_path_factory.mktemp("art") / "tiny.tar.gz")
+
+
+def _unpacked(artefact, tmp_path):
+    return unpack(artefact, tmp_path / "unpacked")
+
+
+def test_packed_artefact_verifies_and_unpacks_to_engines(artefact, tmp_path):
+    report = verify(artefact)
+    assert report.ok, report.problems
+    assert report.files_checked > 5
+    root = _unpacked(artefact, tmp_path)
+    assert (root / CHECKSUMS).is_file() and (root / "config.yaml").is_file()
+    assert engines_dir_of(root) == root / "engines"
+    assert verify(root).ok
+
+
+def test_flipped_byte_missing_and_extra_files_each_named(artefact, tmp_path):
+    root = _unpacked(artefact, tmp_path)
+    engine = next((root / "engines").glob("transformer*.onnx"))
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    (root / "engines" / "scheduler" / "scheduler_config.json").unlink()
+    (root / "engines" / "notes.txt").write_text("stray")
+    problems = "\n".join(verify(root).problems)
+    assert f"engines/{engine.name} sha256 does not match" in problems
+    assert "engines/scheduler/scheduler_config.json is missing" in problems
+    assert "engines/notes.txt is an unexpected file" in problems
+
+
+def _as_tensorrt(root, cc, version):
+    """Rewrite the manifest as if the engines had been built by TensorRT on another machine."""
+    m = root / "engines" / "manifest.json"
+    data = json.loads(m.read_text())
+    data["backend"] = "tensorrt"
+    for rec in data["engines"].values():
+        rec.update(backend="tensorrt", tensorrt_version=version, compute_capability=cc, gpu_name="H100")
+    m.write_text(json.dumps(data))
+    # Keep the checksum file in step so only the machine check can fail.
+    from sd35trt.manifest import sha256_file
+
+    lines = [
+        f"{sha256_file(m)}  engines/manifest.json" if line.endswith("  engines/manifest.json") else line
+        for line in (root / CHECKSUMS).read_text().splitlines()
+    ]
+    (root / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def test_manifest_for_another_gpu_or_tensorrt_version_is_named(artefact, tmp_path):
+    root = _unpacked(artefact, tmp_path)
+    _as_tensorrt(root, [9, 0], "11.4.0")
+    ada = MachineInfo(tensorrt_version="11.4.0", gpu=GpuInfo("L40S", (8, 9)))
+    problems = " ".join(verify(root, machine=ada).problems)
+    assert "built for sm_90 / TensorRT 11.4.0, this GPU is sm_89 / TensorRT 11.4.0" in problems
+    hopper_new_trt = MachineInfo(tensorrt_version="11.5.1", gpu=GpuInfo("H100", (9, 0)))
+    problems = " ".join(verify(root, machine=hopper_new_trt).problems)
+    assert "built for sm_90 / TensorRT 11.4.0, this GPU is sm_90 / TensorRT 11.5.1" in problems
+    same = MachineInfo(tensorrt_version="11.4.0", gpu=GpuInfo("H100", (9, 0)))
+    assert verify(root, machine=same).ok
+
+
+def test_unsafe_archive_refused(tmp_path):
+    evil = tmp_path / "evil.tar.gz"
+    payload = tmp_path / "p"
+    payload.write_text("x")
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(payload, arcname="top/../../escape.txt")
+    with pytest.raises(VerificationError, match="not a readable artefact"):
+        unpack(evil, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+    assert "not a readable artefact" in verify(evil).problems[0]
+
+
+def test_package_refuses_unbuilt_run(tmp_path, built_run):
+    from sd35trt.errors import ManifestError
+
+    shutil.copytree(built_run, tmp_path / "r", symlinks=True)
+    (tmp_path / "r" / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no build record"):
+        package(tmp_path / "r", tmp_path / "x.tar.gz")
+    assert not (tmp_path / "x.tar.gz").exists()
