@@ -70,7 +70,7 @@ def resolve_backend(requested: Backend, machine: MachineInfo) -> tuple[Backend, 
         what
         for what, absent in (
             ("TensorRT (import tensorrt failed)", not machine.tensorrt_version),
-            ("a CUDA GPU", not machine.gpu),
+            ("CUDA GPU", not machine.gpu),
         )
         if absent
     ]
@@ -303,7 +303,7 @@ def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> E
     shapes = engine_profile(config, job.dims, component, skip)
     check_inputs_match(source.path, inputs, shapes)
     target = out / f"{component.value}{ENGINE_SUFFIX[backend]}"
-    progress(f"{label}: building a {backend.value} engine from {source.path}")
+    progress(f"{label}: {backend.value} build from {source.path}")
     start = time.perf_counter()
     gpu = machine.gpu
     if backend is Backend.TENSORRT:
@@ -320,11 +320,9 @@ def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> E
     else:
         options = ort_backend.optimize_model(src_path, target, external_data=external)
     seconds = time.perf_counter() - start
-    extra = (
-        [file_record(out, target.with_name(target.name + ".data"))]
-        if external and backend is Backend.ONNXRUNTIME
-        else []
-    )
+    # ONNX Runtime writes the data file only when some initializer reaches its size threshold.
+    data_file = target.with_name(target.name + ".data")
+    extra = [file_record(out, data_file)] if backend is Backend.ONNXRUNTIME and data_file.is_file() else []
     rec = EngineRecord(
         component=component,
         backend=backend,

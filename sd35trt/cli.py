@@ -38,19 +38,21 @@ def _load(config: Path, run_dir: Path | None):
     return cfg, (run_dir or Path("runs") / cfg.name)
 
 
-def _run_stage(stage_name: str, config: Path, run_dir: Path | None, force: bool, fn) -> None:
-    """Shared body of the stage verbs: skip when the manifest says the output is fresh."""
-    from sd35trt.manifest import Stage, atomic_write_text, is_fresh
+def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
+    """Shared body of the stage verbs.
+
+    Each stage checks its own freshness against the manifest (config digest, upstream records,
+    input hashes such as the prompt set, the machine for engines) and returns its existing record
+    when nothing changed, so ``make`` can chain the stages cheaply.
+    """
+    from sd35trt.manifest import Stage, atomic_write_text
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
-    if not force and is_fresh(rd, stage, cfg.digest(*stage.config_sections)):
-        typer.echo(f"{stage.value}: up to date in {rd} (--force to redo)")
-        return
-    # The config a run was made with travels with it (package ships it).
+    # The config a run was made with travels with it (``package`` ships it).
     atomic_write_text(rd / "config.yaml", config.read_text())
-    fn(cfg, rd)
-    typer.echo(f"{stage.value}: done -> {rd / stage.directory} (sd35trt inspect {rd})")
+    fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""))
+    typer.echo(f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
 
 
 @app.command()
@@ -59,24 +61,24 @@ def calibrate(
 ):
     """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
 
-    def body(cfg, rd):
+    def body(cfg, rd, hint):
         from sd35trt.calibrate import calibrate as run
 
         run(cfg, rd, force=force)
 
-    _run_stage("calibrate", config, run_dir, force, body)
+    _run_stage("calibrate", config, run_dir, body)
 
 
 @app.command()
 def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
     """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
 
-    def body(cfg, rd):
+    def body(cfg, rd, hint):
         from sd35trt.export import export as run
 
         run(cfg, rd, force=force)
 
-    _run_stage("export", config, run_dir, force, body)
+    _run_stage("export", config, run_dir, body)
 
 
 @app.command()
@@ -98,12 +100,12 @@ def build(
         allowed = ", ".join(b.value for b in Backend)
         raise ConfigError(f"--backend {backend!r} is not one of: {allowed}") from None
 
-    def body(cfg, rd):
+    def body(cfg, rd, hint):
         from sd35trt.build import build as run
 
-        run(cfg, rd, chosen, force=force)
+        run(cfg, rd, chosen, force=force, hint=hint)
 
-    _run_stage("build", config, run_dir, force or chosen is not None, body)
+    _run_stage("build", config, run_dir, body)
 
 
 @app.command()
@@ -167,6 +169,64 @@ def reference(
         seed=seed,
     )
     typer.echo(f"wrote {path}")
+
+
+@app.command("run")
+def run_(
+    prompt: Annotated[str, typer.Argument(help="Text prompt.")],
+    engines: Annotated[
+        Path,
+        typer.Option("--engines", help="Engines directory (runs/<name>/engines) or an unpacked artefact."),
+    ],
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Negative prompt (default: the one recorded with the engines).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: recorded).")] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance scale; <= 1 turns CFG off (default: recorded)."),
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: recorded).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: recorded).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Noise seed (default: drawn at random and printed).")
+    ] = None,
+    num_images: Annotated[int, typer.Option(help="Images to generate in one batch.")] = 1,
+    skip_layer_guidance: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-layer-guidance/--no-skip-layer-guidance",
+            help="Force skip-layer guidance on or off (default: as the engines were built).",
+            show_default=False,
+        ),
+    ] = None,
+    low_vram: Annotated[
+        bool, typer.Option("--low-vram", help="Load each engine only for its stage.")
+    ] = False,
+    timings: Annotated[bool, typer.Option("--timings", help="Print stage timings and peak memory.")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="PNG to write; several images get -0, -1, ... suffixes.")
+    ] = Path("sd35trt.png"),
+) -> None:
+    """Generate PNGs with the engines in an engines directory (defaults recorded with them)."""
+    from sd35trt.package import engines_dir_of
+    from sd35trt.run import run
+
+    output = run(
+        engines_dir_of(engines),
+        prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        num_images=num_images,
+        skip_layer_guidance=skip_layer_guidance,
+        low_vram=low_vram,
+        out=out,
+    )
+    typer.echo(output.report(timings=timings))
 
 
 @app.command()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from sd35trt.config import BuildSettings, Range
+from sd35trt.config import BuildSettings, Precision, Range
 from sd35trt.errors import ConfigError, ModelError
 
 CLIP_MAX_LENGTH = 77
@@ -63,6 +63,15 @@ class TensorType(str, Enum):
     FLOAT32 = "float32"  # always fp32, whatever the export precision
 
 
+class Sampling(str, Enum):
+    """How export draws sample values for an input (tracing and validation)."""
+
+    NORMAL = "normal"  # standard normal: latents, embeddings
+    TOKENS = "tokens"  # token ids, uniform over the encoder's vocabulary
+    TIMESTEP = "timestep"  # uniform over the scheduler's [0, 1000) training timesteps
+    GATE = "gate"  # 0.0 or 1.0 per element (skip-layer-guidance gates)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output. ``shape`` mixes ints and symbolic axis names."""
@@ -70,6 +79,7 @@ class TensorSpec:
     name: str
     dtype: TensorType
     shape: tuple[int | str, ...]
+    sampling: Sampling = Sampling.NORMAL
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -212,7 +222,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
         )
         return ComponentSpec(
             component,
-            inputs=(TensorSpec("input_ids", i64, ("batch", CLIP_MAX_LENGTH)),),
+            inputs=(TensorSpec("input_ids", i64, ("batch", CLIP_MAX_LENGTH), Sampling.TOKENS),),
             outputs=(
                 TensorSpec("hidden_states", f, ("batch", CLIP_MAX_LENGTH, hidden)),  # penultimate layer
                 TensorSpec("text_embeds", f, ("batch", proj)),
@@ -222,7 +232,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
     if component is Component.T5:
         return ComponentSpec(
             component,
-            inputs=(TensorSpec("input_ids", i64, ("batch", "t5_length")),),
+            inputs=(TensorSpec("input_ids", i64, ("batch", "t5_length"), Sampling.TOKENS),),
             outputs=(TensorSpec("last_hidden_state", f, ("batch", "t5_length", dims.t5_hidden)),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
         )
@@ -234,8 +244,8 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
                 TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
                 TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
                 TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
-                TensorSpec("timestep", f, ("batch",)),
-                *((TensorSpec("skip_layers", f, (skip_layers,)),) if skip_layers else ()),
+                TensorSpec("timestep", f, ("batch",), Sampling.TIMESTEP),
+                *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
             ),
             outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
@@ -251,6 +261,28 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )
     raise ValueError(f"unknown component {component!r}")
+
+
+#: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and
+#: accumulate in different orders, so outputs differ by several units in the last place of the
+#: export dtype (fp16 eps ~1e-3, bf16 eps ~8e-3), more for deep models.
+REDUCED_PRECISION_TOLERANCE = {
+    Precision.FP16: Tolerance(rtol=1e-2, atol=1e-2),
+    Precision.BF16: Tolerance(rtol=5e-2, atol=5e-2),
+}
+
+
+def validation_tolerance(sp: ComponentSpec, precision: Precision, quantized: bool = False) -> Tolerance:
+    """The tolerance an exported graph of ``sp`` in ``precision`` is validated with.
+
+    ``quantized`` graphs are compared with ModelOpt's fake-quant PyTorch model under
+    ``sp.fp8_tolerance``; 16-bit exports get at least :data:`REDUCED_PRECISION_TOLERANCE`.
+    """
+    base = sp.fp8_tolerance if quantized and sp.fp8_tolerance is not None else sp.tolerance
+    slack = REDUCED_PRECISION_TOLERANCE.get(precision)
+    if slack is None:
+        return base
+    return Tolerance(rtol=max(base.rtol, slack.rtol), atol=max(base.atol, slack.atol))
 
 
 @dataclass(frozen=True)
@@ -340,3 +372,36 @@ def profile(
             hi.append(r.max)
         out[t.name] = ShapeRange(tuple(lo), tuple(op), tuple(hi))
     return out
+
+
+def sample_shapes(
+    component: Component,
+    dims: ModelDims,
+    build: BuildSettings,
+    max_sequence_length: int = 256,
+    skip_layers: int = 0,
+) -> list[dict[str, tuple[int, ...]]]:
+    """Concrete input shapes export traces and validates ``component`` at.
+
+    The first entry is the profile's ``opt`` shape (the one traced); the following ones are the
+    profile's ``min`` and ``max`` shapes, so validation covers both ends of what engines are
+    built for. A static profile (min == max) gets a second validation shape with one more batch
+    entry, so the dynamic axes are still exercised at two sizes.
+
+    Returns:
+        ``[trace, validation_1, validation_2, ...]``, each ``{input name: shape}``.
+
+    Raises:
+        ConfigError: the build ranges don't fit the model (see :func:`profile`).
+    """
+    ranges = profile(component, dims, build, max_sequence_length, skip_layers=skip_layers)
+    trace = {name: r.opt for name, r in ranges.items()}
+    checks = [{name: r.min for name, r in ranges.items()}]
+    top = {name: r.max for name, r in ranges.items()}
+    if top != checks[0]:
+        checks.append(top)
+    else:
+        sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+        batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
+        checks.append({n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()})
+    return [trace, *checks]

@@ -157,12 +157,19 @@ def record_digest(record: dict) -> str:
     return sha256_json(record)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -213,6 +220,7 @@ def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(run_dir, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
     try:
         yield tmp
     except BaseException:

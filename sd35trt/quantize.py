@@ -47,6 +47,8 @@ SOFTMAX_AMAX = 1.0
 CALIBRATION_FILE = "amax.safetensors"
 #: Identifies the calibration file layout (safetensors metadata ``format``).
 CALIBRATION_FORMAT = "sd35trt-fp8-amax/1"
+#: The safetensors metadata key holding the format and every quantizer's state, as JSON.
+METADATA_KEY = "sd35trt"
 #: Name of the transformer's block list, as in diffusers' ``SD3Transformer2DModel``.
 BLOCKS = "transformer_blocks"
 
@@ -241,12 +243,15 @@ def summarize(model: nn.Module) -> QuantSummary:
     disabled: Counter[QuantizerKind] = Counter()
     for name, q in quantizers(model).items():
         (enabled if q.is_enabled else disabled)[QuantizerKind.of(name)] += 1
-    plain = tuple(
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not (m.weight_quantizer.is_enabled or m.input_quantizer.is_enabled)
+
+    def quantized(m: nn.Module) -> bool:
+        qs = (getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None))
+        return any(q is not None and q.is_enabled for q in qs)
+
+    plain = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not quantized(m))
+    return QuantSummary(
+        {k: enabled[k] for k in QuantizerKind}, {k: disabled[k] for k in QuantizerKind}, plain
     )
-    return QuantSummary(dict(enabled), dict(disabled), plain)
 
 
 def _quantizer_at_fault(err: BaseException, model: nn.Module) -> str | None:
@@ -301,9 +306,10 @@ def quantize(
 def _set_softmax_range(model: nn.Module) -> None:
     import torch
 
+    device = next(model.parameters()).device
     for name, q in quantizers(model).items():
         if name.endswith(".softmax_quantizer") and q.is_enabled and q.amax is None:
-            q.amax = torch.tensor(SOFTMAX_AMAX)
+            q.amax = torch.tensor(SOFTMAX_AMAX, device=device)
 
 
 def _quantizer_formats(model: nn.Module) -> dict[str, dict]:
@@ -334,9 +340,10 @@ def save_calibration(transformer: nn.Module, path: Path) -> None:
         for name, q in quantizers(transformer).items()
         if q.is_enabled
     }
-    formats = json.dumps(_quantizer_formats(transformer), sort_keys=True)
-    meta = {"format": CALIBRATION_FORMAT, "quantizers": formats}
-    save_file(tensors, str(path), metadata=meta)
+    # One metadata key: safetensors writes several in hash order, and the file should be
+    # byte-identical for identical calibrations.
+    meta = {"format": CALIBRATION_FORMAT, "quantizers": _quantizer_formats(transformer)}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _describe(names: set[str], limit: int = 3) -> str:
@@ -372,12 +379,16 @@ def restore_calibration(transformer: nn.Module, settings: CalibrateSettings, pat
             amax = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError) as err:
         raise CalibrationError(f"calibration file {path} is not readable safetensors: {err}") from None
+    try:
+        meta = json.loads(meta[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        meta = {}
     if meta.get("format") != CALIBRATION_FORMAT:
         raise CalibrationError(
             f"calibration file {path} has format {meta.get('format')!r}, "
             f"this sd35trt reads {CALIBRATION_FORMAT!r}"
         )
-    stored = json.loads(meta["quantizers"])
+    stored = meta["quantizers"]
 
     cfg = quant_config(settings, len(getattr(transformer, BLOCKS)), transformer.config.attention_head_dim)
     mtq.quantize(transformer, {**cfg, "algorithm": None})

@@ -14,6 +14,7 @@ characters plus a fixed list of common words. Same seed => byte-identical files.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,7 +190,13 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def build_components(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu", dtype=None):
+def build_components(
+    arch: Architecture,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype=None,
+    only: Collection[str] | None = None,
+):
     """Instantiate every component of ``arch`` with seeded random weights.
 
     Args:
@@ -197,6 +204,8 @@ def build_components(arch: Architecture, seed: int = 0, device: str | torch.devi
         seed: weight seed; the same seed gives the same weights.
         device: where to create the weights (large architectures need a GPU's memory).
         dtype: torch dtype of the weights (default float32).
+        only: build just these models (pipeline keyword names, e.g. ``{"transformer"}``); the
+            others are None. Each model has its own seed, so its weights don't depend on this.
 
     Returns:
         A dict of the keyword arguments of ``StableDiffusion3Pipeline``.
@@ -215,7 +224,11 @@ def build_components(arch: Architecture, seed: int = 0, device: str | torch.devi
     }
     dtype = dtype or torch.float32
 
+    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
     def make(index: int, fn):
+        if only is not None and names[index] not in only:
+            return None
         # One seed per component, so a component's weights don't depend on the others' sizes.
         torch.manual_seed(seed * 1000 + index)
         with torch.device(device):

@@ -208,12 +208,11 @@ class EngineManifest:
 
     @classmethod
     def from_json(cls, directory: Path, data: dict) -> EngineManifest:
+        parsed = {Component(c): EngineRecord.from_json(Component(c), r) for c, r in data["engines"].items()}
         return cls(
             directory=directory,
             backend=Backend(data["backend"]),
-            engines={
-                Component(c): EngineRecord.from_json(Component(c), r) for c, r in data["engines"].items()
-            },
+            engines={c: parsed[c] for c in Component if c in parsed},  # execution order
             dims=ModelDims.from_json(data["dims"]),
             runtime_defaults=data["runtime_defaults"],
             build_settings=data["build_settings"],
@@ -285,13 +284,12 @@ def _tensorrt_mismatch(rec: EngineRecord, machine: MachineInfo) -> str | None:
             if gone
         ]
         return f"this machine has no {' and no '.join(missing)} (the onnxruntime backend runs without them)"
-    if rec.compute_capability is None or rec.tensorrt_version is None:
-        return f"this GPU is {machine.gpu.sm} / TensorRT {machine.tensorrt_version}"
-    if rec.compute_capability != machine.gpu.compute_capability or not same_tensorrt_version(
-        rec.tensorrt_version, machine.tensorrt_version
-    ):
-        return f"this GPU is {machine.gpu.sm} / TensorRT {machine.tensorrt_version}"
-    return None
+    same = (
+        rec.compute_capability == machine.gpu.compute_capability
+        and rec.tensorrt_version is not None
+        and same_tensorrt_version(rec.tensorrt_version, machine.tensorrt_version)
+    )
+    return None if same else f"this GPU is {machine.gpu.sm} / TensorRT {machine.tensorrt_version}"
 
 
 def verify_engines(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
@@ -70,8 +70,6 @@ class GenerationParams:
     num_images: int
     #: the skip-layer guidance applied, or ``None`` (not built, turned off, or no CFG).
     skip_layer_guidance: SkipLayerGuidance | None = None
-    #: what the caller should know (e.g. text dropped by truncation).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def cfg(self) -> bool:
@@ -85,7 +83,6 @@ class GenerationParams:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("warnings")
         slg = self.skip_layer_guidance
         data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
         return data
@@ -161,10 +158,14 @@ class RequestLimits:
             a = _axis(specs[tr], profiles[tr], axis)
             b = _axis(specs[vae], profiles[vae], axis)
             sizes[axis] = (max(a[0], b[0]) * s, min(a[1], b[1]) * s)
-        enc = [_axis(specs[c], profiles[c], "batch") for c in (Component.CLIP_L, Component.CLIP_G, Component.T5)]
+        enc = [
+            _axis(specs[c], profiles[c], "batch") for c in (Component.CLIP_L, Component.CLIP_G, Component.T5)
+        ]
         t5_min, t5_max = _axis(specs[Component.T5], profiles[Component.T5], "t5_length")
         if t5_min != t5_max:
-            raise ManifestError(f"the t5 engine's sequence length must be static, its profile allows {t5_min}..{t5_max}")
+            raise ManifestError(
+                f"the t5 engine's sequence length must be static, its profile allows {t5_min}..{t5_max}"
+            )
         limits = cls(
             height=sizes["latent_height"],
             width=sizes["latent_width"],
@@ -182,7 +183,10 @@ class RequestLimits:
         return limits
 
     def images(self, cfg: bool, slg: bool = False) -> tuple[int, int]:
-        """``(min, max)`` images per batch: the transformer sees twice as many under CFG, once more for SLG."""
+        """``(min, max)`` images per batch.
+
+        The transformer sees twice as many rows under CFG, and the images alone in the SLG pass.
+        """
         t_lo, t_hi = self.transformer_batch
         per = 2 if cfg else 1
         lo = max(self.decoder_batch[0], -(-t_lo // per), t_lo if slg else 1)
@@ -230,7 +234,9 @@ def _guidance(value: Any) -> float:
     if not math.isfinite(value):
         raise RequestError("guidance_scale", f"guidance_scale {value} is not a finite number; {allowed}")
     if not 0.0 <= value <= MAX_GUIDANCE:
-        raise RequestError("guidance_scale", f"guidance_scale {value:g} is outside the allowed range; {allowed}")
+        raise RequestError(
+            "guidance_scale", f"guidance_scale {value:g} is outside the allowed range; {allowed}"
+        )
     return value
 
 
@@ -242,7 +248,9 @@ def _text(name: str, value: Any, required: bool) -> str:
     return value
 
 
-def resolve_request(request: GenerationRequest, limits: RequestLimits, defaults: RuntimeSettings) -> GenerationParams:
+def resolve_request(
+    request: GenerationRequest, limits: RequestLimits, defaults: RuntimeSettings
+) -> GenerationParams:
     """Validate ``request`` against the engines and fill in the defaults.
 
     Args:
@@ -263,7 +271,9 @@ def resolve_request(request: GenerationRequest, limits: RequestLimits, defaults:
     steps = _int("steps", defaults.steps if request.steps is None else request.steps)
     if not 1 <= steps <= MAX_STEPS:
         raise RequestError("steps", f"steps {steps} is outside 1..{MAX_STEPS}")
-    guidance = _guidance(defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale)
+    guidance = _guidance(
+        defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    )
     m = limits.size_multiple
     height = _size("height", defaults.height if request.height is None else request.height, limits.height, m)
     width = _size("width", defaults.width if request.width is None else request.width, limits.width, m)
@@ -291,13 +301,16 @@ def resolve_request(request: GenerationRequest, limits: RequestLimits, defaults:
     lo, hi = limits.images(cfg, slg is not None)
     if not lo <= num_images <= hi:
         mode = "with classifier-free guidance" if cfg else "without classifier-free guidance"
-        raise RequestError("num_images", f"num_images {num_images} is outside {lo}..{hi}, the engines' batch {mode}")
+        raise RequestError(
+            "num_images", f"num_images {num_images} is outside {lo}..{hi}, the engines' batch {mode}"
+        )
     texts = 2 if cfg else 1
     if not limits.encoder_batch[0] <= texts <= limits.encoder_batch[1]:
         e_lo, e_hi = limits.encoder_batch
         raise RequestError(
             "guidance_scale",
-            f"guidance_scale {guidance:g} needs text-encoder batches of {texts}, these engines take {e_lo}..{e_hi}",
+            f"guidance_scale {guidance:g} needs text-encoder batches of {texts}, "
+            f"these engines take {e_lo}..{e_hi}",
         )
     return GenerationParams(
         prompt=prompt,

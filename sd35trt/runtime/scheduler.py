@@ -88,7 +88,9 @@ class FlowMatchEuler:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ManifestError(f"{path} is missing: the engines directory lacks its scheduler config") from None
+            raise ManifestError(
+                f"{path} is missing: the engines directory lacks its scheduler config"
+            ) from None
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(data, dict):
@@ -104,7 +106,9 @@ class FlowMatchEuler:
         """
         name = data.get("_class_name", SCHEDULER_CLASS)
         if name != SCHEDULER_CLASS:
-            raise ManifestError(f"{source}: scheduler class {name!r} is not supported; sd35trt runs {SCHEDULER_CLASS}")
+            raise ManifestError(
+                f"{source}: scheduler class {name!r} is not supported; sd35trt runs {SCHEDULER_CLASS}"
+            )
         for key, inert in _INERT_OPTIONS.items():
             value = data.get(key, inert)
             if value != inert and not (inert is False and value is None):

@@ -75,7 +75,11 @@ class PromptTokenizer:
             t5_length: tokens per text for T5 (the engine's static ``t5_length``).
         """
         self.tokenizers = dict(tokenizers)
-        self.lengths = {Component.CLIP_L: CLIP_MAX_LENGTH, Component.CLIP_G: CLIP_MAX_LENGTH, Component.T5: t5_length}
+        self.lengths = {
+            Component.CLIP_L: CLIP_MAX_LENGTH,
+            Component.CLIP_G: CLIP_MAX_LENGTH,
+            Component.T5: t5_length,
+        }
 
     @classmethod
     def load(cls, directory: str | Path, t5_length: int) -> PromptTokenizer:
@@ -93,7 +97,11 @@ class PromptTokenizer:
         """
         from transformers import CLIPTokenizer, T5Tokenizer
 
-        classes = {Component.CLIP_L: CLIPTokenizer, Component.CLIP_G: CLIPTokenizer, Component.T5: T5Tokenizer}
+        classes = {
+            Component.CLIP_L: CLIPTokenizer,
+            Component.CLIP_G: CLIPTokenizer,
+            Component.T5: T5Tokenizer,
+        }
         tokenizers = {}
         for encoder, sub in TOKENIZER_SUBFOLDERS.items():
             path = Path(directory) / sub
@@ -103,7 +111,9 @@ class PromptTokenizer:
                 tokenizers[encoder] = classes[encoder].from_pretrained(path, local_files_only=True)
             except (OSError, ValueError, TypeError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ManifestError(f"cannot load the {encoder.value} tokenizer from {path}: {first}") from None
+                raise ManifestError(
+                    f"cannot load the {encoder.value} tokenizer from {path}: {first}"
+                ) from None
         return cls(tokenizers, t5_length)
 
     def __call__(self, texts: Sequence[str]) -> TokenizedPrompts:
@@ -128,7 +138,7 @@ class PromptTokenizer:
                 return_tensors="pt",
             ).input_ids.to(torch.int64)  # [N, limit]
             for index, text in enumerate(texts):
-                full = tokenizer(text, add_special_tokens=True).input_ids
+                full = tokenizer(text, add_special_tokens=True, verbose=False).input_ids
                 if len(full) > limit:
                     # As diffusers reports it: the tokens after the kept ones, minus the end token.
                     dropped = tokenizer.decode(full[limit - 1 : -1])

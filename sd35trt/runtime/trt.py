@@ -176,8 +176,10 @@ def build_plan(
         # A cache from another TensorRT version or GPU: start empty rather than mix tactics.
         cache_loaded = False
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    if progress is not None:
-        config.progress_monitor = _progress_monitor(trt, progress, label)
+    # The monitor (like the parser, which owns the parsed weights) must outlive the build.
+    monitor = _progress_monitor(trt, progress, label) if progress is not None else None
+    if monitor is not None:
+        config.progress_monitor = monitor
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -358,8 +360,8 @@ class TrtEngine(Engine):
         s = self._state
         stream = s["stream"]
         if s["graph"] is None or s["graph"][0] != shapes:
-            static_in = {n: t.clone() for n, t in inputs.items()}
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):  # ordered after the inputs: `stream` waited for them
+                static_in = {n: t.clone() for n, t in inputs.items()}
                 static_out = self._bind(static_in)
                 self._execute()  # TensorRT finishes deferred setup on the first enqueue: not capturable
                 stream.synchronize()

@@ -15,22 +15,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sd35trt.errors import DeviceOutOfMemoryError, NonFiniteError, RequestError, Sd35TrtError
 from sd35trt.serve.batcher import (
-    BatchInfo,
     Batcher,
+    BatchInfo,
     QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
@@ -39,6 +39,9 @@ from sd35trt.serve.generator import Generator, ImageSet
 from sd35trt.serve.settings import ServeSettings
 
 log = logging.getLogger("sd35trt.serve")
+
+#: How often a queued request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
 
 
 # -- schemas ---------------------------------------------------------------------------------
@@ -57,13 +60,19 @@ class GenerateBody(BaseModel):
     guidance_scale: float | None = Field(default=None, description="classifier-free guidance, >= 0")
     num_images: int = Field(default=1, description="images for this prompt, at most the engine batch")
     seed: int | None = Field(default=None, description="0..2^63-1; drawn at random when omitted")
+    skip_layer_guidance: bool | None = Field(
+        default=None, description="skip-layer guidance when the engines have it (default: as built)"
+    )
 
 
 class GeneratedImage(BaseModel):
-    png_base64: str
+    png_base64: str = Field(
+        description="the PNG file, base64; its `parameters` text chunk records the request"
+    )
     width: int
     height: int
-    seed: int
+    seed: int = Field(description="the request's seed (a request's images share one noise draw)")
+    index: int = Field(description="position of the image in its request")
 
 
 class GenerateResponse(BaseModel):
@@ -71,7 +80,9 @@ class GenerateResponse(BaseModel):
     parameters: dict[str, Any] = Field(description="the parameters actually used, the seed included")
     timings: dict[str, Any] = Field(description="milliseconds: queue, engine batch, encode, total, stages")
     batch: dict[str, Any] = Field(description="the engine batch this request ran in (merging shows here)")
-    warnings: list[str] = Field(default_factory=list, description="e.g. a prompt truncated to the token limit")
+    warnings: list[str] = Field(
+        default_factory=list, description="e.g. a prompt truncated to the token limit"
+    )
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -104,7 +115,9 @@ class ServerState:
         return "ready" if self.is_ready else "loading"
 
 
-def _error(status: int, error: str, detail: str, retry_after: int | None = None, **extra: Any) -> JSONResponse:
+def _error(
+    status: int, error: str, detail: str, retry_after: int | None = None, **extra: Any
+) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
 
@@ -120,23 +133,20 @@ def _field_error(err: RequestError) -> JSONResponse:
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, DeviceOutOfMemoryError | MemoryError):
         return True
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(err, torch.OutOfMemoryError)
-
-
-def _png_base64(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    torch = sys.modules.get("torch")  # only a loaded torch can have raised its error
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
 
 
 def _encode(result: ImageSet) -> list[GeneratedImage]:
     return [
-        GeneratedImage(png_base64=_png_base64(im), width=im.width, height=im.height, seed=seed)
-        for im, seed in zip(result.images, result.seeds, strict=True)
+        GeneratedImage(
+            png_base64=base64.b64encode(result.png(im, i)).decode("ascii"),
+            width=im.width,
+            height=im.height,
+            seed=result.seed,
+            index=i,
+        )
+        for i, im in enumerate(result.images)
     ]
 
 
@@ -206,12 +216,12 @@ class BodyLimitMiddleware:
 
 
 def _as_generator(source: Any, settings: ServeSettings) -> Generator:
+    if isinstance(source, Generator):
+        return source
     from sd35trt.serve.runtime_adapter import RuntimeGenerator
 
     if isinstance(source, str | Path):
         return RuntimeGenerator.load(Path(source), low_vram=settings.low_vram)
-    if isinstance(source, Generator):
-        return source
     return RuntimeGenerator(source)
 
 
@@ -230,6 +240,7 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
     state = ServerState(settings)
 
     async def bring_up() -> None:
+        batcher: Batcher | None = None
         try:
             gen = await asyncio.to_thread(_as_generator, source, settings)
             max_batch = settings.max_batch or gen.max_batch
@@ -237,16 +248,16 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
                 raise Sd35TrtError(
                     f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
                 )
-            if settings.warmup:
-                t = time.perf_counter()
-                await asyncio.to_thread(gen.warmup)
-                log.info("warm-up done in %.2f s", time.perf_counter() - t)
             batcher = Batcher(
                 gen.run_batch,
                 max_batch=max_batch,
                 window_s=settings.batch_window_ms / 1000,
                 queue_size=settings.queue_size,
             )
+            if settings.warmup:  # on the engine thread, where every later batch runs
+                t = time.perf_counter()
+                await batcher.run_in_engine_thread(gen.warmup)
+                log.info("warm-up done in %.2f s", time.perf_counter() - t)
             await batcher.start()
             state.generator, state.batcher = gen, batcher
             if state.draining:
@@ -258,6 +269,8 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             log.error("could not bring the engines up: %s", state.load_error)
             if not isinstance(err, Sd35TrtError):
                 log.exception("unexpected error while loading")
+            if batcher is not None and state.batcher is None:
+                await batcher.close()  # frees its engine thread
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -282,7 +295,11 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/health", summary="Alive (answers while loading and draining too)")
     async def health() -> dict:
-        return {"status": "alive", "state": state.status, "uptime_s": round(time.monotonic() - state.started, 1)}
+        return {
+            "status": "alive",
+            "state": state.status,
+            "uptime_s": round(time.monotonic() - state.started, 1),
+        }
 
     @app.get("/ready", summary="Engines loaded and warmed up, accepting requests", responses={503: {}})
     async def ready():
@@ -310,7 +327,7 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             504: {"description": "timed out"},
         },
     )
-    async def generate(body: GenerateBody):
+    async def generate(body: GenerateBody, request: Request):
         t0 = time.perf_counter()
         if state.draining:
             return _error(503, "shutting_down", "the server is shutting down", retry_after=5)
@@ -324,13 +341,25 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             return _field_error(err)
         batcher = state.batcher
         try:
-            job = batcher.submit(prepared, prepared.key, prepared.size)
+            job = batcher.submit(
+                prepared, prepared.key, prepared.size, prepared.capacity, prepared.max_requests
+            )
         except QueueFullError as err:
             return _error(429, "queue_full", str(err), retry_after=err.retry_after_s)
         except ShuttingDownError as err:
             return _error(503, "shutting_down", str(err), retry_after=5)
         try:
-            result, info = await batcher.wait(job, settings.timeout_s)
+            waiter = asyncio.ensure_future(batcher.wait(job, settings.timeout_s))
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+                if not waiter.done() and job.started is None and await request.is_disconnected():
+                    # the client gave up: free its queue slot instead of computing for nobody
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+                    log.info("client disconnected; dropped its queued request")
+                    return Response(status_code=499)
+            result, info = waiter.result()
         except RequestTimeoutError as err:
             return _error(504, "timeout", str(err))
         except RequestError as err:
@@ -358,7 +387,7 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             parameters=dict(prepared.params),
             timings=_timings(info, result, encode_s=now - t_enc, total_s=now - t0),
             batch=info.to_json(),
-            warnings=[*prepared.warnings, *result.warnings],
+            warnings=list(result.warnings),
         )
 
     return app
@@ -371,7 +400,9 @@ def _timings(info: BatchInfo, result: ImageSet, encode_s: float, total_s: float)
         "batch_ms": ms(info.run_s),
         "encode_ms": ms(encode_s),
         "total_ms": ms(total_s),
-        "stages_ms": {k: ms(v) for k, v in result.timings.items() if isinstance(v, int | float) and math.isfinite(v)},
+        "stages_ms": {
+            k: ms(v) for k, v in result.timings.items() if isinstance(v, int | float) and math.isfinite(v)
+        },
     }
 
 
@@ -414,6 +445,8 @@ def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
 
     gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram)
     if settings.max_batch is not None and settings.max_batch > gen.max_batch:
-        raise Sd35TrtError(f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}")
+        raise Sd35TrtError(
+            f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}"
+        )
     app = create_app(gen, settings)
     make_server(app, settings).run()

@@ -77,6 +77,8 @@ class Job:
     request: Any
     key: Hashable
     size: int  # images this request asks for
+    capacity: int  # most images an engine batch with this key holds
+    max_requests: int  # most requests an engine batch with this key holds
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -114,13 +116,17 @@ class Batcher:
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or window_s < 0:
-            raise ValueError(f"bad batcher limits: max_batch={max_batch} queue_size={queue_size} window_s={window_s}")
+            raise ValueError(
+                f"bad batcher limits: max_batch={max_batch} queue_size={queue_size} window_s={window_s}"
+            )
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue_size = queue_size
         self._own_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sd35trt-engine")
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="sd35trt-engine"
+        )
         self._pending: collections.deque[Job] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._resumed: asyncio.Event | None = None
@@ -147,6 +153,10 @@ class Batcher:
             self._resumed.set()
         self._worker = asyncio.create_task(self._work(), name="sd35trt-batcher")
 
+    async def run_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the thread that runs the batches (e.g. a warm-up before :meth:`start`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     def begin_drain(self) -> None:
         """Refuse new requests from now on; queued and running ones still complete."""
         self._draining = True
@@ -161,7 +171,9 @@ class Batcher:
         if self._arrived is not None:
             self._arrived.set()
         if self._resumed is not None and not self._resumed.is_set():
-            log.warning("batcher closed while paused: resuming to drain %d queued requests", len(self._pending))
+            log.warning(
+                "batcher closed while paused: resuming to drain %d queued requests", len(self._pending)
+            )
             self._resumed.set()
         if self._worker is not None:
             try:
@@ -170,7 +182,9 @@ class Batcher:
                 self._worker.cancel()
                 for job in self._pending:
                     if not job.future.done():
-                        job.future.set_exception(ShuttingDownError("the server shut down before this request ran"))
+                        job.future.set_exception(
+                            ShuttingDownError("the server shut down before this request ran")
+                        )
                 self._pending.clear()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._worker
@@ -180,15 +194,38 @@ class Batcher:
     # -- test and operations hooks (thread-safe) ---------------------------------------------
 
     def pause(self) -> None:
-        """Hold the worker before its next batch (requests keep queueing). Thread-safe."""
+        """Hold the worker before its next batch (requests keep queueing); a running batch finishes.
+
+        Thread-safe: from another thread it returns once the worker's loop has applied it.
+        """
         self._paused_flag.set()
-        if self._loop is not None and self._resumed is not None:
-            self._loop.call_soon_threadsafe(self._resumed.clear)
+        self._in_loop(lambda: self._resumed.clear())
 
     def resume(self) -> None:
+        """Let the worker run again. Thread-safe."""
         self._paused_flag.clear()
-        if self._loop is not None and self._resumed is not None:
-            self._loop.call_soon_threadsafe(self._resumed.set)
+        self._in_loop(lambda: self._resumed.set())
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or self._resumed is None or loop.is_closed():
+            return  # not started (start() reads the flag) or already stopped
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            fn()
+            return
+        done = threading.Event()
+
+        def apply() -> None:
+            fn()
+            done.set()
+
+        loop.call_soon_threadsafe(apply)
+        if not done.wait(10):
+            raise TimeoutError("the batcher's event loop did not respond within 10 s")
 
     def stats(self) -> BatcherStats:
         return BatcherStats(
@@ -210,8 +247,24 @@ class Batcher:
         per_image = self._avg_image_s if self._avg_image_s is not None else 1.0
         return max(1, math.ceil(per_image * self.max_batch))
 
-    def submit(self, request: Any, key: Hashable, size: int) -> Job:
+    def submit(
+        self,
+        request: Any,
+        key: Hashable,
+        size: int,
+        capacity: int | None = None,
+        max_requests: int | None = None,
+    ) -> Job:
         """Queue a request (from the event loop).
+
+        Args:
+            request: passed to ``run_batch`` as it is.
+            key: requests with equal keys may share an engine batch.
+            size: images the request produces.
+            capacity: most images an engine batch of this key holds (e.g. fewer under
+                classifier-free guidance); capped at ``max_batch``.
+            max_requests: most requests an engine batch of this key holds (default: no limit
+                beyond ``capacity``).
 
         Raises:
             ShuttingDownError: the batcher is draining.
@@ -222,12 +275,20 @@ class Batcher:
             raise RuntimeError("Batcher.start() was not called")
         if self._draining:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
-        if not 1 <= size <= self.max_batch:
-            raise ValueError(f"a request of {size} images cannot fit an engine batch of {self.max_batch}")
+        capacity = min(self.max_batch, capacity or self.max_batch)
+        if not 1 <= size <= capacity:
+            raise ValueError(f"a request of {size} images cannot fit an engine batch of {capacity}")
         if len(self._pending) >= self.queue_size:
             self._rejected += 1
             raise QueueFullError(self.queue_size, self.retry_after_s())
-        job = Job(request=request, key=key, size=size, future=self._loop.create_future())
+        job = Job(
+            request=request,
+            key=key,
+            size=size,
+            capacity=capacity,
+            max_requests=max_requests or capacity,
+            future=self._loop.create_future(),
+        )
         self._pending.append(job)
         self._arrived.set()
         return job
@@ -265,12 +326,12 @@ class Batcher:
         """Move queued jobs with the head's key that still fit into ``batch``; returns the image count."""
         head = batch[0]
         for job in list(self._pending):
-            if total >= self.max_batch:
+            if total >= head.capacity or len(batch) >= head.max_requests:
                 break
             if job.future.done():  # timed out or cancelled while queued
                 self._pending.remove(job)
                 continue
-            if job.key == head.key and total + job.size <= self.max_batch:
+            if job.key == head.key and total + job.size <= head.capacity:
                 self._pending.remove(job)
                 batch.append(job)
                 total += job.size
@@ -302,7 +363,7 @@ class Batcher:
             batch = [head]
             total = self._take_compatible(batch, head.size)
             deadline = loop.time() + self.window_s
-            while total < self.max_batch and not self._draining:
+            while total < head.capacity and len(batch) < head.max_requests and not self._draining:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -334,19 +395,28 @@ class Batcher:
                     results = [err]
                 else:
                     # One bad request must not fail the others merged with it: run each alone.
-                    log.warning("batch %d of %d requests failed (%s: %s); re-running each alone",
-                                batch_id, len(batch), type(err).__name__, err)
+                    log.warning(
+                        "batch %d of %d requests failed (%s: %s); re-running each alone",
+                        batch_id,
+                        len(batch),
+                        type(err).__name__,
+                        err,
+                    )
                     retried = True
                     results = []
                     for job in batch:
                         try:
-                            results.extend(await loop.run_in_executor(self._executor, self._call, [job.request]))
+                            results.extend(
+                                await loop.run_in_executor(self._executor, self._call, [job.request])
+                            )
                         except Exception as single_err:
                             results.append(single_err)
             run_s = time.monotonic() - started
             if not retried:
                 per_image = run_s / max(images, 1)
-                self._avg_image_s = per_image if self._avg_image_s is None else 0.8 * self._avg_image_s + 0.2 * per_image
+                self._avg_image_s = (
+                    per_image if self._avg_image_s is None else 0.8 * self._avg_image_s + 0.2 * per_image
+                )
             for job, result in zip(batch, results, strict=True):
                 self._done += 1
                 if job.future.done():
@@ -366,7 +436,9 @@ class Batcher:
         except BaseException as err:  # a bug in the batcher itself or cancellation: fail the batch
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(err if isinstance(err, Exception) else ShuttingDownError(str(err)))
+                    job.future.set_exception(
+                        err if isinstance(err, Exception) else ShuttingDownError(str(err))
+                    )
             raise
         finally:
             self._running = []

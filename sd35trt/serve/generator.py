@@ -9,7 +9,8 @@ one :class:`ImageSet` (or exception) per request.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import io
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,25 +22,38 @@ class Prepared:
     Attributes:
         key: requests with equal keys can run in one engine batch (size, steps, guidance).
         size: images this request produces.
+        capacity: most images one engine batch with this key holds.
+        max_requests: most requests one engine batch with this key holds (text-encoder rows).
         params: the parameters actually used (defaults filled in, the seed drawn), for the reply.
         native: the runtime's own request object.
     """
 
     key: Hashable
     size: int
+    capacity: int
+    max_requests: int
     params: Mapping[str, Any]
     native: Any
-    warnings: tuple[str, ...] = ()
+
+
+def _plain_png(image: Any, index: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @dataclass
 class ImageSet:
-    """The images of one request, with per-image seeds, stage timings (seconds) and warnings."""
+    """The images of one request, its seed, stage timings (seconds) and warnings.
+
+    ``png(image, index)`` encodes one image; it runs outside the engine thread.
+    """
 
     images: list  # PIL images
-    seeds: list[int]
+    seed: int
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    png: Callable[[Any, int], bytes] = _plain_png
 
 
 @runtime_checkable

@@ -214,3 +214,53 @@ def test_fake_oversized_request_is_refused_at_submit():
         await b.close()
 
     run(main())
+
+
+def test_fake_capacity_per_key_caps_the_merge():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=4)
+        b.pause()
+        await asyncio.sleep(0.01)
+        jobs = [b.submit(n, key="cfg", size=1, capacity=2) for n in ("a", "b", "c")]
+        jobs += [b.submit(n, key="nocfg", size=1, capacity=8) for n in ("d", "e", "f", "g", "h")]
+        b.resume()
+        await asyncio.gather(*(b.wait(j, 5) for j in jobs))
+        await b.close()
+        return fake
+
+    # "cfg" batches hold 2 images, "nocfg" ones the batcher's max of 4
+    assert run(main()).batches == [["a", "b"], ["c"], ["d", "e", "f", "g"], ["h"]]
+
+
+def test_fake_max_requests_per_key_caps_the_merge():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=8)
+        b.pause()
+        jobs = [b.submit(n, key="k", size=1, capacity=8, max_requests=2) for n in ("a", "b", "c")]
+        b.resume()
+        await asyncio.gather(*(b.wait(j, 5) for j in jobs))
+        await b.close()
+        return fake
+
+    # three text-encoder rows per batch would exceed the encoders' batch: two requests at most
+    assert run(main()).batches == [["a", "b"], ["c"]]
+
+
+def test_fake_pause_from_another_thread_takes_effect_before_it_returns():
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=1, window_s=0)
+        await asyncio.to_thread(b.pause)  # returns once the loop applied it
+        job = b.submit("a", key="k", size=1)
+        await asyncio.sleep(0.1)
+        held = (fake.batches == [], b.stats().queued)
+        await asyncio.to_thread(b.resume)
+        await b.wait(job, 5)
+        await b.close()
+        return held, fake.batches
+
+    held, batches = run(main())
+    assert held == (True, 1)
+    assert batches == [["a"]]

@@ -224,7 +224,9 @@ def test_plan_swapped_after_verification_is_refused_before_tensorrt_sees_it(tmp_
     assert isinstance(engine, TrtEngine) and not engine.active
     (out / "vae_decoder.plan").write_bytes(b"\x00" * 64)
     # Where TensorRT is absent, reaching `import tensorrt` would raise ImportError instead.
-    with pytest.raises(VerificationError, match=r"vae_decoder\.plan sha256 .* \(modified since verification\)"):
+    with pytest.raises(
+        VerificationError, match=r"vae_decoder\.plan sha256 .* \(modified since verification\)"
+    ):
         engine.activate()
 
 

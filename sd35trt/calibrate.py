@@ -1,0 +1,311 @@
+"""``sd35trt calibrate``: FP8 post-training quantization of the MMDiT over the real SD3.5 loop.
+
+1. Read the calibration prompts and the held-out prompts (never used for calibration).
+2. Load the diffusers pipeline (safetensors only) in ``calibrate.dtype``: BF16 on a GPU, FP32 on
+   a CPU by default.
+3. Encode every prompt batch once, then drop the three text encoders: the denoising loop only
+   needs the embeddings.
+4. Quantize the transformer with ModelOpt (:mod:`sd35trt.quantize`); its calibration forward
+   loop is diffusers' own ``StableDiffusion3Pipeline`` denoising loop (CFG, the configured
+   steps, one fixed seed per batch), so the activation ranges are those the engine will see.
+5. Measure the FP8 model against the unquantized one on the held-out prompts
+   (:mod:`sd35trt.evaluate_calibration`).
+6. Write ``<run>/calibrate/`` through a staged directory, then add the manifest record.
+
+Memory, sd3.5-large in BF16 on one GPU (parameter counts of the published checkpoints):
+transformer 8.1 B parameters = 16.3 GB, T5-XXL encoder 4.8 B = 9.5 GB, CLIP-G 0.7 B = 1.4 GB,
+CLIP-L 0.12 B = 0.25 GB, VAE 0.08 B = 0.17 GB, so about 28 GB while prompts are encoded and
+16.5 GB once the encoders are dropped. A 1024x1024 CFG step (transformer batch 2, 4096 image +
+333 text tokens, width 2432) keeps a few hundred MB of activations alive under ``no_grad`` with
+SDPA's memory-efficient attention; ModelOpt's max calibration adds one scalar per quantizer and
+one fake-quantized weight copy at a time (at most 47 MB). The held-out report decodes 1024x1024
+images with the VAE (a few GB). The whole stage therefore stays well under 40 GB on an 80 GB GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.components import ModelDims
+from sd35trt.config import CalibrateSettings, Config
+from sd35trt.errors import ConfigError
+from sd35trt.manifest import (
+    RunManifest,
+    Stage,
+    atomic_write_json,
+    is_fresh,
+    new_record,
+    records_for_tree,
+    staged_directory,
+)
+from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
+from sd35trt.quantize import CALIBRATION_FILE, quant_config
+
+if TYPE_CHECKING:
+    import torch
+
+#: Negative prompt of the CFG branch during calibration: diffusers' and the runtime's default.
+NEGATIVE_PROMPT = ""
+#: T5 tokens per prompt, as SD3.5 is run (333 = 77 CLIP + 256 T5 text tokens).
+MAX_SEQUENCE_LENGTH = 256
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "calibration_report.json"
+QUANT_CONFIG_FILE = "quant_config.json"
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """One batch of prompts, encoded once, and the seed of its initial noise.
+
+    The negative embeddings are None when guidance is off (``guidance_scale <= 1``).
+    """
+
+    prompts: tuple[str, ...]
+    seed: int
+    prompt_embeds: torch.Tensor  # [B, 333, joint_attention_dim]
+    pooled_prompt_embeds: torch.Tensor  # [B, pooled_projection_dim]
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+
+
+def read_prompts(path: Path, count: int, field: str) -> list[str]:
+    """The first ``count`` prompts of ``path`` (one per line; blanks and ``#`` comments skipped).
+
+    Args:
+        path: a prompt file.
+        count: how many prompts are needed.
+        field: the config key that named the file, for error messages.
+
+    Returns:
+        ``count`` prompts, in file order.
+
+    Raises:
+        ConfigError: the file is missing or has fewer than ``count`` prompts.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"calibrate.{field}: prompt file {path} does not exist") from None
+    prompts = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+    if len(prompts) < count:
+        raise ConfigError(
+            f"calibrate.{field}: {path} has {len(prompts)} prompts, {count} are needed; "
+            "add prompts or lower the count"
+        )
+    return prompts[:count]
+
+
+def prompt_set_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompts, one per line: names the calibration set in the manifest."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def encode_batches(
+    pipe, prompts: Sequence[str], batch_size: int, seed: int, guidance_scale: float, device: str
+) -> list[PromptBatch]:
+    """Encode ``prompts`` in batches with the pipeline's three text encoders.
+
+    Batch ``i`` gets noise seed ``seed + i``.
+
+    Returns:
+        The encoded batches, on the pipeline's device.
+    """
+    import torch
+
+    batches = []
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = list(prompts[start : start + batch_size])
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=chunk,
+                prompt_2=None,
+                prompt_3=None,
+                device=torch.device(device),
+                do_classifier_free_guidance=guidance_scale > 1.0,
+                negative_prompt=[NEGATIVE_PROMPT] * len(chunk),
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+            batches.append(PromptBatch(tuple(chunk), seed + i, embeds, pooled, negative, negative_pooled))
+    return batches
+
+
+def drop_text_encoders(pipe) -> None:
+    """Free the text encoders (about 11 GB for sd3.5-large in BF16) once prompts are encoded."""
+    import torch
+
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def denoise(
+    pipe, batch: PromptBatch, steps: int, guidance_scale: float, height: int, width: int, output_type: str
+):
+    """Run diffusers' SD3 denoising loop on one encoded batch, noise from a CPU generator.
+
+    Args:
+        output_type: ``"latent"`` to stop before the VAE, ``"np"`` for ``[B, H, W, 3]`` images in [0, 1].
+
+    Returns:
+        The pipeline's ``images`` for ``output_type``.
+    """
+    import torch
+
+    return pipe(
+        prompt_embeds=batch.prompt_embeds,
+        negative_prompt_embeds=batch.negative_prompt_embeds,
+        pooled_prompt_embeds=batch.pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=batch.negative_pooled_prompt_embeds,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        generator=torch.Generator("cpu").manual_seed(batch.seed),
+        output_type=output_type,
+    ).images
+
+
+def _forward_loop(pipe, batches: Sequence[PromptBatch], s: CalibrateSettings) -> Callable[[Any], None]:
+    from tqdm import tqdm
+
+    def loop(_transformer) -> None:
+        for batch in tqdm(batches, desc="calibrating", unit="batch"):
+            denoise(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
+
+    return loop
+
+
+def _peak_memory(device: str) -> tuple[int, str]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> dict | None:
+    """The existing record when it is intact and made from this config and prompt set."""
+    if not is_fresh(manifest.run_dir, Stage.CALIBRATE, digest):
+        return None
+    record = manifest.get(Stage.CALIBRATE)
+    return record if record["details"].get("prompt_set_sha256") == prompts_sha else None
+
+
+def calibrate(
+    config: Config,
+    run_dir: Path,
+    force: bool = False,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Calibrate the FP8 transformer of ``config``'s model and record it in ``run_dir``.
+
+    Args:
+        config: the whole config (``model`` and ``calibrate`` sections are used).
+        run_dir: the run directory; ``calibrate/`` and the manifest record are written there.
+        force: recalibrate even when the existing output is intact and up to date.
+        device: torch device (default: CUDA when present, else CPU).
+        log: where the summary, the report table, time and peak memory are printed.
+
+    Returns:
+        The manifest record of the calibrate stage.
+
+    Raises:
+        ConfigError: prompt files too short, overlapping, or settings that don't fit the model.
+        ModelError: the model directory is unusable (pickle weights, truncated shards...).
+        CalibrationError: a quantizer ended without a finite amax > 0 (nothing is written).
+    """
+    import torch
+
+    from sd35trt.evaluate_calibration import quality_report
+    from sd35trt.quantize import quantize, save_calibration
+
+    s = config.calibrate
+    run_dir = Path(run_dir)
+    prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
+    heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
+    if shared := set(prompts) & set(heldout):
+        raise ConfigError(
+            f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
+            f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
+        )
+    digest = config.digest(*Stage.CALIBRATE.config_sections)
+    prompts_sha = prompt_set_sha256(prompts)
+    manifest = RunManifest(run_dir)
+    if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
+        log(f"calibrate: up to date in {run_dir} (force to redo)")
+        return record
+
+    # Refuse settings the model can't take before loading anything heavy.
+    dims = ModelDims.from_model_dir(model_dir(config, run_dir))
+    cfg = quant_config(s, dims.num_layers, dims.head_dim)
+
+    start = time.perf_counter()
+    device = device or default_device()
+    dtype = torch_dtype(s.dtype, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    pipe = load_pipeline(config, run_dir, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device)
+    report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device)
+    drop_text_encoders(pipe)
+
+    summary = quantize(pipe.transformer, s, _forward_loop(pipe, batches, s))
+    report = quality_report(
+        pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
+    )
+    elapsed = time.perf_counter() - start
+    peak, peak_kind = _peak_memory(device)
+
+    with staged_directory(run_dir, Stage.CALIBRATE.directory) as tmp:
+        save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)
+        atomic_write_json(tmp / SUMMARY_FILE, summary.to_json())
+        atomic_write_json(tmp / REPORT_FILE, report.to_json())
+        atomic_write_json(tmp / QUANT_CONFIG_FILE, cfg)
+    record = new_record(
+        Stage.CALIBRATE,
+        digest,
+        records_for_tree(run_dir, Stage.CALIBRATE.directory),
+        details={
+            "calibration_file": f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
+            "prompts_file": str(s.prompts),
+            "prompt_set_sha256": prompts_sha,
+            "num_prompts": len(prompts),
+            "heldout_prompt_set_sha256": prompt_set_sha256(heldout),
+            "seeds": [b.seed for b in batches],
+            "report_seeds": [b.seed for b in report_batches],
+            "steps": s.steps,
+            "report_steps": report.steps,
+            "guidance_scale": s.guidance_scale,
+            "batch_size": s.batch_size,
+            "height": s.height,
+            "width": s.width,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "summary": summary.to_json(),
+            "report": {k: v for k, v in report.to_json().items() if k not in ("buckets", "images")},
+            "elapsed_s": round(elapsed, 3),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+        },
+    )
+    manifest.put(Stage.CALIBRATE, record)
+
+    log(summary.table())
+    log(report.table())
+    log(
+        f"calibrate: {len(prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
+        f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
+    )
+    return record

@@ -1,0 +1,329 @@
+"""``sd35trt eval``: image quality of engines against the non-quantized diffusers pipeline.
+
+Over held-out prompts (never used for calibration), each with a fixed seed (``seed + index``),
+the engines and the diffusers pipeline generate with the engines' runtime defaults; each engine
+image is compared with its reference by PSNR and SSIM (:mod:`sd35trt.metrics`) and, when the
+``lpips`` package and its network weights are on this machine, LPIPS. Nothing is downloaded:
+without them LPIPS is skipped and the result says so.
+
+Writes ``eval.json`` (per prompt and aggregated), ``eval.md`` (the table), ``eval_grid.png``
+(reference, engine image and their amplified difference per prompt) and the images themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd35trt.errors import ConfigError
+from sd35trt.manifest import atomic_write_json, now_utc
+
+SCHEMA = "sd35trt.eval/1"
+EVAL_JSON = "eval.json"
+EVAL_TABLE = "eval.md"
+EVAL_GRID = "eval_grid.png"
+DEFAULT_PROMPTS = Path("calibration_prompts/heldout.txt")
+LPIPS_SKIPPED = "LPIPS skipped: weights not available offline"
+#: torchvision's AlexNet weights, the backbone of LPIPS(net="alex") (lpips ships only its linear layers).
+_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts of a file: one per line, ``#`` comments and blank lines skipped.
+
+    Raises:
+        ConfigError: the file is missing or holds no prompt, or ``limit`` < 1.
+    """
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompts file {path} does not exist") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts file {path} holds no prompt (one per line; # starts a comment)")
+    return prompts[:limit] if limit is not None else prompts
+
+
+@dataclass(frozen=True)
+class LpipsStatus:
+    available: bool
+    reason: str | None
+
+
+def lpips_status() -> LpipsStatus:
+    """Whether LPIPS can run offline: the ``lpips`` package and the AlexNet weights in torch's hub cache."""
+    if importlib.util.find_spec("lpips") is None:
+        return LpipsStatus(False, f"{LPIPS_SKIPPED} (the lpips package is not installed)")
+    import torch
+
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
+    if not weights.is_file():
+        return LpipsStatus(False, f"{LPIPS_SKIPPED} ({weights} is missing)")
+    return LpipsStatus(True, None)
+
+
+class _Lpips:
+    """LPIPS (AlexNet), loaded only from local files."""
+
+    def __init__(self) -> None:
+        import lpips
+
+        self.model = lpips.LPIPS(net="alex", verbose=False).eval()
+
+    def __call__(self, a, b) -> float:
+        import torch
+
+        def t(x):
+            return torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W] in [-1, 1]
+
+        with torch.inference_mode():
+            return float(self.model(t(a), t(b)).item())
+
+
+def as_uint8(image: Any):
+    """A PIL image, a uint8 ``[H, W, 3]`` array or a float one in [0, 1], as uint8 ``[H, W, 3]``."""
+    import numpy as np
+
+    from sd35trt.metrics import to_uint8
+
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if hasattr(image, "detach"):  # torch [3, H, W] or [H, W, 3] in [0, 1]
+        image = image.detach().cpu().float().numpy()
+        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+            image = image.transpose(1, 2, 0)
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return array
+    return to_uint8(array.astype(np.float32))
+
+
+def _agg(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None, "min": None, "max": None}
+    return {
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def aggregate(rows: Sequence[Mapping]) -> dict:
+    """Aggregates over prompts. PSNR statistics cover the non-identical pairs (identical = infinite)."""
+    finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
+    lp = [r["lpips"] for r in rows if r.get("lpips") is not None]
+    return {
+        "prompts": len(rows),
+        "identical": sum(1 for r in rows if r["psnr_db"] is None),
+        "psnr_db": _agg(finite),
+        "ssim": _agg([r["ssim"] for r in rows]),
+        "lpips": _agg(lp) if lp else None,
+    }
+
+
+def compare(reference, image, lpips_fn=None) -> dict:
+    """PSNR (``None`` = identical, infinite), SSIM and optional LPIPS of ``image`` against ``reference``."""
+    from sd35trt.metrics import psnr, ssim
+
+    a, b = as_uint8(reference), as_uint8(image)
+    p = psnr(a, b)
+    return {
+        "psnr_db": None if math.isinf(p) else p,
+        "ssim": ssim(a, b),
+        "lpips": lpips_fn(a, b) if lpips_fn is not None else None,
+    }
+
+
+class _RuntimeDefaults:
+    """What :func:`sd35trt.reference.reference_images` reads of a config: its ``runtime`` section."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+
+
+def evaluate(
+    engines_dir: str | Path,
+    reference_dir: str | Path,
+    prompts_file: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    num_prompts: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    plot: bool = True,
+) -> dict:
+    """Compare the engines' images with the diffusers pipeline's over held-out prompts.
+
+    Args:
+        engines_dir: a build's ``engines/`` directory.
+        reference_dir: the diffusers directory the engines were made from (non-quantized).
+        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``).
+        out_dir: where to write; default ``<engines dir>/../eval``.
+        num_prompts: the first this many prompts of the file.
+        seed: prompt ``i`` uses seed ``seed + i`` on both sides.
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
+            CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
+        plot: also write the grid PNG.
+
+    Returns:
+        The ``eval.json`` content.
+
+    Raises:
+        ConfigError: no prompts, or a bad count.
+        ManifestError, VerificationError, IncompatibleEngineError: unusable engines.
+        ModelError: unusable reference directory.
+    """
+    from sd35trt.bench import default_device, load_diffusers
+    from sd35trt.config import RuntimeSettings
+    from sd35trt.reference import reference_images
+    from sd35trt.runtime.engines import read_engine_manifest
+    from sd35trt.runtime.pipeline import Sd35Runtime
+    from sd35trt.runtime.request import GenerationRequest
+
+    engines_dir, reference_dir = Path(engines_dir), Path(reference_dir)
+    prompts_file = Path(prompts_file) if prompts_file is not None else DEFAULT_PROMPTS
+    out = Path(out_dir) if out_dir is not None else engines_dir.parent / "eval"
+    prompts = load_prompts(prompts_file, num_prompts)
+
+    manifest = read_engine_manifest(engines_dir)
+    rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
+    status = lpips_status()
+    lpips_fn = _Lpips() if status.available else None
+
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [seed + i for i in range(len(prompts))]
+
+    runtime = Sd35Runtime.load(engines_dir, device=device)
+    engines_device = str(runtime.device)
+    engine_images, warnings = [], []
+    try:
+        for prompt, s in zip(prompts, seeds, strict=True):
+            result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
+            engine_images.append(result.images[0])
+            warnings.extend(f"prompt {len(engine_images) - 1}: {w}" for w in result.warnings)
+    finally:
+        runtime.close()
+
+    import torch
+
+    # FP32 on any device: the error measured is the engines', not a BF16 reference's.
+    pipe = load_diffusers(reference_dir, device or default_device(), torch.float32)
+    reference = [
+        reference_images(pipe, _RuntimeDefaults(rt), [p], seed=s)[0]
+        for p, s in zip(prompts, seeds, strict=True)
+    ]
+    dtype = str(pipe.transformer.dtype).removeprefix("torch.")
+    pipe_device = pipe.device
+    del pipe
+
+    from PIL import Image
+
+    rows = []
+    for i, (prompt, s, ref, eng) in enumerate(zip(prompts, seeds, reference, engine_images, strict=True)):
+        ref_u8, eng_u8 = as_uint8(ref), as_uint8(eng)
+        ref_name, eng_name = f"images/{i:02d}_reference.png", f"images/{i:02d}_engines.png"
+        Image.fromarray(ref_u8).save(out / ref_name)
+        Image.fromarray(eng_u8).save(out / eng_name)
+        rows.append(
+            {
+                "index": i,
+                "prompt": prompt,
+                "seed": s,
+                **compare(ref_u8, eng_u8, lpips_fn),
+                "reference_image": ref_name,
+                "engine_image": eng_name,
+            }
+        )
+
+    from sd35trt.bench import _BACKEND_LABEL, _precision_label, dtype_label
+
+    backend = _BACKEND_LABEL.get(manifest.backend.value, manifest.backend.value)
+    slg = rt.skip_layer_guidance if rt.guidance_scale > 1.0 else None
+    result = {
+        "schema": SCHEMA,
+        "created": now_utc(),
+        "device": {"engines": engines_device, "reference": str(pipe_device)},
+        "engines": {
+            "dir": str(engines_dir),
+            "label": f"sd35trt {backend} {_precision_label(manifest)}",
+            "backend": manifest.backend.value,
+        },
+        "reference": {
+            "dir": str(reference_dir),
+            "label": f"diffusers PyTorch {dtype_label(dtype)}",
+            "dtype": dtype,
+        },
+        "prompts_file": str(prompts_file),
+        "params": {
+            "steps": rt.steps,
+            "guidance_scale": rt.guidance_scale,
+            "height": rt.height,
+            "width": rt.width,
+            "negative_prompt": rt.negative_prompt,
+            "max_sequence_length": rt.max_sequence_length,
+            "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
+            "seeds": f"{seed} + prompt index",
+        },
+        "per_prompt": rows,
+        "aggregate": aggregate(rows),
+        "lpips": {"available": status.available, "reason": status.reason},
+        "warnings": warnings,
+        "files": {
+            "json": str(out / EVAL_JSON),
+            "table": str(out / EVAL_TABLE),
+            "grid": str(out / EVAL_GRID) if plot else None,
+        },
+    }
+    atomic_write_json(out / EVAL_JSON, result)
+    (out / EVAL_TABLE).write_text(format_eval(result) + "\n")
+    if plot:
+        from sd35trt.plots import plot_eval_grid
+
+        plot_eval_grid(result, out, out / EVAL_GRID)
+    return result
+
+
+def _cell(v: float | None, digits: int, none: str = "-") -> str:
+    return none if v is None else f"{v:.{digits}f}"
+
+
+def format_eval(result: Mapping) -> str:
+    """The per-prompt and aggregate metrics as a Markdown table."""
+    lp = result["lpips"]
+    header = ["#", "seed", "prompt", "PSNR (dB)", "SSIM"] + (["LPIPS"] if lp["available"] else [])
+    lines = [
+        f"engines {result['engines']['label']} vs reference {result['reference']['label']}, "
+        f"{result['params']['height']}x{result['params']['width']}, {result['params']['steps']} steps",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in result["per_prompt"]:
+        prompt = r["prompt"] if len(r["prompt"]) <= 60 else r["prompt"][:59] + "…"
+        cells = [str(r["index"]), str(r["seed"]), prompt, _cell(r["psnr_db"], 2, "inf"), f"{r['ssim']:.4f}"]
+        if lp["available"]:
+            cells.append(_cell(r["lpips"], 4))
+        lines.append("| " + " | ".join(cells) + " |")
+    agg = result["aggregate"]
+    for stat in ("mean", "median", "min", "max"):
+        cells = [stat, "", "", _cell(agg["psnr_db"][stat], 2, "inf"), _cell(agg["ssim"][stat], 4)]
+        if lp["available"]:
+            cells.append(_cell(agg["lpips"][stat] if agg["lpips"] else None, 4))
+        lines.append("| " + " | ".join(f"**{c}**" if c else c for c in cells) + " |")
+    lines.append("")
+    lines.append(
+        "PSNR statistics over non-identical pairs; identical pairs (infinite PSNR): "
+        f"{agg['identical']}/{agg['prompts']}."
+    )
+    lines.append("LPIPS: computed (AlexNet)." if lp["available"] else lp["reason"] + ".")
+    return "\n".join(lines)

@@ -1,0 +1,525 @@
+"""``sd35trt export``: the five components to validated ONNX, then the manifest record.
+
+Steps per component (in :class:`~sd35trt.components.Component` order, one model in memory at a
+time):
+
+1. Load the module in its export precision; for the FP8 transformer, restore the calibration.
+2. Draw fresh random inputs at the validation shapes and keep PyTorch's outputs (for the FP8
+   transformer also the outputs with its quantizers off).
+3. Trace at the profile's ``opt`` shape with ``torch.onnx.export``; free the module.
+4. Rewrite FP8 Q/DQ to standard ONNX, clean up, optionally fold FP8 weights, save (external
+   data over 2 GB), check the file (external-data guards + ONNX checker).
+5. Run it in ONNX Runtime on the kept inputs and compare.
+
+All validation failures are collected and raised together; nothing is published then.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sd35trt.components import (
+    Component,
+    ComponentSpec,
+    ModelDims,
+    Tolerance,
+    sample_shapes,
+    spec,
+    validation_tolerance,
+)
+from sd35trt.config import Config, ModelSource, Precision
+from sd35trt.errors import ConfigError, ExportError, ManifestError
+from sd35trt.manifest import (
+    RunManifest,
+    Stage,
+    atomic_write_json,
+    is_fresh,
+    new_record,
+    record_digest,
+    records_for_tree,
+    sha256_file,
+    staged_directory,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import ModelProto
+
+REPORT_FILE = "export_report.json"
+#: File stem of the transformer graph without Q/DQ, exported beside the FP8 one.
+UNQUANTIZED_STEM = "transformer_unquantized"
+
+Progress = Callable[[str], None]
+
+
+def print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Job:
+    """What every component's export needs, resolved once."""
+
+    config: Config
+    root: Path  # the diffusers model directory
+    dims: ModelDims
+    out: Path  # the staged onnx/ directory
+    scratch: Path
+    slg: tuple[int, ...]
+    calibration: Path | None
+    device: str
+    providers: list[str]
+    external_threshold: int
+    progress: Progress
+
+
+@dataclass
+class _Graph:
+    """One written ONNX graph and its validation results."""
+
+    stem: str
+    component: Component
+    precision: Precision
+    quantized: bool
+    files: list[Path] = field(default_factory=list)
+    signature: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    information: dict | None = None
+    fp8: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def external_data(self) -> Path | None:
+        return next((p for p in self.files if p.suffix == ".data"), None)
+
+
+@dataclass
+class _Reference:
+    """Inputs and PyTorch outputs of the validation cases."""
+
+    shapes: list[dict[str, tuple[int, ...]]]
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    unquantized: list[dict[str, np.ndarray]] | None
+
+
+def export(
+    config: Config,
+    run_dir: Path,
+    force: bool = False,
+    *,
+    hint: str = "",
+    progress: Progress | None = None,
+    external_threshold: int | None = None,
+) -> dict:
+    """Export, validate and record the five components of ``config``'s model.
+
+    Args:
+        config: the run's config (``model`` and ``export`` sections; ``build`` ranges pick the
+            validation shapes, ``runtime`` the skip-layer-guidance input and T5 length).
+        run_dir: ``runs/<name>``; with ``export.quantize`` it must hold a fresh calibration.
+        force: export again even when the existing export is up to date.
+        hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
+        progress: receives one line per step (default: stderr).
+        external_threshold: tensor bytes above which a graph is saved with external data
+            (default :data:`~sd35trt.export.onnx_tools.EXTERNAL_DATA_THRESHOLD`, just under 2 GiB).
+
+    Returns:
+        The export record now in ``run_dir/manifest.json``.
+
+    Raises:
+        ManifestError, StaleArtifactError, VerificationError: the calibration is missing, was
+            made with other settings, or its file changed.
+        ConfigError: skip-layer-guidance layers outside the transformer, build ranges that don't
+            fit the model, or FP8 attention with a float32 transformer.
+        ModelError: the model directory is unusable.
+        CalibrationError: the calibration does not match the transformer.
+        ExportError: a graph failed validation (every failure named) or the checker.
+    """
+    from sd35trt.export import onnx_tools, tracing, validate
+    from sd35trt.model import check_weights, model_dir
+
+    run_dir = Path(run_dir)
+    report = progress or print_progress
+    manifest = RunManifest(run_dir)
+    upstream: dict[Stage, dict] = {}
+    calibration = None
+    if config.export.quantize:
+        cal = manifest.verified(Stage.CALIBRATE, config.digest(*Stage.CALIBRATE.config_sections), hint=hint)
+        upstream[Stage.CALIBRATE] = cal
+        calibration = _calibration_file(run_dir, cal, manifest)
+    digest = config.digest(*Stage.EXPORT.config_sections)
+    if not force and is_fresh(run_dir, Stage.EXPORT, digest):
+        report(f"export in {run_dir / Stage.EXPORT.directory} is up to date (use --force to redo)")
+        return manifest.require(Stage.EXPORT, hint)
+
+    root = model_dir(config, run_dir)
+    if config.model.source is not ModelSource.RANDOM:
+        check_weights(root)
+    dims = ModelDims.from_model_dir(root)
+    slg = _skip_layers(config, dims)
+    start = time.perf_counter()
+    graphs: list[_Graph] = []
+    with staged_directory(run_dir, Stage.EXPORT.directory) as out:
+        job = _Job(
+            config=config,
+            root=root,
+            dims=dims,
+            out=out,
+            scratch=out / ".scratch",
+            slg=slg,
+            calibration=calibration,
+            device=tracing.default_device(),
+            providers=validate.providers(),
+            external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
+            progress=report,
+        )
+        for i, component in enumerate(Component, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
+        shutil.rmtree(job.scratch, ignore_errors=True)
+        failures = [f for g in graphs for f in g.failures]
+        if failures:
+            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+        atomic_write_json(out / REPORT_FILE, _report(job, graphs, time.perf_counter() - start))
+
+    files = records_for_tree(run_dir, Stage.EXPORT.directory)
+    details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
+    record = new_record(Stage.EXPORT, digest, files, upstream=upstream, details=details)
+    manifest.put(Stage.EXPORT, record)
+    report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
+    return record
+
+
+def _calibration_file(run_dir: Path, record: dict, manifest: RunManifest) -> Path:
+    from sd35trt.quantize import CALIBRATION_FILE
+
+    rel = f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}"
+    if not any(f.get("path") == rel for f in record.get("files", [])):
+        raise ManifestError(
+            f"the calibrate record in {manifest.path} does not list {rel}: re-run `sd35trt calibrate`"
+        )
+    return run_dir / rel
+
+
+def _skip_layers(config: Config, dims: ModelDims) -> tuple[int, ...]:
+    slg = config.runtime.skip_layer_guidance
+    if slg is None:
+        return ()
+    # The last block returns no text stream (context_pre_only), so SD3.5 never skips it.
+    bad = [i for i in slg.layers if not 0 <= i < dims.num_layers - 1]
+    if bad:
+        raise ConfigError(
+            f"runtime.skip_layer_guidance.layers has {bad}; this transformer has {dims.num_layers} blocks "
+            f"and the last one can't be skipped: allowed 0..{dims.num_layers - 2}"
+        )
+    return tuple(slg.layers)
+
+
+def _precision(config: Config, component: Component) -> Precision:
+    return getattr(config.export.precision, component.value)
+
+
+def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
+    """Trace, process, save and validate one component (two graphs for the FP8 transformer)."""
+    from sd35trt.export import onnx_tools, tracing, validate
+
+    t0 = time.perf_counter()
+    config = job.config
+    precision = _precision(config, component)
+    quantized = component is Component.TRANSFORMER and config.export.quantize
+    n_skip = len(job.slg) if component is Component.TRANSFORMER else 0
+    sp = spec(component, job.dims, n_skip)
+    trace_shapes, *check_shapes = sample_shapes(
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip
+    )
+    opset = config.export.opset
+    trace_opset = min(opset, tracing.max_trace_opset())
+    raw = job.scratch / component.value / f"{component.value}.onnx"
+    raw.parent.mkdir(parents=True)
+    skipped = validate.unsupported(precision, job.providers)
+    if skipped is not None:
+        job.progress(f"warning: {component.value} will not be validated: {skipped}")
+
+    module = tracing.load_module(
+        config, job.root, component, precision, job.device, job.slg, job.calibration if quantized else None
+    )
+    ref = None if skipped else _reference(module, sp, check_shapes, precision, job.device, quantized)
+    vocab = tracing.vocab_size(module)
+    sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
+    tracing.trace(module, sp, sample, raw, trace_opset)
+    del module, sample
+    _free_memory(job.device)
+
+    model = _load_traced(raw, quantized, opset, trace_opset, component)
+    graph = _Graph(component.value, component, precision, quantized)
+    if quantized:
+        graph.fp8 = {"qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0), "fp8_weights": False}
+        if config.export.fp8_weights:
+            graph.fp8["fp8_weights"] = True
+            graph.fp8["weights_folded"] = onnx_tools.fold_fp8_weights(model, raw)
+            model = onnx_tools.clean_up(model, fold=False)
+    path = job.out / f"{component.value}.onnx"
+    _save(job, graph, model, raw, path, sp)
+    tol = validation_tolerance(sp, precision, quantized)
+    if ref is None:
+        graph.validation = {"status": "skipped", "reason": skipped}
+    else:
+        against = "modelopt fake quant" if quantized else "pytorch"
+        graph.validation = _validate(job, graph, path, ref, ref.outputs, tol, against)
+        if ref.unquantized is not None:
+            graph.information = _information(job, path, ref)
+    graph.seconds = time.perf_counter() - t0
+    graphs = [graph]
+    if quantized and not config.export.fp8_weights:
+        # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
+        # external data it shares the FP8 graph's data file (no second copy on disk).
+        plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False)
+        upath = job.out / f"{UNQUANTIZED_STEM}.onnx"
+        _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
+        tol = validation_tolerance(sp, precision)
+        if ref is None or ref.unquantized is None:
+            plain.validation = {"status": "skipped", "reason": skipped}
+        else:
+            plain.validation = _validate(job, plain, upath, ref, ref.unquantized, tol, "pytorch")
+        graphs.append(plain)
+    shutil.rmtree(raw.parent, ignore_errors=True)
+    _report_line(job, label, graphs)
+    return graphs
+
+
+def _reference(
+    module, sp: ComponentSpec, shapes, precision: Precision, device: str, quantized: bool
+) -> _Reference:
+    """Fresh inputs at each validation shape and the module's outputs for them.
+
+    Computed before tracing, so the PyTorch module is gone when ONNX Runtime loads the graph.
+    """
+    from sd35trt.export import tracing
+
+    vocab = tracing.vocab_size(module)
+    cases = [
+        tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=device)
+        for i, s in enumerate(shapes, 1)
+    ]
+    outputs = [tracing.reference(module, sp, c) for c in cases]
+    unquantized = None
+    if quantized:
+        with tracing.quantizers_disabled(module):
+            unquantized = [tracing.reference(module, sp, c) for c in cases]
+    feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
+    return _Reference(shapes, feeds, outputs, unquantized)
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _load_traced(
+    raw: Path, quantized: bool, opset: int, trace_opset: int, component: Component
+) -> ModelProto:
+    """The traced graph (weights left on disk), with standard Q/DQ, cleaned, at ``opset``."""
+    import onnx
+    from onnx import version_converter
+
+    from sd35trt.export import onnx_tools
+
+    model = onnx.load(str(raw), load_external_data=False)
+    if quantized and onnx_tools.rewrite_fp8_qdq(model) == 0:
+        raise ExportError(
+            "the restored calibration put no FP8 quantizer into the transformer graph "
+            "(every Linear excluded?); export with export.quantize: false instead"
+        )
+    custom = onnx_tools.custom_ops(model)
+    if custom:
+        raise ExportError(
+            f"the {component.value} graph has ops ORT and TensorRT can't read: {sorted(custom)}"
+        )
+    if opset > trace_opset:
+        model = version_converter.convert_version(model, opset)
+    model = onnx_tools.clean_up(model)
+    if onnx_tools.cast_unsupported_bf16(model):
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model
+
+
+def _save(
+    job: _Job,
+    graph: _Graph,
+    model: ModelProto,
+    source: Path,
+    path: Path,
+    sp: ComponentSpec,
+    shared: bool = False,
+) -> None:
+    """Write ``model`` to ``path`` and check the file (external-data guards, ONNX checker).
+
+    ``shared``: ``model``'s external tensors already live beside ``path`` (the unquantized
+    transformer reuses the FP8 graph's data file), so only the graph is written.
+    """
+    import onnx
+
+    from sd35trt.export import onnx_tools
+
+    if shared:
+        onnx.save_model(model, str(path))
+        graph.files = [path]
+    else:
+        external = onnx_tools.tensors_bytes(model) > job.external_threshold or any(
+            onnx_tools.uses_external_data(t) for t in onnx_tools.iter_tensors(model)
+        )
+        graph.files = onnx_tools.save_model(model, path, source, external)
+    onnx_tools.check_onnx_file(path)
+    graph.signature = onnx_tools.io_signature(model)
+    names = (list(graph.signature["inputs"]), list(graph.signature["outputs"]))
+    if names != (sp.input_names, sp.output_names):
+        # The spec and the traced wrapper disagree: a bug, not a user error.
+        raise RuntimeError(
+            f"{path} has inputs/outputs {names}, the spec says {(sp.input_names, sp.output_names)}"
+        )
+
+
+def _validate(
+    job: _Job,
+    graph: _Graph,
+    path: Path,
+    ref: _Reference,
+    expected: list[dict[str, np.ndarray]],
+    tol: Tolerance,
+    against: str,
+) -> dict:
+    """Run the graph at every validation shape; failures are added to ``graph.failures``."""
+    from sd35trt.export import validate
+
+    sess = validate.session(path, job.providers)
+    cases = []
+    worst = 0.0
+    for shapes, feeds, want in zip(ref.shapes, ref.feeds, expected, strict=True):
+        checks = validate.compare(validate.run(sess, feeds), want, tol)
+        cases.append(
+            {
+                "shapes": {k: list(v) for k, v in shapes.items()},
+                "outputs": {c.output: c.to_json() for c in checks},
+            }
+        )
+        graph.failures += [validate.describe_failure(graph.stem, shapes, c) for c in checks if not c.ok]
+        worst = max([worst, *(c.rel for c in checks)])
+    return {
+        "status": "failed" if graph.failures else "passed",
+        "against": against,
+        "providers": sess.get_providers(),
+        "tolerance": {"rtol": tol.rtol, "atol": tol.atol},
+        "max_rel": validate.json_float(worst),
+        "cases": cases,
+    }
+
+
+def _information(job: _Job, path: Path, ref: _Reference) -> dict:
+    """The FP8 graph against the unquantized PyTorch model: the quantization error, for information."""
+    from sd35trt.export import validate
+
+    sess = validate.session(path, job.providers)
+    cases = []
+    for shapes, feeds, want in zip(ref.shapes, ref.feeds, ref.unquantized or [], strict=True):
+        checks = validate.compare(validate.run(sess, feeds), want, Tolerance(rtol=0.0, atol=0.0))
+        outputs = {c.output: {k: c.to_json()[k] for k in ("max_abs", "max_ref", "rel")} for c in checks}
+        cases.append({"shapes": {k: list(v) for k, v in shapes.items()}, "outputs": outputs})
+    return {"against": "unquantized pytorch", "cases": cases}
+
+
+def _report_line(job: _Job, label: str, graphs: list[_Graph]) -> None:
+    parts = []
+    for g in graphs:
+        size = sum(p.stat().st_size for p in g.files) / (1 << 20)
+        v = g.validation
+        check = "not validated" if v.get("status") == "skipped" else f"max rel err {float(v['max_rel']):.2g}"
+        parts.append(f"{g.stem} {size:.1f} MiB {g.precision.value}{' + fp8' if g.quantized else ''}, {check}")
+    job.progress(f"{label}: {'; '.join(parts)} ({graphs[0].seconds:.1f} s)")
+
+
+def _report(job: _Job, graphs: list[_Graph], seconds: float) -> dict:
+    import onnxruntime as ort
+
+    out = {}
+    for g in graphs:
+        out[g.stem] = {
+            "component": g.component.value,
+            "onnx": g.files[0].name,
+            "files": {p.name: p.stat().st_size for p in g.files},
+            "precision": g.precision.value,
+            "quantized": g.quantized,
+            "fp8": g.fp8,
+            "export_seconds": round(g.seconds, 2),
+            "validation": g.validation,
+            "vs_unquantized": g.information,
+        }
+    return {
+        "opset": job.config.export.opset,
+        "device": job.device,
+        "onnxruntime": ort.__version__,
+        "providers": job.providers,
+        "seconds": round(seconds, 2),
+        "graphs": out,
+    }
+
+
+def _details(
+    config: Config,
+    run_dir: Path,
+    root: Path,
+    dims: ModelDims,
+    slg: tuple[int, ...],
+    graphs: list[_Graph],
+    calibrate_record: dict | None,
+    calibration: Path | None,
+) -> dict:
+    base = Stage.EXPORT.directory
+
+    def rel(p: Path | None) -> str | None:
+        return None if p is None else f"{base}/{p.name}"
+
+    components: dict[str, dict] = {}
+    by_stem = {g.stem: g for g in graphs}
+    for component in Component:
+        g = by_stem[component.value]
+        entry = {
+            "onnx": rel(g.files[0]),
+            "external_data": rel(g.external_data),
+            "precision": g.precision.value,
+            "quantized": g.quantized,
+            "inputs": g.signature["inputs"],
+            "outputs": g.signature["outputs"],
+            "validation": g.validation.get("status"),
+        }
+        if component is Component.TRANSFORMER:
+            plain = by_stem.get(UNQUANTIZED_STEM)
+            entry["onnx_unquantized"] = rel(plain.files[0]) if plain else None
+            entry["fp8_weights"] = bool(g.quantized and config.export.fp8_weights)
+        components[component.value] = entry
+    return {
+        "model_dir": str(root),
+        "dims": dims.to_json(),
+        "opset": config.export.opset,
+        "skip_layers": list(slg),
+        "max_sequence_length": config.runtime.max_sequence_length,
+        "report": f"{base}/{REPORT_FILE}",
+        "calibration": None
+        if calibration is None or calibrate_record is None
+        else {
+            "record": record_digest(calibrate_record),
+            "file": calibration.relative_to(run_dir).as_posix(),
+            "sha256": sha256_file(calibration),
+        },
+        "components": components,
+    }

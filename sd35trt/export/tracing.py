@@ -1,0 +1,256 @@
+"""The PyTorch half of export: load one component in its export dtype, make inputs, trace.
+
+Only the export stage imports this module (it imports torch and, for the FP8 transformer,
+ModelOpt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sd35trt.components import SUBFOLDER, Component, ComponentSpec, Sampling, TensorType
+from sd35trt.config import Config, ModelSource, Precision
+from sd35trt.errors import ConfigError, ExportError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: Timesteps are drawn from the scheduler's training range, ``[0, num_train_timesteps)``.
+NUM_TRAIN_TIMESTEPS = 1000
+#: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
+_MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    import torch
+
+    return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[
+        precision
+    ]
+
+
+def default_device() -> str:
+    """CUDA when present: the weights then live in GPU memory and host RAM holds one tensor at a time."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_raw(config: Config, root: Path, component: Component, dtype: torch.dtype) -> nn.Module:
+    """The diffusers / transformers module of ``component``, straight from safetensors in ``dtype``."""
+    if config.model.source is ModelSource.RANDOM:
+        from sd35trt.tiny import build_components
+
+        # The pipeline keyword of each model is its subfolder name; only that model is drawn.
+        key = SUBFOLDER[component]
+        return build_components(config.model.architecture, config.model.seed, "cpu", dtype, only={key})[key]
+
+    sub = root / SUBFOLDER[component]
+    try:
+        if component in (Component.CLIP_L, Component.CLIP_G):
+            from transformers import CLIPTextModelWithProjection
+
+            # Eager attention: torch's SDPA export adds a float32 mask that promotes the rest of
+            # a 16-bit CLIP graph to float32 and leaves LayerNormalization with mixed types.
+            return CLIPTextModelWithProjection.from_pretrained(
+                sub, dtype=dtype, attn_implementation="eager", use_safetensors=True
+            )
+        if component is Component.T5:
+            from transformers import T5EncoderModel
+
+            return T5EncoderModel.from_pretrained(
+                sub, dtype=dtype, attn_implementation="eager", use_safetensors=True
+            )
+        if component is Component.TRANSFORMER:
+            from diffusers import SD3Transformer2DModel
+
+            return SD3Transformer2DModel.from_pretrained(sub, torch_dtype=dtype, use_safetensors=True)
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(sub, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load {component.value} from {sub}: {err}") from None
+
+
+def load_module(
+    config: Config,
+    root: Path,
+    component: Component,
+    precision: Precision,
+    device: str,
+    slg_layers: Sequence[int] = (),
+    calibration: Path | None = None,
+) -> nn.Module:
+    """The spec-shaped module of ``component`` (see :mod:`sd35trt.modules`), ready to trace.
+
+    Weights are loaded directly in the export precision (no float32 copy of a BF16 model).
+
+    Args:
+        config: the run's config.
+        root: the diffusers model directory (its weights are already checked).
+        component: which component.
+        precision: the export precision.
+        device: where the weights go ("cuda" keeps them out of host RAM).
+        slg_layers: transformer blocks the ``skip_layers`` input gates.
+        calibration: for the transformer, the calibration file to restore FP8 fake quant from.
+
+    Returns:
+        The module in eval mode with gradients off.
+
+    Raises:
+        ModelError: the component cannot be loaded.
+        CalibrationError: the calibration file does not match the transformer.
+        ConfigError: FP8 attention asked for a float32 transformer export.
+    """
+    from sd35trt import modules
+
+    raw = _load_raw(config, root, component, torch_dtype(precision)).to(device).eval()
+    raw.requires_grad_(False)
+    if component is Component.TRANSFORMER:
+        if calibration is not None:
+            restore_fp8(raw, config, precision, calibration)
+        return modules.Transformer(raw, slg_layers).eval()
+    if component is Component.VAE_DECODER:
+        return modules.VaeDecoder(raw).eval()
+    if component is Component.T5:
+        return modules.T5TextEncoder(raw).eval()
+    return modules.ClipTextEncoder(raw).eval()
+
+
+def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, calibration: Path) -> None:
+    """Re-insert the calibrated FP8 quantizers (ModelOpt fake quant) into ``transformer``.
+
+    Raises:
+        ConfigError: ``calibrate.fp8_attention`` with a float32 export (ModelOpt writes FP8
+            attention for 16-bit graphs only, the layout TensorRT's fused kernels need).
+        CalibrationError: the calibration file does not match the transformer.
+    """
+    from sd35trt.quantize import ATTENTION_QUANTIZERS, quantizers, restore_calibration
+
+    if config.calibrate.fp8_attention and precision not in _MODELOPT_DTYPE:
+        raise ConfigError(
+            f"calibrate.fp8_attention needs export.precision.transformer fp16 or bf16, got {precision.value} "
+            "(ModelOpt exports FP8 attention for 16-bit graphs only)"
+        )
+    restore_calibration(transformer, config.calibrate, calibration)
+    if config.calibrate.fp8_attention:
+        # ModelOpt's FP8 attention export checks its quantizers were set to the graph's dtype.
+        for name, q in quantizers(transformer).items():
+            if name.rsplit(".", 1)[-1] in ATTENTION_QUANTIZERS:
+                q.trt_high_precision_dtype = _MODELOPT_DTYPE[precision]
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the unquantized model: every enabled FP8 quantizer off, then back on."""
+    from sd35trt.quantize import quantizers
+
+    enabled = [q for q in quantizers(model).values() if q.is_enabled]
+    for q in enabled:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in enabled:
+            q.enable()
+
+
+def vocab_size(module: nn.Module) -> int | None:
+    encoder = getattr(module, "encoder", None)
+    return getattr(getattr(encoder, "config", None), "vocab_size", None)
+
+
+def make_inputs(
+    spec: ComponentSpec,
+    shapes: dict[str, tuple[int, ...]],
+    precision: Precision,
+    case: int,
+    vocab: int | None = None,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs of ``spec`` at ``shapes``, as the spec's sampling rules say.
+
+    ``case`` seeds the draw, so every case gets fresh values and a re-run gets the same ones.
+    Gates alternate with ``case`` (all skipped, then none), so two cases cover both branches.
+    """
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(1234 + case)
+    dtype = torch_dtype(precision)
+    out = []
+    for t in spec.inputs:
+        shape = shapes[t.name]
+        if t.sampling is Sampling.TOKENS:
+            if not vocab:
+                raise ExportError(f"{spec.component.value}: the encoder config has no vocab_size")
+            x = torch.randint(0, vocab, shape, generator=gen)  # [B, L] int64
+        elif t.sampling is Sampling.TIMESTEP:
+            x = torch.rand(shape, generator=gen) * NUM_TRAIN_TIMESTEPS  # [B]
+        elif t.sampling is Sampling.GATE:
+            x = torch.full(shape, float((case + 1) % 2))  # [n] in {0, 1}
+        else:
+            x = torch.randn(shape, generator=gen)
+        if t.dtype is not TensorType.INT64:
+            x = x.to(torch.float32 if t.dtype is TensorType.FLOAT32 else dtype)
+        out.append(x.to(device))
+    return tuple(out)
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy; 16-bit floats become float32 (numpy has no bfloat16)."""
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()
+
+
+def reference(
+    module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...]
+) -> dict[str, np.ndarray]:
+    """The module's outputs for ``inputs``, by output name, as float32 numpy."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: to_numpy(x) for name, x in zip(spec.output_names, out, strict=True)}
+
+
+def trace(
+    module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...], path: Path, opset: int
+) -> None:
+    """``torch.onnx.export`` (TorchScript) of ``module`` to ``path`` with the spec's names and axes.
+
+    Constant folding is left to :func:`~sd35trt.export.onnx_tools.clean_up`: the TorchScript
+    folder keeps a second copy of every folded weight (2x the memory of a large model), and it
+    fails on bfloat16 constants. Models over 2 GB come out with one external file per tensor
+    beside ``path``.
+    """
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings flag Python branches on shapes; validation at several shapes checks them.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+            do_constant_folding=False,
+        )
+
+
+def max_trace_opset() -> int:
+    """The newest opset the TorchScript exporter writes (newer ones are converted to afterwards)."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+    return ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET

@@ -1,0 +1,142 @@
+"""Numerical validation of exported graphs: ONNX Runtime against the PyTorch module.
+
+Each component runs in ONNX Runtime (CUDA where onnxruntime-gpu sees a GPU, else CPU) at basic
+graph optimization, on the same fresh random inputs as its PyTorch module, at two or more
+shapes. Per output the report keeps ``max|onnx - torch|``, ``max|torch|`` and the allowed error
+``atol + rtol * max|torch|`` of the component's :class:`~sd35trt.components.Tolerance`.
+
+Basic optimization is deliberate: ORT's extended levels fuse ``DequantizeLinear + MatMul``
+into integer-only kernels that have no FP8 implementation and fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sd35trt.components import Tolerance
+from sd35trt.config import Precision
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def providers() -> list[str]:
+    """ONNX Runtime providers to validate with: CUDA first where present, CPU always."""
+    import onnxruntime as ort
+
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+def unsupported(precision: Precision, available: list[str]) -> str | None:
+    """Why ONNX Runtime can't run a graph of ``precision`` with ``available``, or None if it can."""
+    if precision is Precision.BF16 and CUDA not in available:
+        return (
+            "ONNX Runtime's CPU provider has no bfloat16 kernels (Conv, MatMul); "
+            "install onnxruntime-gpu on a CUDA machine to validate bf16 graphs"
+        )
+    return None
+
+
+def session(path: Path, available: list[str]) -> ort.InferenceSession:
+    """An ONNX Runtime session on the file at ``path`` (external data read beside it)."""
+    import onnxruntime as ort
+
+    # Errors only: ORT warns about every Unsqueeze on a dynamic shape it can't remove.
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=available)
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``sess``; floating inputs are cast to the graph's input type, outputs come back float32."""
+    import onnxruntime as ort
+
+    typed: dict[str, object] = {}
+    for meta in sess.get_inputs():
+        x = feeds[meta.name]
+        if meta.type == "tensor(float16)":
+            typed[meta.name] = x.astype(np.float16)
+        elif meta.type == "tensor(bfloat16)":
+            import ml_dtypes
+
+            typed[meta.name] = ort.OrtValue.ortvalue_from_numpy(x.astype(ml_dtypes.bfloat16))
+        else:
+            typed[meta.name] = x
+    names = [o.name for o in sess.get_outputs()]
+    return {n: np.asarray(v).astype(np.float32) for n, v in zip(names, sess.run(names, typed), strict=True)}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one case: the error against the reference and what is allowed."""
+
+    output: str
+    max_abs: float
+    max_ref: float
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.allowed
+
+    @property
+    def rel(self) -> float:
+        """``max|a - b| / max|b|`` (inf when the reference is all zeros and the error isn't)."""
+        if self.max_ref > 0:
+            return self.max_abs / self.max_ref
+        return 0.0 if self.max_abs == 0 else math.inf
+
+    def to_json(self) -> dict:
+        return {
+            "max_abs": json_float(self.max_abs),
+            "max_ref": json_float(self.max_ref),
+            "rel": json_float(self.rel),
+            "allowed": json_float(self.allowed),
+            "ok": self.ok,
+        }
+
+
+def json_float(x: float) -> float | str:
+    """``x``, or ``"inf"`` / ``"nan"`` as strings: JSON has no such numbers."""
+    return x if math.isfinite(x) else str(x)
+
+
+def compare(
+    actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], tol: Tolerance
+) -> list[OutputCheck]:
+    """Per-output errors of ``actual`` against ``expected``.
+
+    A NaN or inf in either, a missing output or a shape mismatch counts as an infinite error.
+    """
+    checks = []
+    for name, ref in expected.items():
+        got = actual.get(name)
+        max_ref = float(np.max(np.abs(ref))) if ref.size else 0.0
+        if not math.isfinite(max_ref):
+            max_ref = math.inf
+        if got is None or got.shape != ref.shape or not np.isfinite(got).all() or not np.isfinite(ref).all():
+            max_abs = math.inf
+        else:
+            max_abs = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+        allowed = tol.atol + tol.rtol * (max_ref if math.isfinite(max_ref) else 0.0)
+        checks.append(OutputCheck(name, max_abs, max_ref, allowed))
+    return checks
+
+
+def describe_failure(where: str, shapes: Mapping[str, tuple[int, ...]], check: OutputCheck) -> str:
+    """``transformer noise_pred at hidden_states [2, 16, 16, 16]: max |onnx - torch| 0.3 > allowed 0.001``."""
+    first = next(iter(shapes.items()))
+    return (
+        f"{where} {check.output} at {first[0]} {list(first[1])}: max |onnx - torch| {check.max_abs:.3g} > "
+        f"allowed {check.allowed:.3g} (max |torch| {check.max_ref:.3g})"
+    )

@@ -1,0 +1,122 @@
+"""``sd35trt run``: generate PNGs from an engines directory.
+
+The engines directory is self-contained (engines, manifest, tokenizers, scheduler config); no
+config file or diffusers model is read. Options left out take the runtime defaults recorded in
+the engine manifest. PNGs are written only after every stage succeeded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd35trt.errors import RequestError
+from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
+from sd35trt.runtime.png import save_png
+
+DEFAULT_OUT = Path("sd35trt.png")
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What ``sd35trt run`` wrote and how it went.
+
+    Attributes:
+        paths: the PNGs written, one per image.
+        result: the generation result (parameters used, timings, warnings).
+        load_s: seconds to verify and load the engines (with ``low_vram``: verify only).
+    """
+
+    paths: list[Path]
+    result: GenerationResult
+    load_s: float = 0.0
+
+    def report(self, timings: bool = False) -> str:
+        """Lines for the terminal: warnings, the files and the seed; the stage timings if asked."""
+        p = self.result.params
+        lines = [f"warning: {w}" for w in self.result.warnings]
+        lines += [f"wrote {path}" for path in self.paths]
+        lines.append(
+            f"seed {p.seed}, {p.steps} steps, guidance {p.guidance_scale:g}, {p.width}x{p.height}, "
+            f"engines {self.result.engine_digest}"
+        )
+        if timings:
+            lines.append(f"engine loading  {self.load_s * 1000:10.1f} ms")
+            lines.append(self.result.timings.format())
+        return "\n".join(lines)
+
+
+def output_paths(out: Path, num_images: int) -> list[Path]:
+    """``out`` for one image, ``<stem>-<i>.png`` beside it for several.
+
+    Raises:
+        RequestError: ``out`` is not a ``.png`` path.
+    """
+    if out.suffix.lower() != ".png":
+        raise RequestError("out", f"output {out} must be a .png file path")
+    if num_images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+
+
+def run(
+    engines_dir: Path,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    skip_layer_guidance: bool | None = None,
+    low_vram: bool = False,
+    out: Path = DEFAULT_OUT,
+) -> RunOutput:
+    """Generate images from ``prompt`` with the engines in ``engines_dir`` and write PNGs.
+
+    Args:
+        engines_dir: a build's ``engines/`` directory.
+        prompt: the text prompt.
+        negative_prompt: default: the engines' recorded negative prompt.
+        steps: denoising steps (default: recorded).
+        guidance: classifier-free guidance scale (default: recorded; <= 1 turns CFG off).
+        height: image height in pixels (default: recorded).
+        width: image width in pixels (default: recorded).
+        seed: noise seed; drawn at random (and reported) when ``None``.
+        num_images: images to generate in one batch.
+        skip_layer_guidance: force skip-layer guidance on or off (default: as built).
+        low_vram: load each engine only for its stage.
+        out: the PNG path; several images get ``-0``, ``-1``, ... suffixes.
+
+    Returns:
+        The paths written and the generation result.
+
+    Raises:
+        RequestError: an invalid option (named), before any engine loads.
+        ManifestError, VerificationError, IncompatibleEngineError: the engines can't be used.
+        NonFiniteError: a stage produced NaN or inf (named); no PNG is written.
+    """
+    paths = output_paths(Path(out), num_images)
+    request = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        num_images=num_images,
+        skip_layer_guidance=skip_layer_guidance,
+    )
+    start = time.perf_counter()
+    with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False) as runtime:
+        params = runtime.validate(request)  # a bad request fails before any engine loads
+        runtime.engines.activate_all()  # so stage timings don't include loading (except with low_vram)
+        load_s = time.perf_counter() - start
+        (result,) = runtime.generate_batch([params])
+    for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
+        save_png(path, image, result.params, result.engine_digest, i)
+    return RunOutput(paths=paths, result=result, load_s=load_s)

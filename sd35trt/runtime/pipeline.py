@@ -1,0 +1,432 @@
+"""The SD3.5 generation loop over engines, and the Python API around it.
+
+``Sd35Runtime.load(engines_dir)`` verifies and opens an engines directory once; ``generate``
+then runs any number of requests::
+
+    from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
+
+    with Sd35Runtime.load("runs/tiny/engines") as runtime:
+        result = runtime.generate(GenerationRequest("a red fox in the snow", seed=7))
+        result.images[0].save("fox.png")
+
+The loop follows diffusers' ``StableDiffusion3Pipeline`` step for step, so the same seed gives
+the same image as diffusers with the same weights:
+
+1. tokenize (CLIP-L and CLIP-G: 77 tokens; T5: the engines' sequence length),
+2. encode with the three text encoders, ``[negative, positive]`` in one batch under CFG,
+3. join the embeddings: ``[T, 77 + L, D]`` and pooled ``[T, P]``,
+4. draw the initial latents from a CPU generator seeded with the request's seed,
+5. denoise with flow-match Euler, classifier-free guidance and skip-layer guidance,
+6. decode with the VAE (scaling, shift and the [0, 1] mapping are inside its engine).
+
+Every stage's output is checked for NaN and inf; a failure names the stage and no image is
+returned. The steps themselves are in :mod:`sd35trt.runtime.steps`. This module imports no
+diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.runtime.engines` (or
+:mod:`sd35trt.runtime.torch_engine` for PyTorch).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from sd35trt.components import Component, ModelDims
+from sd35trt.config import Backend, RuntimeSettings, sha256_json
+from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
+from sd35trt.runtime.request import GenerationParams, GenerationRequest, RequestLimits, resolve_request
+from sd35trt.runtime.scheduler import FlowMatchEuler
+from sd35trt.runtime.steps import (
+    Conditioning,
+    EngineSet,
+    StepTimer,
+    decode,
+    denoise,
+    encode_text,
+    initial_latents,
+)
+from sd35trt.runtime.tokenize import PromptTokenizer, TokenizedPrompts
+
+__all__ = [
+    "EngineSet",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelInfo",
+    "Sd35Runtime",
+    "Timings",
+]
+
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage of one generation (device work included), and peak memory.
+
+    With ``low_vram`` the stage times include loading and freeing that stage's engines.
+    """
+
+    text_encoding_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    peak_memory_bytes: int = 0
+    memory_kind: str = ""  # what peak_memory_bytes measures
+    #: CUDA only: most device memory in use (every allocator, TensorRT's included) at a stage end.
+    device_memory_bytes: int | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "text_encoding_s": self.text_encoding_s,
+            "step_s": list(self.step_s),
+            "denoise_s": self.denoise_s,
+            "decode_s": self.decode_s,
+            "total_s": self.total_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_kind": self.memory_kind,
+            "device_memory_bytes": self.device_memory_bytes,
+        }
+
+    def format(self) -> str:
+        """A short human-readable report (one line per stage)."""
+        steps = self.step_s
+        mean = sum(steps) / len(steps) if steps else 0.0
+        per_step = ", ".join(f"{s * 1000:.1f}" for s in steps)
+        lines = [
+            f"text encoding   {self.text_encoding_s * 1000:10.1f} ms",
+            f"denoising       {self.denoise_s * 1000:10.1f} ms  ({len(steps)} steps, "
+            f"mean {mean * 1000:.1f} ms/step)",
+            f"  per step (ms) {per_step}",
+            f"decode          {self.decode_s * 1000:10.1f} ms",
+            f"total           {self.total_s * 1000:10.1f} ms",
+            f"peak memory     {self.peak_memory_bytes / 2**20:10.1f} MiB  ({self.memory_kind})",
+        ]
+        if self.device_memory_bytes is not None:
+            lines.append(
+                f"device memory   {self.device_memory_bytes / 2**20:10.1f} MiB  "
+                "(most in use on the GPU at a stage end, all allocators)"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The images of one request and how they were made.
+
+    Attributes:
+        images: ``num_images`` RGB images.
+        params: the parameters used (defaults filled in, the seed drawn when none was given).
+        timings: stage timings of the engine batch the request ran in.
+        warnings: e.g. prompt text dropped by truncation.
+        engine_digest: identifies the engines (digest of their files' sha256).
+    """
+
+    images: list[Image.Image]
+    params: GenerationParams
+    timings: Timings
+    warnings: tuple[str, ...]
+    engine_digest: str
+
+
+# -- what the runtime knows about its engines -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime knows about the model behind its engines.
+
+    Attributes:
+        dims: model sizes (latent channels, VAE scale factor, ...).
+        limits: what the engines accept (request validation).
+        defaults: the runtime defaults recorded with the engines.
+        digest: identifies the engines; written into every PNG.
+    """
+
+    dims: ModelDims
+    limits: RequestLimits
+    defaults: RuntimeSettings
+    digest: str
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+
+
+def engine_digest(files: Mapping[str, Sequence[str]]) -> str:
+    """A short digest of the engines: component -> sha256 of each of its files."""
+    return sha256_json({k: list(v) for k, v in sorted(files.items())})[:16]
+
+
+def _truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, str]]) -> dict[int, list[str]]:
+    warnings: dict[int, list[str]] = {}
+    for t in tokens.truncations:
+        request, field_name = labels[t.index]
+        warnings.setdefault(request, []).append(
+            f"{field_name} is {t.tokens} {t.encoder.value} tokens, over its limit of {t.limit}: "
+            f"dropped {t.dropped!r}"
+        )
+    return warnings
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(
+            device
+        ), "CUDA, torch allocator (TensorRT's own memory not included)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"
+
+
+class Sd35Runtime:
+    """Verified engines, tokenizers and scheduler, ready to generate.
+
+    Load once with :meth:`load`, call :meth:`generate` any number of times, :meth:`close` (or use
+    it as a context manager) to free the engines. Calls are serialized by a lock.
+    """
+
+    def __init__(
+        self,
+        engines: EngineSet,
+        tokenizer: PromptTokenizer,
+        scheduler: FlowMatchEuler,
+        info: ModelInfo,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """
+        Args:
+            engines: the five engines (activated on first use; see :meth:`EngineSet.activate_all`).
+            tokenizer: the three tokenizers, at the T5 length of the engines.
+            scheduler: the flow-match Euler scheduler.
+            info: model sizes, request limits, runtime defaults and the engines' digest.
+            device: where the loop keeps its tensors (the engines' device).
+        """
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.info = info
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+        self._device_used = 0
+
+    @classmethod
+    def load(
+        cls,
+        engines_dir: str | Path,
+        *,
+        low_vram: bool = False,
+        device: str | None = None,
+        intra_op_threads: int | None = None,
+        use_cuda_graph: bool = True,
+        activate: bool = True,
+    ) -> Sd35Runtime:
+        """Verify an engines directory and load it.
+
+        Args:
+            engines_dir: a build's ``engines/`` directory.
+            low_vram: load each engine only for its stage and free it after.
+            device: ``cpu`` or ``cuda[:N]``; default ``cuda`` for TensorRT engines, ``cpu`` for
+                ONNX Runtime engines (``cuda`` uses ONNX Runtime's CUDA provider where installed).
+            intra_op_threads: ONNX Runtime intra-op threads (default: ONNX Runtime's).
+            use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated shapes.
+            activate: load the engines now (unless ``low_vram``) rather than at first use.
+
+        Returns:
+            The runtime.
+
+        Raises:
+            ManifestError: the directory, its manifest or a support file is missing or malformed.
+            VerificationError: an engine or support file does not match its record (named).
+            IncompatibleEngineError: engines built for another GPU or TensorRT version.
+            BackendUnavailableError: a CUDA device was asked for and there is none.
+        """
+        from sd35trt.runtime.engines import open_engines, verify_engines
+
+        manifest = verify_engines(engines_dir)
+        if device is None:
+            device = "cuda" if manifest.backend is Backend.TENSORRT else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"device {device!r} was asked for, but torch sees no CUDA device")
+        try:
+            defaults = RuntimeSettings.model_validate(dict(manifest.runtime_defaults))
+        except ValidationError as err:
+            raise ManifestError(
+                f"{manifest.directory}: runtime_defaults in the engine manifest are invalid "
+                f"({err.errors()[0]['loc']}: {err.errors()[0]['msg']}); rebuild with `sd35trt build`"
+            ) from None
+        components = list(Component)
+        specs = {c: manifest.spec(c) for c in components}
+        slg_inputs = manifest.record(Component.TRANSFORMER).skip_layers
+        slg = defaults.skip_layer_guidance if slg_inputs else None
+        if slg is not None and len(slg.layers) != slg_inputs:
+            raise ManifestError(
+                f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
+                f"engine gates {slg_inputs}; rebuild with `sd35trt build`"
+            )
+        limits = RequestLimits.from_profiles(
+            specs, {c: manifest.record(c).profile for c in components}, manifest.dims, slg
+        )
+        digest = engine_digest({c.value: [f.sha256 for f in manifest.record(c).files] for c in components})
+        info = ModelInfo(dims=manifest.dims, limits=limits, defaults=defaults, digest=digest)
+        tokenizer = PromptTokenizer.load(manifest.directory, limits.t5_length)
+        scheduler = FlowMatchEuler.from_config(manifest.directory / SCHEDULER_CONFIG)
+        opened = open_engines(
+            manifest,
+            components,
+            device=device,
+            intra_op_threads=intra_op_threads,
+            use_cuda_graph=use_cuda_graph,
+        )
+        runtime = cls(EngineSet(opened, low_vram=low_vram), tokenizer, scheduler, info, device=device)
+        if activate:
+            runtime.engines.activate_all()
+        return runtime
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationParams:
+        """Check ``request`` against the engines and fill in the defaults (runs nothing).
+
+        Raises:
+            RequestError: naming the field, the value and what is allowed.
+        """
+        return resolve_request(request, self.info.limits, self.info.defaults)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate the images of one request.
+
+        Returns:
+            The images, the parameters used, timings and warnings.
+
+        Raises:
+            RequestError: the request is invalid (checked before anything runs).
+            NonFiniteError: a stage produced NaN or inf (named); nothing is returned.
+        """
+        return self.generate_batch([self.validate(request)])[0]
+
+    def generate_batch(self, batch: Sequence[GenerationParams]) -> list[GenerationResult]:
+        """Run several validated requests as one engine batch.
+
+        Each request keeps its own prompt and seed (its images equal those it would get alone,
+        up to the engines' batch-size numerics); size, steps, guidance and skip-layer guidance
+        must be equal (:attr:`GenerationParams.batch_key`).
+
+        Raises:
+            RequestError: the requests differ in their batch key, or together exceed the engine batch.
+            NonFiniteError: a stage produced NaN or inf; the whole batch fails.
+        """
+        if not batch:
+            return []
+        first = batch[0]
+        if any(p.batch_key != first.batch_key for p in batch):
+            raise RequestError(
+                "num_images", "requests in one engine batch must share size, steps and guidance"
+            )
+        total = sum(p.num_images for p in batch)
+        lo, hi = self.info.limits.images(first.cfg, first.skip_layer_guidance is not None)
+        if not lo <= total <= hi:
+            raise RequestError("num_images", f"{total} images in one engine batch is outside {lo}..{hi}")
+        texts = len(batch) * (2 if first.cfg else 1)
+        if texts > self.info.limits.encoder_batch[1]:
+            raise RequestError(
+                "num_images",
+                f"{len(batch)} prompts need {texts} text rows, the text encoders take at most "
+                f"{self.info.limits.encoder_batch[1]}",
+            )
+        with self._lock, torch.inference_mode():
+            return self._run(batch)
+
+    def close(self) -> None:
+        """Free every engine."""
+        self.engines.deactivate_all()
+
+    def __enter__(self) -> Sd35Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # time the device's work, not its queueing
+            # TensorRT allocates outside torch's allocator: sample what the whole device holds.
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._device_used = max(self._device_used, total - free)
+        return time.perf_counter()
+
+    def _run(self, batch: Sequence[GenerationParams]) -> list[GenerationResult]:
+        first = batch[0]
+        timings = Timings()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._device_used = 0
+        start = self._clock()
+
+        # 1. Tokenize: [negatives..., positives...] under CFG, one row per request.
+        texts = [p.negative_prompt for p in batch] if first.cfg else []
+        labels = [(i, "negative_prompt") for i in range(len(batch))] if first.cfg else []
+        texts += [p.prompt for p in batch]
+        labels += [(i, "prompt") for i in range(len(batch))]
+        tokens = self.tokenizer(texts)
+        warnings = _truncation_warnings(tokens, labels)
+
+        # 2-3. Encode and join; then one row per image: [T, ...] -> [2N or N, ...].
+        text = encode_text(self.engines, tokens)
+        counts = torch.tensor([p.num_images for p in batch] * (2 if first.cfg else 1))
+        cond = Conditioning(
+            hidden=text.hidden.repeat_interleave(counts.to(text.hidden.device), dim=0).to(self.device),
+            pooled=text.pooled.repeat_interleave(counts.to(text.pooled.device), dim=0).to(self.device),
+            cfg=first.cfg,
+        )
+        timings.text_encoding_s = self._clock() - start
+
+        # 4. Initial noise, per request from its own seed.
+        mark = self._clock()
+        latents = torch.cat(
+            [initial_latents(p.seed, p.num_images, self.info.dims, p.height, p.width) for p in batch]
+        ).to(self.device)  # [N, C, h, w]
+
+        # 5. Denoise.
+        timer = StepTimer(self.device)
+        with self.engines.use(Component.TRANSFORMER) as transformer:
+            latents = denoise(transformer, latents, cond, first, self.scheduler, timer)
+        timings.denoise_s = self._clock() - mark
+        timings.step_s = timer.durations()
+
+        # 6. Decode.
+        mark = self._clock()
+        with self.engines.use(Component.VAE_DECODER) as vae:
+            images = decode(vae, latents)
+        timings.decode_s = self._clock() - mark
+        timings.total_s = self._clock() - start
+        timings.peak_memory_bytes, timings.memory_kind = _peak_memory(self.device)
+        if self.device.type == "cuda":
+            timings.device_memory_bytes = self._device_used
+
+        results, offset = [], 0
+        for i, p in enumerate(batch):
+            results.append(
+                GenerationResult(
+                    images=images[offset : offset + p.num_images],
+                    params=p,
+                    timings=timings,
+                    warnings=tuple(warnings.get(i, [])),
+                    engine_digest=self.info.digest,
+                )
+            )
+            offset += p.num_images
+        return results

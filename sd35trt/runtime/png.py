@@ -1,0 +1,87 @@
+"""PNG files that record how they were made, with deterministic bytes.
+
+The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
+prompt, seed, steps, guidance, size, skip-layer guidance, engine digest, image index), next to a
+``Software`` chunk. No timestamps or other varying chunks are written, so the same pixels and
+parameters always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sd35trt.runtime.request import GenerationParams
+
+PARAMETERS_KEY = "parameters"
+
+
+def _software() -> str:
+    try:
+        return f"sd35trt {metadata.version('sd35trt')}"
+    except metadata.PackageNotFoundError:
+        return "sd35trt"
+
+
+def png_parameters(params: GenerationParams, engine_digest: str, index: int = 0) -> dict:
+    """The parameters recorded in the PNG of image ``index`` of a request."""
+    return {**params.to_json(), "engine_digest": engine_digest, "image_index": index}
+
+
+def png_bytes(image: Image.Image, params: GenerationParams, engine_digest: str, index: int = 0) -> bytes:
+    """Encode ``image`` as PNG with the generation parameters in a text chunk.
+
+    Args:
+        image: an RGB image.
+        params: the parameters it was generated with.
+        engine_digest: the engines' digest.
+        index: the image's position in its request.
+
+    Returns:
+        The PNG file's bytes (the same for the same pixels and parameters).
+    """
+    info = PngInfo()
+    # Non-Latin-1 text (a prompt in any script) makes Pillow write an iTXt chunk instead of tEXt.
+    info.add_text(PARAMETERS_KEY, json.dumps(png_parameters(params, engine_digest, index), sort_keys=True))
+    info.add_text("Software", _software())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(
+    path: str | Path, image: Image.Image, params: GenerationParams, engine_digest: str, index: int = 0
+) -> Path:
+    """Write ``image`` to ``path`` atomically (a temporary file renamed into place).
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    data = png_bytes(image, params, engine_digest, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_png_parameters(path: str | Path) -> dict:
+    """The parameters recorded in a PNG written by :func:`save_png` (empty if there are none)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get(PARAMETERS_KEY)
+    return json.loads(text) if text else {}

@@ -1,0 +1,291 @@
+"""The steps of SD3.5 generation over engines, as functions the runtime calls in order.
+
+Each function is one step of diffusers' ``StableDiffusion3Pipeline.__call__`` (its numbering
+kept in :meth:`sd35trt.runtime.pipeline.Sd35Runtime._run`), written against the engine interface:
+engines take and return torch tensors keyed by their spec's names. Every engine output is checked
+for NaN and inf, and a failure names the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd35trt.components import Component, ModelDims
+from sd35trt.errors import ManifestError, NonFiniteError
+from sd35trt.runtime.engine import Engine
+from sd35trt.runtime.request import GenerationParams
+from sd35trt.runtime.scheduler import FlowMatchEuler
+from sd35trt.runtime.tokenize import TokenizedPrompts
+
+TEXT_ENCODERS = (Component.CLIP_L, Component.CLIP_G, Component.T5)
+
+
+class EngineSet:
+    """The five engines and their lifetime.
+
+    Normally every engine is activated once and kept. With ``low_vram`` an engine is activated
+    only for its stage and deactivated after it, so at most one stage's engines hold memory.
+    """
+
+    def __init__(self, engines: Mapping[Component, Engine], low_vram: bool = False) -> None:
+        missing = [c.value for c in Component if c not in engines]
+        if missing:
+            raise ManifestError(f"no engine for {', '.join(missing)}; every component needs one")
+        self.engines = dict(engines)
+        self.low_vram = low_vram
+
+    def activate_all(self) -> None:
+        """Activate every engine now (a no-op with ``low_vram``); on failure none stays active."""
+        if self.low_vram:
+            return
+        try:
+            for engine in self.engines.values():
+                if not engine.active:
+                    engine.activate()
+        except BaseException:
+            self.deactivate_all()
+            raise
+
+    def deactivate_all(self) -> None:
+        for engine in self.engines.values():
+            if engine.active:
+                engine.deactivate()
+
+    @contextlib.contextmanager
+    def use(self, component: Component) -> Iterator[Engine]:
+        """The engine of ``component``, active for the ``with`` block."""
+        engine = self.engines[component]
+        if not engine.active:
+            engine.activate()
+        try:
+            yield engine
+        finally:
+            if self.low_vram and engine.active:
+                engine.deactivate()
+                if torch.cuda.is_available():
+                    # Hand torch's cached blocks back, so the next stage's TensorRT allocations fit.
+                    torch.cuda.empty_cache()
+
+
+def check_finite(stage: Component, tensor: torch.Tensor, what: str) -> None:
+    """Raise when ``tensor`` holds NaN or inf.
+
+    Raises:
+        NonFiniteError: naming the stage and how many values are bad.
+    """
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NonFiniteError(
+            stage.value,
+            f"{stage.value} produced {bad} non-finite values (NaN or inf) of {tensor.numel()} in {what}; "
+            "no image was written",
+        )
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Step 3's output: ``hidden [T, 77 + L, D]`` and ``pooled [T, P]`` float32, one row per text."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+def encode_text(engines: EngineSet, tokens: TokenizedPrompts) -> TextEmbeddings:
+    """Steps 2 and 3: run the three text encoders and join their outputs as SD3 does.
+
+    CLIP-L and CLIP-G penultimate hidden states are concatenated on the channel axis and
+    zero-padded to T5's width, then T5's states follow on the sequence axis; the pooled embedding
+    is both CLIPs' projected embeddings side by side.
+
+    Raises:
+        NonFiniteError: an encoder produced NaN or inf.
+    """
+    out: dict[Component, dict[str, torch.Tensor]] = {}
+    for encoder in TEXT_ENCODERS:
+        with engines.use(encoder) as engine:
+            result = engine.infer({"input_ids": tokens.ids(encoder)})
+        for name, value in result.items():
+            check_finite(encoder, value, name)
+        out[encoder] = {name: value.float() for name, value in result.items()}
+    clip_l, clip_g = out[Component.CLIP_L], out[Component.CLIP_G]
+    t5 = out[Component.T5]["last_hidden_state"]  # [T, L, D]
+    clip = torch.cat([clip_l["hidden_states"], clip_g["hidden_states"]], dim=-1)  # [T, 77, Hl + Hg]
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # [T, 77, D]
+    hidden = torch.cat([clip, t5.to(clip.device)], dim=-2)  # [T, 77 + L, D]
+    pooled = torch.cat([clip_l["text_embeds"], clip_g["text_embeds"]], dim=-1)  # [T, P]
+    return TextEmbeddings(hidden=hidden, pooled=pooled)
+
+
+def initial_latents(seed: int, num_images: int, dims: ModelDims, height: int, width: int) -> torch.Tensor:
+    """Step 4: the starting noise, equal to diffusers' for the same seed.
+
+    diffusers' ``randn_tensor`` with a CPU generator draws the whole batch in one ``torch.randn``
+    on the CPU in the latents' dtype (float32 here) and only then moves it to the device.
+
+    Returns:
+        ``[num_images, C, height / f, width / f]`` float32 on the CPU.
+    """
+    f = dims.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (num_images, dims.latent_channels, height // f, width // f)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def skip_layer_window(step: int, steps: int, start: float, stop: float) -> bool:
+    """Whether step ``step`` of ``steps`` gets the skip-layer pass (diffusers' strict inequalities)."""
+    return steps * start < step < steps * stop
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the transformer is conditioned on, rows ordered ``[negatives..., positives...]`` under CFG."""
+
+    hidden: torch.Tensor  # [2N or N, 77 + L, D]
+    pooled: torch.Tensor  # [2N or N, P]
+    cfg: bool
+
+    def positive(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positive rows only ``([N, 77 + L, D], [N, P])`` (the skip-layer pass)."""
+        if not self.cfg:
+            return self.hidden, self.pooled
+        n = self.hidden.shape[0] // 2
+        return self.hidden[n:], self.pooled[n:]
+
+
+class StepTimer:
+    """Per-step durations without stalling the device: CUDA events on a GPU, the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the device once)."""
+        if self.cuda:
+            if self.marks:
+                self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+        return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+
+
+def denoise(
+    engine: Engine,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    params: GenerationParams,
+    scheduler: FlowMatchEuler,
+    timer: StepTimer | None = None,
+) -> torch.Tensor:
+    """Step 5: flow-match Euler with classifier-free and skip-layer guidance.
+
+    As diffusers: under CFG the transformer sees ``[latents, latents]`` against
+    ``[negative, positive]`` and ``v = v_neg + g (v_pos - v_neg)``; inside the skip-layer window
+    one more conditional pass skips the configured blocks and ``v += s (v_pos - v_skip)``.
+
+    Args:
+        engine: the active transformer engine.
+        latents: ``[N, C, h, w]`` float32 on the runtime's device.
+        cond: the text conditioning.
+        params: steps, guidance scale and skip-layer guidance.
+        scheduler: the flow-match Euler scheduler.
+        timer: marked before the first step and after each one.
+
+    Returns:
+        The denoised latents ``[N, C, h, w]`` float32.
+
+    Raises:
+        NonFiniteError: the transformer produced NaN or inf (the first such step is named).
+        ManifestError: the engine's skip-layer input does not fit the skip-layer settings.
+    """
+    schedule = scheduler.schedule(params.steps)
+    slg = params.skip_layer_guidance
+    skip_off = skip_on = None
+    if "skip_layers" in engine.spec.input_names:
+        size = engine.spec.inputs[engine.spec.input_names.index("skip_layers")].shape[0]
+        if slg is not None and len(slg.layers) != size:
+            raise ManifestError(
+                f"skip-layer guidance lists {len(slg.layers)} layers, the transformer engine gates {size}; "
+                "rebuild with `sd35trt build`"
+            )
+        skip_off = torch.zeros(size, device=latents.device)  # [n]: every block runs
+        skip_on = torch.ones(size, device=latents.device)  # [n]: the listed blocks are skipped
+    # One flag per step, read once after the loop: a per-step check would stall the device queue.
+    nonfinite: list[torch.Tensor] = []
+    timesteps = schedule.timesteps.to(latents.device)  # [steps]
+    g = params.guidance_scale
+    if timer:
+        timer.mark()
+    for i in range(len(schedule)):
+        t = timesteps[i]  # 0-d
+        model_input = torch.cat([latents, latents]) if cond.cfg else latents  # [2N or N, C, h, w]
+        feeds = {
+            "hidden_states": model_input,
+            "encoder_hidden_states": cond.hidden,
+            "pooled_projections": cond.pooled,
+            "timestep": t.expand(model_input.shape[0]),  # [2N or N]
+        }
+        if skip_off is not None:
+            feeds["skip_layers"] = skip_off
+        velocity = engine.infer(feeds)["noise_pred"].float()  # [2N or N, C, h, w]
+        bad = ~torch.isfinite(velocity).all()
+        if cond.cfg:
+            v_uncond, v_text = velocity.chunk(2)  # [N, C, h, w] each
+            velocity = v_uncond + g * (v_text - v_uncond)
+            if slg is not None and skip_layer_window(i, len(schedule), slg.start, slg.stop):
+                hidden, pooled = cond.positive()
+                skip_feeds = {
+                    "hidden_states": latents,
+                    "encoder_hidden_states": hidden,
+                    "pooled_projections": pooled,
+                    "timestep": t.expand(latents.shape[0]),  # [N]
+                    "skip_layers": skip_on,
+                }
+                v_skip = engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
+                bad = bad | ~torch.isfinite(v_skip).all()
+                velocity = velocity + (v_text - v_skip) * slg.scale
+        nonfinite.append(bad)
+        latents = schedule.step(i, velocity, latents)  # [N, C, h, w]
+        if timer:
+            timer.mark()
+    flags = torch.stack(nonfinite).cpu()  # [steps]
+    if bool(flags.any()):
+        step = int(flags.nonzero()[0, 0]) + 1
+        raise NonFiniteError(
+            Component.TRANSFORMER.value,
+            f"transformer produced non-finite values (NaN or inf) in noise_pred at step {step} of "
+            f"{len(schedule)}; no image was written",
+        )
+    return latents
+
+
+def to_pixels(image: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8, rounded exactly as diffusers does."""
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # [N, H, W, 3]
+    return (array * 255).round().astype(np.uint8)
+
+
+def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
+    """Step 6: VAE-decode raw latents ``[N, C, h, w]`` into ``N`` RGB images.
+
+    Raises:
+        NonFiniteError: the decoder produced NaN or inf.
+    """
+    image = engine.infer({"latent": latents})["image"]  # [N, 3, H, W] in [0, 1]
+    check_finite(Component.VAE_DECODER, image, "image")
+    return [Image.fromarray(a) for a in to_pixels(image)]

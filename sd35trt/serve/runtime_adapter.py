@@ -1,0 +1,161 @@
+"""The :class:`~sd35trt.serve.generator.Generator` over :class:`sd35trt.runtime.pipeline.Sd35Runtime`.
+
+Validation is the runtime's (``Sd35Runtime.validate``, limits read from the engine manifest);
+merged batches are ``Sd35Runtime.generate_batch``, which keeps each request's prompt and seed.
+The HTTP field ``num_inference_steps`` is the runtime's ``steps``; errors are renamed to match.
+Out-of-memory errors of any backend become :class:`~sd35trt.errors.DeviceOutOfMemoryError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sd35trt.errors import DeviceOutOfMemoryError, RequestError
+from sd35trt.serve.generator import ImageSet, Prepared
+
+#: HTTP field -> GenerationRequest field, where they differ.
+_TO_RUNTIME = {"num_inference_steps": "steps"}
+_TO_HTTP = {v: k for k, v in _TO_RUNTIME.items()}
+#: Substrings by which backends (ONNX Runtime, TensorRT, CUDA) report an exhausted allocator.
+_OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "out_of_memory")
+
+
+def http_field(name: str) -> str:
+    return _TO_HTTP.get(name, name)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device (or host) allocation failure, whatever raised it."""
+    if isinstance(err, DeviceOutOfMemoryError | MemoryError):
+        return True
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return any(m in text for m in _OOM_MARKERS)
+
+
+def _free_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _png(image: Any, index: int, *, params: Any, digest: str) -> bytes:
+    from sd35trt.runtime.png import png_bytes
+
+    return png_bytes(image, params, digest, index)
+
+
+class RuntimeGenerator:
+    """Serve an ``Sd35Runtime``: validate with it, run merged batches with ``generate_batch``."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self._limits = runtime.info.limits
+        self._defaults = runtime.info.defaults
+
+    @classmethod
+    def load(cls, engines_dir: Path, low_vram: bool = False) -> RuntimeGenerator:
+        """Verify and load an engines directory (errors name the file and the fix)."""
+        from sd35trt.runtime.pipeline import Sd35Runtime
+
+        return cls(Sd35Runtime.load(engines_dir, low_vram=low_vram))
+
+    @property
+    def max_batch(self) -> int:
+        return max(self._limits.images(True)[1], self._limits.images(False)[1])
+
+    def limits(self) -> dict:
+        out = self._limits.to_json()
+        out["num_inference_steps"] = out.pop("steps")
+        out["defaults"] = {
+            "width": self._defaults.width,
+            "height": self._defaults.height,
+            "num_inference_steps": self._defaults.steps,
+            "guidance_scale": self._defaults.guidance_scale,
+        }
+        return out
+
+    def prepare(self, fields: Mapping[str, Any]) -> Prepared:
+        from sd35trt.runtime.request import GenerationRequest
+
+        known = {k: v for k, v in fields.items() if v is not None or k == "prompt"}
+        request = GenerationRequest(**{_TO_RUNTIME.get(k, k): v for k, v in known.items()})
+        try:
+            params = self.runtime.validate(request)
+        except RequestError as err:
+            raise self._renamed(err) from None
+        slg = params.skip_layer_guidance is not None
+        images_max = self._limits.images(params.cfg, slg)[1]
+        rows_per_request = 2 if params.cfg else 1
+        return Prepared(
+            key=params.batch_key,
+            size=params.num_images,
+            capacity=images_max,
+            max_requests=max(1, self._limits.encoder_batch[1] // rows_per_request),
+            params=self._http_params(params),
+            native=params,
+        )
+
+    def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
+        try:
+            results = self.runtime.generate_batch([r.native for r in requests])
+        except RequestError as err:
+            raise self._renamed(err) from None
+        except Exception as err:
+            if is_out_of_memory(err):
+                _free_cached_memory()
+                raise DeviceOutOfMemoryError(
+                    f"out of memory during generation ({type(err).__name__}: {err})"
+                ) from err
+            raise
+        out: list[ImageSet | BaseException] = []
+        for res in results:
+            t = res.timings
+            out.append(
+                ImageSet(
+                    images=list(res.images),
+                    seed=res.params.seed,
+                    timings={
+                        "text_encoding": t.text_encoding_s,
+                        "denoise": t.denoise_s,
+                        "decode": t.decode_s,
+                        "engine_total": t.total_s,
+                    },
+                    warnings=list(res.warnings),
+                    # the PNG records its parameters and the engines' digest, as `sd35trt run` writes it
+                    png=functools.partial(_png, params=res.params, digest=res.engine_digest),
+                )
+            )
+        return out
+
+    def warmup(self) -> None:
+        from sd35trt.runtime.request import GenerationRequest
+
+        d = self._defaults
+        params = self.runtime.validate(
+            GenerationRequest("warm-up", steps=1, height=d.height, width=d.width, seed=0)
+        )
+        self.runtime.generate_batch([params])
+
+    @staticmethod
+    def _http_params(params: Any) -> dict:
+        data = params.to_json()
+        data["num_inference_steps"] = data.pop("steps")
+        return data
+
+    @staticmethod
+    def _renamed(err: RequestError) -> RequestError:
+        field = http_field(err.field)
+        if field == err.field:
+            return err
+        msg = str(err)
+        if msg.startswith(err.field):
+            msg = field + msg[len(err.field) :]
+        return RequestError(field, msg)

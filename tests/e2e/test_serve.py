@@ -1,0 +1,570 @@
+"""``sd35trt serve`` for real: uvicorn on 127.0.0.1, the tiny ONNX Runtime engines, httpx clients.
+
+Servers run in a thread of this process (so a test can hold the batcher's worker, wrap an engine
+to inject a NaN or an out-of-memory error, and trigger shutdown), except one that runs
+``python -m sd35trt.serve`` as a child process and stops it with SIGTERM. Every server binds
+127.0.0.1 on a free port; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd35trt.components import Component
+from sd35trt.errors import DeviceOutOfMemoryError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+BODY_LIMIT = 16 * 1024
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def decode_png(item: dict) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(item["png_base64"])))
+    image.load()
+    return image
+
+
+class LiveServer:
+    """uvicorn serving an app in a thread, on 127.0.0.1 and a port the OS picked."""
+
+    def __init__(self, runtime, **settings) -> None:
+        from sd35trt.serve import ServeSettings, create_app
+        from sd35trt.serve.app import make_server
+
+        self.settings = ServeSettings(**({"log_level": "warning"} | settings))
+        self.app = create_app(runtime, self.settings)
+        self.state = self.app.state.sd35
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = make_server(self.app, self.settings)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def batcher(self):
+        return self.state.batcher
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+
+        def ready() -> bool:
+            try:
+                return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(lambda: ready() or self.state.load_error is not None, 120, "the server to become ready")
+        assert self.state.load_error is None, self.state.load_error
+        return self
+
+    def stop(self) -> None:
+        if self.batcher is not None and self.thread.is_alive():
+            self.batcher.resume()
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the server thread did not stop within 60 s"
+
+
+@contextmanager
+def live_server(runtime, **settings):
+    server = LiveServer(runtime, **settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def runtime(built_run):
+    from sd35trt.runtime.pipeline import Sd35Runtime
+
+    rt = Sd35Runtime.load(built_run / "engines")
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    with live_server(
+        runtime, batch_window_ms=50, queue_size=8, timeout_s=120, max_body_bytes=BODY_LIMIT
+    ) as s:
+        yield s
+
+
+def post(server: LiveServer, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(server.url + "/generate", json=body, timeout=timeout)
+
+
+def async_client(n: int, timeout: float = 120) -> httpx.AsyncClient:
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 2), timeout=timeout)
+
+
+def start_posts(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> list[asyncio.Task]:
+    """One concurrent POST /generate per body."""
+    return [asyncio.create_task(client.post(url + "/generate", json=b)) for b in bodies]
+
+
+async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# -- no engines needed --------------------------------------------------------------------------
+
+
+def test_importing_serve_needs_no_fastapi_and_missing_fastapi_is_a_clear_error():
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "import sd35trt.cli, sd35trt.serve\n"
+        "assert 'uvicorn' not in sys.modules\n"
+        "from sd35trt.errors import Sd35TrtError\n"
+        "try:\n"
+        "    sd35trt.serve.create_app('nowhere')\n"
+        "except Sd35TrtError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "pip install -e .[server]" in out.stdout and "fastapi" in out.stdout
+
+
+# -- happy path ---------------------------------------------------------------------------------
+
+
+def test_health_ready_and_openapi_docs(server, runtime):
+    assert httpx.get(server.url + "/health").json()["status"] == "alive"
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["limits"]["width"] == list(runtime.info.limits.width)
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/generate" in spec["paths"] and "num_inference_steps" in json.dumps(spec)
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_generate_returns_a_png_of_the_requested_size_with_parameters_and_timings(server):
+    r = post(
+        server,
+        {"prompt": "a lighthouse at dusk", "width": 96, "height": 64, "num_inference_steps": 2, "seed": 1234},
+    )
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["images"]) == 1
+    image = decode_png(data["images"][0])
+    assert image.format == "PNG" and image.size == (96, 64) and image.mode == "RGB"
+    pixels = np.asarray(image)
+    assert pixels.std() > 1, "a flat (e.g. black) image"
+    p = data["parameters"]
+    assert (p["width"], p["height"], p["num_inference_steps"], p["seed"]) == (96, 64, 2, 1234)
+    assert p["guidance_scale"] == pytest.approx(4.5) and p["prompt"] == "a lighthouse at dusk"
+    assert json.loads(image.text["parameters"])["seed"] == 1234  # the PNG records how it was made
+    t = data["timings"]
+    assert t["total_ms"] >= t["batch_ms"] > 0 and {"text_encoding", "denoise", "decode"} <= set(
+        t["stages_ms"]
+    )
+    assert data["batch"]["requests"] == 1 and data["warnings"] == []
+
+
+def test_seed_is_drawn_reported_and_reproduces_the_image(server):
+    first = post(server, {"prompt": "a red fox", **SMALL}).json()
+    seed = first["parameters"]["seed"]
+    assert 0 <= seed <= 2**63 - 1
+    again = post(server, {"prompt": "a red fox", **SMALL, "seed": seed}).json()
+    assert again["parameters"]["seed"] == seed
+    assert np.array_equal(
+        np.asarray(decode_png(first["images"][0])), np.asarray(decode_png(again["images"][0]))
+    )
+
+
+def test_num_images_returns_that_many_images(server):
+    r = post(server, {"prompt": "two boats", **SMALL, "num_images": 2, "seed": 5})
+    assert r.status_code == 200, r.text
+    images = [decode_png(i) for i in r.json()["images"]]
+    assert [i.size for i in images] == [(64, 64)] * 2 and [i["index"] for i in r.json()["images"]] == [0, 1]
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+# -- invalid input (faults.md cases 9 to 11) ------------------------------------------------------
+
+
+def _span(runtime, name):
+    lo, hi = getattr(runtime.info.limits, name)
+    return f"{lo}..{hi}"
+
+
+INVALID = [
+    # (body, field, text the message must contain; "<width>" etc. = the range from the manifest)
+    ({"width": 100}, "width", "multiple of 16"),
+    ({"width": 100}, "width", "<width>"),
+    ({"height": 40}, "height", "<height>"),
+    ({"width": 512}, "width", "<width>"),
+    ({"height": 32}, "height", "<height>"),
+    ({"num_images": 3}, "num_images", "1..2"),
+    ({"num_images": 0}, "num_images", "1..2"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "1..500"),
+    ({"num_inference_steps": -3}, "num_inference_steps", "1..500"),
+    ({"num_inference_steps": 10**9}, "num_inference_steps", "1..500"),
+    ({"guidance_scale": -1.0}, "guidance_scale", "0..100"),
+    ({"guidance_scale": 1e6}, "guidance_scale", "0..100"),
+    ({"seed": -1}, "seed", "2^63-1"),
+    ({"seed": 2**63}, "seed", "2^63-1"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": "   "}, "prompt", "empty"),
+    ({"width": "wide"}, "width", "integer"),
+    ({"cfg_scale": 3}, "cfg_scale", "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize(("override", "field", "needle"), INVALID, ids=lambda v: str(v)[:30])
+def test_invalid_field_gets_422_naming_the_field_and_the_allowed_range(
+    server, runtime, override, field, needle
+):
+    needle = needle.replace("<width>", _span(runtime, "width")).replace("<height>", _span(runtime, "height"))
+    r = post(server, {"prompt": "a cat", **SMALL, **override})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", field]
+    assert needle in detail["msg"], detail["msg"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_guidance_gets_422(server, literal):
+    body = f'{{"prompt": "a cat", "width": 64, "height": 64, "guidance_scale": {literal}}}'
+    r = httpx.post(server.url + "/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "guidance_scale"] and "finite" in detail["msg"]
+
+
+def test_body_over_the_limit_gets_413_declared_or_chunked(server):
+    big = {"prompt": "x" * (BODY_LIMIT + 1), **SMALL}
+    r = post(server, big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts while reading
+        yield b'{"prompt": "'
+        for _ in range(BODY_LIMIT // 1024 + 1):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = httpx.post(server.url + "/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert post(server, {"prompt": "small again", **SMALL}).status_code == 200
+
+
+def test_prompt_over_the_token_limit_is_truncated_and_reported(server):
+    prompt = " ".join(["a very long prompt about a garden"] * 40)  # ~280 CLIP tokens, ~1.3 kB
+    r = post(server, {"prompt": prompt, **SMALL})
+    assert r.status_code == 200, r.text
+    warnings = r.json()["warnings"]
+    assert any("prompt" in w and "limit of 77" in w and "clip_l" in w for w in warnings), warnings
+    assert r.json()["parameters"]["prompt"] == prompt
+
+
+# -- dynamic batching ---------------------------------------------------------------------------
+
+
+def test_compatible_concurrent_requests_merge_and_keep_their_own_prompt_and_seed(server):
+    a = {"prompt": "a red fox in the snow", **SMALL, "seed": 11}
+    b = {"prompt": "a blue car on a bridge", **SMALL, "seed": 22}
+    c = {"prompt": "a wide shot", **SMALL, "width": 96, "seed": 33}  # another size: not merged
+
+    async def main():
+        server.batcher.pause()
+        async with async_client(3) as client:
+            tasks = start_posts(client, server.url, [a, b, c])
+            await until(lambda: server.batcher.stats().queued == 3, 30, "three queued requests")
+            server.batcher.resume()
+            return [(await t) for t in tasks]
+
+    ra, rb, rc = [r.json() for r in asyncio.run(main())]
+    assert ra["batch"]["id"] == rb["batch"]["id"] != rc["batch"]["id"]
+    assert ra["batch"]["requests"] == rb["batch"]["requests"] == 2 and ra["batch"]["images"] == 2
+    assert rc["batch"]["requests"] == 1
+    assert decode_png(rc["images"][0]).size == (96, 64)
+    assert (ra["parameters"]["seed"], rb["parameters"]["seed"]) == (11, 22)
+
+    # Each merged image is the one its request gets alone (up to batch-size numerics), not its neighbour's.
+    merged = {k: np.asarray(decode_png(r["images"][0])).astype(int) for k, r in (("a", ra), ("b", rb))}
+    alone = {
+        k: np.asarray(decode_png(post(server, body).json()["images"][0])).astype(int)
+        for k, body in (("a", a), ("b", b))
+    }
+    for k in ("a", "b"):
+        assert np.abs(merged[k] - alone[k]).max() <= 3, k
+    assert np.abs(merged["a"] - alone["b"]).mean() > 10 * max(np.abs(merged["a"] - alone["a"]).mean(), 0.1)
+
+
+def test_flood_of_q_plus_k_requests_on_a_queue_of_q_rejects_exactly_k_with_429(runtime):
+    q, k = 4, 3
+    with live_server(runtime, queue_size=q, batch_window_ms=10, timeout_s=120) as srv:
+
+        async def main():
+            srv.batcher.pause()  # the worker is busy: nothing leaves the queue
+            bodies = [{"prompt": f"flood {i}", **SMALL, "seed": i} for i in range(q + k)]
+            async with async_client(q + k) as client:
+                tasks = start_posts(client, srv.url, bodies)
+                await until(lambda: sum(t.done() for t in tasks) == k, 30, f"{k} early answers")
+                await until(lambda: srv.batcher.stats().queued == q, 30, f"{q} queued requests")
+                early = [t.result() for t in tasks if t.done()]
+                srv.batcher.resume()
+                return early, [(await t) for t in tasks]
+
+        early, responses = asyncio.run(main())
+        stats = srv.batcher.stats()
+
+    assert [r.status_code for r in early] == [429] * k
+    for r in early:
+        assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "queue_full"
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * q + [429] * k
+    for r in responses:
+        if r.status_code == 200:
+            assert decode_png(r.json()["images"][0]).size == (64, 64)
+    assert stats.rejected == k and stats.requests_done == q and stats.queued == 0
+
+
+def test_request_timeout_gets_504_and_frees_its_queue_slot(runtime):
+    with live_server(runtime, timeout_s=1.0, queue_size=2) as srv:
+        srv.batcher.pause()
+        t0 = time.monotonic()
+        r = post(srv, {"prompt": "too slow", **SMALL})
+        assert r.status_code == 504 and "1 s" in r.json()["detail"]
+        assert 0.9 <= time.monotonic() - t0 < 10
+        assert srv.batcher.stats().queued == 0
+        srv.batcher.resume()
+        ok = post(srv, {"prompt": "in time", "width": 64, "height": 64, "num_inference_steps": 1})
+        assert ok.status_code == 200, ok.text
+        assert srv.batcher.stats().batches == 1  # the timed-out request never ran
+
+
+def test_a_client_that_gives_up_frees_its_queue_slot(runtime):
+    with live_server(runtime, timeout_s=60, queue_size=2) as srv:
+        srv.batcher.pause()
+        with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.3 s
+            post(srv, {"prompt": "impatient", **SMALL}, timeout=0.3)
+        wait_until(lambda: srv.batcher.stats().queued == 0, 10, "the abandoned request to leave the queue")
+        assert srv.batcher.stats().timed_out == 0
+        srv.batcher.resume()
+        ok = post(srv, {"prompt": "patient", "width": 64, "height": 64, "num_inference_steps": 1})
+        assert ok.status_code == 200, ok.text
+        assert srv.batcher.stats().batches == 1  # the abandoned request never ran
+
+
+# -- faults during generation (cases 13 and 14) --------------------------------------------------
+
+
+def _wrap_infer(monkeypatch, runtime, component: Component, wrapper) -> None:
+    engine = runtime.engines.engines[component]
+    original = engine.infer
+    monkeypatch.setattr(engine, "infer", lambda feeds: wrapper(original, feeds))
+
+
+def test_nan_in_one_merged_request_fails_that_request_only_and_the_server_stays_ready(
+    server, runtime, monkeypatch
+):
+    poison_ids = runtime.tokenizer(["poison"]).clip_l[0]  # [77]
+
+    def nan_rows_of_poison(original, feeds):
+        out = original(feeds)
+        rows = (feeds["input_ids"].cpu() == poison_ids).all(dim=1)  # [T]
+        if rows.any():
+            out = dict(out)
+            out["hidden_states"] = out["hidden_states"].clone()
+            out["hidden_states"][rows] = float("nan")
+        return out
+
+    _wrap_infer(monkeypatch, runtime, Component.CLIP_L, nan_rows_of_poison)
+
+    async def main():
+        server.batcher.pause()
+        async with async_client(2) as client:
+            bodies = [{"prompt": "poison", **SMALL}, {"prompt": "a healthy plant", **SMALL}]
+            tasks = start_posts(client, server.url, bodies)
+            await until(lambda: server.batcher.stats().queued == 2, 30, "two queued requests")
+            server.batcher.resume()
+            return [(await t) for t in tasks]
+
+    bad, good = asyncio.run(main())
+    assert bad.status_code == 500, bad.text
+    assert (
+        bad.json()["error"] == "non_finite" and bad.json()["stage"] == "clip_l" and "images" not in bad.json()
+    )
+    assert good.status_code == 200, good.text
+    assert good.json()["batch"]["retried_alone"] is True
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+@pytest.mark.parametrize("component", [Component.TRANSFORMER, Component.VAE_DECODER])
+def test_nan_after_a_stage_names_the_stage_and_the_next_request_succeeds(
+    server, runtime, monkeypatch, component
+):
+    def all_nan(original, feeds):
+        return {name: torch.full_like(v, float("nan")) for name, v in original(feeds).items()}
+
+    _wrap_infer(monkeypatch, runtime, component, all_nan)
+    r = post(server, {"prompt": "a cat", **SMALL})
+    assert r.status_code == 500, r.text
+    assert r.json()["stage"] == component.value and component.value in r.json()["detail"]
+    monkeypatch.undo()
+    assert httpx.get(server.url + "/ready").status_code == 200
+    assert post(server, {"prompt": "a cat", **SMALL}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: DeviceOutOfMemoryError("the device ran out of memory"),
+        lambda: RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"
+        ),
+    ],
+    ids=["torch", "sd35trt", "onnxruntime"],
+)
+def test_out_of_memory_fails_that_request_with_503_and_the_next_succeeds(
+    server, runtime, monkeypatch, make_error
+):
+    calls = {"n": 0}
+
+    def oom_once(original, feeds):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise make_error()
+        return original(feeds)
+
+    _wrap_infer(monkeypatch, runtime, Component.TRANSFORMER, oom_once)
+    r = post(server, {"prompt": "a huge cat", **SMALL})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "out_of_memory" and "out of memory" in r.json()["detail"]
+    assert int(r.headers["Retry-After"]) >= 1
+    ok = post(server, {"prompt": "a small cat", **SMALL})
+    assert ok.status_code == 200, ok.text
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+
+def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones(runtime):
+    srv = LiveServer(runtime, queue_size=4, timeout_s=60).start()
+    try:
+
+        async def main():
+            srv.batcher.pause()
+            async with async_client(2) as client:
+                tasks = start_posts(client, srv.url, [{"prompt": f"last {i}", **SMALL} for i in range(2)])
+                await until(lambda: srv.batcher.stats().queued == 2, 30, "two queued requests")
+                srv.server.should_exit = True  # what uvicorn's SIGTERM / SIGINT handler does
+                await until(lambda: srv.state.draining, 10, "the server to start draining")
+                try:
+                    async with httpx.AsyncClient(timeout=5) as fresh:
+                        refused = await fresh.post(
+                            srv.url + "/generate", json={"prompt": "too late", **SMALL}
+                        )
+                except httpx.ConnectError:
+                    refused = "connection refused"
+                srv.batcher.resume()
+                return refused, [(await t) for t in tasks]
+
+        refused, in_flight = asyncio.run(main())
+        assert refused == "connection refused" or refused.status_code == 503
+        assert [r.status_code for r in in_flight] == [200, 200]
+        srv.thread.join(60)
+        assert not srv.thread.is_alive()
+    finally:
+        srv.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "sd35trt.serve", "--engines", str(built_run / "engines"),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, 180, "the server process to become ready")
+        # a long request (~3 s on 2 CPU cores) is running when SIGTERM arrives
+        result: dict = {}
+        body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 30}
+        worker = threading.Thread(
+            target=lambda: result.update(r=httpx.post(url + "/generate", json=body, timeout=120)), daemon=True
+        )
+        worker.start()
+        wait_until(
+            lambda: httpx.get(url + "/ready", timeout=2).json()["queue"]["running"] == 1,
+            30,
+            "a running request",
+        )
+        proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                httpx.get(url + "/health", timeout=2)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        wait_until(refused, 10, "new connections to be refused")
+        assert worker.is_alive(), "the in-flight request should still be running while new ones are refused"
+        worker.join(120)
+        assert result["r"].status_code == 200, result["r"].text
+        assert decode_png(result["r"].json()["images"][0]).size == (256, 256)
+        # uvicorn re-raises the signal once its graceful shutdown is done
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

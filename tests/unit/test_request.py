@@ -1,0 +1,182 @@
+"""Request validation against the engines' profiles (faults.md cases 9 to 11)."""
+
+import math
+
+import pytest
+
+from sd35trt.components import Component, ModelDims, ShapeRange, profile, spec
+from sd35trt.config import Range, config_from_dict
+from sd35trt.errors import ManifestError, RequestError
+from sd35trt.runtime.request import GenerationRequest, RequestLimits, resolve_request
+
+TINY = ModelDims(
+    clip_l_hidden=32,
+    clip_l_projection=32,
+    clip_g_hidden=48,
+    clip_g_projection=48,
+    t5_hidden=96,
+    latent_channels=16,
+    patch_size=2,
+    num_layers=3,
+    head_dim=16,
+    num_heads=2,
+    joint_attention_dim=96,
+    pooled_projection_dim=80,
+    pos_embed_max_size=32,
+    vae_scale_factor=8,
+    vae_scaling_factor=1.5305,
+    vae_shift_factor=0.0609,
+)
+CONFIG = config_from_dict(
+    {
+        "name": "t",
+        "build": {
+            "batch": {"min": 1, "opt": 1, "max": 2},
+            "height": {"min": 64, "opt": 128, "max": 256},
+            "width": {"min": 64, "opt": 128, "max": 192},
+        },
+        "runtime": {
+            "steps": 8,
+            "guidance_scale": 4.5,
+            "height": 128,
+            "width": 128,
+            "negative_prompt": "blurry",
+            "skip_layer_guidance": {"layers": [1], "scale": 2.8, "start": 0.01, "stop": 0.2},
+        },
+    }
+)
+
+
+def limits(slg: bool = True, **build) -> RequestLimits:
+    cfg = CONFIG.model_copy(update={"build": CONFIG.build.model_copy(update=build)}) if build else CONFIG
+    n = 1 if slg else 0
+    specs = {c: spec(c, TINY, n if c is Component.TRANSFORMER else 0) for c in Component}
+    profiles = {
+        c: profile(c, TINY, cfg.build, skip_layers=n if c is Component.TRANSFORMER else 0) for c in Component
+    }
+    return RequestLimits.from_profiles(
+        specs, profiles, TINY, cfg.runtime.skip_layer_guidance if slg else None
+    )
+
+
+def resolve(lim: RequestLimits | None = None, **fields):
+    return resolve_request(
+        GenerationRequest(**{"prompt": "a cat", **fields}), lim or limits(), CONFIG.runtime
+    )
+
+
+def test_limits_come_from_the_profiles():
+    lim = limits()
+    assert lim.height == (64, 256) and lim.width == (64, 192)
+    assert lim.size_multiple == 16 and lim.t5_length == 256
+    assert lim.images(cfg=True) == (1, 2)
+    assert lim.images(cfg=False) == (1, 2)  # the VAE decodes at most 2
+    assert limits(batch=Range(min=1, opt=2, max=4)).images(cfg=True) == (1, 4)
+
+
+def test_defaults_come_from_the_engines():
+    p = resolve(seed=5)
+    assert (p.steps, p.guidance_scale, p.height, p.width, p.seed) == (8, 4.5, 128, 128, 5)
+    assert p.negative_prompt == "blurry" and p.cfg
+    assert p.skip_layer_guidance == CONFIG.runtime.skip_layer_guidance
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"height": 100}, "height", "height 100 is not a multiple of 16; these engines accept 64..256"),
+        ({"width": 1000}, "width", "width 1000 is not a multiple of 16; these engines accept 64..192"),
+        ({"height": 512}, "height", "height 512 is outside the engines' range; these engines accept 64..256"),
+        ({"width": 48}, "width", "width 48 is outside the engines' range; these engines accept 64..192"),
+        ({"width": 256}, "width", "64..192"),
+        ({"num_images": 3}, "num_images", "num_images 3 is outside 1..2"),
+        ({"num_images": 0}, "num_images", "num_images 0 is outside 1..2"),
+        ({"num_images": 3, "guidance_scale": 1.0}, "num_images", "without classifier-free guidance"),
+    ],
+)
+def test_size_and_batch_outside_the_profiles(fields, field, text):
+    with pytest.raises(RequestError, match=text) as err:
+        resolve(**fields)
+    assert err.value.field == field
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"steps": 0}, "steps", "steps 0 is outside 1..500"),
+        ({"steps": -3}, "steps", "steps -3 is outside 1..500"),
+        ({"steps": 10_000}, "steps", "steps 10000 is outside 1..500"),
+        ({"steps": True}, "steps", "steps True is not an integer"),
+        ({"steps": 2.5}, "steps", "steps 2.5 is not an integer"),
+        ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale nan is not a finite number"),
+        ({"guidance_scale": math.inf}, "guidance_scale", "guidance_scale inf is not a finite number"),
+        (
+            {"guidance_scale": -1.0},
+            "guidance_scale",
+            "guidance_scale -1 is outside the allowed range; use 0..100",
+        ),
+        ({"guidance_scale": 1e9}, "guidance_scale", "outside the allowed range"),
+        ({"guidance_scale": "high"}, "guidance_scale", "'high' is not a number"),
+        ({"seed": -1}, "seed", r"seed -1 is outside 0..9223372036854775807"),
+        ({"seed": 2**63}, "seed", "seed 9223372036854775808 is outside"),
+        ({"seed": "7"}, "seed", "seed '7' is not an integer"),
+    ],
+)
+def test_steps_guidance_and_seed(fields, field, text):
+    with pytest.raises(RequestError, match=text) as err:
+        resolve(**fields)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt(prompt):
+    with pytest.raises(RequestError, match="prompt is empty") as err:
+        resolve(prompt=prompt)
+    assert err.value.field == "prompt"
+
+
+def test_prompt_must_be_text():
+    with pytest.raises(RequestError, match="prompt must be text, got int"):
+        resolve(prompt=5)
+
+
+def test_edges_are_accepted():
+    p = resolve(
+        seed=2**63 - 1, steps=500, guidance_scale=0.0, height=256, width=64, num_images=2, negative_prompt=""
+    )
+    assert p.seed == 2**63 - 1 and p.negative_prompt == "" and not p.cfg
+    assert p.skip_layer_guidance is None  # skip-layer guidance rides on CFG, as in diffusers
+
+
+def test_seed_is_drawn_when_omitted():
+    seeds = {resolve().seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_skip_layer_guidance_switches():
+    assert resolve(skip_layer_guidance=False).skip_layer_guidance is None
+    assert resolve(lim=limits(slg=False)).skip_layer_guidance is None
+    with pytest.raises(RequestError, match="built without it") as err:
+        resolve(lim=limits(slg=False), skip_layer_guidance=True)
+    assert err.value.field == "skip_layer_guidance"
+
+
+def test_batch_key_groups_compatible_requests():
+    a, b = resolve(seed=1, prompt="a"), resolve(seed=2, prompt="b", negative_prompt="x")
+    assert a.batch_key == b.batch_key
+    assert a.batch_key != resolve(seed=1, steps=4).batch_key
+
+
+def test_dynamic_t5_length_is_refused():
+    specs = {c: spec(c, TINY) for c in Component}
+    profiles = {c: profile(c, TINY, CONFIG.build) for c in Component}
+    profiles[Component.T5] = {"input_ids": ShapeRange((1, 128), (1, 256), (4, 256))}
+    with pytest.raises(ManifestError, match=r"128\.\.256"):
+        RequestLimits.from_profiles(specs, profiles, TINY, None)
+
+
+def test_to_json_lists_the_ranges():
+    data = limits().to_json()
+    assert data["height"] == [64, 256] and data["num_images"]["cfg"] == [1, 2]
+    assert data["skip_layer_guidance"]["layers"] == [1]
