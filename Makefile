@@ -15,7 +15,7 @@ FORCE ?=
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup test test-gpu lint format calibrate export build run all reference artifact clean
+.PHONY: setup test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,24 @@ all: run
 
 reference:
 	$(SD35) reference --config $(CONFIG) --run-dir $(RUN_DIR) "$(PROMPT)" -o $(RUN_DIR)/images/reference.png
+
+# The non-quantized reference for bench/eval: the run's own model dir (tiny, random) or model.path.
+REFERENCE ?= $(RUN_DIR)/model
+
+bench: build
+	$(SD35) bench --engines $(RUN_DIR)/engines $(if $(REFERENCE),--reference $(REFERENCE),) --out $(RUN_DIR)/bench $(BENCH_ARGS)
+
+eval: build
+	$(SD35) eval --engines $(RUN_DIR)/engines --reference $(REFERENCE) --prompts calibration_prompts/heldout.txt --out $(RUN_DIR)/eval $(EVAL_ARGS)
+
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+serve: build
+	$(SD35) serve --engines $(RUN_DIR)/engines --host $(HOST) --port $(PORT)
+
+serve-throughput: build
+	$(BIN)/python scripts/serve_throughput.py $(RUN_DIR)/engines
 
 ARTIFACT ?= $(RUN_DIR)/sd35trt-$(MODEL).tar.gz
 

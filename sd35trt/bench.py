@@ -544,6 +544,23 @@ def dtype_label(dtype: str) -> str:
     return {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}.get(dtype, dtype)
 
 
+def check_reference_dir(model_dir: str | Path) -> Path:
+    """Refuse a ``--reference`` that is not a diffusers pipeline directory (before any work is done).
+
+    Raises:
+        ModelError: naming the directory and what is missing.
+    """
+    from sd35trt.errors import ModelError
+
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise ModelError(
+            f"--reference {root} is not a diffusers pipeline directory (no model_index.json); "
+            "for the tiny model it is runs/<name>/model"
+        )
+    return root
+
+
 def load_diffusers(model_dir: str | Path, device: str, dtype: torch.dtype | None = None):
     """The diffusers pipeline in ``model_dir`` (safetensors only), progress bars off.
 
@@ -558,9 +575,7 @@ def load_diffusers(model_dir: str | Path, device: str, dtype: torch.dtype | None
     from sd35trt.errors import ModelError
     from sd35trt.model import check_weights, torch_dtype
 
-    root = Path(model_dir)
-    if not (root / "model_index.json").is_file():
-        raise ModelError(f"--reference {root} is not a diffusers pipeline directory (no model_index.json)")
+    root = check_reference_dir(model_dir)
     check_weights(root)
     dtype = dtype or torch_dtype(LoadDtype.AUTO, device)
     try:
@@ -872,7 +887,7 @@ def bench(
     if num_images < 1:
         raise ConfigError(f"num_images must be >= 1, got {num_images}")
     engines_dirs = [Path(d) for d in engines_dirs]
-    reference_dir = Path(reference_dir) if reference_dir is not None else None
+    reference_dir = check_reference_dir(reference_dir) if reference_dir is not None else None
     out = Path(out_dir) if out_dir is not None else engines_dirs[0].parent / "bench"
     params, max_len = run_params(engines_dirs[0], prompt, num_images, seed)
 
@@ -932,12 +947,24 @@ def bench(
 
 
 def _dedupe_labels(configurations: list[dict]) -> None:
-    seen: dict[str, int] = {}
-    for c in configurations:
-        seen[c["label"]] = seen.get(c["label"], 0) + 1
+    """Make labels unique: add the run directory's name, then a number where that is not enough."""
+
+    def counts() -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for c in configurations:
+            seen[c["label"]] = seen.get(c["label"], 0) + 1
+        return seen
+
+    seen = counts()
     for c in configurations:
         if seen[c["label"]] > 1 and "engines_dir" in c:
             c["label"] = f"{c['label']} ({Path(c['engines_dir']).parent.name})"
+    seen = counts()
+    number: dict[str, int] = {}
+    for c in configurations:
+        if seen[c["label"]] > 1:
+            number[c["label"]] = number.get(c["label"], 0) + 1
+            c["label"] = f"{c['label']} #{number[c['label']]}"
 
 
 # --------------------------------------------------------------------------------------------

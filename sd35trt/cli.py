@@ -230,6 +230,99 @@ def run_(
 
 
 @app.command()
+def bench(
+    engines: Annotated[
+        list[Path], typer.Option("--engines", help="An engines directory; repeat to compare several.")
+    ],
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="diffusers model directory: PyTorch baseline and the overhead comparison."),
+    ] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed generations per configuration.")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed generations before them.")] = 1,
+    overhead_runs: Annotated[
+        int, typer.Option(min=0, help="Timed generations per side of the overhead measurement (0: skip).")
+    ] = 5,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (default: <engines>/../bench).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
+) -> None:
+    """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers."""
+    from sd35trt.bench import bench as run
+    from sd35trt.bench import format_bench
+
+    result = run(engines, reference, runs, warmup, out, overhead_runs=overhead_runs, device=device)
+    typer.echo(format_bench(result))
+    typer.echo(f"wrote {result['files']['json']} and {result['files']['png']}")
+
+
+@app.command(name="eval")
+def eval_(
+    engines: Annotated[Path, typer.Option("--engines", help="The engines directory to evaluate.")],
+    reference: Annotated[Path, typer.Option(help="diffusers model directory: the non-quantized reference.")],
+    prompts: Annotated[Path, typer.Option(help="Held-out prompts, one per line (# comments).")] = Path(
+        "calibration_prompts/heldout.txt"
+    ),
+    num_prompts: Annotated[int, typer.Option(min=1, help="Evaluate the first N prompts.")] = 4,
+    seed: Annotated[int, typer.Option(min=0, help="Prompt i uses seed + i on both sides.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (default: <engines>/../eval).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
+) -> None:
+    """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
+    from sd35trt.evaluate import evaluate, format_eval
+
+    result = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
+    typer.echo(format_eval(result))
+    files = result["files"]
+    typer.echo(f"wrote {files['json']}, {files['table']} and {files['grid']}")
+
+
+@app.command()
+def serve(
+    engines: Annotated[
+        Path,
+        typer.Option("--engines", "-e", help="Engines directory (runs/<name>/engines) or unpacked artefact."),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind (127.0.0.1 keeps the server local).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per engine batch (default: the engines' maximum; 1 = no merging)."),
+    ] = None,
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0, help="How long a batch waits for compatible requests to join it.")
+    ] = 10.0,
+    queue_size: Annotated[
+        int, typer.Option(min=1, help="Requests that may wait; beyond, 429 + Retry-After.")
+    ] = 32,
+    timeout: Annotated[
+        float, typer.Option(min=0.001, help="Per-request limit in seconds, queueing included.")
+    ] = 300.0,
+    low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
+) -> None:
+    """Serve engines over HTTP: POST /generate (dynamic batching), GET /health, GET /ready, /docs."""
+    from sd35trt.package import engines_dir_of
+    from sd35trt.serve import ServeSettings
+    from sd35trt.serve import serve as run_server
+
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+        queue_size=queue_size,
+        timeout_s=timeout,
+        low_vram=low_vram,
+    )
+    run_server(engines_dir_of(engines), settings)
+
+
+@app.command()
 def package(
     run_dir: Annotated[Path, typer.Argument(help="A built run directory (runs/<name>).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artefact to write (.tar.gz).")],

@@ -182,7 +182,7 @@ def evaluate(
         ManifestError, VerificationError, IncompatibleEngineError: unusable engines.
         ModelError: unusable reference directory.
     """
-    from sd35trt.bench import default_device, load_diffusers
+    from sd35trt.bench import check_reference_dir, default_device, load_diffusers
     from sd35trt.config import RuntimeSettings
     from sd35trt.reference import reference_images
     from sd35trt.runtime.engines import read_engine_manifest
@@ -193,6 +193,7 @@ def evaluate(
     prompts_file = Path(prompts_file) if prompts_file is not None else DEFAULT_PROMPTS
     out = Path(out_dir) if out_dir is not None else engines_dir.parent / "eval"
     prompts = load_prompts(prompts_file, num_prompts)
+    check_reference_dir(reference_dir)
 
     manifest = read_engine_manifest(engines_dir)
     rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
@@ -245,9 +246,8 @@ def evaluate(
             }
         )
 
-    from sd35trt.bench import _BACKEND_LABEL, _precision_label, dtype_label
+    from sd35trt.bench import dtype_label, engines_label
 
-    backend = _BACKEND_LABEL.get(manifest.backend.value, manifest.backend.value)
     slg = rt.skip_layer_guidance if rt.guidance_scale > 1.0 else None
     result = {
         "schema": SCHEMA,
@@ -255,7 +255,7 @@ def evaluate(
         "device": {"engines": engines_device, "reference": str(pipe_device)},
         "engines": {
             "dir": str(engines_dir),
-            "label": f"sd35trt {backend} {_precision_label(manifest)}",
+            "label": engines_label(manifest),
             "backend": manifest.backend.value,
         },
         "reference": {
@@ -326,4 +326,6 @@ def format_eval(result: Mapping) -> str:
         f"{agg['identical']}/{agg['prompts']}."
     )
     lines.append("LPIPS: computed (AlexNet)." if lp["available"] else lp["reason"] + ".")
+    for w in result.get("warnings", []):
+        lines.append(f"warning: {w} (the reference truncates the same way)")
     return "\n".join(lines)

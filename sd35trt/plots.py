@@ -84,7 +84,7 @@ def plot_bench(result: Mapping, out: str | Path) -> Path:
             color=colors[i % len(colors)],
         )
         positive += [m for m in med if m > 0]
-    ax.set_xticks(x, [STAGE_LABELS[s] for s in _STAGES])
+    ax.set_xticks(x, [textwrap.fill(STAGE_LABELS[s], 11) for s in _STAGES], fontsize=9)
     ax.set_ylabel("time (ms)")
     ax.set_title("Per-stage latency per generation (bar: median, whisker: p90)")
     if positive and max(positive) / min(positive) > 50:

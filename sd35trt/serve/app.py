@@ -48,9 +48,13 @@ DISCONNECT_POLL_S = 0.25
 
 
 class GenerateBody(BaseModel):
-    """``POST /generate``. Omitted fields take the defaults recorded with the engines."""
+    """``POST /generate``. Omitted fields take the defaults recorded with the engines.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict (``64.0``, ``"64"`` or ``true`` are not a width); ranges are checked against
+    the engine manifest, and a 422 names the field and the allowed range.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="text prompt (must not be empty; truncated to the token limit)")
     negative_prompt: str | None = Field(default=None, description="default: the engines' negative prompt")
@@ -449,4 +453,10 @@ def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
             f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}"
         )
     app = create_app(gen, settings)
-    make_server(app, settings).run()
+    server = make_server(app, settings)
+    # sd35trt's server messages (warm-up, failed requests) go where uvicorn's own go
+    log.setLevel(settings.log_level.upper())
+    for handler in logging.getLogger("uvicorn").handlers:
+        log.addHandler(handler)
+    log.propagate = False
+    server.run()

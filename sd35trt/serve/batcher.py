@@ -374,7 +374,10 @@ class Batcher:
             batch = [j for j in batch if not j.future.done()]
             if not batch:
                 continue
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except Exception:  # a bug here must not stop the worker: the batch failed, go on
+                log.exception("the batcher failed on batch %d; its requests got the error", self._batch_ids)
 
     async def _run(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -405,6 +408,9 @@ class Batcher:
                     retried = True
                     results = []
                     for job in batch:
+                        if job.future.done():  # its client left meanwhile
+                            results.append(None)
+                            continue
                         try:
                             results.extend(
                                 await loop.run_in_executor(self._executor, self._call, [job.request])

@@ -246,6 +246,9 @@ INVALID = [
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": "   "}, "prompt", "empty"),
     ({"width": "wide"}, "width", "integer"),
+    ({"width": 64.0}, "width", "integer"),
+    ({"num_inference_steps": True}, "num_inference_steps", "integer"),
+    ({"guidance_scale": "4.5"}, "guidance_scale", "number"),
     ({"cfg_scale": 3}, "cfg_scale", "Extra inputs are not permitted"),
 ]
 
@@ -536,9 +539,9 @@ def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
                 return False
 
         wait_until(ready, 180, "the server process to become ready")
-        # a long request (~3 s on 2 CPU cores) is running when SIGTERM arrives
+        # a long request (~2.5 s on 2 CPU cores) is running when SIGTERM arrives
         result: dict = {}
-        body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 30}
+        body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 20}
         worker = threading.Thread(
             target=lambda: result.update(r=httpx.post(url + "/generate", json=body, timeout=120)), daemon=True
         )

@@ -257,6 +257,17 @@ def test_format_bench_lists_every_configuration_and_the_ratio():
     assert "median / p90 in ms" in text
 
 
+def test_bench_without_reference_formats_and_plots(tmp_path):
+    from sd35trt.plots import plot_bench
+
+    result = synthetic_result()
+    result["configurations"] = result["configurations"][:1]
+    result["overhead"].update(diffusers=None, ratio=None, meets_target=None)
+    text = format_bench(result)
+    assert "runtime overhead per step: sd35trt 21.0 us" in text and "ratio " not in text
+    assert plot_bench(result, tmp_path / "b.png").stat().st_size > 10_000
+
+
 def test_plot_bench_writes_a_png(tmp_path):
     from PIL import Image
 
@@ -270,6 +281,24 @@ def test_plot_bench_writes_a_png(tmp_path):
     )
     assert len(merged["configurations"]) == 4 and merged["configurations"][2]["label"].endswith("[cuda]")
     json.dumps(merged, allow_nan=False)
+
+
+def test_duplicate_labels_get_the_run_name_then_a_number():
+    from sd35trt.bench import _dedupe_labels
+
+    configs = [
+        {"label": "sd35trt ONNX Runtime FP8", "engines_dir": "runs/a/engines"},
+        {"label": "sd35trt ONNX Runtime FP8", "engines_dir": "runs/b/engines"},
+        {"label": "sd35trt ONNX Runtime FP8", "engines_dir": "other/b/engines"},
+        {"label": "diffusers PyTorch FP32"},
+    ]
+    _dedupe_labels(configs)
+    assert [c["label"] for c in configs] == [
+        "sd35trt ONNX Runtime FP8 (a)",
+        "sd35trt ONNX Runtime FP8 (b) #1",
+        "sd35trt ONNX Runtime FP8 (b) #2",
+        "diffusers PyTorch FP32",
+    ]
 
 
 # -- eval helpers ---------------------------------------------------------------------------------------
