@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import yaml
 from google.protobuf.message import DecodeError
 
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
@@ -32,6 +33,7 @@ from sd35trt.manifest import (
     RunManifest,
     Stage,
     atomic_write_json,
+    atomic_write_text,
     file_record,
     new_record,
     now_utc,
@@ -233,6 +235,10 @@ def support_dirs(model_dir: Path) -> list[Path]:
     return dirs
 
 
+#: The resolved config, written beside the engines.
+CONFIG_NAME = "config.yaml"
+
+
 def _copy_support_files(dirs: list[Path], out: Path) -> list[FileRecord]:
     """Copy tokenizers and the scheduler config beside the engines; the runtime needs no model dir."""
     for d in dirs:
@@ -416,6 +422,9 @@ def build(
             label = f"[{i}/{len(components)}] {component.value}"
             engines[component] = _build_one(job, component, entries[component.value], label)
         support_files = _copy_support_files(support, out)
+        # The whole config the engines were made with travels with them (``package`` ships it).
+        atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        support_files.append(file_record(out, out / CONFIG_NAME))
         engine_manifest = EngineManifest(
             directory=run_dir / Stage.BUILD.directory,
             backend=chosen,

@@ -45,12 +45,10 @@ def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
     input hashes such as the prompt set, the machine for engines) and returns its existing record
     when nothing changed, so ``make`` can chain the stages cheaply.
     """
-    from sd35trt.manifest import Stage, atomic_write_text
+    from sd35trt.manifest import Stage
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
-    # The config a run was made with travels with it (``package`` ships it).
-    atomic_write_text(rd / "config.yaml", config.read_text())
     fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""))
     typer.echo(f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
 

@@ -4,8 +4,8 @@ An artefact is a ``.tar.gz`` with one top-level directory::
 
     sd35trt-<name>/
       SHA256SUMS          sha256 of every other file (``sha256sum -c`` format)
-      config.yaml         the config the run was made with
-      engines/            engines, engines/manifest.json, tokenizers, scheduler config
+      engines/            engines, engines/manifest.json, tokenizers, scheduler config, and
+                          config.yaml (the config the engines were made with)
 
 ``verify`` checks an artefact (file or unpacked directory) completely and reports every problem:
 checksum mismatches, missing and unexpected files, and whether this machine can load the engines
@@ -25,7 +25,6 @@ from sd35trt.manifest import RunManifest, Stage, sha256_file, verify_files
 
 CHECKSUMS = "SHA256SUMS"
 ENGINES = "engines"
-CONFIG = "config.yaml"
 
 
 @dataclass
@@ -71,11 +70,8 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
     # Files only: the machine that packs need not be the one that runs (``verify`` checks that).
     manifest = read_engine_manifest(engines)
     verify_files(manifest.directory, _engine_files(manifest), what=f"engines in {engines}")
-    config = run_dir / CONFIG
-    if not config.is_file():
-        raise ManifestError(f"{config} is missing: re-run the stages with `sd35trt build --config ...`")
     top = f"sd35trt-{run_dir.name}"
-    members = [(config, CONFIG)] + [
+    members = [
         (p, f"{ENGINES}/{p.relative_to(engines).as_posix()}")
         for p in sorted(engines.rglob("*"))
         if p.is_file()

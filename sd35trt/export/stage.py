@@ -16,6 +16,7 @@ All validation failures are collected and raised together; nothing is published 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
 import sys
@@ -254,7 +255,8 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     ref = None if skipped else _reference(module, sp, check_shapes, precision, job.device, quantized)
     vocab = tracing.vocab_size(module)
     sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
-    tracing.trace(module, sp, sample, raw, trace_opset)
+    with tracing.fp8_tracing(module) if quantized else contextlib.nullcontext():
+        tracing.trace(module, sp, sample, raw, trace_opset)
     del module, sample
     _free_memory(job.device)
 

@@ -147,6 +147,72 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
                 q.trt_high_precision_dtype = _MODELOPT_DTYPE[precision]
 
 
+#: The ModelOpt quantizer backend :func:`fp8_tracing` switches weights and inputs to.
+TRACE_BACKEND = "sd35trt-fp8-trace"
+
+
+def _fp8_trace_function():
+    """An autograd Function that exports as ModelOpt's FP8 Q/DQ and computes nothing."""
+    import torch
+    from modelopt.torch.quantization.export_onnx import export_fp8
+    from torch.onnx import symbolic_helper
+
+    class Fp8TraceQdq(torch.autograd.Function):
+        @staticmethod
+        @symbolic_helper.parse_args("v", "f")
+        def symbolic(g, inputs, amax: float):
+            return export_fp8(g, inputs, amax, None)  # the very nodes ModelOpt's FP8 quantizer emits
+
+        @staticmethod
+        def forward(ctx, inputs, amax: float):
+            # The traced values are thrown away (validation runs the real fake quant), so an
+            # alias does: a fake-quantized copy of every weight would stay alive until the
+            # tracer finishes, about one more copy of the model.
+            return inputs.detach()
+
+    return Fp8TraceQdq
+
+
+@contextlib.contextmanager
+def fp8_tracing(model: nn.Module) -> Iterator[None]:
+    """Trace ``model``'s enabled FP8 weight and input quantizers without computing fake quant.
+
+    Each such quantizer is switched to a ModelOpt quantizer backend whose ONNX symbolic is
+    ModelOpt's own FP8 export (``export_fp8``), so the graph is unchanged; attention quantizers
+    (exported by ModelOpt's FP8 attention) are left alone.
+    """
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        register_quant_backend,
+        unregister_quant_backend,
+    )
+
+    from sd35trt.quantize import QuantizerKind, quantizers
+
+    fn = _fp8_trace_function()
+
+    def backend(inputs, quantizer):
+        return fn.apply(inputs, float(quantizer.amax))
+
+    switched = [
+        (q, q.backend)
+        for name, q in quantizers(model).items()
+        if q.is_enabled
+        and QuantizerKind.of(name) in (QuantizerKind.WEIGHT, QuantizerKind.INPUT)
+        and tuple(q.num_bits) == (4, 3)
+        and q.amax is not None
+        and q.amax.numel() == 1
+    ]
+    register_quant_backend(TRACE_BACKEND, backend)
+    for q, _ in switched:
+        q.backend = TRACE_BACKEND
+    try:
+        yield
+    finally:
+        for q, previous in switched:
+            q.backend = previous
+        unregister_quant_backend(TRACE_BACKEND)
+
+
 @contextlib.contextmanager
 def quantizers_disabled(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as the unquantized model: every enabled FP8 quantizer off, then back on."""

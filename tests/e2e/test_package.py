@@ -25,7 +25,7 @@ def test_packed_artefact_verifies_and_unpacks_to_engines(artefact, tmp_path):
     assert report.ok, report.problems
     assert report.files_checked > 5
     root = _unpacked(artefact, tmp_path)
-    assert (root / CHECKSUMS).is_file() and (root / "config.yaml").is_file()
+    assert (root / CHECKSUMS).is_file() and (root / "engines" / "config.yaml").is_file()
     assert engines_dir_of(root) == root / "engines"
     assert verify(root).ok
 

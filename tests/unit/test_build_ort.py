@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -264,7 +265,9 @@ def test_build_writes_engines_manifest_and_record(built):
         "tokenizer_2/vocab.json",
         "tokenizer_3/spiece.json",
         "scheduler/scheduler_config.json",
+        "config.yaml",
     }
+    assert yaml.safe_load((engines_dir / "config.yaml").read_text())["name"] == _config().name
     # One progress line per component start and end.
     assert next(ln for ln in lines if "onnxruntime build from" in ln).startswith("[1/5] clip_l")
     assert sum("done in" in ln for ln in lines) == 5
