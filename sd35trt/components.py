@@ -136,17 +136,31 @@ class ModelDims:
             except json.JSONDecodeError as err:
                 raise ModelError(f"{p} is not valid JSON: {err}") from None
 
+        return cls.from_configs(
+            read("transformer"),
+            read("text_encoder"),
+            read("text_encoder_2"),
+            read("text_encoder_3"),
+            read("vae"),
+            source=str(root),
+        )
+
+    @classmethod
+    def from_configs(
+        cls, transformer: dict, clip_l: dict, clip_g: dict, t5: dict, vae: dict, source: str = "model"
+    ) -> ModelDims:
+        """The dims from the components' config dicts (diffusers / transformers config keys).
+
+        Raises:
+            ModelError: a config lacks a key.
+        """
+        tr = transformer
         try:
-            tr = read("transformer")
-            cl = read("text_encoder")
-            cg = read("text_encoder_2")
-            t5 = read("text_encoder_3")
-            vae = read("vae")
             return cls(
-                clip_l_hidden=cl["hidden_size"],
-                clip_l_projection=cl["projection_dim"],
-                clip_g_hidden=cg["hidden_size"],
-                clip_g_projection=cg["projection_dim"],
+                clip_l_hidden=clip_l["hidden_size"],
+                clip_l_projection=clip_l["projection_dim"],
+                clip_g_hidden=clip_g["hidden_size"],
+                clip_g_projection=clip_g["projection_dim"],
                 t5_hidden=t5["d_model"],
                 latent_channels=tr["in_channels"],
                 patch_size=tr["patch_size"],
@@ -161,7 +175,7 @@ class ModelDims:
                 vae_shift_factor=float(vae.get("shift_factor") or 0.0),
             )
         except KeyError as err:
-            raise ModelError(f"{root}: a component config lacks key {err}") from None
+            raise ModelError(f"{source}: a component config lacks key {err}") from None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

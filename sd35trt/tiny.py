@@ -24,6 +24,8 @@ from sd35trt.config import Architecture
 if TYPE_CHECKING:
     import torch
 
+    from sd35trt.components import ModelDims
+
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 256
 VAE_SCALING_FACTOR = 1.5305
@@ -138,6 +140,14 @@ def architecture_config(arch: Architecture) -> ArchitectureConfig:
     else:
         tr = _transformer(layers=38, heads=38, head_dim=64, pos=192, dual=())
     return ArchitectureConfig(transformer=tr, clip_l=clip_l, clip_g=clip_g, t5=large_t5, vae=vae)
+
+
+def model_dims(arch: Architecture) -> ModelDims:
+    """The :class:`~sd35trt.components.ModelDims` of ``arch``, without building anything."""
+    from sd35trt.components import ModelDims
+
+    cfg = architecture_config(arch)
+    return ModelDims.from_configs(cfg.transformer, cfg.clip_l, cfg.clip_g, cfg.t5, cfg.vae, source=arch.value)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -315,7 +315,8 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
 
     The FP8 values are what ``QuantizeLinear`` computes (``saturate(round(W / scale))``, round
     to nearest even, in float32), so the graph's numbers do not change. One weight is in memory
-    at a time; the FP8 copies stay in the proto until :func:`save_model` streams them out.
+    at a time: each FP8 weight goes straight to ``<model_path>.fp8.data`` and the graph refers
+    to it as external data (:func:`save_model` later streams it into the final file).
 
     Args:
         model: a graph after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants).
@@ -331,25 +332,40 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
     constants = _constant_values(model)
     consumers = _consumers(graph)
     folded: list[NodeProto] = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
-            continue
-        weight = initializers.get(node.input[0])
-        users = consumers.get(node.output[0], [])
-        if weight is None or not users or any(u.op_type != "DequantizeLinear" for u in users):
-            continue
-        scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
-        values = tensor_array(weight, model_path).astype(np.float32)
-        fp8 = np.clip(values / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-        name = f"{weight.name}_fp8"
-        graph.initializer.append(numpy_helper.from_array(fp8, name))
-        for user in users:
-            user.input[0] = name
-        folded.append(node)
+    sink = model_path.with_name(model_path.name + ".fp8.data")
+    with open(sink, "wb") as out:
+        for node in graph.node:
+            if node.op_type != "QuantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            weight = initializers.get(node.input[0])
+            users = consumers.get(node.output[0], [])
+            if weight is None or not users or any(u.op_type != "DequantizeLinear" for u in users):
+                continue
+            scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
+            values = tensor_array(weight, model_path).astype(np.float32)  # one weight, float32
+            fp8 = np.clip(values / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+            tensor = TensorProto(name=f"{weight.name}_fp8", data_type=FP8, dims=fp8.shape)
+            _point_at(tensor, sink.name, out.tell(), fp8.nbytes)
+            out.write(fp8.tobytes())
+            graph.initializer.append(tensor)
+            for user in users:
+                user.input[0] = tensor.name
+            folded.append(node)
     for node in folded:
         graph.node.remove(node)
     remove_unused_initializers(model)
     return len(folded)
+
+
+def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` refer to ``length`` bytes at ``offset`` of the file ``location``."""
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def strip_qdq(model: ModelProto) -> ModelProto:
@@ -585,20 +601,7 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
                 offset = -(-out.tell() // ALIGNMENT) * ALIGNMENT
                 out.seek(offset)
                 out.write(blob)
-                for field in (
-                    "raw_data",
-                    "float_data",
-                    "int32_data",
-                    "int64_data",
-                    "double_data",
-                    "uint64_data",
-                ):
-                    tensor.ClearField(field)
-                del tensor.external_data[:]
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", offset), ("length", len(blob))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
+                _point_at(tensor, data_path.name, offset, len(blob))
             out.flush()
             os.fsync(out.fileno())
         written.append(data_path)

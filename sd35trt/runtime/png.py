@@ -8,17 +8,15 @@ parameters always give the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sd35trt.manifest import atomic_write_bytes
 from sd35trt.runtime.request import GenerationParams
 
 PARAMETERS_KEY = "parameters"
@@ -67,16 +65,7 @@ def save_png(
     """
     path = Path(path)
     data = png_bytes(image, params, engine_digest, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
     return path
 
 

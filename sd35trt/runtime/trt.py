@@ -17,8 +17,6 @@ replayed (TensorRT needs one ``execute_async_v3`` before capture to finish defer
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.components import ComponentSpec, ShapeRange
 from sd35trt.errors import BuildError, DeviceOutOfMemoryError, IncompatibleEngineError, VerificationError
+from sd35trt.manifest import atomic_write_bytes
 from sd35trt.runtime.engine import Engine
 
 if TYPE_CHECKING:
@@ -112,18 +111,6 @@ def _progress_monitor(trt: Any, report: Progress, label: str, every_s: float = 5
     return Monitor()
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_plan(
     onnx_path: Path,
     plan_path: Path,
@@ -184,9 +171,9 @@ def build_plan(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
-    _atomic_write(plan_path, memoryview(serialized))
+    atomic_write_bytes(plan_path, memoryview(serialized))
     if timing_cache is not None:
-        _atomic_write(timing_cache, memoryview(config.get_timing_cache().serialize()))
+        atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return {
         **options.to_json(),
         "strongly_typed": True,

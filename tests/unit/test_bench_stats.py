@@ -25,28 +25,13 @@ from sd35trt.bench import (
     step_overheads,
     summarize,
 )
-from sd35trt.components import Component, ModelDims, spec
+from sd35trt.components import Component, spec
+from sd35trt.config import Architecture
 from sd35trt.evaluate import LPIPS_SKIPPED, aggregate, format_eval, load_prompts, lpips_status
 from sd35trt.runtime.engine import Engine
+from sd35trt.tiny import model_dims
 
-DIMS = ModelDims(
-    clip_l_hidden=32,
-    clip_l_projection=32,
-    clip_g_hidden=48,
-    clip_g_projection=48,
-    t5_hidden=96,
-    latent_channels=16,
-    patch_size=2,
-    num_layers=3,
-    head_dim=16,
-    num_heads=2,
-    joint_attention_dim=96,
-    pooled_projection_dim=80,
-    pos_embed_max_size=32,
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5305,
-    vae_shift_factor=0.0609,
-)
+DIMS = model_dims(Architecture.TINY)
 
 
 # -- percentiles and summaries ------------------------------------------------------------------

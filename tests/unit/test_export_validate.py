@@ -8,34 +8,17 @@ import numpy as np
 
 from sd35trt.components import (
     Component,
-    ModelDims,
     Sampling,
     Tolerance,
     sample_shapes,
     spec,
     validation_tolerance,
 )
-from sd35trt.config import BuildSettings, Precision, Range
+from sd35trt.config import Architecture, BuildSettings, Precision, Range
 from sd35trt.export.validate import compare, describe_failure
+from sd35trt.tiny import model_dims
 
-DIMS = ModelDims(
-    clip_l_hidden=32,
-    clip_l_projection=32,
-    clip_g_hidden=48,
-    clip_g_projection=48,
-    t5_hidden=96,
-    latent_channels=16,
-    patch_size=2,
-    num_layers=3,
-    head_dim=16,
-    num_heads=2,
-    joint_attention_dim=96,
-    pooled_projection_dim=80,
-    pos_embed_max_size=32,
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5305,
-    vae_shift_factor=0.0609,
-)
+DIMS = model_dims(Architecture.TINY)
 
 
 def test_compare_allows_atol_plus_rtol_of_the_reference_and_flags_the_rest():

@@ -4,29 +4,13 @@ import math
 
 import pytest
 
-from sd35trt.components import Component, ModelDims, ShapeRange, profile, spec
-from sd35trt.config import Range, config_from_dict
+from sd35trt.components import Component, ShapeRange, profile, spec
+from sd35trt.config import Architecture, Range, config_from_dict
 from sd35trt.errors import ManifestError, RequestError
 from sd35trt.runtime.request import GenerationRequest, RequestLimits, resolve_request
+from sd35trt.tiny import model_dims
 
-TINY = ModelDims(
-    clip_l_hidden=32,
-    clip_l_projection=32,
-    clip_g_hidden=48,
-    clip_g_projection=48,
-    t5_hidden=96,
-    latent_channels=16,
-    patch_size=2,
-    num_layers=3,
-    head_dim=16,
-    num_heads=2,
-    joint_attention_dim=96,
-    pooled_projection_dim=80,
-    pos_embed_max_size=32,
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5305,
-    vae_shift_factor=0.0609,
-)
+TINY = model_dims(Architecture.TINY)
 CONFIG = config_from_dict(
     {
         "name": "t",
