@@ -84,15 +84,15 @@ def sha256_file(path: str | Path) -> str:
 
 
 def file_record(root: str | Path, path: str | Path) -> FileRecord:
-    """Record ``path`` (inside ``root``) with its size and sha256."""
-    root, path = Path(root), Path(path)
+    """Record ``path`` (absolute, or relative to ``root``) with its size and sha256."""
+    root, path = Path(root).absolute(), Path(path)
     full = path if path.is_absolute() else root / path
     return FileRecord(full.relative_to(root).as_posix(), full.stat().st_size, sha256_file(full))
 
 
 def records_for_tree(root: str | Path, subdir: str | Path) -> list[FileRecord]:
     """Records of every regular file below ``root/subdir``, sorted by path."""
-    root = Path(root)
+    root = Path(root).absolute()
     base = root / subdir
     return [file_record(root, p) for p in sorted(base.rglob("*")) if p.is_file()]
 
@@ -228,7 +228,7 @@ def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(run_dir, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=run_dir)).absolute()
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
     try:
         yield tmp

@@ -44,6 +44,13 @@ def test_flipped_byte_truncation_and_missing_file_are_named(tmp_path):
     assert "a.bin is missing" in str(e.value) and "b.json" in str(e.value)
 
 
+def test_relative_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rec = _publish(Path("runs") / "rel", Stage.CALIBRATE, "d")
+    assert {f["path"] for f in rec["files"]} == {"calibrate/a.bin", "calibrate/sub/b.json"}
+    RunManifest(Path("runs") / "rel").verified(Stage.CALIBRATE, "d")
+
+
 def test_missing_record_names_the_stage_to_run(tmp_path):
     with pytest.raises(ManifestError, match=r"no calibrate record.*run `sd35trt calibrate` --config c\.yaml"):
         RunManifest(tmp_path).verified(Stage.CALIBRATE, "d", hint="--config c.yaml")
