@@ -21,9 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import yaml
-from google.protobuf.message import DecodeError
 
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config, Precision
@@ -122,30 +120,6 @@ def choose_source(component: Component, entry: Mapping, backend: Backend, gpu: G
     return Source(fallback, fp8=False, note=note)
 
 
-def check_external_data(path: Path, model: onnx.ModelProto) -> bool:
-    """Refuse external-data locations that are absolute, escape the model's directory or are links.
-
-    Returns:
-        Whether the model keeps any tensor in external data.
-
-    Raises:
-        BuildError: naming the model and the offending location.
-    """
-    base = path.parent.resolve()
-    found = False
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        found = True
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        target = path.parent / location
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
-            raise BuildError(f"{path}: external data location {location!r} is not a plain relative path")
-        if target.is_symlink() or not target.resolve().is_relative_to(base):
-            raise BuildError(f"{path}: external data {location!r} is a link or lies outside {base}")
-    return found
-
-
 def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
     """Input shapes of an ONNX file (ints, or axis names for dynamic dims), without its weights.
 
@@ -153,13 +127,13 @@ def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
         ``({input: shape}, has_external_data)``.
 
     Raises:
-        BuildError: the file is not a loadable ONNX model, or its external data is unsafe.
+        ModelError: the file is not a loadable ONNX model, or its external data is unsafe
+            (absolute, escaping the directory, a symlink, or truncated).
     """
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (OSError, DecodeError) as err:
-        raise BuildError(f"{path} is not a readable ONNX model: {err}") from None
-    external = check_external_data(path, model)
+    from sd35trt.export.onnx_tools import check_external_data, uses_external_data
+
+    model = check_external_data(path)
+    external = any(uses_external_data(t) for t in model.graph.initializer)
     initializers = {t.name for t in model.graph.initializer}
     shapes = {}
     for value in model.graph.input:

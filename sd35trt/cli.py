@@ -74,7 +74,7 @@ def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = N
     def body(cfg, rd, hint):
         from sd35trt.export import export as run
 
-        run(cfg, rd, force=force)
+        run(cfg, rd, force=force, hint=hint)
 
     _run_stage("export", config, run_dir, body)
 

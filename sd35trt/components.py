@@ -289,8 +289,15 @@ REDUCED_PRECISION_TOLERANCE = {
 def validation_tolerance(sp: ComponentSpec, precision: Precision, quantized: bool = False) -> Tolerance:
     """The tolerance an exported graph of ``sp`` in ``precision`` is validated with.
 
-    ``quantized`` graphs are compared with ModelOpt's fake-quant PyTorch model under
-    ``sp.fp8_tolerance``; 16-bit exports get at least :data:`REDUCED_PRECISION_TOLERANCE`.
+    Args:
+        sp: the component's spec (its ``tolerance`` and ``fp8_tolerance``).
+        precision: the export precision; 16-bit exports get at least
+            :data:`REDUCED_PRECISION_TOLERANCE`.
+        quantized: the FP8 graph, compared with ModelOpt's fake-quant PyTorch model under
+            ``sp.fp8_tolerance``.
+
+    Returns:
+        The :class:`Tolerance` to apply to every output.
     """
     base = sp.fp8_tolerance if quantized and sp.fp8_tolerance is not None else sp.tolerance
     slack = REDUCED_PRECISION_TOLERANCE.get(precision)

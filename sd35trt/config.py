@@ -222,10 +222,16 @@ class Config(_Strict):
                 raise ValueError(f"runtime.{name} = {value} is outside build.{name} range {r.min}..{r.max}")
         return self
 
-    def digest(self, *sections: str) -> str:
-        """sha256 of the named sections (e.g. ``"model", "calibrate"``) in canonical JSON."""
-        data = self.model_dump(mode="json", include=set(sections))
-        return sha256_json(data)
+    def digest(self, *fields: str) -> str:
+        """sha256 (canonical JSON) of named sections or dotted fields: ``"model"``, ``"runtime.steps"``."""
+        data = self.model_dump(mode="json")
+        picked = {}
+        for name in fields:
+            value = data
+            for key in name.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            picked[name] = value
+        return sha256_json(picked)
 
 
 def sha256_json(data: Any) -> str:

@@ -52,7 +52,13 @@ class Stage(str, Enum):
         """Config sections whose change makes this stage's output stale."""
         return {
             Stage.CALIBRATE: ("model", "calibrate"),
-            Stage.EXPORT: ("model", "export"),
+            # The transformer graph's skip-layer input and text length come from the runtime section.
+            Stage.EXPORT: (
+                "model",
+                "export",
+                "runtime.max_sequence_length",
+                "runtime.skip_layer_guidance.layers",
+            ),
             Stage.BUILD: ("build", "runtime"),
         }[self]
 

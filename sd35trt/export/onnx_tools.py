@@ -71,7 +71,14 @@ def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor stored in ``model``: initializers and Constant attributes, subgraphs included."""
+    """Every tensor stored in ``model``: initializers and Constant attributes, subgraphs included.
+
+    Args:
+        model: the model proto (external data loaded or not).
+
+    Returns:
+        An iterator over the TensorProtos, which callers may modify in place.
+    """
     yield from _graph_tensors(model.graph)
     for fn in model.functions:
         for node in fn.node:
@@ -81,6 +88,7 @@ def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
 
 
 def uses_external_data(tensor: TensorProto) -> bool:
+    """Whether ``tensor``'s bytes live in a file outside the proto."""
     return tensor.data_location == TensorProto.EXTERNAL
 
 
@@ -94,6 +102,11 @@ class ExternalRef:
 
 
 def external_ref(tensor: TensorProto) -> ExternalRef:
+    """Where an external tensor's bytes are.
+
+    Raises:
+        ModelError: the offset or length is not an integer.
+    """
     entries = {e.key: e.value for e in tensor.external_data}
     try:
         offset = int(entries.get("offset", 0))
@@ -103,7 +116,7 @@ def external_ref(tensor: TensorProto) -> ExternalRef:
     return ExternalRef(entries.get("location", ""), offset, length)
 
 
-def tensor_nbytes(tensor: TensorProto) -> int:
+def _tensor_nbytes(tensor: TensorProto) -> int:
     """Bytes of a tensor's data, stored in the proto or outside it."""
     if uses_external_data(tensor):
         ref = external_ref(tensor)
@@ -192,7 +205,7 @@ def check_external_data(path: str | Path) -> ModelProto:
     return model
 
 
-def read_external(tensor: TensorProto, model_path: Path) -> bytes:
+def _read_external(tensor: TensorProto, model_path: Path) -> bytes:
     """The bytes of one external tensor of the model at ``model_path`` (location checked first)."""
     ref = external_ref(tensor)
     data = _safe_data_path(model_path, tensor.name, ref.location)
@@ -207,7 +220,7 @@ def read_external(tensor: TensorProto, model_path: Path) -> bytes:
     return blob
 
 
-def tensor_array(tensor: TensorProto, model_path: Path) -> np.ndarray:
+def _tensor_array(tensor: TensorProto, model_path: Path) -> np.ndarray:
     """A tensor's values as numpy (bfloat16 / float8 as ml_dtypes), reading external data."""
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
@@ -215,7 +228,7 @@ def tensor_array(tensor: TensorProto, model_path: Path) -> np.ndarray:
     inline.CopyFrom(tensor)
     del inline.external_data[:]
     inline.data_location = TensorProto.DEFAULT
-    inline.raw_data = read_external(tensor, model_path)
+    inline.raw_data = _read_external(tensor, model_path)
     return numpy_helper.to_array(inline)
 
 
@@ -297,8 +310,46 @@ def rewrite_fp8_qdq(model: ModelProto) -> int:
     return count
 
 
+def float32_io(model: ModelProto) -> ModelProto | None:
+    """A copy of ``model`` whose bfloat16 inputs and outputs are float32, or None if it has none.
+
+    Casts at the edges keep the compute in bfloat16; names are unchanged. Only the graph is
+    copied (``model`` is loaded without external data, locations stay relative).
+    """
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    edges = [v for v in (*model.graph.input, *model.graph.output) if v.type.tensor_type.elem_type == bf16]
+    if not edges:
+        return None
+    out = ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == bf16}
+    outputs = {v.name for v in graph.output if v.type.tensor_type.elem_type == bf16}
+    inner = {name: f"{name}__bfloat16" for name in inputs | outputs}
+    for node in graph.node:
+        node.input[:] = [inner.get(n, n) for n in node.input]
+        node.output[:] = [inner.get(n, n) for n in node.output]
+    casts = [
+        helper.make_node("Cast", [n], [inner[n]], name=f"{n}/to_bfloat16", to=bf16) for n in sorted(inputs)
+    ]
+    tail = [
+        helper.make_node("Cast", [inner[n]], [n], name=f"{n}/to_float32", to=f32) for n in sorted(outputs)
+    ]
+    nodes = [*casts, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for v in (*graph.input, *graph.output):
+        if v.name in inner:
+            v.type.tensor_type.elem_type = f32
+    return out
+
+
 def custom_ops(model: ModelProto) -> set[str]:
-    """``domain::op`` of every node outside the standard ONNX domain."""
+    """Ops ONNX Runtime and TensorRT can't read without plugins.
+
+    Returns:
+        ``domain::op`` of every node outside the standard ONNX domain.
+    """
     return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in _DEFAULT_DOMAINS}
 
 
@@ -342,7 +393,7 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
             if weight is None or not users or any(u.op_type != "DequantizeLinear" for u in users):
                 continue
             scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
-            values = tensor_array(weight, model_path).astype(np.float32)  # one weight, float32
+            values = _tensor_array(weight, model_path).astype(np.float32)  # one weight, float32
             fp8 = np.clip(values / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
             tensor = TensorProto(name=f"{weight.name}_fp8", data_type=FP8, dims=fp8.shape)
             _point_at(tensor, sink.name, out.tell(), fp8.nbytes)
@@ -353,7 +404,7 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
             folded.append(node)
     for node in folded:
         graph.node.remove(node)
-    remove_unused_initializers(model)
+    _remove_unused_initializers(model)
     return len(folded)
 
 
@@ -407,11 +458,11 @@ def strip_qdq(model: ModelProto) -> ModelProto:
     keep = [vi for vi in graph.value_info if vi.name not in drop]
     del graph.value_info[:]
     graph.value_info.extend(keep)
-    remove_unused_initializers(out)
+    _remove_unused_initializers(out)
     return out
 
 
-def remove_unused_initializers(model: ModelProto) -> None:
+def _remove_unused_initializers(model: ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
@@ -517,7 +568,7 @@ def _is_bf16(dtype) -> bool:
     return dtype == TensorProto.BFLOAT16 or getattr(dtype, "name", None) == "bfloat16"
 
 
-def set_ir_version(model: ModelProto) -> None:
+def _set_ir_version(model: ModelProto) -> None:
     """The lowest IR version that carries the model's opsets (and FP8: 9): readers reject newer ones."""
     model.ir_version = max(9, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
 
@@ -542,7 +593,7 @@ def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 2
     # default logger would also warn about every Unsqueeze of a dynamic shape.
     G_LOGGER.severity = G_LOGGER.ERROR
     ort.set_default_logger_severity(3)
-    set_ir_version(model)
+    _set_ir_version(model)
     einsum_to_transpose(model)
     graph = gs.import_onnx(model)
     if fold:
@@ -573,7 +624,8 @@ def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 2
 
 
 def tensors_bytes(model: ModelProto) -> int:
-    return sum(tensor_nbytes(t) for t in iter_tensors(model))
+    """Bytes of all tensors of ``model``, stored inline or outside."""
+    return sum(_tensor_nbytes(t) for t in iter_tensors(model))
 
 
 def save_model(model: ModelProto, path: Path, source: Path | None, external: bool) -> list[Path]:
@@ -595,9 +647,9 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
     if external:
         with open(data_path, "wb") as out:
             for tensor in iter_tensors(model):
-                if not uses_external_data(tensor) and tensor_nbytes(tensor) < SMALL_TENSOR_BYTES:
+                if not uses_external_data(tensor) and _tensor_nbytes(tensor) < SMALL_TENSOR_BYTES:
                     continue
-                blob = read_external(tensor, source) if uses_external_data(tensor) else _raw_bytes(tensor)
+                blob = _read_external(tensor, source) if uses_external_data(tensor) else _raw_bytes(tensor)
                 offset = -(-out.tell() // ALIGNMENT) * ALIGNMENT
                 out.seek(offset)
                 out.write(blob)
@@ -608,7 +660,7 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
     else:
         for tensor in iter_tensors(model):
             if uses_external_data(tensor):
-                blob = read_external(tensor, source)
+                blob = _read_external(tensor, source)
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
                 tensor.raw_data = blob
@@ -636,7 +688,11 @@ def check_onnx_file(path: str | Path) -> ModelProto:
 
 
 def io_signature(model: ModelProto) -> dict[str, dict[str, dict]]:
-    """``{"inputs"|"outputs": {name: {"dtype": "float32", "shape": [dim or axis name]}}}``."""
+    """The graph's inputs and outputs as the manifest records them.
+
+    Returns:
+        ``{"inputs"|"outputs": {name: {"dtype": "float32", "shape": [dim or axis name]}}}``.
+    """
 
     def describe(values) -> dict[str, dict]:
         out = {}
@@ -652,6 +708,7 @@ def io_signature(model: ModelProto) -> dict[str, dict[str, dict]]:
 
 
 def count_ops(model: ModelProto) -> dict[str, int]:
+    """Number of nodes per op type in the main graph."""
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

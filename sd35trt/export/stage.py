@@ -96,10 +96,13 @@ class _Graph:
     information: dict | None = None
     fp8: dict | None = None
     seconds: float = 0.0
+    #: the data file this graph reads when it is another graph's (the unquantized transformer).
+    shared_data: Path | None = None
 
     @property
     def external_data(self) -> Path | None:
-        return next((p for p in self.files if p.suffix == ".data"), None)
+        own = next((p for p in self.files if p.suffix == ".data"), None)
+        return own or self.shared_data
 
 
 @dataclass
@@ -162,6 +165,8 @@ def export(
         report(f"export in {run_dir / Stage.EXPORT.directory} is up to date (use --force to redo)")
         return manifest.require(Stage.EXPORT, hint)
 
+    if config.export.quantize and config.calibrate.fp8_attention:
+        tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
     root = model_dir(config, run_dir)
     if config.model.source is not ModelSource.RANDOM:
         check_weights(root)
@@ -377,6 +382,8 @@ def _save(
     if shared:
         onnx.save_model(model, str(path))
         graph.files = [path]
+        data = source.with_name(source.name + ".data")
+        graph.shared_data = data if data.is_file() else None
     else:
         external = onnx_tools.tensors_bytes(model) > job.external_threshold or any(
             onnx_tools.uses_external_data(t) for t in onnx_tools.iter_tensors(model)
@@ -459,6 +466,7 @@ def _report(job: _Job, graphs: list[_Graph], seconds: float) -> dict:
             "component": g.component.value,
             "onnx": g.files[0].name,
             "files": {p.name: p.stat().st_size for p in g.files},
+            "external_data": g.external_data.name if g.external_data else None,
             "precision": g.precision.value,
             "quantized": g.quantized,
             "fp8": g.fp8,
@@ -507,6 +515,7 @@ def _details(
         if component is Component.TRANSFORMER:
             plain = by_stem.get(UNQUANTIZED_STEM)
             entry["onnx_unquantized"] = rel(plain.files[0]) if plain else None
+            entry["onnx_unquantized_external_data"] = rel(plain.external_data) if plain else None
             entry["fp8_weights"] = bool(g.quantized and config.export.fp8_weights)
         components[component.value] = entry
     return {

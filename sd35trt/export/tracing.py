@@ -29,6 +29,7 @@ _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
+    """The torch dtype of an export precision."""
     import torch
 
     return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[
@@ -37,7 +38,7 @@ def torch_dtype(precision: Precision) -> torch.dtype:
 
 
 def default_device() -> str:
-    """CUDA when present: the weights then live in GPU memory and host RAM holds one tensor at a time."""
+    """CUDA when present: the weights and the tracer's activations then live in GPU memory."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,6 +125,20 @@ def load_module(
     return modules.ClipTextEncoder(raw).eval()
 
 
+def check_fp8_attention(precision: Precision) -> None:
+    """Refuse FP8 attention in a float32 transformer graph.
+
+    Raises:
+        ConfigError: ModelOpt writes FP8 attention (the layout TensorRT's fused FP8 attention
+            needs) for fp16 and bf16 graphs only.
+    """
+    if precision not in _MODELOPT_DTYPE:
+        raise ConfigError(
+            "calibrate.fp8_attention needs export.precision.transformer fp16 or bf16, "
+            f"got {precision.value} (ModelOpt exports FP8 attention for 16-bit graphs only)"
+        )
+
+
 def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, calibration: Path) -> None:
     """Re-insert the calibrated FP8 quantizers (ModelOpt fake quant) into ``transformer``.
 
@@ -134,11 +149,8 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
     """
     from sd35trt.quantize import ATTENTION_QUANTIZERS, quantizers, restore_calibration
 
-    if config.calibrate.fp8_attention and precision not in _MODELOPT_DTYPE:
-        raise ConfigError(
-            f"calibrate.fp8_attention needs export.precision.transformer fp16 or bf16, got {precision.value} "
-            "(ModelOpt exports FP8 attention for 16-bit graphs only)"
-        )
+    if config.calibrate.fp8_attention:
+        check_fp8_attention(precision)
     restore_calibration(transformer, config.calibrate, calibration)
     if config.calibrate.fp8_attention:
         # ModelOpt's FP8 attention export checks its quantizers were set to the graph's dtype.
@@ -229,6 +241,7 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def vocab_size(module: nn.Module) -> int | None:
+    """The token vocabulary of a text-encoder wrapper, None for other components."""
     encoder = getattr(module, "encoder", None)
     return getattr(getattr(encoder, "config", None), "vocab_size", None)
 
@@ -243,8 +256,20 @@ def make_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Random inputs of ``spec`` at ``shapes``, as the spec's sampling rules say.
 
-    ``case`` seeds the draw, so every case gets fresh values and a re-run gets the same ones.
-    Gates alternate with ``case`` (all skipped, then none), so two cases cover both branches.
+    Args:
+        spec: the component's I/O contract (names, dtypes, sampling rules).
+        shapes: a concrete shape per input name.
+        precision: the export precision of float inputs.
+        case: seeds the draw, so every case gets fresh values and a re-run the same ones.
+            Gates alternate with it (all skipped, then none): two cases cover both branches.
+        vocab: the token vocabulary, for token inputs.
+        device: where the tensors go.
+
+    Returns:
+        The inputs in the spec's order.
+
+    Raises:
+        ExportError: the spec has token inputs and the encoder has no vocabulary size.
     """
     import torch
 
@@ -278,7 +303,11 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 def reference(
     module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...]
 ) -> dict[str, np.ndarray]:
-    """The module's outputs for ``inputs``, by output name, as float32 numpy."""
+    """Run ``module`` without gradients.
+
+    Returns:
+        Its outputs by the spec's output names, as float32 numpy.
+    """
     import torch
 
     with torch.no_grad():
@@ -291,6 +320,13 @@ def trace(
     module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...], path: Path, opset: int
 ) -> None:
     """``torch.onnx.export`` (TorchScript) of ``module`` to ``path`` with the spec's names and axes.
+
+    Args:
+        module: the spec-shaped module (for FP8, inside :func:`fp8_tracing`).
+        spec: names and dynamic axes of the graph.
+        inputs: sample inputs; their values don't matter, their shapes set the traced sizes.
+        path: the ``.onnx`` file to write (per-tensor data files may appear beside it).
+        opset: the ONNX opset, at most :func:`max_trace_opset`.
 
     Constant folding is left to :func:`~sd35trt.export.onnx_tools.clean_up`: the TorchScript
     folder keeps a second copy of every folded weight (2x the memory of a large model), and it

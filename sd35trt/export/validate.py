@@ -30,14 +30,22 @@ CUDA = "CUDAExecutionProvider"
 
 
 def providers() -> list[str]:
-    """ONNX Runtime providers to validate with: CUDA first where present, CPU always."""
+    """ONNX Runtime providers to validate with.
+
+    Returns:
+        CUDA first where onnxruntime-gpu sees a GPU, CPU always.
+    """
     import onnxruntime as ort
 
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 
 def unsupported(precision: Precision, available: list[str]) -> str | None:
-    """Why ONNX Runtime can't run a graph of ``precision`` with ``available``, or None if it can."""
+    """Why ONNX Runtime can't run a graph of ``precision`` with ``available`` providers.
+
+    Returns:
+        The reason (for the report), or None when validation can run.
+    """
     if precision is Precision.BF16 and CUDA not in available:
         return (
             "ONNX Runtime's CPU provider has no bfloat16 kernels (Conv, MatMul); "
@@ -47,31 +55,42 @@ def unsupported(precision: Precision, available: list[str]) -> str | None:
 
 
 def session(path: Path, available: list[str]) -> ort.InferenceSession:
-    """An ONNX Runtime session on the file at ``path`` (external data read beside it)."""
+    """An ONNX Runtime session on the file at ``path`` (external data read beside it).
+
+    numpy has no bfloat16, so a graph with bfloat16 inputs or outputs is opened through a
+    float32-I/O copy of its graph (:func:`~sd35trt.export.onnx_tools.float32_io`; the compute
+    stays bfloat16), written beside it only while the session loads.
+    """
     import onnxruntime as ort
+
+    from sd35trt.export import onnx_tools
 
     # Errors only: ORT warns about every Unsqueeze on a dynamic shape it can't remove.
     ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), options, providers=available)
+    wrapped = onnx_tools.float32_io(onnx_tools.check_external_data(path))
+    if wrapped is None:
+        return ort.InferenceSession(str(path), options, providers=available)
+    temporary = path.with_name(f".{path.stem}.float32-io.onnx")
+    try:
+        wrapped_bytes = wrapped.SerializeToString()
+        temporary.write_bytes(wrapped_bytes)
+        return ort.InferenceSession(str(temporary), options, providers=available)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run ``sess``; floating inputs are cast to the graph's input type, outputs come back float32."""
-    import onnxruntime as ort
+    """Run ``sess`` on ``feeds`` (float32 or int64 numpy; cast to float16 where the graph says).
 
-    typed: dict[str, object] = {}
+    Returns:
+        Every output by name, as float32.
+    """
+    typed = {}
     for meta in sess.get_inputs():
         x = feeds[meta.name]
-        if meta.type == "tensor(float16)":
-            typed[meta.name] = x.astype(np.float16)
-        elif meta.type == "tensor(bfloat16)":
-            import ml_dtypes
-
-            typed[meta.name] = ort.OrtValue.ortvalue_from_numpy(x.astype(ml_dtypes.bfloat16))
-        else:
-            typed[meta.name] = x
+        typed[meta.name] = x.astype(np.float16) if meta.type == "tensor(float16)" else x
     names = [o.name for o in sess.get_outputs()]
     return {n: np.asarray(v).astype(np.float32) for n, v in zip(names, sess.run(names, typed), strict=True)}
 
@@ -114,9 +133,12 @@ def json_float(x: float) -> float | str:
 def compare(
     actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], tol: Tolerance
 ) -> list[OutputCheck]:
-    """Per-output errors of ``actual`` against ``expected``.
+    """Per-output errors of ``actual`` (ONNX Runtime) against ``expected`` (PyTorch).
 
     A NaN or inf in either, a missing output or a shape mismatch counts as an infinite error.
+
+    Returns:
+        One :class:`OutputCheck` per expected output, in order.
     """
     checks = []
     for name, ref in expected.items():

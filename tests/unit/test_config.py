@@ -87,3 +87,6 @@ def test_digest_tracks_only_named_sections():
     assert a.digest("model", "calibrate") == b.digest("model", "calibrate")
     assert a.digest("runtime") != b.digest("runtime")
     assert a.export.precision.t5 is Precision.FP32
+    slg = a.model_copy(update={"runtime": a.runtime.model_copy(update={"max_sequence_length": 128})})
+    assert a.digest("runtime.steps") == slg.digest("runtime.steps")
+    assert a.digest("runtime.max_sequence_length") != slg.digest("runtime.max_sequence_length")

@@ -61,7 +61,8 @@ def test_stale_config_and_stale_upstream(tmp_path):
     _publish(tmp_path, Stage.EXPORT, "e1", upstream={Stage.CALIBRATE: cal})
     m = RunManifest(tmp_path)
     m.verified(Stage.EXPORT, "e1")
-    with pytest.raises(StaleArtifactError, match=r"config sections \[model, export\] changed"):
+    stale = r"config sections \[model, export, runtime\.max_sequence_length, .*\] changed"
+    with pytest.raises(StaleArtifactError, match=stale):
         m.verified(Stage.EXPORT, "e2")
     _publish(tmp_path, Stage.CALIBRATE, "d2", payload=b"other weights")  # calibrate re-ran
     with pytest.raises(

@@ -242,3 +242,50 @@ def test_save_model_streams_one_aligned_data_file(tmp_path):
     x = np.ones((2, 300), np.float32)
     (y,) = _ort_session(path).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ numpy_helper.to_array(big) + 2.0, rtol=1e-5)
+
+
+def test_bf16_conv_below_opset_22_runs_in_float32_between_casts_and_passes_the_checker(tmp_path):
+    import ml_dtypes
+
+    bf16 = TensorProto.BFLOAT16
+    w = np.random.default_rng(1).standard_normal((4, 3, 2, 2)).astype(ml_dtypes.bfloat16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2]),
+            helper.make_node("Einsum", ["c"], ["y"], equation="nchw->nhwc"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", bf16, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", bf16, [1, 2, 2, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    with pytest.raises(onnx.shape_inference.InferenceError, match="bfloat16"):
+        onnx.checker.check_model(model, full_check=True)
+
+    model = onnx_tools.clean_up(model, fold=False)  # Einsum -> Transpose, types inferred
+    assert onnx_tools.cast_unsupported_bf16(model) == 1
+    assert [n.op_type for n in model.graph.node] == [
+        "Cast",
+        "Cast",
+        "Conv",
+        "Cast",
+        "Transpose",
+    ]  # x, w in; y out
+    path = tmp_path / "conv.onnx"
+    onnx.save_model(onnx.shape_inference.infer_shapes(model), str(path))
+    onnx_tools.check_onnx_file(path)
+
+    # ORT's Python API can't hand over bfloat16 arrays: validation opens such graphs with
+    # float32 inputs and outputs (Casts at the edges), on the CPU here thanks to the Casts.
+    from sd35trt.export import validate
+
+    x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(ml_dtypes.bfloat16)
+    sess = validate.session(path, [validate.CPU])
+    assert [i.type for i in sess.get_inputs()] == ["tensor(float)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]  # the float32-I/O copy is gone
+    y = validate.run(sess, {"x": x.astype(np.float32)})["y"]
+    xs, ws = x.astype(np.float32), w.astype(np.float32)
+    patches = xs.reshape(1, 3, 2, 2, 2, 2).transpose(0, 2, 4, 1, 3, 5)  # [1, h, w, C, kh, kw]
+    expected = np.einsum("nhwcij,ocij->nhwo", patches, ws)  # [1, 2, 2, 4]
+    np.testing.assert_allclose(y, expected, rtol=1e-2, atol=1e-2)
