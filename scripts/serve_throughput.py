@@ -1,6 +1,6 @@
 """Serving throughput, batched against unbatched, at several concurrencies.
 
-Starts two ``python -m sd35trt.serve`` processes on 127.0.0.1 (free ports): one with the
+Starts two ``sd35trt serve`` processes on 127.0.0.1 (free ports): one with the
 engines' batch maximum (dynamic batching on), one with ``--max-batch 1`` (off). Against each,
 closed loops of C clients (C = 1, 4, 16 by default) send identical-shape requests with different
 prompts and seeds, each client a fixed number of requests; images/s = images returned / wall time.
@@ -39,7 +39,7 @@ def free_port() -> int:
 def start_server(engines: Path, max_batch: int | None, queue_size: int, window_ms: float) -> tuple:
     port = free_port()
     cmd = [
-        sys.executable, "-m", "sd35trt.serve",
+        sys.executable, "-m", "sd35trt.cli", "serve",
         "--engines", str(engines), "--host", "127.0.0.1", "--port", str(port),
         "--queue-size", str(queue_size), "--batch-window-ms", str(window_ms), "--log-level", "warning",
     ]  # fmt: skip

@@ -302,6 +302,7 @@ def serve(
         float, typer.Option(min=0.001, help="Per-request limit in seconds, queueing included.")
     ] = 300.0,
     low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (debug, info, warning, error).")] = "info",
 ) -> None:
     """Serve engines over HTTP: POST /generate (dynamic batching), GET /health, GET /ready, /docs."""
     from sd35trt.package import engines_dir_of
@@ -316,6 +317,7 @@ def serve(
         queue_size=queue_size,
         timeout_s=timeout,
         low_vram=low_vram,
+        log_level=log_level,
     )
     run_server(engines_dir_of(engines), settings)
 

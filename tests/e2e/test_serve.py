@@ -2,7 +2,7 @@
 
 Servers run in a thread of this process (so a test can hold the batcher's worker, wrap an engine
 to inject a NaN or an out-of-memory error, and trigger shutdown), except one that runs
-``python -m sd35trt.serve`` as a child process and stops it with SIGTERM. Every server binds
+``sd35trt serve`` as a child process and stops it with SIGTERM. Every server binds
 127.0.0.1 on a free port; every wait is bounded.
 """
 
@@ -524,7 +524,7 @@ def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "sd35trt.serve", "--engines", str(built_run / "engines"),
+        sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(built_run / "engines"),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
