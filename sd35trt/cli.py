@@ -49,8 +49,8 @@ def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
-    fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""))
-    typer.echo(f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
+    skipped = fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""))
+    typer.echo(skipped or f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
 
 
 @app.command()
@@ -60,6 +60,8 @@ def calibrate(
     """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
 
     def body(cfg, rd, hint):
+        if not cfg.export.quantize:
+            return "calibrate: nothing to do (export.quantize is false: no FP8 layers)"
         from sd35trt.calibrate import calibrate as run
 
         run(cfg, rd, force=force)

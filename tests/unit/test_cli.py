@@ -64,3 +64,13 @@ def test_tiny_and_info_commands(tmp_path):
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0
     assert "torch" in result.stdout and "tensorrt" in result.stdout
+
+
+def test_calibrate_is_skipped_when_nothing_is_quantized(tmp_path):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "tiny-fp32.yaml"
+    result = CliRunner().invoke(app, ["calibrate", "--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.output
+    assert not (tmp_path / "r" / "calibrate").exists()
