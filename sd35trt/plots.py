@@ -97,15 +97,15 @@ def plot_bench(result: Mapping, out: str | Path) -> Path:
     ax = axes[0][1]
     ips = [c["images_per_second"] or 0.0 for c in configs]
     bars = ax.bar(range(len(configs)), ips, color=[colors[i % len(colors)] for i in range(len(configs))])
-    for b, c in zip(bars, configs, strict=True):
-        total = c["stages"]["total"]
-        ax.annotate(
-            f"{b.get_height():.2f} img/s\n(total {total['median']:.0f} ms, p90 {total['p90']:.0f} ms)",
-            (b.get_x() + b.get_width() / 2, b.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+    totals = [c["stages"]["total"] for c in configs]
+    ax.bar_label(
+        bars,
+        [
+            f"{v:.2f} img/s\n(total {t['median']:.0f} ms, p90 {t['p90']:.0f} ms)"
+            for v, t in zip(ips, totals, strict=True)
+        ],
+        fontsize=8,
+    )
     ax.set_xticks(range(len(configs)), [textwrap.fill(lbl, 22) for lbl in labels], fontsize=8)
     ax.set_ylabel("throughput (images / s)")
     ax.set_title("Throughput (from the median end-to-end time)")
@@ -118,14 +118,7 @@ def plot_bench(result: Mapping, out: str | Path) -> Path:
     kinds = {c["memory"]["kind"] for c in configs}
     what = "peak RSS (host)" if kinds == {"peak_rss"} else "peak device memory in use"
     bars = ax.bar(range(len(configs)), mem, color=[colors[i % len(colors)] for i in range(len(configs))])
-    for b in bars:
-        ax.annotate(
-            f"{b.get_height():.0f} MiB",
-            (b.get_x() + b.get_width() / 2, b.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+    ax.bar_label(bars, [f"{v:.0f} MiB" for v in mem], fontsize=8)
     ax.set_xticks(range(len(configs)), [textwrap.fill(lbl, 22) for lbl in labels], fontsize=8)
     ax.set_ylabel(f"{what} (MiB)")
     ax.set_title(f"Memory: {what} during the timed runs")
