@@ -166,12 +166,7 @@ def plot_bench(result: Mapping, out: str | Path) -> Path:
         ax.set_ylim(0, max([*p90, *med, 1e-9]) * 1.25)
         ax.grid(axis="y", alpha=0.3)
 
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _metric_line(row: Mapping) -> str:
@@ -238,13 +233,20 @@ def plot_eval_grid(result: Mapping, root: str | Path, out: str | Path, diff_max:
         f"SSIM mean {agg['ssim']['mean']:.4f} (min {agg['ssim']['min']:.4f})\n{lp_s}",
         fontsize=9,
     )
+    return _save(fig, out)
+
+
+def _num(v: float | None) -> str:
+    return "inf" if v is None else f"{v:.2f}"
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Lay out, write as PNG (creating the directory) and free ``fig``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _num(v: float | None) -> str:
-    return "inf" if v is None else f"{v:.2f}"
