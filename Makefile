@@ -10,23 +10,59 @@ CONFIG ?= configs/$(MODEL).yaml
 RUN_DIR ?= runs/$(MODEL)
 PROMPT ?= a photo of a cat
 TORCH_SPEC ?= torch==2.13.0
+COMMA := ,
+SHELL := /bin/bash
 EXTRAS ?= dev,server
 FORCE ?=
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
+.PHONY: setup setup-unlocked lock test-latest test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
 
-setup:
+# The CPU development environment is locked (requirements.lock: every package pinned with its
+# sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
+LOCK ?= requirements.lock
+UV_SPEC ?= uv==0.13.8
+SETUP_STAMP := $(VENV)/.sd35trt-setup
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): $(LOCK) pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
+	$(SD35) --help > /dev/null
+	@touch $@
+	@echo "setup done (locked): source $(VENV)/bin/activate"
+
+# GPU machines (no lock: the CUDA build of torch and TensorRT come from the user's own index):
+#   make setup-unlocked TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,server,gpu,tensorrt
+setup-unlocked:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU build of torch pinned first (an unpinned torch pulls GBs of CUDA wheels); GPU users:
-	# make setup TORCH_SPEC="torch==2.x.y --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,server,gpu,tensorrt
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	$(SD35) --help > /dev/null && echo "setup done: source $(VENV)/bin/activate"
+	$(SD35) --help > /dev/null && touch $(SETUP_STAMP) && echo "setup done (unlocked): source $(VENV)/bin/activate"
 
-test:
+# Regenerate the lock from pyproject's ranges (newest allowed versions, CPU torch pinned).
+lock:
+	$(PYTHON) -m venv $(VENV)-tools
+	$(VENV)-tools/bin/pip install -q $(UV_SPEC)
+	$(VENV)-tools/bin/uv pip compile pyproject.toml --extra $(subst $(COMMA), --extra ,$(EXTRAS)) \
+		--constraint requirements-torch.txt --python-version 3.11 --generate-hashes --upgrade \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),) --no-header --quiet -o $(LOCK)
+	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages pinned"
+
+# The newest versions pyproject allows, in a separate venv: shows upstream drift early. Not the CI gate.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade $(TORCH_SPEC) -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | diff <(grep -Eo '^[A-Za-z0-9_.-]+==[^ ]+' $(LOCK)) - || true
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+test: $(SETUP_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-gpu:
@@ -40,7 +76,7 @@ format:
 	$(BIN)/ruff check --fix sd35trt tests scripts
 	$(BIN)/ruff format sd35trt tests scripts
 
-calibrate:
+calibrate: $(SETUP_STAMP)
 	$(SD35) calibrate $(STAGE_ARGS)
 
 export: calibrate
