@@ -579,7 +579,7 @@ def load_diffusers(model_dir: str | Path, device: str, dtype: torch.dtype | None
     check_weights(root)
     dtype = dtype or torch_dtype(LoadDtype.AUTO, device)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
     pipe.set_progress_bar_config(disable=True)

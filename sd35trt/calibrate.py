@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.components import ModelDims
+from sd35trt.components import Component, ModelDims
 from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
 from sd35trt.manifest import (
@@ -135,6 +135,25 @@ def encode_batches(
     return batches
 
 
+def report_truncations(pipe, prompts: Sequence[str], what: str, log: Callable[[str], None]) -> None:
+    """Log, once per prompt and encoder, prompts cut by the pipeline's tokenizers (with an excerpt).
+
+    diffusers logs each truncation on every encode, with padding tokens; this is the one report.
+    """
+    from sd35trt.runtime.tokenize import PromptTokenizer
+
+    tokenizers = {
+        Component.CLIP_L: pipe.tokenizer,
+        Component.CLIP_G: pipe.tokenizer_2,
+        Component.T5: pipe.tokenizer_3,
+    }
+    for t in PromptTokenizer(tokenizers, MAX_SEQUENCE_LENGTH)(prompts).truncations:
+        log(
+            f"{what} prompt {t.index + 1} is {t.tokens} {t.encoder.value} tokens, over its limit of "
+            f"{t.limit}: dropped {t.excerpt}"
+        )
+
+
 def drop_text_encoders(pipe) -> None:
     """Free the text encoders (about 11 GB for sd3.5-large in BF16) once prompts are encoded."""
     import torch
@@ -172,11 +191,12 @@ def denoise(
     ).images
 
 
-def _forward_loop(pipe, batches: Sequence[PromptBatch], s: CalibrateSettings) -> Callable[[Any], None]:
-    from tqdm import tqdm
-
+def _forward_loop(
+    pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, status: Callable[[str], None]
+) -> Callable[[Any], None]:
     def loop(_transformer) -> None:
-        for batch in tqdm(batches, desc="calibrating", unit="batch"):
+        for i, batch in enumerate(batches, 1):
+            status(f"calibrating: batch {i}/{len(batches)}")
             denoise(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
 
     return loop
@@ -207,6 +227,7 @@ def calibrate(
     *,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    status: Callable[[str], None] = lambda _item: None,
 ) -> dict:
     """Calibrate the FP8 transformer of ``config``'s model and record it in ``run_dir``.
 
@@ -216,6 +237,7 @@ def calibrate(
         force: recalibrate even when the existing output is intact and up to date.
         device: torch device (default: CUDA when present, else CPU).
         log: where the summary, the report table, time and peak memory are printed.
+        status: receives what the stage is doing now (e.g. ``calibrating: batch 2/4``).
 
     Returns:
         The manifest record of the calibrate stage.
@@ -257,11 +279,13 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats()
     pipe = load_pipeline(config, run_dir, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    report_truncations(pipe, prompts, "calibration", log)
+    report_truncations(pipe, heldout, "held-out", log)
     batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device)
     report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device)
     drop_text_encoders(pipe)
 
-    summary = quantize(pipe.transformer, s, _forward_loop(pipe, batches, s))
+    summary = quantize(pipe.transformer, s, _forward_loop(pipe, batches, s, status))
     report = quality_report(
         pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
     )

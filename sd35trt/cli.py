@@ -20,12 +20,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's panels cut option names at 80 columns and print <bool> on flags.
+    rich_markup_mode=None,
 )
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")]
 RunDirOpt = Annotated[
     Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<config name>).")
 ]
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show third-party warnings and progress bars too.")
+    ] = False,
+) -> None:
+    """Stable Diffusion 3.5 to FP8 TensorRT engines: calibrate, export, build, run."""
+    from sd35trt.console import quiet_third_party
+
+    quiet_third_party(verbose)
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
@@ -45,11 +59,13 @@ def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
     input hashes such as the prompt set, the machine for engines) and returns its existing record
     when nothing changed, so ``make`` can chain the stages cheaply.
     """
+    from sd35trt.console import stage_progress
     from sd35trt.manifest import Stage
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
-    skipped = fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""))
+    with stage_progress(stage.value) as progress:
+        skipped = fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""), progress)
     typer.echo(skipped or f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
 
 
@@ -59,12 +75,12 @@ def calibrate(
 ):
     """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
 
-    def body(cfg, rd, hint):
+    def body(cfg, rd, hint, progress):
         if not cfg.export.quantize:
             return "calibrate: nothing to do (export.quantize is false: no FP8 layers)"
         from sd35trt.calibrate import calibrate as run
 
-        run(cfg, rd, force=force)
+        run(cfg, rd, force=force, log=progress.log, status=progress.status)
 
     _run_stage("calibrate", config, run_dir, body)
 
@@ -73,10 +89,10 @@ def calibrate(
 def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
     """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
 
-    def body(cfg, rd, hint):
+    def body(cfg, rd, hint, progress):
         from sd35trt.export import export as run
 
-        run(cfg, rd, force=force, hint=hint)
+        run(cfg, rd, force=force, hint=hint, progress=progress.log)
 
     _run_stage("export", config, run_dir, body)
 
@@ -100,10 +116,10 @@ def build(
         allowed = ", ".join(b.value for b in Backend)
         raise ConfigError(f"--backend {backend!r} is not one of: {allowed}") from None
 
-    def body(cfg, rd, hint):
+    def body(cfg, rd, hint, progress):
         from sd35trt.build import build as run
 
-        run(cfg, rd, chosen, force=force, hint=hint)
+        run(cfg, rd, chosen, force=force, hint=hint, progress=progress.log)
 
     _run_stage("build", config, run_dir, body)
 

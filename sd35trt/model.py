@@ -133,7 +133,7 @@ def load_pipeline(
         )
     check_weights(root)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(root, torch_dtype=dtype, use_safetensors=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
     return pipe.to(device)

@@ -72,10 +72,10 @@ def _load_raw(config: Config, root: Path, component: Component, dtype: torch.dty
         if component is Component.TRANSFORMER:
             from diffusers import SD3Transformer2DModel
 
-            return SD3Transformer2DModel.from_pretrained(sub, torch_dtype=dtype, use_safetensors=True)
+            return SD3Transformer2DModel.from_pretrained(sub, dtype=dtype, use_safetensors=True)
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(sub, torch_dtype=dtype, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(sub, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {component.value} from {sub}: {err}") from None
 

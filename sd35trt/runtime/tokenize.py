@@ -40,6 +40,17 @@ class Truncation:
     limit: int
     dropped: str
 
+    #: Characters of dropped text a report quotes; a long prompt's tail is not repeated whole.
+    EXCERPT_CHARS = 60
+
+    @property
+    def excerpt(self) -> str:
+        """The start of the dropped text, cut to :attr:`EXCERPT_CHARS` with its full length noted."""
+        text = " ".join(self.dropped.split())
+        if len(text) <= self.EXCERPT_CHARS:
+            return repr(text)
+        return f"{text[: self.EXCERPT_CHARS]!r}... ({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class TokenizedPrompts:

@@ -106,7 +106,7 @@ def _load_component(model_dir: Path, component: Component, dtype: torch.dtype | 
     else:
         from diffusers import AutoencoderKL as cls
     return cls.from_pretrained(
-        model_dir, subfolder=SUBFOLDER[component], torch_dtype=dtype or torch.float32, use_safetensors=True
+        model_dir, subfolder=SUBFOLDER[component], dtype=dtype or torch.float32, use_safetensors=True
     )
 
 
