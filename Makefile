@@ -17,7 +17,7 @@ FORCE ?=
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup setup-unlocked lock test-latest test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
+.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
 
 # The CPU development environment is locked (requirements.lock: every package pinned with its
 # sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
@@ -68,7 +68,7 @@ test: $(SETUP_STAMP)
 test-gpu:
 	$(BIN)/python -m pytest -q -m "gpu or tensorrt" tests/gpu
 
-lint:
+lint: $(SETUP_STAMP)
 	$(BIN)/ruff check sd35trt tests scripts
 	$(BIN)/ruff format --check sd35trt tests scripts
 
@@ -87,6 +87,11 @@ build: export
 
 run: build
 	$(SD35) run --engines $(RUN_DIR)/engines "$(PROMPT)" -o $(RUN_DIR)/images/out.png
+
+# The README's measured figures, regenerated from the tiny FP8 and FP32 engines.
+readme-figures: build
+	$(MAKE) build MODEL=tiny-fp32
+	$(BIN)/python scripts/readme_figures.py --write README.md
 
 all: run
 
