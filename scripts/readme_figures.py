@@ -76,7 +76,12 @@ def fp8_quality(run_dir: Path, reference: Path, num_prompts: int) -> dict:
     rows = result["per_prompt"]
     psnr = [r["psnr_db"] for r in rows]
     ssim = [r["ssim"] for r in rows]
-    return {"prompts": len(rows), "psnr_mean": statistics.fmean(psnr), "psnr_min": min(psnr), "ssim": min(ssim)}
+    return {
+        "prompts": len(rows),
+        "psnr_mean": statistics.fmean(psnr),
+        "psnr_min": min(psnr),
+        "ssim": min(ssim),
+    }
 
 
 def timings(run_dir: Path, runs: int) -> dict:
@@ -122,7 +127,8 @@ def render(par: list[dict], fp8: dict, tim: dict) -> str:
         f"| FP8 engines vs non-quantized diffusers, {fp8['prompts']} held-out prompts | "
         f"PSNR mean {fp8['psnr_mean']:.1f} dB (min {fp8['psnr_min']:.1f}), SSIM >= {fp8['ssim']:.4f} |",
         f"| FP8 engines: load / one {tim['size']} image, {tim['num_inference_steps']} steps | "
-        f"{tim['load_s']:.2f} s / {tim['generate_ms']:.0f} ms ({tim['step_ms']:.1f} ms per transformer step) |",
+        f"{tim['load_s']:.2f} s / {tim['generate_ms']:.0f} ms "
+        f"({tim['step_ms']:.1f} ms per transformer step) |",
         END,
     ]
     return "\n".join(lines)

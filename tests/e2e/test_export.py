@@ -12,7 +12,7 @@ from onnx import TensorProto
 from sd35trt.components import Component
 from sd35trt.errors import ExportError, StaleArtifactError
 from sd35trt.export import REPORT_FILE, UNQUANTIZED_STEM, export
-from sd35trt.manifest import RunManifest, Stage, record_digest, sha256_file
+from sd35trt.manifest import RunManifest, Stage, new_record, record_digest, records_for_tree, sha256_file
 from sd35trt.quantize import CALIBRATION_FILE
 
 pytestmark = pytest.mark.slow
@@ -195,12 +195,19 @@ def test_validation_failures_are_collected_and_nothing_is_published(
 
 
 def test_stale_calibration_is_detected(exported_run, tiny_config, copy_run):
-    from sd35trt.calibrate import calibrate
-
+    """faults.md 16: a calibration re-made with other settings makes the export stale, by name."""
     run = copy_run(exported_run)
-    cal = tiny_config.calibrate.model_copy(update={"num_prompts": 2, "steps": 1, "report_prompts": 1})
-    changed = tiny_config.model_copy(update={"calibrate": cal})
-    calibrate(changed, run, log=_quiet)
+    manifest = RunManifest(run)
+    cal = manifest.get(Stage.CALIBRATE)
+    # What a calibrate run with other settings leaves: another amax file, another config digest.
+    amax = run / cal["details"]["calibration_file"]
+    amax.write_bytes(amax.read_bytes()[::-1])
+    changed = tiny_config.model_copy(
+        update={"calibrate": tiny_config.calibrate.model_copy(update={"num_prompts": 2})}
+    )
+    digest = changed.digest(*Stage.CALIBRATE.config_sections)
+    files = records_for_tree(run, Stage.CALIBRATE.directory)
+    manifest.put(Stage.CALIBRATE, new_record(Stage.CALIBRATE, digest, files, details=cal["details"]))
 
     # What build sees: the export was made from the calibration that has just been replaced.
     with pytest.raises(StaleArtifactError, match="older calibrate output"):
