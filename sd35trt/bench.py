@@ -298,24 +298,20 @@ class TimedEngine(Engine):
     """Wraps an engine so that each ``infer`` is timed as one call of ``stage``."""
 
     def __init__(self, inner: Engine, clock: StageClock, stage: str, memory: MemoryProbe | None = None):
-        # No Engine.__init__: ``active`` is the inner engine's.
-        self.spec = inner.spec
+        super().__init__(inner.spec)
         self.inner = inner
         self.clock = clock
         self.stage = stage
         self.memory = memory
+        self._active = inner.active  # wrapped after the runtime activated it
 
-    @property
-    def active(self) -> bool:  # type: ignore[override]
-        return self.inner.active
-
-    def activate(self) -> None:
+    def _activate_impl(self) -> None:
         self.inner.activate()
 
-    def deactivate(self) -> None:
+    def _deactivate_impl(self) -> None:
         self.inner.deactivate()
 
-    def infer(self, feeds):
+    def _infer_impl(self, feeds):
         start = self.clock.mark()
         out = self.inner.infer(feeds)
         self.clock.add(self.stage, start, self.clock.mark())
@@ -485,9 +481,6 @@ def _precision_label(manifest) -> str:
     return "FP8" if rec.fp8 else rec.precision.value.upper()
 
 
-_BACKEND_LABEL = {"tensorrt": "TensorRT", "onnxruntime": "ONNX Runtime"}
-
-
 class RuntimeSubject(Subject):
     """An :class:`sd35trt.runtime.pipeline.Sd35Runtime`, each of its engines timed."""
 
@@ -503,7 +496,12 @@ class RuntimeSubject(Subject):
         for component in list(engines):
             engines[component] = TimedEngine(engines[component], clock, component.value, memory)
         self.label = label
-        self.info = {**info, "device": device}
+        # TensorRT: the one activation buffer the engines share (None for other backends).
+        self.info = {
+            **info,
+            "device": device,
+            "activation_memory_bytes": runtime.engines.shared_activation_bytes(),
+        }
 
     @classmethod
     def from_engines(cls, engines_dir: Path, clock: StageClock, memory: MemoryProbe, device: str | None):
@@ -526,7 +524,9 @@ class RuntimeSubject(Subject):
 
 def engines_label(manifest) -> str:
     """``sd35trt ONNX Runtime FP8``: backend and transformer precision of an engines directory."""
-    backend = _BACKEND_LABEL.get(manifest.backend.value, manifest.backend.value)
+    from sd35trt.runtime.backends import backend_of
+
+    backend = backend_of(manifest.backend).label
     return f"sd35trt {backend} {_precision_label(manifest)}"
 
 

@@ -13,7 +13,6 @@ existing record is returned.
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
@@ -25,9 +24,10 @@ import yaml
 
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config, Precision
-from sd35trt.errors import BackendUnavailableError, BuildError, ModelError, Sd35TrtError
+from sd35trt.errors import BuildError, ModelError, Sd35TrtError
 from sd35trt.manifest import (
     FileRecord,
+    HashCache,
     RunManifest,
     Stage,
     atomic_write_json,
@@ -40,16 +40,11 @@ from sd35trt.manifest import (
     staged_directory,
     tool_versions,
 )
-from sd35trt.runtime import ort as ort_backend
-from sd35trt.runtime.engines import (
-    ENGINE_MANIFEST_NAME,
-    ENGINE_SUFFIX,
-    EngineManifest,
-    EngineRecord,
-    GpuInfo,
-    MachineInfo,
-    verify_engines,
-)
+from sd35trt.runtime import backends
+from sd35trt.runtime.backend import BuildJob, EngineBackend
+from sd35trt.runtime.engines import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord, verify_engines
+from sd35trt.runtime.layers import LayerReport
+from sd35trt.runtime.machine import NO_MACHINE, GpuInfo, MachineInfo
 
 Progress = Callable[[str], None]
 SCHEDULER_SUBFOLDER = "scheduler"
@@ -61,34 +56,13 @@ def print_progress(message: str) -> None:
 
 
 def resolve_backend(requested: Backend, machine: MachineInfo) -> tuple[Backend, str]:
-    """The backend a build uses, and why.
+    """The backend a build uses, and why (see :func:`sd35trt.runtime.backends.resolve_backend`).
 
     Raises:
         BackendUnavailableError: ``tensorrt`` was asked for where TensorRT or a CUDA GPU is missing.
     """
-    missing = [
-        what
-        for what, absent in (
-            ("TensorRT (import tensorrt failed)", not machine.tensorrt_version),
-            ("CUDA GPU", not machine.gpu),
-        )
-        if absent
-    ]
-    if requested is Backend.ONNXRUNTIME:
-        return Backend.ONNXRUNTIME, "requested"
-    if requested is Backend.TENSORRT:
-        if missing:
-            raise BackendUnavailableError(
-                "backend tensorrt needs TensorRT and a CUDA GPU; this machine has no "
-                f"{' and no '.join(missing)}: use --backend onnxruntime (or auto)"
-            )
-        return Backend.TENSORRT, "requested"
-    if missing:
-        return Backend.ONNXRUNTIME, f"auto: no {' and no '.join(missing)}, using ONNX Runtime"
-    return (
-        Backend.TENSORRT,
-        f"auto: TensorRT {machine.tensorrt_version} on {machine.gpu.name} ({machine.gpu.sm})",
-    )
+    chosen, reason = backends.resolve_backend(requested, machine)
+    return chosen.backend, reason
 
 
 @dataclass(frozen=True)
@@ -101,13 +75,14 @@ class Source:
 
 
 def choose_source(component: Component, entry: Mapping, backend: Backend, gpu: GpuInfo | None) -> Source:
-    """The export to build ``component`` from: the FP8 one unless TensorRT runs on a GPU without FP8.
+    """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``.
 
     Raises:
         BuildError: the GPU has no FP8 and the export has no unquantized graph to fall back on.
     """
     quantized = bool(entry.get("quantized"))
-    if not (quantized and backend is Backend.TENSORRT and gpu is not None and not gpu.has_fp8):
+    runs_fp8 = backends.backend_of(backend).runs_fp8(MachineInfo(tensorrt_version=None, gpu=gpu))
+    if not quantized or runs_fp8 or gpu is None:
         return Source(entry["onnx"], fp8=quantized)
     fallback = entry.get("onnx_unquantized")
     if not fallback:
@@ -190,12 +165,6 @@ def check_inputs_match(source: str, inputs: Mapping[str, tuple], shapes: Mapping
                 )
 
 
-def timing_cache_path(run_dir: Path, tensorrt_version: str, gpu: GpuInfo) -> Path:
-    """Timing caches are valid per TensorRT version and GPU: one file per pair, reused by rebuilds."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu.name).strip("-").lower()
-    return run_dir / "timing_cache" / f"tensorrt-{tensorrt_version}_{slug}_{gpu.sm}.cache"
-
-
 def support_dirs(model_dir: Path) -> list[Path]:
     """The model's tokenizer and scheduler folders, which travel with the engines.
 
@@ -243,7 +212,7 @@ def _up_to_date(
     if previous.get("details", {}).get("backend") != backend.value:
         return False
     try:
-        engines = verify_engines(run_dir / Stage.BUILD.directory, machine=machine)
+        engines = verify_engines(run_dir / Stage.BUILD.directory, machine=machine, cache=HashCache(run_dir))
     except Sd35TrtError:  # missing, modified, or built for another TensorRT / GPU: rebuild
         return False
     return engines.backend is backend
@@ -257,18 +226,48 @@ class _Job:
     dims: ModelDims
     run_dir: Path
     out: Path  # the staged engines directory
-    backend: Backend
+    backend: EngineBackend
     machine: MachineInfo
     export_rec: dict
     progress: Progress
+    allow_partial_fp8: bool = False
+
+
+def check_fp8(
+    component: Component, layers: LayerReport | None, source: str, allow_partial: bool
+) -> str | None:
+    """Refuse an FP8 engine in which quantized Linear layers did not become FP8 GEMMs.
+
+    Returns:
+        A warning when ``allow_partial`` lets such an engine through, else ``None``.
+
+    Raises:
+        BuildError: naming the engine, the counts and the ONNX nodes that fell back.
+    """
+    if layers is None or not layers.detailed or layers.fp8_complete:
+        return None
+    named = ", ".join(layers.fell_back) or "not traceable by name"
+    more = layers.fell_back_count - len(layers.fell_back)
+    message = (
+        f"the {component.value} engine has {layers.fp8_gemms} FP8 GEMM layers for {layers.quantized_linear} "
+        f"FP8-quantized Linear layers in {source}: {layers.fell_back_count} fell back to higher precision "
+        f"({named}{f' and {more} more' if more > 0 else ''})"
+    )
+    if allow_partial:
+        return message + " (allowed by --allow-partial-fp8)"
+    raise BuildError(message + "; build with --allow-partial-fp8 to accept it")
 
 
 def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> EngineRecord:
     """Build one engine into ``job.out`` and describe it."""
-    config, run_dir, out, backend, machine, progress = (
-        job.config, job.run_dir, job.out, job.backend, job.machine, job.progress,
-    )  # fmt: skip
-    source = choose_source(component, entry, backend, machine.gpu)
+    config, run_dir, backend, machine, progress = (
+        job.config,
+        job.run_dir,
+        job.backend,
+        job.machine,
+        job.progress,
+    )
+    source = choose_source(component, entry, backend.backend, machine.gpu)
     if source.note:
         progress(f"{label}: {source.note}")
     src_path = run_dir / source.path
@@ -282,46 +281,54 @@ def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> E
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
     shapes = engine_profile(config, job.dims, component, skip)
     check_inputs_match(source.path, inputs, shapes)
-    target = out / f"{component.value}{ENGINE_SUFFIX[backend]}"
-    progress(f"{label}: {backend.value} build from {source.path}")
+    target = job.out / f"{component.value}{backend.suffix}"
+    progress(f"{label}: {backend.backend.value} build from {source.path}")
     start = time.perf_counter()
-    gpu = machine.gpu
-    if backend is Backend.TENSORRT:
-        from sd35trt.runtime import trt as trt_backend
-
-        settings = trt_backend.TrtBuildOptions(
-            optimization_level=config.build.optimization_level,
-            workspace_gib=config.build.workspace_gib,
-            weight_streaming=config.build.weight_streaming,
-            refit=config.build.refit,
+    built = backend.build(
+        BuildJob(
+            component=component,
+            source=src_path,
+            target=target,
+            shapes=shapes,
+            settings=config.build,
+            fp8=source.fp8,
+            external_data=external,
+            machine=machine,
+            run_dir=run_dir,
+            progress=progress,
+            label=label,
+            allow_partial_fp8=job.allow_partial_fp8,
         )
-        cache = timing_cache_path(run_dir, machine.tensorrt_version, gpu)
-        options = trt_backend.build_plan(src_path, target, shapes, settings, cache, progress, label)
-    else:
-        options = ort_backend.optimize_model(src_path, target, external_data=external)
+    )
     seconds = time.perf_counter() - start
-    # ONNX Runtime writes the data file only when some initializer reaches its size threshold.
-    data_file = target.with_name(target.name + ".data")
-    extra = [file_record(out, data_file)] if backend is Backend.ONNXRUNTIME and data_file.is_file() else []
+    warning = check_fp8(component, built.layers, source.path, job.allow_partial_fp8)
+    if warning:
+        progress(f"{label}: warning: {warning}")
+    recorded = backend.recorded_machine(machine)
     rec = EngineRecord(
         component=component,
-        backend=backend,
-        file=file_record(out, target),
-        extra_files=tuple(extra),
+        backend=backend.backend,
+        file=file_record(job.out, target),
+        extra_files=tuple(file_record(job.out, p) for p in built.extra_files),
         precision=Precision(entry.get("precision", getattr(config.export.precision, component.value).value)),
         fp8=source.fp8,
         profile=shapes,
         source_onnx=_export_file(run_dir, job.export_rec, source.path),
         build_seconds=seconds,
         skip_layers=skip,
-        tensorrt_version=machine.tensorrt_version if backend is Backend.TENSORRT else None,
-        gpu_name=gpu.name if backend is Backend.TENSORRT and gpu else None,
-        compute_capability=gpu.compute_capability if backend is Backend.TENSORRT and gpu else None,
-        options=options,
+        tensorrt_version=recorded.tensorrt_version,
+        gpu_name=recorded.gpu.name if recorded.gpu else None,
+        compute_capability=recorded.gpu.compute_capability if recorded.gpu else None,
+        options=dict(built.options),
+        layers=built.layers,
+        device_memory_bytes=built.device_memory_bytes,
+        streamable_weights_bytes=built.streamable_weights_bytes,
     )
     size_mib = sum(f.size for f in rec.files) / (1 << 20)
     precision = rec.precision.value + (" + fp8" if rec.fp8 else "")
     progress(f"{label}: done in {seconds:.1f} s ({size_mib:.1f} MiB, {precision})")
+    if rec.layers is not None:
+        progress(f"{label}: {rec.layers.summary()}")
     return rec
 
 
@@ -334,6 +341,7 @@ def build(
     hint: str = "",
     machine: MachineInfo | None = None,
     progress: Progress | None = None,
+    allow_partial_fp8: bool = False,
 ) -> dict:
     """Build every exported component's engine into ``run_dir/engines``.
 
@@ -346,6 +354,8 @@ def build(
         hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
         machine: this machine's TensorRT and GPU (detected when ``None``; tests fabricate it).
         progress: receives one line per step (default: stderr).
+        allow_partial_fp8: an FP8 engine whose quantized Linear layers did not all become FP8
+            GEMMs is built with a warning instead of failing.
 
     Returns:
         The build record now in ``run_dir/manifest.json``.
@@ -354,25 +364,29 @@ def build(
         ManifestError, StaleArtifactError, VerificationError: the export is missing, stale or corrupt.
         BackendUnavailableError: ``tensorrt`` requested where it cannot run.
         ConfigError: the profile ranges do not fit the model.
-        BuildError: an engine could not be built (nothing is published then).
+        BuildError: an engine could not be built, or an FP8 engine runs quantized layers in
+            higher precision (nothing is published then).
         ModelError: the model directory lacks the tokenizer or scheduler files.
     """
     run_dir = Path(run_dir)
     report = progress or print_progress
     runs = RunManifest(run_dir)
-    export_rec = runs.verified(Stage.EXPORT, config.digest(*Stage.EXPORT.config_sections), hint=hint)
+    export_digest = config.digest(*Stage.EXPORT.config_sections)
+    # Deciding whether to rebuild rehashes no unchanged file; a rebuild checks the export fully.
+    export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint, cache=HashCache(run_dir))
     requested = backend or config.build.backend
     if machine is None:
-        need_tensorrt = requested is not Backend.ONNXRUNTIME
-        machine = MachineInfo.detect() if need_tensorrt else MachineInfo(tensorrt_version=None, gpu=None)
-    chosen, reason = resolve_backend(requested, machine)
+        need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
+        machine = MachineInfo.detect() if need_machine else NO_MACHINE
+    chosen, reason = backends.resolve_backend(requested, machine)
     if requested is Backend.AUTO:
-        report(f"build backend {chosen.value} ({reason})")
+        report(f"build backend {chosen.backend.value} ({reason})")
 
     digest = config.digest(*Stage.BUILD.config_sections)
-    if not force and _up_to_date(run_dir, runs.get(Stage.BUILD), digest, export_rec, chosen, machine):
+    if not force and _up_to_date(run_dir, runs.get(Stage.BUILD), digest, export_rec, chosen.backend, machine):
         report(f"engines in {run_dir / Stage.BUILD.directory} are up to date (use --force to rebuild)")
         return runs.require(Stage.BUILD, hint)
+    export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint)
 
     details = export_rec.get("details", {})
     export_cmd = "`sd35trt export" + (f" {hint}`" if hint else "`")
@@ -388,10 +402,10 @@ def build(
     support = support_dirs(model_dir)
 
     engines: dict[Component, EngineRecord] = {}
-    # ONNX Runtime engines are machine-independent: record no TensorRT / GPU for them.
-    target = machine if chosen is Backend.TENSORRT else MachineInfo(tensorrt_version=None, gpu=None)
+    # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
+    target = chosen.recorded_machine(machine)
     with staged_directory(run_dir, Stage.BUILD.directory) as out:
-        job = _Job(config, dims, run_dir, out, chosen, target, export_rec, report)
+        job = _Job(config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8)
         for i, component in enumerate(components, 1):
             label = f"[{i}/{len(components)}] {component.value}"
             engines[component] = _build_one(job, component, entries[component.value], label)
@@ -401,11 +415,11 @@ def build(
         support_files.append(file_record(out, out / CONFIG_NAME))
         engine_manifest = EngineManifest(
             directory=run_dir / Stage.BUILD.directory,
-            backend=chosen,
+            backend=chosen.backend,
             engines=engines,
             dims=dims,
             runtime_defaults=config.runtime.model_dump(mode="json"),
-            build_settings={**config.build.model_dump(mode="json"), "backend": chosen.value},
+            build_settings={**config.build.model_dump(mode="json"), "backend": chosen.backend.value},
             support_files=tuple(support_files),
             created=now_utc(),
             versions=tool_versions(),
@@ -418,7 +432,7 @@ def build(
         records_for_tree(run_dir, Stage.BUILD.directory),
         upstream={Stage.EXPORT: export_rec},
         details={
-            "backend": chosen.value,
+            "backend": chosen.backend.value,
             "backend_reason": reason,
             "engines_manifest": f"{Stage.BUILD.directory}/{ENGINE_MANIFEST_NAME}",
             "components": {
@@ -438,5 +452,5 @@ def build(
         },
     )
     runs.put(Stage.BUILD, record)
-    report(f"built {len(engines)} {chosen.value} engines in {run_dir / Stage.BUILD.directory}")
+    report(f"built {len(engines)} {chosen.backend.value} engines in {run_dir / Stage.BUILD.directory}")
     return record

@@ -105,6 +105,13 @@ def build(
         str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
     ] = None,
     force: ForceOpt = False,
+    allow_partial_fp8: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial-fp8",
+            help="Build an FP8 engine even if some quantized layers run in higher precision (a warning).",
+        ),
+    ] = False,
 ):
     """Engines from the ONNX export (TensorRT, or ONNX Runtime where TensorRT is absent)."""
     from sd35trt.config import Backend
@@ -119,7 +126,7 @@ def build(
     def body(cfg, rd, hint, progress):
         from sd35trt.build import build as run
 
-        run(cfg, rd, chosen, force=force, hint=hint, progress=progress.log)
+        run(cfg, rd, chosen, force=force, hint=hint, progress=progress.log, allow_partial_fp8=allow_partial_fp8)
 
     _run_stage("build", config, run_dir, body)
 
@@ -136,7 +143,7 @@ def info() -> None:
 def inspect(
     run_dir: Annotated[Path, typer.Argument(help="A run directory or an engines directory.")],
 ) -> None:
-    """Print a run's (or an engines directory's) manifest in readable form."""
+    """Print a run's (or an engines directory's) manifest readably, with its engines' layer precisions."""
     from sd35trt.info import format_manifest
 
     typer.echo(format_manifest(run_dir))

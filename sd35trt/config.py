@@ -163,13 +163,19 @@ class BuildSettings(_Strict):
     batch: Range = Range(min=1, opt=1, max=2)
     height: Range = Range(min=512, opt=1024, max=1536)
     width: Range = Range(min=512, opt=1024, max=1536)
-    optimization_level: int = Field(default=3, ge=0, le=5)
+    #: TensorRT builder optimization level; 4 as ModelOpt and NVIDIA's demo/Diffusion build FP8 engines.
+    optimization_level: int = Field(default=4, ge=0, le=5)
     workspace_gib: float | None = Field(default=None, gt=0)
     weight_streaming: bool = False
+    #: With weight_streaming: GiB of streamable weights kept on the GPU at run time; None lets
+    #: TensorRT choose (its automatic budget for the free device memory).
+    weight_streaming_budget_gib: float | None = Field(default=None, ge=0)
     refit: bool = False
 
     @model_validator(mode="after")
     def _sizes(self) -> BuildSettings:
+        if self.weight_streaming_budget_gib is not None and not self.weight_streaming:
+            raise ValueError("weight_streaming_budget_gib needs weight_streaming: true")
         for name in ("height", "width"):
             r: Range = getattr(self, name)
             for key in ("min", "opt", "max"):

@@ -96,8 +96,8 @@ def format_manifest(path: Path) -> str:
         raise ManifestError(f"{path} has no {MANIFEST_NAME}: it is not a run or engines directory")
     data = read_json(mpath, "it is not an sd35trt manifest")
     records = data.get("records")
-    if not isinstance(records, dict):  # an engines directory: print its own structure
-        return json.dumps(data, indent=2, sort_keys=True)
+    if not isinstance(records, dict):  # an engines directory
+        return "\n".join(format_engines(Path(path)))
     lines = [f"run {path} (manifest format {data.get('format')})"]
     if not records:
         lines.append("  no stage has run yet")
@@ -115,4 +115,51 @@ def format_manifest(path: Path) -> str:
         for key, value in rec.get("details", {}).items():
             text = json.dumps(value, sort_keys=True)
             lines.append(f"  {key}: {text if len(text) < 160 else text[:157] + '...'}")
+    engines_dir = Path(path) / "engines"
+    if (engines_dir / MANIFEST_NAME).is_file():
+        lines += format_engines(engines_dir)
     return "\n".join(lines)
+
+
+def format_engines(engines_dir: Path) -> list[str]:
+    """Readable lines for an engines directory: per engine, what it was built as and runs.
+
+    TensorRT engines show their layer information: layers per precision, FP8 GEMMs against the
+    quantized Linear layers of their ONNX, the layers that fell back, fused attention layers,
+    and the activation memory they need.
+
+    Raises:
+        ManifestError: the engine manifest is missing or malformed.
+    """
+    from sd35trt.runtime.engines import read_engine_manifest
+
+    manifest = read_engine_manifest(engines_dir)
+    lines = [f"engines {engines_dir} ({manifest.backend.value}, created {manifest.created})"]
+    for component, rec in manifest.engines.items():
+        size = sum(f.size for f in rec.files)
+        fp8 = " + fp8" if rec.fp8 else ""
+        lines.append(
+            f"  {component.value:<12} {rec.file.path:<22} {_size(size):>10}  {rec.precision.value}{fp8}, "
+            f"built for {rec.built_for} in {rec.build_seconds:.1f} s"
+        )
+        if rec.device_memory_bytes is not None:
+            lines.append(f"    activation memory {_size(rec.device_memory_bytes)}")
+        if rec.layers is None:
+            continue
+        lines.append(f"    {rec.layers.summary()}")
+        if rec.layers.fell_back_count:
+            more = rec.layers.fell_back_count - len(rec.layers.fell_back)
+            lines.append(
+                f"    fell back from FP8: {', '.join(rec.layers.fell_back)}"
+                + (f" and {more} more" if more > 0 else "")
+            )
+        if rec.layers.fused_attention:
+            lines.append(
+                f"    fused attention: {', '.join(rec.layers.fused_attention[:6])}"
+                + (
+                    f" and {len(rec.layers.fused_attention) - 6} more"
+                    if len(rec.layers.fused_attention) > 6
+                    else ""
+                )
+            )
+    return lines

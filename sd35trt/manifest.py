@@ -17,6 +17,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -89,6 +90,121 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _mismatch(path: Path, digest: str, expected: str, what: str, fix: str) -> VerificationError:
+    return VerificationError(
+        f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
+        f"corrupted); {fix}"
+    )
+
+
+def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> None:
+    """Hash ``path`` once and compare with ``sha256``.
+
+    Raises:
+        VerificationError: naming the file, both digests' prefixes, ``what`` recorded it and ``fix``.
+    """
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise _mismatch(Path(path), digest, sha256, what, fix)
+
+
+def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
+    """The bytes of ``path``, read once and checked against ``sha256`` before anyone parses them.
+
+    Raises:
+        VerificationError: the bytes read do not match (see :func:`check_file_digest`).
+    """
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise _mismatch(Path(path), digest, sha256, what, fix)
+    return data
+
+
+@contextlib.contextmanager
+def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) -> Iterator[mmap.mmap]:
+    """Memory-map ``path`` read-only and check its sha256 on the mapping itself.
+
+    The mapping is the only host copy: hashing pages it in from the page cache, and a consumer
+    (TensorRT's ``deserialize_cuda_engine``) reads the very same buffer, so the bytes it sees are
+    the bytes that were checked, with no second copy in process memory. Files are replaced by
+    rename (the atomic writers here, ``tar``, ``cp`` to a new name), which leaves the mapped inode
+    intact; only a writer modifying the file in place during the load could change what is read,
+    and that needs write access to the engines directory.
+
+    Args:
+        path: the file.
+        sha256: its expected sha256.
+        size: its expected size in bytes (checked first: a truncated file fails without hashing).
+        what: who recorded the digest (for the message), e.g. ``"engine manifest"``.
+        fix: what to do about a mismatch, e.g. ``"rebuild with `sd35trt build`"``.
+
+    Raises:
+        VerificationError: missing, another size, or another sha256.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 -- closed below, after the mapping
+    except FileNotFoundError:
+        raise VerificationError(f"{path} is missing; {fix}") from None
+    with f:
+        found = os.fstat(f.fileno()).st_size
+        if found != size or size == 0:
+            raise VerificationError(f"{path} has {found} bytes, the {what} records {size}; {fix}")
+        mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    try:
+        digest = hashlib.sha256(mapping).hexdigest()
+        if digest != sha256:
+            raise _mismatch(path, digest, sha256, what, fix)
+        yield mapping
+    finally:
+        mapping.close()
+
+
+class HashCache:
+    """sha256 of files keyed on (size, mtime, inode), for freshness checks in ``make`` chains.
+
+    A file whose size, modification time (ns) and inode are unchanged since it was hashed is not
+    read again. This is for deciding whether a stage has anything to do; anything that loads or
+    ships bytes (``run``, ``serve``, ``verify``, ``package``) hashes them itself.
+    The cache lives in ``<run dir>/.sha256-cache.json`` and is rewritten atomically.
+    """
+
+    NAME = ".sha256-cache.json"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if isinstance(data, dict):
+            self._entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 4}
+
+    def sha256(self, path: str | Path) -> str:
+        """The file's sha256, from the cache when its size, mtime and inode match."""
+        path = Path(path)
+        st = path.stat()
+        key = str(path.absolute())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self._entries.get(key)
+        if entry is not None and entry[:3] == stamp:
+            return str(entry[3])
+        digest = sha256_file(path)
+        self._entries[key] = [*stamp, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache back (when anything was hashed); a failure to write is not an error."""
+        if self._dirty:
+            with contextlib.suppress(OSError):
+                atomic_write_json(self.path, self._entries)
+            self._dirty = False
+
+
 def file_record(root: str | Path, path: str | Path) -> FileRecord:
     """Record ``path`` (absolute, or relative to ``root``) with its size and sha256."""
     root, path = Path(root).absolute(), Path(path)
@@ -103,11 +219,26 @@ def records_for_tree(root: str | Path, subdir: str | Path) -> list[FileRecord]:
     return [file_record(root, p) for p in sorted(base.rglob("*")) if p.is_file()]
 
 
-def verify_files(root: str | Path, files: Iterable[FileRecord], what: str = "") -> None:
+def verify_files(
+    root: str | Path,
+    files: Iterable[FileRecord],
+    what: str = "",
+    *,
+    cache: HashCache | None = None,
+    contents: bool = True,
+) -> None:
     """Check that every file exists with its recorded size and sha256.
 
     Sizes are checked before hashing, so a truncated multi-GB file fails fast. Every problem is
     collected and reported together.
+
+    Args:
+        root: the directory the records are relative to.
+        files: the records.
+        what: prefix of the error message.
+        cache: reuse digests of unchanged files (freshness checks only; see :class:`HashCache`).
+        contents: ``False`` checks presence and sizes only, for files whose reader hashes the
+            bytes it loads itself (engines).
 
     Raises:
         VerificationError: naming each missing, resized or modified file.
@@ -123,11 +254,15 @@ def verify_files(root: str | Path, files: Iterable[FileRecord], what: str = "") 
         if size != rec.size:
             problems.append(f"{p} has {size} bytes, the manifest records {rec.size} (truncated or replaced)")
             continue
-        digest = sha256_file(p)
+        if not contents:
+            continue
+        digest = cache.sha256(p) if cache is not None else sha256_file(p)
         if digest != rec.sha256:
             problems.append(
                 f"{p} sha256 {digest[:12]}… does not match the manifest's {rec.sha256[:12]}… (modified)"
             )
+    if cache is not None:
+        cache.save()
     if problems:
         prefix = f"{what}: " if what else ""
         raise VerificationError(prefix + "; ".join(problems))
@@ -295,13 +430,21 @@ class RunManifest:
         data["records"][stage.value] = record
         atomic_write_json(self.path, data)
 
-    def verified(self, stage: Stage, config_digest: str | None = None, hint: str = "") -> dict:
+    def verified(
+        self,
+        stage: Stage,
+        config_digest: str | None = None,
+        hint: str = "",
+        *,
+        cache: HashCache | None = None,
+    ) -> dict:
         """The record of ``stage`` after checking its files, its config digest and its upstream.
 
         Args:
             stage: the stage whose output is about to be used.
             config_digest: the current digest of ``stage.config_sections``; ``None`` skips it.
             hint: appended to the suggested command (e.g. ``--config configs/tiny.yaml``).
+            cache: reuse digests of unchanged files (a freshness check, not a load).
 
         Raises:
             ManifestError: no record.
@@ -328,6 +471,7 @@ class RunManifest:
             self.run_dir,
             [FileRecord.from_json(f) for f in rec.get("files", [])],
             what=f"{stage.value} output (re-run {rerun})",
+            cache=cache,
         )
         return rec
 
@@ -335,10 +479,11 @@ class RunManifest:
 def is_fresh(run_dir: str | Path, stage: Stage, config_digest: str) -> bool:
     """Whether ``stage``'s output is complete, intact and made from the current config and upstream.
 
-    Stages use this to do nothing when re-run on unchanged inputs (``make`` chains them).
+    Stages use this to do nothing when re-run on unchanged inputs (``make`` chains them); files
+    unchanged since they were last hashed (size, mtime, inode) are not hashed again.
     """
     try:
-        RunManifest(run_dir).verified(stage, config_digest)
+        RunManifest(run_dir).verified(stage, config_digest, cache=HashCache(run_dir))
     except ManifestError:
         return False
     return True

@@ -175,7 +175,7 @@ def _check_sums(root: Path, report: VerifyReport) -> None:
 
 
 def _check_engines(engines: Path, machine, report: VerifyReport) -> None:
-    from sd35trt.config import Backend
+    from sd35trt.runtime.backends import backend_of
     from sd35trt.runtime.engines import MachineInfo, check_compatible, read_engine_manifest
 
     try:
@@ -187,14 +187,9 @@ def _check_engines(engines: Path, machine, report: VerifyReport) -> None:
         verify_files(manifest.directory, _engine_files(manifest), what="engine manifest")
     except VerificationError as err:
         report.problems.append(str(err))
-    if manifest.backend is Backend.ONNXRUNTIME:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            report.problems.append(
-                "the engines need ONNX Runtime, which is not installed (pip install onnxruntime)"
-            )
-    if any(rec.backend is Backend.TENSORRT for rec in manifest.engines.values()):
+    backend = backend_of(manifest.backend)
+    report.problems.extend(backend.runtime_problems())
+    if backend.needs_machine_check:
         try:
             check_compatible(manifest, machine or MachineInfo.detect())
         except VerificationError as err:

@@ -2,8 +2,11 @@
 
 Lifecycle, as in Polygraphy's runners: construct (cheap, touches no device), ``activate()``
 (deserialize / create the session, allocate), ``infer()`` any number of times, ``deactivate()``
-(free everything). Inputs and outputs are torch tensors keyed by the names of the component's
-:class:`~sd35trt.components.ComponentSpec`; a backend copies to and from its device as needed.
+(free everything). The base class owns that lifecycle and the checks every backend needs (state,
+missing inputs, the outputs the spec promises); a backend implements only the ``_activate_impl``,
+``_infer_impl`` and ``_deactivate_impl`` hooks. Inputs and outputs are torch tensors keyed by the
+names of the component's :class:`~sd35trt.components.ComponentSpec`; a backend copies to and from
+its device as needed.
 """
 
 from __future__ import annotations
@@ -23,29 +26,73 @@ class Engine(abc.ABC):
 
     def __init__(self, spec: ComponentSpec) -> None:
         self.spec = spec
-        self.active = False
+        self._active = False
 
     @property
     def name(self) -> str:
         return self.spec.component.value
 
-    @abc.abstractmethod
+    @property
+    def active(self) -> bool:
+        return self._active
+
     def activate(self) -> None:
-        """Load the engine (deserialize, create sessions, allocate)."""
+        """Load the engine (deserialize, create sessions, allocate); a no-op when active.
 
-    @abc.abstractmethod
+        Raises:
+            VerificationError: the engine's bytes do not match their record (before any backend
+                sees them).
+            IncompatibleEngineError / DeviceOutOfMemoryError: the backend cannot load it.
+        """
+        if self._active:
+            return
+        self._activate_impl()
+        self._active = True
+
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run once. ``feeds`` holds every input of the spec; returns every output of the spec."""
+        """Run once. ``feeds`` holds every input of the spec; returns every output of the spec.
+
+        Raises:
+            RuntimeError: the engine is not active, or the backend returned other outputs.
+            ValueError: an input of the spec is missing.
+        """
+        if not self._active:
+            raise RuntimeError(f"engine {self.name} is not active: call activate() first")
+        missing = [n for n in self.spec.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"engine {self.name}: missing inputs {missing}")
+        outputs = self._infer_impl({n: feeds[n] for n in self.spec.input_names})
+        if sorted(outputs) != sorted(self.spec.output_names):
+            raise RuntimeError(
+                f"engine {self.name} returned {sorted(outputs)}, "
+                f"its spec has {sorted(self.spec.output_names)}"
+            )
+        return outputs
+
+    def deactivate(self) -> None:
+        """Free the engine and its buffers; a no-op when not active."""
+        if not self._active:
+            return
+        try:
+            self._deactivate_impl()
+        finally:
+            self._active = False
 
     @abc.abstractmethod
-    def deactivate(self) -> None:
-        """Free the engine and its buffers."""
+    def _activate_impl(self) -> None:
+        """Backend hook of :meth:`activate` (called only when inactive)."""
+
+    @abc.abstractmethod
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Backend hook of :meth:`infer`: ``feeds`` holds exactly the spec's inputs."""
+
+    @abc.abstractmethod
+    def _deactivate_impl(self) -> None:
+        """Backend hook of :meth:`deactivate` (called only when active)."""
 
     def __enter__(self) -> Engine:
-        if not self.active:
-            self.activate()
+        self.activate()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.active:
-            self.deactivate()
+        self.deactivate()

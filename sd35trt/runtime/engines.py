@@ -19,10 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision
-from sd35trt.errors import BackendUnavailableError, IncompatibleEngineError, ManifestError
-from sd35trt.manifest import FileRecord, read_json, verify_files
+from sd35trt.errors import IncompatibleEngineError, ManifestError, VerificationError
+from sd35trt.manifest import FileRecord, HashCache, read_json, verify_files
+from sd35trt.runtime.backend import OpenOptions
+from sd35trt.runtime.backends import backend_of
+from sd35trt.runtime.layers import LayerReport
+from sd35trt.runtime.machine import (  # noqa: F401 -- re-exported: where callers have always found them
+    GpuInfo,
+    MachineInfo,
+    detect_gpu,
+    detect_tensorrt_version,
+    same_tensorrt_version,
+    sm_name,
+)
 
 if TYPE_CHECKING:
     from sd35trt.runtime.engine import Engine
@@ -30,68 +43,6 @@ if TYPE_CHECKING:
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_FORMAT = 1
 REBUILD = "rebuild with `sd35trt build`"
-
-#: Engine file suffix per backend: TensorRT plans, ONNX Runtime offline-optimized models.
-ENGINE_SUFFIX = {Backend.TENSORRT: ".plan", Backend.ONNXRUNTIME: ".onnx"}
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """A CUDA device as TensorRT sees it: its name and compute capability."""
-
-    name: str
-    compute_capability: tuple[int, int]
-
-    @property
-    def sm(self) -> str:
-        return sm_name(self.compute_capability)
-
-    @property
-    def has_fp8(self) -> bool:
-        """FP8 tensor cores exist from compute capability 8.9 (Ada) and 9.0 (Hopper) on."""
-        return self.compute_capability >= (8, 9)
-
-
-@dataclass(frozen=True)
-class MachineInfo:
-    """What this machine offers to engines. ``None`` means absent (no TensorRT, no CUDA GPU)."""
-
-    tensorrt_version: str | None
-    gpu: GpuInfo | None
-
-    @classmethod
-    def detect(cls, device_index: int | None = None) -> MachineInfo:
-        """Ask ``tensorrt`` and ``torch.cuda`` (imported here, only when called)."""
-        return cls(tensorrt_version=detect_tensorrt_version(), gpu=detect_gpu(device_index))
-
-
-def detect_tensorrt_version() -> str | None:
-    """``tensorrt.__version__``, or ``None`` where the package or its libraries are missing."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        return None
-    return str(tensorrt.__version__)
-
-
-def detect_gpu(device_index: int | None = None) -> GpuInfo | None:
-    """The current (or given) CUDA device, or ``None`` where torch sees no CUDA device."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device() if device_index is None else device_index
-    props = torch.cuda.get_device_properties(index)
-    return GpuInfo(name=props.name, compute_capability=(props.major, props.minor))
-
-
-def sm_name(cc: tuple[int, int] | list[int]) -> str:
-    return f"sm_{cc[0]}{cc[1]}"
-
-
-def same_tensorrt_version(a: str, b: str) -> bool:
-    """Plans load only on the TensorRT release that built them: compare major.minor.patch."""
-    return a.split(".")[:3] == b.split(".")[:3]
 
 
 @dataclass(frozen=True)
@@ -112,6 +63,9 @@ class EngineRecord:
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
     options: Mapping = field(default_factory=dict)  # backend build / session options
+    layers: LayerReport | None = None  # TensorRT: what the engine runs, per precision
+    device_memory_bytes: int | None = None  # TensorRT: activation memory at the largest profile
+    streamable_weights_bytes: int | None = None  # TensorRT: weights weight streaming can page
 
     @property
     def files(self) -> tuple[FileRecord, ...]:
@@ -120,10 +74,7 @@ class EngineRecord:
     @property
     def built_for(self) -> str:
         """``sm_90 / TensorRT 11.4.0`` (TensorRT) or ``ONNX Runtime``."""
-        if self.backend is Backend.TENSORRT:
-            sm = sm_name(self.compute_capability) if self.compute_capability else "an unknown GPU"
-            return f"{sm} / TensorRT {self.tensorrt_version}"
-        return "ONNX Runtime"
+        return backend_of(self.backend).built_for(self)
 
     def to_json(self) -> dict:
         return {
@@ -140,6 +91,9 @@ class EngineRecord:
             "gpu_name": self.gpu_name,
             "compute_capability": list(self.compute_capability) if self.compute_capability else None,
             "options": dict(self.options),
+            "layers": self.layers.model_dump(mode="json") if self.layers is not None else None,
+            "device_memory_bytes": self.device_memory_bytes,
+            "streamable_weights_bytes": self.streamable_weights_bytes,
         }
 
     @classmethod
@@ -160,7 +114,14 @@ class EngineRecord:
             gpu_name=data.get("gpu_name"),
             compute_capability=(int(cc[0]), int(cc[1])) if cc else None,
             options=data.get("options", {}),
+            layers=LayerReport.model_validate(data["layers"]) if data.get("layers") is not None else None,
+            device_memory_bytes=_optional_int(data.get("device_memory_bytes")),
+            streamable_weights_bytes=_optional_int(data.get("streamable_weights_bytes")),
         )
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -241,7 +202,11 @@ def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
         )
     try:
         return EngineManifest.from_json(directory, data)
-    except (KeyError, TypeError, ValueError, IndexError) as err:
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path} is malformed (layers.{where}: {first['msg']}); {REBUILD}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise ManifestError(f"{path} is malformed ({type(err).__name__}: {err}); {REBUILD}") from None
 
 
@@ -261,9 +226,7 @@ def check_compatible(
     groups: dict[tuple[str, str], list[str]] = {}
     for component in selected:
         rec = manifest.record(component)
-        if rec.backend is not Backend.TENSORRT:
-            continue
-        here = _tensorrt_mismatch(rec, machine)
+        here = backend_of(rec.backend).incompatibility(rec, machine)
         if here is not None:
             groups.setdefault((rec.built_for, here), []).append(Path(rec.file.path).name)
     if not groups:
@@ -275,38 +238,27 @@ def check_compatible(
     raise IncompatibleEngineError("; ".join(parts) + f": {REBUILD}")
 
 
-def _tensorrt_mismatch(rec: EngineRecord, machine: MachineInfo) -> str | None:
-    """How this machine differs from the one ``rec`` was built on, or ``None``."""
-    if machine.tensorrt_version is None or machine.gpu is None:
-        missing = [
-            w
-            for w, gone in (("TensorRT", not machine.tensorrt_version), ("CUDA GPU", not machine.gpu))
-            if gone
-        ]
-        return f"this machine has no {' and no '.join(missing)} (the onnxruntime backend runs without them)"
-    same = (
-        rec.compute_capability == machine.gpu.compute_capability
-        and rec.tensorrt_version is not None
-        and same_tensorrt_version(rec.tensorrt_version, machine.tensorrt_version)
-    )
-    return None if same else f"this GPU is {machine.gpu.sm} / TensorRT {machine.tensorrt_version}"
-
-
 def verify_engines(
     engines_dir: str | Path,
     components: Iterable[Component] | None = None,
     machine: MachineInfo | None = None,
+    *,
+    hash_engines: bool = True,
+    cache: HashCache | None = None,
 ) -> EngineManifest:
     """Read the engine manifest and check the engines before anything loads them.
 
     Order: every file's size, then its sha256 (engines, external weights, tokenizers, scheduler);
-    then, for TensorRT engines, the TensorRT version and GPU compute capability of this machine.
+    then whether this machine can load them (for TensorRT: version and GPU compute capability).
 
     Args:
         engines_dir: a build's ``engines/`` directory.
         components: the engines to check (default: all of them); support files are always checked.
-        machine: this machine; detected (importing tensorrt and torch.cuda) only when a TensorRT
-            engine is to be checked and none is given.
+        machine: this machine; detected (importing tensorrt and torch.cuda) only when a backend
+            needs it and none is given.
+        hash_engines: ``False`` checks engine files' sizes only: for a load, whose engines hash the
+            bytes they deserialize themselves (each byte hashed once per load).
+        cache: reuse digests of files unchanged since last hashed (freshness checks only).
 
     Returns:
         The parsed manifest, for :func:`open_engines`.
@@ -318,9 +270,17 @@ def verify_engines(
     """
     manifest = read_engine_manifest(engines_dir)
     selected = list(components) if components is not None else list(manifest.engines)
-    files = [f for c in selected for f in manifest.record(c).files] + list(manifest.support_files)
-    verify_files(manifest.directory, files, what=f"engines in {manifest.directory} ({REBUILD})")
-    if any(manifest.record(c).backend is Backend.TENSORRT for c in selected):
+    what = f"engines in {manifest.directory} ({REBUILD})"
+    engine_files = [f for c in selected for f in manifest.record(c).files]
+    problems = []
+    for files, contents in ((engine_files, hash_engines), (manifest.support_files, True)):
+        try:
+            verify_files(manifest.directory, files, cache=cache, contents=contents)
+        except VerificationError as err:
+            problems.append(str(err))
+    if problems:
+        raise VerificationError(f"{what}: " + "; ".join(problems))
+    if any(backend_of(manifest.record(c).backend).needs_machine_check for c in selected):
         check_compatible(manifest, machine or MachineInfo.detect(), selected)
     return manifest
 
@@ -335,45 +295,20 @@ def open_engines(
 ) -> dict[Component, Engine]:
     """Engine objects for verified engines (constructed only: nothing is loaded until ``activate``).
 
-    Each engine re-checks the sha256 of the exact bytes it loads, so a file swapped after
-    :func:`verify_engines` is still refused.
+    Each engine checks the sha256 of the exact bytes it loads before its backend sees them, so a
+    file swapped after :func:`verify_engines` is still refused.
 
     Args:
         manifest: the result of :func:`verify_engines`.
         components: which engines (default: all).
-        device: ``"cpu"`` or ``"cuda[:N]"``; default ``cuda`` for TensorRT, ``cpu`` for ONNX Runtime.
+        device: ``"cpu"`` or ``"cuda[:N]"``; default: the backend's (TensorRT ``cuda``, ONNX
+            Runtime ``cpu``).
         intra_op_threads: ONNX Runtime intra-op threads (``None``: ONNX Runtime's default).
-        use_cuda_graph: TensorRT: capture and replay a CUDA graph per input shape.
+        use_cuda_graph: TensorRT: capture and replay CUDA graphs per input shape.
 
     Raises:
         BackendUnavailableError: TensorRT engines asked to run on the CPU.
     """
     selected = list(components) if components is not None else list(manifest.engines)
-    engines: dict[Component, Engine] = {}
-    for component in selected:
-        rec = manifest.record(component)
-        sp = manifest.spec(component)
-        path = manifest.directory / rec.file.path
-        if rec.backend is Backend.TENSORRT:
-            from sd35trt.runtime.trt import TrtEngine
-
-            dev = device or "cuda"
-            if not dev.startswith("cuda"):
-                raise BackendUnavailableError(
-                    f"engine {path.name} is a TensorRT plan and runs on a CUDA device, not {dev!r}"
-                )
-            engines[component] = TrtEngine(
-                sp, path, rec.file.sha256, device=dev, use_cuda_graph=use_cuda_graph
-            )
-        else:
-            from sd35trt.runtime.ort import OrtEngine
-
-            engines[component] = OrtEngine(
-                sp,
-                path,
-                sha256=None if rec.extra_files else rec.file.sha256,
-                device=device or "cpu",
-                intra_op_threads=intra_op_threads,
-                cuda_provider_options=rec.options.get("cuda_provider_options"),
-            )
-    return engines
+    options = OpenOptions(device=device, intra_op_threads=intra_op_threads, use_cuda_graph=use_cuda_graph)
+    return backend_of(manifest.backend).open(manifest, selected, options)

@@ -11,19 +11,23 @@ saved model portable to the CUDA provider.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.components import ComponentSpec
+from sd35trt.components import Component, ComponentSpec
+from sd35trt.config import Backend
 from sd35trt.errors import BuildError, VerificationError
+from sd35trt.manifest import check_file_digest, read_verified
+from sd35trt.runtime.backend import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.runtime.engine import Engine
 
 if TYPE_CHECKING:
     import onnxruntime
     import torch
+
+    from sd35trt.runtime.engines import EngineManifest
 
 GRAPH_OPTIMIZATION_LEVEL = "ORT_ENABLE_BASIC"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -33,6 +37,7 @@ DEFAULT_CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "DEFAULT"}
 #: Initializers at least this large go to the external data file when a model is saved with one.
 EXTERNAL_DATA_MIN_BYTES = 1024
 _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+REBUILD = "rebuild with `sd35trt build`"
 
 
 def session_options(intra_op_threads: int | None = None) -> onnxruntime.SessionOptions:
@@ -132,6 +137,10 @@ class OrtEngine(Engine):
 
     Inputs may live on any device and have any dtype: they are converted to the model's input
     dtypes on the CPU (the CUDA provider copies them in); outputs come back on ``device``.
+
+    ``activate`` hashes each byte once: the model is read once, its sha256 checked, and those
+    same bytes handed to ONNX Runtime. External weights (``<model>.data``, models over 2 GB) are
+    hashed just before ONNX Runtime opens them by path, which it insists on doing itself.
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class OrtEngine(Engine):
         path: str | Path,
         *,
         sha256: str | None = None,
+        extra_files: Sequence[tuple[Path, str]] = (),
         device: str = "cpu",
         intra_op_threads: int | None = None,
         cuda_provider_options: Mapping[str, Any] | None = None,
@@ -149,7 +159,8 @@ class OrtEngine(Engine):
             spec: the component's I/O contract.
             path: the optimized model.
             sha256: when given, the bytes read are checked against it before ONNX Runtime parses
-                them (models without external data only).
+                them.
+            extra_files: ``(path, sha256)`` of the external weight files, checked before loading.
             device: ``cpu``, or ``cuda[:N]`` to use the CUDA provider where onnxruntime-gpu has it.
             intra_op_threads: ONNX Runtime intra-op threads (``None``: its default).
             cuda_provider_options: options for the CUDA provider, as recorded at build time.
@@ -157,6 +168,7 @@ class OrtEngine(Engine):
         super().__init__(spec)
         self.path = Path(path)
         self.sha256 = sha256
+        self.extra_files = tuple((Path(p), d) for p, d in extra_files)
         self.device = device
         self.intra_op_threads = intra_op_threads
         self.cuda_provider_options = dict(cuda_provider_options or DEFAULT_CUDA_PROVIDER_OPTIONS)
@@ -170,20 +182,20 @@ class OrtEngine(Engine):
             return [(CUDA_PROVIDER, {**self.cuda_provider_options, "device_id": index}), CPU_PROVIDER]
         return [CPU_PROVIDER]
 
-    def activate(self) -> None:
+    def _activate_impl(self) -> None:
         import onnxruntime as ort
 
         so = session_options(self.intra_op_threads)
+        for data_path, digest in self.extra_files:
+            check_file_digest(data_path, digest, "engine manifest", REBUILD)
         if self.sha256 is None:
             source: str | bytes = str(self.path)
+        elif self.extra_files:
+            # ONNX Runtime resolves external data only for a model opened by path.
+            check_file_digest(self.path, self.sha256, "engine manifest", REBUILD)
+            source = str(self.path)
         else:
-            source = self.path.read_bytes()
-            digest = hashlib.sha256(source).hexdigest()
-            if digest != self.sha256:
-                raise VerificationError(
-                    f"{self.path} sha256 {digest[:12]}… does not match the engine manifest's "
-                    f"{self.sha256[:12]}… (modified since verification); rebuild with `sd35trt build`"
-                )
+            source = read_verified(self.path, self.sha256, "engine manifest", REBUILD)
         session = ort.InferenceSession(source, so, providers=self.providers())
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
@@ -193,20 +205,15 @@ class OrtEngine(Engine):
             raise VerificationError(
                 f"{self.path} has inputs {sorted(self._input_types)} and outputs {sorted(outputs)}, "
                 f"the {self.name} spec expects {sorted(self.spec.input_names)} and "
-                f"{sorted(self.spec.output_names)}; rebuild with `sd35trt build`"
+                f"{sorted(self.spec.output_names)}; {REBUILD}"
             )
         self._session = session
-        self.active = True
 
-    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import onnxruntime as ort
         import torch
 
-        if self._session is None:
-            raise RuntimeError(f"engine {self.name} is not active: call activate() first")
-        missing = [n for n in self.spec.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"engine {self.name}: missing inputs {missing}")
+        assert self._session is not None  # the base class calls this only when active
         dtypes = _torch_dtypes()
         binding = self._session.io_binding()
         keep = []  # OrtValues borrow the numpy buffers: keep both alive until the run ends
@@ -229,10 +236,9 @@ class OrtEngine(Engine):
             out = {name: t.to(self.device) for name, t in out.items()}
         return out
 
-    def deactivate(self) -> None:
+    def _deactivate_impl(self) -> None:
         self._session = None
         self._input_types = {}
-        self.active = False
 
 
 def _to_torch(value: Any) -> torch.Tensor:
@@ -246,3 +252,43 @@ def _to_torch(value: Any) -> torch.Tensor:
     raw = (ctypes.c_uint16 * math.prod(shape)).from_address(value.data_ptr())
     array = np.frombuffer(raw, dtype=np.int16).reshape(shape).copy()
     return torch.from_numpy(array).view(torch.bfloat16)
+
+
+class OnnxRuntimeBackend(EngineBackend):
+    """ONNX Runtime engines: machine-independent offline-optimized models, CPU or CUDA provider."""
+
+    backend = Backend.ONNXRUNTIME
+    label = "ONNX Runtime"
+    suffix = ".onnx"
+    default_device = "cpu"
+
+    def runtime_problems(self) -> list[str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return ["the engines need ONNX Runtime, which is not installed (pip install onnxruntime)"]
+        return []
+
+    def build(self, job: BuildJob) -> BuiltEngine:
+        options = optimize_model(job.source, job.target, external_data=job.external_data)
+        # ONNX Runtime writes the data file only when some initializer reaches its size threshold.
+        data_file = job.target.with_name(job.target.name + ".data")
+        return BuiltEngine(extra_files=(data_file,) if data_file.is_file() else (), options=options)
+
+    def open(
+        self, manifest: EngineManifest, components: Iterable[Component], options: OpenOptions
+    ) -> dict[Component, Engine]:
+        device = self.device_for(options.device)
+        engines: dict[Component, Engine] = {}
+        for component in components:
+            rec = manifest.record(component)
+            engines[component] = OrtEngine(
+                manifest.spec(component),
+                manifest.directory / rec.file.path,
+                sha256=rec.file.sha256,
+                extra_files=[(manifest.directory / f.path, f.sha256) for f in rec.extra_files],
+                device=device,
+                intra_op_threads=options.intra_op_threads,
+                cuda_provider_options=rec.options.get("cuda_provider_options"),
+            )
+        return engines

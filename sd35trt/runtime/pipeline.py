@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import Backend, RuntimeSettings, sha256_json
+from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
 from sd35trt.runtime.request import GenerationParams, GenerationRequest, RequestLimits, resolve_request
 from sd35trt.runtime.scheduler import FlowMatchEuler
@@ -87,6 +87,8 @@ class Timings:
     memory_kind: str = ""  # what peak_memory_bytes measures
     #: CUDA only: most device memory in use (every allocator, TensorRT's included) at a stage end.
     device_memory_bytes: int | None = None
+    #: TensorRT: the one activation buffer all engines share (bytes; None: not shared).
+    activation_memory_bytes: int | None = None
 
     def to_json(self) -> dict:
         return {
@@ -98,6 +100,7 @@ class Timings:
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_kind": self.memory_kind,
             "device_memory_bytes": self.device_memory_bytes,
+            "activation_memory_bytes": self.activation_memory_bytes,
         }
 
     def format(self) -> str:
@@ -118,6 +121,11 @@ class Timings:
             lines.append(
                 f"device memory   {self.device_memory_bytes / 2**20:10.1f} MiB  "
                 "(most in use on the GPU at a stage end, all allocators)"
+            )
+        if self.activation_memory_bytes is not None:
+            lines.append(
+                f"activations     {self.activation_memory_bytes / 2**20:10.1f} MiB  "
+                "(one device buffer shared by the engines, sized for the largest)"
             )
         return "\n".join(lines)
 
@@ -252,11 +260,12 @@ class Sd35Runtime:
             IncompatibleEngineError: engines built for another GPU or TensorRT version.
             BackendUnavailableError: a CUDA device was asked for and there is none.
         """
+        from sd35trt.runtime.backends import backend_of
         from sd35trt.runtime.engines import open_engines, verify_engines
 
-        manifest = verify_engines(engines_dir)
-        if device is None:
-            device = "cuda" if manifest.backend is Backend.TENSORRT else "cpu"
+        # Engine files: sizes here, sha256 when each engine loads (each byte hashed once).
+        manifest = verify_engines(engines_dir, hash_engines=False)
+        device = backend_of(manifest.backend).device_for(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device {device!r} was asked for, but torch sees no CUDA device")
         try:
@@ -416,6 +425,7 @@ class Sd35Runtime:
         timings.peak_memory_bytes, timings.memory_kind = _peak_memory(self.device)
         if self.device.type == "cuda":
             timings.device_memory_bytes = self._device_used
+        timings.activation_memory_bytes = self.engines.shared_activation_bytes()
 
         results, offset = [], 0
         for i, p in enumerate(batch):

@@ -55,8 +55,12 @@ class EngineSet:
 
     def deactivate_all(self) -> None:
         for engine in self.engines.values():
-            if engine.active:
-                engine.deactivate()
+            engine.deactivate()
+
+    def shared_activation_bytes(self) -> int | None:
+        """Peak size of the activation buffer the engines share (TensorRT), or ``None``."""
+        shared = {id(m): m for e in self.engines.values() if (m := getattr(e, "activation_memory", None))}
+        return max((m.peak_bytes for m in shared.values()), default=None)
 
     @contextlib.contextmanager
     def use(self, component: Component) -> Iterator[Engine]:

@@ -61,7 +61,7 @@ class TorchEngine(Engine):
         self._module: nn.Module | None = None
         self._float_dtype = dtype or torch.float32
 
-    def activate(self) -> None:
+    def _activate_impl(self) -> None:
         module = self.factory().eval()
         if self.dtype is not None:
             module = module.to(self.device, self.dtype)
@@ -69,14 +69,9 @@ class TorchEngine(Engine):
             module = module.to(self.device)
             self._float_dtype = next(module.parameters()).dtype
         self._module = module
-        self.active = True
 
-    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._module is None:
-            raise RuntimeError(f"engine {self.name} is not active: call activate() first")
-        missing = [n for n in self.spec.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"engine {self.name}: missing inputs {missing}")
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert self._module is not None  # the base class calls this only when active
         dtypes = {
             TensorType.FLOAT: self._float_dtype,
             TensorType.FLOAT32: torch.float32,
@@ -88,9 +83,8 @@ class TorchEngine(Engine):
         outputs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outputs, strict=True))
 
-    def deactivate(self) -> None:
+    def _deactivate_impl(self) -> None:
         self._module = None
-        self.active = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -1,185 +1,50 @@
-"""TensorRT backend: the plan builder and the engine runner.
+"""TensorRT backend: the engine runner and the backend object (the builder is in ``trt_build``).
 
-Written against the TensorRT 10 and 11 Python API. ``tensorrt`` is imported inside functions only.
+Written against the TensorRT 10 and 11 Python API (checked against the real bindings of both by
+``tests/unit/test_tensorrt_api.py``). ``tensorrt`` is imported inside functions only.
 
-Building: the ONNX parser reads the model from its file (so external weights resolve), into a
-strongly typed network: layer precisions come from the ONNX dtypes and FP8 from its Q/DQ nodes.
-TensorRT 11 removed weak typing (``BuilderFlag.FP16/BF16/FP8``, precision constraints) and makes
-every network strongly typed, its ``STRONGLY_TYPED`` creation flag being a no-op; TensorRT 10
-needs the flag. One optimization profile per engine; the timing cache is loaded before and saved
-after the build.
+Loading: the plan is memory-mapped, its sha256 computed on the mapping and compared with the
+manifest, and the same mapping handed to ``deserialize_cuda_engine``: each byte is read and
+hashed once, never deserialized unchecked, with no second host copy. Weight streaming budgets
+recorded with the engines are applied before the execution context exists. Activations live in
+one device buffer shared by every engine of the runtime (``ExecutionContextAllocationStrategy.
+USER_MANAGED``, sized for the largest engine, as NVIDIA's demo/Diffusion does): the stages never
+run concurrently.
 
 Running: ``set_input_shape`` / ``set_tensor_address`` on torch CUDA tensors and
-``execute_async_v3`` on one stream; optionally a CUDA graph captured per input shapes and
-replayed (TensorRT needs one ``execute_async_v3`` before capture to finish deferred setup).
+``execute_async_v3`` on one stream; with CUDA graphs, a bounded shape-keyed
+:class:`~sd35trt.runtime.graphs.GraphCache` captures a shape on its second call and replays it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.components import ComponentSpec, ShapeRange
-from sd35trt.errors import BuildError, DeviceOutOfMemoryError, IncompatibleEngineError, VerificationError
-from sd35trt.manifest import atomic_write_bytes
+from sd35trt.components import Component, ComponentSpec
+from sd35trt.config import Backend
+from sd35trt.errors import (
+    BackendUnavailableError,
+    DeviceOutOfMemoryError,
+    IncompatibleEngineError,
+    VerificationError,
+)
+from sd35trt.manifest import map_verified
+from sd35trt.runtime.backend import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.runtime.engine import Engine
+from sd35trt.runtime.graphs import GraphCache
+from sd35trt.runtime.machine import MachineInfo, same_tensorrt_version, sm_name
 
 if TYPE_CHECKING:
     import torch
 
-Progress = Callable[[str], None]
+    from sd35trt.runtime.engines import EngineManifest, EngineRecord
+
+REBUILD = "rebuild with `sd35trt build`"
 _GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class TrtBuildOptions:
-    """Builder settings, from ``config.build``."""
-
-    optimization_level: int = 3
-    workspace_gib: float | None = None
-    weight_streaming: bool = False
-    refit: bool = False
-
-    def to_json(self) -> dict:
-        return {
-            "builder_optimization_level": self.optimization_level,
-            "workspace_bytes": int(self.workspace_gib * _GIB) if self.workspace_gib else None,
-            "weight_streaming": self.weight_streaming,
-            "refit": self.refit,
-        }
-
-
-def tensorrt_major(version: str) -> int:
-    return int(version.split(".")[0])
-
-
-def network_flags(trt: Any) -> int:
-    """Creation flags of a strongly typed network on TensorRT 10 and 11.
-
-    TensorRT 11 networks are always strongly typed (the flag is deprecated and ignored, so pass
-    none); TensorRT 10 needs ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``.
-    """
-    if tensorrt_major(trt.__version__) >= 11:
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-
-def add_profile(builder: Any, config: Any, shapes: Mapping[str, ShapeRange]) -> int:
-    """Add one optimization profile with ``shapes`` (min / opt / max per input) to ``config``.
-
-    Raises:
-        BuildError: TensorRT rejects the profile (e.g. opt outside min..max).
-    """
-    profile = builder.create_optimization_profile()
-    for name, r in shapes.items():
-        profile.set_shape(name, r.min, r.opt, r.max)
-    index = config.add_optimization_profile(profile)
-    if index < 0:
-        ranges = ", ".join(f"{n} {r.min}..{r.max}" for n, r in shapes.items())
-        raise BuildError(f"TensorRT rejected the optimization profile ({ranges})")
-    return index
-
-
-def _progress_monitor(trt: Any, report: Progress, label: str, every_s: float = 5.0) -> Any:
-    """An ``IProgressMonitor`` that reports top-level builder phases, at most every ``every_s``."""
-
-    class Monitor(trt.IProgressMonitor):
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self._steps: dict[str, int] = {}
-            self._last = 0.0
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            self._steps[phase_name] = num_steps
-            if parent_phase is None:
-                report(f"{label}: {phase_name}")
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            now = time.monotonic()
-            if now - self._last >= every_s:
-                self._last = now
-                report(f"{label}: {phase_name} {step + 1}/{self._steps.get(phase_name, '?')}")
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            self._steps.pop(phase_name, None)
-
-    return Monitor()
-
-
-def build_plan(
-    onnx_path: Path,
-    plan_path: Path,
-    shapes: Mapping[str, ShapeRange],
-    options: TrtBuildOptions,
-    timing_cache: Path | None = None,
-    progress: Progress | None = None,
-    label: str = "",
-) -> dict[str, Any]:
-    """Build a TensorRT plan from an ONNX file.
-
-    Args:
-        onnx_path: the model; external weights are resolved beside it.
-        plan_path: where to write the serialized plan.
-        shapes: the optimization profile, per input.
-        options: builder optimization level, workspace limit, weight streaming, refit.
-        timing_cache: read before the build when it exists, written back after it.
-        progress: receives progress lines.
-        label: prefix of the progress lines (e.g. ``[4/5] transformer``).
-
-    Returns:
-        The options to record in the engine manifest (builder settings, timing cache use).
-
-    Raises:
-        BuildError: the parser or the builder failed (the parser's errors are listed).
-    """
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors or 'no details'}")
-
-    config = builder.create_builder_config()
-    config.builder_optimization_level = options.optimization_level
-    if options.workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * _GIB))
-    if options.weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    if options.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    add_profile(builder, config, shapes)
-
-    cache_loaded = bool(timing_cache and timing_cache.is_file())
-    cache = config.create_timing_cache(timing_cache.read_bytes() if cache_loaded else b"")
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another TensorRT version or GPU: start empty rather than mix tactics.
-        cache_loaded = False
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    # The monitor (like the parser, which owns the parsed weights) must outlive the build.
-    monitor = _progress_monitor(trt, progress, label) if progress is not None else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BuildError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
-    atomic_write_bytes(plan_path, memoryview(serialized))
-    if timing_cache is not None:
-        atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
-    return {
-        **options.to_json(),
-        "strongly_typed": True,
-        "timing_cache": timing_cache.name if timing_cache else None,
-        "timing_cache_reused": cache_loaded,
-    }
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -202,11 +67,142 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
         raise TypeError(f"TensorRT dtype {dtype} has no torch equivalent") from None
 
 
+class CudaDevice:
+    """The torch CUDA calls of the runner, in one place (the API tests run it on a CPU stand-in)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+
+    def guard(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        return torch.cuda.device(self.device)
+
+    def new_stream(self) -> Any:
+        import torch
+
+        return torch.cuda.Stream(self.device)
+
+    def current_stream(self) -> Any:
+        import torch
+
+        return torch.cuda.current_stream(self.device)
+
+    def use_stream(self, stream: Any) -> contextlib.AbstractContextManager:
+        import torch
+
+        return torch.cuda.stream(stream)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def hand_over(self, tensors: Iterable[torch.Tensor], stream: Any) -> None:
+        """Tell the caching allocator that ``stream`` uses ``tensors`` (no early reuse)."""
+        for t in tensors:
+            t.record_stream(stream)
+
+    def capture(self, stream: Any, run: Callable[[], None]) -> Any:
+        """Capture ``run``'s work on ``stream`` into a CUDA graph (``replay()`` reruns it)."""
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            run()
+        return graph
+
+
+class ActivationMemory:
+    """One device buffer for the activations of every engine that attaches to it.
+
+    Sized for the largest engine (``reserve`` from the manifest, grown if an engine reports
+    more); contexts are created with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and
+    pointed at it. Growing re-points every attached context (their captured graphs are dropped
+    by their ``bind`` callbacks). The buffer is freed when the last engine detaches.
+
+    Args:
+        device: the stand-in for torch CUDA (see :class:`CudaDevice`).
+        reserve: bytes to allocate at the first attach at least (the largest recorded engine).
+    """
+
+    def __init__(self, device: CudaDevice, reserve: int = 0) -> None:
+        self.device = device
+        self.reserve = reserve
+        self._buffer: torch.Tensor | None = None
+        self._users: dict[str, tuple[int, Callable[[int, int], None]]] = {}
+        self.size_bytes = 0  # current buffer size (0: none allocated)
+        self.peak_bytes = 0
+
+    def attach(self, name: str, size: int, bind: Callable[[int, int], None]) -> None:
+        """Give ``name`` the buffer: ``bind(address, size)`` now and whenever it moves."""
+        import torch
+
+        self._users[name] = (size, bind)
+        if self._buffer is None or size > self.size_bytes:
+            want = max(size, self.reserve, *(s for s, _ in self._users.values()))
+            self._buffer = None  # free the old buffer before allocating the larger one
+            try:
+                self._buffer = self.device.empty((max(want, 1),), torch.uint8)
+            except torch.cuda.OutOfMemoryError:
+                self._users.pop(name)
+                raise DeviceOutOfMemoryError(
+                    f"out of memory allocating {want / 2**20:.0f} MiB of shared activation memory"
+                ) from None
+            self.size_bytes = want
+            self.peak_bytes = max(self.peak_bytes, want)
+            for user_size, user_bind in self._users.values():
+                user_bind(self._buffer.data_ptr(), user_size)
+        else:
+            bind(self._buffer.data_ptr(), size)
+
+    def detach(self, name: str) -> None:
+        self._users.pop(name, None)
+        if not self._users:
+            self._buffer = None
+            self.size_bytes = 0
+
+
+@dataclass(frozen=True)
+class WeightStreaming:
+    """Weight streaming at run time: ``budget_bytes`` of streamable weights kept on the device.
+
+    ``None`` asks TensorRT for its automatic budget (``get_weight_streaming_automatic_budget``).
+    """
+
+    budget_bytes: int | None = None
+
+
+def apply_weight_streaming(engine: Any, setting: WeightStreaming) -> int | None:
+    """Set the engine's weight streaming budget; must precede its execution contexts.
+
+    Returns:
+        The budget set in bytes, or ``None`` when the plan has no streamable weights.
+    """
+    streamable = int(engine.streamable_weights_size)
+    if streamable <= 0:
+        return None
+    if setting.budget_bytes is None:
+        budget = int(engine.get_weight_streaming_automatic_budget())
+    else:
+        budget = min(setting.budget_bytes, streamable)
+    engine.weight_streaming_budget_v2 = budget
+    return budget
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+
+
 class TrtEngine(Engine):
     """One component's TensorRT engine, run on torch CUDA tensors on one stream.
 
-    Construct only with a plan that :func:`sd35trt.runtime.engines.verify_engines` accepted;
-    ``activate`` checks the sha256 of the bytes it reads once more before TensorRT sees them.
+    ``activate`` maps the plan, checks its sha256 on the mapping and deserializes that mapping.
     """
 
     def __init__(
@@ -214,85 +210,104 @@ class TrtEngine(Engine):
         spec: ComponentSpec,
         path: str | Path,
         sha256: str,
+        size: int,
         *,
         device: str = "cuda",
         use_cuda_graph: bool = False,
-        weight_streaming_budget: int | None = None,
+        weight_streaming: WeightStreaming | None = None,
+        activation_memory: ActivationMemory | None = None,
+        cuda: CudaDevice | None = None,
     ) -> None:
         """
         Args:
             spec: the component's I/O contract.
             path: the plan file.
             sha256: its sha256 from the engine manifest.
+            size: its size in bytes from the engine manifest.
             device: the CUDA device to run on.
-            use_cuda_graph: capture a CUDA graph for the current input shapes and replay it while
-                they stay the same (pays off for static shapes).
-            weight_streaming_budget: bytes of streamable weights kept on the device (plans built
-                with weight streaming only); ``None`` keeps TensorRT's default.
+            use_cuda_graph: capture CUDA graphs for repeated input shapes and replay them.
+            weight_streaming: the budget for plans built with weight streaming (``None``: off).
+            activation_memory: a buffer shared with other engines (``None``: the context allocates
+                its own).
+            cuda: the torch CUDA calls (default :class:`CudaDevice` of ``device``).
         """
         super().__init__(spec)
         self.path = Path(path)
         self.sha256 = sha256
+        self.size = size
         self.device = device
         self.use_cuda_graph = use_cuda_graph
-        self.weight_streaming_budget = weight_streaming_budget
+        self.weight_streaming = weight_streaming
+        self.activation_memory = activation_memory
+        self._cuda = cuda
         self._state: dict[str, Any] = {}
+        self.graphs: GraphCache[_Graph] | None = None
+        self.weight_streaming_budget: int | None = None
 
-    def activate(self) -> None:
-        # The bytes TensorRT deserializes are the bytes hashed here, before tensorrt is even imported.
-        data = self.path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != self.sha256:
-            raise VerificationError(
-                f"{self.path} sha256 {digest[:12]}… does not match the engine manifest's {self.sha256[:12]}… "
-                "(modified since verification); rebuild with `sd35trt build`"
-            )
+    def _activate_impl(self) -> None:
+        # Hashed before tensorrt is even imported; the mapping hashed is the buffer deserialized.
+        with map_verified(self.path, self.sha256, self.size, "engine manifest", REBUILD) as plan:
+            self._load(plan)
+
+    def _load(self, plan: Any) -> None:
         import tensorrt as trt
-        import torch
 
-        device = torch.device(self.device)
-        with torch.cuda.device(device):
-            logger = trt.Logger(trt.Logger.WARNING)
+        cuda = self._cuda or CudaDevice(self.device)
+        logger = trt.Logger(trt.Logger.WARNING)
+        with cuda.guard():
             runtime = trt.Runtime(logger)
-            engine = runtime.deserialize_cuda_engine(data)
+            engine = runtime.deserialize_cuda_engine(plan)
             if engine is None:
                 raise IncompatibleEngineError(
-                    f"TensorRT {trt.__version__} could not deserialize {self.path.name}: "
-                    "rebuild with `sd35trt build`"
+                    f"TensorRT {trt.__version__} could not deserialize {self.path.name}: {REBUILD}"
                 )
-            if self.weight_streaming_budget is not None:
-                engine.weight_streaming_budget_v2 = self.weight_streaming_budget
-            context = engine.create_execution_context()
-            if context is None:
-                raise DeviceOutOfMemoryError(
-                    f"out of memory creating the execution context of {self.path.name}"
-                )
+            if self.weight_streaming is not None:
+                self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
+            context = self._create_context(trt, engine)
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outputs = [n for n in names if n not in inputs]
-            expected = (sorted(self.spec.input_names), sorted(self.spec.output_names))
-            if (sorted(inputs), sorted(outputs)) != expected:
+            if (sorted(inputs), sorted(outputs)) != (
+                sorted(self.spec.input_names),
+                sorted(self.spec.output_names),
+            ):
+                if self.activation_memory is not None:
+                    self.activation_memory.detach(self.name)
                 raise VerificationError(
-                    f"{self.path} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the {self.name} "
-                    f"spec expects {sorted(self.spec.input_names)} and {sorted(self.spec.output_names)}; "
-                    "rebuild with `sd35trt build`"
+                    f"{self.path} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the "
+                    f"{self.name} spec expects {sorted(self.spec.input_names)} and "
+                    f"{sorted(self.spec.output_names)}; {REBUILD}"
                 )
             self._state = {
+                "cuda": cuda,
                 "logger": logger,
                 "runtime": runtime,
                 "engine": engine,
                 "context": context,
-                "stream": torch.cuda.Stream(device),
-                "device": device,
+                "stream": cuda.new_stream(),
                 "dtypes": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names},
-                "graph": None,  # (input shapes, CUDAGraph, static inputs, static outputs)
             }
-        self.active = True
+        self.graphs = GraphCache(self._capture) if self.use_cuda_graph else None
+
+    def _create_context(self, trt: Any, engine: Any) -> Any:
+        if self.activation_memory is None:
+            context = engine.create_execution_context()
+        else:
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise DeviceOutOfMemoryError(f"out of memory creating the execution context of {self.path.name}")
+        if self.activation_memory is not None:
+
+            def bind(address: int, size: int) -> None:
+                context.set_device_memory(address, size)
+                if self.graphs is not None:
+                    self.graphs.clear()  # captured kernels point at the old buffer
+
+            self.activation_memory.attach(self.name, int(engine.device_memory_size_v2), bind)
+        return context
 
     def _bind(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Set shapes and addresses for ``inputs``; allocate and bind the outputs."""
-        import torch
-
         s = self._state
         context = s["context"]
         for name, t in inputs.items():
@@ -304,7 +319,7 @@ class TrtEngine(Engine):
         outputs = {}
         for name in self.spec.output_names:
             shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=s["dtypes"][name], device=s["device"])
+            outputs[name] = s["cuda"].empty(shape, s["dtypes"][name])
             context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
@@ -313,56 +328,162 @@ class TrtEngine(Engine):
         if not s["context"].execute_async_v3(s["stream"].cuda_stream):
             raise RuntimeError(f"engine {self.name}: execute_async_v3 failed (see the TensorRT log)")
 
-    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        import torch
-
-        if not self._state:
-            raise RuntimeError(f"engine {self.name} is not active: call activate() first")
-        missing = [n for n in self.spec.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"engine {self.name}: missing inputs {missing}")
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self._state
-        device, stream = s["device"], s["stream"]
-        with torch.cuda.device(device):
-            current = torch.cuda.current_stream(device)
+        cuda, stream = s["cuda"], s["stream"]
+        with cuda.guard():
+            current = cuda.current_stream()
             inputs = {
-                n: feeds[n].detach().to(device=device, dtype=s["dtypes"][n]).contiguous()
+                n: feeds[n].detach().to(device=cuda.device, dtype=s["dtypes"][n]).contiguous()
                 for n in self.spec.input_names
             }
-            shapes = tuple(tuple(t.shape) for t in inputs.values())
             stream.wait_stream(current)
-            if self.use_cuda_graph:
-                outputs = self._run_graph(inputs, shapes)
-            else:
-                outputs = self._bind(inputs)
-                self._execute()
-            for t in (*inputs.values(), *outputs.values()):
-                t.record_stream(stream)
+            key = tuple(tuple(t.shape) for t in inputs.values())
+            graph = self.graphs.lookup(key) if self.graphs is not None else None
+            with cuda.use_stream(stream):
+                if graph is None:
+                    outputs = self._bind(inputs)
+                    self._execute()
+                else:
+                    for n, t in inputs.items():
+                        graph.inputs[n].copy_(t, non_blocking=True)
+                    graph.graph.replay()
+                    outputs = {n: t.clone() for n, t in graph.outputs.items()}
+            cuda.hand_over((*inputs.values(), *outputs.values()), stream)
             current.wait_stream(stream)
         return outputs
 
-    def _run_graph(self, inputs: Mapping[str, torch.Tensor], shapes: tuple) -> dict[str, torch.Tensor]:
-        import torch
-
+    def _capture(self, key: Hashable) -> _Graph:
+        """Static buffers of shapes ``key`` bound to the context, and a graph of one execution."""
         s = self._state
-        stream = s["stream"]
-        if s["graph"] is None or s["graph"][0] != shapes:
-            with torch.cuda.stream(stream):  # ordered after the inputs: `stream` waited for them
-                static_in = {n: t.clone() for n, t in inputs.items()}
-                static_out = self._bind(static_in)
-                self._execute()  # TensorRT finishes deferred setup on the first enqueue: not capturable
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    self._execute()
-            s["graph"] = (shapes, graph, static_in, static_out)
-        _, graph, static_in, static_out = s["graph"]
-        with torch.cuda.stream(stream):
-            for n, t in inputs.items():
-                static_in[n].copy_(t, non_blocking=True)
-            graph.replay()
-            return {n: t.clone() for n, t in static_out.items()}
+        cuda, stream = s["cuda"], s["stream"]
+        shapes = dict(zip(self.spec.input_names, key, strict=True))
+        with cuda.use_stream(stream):
+            static_in = {n: cuda.empty(shapes[n], s["dtypes"][n]) for n in self.spec.input_names}
+            static_out = self._bind(static_in)
+            graph = cuda.capture(stream, self._execute)
+        return _Graph(graph, static_in, static_out)
 
-    def deactivate(self) -> None:
+    def _deactivate_impl(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.graphs = None
+        if self.activation_memory is not None:
+            self.activation_memory.detach(self.name)
         self._state = {}
-        self.active = False
+
+
+class TensorRTBackend(EngineBackend):
+    """TensorRT plans: tied to the TensorRT release and GPU compute capability that built them."""
+
+    backend = Backend.TENSORRT
+    label = "TensorRT"
+    suffix = ".plan"
+    default_device = "cuda"
+    requirements = "TensorRT and a CUDA GPU"
+    #: The torch CUDA calls the engines make (the API tests put a CPU stand-in here).
+    cuda_device: Callable[[str], CudaDevice] = CudaDevice
+
+    def missing(self, machine: MachineInfo) -> list[str]:
+        return [
+            what
+            for what, absent in (
+                ("TensorRT (import tensorrt failed)", not machine.tensorrt_version),
+                ("CUDA GPU", not machine.gpu),
+            )
+            if absent
+        ]
+
+    def describe(self, machine: MachineInfo) -> str:
+        gpu = machine.gpu
+        return f"TensorRT {machine.tensorrt_version} on {gpu.name} ({gpu.sm})" if gpu else self.label
+
+    def runs_fp8(self, machine: MachineInfo) -> bool:
+        return machine.gpu is None or machine.gpu.has_fp8
+
+    def recorded_machine(self, machine: MachineInfo) -> MachineInfo:
+        return machine
+
+    def built_for(self, record: EngineRecord) -> str:
+        sm = sm_name(record.compute_capability) if record.compute_capability else "an unknown GPU"
+        return f"{sm} / TensorRT {record.tensorrt_version}"
+
+    @property
+    def needs_machine_check(self) -> bool:
+        return True
+
+    def incompatibility(self, record: EngineRecord, machine: MachineInfo) -> str | None:
+        if machine.tensorrt_version is None or machine.gpu is None:
+            missing = " and no ".join(
+                w
+                for w, gone in (("TensorRT", not machine.tensorrt_version), ("CUDA GPU", not machine.gpu))
+                if gone
+            )
+            return f"this machine has no {missing} (the onnxruntime backend runs without them)"
+        same = (
+            record.compute_capability == machine.gpu.compute_capability
+            and record.tensorrt_version is not None
+            and same_tensorrt_version(record.tensorrt_version, machine.tensorrt_version)
+        )
+        return None if same else f"this GPU is {machine.gpu.sm} / TensorRT {machine.tensorrt_version}"
+
+    def device_for(self, requested: str | None) -> str:
+        device = requested or self.default_device
+        if not device.startswith("cuda"):
+            raise BackendUnavailableError(f"TensorRT plans run on a CUDA device, not {device!r}")
+        return device
+
+    def build(self, job: BuildJob) -> BuiltEngine:
+        from sd35trt.runtime.layers import quantized_linear_nodes
+        from sd35trt.runtime.trt_build import TrtBuildOptions, build_plan, timing_cache_path
+
+        s = job.settings
+        options = TrtBuildOptions(
+            optimization_level=s.optimization_level,
+            workspace_gib=s.workspace_gib,
+            weight_streaming=s.weight_streaming,
+            refit=s.refit,
+        )
+        cache = timing_cache_path(job.run_dir, job.machine)
+        quantized = quantized_linear_nodes(job.source) if job.fp8 else []
+        recorded, facts = build_plan(
+            job.source, job.target, job.shapes, options, cache, job.progress, job.label, quantized
+        )
+        if s.weight_streaming:
+            budget = s.weight_streaming_budget_gib
+            recorded["weight_streaming_budget_bytes"] = int(budget * _GIB) if budget is not None else None
+        return BuiltEngine(
+            options=recorded,
+            layers=facts.layers,
+            device_memory_bytes=facts.device_memory_bytes,
+            streamable_weights_bytes=facts.streamable_weights_bytes,
+        )
+
+    def open(
+        self, manifest: EngineManifest, components: Iterable[Component], options: OpenOptions
+    ) -> dict[Component, Engine]:
+        device = self.device_for(options.device)
+        cuda = self.cuda_device(device)
+        selected = list(components)
+        shared = None
+        if options.share_activation_memory:
+            sizes = [manifest.record(c).device_memory_bytes or 0 for c in selected]
+            shared = ActivationMemory(cuda, reserve=max(sizes, default=0))
+        engines: dict[Component, Engine] = {}
+        for component in selected:
+            rec = manifest.record(component)
+            streaming = None
+            if rec.options.get("weight_streaming"):
+                streaming = WeightStreaming(rec.options.get("weight_streaming_budget_bytes"))
+            engines[component] = TrtEngine(
+                manifest.spec(component),
+                manifest.directory / rec.file.path,
+                rec.file.sha256,
+                rec.file.size,
+                device=device,
+                use_cuda_graph=options.use_cuda_graph,
+                weight_streaming=streaming,
+                activation_memory=shared,
+                cuda=cuda,
+            )
+        return engines

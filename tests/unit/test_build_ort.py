@@ -7,7 +7,6 @@ MatMul, as ModelOpt's export does, so ORT_ENABLE_BASIC is exercised on a real FP
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -26,7 +25,6 @@ from sd35trt.config import Backend, Config, config_from_dict
 from sd35trt.errors import (
     BackendUnavailableError,
     BuildError,
-    IncompatibleEngineError,
     ModelError,
     StaleArtifactError,
     VerificationError,
@@ -485,145 +483,5 @@ def test_resolve_backend():
         resolve_backend(Backend.TENSORRT, MachineInfo(None, gpu.gpu))
 
 
-# -- the TensorRT path, against a stand-in for the `tensorrt` module -----------------------------
-# TensorRT cannot be installed here. This stand-in has only the Python API surface the TensorRT 10
-# and 11 docs describe (11 without weak-typing flags) and records every call, so the build path
-# runs on CPU; the real thing runs in tests/gpu.
-
-
-class _FakeTensorRT:
-    def __init__(self, version: str) -> None:
-        import types
-
-        self.__version__ = version
-        self.calls: list[tuple] = []
-        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-        flags = ["REFIT", "WEIGHT_STREAMING"] + ([] if version.startswith("11") else ["FP16", "BF16", "FP8"])
-        self.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-        self.IProgressMonitor = type("IProgressMonitor", (), {"__init__": lambda s: None})
-        fake = self
-
-        class Config:
-            builder_optimization_level = None
-            progress_monitor = None
-
-            def __init__(self) -> None:
-                self.cache = None
-
-            def set_memory_pool_limit(self, pool, size):
-                fake.calls.append(("pool", pool, size))
-
-            def set_flag(self, flag):
-                fake.calls.append(("flag", flag))
-
-            def add_optimization_profile(self, profile):
-                fake.calls.append(("profile", dict(profile.shapes)))
-                return 0
-
-            def create_timing_cache(self, data):
-                fake.calls.append(("cache_in", bytes(data)))
-                return bytes(data) + b"+tactics"
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                self.cache = cache
-                return True
-
-            def get_timing_cache(self):
-                return types.SimpleNamespace(serialize=lambda: self.cache)
-
-        class Profile:
-            def __init__(self) -> None:
-                self.shapes = {}
-
-            def set_shape(self, name, lo, opt, hi):
-                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-        class Builder:
-            def __init__(self, logger) -> None:
-                self.config = Config()
-
-            def create_network(self, flags):
-                fake.calls.append(("network_flags", flags))
-                return types.SimpleNamespace()
-
-            def create_builder_config(self):
-                return self.config
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                fake.calls.append(("level", config.builder_optimization_level))
-                fake.calls.append(("monitor", config.progress_monitor is not None))
-                return b"PLAN " + fake.parsed[-1].encode()
-
-        class OnnxParser:
-            num_errors = 0
-
-            def __init__(self, network, logger) -> None:
-                pass
-
-            def parse_from_file(self, path):
-                fake.parsed.append(Path(path).name)
-                return True
-
-        self.parsed: list[str] = []
-        self.Builder, self.OnnxParser = Builder, OnnxParser
-
-
-@pytest.mark.parametrize(("version", "flags"), [("10.13.0", 1), ("11.4.0", 0)])
-def test_tensorrt_build_path_with_a_stand_in(exported, tmp_path, monkeypatch, version, flags):
-    fake = _FakeTensorRT(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    run_dir = _copy(exported, tmp_path)
-    ada = MachineInfo(version, GpuInfo("NVIDIA L4", (8, 9)))
-    config = config_from_dict(
-        {
-            **_config().model_dump(mode="json"),
-            "build": {
-                **_config().build.model_dump(mode="json"),
-                "workspace_gib": 2,
-                "optimization_level": 5,
-                "weight_streaming": True,
-                "refit": True,
-            },
-        }
-    )
-    lines: list[str] = []
-    build(config, run_dir, Backend.TENSORRT, machine=ada, progress=lines.append)
-    # Strongly typed network (flag on 10, implicit on 11); no precision flags; one profile each.
-    assert [c[1] for c in fake.calls if c[0] == "network_flags"] == [flags] * 5
-    assert [c[1] for c in fake.calls if c[0] == "flag"] == ["WEIGHT_STREAMING", "REFIT"] * 5
-    assert [c[2] for c in fake.calls if c[0] == "pool"] == [2 << 30] * 5
-    assert [c[1] for c in fake.calls if c[0] == "level"] == [5] * 5
-    assert [c[1] for c in fake.calls if c[0] == "monitor"] == [True] * 5
-    profiles = [c[1] for c in fake.calls if c[0] == "profile"]
-    assert profiles[3]["hidden_states"] == ((1, 4, 4, 4), (2, 4, 8, 8), (4, 4, 16, 16))
-    # The timing cache starts empty, then each build reuses what the previous one saved.
-    caches = [c[1] for c in fake.calls if c[0] == "cache_in"]
-    assert caches[0] == b"" and caches[1] == b"+tactics"
-    cache_file = run_dir / "timing_cache" / f"tensorrt-{version}_nvidia-l4_sm_89.cache"
-    assert cache_file.read_bytes() == b"+tactics" * 5
-    manifest = verify_engines(run_dir / "engines", machine=ada)
-    tr = manifest.record(Component.TRANSFORMER)
-    assert (tr.file.path, tr.fp8, tr.compute_capability, tr.gpu_name) == (
-        "transformer.plan",
-        True,
-        (8, 9),
-        "NVIDIA L4",
-    )
-    assert (run_dir / "engines" / "transformer.plan").read_bytes() == b"PLAN transformer.onnx"
-    assert tr.options["timing_cache_reused"] is True and tr.options["workspace_bytes"] == 2 << 30
-    with pytest.raises(IncompatibleEngineError, match=r"built for sm_89 / TensorRT .*, this GPU is sm_90"):
-        verify_engines(run_dir / "engines", machine=MachineInfo(version, GpuInfo("NVIDIA H100", (9, 0))))
-
-
-def test_gpu_without_fp8_and_no_unquantized_export_publishes_nothing(exported, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT("11.4.0"))
-    run_dir = _copy(exported, tmp_path)
-    ampere = MachineInfo("11.4.0", GpuInfo("NVIDIA A100", (8, 0)))
-    with pytest.raises(BuildError, match=r"NVIDIA A100 \(sm_80\) has no FP8"):
-        build(_config(), run_dir, Backend.TENSORRT, machine=ampere, progress=lambda _: None)
-    assert not (run_dir / "engines").exists() and RunManifest(run_dir).get(Stage.BUILD) is None
+# The TensorRT build path runs against fakes derived from the real TensorRT 10 and 11 bindings in
+# tests/unit/test_tensorrt_api.py.

@@ -222,15 +222,20 @@ def test_plan_swapped_after_verification_is_refused_before_tensorrt_sees_it(tmp_
     m = verify_engines(out, machine=MachineInfo("11.4.0", H100))
     engine = open_engines(m, components=[Component.VAE_DECODER], device="cuda:0")[Component.VAE_DECODER]
     assert isinstance(engine, TrtEngine) and not engine.active
-    (out / "vae_decoder.plan").write_bytes(b"\x00" * 64)
+    plan = out / "vae_decoder.plan"
+    plan.write_bytes(b"\x00" * plan.stat().st_size)
     # Where TensorRT is absent, reaching `import tensorrt` would raise ImportError instead.
+    with pytest.raises(VerificationError, match=r"vae_decoder\.plan sha256 .* \(modified or corrupted\)"):
+        engine.activate()
+    assert "tensorrt" not in sys.modules
+    plan.write_bytes(b"\x00" * 64)
     with pytest.raises(
-        VerificationError, match=r"vae_decoder\.plan sha256 .* \(modified since verification\)"
+        VerificationError, match=r"vae_decoder\.plan has 64 bytes, the engine manifest records"
     ):
         engine.activate()
 
 
 def test_tensorrt_engines_do_not_run_on_the_cpu(tmp_path):
     m = verify_engines(_engines_dir(tmp_path), machine=MachineInfo("11.4.0", H100))
-    with pytest.raises(BackendUnavailableError, match=r"transformer\.plan is a TensorRT plan .* not 'cpu'"):
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT plans run on a CUDA device, not 'cpu'"):
         open_engines(m, device="cpu")
