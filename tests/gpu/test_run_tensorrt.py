@@ -55,6 +55,7 @@ def test_tensorrt_runtime_is_deterministic_and_close_to_onnxruntime(engines):
     assert len(t.step_s) == first.params.steps and all(s > 0 for s in t.step_s)
     assert t.device_memory_bytes and t.peak_memory_bytes > 0
     assert "device memory" in t.format()
+    assert t.activation_memory_bytes and "activations" in t.format()  # one shared buffer
 
 
 def test_cuda_graphs_and_low_vram_give_the_same_bytes(engines):

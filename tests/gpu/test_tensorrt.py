@@ -108,6 +108,15 @@ def test_tensorrt_build_records_this_machine(runs):
     quantized = exported["details"]["components"]["transformer"]["quantized"]
     # FP8 only where the GPU has it (sm_89+); otherwise the unquantized export was built.
     assert transformer.fp8 is (quantized and cc >= (8, 9))
+    for rec in manifest.engines.values():
+        assert rec.layers is not None and rec.layers.detailed and rec.device_memory_bytes > 0
+    if transformer.fp8:
+        # Issue 14 C / point 9: every quantized Linear layer became an FP8 GEMM (the build would
+        # have failed otherwise); what fused into attention kernels is printed for the record.
+        assert transformer.layers.fp8_gemms >= transformer.layers.quantized_linear > 0
+        print(
+            f"\ntransformer: {transformer.layers.summary()}; fused: {transformer.layers.fused_attention[:4]}"
+        )
     assert list((runs[Backend.TENSORRT] / "timing_cache").glob("tensorrt-*.cache"))
 
 
@@ -161,6 +170,21 @@ def test_cuda_graph_replay_matches_plain_execution(runs):
             got = graphed.infer(feeds)["noise_pred"]
             torch.cuda.synchronize()
             assert torch.equal(want, got)
+
+
+def test_engines_share_one_activation_buffer_sized_for_the_largest(runs):
+    manifest = verify_engines(runs[Backend.TENSORRT] / "engines")
+    engines = open_engines(manifest, device="cuda")
+    largest = max(r.device_memory_bytes for r in manifest.engines.values())
+    try:
+        for engine in engines.values():
+            engine.activate()
+        shared = {id(e.activation_memory) for e in engines.values()}
+        assert len(shared) == 1
+        assert next(iter(engines.values())).activation_memory.size_bytes == largest
+    finally:
+        for engine in engines.values():
+            engine.deactivate()
 
 
 def test_plan_for_another_gpu_is_refused_before_deserializing(runs, tmp_path):

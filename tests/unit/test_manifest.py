@@ -150,3 +150,42 @@ def test_verify_files_accepts_matching_records(tmp_path):
 def test_config_digest_matches_stage_sections():
     cfg = Config(name="t")
     assert cfg.digest(*Stage.CALIBRATE.config_sections) != cfg.digest(*Stage.EXPORT.config_sections)
+
+
+def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path, monkeypatch):
+    """Issue 13 point 6: `make` chains check freshness from (size, mtime, inode); loads hash fully."""
+    import hashlib
+
+    from sd35trt.manifest import HashCache, is_fresh
+
+    run = tmp_path / "run"
+    (run / "onnx").mkdir(parents=True)
+    big = run / "onnx" / "model.onnx"
+    big.write_bytes(os.urandom(1 << 20))
+    digest = Config(name="x").digest(*Stage.EXPORT.config_sections)
+    RunManifest(run).put(Stage.EXPORT, new_record(Stage.EXPORT, digest, records_for_tree(run, "onnx")))
+    hashed = []
+    real = hashlib.sha256
+
+    def counting(data=b"", **kw):
+        h = real(data, **kw)
+        hashed.append(len(data))
+        update = h.update
+        return type(
+            "H", (), {"update": lambda s, d: hashed.append(len(d)) or update(d), "hexdigest": h.hexdigest}
+        )()
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    assert is_fresh(run, Stage.EXPORT, digest)  # first check hashes and remembers
+    first = sum(hashed)
+    assert first >= 1 << 20 and (run / HashCache.NAME).is_file()
+    hashed.clear()
+    assert is_fresh(run, Stage.EXPORT, digest) and sum(hashed) == 0  # unchanged: nothing rehashed
+    data = bytearray(big.read_bytes())
+    data[7] ^= 1
+    big.write_bytes(bytes(data))  # same size, new mtime
+    assert not is_fresh(run, Stage.EXPORT, digest)
+    hashed.clear()
+    with pytest.raises(VerificationError, match=r"model\.onnx sha256"):
+        RunManifest(run).verified(Stage.EXPORT, digest)  # without a cache: always hashed
+    assert sum(hashed) >= 1 << 20
