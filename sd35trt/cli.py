@@ -126,7 +126,15 @@ def build(
     def body(cfg, rd, hint, progress):
         from sd35trt.build import build as run
 
-        run(cfg, rd, chosen, force=force, hint=hint, progress=progress.log, allow_partial_fp8=allow_partial_fp8)
+        run(
+            cfg,
+            rd,
+            chosen,
+            force=force,
+            hint=hint,
+            progress=progress.log,
+            allow_partial_fp8=allow_partial_fp8,
+        )
 
     _run_stage("build", config, run_dir, body)
 
