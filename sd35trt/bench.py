@@ -380,14 +380,13 @@ class InstantTransformer(Engine):
         self._outputs: dict[tuple, torch.Tensor] = {}
         self._output_name = spec.output_names[0]
 
-    def activate(self) -> None:
-        self.active = True
+    def _activate_impl(self) -> None:
+        pass
 
-    def deactivate(self) -> None:
+    def _deactivate_impl(self) -> None:
         self._outputs = {}
-        self.active = False
 
-    def infer(self, feeds):
+    def _infer_impl(self, feeds):
         start = time.perf_counter_ns()
         x = feeds["hidden_states"]  # [B, C, h, w]
         key = (tuple(x.shape), x.dtype, x.device)

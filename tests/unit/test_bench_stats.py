@@ -145,15 +145,20 @@ def test_memory_probe_sees_an_allocation():
 
 
 class _Echo(Engine):
-    def activate(self):
-        self.active = True
+    def _activate_impl(self):
+        pass
 
-    def infer(self, feeds):
+    def _infer_impl(self, feeds):
         time.sleep(0.005)
         return {"noise_pred": feeds["hidden_states"] * 2}
 
-    def deactivate(self):
-        self.active = False
+    def _deactivate_impl(self):
+        pass
+
+
+def _feeds(sp, **given) -> dict:
+    """Every input of ``sp`` (the engine base checks them all), ``given`` ones as passed."""
+    return {n: given.get(n, torch.zeros(1)) for n in sp.input_names}
 
 
 def test_timed_engine_times_each_call_and_delegates():
@@ -163,8 +168,8 @@ def test_timed_engine_times_each_call_and_delegates():
     timed = TimedEngine(inner, clock, "transformer")
     with timed:
         assert timed.active and inner.active
-        out = timed.infer({"hidden_states": torch.ones(1)})
-        timed.infer({"hidden_states": torch.ones(1)})
+        out = timed.infer(_feeds(sp, hidden_states=torch.ones(1)))
+        timed.infer(_feeds(sp, hidden_states=torch.ones(1)))
     assert not inner.active
     assert out["noise_pred"].item() == 2.0
     assert timed.spec is sp
@@ -178,9 +183,9 @@ def test_instant_transformer_returns_preallocated_zeros_and_logs_timesteps():
     engine = InstantTransformer(sp, log)
     x = torch.randn(2, 16, 8, 8)
     with engine:
-        a = engine.infer({"hidden_states": x, "timestep": torch.full((2,), 900.0)})["noise_pred"]
-        b = engine.infer({"hidden_states": x, "timestep": torch.full((2,), 800.0)})["noise_pred"]
-        c = engine.infer({"hidden_states": x[:1], "timestep": torch.full((1,), 800.0)})["noise_pred"]
+        a = engine.infer(_feeds(sp, hidden_states=x, timestep=torch.full((2,), 900.0)))["noise_pred"]
+        b = engine.infer(_feeds(sp, hidden_states=x, timestep=torch.full((2,), 800.0)))["noise_pred"]
+        c = engine.infer(_feeds(sp, hidden_states=x[:1], timestep=torch.full((1,), 800.0)))["noise_pred"]
     assert a is b  # preallocated: the same tensor every call of a shape
     assert a.shape == x.shape and not a.any() and c.shape == (1, 16, 8, 8)
     assert [k for _, _, k in log.calls] == [900.0, 800.0, 800.0]
