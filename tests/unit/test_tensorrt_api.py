@@ -1,7 +1,8 @@
 """Every TensorRT call sd35trt makes, checked against the real TensorRT 10.x and 11.x Python API.
 
-TensorRT's libraries cannot be installed here, but its Python bindings can: the newest
-``tensorrt-cu12-bindings`` wheel of each major release is downloaded once (cached under
+TensorRT's libraries cannot be installed here, but its Python bindings can: the
+``tensorrt-cu12-bindings`` wheel of each release in :data:`RELEASES` (the newest 10.x and 11.x,
+pinned so that a new release cannot turn CI red overnight: bump them by hand) is downloaded once (cached under
 ``~/.cache/sd35trt-tests``), and stub ``libnvinfer`` / ``libnvinfer_plugin`` / ``libnvonnxparser``
 libraries exporting the extension's few C entry points (read with ``nm -D --undefined-only``) are
 compiled with the system C compiler. The real extension then imports, with every real class, enum
@@ -28,7 +29,9 @@ from test_build_ort import _config, make_export_run
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-MAJORS = ("10", "11")
+#: The bindings checked: the newest 10.x and 11.x on the package index when last updated.
+RELEASES = {"10": "10.16.1.11", "11": "11.4.0.106"}
+MAJORS = tuple(RELEASES)
 PACKAGE = "tensorrt-cu12-bindings"
 LIBRARIES = ("nvinfer", "nvinfer_plugin", "nvonnxparser")
 #: The C entry points the extension links (TensorRT 10.x and 11.x); nm adds any new one.
@@ -52,11 +55,15 @@ def _cache_dir() -> Path:
 
 
 def _bindings(major: str) -> Path:
-    """The newest ``major``.x bindings wheel, downloaded once and unpacked into the cache."""
+    """The pinned ``major``.x bindings wheel, downloaded once and unpacked into the cache."""
     cache = _cache_dir()
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    spec = f"{PACKAGE}>={major},<{int(major) + 1}"
+    version = RELEASES[major]
+    spec = f"{PACKAGE}=={version}"
+    found = list(wheels.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
+    if found:
+        return _unpacked(cache, found[0])
     download = subprocess.run(
         [
             sys.executable,
@@ -73,16 +80,17 @@ def _bindings(major: str) -> Path:
         capture_output=True,
         text=True,
     )
-    found = sorted(
-        wheels.glob(f"tensorrt_cu12_bindings-{major}.*.whl"),
-        key=lambda p: [int(x) if x.isdigit() else 0 for x in p.name.split("-")[1].split(".")],
-    )
+    found = list(wheels.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
     if not found:
         pytest.skip(f"no {spec} wheel could be downloaded (no package index?): {download.stderr[-300:]}")
-    wheel = found[-1]
+    return _unpacked(cache, found[0])
+
+
+def _unpacked(cache: Path, wheel: Path) -> Path:
+    """``wheel`` unpacked under ``cache`` (once; a private temporary name, then a rename)."""
     target = cache / wheel.stem
     if not (target / "tensorrt_bindings" / "__init__.py").is_file():
-        tmp = cache / f".{wheel.stem}.tmp"
+        tmp = cache / f".{wheel.stem}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(wheel) as z:
             z.extractall(tmp)
@@ -170,7 +178,7 @@ def _ok(report: dict, scenario: str) -> dict:
 
 def test_the_real_bindings_are_loaded(report):
     major = report["version"].split(".")[0]
-    assert major in MAJORS and report["version"].count(".") >= 2
+    assert report["version"] == RELEASES[major]
 
 
 def test_build_stage_uses_only_the_real_api(report):
