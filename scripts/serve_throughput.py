@@ -7,7 +7,8 @@ prompts and seeds, each client a fixed number of requests; images/s = images ret
 The two modes alternate, several rounds each, and the median is printed.
 
     python scripts/serve_throughput.py runs/tiny/engines
-    python scripts/serve_throughput.py runs/tiny/engines --concurrency 1 4 16 --requests 4 --steps 4
+    python scripts/serve_throughput.py runs/tiny/engines --concurrency 1 4 16 --requests 4 \
+        --num-inference-steps 4
 
 Every loop is bounded (requests per client, and a timeout per request); the servers are stopped
 with SIGTERM when done.
@@ -117,8 +118,8 @@ def main() -> None:
     )
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--num-inference-steps", "--steps", type=int, default=4)
+    p.add_argument("--guidance-scale", "--guidance", type=float, default=4.5)
     p.add_argument("--window-ms", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement here")
@@ -128,8 +129,8 @@ def main() -> None:
         "prompt": "a lighthouse on a cliff at dusk",
         "width": a.width,
         "height": a.height,
-        "num_inference_steps": a.steps,
-        "guidance_scale": a.guidance,
+        "num_inference_steps": a.num_inference_steps,
+        "guidance_scale": a.guidance_scale,
     }
     queue = max(a.concurrency) + 4
     # Both servers stay up (the idle one costs nothing) and the modes alternate round by round,
@@ -164,7 +165,8 @@ def main() -> None:
         return statistics.median(x[key] for x in rows if x["mode"] == mode and x["concurrency"] == c)
 
     print(
-        f"\n{a.width}x{a.height}, {a.steps} steps, cfg {a.guidance:g}, {os.cpu_count()} CPUs, "
+        f"\n{a.width}x{a.height}, {a.num_inference_steps} steps, cfg {a.guidance_scale:g}, "
+        f"{os.cpu_count()} CPUs, "
         f"median of {a.rounds} rounds; images/s (p50 latency):"
     )
     print(f"{'concurrency':>11s} {'batched':>18s} {'unbatched':>18s} {'speedup':>8s}")

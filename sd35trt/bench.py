@@ -433,7 +433,7 @@ class RunParams:
 
     prompt: str
     negative_prompt: str
-    steps: int
+    num_inference_steps: int
     guidance_scale: float
     height: int
     width: int
@@ -451,7 +451,7 @@ class RunParams:
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
-            steps=self.steps,
+            num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
             height=self.height,
             width=self.width,
@@ -601,7 +601,7 @@ def diffusers_kwargs(params: RunParams) -> dict:
     return {
         "prompt": [params.prompt] * params.num_images,
         "negative_prompt": [params.negative_prompt] * params.num_images,
-        "num_inference_steps": params.steps,
+        "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "height": params.height,
         "width": params.width,
@@ -700,7 +700,7 @@ def run_params(engines_dir: Path, prompt: str, num_images: int, seed: int) -> tu
     params = RunParams(
         prompt=prompt,
         negative_prompt=rt.negative_prompt,
-        steps=rt.steps,
+        num_inference_steps=rt.num_inference_steps,
         guidance_scale=rt.guidance_scale,
         height=rt.height,
         width=rt.width,
@@ -724,7 +724,7 @@ def _measure(
         subject.generate(params)
         timed.append(clock.collect())
     mem = memory.read()
-    stages = stage_stats(timed, params.steps)
+    stages = stage_stats(timed, params.num_inference_steps)
     total = stages["total"]["median"]
     return {
         "label": subject.label,
@@ -797,7 +797,7 @@ def measure_overhead(runtime, pipe, params: RunParams, max_sequence_length: int,
             "calls; runs of the two sides alternate; the first run of each is a warm-up"
         ),
         "device": str(runtime.device),
-        "steps": params.steps,
+        "num_inference_steps": params.num_inference_steps,
         "height": params.height,
         "width": params.width,
         "guidance_scale": params.guidance_scale,

@@ -43,6 +43,19 @@ def _options(
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+# diffusers' parameter names; the short spellings stay as aliases.
+NumInferenceStepsOpt = Annotated[
+    int | None,
+    typer.Option("--num-inference-steps", "--steps", help="Denoising steps (default: the runtime defaults)."),
+]
+GuidanceScaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-scale",
+        "--guidance",
+        help="Classifier-free guidance scale; <= 1 turns CFG off (default: the runtime defaults).",
+    ),
+]
 
 
 def _load(config: Path, run_dir: Path | None):
@@ -174,10 +187,8 @@ def reference(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Denoising steps (default: config runtime.steps).")
-    ] = None,
-    guidance: Annotated[float | None, typer.Option(help="CFG scale (default: config).")] = None,
+    num_inference_steps: NumInferenceStepsOpt = None,
+    guidance_scale: GuidanceScaleOpt = None,
     height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
@@ -193,8 +204,8 @@ def reference(
         prompt,
         out,
         negative_prompt=negative_prompt,
-        steps=steps,
-        guidance=guidance,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
         height=height,
         width=width,
         seed=seed,
@@ -212,11 +223,8 @@ def run_(
     negative_prompt: Annotated[
         str | None, typer.Option(help="Negative prompt (default: the one recorded with the engines).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: recorded).")] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option(help="Classifier-free guidance scale; <= 1 turns CFG off (default: recorded)."),
-    ] = None,
+    num_inference_steps: NumInferenceStepsOpt = None,
+    guidance_scale: GuidanceScaleOpt = None,
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: recorded).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: recorded).")] = None,
     seed: Annotated[
@@ -247,8 +255,8 @@ def run_(
         engines_dir_of(engines),
         prompt,
         negative_prompt=negative_prompt,
-        steps=steps,
-        guidance=guidance,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
         height=height,
         width=width,
         seed=seed,

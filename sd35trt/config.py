@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sd35trt.errors import ConfigError
 
@@ -200,7 +208,12 @@ class SkipLayerGuidance(_Strict):
 
 
 class RuntimeSettings(_Strict):
-    steps: int = Field(default=28, ge=1, le=500)
+    """Generation defaults recorded with the engines; names are diffusers' ``__call__`` parameters."""
+
+    #: ``steps`` is read as well: configs and engine manifests written before the rename use it.
+    num_inference_steps: int = Field(
+        default=28, ge=1, le=500, validation_alias=AliasChoices("num_inference_steps", "steps")
+    )
     guidance_scale: float = Field(default=3.5, ge=0.0, le=50.0)
     height: int = 1024
     width: int = 1024
@@ -229,7 +242,7 @@ class Config(_Strict):
         return self
 
     def digest(self, *fields: str) -> str:
-        """sha256 (canonical JSON) of named sections or dotted fields: ``"model"``, ``"runtime.steps"``."""
+        """sha256 (canonical JSON) of named sections or dotted fields (``"model"``, ``"runtime.height"``)."""
         data = self.model_dump(mode="json")
         picked = {}
         for name in fields:

@@ -265,7 +265,7 @@ def evaluate(
         },
         "prompts_file": str(prompts_file),
         "params": {
-            "steps": rt.steps,
+            "num_inference_steps": rt.num_inference_steps,
             "guidance_scale": rt.guidance_scale,
             "height": rt.height,
             "width": rt.width,
@@ -303,7 +303,8 @@ def format_eval(result: Mapping) -> str:
     header = ["#", "seed", "prompt", "PSNR (dB)", "SSIM"] + (["LPIPS"] if lp["available"] else [])
     lines = [
         f"engines {result['engines']['label']} vs reference {result['reference']['label']}, "
-        f"{result['params']['height']}x{result['params']['width']}, {result['params']['steps']} steps",
+        f"{result['params']['height']}x{result['params']['width']}, "
+        f"{result['params']['num_inference_steps']} steps",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

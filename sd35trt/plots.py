@@ -59,7 +59,8 @@ def plot_bench(result: Mapping, out: str | Path) -> Path:
     p = result["params"]
     host = result["host"]
     fig.suptitle(
-        f"sd35trt bench: {p['height']}x{p['width']}, {p['steps']} steps, guidance {p['guidance_scale']}, "
+        f"sd35trt bench: {p['height']}x{p['width']}, {p['num_inference_steps']} steps, "
+        f"guidance {p['guidance_scale']}, "
         f"{p['num_images']} image(s); {result['runs']} timed runs after {result['warmup']} warm-up\n"
         f"device: {host.get('gpu') or host['device']} (timer: {host['timer']})",
         fontsize=11,
@@ -227,7 +228,7 @@ def plot_eval_grid(result: Mapping, root: str | Path, out: str | Path, diff_max:
     lp_s = f"LPIPS mean {agg['lpips']['mean']:.4f}" if lp["available"] else lp["reason"]
     p = result["params"]
     fig.suptitle(
-        f"sd35trt eval: {n} held-out prompts, {p['height']}x{p['width']}, {p['steps']} steps, "
+        f"sd35trt eval: {n} held-out prompts, {p['height']}x{p['width']}, {p['num_inference_steps']} steps, "
         f"guidance {p['guidance_scale']}, seed {p['seeds']}\n"
         f"PSNR mean {_num(psnr['mean'])} dB (min {_num(psnr['min'])} dB), identical {agg['identical']}/{n}; "
         f"SSIM mean {agg['ssim']['mean']:.4f} (min {agg['ssim']['min']:.4f})\n{lp_s}",

@@ -38,7 +38,8 @@ class RunOutput:
         lines = [f"warning: {w}" for w in self.result.warnings]
         lines += [f"wrote {path}" for path in self.paths]
         lines.append(
-            f"seed {p.seed}, {p.steps} steps, guidance {p.guidance_scale:g}, {p.width}x{p.height}, "
+            f"seed {p.seed}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
+            f"{p.width}x{p.height}, "
             f"engines {self.result.engine_digest}"
         )
         if timings:
@@ -65,8 +66,8 @@ def run(
     prompt: str,
     *,
     negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     seed: int | None = None,
@@ -81,8 +82,8 @@ def run(
         engines_dir: a build's ``engines/`` directory.
         prompt: the text prompt.
         negative_prompt: default: the engines' recorded negative prompt.
-        steps: denoising steps (default: recorded).
-        guidance: classifier-free guidance scale (default: recorded; <= 1 turns CFG off).
+        num_inference_steps: denoising steps (default: recorded).
+        guidance_scale: classifier-free guidance scale (default: recorded; <= 1 turns CFG off).
         height: image height in pixels (default: recorded).
         width: image width in pixels (default: recorded).
         seed: noise seed; drawn at random (and reported) when ``None``.
@@ -103,8 +104,8 @@ def run(
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
-        steps=steps,
-        guidance_scale=guidance,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
         height=height,
         width=width,
         seed=seed,

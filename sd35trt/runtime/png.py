@@ -1,9 +1,9 @@
 """PNG files that record how they were made, with deterministic bytes.
 
 The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
-prompt, seed, steps, guidance, size, skip-layer guidance, engine digest, image index), next to a
-``Software`` chunk. No timestamps or other varying chunks are written, so the same pixels and
-parameters always give the same bytes.
+prompt, seed, num_inference_steps, guidance_scale, size, skip-layer guidance, engine digest, image
+index), next to a ``Software`` chunk. No timestamps or other varying chunks are written, so the
+same pixels and parameters always give the same bytes.
 """
 
 from __future__ import annotations

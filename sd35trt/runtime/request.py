@@ -36,7 +36,7 @@ class GenerationRequest:
     Attributes:
         prompt: the text prompt (not empty; text over a tokenizer's limit is cut and reported).
         negative_prompt: the negative prompt (classifier-free guidance only).
-        steps: denoising steps.
+        num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
         height: image height in pixels.
         width: image width in pixels.
@@ -47,7 +47,7 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str | None = None
-    steps: int | None = None
+    num_inference_steps: int | None = None
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
@@ -62,7 +62,7 @@ class GenerationParams:
 
     prompt: str
     negative_prompt: str
-    steps: int
+    num_inference_steps: int
     guidance_scale: float
     height: int
     width: int
@@ -79,7 +79,13 @@ class GenerationParams:
     @property
     def batch_key(self) -> tuple:
         """Generations with equal keys can share one engine batch."""
-        return (self.height, self.width, self.steps, self.guidance_scale, self.skip_layer_guidance)
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.skip_layer_guidance,
+        )
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -200,7 +206,7 @@ class RequestLimits:
             "width": list(self.width),
             "size_multiple": self.size_multiple,
             "num_images": {"cfg": list(self.images(True)), "no_cfg": list(self.images(False))},
-            "steps": [1, MAX_STEPS],
+            "num_inference_steps": [1, MAX_STEPS],
             "guidance_scale": [0.0, MAX_GUIDANCE],
             "seed": [0, MAX_SEED],
             "t5_length": self.t5_length,
@@ -268,9 +274,12 @@ def resolve_request(
     negative = defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
     negative = _text("negative_prompt", negative, required=False)
 
-    steps = _int("steps", defaults.steps if request.steps is None else request.steps)
+    steps = _int(
+        "num_inference_steps",
+        defaults.num_inference_steps if request.num_inference_steps is None else request.num_inference_steps,
+    )
     if not 1 <= steps <= MAX_STEPS:
-        raise RequestError("steps", f"steps {steps} is outside 1..{MAX_STEPS}")
+        raise RequestError("num_inference_steps", f"num_inference_steps {steps} is outside 1..{MAX_STEPS}")
     guidance = _guidance(
         defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
     )
@@ -315,7 +324,7 @@ def resolve_request(
     return GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
-        steps=steps,
+        num_inference_steps=steps,
         guidance_scale=guidance,
         height=height,
         width=width,

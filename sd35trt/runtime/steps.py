@@ -217,7 +217,7 @@ def denoise(
         NonFiniteError: the transformer produced NaN or inf (checked once, after the last step).
         ManifestError: the engine's skip-layer input does not fit the skip-layer settings.
     """
-    schedule = scheduler.schedule(params.steps)
+    schedule = scheduler.schedule(params.num_inference_steps)
     slg = params.skip_layer_guidance
     skip_off = skip_on = None
     if "skip_layers" in engine.spec.input_names:

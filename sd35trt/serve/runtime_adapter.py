@@ -2,7 +2,7 @@
 
 Validation is the runtime's (``Sd35Runtime.validate``, limits read from the engine manifest);
 merged batches are ``Sd35Runtime.generate_batch``, which keeps each request's prompt and seed.
-The HTTP field ``num_inference_steps`` is the runtime's ``steps``; errors are renamed to match.
+HTTP fields are the runtime's own (diffusers' names), so requests and errors pass through as they are.
 Out-of-memory errors of any backend become :class:`~sd35trt.errors.DeviceOutOfMemoryError`.
 """
 
@@ -13,18 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.errors import DeviceOutOfMemoryError, RequestError
+from sd35trt.errors import DeviceOutOfMemoryError
 from sd35trt.serve.generator import ImageSet, Prepared
 
-#: HTTP field -> GenerationRequest field, where they differ.
-_TO_RUNTIME = {"num_inference_steps": "steps"}
-_TO_HTTP = {v: k for k, v in _TO_RUNTIME.items()}
 #: Substrings by which backends (ONNX Runtime, TensorRT, CUDA) report an exhausted allocator.
 _OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "out_of_memory")
-
-
-def http_field(name: str) -> str:
-    return _TO_HTTP.get(name, name)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -73,11 +66,10 @@ class RuntimeGenerator:
 
     def limits(self) -> dict:
         out = self._limits.to_json()
-        out["num_inference_steps"] = out.pop("steps")
         out["defaults"] = {
             "width": self._defaults.width,
             "height": self._defaults.height,
-            "num_inference_steps": self._defaults.steps,
+            "num_inference_steps": self._defaults.num_inference_steps,
             "guidance_scale": self._defaults.guidance_scale,
         }
         return out
@@ -86,11 +78,7 @@ class RuntimeGenerator:
         from sd35trt.runtime.request import GenerationRequest
 
         known = {k: v for k, v in fields.items() if v is not None or k == "prompt"}
-        request = GenerationRequest(**{_TO_RUNTIME.get(k, k): v for k, v in known.items()})
-        try:
-            params = self.runtime.validate(request)
-        except RequestError as err:
-            raise self._renamed(err) from None
+        params = self.runtime.validate(GenerationRequest(**known))
         slg = params.skip_layer_guidance is not None
         images_max = self._limits.images(params.cfg, slg)[1]
         rows_per_request = 2 if params.cfg else 1
@@ -99,15 +87,13 @@ class RuntimeGenerator:
             size=params.num_images,
             capacity=images_max,
             max_requests=max(1, self._limits.encoder_batch[1] // rows_per_request),
-            params=self._http_params(params),
+            params=params.to_json(),
             native=params,
         )
 
     def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
         try:
             results = self.runtime.generate_batch([r.native for r in requests])
-        except RequestError as err:
-            raise self._renamed(err) from None
         except Exception as err:
             if is_out_of_memory(err):
                 _free_cached_memory()
@@ -140,22 +126,6 @@ class RuntimeGenerator:
 
         d = self._defaults
         params = self.runtime.validate(
-            GenerationRequest("warm-up", steps=1, height=d.height, width=d.width, seed=0)
+            GenerationRequest("warm-up", num_inference_steps=1, height=d.height, width=d.width, seed=0)
         )
         self.runtime.generate_batch([params])
-
-    @staticmethod
-    def _http_params(params: Any) -> dict:
-        data = params.to_json()
-        data["num_inference_steps"] = data.pop("steps")
-        return data
-
-    @staticmethod
-    def _renamed(err: RequestError) -> RequestError:
-        field = http_field(err.field)
-        if field == err.field:
-            return err
-        msg = str(err)
-        if msg.startswith(err.field):
-            msg = field + msg[len(err.field) :]
-        return RequestError(field, msg)

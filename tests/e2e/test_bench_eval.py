@@ -73,7 +73,7 @@ def test_bench_json_structure(bench_out, built_run):
     assert data == json.loads(json.dumps(returned))  # the file is what the function returned
     assert data["schema"] == BENCH_SCHEMA and data["runs"] == RUNS
     assert data["host"]["device"] == "cpu" and data["host"]["timer"] == "time.perf_counter"
-    steps = data["params"]["steps"]
+    steps = data["params"]["num_inference_steps"]
     labels = [c["label"] for c in data["configurations"]]
     assert labels == ["sd35trt ONNX Runtime FP8", "diffusers PyTorch FP32"]
     for c in data["configurations"]:
@@ -90,7 +90,7 @@ def test_bench_json_structure(bench_out, built_run):
 def test_bench_overhead_is_measured_on_both_sides(bench_out):
     o = bench_out[0] / BENCH_JSON
     o = _strict_json(o)["overhead"]
-    samples = OVERHEAD_RUNS * (o["steps"] - 1)  # the last step has no successor
+    samples = OVERHEAD_RUNS * (o["num_inference_steps"] - 1)  # the last step has no successor
     for side in ("sd35trt", "diffusers"):
         st = o[side]["per_step"]
         assert st["unit"] == "us" and st["n"] == samples

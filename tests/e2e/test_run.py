@@ -109,7 +109,7 @@ def test_pytorch_backend_matches_diffusers_to_float_rounding(
         height=64,
         width=128,
         seed=5,
-        guidance=guidance,
+        guidance_scale=guidance,
         output_type="np",
     )  # [N, H, W, 3] float
     ours = decoded[0]["image"].permute(0, 2, 3, 1).numpy()
@@ -139,7 +139,7 @@ def test_same_seed_gives_byte_identical_png_and_records_parameters(engines_dir, 
     assert a == b
     assert a != c
     meta = read_png_parameters(first.paths[0])
-    assert meta["prompt"] == PROMPT and meta["seed"] == 7 and meta["steps"] == 8
+    assert meta["prompt"] == PROMPT and meta["seed"] == 7 and meta["num_inference_steps"] == 8
     assert (meta["width"], meta["height"]) == (128, 128) and meta["guidance_scale"] == 4.5
     assert meta["negative_prompt"] == "" and meta["engine_digest"] == first.result.engine_digest
     assert meta["skip_layer_guidance"]["layers"] == [1]
@@ -186,8 +186,8 @@ def test_nan_after_a_stage_is_named_and_writes_nothing(engines_dir, tmp_path, mo
         ({"height": 100}, "height"),  # not a multiple of 16
         ({"width": 512}, "width"),  # above the profile's 256
         ({"num_images": 3}, "num_images"),  # above the profile's batch 2
-        ({"steps": 0}, "steps"),
-        ({"guidance": float("nan")}, "guidance_scale"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"seed": 2**63}, "seed"),
     ],
 )

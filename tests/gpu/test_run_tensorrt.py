@@ -52,7 +52,7 @@ def test_tensorrt_runtime_is_deterministic_and_close_to_onnxruntime(engines):
     print(f"\nTensorRT vs ONNX Runtime (same FP8 export): PSNR {', '.join(f'{v:.1f}' for v in values)} dB")
     assert min(values) > 25.0
     t = first.timings
-    assert len(t.step_s) == first.params.steps and all(s > 0 for s in t.step_s)
+    assert len(t.step_s) == first.params.num_inference_steps and all(s > 0 for s in t.step_s)
     assert t.device_memory_bytes and t.peak_memory_bytes > 0
     assert "device memory" in t.format()
     assert t.activation_memory_bytes and "activations" in t.format()  # one shared buffer

@@ -225,7 +225,13 @@ def synthetic_result() -> dict:
         "host": {"device": "cpu", "timer": "time.perf_counter", "platform": "linux"},
         "runs": 2,
         "warmup": 1,
-        "params": {"height": 128, "width": 128, "steps": 8, "guidance_scale": 4.5, "num_images": 1},
+        "params": {
+            "height": 128,
+            "width": 128,
+            "num_inference_steps": 8,
+            "guidance_scale": 4.5,
+            "num_images": 1,
+        },
         "configurations": [
             config("sd35trt ONNX Runtime FP8", 1.0, "engines"),
             config("diffusers PyTorch FP32", 2.0, "diffusers"),
@@ -336,7 +342,7 @@ def test_format_eval_table():
     result = {
         "engines": {"label": "sd35trt ONNX Runtime FP8"},
         "reference": {"label": "diffusers PyTorch float32"},
-        "params": {"height": 128, "width": 128, "steps": 8},
+        "params": {"height": 128, "width": 128, "num_inference_steps": 8},
         "per_prompt": rows,
         "aggregate": aggregate(rows),
         "lpips": {"available": False, "reason": LPIPS_SKIPPED},

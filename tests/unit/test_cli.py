@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from sd35trt.cli import app
@@ -74,3 +75,28 @@ def test_calibrate_is_skipped_when_nothing_is_quantized(tmp_path):
     assert result.exit_code == 0, result.output
     assert "nothing to do" in result.output
     assert not (tmp_path / "r" / "calibrate").exists()
+
+
+class _Output:
+    def report(self, timings: bool = False) -> str:
+        return "ok"
+
+
+@pytest.mark.parametrize(
+    ("argv", "steps", "guidance"),
+    [
+        (["--num-inference-steps", "6", "--guidance-scale", "2.5"], 6, 2.5),
+        (["--steps", "5", "--guidance", "1.5"], 5, 1.5),
+        ([], None, None),
+    ],
+)
+def test_run_options_are_diffusers_names_with_short_aliases(monkeypatch, tmp_path, argv, steps, guidance):
+    import sd35trt.package
+    import sd35trt.run
+
+    seen = {}
+    monkeypatch.setattr(sd35trt.package, "engines_dir_of", lambda path: path)
+    monkeypatch.setattr(sd35trt.run, "run", lambda *args, **kwargs: seen.update(kwargs) or _Output())
+    result = CliRunner().invoke(app, ["run", "a cat", "--engines", str(tmp_path), *argv])
+    assert result.exit_code == 0, result.output
+    assert (seen["num_inference_steps"], seen["guidance_scale"]) == (steps, guidance)

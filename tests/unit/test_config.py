@@ -32,9 +32,16 @@ def test_misspelt_key_names_key_and_file(tmp_path):
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
-    p = _write(tmp_path, {"name": "x", "runtime": {"steps": "many"}})
-    with pytest.raises(ConfigError, match=r"runtime\.steps.*'many'"):
+    p = _write(tmp_path, {"name": "x", "runtime": {"num_inference_steps": "many"}})
+    with pytest.raises(ConfigError, match=r"runtime\.num_inference_steps.*'many'"):
         load_config(p)
+
+
+def test_runtime_steps_is_read_as_num_inference_steps(tmp_path):
+    # configs and engine manifests written before the rename say `steps`
+    cfg = load_config(_write(tmp_path, {"name": "x", "runtime": {"steps": 6}}))
+    assert cfg.runtime.num_inference_steps == 6
+    assert "steps" not in cfg.runtime.model_dump()
 
 
 def test_t5_fp16_refused(tmp_path):
@@ -83,10 +90,10 @@ def test_local_source_needs_path(tmp_path):
 
 def test_digest_tracks_only_named_sections():
     a = Config(name="a")
-    b = a.model_copy(update={"runtime": a.runtime.model_copy(update={"steps": 3})})
+    b = a.model_copy(update={"runtime": a.runtime.model_copy(update={"num_inference_steps": 3})})
     assert a.digest("model", "calibrate") == b.digest("model", "calibrate")
     assert a.digest("runtime") != b.digest("runtime")
     assert a.export.precision.t5 is Precision.FP32
     slg = a.model_copy(update={"runtime": a.runtime.model_copy(update={"max_sequence_length": 128})})
-    assert a.digest("runtime.steps") == slg.digest("runtime.steps")
+    assert a.digest("runtime.num_inference_steps") == slg.digest("runtime.num_inference_steps")
     assert a.digest("runtime.max_sequence_length") != slg.digest("runtime.max_sequence_length")

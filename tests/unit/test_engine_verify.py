@@ -81,7 +81,7 @@ def _engines_dir(
         backend=backend,
         engines=engines,
         dims=DIMS,
-        runtime_defaults={"steps": 8},
+        runtime_defaults={"num_inference_steps": 8},
         build_settings={"backend": backend.value},
         support_files=(
             file_record(out, out / "tokenizer" / "vocab.json"),

@@ -20,7 +20,7 @@ CONFIG = config_from_dict(
             "width": {"min": 64, "opt": 128, "max": 192},
         },
         "runtime": {
-            "steps": 8,
+            "num_inference_steps": 8,
             "guidance_scale": 4.5,
             "height": 128,
             "width": 128,
@@ -60,7 +60,7 @@ def test_limits_come_from_the_profiles():
 
 def test_defaults_come_from_the_engines():
     p = resolve(seed=5)
-    assert (p.steps, p.guidance_scale, p.height, p.width, p.seed) == (8, 4.5, 128, 128, 5)
+    assert (p.num_inference_steps, p.guidance_scale, p.height, p.width, p.seed) == (8, 4.5, 128, 128, 5)
     assert p.negative_prompt == "blurry" and p.cfg
     assert p.skip_layer_guidance == CONFIG.runtime.skip_layer_guidance
 
@@ -88,11 +88,15 @@ def test_size_and_batch_outside_the_profiles(fields, field, text):
 @pytest.mark.parametrize(
     ("fields", "field", "text"),
     [
-        ({"steps": 0}, "steps", "steps 0 is outside 1..500"),
-        ({"steps": -3}, "steps", "steps -3 is outside 1..500"),
-        ({"steps": 10_000}, "steps", "steps 10000 is outside 1..500"),
-        ({"steps": True}, "steps", "steps True is not an integer"),
-        ({"steps": 2.5}, "steps", "steps 2.5 is not an integer"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps 0 is outside 1..500"),
+        ({"num_inference_steps": -3}, "num_inference_steps", "num_inference_steps -3 is outside 1..500"),
+        (
+            {"num_inference_steps": 10_000},
+            "num_inference_steps",
+            "num_inference_steps 10000 is outside 1..500",
+        ),
+        ({"num_inference_steps": True}, "num_inference_steps", "num_inference_steps True is not an integer"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps", "num_inference_steps 2.5 is not an integer"),
         ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale nan is not a finite number"),
         ({"guidance_scale": math.inf}, "guidance_scale", "guidance_scale inf is not a finite number"),
         (
@@ -107,7 +111,7 @@ def test_size_and_batch_outside_the_profiles(fields, field, text):
         ({"seed": "7"}, "seed", "seed '7' is not an integer"),
     ],
 )
-def test_steps_guidance_and_seed(fields, field, text):
+def test_num_inference_steps_guidance_and_seed(fields, field, text):
     with pytest.raises(RequestError, match=text) as err:
         resolve(**fields)
     assert err.value.field == field
@@ -127,7 +131,13 @@ def test_prompt_must_be_text():
 
 def test_edges_are_accepted():
     p = resolve(
-        seed=2**63 - 1, steps=500, guidance_scale=0.0, height=256, width=64, num_images=2, negative_prompt=""
+        seed=2**63 - 1,
+        num_inference_steps=500,
+        guidance_scale=0.0,
+        height=256,
+        width=64,
+        num_images=2,
+        negative_prompt="",
     )
     assert p.seed == 2**63 - 1 and p.negative_prompt == "" and not p.cfg
     assert p.skip_layer_guidance is None  # skip-layer guidance rides on CFG, as in diffusers
@@ -149,7 +159,7 @@ def test_skip_layer_guidance_switches():
 def test_batch_key_groups_compatible_requests():
     a, b = resolve(seed=1, prompt="a"), resolve(seed=2, prompt="b", negative_prompt="x")
     assert a.batch_key == b.batch_key
-    assert a.batch_key != resolve(seed=1, steps=4).batch_key
+    assert a.batch_key != resolve(seed=1, num_inference_steps=4).batch_key
 
 
 def test_dynamic_t5_length_is_refused():
