@@ -691,12 +691,12 @@ def default_device() -> str:
 def run_params(engines_dir: Path, prompt: str, num_images: int, seed: int) -> tuple[RunParams, int]:
     """The runtime defaults recorded with ``engines_dir`` as :class:`RunParams`, and T5's length."""
     from sd35trt.config import RuntimeSettings
+    from sd35trt.guidance import applied_skip_layer_guidance
     from sd35trt.runtime.engines import read_engine_manifest
 
     manifest = read_engine_manifest(engines_dir)
     rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
-    slg = rt.skip_layer_guidance
-    cfg = rt.guidance_scale > 1.0
+    slg = applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale)
     params = RunParams(
         prompt=prompt,
         negative_prompt=rt.negative_prompt,
@@ -706,7 +706,7 @@ def run_params(engines_dir: Path, prompt: str, num_images: int, seed: int) -> tu
         width=rt.width,
         num_images=num_images,
         seed=seed,
-        skip_layer_guidance=slg.model_dump(mode="json") if (slg is not None and cfg) else None,
+        skip_layer_guidance=slg.model_dump(mode="json") if slg is not None else None,
     )
     return params, rt.max_sequence_length
 

@@ -25,6 +25,7 @@ import yaml
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config, Precision
 from sd35trt.errors import BuildError, ModelError, Sd35TrtError
+from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
     FileRecord,
     HashCache,
@@ -137,7 +138,7 @@ def engine_profile(
         dims,
         config.build,
         max_sequence_length=config.runtime.max_sequence_length,
-        cfg_by_default=config.runtime.guidance_scale > 1.0,
+        cfg_by_default=cfg_enabled(config.runtime.guidance_scale),
         skip_layers=skip_layers,
     )
 

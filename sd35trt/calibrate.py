@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
+from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
     RunManifest,
     Stage,
@@ -50,10 +51,6 @@ from sd35trt.quantize import CALIBRATION_FILE, quant_config
 if TYPE_CHECKING:
     import torch
 
-#: Negative prompt of the CFG branch during calibration: diffusers' and the runtime's default.
-NEGATIVE_PROMPT = ""
-#: T5 tokens per prompt, as SD3.5 is run (333 = 77 CLIP + 256 T5 text tokens).
-MAX_SEQUENCE_LENGTH = 256
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"
 QUANT_CONFIG_FILE = "quant_config.json"
@@ -107,11 +104,21 @@ def prompt_set_sha256(prompts: Sequence[str]) -> str:
 
 
 def encode_batches(
-    pipe, prompts: Sequence[str], batch_size: int, seed: int, guidance_scale: float, device: str
+    pipe,
+    prompts: Sequence[str],
+    batch_size: int,
+    seed: int,
+    guidance_scale: float,
+    device: str,
+    *,
+    negative_prompt: str,
+    max_sequence_length: int,
 ) -> list[PromptBatch]:
     """Encode ``prompts`` in batches with the pipeline's three text encoders.
 
-    Batch ``i`` gets noise seed ``seed + i``.
+    Batch ``i`` gets noise seed ``seed + i``. The negative prompt and T5's length are the
+    runtime's (``config.runtime``), so the transformer is calibrated on the conditioning the
+    engines will see (``[B, 77 + max_sequence_length, D]``).
 
     Returns:
         The encoded batches, on the pipeline's device.
@@ -127,16 +134,20 @@ def encode_batches(
                 prompt_2=None,
                 prompt_3=None,
                 device=torch.device(device),
-                do_classifier_free_guidance=guidance_scale > 1.0,
-                negative_prompt=[NEGATIVE_PROMPT] * len(chunk),
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                do_classifier_free_guidance=cfg_enabled(guidance_scale),
+                negative_prompt=[negative_prompt] * len(chunk),
+                max_sequence_length=max_sequence_length,
             )
             batches.append(PromptBatch(tuple(chunk), seed + i, embeds, pooled, negative, negative_pooled))
     return batches
 
 
-def report_truncations(pipe, prompts: Sequence[str], what: str, log: Callable[[str], None]) -> None:
+def report_truncations(
+    pipe, prompts: Sequence[str], what: str, log: Callable[[str], None], max_sequence_length: int
+) -> None:
     """Log, once per prompt and encoder, prompts cut by the pipeline's tokenizers (with an excerpt).
+
+    ``max_sequence_length`` is T5's token limit (``config.runtime``, as the engines run).
 
     diffusers logs each truncation on every encode, with padding tokens; this is the one report.
     """
@@ -147,7 +158,7 @@ def report_truncations(pipe, prompts: Sequence[str], what: str, log: Callable[[s
         Component.CLIP_G: pipe.tokenizer_2,
         Component.T5: pipe.tokenizer_3,
     }
-    for t in PromptTokenizer(tokenizers, MAX_SEQUENCE_LENGTH)(prompts).truncations:
+    for t in PromptTokenizer(tokenizers, max_sequence_length)(prompts).truncations:
         log(
             f"{what} prompt {t.index + 1} is {t.tokens} {t.encoder.value} tokens, over its limit of "
             f"{t.limit}: dropped {t.excerpt}"
@@ -279,10 +290,14 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats()
     pipe = load_pipeline(config, run_dir, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    report_truncations(pipe, prompts, "calibration", log)
-    report_truncations(pipe, heldout, "held-out", log)
-    batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device)
-    report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device)
+    text = {
+        "negative_prompt": config.runtime.negative_prompt,
+        "max_sequence_length": config.runtime.max_sequence_length,
+    }
+    report_truncations(pipe, prompts, "calibration", log, text["max_sequence_length"])
+    report_truncations(pipe, heldout, "held-out", log, text["max_sequence_length"])
+    batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
+    report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device, **text)
     drop_text_encoders(pipe)
 
     summary = quantize(pipe.transformer, s, _forward_loop(pipe, batches, s, status))
@@ -312,6 +327,7 @@ def calibrate(
             "steps": s.steps,
             "report_steps": report.steps,
             "guidance_scale": s.guidance_scale,
+            **text,
             "batch_size": s.batch_size,
             "height": s.height,
             "width": s.width,

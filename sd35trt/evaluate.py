@@ -184,6 +184,7 @@ def evaluate(
     """
     from sd35trt.bench import check_reference_dir, default_device, load_diffusers
     from sd35trt.config import RuntimeSettings
+    from sd35trt.guidance import applied_skip_layer_guidance
     from sd35trt.reference import reference_images
     from sd35trt.runtime.engines import read_engine_manifest
     from sd35trt.runtime.pipeline import Sd35Runtime
@@ -248,7 +249,7 @@ def evaluate(
 
     from sd35trt.bench import dtype_label, engines_label
 
-    slg = rt.skip_layer_guidance if rt.guidance_scale > 1.0 else None
+    slg = applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale)
     result = {
         "schema": SCHEMA,
         "created": now_utc(),

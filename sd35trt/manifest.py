@@ -52,7 +52,8 @@ class Stage(str, Enum):
     def config_sections(self) -> tuple[str, ...]:
         """Config sections whose change makes this stage's output stale."""
         return {
-            Stage.CALIBRATE: ("model", "calibrate"),
+            # Calibration encodes prompts as the runtime does: its negative prompt and T5 length.
+            Stage.CALIBRATE: ("model", "calibrate", "runtime.negative_prompt", "runtime.max_sequence_length"),
             # The transformer graph's skip-layer input and text length come from the runtime section.
             Stage.EXPORT: (
                 "model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd35trt.config import Config
+from sd35trt.guidance import applied_skip_layer_guidance
 
 
 def reference_images(
@@ -28,7 +29,8 @@ def reference_images(
     import torch
 
     rt = config.runtime
-    slg = rt.skip_layer_guidance
+    guidance_scale = rt.guidance_scale if guidance_scale is None else guidance_scale
+    slg = applied_skip_layer_guidance(rt.skip_layer_guidance, guidance_scale)
     kwargs = {}
     if slg is not None:
         kwargs = {
@@ -43,7 +45,7 @@ def reference_images(
             negative_prompt=[negative_prompt if negative_prompt is not None else rt.negative_prompt]
             * len(prompts),
             num_inference_steps=num_inference_steps or rt.num_inference_steps,
-            guidance_scale=rt.guidance_scale if guidance_scale is None else guidance_scale,
+            guidance_scale=guidance_scale,
             height=height or rt.height,
             width=width or rt.width,
             max_sequence_length=rt.max_sequence_length,

@@ -19,14 +19,13 @@ from typing import Any
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
+from sd35trt.guidance import CFG_THRESHOLD, applied_skip_layer_guidance, cfg_enabled
 
 #: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
 MAX_STEPS = 500
 #: Guidance far above SD3.5's 3.5 to 7 only saturates images; this bounds what is accepted.
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
-#: Classifier-free guidance runs when the scale is above this (diffusers' rule).
-CFG_THRESHOLD = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class GenerationParams:
     @property
     def cfg(self) -> bool:
         """Whether classifier-free guidance runs (a ``[negative, positive]`` batch)."""
-        return self.guidance_scale > CFG_THRESHOLD
+        return cfg_enabled(self.guidance_scale)
 
     @property
     def batch_key(self) -> tuple:
@@ -294,7 +293,7 @@ def resolve_request(
         if not 0 <= seed <= MAX_SEED:
             raise RequestError("seed", f"seed {seed} is outside 0..{MAX_SEED} (2^63-1)")
 
-    cfg = guidance > CFG_THRESHOLD
+    cfg = cfg_enabled(guidance)
     wanted_slg = request.skip_layer_guidance
     if wanted_slg is not None and not isinstance(wanted_slg, bool):
         raise RequestError("skip_layer_guidance", f"skip_layer_guidance {wanted_slg!r} is not true or false")
@@ -304,7 +303,7 @@ def resolve_request(
             "skip_layer_guidance was requested, but these engines were built without it "
             "(set runtime.skip_layer_guidance in the config and rebuild)",
         )
-    slg = limits.skip_layer_guidance if (wanted_slg is not False and cfg) else None
+    slg = applied_skip_layer_guidance(None if wanted_slg is False else limits.skip_layer_guidance, guidance)
 
     num_images = _int("num_images", request.num_images)
     lo, hi = limits.images(cfg, slg is not None)

@@ -240,7 +240,7 @@ def denoise(
     dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).tolist()
     slg_steps = (
         {i for i in range(len(schedule)) if skip_layer_window(i, len(schedule), slg.start, slg.stop)}
-        if slg is not None and cond.cfg
+        if slg is not None  # resolve_request keeps it only under CFG (sd35trt.guidance)
         else set()
     )
     feeds = {"encoder_hidden_states": cond.hidden, "pooled_projections": cond.pooled}

@@ -42,11 +42,14 @@ def _quiet(_line):
 
 def test_record_names_prompts_seeds_steps_and_files(calibrated_run, tiny_config):
     s = tiny_config.calibrate
-    rec = RunManifest(calibrated_run).verified(Stage.CALIBRATE, tiny_config.digest("model", "calibrate"))
+    digest = tiny_config.digest(*Stage.CALIBRATE.config_sections)
+    rec = RunManifest(calibrated_run).verified(Stage.CALIBRATE, digest)
     d = rec["details"]
     assert d["prompt_set_sha256"] == prompt_set_sha256(read_prompts(s.prompts, s.num_prompts, "prompts"))
     assert d["seeds"] == [0, 1]  # 4 prompts in batches of 2
     assert (d["steps"], d["guidance_scale"], d["dtype"], d["device"]) == (3, 4.5, "float32", "cpu")
+    # prompts are encoded as the runtime encodes them (config.runtime)
+    assert (d["negative_prompt"], d["max_sequence_length"]) == ("", 256)
     assert {f["path"] for f in rec["files"]} == FILES
     assert {"torch", "diffusers", "nvidia-modelopt"} <= set(rec["versions"])
     assert d["elapsed_s"] > 0 and d["peak_memory_bytes"] > 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sd35trt.calibrate import calibrate, prompt_set_sha256, read_prompts
+from sd35trt.calibrate import calibrate, encode_batches, prompt_set_sha256, read_prompts
 from sd35trt.errors import ConfigError
 from sd35trt.evaluate_calibration import bucketize
 
@@ -39,3 +39,26 @@ def test_sigma_buckets():
     assert b[0].mean == pytest.approx(0.1) and b[0].max == 0.15
     assert b[2].mean is None and b[2].max is None
     assert b[3].mean == pytest.approx(0.2) and b[3].max == 0.3
+
+
+class _RecordingPipe:
+    """Stands in for StableDiffusion3Pipeline.encode_prompt, recording what it is asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_prompt(self, **kwargs):
+        self.calls.append(kwargs)
+        return "embeds", "negative", "pooled", "negative_pooled"
+
+
+@pytest.mark.parametrize(("guidance_scale", "cfg"), [(4.5, True), (1.0, False)])
+def test_prompts_are_encoded_with_the_runtime_negative_prompt_and_length(guidance_scale, cfg):
+    pipe = _RecordingPipe()
+    batches = encode_batches(
+        pipe, ["a", "b", "c"], 2, 7, guidance_scale, "cpu", negative_prompt="blurry", max_sequence_length=77
+    )
+    assert [b.prompts for b in batches] == [("a", "b"), ("c",)] and [b.seed for b in batches] == [7, 8]
+    assert [c["negative_prompt"] for c in pipe.calls] == [["blurry", "blurry"], ["blurry"]]
+    assert {c["max_sequence_length"] for c in pipe.calls} == {77}
+    assert {c["do_classifier_free_guidance"] for c in pipe.calls} == {cfg}

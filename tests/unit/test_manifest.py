@@ -189,3 +189,15 @@ def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path
     with pytest.raises(VerificationError, match=r"model\.onnx sha256"):
         RunManifest(run).verified(Stage.EXPORT, digest)  # without a cache: always hashed
     assert sum(hashed) >= 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("negative_prompt", "blurry, low quality"), ("max_sequence_length", 128)]
+)
+def test_calibration_is_stale_when_the_runtime_text_encoding_changes(field, value):
+    # calibration encodes its prompts with the runtime's negative prompt and T5 length
+    cfg = Config(name="t")
+    changed = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={field: value})})
+    assert cfg.digest(*Stage.CALIBRATE.config_sections) != changed.digest(*Stage.CALIBRATE.config_sections)
+    other = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"guidance_scale": 7.0})})
+    assert cfg.digest(*Stage.CALIBRATE.config_sections) == other.digest(*Stage.CALIBRATE.config_sections)
