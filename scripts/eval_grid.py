@@ -9,11 +9,11 @@ images saved beside it, e.g. with a fixed colour scale for the difference maps.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from sd35trt.evaluate import SCHEMA, format_eval
+from sd35trt.errors import ReportError
+from sd35trt.eval_report import format_eval, read_eval
 from sd35trt.plots import plot_eval_grid
 
 
@@ -28,18 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        data = json.loads(args.eval_json.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"error: cannot read {args.eval_json}: {err}", file=sys.stderr)
-        return 1
-    if data.get("schema") != SCHEMA:
-        print(
-            f"error: {args.eval_json} is not an eval result (schema {data.get('schema')!r})", file=sys.stderr
-        )
+        report = read_eval(args.eval_json)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     out = args.out or args.eval_json.parent / "eval_grid.png"
-    print(format_eval(data))
-    print(f"wrote {plot_eval_grid(data, args.eval_json.parent, out, diff_max=args.diff_max)}")
+    print(format_eval(report))
+    print(f"wrote {plot_eval_grid(report, args.eval_json.parent, out, diff_max=args.diff_max)}")
     return 0
 
 

@@ -11,12 +11,12 @@ configuration with its device when the devices differ.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from sd35trt.bench import SCHEMA, format_bench
-from sd35trt.plots import merge_bench, plot_bench
+from sd35trt.bench.report import format_bench, merge_bench, read_bench
+from sd35trt.errors import ReportError
+from sd35trt.plots import plot_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    results = []
-    for path in args.bench_json:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            print(f"error: cannot read {path}: {err}", file=sys.stderr)
-            return 1
-        if data.get("schema") != SCHEMA:
-            print(
-                f"error: {path} is not a bench result (schema {data.get('schema')!r}, expected {SCHEMA})",
-                file=sys.stderr,
-            )
-            return 1
-        results.append(data)
-    merged = merge_bench(results)
+    try:
+        reports = [read_bench(path) for path in args.bench_json]
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    merged = merge_bench(reports)
     print(format_bench(merged))
     print(f"wrote {plot_bench(merged, args.out)}")
     return 0

@@ -3,8 +3,9 @@
 1. Read the calibration prompts and the held-out prompts (never used for calibration).
 2. Load the diffusers pipeline (safetensors only) in ``calibrate.dtype``: BF16 on a GPU, FP32 on
    a CPU by default.
-3. Encode every prompt batch once, then drop the three text encoders: the denoising loop only
-   needs the embeddings.
+3. Encode every prompt batch once, with the runtime's negative prompt and T5 length, then drop
+   the three text encoders: the denoising loop only needs the embeddings (both steps are in
+   :mod:`sd35trt.reference`, the one module that drives diffusers).
 4. Quantize the transformer with ModelOpt (:mod:`sd35trt.quantize`); its calibration forward
    loop is diffusers' own ``StableDiffusion3Pipeline`` denoising loop (CFG, the configured
    steps, one fixed seed per batch), so the activation ranges are those the engine will see.
@@ -24,18 +25,15 @@ images with the VAE (a few GB). The whole stage therefore stays well under 40 GB
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
-from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
     RunManifest,
     Stage,
@@ -47,28 +45,11 @@ from sd35trt.manifest import (
 )
 from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
 from sd35trt.quantize import CALIBRATION_FILE, quant_config
-
-if TYPE_CHECKING:
-    import torch
+from sd35trt.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"
 QUANT_CONFIG_FILE = "quant_config.json"
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """One batch of prompts, encoded once, and the seed of its initial noise.
-
-    The negative embeddings are None when guidance is off (``guidance_scale <= 1``).
-    """
-
-    prompts: tuple[str, ...]
-    seed: int
-    prompt_embeds: torch.Tensor  # [B, 333, joint_attention_dim]
-    pooled_prompt_embeds: torch.Tensor  # [B, pooled_projection_dim]
-    negative_prompt_embeds: torch.Tensor | None
-    negative_pooled_prompt_embeds: torch.Tensor | None
 
 
 def read_prompts(path: Path, count: int, field: str) -> list[str]:
@@ -103,45 +84,6 @@ def prompt_set_sha256(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
-def encode_batches(
-    pipe,
-    prompts: Sequence[str],
-    batch_size: int,
-    seed: int,
-    guidance_scale: float,
-    device: str,
-    *,
-    negative_prompt: str,
-    max_sequence_length: int,
-) -> list[PromptBatch]:
-    """Encode ``prompts`` in batches with the pipeline's three text encoders.
-
-    Batch ``i`` gets noise seed ``seed + i``. The negative prompt and T5's length are the
-    runtime's (``config.runtime``), so the transformer is calibrated on the conditioning the
-    engines will see (``[B, 77 + max_sequence_length, D]``).
-
-    Returns:
-        The encoded batches, on the pipeline's device.
-    """
-    import torch
-
-    batches = []
-    with torch.no_grad():
-        for i, start in enumerate(range(0, len(prompts), batch_size)):
-            chunk = list(prompts[start : start + batch_size])
-            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=chunk,
-                prompt_2=None,
-                prompt_3=None,
-                device=torch.device(device),
-                do_classifier_free_guidance=cfg_enabled(guidance_scale),
-                negative_prompt=[negative_prompt] * len(chunk),
-                max_sequence_length=max_sequence_length,
-            )
-            batches.append(PromptBatch(tuple(chunk), seed + i, embeds, pooled, negative, negative_pooled))
-    return batches
-
-
 def report_truncations(
     pipe, prompts: Sequence[str], what: str, log: Callable[[str], None], max_sequence_length: int
 ) -> None:
@@ -165,50 +107,13 @@ def report_truncations(
         )
 
 
-def drop_text_encoders(pipe) -> None:
-    """Free the text encoders (about 11 GB for sd3.5-large in BF16) once prompts are encoded."""
-    import torch
-
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def denoise(
-    pipe, batch: PromptBatch, steps: int, guidance_scale: float, height: int, width: int, output_type: str
-):
-    """Run diffusers' SD3 denoising loop on one encoded batch, noise from a CPU generator.
-
-    Args:
-        output_type: ``"latent"`` to stop before the VAE, ``"np"`` for ``[B, H, W, 3]`` images in [0, 1].
-
-    Returns:
-        The pipeline's ``images`` for ``output_type``.
-    """
-    import torch
-
-    return pipe(
-        prompt_embeds=batch.prompt_embeds,
-        negative_prompt_embeds=batch.negative_prompt_embeds,
-        pooled_prompt_embeds=batch.pooled_prompt_embeds,
-        negative_pooled_prompt_embeds=batch.negative_pooled_prompt_embeds,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        generator=torch.Generator("cpu").manual_seed(batch.seed),
-        output_type=output_type,
-    ).images
-
-
 def _forward_loop(
     pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, status: Callable[[str], None]
 ) -> Callable[[Any], None]:
     def loop(_transformer) -> None:
         for i, batch in enumerate(batches, 1):
             status(f"calibrating: batch {i}/{len(batches)}")
-            denoise(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
+            denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
 
     return loop
 

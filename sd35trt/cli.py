@@ -288,12 +288,12 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
 ) -> None:
     """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers."""
-    from sd35trt.bench import bench as run
-    from sd35trt.bench import format_bench
+    from sd35trt.bench.benchmark import bench as run
+    from sd35trt.bench.report import format_bench
 
-    result = run(engines, reference, runs, warmup, out, overhead_runs=overhead_runs, device=device)
-    typer.echo(format_bench(result))
-    typer.echo(f"wrote {result['files']['json']} and {result['files']['png']}")
+    report = run(engines, reference, runs, warmup, out, overhead_runs=overhead_runs, device=device)
+    typer.echo(format_bench(report))
+    typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
 
 
 @app.command(name="eval")
@@ -311,12 +311,13 @@ def eval_(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
 ) -> None:
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
-    from sd35trt.evaluate import evaluate, format_eval
+    from sd35trt.eval_report import format_eval
+    from sd35trt.evaluate import evaluate
 
-    result = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
-    typer.echo(format_eval(result))
-    files = result["files"]
-    typer.echo(f"wrote {files['json']}, {files['table']} and {files['grid']}")
+    report = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
+    typer.echo(format_eval(report))
+    files = report.files
+    typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")
 
 
 @app.command()

@@ -37,6 +37,10 @@ class IncompatibleEngineError(VerificationError):
     """An engine was built for another backend, TensorRT version or GPU."""
 
 
+class ReportError(Sd35TrtError):
+    """A report file (``bench.json``, ``eval.json``) is missing, not JSON, or not of its schema."""
+
+
 class CalibrationError(Sd35TrtError):
     """Calibration produced unusable ranges (an amax of 0, inf or NaN)."""
 

@@ -6,27 +6,37 @@ image is compared with its reference by PSNR and SSIM (:mod:`sd35trt.metrics`) a
 ``lpips`` package and its network weights are on this machine, LPIPS. Nothing is downloaded:
 without them LPIPS is skipped and the result says so.
 
-Writes ``eval.json`` (per prompt and aggregated), ``eval.md`` (the table), ``eval_grid.png``
-(reference, engine image and their amplified difference per prompt) and the images themselves.
+Writes ``eval.json`` (per prompt and aggregated; schema in :mod:`sd35trt.eval_report`), ``eval.md``
+(the table), ``eval_grid.png`` (reference, engine image and their amplified difference per
+prompt) and the images themselves. The reference side runs through :mod:`sd35trt.reference`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sd35trt.errors import ConfigError
-from sd35trt.manifest import atomic_write_json, now_utc
+from sd35trt.eval_report import (
+    EVAL_GRID,
+    EVAL_JSON,
+    EVAL_TABLE,
+    Aggregate,
+    EvalDevices,
+    EvalEngines,
+    EvalFiles,
+    EvalParams,
+    EvalReference,
+    EvalReport,
+    LpipsStatus,
+    PromptScore,
+    format_eval,
+)
+from sd35trt.manifest import now_utc
+from sd35trt.reports import write_report
 
-SCHEMA = "sd35trt.eval/1"
-EVAL_JSON = "eval.json"
-EVAL_TABLE = "eval.md"
-EVAL_GRID = "eval_grid.png"
 DEFAULT_PROMPTS = Path("calibration_prompts/heldout.txt")
 LPIPS_SKIPPED = "LPIPS skipped: weights not available offline"
 #: torchvision's AlexNet weights, the backbone of LPIPS(net="alex") (lpips ships only its linear layers).
@@ -52,22 +62,16 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit is not None else prompts
 
 
-@dataclass(frozen=True)
-class LpipsStatus:
-    available: bool
-    reason: str | None
-
-
 def lpips_status() -> LpipsStatus:
     """Whether LPIPS can run offline: the ``lpips`` package and the AlexNet weights in torch's hub cache."""
     if importlib.util.find_spec("lpips") is None:
-        return LpipsStatus(False, f"{LPIPS_SKIPPED} (the lpips package is not installed)")
+        return LpipsStatus(available=False, reason=f"{LPIPS_SKIPPED} (the lpips package is not installed)")
     import torch
 
     weights = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
     if not weights.is_file():
-        return LpipsStatus(False, f"{LPIPS_SKIPPED} ({weights} is missing)")
-    return LpipsStatus(True, None)
+        return LpipsStatus(available=False, reason=f"{LPIPS_SKIPPED} ({weights} is missing)")
+    return LpipsStatus(available=True, reason=None)
 
 
 class _Lpips:
@@ -106,30 +110,6 @@ def as_uint8(image: Any):
     return to_uint8(array.astype(np.float32))
 
 
-def _agg(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "median": None, "min": None, "max": None}
-    return {
-        "mean": statistics.fmean(values),
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-def aggregate(rows: Sequence[Mapping]) -> dict:
-    """Aggregates over prompts. PSNR statistics cover the non-identical pairs (identical = infinite)."""
-    finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
-    lp = [r["lpips"] for r in rows if r.get("lpips") is not None]
-    return {
-        "prompts": len(rows),
-        "identical": sum(1 for r in rows if r["psnr_db"] is None),
-        "psnr_db": _agg(finite),
-        "ssim": _agg([r["ssim"] for r in rows]),
-        "lpips": _agg(lp) if lp else None,
-    }
-
-
 def compare(reference, image, lpips_fn=None) -> dict:
     """PSNR (``None`` = identical, infinite), SSIM and optional LPIPS of ``image`` against ``reference``."""
     from sd35trt.metrics import psnr, ssim
@@ -143,13 +123,6 @@ def compare(reference, image, lpips_fn=None) -> dict:
     }
 
 
-class _RuntimeDefaults:
-    """What :func:`sd35trt.reference.reference_images` reads of a config: its ``runtime`` section."""
-
-    def __init__(self, runtime) -> None:
-        self.runtime = runtime
-
-
 def evaluate(
     engines_dir: str | Path,
     reference_dir: str | Path,
@@ -160,7 +133,7 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
     plot: bool = True,
-) -> dict:
+) -> EvalReport:
     """Compare the engines' images with the diffusers pipeline's over held-out prompts.
 
     Args:
@@ -182,10 +155,17 @@ def evaluate(
         ManifestError, VerificationError, IncompatibleEngineError: unusable engines.
         ModelError: unusable reference directory.
     """
-    from sd35trt.bench import check_reference_dir, default_device, load_diffusers
+    from sd35trt.bench.subjects import engines_label
     from sd35trt.config import RuntimeSettings
     from sd35trt.guidance import applied_skip_layer_guidance
-    from sd35trt.reference import reference_images
+    from sd35trt.model import default_device
+    from sd35trt.reference import (
+        check_reference_dir,
+        load_diffusers,
+        pipeline_dtype,
+        pipeline_label,
+        reference_images,
+    )
     from sd35trt.runtime.engines import read_engine_manifest
     from sd35trt.runtime.pipeline import Sd35Runtime
     from sd35trt.runtime.request import GenerationRequest
@@ -220,11 +200,10 @@ def evaluate(
 
     # FP32 on any device: the error measured is the engines', not a BF16 reference's.
     pipe = load_diffusers(reference_dir, device or default_device(), torch.float32)
-    reference = [
-        reference_images(pipe, _RuntimeDefaults(rt), [p], seed=s)[0]
-        for p, s in zip(prompts, seeds, strict=True)
-    ]
-    dtype = str(pipe.transformer.dtype).removeprefix("torch.")
+    reference = [reference_images(pipe, rt, [p], seed=s)[0] for p, s in zip(prompts, seeds, strict=True)]
+    reference_info = EvalReference(
+        dir=str(reference_dir), label=pipeline_label(pipe), dtype=pipeline_dtype(pipe)
+    )
     pipe_device = pipe.device
     del pipe
 
@@ -237,97 +216,48 @@ def evaluate(
         Image.fromarray(ref_u8).save(out / ref_name)
         Image.fromarray(eng_u8).save(out / eng_name)
         rows.append(
-            {
-                "index": i,
-                "prompt": prompt,
-                "seed": s,
+            PromptScore(
+                index=i,
+                prompt=prompt,
+                seed=s,
                 **compare(ref_u8, eng_u8, lpips_fn),
-                "reference_image": ref_name,
-                "engine_image": eng_name,
-            }
+                reference_image=ref_name,
+                engine_image=eng_name,
+            )
         )
 
-    from sd35trt.bench import dtype_label, engines_label
-
-    slg = applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale)
-    result = {
-        "schema": SCHEMA,
-        "created": now_utc(),
-        "device": {"engines": engines_device, "reference": str(pipe_device)},
-        "engines": {
-            "dir": str(engines_dir),
-            "label": engines_label(manifest),
-            "backend": manifest.backend.value,
-        },
-        "reference": {
-            "dir": str(reference_dir),
-            "label": f"diffusers PyTorch {dtype_label(dtype)}",
-            "dtype": dtype,
-        },
-        "prompts_file": str(prompts_file),
-        "params": {
-            "num_inference_steps": rt.num_inference_steps,
-            "guidance_scale": rt.guidance_scale,
-            "height": rt.height,
-            "width": rt.width,
-            "negative_prompt": rt.negative_prompt,
-            "max_sequence_length": rt.max_sequence_length,
-            "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
-            "seeds": f"{seed} + prompt index",
-        },
-        "per_prompt": rows,
-        "aggregate": aggregate(rows),
-        "lpips": {"available": status.available, "reason": status.reason},
-        "warnings": warnings,
-        "files": {
-            "json": str(out / EVAL_JSON),
-            "table": str(out / EVAL_TABLE),
-            "grid": str(out / EVAL_GRID) if plot else None,
-        },
-    }
-    atomic_write_json(out / EVAL_JSON, result)
-    (out / EVAL_TABLE).write_text(format_eval(result) + "\n")
+    report = EvalReport(
+        created=now_utc(),
+        device=EvalDevices(engines=engines_device, reference=str(pipe_device)),
+        engines=EvalEngines(
+            dir=str(engines_dir), label=engines_label(manifest), backend=manifest.backend.value
+        ),
+        reference=reference_info,
+        prompts_file=str(prompts_file),
+        params=EvalParams(
+            num_inference_steps=rt.num_inference_steps,
+            guidance_scale=rt.guidance_scale,
+            height=rt.height,
+            width=rt.width,
+            negative_prompt=rt.negative_prompt,
+            max_sequence_length=rt.max_sequence_length,
+            skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
+            seeds=f"{seed} + prompt index",
+        ),
+        per_prompt=rows,
+        aggregate=Aggregate.of(rows),
+        lpips=status,
+        warnings=warnings,
+        files=EvalFiles(
+            json=str(out / EVAL_JSON),
+            table=str(out / EVAL_TABLE),
+            grid=str(out / EVAL_GRID) if plot else None,
+        ),
+    )
+    write_report(out / EVAL_JSON, report)
+    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
     if plot:
         from sd35trt.plots import plot_eval_grid
 
-        plot_eval_grid(result, out, out / EVAL_GRID)
-    return result
-
-
-def _cell(v: float | None, digits: int, none: str = "-") -> str:
-    return none if v is None else f"{v:.{digits}f}"
-
-
-def format_eval(result: Mapping) -> str:
-    """The per-prompt and aggregate metrics as a Markdown table."""
-    lp = result["lpips"]
-    header = ["#", "seed", "prompt", "PSNR (dB)", "SSIM"] + (["LPIPS"] if lp["available"] else [])
-    lines = [
-        f"engines {result['engines']['label']} vs reference {result['reference']['label']}, "
-        f"{result['params']['height']}x{result['params']['width']}, "
-        f"{result['params']['num_inference_steps']} steps",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    for r in result["per_prompt"]:
-        prompt = r["prompt"] if len(r["prompt"]) <= 60 else r["prompt"][:59] + "…"
-        cells = [str(r["index"]), str(r["seed"]), prompt, _cell(r["psnr_db"], 2, "inf"), f"{r['ssim']:.4f}"]
-        if lp["available"]:
-            cells.append(_cell(r["lpips"], 4))
-        lines.append("| " + " | ".join(cells) + " |")
-    agg = result["aggregate"]
-    for stat in ("mean", "median", "min", "max"):
-        cells = [stat, "", "", _cell(agg["psnr_db"][stat], 2, "inf"), _cell(agg["ssim"][stat], 4)]
-        if lp["available"]:
-            cells.append(_cell(agg["lpips"][stat] if agg["lpips"] else None, 4))
-        lines.append("| " + " | ".join(f"**{c}**" if c else c for c in cells) + " |")
-    lines.append("")
-    lines.append(
-        "PSNR statistics over non-identical pairs; identical pairs (infinite PSNR): "
-        f"{agg['identical']}/{agg['prompts']}."
-    )
-    lines.append("LPIPS: computed (AlexNet)." if lp["available"] else lp["reason"] + ".")
-    for w in result.get("warnings", []):
-        lines.append(f"warning: {w} (the reference truncates the same way)")
-    return "\n".join(lines)
+        plot_eval_grid(report, out, out / EVAL_GRID)
+    return report

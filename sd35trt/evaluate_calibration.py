@@ -27,7 +27,7 @@ from sd35trt.quantize import quantizers
 if TYPE_CHECKING:
     from torch import nn
 
-    from sd35trt.calibrate import PromptBatch
+    from sd35trt.reference import PromptBatch
 
 #: Sigma bucket edges: four equal quarters of the flow-match noise level range [0, 1].
 SIGMA_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -206,9 +206,9 @@ def quality_report(
     """
     import numpy as np
 
-    from sd35trt.calibrate import denoise
     from sd35trt.errors import CalibrationError
     from sd35trt.metrics import psnr, ssim, to_uint8
+    from sd35trt.reference import denoise_batch
 
     transformer = pipe.transformer
     fp8_names = [n for n, q in quantizers(transformer).items() if q.is_enabled]
@@ -218,12 +218,12 @@ def quality_report(
         handle = transformer.register_forward_hook(hook, with_kwargs=True)
         try:
             with quantizers_set(transformer, fp8_names, enabled=False):
-                ref = denoise(
+                ref = denoise_batch(
                     pipe, batch, steps, guidance_scale, height, width, output_type="np"
                 )  # [B, H, W, 3]
         finally:
             handle.remove()
-        fp8 = denoise(pipe, batch, steps, guidance_scale, height, width, output_type="np")
+        fp8 = denoise_batch(pipe, batch, steps, guidance_scale, height, width, output_type="np")
         for what, images in (("reference", ref), ("FP8", fp8)):
             if not np.isfinite(images).all():
                 raise CalibrationError(

@@ -131,9 +131,22 @@ def load_pipeline(
         return StableDiffusion3Pipeline(
             **build_components(config.model.architecture, config.model.seed, device=device, dtype=dtype)
         )
+    return load_pipeline_dir(root, device, dtype)
+
+
+def load_pipeline_dir(model_dir: str | Path, device: str, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """The diffusers pipeline in ``model_dir`` (safetensors only) on ``device``, progress bars off.
+
+    Raises:
+        ModelError: pickle weights, a truncated shard, or a directory that is not SD3.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    root = Path(model_dir)
     check_weights(root)
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(root, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

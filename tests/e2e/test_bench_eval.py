@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd35trt.bench import BENCH_JSON, BENCH_PNG, STAGES, bench
-from sd35trt.bench import SCHEMA as BENCH_SCHEMA
-from sd35trt.evaluate import EVAL_GRID, EVAL_JSON, EVAL_TABLE, compare, evaluate
-from sd35trt.evaluate import SCHEMA as EVAL_SCHEMA
+from sd35trt.bench.benchmark import bench
+from sd35trt.bench.report import BENCH_JSON, BENCH_PNG, STAGES, read_bench
+from sd35trt.bench.report import SCHEMA as BENCH_SCHEMA
+from sd35trt.eval_report import EVAL_GRID, EVAL_JSON, EVAL_TABLE, read_eval
+from sd35trt.eval_report import SCHEMA as EVAL_SCHEMA
+from sd35trt.evaluate import compare, evaluate
 from sd35trt.metrics import psnr, ssim
 
 pytestmark = pytest.mark.slow
@@ -70,7 +72,8 @@ def _check_stats(st, n):
 def test_bench_json_structure(bench_out, built_run):
     out, returned = bench_out
     data = _strict_json(out / BENCH_JSON)
-    assert data == json.loads(json.dumps(returned))  # the file is what the function returned
+    assert data == returned.to_json()  # the file is what the function returned
+    assert read_bench(out / BENCH_JSON) == returned  # and its readers see the same
     assert data["schema"] == BENCH_SCHEMA and data["runs"] == RUNS
     assert data["host"]["device"] == "cpu" and data["host"]["timer"] == "time.perf_counter"
     steps = data["params"]["num_inference_steps"]
@@ -110,7 +113,8 @@ def test_bench_png_is_an_image(bench_out):
 def test_eval_json_structure(eval_out):
     out, returned = eval_out
     data = _strict_json(out / EVAL_JSON)
-    assert data == json.loads(json.dumps(returned))
+    assert data == returned.to_json()
+    assert read_eval(out / EVAL_JSON) == returned
     assert data["schema"] == EVAL_SCHEMA
     assert data["engines"]["label"] == "sd35trt ONNX Runtime FP8"
     rows = data["per_prompt"]
@@ -135,10 +139,10 @@ def test_eval_grid_png_is_an_image(eval_out):
 
 
 def _images(eval_out, index):
-    out, data = eval_out
-    row = data["per_prompt"][index]
-    load = lambda key: np.asarray(Image.open(out / row[key]).convert("RGB"))  # noqa: E731
-    return load("reference_image"), load("engine_image")
+    out, report = eval_out
+    row = report.per_prompt[index]
+    load = lambda name: np.asarray(Image.open(out / name).convert("RGB"))  # noqa: E731
+    return load(row.reference_image), load(row.engine_image)
 
 
 def test_eval_pairs_each_engine_image_with_its_own_reference(eval_out):

@@ -76,7 +76,7 @@ def _max_diff(a, b) -> int:
 @pytest.mark.parametrize(("height", "width"), [(128, 128), (64, 128)])
 def test_onnxruntime_engines_match_diffusers(runtime, pipe, tiny_config, height, width):
     assert tiny_config.runtime.skip_layer_guidance is not None and tiny_config.runtime.guidance_scale > 1
-    theirs = reference_images(pipe, tiny_config, [PROMPT] * 2, height=height, width=width, seed=11)
+    theirs = reference_images(pipe, tiny_config.runtime, [PROMPT] * 2, height=height, width=width, seed=11)
     ours = runtime.generate(GenerationRequest(PROMPT, height=height, width=width, seed=11, num_images=2))
     assert ours.params.cfg and ours.params.skip_layer_guidance is not None
     assert [im.size for im in ours.images] == [(width, height)] * 2
@@ -104,7 +104,7 @@ def test_pytorch_backend_matches_diffusers_to_float_rounding(
     result = rt.generate(req)
     theirs = reference_images(
         pipe,
-        tiny_config,
+        tiny_config.runtime,
         [PROMPT] * num_images,
         height=64,
         width=128,

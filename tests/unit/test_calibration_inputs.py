@@ -2,9 +2,10 @@
 
 import pytest
 
-from sd35trt.calibrate import calibrate, encode_batches, prompt_set_sha256, read_prompts
+from sd35trt.calibrate import calibrate, prompt_set_sha256, read_prompts
 from sd35trt.errors import ConfigError
 from sd35trt.evaluate_calibration import bucketize
+from sd35trt.reference import encode_batches
 
 
 def test_prompts_skip_blanks_and_comments(tmp_path):

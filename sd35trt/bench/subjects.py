@@ -1,0 +1,234 @@
+"""What the bench measures, behind one small interface: engines directories and the diffusers pipeline.
+
+A :class:`Subject` generates once per :meth:`~Subject.generate`, timing each stage on a
+:class:`~sd35trt.bench.probes.StageClock`: every engine call for an engines directory
+(:class:`TimedEngine` around each of the runtime's engines), every module call for the diffusers
+pipeline (forward hooks on its text encoders and transformer, a wrapper around ``vae.decode``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.bench.probes import MemoryProbe, StageClock
+from sd35trt.bench.report import BenchParams
+from sd35trt.components import Component
+from sd35trt.runtime.engine import Engine
+
+if TYPE_CHECKING:
+    from sd35trt.runtime.request import GenerationRequest
+
+
+def runtime_request(params: BenchParams) -> GenerationRequest:
+    """``params`` as a runtime request."""
+    from sd35trt.runtime.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        height=params.height,
+        width=params.width,
+        seed=params.seed,
+        num_images=params.num_images,
+        skip_layer_guidance=params.skip_layer_guidance is not None,
+    )
+
+
+def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_type: str = "np") -> Any:
+    """One generation of ``params`` with the diffusers pipeline (SLG as the engines run it)."""
+    from sd35trt.reference import generate_images
+
+    return generate_images(
+        pipe,
+        [params.prompt] * params.num_images,
+        negative_prompt=params.negative_prompt,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        height=params.height,
+        width=params.width,
+        seed=params.seed,
+        max_sequence_length=max_sequence_length,
+        skip_layer_guidance=params.skip_layer_guidance,
+        output_type=output_type,
+    )
+
+
+class TimedEngine(Engine):
+    """Wraps an engine so that each ``infer`` is timed as one call of ``stage``."""
+
+    def __init__(self, inner: Engine, clock: StageClock, stage: str, memory: MemoryProbe | None = None):
+        super().__init__(inner.spec)
+        self.inner = inner
+        self.clock = clock
+        self.stage = stage
+        self.memory = memory
+        self._active = inner.active  # wrapped after the runtime activated it
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+    def _infer_impl(self, feeds):
+        start = self.clock.mark()
+        out = self.inner.infer(feeds)
+        self.clock.add(self.stage, start, self.clock.mark())
+        if self.memory is not None:
+            self.memory.sample()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Backend attributes the runtime may read (device, path, ...). Only called for misses.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class Subject:
+    """One benchmarked configuration: :meth:`generate` runs once, timing stages on its clock.
+
+    Attributes:
+        label: how the report names it.
+        kind: ``engines`` or ``diffusers``.
+        info: the :class:`~sd35trt.bench.report.Configuration` fields that describe it.
+    """
+
+    label: str
+    kind: str
+    info: dict
+
+    def generate(self, params: BenchParams) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free engines and modules."""
+
+
+def engines_label(manifest) -> str:
+    """``sd35trt ONNX Runtime FP8``: backend and transformer precision of an engines directory."""
+    from sd35trt.runtime.backends import backend_of
+
+    backend = backend_of(manifest.backend).label
+    rec = manifest.record(Component.TRANSFORMER)
+    return f"sd35trt {backend} {'FP8' if rec.fp8 else rec.precision.value.upper()}"
+
+
+def engines_info(manifest) -> dict:
+    return {
+        "engines_dir": str(manifest.directory),
+        "backend": manifest.backend.value,
+        "precision": {c.value: r.precision.value for c, r in manifest.engines.items()},
+        "transformer_fp8": manifest.record(Component.TRANSFORMER).fp8,
+    }
+
+
+class RuntimeSubject(Subject):
+    """An :class:`sd35trt.runtime.pipeline.Sd35Runtime`, each of its engines timed."""
+
+    kind = "engines"
+
+    def __init__(self, runtime, label: str, info: dict, clock: StageClock, memory: MemoryProbe) -> None:
+        self.runtime = runtime
+        self.clock = clock
+        device = str(runtime.device)
+        clock.set_device(device)
+        memory.set_device(device)
+        engines = runtime.engines.engines  # EngineSet.use() looks engines up here at every stage
+        for component in list(engines):
+            engines[component] = TimedEngine(engines[component], clock, component.value, memory)
+        self.label = label
+        # TensorRT: the one activation buffer the engines share (None for other backends).
+        self.info = {
+            **info,
+            "device": device,
+            "activation_memory_bytes": runtime.engines.shared_activation_bytes(),
+        }
+
+    @classmethod
+    def from_engines(cls, engines_dir: Path, clock: StageClock, memory: MemoryProbe, device: str | None):
+        """Load ``engines_dir`` (verified) and label it by backend and transformer precision."""
+        from sd35trt.runtime.engines import read_engine_manifest
+        from sd35trt.runtime.pipeline import Sd35Runtime
+
+        manifest = read_engine_manifest(engines_dir)
+        runtime = Sd35Runtime.load(engines_dir, device=device)
+        return cls(runtime, engines_label(manifest), engines_info(manifest), clock, memory)
+
+    def generate(self, params: BenchParams) -> None:
+        with self.clock.time("total"):
+            self.runtime.generate(runtime_request(params))
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.runtime = None
+
+
+class DiffusersSubject(Subject):
+    """The diffusers PyTorch pipeline, its modules timed by hooks (the baseline)."""
+
+    kind = "diffusers"
+
+    def __init__(
+        self, model_dir: Path, clock: StageClock, memory: MemoryProbe, device: str, max_sequence_length: int
+    ) -> None:
+        from sd35trt.reference import load_diffusers, pipeline_dtype, pipeline_label
+
+        self.pipe = load_diffusers(model_dir, device)
+        clock.set_device(device)
+        memory.set_device(device)
+        self.clock = clock
+        self.memory = memory
+        self.max_sequence_length = max_sequence_length
+        self._handles: list[Any] = []
+        self._open: dict[str, list[Any]] = {}
+        modules: Mapping[str, Any] = {
+            "clip_l": self.pipe.text_encoder,
+            "clip_g": self.pipe.text_encoder_2,
+            "t5": self.pipe.text_encoder_3,
+            "transformer": self.pipe.transformer,
+        }
+        for stage, module in modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(stage)))
+            self._handles.append(module.register_forward_hook(self._post(stage)))
+        vae = self.pipe.vae
+        decode = vae.decode
+
+        def timed_decode(*args, **kwargs):
+            start = clock.mark()
+            out = decode(*args, **kwargs)
+            clock.add("vae_decoder", start, clock.mark())
+            memory.sample()
+            return out
+
+        vae.decode = timed_decode
+        self.label = pipeline_label(self.pipe)
+        self.info = {"model_dir": str(model_dir), "dtype": pipeline_dtype(self.pipe), "device": device}
+
+    def _pre(self, stage: str) -> Callable:
+        def hook(module, args):
+            self._open.setdefault(stage, []).append(self.clock.mark())
+
+        return hook
+
+    def _post(self, stage: str) -> Callable:
+        def hook(module, args, output):
+            self.clock.add(stage, self._open[stage].pop(), self.clock.mark())
+            self.memory.sample()
+
+        return hook
+
+    def generate(self, params: BenchParams) -> None:
+        with self.clock.time("total"):
+            run_diffusers(self.pipe, params, self.max_sequence_length)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        if "decode" in self.pipe.vae.__dict__:
+            del self.pipe.vae.decode
+        self.pipe = None
