@@ -55,8 +55,8 @@ def parity(run_dir: Path, seed: int = 11) -> list[dict]:
     for height, width in SIZES:
         ours = runtime.generate(GenerationRequest(prompt=PROMPT, seed=seed, height=height, width=width))
         size = {"height": height, "width": width, "seed": seed}
-        matched = reference_images(pipe, config, [PROMPT], **size)[0]
-        plain = reference_images(pipe, no_slg, [PROMPT], **size)[0]
+        matched = reference_images(pipe, config.runtime, [PROMPT], **size)[0]
+        plain = reference_images(pipe, no_slg.runtime, [PROMPT], **size)[0]
         mine = _pixels(ours.images[0])
         rows.append(
             {
@@ -72,10 +72,10 @@ def fp8_quality(run_dir: Path, reference: Path, num_prompts: int) -> dict:
     """PSNR (dB) and SSIM of the FP8 engines against the non-quantized pipeline (``make eval``)."""
     from sd35trt.evaluate import evaluate
 
-    result = evaluate(run_dir / "engines", reference, num_prompts=num_prompts, plot=False)
-    rows = result["per_prompt"]
-    psnr = [r["psnr_db"] for r in rows]
-    ssim = [r["ssim"] for r in rows]
+    report = evaluate(run_dir / "engines", reference, num_prompts=num_prompts, plot=False)
+    rows = report.per_prompt
+    psnr = [r.psnr_db for r in rows]
+    ssim = [r.ssim for r in rows]
     return {
         "prompts": len(rows),
         "psnr_mean": statistics.fmean(psnr),
