@@ -40,14 +40,57 @@ class Component(str, Enum):
         return self in (Component.CLIP_L, Component.CLIP_G, Component.T5)
 
 
-#: diffusers pipeline subfolder of each component's weights.
-SUBFOLDER = {
-    Component.CLIP_L: "text_encoder",
-    Component.CLIP_G: "text_encoder_2",
-    Component.T5: "text_encoder_3",
-    Component.TRANSFORMER: "transformer",
-    Component.VAE_DECODER: "vae",
+class ModelLibrary(str, Enum):
+    """The library whose class loads a component's PyTorch model (the value is its module name)."""
+
+    TRANSFORMERS = "transformers"
+    DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class ComponentModel:
+    """How one component's PyTorch model is stored, loaded and given its spec's inputs and outputs.
+
+    :func:`sd35trt.model.load_model` and :func:`sd35trt.modules.wrap` read this table; export,
+    calibration, the PyTorch backend and the diffusers reference all load through them.
+
+    Attributes:
+        subfolder: its subfolder of a diffusers pipeline directory, also its
+            ``StableDiffusion3Pipeline`` attribute and keyword.
+        library: the library of the loading class.
+        class_name: the class whose ``from_pretrained`` loads the subfolder (safetensors only).
+        trace_attention: ``attn_implementation`` when loaded for ONNX export, ``None`` for the
+            library's default. Eager for the text encoders: torch's SDPA export adds a float32
+            mask that promotes the rest of a 16-bit CLIP graph to float32 and leaves
+            LayerNormalization with mixed types.
+        wrapper: the :mod:`sd35trt.modules` class giving the model its spec's I/O.
+    """
+
+    subfolder: str
+    library: ModelLibrary
+    class_name: str
+    trace_attention: str | None
+    wrapper: str
+
+
+MODELS: dict[Component, ComponentModel] = {
+    Component.CLIP_L: ComponentModel(
+        "text_encoder", ModelLibrary.TRANSFORMERS, "CLIPTextModelWithProjection", "eager", "ClipTextEncoder"
+    ),
+    Component.CLIP_G: ComponentModel(
+        "text_encoder_2", ModelLibrary.TRANSFORMERS, "CLIPTextModelWithProjection", "eager", "ClipTextEncoder"
+    ),
+    Component.T5: ComponentModel(
+        "text_encoder_3", ModelLibrary.TRANSFORMERS, "T5EncoderModel", "eager", "T5TextEncoder"
+    ),
+    Component.TRANSFORMER: ComponentModel(
+        "transformer", ModelLibrary.DIFFUSERS, "SD3Transformer2DModel", None, "Transformer"
+    ),
+    Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
 }
+
+#: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).
+SUBFOLDER = {c: m.subfolder for c, m in MODELS.items()}
 
 #: Tokenizer subfolders that travel with the engines (the runtime needs no model directory).
 TOKENIZER_SUBFOLDERS = {
@@ -137,11 +180,11 @@ class ModelDims:
                 raise ModelError(f"{p} is not valid JSON: {err}") from None
 
         return cls.from_configs(
-            read("transformer"),
-            read("text_encoder"),
-            read("text_encoder_2"),
-            read("text_encoder_3"),
-            read("vae"),
+            read(SUBFOLDER[Component.TRANSFORMER]),
+            read(SUBFOLDER[Component.CLIP_L]),
+            read(SUBFOLDER[Component.CLIP_G]),
+            read(SUBFOLDER[Component.T5]),
+            read(SUBFOLDER[Component.VAE_DECODER]),
             source=str(root),
         )
 

@@ -1,4 +1,4 @@
-"""Locating and loading the diffusers pipeline a config names, safely.
+"""Locating and loading the diffusers pipeline a config names, and each component's model, safely.
 
 Only safetensors weights are loaded: pickle files (``.bin``, ``.pt``, ...) can execute code and
 are refused, and every shard's header is checked against its size before anything reads it.
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import struct
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd35trt.config import Config, LoadDtype, ModelSource
+from sd35trt.components import MODELS, Component
+from sd35trt.config import Config, LoadDtype, ModelSettings, ModelSource
 from sd35trt.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusion3Pipeline
+    from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MODEL_SUBDIR = "model"
@@ -112,6 +115,68 @@ def model_dir(config: Config, run_dir: str | Path) -> Path:
     return path
 
 
+class LoadPurpose(str, Enum):
+    """What a component model is loaded for; it picks the load options of the component table."""
+
+    RUN = "run"  # pipelines and the PyTorch backend: the library's default attention
+    TRACE = "trace"  # ONNX export: ``ComponentModel.trace_attention``
+
+
+def load_model(
+    model_dir: str | Path,
+    component: Component,
+    dtype: torch.dtype,
+    *,
+    device: str = "cpu",
+    purpose: LoadPurpose = LoadPurpose.RUN,
+    model: ModelSettings | None = None,
+) -> nn.Module:
+    """One component's diffusers / transformers model, the way every stage loads it.
+
+    The class, subfolder and options come from :data:`sd35trt.components.MODELS`; weights load
+    from safetensors straight in ``dtype`` (no float32 copy of a BF16 model), or are drawn from
+    ``model.seed`` when ``model.source`` is ``random``. Random weights are drawn on the CPU, so a
+    seed gives the same weights whichever device a stage runs on.
+
+    Args:
+        model_dir: the diffusers pipeline directory.
+        component: which component.
+        dtype: the weights' dtype.
+        device: where the model goes.
+        purpose: ``TRACE`` for ONNX export (eager attention in the text encoders).
+        model: the config's model section (only its ``random`` source changes anything).
+
+    Returns:
+        The raw model (see :func:`sd35trt.modules.wrap` for its spec-shaped form), in eval mode
+        with gradients off.
+
+    Raises:
+        ModelError: pickle weights, a truncated shard, or a subfolder that does not load.
+    """
+    import importlib
+
+    facts = MODELS[component]
+    if model is not None and model.source is ModelSource.RANDOM:
+        from sd35trt.tiny import build_components
+
+        raw = build_components(model.architecture, model.seed, "cpu", dtype, only={facts.subfolder})
+        raw = raw[facts.subfolder]
+    else:
+        sub = Path(model_dir) / facts.subfolder
+        check_weights(sub)
+        cls = getattr(importlib.import_module(facts.library.value), facts.class_name)
+        options = {"dtype": dtype, "use_safetensors": True}
+        if purpose is LoadPurpose.TRACE and facts.trace_attention is not None:
+            options["attn_implementation"] = facts.trace_attention
+        try:
+            raw = cls.from_pretrained(sub, **options)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load {component.value} from {sub}: {err}") from None
+    raw = raw.to(device).eval()
+    raw.requires_grad_(False)
+    return raw
+
+
 def load_pipeline(
     config: Config, run_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None
 ) -> StableDiffusion3Pipeline:
@@ -120,22 +185,18 @@ def load_pipeline(
     Raises:
         ModelError: pickle weights, a truncated shard, or a directory that is not SD3.
     """
-    from diffusers import StableDiffusion3Pipeline
-
     device = device or default_device()
     dtype = dtype or torch_dtype(config.calibrate.dtype, device)
-    root = model_dir(config, run_dir)
-    if config.model.source is ModelSource.RANDOM:
-        from sd35trt.tiny import build_components
-
-        return StableDiffusion3Pipeline(
-            **build_components(config.model.architecture, config.model.seed, device=device, dtype=dtype)
-        )
-    return load_pipeline_dir(root, device, dtype)
+    return load_pipeline_dir(model_dir(config, run_dir), device, dtype, model=config.model)
 
 
-def load_pipeline_dir(model_dir: str | Path, device: str, dtype: torch.dtype) -> StableDiffusion3Pipeline:
-    """The diffusers pipeline in ``model_dir`` (safetensors only) on ``device``, progress bars off.
+def load_pipeline_dir(
+    model_dir: str | Path, device: str, dtype: torch.dtype, model: ModelSettings | None = None
+) -> StableDiffusion3Pipeline:
+    """The diffusers pipeline in ``model_dir`` on ``device``, progress bars off.
+
+    The five models load through :func:`load_model`; diffusers reads only the tokenizers and
+    the scheduler config from the directory.
 
     Raises:
         ModelError: pickle weights, a truncated shard, or a directory that is not SD3.
@@ -144,9 +205,10 @@ def load_pipeline_dir(model_dir: str | Path, device: str, dtype: torch.dtype) ->
 
     root = Path(model_dir)
     check_weights(root)
+    models = {MODELS[c].subfolder: load_model(root, c, dtype, device=device, model=model) for c in Component}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(root, dtype=dtype, use_safetensors=True)
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, **models)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe

@@ -1,7 +1,8 @@
 """PyTorch modules with exactly the I/O contract of each component's spec.
 
 Export traces these wrappers, the PyTorch reference backend runs them, and validation compares
-the two, so the glue between a diffusers component and its graph is written once.
+the two, so the glue between a diffusers component and its graph is written once. Which wrapper
+serves which component is the component table's (:data:`sd35trt.components.MODELS`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sd35trt.components import Component
+from sd35trt.components import MODELS, Component
 
 
 class ClipTextEncoder(nn.Module):
@@ -106,16 +107,14 @@ class VaeDecoder(nn.Module):
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-def wrap(component: Component, pipe, slg_layers: Sequence[int] = ()) -> nn.Module:
-    """The spec-shaped module of ``component`` from a diffusers ``StableDiffusion3Pipeline``."""
-    if component is Component.CLIP_L:
-        return ClipTextEncoder(pipe.text_encoder)
-    if component is Component.CLIP_G:
-        return ClipTextEncoder(pipe.text_encoder_2)
-    if component is Component.T5:
-        return T5TextEncoder(pipe.text_encoder_3)
+def wrap(component: Component, model: nn.Module, slg_layers: Sequence[int] = ()) -> nn.Module:
+    """The spec-shaped module of ``component`` around its ``model`` (from :func:`sd35trt.model.load_model`).
+
+    The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
+    are the transformer blocks its ``skip_layers`` input gates (transformer only). Wrap a model
+    once: each wrap of the transformer adds gating hooks to its blocks.
+    """
+    wrapper = globals()[MODELS[component].wrapper]
     if component is Component.TRANSFORMER:
-        return Transformer(pipe.transformer, slg_layers)
-    if component is Component.VAE_DECODER:
-        return VaeDecoder(pipe.vae)
-    raise ValueError(f"unknown component {component!r}")
+        return wrapper(model, slg_layers).eval()
+    return wrapper(model).eval()

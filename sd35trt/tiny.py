@@ -224,6 +224,8 @@ def build_components(
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    from sd35trt.components import SUBFOLDER, Component
+
     cfg = architecture_config(arch)
     tok_l, tok_3 = clip_tokenizer(), t5_tokenizer()
     special = {
@@ -233,25 +235,13 @@ def build_components(
         "pad_token_id": tok_l.pad_token_id,
     }
     dtype = dtype or torch.float32
-
-    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-
-    def make(index: int, fn):
-        if only is not None and names[index] not in only:
-            return None
-        # One seed per component, so a component's weights don't depend on the others' sizes.
-        torch.manual_seed(seed * 1000 + index)
-        with torch.device(device):
-            module = fn()
-            return (module if dtype == torch.float32 else module.to(dtype)).eval()
-
-    return {
-        "transformer": make(0, lambda: SD3Transformer2DModel(**cfg.transformer)),
-        "text_encoder": make(1, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_l, **special))),
-        "text_encoder_2": make(
-            2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_g, **special))
-        ),
-        "text_encoder_3": make(
+    # One seed per component (seed * 1000 + its index here), so a component's weights don't
+    # depend on the others' sizes.
+    makers = {
+        Component.TRANSFORMER: (0, lambda: SD3Transformer2DModel(**cfg.transformer)),
+        Component.CLIP_L: (1, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_l, **special))),
+        Component.CLIP_G: (2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.clip_g, **special))),
+        Component.T5: (
             3,
             lambda: T5EncoderModel(
                 T5Config(
@@ -259,7 +249,21 @@ def build_components(
                 )
             ),
         ),
-        "vae": make(4, lambda: AutoencoderKL(**cfg.vae)),
+        Component.VAE_DECODER: (4, lambda: AutoencoderKL(**cfg.vae)),
+    }
+
+    def make(index: int, fn):
+        torch.manual_seed(seed * 1000 + index)
+        with torch.device(device):
+            module = fn()
+            return (module if dtype == torch.float32 else module.to(dtype)).eval()
+
+    models = {
+        SUBFOLDER[c]: None if only is not None and SUBFOLDER[c] not in only else make(index, fn)
+        for c, (index, fn) in makers.items()
+    }
+    return {
+        **models,
         "tokenizer": tok_l,
         "tokenizer_2": clip_tokenizer(),
         "tokenizer_3": tok_3,

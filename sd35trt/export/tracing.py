@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sd35trt.components import SUBFOLDER, Component, ComponentSpec, Sampling, TensorType
-from sd35trt.config import Config, ModelSource, Precision
-from sd35trt.errors import ConfigError, ExportError, ModelError
+from sd35trt.components import Component, ComponentSpec, Sampling, TensorType
+from sd35trt.config import Config, Precision
+from sd35trt.errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
     import torch
@@ -42,42 +42,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _load_raw(config: Config, root: Path, component: Component, dtype: torch.dtype) -> nn.Module:
-    """The diffusers / transformers module of ``component``, straight from safetensors in ``dtype``."""
-    if config.model.source is ModelSource.RANDOM:
-        from sd35trt.tiny import build_components
-
-        # The pipeline keyword of each model is its subfolder name; only that model is drawn.
-        key = SUBFOLDER[component]
-        return build_components(config.model.architecture, config.model.seed, "cpu", dtype, only={key})[key]
-
-    sub = root / SUBFOLDER[component]
-    try:
-        if component in (Component.CLIP_L, Component.CLIP_G):
-            from transformers import CLIPTextModelWithProjection
-
-            # Eager attention: torch's SDPA export adds a float32 mask that promotes the rest of
-            # a 16-bit CLIP graph to float32 and leaves LayerNormalization with mixed types.
-            return CLIPTextModelWithProjection.from_pretrained(
-                sub, dtype=dtype, attn_implementation="eager", use_safetensors=True
-            )
-        if component is Component.T5:
-            from transformers import T5EncoderModel
-
-            return T5EncoderModel.from_pretrained(
-                sub, dtype=dtype, attn_implementation="eager", use_safetensors=True
-            )
-        if component is Component.TRANSFORMER:
-            from diffusers import SD3Transformer2DModel
-
-            return SD3Transformer2DModel.from_pretrained(sub, dtype=dtype, use_safetensors=True)
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(sub, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load {component.value} from {sub}: {err}") from None
 
 
 def load_module(
@@ -110,19 +74,15 @@ def load_module(
         CalibrationError: the calibration file does not match the transformer.
         ConfigError: FP8 attention asked for a float32 transformer export.
     """
-    from sd35trt import modules
+    from sd35trt.model import LoadPurpose, load_model
+    from sd35trt.modules import wrap
 
-    raw = _load_raw(config, root, component, torch_dtype(precision)).to(device).eval()
-    raw.requires_grad_(False)
-    if component is Component.TRANSFORMER:
-        if calibration is not None:
-            restore_fp8(raw, config, precision, calibration)
-        return modules.Transformer(raw, slg_layers).eval()
-    if component is Component.VAE_DECODER:
-        return modules.VaeDecoder(raw).eval()
-    if component is Component.T5:
-        return modules.T5TextEncoder(raw).eval()
-    return modules.ClipTextEncoder(raw).eval()
+    raw = load_model(
+        root, component, torch_dtype(precision), device=device, purpose=LoadPurpose.TRACE, model=config.model
+    )
+    if component is Component.TRANSFORMER and calibration is not None:
+        restore_fp8(raw, config, precision, calibration)
+    return wrap(component, raw, slg_layers)
 
 
 def check_fp8_attention(precision: Precision) -> None:

@@ -1,6 +1,7 @@
 """The PyTorch reference backend: each component's spec-shaped module as an :class:`Engine`.
 
-It runs :func:`sd35trt.modules.wrap` of the diffusers components, so it has exactly the I/O of
+It runs :func:`sd35trt.modules.wrap` of the diffusers components (loaded by
+:func:`sd35trt.model.load_model`, as every stage loads them), so it has exactly the I/O of
 the exported graphs, and the runtime loop can run on it unchanged: to develop the loop before
 engines exist, to compare the loop with diffusers' own pipeline (they must agree to float32
 rounding), and as the baseline of bench and eval. This is the only runtime module that imports
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 
-from sd35trt.components import SUBFOLDER, Component, ComponentSpec, ModelDims, TensorType, profile, spec
+from sd35trt.components import MODELS, Component, ComponentSpec, ModelDims, TensorType, profile, spec
 from sd35trt.config import Config
 from sd35trt.runtime.engine import Engine
 from sd35trt.runtime.pipeline import ModelInfo, Sd35Runtime, engine_digest
@@ -49,7 +49,7 @@ class TorchEngine(Engine):
         """
         Args:
             spec: the component's I/O contract.
-            factory: returns the spec-shaped module (e.g. ``modules.wrap(component, pipe)``).
+            factory: returns the spec-shaped module (e.g. ``modules.wrap(component, model)``).
             device: where the module runs.
             dtype: float dtype of the module and its float inputs; ``None`` keeps the module's own
                 (a module shared with a diffusers pipeline is then left untouched).
@@ -89,35 +89,15 @@ class TorchEngine(Engine):
             torch.cuda.empty_cache()
 
 
-def _load_component(model_dir: Path, component: Component, dtype: torch.dtype | None) -> object:
-    """Load one component's weights (safetensors only) from a diffusers directory."""
-    if component in (Component.CLIP_L, Component.CLIP_G):
-        from transformers import CLIPTextModelWithProjection as cls
-    elif component is Component.T5:
-        from transformers import T5EncoderModel as cls
-    elif component is Component.TRANSFORMER:
-        from diffusers import SD3Transformer2DModel as cls
-    else:
-        from diffusers import AutoencoderKL as cls
-    return cls.from_pretrained(
-        model_dir, subfolder=SUBFOLDER[component], dtype=dtype or torch.float32, use_safetensors=True
-    )
-
-
-def _wrapped(component: Component, model: object, slg_layers: Sequence[int]) -> nn.Module:
-    from sd35trt.modules import wrap
-
-    # wrap() reads the component from the pipeline attribute named like its subfolder.
-    return wrap(component, SimpleNamespace(**{SUBFOLDER[component]: model}), slg_layers)
-
-
 def _shared(component: Component, model: object, slg_layers: Sequence[int]) -> ModuleFactory:
     """A factory that wraps ``model`` once: wrapping again would stack gating hooks on its blocks."""
+    from sd35trt.modules import wrap
+
     cache: list[nn.Module] = []
 
     def factory() -> nn.Module:
         if not cache:
-            cache.append(_wrapped(component, model, slg_layers))
+            cache.append(wrap(component, model, slg_layers))
         return cache[0]
 
     return factory
@@ -156,7 +136,8 @@ def torch_runtime(
         ConfigError: the build ranges don't fit the model.
     """
     from sd35trt.config import LoadDtype
-    from sd35trt.model import check_weights, default_device, torch_dtype
+    from sd35trt.model import check_weights, default_device, load_model, torch_dtype
+    from sd35trt.modules import wrap
 
     model_dir = Path(model_dir)
     device = device or default_device()
@@ -172,9 +153,12 @@ def torch_runtime(
         specs[c] = spec(c, dims, n_skip)
         profiles[c] = profile(c, dims, config.build, config.runtime.max_sequence_length, skip_layers=n_skip)
         if pipe is not None:
-            factory = _shared(c, getattr(pipe, SUBFOLDER[c]), slg_layers)
+            factory = _shared(c, getattr(pipe, MODELS[c].subfolder), slg_layers)
         else:
-            factory = lambda c=c: _wrapped(c, _load_component(model_dir, c, dtype), slg_layers)  # noqa: E731
+
+            def factory(c: Component = c) -> nn.Module:
+                return wrap(c, load_model(model_dir, c, dtype, model=config.model), slg_layers)
+
         engines[c] = TorchEngine(specs[c], factory, device=device, dtype=None if pipe is not None else dtype)
     limits = RequestLimits.from_profiles(specs, profiles, dims, slg)
     digest = engine_digest({"pytorch": [config.digest("model")]})

@@ -129,8 +129,8 @@ def test_dynamic_shapes_match_pytorch_at_sizes_not_traced(exported_run, tiny_con
     from sd35trt.modules import wrap
 
     pipe = load_pipeline(tiny_config, exported_run, device="cpu", dtype=torch.float32)
-    transformer = wrap(Component.TRANSFORMER, pipe, slg_layers=(1,))
-    vae = wrap(Component.VAE_DECODER, pipe)
+    transformer = wrap(Component.TRANSFORMER, pipe.transformer, slg_layers=(1,))
+    vae = wrap(Component.VAE_DECODER, pipe.vae)
     fp8 = _session(exported_run / "onnx" / "transformer.onnx")
     plain = _session(exported_run / "onnx" / f"{UNQUANTIZED_STEM}.onnx")
     decoder = _session(exported_run / "onnx" / "vae_decoder.onnx")
