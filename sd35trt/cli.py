@@ -365,6 +365,69 @@ def serve(
 
 
 @app.command()
+def triton(
+    engines: Annotated[
+        Path, typer.Argument(help="Engines directory (runs/<name>/engines) or unpacked artefact.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository directory to write into.")],
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="TensorRT engines: GPU ids for KIND_GPU instances, e.g. 0,1 (default: every GPU)."),
+    ] = None,
+    instances_per_gpu: Annotated[
+        int, typer.Option(min=1, help="Model instances per GPU (ONNX Runtime engines: CPU instances).")
+    ] = 1,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Triton max_batch_size: prompts per model execution (default: engine batch)."
+        ),
+    ] = None,
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0, help="Dynamic batcher: how long a request waits for others to join.")
+    ] = 10.0,
+    model_name: Annotated[str, typer.Option(help="Model name in the repository.")] = "sd35trt",
+    reference: Annotated[
+        bool,
+        typer.Option("--reference", help="Name the engines by absolute path instead of copying them in."),
+    ] = False,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance (default: ONNX Runtime's).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (Python backend) serving the engines."""
+    from sd35trt.errors import ConfigError
+    from sd35trt.package import engines_dir_of
+    from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
+
+    try:
+        gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r} is not a comma-separated list of GPU ids, e.g. 0,1") from None
+    if gpu_ids is not None and any(g < 0 for g in gpu_ids):
+        raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
+    settings = TritonRepoSettings(
+        model_name=model_name,
+        gpus=gpu_ids,
+        instances_per_gpu=instances_per_gpu,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+        engines=EngineMode.REFERENCE if reference else EngineMode.COPY,
+        intra_op_threads=intra_op_threads,
+        force=force,
+    )
+    model = write_repository(engines_dir_of(engines), out, settings)
+    typer.echo(
+        f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "
+        f"max_batch_size {model.max_batch_size}):"
+    )
+    for name in model.layout():
+        typer.echo(f"  {name}")
+    typer.echo(f"serve it with: tritonserver --model-repository {model.model_dir.parent}")
+
+
+@app.command()
 def package(
     run_dir: Annotated[Path, typer.Argument(help="A built run directory (runs/<name>).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artefact to write (.tar.gz).")],

@@ -1,0 +1,334 @@
+"""A local ``tritonserver`` on 127.0.0.1, for tests and benchmarks (production: deploy/triton/).
+
+The server is the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51 and its Python
+backend). Two facts about it decide how it is started:
+
+- Its Python-backend stub was built before numpy 2. Under numpy 2 it hands the model corrupted
+  tensors (a BYTES input arrives as its first byte repeated, a multi-row numeric input as its first
+  row repeated), which is why the wheel declares ``numpy<2``. The stub therefore runs in a *backend
+  environment*: a small venv holding ``nvidia-pytriton`` and numpy 1.26 (``requirements-triton.lock``)
+  whose ``site-packages`` is followed, through a ``.pth`` file, by the project environment's
+  (sd35trt, torch, ONNX Runtime). ``make setup`` creates it at ``<venv>/triton-backend``.
+- The stub links ``libpython3.X.so`` by name. A system libpython of another build of the same
+  version breaks it (``'_thread.RLock' object has no attribute '_recursion_count'``), so
+  ``LD_LIBRARY_PATH`` starts with this interpreter's own ``LIBDIR`` (from ``sysconfig``).
+
+The stub's interpreter is the first ``python3`` on ``PATH``: the backend environment's ``bin``
+goes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd35trt.errors import BackendUnavailableError, Sd35TrtError
+
+#: Overrides where the backend environment is (default: ``<sys.prefix>/triton-backend``).
+BACKEND_ENV_VARIABLE = "SD35TRT_TRITON_ENV"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    """The server's TCP ports on 127.0.0.1."""
+
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        """Three ports the OS reports free now (another process may still take one: retried)."""
+        socks = []
+        try:
+            for _ in range(3):
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                socks.append(s)
+            return cls(*(s.getsockname()[1] for s in socks))
+        finally:
+            for s in socks:
+                s.close()
+
+
+@dataclass(frozen=True)
+class BackendEnvironment:
+    """The venv the Python-backend stub runs in, and the tritonserver inside it."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> BackendEnvironment:
+        return cls(Path(os.environ.get(BACKEND_ENV_VARIABLE) or Path(sys.prefix) / "triton-backend"))
+
+    @property
+    def site_packages(self) -> Path:
+        return Path(sysconfig.get_path("purelib", vars={"base": str(self.root), "platbase": str(self.root)}))
+
+    @property
+    def tritonserver_dir(self) -> Path:
+        return self.site_packages / "pytriton" / "tritonserver"
+
+    @property
+    def libs_dir(self) -> Path:
+        return self.site_packages / "nvidia_pytriton.libs"
+
+    def link_project(self) -> Path:
+        """Make this interpreter's ``site-packages`` visible to the backend environment.
+
+        Writes a ``.pth`` file that adds the project environment's ``site-packages`` (its own
+        ``.pth`` files included, e.g. an editable sd35trt) after the backend environment's own, so
+        numpy 1.x is found first and everything else comes from the project.
+
+        Returns:
+            The ``.pth`` file written.
+        """
+        project = sysconfig.get_path("purelib")
+        pth = self.site_packages / "sd35trt-project.pth"
+        pth.parent.mkdir(parents=True, exist_ok=True)
+        pth.write_text(f"import site; site.addsitedir({project!r})\n")
+        return pth
+
+    def check(self) -> None:
+        """Raises BackendUnavailableError naming what is missing and how to install it."""
+        fix = (
+            f"run `make setup` (it installs requirements-triton.lock into {self.root}), "
+            f"or point {BACKEND_ENV_VARIABLE} at such an environment"
+        )
+        if not (self.root / "bin" / "python3").exists():
+            raise BackendUnavailableError(f"no Triton backend environment at {self.root}: {fix}")
+        if not (self.tritonserver_dir / "bin" / "tritonserver").is_file():
+            raise BackendUnavailableError(f"{self.root} has no nvidia-pytriton (tritonserver): {fix}")
+
+
+class LocalTritonServer:
+    """tritonserver serving ``repository`` on 127.0.0.1 (HTTP, gRPC and metrics on free ports).
+
+    Use as a context manager, or :meth:`start` then :meth:`stop`::
+
+        with LocalTritonServer(repo) as server:
+            tritonclient.http.InferenceServerClient(server.http_url)
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        *,
+        env: BackendEnvironment | None = None,
+        log_path: str | Path | None = None,
+        exit_timeout_s: int = 30,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        """
+        Args:
+            repository: a model repository (``sd35trt triton --out``).
+            env: the backend environment (default: :meth:`BackendEnvironment.default`).
+            log_path: where the server's log goes (default: a temporary file, kept after stop).
+            exit_timeout_s: on stop, how long Triton waits for running requests (seconds).
+            extra_args: more tritonserver options.
+        """
+        self.repository = Path(repository).absolute()
+        self.env = env or BackendEnvironment.default()
+        self.exit_timeout_s = exit_timeout_s
+        self.extra_args = extra_args
+        self._workdir: Path | None = None
+        self._log_path = Path(log_path) if log_path is not None else None
+        self.process: subprocess.Popen | None = None
+        self.ports: TritonPorts | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def http_url(self) -> str:
+        """``127.0.0.1:PORT`` (tritonclient's form: no scheme)."""
+        return f"127.0.0.1:{self._ports().http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self._ports().grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self._ports().metrics}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        if self._log_path is None:
+            raise RuntimeError("the server was not started")
+        return self._log_path
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, RuntimeError):
+            return ""
+
+    def _ports(self) -> TritonPorts:
+        if self.ports is None:
+            raise RuntimeError("the server was not started")
+        return self.ports
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: the stub's python3 and libpython, the bundled libraries."""
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR")
+        paths = [p for p in (libdir, str(self.env.libs_dir), env.get("LD_LIBRARY_PATH")) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
+        env["PATH"] = os.pathsep.join([str(self.env.root / "bin"), env.get("PATH", "")])
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        return env
+
+    def _backends(self, workdir: Path) -> Path:
+        """A backend directory whose Python backend has the stub for this Python version."""
+        src = self.env.tritonserver_dir
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise BackendUnavailableError(f"nvidia-pytriton has no Python-backend stub for Python {version}")
+        python = workdir / "backends" / "python"
+        python.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            (python / name).symlink_to(src / "backends" / "python" / name)
+        shutil.copy2(stub, python / stub.name)
+        return workdir / "backends"
+
+    def _command(self, backends: Path, ports: TritonPorts) -> list[str]:
+        return [
+            str(self.env.tritonserver_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={ports.http}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={ports.grpc}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={ports.metrics}",
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout_s: float = 300.0, attempts: int = 3) -> LocalTritonServer:
+        """Start the server and wait until ``/v2/health/ready`` answers 200 (models loaded and warm).
+
+        Raises:
+            BackendUnavailableError: no backend environment.
+            Sd35TrtError: the server exited before it was ready (its last log lines included), or
+                was not ready within ``timeout_s`` (it is stopped).
+        """
+        self.env.check()
+        self._workdir = Path(tempfile.mkdtemp(prefix="sd35trt-triton-"))
+        if self._log_path is None:  # kept after stop, for a failure's post-mortem
+            fd, name = tempfile.mkstemp(prefix="sd35trt-tritonserver-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        backends = self._backends(self._workdir)
+        for attempt in range(attempts):
+            self.ports = TritonPorts.free()
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    self._command(backends, self.ports),
+                    env=self.environment(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            try:
+                self._wait_ready(timeout_s)
+                return self
+            except _ExitedEarly as err:
+                busy = "address already in use" in self.log_tail(80).lower()
+                if busy and attempt + 1 < attempts:
+                    continue  # another process took a port between probing and binding
+                self._cleanup()
+                raise Sd35TrtError(
+                    f"tritonserver exited with {err.returncode} before it was ready; "
+                    f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
+                ) from None
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise _ExitedEarly(code)
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return
+            time.sleep(0.2)
+        raise Sd35TrtError(
+            f"tritonserver was not ready within {timeout_s:g} s; its log ({self.log_path}) ends:\n"
+            f"{self.log_tail(25)}"
+        )
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, wait (Triton waits up to ``exit_timeout_s`` for running requests), then SIGKILL.
+
+        Returns:
+            The server's exit status (``None`` if it was not running).
+        """
+        proc, self.process = self.process, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=timeout_s if timeout_s is not None else self.exit_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                code = proc.returncode
+        self._cleanup()
+        return code
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> LocalTritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _ExitedEarly(Exception):
+    def __init__(self, returncode: int) -> None:
+        super().__init__(returncode)
+        self.returncode = returncode
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sd35trt.triton.local link ENV``: link ENV to this environment (``make setup``)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "link":
+        raise SystemExit("usage: python -m sd35trt.triton.local link BACKEND_ENV")
+    print(f"wrote {BackendEnvironment(Path(args[1]).absolute()).link_project()}")
+
+
+if __name__ == "__main__":
+    main()
