@@ -12,12 +12,12 @@ PROMPT ?= a photo of a cat
 TORCH_SPEC ?= torch==2.13.0
 COMMA := ,
 SHELL := /bin/bash
-EXTRAS ?= dev,server
+EXTRAS ?= dev,server,triton
 FORCE ?=
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput artifact clean
+.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-throughput artifact clean
 
 # The CPU development environment is locked (requirements.lock: every package pinned with its
 # sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
@@ -25,12 +25,24 @@ LOCK ?= requirements.lock
 UV_SPEC ?= uv==0.13.8
 SETUP_STAMP := $(VENV)/.sd35trt-setup
 
+# The Triton Python-backend environment, $(VENV)/triton-backend (sd35trt/triton/local.py says why):
+# nvidia-pytriton (tritonserver + Python backend) and numpy<2 for its backend stub, pinned with
+# hashes in requirements-triton.lock and installed without dependencies; a .pth file then adds
+# the project environment after them (sd35trt, torch, ONNX Runtime).
+TRITON_LOCK ?= requirements-triton.lock
+define triton-env
+	$(1)/bin/python -m venv --without-pip --clear $(1)/triton-backend
+	$(1)/bin/pip --python $(1)/triton-backend/bin/python install -q --require-hashes --no-deps -r $(TRITON_LOCK)
+	$(1)/bin/python -m sd35trt.triton.local link $(1)/triton-backend
+endef
+
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): $(LOCK) pyproject.toml
+$(SETUP_STAMP): $(LOCK) $(TRITON_LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install -q --no-deps -e .
+	$(call triton-env,$(VENV))
 	$(SD35) --help > /dev/null
 	@touch $@
 	@echo "setup done (locked): source $(VENV)/bin/activate"
@@ -42,6 +54,7 @@ setup-unlocked:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(call triton-env,$(VENV))
 	$(SD35) --help > /dev/null && touch $(SETUP_STAMP) && echo "setup done (unlocked): source $(VENV)/bin/activate"
 
 # Regenerate the lock from pyproject's ranges (newest allowed versions, CPU torch pinned).
@@ -51,7 +64,9 @@ lock:
 	$(VENV)-tools/bin/uv pip compile pyproject.toml --extra $(subst $(COMMA), --extra ,$(EXTRAS)) \
 		--constraint requirements-torch.txt --python-version 3.11 --generate-hashes --upgrade \
 		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),) --no-header --quiet -o $(LOCK)
-	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages pinned"
+	$(VENV)-tools/bin/uv pip compile requirements-triton.in --no-deps --python-version 3.11 \
+		--generate-hashes --upgrade --no-header --quiet -o $(TRITON_LOCK)
+	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages pinned; $(TRITON_LOCK): $$(grep -c '==' $(TRITON_LOCK))"
 
 # The newest versions pyproject allows, in a separate venv: shows upstream drift early. Not the CI gate.
 LATEST_VENV ?= .venv-latest
@@ -59,6 +74,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q --upgrade $(TORCH_SPEC) -e ".[$(EXTRAS)]"
+	$(call triton-env,$(LATEST_VENV))
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable | diff <(grep -Eo '^[A-Za-z0-9_.-]+==[^ ]+' $(LOCK)) - || true
 	$(LATEST_VENV)/bin/python -m pytest -q
 
@@ -115,6 +131,15 @@ serve: build
 
 serve-throughput: build
 	$(BIN)/python scripts/serve_throughput.py $(RUN_DIR)/engines
+
+# A Triton model repository for the engines (copied in), and Triton vs `sd35trt serve` throughput.
+TRITON_REPO ?= $(RUN_DIR)/triton
+
+triton: build
+	$(SD35) triton $(RUN_DIR)/engines --out $(TRITON_REPO) --force
+
+triton-throughput: build
+	$(BIN)/python scripts/triton_throughput.py $(RUN_DIR)/engines
 
 ARTIFACT ?= $(RUN_DIR)/sd35trt-$(MODEL).tar.gz
 
