@@ -320,6 +320,16 @@ def eval_(
     typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")
 
 
+def _choice(option: str, value: str, enum_type):
+    from sd35trt.errors import ConfigError
+
+    try:
+        return enum_type(value.lower())
+    except ValueError:
+        allowed = ", ".join(e.value for e in enum_type)
+        raise ConfigError(f"{option} {value!r} is not one of: {allowed}") from None
+
+
 @app.command()
 def serve(
     engines: Annotated[
@@ -343,13 +353,27 @@ def serve(
     timeout: Annotated[
         float, typer.Option(min=0.001, help="Per-request limit in seconds, queueing included.")
     ] = 300.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001, max=3600, help="Seconds a client has to send a request's headers, and again its body."
+        ),
+    ] = 10.0,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 128))."),
+    ] = None,
     low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level (debug, info, warning, error).")] = "info",
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug or trace.")] = "info",
+    log_format: Annotated[
+        str, typer.Option(help="text, or json (one JSON object per line, with the request id).")
+    ] = "text",
 ) -> None:
-    """Serve engines over HTTP: POST /generate (dynamic batching), GET /health, GET /ready, /docs."""
+    """Serve engines over HTTP: /generate, /v1/images/generations (OpenAI), /metrics, /health, /ready."""
     from sd35trt.package import engines_dir_of
     from sd35trt.serve import ServeSettings
     from sd35trt.serve import serve as run_server
+    from sd35trt.serve.settings import LogFormat, LogLevel
 
     settings = ServeSettings(
         host=host,
@@ -358,8 +382,11 @@ def serve(
         batch_window_ms=batch_window_ms,
         queue_size=queue_size,
         timeout_s=timeout,
+        read_timeout_s=read_timeout,
+        max_connections=max_connections,
         low_vram=low_vram,
-        log_level=log_level,
+        log_level=_choice("--log-level", log_level, LogLevel),
+        log_format=_choice("--log-format", log_format, LogFormat),
     )
     run_server(engines_dir_of(engines), settings)
 

@@ -177,13 +177,24 @@ def engine_digest(files: Mapping[str, Sequence[str]]) -> str:
     return sha256_json({k: list(v) for k, v in sorted(files.items())})[:16]
 
 
+#: Characters of dropped text quoted in a truncation warning; the rest is counted. Quoting all of
+#: it made a 64 KB prompt's response 400 KB (one full copy per encoder).
+TRUNCATION_QUOTE_CHARS = 80
+
+
+def _dropped(text: str) -> str:
+    if len(text) <= TRUNCATION_QUOTE_CHARS:
+        return repr(text)
+    return f"{text[:TRUNCATION_QUOTE_CHARS]!r}... ({len(text)} characters in all)"
+
+
 def _truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, str]]) -> dict[int, list[str]]:
     warnings: dict[int, list[str]] = {}
     for t in tokens.truncations:
         request, field_name = labels[t.index]
         warnings.setdefault(request, []).append(
             f"{field_name} is {t.tokens} {t.encoder.value} tokens, over its limit of {t.limit}: "
-            f"dropped {t.dropped!r}"
+            f"dropped {_dropped(t.dropped)}"
         )
     return warnings
 

@@ -248,6 +248,16 @@ def _guidance(value: Any) -> float:
 def _text(name: str, value: Any, required: bool) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        # A lone UTF-16 surrogate (JSON "\ud800", or invalid UTF-8 on a command line, which Python
+        # keeps as surrogates): tokenizers fail on it deep inside (faults.md case 18).
+        raise RequestError(
+            name,
+            f"{name} is not valid Unicode text: {value[err.start]!r} at character {err.start} is a lone "
+            "surrogate (invalid UTF-8 bytes, or half of a UTF-16 pair)",
+        ) from None
     if required and not value.strip():
         raise RequestError(name, f"{name} is empty; give a text {name.replace('_', ' ')}")
     return value

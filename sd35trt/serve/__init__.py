@@ -22,10 +22,12 @@ def _app_module():
     try:
         from sd35trt.serve import app
     except ImportError as err:
-        if err.name not in ("fastapi", "uvicorn", "starlette") and "fastapi" not in str(err):
+        if err.name not in ("fastapi", "uvicorn", "starlette", "prometheus_client") and "fastapi" not in str(
+            err
+        ):
             raise
         raise Sd35TrtError(
-            f"the server needs FastAPI and uvicorn ({err.name} is not installed): "
+            f"the server needs FastAPI, uvicorn and prometheus-client ({err.name} is not installed): "
             "install the `server` extra with `pip install -e .[server]`"
         ) from None
     return app
@@ -45,8 +47,9 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
 def serve(engines_dir: str | Path, settings: ServeSettings | None = None) -> None:
     """Verify and load the engines in ``engines_dir``, then serve HTTP until SIGINT / SIGTERM.
 
-    ``POST /generate``, ``GET /health``, ``GET /ready``, OpenAPI docs at ``/docs``. On a signal,
-    the listening socket closes, running and queued requests finish, new ones get 503.
+    ``POST /generate``, ``POST /v1/images/generations`` (OpenAI Images API), ``GET /health``,
+    ``GET /ready``, ``GET /metrics`` (Prometheus), OpenAPI docs at ``/docs``. On a signal, the
+    listening socket closes, running and queued requests finish, new ones get 503.
 
     Raises:
         Sd35TrtError: FastAPI / uvicorn missing, or the engines fail verification or loading.

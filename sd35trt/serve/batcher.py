@@ -10,7 +10,8 @@ responsive). When a merged batch fails as a whole (a NaN, out of memory, any exc
 its requests is re-run alone, so only the request at fault fails.
 
 Nothing here knows about HTTP or engines: :class:`Batcher` calls ``run_batch(requests)``, which
-returns one result (or exception) per request.
+returns one result (or exception) per request, and tells ``on_batch`` about every engine batch
+(for metrics). While a batch runs, the log context names the requests in it (their ``tag``s).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import math
 import threading
@@ -27,10 +29,15 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd35trt.serve.logs import REQUEST_ID
+
 log = logging.getLogger("sd35trt.serve")
 
 #: ``run_batch(requests) -> [result or exception per request]``; it may also raise for the whole batch.
 RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
+#: ``on_batch(requests, images, results)`` after each engine batch; ``results`` is ``None`` when
+#: the batch raised as a whole. Called on the engine thread.
+OnBatch = Callable[[int, int, Sequence[Any] | None], None]
 
 
 class QueueFullError(Exception):
@@ -80,6 +87,7 @@ class Job:
     capacity: int  # most images an engine batch with this key holds
     max_requests: int  # most requests an engine batch with this key holds
     future: asyncio.Future
+    tag: str | None = None  # names the request in log lines (its request id)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
 
@@ -114,12 +122,14 @@ class Batcher:
         window_s: float,
         queue_size: int,
         executor: concurrent.futures.Executor | None = None,
+        on_batch: OnBatch | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or window_s < 0:
             raise ValueError(
                 f"bad batcher limits: max_batch={max_batch} queue_size={queue_size} window_s={window_s}"
             )
         self.run_batch = run_batch
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue_size = queue_size
@@ -254,6 +264,7 @@ class Batcher:
         size: int,
         capacity: int | None = None,
         max_requests: int | None = None,
+        tag: str | None = None,
     ) -> Job:
         """Queue a request (from the event loop).
 
@@ -265,6 +276,7 @@ class Batcher:
                 classifier-free guidance); capped at ``max_batch``.
             max_requests: most requests an engine batch of this key holds (default: no limit
                 beyond ``capacity``).
+            tag: names the request in the log lines of its batch (a request id).
 
         Raises:
             ShuttingDownError: the batcher is draining.
@@ -288,6 +300,7 @@ class Batcher:
             capacity=capacity,
             max_requests=max_requests or capacity,
             future=self._loop.create_future(),
+            tag=tag,
         )
         self._pending.append(job)
         self._arrived.set()
@@ -380,7 +393,14 @@ class Batcher:
                 log.exception("the batcher failed on batch %d; its requests got the error", self._batch_ids)
 
     async def _run(self, batch: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
+        # the worker's own lines about this batch name its requests (the worker task's context only)
+        token = REQUEST_ID.set(",".join(j.tag for j in batch if j.tag) or None)
+        try:
+            await self._run_batch(batch)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _run_batch(self, batch: list[Job]) -> None:
         self._batch_ids += 1
         batch_id = self._batch_ids
         started = time.monotonic()
@@ -392,7 +412,7 @@ class Batcher:
             results: Sequence[Any]
             retried = False
             try:
-                results = await loop.run_in_executor(self._executor, self._call, [j.request for j in batch])
+                results = await self._engine(batch)
             except Exception as err:
                 if len(batch) == 1:
                     results = [err]
@@ -412,9 +432,7 @@ class Batcher:
                             results.append(None)
                             continue
                         try:
-                            results.extend(
-                                await loop.run_in_executor(self._executor, self._call, [job.request])
-                            )
+                            results.extend(await self._engine([job]))
                         except Exception as single_err:
                             results.append(single_err)
             run_s = time.monotonic() - started
@@ -449,8 +467,33 @@ class Batcher:
         finally:
             self._running = []
 
-    def _call(self, requests: list[Any]) -> Sequence[Any]:
-        results = self.run_batch(requests)
+    async def _engine(self, jobs: list[Job]) -> Sequence[Any]:
+        """Run ``jobs`` as one engine batch on the engine thread, logging under their tags."""
+        tags = [j.tag for j in jobs if j.tag]
+        token = REQUEST_ID.set(",".join(tags) or None)
+        try:
+            context = contextvars.copy_context()  # the engine thread logs under the same ids
+        finally:
+            REQUEST_ID.reset(token)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, context.run, self._call, jobs)
+
+    def _call(self, jobs: list[Job]) -> Sequence[Any]:
+        requests, images = [j.request for j in jobs], sum(j.size for j in jobs)
+        try:
+            results = self.run_batch(requests)
+        except Exception:
+            self._observe(len(jobs), images, None)
+            raise
         if len(results) != len(requests):
             raise RuntimeError(f"run_batch returned {len(results)} results for {len(requests)} requests")
+        self._observe(len(jobs), images, results)
         return results
+
+    def _observe(self, requests: int, images: int, results: Sequence[Any] | None) -> None:
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(requests, images, results)
+        except Exception:  # metrics must never fail a batch
+            log.exception("the batch observer failed")

@@ -2,7 +2,70 @@
 
 from __future__ import annotations
 
+import enum
+import resource
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from sd35trt.errors import ConfigError
+
+
+class LogLevel(enum.StrEnum):
+    """Log levels, uvicorn's names (``trace`` is uvicorn's level 5, below ``debug``)."""
+
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+    TRACE = "trace"
+
+
+class LogFormat(enum.StrEnum):
+    """``text``: one readable line per record; ``json``: one JSON object per line."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+#: File descriptors kept free for everything that is not a client connection (engines, logs,
+#: threads, the listening socket), so the connection bound always stays below the fd limit.
+FD_RESERVE = 128
+#: Most connections held open by default, whatever the fd limit allows.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
+def fd_limit() -> int:
+    """This process's soft limit on open file descriptors (``ulimit -n``)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_bound(requested: int | None, limit: int | None = None) -> int:
+    """The most client connections to hold open: ``requested``, or a default below the fd limit.
+
+    Args:
+        requested: ``--max-connections``, or ``None`` for ``min(1024, fd limit - 128)``.
+        limit: the fd limit (default: this process's soft ``RLIMIT_NOFILE``).
+
+    Raises:
+        ConfigError: ``requested`` leaves fewer than 128 descriptors for the rest of the server.
+    """
+    limit = fd_limit() if limit is None else limit
+    allowed = limit - FD_RESERVE
+    if allowed < 1:
+        raise ConfigError(
+            f"the file-descriptor limit ({limit}) leaves no room for connections; "
+            f"raise it (`ulimit -n`) above {FD_RESERVE}"
+        )
+    if requested is None:
+        return min(DEFAULT_MAX_CONNECTIONS, allowed)
+    if requested > allowed:
+        raise ConfigError(
+            f"--max-connections {requested} is above what the file-descriptor limit ({limit}) allows: "
+            f"at most {allowed} ({FD_RESERVE} are kept for the server); lower it or raise `ulimit -n`"
+        )
+    return requested
 
 
 class ServeSettings(BaseModel):
@@ -10,6 +73,14 @@ class ServeSettings(BaseModel):
 
     ``max_batch`` is in images per engine batch; ``None`` means the engines' profile maximum (a
     larger value is refused when the engines load). ``max_batch=1`` turns merging off.
+
+    Slow clients (faults.md case 19): a client has ``read_timeout_s`` seconds to send a request's
+    headers (from connecting, or from the previous response on a kept-alive connection) and again
+    ``read_timeout_s`` for its body; then it gets 408 and is disconnected. At most
+    ``max_connections`` connections are held open (default: below the fd limit, see
+    :func:`connection_bound`); beyond, the connection that has waited longest without sending a
+    complete request is closed to make room, or, if every connection has a request running, the
+    new one gets 503.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -21,6 +92,13 @@ class ServeSettings(BaseModel):
     queue_size: int = Field(default=32, ge=1, le=100_000, description="requests waiting, beyond: 429")
     timeout_s: float = Field(default=300.0, gt=0, description="per-request limit, queue wait included")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="larger bodies get 413")
+    read_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="seconds to send headers, and again the body (408)"
+    )
+    max_connections: int | None = Field(
+        default=None, ge=1, description="open connections held (default: below the fd limit)"
+    )
     low_vram: bool = False
     warmup: bool = Field(default=True, description="run one small generation before /ready says yes")
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT

@@ -1,0 +1,230 @@
+"""The generation endpoints: ``POST /generate`` and the OpenAI-compatible ``POST /v1/images/generations``.
+
+Both run one path (:func:`generate_images`): validate against the engines, queue for a merged
+engine batch, wait, encode PNGs. Failures are :class:`~sd35trt.serve.responses.ApiError`s, answered
+in each endpoint's own error shape with the same messages (faults.md cases 9 to 14):
+
+- 422: a field is invalid (named, with the allowed range);
+- 413: the body is larger than ``max_body_bytes``; 408: the body did not arrive in time;
+- 429 + ``Retry-After``: ``queue_size`` requests are waiting already;
+- 503 + ``Retry-After``: not ready yet, shutting down, or the device ran out of memory;
+- 504: the request did not finish within ``timeout_s``;
+- 500: a stage produced NaN/inf (``stage`` named) or an unexpected error; the server stays ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from sd35trt.errors import DeviceOutOfMemoryError, NonFiniteError, RequestError, Sd35TrtError
+from sd35trt.serve.batcher import BatchInfo, QueueFullError, RequestTimeoutError, ShuttingDownError
+from sd35trt.serve.generator import ImageSet, Prepared
+from sd35trt.serve.logs import REQUEST_ID
+from sd35trt.serve.responses import OPENAI_NAMES, ApiError
+from sd35trt.serve.schemas import (
+    GenerateBody,
+    GenerateResponse,
+    ImageInfo,
+    OpenAIImage,
+    OpenAIImagesBody,
+    OpenAIImagesResponse,
+)
+from sd35trt.serve.state import ServerState
+
+log = logging.getLogger("sd35trt.serve")
+
+#: How often a queued request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: {"description": "the body did not arrive within the read timeout"},
+    413: {"description": "body too large"},
+    422: {"description": "invalid field (named, with the allowed range)"},
+    429: {"description": "queue full (Retry-After)"},
+    500: {"description": "a stage produced NaN/inf (stage named)"},
+    503: {"description": "not ready, shutting down, or out of device memory (Retry-After)"},
+    504: {"description": "timed out"},
+}
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One request's outcome: its PNG files (the parameters in their text chunk) and how it ran."""
+
+    prepared: Prepared
+    result: ImageSet
+    batch: BatchInfo
+    pngs: list[bytes]
+    encode_s: float
+    total_s: float
+
+    def timings(self) -> dict[str, Any]:
+        """Milliseconds: queue wait, engine batch, PNG encoding, total, and the engine stages."""
+        ms = lambda s: round(s * 1000, 2)  # noqa: E731
+        return {
+            "queue_ms": ms(self.batch.queue_s),
+            "batch_ms": ms(self.batch.run_s),
+            "encode_ms": ms(self.encode_s),
+            "total_ms": ms(self.total_s),
+            "stages_ms": {
+                k: ms(v)
+                for k, v in self.result.timings.items()
+                if isinstance(v, int | float) and math.isfinite(v)
+            },
+        }
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, DeviceOutOfMemoryError | MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only a loaded torch can have raised its error
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
+
+
+def _failure(err: Exception, retry_after_s: int) -> ApiError:
+    """The answer for an exception raised by a generation."""
+    if isinstance(err, RequestTimeoutError):
+        return ApiError(504, "timeout", str(err))
+    if isinstance(err, RequestError):
+        return ApiError.from_request_error(err)
+    if isinstance(err, NonFiniteError):
+        log.warning("request failed: stage %s produced non-finite values: %s", err.stage, err)
+        return ApiError(500, "non_finite", str(err), extra={"stage": err.stage})
+    if isinstance(err, ShuttingDownError):
+        return ApiError(503, "shutting_down", str(err), retry_after=5)
+    if _is_oom(err):
+        log.warning("request failed: out of memory: %s", err)
+        return ApiError(503, "out_of_memory", f"out of memory: {err}", retry_after=retry_after_s)
+    if isinstance(err, Sd35TrtError):
+        log.warning("request failed: %s", err)
+        return ApiError(500, "generation_failed", str(err))
+    log.error("request failed with an unexpected error", exc_info=err)
+    return ApiError(500, "internal", f"internal error: {type(err).__name__}: {err}")
+
+
+async def generate_images(state: ServerState, fields: dict[str, Any], request: Request) -> Generated:
+    """Validate, queue, run and encode one request (``fields`` in ``/generate``'s terms).
+
+    Raises:
+        ApiError: the answer to give instead (status, code, message; the field for 422s).
+    """
+    t0 = time.perf_counter()
+    if state.draining:
+        raise ApiError(503, "shutting_down", "the server is shutting down", retry_after=5)
+    if not state.is_ready or state.batcher is None or state.generator is None:
+        if state.load_error:
+            raise ApiError(503, "not_ready", f"the engines failed to load: {state.load_error}")
+        raise ApiError(503, "not_ready", "the engines are still loading", retry_after=2)
+    try:
+        prepared = state.generator.prepare(fields)
+    except RequestError as err:
+        raise ApiError.from_request_error(err) from None
+    batcher = state.batcher
+    try:
+        job = batcher.submit(
+            prepared,
+            prepared.key,
+            prepared.size,
+            prepared.capacity,
+            prepared.max_requests,
+            tag=REQUEST_ID.get(),
+        )
+    except QueueFullError as err:
+        raise ApiError(429, "queue_full", str(err), retry_after=err.retry_after_s) from None
+    except ShuttingDownError as err:
+        raise ApiError(503, "shutting_down", str(err), retry_after=5) from None
+    waiter = asyncio.ensure_future(batcher.wait(job, state.settings.timeout_s))
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if not waiter.done() and job.started is None and await request.is_disconnected():
+                # the client gave up: free its queue slot instead of computing for nobody
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+                log.info("client disconnected; dropped its queued request")
+                raise ApiError(499, "client_closed_request", "the client closed the connection")
+        result, info = waiter.result()
+    except ApiError:
+        raise
+    except Exception as err:
+        raise _failure(err, batcher.retry_after_s()) from None
+    t_enc = time.perf_counter()
+    pngs = await asyncio.to_thread(lambda: [result.png(im, i) for i, im in enumerate(result.images)])
+    now = time.perf_counter()
+    state.metrics.observe_request(len(pngs), info.queue_s, now - t_enc)
+    p = prepared.params
+    log.info(
+        "generated %d image(s) %sx%s, %s steps, seed %s, in batch %d of %d request(s); %.0f ms",
+        len(pngs),
+        p.get("width"),
+        p.get("height"),
+        p.get("num_inference_steps"),
+        p.get("seed"),
+        info.id,
+        info.requests,
+        (now - t0) * 1000,
+    )
+    return Generated(prepared, result, info, pngs, encode_s=now - t_enc, total_s=now - t0)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    """Add the two generation endpoints over ``state`` to ``app``."""
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        summary="Generate images (requests with equal size, steps and guidance share engine batches)",
+        responses=ERROR_RESPONSES,
+    )
+    async def generate(body: GenerateBody, request: Request) -> GenerateResponse:
+        done = await generate_images(state, body.model_dump(), request)
+        images = done.result.images
+        return GenerateResponse(
+            images=[_b64(png) for png in done.pngs],
+            parameters=dict(done.prepared.params),
+            info=[
+                ImageInfo(index=i, seed=done.result.seed, width=im.width, height=im.height)
+                for i, im in enumerate(images)
+            ],
+            timings=done.timings(),
+            batch=done.batch.to_json(),
+            warnings=list(done.result.warnings),
+        )
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=OpenAIImagesResponse,
+        summary="OpenAI Images API: generate images (b64_json); SD3.5 settings as extra fields",
+        responses=ERROR_RESPONSES,
+    )
+    async def openai_images(body: OpenAIImagesBody, request: Request) -> OpenAIImagesResponse:
+        try:
+            fields = body.generation_fields()
+        except RequestError as err:
+            raise ApiError.from_request_error(err) from None
+        try:
+            done = await generate_images(state, fields, request)
+        except ApiError as err:
+            raise err.renamed(OPENAI_NAMES) from None
+        first = done.result.images[0]
+        return OpenAIImagesResponse(
+            created=int(time.time()),
+            data=[OpenAIImage(b64_json=_b64(png)) for png in done.pngs],
+            size=f"{first.width}x{first.height}",
+            warnings=list(done.result.warnings),
+        )

@@ -1,0 +1,174 @@
+"""Prometheus metrics of one server (``GET /metrics``, the Prometheus text format).
+
+Each app has its own registry, so several servers in one process (tests) keep separate counts.
+Names follow Prometheus' conventions (``_total`` counters, ``_seconds`` histograms, base units).
+
+- ``sd35trt_http_requests_total{endpoint, method, status}``: requests answered (``endpoint`` is
+  the route path, or ``other``);
+- ``sd35trt_http_request_duration_seconds{endpoint}``: histogram;
+- ``sd35trt_requests_rejected_total{reason}``: ``queue_full`` (429), ``body_too_large`` (413),
+  ``invalid`` (422), ``read_timeout`` (408);
+- ``sd35trt_queue_depth``, ``sd35trt_requests_running``, ``sd35trt_ready``: gauges;
+- ``sd35trt_engine_batch_images``, ``sd35trt_engine_batch_requests``: histograms per engine batch;
+- ``sd35trt_stage_duration_seconds{stage}``: ``text_encoding``, ``denoise``, ``decode``,
+  ``engine_total``, per engine batch;
+- ``sd35trt_queue_wait_seconds``, ``sd35trt_png_encode_seconds``: histograms per request;
+- ``sd35trt_images_generated_total``: images returned;
+- ``sd35trt_connections_open`` (gauge) and ``sd35trt_connections_closed_total{reason}``:
+  ``read_timeout``, ``evicted``, ``refused`` (slow clients, :mod:`sd35trt.serve.connections`);
+
+plus the client library's ``process_*`` and ``python_*`` metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+
+#: Seconds, from a millisecond stage on a large GPU to minutes queued behind a flood.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500)
+COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: Engine stage timings observed per batch (the keys of ``ImageSet.timings``).
+STAGES = ("text_encoding", "denoise", "decode", "engine_total")
+#: HTTP statuses counted as rejections, and the reason label they get.
+REJECTED = {429: "queue_full", 413: "body_too_large", 422: "invalid", 408: "read_timeout"}
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServeMetrics:
+    """The metrics of one server, in their own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        process_collector.ProcessCollector(registry=r)
+        platform_collector.PlatformCollector(registry=r)
+        gc_collector.GCCollector(registry=r)
+        self.requests = Counter(
+            "sd35trt_http_requests",
+            "HTTP requests answered, by endpoint (route path) and status code",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "sd35trt_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its response",
+            ["endpoint"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "sd35trt_requests_rejected",
+            "Requests refused: queue_full (429), body_too_large (413), invalid (422), read_timeout (408)",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("sd35trt_queue_depth", "Requests waiting for an engine batch", registry=r)
+        self.running = Gauge("sd35trt_requests_running", "Requests in the running engine batch", registry=r)
+        self.ready = Gauge(
+            "sd35trt_ready", "1 when the engines are loaded and requests are accepted", registry=r
+        )
+        self.batch_images = Histogram(
+            "sd35trt_engine_batch_images", "Images per engine batch", buckets=COUNT_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "sd35trt_engine_batch_requests",
+            "Requests merged into one engine batch",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "sd35trt_stage_duration_seconds",
+            "Engine stage time per engine batch",
+            ["stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "sd35trt_queue_wait_seconds",
+            "Time a request waited before its engine batch started",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.png_encode = Histogram(
+            "sd35trt_png_encode_seconds",
+            "Time to encode a request's images as PNG",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("sd35trt_images_generated", "Images returned to clients", registry=r)
+        self.connections_open = Gauge("sd35trt_connections_open", "Client connections held open", registry=r)
+        self.connections_closed = Counter(
+            "sd35trt_connections_closed",
+            "Connections the server closed to protect itself: read_timeout (no complete request in "
+            "time), evicted (room for a new one), refused (the limit was reached)",
+            ["reason"],
+            registry=r,
+        )
+        for stage in STAGES:  # so every series exists (at 0) from the first scrape
+            self.stage_seconds.labels(stage)
+        for reason in REJECTED.values():
+            self.rejected.labels(reason)
+        for reason in ("read_timeout", "evicted", "refused"):
+            self.connections_closed.labels(reason)
+
+    def watch(
+        self,
+        queued: Callable[[], float],
+        running: Callable[[], float],
+        ready: Callable[[], float],
+        connections: Callable[[], float],
+    ) -> None:
+        """Read these gauges from the server's state at each scrape."""
+        self.queue_depth.set_function(queued)
+        self.running.set_function(running)
+        self.ready.set_function(ready)
+        self.connections_open.set_function(connections)
+
+    def observe_response(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.request_seconds.labels(endpoint).observe(seconds)
+        reason = REJECTED.get(status)
+        if reason is not None:
+            self.rejected.labels(reason).inc()
+
+    def observe_batch(self, requests: int, images: int, stage_seconds: dict[str, float] | None) -> None:
+        """One engine batch ran (``stage_seconds`` is ``None`` when it failed)."""
+        self.batch_requests.observe(requests)
+        self.batch_images.observe(images)
+        for stage, seconds in (stage_seconds or {}).items():
+            if stage in STAGES:
+                self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_request(self, images: int, queue_s: float, encode_s: float) -> None:
+        """One generation request succeeded."""
+        self.images.inc(images)
+        self.queue_wait.observe(queue_s)
+        self.png_encode.observe(encode_s)
+
+    def connection_closed(self, reason: str, count: int = 1) -> None:
+        self.connections_closed.labels(reason).inc(count)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric (``CONTENT_TYPE`` is its media type)."""
+        return generate_latest(self.registry)
+
+
+def stage_timings(results: Sequence[object]) -> dict[str, float] | None:
+    """The stage timings of an engine batch from its per-request results (shared by all)."""
+    for res in results:
+        timings = getattr(res, "timings", None)
+        if isinstance(timings, dict):
+            return {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
+    return None

@@ -1,0 +1,160 @@
+"""Error answers in the two shapes the server speaks, built from one :class:`ApiError`.
+
+- sd35trt's own endpoints (``/generate``, ...): ``{"status": "error", "detail": [{"loc": ["body",
+  field], "msg", "type"}]}`` for invalid fields (FastAPI's 422 shape), else ``{"status": "error",
+  "error": code, "detail": message}``.
+- the OpenAI-compatible endpoints (``/v1/...``): ``{"error": {"message", "type", "param", "code"}}``,
+  the shape OpenAI's clients parse, with the same messages.
+
+Validation errors from FastAPI are rebuilt here without echoing the input: a JSON ``NaN``,
+``Infinity`` or ``1e309`` (which Python reads as infinity) cannot be written back as JSON, and a
+lone surrogate cannot be encoded as UTF-8; either made FastAPI's own handler fail with a 500
+(faults.md cases 17 and 18).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from sd35trt.errors import RequestError
+
+#: Our request fields named differently by the OpenAI Images API.
+OPENAI_NAMES = {"width": "size", "height": "size", "num_images": "n"}
+
+
+class ApiFlavor(enum.StrEnum):
+    NATIVE = "native"
+    OPENAI = "openai"
+
+
+def flavor_of(path: str) -> ApiFlavor:
+    """Which error shape a request path gets (``/v1/...`` is the OpenAI-compatible API)."""
+    return ApiFlavor.OPENAI if path.startswith("/v1/") else ApiFlavor.NATIVE
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: where (``["body", "width"]``), its name, the message and pydantic's type."""
+
+    loc: tuple[str | int, ...]
+    field: str
+    msg: str
+    type: str = "value_error"
+
+    def to_json(self) -> dict:
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+@dataclass(eq=False)
+class ApiError(Exception):
+    """An HTTP error answer.
+
+    Attributes:
+        status: the HTTP status (422, 413, 429, 503, ...).
+        code: a stable token (``invalid_request``, ``queue_full``, ``body_too_large``, ...).
+        message: one line for people.
+        fields: for 422, every invalid field.
+        retry_after: seconds for a ``Retry-After`` header.
+        extra: more members of the native error body (e.g. ``stage`` of a NaN failure).
+    """
+
+    status: int
+    code: str
+    message: str
+    fields: tuple[FieldError, ...] = ()
+    retry_after: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    close_connection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    @classmethod
+    def invalid(cls, fields: Sequence[FieldError]) -> ApiError:
+        return cls(422, "invalid_request", "; ".join(f.msg for f in fields), fields=tuple(fields))
+
+    @classmethod
+    def from_request_error(cls, err: RequestError) -> ApiError:
+        return cls.invalid([FieldError(("body", err.field), err.field, printable(str(err)))])
+
+    def renamed(self, names: Mapping[str, str]) -> ApiError:
+        """The same error with its fields named as another API names them (``width`` -> ``size``)."""
+        if not self.fields:
+            return self
+        fields = [
+            FieldError(("body", names[f.field]), names[f.field], f.msg, f.type) if f.field in names else f
+            for f in self.fields
+        ]
+        return ApiError.invalid(fields)
+
+
+def _json_literal(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc[1:]] if len(loc) > 1 and loc[0] == "body" else [str(p) for p in loc]
+    return printable(".".join(parts) or "body")
+
+
+def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """FastAPI/pydantic validation errors as :class:`FieldError`, without the offending input.
+
+    A non-finite number gets a message that says so in JSON's terms, whatever the field's type.
+    """
+    out = []
+    for err in errors:
+        loc = tuple(p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ()))
+        name = _field_name(loc)
+        value = err.get("input")
+        if isinstance(value, float) and not math.isfinite(value):
+            msg = (
+                f"{name} {_json_literal(value)} is not a finite number; JSON NaN, Infinity and "
+                "numbers beyond ±1.8e308 are not accepted"
+            )
+            out.append(FieldError(loc, name, msg, "finite_number"))
+            continue
+        msg = printable(str(err.get("msg", "invalid")))
+        out.append(FieldError(loc, name, f"{name}: {msg}", printable(str(err.get("type", "value_error")))))
+    return out
+
+
+def _openai_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def render(err: ApiError, flavor: ApiFlavor) -> JSONResponse:
+    """The response for ``err`` in the shape of ``flavor``."""
+    if flavor is ApiFlavor.OPENAI:
+        first = err.fields[0] if err.fields else None
+        body: dict[str, Any] = {
+            "error": {
+                "message": first.msg if first else err.message,
+                "type": _openai_type(err.status),
+                "param": first.field if first else None,
+                "code": err.code,
+            }
+        }
+    elif err.fields:
+        body = {"status": "error", "detail": [f.to_json() for f in err.fields]}
+    else:
+        body = {"status": "error", "error": err.code, "detail": err.message, **err.extra}
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    if err.close_connection:
+        headers["Connection"] = "close"
+    return JSONResponse(body, status_code=err.status, headers=headers or None)
