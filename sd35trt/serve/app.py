@@ -18,8 +18,10 @@ from typing import Any, TextIO
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd35trt.errors import Sd35TrtError
 from sd35trt.serve.api import add_generation_routes
@@ -29,7 +31,7 @@ from sd35trt.serve.generator import Generator
 from sd35trt.serve.logs import configure_logging, level_number
 from sd35trt.serve.metrics import CONTENT_TYPE
 from sd35trt.serve.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from sd35trt.serve.responses import ApiError, flavor_of, render, validation_errors
+from sd35trt.serve.responses import ApiError, FieldError, flavor_of, printable, render, validation_errors
 from sd35trt.serve.settings import ServeSettings, connection_bound
 from sd35trt.serve.state import ServerState
 
@@ -132,6 +134,15 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the input, which fails for NaN/Infinity and lone surrogates
         return render(ApiError.invalid(validation_errors(err.errors())), flavor_of(request.url.path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        if err.status_code == 400 and isinstance(err.__cause__, ValueError):
+            # the body could not be parsed: not UTF-8, or an integer too long for Python to read
+            reason = printable(f"{type(err.__cause__).__name__}: {err.__cause__}")[:300]
+            field = FieldError(("body",), "body", f"body is not valid JSON text: {reason}", "json_invalid")
+            return render(ApiError.invalid([field]), flavor_of(request.url.path))
+        return await http_exception_handler(request, err)
 
     @app.get("/health", summary="Alive (answers while loading and draining too)")
     async def health() -> dict:

@@ -125,6 +125,11 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
             )
             out.append(FieldError(loc, name, msg, "finite_number"))
             continue
+        if err.get("type") == "json_invalid":
+            detail = printable(str((err.get("ctx") or {}).get("error", "")))
+            msg = f"body is not valid JSON at character {loc[-1]}: {detail}"
+            out.append(FieldError(("body",), "body", msg, "json_invalid"))
+            continue
         msg = printable(str(err.get("msg", "invalid")))
         out.append(FieldError(loc, name, f"{name}: {msg}", printable(str(err.get("type", "value_error")))))
     return out
