@@ -9,25 +9,21 @@ to inject a NaN or an out-of-memory error, and trigger shutdown), except one tha
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from serving import SMALL, LiveServer, decode_png, free_port, live_server, wait_until
 
 from sd35trt.components import Component
 from sd35trt.errors import DeviceOutOfMemoryError
@@ -35,73 +31,7 @@ from sd35trt.errors import DeviceOutOfMemoryError
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 BODY_LIMIT = 16 * 1024
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def decode_png(item: dict) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(item["png_base64"])))
-    image.load()
-    return image
-
-
-class LiveServer:
-    """uvicorn serving an app in a thread, on 127.0.0.1 and a port the OS picked."""
-
-    def __init__(self, runtime, **settings) -> None:
-        from sd35trt.serve import ServeSettings, create_app
-        from sd35trt.serve.app import make_server
-
-        self.settings = ServeSettings(**({"log_level": "warning"} | settings))
-        self.app = create_app(runtime, self.settings)
-        self.state = self.app.state.sd35
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = make_server(self.app, self.settings)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def batcher(self):
-        return self.state.batcher
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-
-        def ready() -> bool:
-            try:
-                return httpx.get(self.url + "/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(lambda: ready() or self.state.load_error is not None, 120, "the server to become ready")
-        assert self.state.load_error is None, self.state.load_error
-        return self
-
-    def stop(self) -> None:
-        if self.batcher is not None and self.thread.is_alive():
-            self.batcher.resume()
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the server thread did not stop within 60 s"
-
-
-@contextmanager
-def live_server(runtime, **settings):
-    server = LiveServer(runtime, **settings).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +114,7 @@ def test_generate_returns_a_png_of_the_requested_size_with_parameters_and_timing
     )
     assert r.status_code == 200, r.text
     data = r.json()
-    assert len(data["images"]) == 1
+    assert data["status"] == "success" and len(data["images"]) == 1
     image = decode_png(data["images"][0])
     assert image.format == "PNG" and image.size == (96, 64) and image.mode == "RGB"
     pixels = np.asarray(image)
@@ -193,6 +123,7 @@ def test_generate_returns_a_png_of_the_requested_size_with_parameters_and_timing
     assert (p["width"], p["height"], p["num_inference_steps"], p["seed"]) == (96, 64, 2, 1234)
     assert p["guidance_scale"] == pytest.approx(4.5) and p["prompt"] == "a lighthouse at dusk"
     assert json.loads(image.text["parameters"])["seed"] == 1234  # the PNG records how it was made
+    assert data["info"] == [{"index": 0, "seed": 1234, "width": 96, "height": 64}]
     t = data["timings"]
     assert t["total_ms"] >= t["batch_ms"] > 0 and {"text_encoding", "denoise", "decode"} <= set(
         t["stages_ms"]
@@ -215,7 +146,8 @@ def test_num_images_returns_that_many_images(server):
     r = post(server, {"prompt": "two boats", **SMALL, "num_images": 2, "seed": 5})
     assert r.status_code == 200, r.text
     images = [decode_png(i) for i in r.json()["images"]]
-    assert [i.size for i in images] == [(64, 64)] * 2 and [i["index"] for i in r.json()["images"]] == [0, 1]
+    assert [i.size for i in images] == [(64, 64)] * 2 and [i["index"] for i in r.json()["info"]] == [0, 1]
+    assert [json.loads(i.text["parameters"])["image_index"] for i in images] == [0, 1]
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
@@ -514,14 +446,8 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones(runt
         srv.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(built_run / "engines"),
