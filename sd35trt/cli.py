@@ -361,7 +361,7 @@ def serve(
     ] = 10.0,
     max_connections: Annotated[
         int | None,
-        typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 128))."),
+        typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 256))."),
     ] = None,
     low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug or trace.")] = "info",

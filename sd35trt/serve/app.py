@@ -32,7 +32,7 @@ from sd35trt.serve.logs import configure_logging, level_number
 from sd35trt.serve.metrics import CONTENT_TYPE
 from sd35trt.serve.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from sd35trt.serve.responses import ApiError, FieldError, flavor_of, printable, render, validation_errors
-from sd35trt.serve.settings import ServeSettings, connection_bound
+from sd35trt.serve.settings import LISTEN_BACKLOG, ServeSettings, connection_bound
 from sd35trt.serve.state import ServerState
 
 log = logging.getLogger("sd35trt.serve")
@@ -209,6 +209,7 @@ def make_server(
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(state.guard),
+        backlog=LISTEN_BACKLOG,
         log_config=None,  # configure_logging's handlers stay
         log_level=level_number(settings.log_level),
         # running requests may take up to the request timeout; then uvicorn cancels them

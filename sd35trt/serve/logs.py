@@ -35,8 +35,8 @@ _LEVELS = {
     LogLevel.DEBUG: logging.DEBUG,
     LogLevel.TRACE: TRACE,
 }
-#: The loggers the server writes to: uvicorn's and sd35trt's.
-SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "sd35trt")
+#: The loggers the server writes to: uvicorn's, sd35trt's, and asyncio's (a failed ``accept()``).
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "sd35trt", "asyncio")
 
 
 def level_number(level: LogLevel) -> int:
@@ -166,7 +166,7 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.setLevel(number)
         # uvicorn.error and uvicorn.asgi reach the handler through "uvicorn"
-        owns = name in ("uvicorn", "uvicorn.access", "sd35trt")
+        owns = name in ("uvicorn", "uvicorn.access", "sd35trt", "asyncio")
         logger.handlers = [handler] if owns else []
         logger.propagate = not owns
     return handler

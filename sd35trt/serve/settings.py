@@ -28,9 +28,14 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
-#: File descriptors kept free for everything that is not a client connection (engines, logs,
-#: threads, the listening socket), so the connection bound always stays below the fd limit.
-FD_RESERVE = 128
+#: Connections taken from the kernel's queue per event-loop pass, and that queue's length
+#: (``listen()`` backlog; uvicorn's default is 2048). asyncio accepts up to this many sockets before
+#: the server sees any of them, so this many descriptors can be in use beyond the connection bound,
+#: and as many again closing: a small value keeps a burst from exhausting the descriptors.
+LISTEN_BACKLOG = 64
+#: File descriptors kept free for everything that is not a held client connection: the server's
+#: own (engines, libraries, logs, the listening socket) and two accept batches.
+FD_RESERVE = 128 + 2 * LISTEN_BACKLOG
 #: Most connections held open by default, whatever the fd limit allows.
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -45,11 +50,11 @@ def connection_bound(requested: int | None, limit: int | None = None) -> int:
     """The most client connections to hold open: ``requested``, or a default below the fd limit.
 
     Args:
-        requested: ``--max-connections``, or ``None`` for ``min(1024, fd limit - 128)``.
+        requested: ``--max-connections``, or ``None`` for ``min(1024, fd limit - FD_RESERVE)``.
         limit: the fd limit (default: this process's soft ``RLIMIT_NOFILE``).
 
     Raises:
-        ConfigError: ``requested`` leaves fewer than 128 descriptors for the rest of the server.
+        ConfigError: ``requested`` leaves fewer than ``FD_RESERVE`` descriptors for the rest.
     """
     limit = fd_limit() if limit is None else limit
     allowed = limit - FD_RESERVE
