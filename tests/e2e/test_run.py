@@ -237,3 +237,25 @@ def test_runtime_imports_no_diffusers_onnx_or_modelopt(engines_dir, tmp_path):
     loaded = set(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
     assert "onnxruntime" in loaded  # the backend ran
     assert not loaded & {"diffusers", "modelopt", "onnx", "onnx_graphsurgeon", "polygraphy", "tensorrt"}
+
+
+def test_cli_with_invalid_utf8_in_the_prompt_is_one_line_and_exit_1(engines_dir, tmp_path):
+    """faults.md case 18: the bytes of an invalid UTF-8 argument reach Python as lone surrogates;
+    the tokenizer failed on them with a 54-line traceback."""
+    out = tmp_path / "x.png"
+    argv = [
+        sys.executable,
+        "-m",
+        "sd35trt.cli",
+        "run",
+        b"a \xff cat",
+        "--engines",
+        str(engines_dir),
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(argv, capture_output=True, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace").strip()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.count("\n") == 0 and err.startswith("error: prompt is not valid Unicode text")
+    assert "\\udcff" in err and not out.exists()

@@ -174,3 +174,13 @@ def test_to_json_lists_the_ranges():
     data = limits().to_json()
     assert data["height"] == [64, 256] and data["num_images"]["cfg"] == [1, 2]
     assert data["skip_layer_guidance"]["layers"] == [1]
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("text", ["a\ud800b", "a\udcffb", "\udc80"])
+def test_text_with_a_lone_surrogate_is_refused_naming_the_field(field, text):
+    """faults.md case 18: JSON "\\ud800", or invalid UTF-8 on a command line (kept as surrogates)."""
+    with pytest.raises(RequestError, match=r"not valid Unicode text.*lone surrogate") as err:
+        resolve(**{field: text})
+    assert err.value.field == field
+    str(err.value).encode("utf-8")  # the message itself prints anywhere
