@@ -7,6 +7,7 @@ The server's behaviour with the real tiny engines is tested in tests/e2e/test_se
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -264,3 +265,52 @@ def test_fake_pause_from_another_thread_takes_effect_before_it_returns():
     held, batches = run(main())
     assert held == (True, 1)
     assert batches == [["a"]]
+
+
+def test_fake_every_engine_batch_is_reported_and_logged_under_its_requests_tags():
+    """One failing merged batch, then each request alone: on_batch sees the three engine calls,
+    and the lines logged meanwhile (engine thread and worker) name the requests they concern."""
+    from sd35trt.serve.logs import REQUEST_ID
+
+    seen: list[tuple] = []
+    tags: list[str | None] = []
+
+    class Tagging(FakeRunBatch):
+        def __call__(self, requests):
+            tags.append(REQUEST_ID.get())  # on the engine thread
+            return super().__call__(requests)
+
+    async def main():
+        fake = Tagging(bad=frozenset({"bad"}))
+        b = await _started(
+            fake,
+            on_batch=lambda n, images, results: seen.append(
+                (n, images, None if results is None else list(results))
+            ),
+        )
+        b.pause()
+        jobs = [b.submit(name, key="k", size=1, tag=f"rid-{name}") for name in ("bad", "good")]
+        b.resume()
+        outcomes = await asyncio.gather(*(b.wait(j, 5) for j in jobs), return_exceptions=True)
+        await b.close()
+        return outcomes
+
+    class Ids(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[tuple[str | None, str]] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append((REQUEST_ID.get(), record.getMessage()))
+
+    ids = Ids()
+    logging.getLogger("sd35trt.serve").addHandler(ids)
+    try:
+        outcomes = run(main())
+    finally:
+        logging.getLogger("sd35trt.serve").removeHandler(ids)
+    assert ("rid-bad,rid-good", "batch 1 of 2 requests failed") in [(i, m[:28]) for i, m in ids.lines]
+    assert isinstance(outcomes[0], FloatingPointError) and outcomes[1][0] == "good-done"
+    assert seen == [(2, 2, None), (1, 1, None), (1, 1, ["good-done"])]
+    assert tags == ["rid-bad,rid-good", "rid-bad", "rid-good"]
+    assert REQUEST_ID.get() is None  # nothing leaks into the caller's context
