@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import socket
 import threading
 import time
@@ -47,6 +48,12 @@ class LiveServer:
     def __init__(self, runtime, **settings) -> None:
         from sd35trt.serve import ServeSettings, create_app
         from sd35trt.serve.app import make_server
+        from sd35trt.serve.logs import SERVER_LOGGERS
+
+        # make_server configures the process's loggers; stop() puts them back for other tests
+        self._loggers = [
+            (lg, lg.handlers[:], lg.propagate, lg.level) for lg in map(logging.getLogger, SERVER_LOGGERS)
+        ]
 
         self.settings = ServeSettings(**({"log_level": "warning"} | settings))
         self.app = create_app(runtime, self.settings)
@@ -81,6 +88,9 @@ class LiveServer:
             self.batcher.resume()
         self.server.should_exit = True
         self.thread.join(60)
+        for logger, handlers, propagate, level in self._loggers:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
         assert not self.thread.is_alive(), "the server thread did not stop within 60 s"
 
 
