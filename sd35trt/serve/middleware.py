@@ -100,7 +100,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500  # if the app raises before answering, the outer middleware answers 500
+        status: int | None = None
 
         async def capture(message: dict) -> None:
             nonlocal status
@@ -110,10 +110,14 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, capture)
+        except Exception:
+            status = status or 500  # the request-id middleware answers 500
+            raise
         finally:
             path = scope["path"]
             endpoint = path if path in self.endpoints else "other"
-            self.metrics.observe_response(endpoint, scope["method"], status, time.perf_counter() - t0)
+            # no answer and no error: the client went away first (nginx's 499)
+            self.metrics.observe_response(endpoint, scope["method"], status or 499, time.perf_counter() - t0)
 
 
 class BodyLimitMiddleware:
