@@ -9,9 +9,11 @@ to inject a NaN or an out-of-memory error, and trigger shutdown), except one tha
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -446,25 +448,65 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones(runt
         srv.stop()
 
 
-def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
+FD_LIMIT, FLOOD = 512, 800  # file descriptors of the server process, idle sockets sent at it
+
+
+def test_serve_process_survives_a_flood_logs_json_and_exits_cleanly_on_sigterm(built_run):
+    """``sd35trt serve`` as a user runs it, with ``--log-format json`` and 512 file descriptors.
+
+    faults.md case 19 for real: 800 idle sockets (an attack exhausted the descriptors, then
+    /health took seconds and asyncio logged a traceback per failed accept); the request id in
+    every JSON line of a request; SIGTERM while a request runs: new connections are refused, the
+    running request completes, the process exits.
+    """
+    from sd35trt.serve.settings import FD_RESERVE
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(built_run / "engines"),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        "--host", "127.0.0.1", "--port", str(port), "--log-format", "json", "--read-timeout", "2",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    limited = ["bash", "-c", f'ulimit -n {FD_LIMIT} && exec "$@"', "sd35trt", *cmd]
+    proc = subprocess.Popen(limited, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # the pipe never fills
+    reader.start()
+    held: list[socket.socket] = []
     try:
 
         def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "".join(log)
             try:
                 return httpx.get(url + "/ready", timeout=2).status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_until(ready, 180, "the server process to become ready")
+        # in parallel: a full accept queue makes a connect wait for the client's SYN retry (1 s)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            held = list(
+                pool.map(lambda _: socket.create_connection(("127.0.0.1", port), timeout=10), range(FLOOD))
+            )
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        r = httpx.post(
+            url + "/generate",
+            json={"prompt": "a cat", **SMALL},
+            headers={"X-Request-ID": "rid-1"},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.headers["x-request-id"] == "rid-1"
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        open_now = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("sd35trt_connections_open ")
+        )
+        assert open_now <= FD_LIMIT - FD_RESERVE  # the default bound
+        for s in held:
+            s.close()
+
         # a long request (~2.5 s on 2 CPU cores) is running when SIGTERM arrives
         result: dict = {}
         body = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 20}
@@ -493,7 +535,18 @@ def test_serve_process_loads_serves_and_exits_cleanly_on_sigterm(built_run):
         assert decode_png(result["r"].json()["images"][0]).size == (256, 256)
         # uvicorn re-raises the signal once its graceful shutdown is done
         assert proc.wait(60) in (0, -signal.SIGTERM)
+        reader.join(10)
     finally:
+        for s in held:
+            s.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+    text = "".join(log)
+    assert (
+        "Traceback" not in text and "out of system resource" not in text and "Too many open files" not in text
+    )
+    lines = [json.loads(line) for line in log]  # every line is one JSON object
+    mine = [line for line in lines if line["request_id"] == "rid-1"]
+    assert {line["logger"] for line in mine} == {"sd35trt.serve", "uvicorn.access"}
+    assert sum("slow clients:" in line["message"] for line in lines) <= 2  # a summary, not a line per socket

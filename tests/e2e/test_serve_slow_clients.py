@@ -3,29 +3,23 @@
 limit, ``/health`` keeps answering, and the log does not flood.
 
 Counts are bounded (a few hundred sockets at most), every socket is loopback, every wait bounded.
+The same under a real file-descriptor limit, in a ``sd35trt serve`` process, is in test_serve.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
-from serving import SMALL, free_port, live_server, wait_until
+from serving import SMALL, live_server, wait_until
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 READ_TIMEOUT = 1.0
-FD_LIMIT, FLOOD = 512, 800  # file descriptors of the server process, idle sockets sent at it
 PARTIAL = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow"  # headers never finished
 
 
@@ -43,6 +37,12 @@ def connect(address, send: bytes = b"") -> socket.socket:
     if send:
         s.sendall(send)
     return s
+
+
+def connect_many(address, count: int, send: bytes = b"") -> list[socket.socket]:
+    # in parallel: a full accept queue makes a connect wait for the client's SYN retry (1 s)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda _: connect(address, send), range(count)))
 
 
 def read_until_closed(s: socket.socket, timeout_s: float) -> bytes | None:
@@ -66,9 +66,10 @@ def test_stalled_connections_are_bounded_closed_in_time_and_health_stays_fast(ru
     n, bound = 120, 16
     with live_server(runtime, max_connections=bound, read_timeout_s=READ_TIMEOUT, log_level="info") as srv:
         guard = srv.state.guard
-        idle = [connect(srv.address) for _ in range(n // 2)]
-        partial = [connect(srv.address, PARTIAL) for _ in range(n // 2)]
-        wait_until(lambda: guard.totals["evicted"] >= n - bound, 10, "the surplus to be evicted")
+        idle = connect_many(srv.address, n // 2)
+        partial = connect_many(srv.address, n // 2, PARTIAL)
+        closed = lambda: guard.totals["evicted"] + guard.totals["read_timeout"]  # noqa: E731
+        wait_until(lambda: closed() >= n - bound, 10, "the surplus to be closed")
         assert guard.open_count <= bound
         health = httpx.get(srv.url + "/health", timeout=2)  # answers while the flood is held
         assert health.status_code == 200 and health.json()["status"] == "alive"
@@ -76,11 +77,11 @@ def test_stalled_connections_are_bounded_closed_in_time_and_health_stays_fast(ru
         answers = [read_until_closed(s, READ_TIMEOUT + 5) for s in partial]
         silences = [read_until_closed(s, READ_TIMEOUT + 5) for s in idle]
         assert all(a is not None for a in answers + silences), "a stalled connection was left open"
-        # the last `bound` held their connection until the deadline: 408; the others made room
-        # (408 too when the server had read some of their bytes by then)
-        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers[-bound:]), answers[-1]
+        # those held until the deadline get 408, the others made room (408 too when the server had
+        # read some of their bytes by then); the idle ones asked nothing and get no answer
         assert all(a == b"" or a.startswith(b"HTTP/1.1 408 ") for a in answers)
-        assert all(a == b"" for a in silences), silences[:3]  # nothing was asked, nothing is answered
+        assert sum(a.startswith(b"HTTP/1.1 408 ") for a in answers) >= bound
+        assert all(a == b"" for a in silences), silences[:3]
         wait_until(lambda: guard.open_count == 0, 5, "every stalled connection to be closed")
         assert guard.totals["evicted"] + guard.totals["read_timeout"] >= n and guard.totals["refused"] == 0
         metrics = httpx.get(srv.url + "/metrics").text
@@ -178,66 +179,3 @@ def test_garbage_requests_are_answered_400_without_flooding_the_log(runtime):
         assert all(a is not None and a.startswith(b"HTTP/1.1 400 ") for a in answers)
     warnings = [line for line in srv.log.getvalue().splitlines() if "Invalid HTTP request" in line]
     assert 1 <= len(warnings) <= 5, len(warnings)
-
-
-def test_serve_under_a_low_fd_limit_survives_a_flood_and_logs_json_with_request_ids(built_run):
-    from sd35trt.serve.settings import FD_RESERVE
-
-    """faults.md case 19 for real: ``sd35trt serve`` with 512 file descriptors and 800 idle
-    sockets (the attack exhausted the fds, then /health took seconds and asyncio logged a traceback
-    per failed accept). Also the CLI's ``--log-format json`` and ``--read-timeout``."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(built_run / "engines"),
-        "--host", "127.0.0.1", "--port", str(port), "--log-format", "json", "--read-timeout", "2",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    limited = ["bash", "-c", f'ulimit -n {FD_LIMIT} && exec "$@"', "sd35trt", *cmd]
-    proc = subprocess.Popen(limited, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    held: list[socket.socket] = []
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return httpx.get(url + "/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 180, "the server process to become ready")
-        # in parallel: a full accept queue makes a connect wait for the client's SYN retry (1 s)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            held = list(pool.map(lambda _: connect(("127.0.0.1", port)), range(FLOOD)))
-        health = httpx.get(url + "/health", timeout=5)
-        assert health.status_code == 200
-        r = httpx.post(
-            url + "/generate",
-            json={"prompt": "a cat", **SMALL},
-            headers={"X-Request-ID": "fd-test-1"},
-            timeout=60,
-        )
-        assert r.status_code == 200 and r.headers["x-request-id"] == "fd-test-1"
-        metrics = httpx.get(url + "/metrics", timeout=5).text
-        open_now = next(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("sd35trt_connections_open ")
-        )
-        assert open_now <= FD_LIMIT - FD_RESERVE  # the default bound
-        for s in held:
-            s.close()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        for s in held:
-            s.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert len(lines) == len(err.splitlines()), err[-2000:]  # every line is a JSON object
-    assert "Traceback" not in err and "out of system resource" not in err and "Too many open files" not in err
-    mine = [line for line in lines if line["request_id"] == "fd-test-1"]
-    assert {line["logger"] for line in mine} == {"sd35trt.serve", "uvicorn.access"}
-    assert sum("slow clients:" in line["message"] for line in lines) <= 2
