@@ -61,12 +61,6 @@ def raw_post(server, path: str, body: bytes, headers: dict | None = None, http=h
     return http.post(server.url + path, content=body, headers=headers, timeout=120)
 
 
-def steps_of(recorded: dict) -> int:
-    # the PNG records the runtime's parameter names; the runtime's `steps` is being renamed to
-    # diffusers' `num_inference_steps`
-    return recorded["num_inference_steps"] if "num_inference_steps" in recorded else recorded["steps"]
-
-
 def field_of(r: httpx.Response) -> tuple[str, str]:
     """(field, message) of a 422 in either API's shape."""
     data = r.json()
@@ -90,8 +84,13 @@ def test_generate_follows_the_seeds_contract(server, runtime):
     recorded = json.loads(image.text["parameters"])
     assert recorded["prompt"] == "a cat" and recorded["seed"] == 1
     d = runtime.info.defaults  # omitted fields take the engines' defaults
-    assert (recorded["width"], recorded["height"], steps_of(recorded)) == (d.width, d.height, d.steps)
-    assert data["parameters"]["seed"] == 1 and data["parameters"]["num_inference_steps"] == d.steps
+    steps = d.num_inference_steps
+    assert (recorded["width"], recorded["height"], recorded["num_inference_steps"]) == (
+        d.width,
+        d.height,
+        steps,
+    )
+    assert data["parameters"]["seed"] == 1 and data["parameters"]["num_inference_steps"] == steps
     assert data["info"] == [{"index": 0, "seed": 1, "width": d.width, "height": d.height}]
     assert {"timings", "batch", "warnings"} <= set(data)
     assert httpx.get(server.url + "/health").json()["status"] == "alive"
@@ -118,7 +117,7 @@ def test_openai_client_n_and_sd35_extras(server, client):
     images = [decode_png(d.b64_json) for d in response.data]
     assert [i.size for i in images] == [(96, 64)] * 2
     recorded = json.loads(images[1].text["parameters"])
-    assert (recorded["seed"], steps_of(recorded), recorded["guidance_scale"]) == (7, 2, 3.0)
+    assert (recorded["seed"], recorded["num_inference_steps"], recorded["guidance_scale"]) == (7, 2, 3.0)
     assert recorded["negative_prompt"] == "fog" and recorded["image_index"] == 1
     # the same request on /generate gives the same bytes
     same = httpx.post(
