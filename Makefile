@@ -14,6 +14,8 @@ COMMA := ,
 SHELL := /bin/bash
 EXTRAS ?= dev,server,triton
 FORCE ?=
+# pytest-xdist workers for `make test` (files stay whole on one worker: module-scoped servers).
+TEST_WORKERS ?= 2
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
@@ -79,7 +81,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 test: $(SETUP_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-gpu:
 	$(BIN)/python -m pytest -q -m "gpu or tensorrt" tests/gpu
