@@ -469,18 +469,45 @@ def package(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="Artefact (.tar.gz), its unpacked directory, or engines dir.")],
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Also run each engine and its ONNX source (ONNX Runtime) on the same inputs and check "
+            "every output against the component's tolerance (needs the run directory's ONNX).",
+        ),
+    ] = False,
 ) -> None:
     """Check every file's size and sha256 and whether this machine can load the engines."""
     from sd35trt.errors import VerificationError
+    from sd35trt.package import engines_dir_of
     from sd35trt.package import verify as run
 
     report = run(path)
-    if report.ok:
-        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if not report.ok:
+        for problem in report.problems:
+            typer.echo(f"  - {problem}", err=True)
+        raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
+    typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if not compare:
         return
-    for problem in report.problems:
-        typer.echo(f"  - {problem}", err=True)
-    raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
+    from sd35trt.compare import compare_engines
+
+    result = compare_engines(engines_dir_of(path))
+    typer.echo(result.table())
+    if not result.results:
+        raise VerificationError(
+            f"{path}: no engine could be compared on this machine (see the reasons above)"
+        )
+    if not result.ok:
+        failures = result.failures
+        raise VerificationError(
+            f"{path}: {len(failures)} output(s) of the engines differ from their ONNX beyond the tolerance: "
+            + "; ".join(f.describe() for f in failures)
+        )
+    typer.echo(
+        f"compare: {len(result.results)} outputs within tolerance, {len(result.skipped)} engines skipped"
+    )
 
 
 def main() -> None:

@@ -16,9 +16,12 @@ Where the glue lives (decided here, used by export and the runtime):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+import numpy as np
 
 from sd35trt.config import BuildSettings, Precision, Range
 from sd35trt.errors import ConfigError, ModelError
@@ -113,6 +116,10 @@ class Sampling(str, Enum):
     TOKENS = "tokens"  # token ids, uniform over the encoder's vocabulary
     TIMESTEP = "timestep"  # uniform over the scheduler's [0, 1000) training timesteps
     GATE = "gate"  # 0.0 or 1.0 per element (skip-layer-guidance gates)
+
+
+#: Timesteps are drawn from the scheduler's training range, ``[0, num_train_timesteps)``.
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,12 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
                 TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
                 TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
                 TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
-                TensorSpec("timestep", f, ("batch",), Sampling.TIMESTEP),
+                # float32 whatever the export precision, as diffusers and NVIDIA's demo feed it: in
+                # bfloat16 the 28-step schedule's timesteps round by up to 2 (987.38 -> 988), which
+                # shifts the phase of the high sinusoid frequencies. The graph computes the
+                # sinusoidal embedding in float32 and casts it to the model dtype (diffusers'
+                # CombinedTimestepTextProjEmbeddings), so the cast is inside the graph.
+                TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
                 *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
             ),
             outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
@@ -318,6 +330,45 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )
     raise ValueError(f"unknown component {component!r}")
+
+
+def sample_inputs(
+    sp: ComponentSpec, shapes: Mapping[str, tuple[int, ...]], case: int, vocab: int | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs of ``sp`` at ``shapes``, drawn as each input's :class:`Sampling` says.
+
+    Export validation and ``sd35trt verify --compare`` both draw their inputs here, so an engine
+    is compared on the kind of values it was validated on.
+
+    Args:
+        sp: the component's I/O contract (names, sampling rules).
+        shapes: a concrete shape per input name.
+        case: seeds the draw, so every case gets fresh values and a re-run the same ones.
+            Gates alternate with it (all skipped, then none): two cases cover both branches.
+        vocab: the token vocabulary, for token inputs.
+
+    Returns:
+        ``{name: array}`` in the spec's order: int64 token ids, float32 for every float input
+        (callers cast to the graph's dtype).
+
+    Raises:
+        ValueError: the spec has token inputs and no ``vocab`` is given.
+    """
+    rng = np.random.default_rng(1234 + case)
+    out = {}
+    for t in sp.inputs:
+        shape = tuple(shapes[t.name])
+        if t.sampling is Sampling.TOKENS:
+            if not vocab:
+                raise ValueError(f"{sp.component.value}: token input {t.name} needs a vocabulary size")
+            out[t.name] = rng.integers(0, vocab, shape, dtype=np.int64)  # [B, L]
+        elif t.sampling is Sampling.TIMESTEP:
+            out[t.name] = (rng.random(shape) * NUM_TRAIN_TIMESTEPS).astype(np.float32)  # [B]
+        elif t.sampling is Sampling.GATE:
+            out[t.name] = np.full(shape, float((case + 1) % 2), dtype=np.float32)  # [n] in {0, 1}
+        else:
+            out[t.name] = rng.standard_normal(shape, dtype=np.float32)
+    return out
 
 
 #: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and

@@ -163,6 +163,18 @@ class ExportSettings(_Strict):
     precision: ComponentPrecisions = ComponentPrecisions()
     quantize: bool = True
     fp8_weights: bool = False
+    #: transformer_blocks indices computed in fp32 inside a 16-bit transformer graph (their
+    #: weights fp32, Casts at their inputs and outputs). NVIDIA's FP8 recipe for SD3.5 Large runs
+    #: block 35 this way. With ``quantize`` they must also be in ``calibrate.high_precision_blocks``.
+    fp32_blocks: tuple[int, ...] = ()
+
+    @field_validator("fp32_blocks")
+    @classmethod
+    def _blocks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [b for b in v if b < 0]
+        if bad:
+            raise ValueError(f"block indices start at 0, got {bad}")
+        return tuple(sorted(set(v)))
 
 
 class BuildSettings(_Strict):
@@ -231,6 +243,25 @@ class Config(_Strict):
     export: ExportSettings = ExportSettings()
     build: BuildSettings = BuildSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+
+    @model_validator(mode="after")
+    def _fp32_blocks(self) -> Config:
+        blocks = self.export.fp32_blocks
+        if not blocks:
+            return self
+        if self.export.precision.transformer is Precision.FP32:
+            raise ValueError(
+                f"export.fp32_blocks {list(blocks)} has no effect with export.precision.transformer fp32 "
+                "(the whole graph is fp32); use bf16 or fp16 for the transformer, or drop fp32_blocks"
+            )
+        if self.export.quantize:
+            fp8 = sorted(set(blocks) - set(self.calibrate.high_precision_blocks))
+            if fp8:
+                raise ValueError(
+                    f"export.fp32_blocks {fp8} must also be in calibrate.high_precision_blocks "
+                    f"(now {list(self.calibrate.high_precision_blocks)}): an fp32 block carries no FP8"
+                )
+        return self
 
     @model_validator(mode="after")
     def _runtime_inside_profiles(self) -> Config:

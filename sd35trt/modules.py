@@ -41,23 +41,43 @@ class T5TextEncoder(nn.Module):
 class Transformer(nn.Module):
     """The MMDiT denoiser: ``(latents, text, pooled, timestep[, skip_layers]) -> noise_pred``.
 
+    ``timestep [B]`` is float32 whatever the module's dtype: diffusers computes the sinusoidal
+    timestep embedding in float32 and casts it to the model dtype itself, so a traced graph takes
+    float32 timesteps and casts inside (see :func:`sd35trt.components.spec`).
+
     With ``slg_layers`` the graph takes a ``skip_layers [n]`` input (1.0 = skip that block) so one
     engine serves both the normal and the skip-layer-guidance pass. A skipped block passes its
     inputs through unchanged: ``g * inputs + (1 - g) * block(inputs)`` is exact for g in {0, 1}.
+
+    ``fp32_blocks`` run in float32 inside a 16-bit model: their weights become float32, their
+    float inputs are cast to float32 on entry and their outputs back to the incoming dtype, so a
+    traced graph has Cast nodes at the block's boundary and float32 ops inside (NVIDIA's FP8
+    recipe keeps block 35 of SD3.5 Large so). Module names are unchanged, so ModelOpt's quantizer
+    names (the calibration file's keys) still match.
     """
 
-    def __init__(self, transformer: nn.Module, slg_layers: Sequence[int] = ()) -> None:
+    def __init__(
+        self, transformer: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.slg_layers = tuple(slg_layers)
-        n = len(transformer.transformer_blocks)
+        self.fp32_blocks = tuple(fp32_blocks)
+        blocks = transformer.transformer_blocks
+        n = len(blocks)
         for i in self.slg_layers:
             if not 0 <= i < n - 1:
                 # The last block is context_pre_only (returns no text stream); SD3.5 never skips it.
                 raise ValueError(f"skip-layer-guidance layer {i} is outside 0..{n - 2}")
+        for i in self.fp32_blocks:
+            if not 0 <= i < n:
+                raise ValueError(f"fp32 block {i} is outside 0..{n - 1}")
         self._gates: dict[int, torch.Tensor] = {}
         for i in self.slg_layers:
-            transformer.transformer_blocks[i].register_forward_hook(self._gate_hook(i), with_kwargs=True)
+            blocks[i].register_forward_hook(self._gate_hook(i), with_kwargs=True)
+        # Registered after the gate hooks, so a gated fp32 block is cast back after gating.
+        for i in self.fp32_blocks:
+            _run_in_float32(blocks[i])
 
     def _gate_hook(self, index: int):
         def hook(module, args, kwargs, output):
@@ -75,7 +95,7 @@ class Transformer(nn.Module):
         hidden_states: torch.Tensor,  # [B, C, h, w]
         encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
         pooled_projections: torch.Tensor,  # [B, P]
-        timestep: torch.Tensor,  # [B]
+        timestep: torch.Tensor,  # [B] float32
         skip_layers: torch.Tensor | None = None,  # [n] in {0, 1}
     ) -> torch.Tensor:
         if skip_layers is not None:
@@ -90,6 +110,32 @@ class Transformer(nn.Module):
             )[0]
         finally:
             self._gates = {}
+
+
+def _run_in_float32(block: nn.Module) -> None:
+    """Make ``block`` compute in float32 and hand its caller tensors of the caller's dtype."""
+    block.float()
+    incoming: list[torch.dtype] = []
+
+    def widen(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def enter(module, args, kwargs):
+        first = next(
+            (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()),
+            None,
+        )
+        incoming.append(first.dtype if first is not None else torch.float32)
+        return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+    def leave(module, args, output):
+        dtype = incoming.pop()
+        if isinstance(output, tuple):
+            return tuple(o.to(dtype) if isinstance(o, torch.Tensor) else o for o in output)
+        return output.to(dtype)
+
+    block.register_forward_pre_hook(enter, with_kwargs=True)
+    block.register_forward_hook(leave)
 
 
 class VaeDecoder(nn.Module):
@@ -107,14 +153,17 @@ class VaeDecoder(nn.Module):
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-def wrap(component: Component, model: nn.Module, slg_layers: Sequence[int] = ()) -> nn.Module:
+def wrap(
+    component: Component, model: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+) -> nn.Module:
     """The spec-shaped module of ``component`` around its ``model`` (from :func:`sd35trt.model.load_model`).
 
     The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
-    are the transformer blocks its ``skip_layers`` input gates (transformer only). Wrap a model
-    once: each wrap of the transformer adds gating hooks to its blocks.
+    are the transformer blocks its ``skip_layers`` input gates and ``fp32_blocks`` the blocks it
+    computes in float32 (transformer only). Wrap a model once: each wrap of the transformer adds
+    hooks to its blocks.
     """
     wrapper = globals()[MODELS[component].wrapper]
     if component is Component.TRANSFORMER:
-        return wrapper(model, slg_layers).eval()
+        return wrapper(model, slg_layers, fp32_blocks).eval()
     return wrapper(model).eval()

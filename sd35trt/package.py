@@ -146,12 +146,13 @@ def verify(path: str | Path, machine=None) -> VerifyReport:
             report.root = path
             return report
     report = VerifyReport(root=path)
-    root = path if (path / CHECKSUMS).is_file() else None
-    if root is None:
+    # An engines directory (runs/<name>/engines) has no SHA256SUMS: its manifest records every file.
+    engines_only = not (path / ENGINES / "manifest.json").is_file() and (path / "manifest.json").is_file()
+    if (path / CHECKSUMS).is_file():
+        _check_sums(path, report)
+    elif not engines_only:
         report.problems.append(f"{path / CHECKSUMS} is missing (not an artefact made by `sd35trt package`)")
-    else:
-        _check_sums(root, report)
-    _check_engines(engines_dir_of(path), machine, report)
+    _check_engines(engines_dir_of(path), machine, report, count_files=engines_only)
     return report
 
 
@@ -174,7 +175,7 @@ def _check_sums(root: Path, report: VerifyReport) -> None:
             report.problems.append(f"{name} sha256 does not match {CHECKSUMS} (modified or corrupted)")
 
 
-def _check_engines(engines: Path, machine, report: VerifyReport) -> None:
+def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
     from sd35trt.runtime.backends import backend_of
     from sd35trt.runtime.engines import MachineInfo, check_compatible, read_engine_manifest
 
@@ -183,8 +184,10 @@ def _check_engines(engines: Path, machine, report: VerifyReport) -> None:
     except ManifestError as err:
         report.problems.append(str(err))
         return
+    files = _engine_files(manifest)
     try:
-        verify_files(manifest.directory, _engine_files(manifest), what="engine manifest")
+        verify_files(manifest.directory, files, what="engine manifest")
+        report.files_checked += len(files) if count_files else 0
     except VerificationError as err:
         report.problems.append(str(err))
     backend = backend_of(manifest.backend)

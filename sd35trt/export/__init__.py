@@ -22,6 +22,16 @@ Decisions:
   second trace, and shares the FP8 graph's data file, so it is always written. With
   ``fp8_weights`` the high-precision weights are gone, so it is not (the record says ``null``;
   re-export with ``export.quantize: false`` for such GPUs).
+- **Timestep**: the transformer's ``timestep`` input is float32 in every export precision (as
+  diffusers and NVIDIA's demo feed it; in bf16 the schedule's timesteps round by up to 2); the
+  graph computes the sinusoidal embedding in float32 and casts it to the model dtype.
+- **FP8 weight layout**: each quantized Linear weight is stored pre-transposed (``[in, out]``), so
+  TensorRT sees ``DequantizeLinear -> MatMul`` with no Transpose between, as ModelOpt's FP8
+  exporter writes it (:func:`~sd35trt.export.onnx_tools.pretranspose_qdq_weights`; per-tensor scales
+  commute with the transpose, so the numbers are unchanged). FP8 weights are folded afterwards.
+- **fp32 blocks**: ``export.fp32_blocks`` run whole transformer blocks in float32 inside a 16-bit
+  graph (float32 weights, Casts at the block's inputs and outputs); the large configs do this for
+  block 35, which calibration also keeps out of FP8, as NVIDIA's recipe does.
 - **Precision**: each component is loaded and traced in its ``export.precision`` (T5 is never
   FP16: the config refuses it). Text encoders are traced with eager attention (torch's SDPA
   export breaks 16-bit CLIP graphs). ONNX defines Conv (and InstanceNormalization) for
@@ -59,6 +69,6 @@ embedding table built in float64 at load, activations) shrinks relative to 38 bl
 
 from __future__ import annotations
 
-from sd35trt.export.stage import REPORT_FILE, UNQUANTIZED_STEM, export
+from sd35trt.export.stage import REPORT_FILE, UNQUANTIZED_STEM, export, export_component
 
-__all__ = ["REPORT_FILE", "UNQUANTIZED_STEM", "export"]
+__all__ = ["REPORT_FILE", "UNQUANTIZED_STEM", "export", "export_component"]

@@ -226,6 +226,40 @@ def _raw_bytes(tensor: TensorProto) -> bytes:
     return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
 
 
+def transpose_stored(tensor: TensorProto, model_path: Path) -> None:
+    """Transpose a 2-D tensor's stored bytes where they are: inline, or in place in its data file.
+
+    No second copy of the weight is written anywhere (the traced model's data file is scratch);
+    one tensor is in memory at a time. Elements are moved as unsigned integers of their width,
+    which is exact for every dtype (bfloat16 and FP8 included).
+
+    Args:
+        tensor: a 2-D initializer ``[rows, cols]``; becomes ``[cols, rows]``.
+        model_path: the model file its external location is relative to.
+
+    Raises:
+        ModelError: its external data is unsafe or truncated.
+    """
+    rows, cols = tensor.dims
+    external = uses_external_data(tensor)
+    raw = _read_external(tensor, model_path) if external else _raw_bytes(tensor)
+    itemsize = len(raw) // (rows * cols)
+    flipped = np.frombuffer(raw, dtype=f"<u{itemsize}").reshape(rows, cols).T.tobytes()
+    del tensor.dims[:]
+    tensor.dims.extend([cols, rows])
+    if external:
+        ref = external_ref(tensor)
+        data = _safe_data_path(model_path, tensor.name, ref.location)
+        fd = os.open(data, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "r+b") as f:
+            f.seek(ref.offset)
+            f.write(flipped)
+        return
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    tensor.raw_data = flipped
+
+
 def point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
     """Make ``tensor`` refer to ``length`` bytes at ``offset`` of the file ``location``."""
     for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):

@@ -9,6 +9,8 @@ transformer is processed one tensor at a time (see :mod:`sd35trt.export` on memo
   ModelOpt's own ``FP8QuantExporter.post_process`` is not used: it also FP8-quantizes the
   weights of every un-quantized Conv (``pos_embed.proj``, which calibration excludes) and adds
   Q/DQ after softmax, so its graph would no longer be the calibrated fake-quant model.
+- :func:`pretranspose_qdq_weights` stores each quantized Linear weight as ``[in, out]``, so
+  TensorRT sees ``DequantizeLinear -> MatMul`` with no Transpose between (its FP8 GEMM pattern).
 - :func:`fold_fp8_weights` stores quantized weights as FP8 initializers (half the bytes of BF16).
 - :func:`clean_up` folds constants and removes dead nodes with onnx-graphsurgeon, never folding
   Q/DQ (that would silently (de)quantize weights) nor nodes that read external weights.
@@ -40,6 +42,7 @@ from sd35trt.export.onnx_files import (
     save_model,
     tensor_array,
     tensors_bytes,
+    transpose_stored,
     uses_external_data,
 )
 
@@ -64,6 +67,7 @@ __all__ = [
     "fold_fp8_weights",
     "io_signature",
     "iter_tensors",
+    "pretranspose_qdq_weights",
     "rewrite_fp8_qdq",
     "save_model",
     "strip_qdq",
@@ -199,6 +203,102 @@ def _consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
         for name in node.input:
             out.setdefault(name, []).append(node)
     return out
+
+
+def _attribute(node: NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _is_transpose_2d(node: NodeProto) -> bool:
+    return (
+        node.op_type == "Transpose"
+        and node.domain in _DEFAULT_DOMAINS
+        and list(_attribute(node, "perm", [])) == [1, 0]
+    )
+
+
+def _is_gemm_trans_b(node: NodeProto, tensor: str) -> bool:
+    return (
+        node.op_type == "Gemm"
+        and node.domain in _DEFAULT_DOMAINS
+        and len(node.input) > 1
+        and node.input[1] == tensor
+        and node.input[0] != tensor
+        and _attribute(node, "transB", 0) == 1
+    )
+
+
+def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
+    """Store FP8-quantized Linear weights as ``[in, out]`` so DequantizeLinear feeds the GEMM directly.
+
+    The TorchScript exporter writes ``nn.Linear`` as ``W [out, in] -> Q -> DQ -> Transpose ->
+    MatMul`` (3-D inputs) or ``-> Gemm(transB=1)`` (2-D inputs). TensorRT fuses an FP8 GEMM from
+    ``DQ -> MatMul``; ModelOpt's FP8 exporter therefore pre-transposes the weights. With one
+    scale per tensor, quantization commutes with the transpose, so storing ``W^T`` and dropping
+    the Transpose (or setting ``transB=0``) computes exactly the same numbers.
+
+    The weight's bytes are rewritten where they are stored (inline, or at the same place of the
+    traced model's data file: no second copy, one weight in memory at a time). Weights that are
+    shared, per-channel scaled, not 2-D, or whose DequantizeLinear output has other users are
+    left alone. Value infos of the changed tensors are dropped; run shape inference afterwards
+    (:func:`clean_up`).
+
+    Args:
+        model: a graph after :func:`rewrite_fp8_qdq` (scales are constants); changed in place.
+        model_path: where ``model``'s external data is relative to (the traced file); its data
+            files are modified.
+
+    Returns:
+        The number of weights transposed.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = _constant_values(model)
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    dropped_nodes: list[NodeProto] = []
+    changed: set[str] = set()
+    count = 0
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.domain not in _DEFAULT_DOMAINS:
+            continue
+        weight = initializers.get(q.input[0])
+        scale = constants.get(q.input[1])
+        if weight is None or scale is None or len(weight.dims) != 2 or int(np.prod(scale.dims)) != 1:
+            continue
+        if len(consumers.get(weight.name, [])) != 1 or weight.name in graph_outputs:
+            continue
+        dqs = consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        users = [(dq, u) for dq in dqs for u in consumers.get(dq.output[0], [])]
+        if not users or any(dq.output[0] in graph_outputs for dq in dqs):
+            continue
+        if all(_is_transpose_2d(u) and u.output[0] not in graph_outputs for _, u in users):
+            for dq, transpose in users:
+                for user in consumers.get(transpose.output[0], []):
+                    user.input[:] = [dq.output[0] if n == transpose.output[0] else n for n in user.input]
+                dropped_nodes.append(transpose)
+                changed.add(transpose.output[0])
+        elif all(_is_gemm_trans_b(u, dq.output[0]) for dq, u in users):
+            for _, gemm in users:
+                for attr in gemm.attribute:
+                    if attr.name == "transB":
+                        attr.i = 0
+        else:
+            continue
+        transpose_stored(weight, model_path)
+        changed |= {q.output[0], *(dq.output[0] for dq in dqs)}
+        count += 1
+    for node in dropped_nodes:
+        graph.node.remove(node)
+    keep = [vi for vi in graph.value_info if vi.name not in changed]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    return count
 
 
 def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:

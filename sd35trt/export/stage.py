@@ -98,6 +98,8 @@ class _Graph:
     seconds: float = 0.0
     #: the data file this graph reads when it is another graph's (the unquantized transformer).
     shared_data: Path | None = None
+    #: transformer blocks computed in fp32 inside a 16-bit graph.
+    fp32_blocks: tuple[int, ...] = ()
 
     @property
     def external_data(self) -> Path | None:
@@ -148,7 +150,7 @@ def export(
         CalibrationError: the calibration does not match the transformer.
         ExportError: a graph failed validation (every failure named) or the checker.
     """
-    from sd35trt.export import onnx_tools, tracing, validate
+    from sd35trt.export import tracing
     from sd35trt.model import check_weights, model_dir
 
     run_dir = Path(run_dir)
@@ -172,22 +174,11 @@ def export(
         check_weights(root)
     dims = ModelDims.from_model_dir(root)
     slg = _skip_layers(config, dims)
+    _check_fp32_blocks(config, dims)
     start = time.perf_counter()
     graphs: list[_Graph] = []
     with staged_directory(run_dir, Stage.EXPORT.directory) as out:
-        job = _Job(
-            config=config,
-            root=root,
-            dims=dims,
-            out=out,
-            scratch=out / ".scratch",
-            slg=slg,
-            calibration=calibration,
-            device=tracing.default_device(),
-            providers=validate.providers(),
-            external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
-            progress=report,
-        )
+        job = _make_job(config, root, dims, out, slg, calibration, external_threshold, report)
         for i, component in enumerate(Component, 1):
             graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
@@ -202,6 +193,78 @@ def export(
     manifest.put(Stage.EXPORT, record)
     report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
     return record
+
+
+def export_component(
+    config: Config,
+    model_root: Path,
+    component: Component,
+    out: Path,
+    *,
+    calibration: Path | None = None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Export and validate one component into ``out``, outside any run directory or manifest.
+
+    The steps :func:`export` runs per component, for checking one graph on its own: a published
+    architecture's transformer cut to a few blocks, or the transformer alone at full size.
+
+    Args:
+        config: the config (``model``, ``export``, ``build`` and ``runtime`` sections as in
+            :func:`export`; ``model`` must describe ``model_root``).
+        model_root: the diffusers model directory (or a ``random`` source's architecture).
+        component: which component.
+        out: the directory to write the graph(s) to (created if missing).
+        calibration: for an FP8 transformer, the calibration file to restore.
+        progress: receives one line per graph (default: stderr).
+
+    Returns:
+        The ``.onnx`` files written (the FP8 transformer's unquantized graph too).
+
+    Raises:
+        ConfigError, ModelError, CalibrationError, ExportError: as :func:`export`.
+    """
+    dims = ModelDims.from_model_dir(model_root)
+    slg = _skip_layers(config, dims)
+    _check_fp32_blocks(config, dims)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    job = _make_job(config, Path(model_root), dims, out, slg, calibration, None, progress or print_progress)
+    try:
+        graphs = _export_component(job, component, component.value)
+    finally:
+        shutil.rmtree(job.scratch, ignore_errors=True)
+    failures = [f for g in graphs for f in g.failures]
+    if failures:
+        raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+    return [g.files[0] for g in graphs]
+
+
+def _make_job(
+    config: Config,
+    root: Path,
+    dims: ModelDims,
+    out: Path,
+    slg: tuple[int, ...],
+    calibration: Path | None,
+    external_threshold: int | None,
+    progress: Progress,
+) -> _Job:
+    from sd35trt.export import onnx_tools, tracing, validate
+
+    return _Job(
+        config=config,
+        root=root,
+        dims=dims,
+        out=out,
+        scratch=out / ".scratch",
+        slg=slg,
+        calibration=calibration,
+        device=tracing.default_device(),
+        providers=validate.providers(),
+        external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
+        progress=progress,
+    )
 
 
 def _calibration_file(run_dir: Path, record: dict, manifest: RunManifest) -> Path:
@@ -227,6 +290,16 @@ def _skip_layers(config: Config, dims: ModelDims) -> tuple[int, ...]:
             f"and the last one can't be skipped: allowed 0..{dims.num_layers - 2}"
         )
     return tuple(slg.layers)
+
+
+def _check_fp32_blocks(config: Config, dims: ModelDims) -> None:
+    """Refuse ``export.fp32_blocks`` outside the transformer, before anything is exported."""
+    bad = [b for b in config.export.fp32_blocks if b >= dims.num_layers]
+    if bad:
+        raise ConfigError(
+            f"export.fp32_blocks has {bad}; this transformer has {dims.num_layers} blocks: "
+            f"allowed 0..{dims.num_layers - 1}"
+        )
 
 
 def _precision(config: Config, component: Component) -> Precision:
@@ -267,12 +340,19 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
 
     model = _load_traced(raw, quantized, opset, trace_opset, component)
     graph = _Graph(component.value, component, precision, quantized)
+    if component is Component.TRANSFORMER and config.export.fp32_blocks:
+        graph.fp32_blocks = config.export.fp32_blocks
     if quantized:
-        graph.fp8 = {"qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0), "fp8_weights": False}
+        graph.fp8 = {
+            "qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0),
+            # TensorRT fuses FP8 GEMMs from DQ -> MatMul: weights stored [in, out], no Transpose.
+            "weights_pretransposed": onnx_tools.pretranspose_qdq_weights(model, raw),
+            "fp8_weights": False,
+        }
         if config.export.fp8_weights:
             graph.fp8["fp8_weights"] = True
             graph.fp8["weights_folded"] = onnx_tools.fold_fp8_weights(model, raw)
-            model = onnx_tools.clean_up(model, fold=False)
+        model = onnx_tools.clean_up(model, fold=False)
     path = job.out / f"{component.value}.onnx"
     _save(job, graph, model, raw, path, sp)
     tol = validation_tolerance(sp, precision, quantized)
@@ -288,7 +368,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     if quantized and not config.export.fp8_weights:
         # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
         # external data it shares the FP8 graph's data file (no second copy on disk).
-        plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False)
+        plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
         upath = job.out / f"{UNQUANTIZED_STEM}.onnx"
         _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
         tol = validation_tolerance(sp, precision)
@@ -453,7 +533,9 @@ def _report_line(job: _Job, label: str, graphs: list[_Graph]) -> None:
         size = sum(p.stat().st_size for p in g.files) / (1 << 20)
         v = g.validation
         check = "not validated" if v.get("status") == "skipped" else f"max rel err {float(v['max_rel']):.2g}"
-        parts.append(f"{g.stem} {size:.1f} MiB {g.precision.value}{' + fp8' if g.quantized else ''}, {check}")
+        blocks = f" (fp32 blocks {list(g.fp32_blocks)})" if g.fp32_blocks else ""
+        fp8 = " + fp8" if g.quantized else ""
+        parts.append(f"{g.stem} {size:.1f} MiB {g.precision.value}{blocks}{fp8}, {check}")
     job.progress(f"{label}: {'; '.join(parts)} ({graphs[0].seconds:.1f} s)")
 
 
@@ -468,6 +550,7 @@ def _report(job: _Job, graphs: list[_Graph], seconds: float) -> dict:
             "files": {p.name: p.stat().st_size for p in g.files},
             "external_data": g.external_data.name if g.external_data else None,
             "precision": g.precision.value,
+            "fp32_blocks": list(g.fp32_blocks),
             "quantized": g.quantized,
             "fp8": g.fp8,
             "export_seconds": round(g.seconds, 2),
@@ -517,6 +600,7 @@ def _details(
             entry["onnx_unquantized"] = rel(plain.files[0]) if plain else None
             entry["onnx_unquantized_external_data"] = rel(plain.external_data) if plain else None
             entry["fp8_weights"] = bool(g.quantized and config.export.fp8_weights)
+            entry["fp32_blocks"] = list(g.fp32_blocks)
         components[component.value] = entry
     return {
         "model_dir": str(root),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sd35trt.components import Component, ComponentSpec, Sampling, TensorType
+from sd35trt.components import Component, ComponentSpec, Sampling, TensorType, sample_inputs
 from sd35trt.config import Config, Precision
 from sd35trt.errors import ConfigError, ExportError
 
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-#: Timesteps are drawn from the scheduler's training range, ``[0, num_train_timesteps)``.
-NUM_TRAIN_TIMESTEPS = 1000
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
 
@@ -55,7 +53,8 @@ def load_module(
 ) -> nn.Module:
     """The spec-shaped module of ``component`` (see :mod:`sd35trt.modules`), ready to trace.
 
-    Weights are loaded directly in the export precision (no float32 copy of a BF16 model).
+    Weights are loaded directly in the export precision (no float32 copy of a BF16 model); the
+    transformer's ``export.fp32_blocks`` are then widened to float32.
 
     Args:
         config: the run's config.
@@ -82,6 +81,8 @@ def load_module(
     )
     if component is Component.TRANSFORMER and calibration is not None:
         restore_fp8(raw, config, precision, calibration)
+    if component is Component.TRANSFORMER:
+        return wrap(component, raw, slg_layers, config.export.fp32_blocks)
     return wrap(component, raw, slg_layers)
 
 
@@ -214,14 +215,13 @@ def make_inputs(
     vocab: int | None = None,
     device: str = "cpu",
 ) -> tuple[torch.Tensor, ...]:
-    """Random inputs of ``spec`` at ``shapes``, as the spec's sampling rules say.
+    """Random inputs of ``spec`` at ``shapes`` (:func:`~sd35trt.components.sample_inputs`), as tensors.
 
     Args:
         spec: the component's I/O contract (names, dtypes, sampling rules).
         shapes: a concrete shape per input name.
-        precision: the export precision of float inputs.
-        case: seeds the draw, so every case gets fresh values and a re-run the same ones.
-            Gates alternate with it (all skipped, then none): two cases cover both branches.
+        precision: the export precision of ``float`` inputs (``float32`` inputs stay float32).
+        case: seeds the draw (see :func:`~sd35trt.components.sample_inputs`).
         vocab: the token vocabulary, for token inputs.
         device: where the tensors go.
 
@@ -233,23 +233,15 @@ def make_inputs(
     """
     import torch
 
-    gen = torch.Generator("cpu").manual_seed(1234 + case)
+    if not vocab and any(t.sampling is Sampling.TOKENS for t in spec.inputs):
+        raise ExportError(f"{spec.component.value}: the encoder config has no vocab_size")
+    arrays = sample_inputs(spec, shapes, case, vocab)
     dtype = torch_dtype(precision)
     out = []
     for t in spec.inputs:
-        shape = shapes[t.name]
-        if t.sampling is Sampling.TOKENS:
-            if not vocab:
-                raise ExportError(f"{spec.component.value}: the encoder config has no vocab_size")
-            x = torch.randint(0, vocab, shape, generator=gen)  # [B, L] int64
-        elif t.sampling is Sampling.TIMESTEP:
-            x = torch.rand(shape, generator=gen) * NUM_TRAIN_TIMESTEPS  # [B]
-        elif t.sampling is Sampling.GATE:
-            x = torch.full(shape, float((case + 1) % 2))  # [n] in {0, 1}
-        else:
-            x = torch.randn(shape, generator=gen)
-        if t.dtype is not TensorType.INT64:
-            x = x.to(torch.float32 if t.dtype is TensorType.FLOAT32 else dtype)
+        x = torch.from_numpy(arrays[t.name])
+        if t.dtype is TensorType.FLOAT:
+            x = x.to(dtype)
         out.append(x.to(device))
     return tuple(out)
 

@@ -97,3 +97,34 @@ def test_digest_tracks_only_named_sections():
     slg = a.model_copy(update={"runtime": a.runtime.model_copy(update={"max_sequence_length": 128})})
     assert a.digest("runtime.num_inference_steps") == slg.digest("runtime.num_inference_steps")
     assert a.digest("runtime.max_sequence_length") != slg.digest("runtime.max_sequence_length")
+
+
+def test_large_configs_run_block_35_in_fp32_and_out_of_fp8():
+    for name in ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-large-random"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.export.fp32_blocks == (35,) and 35 in cfg.calibrate.high_precision_blocks, name
+        assert cfg.export.precision.transformer is Precision.BF16
+
+
+@pytest.mark.parametrize(
+    ("export", "calibrate", "message"),
+    [
+        (
+            {"fp32_blocks": [3], "quantize": False},
+            {},
+            r"export\.fp32_blocks \[3\] has no effect with export\.precision\.transformer fp32",
+        ),
+        (
+            {"fp32_blocks": [3, 5], "precision": {"transformer": "bf16"}},
+            {"high_precision_blocks": [3]},
+            r"export\.fp32_blocks \[5\] must also be in calibrate\.high_precision_blocks \(now \[3\]\)",
+        ),
+        ({"fp32_blocks": [-1], "precision": {"transformer": "bf16"}}, {}, r"export\.fp32_blocks.*\[-1\]"),
+    ],
+)
+def test_fp32_blocks_that_cannot_work_are_refused(tmp_path, export, calibrate, message):
+    data = {"name": "x", "export": export, "calibrate": calibrate}
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, data))
+    ok = {**export, "precision": {"transformer": "bf16"}, "fp32_blocks": [3]}
+    load_config(_write(tmp_path, {"name": "x", "export": ok, "calibrate": {"high_precision_blocks": [3]}}))

@@ -146,6 +146,94 @@ def test_stripped_graph_is_the_unquantized_model_and_shares_the_data_file(quanti
             q.enable()
 
 
+def _trace_2d(torch_model, path: Path) -> Path:
+    """The quantized MLP traced on 2-D inputs: the exporter writes its Linears as Gemm(transB=1)."""
+    with torch.no_grad():
+        torch.onnx.export(
+            torch_model,
+            (torch.randn(3, 16),),
+            str(path),
+            dynamo=False,
+            opset_version=19,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+            do_constant_folding=False,
+        )
+    return path
+
+
+def _weight_paths(model) -> list[tuple[str, ...]]:
+    """Per GEMM reading a dequantized weight: the ops from the weight initializer to the GEMM."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    paths = []
+    for gemm in (n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")):
+        chain, name = [], gemm.input[1]
+        while name not in inits and name in producers:
+            node = producers[name]
+            chain.append(node.op_type)
+            name = node.input[0]
+        if "DequantizeLinear" in chain:
+            paths.append(tuple(reversed(chain)))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("rank", "external", "fp8_weights"), [(3, False, False), (3, True, True), (2, True, False)]
+)
+def test_pretransposed_weights_feed_the_gemm_straight_from_dq_with_the_same_numbers(
+    quantized, tmp_path, rank, external, fp8_weights
+):
+    torch_model, raw = quantized
+    if rank == 2:
+        (tmp_path / "raw2d").mkdir()
+        raw = _trace_2d(torch_model, tmp_path / "raw2d" / "mlp.onnx")
+    if external:  # the traced weights in a data file, as the exporter writes models over 2 GB
+        moved = tmp_path / "traced" / "mlp.onnx"
+        moved.parent.mkdir()
+        onnx.save_model(onnx.load(str(raw)), str(moved), save_as_external_data=True, size_threshold=0)
+        raw = moved
+    before = _processed(raw)
+    gemm = "Gemm" if rank == 2 else "MatMul"
+    expected = ("QuantizeLinear", "DequantizeLinear") + (() if rank == 2 else ("Transpose",))
+    assert _weight_paths(before) == [expected, expected]
+    reference_path = tmp_path / "before.onnx"
+    onnx_tools.save_model(before, reference_path, raw, external=False)  # reads the weights before they move
+
+    model = _processed(raw)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
+    assert onnx_tools.pretranspose_qdq_weights(model, raw) == 2
+    if fp8_weights:
+        assert onnx_tools.fold_fp8_weights(model, raw) == 2
+    model = onnx_tools.clean_up(model, fold=False)
+    after = _weight_paths(model)
+    assert after == [("DequantizeLinear",) if fp8_weights else ("QuantizeLinear", "DequantizeLinear")] * 2
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    gemms = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and producers.get(n.input[1]) == "DequantizeLinear"
+    ]
+    assert [n.op_type for n in gemms] == [gemm] * 2
+    assert all(next((a.i for a in n.attribute if a.name == "transB"), 0) == 0 for n in gemms)
+    # The two quantized weights are stored [in, out] (as FP8 with fp8_weights).
+    stored = {t.name: list(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
+    suffix = "_fp8" if fp8_weights else ""
+    assert sum(stored.get(n + suffix) == s[::-1] for n, s in shapes.items()) == 2
+
+    path = tmp_path / "mlp.onnx"
+    onnx_tools.save_model(model, path, raw, external=external)
+    onnx_tools.check_onnx_file(path)
+    x = np.random.default_rng(3).standard_normal((4, 16) if rank == 2 else (2, 5, 16)).astype(np.float32)
+    (want,) = _ort_session(reference_path).run(None, {"x": x})
+    (got,) = _ort_session(path).run(None, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        fake_quant = torch_model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - fake_quant).max() <= 1e-3 * np.abs(fake_quant).max()
+
+
 # --------------------------------------------------------------------------------------------
 # External-data guards
 # --------------------------------------------------------------------------------------------
