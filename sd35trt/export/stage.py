@@ -30,7 +30,6 @@ from sd35trt.components import (
     Component,
     ComponentSpec,
     ModelDims,
-    Tolerance,
     sample_shapes,
     spec,
     validation_tolerance,
@@ -360,9 +359,14 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
         graph.validation = {"status": "skipped", "reason": skipped}
     else:
         against = "modelopt fake quant" if quantized else "pytorch"
-        graph.validation = _validate(job, graph, path, ref, ref.outputs, tol, against)
+        graph.validation, failures = validate.validate_graph(
+            path, job.providers, graph.stem, ref.shapes, ref.feeds, ref.outputs, tol, against
+        )
+        graph.failures += failures
         if ref.unquantized is not None:
-            graph.information = _information(job, path, ref)
+            graph.information = validate.information(
+                path, job.providers, ref.shapes, ref.feeds, ref.unquantized
+            )
     graph.seconds = time.perf_counter() - t0
     graphs = [graph]
     if quantized and not config.export.fp8_weights:
@@ -375,7 +379,10 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
         if ref is None or ref.unquantized is None:
             plain.validation = {"status": "skipped", "reason": skipped}
         else:
-            plain.validation = _validate(job, plain, upath, ref, ref.unquantized, tol, "pytorch")
+            plain.validation, failures = validate.validate_graph(
+                upath, job.providers, plain.stem, ref.shapes, ref.feeds, ref.unquantized, tol, "pytorch"
+            )
+            plain.failures += failures
         graphs.append(plain)
     shutil.rmtree(raw.parent, ignore_errors=True)
     _report_line(job, label, graphs)
@@ -477,54 +484,6 @@ def _save(
         raise RuntimeError(
             f"{path} has inputs/outputs {names}, the spec says {(sp.input_names, sp.output_names)}"
         )
-
-
-def _validate(
-    job: _Job,
-    graph: _Graph,
-    path: Path,
-    ref: _Reference,
-    expected: list[dict[str, np.ndarray]],
-    tol: Tolerance,
-    against: str,
-) -> dict:
-    """Run the graph at every validation shape; failures are added to ``graph.failures``."""
-    from sd35trt.export import validate
-
-    sess = validate.session(path, job.providers)
-    cases = []
-    worst = 0.0
-    for shapes, feeds, want in zip(ref.shapes, ref.feeds, expected, strict=True):
-        checks = validate.compare(validate.run(sess, feeds), want, tol)
-        cases.append(
-            {
-                "shapes": {k: list(v) for k, v in shapes.items()},
-                "outputs": {c.output: c.to_json() for c in checks},
-            }
-        )
-        graph.failures += [validate.describe_failure(graph.stem, shapes, c) for c in checks if not c.ok]
-        worst = max([worst, *(c.rel for c in checks)])
-    return {
-        "status": "failed" if graph.failures else "passed",
-        "against": against,
-        "providers": sess.get_providers(),
-        "tolerance": {"rtol": tol.rtol, "atol": tol.atol},
-        "max_rel": validate.json_float(worst),
-        "cases": cases,
-    }
-
-
-def _information(job: _Job, path: Path, ref: _Reference) -> dict:
-    """The FP8 graph against the unquantized PyTorch model: the quantization error, for information."""
-    from sd35trt.export import validate
-
-    sess = validate.session(path, job.providers)
-    cases = []
-    for shapes, feeds, want in zip(ref.shapes, ref.feeds, ref.unquantized or [], strict=True):
-        checks = validate.compare(validate.run(sess, feeds), want, Tolerance(rtol=0.0, atol=0.0))
-        outputs = {c.output: {k: c.to_json()[k] for k in ("max_abs", "max_ref", "rel")} for c in checks}
-        cases.append({"shapes": {k: list(v) for k, v in shapes.items()}, "outputs": outputs})
-    return {"against": "unquantized pytorch", "cases": cases}
 
 
 def _report_line(job: _Job, label: str, graphs: list[_Graph]) -> None:

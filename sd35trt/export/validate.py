@@ -12,7 +12,7 @@ into integer-only kernels that have no FP8 implementation and fail.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,3 +162,68 @@ def describe_failure(where: str, shapes: Mapping[str, tuple[int, ...]], check: O
         f"{where} {check.output} at {first[0]} {list(first[1])}: max |onnx - torch| {check.max_abs:.3g} > "
         f"allowed {check.allowed:.3g} (max |torch| {check.max_ref:.3g})"
     )
+
+
+def validate_graph(
+    path: Path,
+    available: list[str],
+    stem: str,
+    shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    expected: Sequence[Mapping[str, np.ndarray]],
+    tol: Tolerance,
+    against: str,
+) -> tuple[dict, list[str]]:
+    """Run the graph at ``path`` on every validation case and compare it with ``expected``.
+
+    Args:
+        path: the exported graph.
+        available: ONNX Runtime providers (:func:`providers`).
+        stem: the graph's name in failure messages.
+        shapes, feeds, expected: per case, the input shapes, the inputs and the PyTorch outputs.
+        tol: the tolerance every output is held to.
+        against: what ``expected`` is, for the report (``pytorch``, ``modelopt fake quant``).
+
+    Returns:
+        The report entry (status, providers, tolerance, worst relative error, per-case outputs)
+        and one :func:`describe_failure` line per output over the tolerance.
+    """
+    sess = session(path, available)
+    cases, failures = [], []
+    worst = 0.0
+    for case_shapes, case_feeds, want in zip(shapes, feeds, expected, strict=True):
+        checks = compare(run(sess, case_feeds), want, tol)
+        cases.append(
+            {
+                "shapes": {k: list(v) for k, v in case_shapes.items()},
+                "outputs": {c.output: c.to_json() for c in checks},
+            }
+        )
+        failures += [describe_failure(stem, case_shapes, c) for c in checks if not c.ok]
+        worst = max([worst, *(c.rel for c in checks)])
+    entry = {
+        "status": "failed" if failures else "passed",
+        "against": against,
+        "providers": sess.get_providers(),
+        "tolerance": {"rtol": tol.rtol, "atol": tol.atol},
+        "max_rel": json_float(worst),
+        "cases": cases,
+    }
+    return entry, failures
+
+
+def information(
+    path: Path,
+    available: list[str],
+    shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    unquantized: Sequence[Mapping[str, np.ndarray]] | None,
+) -> dict:
+    """The FP8 graph against the unquantized PyTorch model: the quantization error, for information."""
+    sess = session(path, available)
+    cases = []
+    for case_shapes, case_feeds, want in zip(shapes, feeds, unquantized or [], strict=True):
+        checks = compare(run(sess, case_feeds), want, Tolerance(rtol=0.0, atol=0.0))
+        outputs = {c.output: {k: c.to_json()[k] for k in ("max_abs", "max_ref", "rel")} for c in checks}
+        cases.append({"shapes": {k: list(v) for k, v in case_shapes.items()}, "outputs": outputs})
+    return {"against": "unquantized pytorch", "cases": cases}
