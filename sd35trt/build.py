@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
-from sd35trt.config import Backend, Config, Precision
+from sd35trt.config import Backend, Config
 from sd35trt.errors import BuildError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
@@ -40,6 +40,14 @@ from sd35trt.manifest import (
     records_for_tree,
     staged_directory,
     tool_versions,
+)
+from sd35trt.records import (
+    BuildDetails,
+    BuildMachine,
+    BuildRecord,
+    BuiltEngine,
+    ExportedComponent,
+    StageRecord,
 )
 from sd35trt.runtime import backends
 from sd35trt.runtime.backend import BuildJob, EngineBackend
@@ -75,17 +83,25 @@ class Source:
     note: str | None = None
 
 
-def choose_source(component: Component, entry: Mapping, backend: Backend, gpu: GpuInfo | None) -> Source:
+def choose_source(
+    component: Component, entry: ExportedComponent, backend: Backend, gpu: GpuInfo | None
+) -> Source:
     """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``.
+
+    Args:
+        component: the component.
+        entry: its entry in the export record.
+        backend: the backend building it.
+        gpu: the GPU it is built for (``None``: none, ONNX Runtime on the CPU).
 
     Raises:
         BuildError: the GPU has no FP8 and the export has no unquantized graph to fall back on.
     """
-    quantized = bool(entry.get("quantized"))
+    quantized = entry.quantized
     runs_fp8 = backends.backend_of(backend).runs_fp8(MachineInfo(tensorrt_version=None, gpu=gpu))
     if not quantized or runs_fp8 or gpu is None:
-        return Source(entry["onnx"], fp8=quantized)
-    fallback = entry.get("onnx_unquantized")
+        return Source(entry.onnx, fp8=quantized)
+    fallback = entry.onnx_unquantized
     if not fallback:
         raise BuildError(
             f"{gpu.name} ({gpu.sm}) has no FP8 (needs sm_89 or newer) and the export has no unquantized "
@@ -190,27 +206,27 @@ def _copy_support_files(dirs: list[Path], out: Path) -> list[FileRecord]:
     return [file_record(out, p) for d in dirs for p in sorted((out / d.name).rglob("*")) if p.is_file()]
 
 
-def _export_file(run_dir: Path, export_rec: dict, rel: str) -> FileRecord:
-    for f in export_rec.get("files", []):
-        if f["path"] == rel:
-            return FileRecord.from_json(f)
+def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord:
+    for f in export_rec.files:
+        if f.path == rel:
+            return f
     return file_record(run_dir, rel)
 
 
 def _up_to_date(
     run_dir: Path,
-    previous: dict | None,
+    previous: StageRecord | None,
     digest: str,
-    export_rec: dict,
+    export_rec: StageRecord,
     backend: Backend,
     machine: MachineInfo,
 ) -> bool:
     """Whether ``previous`` (the last build record) still holds for this config, export and machine."""
-    if previous is None or previous.get("config_digest") != digest:
+    if previous is None or previous.config_digest != digest:
         return False
-    if previous.get("upstream", {}).get(Stage.EXPORT.value) != record_digest(export_rec):
+    if previous.upstream.get(Stage.EXPORT) != record_digest(export_rec):
         return False
-    if previous.get("details", {}).get("backend") != backend.value:
+    if previous.details.backend is not backend:
         return False
     try:
         engines = verify_engines(run_dir / Stage.BUILD.directory, machine=machine, cache=HashCache(run_dir))
@@ -229,7 +245,7 @@ class _Job:
     out: Path  # the staged engines directory
     backend: EngineBackend
     machine: MachineInfo
-    export_rec: dict
+    export_rec: StageRecord
     progress: Progress
     allow_partial_fp8: bool = False
 
@@ -259,7 +275,7 @@ def check_fp8(
     raise BuildError(message + "; build with --allow-partial-fp8 to accept it")
 
 
-def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> EngineRecord:
+def _build_one(job: _Job, component: Component, entry: ExportedComponent, label: str) -> EngineRecord:
     """Build one engine into ``job.out`` and describe it."""
     config, run_dir, backend, machine, progress = (
         job.config,
@@ -311,7 +327,7 @@ def _build_one(job: _Job, component: Component, entry: Mapping, label: str) -> E
         backend=backend.backend,
         file=file_record(job.out, target),
         extra_files=tuple(file_record(job.out, p) for p in built.extra_files),
-        precision=Precision(entry.get("precision", getattr(config.export.precision, component.value).value)),
+        precision=entry.precision,
         fp8=source.fp8,
         profile=shapes,
         source_onnx=_export_file(run_dir, job.export_rec, source.path),
@@ -343,7 +359,7 @@ def build(
     machine: MachineInfo | None = None,
     progress: Progress | None = None,
     allow_partial_fp8: bool = False,
-) -> dict:
+) -> BuildRecord:
     """Build every exported component's engine into ``run_dir/engines``.
 
     Args:
@@ -389,18 +405,13 @@ def build(
         return runs.require(Stage.BUILD, hint)
     export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint)
 
-    details = export_rec.get("details", {})
-    export_cmd = "`sd35trt export" + (f" {hint}`" if hint else "`")
-    try:
-        dims = ModelDims.from_json(details["dims"])
-        entries = details["components"]
-        model_dir = Path(details["model_dir"])
-    except (KeyError, TypeError) as err:
-        raise BuildError(f"the export record in {runs.path} lacks {err}: re-run {export_cmd}") from None
-    components = [c for c in Component if c.value in entries]
+    exported = export_rec.details
+    dims, entries = exported.dims, exported.components
+    components = [c for c in Component if c in entries]
     if not components:
+        export_cmd = "`sd35trt export" + (f" {hint}`" if hint else "`")
         raise BuildError(f"the export record in {runs.path} lists no components: re-run {export_cmd}")
-    support = support_dirs(model_dir)
+    support = support_dirs(exported.model_dir)
 
     engines: dict[Component, EngineRecord] = {}
     # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
@@ -409,7 +420,7 @@ def build(
         job = _Job(config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8)
         for i, component in enumerate(components, 1):
             label = f"[{i}/{len(components)}] {component.value}"
-            engines[component] = _build_one(job, component, entries[component.value], label)
+            engines[component] = _build_one(job, component, entries[component], label)
         support_files = _copy_support_files(support, out)
         # The whole config the engines were made with travels with them (``package`` ships it).
         atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -427,30 +438,31 @@ def build(
         )
         atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
 
+    details = BuildDetails(
+        backend=chosen.backend,
+        backend_reason=reason,
+        engines_manifest=f"{Stage.BUILD.directory}/{ENGINE_MANIFEST_NAME}",
+        components={
+            c: BuiltEngine(
+                engine=f"{Stage.BUILD.directory}/{r.file.path}",
+                precision=r.precision,
+                fp8=r.fp8,
+                build_seconds=round(r.build_seconds, 3),
+            )
+            for c, r in engines.items()
+        },
+        machine=BuildMachine(
+            tensorrt_version=target.tensorrt_version,
+            gpu_name=target.gpu.name if target.gpu else None,
+            compute_capability=target.gpu.compute_capability if target.gpu else None,
+        ),
+    )
     record = new_record(
         Stage.BUILD,
         digest,
         records_for_tree(run_dir, Stage.BUILD.directory),
         upstream={Stage.EXPORT: export_rec},
-        details={
-            "backend": chosen.backend.value,
-            "backend_reason": reason,
-            "engines_manifest": f"{Stage.BUILD.directory}/{ENGINE_MANIFEST_NAME}",
-            "components": {
-                c.value: {
-                    "engine": f"{Stage.BUILD.directory}/{r.file.path}",
-                    "precision": r.precision.value,
-                    "fp8": r.fp8,
-                    "build_seconds": round(r.build_seconds, 3),
-                }
-                for c, r in engines.items()
-            },
-            "machine": {
-                "tensorrt_version": target.tensorrt_version,
-                "gpu_name": target.gpu.name if target.gpu else None,
-                "compute_capability": list(target.gpu.compute_capability) if target.gpu else None,
-            },
-        },
+        details=details,
     )
     runs.put(Stage.BUILD, record)
     report(f"built {len(engines)} {chosen.backend.value} engines in {run_dir / Stage.BUILD.directory}")

@@ -45,6 +45,7 @@ from sd35trt.manifest import (
 )
 from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
 from sd35trt.quantize import CALIBRATION_FILE, quant_config
+from sd35trt.records import CalibrateDetails, CalibrateRecord, CalibrationQuality, QuantizerCounts
 from sd35trt.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 
 SUMMARY_FILE = "summary.json"
@@ -128,12 +129,12 @@ def _peak_memory(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> dict | None:
+def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> CalibrateRecord | None:
     """The existing record when it is intact and made from this config and prompt set."""
     if not is_fresh(manifest.run_dir, Stage.CALIBRATE, digest):
         return None
     record = manifest.get(Stage.CALIBRATE)
-    return record if record["details"].get("prompt_set_sha256") == prompts_sha else None
+    return record if record.details.prompt_set_sha256 == prompts_sha else None
 
 
 def calibrate(
@@ -144,7 +145,7 @@ def calibrate(
     device: str | None = None,
     log: Callable[[str], None] = print,
     status: Callable[[str], None] = lambda _item: None,
-) -> dict:
+) -> CalibrateRecord:
     """Calibrate the FP8 transformer of ``config``'s model and record it in ``run_dir``.
 
     Args:
@@ -165,7 +166,7 @@ def calibrate(
     """
     import torch
 
-    from sd35trt.evaluate_calibration import quality_report
+    from sd35trt.evaluate_calibration import METRIC, quality_report
     from sd35trt.quantize import quantize, save_calibration
 
     s = config.calibrate
@@ -212,38 +213,43 @@ def calibrate(
     elapsed = time.perf_counter() - start
     peak, peak_kind = _peak_memory(device)
 
+    # The details are validated before anything is published.
+    details = CalibrateDetails(
+        calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
+        prompts_file=str(s.prompts),
+        prompt_set_sha256=prompts_sha,
+        num_prompts=len(prompts),
+        heldout_prompt_set_sha256=prompt_set_sha256(heldout),
+        seeds=tuple(b.seed for b in batches),
+        report_seeds=tuple(b.seed for b in report_batches),
+        steps=s.steps,
+        report_steps=report.steps,
+        guidance_scale=s.guidance_scale,
+        **text,
+        batch_size=s.batch_size,
+        height=s.height,
+        width=s.width,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        summary=QuantizerCounts.model_validate(summary.to_json()),
+        report=CalibrationQuality(
+            steps=report.steps,
+            metric=METRIC,
+            overall_mean_error=report.overall_mean_error,
+            mean_psnr_db=report.mean_psnr_db,
+            mean_ssim=report.mean_ssim,
+        ),
+        elapsed_s=round(elapsed, 3),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+    )
     with staged_directory(run_dir, Stage.CALIBRATE.directory) as tmp:
         save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)
         atomic_write_json(tmp / SUMMARY_FILE, summary.to_json())
         atomic_write_json(tmp / REPORT_FILE, report.to_json())
         atomic_write_json(tmp / QUANT_CONFIG_FILE, cfg)
     record = new_record(
-        Stage.CALIBRATE,
-        digest,
-        records_for_tree(run_dir, Stage.CALIBRATE.directory),
-        details={
-            "calibration_file": f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
-            "prompts_file": str(s.prompts),
-            "prompt_set_sha256": prompts_sha,
-            "num_prompts": len(prompts),
-            "heldout_prompt_set_sha256": prompt_set_sha256(heldout),
-            "seeds": [b.seed for b in batches],
-            "report_seeds": [b.seed for b in report_batches],
-            "steps": s.steps,
-            "report_steps": report.steps,
-            "guidance_scale": s.guidance_scale,
-            **text,
-            "batch_size": s.batch_size,
-            "height": s.height,
-            "width": s.width,
-            "device": device,
-            "dtype": str(dtype).removeprefix("torch."),
-            "summary": summary.to_json(),
-            "report": {k: v for k, v in report.to_json().items() if k not in ("buckets", "images")},
-            "elapsed_s": round(elapsed, 3),
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": peak_kind,
-        },
+        Stage.CALIBRATE, digest, records_for_tree(run_dir, Stage.CALIBRATE.directory), details=details
     )
     manifest.put(Stage.CALIBRATE, record)
 

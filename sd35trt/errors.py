@@ -8,6 +8,11 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class Sd35TrtError(Exception):
     """Base class of every error a user can act on."""
@@ -79,3 +84,28 @@ class NonFiniteError(Sd35TrtError):
 
 class DeviceOutOfMemoryError(Sd35TrtError):
     """The device ran out of memory during a request."""
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validation_message(err: ValidationError, source: str) -> str:
+    """One line for a pydantic validation error of a file's contents.
+
+    Names ``source`` (the file), the first bad field as a dotted path (``records.export.details.
+    components.transformer.onnx``), pydantic's message, the value found (when it is a scalar;
+    long ones are cut) and how many more fields are bad.
+    """
+    errors = err.errors()
+    first = errors[0]
+    found = ""
+    value = first.get("input")
+    if first["type"] != "missing" and not isinstance(value, dict | list):
+        text = repr(value)
+        found = f" (found {text if len(text) <= 80 else text[:77] + '...'})"
+    more = f"; {len(errors) - 1} more field(s) are invalid" if len(errors) > 1 else ""
+    return f"{source}: field {_location(first['loc'])}: {first['msg']}{found}{more}"

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: Sigma bucket edges: four equal quarters of the flow-match noise level range [0, 1].
 SIGMA_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: What ``overall_mean_error`` and the buckets measure.
+METRIC = "relative error ||fp8 - ref|| / ||ref|| of the transformer output, same inputs"
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class CalibrationReport:
     def to_json(self) -> dict:
         return {
             "steps": self.steps,
-            "metric": "relative error ||fp8 - ref|| / ||ref|| of the transformer output, same inputs",
+            "metric": METRIC,
             "overall_mean_error": self.overall_mean_error,
             "buckets": [b.to_json() for b in self.buckets],
             "images": [s.to_json() for s in self.images],

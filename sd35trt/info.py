@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sd35trt.errors import ManifestError
-from sd35trt.manifest import MANIFEST_NAME, read_json
+from sd35trt.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
 
 #: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
 PACKAGES = (
@@ -89,30 +89,30 @@ def format_manifest(path: Path) -> str:
     """Readable summary of ``path/manifest.json`` (a run directory or an engines directory).
 
     Raises:
-        ManifestError: there is no readable manifest at ``path``.
+        ManifestError: there is no readable manifest at ``path``, or it does not validate.
     """
     mpath = Path(path) / MANIFEST_NAME
     if not mpath.is_file():
         raise ManifestError(f"{path} has no {MANIFEST_NAME}: it is not a run or engines directory")
     data = read_json(mpath, "it is not an sd35trt manifest")
-    records = data.get("records")
-    if not isinstance(records, dict):  # an engines directory
+    if "records" not in data:  # an engines directory
         return "\n".join(format_engines(Path(path)))
-    lines = [f"run {path} (manifest format {data.get('format')})"]
+    records = RunManifest(path).load()
+    lines = [f"run {path} (manifest format {FORMAT_VERSION})"]
     if not records:
         lines.append("  no stage has run yet")
     for stage, rec in records.items():
-        files = rec.get("files", [])
-        total = sum(f.get("size", 0) for f in files)
-        lines.append(f"{stage}: created {rec.get('created')}, config {str(rec.get('config_digest'))[:12]}")
-        for up, digest in rec.get("upstream", {}).items():
-            lines.append(f"  from {up} record {digest[:12]}")
-        lines.append(f"  {len(files)} files, {_size(total)}")
-        for f in files:
-            lines.append(f"    {f['path']:<48} {_size(f['size']):>10}  {f['sha256'][:12]}")
-        versions = ", ".join(f"{k} {v}" for k, v in sorted(rec.get("versions", {}).items()))
+        total = sum(f.size for f in rec.files)
+        lines.append(f"{stage.value}: created {rec.created}, config {rec.config_digest[:12]}")
+        for up, digest in rec.upstream.items():
+            lines.append(f"  from {up.value} record {digest[:12]}")
+        lines.append(f"  {len(rec.files)} files, {_size(total)}")
+        for f in rec.files:
+            lines.append(f"    {f.path:<48} {_size(f.size):>10}  {f.sha256[:12]}")
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(rec.versions.items()))
         lines.append(f"  versions: {versions}")
-        for key, value in rec.get("details", {}).items():
+        # Every detail, one line each: the stage's own fields, whatever they are.
+        for key, value in rec.details.to_json().items():
             text = json.dumps(value, sort_keys=True)
             lines.append(f"  {key}: {text if len(text) < 160 else text[:157] + '...'}")
     engines_dir = Path(path) / "engines"

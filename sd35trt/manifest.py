@@ -3,7 +3,9 @@
 A run directory ``runs/<name>/`` holds one sub-directory per stage (``calibrate/``, ``onnx/``,
 ``engines/``) and ``manifest.json`` with one record per stage. A record lists every file the
 stage wrote (path relative to the run directory, size, sha256), the digest of the config
-sections the stage depends on, the digests of the upstream records it used, and tool versions.
+sections the stage depends on, the digests of the upstream records it used, and tool versions;
+the records are typed (:mod:`sd35trt.records`) and a manifest that does not validate is one
+:class:`~sd35trt.errors.ManifestError` line naming the file and the field.
 
 Stages publish atomically: they write into a temporary sibling directory, rename it into place,
 and only then add their record (the manifest itself is replaced with ``os.replace``). A stage
@@ -22,65 +24,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
-from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sd35trt.config import sha256_json
-from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError
+from pydantic import ValidationError
+
+from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError, validation_message
+from sd35trt.records import RECORD_TYPES, FileRecord, ManifestFile, Stage, StageRecord
+
+__all__ = ["FileRecord", "Stage", "StageRecord"]  # re-exported: the records' home is sd35trt.records
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
-
-
-class Stage(str, Enum):
-    """Pipeline stages that write artefacts, in order; the value is also the CLI verb."""
-
-    CALIBRATE = "calibrate"
-    EXPORT = "export"
-    BUILD = "build"
-
-    @property
-    def directory(self) -> str:
-        """Sub-directory of the run directory the stage writes."""
-        return {Stage.CALIBRATE: "calibrate", Stage.EXPORT: "onnx", Stage.BUILD: "engines"}[self]
-
-    @property
-    def config_sections(self) -> tuple[str, ...]:
-        """Config sections whose change makes this stage's output stale."""
-        return {
-            # Calibration encodes prompts as the runtime does: its negative prompt and T5 length.
-            Stage.CALIBRATE: ("model", "calibrate", "runtime.negative_prompt", "runtime.max_sequence_length"),
-            # The transformer graph's skip-layer input and text length come from the runtime section.
-            Stage.EXPORT: (
-                "model",
-                "export",
-                "runtime.max_sequence_length",
-                "runtime.skip_layer_guidance.layers",
-            ),
-            Stage.BUILD: ("build", "runtime"),
-        }[self]
-
-    @property
-    def upstream(self) -> Stage | None:
-        return {Stage.CALIBRATE: None, Stage.EXPORT: Stage.CALIBRATE, Stage.BUILD: Stage.EXPORT}[self]
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    path: str  # POSIX path relative to the directory the record is anchored at
-    size: int
-    sha256: str
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> FileRecord:
-        return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
 
 
 def sha256_file(path: str | Path) -> str:
@@ -294,9 +251,9 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def record_digest(record: dict) -> str:
+def record_digest(record: StageRecord) -> str:
     """Digest of a stage record: downstream records name their inputs by it."""
-    return sha256_json(record)
+    return record.digest()
 
 
 def _umask() -> int:
@@ -389,47 +346,73 @@ def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
 
 
 class RunManifest:
-    """``runs/<name>/manifest.json``: one record per stage.
+    """``runs/<name>/manifest.json``: at most one typed record per stage (see :mod:`sd35trt.records`).
 
-    A record is a JSON object with at least ``stage``, ``created``, ``config_digest``,
-    ``upstream`` (stage -> record digest), ``versions`` and ``files``; stages add their own
-    ``details``.
+    Every read parses and validates the whole file, so a record edited by hand or written by
+    another version is reported (one line naming the file and the field) before it is used.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / MANIFEST_NAME
 
-    def load(self) -> dict:
+    def load(self) -> dict[Stage, StageRecord]:
+        """The records in the file (none when it does not exist yet).
+
+        Raises:
+            ManifestError: the file is not JSON, has another format version, or a field does not
+                match its schema (the message names the file and the field, e.g.
+                ``records.export.details.components.transformer.onnx``).
+        """
         if not self.path.exists():
-            return {"format": FORMAT_VERSION, "records": {}}
-        data = read_json(self.path, "delete it and re-run the stages")
-        if data.get("format") != FORMAT_VERSION or not isinstance(data.get("records"), dict):
+            return {}
+        fix = "delete it and re-run the stages"
+        data = read_json(self.path, fix)
+        if data.get("format") != FORMAT_VERSION:
             raise ManifestError(
-                f"{self.path} has format {data.get('format')!r}, this sd35trt reads format {FORMAT_VERSION}"
+                f"{self.path} has format {data.get('format')!r}, this sd35trt reads format "
+                f"{FORMAT_VERSION}: {fix}"
             )
-        return data
+        try:
+            # JSON-mode strict validation: no coercion, so a valid record dumps back to the same
+            # JSON and keeps the digest its downstream records name it by.
+            parsed = ManifestFile.model_validate_json(self.path.read_bytes(), strict=True)
+        except ValidationError as err:
+            raise ManifestError(validation_message(err, str(self.path)) + f"; {fix}") from None
+        return parsed.records.by_stage()
 
-    def get(self, stage: Stage) -> dict | None:
-        return self.load()["records"].get(stage.value)
+    def get(self, stage: Stage) -> StageRecord | None:
+        return self.load().get(stage)
 
-    def require(self, stage: Stage, hint: str = "") -> dict:
+    def require(self, stage: Stage, hint: str = "") -> StageRecord:
         """The record of ``stage``.
 
         Raises:
-            ManifestError: there is none; the message says which command to run.
+            ManifestError: there is none (the message says which command to run), or the
+                manifest does not validate.
         """
         rec = self.get(stage)
         if rec is None:
-            cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
-            raise ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
+            raise self._missing(stage, hint)
         return rec
 
-    def put(self, stage: Stage, record: dict) -> None:
-        """Add or replace the record of ``stage`` (atomically, after its files are in place)."""
-        data = self.load()
-        data["records"][stage.value] = record
-        atomic_write_json(self.path, data)
+    def _missing(self, stage: Stage, hint: str) -> ManifestError:
+        cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
+        return ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
+
+    def put(self, stage: Stage, record: StageRecord) -> None:
+        """Add or replace the record of ``stage`` (atomically, after its files are in place).
+
+        Raises:
+            ValueError: ``record`` is another stage's (a bug).
+            ManifestError: the existing manifest does not validate (it is left as it is).
+        """
+        if record.stage is not stage or not isinstance(record, RECORD_TYPES[stage]):
+            raise ValueError(f"a {record.stage.value} record cannot be put as the {stage.value} record")
+        records = self.load()
+        records[stage] = record
+        ordered = {s.value: records[s].to_json() for s in Stage if s in records}
+        atomic_write_json(self.path, {"format": FORMAT_VERSION, "records": ordered})
 
     def verified(
         self,
@@ -438,7 +421,7 @@ class RunManifest:
         hint: str = "",
         *,
         cache: HashCache | None = None,
-    ) -> dict:
+    ) -> StageRecord:
         """The record of ``stage`` after checking its files, its config digest and its upstream.
 
         Args:
@@ -448,32 +431,30 @@ class RunManifest:
             cache: reuse digests of unchanged files (a freshness check, not a load).
 
         Raises:
-            ManifestError: no record.
+            ManifestError: no record, or the manifest does not validate.
             StaleArtifactError: the config changed since, or an upstream stage re-ran since.
             VerificationError: a file is missing or differs from its record.
         """
-        rec = self.require(stage, hint)
+        records = self.load()
+        rec = records.get(stage)
+        if rec is None:
+            raise self._missing(stage, hint)
         rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
-        if config_digest is not None and rec.get("config_digest") != config_digest:
+        if config_digest is not None and rec.config_digest != config_digest:
             sections = ", ".join(stage.config_sections)
             raise StaleArtifactError(
                 f"the {stage.value} output in {self.run_dir} is stale: config sections [{sections}] changed "
                 f"since it was made; re-run {rerun}"
             )
         up = stage.upstream
-        if up is not None and up.value in rec.get("upstream", {}):
-            current = self.get(up)
-            if current is None or record_digest(current) != rec["upstream"][up.value]:
+        if up is not None and up in rec.upstream:
+            current = records.get(up)
+            if current is None or current.digest() != rec.upstream[up]:
                 raise StaleArtifactError(
                     f"the {stage.value} output in {self.run_dir} was made from an older {up.value} output; "
                     f"re-run {rerun}"
                 )
-        verify_files(
-            self.run_dir,
-            [FileRecord.from_json(f) for f in rec.get("files", [])],
-            what=f"{stage.value} output (re-run {rerun})",
-            cache=cache,
-        )
+        verify_files(self.run_dir, rec.files, what=f"{stage.value} output (re-run {rerun})", cache=cache)
         return rec
 
 
@@ -481,10 +462,17 @@ def is_fresh(run_dir: str | Path, stage: Stage, config_digest: str) -> bool:
     """Whether ``stage``'s output is complete, intact and made from the current config and upstream.
 
     Stages use this to do nothing when re-run on unchanged inputs (``make`` chains them); files
-    unchanged since they were last hashed (size, mtime, inode) are not hashed again.
+    unchanged since they were last hashed (size, mtime, inode) are not hashed again. A manifest
+    that does not validate is not "not fresh": its error propagates.
+
+    Raises:
+        ManifestError: the manifest is not readable or does not validate (not raised for a
+            missing, stale or damaged record: those return ``False``).
     """
+    manifest = RunManifest(run_dir)
+    manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo the stage
     try:
-        RunManifest(run_dir).verified(stage, config_digest, cache=HashCache(run_dir))
+        manifest.verified(stage, config_digest, cache=HashCache(run_dir))
     except ManifestError:
         return False
     return True
@@ -493,17 +481,29 @@ def is_fresh(run_dir: str | Path, stage: Stage, config_digest: str) -> bool:
 def new_record(
     stage: Stage,
     config_digest: str,
-    files: list[FileRecord],
-    upstream: dict[Stage, dict] | None = None,
-    details: dict | None = None,
-) -> dict:
-    """A stage record ready for :meth:`RunManifest.put`."""
-    return {
-        "stage": stage.value,
-        "created": now_utc(),
-        "config_digest": config_digest,
-        "upstream": {s.value: record_digest(r) for s, r in (upstream or {}).items()},
-        "versions": tool_versions(),
-        "files": [f.to_json() for f in files],
-        "details": details or {},
-    }
+    files: Iterable[FileRecord],
+    upstream: dict[Stage, StageRecord] | None = None,
+    *,
+    details: Any,
+) -> StageRecord:
+    """A record of ``stage`` ready for :meth:`RunManifest.put`, created now with this machine's versions.
+
+    Args:
+        stage: the stage writing it.
+        config_digest: digest of ``stage.config_sections`` of the config it ran with.
+        files: the files it wrote (relative to the run directory).
+        upstream: the upstream records it read (named by their digests).
+        details: the stage's own details model (e.g. :class:`~sd35trt.records.ExportDetails`).
+
+    Raises:
+        pydantic.ValidationError: ``details`` is not the stage's details model (a bug).
+    """
+    return RECORD_TYPES[stage](
+        stage=stage,
+        created=now_utc(),
+        config_digest=config_digest,
+        upstream={s: r.digest() for s, r in (upstream or {}).items()},
+        versions=tool_versions(),
+        files=tuple(files),
+        details=details,
+    )

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sd35trt.errors import ReportError
+from sd35trt.errors import ReportError, validation_message
 from sd35trt.manifest import atomic_write_json
 
 
@@ -30,24 +30,6 @@ class ReportModel(BaseModel):
 
 
 R = TypeVar("R", bound=ReportModel)
-
-
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def validation_message(err: ValidationError, source: str) -> str:
-    """One line for ``err``: the first bad field, what it holds, and how many more are bad."""
-    errors = err.errors()
-    first = errors[0]
-    found = ""
-    if first["type"] not in ("missing",) and not isinstance(first.get("input"), dict | list):
-        found = f" (found {first.get('input')!r})"
-    more = f"; {len(errors) - 1} more field(s) are invalid" if len(errors) > 1 else ""
-    return f"{source}: field {_location(first['loc'])}: {first['msg']}{found}{more}"
 
 
 def read_report(path: str | Path, model: type[R]) -> R:

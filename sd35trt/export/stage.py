@@ -47,6 +47,14 @@ from sd35trt.manifest import (
     sha256_file,
     staged_directory,
 )
+from sd35trt.records import (
+    CalibrationInput,
+    ExportDetails,
+    ExportedComponent,
+    ExportRecord,
+    StageRecord,
+    ValidationStatus,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -124,7 +132,7 @@ def export(
     hint: str = "",
     progress: Progress | None = None,
     external_threshold: int | None = None,
-) -> dict:
+) -> ExportRecord:
     """Export, validate and record the five components of ``config``'s model.
 
     Args:
@@ -155,7 +163,7 @@ def export(
     run_dir = Path(run_dir)
     report = progress or print_progress
     manifest = RunManifest(run_dir)
-    upstream: dict[Stage, dict] = {}
+    upstream: dict[Stage, StageRecord] = {}
     calibration = None
     if config.export.quantize:
         cal = manifest.verified(Stage.CALIBRATE, config.digest(*Stage.CALIBRATE.config_sections), hint=hint)
@@ -266,11 +274,11 @@ def _make_job(
     )
 
 
-def _calibration_file(run_dir: Path, record: dict, manifest: RunManifest) -> Path:
+def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest) -> Path:
     from sd35trt.quantize import CALIBRATION_FILE
 
     rel = f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}"
-    if not any(f.get("path") == rel for f in record.get("files", [])):
+    if not any(f.path == rel for f in record.files):
         raise ManifestError(
             f"the calibrate record in {manifest.path} does not list {rel}: re-run `sd35trt calibrate`"
         )
@@ -533,47 +541,47 @@ def _details(
     dims: ModelDims,
     slg: tuple[int, ...],
     graphs: list[_Graph],
-    calibrate_record: dict | None,
+    calibrate_record: StageRecord | None,
     calibration: Path | None,
-) -> dict:
+) -> ExportDetails:
     base = Stage.EXPORT.directory
 
     def rel(p: Path | None) -> str | None:
         return None if p is None else f"{base}/{p.name}"
 
-    components: dict[str, dict] = {}
+    components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
     for component in Component:
         g = by_stem[component.value]
-        entry = {
-            "onnx": rel(g.files[0]),
-            "external_data": rel(g.external_data),
-            "precision": g.precision.value,
-            "quantized": g.quantized,
-            "inputs": g.signature["inputs"],
-            "outputs": g.signature["outputs"],
-            "validation": g.validation.get("status"),
-        }
-        if component is Component.TRANSFORMER:
-            plain = by_stem.get(UNQUANTIZED_STEM)
-            entry["onnx_unquantized"] = rel(plain.files[0]) if plain else None
-            entry["onnx_unquantized_external_data"] = rel(plain.external_data) if plain else None
-            entry["fp8_weights"] = bool(g.quantized and config.export.fp8_weights)
-            entry["fp32_blocks"] = list(g.fp32_blocks)
-        components[component.value] = entry
-    return {
-        "model_dir": str(root),
-        "dims": dims.to_json(),
-        "opset": config.export.opset,
-        "skip_layers": list(slg),
-        "max_sequence_length": config.runtime.max_sequence_length,
-        "report": f"{base}/{REPORT_FILE}",
-        "calibration": None
+        is_transformer = component is Component.TRANSFORMER
+        plain = by_stem.get(UNQUANTIZED_STEM) if is_transformer else None
+        components[component] = ExportedComponent(
+            onnx=rel(g.files[0]),
+            external_data=rel(g.external_data),
+            precision=g.precision,
+            quantized=g.quantized,
+            inputs=g.signature["inputs"],
+            outputs=g.signature["outputs"],
+            validation=ValidationStatus(g.validation["status"]),
+            onnx_unquantized=rel(plain.files[0]) if plain else None,
+            onnx_unquantized_external_data=rel(plain.external_data) if plain else None,
+            # None: not the transformer, whose entry alone has these keys (see ExportedComponent).
+            fp8_weights=bool(g.quantized and config.export.fp8_weights) if is_transformer else None,
+            fp32_blocks=g.fp32_blocks if is_transformer else None,
+        )
+    return ExportDetails(
+        model_dir=root,
+        dims=dims,
+        opset=config.export.opset,
+        skip_layers=slg,
+        max_sequence_length=config.runtime.max_sequence_length,
+        report=f"{base}/{REPORT_FILE}",
+        calibration=None
         if calibration is None or calibrate_record is None
-        else {
-            "record": record_digest(calibrate_record),
-            "file": calibration.relative_to(run_dir).as_posix(),
-            "sha256": sha256_file(calibration),
-        },
-        "components": components,
-    }
+        else CalibrationInput(
+            record=record_digest(calibrate_record),
+            file=calibration.relative_to(run_dir).as_posix(),
+            sha256=sha256_file(calibration),
+        ),
+        components=components,
+    )

@@ -44,17 +44,19 @@ def test_record_names_prompts_seeds_steps_and_files(calibrated_run, tiny_config)
     s = tiny_config.calibrate
     digest = tiny_config.digest(*Stage.CALIBRATE.config_sections)
     rec = RunManifest(calibrated_run).verified(Stage.CALIBRATE, digest)
-    d = rec["details"]
-    assert d["prompt_set_sha256"] == prompt_set_sha256(read_prompts(s.prompts, s.num_prompts, "prompts"))
-    assert d["seeds"] == [0, 1]  # 4 prompts in batches of 2
-    assert (d["steps"], d["guidance_scale"], d["dtype"], d["device"]) == (3, 4.5, "float32", "cpu")
+    d = rec.details
+    assert d.prompt_set_sha256 == prompt_set_sha256(read_prompts(s.prompts, s.num_prompts, "prompts"))
+    assert d.seeds == (0, 1)  # 4 prompts in batches of 2
+    assert (d.steps, d.guidance_scale, d.dtype, d.device) == (3, 4.5, "float32", "cpu")
     # prompts are encoded as the runtime encodes them (config.runtime)
-    assert (d["negative_prompt"], d["max_sequence_length"]) == ("", 256)
-    assert {f["path"] for f in rec["files"]} == FILES
-    assert {"torch", "diffusers", "nvidia-modelopt"} <= set(rec["versions"])
-    assert d["elapsed_s"] > 0 and d["peak_memory_bytes"] > 0
+    assert (d.negative_prompt, d.max_sequence_length) == ("", 256)
+    assert {f.path for f in rec.files} == FILES
+    assert {"torch", "diffusers", "nvidia-modelopt"} <= set(rec.versions)
+    assert d.elapsed_s > 0 and d.peak_memory_bytes > 0
     summary = json.loads((calibrated_run / "calibrate" / SUMMARY_FILE).read_text())
-    assert summary == d["summary"]
+    assert summary == d.summary.to_json()
+    report = json.loads((calibrated_run / "calibrate" / REPORT_FILE).read_text())
+    assert d.report.to_json() == {k: report[k] for k in d.report.to_json()}
     # Linear layers per block: 18 (block 0, with dual attention), 14, 11 (last, context_pre_only).
     assert summary["enabled"]["weight"] == summary["enabled"]["input"] == 18 + 14 + 11
     assert summary["enabled"]["attention"] == 0  # fp8_attention is off in tiny.yaml
@@ -102,8 +104,8 @@ def test_same_inputs_give_identical_amax(calibrated_run, tiny_config, tmp_path):
     calibrate(tiny_config, run, log=_quiet)
     first, second = (r / "calibrate" / CALIBRATION_FILE for r in (calibrated_run, run))
     assert sha256_file(first) == sha256_file(second)
-    rec1, rec2 = (RunManifest(r).get(Stage.CALIBRATE)["details"] for r in (calibrated_run, run))
-    assert rec1["report"] == rec2["report"]
+    rec1, rec2 = (RunManifest(r).get(Stage.CALIBRATE).details for r in (calibrated_run, run))
+    assert rec1.report == rec2.report
 
 
 def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run):

@@ -10,10 +10,12 @@ import pytest
 from onnx import TensorProto
 
 from sd35trt.components import Component
+from sd35trt.config import Precision
 from sd35trt.errors import ExportError, StaleArtifactError
 from sd35trt.export import REPORT_FILE, UNQUANTIZED_STEM, export
 from sd35trt.manifest import RunManifest, Stage, new_record, record_digest, records_for_tree, sha256_file
 from sd35trt.quantize import CALIBRATION_FILE
+from sd35trt.records import TensorSignature, ValidationStatus
 
 pytestmark = pytest.mark.slow
 
@@ -43,27 +45,29 @@ def _session(path):
 def test_record_lists_the_graphs_and_how_they_were_made(exported_run, tiny_config):
     manifest = RunManifest(exported_run)
     rec = manifest.verified(Stage.EXPORT, tiny_config.digest(*Stage.EXPORT.config_sections))
-    assert {f["path"] for f in rec["files"]} == {f"onnx/{g}.onnx" for g in GRAPHS} | {f"onnx/{REPORT_FILE}"}
-    assert rec["upstream"] == {"calibrate": record_digest(manifest.get(Stage.CALIBRATE))}
-    d = rec["details"]
-    assert (d["opset"], d["skip_layers"], d["max_sequence_length"]) == (19, [1], 256)
-    assert d["calibration"]["sha256"] == sha256_file(exported_run / "calibrate" / CALIBRATION_FILE)
+    assert {f.path for f in rec.files} == {f"onnx/{g}.onnx" for g in GRAPHS} | {f"onnx/{REPORT_FILE}"}
+    assert rec.upstream == {Stage.CALIBRATE: record_digest(manifest.get(Stage.CALIBRATE))}
+    d = rec.details
+    assert (d.opset, d.skip_layers, d.max_sequence_length) == (19, (1,), 256)
+    assert d.calibration.sha256 == sha256_file(exported_run / "calibrate" / CALIBRATION_FILE)
     for c in Component:
-        entry = d["components"][c.value]
-        assert entry["onnx"] == f"onnx/{c.value}.onnx"
-        assert (entry["precision"], entry["quantized"]) == ("fp32", c is Component.TRANSFORMER)
-        model = onnx.load(str(exported_run / entry["onnx"]))
+        entry = d.components[c]
+        assert entry.onnx == f"onnx/{c.value}.onnx"
+        assert (entry.precision, entry.quantized) == (Precision.FP32, c is Component.TRANSFORMER)
+        assert entry.validation is ValidationStatus.PASSED
+        model = onnx.load(str(exported_run / entry.onnx))
         assert {o.domain: o.version for o in model.opset_import}[""] == 19
-        assert list(entry["outputs"]) == OUTPUTS[c.value]
-    tr = d["components"]["transformer"]
-    assert tr["onnx_unquantized"] == f"onnx/{UNQUANTIZED_STEM}.onnx"
-    assert tr["inputs"]["hidden_states"] == {
-        "dtype": "float32",
-        "shape": ["batch", 16, "latent_height", "latent_width"],
-    }
-    assert tr["inputs"]["encoder_hidden_states"]["shape"] == ["batch", "text_length", 96]
-    assert tr["inputs"]["skip_layers"] == {"dtype": "float32", "shape": [1]}
-    assert d["components"]["t5"]["inputs"]["input_ids"] == {"dtype": "int64", "shape": ["batch", "t5_length"]}
+        assert list(entry.outputs) == OUTPUTS[c.value]
+    tr = d.components[Component.TRANSFORMER]
+    assert (tr.onnx_unquantized, tr.fp8_weights) == (f"onnx/{UNQUANTIZED_STEM}.onnx", False)
+    assert tr.inputs["hidden_states"] == TensorSignature(
+        dtype="float32", shape=("batch", 16, "latent_height", "latent_width")
+    )
+    assert tr.inputs["encoder_hidden_states"].shape == ("batch", "text_length", 96)
+    assert tr.inputs["skip_layers"] == TensorSignature(dtype="float32", shape=(1,))
+    t5 = d.components[Component.T5]
+    assert t5.inputs["input_ids"] == TensorSignature(dtype="int64", shape=("batch", "t5_length"))
+    assert t5.fp8_weights is None
 
 
 def test_report_has_per_output_errors_at_two_shapes(exported_run):
@@ -200,14 +204,14 @@ def test_stale_calibration_is_detected(exported_run, tiny_config, copy_run):
     manifest = RunManifest(run)
     cal = manifest.get(Stage.CALIBRATE)
     # What a calibrate run with other settings leaves: another amax file, another config digest.
-    amax = run / cal["details"]["calibration_file"]
+    amax = run / cal.details.calibration_file
     amax.write_bytes(amax.read_bytes()[::-1])
     changed = tiny_config.model_copy(
         update={"calibrate": tiny_config.calibrate.model_copy(update={"num_prompts": 2})}
     )
     digest = changed.digest(*Stage.CALIBRATE.config_sections)
     files = records_for_tree(run, Stage.CALIBRATE.directory)
-    manifest.put(Stage.CALIBRATE, new_record(Stage.CALIBRATE, digest, files, details=cal["details"]))
+    manifest.put(Stage.CALIBRATE, new_record(Stage.CALIBRATE, digest, files, details=cal.details))
 
     # What build sees: the export was made from the calibration that has just been replaced.
     with pytest.raises(StaleArtifactError, match="older calibrate output"):

@@ -21,6 +21,7 @@ from sd35trt.build import build
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend
 from sd35trt.errors import IncompatibleEngineError
+from sd35trt.manifest import RunManifest, Stage
 from sd35trt.runtime.engine import Engine
 from sd35trt.runtime.engines import MachineInfo, open_engines, verify_engines
 from sd35trt.runtime.trt import TrtEngine
@@ -104,8 +105,8 @@ def test_tensorrt_build_records_this_machine(runs):
         assert (rec.tensorrt_version, rec.compute_capability) == (trt.__version__, cc)
         assert rec.options["strongly_typed"] is True
     transformer = manifest.record(Component.TRANSFORMER)
-    exported = json.loads((runs[Backend.TENSORRT] / "manifest.json").read_text())["records"]["export"]
-    quantized = exported["details"]["components"]["transformer"]["quantized"]
+    exported = RunManifest(runs[Backend.TENSORRT]).get(Stage.EXPORT)
+    quantized = exported.details.components[Component.TRANSFORMER].quantized
     # FP8 only where the GPU has it (sm_89+); otherwise the unquantized export was built.
     assert transformer.fp8 is (quantized and cc >= (8, 9))
     for rec in manifest.engines.values():

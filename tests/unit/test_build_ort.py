@@ -21,7 +21,7 @@ from torch import nn
 
 from sd35trt.build import build, choose_source, onnx_inputs, resolve_backend
 from sd35trt.components import Component, ComponentSpec, ModelDims, TensorSpec, TensorType, Tolerance, spec
-from sd35trt.config import Backend, Config, config_from_dict
+from sd35trt.config import Backend, Config, Precision, config_from_dict
 from sd35trt.errors import (
     BackendUnavailableError,
     BuildError,
@@ -29,7 +29,9 @@ from sd35trt.errors import (
     StaleArtifactError,
     VerificationError,
 )
+from sd35trt.export.onnx_files import io_signature
 from sd35trt.manifest import RunManifest, Stage, new_record, records_for_tree
+from sd35trt.records import BuildRecord, ExportDetails, ExportedComponent, ValidationStatus
 from sd35trt.runtime.engines import GpuInfo, MachineInfo, open_engines, verify_engines
 from sd35trt.runtime.ort import GRAPH_OPTIMIZATION_LEVEL, OrtEngine, optimize_model
 
@@ -203,18 +205,36 @@ def make_export_run(root: Path, config: Config) -> Path:
     }
     entries = {}
     for component, module in modules.items():
-        _export(component, module, onnx_dir / f"{component.value}.onnx")
-        entries[component.value] = {
-            "onnx": f"onnx/{component.value}.onnx",
-            "precision": "fp32",
-            "quantized": component is Component.TRANSFORMER,
-            "onnx_unquantized": None,
-        }
+        path = onnx_dir / f"{component.value}.onnx"
+        _export(component, module, path)
+        signature = io_signature(onnx.load(str(path)))
+        is_transformer = component is Component.TRANSFORMER
+        entries[component] = ExportedComponent(
+            onnx=f"onnx/{component.value}.onnx",
+            external_data=None,
+            precision=Precision.FP32,
+            quantized=is_transformer,
+            inputs=signature["inputs"],
+            outputs=signature["outputs"],
+            validation=ValidationStatus.PASSED,
+            onnx_unquantized=None,
+            fp8_weights=False if is_transformer else None,
+        )
+    details = ExportDetails(
+        model_dir=model_dir,
+        dims=DIMS,
+        opset=19,
+        skip_layers=tuple(range(SKIP_LAYERS)),
+        max_sequence_length=config.runtime.max_sequence_length,
+        report="onnx/export_report.json",
+        calibration=None,
+        components=entries,
+    )
     record = new_record(
         Stage.EXPORT,
         config.digest(*Stage.EXPORT.config_sections),
         records_for_tree(run_dir, "onnx"),
-        details={"model_dir": str(model_dir), "dims": DIMS.to_json(), "components": entries},
+        details=details,
     )
     RunManifest(run_dir).put(Stage.EXPORT, record)
     return run_dir
@@ -226,7 +246,7 @@ def exported(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(exported, tmp_path_factory) -> tuple[Path, dict, list[str]]:
+def built(exported, tmp_path_factory) -> tuple[Path, BuildRecord, list[str]]:
     run_dir = tmp_path_factory.mktemp("built") / "run"
     shutil.copytree(exported, run_dir)
     lines: list[str] = []
@@ -244,7 +264,8 @@ def test_build_writes_engines_manifest_and_record(built):
     run_dir, record, lines = built
     engines_dir = run_dir / "engines"
     assert record == RunManifest(run_dir).verified(Stage.BUILD, _config().digest("build", "runtime"))
-    assert record["details"]["backend"] == "onnxruntime"
+    assert record.details.backend is Backend.ONNXRUNTIME
+    assert record.details.components[Component.TRANSFORMER].fp8 is True
     data = json.loads((engines_dir / "manifest.json").read_text())
     assert set(data["engines"]) == {c.value for c in Component}
     tr = data["engines"]["transformer"]
@@ -255,8 +276,8 @@ def test_build_writes_engines_manifest_and_record(built):
     assert tr["options"]["graph_optimization_level"] == GRAPH_OPTIMIZATION_LEVEL
     assert (tr["tensorrt_version"], tr["gpu_name"], tr["compute_capability"]) == (None, None, None)
     assert tr["build_seconds"] > 0
-    exported = RunManifest(run_dir).get(Stage.EXPORT)["files"]
-    assert tr["source_onnx"] == next(f for f in exported if f["path"] == "onnx/transformer.onnx")
+    exported = RunManifest(run_dir).get(Stage.EXPORT).files
+    assert tr["source_onnx"] == next(f.to_json() for f in exported if f.path == "onnx/transformer.onnx")
     assert data["dims"] == DIMS.to_json() and data["runtime_defaults"]["max_sequence_length"] == 8
     assert {f["path"] for f in data["support_files"]} == {
         "tokenizer/vocab.json",
@@ -312,7 +333,7 @@ def test_up_to_date_build_is_reused_and_force_rebuilds(built, tmp_path):
     again = build(_config(), run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
     assert again == built[1] and marker.exists() and any("up to date" in ln for ln in lines)
     rebuilt = build(_config(), run_dir, Backend.ONNXRUNTIME, force=True, machine=CPU, progress=lines.append)
-    assert not marker.exists() and rebuilt["created"] >= built[1]["created"]
+    assert not marker.exists() and rebuilt.created >= built[1].created
     # A damaged engine is a reason to rebuild, not to fail.
     (run_dir / "engines" / "vae_decoder.onnx").write_bytes(b"truncated")
     build(_config(), run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
@@ -320,14 +341,14 @@ def test_up_to_date_build_is_reused_and_force_rebuilds(built, tmp_path):
     # So is a change of a build-relevant setting.
     changed = _config(guidance_scale=1.0)
     record = build(changed, run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
-    assert record["config_digest"] == changed.digest("build", "runtime") != rebuilt["config_digest"]
+    assert record.config_digest == changed.digest("build", "runtime") != rebuilt.config_digest
 
 
 def test_auto_without_tensorrt_uses_onnxruntime_and_says_so(exported, tmp_path):
     run_dir = _copy(exported, tmp_path)
     lines: list[str] = []
     record = build(_config(), run_dir, Backend.AUTO, machine=CPU, progress=lines.append)
-    assert record["details"]["backend"] == "onnxruntime"
+    assert record.details.backend is Backend.ONNXRUNTIME
     assert lines[0] == (
         "build backend onnxruntime "
         "(auto: no TensorRT (import tensorrt failed) and no CUDA GPU, using ONNX Runtime)"
@@ -346,8 +367,8 @@ def test_tensorrt_requested_where_absent_fails_and_keeps_engines(built, tmp_path
 def test_failed_build_publishes_nothing(exported, tmp_path):
     run_dir = _copy(exported, tmp_path)
     rec = RunManifest(run_dir).get(Stage.EXPORT)
-    rec["details"]["model_dir"] = str(tmp_path / "nowhere")
-    RunManifest(run_dir).put(Stage.EXPORT, rec)
+    moved = rec.details.model_copy(update={"model_dir": tmp_path / "nowhere"})
+    RunManifest(run_dir).put(Stage.EXPORT, rec.model_copy(update={"details": moved}))
     with pytest.raises(ModelError, match=r"nowhere/tokenizer is missing"):
         build(_config(), run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lambda _: None)
     assert not (run_dir / "engines").exists() and not list(run_dir.glob(".engines*"))
@@ -457,18 +478,25 @@ def test_bfloat16_inputs_and_outputs_round_trip(tmp_path):
 
 
 def test_choose_source_falls_back_without_fp8():
-    entry = {
-        "onnx": "onnx/transformer.onnx",
-        "quantized": True,
-        "onnx_unquantized": "onnx/transformer_bf16.onnx",
-    }
+    entry = ExportedComponent(
+        onnx="onnx/transformer.onnx",
+        external_data=None,
+        precision=Precision.BF16,
+        quantized=True,
+        inputs={},
+        outputs={},
+        validation=ValidationStatus.PASSED,
+        onnx_unquantized="onnx/transformer_bf16.onnx",
+        fp8_weights=False,
+    )
     ampere, ada = GpuInfo("NVIDIA A100", (8, 0)), GpuInfo("NVIDIA L4", (8, 9))
     src = choose_source(Component.TRANSFORMER, entry, Backend.TENSORRT, ampere)
     assert (src.path, src.fp8) == ("onnx/transformer_bf16.onnx", False) and "sm_80) has no FP8" in src.note
     assert choose_source(Component.TRANSFORMER, entry, Backend.TENSORRT, ada).fp8 is True
     assert choose_source(Component.TRANSFORMER, entry, Backend.ONNXRUNTIME, None).fp8 is True
     with pytest.raises(BuildError, match=r"NVIDIA A100 \(sm_80\) has no FP8 .* no unquantized transformer"):
-        choose_source(Component.TRANSFORMER, {**entry, "onnx_unquantized": None}, Backend.TENSORRT, ampere)
+        no_fallback = entry.model_copy(update={"onnx_unquantized": None})
+        choose_source(Component.TRANSFORMER, no_fallback, Backend.TENSORRT, ampere)
 
 
 def test_resolve_backend():

@@ -1,10 +1,14 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from record_fakes import export_details
 from typer.testing import CliRunner
 
 from sd35trt.cli import app
+from sd35trt.manifest import RunManifest, Stage, new_record
 
 
 def test_cli_import_leaves_heavy_modules_out():
@@ -100,3 +104,24 @@ def test_run_options_are_diffusers_names_with_short_aliases(monkeypatch, tmp_pat
     result = CliRunner().invoke(app, ["run", "a cat", "--engines", str(tmp_path), *argv])
     assert result.exit_code == 0, result.output
     assert (seen["num_inference_steps"], seen["guidance_scale"]) == (steps, guidance)
+
+
+def test_malformed_run_manifest_is_one_line_naming_file_and_field(tmp_path):
+    """A record whose JSON has the wrong type: one line naming the file and the field, exit 1."""
+    RunManifest(tmp_path).put(Stage.EXPORT, new_record(Stage.EXPORT, "e", [], details=export_details()))
+    path = tmp_path / "manifest.json"
+    data = json.loads(path.read_text())
+    data["records"]["export"]["details"]["components"]["transformer"]["onnx"] = 5
+    path.write_text(json.dumps(data))
+    field = "records.export.details.components.transformer.onnx"
+    repo = Path(__file__).resolve().parents[2]
+    for args in (
+        ["inspect", str(tmp_path)],
+        ["build", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sd35trt.cli", *args], capture_output=True, text=True, cwd=repo
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{path}: field {field}: Input should be a valid string (found 5)" in proc.stderr

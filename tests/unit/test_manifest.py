@@ -7,18 +7,20 @@ import time
 from pathlib import Path
 
 import pytest
+from record_fakes import details
 
 from sd35trt.config import Config
 from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError
 from sd35trt.manifest import RunManifest, Stage, new_record, records_for_tree, staged_directory, verify_files
 
 
-def _publish(run_dir: Path, stage: Stage, digest: str, upstream=None, payload=b"weights") -> dict:
+def _publish(run_dir: Path, stage: Stage, digest: str, upstream=None, payload=b"weights"):
     with staged_directory(run_dir, stage.directory) as tmp:
         (tmp / "a.bin").write_bytes(payload)
         (tmp / "sub").mkdir()
         (tmp / "sub" / "b.json").write_text("{}")
-    rec = new_record(stage, digest, records_for_tree(run_dir, stage.directory), upstream=upstream)
+    files = records_for_tree(run_dir, stage.directory)
+    rec = new_record(stage, digest, files, upstream=upstream, details=details(stage))
     RunManifest(run_dir).put(stage, rec)
     return rec
 
@@ -47,7 +49,7 @@ def test_flipped_byte_truncation_and_missing_file_are_named(tmp_path):
 def test_relative_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rec = _publish(Path("runs") / "rel", Stage.CALIBRATE, "d")
-    assert {f["path"] for f in rec["files"]} == {"calibrate/a.bin", "calibrate/sub/b.json"}
+    assert {f.path for f in rec.files} == {"calibrate/a.bin", "calibrate/sub/b.json"}
     RunManifest(Path("runs") / "rel").verified(Stage.CALIBRATE, "d")
 
 
@@ -114,19 +116,24 @@ def test_writer_killed_mid_write_leaves_nothing_final_and_is_cleaned(tmp_path):
 
 _MANIFEST_WRITER = """
 import sys
+from record_fakes import calibrate_details
 from sd35trt.manifest import RunManifest, Stage, new_record
 m = RunManifest(sys.argv[1])
 i = 0
+details = calibrate_details(prompts_file="y" * 200000)
 print("ready", flush=True)
 while True:
-    m.put(Stage.CALIBRATE, new_record(Stage.CALIBRATE, str(i), [], details={"pad": "y" * 200000}))
+    m.put(Stage.CALIBRATE, new_record(Stage.CALIBRATE, str(i), [], details=details))
     i += 1
 """
 
 
 def test_manifest_killed_during_writes_stays_valid(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-c", _MANIFEST_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _MANIFEST_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent,  # imports record_fakes
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -136,6 +143,7 @@ def test_manifest_killed_during_writes_stays_valid(tmp_path):
         proc.wait(timeout=30)
     data = json.loads((tmp_path / "manifest.json").read_text())  # never a half-written JSON
     assert int(data["records"]["calibrate"]["config_digest"]) >= 0
+    assert RunManifest(tmp_path).get(Stage.CALIBRATE).details.prompts_file == "y" * 200000
 
 
 def test_verify_files_accepts_matching_records(tmp_path):
@@ -163,7 +171,8 @@ def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path
     big = run / "onnx" / "model.onnx"
     big.write_bytes(os.urandom(1 << 20))
     digest = Config(name="x").digest(*Stage.EXPORT.config_sections)
-    RunManifest(run).put(Stage.EXPORT, new_record(Stage.EXPORT, digest, records_for_tree(run, "onnx")))
+    record = new_record(Stage.EXPORT, digest, records_for_tree(run, "onnx"), details=details(Stage.EXPORT))
+    RunManifest(run).put(Stage.EXPORT, record)
     hashed = []
     real = hashlib.sha256
 
