@@ -13,12 +13,12 @@ unchanged. ``tests/unit/test_records.py`` checks that on a manifest written by s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
-from pydantic.dataclasses import dataclass
 
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import Backend, Precision, sha256_json
@@ -58,9 +58,9 @@ class Stage(str, Enum):
         return {Stage.CALIBRATE: None, Stage.EXPORT: Stage.CALIBRATE, Stage.BUILD: Stage.EXPORT}[self]
 
 
-@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+@dataclass(frozen=True)
 class FileRecord:
-    """One file a stage wrote.
+    """One file a stage wrote (validated as a field of the records that hold it).
 
     Attributes:
         path: POSIX path relative to the directory the record is anchored at (the run directory,
