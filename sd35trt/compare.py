@@ -173,8 +173,8 @@ def check_sources(manifest: EngineManifest, components: Iterable[Component]) -> 
             "(run it on the engines directory of the run, runs/<name>/engines: an artefact ships no ONNX)"
         )
     verify_files(run_dir, records.values(), what="ONNX sources of the engines")
-    export = RunManifest(run_dir).get(Stage.EXPORT) or {}
-    listed = {f["path"]: FileRecord.from_json(f) for f in export.get("files", [])}
+    export = RunManifest(run_dir).get(Stage.EXPORT)
+    listed = {f.path: f for f in export.files} if export is not None else {}
     data: dict[str, FileRecord] = {}
     for rec in records.values():
         src = run_dir / rec.path

@@ -59,7 +59,8 @@ def test_record_lists_the_graphs_and_how_they_were_made(exported_run, tiny_confi
         assert {o.domain: o.version for o in model.opset_import}[""] == 19
         assert list(entry.outputs) == OUTPUTS[c.value]
     tr = d.components[Component.TRANSFORMER]
-    assert (tr.onnx_unquantized, tr.fp8_weights) == (f"onnx/{UNQUANTIZED_STEM}.onnx", False)
+    assert tr.onnx_unquantized == f"onnx/{UNQUANTIZED_STEM}.onnx"
+    assert (tr.fp8_weights, tr.fp32_blocks) == (False, ())
     assert tr.inputs["hidden_states"] == TensorSignature(
         dtype="float32", shape=("batch", 16, "latent_height", "latent_width")
     )
@@ -67,7 +68,7 @@ def test_record_lists_the_graphs_and_how_they_were_made(exported_run, tiny_confi
     assert tr.inputs["skip_layers"] == TensorSignature(dtype="float32", shape=(1,))
     t5 = d.components[Component.T5]
     assert t5.inputs["input_ids"] == TensorSignature(dtype="int64", shape=("batch", "t5_length"))
-    assert t5.fp8_weights is None
+    assert t5.fp8_weights is None and t5.fp32_blocks is None
 
 
 def test_report_has_per_output_errors_at_two_shapes(exported_run):

@@ -83,7 +83,9 @@ def exported_component(component: Component, **changes) -> ExportedComponent:
         "validation": ValidationStatus.PASSED,
     }
     if component is Component.TRANSFORMER:
-        fields.update(onnx_unquantized=None, onnx_unquantized_external_data=None, fp8_weights=False)
+        fields.update(
+            onnx_unquantized=None, onnx_unquantized_external_data=None, fp8_weights=False, fp32_blocks=()
+        )
     return ExportedComponent(**{**fields, **changes})
 
 

@@ -219,6 +219,7 @@ def make_export_run(root: Path, config: Config) -> Path:
             validation=ValidationStatus.PASSED,
             onnx_unquantized=None,
             fp8_weights=False if is_transformer else None,
+            fp32_blocks=() if is_transformer else None,
         )
     details = ExportDetails(
         model_dir=model_dir,

@@ -44,6 +44,7 @@ def test_format_1_manifest_reads_with_every_digest_unchanged(tmp_path):
     transformer = records[Stage.EXPORT].details.components[Component.TRANSFORMER]
     assert transformer.quantized and transformer.onnx_unquantized == "onnx/transformer_unquantized.onnx"
     assert records[Stage.EXPORT].details.components[Component.CLIP_L].fp8_weights is None
+    assert transformer.fp32_blocks is None  # recorded before export.fp32_blocks existed
     assert records[Stage.BUILD].details.backend is Backend.ONNXRUNTIME
 
 
@@ -55,9 +56,10 @@ def test_records_written_and_read_back_are_equal(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert data["format"] == FORMAT_VERSION and set(data["records"]) == {"calibrate", "export", "build"}
     entries = data["records"]["export"]["details"]["components"]
-    # only the transformer's entry has the unquantized-graph keys
+    # only the transformer's entry has the unquantized-graph and fp32-block keys
     assert "onnx_unquantized" in entries["transformer"] and entries["transformer"]["onnx_unquantized"] is None
-    assert not {"onnx_unquantized", "fp8_weights"} & set(entries["clip_l"])
+    assert entries["transformer"]["fp32_blocks"] == []
+    assert not {"onnx_unquantized", "fp8_weights", "fp32_blocks"} & set(entries["clip_l"])
 
 
 def test_every_stage_has_its_key_in_the_file_schema():
