@@ -295,11 +295,22 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+        ManifestError: the file is missing, not JSON or not an object (``what``: what to do then).
+    """
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path} does not exist") from None
-    except json.JSONDecodeError as err:
+    return _json_object(path, raw, what)
+
+
+def _json_object(path: Path, raw: bytes, what: str) -> dict:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path} is not valid JSON ({err}); {what}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a JSON object; {what}")
@@ -364,10 +375,12 @@ class RunManifest:
                 match its schema (the message names the file and the field, e.g.
                 ``records.export.details.components.transformer.onnx``).
         """
-        if not self.path.exists():
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
             return {}
         fix = "delete it and re-run the stages"
-        data = read_json(self.path, fix)
+        data = _json_object(self.path, raw, fix)
         if data.get("format") != FORMAT_VERSION:
             raise ManifestError(
                 f"{self.path} has format {data.get('format')!r}, this sd35trt reads format "
@@ -376,7 +389,7 @@ class RunManifest:
         try:
             # JSON-mode strict validation: no coercion, so a valid record dumps back to the same
             # JSON and keeps the digest its downstream records name it by.
-            parsed = ManifestFile.model_validate_json(self.path.read_bytes(), strict=True)
+            parsed = ManifestFile.model_validate_json(raw, strict=True)
         except ValidationError as err:
             raise ManifestError(validation_message(err, str(self.path)) + f"; {fix}") from None
         return parsed.records.by_stage()

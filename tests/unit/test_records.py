@@ -121,9 +121,9 @@ def test_a_record_that_does_not_validate_is_one_line_naming_file_and_field(tmp_p
     assert json.loads(path.read_text()) == data
 
 
-@pytest.mark.parametrize("content", ["{", "[]", '{"format": 0, "records": {}}'])
+@pytest.mark.parametrize("content", [b"{", b"\xff{}", b"[]", b'{"format": 0, "records": {}}'])
 def test_unreadable_or_other_format_manifest_is_one_line(tmp_path, content):
-    (tmp_path / "manifest.json").write_text(content)
+    (tmp_path / "manifest.json").write_bytes(content)
     with pytest.raises(ManifestError) as err:
         RunManifest(tmp_path).load()
     assert "\n" not in str(err.value) and "re-run the stages" in str(err.value)
