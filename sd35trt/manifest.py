@@ -5,7 +5,8 @@ A run directory ``runs/<name>/`` holds one sub-directory per stage (``calibrate/
 stage wrote (path relative to the run directory, size, sha256), the digest of the config
 sections the stage depends on, the digests of the upstream records it used, and tool versions;
 the records are typed (:mod:`sd35trt.records`) and a manifest that does not validate is one
-:class:`~sd35trt.errors.ManifestError` line naming the file and the field.
+:class:`~sd35trt.errors.ManifestError` line naming the file and the field. ``Stage`` and
+``FileRecord`` live with the record models and are importable from here too.
 
 Stages publish atomically: they write into a temporary sibling directory, rename it into place,
 and only then add their record (the manifest itself is replaced with ``os.replace``). A stage
@@ -32,8 +33,6 @@ from pydantic import ValidationError
 
 from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError, validation_message
 from sd35trt.records import RECORD_TYPES, FileRecord, ManifestFile, Stage, StageRecord
-
-__all__ = ["FileRecord", "Stage", "StageRecord"]  # re-exported: the records' home is sd35trt.records
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
