@@ -19,7 +19,7 @@ TEST_WORKERS ?= 2
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-throughput artifact clean
+.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-throughput artifact gpu-wheels gpu-evidence clean
 
 # The CPU development environment is locked (requirements.lock: every package pinned with its
 # sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
@@ -148,6 +148,18 @@ ARTIFACT ?= $(RUN_DIR)/sd35trt-$(MODEL).tar.gz
 artifact: build
 	$(SD35) package $(RUN_DIR) --out $(ARTIFACT)
 	$(SD35) verify $(ARTIFACT)
+
+# Full-size evidence on a CUDA GPU (README: "Evidence at full size on a GPU"): SD3.5-large and
+# -medium shaped transformer forward, calibration and FP8 export, each step bounded, in one run.
+# gpu-wheels downloads into .whl/ what a bare GPU machine lacks (scripts/gpu_device_packages.txt).
+GPU_EVIDENCE_ARGS ?=
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+gpu-wheels: $(SETUP_STAMP)
+	$(BIN)/python scripts/gpu_wheels.py
+
+gpu-evidence:
+	PYTHON=$(GPU_PYTHON) scripts/gpu_evidence.sh $(GPU_EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(RUN_DIR)

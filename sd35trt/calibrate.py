@@ -44,7 +44,7 @@ from sd35trt.manifest import (
     staged_directory,
 )
 from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
-from sd35trt.quantize import CALIBRATION_FILE, quant_config
+from sd35trt.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.records import CalibrateDetails, CalibrateRecord, CalibrationQuality, QuantizerCounts
 from sd35trt.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 
@@ -119,6 +119,36 @@ def _forward_loop(
     return loop
 
 
+def calibrate_transformer(
+    pipe,
+    batches: Sequence[PromptBatch],
+    settings: CalibrateSettings,
+    status: Callable[[str], None] = lambda _item: None,
+) -> QuantSummary:
+    """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
+
+    Step 4 of :func:`calibrate`, callable on its own: the pipeline needs only its transformer
+    and scheduler when the batches carry their embeddings (the text encoders may be None).
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` on the calibration device.
+        batches: encoded prompt batches, each run for ``settings.steps`` steps at
+            ``settings.height`` x ``settings.width`` with ``settings.guidance_scale``.
+        settings: the ``calibrate`` config section.
+        status: receives the batch being calibrated (``calibrating: batch 2/4``).
+
+    Returns:
+        The :class:`~sd35trt.quantize.QuantSummary` of the calibrated transformer.
+
+    Raises:
+        ConfigError: bad exclusions, blocks or FP8-attention head dim.
+        CalibrationError: a quantizer ended with an amax of 0, inf or NaN, or saw no data.
+    """
+    from sd35trt.quantize import quantize
+
+    return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status))
+
+
 def _peak_memory(device: str) -> tuple[int, str]:
     import torch
 
@@ -167,7 +197,7 @@ def calibrate(
     import torch
 
     from sd35trt.evaluate_calibration import METRIC, quality_report
-    from sd35trt.quantize import quantize, save_calibration
+    from sd35trt.quantize import save_calibration
 
     s = config.calibrate
     run_dir = Path(run_dir)
@@ -206,7 +236,7 @@ def calibrate(
     report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device, **text)
     drop_text_encoders(pipe)
 
-    summary = quantize(pipe.transformer, s, _forward_loop(pipe, batches, s, status))
+    summary = calibrate_transformer(pipe, batches, s, status)
     report = quality_report(
         pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
     )

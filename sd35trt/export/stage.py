@@ -86,6 +86,7 @@ class _Job:
     providers: list[str]
     external_threshold: int
     progress: Progress
+    phase: Progress = lambda _name: None  # receives each export step's name as it starts
 
 
 @dataclass
@@ -210,6 +211,8 @@ def export_component(
     *,
     calibration: Path | None = None,
     progress: Progress | None = None,
+    phase: Progress | None = None,
+    device: str | None = None,
 ) -> list[Path]:
     """Export and validate one component into ``out``, outside any run directory or manifest.
 
@@ -224,6 +227,9 @@ def export_component(
         out: the directory to write the graph(s) to (created if missing).
         calibration: for an FP8 transformer, the calibration file to restore.
         progress: receives one line per graph (default: stderr).
+        phase: receives each step's name as it starts (``load``, ``reference``, ``trace``,
+            ``rewrite``, ``save``, ``validate``, ``unquantized``), so a caller can tell how far it got.
+        device: where the module loads and traces (default: CUDA when present, else CPU).
 
     Returns:
         The ``.onnx`` files written (the FP8 transformer's unquantized graph too).
@@ -237,6 +243,7 @@ def export_component(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     job = _make_job(config, Path(model_root), dims, out, slg, calibration, None, progress or print_progress)
+    job.phase, job.device = phase or job.phase, device or job.device
     try:
         graphs = _export_component(job, component, component.value)
     finally:
@@ -334,10 +341,14 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     if skipped is not None:
         job.progress(f"warning: {component.value} will not be validated: {skipped}")
 
+    job.phase("load")
     module = tracing.load_module(
         config, job.root, component, precision, job.device, job.slg, job.calibration if quantized else None
     )
+    if skipped is None:
+        job.phase("reference")
     ref = None if skipped else _reference(module, sp, check_shapes, precision, job.device, quantized)
+    job.phase("trace")
     vocab = tracing.vocab_size(module)
     sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
     with tracing.fp8_tracing(module) if quantized else contextlib.nullcontext():
@@ -345,6 +356,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     del module, sample
     _free_memory(job.device)
 
+    job.phase("rewrite")
     model = _load_traced(raw, quantized, opset, trace_opset, component)
     graph = _Graph(component.value, component, precision, quantized)
     if component is Component.TRANSFORMER and config.export.fp32_blocks:
@@ -361,11 +373,13 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
             graph.fp8["weights_folded"] = onnx_tools.fold_fp8_weights(model, raw)
         model = onnx_tools.clean_up(model, fold=False)
     path = job.out / f"{component.value}.onnx"
+    job.phase("save")
     _save(job, graph, model, raw, path, sp)
     tol = validation_tolerance(sp, precision, quantized)
     if ref is None:
         graph.validation = {"status": "skipped", "reason": skipped}
     else:
+        job.phase("validate")
         against = "modelopt fake quant" if quantized else "pytorch"
         graph.validation, failures = validate.validate_graph(
             path, job.providers, graph.stem, ref.shapes, ref.feeds, ref.outputs, tol, against
@@ -380,6 +394,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     if quantized and not config.export.fp8_weights:
         # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
         # external data it shares the FP8 graph's data file (no second copy on disk).
+        job.phase("unquantized")
         plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
         upath = job.out / f"{UNQUANTIZED_STEM}.onnx"
         _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
