@@ -36,6 +36,7 @@ from sd35trt.components import (
 )
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ConfigError, ExportError, ManifestError
+from sd35trt.export.report import report_json, report_line
 from sd35trt.manifest import (
     RunManifest,
     Stage,
@@ -193,7 +194,12 @@ def export(
         failures = [f for g in graphs for f in g.failures]
         if failures:
             raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
-        atomic_write_json(out / REPORT_FILE, _report(job, graphs, time.perf_counter() - start))
+        atomic_write_json(
+            out / REPORT_FILE,
+            report_json(
+                graphs, job.config.export.opset, job.device, job.providers, time.perf_counter() - start
+            ),
+        )
 
     files = records_for_tree(run_dir, Stage.EXPORT.directory)
     details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
@@ -408,7 +414,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
             plain.failures += failures
         graphs.append(plain)
     shutil.rmtree(raw.parent, ignore_errors=True)
-    _report_line(job, label, graphs)
+    job.progress(report_line(label, graphs))
     return graphs
 
 
@@ -507,46 +513,6 @@ def _save(
         raise RuntimeError(
             f"{path} has inputs/outputs {names}, the spec says {(sp.input_names, sp.output_names)}"
         )
-
-
-def _report_line(job: _Job, label: str, graphs: list[_Graph]) -> None:
-    parts = []
-    for g in graphs:
-        size = sum(p.stat().st_size for p in g.files) / (1 << 20)
-        v = g.validation
-        check = "not validated" if v.get("status") == "skipped" else f"max rel err {float(v['max_rel']):.2g}"
-        blocks = f" (fp32 blocks {list(g.fp32_blocks)})" if g.fp32_blocks else ""
-        fp8 = " + fp8" if g.quantized else ""
-        parts.append(f"{g.stem} {size:.1f} MiB {g.precision.value}{blocks}{fp8}, {check}")
-    job.progress(f"{label}: {'; '.join(parts)} ({graphs[0].seconds:.1f} s)")
-
-
-def _report(job: _Job, graphs: list[_Graph], seconds: float) -> dict:
-    import onnxruntime as ort
-
-    out = {}
-    for g in graphs:
-        out[g.stem] = {
-            "component": g.component.value,
-            "onnx": g.files[0].name,
-            "files": {p.name: p.stat().st_size for p in g.files},
-            "external_data": g.external_data.name if g.external_data else None,
-            "precision": g.precision.value,
-            "fp32_blocks": list(g.fp32_blocks),
-            "quantized": g.quantized,
-            "fp8": g.fp8,
-            "export_seconds": round(g.seconds, 2),
-            "validation": g.validation,
-            "vs_unquantized": g.information,
-        }
-    return {
-        "opset": job.config.export.opset,
-        "device": job.device,
-        "onnxruntime": ort.__version__,
-        "providers": job.providers,
-        "seconds": round(seconds, 2),
-        "graphs": out,
-    }
 
 
 def _details(
