@@ -22,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from sd35trt.check import check_config
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config
-from sd35trt.errors import BuildError, ModelError, Sd35TrtError
+from sd35trt.errors import BuildError, ManifestError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
     FileRecord,
@@ -38,7 +39,7 @@ from sd35trt.manifest import (
     now_utc,
     record_digest,
     records_for_tree,
-    staged_directory,
+    staged_output,
     tool_versions,
 )
 from sd35trt.records import (
@@ -49,6 +50,7 @@ from sd35trt.records import (
     ExportedComponent,
     StageRecord,
 )
+from sd35trt.runlock import locked_stage
 from sd35trt.runtime import backends
 from sd35trt.runtime.backend import BuildJob, EngineBackend
 from sd35trt.runtime.engines import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord, verify_engines
@@ -214,15 +216,22 @@ def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord
 
 
 def _up_to_date(
-    run_dir: Path,
-    previous: StageRecord | None,
+    runs: RunManifest,
     digest: str,
     export_rec: StageRecord,
     backend: Backend,
     machine: MachineInfo,
 ) -> bool:
-    """Whether ``previous`` (the last build record) still holds for this config, export and machine."""
-    if previous is None or previous.config_digest != digest:
+    """Whether the last build still holds for this config, export, backend and machine.
+
+    Its record must match the files on disk (the check ``package`` and the next stages make), so
+    a build interrupted between publishing ``engines/`` and recording it is redone, never called
+    up to date while ``package`` asks for a rebuild.
+    """
+    run_dir = runs.run_dir
+    try:
+        previous = runs.verified(Stage.BUILD, digest, cache=HashCache(run_dir))
+    except ManifestError:
         return False
     if previous.upstream.get(Stage.EXPORT) != record_digest(export_rec):
         return False
@@ -349,6 +358,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
     return rec
 
 
+@locked_stage(Stage.BUILD)
 def build(
     config: Config,
     run_dir: Path,
@@ -391,6 +401,8 @@ def build(
     export_digest = config.digest(*Stage.EXPORT.config_sections)
     # Deciding whether to rebuild rehashes no unchanged file; a rebuild checks the export fully.
     export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint, cache=HashCache(run_dir))
+    # Every problem of the build ranges, before any engine.
+    check_config(config, export_rec.details.dims, Stage.BUILD)
     requested = backend or config.build.backend
     if machine is None:
         need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
@@ -400,7 +412,7 @@ def build(
         report(f"build backend {chosen.backend.value} ({reason})")
 
     digest = config.digest(*Stage.BUILD.config_sections)
-    if not force and _up_to_date(run_dir, runs.get(Stage.BUILD), digest, export_rec, chosen.backend, machine):
+    if not force and _up_to_date(runs, digest, export_rec, chosen.backend, machine):
         report(f"engines in {run_dir / Stage.BUILD.directory} are up to date (use --force to rebuild)")
         return runs.require(Stage.BUILD, hint)
     export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint)
@@ -416,7 +428,7 @@ def build(
     engines: dict[Component, EngineRecord] = {}
     # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
     target = chosen.recorded_machine(machine)
-    with staged_directory(run_dir, Stage.BUILD.directory) as out:
+    with staged_output(run_dir, Stage.BUILD) as out:
         job = _Job(config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8)
         for i, component in enumerate(components, 1):
             label = f"[{i}/{len(components)}] {component.value}"

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sd35trt.check import check_config
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
@@ -41,12 +42,13 @@ from sd35trt.manifest import (
     is_fresh,
     new_record,
     records_for_tree,
-    staged_directory,
+    staged_output,
 )
 from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
 from sd35trt.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.records import CalibrateDetails, CalibrateRecord, CalibrationQuality, QuantizerCounts
 from sd35trt.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
+from sd35trt.runlock import locked_stage
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"
@@ -167,6 +169,7 @@ def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> Calibrate
     return record if record.details.prompt_set_sha256 == prompts_sha else None
 
 
+@locked_stage(Stage.CALIBRATE)
 def calibrate(
     config: Config,
     run_dir: Path,
@@ -211,12 +214,13 @@ def calibrate(
     digest = config.digest(*Stage.CALIBRATE.config_sections)
     prompts_sha = prompt_set_sha256(prompts)
     manifest = RunManifest(run_dir)
+    # Refuse settings the model can't take (here or in a later stage) before anything heavy.
+    dims = ModelDims.from_model_dir(model_dir(config, run_dir))
+    check_config(config, dims, Stage.CALIBRATE)
     if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
         log(f"calibrate: up to date in {run_dir} (force to redo)")
         return record
 
-    # Refuse settings the model can't take before loading anything heavy.
-    dims = ModelDims.from_model_dir(model_dir(config, run_dir))
     cfg = quant_config(s, dims.num_layers, dims.head_dim)
 
     start = time.perf_counter()
@@ -273,7 +277,7 @@ def calibrate(
         peak_memory_bytes=peak,
         peak_memory_kind=peak_kind,
     )
-    with staged_directory(run_dir, Stage.CALIBRATE.directory) as tmp:
+    with staged_output(run_dir, Stage.CALIBRATE) as tmp:
         save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)
         atomic_write_json(tmp / SUMMARY_FILE, summary.to_json())
         atomic_write_json(tmp / REPORT_FILE, report.to_json())

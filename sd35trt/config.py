@@ -272,6 +272,17 @@ class Config(_Strict):
                 raise ValueError(f"runtime.{name} = {value} is outside build.{name} range {r.min}..{r.max}")
         return self
 
+    @model_validator(mode="after")
+    def _fp8_attention_precision(self) -> Config:
+        # ModelOpt exports FP8 attention (the layout TensorRT's fused kernels need) for 16-bit graphs only.
+        transformer = self.export.precision.transformer
+        if self.export.quantize and self.calibrate.fp8_attention and transformer is Precision.FP32:
+            raise ValueError(
+                "calibrate.fp8_attention needs export.precision.transformer fp16 or bf16, got fp32 "
+                "(ModelOpt exports FP8 attention for 16-bit graphs only)"
+            )
+        return self
+
     def digest(self, *fields: str) -> str:
         """sha256 (canonical JSON) of named sections or dotted fields (``"model"``, ``"runtime.height"``)."""
         data = self.model_dump(mode="json")

@@ -46,6 +46,19 @@ class ReportError(Sd35TrtError):
     """A report file (``bench.json``, ``eval.json``) is missing, not JSON, or not of its schema."""
 
 
+class UnsafeArtifactError(VerificationError):
+    """A path of an artefact or run directory leaves its root (``..``, absolute, a symlink), or an
+    archive holds links, nests too deep or expands beyond the sizes it declares."""
+
+
+class EngineLoadError(VerificationError):
+    """An engine file matches its record but its backend cannot load it (the file is named)."""
+
+
+class RunDirBusyError(Sd35TrtError):
+    """Another process is writing the same run directory (its pid and command are named)."""
+
+
 class CalibrationError(Sd35TrtError):
     """Calibration produced unusable ranges (an amax of 0, inf or NaN)."""
 

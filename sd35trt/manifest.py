@@ -9,9 +9,15 @@ the records are typed (:mod:`sd35trt.records`) and a manifest that does not vali
 ``FileRecord`` live with the record models and are importable from here too.
 
 Stages publish atomically: they write into a temporary sibling directory, rename it into place,
-and only then add their record (the manifest itself is replaced with ``os.replace``). A stage
-killed at any point leaves either the old complete state or a record-less directory that the
-next stage refuses; its leftovers are removed by the next run of the same stage.
+and only then add their record (the manifest itself is replaced with ``os.replace``). Between
+the rename and the record a marker file (``.<dir>.unrecorded``) says that the directory on disk
+is not the recorded one, so a stage killed in that window is named as interrupted by every
+later check, and re-done by its own next run. A stage killed at any other point leaves the old
+complete state or a record-less directory that the next stage refuses; its leftovers are
+removed by the next run of the same stage, whatever that run decides.
+
+Every path a record names must stay inside the directory it is anchored at: absolute paths,
+``..`` and symlinks anywhere on the way are refused before a byte is read.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError, validation_message
+from sd35trt.containment import contained_path
+from sd35trt.errors import (
+    ManifestError,
+    StaleArtifactError,
+    UnsafeArtifactError,
+    VerificationError,
+    validation_message,
+)
 from sd35trt.records import RECORD_TYPES, FileRecord, ManifestFile, Stage, StageRecord
 
 MANIFEST_NAME = "manifest.json"
@@ -186,8 +199,9 @@ def verify_files(
 ) -> None:
     """Check that every file exists with its recorded size and sha256.
 
-    Sizes are checked before hashing, so a truncated multi-GB file fails fast. Every problem is
-    collected and reported together.
+    Paths are checked first (inside ``root``, no symlink: see :func:`contained_path`); sizes are
+    checked before hashing, so a truncated multi-GB file fails fast. Every problem is collected
+    and reported together.
 
     Args:
         root: the directory the records are relative to.
@@ -198,12 +212,20 @@ def verify_files(
             bytes it loads itself (engines).
 
     Raises:
+        UnsafeArtifactError: a recorded path leaves ``root`` or goes through a symlink (every
+            other problem is listed with it).
         VerificationError: naming each missing, resized or modified file.
     """
     root = Path(root)
     problems = []
+    unsafe = False
     for rec in files:
-        p = root / rec.path
+        try:
+            p = contained_path(root, rec.path)
+        except UnsafeArtifactError as err:
+            problems.append(str(err))
+            unsafe = True
+            continue
         if not p.is_file():
             problems.append(f"{p} is missing")
             continue
@@ -222,7 +244,7 @@ def verify_files(
         cache.save()
     if problems:
         prefix = f"{what}: " if what else ""
-        raise VerificationError(prefix + "; ".join(problems))
+        raise (UnsafeArtifactError if unsafe else VerificationError)(prefix + "; ".join(problems))
 
 
 def tool_versions() -> dict[str, str]:
@@ -321,18 +343,43 @@ def _leftovers(run_dir: Path, name: str) -> list[Path]:
 
 
 def clean_leftovers(run_dir: str | Path, name: str) -> list[Path]:
-    """Remove what a killed run of the stage writing ``run_dir/name`` left behind."""
-    removed = _leftovers(Path(run_dir), name)
+    """Remove what a killed run of the stage writing ``run_dir/name`` left behind.
+
+    Also removes the temporary files of an interrupted write of the run manifest or the hash
+    cache. Call it only
+    while holding the run directory's lock (:mod:`sd35trt.runlock`): another writer's staging
+    directory looks the same.
+    """
+    run_dir = Path(run_dir)
+    removed = [
+        *_leftovers(run_dir, name),
+        *run_dir.glob(f".{MANIFEST_NAME}.*.tmp"),
+        *run_dir.glob(f".{HashCache.NAME}.*.tmp"),
+    ]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
+def unrecorded_marker(run_dir: str | Path, stage: Stage) -> Path:
+    """The file saying ``stage``'s directory was published and its record not yet written."""
+    return Path(run_dir) / f".{stage.directory}.unrecorded"
+
+
 @contextlib.contextmanager
-def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
+def staged_directory(run_dir: str | Path, name: str, marker: Path | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``run_dir/name`` on success.
 
     On an exception the temporary directory is removed and ``run_dir/name`` is untouched.
+
+    Args:
+        run_dir: the parent of the published directory.
+        name: the published directory's name.
+        marker: a file created just before the rename (stages pass :func:`unrecorded_marker`,
+            which :meth:`RunManifest.put` removes once the record is written).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +391,8 @@ def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if marker is not None:
+        atomic_write_text(marker, f"{name} published at {now_utc()}, not recorded yet\n")
     final = run_dir / name
     old = None
     if final.exists():
@@ -353,6 +402,11 @@ def staged_directory(run_dir: str | Path, name: str) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def staged_output(run_dir: str | Path, stage: Stage) -> contextlib.AbstractContextManager[Path]:
+    """:func:`staged_directory` for ``stage``'s output, with its :func:`unrecorded_marker`."""
+    return staged_directory(run_dir, stage.directory, marker=unrecorded_marker(run_dir, stage))
 
 
 class RunManifest:
@@ -415,6 +469,8 @@ class RunManifest:
     def put(self, stage: Stage, record: StageRecord) -> None:
         """Add or replace the record of ``stage`` (atomically, after its files are in place).
 
+        Removes the stage's :func:`unrecorded_marker`: directory and record agree again.
+
         Raises:
             ValueError: ``record`` is another stage's (a bug).
             ManifestError: the existing manifest does not validate (it is left as it is).
@@ -425,6 +481,7 @@ class RunManifest:
         records[stage] = record
         ordered = {s.value: records[s].to_json() for s in Stage if s in records}
         atomic_write_json(self.path, {"format": FORMAT_VERSION, "records": ordered})
+        unrecorded_marker(self.run_dir, stage).unlink(missing_ok=True)
 
     def verified(
         self,
@@ -444,7 +501,8 @@ class RunManifest:
 
         Raises:
             ManifestError: no record, or the manifest does not validate.
-            StaleArtifactError: the config changed since, or an upstream stage re-ran since.
+            StaleArtifactError: the config changed since, an upstream stage re-ran since, or the
+                stage was interrupted between publishing its directory and recording it.
             VerificationError: a file is missing or differs from its record.
         """
         records = self.load()
@@ -452,6 +510,11 @@ class RunManifest:
         if rec is None:
             raise self._missing(stage, hint)
         rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
+        if unrecorded_marker(self.run_dir, stage).exists():
+            raise StaleArtifactError(
+                f"the {stage.value} output in {self.run_dir} was published but never recorded (the last "
+                f"`sd35trt {stage.value}` was interrupted); re-run {rerun}, which redoes it"
+            )
         if config_digest is not None and rec.config_digest != config_digest:
             sections = ", ".join(stage.config_sections)
             raise StaleArtifactError(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.check import check_config, check_fp32_blocks, skip_layer_indices
 from sd35trt.components import (
     Component,
     ComponentSpec,
@@ -35,7 +36,7 @@ from sd35trt.components import (
     validation_tolerance,
 )
 from sd35trt.config import Config, ModelSource, Precision
-from sd35trt.errors import ConfigError, ExportError, ManifestError
+from sd35trt.errors import ExportError, ManifestError
 from sd35trt.export.report import report_json, report_line
 from sd35trt.manifest import (
     RunManifest,
@@ -46,7 +47,7 @@ from sd35trt.manifest import (
     record_digest,
     records_for_tree,
     sha256_file,
-    staged_directory,
+    staged_output,
 )
 from sd35trt.records import (
     CalibrationInput,
@@ -56,6 +57,7 @@ from sd35trt.records import (
     StageRecord,
     ValidationStatus,
 )
+from sd35trt.runlock import locked_stage
 
 if TYPE_CHECKING:
     import numpy as np
@@ -126,6 +128,7 @@ class _Reference:
     unquantized: list[dict[str, np.ndarray]] | None
 
 
+@locked_stage(Stage.EXPORT)
 def export(
     config: Config,
     run_dir: Path,
@@ -165,6 +168,10 @@ def export(
     run_dir = Path(run_dir)
     report = progress or print_progress
     manifest = RunManifest(run_dir)
+    # Refuse settings the model can't take (here or at build) before anything is traced.
+    root = model_dir(config, run_dir)
+    dims = ModelDims.from_model_dir(root)
+    check_config(config, dims, Stage.EXPORT)
     upstream: dict[Stage, StageRecord] = {}
     calibration = None
     if config.export.quantize:
@@ -178,15 +185,12 @@ def export(
 
     if config.export.quantize and config.calibrate.fp8_attention:
         tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
-    root = model_dir(config, run_dir)
     if config.model.source is not ModelSource.RANDOM:
         check_weights(root)
-    dims = ModelDims.from_model_dir(root)
-    slg = _skip_layers(config, dims)
-    _check_fp32_blocks(config, dims)
+    slg = skip_layer_indices(config, dims)
     start = time.perf_counter()
     graphs: list[_Graph] = []
-    with staged_directory(run_dir, Stage.EXPORT.directory) as out:
+    with staged_output(run_dir, Stage.EXPORT) as out:
         job = _make_job(config, root, dims, out, slg, calibration, external_threshold, report)
         for i, component in enumerate(Component, 1):
             graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
@@ -244,8 +248,8 @@ def export_component(
         ConfigError, ModelError, CalibrationError, ExportError: as :func:`export`.
     """
     dims = ModelDims.from_model_dir(model_root)
-    slg = _skip_layers(config, dims)
-    _check_fp32_blocks(config, dims)
+    slg = skip_layer_indices(config, dims)
+    check_fp32_blocks(config, dims)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     job = _make_job(config, Path(model_root), dims, out, slg, calibration, None, progress or print_progress)
@@ -296,30 +300,6 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
             f"the calibrate record in {manifest.path} does not list {rel}: re-run `sd35trt calibrate`"
         )
     return run_dir / rel
-
-
-def _skip_layers(config: Config, dims: ModelDims) -> tuple[int, ...]:
-    slg = config.runtime.skip_layer_guidance
-    if slg is None:
-        return ()
-    # The last block returns no text stream (context_pre_only), so SD3.5 never skips it.
-    bad = [i for i in slg.layers if not 0 <= i < dims.num_layers - 1]
-    if bad:
-        raise ConfigError(
-            f"runtime.skip_layer_guidance.layers has {bad}; this transformer has {dims.num_layers} blocks "
-            f"and the last one can't be skipped: allowed 0..{dims.num_layers - 2}"
-        )
-    return tuple(slg.layers)
-
-
-def _check_fp32_blocks(config: Config, dims: ModelDims) -> None:
-    """Refuse ``export.fp32_blocks`` outside the transformer, before anything is exported."""
-    bad = [b for b in config.export.fp32_blocks if b >= dims.num_layers]
-    if bad:
-        raise ConfigError(
-            f"export.fp32_blocks has {bad}; this transformer has {dims.num_layers} blocks: "
-            f"allowed 0..{dims.num_layers - 1}"
-        )
 
 
 def _precision(config: Config, component: Component) -> Precision:
