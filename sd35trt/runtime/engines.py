@@ -14,16 +14,17 @@ machine. What "this machine" is comes from a :class:`MachineInfo`, which tests f
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision
-from sd35trt.errors import IncompatibleEngineError, ManifestError, VerificationError
+from sd35trt.errors import IncompatibleEngineError, ManifestError, UnsafeArtifactError, VerificationError
 from sd35trt.manifest import FileRecord, HashCache, read_json, verify_files
 from sd35trt.runtime.backend import OpenOptions
 from sd35trt.runtime.backends import backend_of
@@ -98,30 +99,12 @@ class EngineRecord:
 
     @classmethod
     def from_json(cls, component: Component, data: dict) -> EngineRecord:
-        cc = data.get("compute_capability")
-        return cls(
-            component=component,
-            backend=Backend(data["backend"]),
-            file=FileRecord.from_json(data["file"]),
-            extra_files=tuple(FileRecord.from_json(f) for f in data.get("extra_files", [])),
-            precision=Precision(data["precision"]),
-            fp8=bool(data["fp8"]),
-            profile={name: ShapeRange.from_json(r) for name, r in data["profile"].items()},
-            source_onnx=FileRecord.from_json(data["source_onnx"]),
-            build_seconds=float(data["build_seconds"]),
-            skip_layers=int(data.get("skip_layers", 0)),
-            tensorrt_version=data.get("tensorrt_version"),
-            gpu_name=data.get("gpu_name"),
-            compute_capability=(int(cc[0]), int(cc[1])) if cc else None,
-            options=data.get("options", {}),
-            layers=LayerReport.model_validate(data["layers"]) if data.get("layers") is not None else None,
-            device_memory_bytes=_optional_int(data.get("device_memory_bytes")),
-            streamable_weights_bytes=_optional_int(data.get("streamable_weights_bytes")),
-        )
+        """Parse one engine record of the manifest's JSON.
 
-
-def _optional_int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
+        Raises:
+            pydantic.ValidationError: a field is missing or has the wrong JSON type (located).
+        """
+        return _record(component, _EngineJson.model_validate_json(json.dumps(data)))
 
 
 @dataclass(frozen=True)
@@ -169,25 +152,85 @@ class EngineManifest:
 
     @classmethod
     def from_json(cls, directory: Path, data: dict) -> EngineManifest:
-        parsed = {Component(c): EngineRecord.from_json(Component(c), r) for c, r in data["engines"].items()}
+        """Parse the manifest's JSON (``directory`` is where it was read from).
+
+        Raises:
+            pydantic.ValidationError: a field is missing or has the wrong JSON type (located).
+        """
+        m = _ManifestJson.model_validate_json(json.dumps(data))
         return cls(
             directory=directory,
-            backend=Backend(data["backend"]),
-            engines={c: parsed[c] for c in Component if c in parsed},  # execution order
-            dims=ModelDims.from_json(data["dims"]),
-            runtime_defaults=data["runtime_defaults"],
-            build_settings=data["build_settings"],
-            support_files=tuple(FileRecord.from_json(f) for f in data["support_files"]),
-            created=data.get("created", ""),
-            versions=data.get("versions", {}),
+            backend=m.backend,
+            engines={c: _record(c, m.engines[c]) for c in Component if c in m.engines},  # execution order
+            dims=m.dims,
+            runtime_defaults=m.runtime_defaults,
+            build_settings=m.build_settings,
+            support_files=m.support_files,
+            created=m.created,
+            versions=m.versions,
         )
+
+
+# -- the manifest's JSON, typed: wrong types are refused with their location -----------------------
+
+
+class _Json(BaseModel):
+    # Strict: "12" is not a size, 1 is not a bool. Unknown keys are ignored (the format number
+    # guards incompatible changes).
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _EngineJson(_Json):
+    backend: Backend
+    file: FileRecord
+    extra_files: tuple[FileRecord, ...] = ()
+    precision: Precision
+    fp8: bool
+    profile: dict[str, ShapeRange]
+    source_onnx: FileRecord
+    build_seconds: float
+    skip_layers: int = Field(default=0, ge=0)
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    layers: LayerReport | None = None
+    device_memory_bytes: int | None = Field(default=None, ge=0)
+    streamable_weights_bytes: int | None = Field(default=None, ge=0)
+
+
+class _ManifestJson(_Json):
+    backend: Backend
+    engines: dict[Component, _EngineJson]
+    dims: ModelDims
+    runtime_defaults: dict[str, Any]
+    build_settings: dict[str, Any]
+    support_files: tuple[FileRecord, ...]
+    created: str = ""
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+def _record(component: Component, e: _EngineJson) -> EngineRecord:
+    return EngineRecord(component=component, **{name: getattr(e, name) for name in _EngineJson.model_fields})
+
+
+def _validation_summary(err: ValidationError, limit: int = 3) -> str:
+    """``engines.transformer.file.size: Input should be a valid integer (found '12')``, a few of them."""
+    parts = []
+    for e in err.errors()[:limit]:
+        loc = ".".join(str(p) for p in e["loc"] if p != "[key]") or "(top level)"
+        found = "" if e["type"] == "missing" else f" (found {e['input']!r:.60})"
+        parts.append(f"{loc}: {e['msg']}{found}")
+    more = err.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
     """Parse ``engines_dir/manifest.json`` without checking any file.
 
     Raises:
-        ManifestError: missing, not JSON, another format, or lacking a field.
+        ManifestError: missing, not JSON, another format, or a field missing or of the wrong JSON
+            type (the file and the field are named).
     """
     directory = Path(engines_dir)
     path = directory / ENGINE_MANIFEST_NAME
@@ -203,11 +246,7 @@ def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
     try:
         return EngineManifest.from_json(directory, data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ManifestError(f"{path} is malformed (layers.{where}: {first['msg']}); {REBUILD}") from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-        raise ManifestError(f"{path} is malformed ({type(err).__name__}: {err}); {REBUILD}") from None
+        raise ManifestError(f"{path} is malformed: {_validation_summary(err)}; {REBUILD}") from None
 
 
 def check_compatible(
@@ -265,6 +304,7 @@ def verify_engines(
 
     Raises:
         ManifestError: no manifest, or a component without an engine.
+        UnsafeArtifactError: a recorded path leaves the directory or goes through a symlink.
         VerificationError: a file is missing, truncated or modified (named).
         IncompatibleEngineError: an engine was built for another TensorRT version or GPU.
     """
@@ -272,14 +312,15 @@ def verify_engines(
     selected = list(components) if components is not None else list(manifest.engines)
     what = f"engines in {manifest.directory} ({REBUILD})"
     engine_files = [f for c in selected for f in manifest.record(c).files]
-    problems = []
+    problems, unsafe = [], False
     for files, contents in ((engine_files, hash_engines), (manifest.support_files, True)):
         try:
             verify_files(manifest.directory, files, cache=cache, contents=contents)
         except VerificationError as err:
             problems.append(str(err))
+            unsafe = unsafe or isinstance(err, UnsafeArtifactError)
     if problems:
-        raise VerificationError(f"{what}: " + "; ".join(problems))
+        raise (UnsafeArtifactError if unsafe else VerificationError)(f"{what}: " + "; ".join(problems))
     if any(backend_of(manifest.record(c).backend).needs_machine_check for c in selected):
         check_compatible(manifest, machine or MachineInfo.detect(), selected)
     return manifest

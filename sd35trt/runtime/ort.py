@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, VerificationError
+from sd35trt.errors import BuildError, EngineLoadError, VerificationError
 from sd35trt.manifest import check_file_digest, read_verified
 from sd35trt.runtime.backend import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.runtime.engine import Engine
@@ -198,7 +198,18 @@ class OrtEngine(Engine):
             source = str(self.path)
         else:
             source = read_verified(self.path, self.sha256, "engine manifest", REBUILD)
-        session = ort.InferenceSession(source, so, providers=self.providers())
+            # From bytes, ONNX Runtime resolves an external-data reference against the working
+            # directory: pin it to the engine's own directory (escapes and symlinks are refused).
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.path.parent.absolute())
+            )
+        try:
+            session = ort.InferenceSession(source, so, providers=self.providers())
+        except _ort_errors() as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise EngineLoadError(
+                f"engine {self.path} matches its record, but ONNX Runtime cannot load it ({first}); {REBUILD}"
+            ) from None
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         if sorted(self._input_types) != sorted(self.spec.input_names) or sorted(outputs) != sorted(

@@ -260,7 +260,8 @@ class Sd35Runtime:
                 ONNX Runtime engines (``cuda`` uses ONNX Runtime's CUDA provider where installed).
             intra_op_threads: ONNX Runtime intra-op threads (default: ONNX Runtime's).
             use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated shapes.
-            activate: load the engines now (unless ``low_vram``) rather than at first use.
+            activate: load the engines now rather than at first use (with ``low_vram``: load and
+                free each once, so an engine that cannot be loaded is named here).
 
         Returns:
             The runtime.
@@ -270,6 +271,7 @@ class Sd35Runtime:
             VerificationError: an engine or support file does not match its record (named).
             IncompatibleEngineError: engines built for another GPU or TensorRT version.
             BackendUnavailableError: a CUDA device was asked for and there is none.
+            EngineLoadError: an engine matches its record but its backend cannot load it (named).
         """
         from sd35trt.runtime.backends import backend_of
         from sd35trt.runtime.engines import open_engines, verify_engines
@@ -310,7 +312,9 @@ class Sd35Runtime:
             use_cuda_graph=use_cuda_graph,
         )
         runtime = cls(EngineSet(opened, low_vram=low_vram), tokenizer, scheduler, info, device=device)
-        if activate:
+        if activate and low_vram:
+            runtime.engines.probe()
+        elif activate:
             runtime.engines.activate_all()
         return runtime
 

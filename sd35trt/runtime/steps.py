@@ -53,6 +53,20 @@ class EngineSet:
             self.deactivate_all()
             raise
 
+    def probe(self) -> None:
+        """Load and free each engine in turn (at most one holds memory at a time).
+
+        With ``low_vram`` nothing loads before its stage; this names an engine its backend
+        cannot load at start-up instead of at the first request.
+
+        Raises:
+            EngineLoadError: naming the engine file (from the backend's ``activate``).
+        """
+        for engine in self.engines.values():
+            if not engine.active:
+                engine.activate()
+                engine.deactivate()
+
     def deactivate_all(self) -> None:
         for engine in self.engines.values():
             engine.deactivate()

@@ -192,7 +192,7 @@ def test_missing_or_malformed_manifest(tmp_path):
         read_engine_manifest(out)
     del data["engines"]["transformer"]["file"]
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"is malformed \(KeyError: 'file'\)"):
+    with pytest.raises(ManifestError, match=r"is malformed: engines\.transformer\.file: Field required"):
         read_engine_manifest(out)
     (out / ENGINE_MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match=r"is not valid JSON"):
