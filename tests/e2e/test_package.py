@@ -81,10 +81,25 @@ def test_unsafe_archive_refused(tmp_path):
     payload.write_text("x")
     with tarfile.open(evil, "w:gz") as tar:
         tar.add(payload, arcname="top/../../escape.txt")
-    with pytest.raises(VerificationError, match="not a readable artefact"):
+    with pytest.raises(VerificationError, match="absolute or leaves the archive"):
         unpack(evil, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
-    assert "not a readable artefact" in verify(evil).problems[0]
+    assert "absolute or leaves the archive" in verify(evil).problems[0]
+
+
+def test_engines_directory_of_a_built_run_verifies(built_run):
+    """`sd35trt verify ENGINES_DIR` (and a run directory): checked against the engine manifest."""
+    for path in (built_run / "engines", built_run):
+        report = verify(path)
+        assert report.ok, report.problems
+        assert report.files_checked >= 10
+
+
+def test_artefact_starts_with_its_index_files(artefact):
+    """`unpack` reads the sizes before any other member: SHA256SUMS, then the engine manifest."""
+    with tarfile.open(artefact) as tar:
+        names = tar.getnames()
+    assert [n.split("/", 1)[1] for n in names[:2]] == [CHECKSUMS, "engines/manifest.json"]
 
 
 def test_package_refuses_unbuilt_run(tmp_path, built_run):
