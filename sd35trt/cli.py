@@ -228,7 +228,7 @@ def run_(
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: recorded).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: recorded).")] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Noise seed (default: drawn at random and printed).")
+        int | None, typer.Option(help="Noise seed, 0..2^63-1 (default: drawn below 2^53 and printed).")
     ] = None,
     num_images: Annotated[int, typer.Option(help="Images to generate in one batch.")] = 1,
     skip_layer_guidance: Annotated[
@@ -244,7 +244,10 @@ def run_(
     ] = False,
     timings: Annotated[bool, typer.Option("--timings", help="Print stage timings and peak memory.")] = False,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="PNG to write; several images get -0, -1, ... suffixes.")
+        Path,
+        typer.Option(
+            "--out", "-o", help="PNG file to write (not a directory); several images get -0, -1, ..."
+        ),
     ] = Path("sd35trt.png"),
 ) -> None:
     """Generate PNGs with the engines in an engines directory (defaults recorded with them)."""
@@ -265,6 +268,8 @@ def run_(
         low_vram=low_vram,
         out=out,
     )
+    for line in output.warning_lines():
+        typer.echo(line, err=True)
     typer.echo(output.report(timings=timings))
 
 

@@ -8,6 +8,8 @@ skip-layer pass runs inside ``if self.do_classifier_free_guidance``). Nothing he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sd35trt.config import SkipLayerGuidance
 
 #: Classifier-free guidance runs when the scale is above this (diffusers' rule).
@@ -28,3 +30,61 @@ def applied_skip_layer_guidance(
     diffusers never runs the skip pass, and neither does sd35trt.
     """
     return skip_layer_guidance if cfg_enabled(guidance_scale) else None
+
+
+@dataclass(frozen=True)
+class GuidancePlan:
+    """The guidance a request actually gets (see :func:`guidance_plan`).
+
+    Attributes:
+        cfg: classifier-free guidance runs (a ``[negative, positive]`` batch).
+        negative_prompt: the negative prompt used, ``None`` without CFG (it has no effect then).
+        skip_layer_guidance: the skip-layer guidance applied, or ``None``.
+        warnings: one line per setting the caller asked for that has no effect.
+    """
+
+    cfg: bool
+    negative_prompt: str | None
+    skip_layer_guidance: SkipLayerGuidance | None
+    warnings: tuple[str, ...] = ()
+
+
+def guidance_plan(
+    guidance_scale: float,
+    negative_prompt: str,
+    skip_layer_guidance: SkipLayerGuidance | None,
+    *,
+    negative_requested: bool = False,
+    slg_requested: bool | None = None,
+) -> GuidancePlan:
+    """What a request gets under these rules, and a warning for each explicit setting without effect.
+
+    Without CFG (``guidance_scale <= 1``, e.g. sd3.5-large-turbo) the negative prompt and
+    skip-layer guidance do nothing; they are then not used, recorded as ``None``, and a caller who
+    asked for either is told.
+
+    Args:
+        guidance_scale: the validated scale.
+        negative_prompt: the negative prompt (requested, or the engines' default).
+        skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
+        negative_requested: the caller gave a negative prompt (a default draws no warning).
+        slg_requested: the caller's explicit choice (``None``: as built; ``False``: off).
+
+    Returns:
+        What runs, and the warnings.
+    """
+    slg = applied_skip_layer_guidance(None if slg_requested is False else skip_layer_guidance, guidance_scale)
+    if cfg_enabled(guidance_scale):
+        return GuidancePlan(True, negative_prompt, slg)
+    why = (
+        f"guidance_scale {guidance_scale:g} is at most {CFG_THRESHOLD:g}, so classifier-free guidance is off"
+    )
+    warnings = []
+    if negative_requested and negative_prompt.strip():
+        warnings.append(f"negative_prompt has no effect: {why}; it was not used")
+    if slg_requested:
+        warnings.append(
+            f"skip_layer_guidance has no effect: {why} (skip-layer guidance runs only with it); "
+            "it was not used"
+        )
+    return GuidancePlan(False, None, None, tuple(warnings))

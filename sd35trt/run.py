@@ -32,11 +32,14 @@ class RunOutput:
     result: GenerationResult
     load_s: float = 0.0
 
+    def warning_lines(self) -> list[str]:
+        """``warning: ...`` per setting without effect and per truncated prompt (for stderr)."""
+        return [f"warning: {w}" for w in self.result.warnings]
+
     def report(self, timings: bool = False) -> str:
-        """Lines for the terminal: warnings, the files and the seed; the stage timings if asked."""
+        """Lines for the terminal: the files and the seed; the stage timings if asked."""
         p = self.result.params
-        lines = [f"warning: {w}" for w in self.result.warnings]
-        lines += [f"wrote {path}" for path in self.paths]
+        lines = [f"wrote {path}" for path in self.paths]
         lines.append(
             f"seed {p.seed}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
             f"{p.width}x{p.height}, "
@@ -49,16 +52,32 @@ class RunOutput:
 
 
 def output_paths(out: Path, num_images: int) -> list[Path]:
-    """``out`` for one image, ``<stem>-<i>.png`` beside it for several.
+    """``out`` for one image, ``<stem>-<i>.png`` beside it for several; checked before anything runs.
 
     Raises:
-        RequestError: ``out`` is not a ``.png`` path.
+        RequestError: ``out`` is not a ``.png`` path, a path to write is an existing directory,
+            or a parent on the way is a file.
     """
+    if out.is_dir():
+        raise RequestError(
+            "out", f"output {out} is a directory; give a .png file path, e.g. -o {out / DEFAULT_OUT.name}"
+        )
     if out.suffix.lower() != ".png":
         raise RequestError("out", f"output {out} must be a .png file path")
-    if num_images == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+    paths = (
+        [out]
+        if num_images == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+    )
+    for path in paths:
+        if path.is_dir():
+            raise RequestError("out", f"output {path} is an existing directory; choose another -o")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RequestError("out", f"output {out} cannot be written: {parent} is a file, not a directory")
+    return paths
 
 
 def run(
@@ -96,7 +115,8 @@ def run(
         The paths written and the generation result.
 
     Raises:
-        RequestError: an invalid option (named), before any engine loads.
+        RequestError: an invalid option (named) or an output path that cannot be written, before
+            any engine loads.
         ManifestError, VerificationError, IncompatibleEngineError: the engines can't be used.
         NonFiniteError: a stage produced NaN or inf (named); no PNG is written.
     """
@@ -119,5 +139,8 @@ def run(
         load_s = time.perf_counter() - start
         (result,) = runtime.generate_batch([params])
     for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
-        save_png(path, image, result.params, result.engine_digest, i)
+        try:
+            save_png(path, image, result.params, result.engine_digest, i, result.batch)
+        except OSError as err:  # permissions, a full disk: the user's to fix, named
+            raise RequestError("out", f"cannot write {path}: {err.strerror or err}") from None
     return RunOutput(paths=paths, result=result, load_s=load_s)

@@ -42,7 +42,13 @@ from pydantic import ValidationError
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
-from sd35trt.runtime.request import GenerationParams, GenerationRequest, RequestLimits, resolve_request
+from sd35trt.runtime.request import (
+    EngineBatch,
+    GenerationParams,
+    GenerationRequest,
+    RequestLimits,
+    resolve_request,
+)
 from sd35trt.runtime.scheduler import FlowMatchEuler
 from sd35trt.runtime.steps import (
     Conditioning,
@@ -56,6 +62,7 @@ from sd35trt.runtime.steps import (
 from sd35trt.runtime.tokenize import PromptTokenizer, TokenizedPrompts
 
 __all__ = [
+    "EngineBatch",
     "EngineSet",
     "GenerationParams",
     "GenerationRequest",
@@ -138,8 +145,10 @@ class GenerationResult:
         images: ``num_images`` RGB images.
         params: the parameters used (defaults filled in, the seed drawn when none was given).
         timings: stage timings of the engine batch the request ran in.
-        warnings: e.g. prompt text dropped by truncation.
+        warnings: settings that had no effect (a negative prompt without CFG) and prompt text
+            dropped by truncation.
         engine_digest: identifies the engines (digest of their files' sha256).
+        batch: the engine batch the request ran in (recorded in its PNGs).
     """
 
     images: list[Image.Image]
@@ -147,6 +156,7 @@ class GenerationResult:
     timings: Timings
     warnings: tuple[str, ...]
     engine_digest: str
+    batch: EngineBatch = field(default_factory=EngineBatch)
 
 
 # -- what the runtime knows about its engines -----------------------------------------------------
@@ -343,9 +353,10 @@ class Sd35Runtime:
     def generate_batch(self, batch: Sequence[GenerationParams]) -> list[GenerationResult]:
         """Run several validated requests as one engine batch.
 
-        Each request keeps its own prompt and seed (its images equal those it would get alone,
-        up to the engines' batch-size numerics); size, steps, guidance and skip-layer guidance
-        must be equal (:attr:`GenerationParams.batch_key`).
+        Each request keeps its own prompt and seed; its images equal those it would get alone up
+        to the engines' batch-size numerics (about 1/255; each result records its
+        :class:`EngineBatch`). Size, steps, guidance and skip-layer guidance must be equal
+        (:attr:`GenerationParams.batch_key`).
 
         Raises:
             RequestError: the requests differ in their batch key, or together exceed the engine batch.
@@ -443,14 +454,16 @@ class Sd35Runtime:
         timings.activation_memory_bytes = self.engines.shared_activation_bytes()
 
         results, offset = [], 0
+        total = sum(p.num_images for p in batch)
         for i, p in enumerate(batch):
             results.append(
                 GenerationResult(
                     images=images[offset : offset + p.num_images],
                     params=p,
                     timings=timings,
-                    warnings=tuple(warnings.get(i, [])),
+                    warnings=(*p.warnings, *warnings.get(i, [])),
                     engine_digest=self.info.digest,
+                    batch=EngineBatch(requests=len(batch), images=total, first_image=offset),
                 )
             )
             offset += p.num_images

@@ -2,8 +2,10 @@
 
 The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
 prompt, seed, num_inference_steps, guidance_scale, size, skip-layer guidance, engine digest, image
-index), next to a ``Software`` chunk. No timestamps or other varying chunks are written, so the
-same pixels and parameters always give the same bytes.
+index, and the engine batch the image was made in), next to a ``Software`` chunk. What is recorded
+is what was used: without classifier-free guidance the negative prompt and skip-layer guidance are
+``null``. No timestamps or other varying chunks are written, so the same pixels and parameters
+always give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd35trt.manifest import atomic_write_bytes
-from sd35trt.runtime.request import GenerationParams
+from sd35trt.runtime.request import EngineBatch, GenerationParams
 
 PARAMETERS_KEY = "parameters"
 
@@ -29,12 +31,25 @@ def _software() -> str:
         return "sd35trt"
 
 
-def png_parameters(params: GenerationParams, engine_digest: str, index: int = 0) -> dict:
+def png_parameters(
+    params: GenerationParams, engine_digest: str, index: int = 0, batch: EngineBatch | None = None
+) -> dict:
     """The parameters recorded in the PNG of image ``index`` of a request."""
-    return {**params.to_json(), "engine_digest": engine_digest, "image_index": index}
+    return {
+        **params.to_json(),
+        "engine_digest": engine_digest,
+        "image_index": index,
+        "engine_batch": (batch or EngineBatch(images=params.num_images)).to_json(),
+    }
 
 
-def png_bytes(image: Image.Image, params: GenerationParams, engine_digest: str, index: int = 0) -> bytes:
+def png_bytes(
+    image: Image.Image,
+    params: GenerationParams,
+    engine_digest: str,
+    index: int = 0,
+    batch: EngineBatch | None = None,
+) -> bytes:
     """Encode ``image`` as PNG with the generation parameters in a text chunk.
 
     Args:
@@ -42,13 +57,15 @@ def png_bytes(image: Image.Image, params: GenerationParams, engine_digest: str, 
         params: the parameters it was generated with.
         engine_digest: the engines' digest.
         index: the image's position in its request.
+        batch: the engine batch it was made in (default: the request alone).
 
     Returns:
         The PNG file's bytes (the same for the same pixels and parameters).
     """
     info = PngInfo()
     # Non-Latin-1 text (a prompt in any script) makes Pillow write an iTXt chunk instead of tEXt.
-    info.add_text(PARAMETERS_KEY, json.dumps(png_parameters(params, engine_digest, index), sort_keys=True))
+    text = json.dumps(png_parameters(params, engine_digest, index, batch), sort_keys=True)
+    info.add_text(PARAMETERS_KEY, text)
     info.add_text("Software", _software())
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
@@ -56,7 +73,12 @@ def png_bytes(image: Image.Image, params: GenerationParams, engine_digest: str, 
 
 
 def save_png(
-    path: str | Path, image: Image.Image, params: GenerationParams, engine_digest: str, index: int = 0
+    path: str | Path,
+    image: Image.Image,
+    params: GenerationParams,
+    engine_digest: str,
+    index: int = 0,
+    batch: EngineBatch | None = None,
 ) -> Path:
     """Write ``image`` to ``path`` atomically (a temporary file renamed into place).
 
@@ -64,7 +86,7 @@ def save_png(
         ``path`` as a Path.
     """
     path = Path(path)
-    data = png_bytes(image, params, engine_digest, index)
+    data = png_bytes(image, params, engine_digest, index, batch)
     atomic_write_bytes(path, data)
     return path
 

@@ -11,21 +11,47 @@ an engine or imports torch.
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
-from sd35trt.guidance import CFG_THRESHOLD, applied_skip_layer_guidance, cfg_enabled
+from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
 
 #: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
 MAX_STEPS = 500
 #: Guidance far above SD3.5's 3.5 to 7 only saturates images; this bounds what is accepted.
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
+#: Seeds drawn for a request stay below 2^53, so a client that keeps numbers as float64
+#: (JavaScript's ``Number``, many JSON libraries) reads back and resubmits the same seed.
+DRAWN_SEED_LIMIT = 2**53
+
+
+@dataclass(frozen=True)
+class EngineBatch:
+    """The engine batch a request ran in; recorded in its PNGs.
+
+    The same seed gives the same pixels for the same engine batch. Merged with other requests
+    into a larger batch, the engines may choose other kernels, and pixels may differ by about
+    1/255 (run a request alone for exact reproduction).
+
+    Attributes:
+        requests: requests in the batch.
+        images: images in the batch.
+        first_image: position of this request's first image in the batch.
+    """
+
+    requests: int = 1
+    images: int = 1
+    first_image: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -39,9 +65,12 @@ class GenerationRequest:
         guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
         height: image height in pixels.
         width: image width in pixels.
-        seed: noise seed, ``0..2**63-1``; drawn at random when ``None``.
+        seed: noise seed, ``0..2**63-1``; drawn at random below ``2**53`` when ``None``.
         num_images: images for this prompt (one engine batch).
         skip_layer_guidance: use skip-layer guidance when the engines support it (default: as built).
+
+    Integral fields accept any integral number (``numpy.int64`` too), ``guidance_scale`` any
+    real number (``numpy.float32`` too); booleans are refused for both.
     """
 
     prompt: str
@@ -57,10 +86,15 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """The parameters a generation runs with: a validated request, defaults filled in."""
+    """The parameters a generation runs with: a validated request, defaults filled in.
+
+    What is recorded is what was used: without classifier-free guidance ``negative_prompt`` and
+    ``skip_layer_guidance`` are ``None``, and ``warnings`` says which requested settings were
+    dropped (they are not part of the recorded parameters).
+    """
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None
     num_inference_steps: int
     guidance_scale: float
     height: int
@@ -69,6 +103,8 @@ class GenerationParams:
     num_images: int
     #: the skip-layer guidance applied, or ``None`` (not built, turned off, or no CFG).
     skip_layer_guidance: SkipLayerGuidance | None = None
+    #: requested settings that have no effect (e.g. a negative prompt without CFG).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def cfg(self) -> bool:
@@ -87,7 +123,9 @@ class GenerationParams:
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The parameters as recorded (PNG text chunk, HTTP ``parameters``); warnings excluded."""
         data = asdict(self)
+        del data["warnings"]
         slg = self.skip_layer_guidance
         data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
         return data
@@ -213,11 +251,18 @@ class RequestLimits:
         }
 
 
+def _is_bool(value: Any) -> bool:
+    # bool is an int subclass, numpy.bool_ is neither; True as a step count is a caller's bug, not 1.
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, bool) or (
+        getattr(dtype, "kind", None) == "b" and getattr(value, "shape", None) == ()
+    )
+
+
 def _int(name: str, value: Any) -> int:
-    # bool is an int subclass; True as a step count is a caller's bug, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
         raise RequestError(name, f"{name} {value!r} is not an integer")
-    return value
+    return int(value)  # numpy.int64 -> int: records and JSON hold plain ints
 
 
 def _size(name: str, value: Any, span: tuple[int, int], multiple: int) -> int:
@@ -232,7 +277,7 @@ def _size(name: str, value: Any, span: tuple[int, int], multiple: int) -> int:
 
 
 def _guidance(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise RequestError("guidance_scale", f"guidance_scale {value!r} is not a number")
     value = float(value)
     allowed = f"use 0..{MAX_GUIDANCE:g} (at most {CFG_THRESHOLD:g} turns classifier-free guidance off)"
@@ -260,7 +305,7 @@ def _text(name: str, value: Any, required: bool) -> str:
         ) from None
     if required and not value.strip():
         raise RequestError(name, f"{name} is empty; give a text {name.replace('_', ' ')}")
-    return value
+    return str(value)  # numpy.str_ -> str
 
 
 def resolve_request(
@@ -274,7 +319,9 @@ def resolve_request(
         defaults: the runtime defaults recorded with the engines.
 
     Returns:
-        The parameters the generation runs with (a drawn seed when none was given).
+        The parameters the generation runs with (a seed below ``2**53`` drawn when none was
+        given; without CFG no negative prompt or skip-layer guidance, and a warning for each
+        one the caller asked for: :func:`sd35trt.guidance.guidance_plan`).
 
     Raises:
         RequestError: naming the first invalid field, its value and the allowed values.
@@ -297,23 +344,30 @@ def resolve_request(
     width = _size("width", defaults.width if request.width is None else request.width, limits.width, m)
 
     if request.seed is None:
-        seed = secrets.randbelow(MAX_SEED + 1)
+        seed = secrets.randbelow(DRAWN_SEED_LIMIT)
     else:
         seed = _int("seed", request.seed)
         if not 0 <= seed <= MAX_SEED:
             raise RequestError("seed", f"seed {seed} is outside 0..{MAX_SEED} (2^63-1)")
 
-    cfg = cfg_enabled(guidance)
     wanted_slg = request.skip_layer_guidance
-    if wanted_slg is not None and not isinstance(wanted_slg, bool):
+    if wanted_slg is not None and not _is_bool(wanted_slg):
         raise RequestError("skip_layer_guidance", f"skip_layer_guidance {wanted_slg!r} is not true or false")
+    wanted_slg = None if wanted_slg is None else bool(wanted_slg)
     if wanted_slg and limits.skip_layer_guidance is None:
         raise RequestError(
             "skip_layer_guidance",
             "skip_layer_guidance was requested, but these engines were built without it "
             "(set runtime.skip_layer_guidance in the config and rebuild)",
         )
-    slg = applied_skip_layer_guidance(None if wanted_slg is False else limits.skip_layer_guidance, guidance)
+    plan = guidance_plan(
+        guidance,
+        negative,
+        limits.skip_layer_guidance,
+        negative_requested=request.negative_prompt is not None,
+        slg_requested=wanted_slg,
+    )
+    cfg, slg = plan.cfg, plan.skip_layer_guidance
 
     num_images = _int("num_images", request.num_images)
     lo, hi = limits.images(cfg, slg is not None)
@@ -332,7 +386,7 @@ def resolve_request(
         )
     return GenerationParams(
         prompt=prompt,
-        negative_prompt=negative,
+        negative_prompt=plan.negative_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
         height=height,
@@ -340,4 +394,5 @@ def resolve_request(
         seed=seed,
         num_images=num_images,
         skip_layer_guidance=slg,
+        warnings=plan.warnings,
     )

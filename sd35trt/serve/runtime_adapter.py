@@ -3,12 +3,15 @@
 Validation is the runtime's (``Sd35Runtime.validate``, limits read from the engine manifest);
 merged batches are ``Sd35Runtime.generate_batch``, which keeps each request's prompt and seed.
 HTTP fields are the runtime's own (diffusers' names), so requests and errors pass through as they are.
+A request with ``batch: "alone"`` gets an engine batch of its own (a key nothing else shares):
+its PNG bytes then equal those ``sd35trt run`` writes for the same parameters.
 Out-of-memory errors of any backend become :class:`~sd35trt.errors.DeviceOutOfMemoryError`.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from typing import Any
 from sd35trt.errors import DeviceOutOfMemoryError
 from sd35trt.serve.generator import ImageSet, Prepared
 
+#: Values of the request field ``batch``: merge with compatible requests (default), or run alone.
+BATCH_MERGE, BATCH_ALONE = "merge", "alone"
 #: Substrings by which backends (ONNX Runtime, TensorRT, CUDA) report an exhausted allocator.
 _OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "out_of_memory")
 
@@ -39,10 +44,10 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _png(image: Any, index: int, *, params: Any, digest: str) -> bytes:
+def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None) -> bytes:
     from sd35trt.runtime.png import png_bytes
 
-    return png_bytes(image, params, digest, index)
+    return png_bytes(image, params, digest, index, batch)
 
 
 class RuntimeGenerator:
@@ -50,6 +55,7 @@ class RuntimeGenerator:
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
+        self._alone = itertools.count()  # a key no other request shares
         self._limits = runtime.info.limits
         self._defaults = runtime.info.defaults
 
@@ -78,15 +84,17 @@ class RuntimeGenerator:
         from sd35trt.runtime.request import GenerationRequest
 
         known = {k: v for k, v in fields.items() if v is not None or k == "prompt"}
+        # "alone": an engine batch of its own, so the bytes equal those of `sd35trt run`.
+        alone = known.pop("batch", BATCH_MERGE) == BATCH_ALONE
         params = self.runtime.validate(GenerationRequest(**known))
         slg = params.skip_layer_guidance is not None
         images_max = self._limits.images(params.cfg, slg)[1]
         rows_per_request = 2 if params.cfg else 1
         return Prepared(
-            key=params.batch_key,
+            key=(BATCH_ALONE, next(self._alone)) if alone else params.batch_key,
             size=params.num_images,
             capacity=images_max,
-            max_requests=max(1, self._limits.encoder_batch[1] // rows_per_request),
+            max_requests=1 if alone else max(1, self._limits.encoder_batch[1] // rows_per_request),
             params=params.to_json(),
             native=params,
         )
@@ -116,7 +124,7 @@ class RuntimeGenerator:
                     },
                     warnings=list(res.warnings),
                     # the PNG records its parameters and the engines' digest, as `sd35trt run` writes it
-                    png=functools.partial(_png, params=res.params, digest=res.engine_digest),
+                    png=functools.partial(_png, params=res.params, digest=res.engine_digest, batch=res.batch),
                 )
             )
         return out

@@ -17,6 +17,11 @@ from sd35trt.errors import RequestError
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+#: Request fields about how a request is scheduled, not what it generates (Triton's own batcher
+#: decides that there, so its model has no such input).
+SCHEDULING_FIELDS = ("batch",)
+
+
 class GenerateBody(BaseModel):
     """``POST /generate``. Omitted fields take the defaults recorded with the engines."""
 
@@ -29,9 +34,14 @@ class GenerateBody(BaseModel):
     num_inference_steps: int | None = Field(default=None, description="denoising steps")
     guidance_scale: float | None = Field(default=None, description="classifier-free guidance, >= 0")
     num_images: int = Field(default=1, description="images for this prompt, at most the engine batch")
-    seed: int | None = Field(default=None, description="0..2^63-1; drawn at random when omitted")
+    seed: int | None = Field(default=None, description="0..2^63-1; drawn below 2^53 when omitted")
     skip_layer_guidance: bool | None = Field(
         default=None, description="skip-layer guidance when the engines have it (default: as built)"
+    )
+    batch: Literal["merge", "alone"] = Field(
+        default="merge",
+        description="'alone': never merged with other requests, for byte-exact reproduction "
+        "(merged images can differ by ~1/255; the PNG records its engine batch)",
     )
 
 
@@ -81,7 +91,7 @@ class OpenAIImagesBody(BaseModel):
     output_format: str | None = Field(default=None, description='"png" (the only format served)')
     user: str | None = Field(default=None, description="accepted and ignored")
     negative_prompt: str | None = Field(default=None, description="SD3.5: the negative prompt")
-    seed: int | None = Field(default=None, description="SD3.5: 0..2^63-1; drawn at random when omitted")
+    seed: int | None = Field(default=None, description="SD3.5: 0..2^63-1; drawn below 2^53 when omitted")
     num_inference_steps: int | None = Field(default=None, description="SD3.5: denoising steps")
     guidance_scale: float | None = Field(default=None, description="SD3.5: classifier-free guidance")
     skip_layer_guidance: bool | None = Field(default=None, description="SD3.5: skip-layer guidance")

@@ -139,13 +139,107 @@ def test_edges_are_accepted():
         num_images=2,
         negative_prompt="",
     )
-    assert p.seed == 2**63 - 1 and p.negative_prompt == "" and not p.cfg
-    assert p.skip_layer_guidance is None  # skip-layer guidance rides on CFG, as in diffusers
+    assert p.seed == 2**63 - 1 and not p.cfg
+    # Without CFG the negative prompt and skip-layer guidance are not used, and not recorded.
+    assert p.negative_prompt is None and p.skip_layer_guidance is None
+    assert p.warnings == ()  # an empty negative prompt changes nothing: no warning
 
 
 def test_seed_is_drawn_when_omitted():
     seeds = {resolve().seed for _ in range(4)}
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_drawn_seeds_survive_a_float64_round_trip():
+    """faults.md 26: a client keeping numbers as float64 (JavaScript) reads a drawn seed back and
+    resubmits it; with seeds drawn below 2^53 it gets the same seed (was: ~99.9% above 2^53)."""
+    seeds = [resolve().seed for _ in range(2000)]
+    assert all(0 <= s < 2**53 and int(float(s)) == s for s in seeds)
+    assert max(seeds) > 2**50  # drawn over the whole range, not a small one
+    assert resolve(seed=2**63 - 1).seed == 2**63 - 1  # explicit seeds keep the full range
+
+
+@pytest.mark.parametrize(
+    ("fields", "warned", "negative", "slg"),
+    [
+        ({"guidance_scale": 1.0, "negative_prompt": "blurry, low quality"}, ["negative_prompt"], None, None),
+        ({"guidance_scale": 0.0, "skip_layer_guidance": True}, ["skip_layer_guidance"], None, None),
+        (
+            {"guidance_scale": 0.5, "negative_prompt": "fog", "skip_layer_guidance": True},
+            ["negative_prompt", "skip_layer_guidance"],
+            None,
+            None,
+        ),
+        ({"guidance_scale": 1.0}, [], None, None),  # the engines' default negative prompt: no warning
+        ({"guidance_scale": 1.0, "skip_layer_guidance": False}, [], None, None),
+        ({"guidance_scale": 1.01, "negative_prompt": "fog"}, [], "fog", [1]),  # CFG on: both used
+    ],
+)
+def test_settings_without_effect_are_warned_and_not_recorded(fields, warned, negative, slg):
+    """faults.md 25: guidance <= 1 (large-turbo) turns CFG off, so the negative prompt and SLG have
+    no effect; each one asked for is a warning, and the parameters record what was used."""
+    p = resolve(**fields)
+    assert [w.split(" ", 1)[0] for w in p.warnings] == warned
+    assert all("has no effect" in w and "was not used" in w for w in p.warnings)
+    recorded = p.to_json()
+    assert "warnings" not in recorded
+    assert recorded["negative_prompt"] == negative
+    assert (recorded["skip_layer_guidance"] or {}).get("layers") == slg
+
+
+def test_guidance_rule_is_one_function():
+    """The CFG threshold and the SLG-under-CFG rule come from one place."""
+    from sd35trt.runtime.request import guidance_plan, uses_cfg
+
+    assert not uses_cfg(1.0) and uses_cfg(1.0001)
+    slg = CONFIG.runtime.skip_layer_guidance
+    on = guidance_plan(4.5, "x", slg, negative_requested=True, slg_requested=None)
+    assert on.cfg and on.negative_prompt == "x" and on.skip_layer_guidance == slg and not on.warnings
+    off = guidance_plan(1.0, "x", slg, negative_requested=True, slg_requested=None)
+    assert (off.cfg, off.negative_prompt, off.skip_layer_guidance, len(off.warnings)) == (
+        False,
+        None,
+        None,
+        1,
+    )
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    """A numpy integral seed and real guidance are numbers (was: "np.int64(5) is not an integer");
+    they come back as plain Python numbers, so records and JSON hold ints and floats."""
+    np = pytest.importorskip("numpy")
+    p = resolve(
+        seed=np.int64(5),
+        steps=np.int32(4),
+        guidance_scale=np.float32(3.5),
+        height=np.uint16(64),
+        width=np.int64(128),
+        num_images=np.int8(2),
+        skip_layer_guidance=np.bool_(False),
+    )
+    assert (p.seed, p.steps, p.guidance_scale, p.height, p.width, p.num_images) == (5, 4, 3.5, 64, 128, 2)
+    assert type(p.seed) is int and type(p.steps) is int and type(p.guidance_scale) is float
+    assert p.skip_layer_guidance is None
+    assert resolve(guidance_scale=np.float64(1.0), seed=1).guidance_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    ("field", "make"),
+    [
+        ("seed", lambda np: np.bool_(True)),
+        ("steps", lambda np: np.bool_(False)),
+        ("guidance_scale", lambda np: np.bool_(True)),
+        ("seed", lambda np: np.float64(5.0)),
+        ("num_images", lambda np: np.array([1, 2])),
+        ("skip_layer_guidance", lambda np: np.array([True])),
+        ("skip_layer_guidance", lambda np: np.int64(1)),
+    ],
+)
+def test_numpy_bools_arrays_and_non_integral_values_are_refused(field, make):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(RequestError) as err:
+        resolve(**{field: make(np)})
+    assert err.value.field == field
 
 
 def test_skip_layer_guidance_switches():
