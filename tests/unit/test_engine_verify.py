@@ -239,3 +239,78 @@ def test_tensorrt_engines_do_not_run_on_the_cpu(tmp_path):
     m = verify_engines(_engines_dir(tmp_path), machine=MachineInfo("11.4.0", H100))
     with pytest.raises(BackendUnavailableError, match=r"TensorRT plans run on a CUDA device, not 'cpu'"):
         open_engines(m, device="cpu")
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        data = data[key]
+    data[last] = value
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "named"),
+    [
+        ("engines", ["transformer"], "engines: Input should be an object"),
+        (
+            "engines.transformer.file.size",
+            "2048",
+            "engines.transformer.file.size: Input should be a valid integer",
+        ),
+        ("engines.transformer.file", "transformer.plan", "engines.transformer.file: Input should be"),
+        ("engines.transformer.profile", [], "engines.transformer.profile: Input should be an object"),
+        ("engines.transformer.profile.latent.min", "1,4,4,4", "engines.transformer.profile.latent.min"),
+        ("engines.transformer.fp8", "yes", "engines.transformer.fp8: Input should be a valid boolean"),
+        ("engines.transformer.compute_capability", [9], "engines.transformer.compute_capability"),
+        ("engines.transformer.backend", "tensorflow", "engines.transformer.backend: Input should be"),
+        ("engines.vae_decoder.extra_files", {"path": "x"}, "engines.vae_decoder.extra_files"),
+        ("dims.patch_size", "2", "dims.patch_size: Input should be a valid integer"),
+        ("dims", None, "dims: Input should be an object"),
+        ("support_files", ["tokenizer/vocab.json"], "support_files.0: Input should be an object"),
+        ("runtime_defaults", [], "runtime_defaults: Input should be an object"),
+        ("backend", 3, "backend: Input should be"),
+    ],
+)
+def test_manifest_with_wrong_json_types_names_the_file_and_field(tmp_path, dotted, value, named):
+    """faults.md 15 for the engine manifest (issue: wrong JSON types gave an AttributeError
+    traceback): one line naming the file, the field, what was found, and the fix."""
+    out = _engines_dir(tmp_path)
+    data = json.loads((out / ENGINE_MANIFEST_NAME).read_text())
+    _set(data, dotted, value)
+    (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as e:
+        verify_engines(out, machine=MachineInfo("11.4.0", H100))
+    message = str(e.value)
+    assert message.startswith(f"{out / ENGINE_MANIFEST_NAME} is malformed: ")
+    assert named in message and message.endswith(REBUILD) and "\n" not in message
+
+
+def test_manifest_field_errors_are_listed_together(tmp_path):
+    out = _engines_dir(tmp_path)
+    data = json.loads((out / ENGINE_MANIFEST_NAME).read_text())
+    for rec in data["engines"].values():
+        rec["build_seconds"] = "fast"
+    data["dims"]["head_dim"] = 4.5
+    data["created"] = 1
+    (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"build_seconds.*; .*build_seconds.*; .*; and 1 more"):
+        read_engine_manifest(out)
+
+
+def test_cli_names_a_malformed_manifest_without_traceback(tmp_path):
+    """`sd35trt verify ENGINES_DIR` whose manifest has wrong types: the problem in one line, exit 1."""
+    import os
+    import subprocess
+
+    out = _engines_dir(tmp_path, backend=Backend.ONNXRUNTIME)
+    data = json.loads((out / ENGINE_MANIFEST_NAME).read_text())
+    data["engines"] = ["transformer"]
+    (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
+    env = {k: v for k, v in os.environ.items() if k != "SD35TRT_DEBUG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sd35trt.cli", "verify", str(out)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    first, last = done.stderr.strip().splitlines()
+    assert "manifest.json is malformed: engines: Input should be an object" in first
+    assert last.startswith("error: ") and "1 problem(s) found" in last
