@@ -9,6 +9,7 @@ to inject a NaN or an out-of-memory error, and trigger shutdown), except one tha
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import os
@@ -550,3 +551,69 @@ def test_serve_process_survives_a_flood_logs_json_and_exits_cleanly_on_sigterm(b
     mine = [line for line in lines if line["request_id"] == "rid-1"]
     assert {line["logger"] for line in mine} == {"sd35trt.serve", "uvicorn.access"}
     assert sum("slow clients:" in line["message"] for line in lines) <= 2  # a summary, not a line per socket
+
+
+# -- semantics: settings without effect, drawn seeds, running alone -------------------------------
+
+
+def _png_parameters(b64: str) -> dict:
+    return json.loads(decode_png(b64).text["parameters"])
+
+
+def test_settings_without_effect_are_warned_and_parameters_record_what_was_used(server):
+    """faults.md 25: with guidance <= 1 the negative prompt and skip-layer guidance do nothing;
+    the HTTP `warnings` say so, and `parameters` and the PNG record null for both."""
+    body = {"prompt": "a turbo fox", **SMALL, "guidance_scale": 1.0, "negative_prompt": "blurry",
+            "skip_layer_guidance": True, "seed": 8}  # fmt: skip
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [w.split(" ")[0] for w in data["warnings"]] == ["negative_prompt", "skip_layer_guidance"]
+    assert all("has no effect" in w for w in data["warnings"])
+    for recorded in (data["parameters"], _png_parameters(data["images"][0])):
+        assert recorded["negative_prompt"] is None and recorded["skip_layer_guidance"] is None
+        assert recorded["guidance_scale"] == 1.0
+    with_cfg = post(server, {**body, "guidance_scale": 4.5}).json()
+    assert with_cfg["warnings"] == [] and with_cfg["parameters"]["negative_prompt"] == "blurry"
+
+
+def test_drawn_seeds_survive_a_javascript_round_trip(server):
+    """faults.md 26: a browser reads the seed as a float64 and resubmits it: the same image."""
+    first = post(server, {"prompt": "a red fox", **SMALL}).json()
+    seed = first["parameters"]["seed"]
+    assert 0 <= seed < 2**53
+    as_js = json.loads(json.dumps(float(json.loads(json.dumps(seed)))))  # Number(seed) and back
+    again = post(server, {"prompt": "a red fox", **SMALL, "seed": int(as_js)}).json()
+    assert again["images"][0] == first["images"][0]
+    assert post(server, {"prompt": "x", **SMALL, "seed": 2**63 - 1}).status_code == 200
+
+
+def test_a_request_can_run_alone_and_its_png_equals_the_cli_one(server, built_run, tmp_path):
+    """faults.md 27: merged requests may differ by ~1/255 from the same request alone. The PNG
+    records its engine batch, and `"batch": "alone"` is never merged: its PNG bytes equal the
+    ones `sd35trt run` writes for the same parameters."""
+    from sd35trt.run import run
+
+    a = {"prompt": "a red fox in the snow", **SMALL, "seed": 11}
+    b = {"prompt": "a blue car on a bridge", **SMALL, "seed": 22}
+    alone = {"prompt": "a lighthouse", **SMALL, "seed": 33, "batch": "alone"}
+
+    async def main():
+        server.batcher.pause()
+        async with async_client(3) as client:
+            tasks = start_posts(client, server.url, [a, alone, b])
+            await until(lambda: server.batcher.stats().queued == 3, 30, "three queued requests")
+            server.batcher.resume()
+            return [(await t) for t in tasks]
+
+    ra, ralone, rb = [r.json() for r in asyncio.run(main())]
+    assert ra["batch"]["id"] == rb["batch"]["id"] and ra["batch"]["requests"] == 2
+    assert ralone["batch"]["requests"] == 1 and ralone["batch"]["id"] != ra["batch"]["id"]
+    assert _png_parameters(ra["images"][0])["engine_batch"] == {"requests": 2, "images": 2, "first_image": 0}
+    assert _png_parameters(rb["images"][0])["engine_batch"]["first_image"] == 1
+    cli = run(
+        built_run / "engines", "a lighthouse", seed=33, steps=2, height=64, width=64, out=tmp_path / "l.png"
+    )
+    assert base64.b64decode(ralone["images"][0]) == cli.paths[0].read_bytes()
+    bad = post(server, {**a, "batch": "sometimes"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "batch"
