@@ -105,7 +105,9 @@ def test_external_data_reference_inside_an_engine_is_not_read_from_elsewhere(
     model = onnx.load(str(engines_copy / rec.file.path))
     staged = tmp_path / "staged" / "vae.onnx"
     staged.parent.mkdir()
-    onnx.save_model(model, str(staged), save_as_external_data=True, location="weights.data", size_threshold=1024)
+    onnx.save_model(
+        model, str(staged), save_as_external_data=True, location="weights.data", size_threshold=1024
+    )
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     shutil.move(staged.parent / "weights.data", cwd / "weights.data")  # where ORT would have looked
