@@ -1,10 +1,11 @@
 """One writer per run directory.
 
 Every stage that writes ``runs/<name>/`` (``calibrate``, ``export``, ``build``) and ``package``,
-which reads what they publish, hold ``runs/<name>/.sd35trt.lock`` (an OS file lock through
-``filelock``; the kernel releases it when the holder dies, even by SIGKILL). Beside it,
-``.sd35trt.lock.holder`` names the holder's pid, command and start time, so a second writer that
-cannot get the lock within ``wait_s`` is refused with a line naming who holds it.
+which reads what they publish, hold an OS file lock (through ``filelock``; the kernel releases it
+when the holder dies, even by SIGKILL). The lock file sits beside the run directory,
+``runs/.<name>.sd35trt-lock``, so a refused or failed command leaves nothing inside it. Beside the
+lock, ``runs/.<name>.sd35trt-lock.holder`` names the holder's pid, command and start time, so a
+second writer that cannot get the lock within ``wait_s`` is refused with a line naming who holds it.
 
 Inside the lock a stage first removes the leftovers of an interrupted run of itself (staging
 directories, temporary manifest files), whatever it then decides to do: without the lock, that
@@ -27,16 +28,22 @@ from typing import ParamSpec, TypeVar
 from sd35trt.errors import RunDirBusyError
 from sd35trt.manifest import Stage, atomic_write_json, clean_leftovers, now_utc
 
-LOCK_NAME = ".sd35trt.lock"
-HOLDER_NAME = ".sd35trt.lock.holder"
+LOCK_SUFFIX = ".sd35trt-lock"
 #: How long a second writer waits before it is refused (seconds): long enough for a stage that is
 #: just finishing, short enough that a user is not left waiting on an hours-long build.
 DEFAULT_WAIT_S = 5.0
 
 
-def _holder(run_dir: Path) -> str:
+def lock_paths(run_dir: str | Path) -> tuple[Path, Path]:
+    """The lock file of ``run_dir`` and the file naming its holder (both beside ``run_dir``)."""
+    run_dir = Path(run_dir).absolute()
+    lock = run_dir.parent / f".{run_dir.name}{LOCK_SUFFIX}"
+    return lock, lock.with_name(lock.name + ".holder")
+
+
+def _holder(path: Path) -> str:
     try:
-        data = json.loads((run_dir / HOLDER_NAME).read_text())
+        data = json.loads(path.read_text())
         return f"pid {int(data['pid'])} (`{data['command']}`, since {data['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it did not record its pid)"
@@ -47,7 +54,7 @@ def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S)
     """Hold ``run_dir``'s writer lock for the ``with`` block.
 
     Args:
-        run_dir: the run directory (created if missing).
+        run_dir: the run directory (not created here; its parent is).
         what: what the holder does (``"build"``), recorded for the message others get.
         wait_s: seconds to wait for another holder to finish before refusing.
 
@@ -57,17 +64,16 @@ def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S)
     """
     from filelock import FileLock, Timeout
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK_NAME)
+    lock_file, holder = lock_paths(run_dir)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
         raise RunDirBusyError(
-            f"{run_dir} is being written by {_holder(run_dir)}; waited {wait_s:g} s for it: let it finish "
+            f"{run_dir} is being written by {_holder(holder)}; waited {wait_s:g} s for it: let it finish "
             f"(or stop it), then re-run `sd35trt {what}`"
         ) from None
-    holder = run_dir / HOLDER_NAME
     try:
         atomic_write_json(
             holder, {"pid": os.getpid(), "command": shlex.join(sys.argv), "what": what, "since": now_utc()}

@@ -12,7 +12,7 @@ import pytest
 
 from sd35trt.errors import RunDirBusyError
 from sd35trt.manifest import Stage
-from sd35trt.runlock import HOLDER_NAME, run_dir_lock, stage_session
+from sd35trt.runlock import lock_paths, run_dir_lock, stage_session
 
 _HOLDER = """
 import sys, time
@@ -58,10 +58,11 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     holder = _hold(tmp_path, 60)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(30)
-    assert (tmp_path / HOLDER_NAME).exists()  # stale, from the killed holder
+    _, holder_file = lock_paths(tmp_path)
+    assert holder_file.exists()  # stale, from the killed holder
     with run_dir_lock(tmp_path, "build", wait_s=5):
-        assert f'"pid": {os.getpid()}' in (tmp_path / HOLDER_NAME).read_text()
-    assert not (tmp_path / HOLDER_NAME).exists()
+        assert f'"pid": {os.getpid()}' in holder_file.read_text()
+    assert not holder_file.exists()
 
 
 def test_a_writer_waits_for_a_holder_that_finishes(tmp_path):
@@ -83,4 +84,5 @@ def test_a_session_removes_leftovers_of_its_own_stage_only(tmp_path):
     (tmp_path / ".manifest.json.abc.tmp").write_text("{")
     with stage_session(tmp_path, Stage.BUILD):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c", ".sd35trt.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c"]
+    assert lock_paths(tmp_path)[0].parent == tmp_path.parent  # the lock lives beside the run dir
