@@ -124,7 +124,7 @@ def test_settings_without_effect_warn_and_the_png_records_what_was_used(built_ru
 
     out = tmp_path / "turbo.png"
     argv = [
-        "sd35trt", "run", "--engines", str(built_run / "engines"), PROMPT, "--guidance", "1.0",
+        "sd35trt", "run", "--engines", str(built_run / "engines"), PROMPT, "--guidance-scale", "1.0",
         "--negative-prompt", "blurry", "--skip-layer-guidance", "--seed", "3", "-o", str(out),
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
@@ -141,9 +141,9 @@ def test_settings_without_effect_warn_and_the_png_records_what_was_used(built_ru
     assert meta["skip_layer_guidance"] is None and meta["seed"] == 3
 
     # The same through the Python API; with CFG on, both are used and recorded, no warning.
-    result = run(built_run / "engines", PROMPT, guidance=1.0, negative_prompt="blurry", seed=3, out=out)
+    result = run(built_run / "engines", PROMPT, guidance_scale=1.0, negative_prompt="blurry", seed=3, out=out)
     assert len(result.result.warnings) == 1 and "negative_prompt has no effect" in result.result.warnings[0]
-    cfg = run(built_run / "engines", PROMPT, guidance=4.5, negative_prompt="blurry", seed=3, out=out)
+    cfg = run(built_run / "engines", PROMPT, guidance_scale=4.5, negative_prompt="blurry", seed=3, out=out)
     assert cfg.result.warnings == () and read_png_parameters(out)["negative_prompt"] == "blurry"
 
 
@@ -213,7 +213,11 @@ def test_written_png_parameters_are_plain_json(built_run, tmp_path):
     import numpy as np
 
     out = run(
-        built_run / "engines", PROMPT, seed=np.int64(6), guidance=np.float32(4.5), out=tmp_path / "n.png"
+        built_run / "engines",
+        PROMPT,
+        seed=np.int64(6),
+        guidance_scale=np.float32(4.5),
+        out=tmp_path / "n.png",
     )
     meta = json.loads(json.dumps(read_png_parameters(out.paths[0])))
     assert meta["seed"] == 6 and meta["guidance_scale"] == 4.5

@@ -612,7 +612,13 @@ def test_a_request_can_run_alone_and_its_png_equals_the_cli_one(server, built_ru
     assert _png_parameters(ra["images"][0])["engine_batch"] == {"requests": 2, "images": 2, "first_image": 0}
     assert _png_parameters(rb["images"][0])["engine_batch"]["first_image"] == 1
     cli = run(
-        built_run / "engines", "a lighthouse", seed=33, steps=2, height=64, width=64, out=tmp_path / "l.png"
+        built_run / "engines",
+        "a lighthouse",
+        seed=33,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        out=tmp_path / "l.png",
     )
     assert base64.b64decode(ralone["images"][0]) == cli.paths[0].read_bytes()
     bad = post(server, {**a, "batch": "sometimes"})

@@ -210,15 +210,22 @@ def test_numpy_scalars_are_accepted_as_numbers():
     np = pytest.importorskip("numpy")
     p = resolve(
         seed=np.int64(5),
-        steps=np.int32(4),
+        num_inference_steps=np.int32(4),
         guidance_scale=np.float32(3.5),
         height=np.uint16(64),
         width=np.int64(128),
         num_images=np.int8(2),
         skip_layer_guidance=np.bool_(False),
     )
-    assert (p.seed, p.steps, p.guidance_scale, p.height, p.width, p.num_images) == (5, 4, 3.5, 64, 128, 2)
-    assert type(p.seed) is int and type(p.steps) is int and type(p.guidance_scale) is float
+    assert (p.seed, p.num_inference_steps, p.guidance_scale, p.height, p.width, p.num_images) == (
+        5,
+        4,
+        3.5,
+        64,
+        128,
+        2,
+    )
+    assert type(p.seed) is int and type(p.num_inference_steps) is int and type(p.guidance_scale) is float
     assert p.skip_layer_guidance is None
     assert resolve(guidance_scale=np.float64(1.0), seed=1).guidance_scale == 1.0
 
@@ -227,7 +234,7 @@ def test_numpy_scalars_are_accepted_as_numbers():
     ("field", "make"),
     [
         ("seed", lambda np: np.bool_(True)),
-        ("steps", lambda np: np.bool_(False)),
+        ("num_inference_steps", lambda np: np.bool_(False)),
         ("guidance_scale", lambda np: np.bool_(True)),
         ("seed", lambda np: np.float64(5.0)),
         ("num_images", lambda np: np.array([1, 2])),
