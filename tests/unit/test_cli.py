@@ -82,6 +82,9 @@ def test_calibrate_is_skipped_when_nothing_is_quantized(tmp_path):
 
 
 class _Output:
+    def warning_lines(self) -> list[str]:
+        return []
+
     def report(self, timings: bool = False) -> str:
         return "ok"
 

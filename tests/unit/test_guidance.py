@@ -34,3 +34,21 @@ def test_build_profile_doubles_the_optimal_batch_only_under_cfg(tiny_config, gui
     assert shapes["hidden_states"].opt[0] == opt_batch
     # the maximum covers CFG whatever the default, so a request may turn it on
     assert shapes["hidden_states"].max[0] == 2 * tiny_config.build.batch.max
+
+
+def test_plan_drops_and_warns_about_settings_without_effect():
+    """faults.md 25: without CFG the negative prompt and SLG do nothing; they are not used (None,
+    so provenance records what ran) and each one the caller asked for is a warning."""
+    from sd35trt.config import SkipLayerGuidance
+    from sd35trt.guidance import guidance_plan
+
+    slg = SkipLayerGuidance(layers=(1,))
+    on = guidance_plan(4.5, "x", slg, negative_requested=True, slg_requested=True)
+    assert (on.cfg, on.negative_prompt, on.skip_layer_guidance, on.warnings) == (True, "x", slg, ())
+    assert guidance_plan(4.5, "x", slg, slg_requested=False).skip_layer_guidance is None
+    off = guidance_plan(1.0, "x", slg, negative_requested=True, slg_requested=True)
+    assert (off.cfg, off.negative_prompt, off.skip_layer_guidance) == (False, None, None)
+    assert [w.split(" ")[0] for w in off.warnings] == ["negative_prompt", "skip_layer_guidance"]
+    # Defaults the caller did not ask for (the engines' negative prompt, SLG as built): no warning.
+    assert guidance_plan(0.0, "blurry", slg).warnings == ()
+    assert guidance_plan(1.0, "  ", slg, negative_requested=True).warnings == ()

@@ -187,23 +187,6 @@ def test_settings_without_effect_are_warned_and_not_recorded(fields, warned, neg
     assert (recorded["skip_layer_guidance"] or {}).get("layers") == slg
 
 
-def test_guidance_rule_is_one_function():
-    """The CFG threshold and the SLG-under-CFG rule come from one place."""
-    from sd35trt.runtime.request import guidance_plan, uses_cfg
-
-    assert not uses_cfg(1.0) and uses_cfg(1.0001)
-    slg = CONFIG.runtime.skip_layer_guidance
-    on = guidance_plan(4.5, "x", slg, negative_requested=True, slg_requested=None)
-    assert on.cfg and on.negative_prompt == "x" and on.skip_layer_guidance == slg and not on.warnings
-    off = guidance_plan(1.0, "x", slg, negative_requested=True, slg_requested=None)
-    assert (off.cfg, off.negative_prompt, off.skip_layer_guidance, len(off.warnings)) == (
-        False,
-        None,
-        None,
-        1,
-    )
-
-
 def test_numpy_scalars_are_accepted_as_numbers():
     """A numpy integral seed and real guidance are numbers (was: "np.int64(5) is not an integer");
     they come back as plain Python numbers, so records and JSON hold ints and floats."""
