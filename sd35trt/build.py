@@ -25,6 +25,7 @@ import yaml
 from sd35trt.check import check_config
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config
+from sd35trt.containment import contained_path
 from sd35trt.errors import BuildError, ManifestError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
 from sd35trt.manifest import (
@@ -296,7 +297,8 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
     source = choose_source(component, entry, backend.backend, machine.gpu)
     if source.note:
         progress(f"{label}: {source.note}")
-    src_path = run_dir / source.path
+    # The export record is read from disk: a path it names must not lead out of the run directory.
+    src_path = contained_path(run_dir, source.path)
     inputs, external = onnx_inputs(src_path)
     skip = (
         inputs[SKIP_LAYERS_INPUT][0]
@@ -394,6 +396,8 @@ def build(
         BuildError: an engine could not be built, or an FP8 engine runs quantized layers in
             higher precision (nothing is published then).
         ModelError: the model directory lacks the tokenizer or scheduler files.
+        UnsafeArtifactError: the export record names an ONNX file outside the run directory or
+            through a symlink.
     """
     run_dir = Path(run_dir)
     report = progress or print_progress

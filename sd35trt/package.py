@@ -34,8 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from sd35trt.containment import contained_path
 from sd35trt.errors import ManifestError, Sd35TrtError, UnsafeArtifactError, VerificationError
-from sd35trt.manifest import RunManifest, Stage, contained_path, sha256_file, verify_files
+from sd35trt.manifest import RunManifest, Stage, sha256_file, verify_files
 from sd35trt.runlock import run_dir_lock
 
 CHECKSUMS = "SHA256SUMS"

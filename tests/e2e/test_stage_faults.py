@@ -6,6 +6,7 @@ Each test works on a copy of the shared built run directory (``copy_run``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,9 +17,10 @@ import pytest
 
 from sd35trt.build import build
 from sd35trt.config import Backend, config_from_dict
-from sd35trt.errors import ConfigError, StaleArtifactError
+from sd35trt.errors import ConfigError, StaleArtifactError, UnsafeArtifactError
 from sd35trt.manifest import RunManifest, Stage, unrecorded_marker
 from sd35trt.package import package
+from sd35trt.records import StageRecord
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "SD35TRT_DEBUG"} | {"PYTHONPATH": str(REPO)}
 
 
-def _build_verified(config, run_dir: Path) -> dict:
+def _build_verified(config, run_dir: Path) -> StageRecord:
     """The build record, after checking that it matches the files on disk."""
     return RunManifest(run_dir).verified(Stage.BUILD, config.digest(*Stage.BUILD.config_sections))
 
@@ -183,3 +185,21 @@ def test_later_stages_refuse_it_too_before_doing_anything(built_run, copy_run, t
     with pytest.raises(ConfigError, match=rf"before `sd35trt {stage.value}` started"):
         (export if stage is Stage.EXPORT else build)(_too_tall(tiny_config), run_dir, force=True)
     assert RunManifest(run_dir).load() == records
+
+
+def test_build_refuses_an_export_record_naming_an_onnx_outside_the_run_directory(
+    built_run, copy_run, tiny_config
+):
+    """faults.md 20, in the run directory: an export record edited to name `../clip_l.onnx` (a
+    real graph, so nothing else would stop it) is refused by build before it reads the file, and
+    the published engines stay as they were."""
+    run_dir = copy_run(built_run)
+    outside = run_dir.parent / "clip_l.onnx"
+    outside.write_bytes((run_dir / Stage.EXPORT.directory / "clip_l.onnx").read_bytes())
+    data = json.loads((run_dir / "manifest.json").read_text())
+    data["records"]["export"]["details"]["components"]["clip_l"]["onnx"] = "../clip_l.onnx"
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    engines = sorted(p.name for p in (run_dir / Stage.BUILD.directory).iterdir())
+    with pytest.raises(UnsafeArtifactError, match=r"path '\.\./clip_l\.onnx' recorded in .* leaves it"):
+        build(tiny_config, run_dir, Backend.ONNXRUNTIME, force=True, progress=lambda _line: None)
+    assert sorted(p.name for p in (run_dir / Stage.BUILD.directory).iterdir()) == engines
