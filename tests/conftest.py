@@ -7,6 +7,7 @@ artefacts must work on a copy (``copy_run``), never on the shared directory.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -62,33 +63,51 @@ def tiny_model_dir(tiny_config, tmp_path_factory) -> Path:
     return model_dir(tiny_config, tmp_path_factory.mktemp("tiny-model-run"))
 
 
-@pytest.fixture(scope="session")
-def calibrated_run(tiny_config, tmp_path_factory) -> Path:
-    """A run directory after ``calibrate``."""
-    from sd35trt.calibrate import calibrate
+def _shared_run(tmp_path_factory, tiny_config, stages: int) -> Path:
+    """The tiny run directory carried through the first ``stages`` stages, built once per test run.
 
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    calibrate(tiny_config, run_dir)
+    With pytest-xdist the workers share it: the first worker that needs a stage runs it under a
+    file lock, the others find it fresh (the stages do nothing when their record is fresh).
+    """
+    from filelock import FileLock
+
+    from sd35trt.build import build
+    from sd35trt.calibrate import calibrate
+    from sd35trt.config import Backend
+    from sd35trt.export import export
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's directory, shared by its workers
+    run_dir = base / "shared-run" / "tiny"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    steps = (
+        lambda: calibrate(tiny_config, run_dir, log=lambda _line: None),
+        lambda: export(tiny_config, run_dir, progress=lambda _line: None),
+        lambda: build(tiny_config, run_dir, Backend.ONNXRUNTIME, progress=lambda _line: None),
+    )
+    with FileLock(str(run_dir.parent / "stages.lock")):
+        for step in steps[:stages]:
+            step()
     return run_dir
 
 
 @pytest.fixture(scope="session")
-def exported_run(tiny_config, calibrated_run) -> Path:
-    """The same run directory after ``export``."""
-    from sd35trt.export import export
-
-    export(tiny_config, calibrated_run)
-    return calibrated_run
+def calibrated_run(tiny_config, tmp_path_factory) -> Path:
+    """A run directory after ``calibrate`` (shared: copy it before damaging it)."""
+    return _shared_run(tmp_path_factory, tiny_config, 1)
 
 
 @pytest.fixture(scope="session")
-def built_run(tiny_config, exported_run) -> Path:
-    """The same run directory after ``build`` with the ONNX Runtime backend."""
-    from sd35trt.build import build
-    from sd35trt.config import Backend
+def exported_run(tiny_config, tmp_path_factory) -> Path:
+    """The same run directory after ``export``."""
+    return _shared_run(tmp_path_factory, tiny_config, 2)
 
-    build(tiny_config, exported_run, Backend.ONNXRUNTIME)
-    return exported_run
+
+@pytest.fixture(scope="session")
+def built_run(tiny_config, tmp_path_factory) -> Path:
+    """The same run directory after ``build`` with the ONNX Runtime backend."""
+    return _shared_run(tmp_path_factory, tiny_config, 3)
 
 
 @pytest.fixture
