@@ -183,7 +183,7 @@ def tiny(
 
 @app.command()
 def reference(
-    prompt: Annotated[str, typer.Argument(help="Text prompt.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="Text prompt.")],
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
@@ -215,7 +215,7 @@ def reference(
 
 @app.command("run")
 def run_(
-    prompt: Annotated[str, typer.Argument(help="Text prompt.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="Text prompt.")],
     engines: Annotated[
         Path,
         typer.Option("--engines", help="Engines directory (runs/<name>/engines) or an unpacked artefact."),

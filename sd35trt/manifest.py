@@ -283,6 +283,11 @@ def _umask() -> int:
     return mask
 
 
+def published_file_mode() -> int:
+    """The mode a new file gets under the process umask (``mkstemp`` files are 0600 until set)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place.
 
@@ -293,7 +298,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.fchmod(fd, published_file_mode())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

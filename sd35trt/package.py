@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from sd35trt.containment import contained_path
 from sd35trt.errors import ManifestError, Sd35TrtError, UnsafeArtifactError, VerificationError
-from sd35trt.manifest import RunManifest, Stage, sha256_file, verify_files
+from sd35trt.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
 from sd35trt.runlock import run_dir_lock
 
 CHECKSUMS = "SHA256SUMS"
@@ -119,6 +119,7 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
         for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed package's leftovers
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.fchmod(fd, published_file_mode())  # readable by a service user, as any file written here
         os.close(fd)
         try:
             with tarfile.open(tmp, "w:gz") as tar:

@@ -32,7 +32,7 @@ from sd35trt.serve.logs import configure_logging, level_number
 from sd35trt.serve.metrics import CONTENT_TYPE
 from sd35trt.serve.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from sd35trt.serve.responses import ApiError, FieldError, flavor_of, printable, render, validation_errors
-from sd35trt.serve.settings import LISTEN_BACKLOG, ServeSettings, connection_bound
+from sd35trt.serve.settings import LISTEN_BACKLOG, ServeSettings, check_address, connection_bound
 from sd35trt.serve.state import ServerState
 
 log = logging.getLogger("sd35trt.serve")
@@ -224,6 +224,7 @@ def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
     from sd35trt.serve.runtime_adapter import RuntimeGenerator
 
     connection_bound(settings.max_connections)  # a bad limit fails before the engines load
+    check_address(settings.host, settings.port)  # so does an address in use
     gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram)
     if settings.max_batch is not None and settings.max_batch > gen.max_batch:
         raise Sd35TrtError(

@@ -73,6 +73,28 @@ def connection_bound(requested: int | None, limit: int | None = None) -> int:
     return requested
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail early, in one line, when ``host:port`` cannot be listened on (checked by binding once).
+
+    Raises:
+        ConfigError: the host does not resolve, or the address is in use or not this machine's.
+    """
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host!r} is not an address of this machine: {err.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {err.strerror.lower()} (choose another --port or --host)"
+            ) from None
+
+
 class ServeSettings(BaseModel):
     """Options of ``sd35trt serve``.
 

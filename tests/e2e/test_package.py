@@ -30,6 +30,15 @@ def test_packed_artefact_verifies_and_unpacks_to_engines(artefact, tmp_path):
     assert verify(root).ok
 
 
+def test_artefact_file_gets_the_umask_mode_not_mkstemps_0600(artefact):
+    """A copied artefact must be readable by the service user that serves it."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert artefact.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_flipped_byte_missing_and_extra_files_each_named(artefact, tmp_path):
     root = _unpacked(artefact, tmp_path)
     engine = next((root / "engines").glob("transformer*.onnx"))

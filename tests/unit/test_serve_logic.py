@@ -247,3 +247,29 @@ def test_serve_with_an_unknown_choice_is_one_line_and_exit_1(tmp_path, option, v
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {option} {value!r} is not one of: {allowed}"
+
+
+def test_serve_on_an_address_in_use_or_unknown_is_one_line_and_exit_1(tmp_path):
+    """faults.md: a user error is one line and exit 1: the port is taken, or the host is not ours.
+
+    Checked before any engine loads (the engines directory here is empty)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cases = {
+            ("--port", str(port)): f"error: cannot listen on 127.0.0.1:{port}: address already in use",
+            ("--host", "999.1.1.1"): "error: --host '999.1.1.1' is not an address of this machine",
+        }
+        for (option, value), expected in cases.items():
+            proc = subprocess.run(
+                [sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(tmp_path), option, value],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+            assert proc.stderr.startswith(expected), proc.stderr
