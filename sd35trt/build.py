@@ -399,10 +399,13 @@ def build(
         UnsafeArtifactError: the export record names an ONNX file outside the run directory or
             through a symlink.
     """
+    from sd35trt.model import stage_digest, weights_identity
+
     run_dir = Path(run_dir)
     report = progress or print_progress
     runs = RunManifest(run_dir)
-    export_digest = config.digest(*Stage.EXPORT.config_sections)
+    # The export digest covers the weights (repo commit, LoRA bytes): a changed LoRA file is stale here too.
+    export_digest = stage_digest(config, Stage.EXPORT, weights_identity(config))
     # Deciding whether to rebuild rehashes no unchanged file; a rebuild checks the export fully.
     export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint, cache=HashCache(run_dir))
     # Every problem of the build ranges, before any engine.
@@ -451,6 +454,8 @@ def build(
             support_files=tuple(support_files),
             created=now_utc(),
             versions=tool_versions(),
+            # the weights the engines hold, without the machine-specific model directory
+            model=exported.model.model_dump(mode="json", exclude={"directory"}) if exported.model else {},
         )
         atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
 

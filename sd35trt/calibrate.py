@@ -2,7 +2,8 @@
 
 1. Read the calibration prompts and the held-out prompts (never used for calibration).
 2. Load the diffusers pipeline (safetensors only) in ``calibrate.dtype``: BF16 on a GPU, FP32 on
-   a CPU by default.
+   a CPU by default; ``model.loras`` are fused into it first, so the FP8 scales fit the weights
+   the engines will hold.
 3. Encode every prompt batch once, with the runtime's negative prompt and T5 length, then drop
    the three text encoders: the denoising loop only needs the embeddings (both steps are in
    :mod:`sd35trt.reference`, the one module that drives diffusers).
@@ -44,9 +45,9 @@ from sd35trt.manifest import (
     records_for_tree,
     staged_output,
 )
-from sd35trt.model import default_device, load_pipeline, model_dir, torch_dtype
+from sd35trt.model import default_device, load_pipeline, resolve_model, stage_digest, torch_dtype
 from sd35trt.quantize import CALIBRATION_FILE, QuantSummary, quant_config
-from sd35trt.records import CalibrateDetails, CalibrateRecord, CalibrationQuality, QuantizerCounts
+from sd35trt.records import CalibrateDetails, CalibrateRecord, CalibrationQuality, ModelInput, QuantizerCounts
 from sd35trt.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.runlock import locked_stage
 
@@ -194,7 +195,8 @@ def calibrate(
 
     Raises:
         ConfigError: prompt files too short, overlapping, or settings that don't fit the model.
-        ModelError: the model directory is unusable (pickle weights, truncated shards...).
+        ModelError: the model directory is unusable (pickle weights, truncated shards...), a repo
+            id is not cached, or a LoRA does not fit the model.
         CalibrationError: a quantizer ended without a finite amax > 0 (nothing is written).
     """
     import torch
@@ -211,11 +213,12 @@ def calibrate(
             f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
             f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
         )
-    digest = config.digest(*Stage.CALIBRATE.config_sections)
+    resolved = resolve_model(config, run_dir)
+    digest = stage_digest(config, Stage.CALIBRATE, resolved.identity())
     prompts_sha = prompt_set_sha256(prompts)
     manifest = RunManifest(run_dir)
     # Refuse settings the model can't take (here or in a later stage) before anything heavy.
-    dims = ModelDims.from_model_dir(model_dir(config, run_dir))
+    dims = ModelDims.from_model_dir(resolved.directory)
     check_config(config, dims, Stage.CALIBRATE)
     if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
         log(f"calibrate: up to date in {run_dir} (force to redo)")
@@ -228,7 +231,7 @@ def calibrate(
     dtype = torch_dtype(s.dtype, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    pipe = load_pipeline(config, run_dir, device=device, dtype=dtype)
+    pipe = load_pipeline(config, run_dir, device=device, dtype=dtype, loras=resolved.loras)
     pipe.set_progress_bar_config(disable=True)
     text = {
         "negative_prompt": config.runtime.negative_prompt,
@@ -276,6 +279,7 @@ def calibrate(
         elapsed_s=round(elapsed, 3),
         peak_memory_bytes=peak,
         peak_memory_kind=peak_kind,
+        model=ModelInput.model_validate(resolved.provenance()),
     )
     with staged_output(run_dir, Stage.CALIBRATE) as tmp:
         save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)

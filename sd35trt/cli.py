@@ -239,6 +239,16 @@ def run_(
             show_default=False,
         ),
     ] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image", help="Image-to-image: the initial image (resized to --height x --width, as diffusers)."
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(help="Image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)."),
+    ] = None,
     low_vram: Annotated[
         bool, typer.Option("--low-vram", help="Load each engine only for its stage.")
     ] = False,
@@ -265,6 +275,8 @@ def run_(
         seed=seed,
         num_images=num_images,
         skip_layer_guidance=skip_layer_guidance,
+        image=image,
+        strength=strength,
         low_vram=low_vram,
         out=out,
     )
@@ -291,12 +303,27 @@ def bench(
         Path | None, typer.Option("--out", "-o", help="Output directory (default: <engines>/../bench).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
+    img2img_strength: Annotated[
+        float,
+        typer.Option(
+            help="Also time image-to-image at this strength when the engines have a VAE encoder (0: skip)."
+        ),
+    ] = 0.6,
 ) -> None:
     """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers."""
     from sd35trt.bench.benchmark import bench as run
     from sd35trt.bench.report import format_bench
 
-    report = run(engines, reference, runs, warmup, out, overhead_runs=overhead_runs, device=device)
+    report = run(
+        engines,
+        reference,
+        runs,
+        warmup,
+        out,
+        overhead_runs=overhead_runs,
+        device=device,
+        img2img_strength=img2img_strength,
+    )
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
 

@@ -1,6 +1,6 @@
 """Per-component facts, in one place.
 
-Each of the five exported components has a :class:`ComponentSpec`: input and output names,
+Each of the six exported components has a :class:`ComponentSpec`: input and output names,
 dtypes, symbolic shapes, validation tolerances and how its optimization-profile ranges follow
 from the build settings. Export, build, the runtime and the tests all read these specs, so a
 name or an axis is written exactly once. Nothing here imports torch.
@@ -11,6 +11,11 @@ Where the glue lives (decided here, used by export and the runtime):
 - The VAE scaling and shift (``latents / scaling_factor + shift_factor``) and the mapping of
   the decoded image from [-1, 1] to [0, 1] are inside the VAE decoder graph, so the runtime
   only converts [0, 1] floats to 8-bit pixels.
+- The VAE encoder (image-to-image) mirrors it: it takes the image in [0, 1] and standard-normal
+  noise, maps the image to [-1, 1], samples the encoder's diagonal Gaussian with that noise
+  (``mean + std * noise``, as diffusers' ``latent_dist.sample``) and applies
+  ``(latent - shift_factor) * scaling_factor`` inside the graph. The runtime draws the noise from
+  the request's generator, so the engine's latents equal diffusers' for the same seed.
 """
 
 from __future__ import annotations
@@ -30,17 +35,27 @@ CLIP_MAX_LENGTH = 77
 
 
 class Component(str, Enum):
-    """The five exported components of an SD3.5 pipeline, in execution order."""
+    """The exported components of an SD3.5 pipeline, in execution order.
+
+    The VAE encoder is the image-to-image input: engines built before it existed lack it, and
+    text-to-image needs only the other five (:attr:`required`).
+    """
 
     CLIP_L = "clip_l"
     CLIP_G = "clip_g"
     T5 = "t5"
     TRANSFORMER = "transformer"
     VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
 
     @property
     def is_text_encoder(self) -> bool:
         return self in (Component.CLIP_L, Component.CLIP_G, Component.T5)
+
+    @property
+    def required(self) -> bool:
+        """Whether every engine set has it (text-to-image); the VAE encoder is optional."""
+        return self is not Component.VAE_ENCODER
 
 
 class ModelLibrary(str, Enum):
@@ -90,6 +105,7 @@ MODELS: dict[Component, ComponentModel] = {
         "transformer", ModelLibrary.DIFFUSERS, "SD3Transformer2DModel", None, "Transformer"
     ),
     Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
+    Component.VAE_ENCODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeEncoder"),
 }
 
 #: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).
@@ -116,6 +132,7 @@ class Sampling(str, Enum):
     TOKENS = "tokens"  # token ids, uniform over the encoder's vocabulary
     TIMESTEP = "timestep"  # uniform over the scheduler's [0, 1000) training timesteps
     GATE = "gate"  # 0.0 or 1.0 per element (skip-layer-guidance gates)
+    PIXELS = "pixels"  # uniform over [0, 1]: image pixels
 
 
 #: Timesteps are drawn from the scheduler's training range, ``[0, num_train_timesteps)``.
@@ -274,8 +291,8 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
     over that many blocks; see :class:`sd35trt.modules.Transformer`).
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
-    ``latent_height`` / ``latent_width`` (image size / VAE scale factor), ``text_length``
-    (77 CLIP tokens + the T5 sequence length).
+    ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
+    size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length).
     """
     f, i64 = TensorType.FLOAT, TensorType.INT64
     if component in (Component.CLIP_L, Component.CLIP_G):
@@ -329,6 +346,17 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),  # in [0, 1]
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )
+    if component is Component.VAE_ENCODER:
+        latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
+        return ComponentSpec(
+            component,
+            inputs=(
+                TensorSpec("image", f, ("batch", 3, "height", "width"), Sampling.PIXELS),  # in [0, 1]
+                TensorSpec("noise", f, latent),  # standard normal: the posterior's sample
+            ),
+            outputs=(TensorSpec("latent", f, latent),),  # scaled and shifted, as the transformer takes it
+            tolerance=Tolerance(rtol=1e-3, atol=1e-3),
+        )
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -366,6 +394,8 @@ def sample_inputs(
             out[t.name] = (rng.random(shape) * NUM_TRAIN_TIMESTEPS).astype(np.float32)  # [B]
         elif t.sampling is Sampling.GATE:
             out[t.name] = np.full(shape, float((case + 1) % 2), dtype=np.float32)  # [n] in {0, 1}
+        elif t.sampling is Sampling.PIXELS:
+            out[t.name] = rng.random(shape, dtype=np.float32)  # [B, 3, H, W] in [0, 1]
         else:
             out[t.name] = rng.standard_normal(shape, dtype=np.float32)
     return out
@@ -426,9 +456,9 @@ def batch_range(component: Component, images: Range, cfg_by_default: bool = True
 
     The text encoders and the transformer see ``[negative, positive]`` under classifier-free
     guidance, so their maximum is twice the image batch; guidance can be off (turbo), so their
-    minimum is the image batch minimum. The VAE decodes images only.
+    minimum is the image batch minimum. The VAE decodes (and encodes) images only.
     """
-    if component is Component.VAE_DECODER:
+    if component in (Component.VAE_DECODER, Component.VAE_ENCODER):
         return images
     opt = images.opt * 2 if cfg_by_default else images.opt
     return Range(min=images.min, opt=opt, max=images.max * 2)
@@ -472,6 +502,8 @@ def profile(
     sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
     sizes = {
         "batch": b,
+        "height": build.height,
+        "width": build.width,
         "latent_height": h,
         "latent_width": w,
         "t5_length": Range.static(max_sequence_length),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class ModelSource(str, Enum):
 
     TINY = "tiny"  # the built-in tiny SD3.5-shaped pipeline (sd35trt.tiny), generated offline
     LOCAL = "local"  # a local diffusers directory (safetensors only)
+    HUB = "hub"  # a Hugging Face repo id, resolved through the local Hugging Face cache (sd35trt.hub)
     RANDOM = "random"  # random weights with a published architecture's shapes (scale tests)
 
 
@@ -88,18 +90,54 @@ class Range(_Strict):
         return self.min <= value <= self.max
 
 
+#: ``namespace/name`` as the Hugging Face Hub spells repo ids (huggingface_hub's own rule).
+REPO_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$"
+
+
+class LoraSettings(_Strict):
+    """One LoRA fused into the model before calibration and export (see :mod:`sd35trt.lora`)."""
+
+    path: str = Field(
+        min_length=1,
+        description="a local .safetensors file (or a directory holding one), or a Hugging Face repo id",
+    )
+    #: diffusers' ``lora_scale``: the LoRA's update is added ``scale`` times.
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0)
+    #: the file inside a Hub repo or directory (diffusers' ``weight_name``); default: its only .safetensors.
+    weight_name: str | None = Field(default=None, pattern=r"^[^/\\]+\.safetensors$")
+    #: Hub revision (branch, tag or commit) of a LoRA given by repo id.
+    revision: str | None = Field(default=None, min_length=1)
+
+
 class ModelSettings(_Strict):
     source: ModelSource = ModelSource.TINY
-    path: Path | None = Field(default=None, description="local diffusers directory (source: local)")
+    path: Path | None = Field(
+        default=None, description="local diffusers directory (source: local), or a repo id (source: hub)"
+    )
+    #: Hub revision (branch, tag or commit hash) of ``path`` (source: hub); default ``main``.
+    revision: str | None = Field(default=None, min_length=1)
+    #: Let sd35trt download what the Hugging Face cache lacks (with the user's Hub token). Also
+    #: ``SD35TRT_ALLOW_DOWNLOAD=1``. Not part of any digest: it says how files arrive, not which.
+    allow_download: bool = Field(default=False, exclude=True)
     architecture: Architecture = Architecture.TINY
     seed: int = Field(default=0, ge=0, description="weight seed for source tiny / random")
+    #: LoRAs fused into the weights, in order, before calibrate and export.
+    loras: tuple[LoraSettings, ...] = ()
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> ModelSettings:
         if self.source is ModelSource.LOCAL and self.path is None:
             raise ValueError("source 'local' needs 'path' (a diffusers directory)")
-        if self.source is not ModelSource.LOCAL and self.path is not None:
-            raise ValueError(f"'path' is only used with source 'local', not '{self.source.value}'")
+        if self.source is ModelSource.HUB:
+            if self.path is None or not re.fullmatch(REPO_ID_PATTERN, self.path.as_posix()):
+                raise ValueError(
+                    f"source 'hub' needs 'path' as a Hugging Face repo id 'namespace/name', got "
+                    f"{None if self.path is None else self.path.as_posix()!r}"
+                )
+        elif self.revision is not None:
+            raise ValueError(f"'revision' is only used with source 'hub', not '{self.source.value}'")
+        if self.source not in (ModelSource.LOCAL, ModelSource.HUB) and self.path is not None:
+            raise ValueError(f"'path' is only used with sources 'local' and 'hub', not '{self.source.value}'")
         if self.source is ModelSource.TINY and self.architecture is not Architecture.TINY:
             raise ValueError(
                 "source 'tiny' has architecture 'tiny'; use source 'random' for published shapes"
@@ -149,6 +187,7 @@ class ComponentPrecisions(_Strict):
     t5: Precision = Precision.FP32
     transformer: Precision = Precision.FP32
     vae_decoder: Precision = Precision.FP32
+    vae_encoder: Precision = Precision.FP32
 
     @field_validator("t5")
     @classmethod

@@ -22,14 +22,15 @@ def cfg_enabled(guidance_scale: float) -> bool:
 
 
 def applied_skip_layer_guidance(
-    skip_layer_guidance: SkipLayerGuidance | None, guidance_scale: float
+    skip_layer_guidance: SkipLayerGuidance | None, guidance_scale: float, image_to_image: bool = False
 ) -> SkipLayerGuidance | None:
     """The skip-layer guidance that actually runs: ``skip_layer_guidance`` under CFG, else ``None``.
 
     Skip-layer guidance adds ``scale * (v_pos - v_skip)`` to the guided velocity; without CFG
-    diffusers never runs the skip pass, and neither does sd35trt.
+    diffusers never runs the skip pass, and neither does sd35trt. Image-to-image never runs it:
+    diffusers' ``StableDiffusion3Img2ImgPipeline`` has no skip-layer guidance.
     """
-    return skip_layer_guidance if cfg_enabled(guidance_scale) else None
+    return skip_layer_guidance if cfg_enabled(guidance_scale) and not image_to_image else None
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def guidance_plan(
     *,
     negative_requested: bool = False,
     slg_requested: bool | None = None,
+    image_to_image: bool = False,
 ) -> GuidancePlan:
     """What a request gets under these rules, and a warning for each explicit setting without effect.
 
@@ -69,13 +71,23 @@ def guidance_plan(
         skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
         negative_requested: the caller gave a negative prompt (a default draws no warning).
         slg_requested: the caller's explicit choice (``None``: as built; ``False``: off).
+        image_to_image: the request starts from an image; skip-layer guidance is then not used
+            (diffusers' ``StableDiffusion3Img2ImgPipeline`` has none).
 
     Returns:
         What runs, and the warnings.
     """
-    slg = applied_skip_layer_guidance(None if slg_requested is False else skip_layer_guidance, guidance_scale)
+    slg = applied_skip_layer_guidance(
+        None if slg_requested is False else skip_layer_guidance, guidance_scale, image_to_image
+    )
     if cfg_enabled(guidance_scale):
-        return GuidancePlan(True, negative_prompt, slg)
+        warnings = ()
+        if slg_requested and image_to_image and skip_layer_guidance is not None:
+            warnings = (
+                "skip_layer_guidance has no effect for image-to-image (diffusers' "
+                "StableDiffusion3Img2ImgPipeline has none); it was not used",
+            )
+        return GuidancePlan(True, negative_prompt, slg, warnings)
     why = (
         f"guidance_scale {guidance_scale:g} is at most {CFG_THRESHOLD:g}, so classifier-free guidance is off"
     )

@@ -85,6 +85,23 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def model_lines(model: dict | None, indent: str = "  ") -> list[str]:
+    """The weights a record was made from: ``model: <repo> @ <commit>`` and one line per LoRA."""
+    if not model:
+        return []
+    lines = []
+    hub = model.get("hub")
+    if hub:
+        lines.append(f"{indent}model: {hub['repo_id']} @ {hub['commit'][:12]} (revision {hub['revision']})")
+    elif model.get("directory"):
+        lines.append(f"{indent}model: {model['directory']}")
+    for lora in model.get("loras") or []:
+        where = f" @ {lora['hub']['commit'][:12]}" if lora.get("hub") else ""
+        sha, scale = lora["sha256"][:12], lora["scale"]
+        lines.append(f"{indent}lora {lora['path']} sha256 {sha} x {scale:g} ({lora['file']}{where})")
+    return lines
+
+
 def format_manifest(path: Path) -> str:
     """Readable summary of ``path/manifest.json`` (a run directory or an engines directory).
 
@@ -111,8 +128,12 @@ def format_manifest(path: Path) -> str:
             lines.append(f"    {f.path:<48} {_size(f.size):>10}  {f.sha256[:12]}")
         versions = ", ".join(f"{k} {v}" for k, v in sorted(rec.versions.items()))
         lines.append(f"  versions: {versions}")
-        # Every detail, one line each: the stage's own fields, whatever they are.
-        for key, value in rec.details.to_json().items():
+        # Every detail, one line each: the stage's own fields, whatever they are (the weights first).
+        details = rec.details.to_json()
+        lines += model_lines(details.get("model"))
+        for key, value in details.items():
+            if key == "model":
+                continue
             text = json.dumps(value, sort_keys=True)
             lines.append(f"  {key}: {text if len(text) < 160 else text[:157] + '...'}")
     engines_dir = Path(path) / "engines"
@@ -162,4 +183,10 @@ def format_engines(engines_dir: Path) -> list[str]:
                     else ""
                 )
             )
+    has_encoder = any(c.value == "vae_encoder" for c in manifest.engines)
+    lines.append(
+        "  image-to-image: "
+        + ("yes (vae_encoder engine)" if has_encoder else "no (built without a vae_encoder engine)")
+    )
+    lines += model_lines(dict(manifest.model))
     return lines

@@ -153,6 +153,27 @@ class VaeDecoder(nn.Module):
         return (image / 2 + 0.5).clamp(0, 1)
 
 
+class VaeEncoder(nn.Module):
+    """Image ``[B, 3, H, W]`` in [0, 1] and noise ``[B, 16, H/8, W/8]`` -> transformer-space latents.
+
+    diffusers' image-to-image ``prepare_latents`` step for step: the image mapped to [-1, 1]
+    (``VaeImageProcessor.normalize``), ``vae.encode``, a sample of the posterior
+    ``mean + std * noise`` (``DiagonalGaussianDistribution.sample`` with the noise drawn from the
+    request's generator), then ``(latent - shift_factor) * scaling_factor``.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(2.0 * image - 1.0, return_dict=False)[0]
+        latent = posterior.mean + posterior.std * noise  # [B, 16, h, w]
+        return (latent - self.shift_factor) * self.scaling_factor
+
+
 def wrap(
     component: Component, model: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
 ) -> nn.Module:

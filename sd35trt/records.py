@@ -91,6 +91,55 @@ class RecordModel(BaseModel):
         return self.model_dump(mode="json")
 
 
+# -- the weights -------------------------------------------------------------------------------
+
+
+class HubRevision(RecordModel):
+    """A Hugging Face repo at the commit a revision resolved to (:mod:`sd35trt.hub`)."""
+
+    repo_id: str
+    revision: str
+    commit: str
+
+
+class LoraInput(RecordModel):
+    """A LoRA fused into the weights (:mod:`sd35trt.lora`)."""
+
+    #: as configured (a file, a directory or a repo id).
+    path: str
+    #: the ``.safetensors`` file's name.
+    file: str
+    sha256: str
+    scale: float
+    hub: HubRevision | None = None
+
+
+class ModelInput(RecordModel):
+    """The weights a stage was made from (:meth:`sd35trt.model.ResolvedModel.provenance`)."""
+
+    directory: str
+    hub: HubRevision | None = None
+    loras: tuple[LoraInput, ...] = ()
+
+
+class WeightsDetails(RecordModel):
+    """Details of a stage that loads the weights: calibrate and export.
+
+    ``model`` is ``None`` in records written before it was recorded; the key is then left out of
+    the JSON, so those records keep their digests.
+    """
+
+    #: the model (Hub commit) and the LoRAs fused into the weights.
+    model: ModelInput | None = None
+
+    @model_serializer(mode="wrap")
+    def _model_only_where_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.model is None:
+            data.pop("model", None)
+        return data
+
+
 # -- calibrate ----------------------------------------------------------------------------------
 
 
@@ -115,7 +164,7 @@ class CalibrationQuality(RecordModel):
     mean_ssim: float
 
 
-class CalibrateDetails(RecordModel):
+class CalibrateDetails(WeightsDetails):
     """What ``sd35trt calibrate`` calibrated on and measured (:mod:`sd35trt.calibrate`)."""
 
     #: the amax file, relative to the run directory (``calibrate/amax.safetensors``).
@@ -217,7 +266,7 @@ class CalibrationInput(RecordModel):
     sha256: str
 
 
-class ExportDetails(RecordModel):
+class ExportDetails(WeightsDetails):
     """What ``sd35trt export`` wrote (:mod:`sd35trt.export.stage`); ``build`` reads it."""
 
     #: the diffusers model directory (the build copies its tokenizers and scheduler config).

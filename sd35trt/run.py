@@ -14,6 +14,7 @@ from pathlib import Path
 from sd35trt.errors import RequestError
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
 from sd35trt.runtime.png import save_png
+from sd35trt.runtime.request import read_image
 
 DEFAULT_OUT = Path("sd35trt.png")
 
@@ -40,9 +41,10 @@ class RunOutput:
         """Lines for the terminal: the files and the seed; the stage timings if asked."""
         p = self.result.params
         lines = [f"wrote {path}" for path in self.paths]
+        img2img = f", image-to-image at strength {p.strength:g}" if p.strength is not None else ""
         lines.append(
             f"seed {p.seed}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
-            f"{p.width}x{p.height}, "
+            f"{p.width}x{p.height}{img2img}, "
             f"engines {self.result.engine_digest}"
         )
         if timings:
@@ -92,6 +94,8 @@ def run(
     seed: int | None = None,
     num_images: int = 1,
     skip_layer_guidance: bool | None = None,
+    image: Path | None = None,
+    strength: float | None = None,
     low_vram: bool = False,
     out: Path = DEFAULT_OUT,
 ) -> RunOutput:
@@ -108,6 +112,8 @@ def run(
         seed: noise seed; drawn at random (and reported) when ``None``.
         num_images: images to generate in one batch.
         skip_layer_guidance: force skip-layer guidance on or off (default: as built).
+        image: image-to-image: the initial image file (resized to height x width).
+        strength: image-to-image strength in (0, 1] (default 0.6).
         low_vram: load each engine only for its stage.
         out: the PNG path; several images get ``-0``, ``-1``, ... suffixes.
 
@@ -121,6 +127,7 @@ def run(
         NonFiniteError: a stage produced NaN or inf (named); no PNG is written.
     """
     paths = output_paths(Path(out), num_images)
+    init_image = read_image(Path(image)) if image is not None else None
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -131,6 +138,8 @@ def run(
         seed=seed,
         num_images=num_images,
         skip_layer_guidance=skip_layer_guidance,
+        image=init_image,
+        strength=strength,
     )
     start = time.perf_counter()
     with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False) as runtime:
@@ -140,7 +149,7 @@ def run(
         (result,) = runtime.generate_batch([params])
     for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
         try:
-            save_png(path, image, result.params, result.engine_digest, i, result.batch)
+            save_png(path, image, result.params, result.engine_digest, i, result.batch, result.model)
         except OSError as err:  # permissions, a full disk: the user's to fix, named
             raise RequestError("out", f"cannot write {path}: {err.strerror or err}") from None
     return RunOutput(paths=paths, result=result, load_s=load_s)

@@ -9,6 +9,11 @@ encoder's time per run is the sum of its calls (diffusers encodes the prompt and
 prompt in two calls, the runtime in one batch), the transformer's is per denoising step (its
 time per run divided by the steps) and per call. The overhead measurement is described in
 :mod:`sd35trt.bench.overhead`; the result's schema in :mod:`sd35trt.bench.report`.
+
+Image-to-image: when the first engines directory has a VAE encoder, it is also benchmarked in
+image-to-image mode (:func:`~sd35trt.bench.subjects.bench_image` at the default size,
+``img2img_strength``), with the VAE encoder as one more stage; the report keeps it apart as
+``img2img`` (its transformer time per step divides by the steps the strength keeps).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def _measure(
         subject.generate(params)
         timed.append(clock.collect())
     mem = memory.read()
-    stages = stage_stats(timed, params.num_inference_steps)
+    stages = stage_stats(timed, params.steps_run)
     total = stages.total.median
     return Configuration(
         label=subject.label,
@@ -132,6 +137,34 @@ def dedupe_labels(configurations: Sequence[Configuration]) -> list[Configuration
     return out
 
 
+def _measure_img2img(
+    engines_dir: Path, params: BenchParams, strength: float | None, runs: int, warmup: int, device: str | None
+) -> Configuration | None:
+    """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for).
+
+    Raises:
+        ConfigError: ``strength`` outside (0, 1].
+    """
+    from sd35trt.components import Component
+    from sd35trt.runtime.engines import read_engine_manifest
+
+    if not strength or Component.VAE_ENCODER not in read_engine_manifest(engines_dir).engines:
+        return None
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"--img2img-strength {strength:g} is outside (0, 1]")
+    # diffusers' image-to-image pipeline has no skip-layer guidance, so neither has the runtime's.
+    i2i = params.model_copy(update={"strength": strength, "skip_layer_guidance": None})
+    clock, memory = StageClock(), MemoryProbe()
+    subject = RuntimeSubject.from_engines(engines_dir, clock, memory, device)
+    try:
+        measured = _measure(subject, i2i, clock, memory, runs, warmup)
+    finally:
+        subject.close()
+        gc.collect()
+    update = {"label": f"{measured.label} img2img", "strength": strength, "steps_run": i2i.steps_run}
+    return measured.model_copy(update=update)
+
+
 def bench(
     engines_dirs: Sequence[str | Path],
     reference_dir: str | Path | None,
@@ -145,6 +178,7 @@ def bench(
     seed: int = 0,
     device: str | None = None,
     plot: bool = True,
+    img2img_strength: float | None = 0.6,
 ) -> BenchReport:
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
@@ -167,6 +201,8 @@ def bench(
             engines, CPU for ONNX Runtime ones); the diffusers pipeline runs there too (default:
             CUDA when present).
         plot: also write ``bench.png``.
+        img2img_strength: also benchmark image-to-image at this strength when the first engines
+            directory has a VAE encoder (``None`` or 0: skip).
 
     Returns:
         The ``bench.json`` content.
@@ -207,6 +243,8 @@ def bench(
             del subject
             gc.collect()
 
+    img2img = _measure_img2img(engines_dirs[0], params, img2img_strength, runs, warmup, device)
+
     overhead = None
     if overhead_runs:
         from sd35trt.bench.overhead import measure_overhead
@@ -234,6 +272,7 @@ def bench(
         warmup=warmup,
         params=params,
         configurations=dedupe_labels(configurations),
+        img2img=img2img,
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if plot else None),
     )

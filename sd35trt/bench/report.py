@@ -37,8 +37,11 @@ STAGE_LABELS = {
     "transformer_step": "transformer / step",
     "transformer_call": "transformer / call",
     "vae_decoder": "VAE decode",
+    "vae_encoder": "VAE encode",
     "total": "total",
 }
+#: Stages of the image-to-image configuration (:attr:`BenchReport.img2img`).
+IMG2IMG_STAGES = ("vae_encoder", "transformer_step", "vae_decoder", "host", "total")
 
 
 class Summary(ReportModel):
@@ -64,6 +67,8 @@ class Stages(ReportModel):
     vae_decoder: Summary
     host: Summary
     total: Summary
+    #: image-to-image runs only: the VAE encoder engine.
+    vae_encoder: Summary | None = None
 
     def get(self, stage: str) -> Summary:
         return getattr(self, stage)
@@ -108,6 +113,9 @@ class Configuration(ReportModel):
     # diffusers
     model_dir: str | None = None
     dtype: str | None = None
+    # image-to-image: the strength and the denoising steps it keeps
+    strength: float | None = None
+    steps_run: int | None = None
 
 
 class BenchParams(ReportModel):
@@ -123,6 +131,16 @@ class BenchParams(ReportModel):
     seed: int
     #: the skip-layer guidance applied (``None`` when off or without CFG).
     skip_layer_guidance: SkipLayerGuidance | None
+    #: image-to-image at this strength (the initial image is :func:`sd35trt.bench.subjects.bench_image`).
+    strength: float | None = None
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps that run: all, or the share ``strength`` keeps (diffusers' ``get_timesteps``)."""
+        from sd35trt.runtime.request import img2img_steps
+
+        n = self.num_inference_steps
+        return n if self.strength is None else img2img_steps(n, self.strength)[1]
 
 
 class OverheadSide(ReportModel):
@@ -182,6 +200,8 @@ class BenchReport(ReportModel):
     warmup: int = Field(ge=0)
     params: BenchParams
     configurations: list[Configuration] = Field(min_length=1)
+    #: the first engines directory in image-to-image mode (when it has a VAE encoder).
+    img2img: Configuration | None = None
     overhead: Overhead | None
     files: BenchFiles
 
@@ -235,6 +255,16 @@ def format_bench(report: BenchReport) -> str:
         f"{report.warmup} warm-up; stage times: median / p90 in ms",
         *["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows],
     ]
+    i2i = report.img2img
+    if i2i is not None:
+        cells = ", ".join(
+            f"{STAGE_LABELS[s]} {_fmt(i2i.stages.get(s).median)} / {_fmt(i2i.stages.get(s).p90)}"
+            for s in IMG2IMG_STAGES
+        )
+        lines.append(
+            f"image-to-image, {i2i.label} (strength {i2i.strength:g}, {i2i.steps_run} of "
+            f"{report.params.num_inference_steps} steps): {cells} ms; {_fmt(i2i.images_per_second)} img/s"
+        )
     o = report.overhead
     if o is not None:
         ours = o.sd35trt.per_step

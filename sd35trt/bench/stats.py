@@ -11,7 +11,7 @@ from sd35trt.bench.report import STAGES, Stages, Summary
 
 _UNIT_SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6}
 #: Engine (module) stages whose calls are timed; ``host`` is ``total`` minus all of them.
-ENGINE_STAGES = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder")
+ENGINE_STAGES = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder", "vae_encoder")
 
 
 def summarize(seconds: Sequence[float], unit: str = "ms") -> Summary:
@@ -48,8 +48,9 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
 
     Args:
         runs: per run, the durations (seconds) of every call of each stage; the keys are
-            ``clip_l``, ``clip_g``, ``t5``, ``transformer``, ``vae_decoder`` and ``total``.
-        num_inference_steps: denoising steps per run.
+            ``clip_l``, ``clip_g``, ``t5``, ``transformer``, ``vae_decoder``, ``vae_encoder``
+            (image-to-image) and ``total``.
+        num_inference_steps: denoising steps per run (that ran: image-to-image runs fewer).
 
     Returns:
         :data:`~sd35trt.bench.report.STAGES` plus ``transformer_call`` (every call), in ms. A
@@ -57,10 +58,10 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
         sum divided by the steps; ``host`` is ``total`` minus every engine call. A stage that was
         never called has no samples (no invented zero).
     """
-    per_run: dict[str, list[float]] = {s: [] for s in STAGES}
+    per_run: dict[str, list[float]] = {s: [] for s in (*STAGES, "vae_encoder")}
     calls: list[float] = []
     for run in runs:
-        for s in ("clip_l", "clip_g", "t5", "vae_decoder", "total"):
+        for s in ("clip_l", "clip_g", "t5", "vae_decoder", "vae_encoder", "total"):
             if run.get(s):
                 per_run[s].append(sum(run[s]))
         if run.get("transformer"):
@@ -68,7 +69,10 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
             calls.extend(run["transformer"])
         if run.get("total"):
             per_run["host"].append(sum(run["total"]) - sum(sum(run.get(e, ())) for e in ENGINE_STAGES))
-    return Stages(**{s: summarize(per_run[s]) for s in STAGES}, transformer_call=summarize(calls))
+    encoder = summarize(per_run["vae_encoder"]) if per_run["vae_encoder"] else None
+    return Stages(
+        **{s: summarize(per_run[s]) for s in STAGES}, transformer_call=summarize(calls), vae_encoder=encoder
+    )
 
 
 def step_overheads(calls: Sequence[tuple[int, int, float]]) -> list[float]:

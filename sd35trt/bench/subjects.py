@@ -21,11 +21,24 @@ if TYPE_CHECKING:
     from sd35trt.runtime.request import GenerationRequest
 
 
+def bench_image(width: int, height: int) -> Any:
+    """The initial image of image-to-image runs: a deterministic RGB gradient, ``width`` x ``height``."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
 def runtime_request(params: BenchParams) -> GenerationRequest:
-    """``params`` as a runtime request."""
+    """``params`` as a runtime request (with :func:`bench_image` for image-to-image)."""
     from sd35trt.runtime.request import GenerationRequest
 
+    image = None if params.strength is None else bench_image(params.width, params.height)
     return GenerationRequest(
+        image=image,
+        strength=params.strength,
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         num_inference_steps=params.num_inference_steps,

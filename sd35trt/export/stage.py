@@ -1,9 +1,10 @@
-"""``sd35trt export``: the five components to validated ONNX, then the manifest record.
+"""``sd35trt export``: the six components to validated ONNX, then the manifest record.
 
 Steps per component (in :class:`~sd35trt.components.Component` order, one model in memory at a
 time):
 
-1. Load the module in its export precision; for the FP8 transformer, restore the calibration.
+1. Load the module in its export precision, LoRAs fused; for the FP8 transformer, restore the
+   calibration.
 2. Draw fresh random inputs at the validation shapes and keep PyTorch's outputs (for the FP8
    transformer also the outputs with its quantizers off).
 3. Trace at the profile's ``opt`` shape with ``torch.onnx.export``; free the module.
@@ -54,6 +55,7 @@ from sd35trt.records import (
     ExportDetails,
     ExportedComponent,
     ExportRecord,
+    ModelInput,
     StageRecord,
     ValidationStatus,
 )
@@ -80,6 +82,7 @@ class _Job:
 
     config: Config
     root: Path  # the diffusers model directory
+    loras: tuple  # ResolvedLora: fused into every component they have weights for
     dims: ModelDims
     out: Path  # the staged onnx/ directory
     scratch: Path
@@ -138,7 +141,7 @@ def export(
     progress: Progress | None = None,
     external_threshold: int | None = None,
 ) -> ExportRecord:
-    """Export, validate and record the five components of ``config``'s model.
+    """Export, validate and record the six components of ``config``'s model.
 
     Args:
         config: the run's config (``model`` and ``export`` sections; ``build`` ranges pick the
@@ -158,27 +161,30 @@ def export(
             made with other settings, or its file changed.
         ConfigError: skip-layer-guidance layers outside the transformer, build ranges that don't
             fit the model, or FP8 attention with a float32 transformer.
-        ModelError: the model directory is unusable.
+        ModelError: the model directory (or repo id) is unusable, or a LoRA does not fit it.
         CalibrationError: the calibration does not match the transformer.
         ExportError: a graph failed validation (every failure named) or the checker.
     """
     from sd35trt.export import tracing
-    from sd35trt.model import check_weights, model_dir
+    from sd35trt.model import check_weights, resolve_model, stage_digest
 
     run_dir = Path(run_dir)
     report = progress or print_progress
     manifest = RunManifest(run_dir)
+    resolved = resolve_model(config, run_dir)
+    identity = resolved.identity()
     # Refuse settings the model can't take (here or at build) before anything is traced.
-    root = model_dir(config, run_dir)
+    root = resolved.directory
     dims = ModelDims.from_model_dir(root)
     check_config(config, dims, Stage.EXPORT)
     upstream: dict[Stage, StageRecord] = {}
     calibration = None
     if config.export.quantize:
-        cal = manifest.verified(Stage.CALIBRATE, config.digest(*Stage.CALIBRATE.config_sections), hint=hint)
+        cal_digest = stage_digest(config, Stage.CALIBRATE, identity)
+        cal = manifest.verified(Stage.CALIBRATE, cal_digest, hint=hint)
         upstream[Stage.CALIBRATE] = cal
         calibration = _calibration_file(run_dir, cal, manifest)
-    digest = config.digest(*Stage.EXPORT.config_sections)
+    digest = stage_digest(config, Stage.EXPORT, identity)
     if not force and is_fresh(run_dir, Stage.EXPORT, digest):
         report(f"export in {run_dir / Stage.EXPORT.directory} is up to date (use --force to redo)")
         return manifest.require(Stage.EXPORT, hint)
@@ -191,7 +197,7 @@ def export(
     start = time.perf_counter()
     graphs: list[_Graph] = []
     with staged_output(run_dir, Stage.EXPORT) as out:
-        job = _make_job(config, root, dims, out, slg, calibration, external_threshold, report)
+        job = _make_job(config, root, resolved.loras, dims, out, slg, calibration, external_threshold, report)
         for i, component in enumerate(Component, 1):
             graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
@@ -207,6 +213,7 @@ def export(
 
     files = records_for_tree(run_dir, Stage.EXPORT.directory)
     details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
+    details = details.model_copy(update={"model": ModelInput.model_validate(resolved.provenance())})
     record = new_record(Stage.EXPORT, digest, files, upstream=upstream, details=details)
     manifest.put(Stage.EXPORT, record)
     report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
@@ -252,7 +259,12 @@ def export_component(
     check_fp32_blocks(config, dims)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    job = _make_job(config, Path(model_root), dims, out, slg, calibration, None, progress or print_progress)
+    from sd35trt.lora import resolve_loras
+
+    loras = resolve_loras(config.model.loras, config.model.allow_download)  # fused as export fuses them
+    job = _make_job(
+        config, Path(model_root), loras, dims, out, slg, calibration, None, progress or print_progress
+    )
     job.phase, job.device = phase or job.phase, device or job.device
     try:
         graphs = _export_component(job, component, component.value)
@@ -267,6 +279,7 @@ def export_component(
 def _make_job(
     config: Config,
     root: Path,
+    loras: tuple,
     dims: ModelDims,
     out: Path,
     slg: tuple[int, ...],
@@ -279,6 +292,7 @@ def _make_job(
     return _Job(
         config=config,
         root=root,
+        loras=loras,
         dims=dims,
         out=out,
         scratch=out / ".scratch",
@@ -329,7 +343,14 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
 
     job.phase("load")
     module = tracing.load_module(
-        config, job.root, component, precision, job.device, job.slg, job.calibration if quantized else None
+        config,
+        job.root,
+        component,
+        precision,
+        job.device,
+        job.slg,
+        job.calibration if quantized else None,
+        job.loras,
     )
     if skipped is None:
         job.phase("reference")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from sd35trt.lora import ResolvedLora
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
 
@@ -50,6 +51,7 @@ def load_module(
     device: str,
     slg_layers: Sequence[int] = (),
     calibration: Path | None = None,
+    loras: Sequence[ResolvedLora] = (),
 ) -> nn.Module:
     """The spec-shaped module of ``component`` (see :mod:`sd35trt.modules`), ready to trace.
 
@@ -64,12 +66,13 @@ def load_module(
         device: where the weights go ("cuda" keeps them out of host RAM).
         slg_layers: transformer blocks the ``skip_layers`` input gates.
         calibration: for the transformer, the calibration file to restore FP8 fake quant from.
+        loras: ``model.loras``, fused into the transformer and CLIP encoders before anything else.
 
     Returns:
         The module in eval mode with gradients off.
 
     Raises:
-        ModelError: the component cannot be loaded.
+        ModelError: the component cannot be loaded, or a LoRA does not fit it.
         CalibrationError: the calibration file does not match the transformer.
         ConfigError: FP8 attention asked for a float32 transformer export.
     """
@@ -77,7 +80,13 @@ def load_module(
     from sd35trt.modules import wrap
 
     raw = load_model(
-        root, component, torch_dtype(precision), device=device, purpose=LoadPurpose.TRACE, model=config.model
+        root,
+        component,
+        torch_dtype(precision),
+        device=device,
+        purpose=LoadPurpose.TRACE,
+        model=config.model,
+        loras=loras,
     )
     if component is Component.TRANSFORMER and calibration is not None:
         restore_fp8(raw, config, precision, calibration)

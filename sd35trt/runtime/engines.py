@@ -3,8 +3,9 @@
 ``engines/manifest.json`` is self-contained: it records, per component, the engine file (size,
 sha256), the backend and precision actually built, the profile ranges per input, the ONNX it came
 from, and for TensorRT the version, GPU name and compute capability; plus the model dims, the
-runtime defaults and the tokenizer / scheduler files copied beside the engines. The runtime needs
-nothing else.
+runtime defaults and the tokenizer / scheduler files copied beside the engines, and the model they
+were made from (repo commit, LoRA files with their sha256 and scales). The runtime needs nothing
+else.
 
 A TensorRT plan is executable code tied to one TensorRT version and one GPU compute capability.
 :func:`verify_engines` therefore checks, in this order and before any backend sees a byte: sizes
@@ -120,6 +121,8 @@ class EngineManifest:
     support_files: tuple[FileRecord, ...]  # tokenizers and scheduler config
     created: str = ""
     versions: Mapping = field(default_factory=dict)
+    #: the weights the engines hold: ``{hub: {repo_id, revision, commit} | None, loras: [...]}``.
+    model: Mapping = field(default_factory=dict)
 
     def spec(self, component: Component) -> ComponentSpec:
         """The I/O contract of ``component``'s engine."""
@@ -148,6 +151,7 @@ class EngineManifest:
             "build_settings": dict(self.build_settings),
             "support_files": [f.to_json() for f in self.support_files],
             "versions": dict(self.versions),
+            "model": dict(self.model),
         }
 
     @classmethod
@@ -168,6 +172,7 @@ class EngineManifest:
             support_files=m.support_files,
             created=m.created,
             versions=m.versions,
+            model=m.model,
         )
 
 
@@ -208,6 +213,8 @@ class _ManifestJson(_Json):
     support_files: tuple[FileRecord, ...]
     created: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
+    #: the weights: ``{hub, loras}`` as the export record has them (absent in older manifests).
+    model: dict[str, Any] = Field(default_factory=dict)
 
 
 def _record(component: Component, e: _EngineJson) -> EngineRecord:

@@ -15,7 +15,9 @@ the same image as diffusers with the same weights:
 1. tokenize (CLIP-L and CLIP-G: 77 tokens; T5: the engines' sequence length),
 2. encode with the three text encoders, ``[negative, positive]`` in one batch under CFG,
 3. join the embeddings: ``[T, 77 + L, D]`` and pooled ``[T, P]``,
-4. draw the initial latents from a CPU generator seeded with the request's seed,
+4. draw the initial latents from a CPU generator seeded with the request's seed (image-to-image:
+   encode the image with the VAE encoder and noise it to the strength's first step, as
+   ``StableDiffusion3Img2ImgPipeline`` does; see :mod:`sd35trt.runtime.img2img`),
 5. denoise with flow-match Euler, classifier-free guidance and skip-layer guidance,
 6. decode with the VAE (scaling, shift and the [0, 1] mapping are inside its engine).
 
@@ -42,6 +44,7 @@ from pydantic import ValidationError
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
+from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.request import (
     EngineBatch,
     GenerationParams,
@@ -86,6 +89,7 @@ class Timings:
     """
 
     text_encoding_s: float = 0.0
+    image_encoding_s: float = 0.0  # image-to-image: the VAE encoder and the noising
     step_s: list[float] = field(default_factory=list)
     denoise_s: float = 0.0
     decode_s: float = 0.0
@@ -100,6 +104,7 @@ class Timings:
     def to_json(self) -> dict:
         return {
             "text_encoding_s": self.text_encoding_s,
+            "image_encoding_s": self.image_encoding_s,
             "step_s": list(self.step_s),
             "denoise_s": self.denoise_s,
             "decode_s": self.decode_s,
@@ -117,6 +122,7 @@ class Timings:
         per_step = ", ".join(f"{s * 1000:.1f}" for s in steps)
         lines = [
             f"text encoding   {self.text_encoding_s * 1000:10.1f} ms",
+            *([f"image encoding  {self.image_encoding_s * 1000:10.1f} ms"] if self.image_encoding_s else []),
             f"denoising       {self.denoise_s * 1000:10.1f} ms  ({len(steps)} steps, "
             f"mean {mean * 1000:.1f} ms/step)",
             f"  per step (ms) {per_step}",
@@ -149,6 +155,7 @@ class GenerationResult:
             dropped by truncation.
         engine_digest: identifies the engines (digest of their files' sha256).
         batch: the engine batch the request ran in (recorded in its PNGs).
+        model: the weights the engines hold (repo commit, LoRAs with sha256 and scale).
     """
 
     images: list[Image.Image]
@@ -157,6 +164,7 @@ class GenerationResult:
     warnings: tuple[str, ...]
     engine_digest: str
     batch: EngineBatch = field(default_factory=EngineBatch)
+    model: Mapping = field(default_factory=dict)
 
 
 # -- what the runtime knows about its engines -----------------------------------------------------
@@ -171,12 +179,14 @@ class ModelInfo:
         limits: what the engines accept (request validation).
         defaults: the runtime defaults recorded with the engines.
         digest: identifies the engines; written into every PNG.
+        model: the weights the engines hold (repo commit, LoRAs); written into every PNG.
     """
 
     dims: ModelDims
     limits: RequestLimits
     defaults: RuntimeSettings
     digest: str
+    model: Mapping = field(default_factory=dict)
 
 
 # -- the runtime -----------------------------------------------------------------------------------
@@ -298,7 +308,7 @@ class Sd35Runtime:
                 f"{manifest.directory}: runtime_defaults in the engine manifest are invalid "
                 f"({err.errors()[0]['loc']}: {err.errors()[0]['msg']}); rebuild with `sd35trt build`"
             ) from None
-        components = list(Component)
+        components = [c for c in Component if c.required or c in manifest.engines]
         specs = {c: manifest.spec(c) for c in components}
         slg_inputs = manifest.record(Component.TRANSFORMER).skip_layers
         slg = defaults.skip_layer_guidance if slg_inputs else None
@@ -311,7 +321,9 @@ class Sd35Runtime:
             specs, {c: manifest.record(c).profile for c in components}, manifest.dims, slg
         )
         digest = engine_digest({c.value: [f.sha256 for f in manifest.record(c).files] for c in components})
-        info = ModelInfo(dims=manifest.dims, limits=limits, defaults=defaults, digest=digest)
+        info = ModelInfo(
+            dims=manifest.dims, limits=limits, defaults=defaults, digest=digest, model=manifest.model
+        )
         tokenizer = PromptTokenizer.load(manifest.directory, limits.t5_length)
         scheduler = FlowMatchEuler.from_config(manifest.directory / SCHEDULER_CONFIG)
         opened = open_engines(
@@ -373,6 +385,10 @@ class Sd35Runtime:
         lo, hi = self.info.limits.images(first.cfg, first.skip_layer_guidance is not None)
         if not lo <= total <= hi:
             raise RequestError("num_images", f"{total} images in one engine batch is outside {lo}..{hi}")
+        if first.image is not None and len(batch) > (self.info.limits.img2img_batch or (0, 0))[1]:
+            raise RequestError(
+                "image", f"{len(batch)} images to encode exceed the vae_encoder engine's batch"
+            )
         texts = len(batch) * (2 if first.cfg else 1)
         if texts > self.info.limits.encoder_batch[1]:
             raise RequestError(
@@ -429,16 +445,24 @@ class Sd35Runtime:
         )
         timings.text_encoding_s = self._clock() - start
 
-        # 4. Initial noise, per request from its own seed.
+        # 4. Initial latents, per request from its own seed: noise, or the noised image (img2img).
+        schedule = None
+        if first.image is not None:
+            mark = self._clock()
+            schedule = img2img_schedule(self.scheduler, first.num_inference_steps, first.strength)
+            with self.engines.use(Component.VAE_ENCODER) as vae_encoder:
+                latents = image_latents(vae_encoder, batch, self.info.dims, schedule.sigmas[0], self.device)
+            timings.image_encoding_s = self._clock() - mark
+        else:
+            latents = torch.cat(
+                [initial_latents(p.seed, p.num_images, self.info.dims, p.height, p.width) for p in batch]
+            ).to(self.device)  # [N, C, h, w]
         mark = self._clock()
-        latents = torch.cat(
-            [initial_latents(p.seed, p.num_images, self.info.dims, p.height, p.width) for p in batch]
-        ).to(self.device)  # [N, C, h, w]
 
         # 5. Denoise.
         timer = StepTimer(self.device)
         with self.engines.use(Component.TRANSFORMER) as transformer:
-            latents = denoise(transformer, latents, cond, first, self.scheduler, timer)
+            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule)
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
 
@@ -464,6 +488,7 @@ class Sd35Runtime:
                     warnings=(*p.warnings, *warnings.get(i, [])),
                     engine_digest=self.info.digest,
                     batch=EngineBatch(requests=len(batch), images=total, first_image=offset),
+                    model=self.info.model,
                 )
             )
             offset += p.num_images

@@ -1,9 +1,11 @@
 """PNG files that record how they were made, with deterministic bytes.
 
 The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
-prompt, seed, num_inference_steps, guidance_scale, size, skip-layer guidance, engine digest, image
-index, and the engine batch the image was made in), next to a ``Software`` chunk. What is recorded
-is what was used: without classifier-free guidance the negative prompt and skip-layer guidance are
+prompt, seed, num_inference_steps, guidance_scale, size, skip-layer guidance, image-to-image
+strength and the input image's sha256, engine digest, image index, the engine batch the image was
+made in, and the model the engines hold when it is more than the config says: the Hub commit and
+the fused LoRAs with their sha256 and scale), next to a ``Software`` chunk. What is recorded is
+what was used: without classifier-free guidance the negative prompt and skip-layer guidance are
 ``null``. No timestamps or other varying chunks are written, so the same pixels and parameters
 always give the same bytes.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -32,15 +35,29 @@ def _software() -> str:
 
 
 def png_parameters(
-    params: GenerationParams, engine_digest: str, index: int = 0, batch: EngineBatch | None = None
+    params: GenerationParams,
+    engine_digest: str,
+    index: int = 0,
+    batch: EngineBatch | None = None,
+    model: Mapping | None = None,
 ) -> dict:
-    """The parameters recorded in the PNG of image ``index`` of a request."""
-    return {
+    """The parameters recorded in the PNG of image ``index`` of a request.
+
+    ``model`` is the engine manifest's record of the weights (:attr:`EngineManifest.model`): its
+    Hub commit and LoRAs are added when present.
+    """
+    data = {
         **params.to_json(),
         "engine_digest": engine_digest,
         "image_index": index,
         "engine_batch": (batch or EngineBatch(images=params.num_images)).to_json(),
     }
+    model = model or {}
+    if model.get("hub"):
+        data["model"] = {k: model["hub"][k] for k in ("repo_id", "commit")}
+    if model.get("loras"):
+        data["loras"] = [{k: lora[k] for k in ("file", "sha256", "scale")} for lora in model["loras"]]
+    return data
 
 
 def png_bytes(
@@ -49,6 +66,7 @@ def png_bytes(
     engine_digest: str,
     index: int = 0,
     batch: EngineBatch | None = None,
+    model: Mapping | None = None,
 ) -> bytes:
     """Encode ``image`` as PNG with the generation parameters in a text chunk.
 
@@ -58,13 +76,14 @@ def png_bytes(
         engine_digest: the engines' digest.
         index: the image's position in its request.
         batch: the engine batch it was made in (default: the request alone).
+        model: the weights the engines hold (Hub commit, LoRAs), from the engine manifest.
 
     Returns:
         The PNG file's bytes (the same for the same pixels and parameters).
     """
     info = PngInfo()
     # Non-Latin-1 text (a prompt in any script) makes Pillow write an iTXt chunk instead of tEXt.
-    text = json.dumps(png_parameters(params, engine_digest, index, batch), sort_keys=True)
+    text = json.dumps(png_parameters(params, engine_digest, index, batch, model), sort_keys=True)
     info.add_text(PARAMETERS_KEY, text)
     info.add_text("Software", _software())
     buf = io.BytesIO()
@@ -79,6 +98,7 @@ def save_png(
     engine_digest: str,
     index: int = 0,
     batch: EngineBatch | None = None,
+    model: Mapping | None = None,
 ) -> Path:
     """Write ``image`` to ``path`` atomically (a temporary file renamed into place).
 
@@ -86,7 +106,7 @@ def save_png(
         ``path`` as a Path.
     """
     path = Path(path)
-    data = png_bytes(image, params, engine_digest, index, batch)
+    data = png_bytes(image, params, engine_digest, index, batch, model)
     atomic_write_bytes(path, data)
     return path
 

@@ -6,15 +6,25 @@ and returns the :class:`GenerationParams` actually used. Every problem is a
 :class:`~sd35trt.errors.RequestError` naming the field, the value found and what is allowed, so
 the CLI prints it as one line and the HTTP server answers 422 with the field. Nothing here runs
 an engine or imports torch.
+
+Image-to-image (a request with an ``image``) follows diffusers' ``StableDiffusion3Img2ImgPipeline``:
+the image is converted to RGB and resized to the request's ``height`` x ``width`` (the engines'
+defaults when omitted) with Lanczos resampling, as diffusers' ``VaeImageProcessor`` does;
+``strength`` in (0, 1] (default 0.6, diffusers') keeps the last ``int(steps * strength)``-ish
+steps of the schedule (:func:`img2img_steps`); skip-layer guidance is not used (that pipeline
+has none).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import numbers
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
@@ -54,6 +64,13 @@ class EngineBatch:
         return asdict(self)
 
 
+#: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
+DEFAULT_STRENGTH = 0.6
+#: Input images above this many pixels are refused before they are decoded into memory
+#: (Pillow's own decompression-bomb limit is about 179 M).
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What a caller asks for; ``None`` fields take the defaults recorded with the engines.
@@ -71,6 +88,10 @@ class GenerationRequest:
 
     Integral fields accept any integral number (``numpy.int64`` too), ``guidance_scale`` any
     real number (``numpy.float32`` too); booleans are refused for both.
+        image: image-to-image: the initial image (a PIL image, any mode and size; see
+            :func:`read_image`). Needs engines with a VAE encoder.
+        strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
+            starts from pure noise.
     """
 
     prompt: str
@@ -82,6 +103,8 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     skip_layer_guidance: bool | None = None
+    image: Any = None
+    strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,13 @@ class GenerationParams:
     width: int
     seed: int
     num_images: int
-    #: the skip-layer guidance applied, or ``None`` (not built, turned off, or no CFG).
+    #: the skip-layer guidance applied, or ``None`` (not built, turned off, no CFG, or image-to-image).
     skip_layer_guidance: SkipLayerGuidance | None = None
+    #: image-to-image: the RGB image at ``width`` x ``height``, and the strength used.
+    image: Any = field(default=None, compare=False, repr=False)
+    strength: float | None = None
+    #: sha256 of ``image``'s RGB pixels (recorded instead of the image).
+    image_sha256: str | None = None
     #: requested settings that have no effect (e.g. a negative prompt without CFG).
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -112,23 +140,84 @@ class GenerationParams:
         return cfg_enabled(self.guidance_scale)
 
     @property
+    def denoising_steps(self) -> int:
+        """The steps that run: ``num_inference_steps``, or the part ``strength`` keeps (image-to-image)."""
+        n = self.num_inference_steps
+        return n if self.strength is None else img2img_steps(n, self.strength)[1]
+
+    @property
     def batch_key(self) -> tuple:
-        """Generations with equal keys can share one engine batch."""
+        """Generations with equal keys can share one engine batch (images may differ, strengths not)."""
         return (
             self.height,
             self.width,
             self.num_inference_steps,
             self.guidance_scale,
             self.skip_layer_guidance,
+            self.strength,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The parameters as recorded (PNG text chunk, HTTP ``parameters``); warnings excluded."""
-        data = asdict(self)
-        del data["warnings"]
+        skipped = ("image", "strength", "image_sha256", "warnings")
+        # Not dataclasses.asdict: it would deep-copy the image.
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         slg = self.skip_layer_guidance
         data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
+        if self.image_sha256 is not None:
+            data["strength"] = self.strength
+            data["image_sha256"] = self.image_sha256
         return data
+
+
+def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
+    """``(first step, steps that run)`` of an image-to-image generation.
+
+    diffusers' ``StableDiffusion3Img2ImgPipeline.get_timesteps``, in the same float arithmetic:
+    ``t_start = int(max(steps - min(steps * strength, steps), 0))``.
+    """
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return start, steps - start
+
+
+def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
+    """Decode an image file (PNG, JPEG, WebP, ...) into a PIL image, fully loaded.
+
+    Args:
+        source: the file's bytes, or its path.
+        field_name: the request field, for the error.
+
+    Raises:
+        RequestError: the file is missing, not an image, truncated, or over
+            :data:`MAX_IMAGE_PIXELS` (checked before the pixels are decoded).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"{source}" if isinstance(source, str | Path) else f"{len(source)} bytes"
+    try:
+        handle = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
+    except OSError as err:
+        raise RequestError(field_name, f"{field_name} {what} cannot be read: {err.strerror}") from None
+    with handle:
+        try:
+            image = Image.open(handle)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(
+                    field_name,
+                    f"{field_name} {what} is {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS} allowed",
+                )
+            image.load()
+        except UnidentifiedImageError:
+            raise RequestError(
+                field_name, f"{field_name} {what} is not a readable image (unknown format)"
+            ) from None
+        except (Image.DecompressionBombError, OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RequestError(
+                field_name, f"{field_name} {what} is not a readable image ({reason})"
+            ) from None
+    return image
 
 
 def _span(r: ShapeRange, index: int) -> tuple[int, int]:
@@ -163,6 +252,9 @@ class RequestLimits:
         encoder_batch: ``(min, max)`` batch all three text encoders accept.
         t5_length: tokens per text for T5 (static in the engines).
         skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
+        img2img_size: ``((min, max) height, (min, max) width)`` image-to-image accepts (the VAE
+            encoder's profile intersected with the above), or ``None`` without a VAE encoder.
+        img2img_batch: ``(min, max)`` images the VAE encoder takes in one batch (one per request).
     """
 
     height: tuple[int, int]
@@ -173,6 +265,8 @@ class RequestLimits:
     encoder_batch: tuple[int, int]
     t5_length: int
     skip_layer_guidance: SkipLayerGuidance | None
+    img2img_size: tuple[tuple[int, int], tuple[int, int]] | None = None
+    img2img_batch: tuple[int, int] | None = None
 
     @classmethod
     def from_profiles(
@@ -185,7 +279,8 @@ class RequestLimits:
         """Derive the limits from each engine's spec and profile.
 
         Args:
-            specs: the I/O contract of every component's engine.
+            specs: the I/O contract of every component's engine (the VAE encoder's only when the
+                engines have one).
             profiles: the optimization-profile ranges per input of every component's engine.
             dims: the model sizes (VAE scale factor, patch size).
             skip_layer_guidance: the runtime defaults' SLG settings when the transformer engine
@@ -209,6 +304,17 @@ class RequestLimits:
             raise ManifestError(
                 f"the t5 engine's sequence length must be static, its profile allows {t5_min}..{t5_max}"
             )
+        img2img_size = img2img_batch = None
+        enc_vae = Component.VAE_ENCODER
+        if enc_vae in specs:
+            spans = []
+            for axis, pixels in (("latent_height", "height"), ("latent_width", "width")):
+                a = _axis(specs[enc_vae], profiles[enc_vae], axis)
+                b = _axis(specs[enc_vae], profiles[enc_vae], pixels)
+                lo, hi = sizes[axis]
+                spans.append((max(lo, a[0] * s, b[0]), min(hi, a[1] * s, b[1])))
+            img2img_size = (spans[0], spans[1])
+            img2img_batch = _axis(specs[enc_vae], profiles[enc_vae], "batch")
         limits = cls(
             height=sizes["latent_height"],
             width=sizes["latent_width"],
@@ -218,6 +324,8 @@ class RequestLimits:
             encoder_batch=(max(lo for lo, _ in enc), min(hi for _, hi in enc)),
             t5_length=t5_min,
             skip_layer_guidance=skip_layer_guidance,
+            img2img_size=img2img_size,
+            img2img_batch=img2img_batch,
         )
         for name in ("height", "width", "transformer_batch", "decoder_batch", "encoder_batch"):
             lo, hi = getattr(limits, name)
@@ -248,6 +356,13 @@ class RequestLimits:
             "seed": [0, MAX_SEED],
             "t5_length": self.t5_length,
             "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
+            "image_to_image": None
+            if self.img2img_size is None
+            else {
+                "height": list(self.img2img_size[0]),
+                "width": list(self.img2img_size[1]),
+                "strength": ["> 0", 1.0],
+            },
         }
 
 
@@ -340,8 +455,17 @@ def resolve_request(
         defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
     )
     m = limits.size_multiple
-    height = _size("height", defaults.height if request.height is None else request.height, limits.height, m)
-    width = _size("width", defaults.width if request.width is None else request.width, limits.width, m)
+    image_to_image = request.image is not None
+    if image_to_image and limits.img2img_size is None:
+        raise RequestError(
+            "image",
+            "these engines have no vae_encoder engine, so they cannot take an image (image-to-image); "
+            "re-run `sd35trt export` and `sd35trt build` with this sd35trt to add it",
+        )
+    spans = limits.img2img_size if image_to_image else (limits.height, limits.width)
+    height = _size("height", defaults.height if request.height is None else request.height, spans[0], m)
+    width = _size("width", defaults.width if request.width is None else request.width, spans[1], m)
+    image, strength, image_sha = _image_to_image(request, steps, height, width)
 
     if request.seed is None:
         seed = secrets.randbelow(DRAWN_SEED_LIMIT)
@@ -366,6 +490,7 @@ def resolve_request(
         limits.skip_layer_guidance,
         negative_requested=request.negative_prompt is not None,
         slg_requested=wanted_slg,
+        image_to_image=image_to_image,
     )
     cfg, slg = plan.cfg, plan.skip_layer_guidance
 
@@ -395,4 +520,44 @@ def resolve_request(
         num_images=num_images,
         skip_layer_guidance=slg,
         warnings=plan.warnings,
+        image=image,
+        strength=strength,
+        image_sha256=image_sha,
     )
+
+
+def _image_to_image(
+    request: GenerationRequest, steps: int, height: int, width: int
+) -> tuple[Any, float | None, str | None]:
+    """The resized RGB image, the strength and the pixels' sha256 (all ``None`` for text-to-image)."""
+    if request.image is None:
+        if request.strength is not None:
+            raise RequestError("strength", "strength applies to image-to-image only: give an image too")
+        return None, None, None
+    from PIL import Image
+
+    if not isinstance(request.image, Image.Image):
+        raise RequestError("image", f"image must be a PIL image, got {type(request.image).__name__}")
+    value = DEFAULT_STRENGTH if request.strength is None else request.strength
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError("strength", f"strength {value!r} is not a finite number; use a value in (0, 1]")
+    strength = float(value)
+    if not 0.0 < strength <= 1.0:
+        raise RequestError("strength", f"strength {strength:g} is outside (0, 1]")
+    count = img2img_steps(steps, strength)[1]
+    if count < 1:
+        raise RequestError(
+            "strength",
+            f"strength {strength:g} of {steps} steps leaves no step to run (int(steps * strength) "
+            "rounds to 0); use a larger strength",
+        )
+    if request.image.width * request.image.height > MAX_IMAGE_PIXELS:
+        raise RequestError(
+            "image",
+            f"image is {request.image.width}x{request.image.height}, more than {MAX_IMAGE_PIXELS} pixels",
+        )
+    # diffusers' VaeImageProcessor.resize (resample "lanczos"); RGB first, as diffusers' load_image does.
+    image = request.image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return image, strength, hashlib.sha256(image.tobytes()).hexdigest()

@@ -21,21 +21,21 @@ from sd35trt.components import Component, ModelDims
 from sd35trt.errors import ManifestError, NonFiniteError
 from sd35trt.runtime.engine import Engine
 from sd35trt.runtime.request import GenerationParams
-from sd35trt.runtime.scheduler import FlowMatchEuler
+from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts
 
 TEXT_ENCODERS = (Component.CLIP_L, Component.CLIP_G, Component.T5)
 
 
 class EngineSet:
-    """The five engines and their lifetime.
+    """The engines (the five of text-to-image, and the VAE encoder when built) and their lifetime.
 
     Normally every engine is activated once and kept. With ``low_vram`` an engine is activated
     only for its stage and deactivated after it, so at most one stage's engines hold memory.
     """
 
     def __init__(self, engines: Mapping[Component, Engine], low_vram: bool = False) -> None:
-        missing = [c.value for c in Component if c not in engines]
+        missing = [c.value for c in Component if c.required and c not in engines]
         if missing:
             raise ManifestError(f"no engine for {', '.join(missing)}; every component needs one")
         self.engines = dict(engines)
@@ -209,6 +209,7 @@ def denoise(
     params: GenerationParams,
     scheduler: FlowMatchEuler,
     timer: StepTimer | None = None,
+    schedule: Schedule | None = None,
 ) -> torch.Tensor:
     """Step 5: flow-match Euler with classifier-free and skip-layer guidance.
 
@@ -223,6 +224,8 @@ def denoise(
         params: steps, guidance scale and skip-layer guidance.
         scheduler: the flow-match Euler scheduler.
         timer: marked before the first step and after each one.
+        schedule: the steps to run (default: all ``params.num_inference_steps`` of ``scheduler``'s schedule;
+            image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
 
     Returns:
         The denoised latents ``[N, C, h, w]`` float32.
@@ -231,7 +234,7 @@ def denoise(
         NonFiniteError: the transformer produced NaN or inf (checked once, after the last step).
         ManifestError: the engine's skip-layer input does not fit the skip-layer settings.
     """
-    schedule = scheduler.schedule(params.num_inference_steps)
+    schedule = schedule if schedule is not None else scheduler.schedule(params.num_inference_steps)
     slg = params.skip_layer_guidance
     skip_off = skip_on = None
     if "skip_layers" in engine.spec.input_names:

@@ -122,8 +122,9 @@ def torch_runtime(
         model_dir: the diffusers directory (tokenizers, scheduler config, component configs).
         config: the run's config (build ranges, runtime defaults, skip-layer guidance).
         pipe: an already loaded ``StableDiffusion3Pipeline`` to share modules with (nothing is
-            loaded then; its modules keep their dtype); otherwise each component is loaded from
-            ``model_dir`` when its engine activates.
+            loaded then; its modules keep their dtype and whatever LoRAs it holds); otherwise each
+            component is loaded from ``model_dir`` when its engine activates, ``model.loras``
+            fused.
         device: default CUDA if present, else CPU.
         dtype: dtype to load components in (default: BF16 on CUDA, FP32 on CPU).
         low_vram: load each component only for its stage.
@@ -136,14 +137,17 @@ def torch_runtime(
         ConfigError: the build ranges don't fit the model.
     """
     from sd35trt.config import LoadDtype
+    from sd35trt.lora import resolve_loras
     from sd35trt.model import check_weights, default_device, load_model, torch_dtype
     from sd35trt.modules import wrap
 
     model_dir = Path(model_dir)
     device = device or default_device()
+    loras = ()
     if pipe is None:
         check_weights(model_dir)
         dtype = dtype or torch_dtype(LoadDtype.AUTO, device)
+        loras = resolve_loras(config.model.loras, config.model.allow_download)
     dims = ModelDims.from_model_dir(model_dir)
     slg = config.runtime.skip_layer_guidance
     slg_layers = tuple(slg.layers) if slg is not None else ()
@@ -157,7 +161,7 @@ def torch_runtime(
         else:
 
             def factory(c: Component = c) -> nn.Module:
-                return wrap(c, load_model(model_dir, c, dtype, model=config.model), slg_layers)
+                return wrap(c, load_model(model_dir, c, dtype, model=config.model, loras=loras), slg_layers)
 
         engines[c] = TorchEngine(specs[c], factory, device=device, dtype=None if pipe is not None else dtype)
     limits = RequestLimits.from_profiles(specs, profiles, dims, slg)

@@ -5,6 +5,7 @@ merged batches are ``Sd35Runtime.generate_batch``, which keeps each request's pr
 HTTP fields are the runtime's own (diffusers' names), so requests and errors pass through as they are.
 A request with ``batch: "alone"`` gets an engine batch of its own (a key nothing else shares):
 its PNG bytes then equal those ``sd35trt run`` writes for the same parameters.
+``init_image`` is the image file in base64, decoded here into the runtime's ``image``.
 Out-of-memory errors of any backend become :class:`~sd35trt.errors.DeviceOutOfMemoryError`.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.errors import DeviceOutOfMemoryError
+from sd35trt.errors import DeviceOutOfMemoryError, RequestError
 from sd35trt.serve.generator import ImageSet, Prepared
 
 #: Values of the request field ``batch``: merge with compatible requests (default), or run alone.
@@ -44,10 +45,38 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None) -> bytes:
+def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None, model: Any = None) -> bytes:
     from sd35trt.runtime.png import png_bytes
 
-    return png_bytes(image, params, digest, index, batch)
+    return png_bytes(image, params, digest, index, batch, model)
+
+
+def _decode_image(text: str) -> Any:
+    """``init_image``: base64 of an image file -> a PIL image.
+
+    Raises:
+        RequestError: not base64, or not a readable image (field ``init_image``).
+    """
+    import base64
+    import binascii
+
+    from sd35trt.runtime.request import read_image
+
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(
+            "init_image", "init_image is not base64 (the image file's bytes, base64)"
+        ) from None
+    return read_image(data, "init_image")
+
+
+def _http_params(params: Any) -> dict:
+    """The parameters used, as the reply reports them (the image as its sha256)."""
+    data = params.to_json()
+    if "image_sha256" in data:
+        data["init_image_sha256"] = data.pop("image_sha256")
+    return data
 
 
 class RuntimeGenerator:
@@ -86,7 +115,14 @@ class RuntimeGenerator:
         known = {k: v for k, v in fields.items() if v is not None or k == "prompt"}
         # "alone": an engine batch of its own, so the bytes equal those of `sd35trt run`.
         alone = known.pop("batch", BATCH_MERGE) == BATCH_ALONE
-        params = self.runtime.validate(GenerationRequest(**known))
+        image = known.pop("init_image", None)
+        if image is not None:
+            known["image"] = _decode_image(image)
+        try:
+            params = self.runtime.validate(GenerationRequest(**known))
+        except RequestError as err:
+            # the runtime's ``image`` is the HTTP ``init_image``
+            raise (RequestError("init_image", str(err)) if err.field == "image" else err) from None
         slg = params.skip_layer_guidance is not None
         images_max = self._limits.images(params.cfg, slg)[1]
         rows_per_request = 2 if params.cfg else 1
@@ -95,7 +131,7 @@ class RuntimeGenerator:
             size=params.num_images,
             capacity=images_max,
             max_requests=1 if alone else max(1, self._limits.encoder_batch[1] // rows_per_request),
-            params=params.to_json(),
+            params=_http_params(params),
             native=params,
         )
 
@@ -118,13 +154,16 @@ class RuntimeGenerator:
                     seed=res.params.seed,
                     timings={
                         "text_encoding": t.text_encoding_s,
+                        "image_encoding": t.image_encoding_s,
                         "denoise": t.denoise_s,
                         "decode": t.decode_s,
                         "engine_total": t.total_s,
                     },
                     warnings=list(res.warnings),
                     # the PNG records its parameters and the engines' digest, as `sd35trt run` writes it
-                    png=functools.partial(_png, params=res.params, digest=res.engine_digest, batch=res.batch),
+                    png=functools.partial(
+                        _png, params=res.params, digest=res.engine_digest, batch=res.batch, model=res.model
+                    ),
                 )
             )
         return out

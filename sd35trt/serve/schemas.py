@@ -43,6 +43,14 @@ class GenerateBody(BaseModel):
         description="'alone': never merged with other requests, for byte-exact reproduction "
         "(merged images can differ by ~1/255; the PNG records its engine batch)",
     )
+    init_image: str | None = Field(
+        default=None,
+        description="image-to-image: the initial image file (PNG, JPEG, WebP), base64; resized to "
+        "width x height as diffusers does. Needs engines with a VAE encoder",
+    )
+    strength: float | None = Field(
+        default=None, description="image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)"
+    )
 
 
 class ImageInfo(BaseModel):

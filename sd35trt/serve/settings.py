@@ -118,7 +118,8 @@ class ServeSettings(BaseModel):
     batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="merge window")
     queue_size: int = Field(default=32, ge=1, le=100_000, description="requests waiting, beyond: 429")
     timeout_s: float = Field(default=300.0, gt=0, description="per-request limit, queue wait included")
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="larger bodies get 413")
+    #: room for a base64 init_image (a 1024x1024 PNG is 1 to 3 MB, 4/3 of that in base64).
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="larger bodies get 413")
     read_timeout_s: float = Field(
         default=10.0, gt=0, le=3600, description="seconds to send headers, and again the body (408)"
     )

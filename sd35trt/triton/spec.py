@@ -56,6 +56,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("seed", TritonType.INT64, doc="0..2^63-1; drawn at random when omitted"),
     TensorSpec("num_images", TritonType.INT32, doc="images for this prompt (default 1)"),
     TensorSpec("skip_layer_guidance", TritonType.BOOL, doc="default: as the engines were built"),
+    TensorSpec("init_image", TritonType.STRING, doc="image-to-image: the image file, base64 (as HTTP)"),
+    TensorSpec("strength", TritonType.FP64, doc="image-to-image: share of the schedule that runs, (0, 1]"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (

@@ -90,6 +90,21 @@ def test_bench_json_structure(bench_out, built_run):
     assert data["configurations"][0]["engines_dir"] == str(built_run / "engines")
 
 
+def test_bench_times_image_to_image_with_the_vae_encoder(bench_out):
+    from sd35trt.bench.report import IMG2IMG_STAGES, format_bench
+
+    out, returned = bench_out
+    i2i = _strict_json(out / BENCH_JSON)["img2img"]
+    assert i2i["label"] == "sd35trt ONNX Runtime FP8 img2img" and i2i["strength"] == 0.6
+    assert i2i["steps_run"] == 5  # 8 steps at strength 0.6, as diffusers' get_timesteps cuts them
+    for stage in IMG2IMG_STAGES:
+        _check_stats(i2i["stages"][stage], RUNS)
+    assert i2i["stages"]["transformer_call"]["n"] == RUNS * i2i["steps_run"]  # no skip-layer pass
+    assert "image-to-image, sd35trt ONNX Runtime FP8 img2img (strength 0.6, 5 of 8 steps): VAE encode" in (
+        format_bench(returned)
+    )
+
+
 def test_bench_overhead_is_measured_on_both_sides(bench_out):
     o = bench_out[0] / BENCH_JSON
     o = _strict_json(o)["overhead"]

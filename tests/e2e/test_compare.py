@@ -34,6 +34,7 @@ def test_verify_compare_checks_every_output_of_every_engine(built_run):
         (Component.T5, "last_hidden_state"),
         (Component.TRANSFORMER, "noise_pred"),
         (Component.VAE_DECODER, "image"),
+        (Component.VAE_ENCODER, "latent"),
     }
     # Both ends of the profile: the tiny config's opt and min shapes differ for every engine.
     assert {r.case for r in report.results} == {"opt", "min"}
@@ -43,7 +44,7 @@ def test_verify_compare_checks_every_output_of_every_engine(built_run):
 
     result = CliRunner().invoke(app, ["verify", str(built_run / "engines"), "--compare"])
     assert result.exit_code == 0, result.output
-    assert "compare: 14 outputs within tolerance, 0 engines skipped" in result.output
+    assert "compare: 16 outputs within tolerance, 0 engines skipped" in result.output
 
 
 def _tamper(engine: onnx.ModelProto, output: str, factor: float) -> None:
@@ -78,7 +79,7 @@ def test_an_engine_whose_output_drifts_is_reported_over_tolerance_by_the_cli(bui
     lines = proc.stdout.splitlines()
     over = [line for line in lines if line.endswith("OVER TOLERANCE")]
     assert len(over) == 2 and all(line.split()[:2] == ["vae_decoder", "image"] for line in over)
-    assert sum(line.endswith(" ok") for line in lines) == 12  # the other engines still match
+    assert sum(line.endswith(" ok") for line in lines) == 14  # the other engines still match
 
 
 def test_compare_needs_the_onnx_the_engines_were_built_from(built_run, tmp_path):

@@ -27,6 +27,7 @@ OUTPUTS = {
     "transformer": ["noise_pred"],
     UNQUANTIZED_STEM: ["noise_pred"],
     "vae_decoder": ["image"],
+    "vae_encoder": ["latent"],
 }
 
 

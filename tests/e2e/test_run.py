@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from sd35trt.components import Component
-from sd35trt.config import Backend
 from sd35trt.errors import NonFiniteError, RequestError
 from sd35trt.metrics import psnr
 from sd35trt.reference import reference_images
@@ -34,21 +33,6 @@ MAX_PIXEL_DIFF = 2  # of 255
 
 
 @pytest.fixture(scope="module")
-def unquantized_run(tiny_config, tmp_path_factory):
-    """A run directory with engines built from a non-quantized export (no calibration needed)."""
-    from sd35trt.build import build
-    from sd35trt.export import export
-
-    config = tiny_config.model_copy(
-        update={"export": tiny_config.export.model_copy(update={"quantize": False})}
-    )
-    run_dir = tmp_path_factory.mktemp("run-unquantized") / "tiny"
-    export(config, run_dir)
-    build(config, run_dir, Backend.ONNXRUNTIME)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def engines_dir(unquantized_run):
     return unquantized_run / "engines"
 
@@ -60,13 +44,9 @@ def runtime(engines_dir):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_config, unquantized_run):
+def pipe(reference_pipe):
     """diffusers' pipeline on the same weights, on the CPU in float32."""
-    from sd35trt.model import load_pipeline
-
-    p = load_pipeline(tiny_config, unquantized_run, device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return reference_pipe
 
 
 def _max_diff(a, b) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from serving import SMALL, LiveServer, decode_png, free_port, live_server, wait_until
 
 from sd35trt.components import Component
@@ -152,6 +154,52 @@ def test_num_images_returns_that_many_images(server):
     assert [i.size for i in images] == [(64, 64)] * 2 and [i["index"] for i in r.json()["info"]] == [0, 1]
     assert [json.loads(i.text["parameters"])["image_index"] for i in images] == [0, 1]
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def _png_base64(width: int, height: int) -> str:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_image_to_image_takes_init_image_and_strength(server):
+    body = {
+        "prompt": "a red fox",
+        **SMALL,
+        "num_inference_steps": 4,
+        "seed": 9,
+        "init_image": _png_base64(80, 48),
+    }
+    r = post(server, {**body, "strength": 0.5})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    image = decode_png(data["images"][0])
+    assert image.size == (64, 64)  # resized to width x height, as diffusers does
+    p = data["parameters"]
+    assert p["strength"] == 0.5 and len(p["init_image_sha256"]) == 64 and p["skip_layer_guidance"] is None
+    assert json.loads(image.text["parameters"])["strength"] == 0.5
+    assert data["timings"]["stages_ms"]["image_encoding"] > 0
+    stronger = post(server, {**body, "strength": 1.0}).json()
+    assert not np.array_equal(np.asarray(image), np.asarray(decode_png(stronger["images"][0])))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"init_image": "not base64!"}, "init_image", "init_image is not base64"),
+        ({"init_image": base64.b64encode(b"GIF89a garbage").decode()}, "init_image", "not a readable image"),
+        ({"strength": 1.5, "init_image": "<png>"}, "strength", "outside (0, 1]"),
+        ({"strength": 0.5}, "strength", "image-to-image only"),
+    ],
+)
+def test_bad_image_to_image_fields_are_422_naming_the_field(server, fields, field, text):
+    fields = {k: _png_base64(64, 64) if v == "<png>" else v for k, v in fields.items()}
+    r = post(server, {"prompt": "a fox", **SMALL, **fields})
+    assert r.status_code == 422, r.text
+    (detail,) = r.json()["detail"]
+    assert detail["loc"] == ["body", field] and text in detail["msg"]
 
 
 # -- invalid input (faults.md cases 9 to 11) ------------------------------------------------------

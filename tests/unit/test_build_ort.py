@@ -118,6 +118,15 @@ class _Vae(nn.Module):
         return torch.sigmoid(up)  # [B, 3, 8h, 8w]
 
 
+class _VaeEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, DIMS.latent_channels, DIMS.vae_scale_factor, stride=DIMS.vae_scale_factor)
+
+    def forward(self, image, noise):
+        return self.conv(image) + 0.1 * noise  # [B, C, H/8, W/8]
+
+
 def _sample_inputs(component: Component, batch: int = 1, latent: tuple[int, int] = (8, 8)) -> dict:
     g = torch.Generator().manual_seed(batch * 100 + latent[0])
     sp = spec(component, DIMS, SKIP_LAYERS if component is Component.TRANSFORMER else 0)
@@ -125,6 +134,8 @@ def _sample_inputs(component: Component, batch: int = 1, latent: tuple[int, int]
         "batch": batch,
         "latent_height": latent[0],
         "latent_width": latent[1],
+        "height": latent[0] * DIMS.vae_scale_factor,
+        "width": latent[1] * DIMS.vae_scale_factor,
         "t5_length": 8,
         "text_length": 85,
     }
@@ -202,6 +213,7 @@ def make_export_run(root: Path, config: Config) -> Path:
         Component.T5: _T5(),
         Component.TRANSFORMER: _Transformer(),
         Component.VAE_DECODER: _Vae(),
+        Component.VAE_ENCODER: _VaeEncoder(),
     }
     entries = {}
     for component, module in modules.items():
@@ -289,8 +301,13 @@ def test_build_writes_engines_manifest_and_record(built):
     }
     assert yaml.safe_load((engines_dir / "config.yaml").read_text())["name"] == _config().name
     # One progress line per component start and end.
-    assert next(ln for ln in lines if "onnxruntime build from" in ln).startswith("[1/5] clip_l")
-    assert sum("done in" in ln for ln in lines) == 5
+    assert next(ln for ln in lines if "onnxruntime build from" in ln).startswith("[1/6] clip_l")
+    assert sum("done in" in ln for ln in lines) == 6
+    assert data["engines"]["vae_encoder"]["profile"]["image"] == {
+        "min": [1, 3, 32, 32],
+        "opt": [1, 3, 64, 64],
+        "max": [2, 3, 128, 128],
+    }
 
 
 def test_fp8_qdq_survives_in_the_transformer_engine(built):

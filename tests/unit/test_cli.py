@@ -128,3 +128,55 @@ def test_malformed_run_manifest_is_one_line_naming_file_and_field(tmp_path):
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert f"{path}: field {field}: Input should be a valid string (found 5)" in proc.stderr
+
+
+def test_run_with_an_unreadable_image_is_one_line_before_any_engine(tmp_path):
+    bad = tmp_path / "in.png"
+    bad.write_bytes(b"not a png")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd35trt.cli",
+            "run",
+            "a cat",
+            "--engines",
+            str(tmp_path / "nowhere"),
+            "--image",
+            str(bad),
+            "--strength",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: image {bad} is not a readable image (unknown format)"
+
+
+def test_model_by_repo_id_missing_from_the_cache_is_one_line(tmp_path):
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text("name: hub\nmodel:\n  source: hub\n  path: stabilityai/stable-diffusion-3.5-large\n")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("SD35TRT_ALLOW_DOWNLOAD", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd35trt.cli",
+            "export",
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: model.path: stabilityai/stable-diffusion-3.5-large (revision main) is not in"
+    )
+    assert "`hf download stabilityai/stable-diffusion-3.5-large --include 'model_index.json'" in line

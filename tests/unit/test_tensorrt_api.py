@@ -193,8 +193,8 @@ def test_build_stage_uses_only_the_real_api(report):
     assert calls[("IBuilderConfig", "set_memory_pool_limit")] == f"MemoryPoolType.WORKSPACE, {2 << 30}"
     assert calls[("EngineInspector", "get_engine_information")] == "LayerInformationFormat.JSON"
     facts = entry["facts"]
-    # Each build reuses the cache the previous one saved (2 builds x 5 engines).
-    assert facts["timing_cache"] == "+tactics" * 10
+    # Each build reuses the cache the previous one saved (2 builds x 6 engines).
+    assert facts["timing_cache"] == "+tactics" * 12
     assert facts["options"]["timing_cache_reused"] is True
     assert any("Building engine 1/2" in line for line in facts["progress"])  # the monitor ran
 
@@ -223,7 +223,7 @@ def test_gpu_without_fp8_and_no_unquantized_export_publishes_nothing(report):
 def test_runtime_loads_checked_mappings_into_one_shared_activation_buffer(report):
     entry = _ok(report, "runtime")
     world, facts = entry["world"], entry["facts"]
-    assert world["deserialized_from"] == ["mmap"] * 5  # the hashed mapping itself, no copy
+    assert world["deserialized_from"] == ["mmap"] * 6  # the hashed mapping itself (6 engines), no copy
     assert set(world["allocation_strategies"]) == {"ExecutionContextAllocationStrategy.USER_MANAGED"}
     addresses = {a for a, _ in world["device_memory"]}
     assert len(addresses) == 1 and facts["shared_activation_bytes"] == max(
@@ -237,7 +237,7 @@ def test_runtime_loads_checked_mappings_into_one_shared_activation_buffer(report
 
 def test_cuda_graphs_keep_both_slg_shapes_and_never_rerun_first_calls(report):
     facts = _ok(report, "runtime")["facts"]
-    assert facts["first_call_executions"] == 5  # one per engine: no warm-up run
+    assert facts["first_call_executions"] == 6  # one per engine (6): no warm-up run
     assert facts["graph_captures"] == 2  # batch 2N and N, each captured once
     assert facts["loop_executions"] == 7
 

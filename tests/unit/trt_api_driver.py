@@ -348,6 +348,8 @@ def _feeds(spec, batch: int, latent: int) -> dict:
         "batch": batch,
         "latent_height": latent,
         "latent_width": latent,
+        "height": latent * 8,  # the VAE encoder's image, 8x the latent
+        "width": latent * 8,
         "t5_length": 8,
         "text_length": 85,
     }
