@@ -113,7 +113,13 @@ def built_run(tiny_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def unquantized_run(tiny_config, tmp_path_factory):
-    """A run directory with engines built from a non-quantized export (no calibration needed)."""
+    """A run directory with engines built from a non-quantized export (no calibration needed).
+
+    Shared by the xdist workers like :func:`_shared_run`'s (run parity and image-to-image parity
+    tests use it).
+    """
+    from filelock import FileLock
+
     from sd35trt.build import build
     from sd35trt.config import Backend
     from sd35trt.export import export
@@ -121,9 +127,14 @@ def unquantized_run(tiny_config, tmp_path_factory):
     config = tiny_config.model_copy(
         update={"export": tiny_config.export.model_copy(update={"quantize": False})}
     )
-    run_dir = tmp_path_factory.mktemp("run-unquantized") / "tiny"
-    export(config, run_dir)
-    build(config, run_dir, Backend.ONNXRUNTIME)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    run_dir = base / "shared-run-unquantized" / "tiny"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir.parent / "stages.lock")):
+        export(config, run_dir, progress=lambda _line: None)
+        build(config, run_dir, Backend.ONNXRUNTIME, progress=lambda _line: None)
     return run_dir
 
 
