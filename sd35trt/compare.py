@@ -111,7 +111,7 @@ class CompareReport:
         return "\n".join(lines)
 
 
-def _engine_runner(engine: Engine, name: str):
+def engine_runner(engine: Engine, name: str):
     """A Polygraphy runner around one of sd35trt's engines: numpy in, float32 numpy out."""
     import torch
     from polygraphy.backend.base import BaseRunner
@@ -245,7 +245,7 @@ def _run_pair(
         return OrderedDict((ch.output, ch.ok) for ch in found)
 
     runners = [
-        _engine_runner(engine, ENGINE_RUNNER),
+        engine_runner(engine, ENGINE_RUNNER),
         OnnxrtRunner(lambda: validate.session(source, providers), name=ONNX_RUNNER),
     ]
     # Polygraphy's own progress and dtype-cast notices say nothing the report does not.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from sd35trt.build import build
+from sd35trt.compare import engine_runner
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend
 from sd35trt.errors import IncompatibleEngineError
@@ -58,39 +58,6 @@ def _feeds(engine: Engine, profile: dict[str, ShapeRange], pick: str, seed: int)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
-
-
-def _runner(engine: Engine, name: str):
-    """A Polygraphy runner around one of our engines (numpy in, numpy out)."""
-    import torch
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-
-    class EngineRunner(BaseRunner):
-        def __init__(self) -> None:
-            super().__init__(name=name)
-            self.engine = engine
-
-        def activate_impl(self) -> None:
-            self.engine.activate()
-
-        def get_input_metadata_impl(self) -> TensorMetadata:
-            meta = TensorMetadata()
-            for t in self.engine.spec.inputs:
-                dtype = np.int64 if t.dtype.value == "int64" else np.float32
-                meta.add(t.name, dtype, [d if isinstance(d, int) else -1 for d in t.shape])
-            return meta
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            out = self.engine.infer({n: torch.from_numpy(a) for n, a in feed_dict.items()})
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict((n, t.float().cpu().numpy()) for n, t in out.items())
-
-        def deactivate_impl(self) -> None:
-            self.engine.deactivate()
-
-    return EngineRunner()
 
 
 def test_tensorrt_build_records_this_machine(runs):
@@ -143,7 +110,10 @@ def test_tensorrt_matches_onnxruntime(runs, pick):
         if ort_rec.fp8 and not rec.fp8:
             continue  # GPU without FP8: TensorRT built the unquantized graph, nothing like-for-like
         feeds = [_feeds(trt_engine, rec.profile, pick, seed) for seed in (0, 1)]
-        runners = [_runner(trt_engine, f"trt-{component.value}"), _runner(ort_engines[component], "ort")]
+        runners = [
+            engine_runner(trt_engine, f"trt-{component.value}"),
+            engine_runner(ort_engines[component], "ort"),
+        ]
         results = Comparator.run(runners, data_loader=feeds)
         # TF32 GEMMs (TensorRT's default for fp32) and FP8 kernels differ from ORT's CPU arithmetic.
         tol = 5e-2 if rec.fp8 else 1e-2

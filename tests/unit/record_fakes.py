@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from sd35trt.components import Component, ModelDims
@@ -39,6 +40,8 @@ DIMS = ModelDims(
     vae_scaling_factor=1.5,
     vae_shift_factor=0.1,
 )
+#: Dims of the fabricated engine manifests (CLIP widths equal: no padding to exercise there).
+ENGINE_DIMS = dataclasses.replace(DIMS, clip_l_projection=8, clip_g_hidden=8, clip_g_projection=8)
 
 
 def calibrate_details(**changes) -> CalibrateDetails:

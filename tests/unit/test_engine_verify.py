@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from record_fakes import ENGINE_DIMS
 
-from sd35trt.components import Component, ModelDims, ShapeRange
+from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision
 from sd35trt.errors import BackendUnavailableError, IncompatibleEngineError, ManifestError, VerificationError
 from sd35trt.manifest import FileRecord, file_record
@@ -22,24 +23,7 @@ from sd35trt.runtime.engines import (
 )
 from sd35trt.runtime.trt import TrtEngine
 
-DIMS = ModelDims(
-    clip_l_hidden=8,
-    clip_l_projection=8,
-    clip_g_hidden=8,
-    clip_g_projection=8,
-    t5_hidden=16,
-    latent_channels=4,
-    patch_size=2,
-    num_layers=2,
-    head_dim=4,
-    num_heads=2,
-    joint_attention_dim=16,
-    pooled_projection_dim=16,
-    pos_embed_max_size=8,
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5,
-    vae_shift_factor=0.1,
-)
+DIMS = ENGINE_DIMS
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 L4 = GpuInfo("NVIDIA L4", (8, 9))
 REBUILD = "rebuild with `sd35trt build`"

@@ -17,32 +17,16 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from record_fakes import ENGINE_DIMS
 
-from sd35trt.components import Component, ModelDims, ShapeRange
+from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision
 from sd35trt.errors import UnsafeArtifactError, VerificationError
 from sd35trt.manifest import FileRecord, file_record, sha256_file
 from sd35trt.package import CHECKSUMS, MAX_DEPTH, unpack, verify
 from sd35trt.runtime.engines import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord, verify_engines
 
-DIMS = ModelDims(
-    clip_l_hidden=8,
-    clip_l_projection=8,
-    clip_g_hidden=8,
-    clip_g_projection=8,
-    t5_hidden=16,
-    latent_channels=4,
-    patch_size=2,
-    num_layers=2,
-    head_dim=4,
-    num_heads=2,
-    joint_attention_dim=16,
-    pooled_projection_dim=16,
-    pos_embed_max_size=8,
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5,
-    vae_shift_factor=0.1,
-)
+DIMS = ENGINE_DIMS
 TOP = "sd35trt-fab"
 
 
