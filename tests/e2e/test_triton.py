@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -235,7 +236,10 @@ def test_concurrent_requests_are_batched(server):
         before = stats(c)
         pending = [c.async_infer(MODEL, inputs("http", [row])) for row in rows]
         results = [p.get_result() for p in pending]
-        after = stats(c)
+        # Triton updates its statistics just after it answers: wait (bounded) until they count all.
+        deadline = time.monotonic() + 10
+        while (after := stats(c))[0] - before[0] < n and time.monotonic() < deadline:
+            time.sleep(0.05)
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == n
     assert executions < n, f"{executions} executions for {n} requests: nothing was batched"
