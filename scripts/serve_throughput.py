@@ -72,6 +72,18 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def load_summary(images: int, wall: float, latencies: list[float], merged: list[int], errors: dict) -> dict:
+    """One closed-loop measurement: images, wall s, images/s, median latency s, mean requests merged."""
+    return {
+        "images": images,
+        "wall_s": wall,
+        "images_per_s": images / wall,
+        "p50_s": statistics.median(latencies),
+        "mean_merged": statistics.mean(merged) if merged else 0.0,
+        "errors": errors,
+    }
+
+
 async def closed_loop(url: str, concurrency: int, per_client: int, body: dict, timeout_s: float) -> dict:
     """C clients, each sending ``per_client`` requests one after the other."""
     latencies: list[float] = []
@@ -98,14 +110,7 @@ async def closed_loop(url: str, concurrency: int, per_client: int, body: dict, t
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {
-        "images": images,
-        "wall_s": wall,
-        "images_per_s": images / wall,
-        "p50_s": statistics.median(latencies),
-        "mean_merged": statistics.mean(merged) if merged else 0.0,
-        "errors": errors,
-    }
+    return load_summary(images, wall, latencies, merged, errors)
 
 
 def main() -> None:

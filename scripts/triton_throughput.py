@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import closed_loop, start_server, stop_server
+from serve_throughput import closed_loop, load_summary, start_server, stop_server
 
 MODEL = "sd35trt"
 
@@ -83,14 +83,7 @@ async def triton_loop(url: str, concurrency: int, per_client: int, body: dict, t
         wall = time.perf_counter() - t0
     finally:
         await client.close()
-    return {
-        "images": images,
-        "wall_s": wall,
-        "images_per_s": images / wall,
-        "p50_s": statistics.median(latencies),
-        "mean_merged": statistics.mean(merged) if merged else 0.0,
-        "errors": errors,
-    }
+    return load_summary(images, wall, latencies, merged, errors)
 
 
 def main() -> None:
