@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from sd35trt.bench.eval_report import format_eval, read_eval
+from sd35trt.bench.plots import plot_eval_grid
 from sd35trt.errors import ReportError
-from sd35trt.eval_report import format_eval, read_eval
-from sd35trt.plots import plot_eval_grid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,9 +52,9 @@ from pathlib import Path
 
 import gpu_evidence_steps as steps
 
+from sd35trt.artifacts.manifest import atomic_write_json
 from sd35trt.config import SIZE_MULTIPLE, Config, load_config
 from sd35trt.errors import Sd35TrtError
-from sd35trt.manifest import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_SCRIPT = Path(steps.__file__).resolve()

@@ -8,10 +8,10 @@ step stopped at its deadline still says how far it got, then writes its figures 
 ``job.result`` (atomically). An error is written there too (type, message, last traceback
 lines).
 
-Every step uses the project's own code: the stages' loader (:func:`sd35trt.model.load_model`,
+Every step uses the project's own code: the stages' loader (:func:`sd35trt.models.loading.load_model`,
 which draws random weights on the CPU, then moves them), calibrate's
-:func:`sd35trt.calibrate.calibrate_transformer` and the export stage's
-:func:`sd35trt.export.export_component`.
+:func:`sd35trt.stages.calibrate.calibrate_transformer` and the export stage's
+:func:`sd35trt.stages.export.export_component`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.artifacts.manifest import atomic_write_json
 from sd35trt.components import Component, ModelDims, spec
 from sd35trt.config import Config, Precision, load_config
-from sd35trt.manifest import atomic_write_json
 
 if TYPE_CHECKING:
     import torch
@@ -152,9 +152,9 @@ def phase_peaks(marks: list[dict], key: str, last: int | None = None) -> dict[st
 def model_root(config: Config, job: Job, mark: Phases) -> Path:
     """The model's diffusers directory (tiny pipeline, or a random architecture's configs).
 
-    The first step of a model writes it (``sd35trt.model.model_dir``); later ones reuse it.
+    The first step of a model writes it (``sd35trt.models.loading.model_dir``); later ones reuse it.
     """
-    from sd35trt.model import model_dir
+    from sd35trt.models.loading import model_dir
 
     mark("model")
     return model_dir(config, job.work)
@@ -201,9 +201,9 @@ def forward(job: Job, config: Config, mark: Phases) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sd35trt.export import tracing
-    from sd35trt.model import load_model
-    from sd35trt.modules import wrap
+    from sd35trt.models.loading import load_model
+    from sd35trt.models.modules import wrap
+    from sd35trt.stages.export import tracing
 
     root = model_root(config, job, mark)
     dims = ModelDims.from_model_dir(root)
@@ -286,8 +286,8 @@ def random_batches(config: Config, dims: ModelDims, device: str, dtype: torch.dt
     """
     import torch
 
-    from sd35trt.calibrate import read_prompts
-    from sd35trt.reference import PromptBatch
+    from sd35trt.models.reference import PromptBatch
+    from sd35trt.stages.calibrate import read_prompts
 
     s = config.calibrate
     prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
@@ -333,9 +333,9 @@ def calibrate(job: Job, config: Config, mark: Phases) -> dict:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from sd35trt.calibrate import calibrate_transformer
-    from sd35trt.model import load_model, torch_dtype
-    from sd35trt.quantize import save_calibration
+    from sd35trt.models.loading import load_model, torch_dtype
+    from sd35trt.models.quantize import save_calibration
+    from sd35trt.stages.calibrate import calibrate_transformer
 
     config = calibrate_config(config, job)
     s = config.calibrate
@@ -396,7 +396,7 @@ def export(job: Job, config: Config, mark: Phases) -> dict:
 
     import onnx
 
-    from sd35trt.export import export_component, validate
+    from sd35trt.stages.export import export_component, validate
 
     root = model_root(config, job, mark)
     parameters = transformer_parameters(root)
@@ -460,22 +460,22 @@ def preload(steps: Collection[str], quantize: bool = True) -> None:
     import torch  # noqa: F401
     from diffusers import SD3Transformer2DModel  # noqa: F401
 
-    import sd35trt.export.tracing
     import sd35trt.info
-    import sd35trt.model
+    import sd35trt.models.loading
+    import sd35trt.stages.export.tracing
 
     if "calibrate" in steps or ("export" in steps and quantize):
         import modelopt.torch.quantization  # noqa: F401
 
-        import sd35trt.quantize
+        import sd35trt.models.quantize
     if "calibrate" in steps:
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline  # noqa: F401
 
-        import sd35trt.calibrate
+        import sd35trt.stages.calibrate
     if "export" in steps:
         import onnx  # noqa: F401
 
-        import sd35trt.export.onnx_tools  # noqa: F401
+        import sd35trt.stages.export.onnx_tools  # noqa: F401
 
 
 def run(job: Job) -> int:

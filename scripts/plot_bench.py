@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from sd35trt.bench.plots import plot_bench
 from sd35trt.bench.report import format_bench, merge_bench, read_bench
 from sd35trt.errors import ReportError
-from sd35trt.plots import plot_bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,8 @@ def _pixels(image) -> np.ndarray:
 def parity(run_dir: Path, seed: int = 11) -> list[dict]:
     """Max |engine - diffusers| in 1/255 per size: SLG matched, and each side's default."""
     from sd35trt.config import load_config
-    from sd35trt.model import load_pipeline
-    from sd35trt.reference import reference_images
+    from sd35trt.models.loading import load_pipeline
+    from sd35trt.models.reference import reference_images
     from sd35trt.runtime.pipeline import Sd35Runtime
     from sd35trt.runtime.request import GenerationRequest
 
@@ -70,7 +70,7 @@ def parity(run_dir: Path, seed: int = 11) -> list[dict]:
 
 def fp8_quality(run_dir: Path, reference: Path, num_prompts: int) -> dict:
     """PSNR (dB) and SSIM of the FP8 engines against the non-quantized pipeline (``make eval``)."""
-    from sd35trt.evaluate import evaluate
+    from sd35trt.bench.evaluate import evaluate
 
     report = evaluate(run_dir / "engines", reference, num_prompts=num_prompts, plot=False)
     rows = report.per_prompt

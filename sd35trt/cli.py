@@ -72,8 +72,8 @@ def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
     input hashes such as the prompt set, the machine for engines) and returns its existing record
     when nothing changed, so ``make`` can chain the stages cheaply.
     """
+    from sd35trt.artifacts.manifest import Stage
     from sd35trt.console import stage_progress
-    from sd35trt.manifest import Stage
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
@@ -91,7 +91,7 @@ def calibrate(
     def body(cfg, rd, hint, progress):
         if not cfg.export.quantize:
             return "calibrate: nothing to do (export.quantize is false: no FP8 layers)"
-        from sd35trt.calibrate import calibrate as run
+        from sd35trt.stages.calibrate import calibrate as run
 
         run(cfg, rd, force=force, log=progress.log, status=progress.status)
 
@@ -103,7 +103,7 @@ def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = N
     """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
 
     def body(cfg, rd, hint, progress):
-        from sd35trt.export import export as run
+        from sd35trt.stages.export import export as run
 
         run(cfg, rd, force=force, hint=hint, progress=progress.log)
 
@@ -137,7 +137,7 @@ def build(
         raise ConfigError(f"--backend {backend!r} is not one of: {allowed}") from None
 
     def body(cfg, rd, hint, progress):
-        from sd35trt.build import build as run
+        from sd35trt.stages.build import build as run
 
         run(
             cfg,
@@ -176,7 +176,7 @@ def tiny(
     seed: Annotated[int, typer.Option(min=0, help="Weight seed.")] = 0,
 ) -> None:
     """Write the built-in tiny SD3.5-shaped diffusers pipeline (deterministic, offline, ~2 MB)."""
-    from sd35trt.tiny import write_tiny
+    from sd35trt.models.tiny import write_tiny
 
     typer.echo(f"wrote {write_tiny(out, seed)}")
 
@@ -195,7 +195,7 @@ def reference(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("reference.png"),
 ) -> None:
     """Generate with the diffusers PyTorch pipeline: the baseline the engines are compared with."""
-    from sd35trt.reference import generate_reference
+    from sd35trt.models.reference import generate_reference
 
     cfg, rd = _load(config, run_dir)
     path = generate_reference(
@@ -261,7 +261,7 @@ def run_(
     ] = Path("sd35trt.png"),
 ) -> None:
     """Generate PNGs with the engines in an engines directory (defaults recorded with them)."""
-    from sd35trt.package import engines_dir_of
+    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.run import run
 
     output = run(
@@ -343,8 +343,8 @@ def eval_(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
 ) -> None:
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
-    from sd35trt.eval_report import format_eval
-    from sd35trt.evaluate import evaluate
+    from sd35trt.bench.eval_report import format_eval
+    from sd35trt.bench.evaluate import evaluate
 
     report = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
     typer.echo(format_eval(report))
@@ -402,7 +402,7 @@ def serve(
     ] = "text",
 ) -> None:
     """Serve engines over HTTP: /generate, /v1/images/generations (OpenAI), /metrics, /health, /ready."""
-    from sd35trt.package import engines_dir_of
+    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.serve import ServeSettings
     from sd35trt.serve import serve as run_server
     from sd35trt.serve.settings import LogFormat, LogLevel
@@ -456,8 +456,8 @@ def triton(
     force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository (Python backend) serving the engines."""
+    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.errors import ConfigError
-    from sd35trt.package import engines_dir_of
     from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
 
     try:
@@ -492,7 +492,7 @@ def package(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artefact to write (.tar.gz).")],
 ) -> None:
     """Pack engines, manifest, tokenizers, scheduler and config into a checksummed artefact."""
-    from sd35trt.package import package as run
+    from sd35trt.artifacts.package import package as run
 
     path = run(run_dir, out)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -511,9 +511,9 @@ def verify(
     ] = False,
 ) -> None:
     """Check every file's size and sha256 and whether this machine can load the engines."""
+    from sd35trt.artifacts.package import engines_dir_of
+    from sd35trt.artifacts.package import verify as run
     from sd35trt.errors import VerificationError
-    from sd35trt.package import engines_dir_of
-    from sd35trt.package import verify as run
 
     report = run(path)
     if not report.ok:
@@ -523,7 +523,7 @@ def verify(
     typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
-    from sd35trt.compare import compare_engines
+    from sd35trt.backends.compare import compare_engines
 
     result = compare_engines(engines_dir_of(path))
     typer.echo(result.table())

@@ -69,7 +69,7 @@ class ModelLibrary(str, Enum):
 class ComponentModel:
     """How one component's PyTorch model is stored, loaded and given its spec's inputs and outputs.
 
-    :func:`sd35trt.model.load_model` and :func:`sd35trt.modules.wrap` read this table; export,
+    :func:`sd35trt.models.loading.load_model` and :func:`sd35trt.models.modules.wrap` read this table; export,
     calibration, the PyTorch backend and the diffusers reference all load through them.
 
     Attributes:
@@ -81,7 +81,7 @@ class ComponentModel:
             library's default. Eager for the text encoders: torch's SDPA export adds a float32
             mask that promotes the rest of a 16-bit CLIP graph to float32 and leaves
             LayerNormalization with mixed types.
-        wrapper: the :mod:`sd35trt.modules` class giving the model its spec's I/O.
+        wrapper: the :mod:`sd35trt.models.modules` class giving the model its spec's I/O.
     """
 
     subfolder: str
@@ -288,7 +288,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
     ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
-    over that many blocks; see :class:`sd35trt.modules.Transformer`).
+    over that many blocks; see :class:`sd35trt.models.modules.Transformer`).
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image

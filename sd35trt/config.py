@@ -37,9 +37,9 @@ class _Strict(BaseModel):
 class ModelSource(str, Enum):
     """Where the diffusers pipeline comes from."""
 
-    TINY = "tiny"  # the built-in tiny SD3.5-shaped pipeline (sd35trt.tiny), generated offline
+    TINY = "tiny"  # the built-in tiny SD3.5-shaped pipeline (sd35trt.models.tiny), generated offline
     LOCAL = "local"  # a local diffusers directory (safetensors only)
-    HUB = "hub"  # a Hugging Face repo id, resolved through the local Hugging Face cache (sd35trt.hub)
+    HUB = "hub"  # a Hugging Face repo id, resolved through the local Hugging Face cache (sd35trt.models.hub)
     RANDOM = "random"  # random weights with a published architecture's shapes (scale tests)
 
 
@@ -95,7 +95,7 @@ REPO_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$"
 
 
 class LoraSettings(_Strict):
-    """One LoRA fused into the model before calibration and export (see :mod:`sd35trt.lora`)."""
+    """One LoRA fused into the model before calibration and export (see :mod:`sd35trt.models.lora`)."""
 
     path: str = Field(
         min_length=1,

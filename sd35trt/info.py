@@ -7,8 +7,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
 from sd35trt.errors import ManifestError
-from sd35trt.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
 
 #: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
 PACKAGES = (
@@ -152,7 +152,7 @@ def format_engines(engines_dir: Path) -> list[str]:
     Raises:
         ManifestError: the engine manifest is missing or malformed.
     """
-    from sd35trt.runtime.engines import read_engine_manifest
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
 
     manifest = read_engine_manifest(engines_dir)
     lines = [f"engines {engines_dir} ({manifest.backend.value}, created {manifest.created})"]

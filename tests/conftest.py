@@ -59,7 +59,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_config, tmp_path_factory) -> Path:
     """The built-in tiny pipeline written once as a diffusers directory."""
-    from sd35trt.model import model_dir
+    from sd35trt.models.loading import model_dir
 
     return model_dir(tiny_config, tmp_path_factory.mktemp("tiny-model-run"))
 
@@ -72,10 +72,10 @@ def _shared_run(tmp_path_factory, tiny_config, stages: int) -> Path:
     """
     from filelock import FileLock
 
-    from sd35trt.build import build
-    from sd35trt.calibrate import calibrate
     from sd35trt.config import Backend
-    from sd35trt.export import export
+    from sd35trt.stages.build import build
+    from sd35trt.stages.calibrate import calibrate
+    from sd35trt.stages.export import export
 
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -120,9 +120,9 @@ def unquantized_run(tiny_config, tmp_path_factory):
     """
     from filelock import FileLock
 
-    from sd35trt.build import build
     from sd35trt.config import Backend
-    from sd35trt.export import export
+    from sd35trt.stages.build import build
+    from sd35trt.stages.export import export
 
     config = tiny_config.model_copy(
         update={"export": tiny_config.export.model_copy(update={"quantize": False})}
@@ -141,7 +141,7 @@ def unquantized_run(tiny_config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_pipe(tiny_config, unquantized_run):
     """diffusers' StableDiffusion3Pipeline on the tiny weights, on the CPU in float32."""
-    from sd35trt.model import load_pipeline
+    from sd35trt.models.loading import load_pipeline
 
     p = load_pipeline(tiny_config, unquantized_run, device="cpu")
     p.set_progress_bar_config(disable=True)

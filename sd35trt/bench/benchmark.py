@@ -24,6 +24,7 @@ import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sd35trt.artifacts.manifest import now_utc
 from sd35trt.bench.probes import MemoryProbe, StageClock
 from sd35trt.bench.report import (
     BENCH_JSON,
@@ -34,20 +35,19 @@ from sd35trt.bench.report import (
     Configuration,
     Host,
 )
+from sd35trt.bench.reports import write_report
 from sd35trt.bench.stats import stage_stats
 from sd35trt.bench.subjects import DiffusersSubject, RuntimeSubject, Subject
 from sd35trt.errors import ConfigError
-from sd35trt.manifest import now_utc
-from sd35trt.reports import write_report
 
 DEFAULT_PROMPT = "a photo of a cat sitting on a windowsill at sunset"
 
 
 def run_params(engines_dir: Path, prompt: str, num_images: int, seed: int) -> tuple[BenchParams, int]:
     """The runtime defaults recorded with ``engines_dir`` as :class:`BenchParams`, and T5's length."""
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.config import RuntimeSettings
     from sd35trt.guidance import applied_skip_layer_guidance
-    from sd35trt.runtime.engines import read_engine_manifest
 
     manifest = read_engine_manifest(engines_dir)
     rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
@@ -145,8 +145,8 @@ def _measure_img2img(
     Raises:
         ConfigError: ``strength`` outside (0, 1].
     """
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import Component
-    from sd35trt.runtime.engines import read_engine_manifest
 
     if not strength or Component.VAE_ENCODER not in read_engine_manifest(engines_dir).engines:
         return None
@@ -212,8 +212,8 @@ def bench(
         ManifestError, VerificationError, IncompatibleEngineError: an engines directory is unusable.
         ModelError: the reference directory is unusable.
     """
-    from sd35trt.model import default_device
-    from sd35trt.reference import check_reference_dir
+    from sd35trt.models.loading import default_device
+    from sd35trt.models.reference import check_reference_dir
 
     if not engines_dirs:
         raise ConfigError("bench needs at least one --engines directory")
@@ -248,7 +248,7 @@ def bench(
     overhead = None
     if overhead_runs:
         from sd35trt.bench.overhead import measure_overhead
-        from sd35trt.reference import load_diffusers
+        from sd35trt.models.reference import load_diffusers
         from sd35trt.runtime.pipeline import Sd35Runtime
 
         runtime = Sd35Runtime.load(engines_dirs[0], device=device)
@@ -279,7 +279,7 @@ def bench(
     out.mkdir(parents=True, exist_ok=True)
     write_report(out / BENCH_JSON, report)
     if plot:
-        from sd35trt.plots import plot_bench
+        from sd35trt.bench.plots import plot_bench
 
         plot_bench(report, out / BENCH_PNG)
     return report

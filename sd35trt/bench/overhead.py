@@ -1,7 +1,7 @@
 """The runtime's host overhead per denoising step, against diffusers', with instant transformers.
 
 On both sides the transformer is replaced by a stand-in that returns a preallocated zero tensor
-at once (sd35trt: an :class:`~sd35trt.runtime.engine.Engine`; diffusers:
+at once (sd35trt: an :class:`~sd35trt.backends.engine.Engine`; diffusers:
 ``pipe.transformer.forward``). The stand-in notes when each call starts and ends and its
 timestep; :func:`~sd35trt.bench.stats.step_overheads` turns that into host time per step outside
 the transformer, which counts everything the loop does per step (CFG combine, skip-layer
@@ -18,11 +18,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.backends.engine import Engine
 from sd35trt.bench.report import OVERHEAD_TARGET_RATIO, BenchParams, Overhead, OverheadSide
 from sd35trt.bench.stats import step_overheads, summarize
 from sd35trt.bench.subjects import run_diffusers, runtime_request
 from sd35trt.components import Component
-from sd35trt.runtime.engine import Engine
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """``bench.json``: the schema of a benchmark result, reading it, merging several, printing one.
 
 :func:`sd35trt.bench.benchmark.bench` writes a :class:`BenchReport`; the figure
-(:func:`sd35trt.plots.plot_bench`) and ``scripts/plot_bench.py`` read it through
+(:func:`sd35trt.bench.plots.plot_bench`) and ``scripts/plot_bench.py`` read it through
 :func:`read_bench`, so a file from another version or a hand-edited one is a one-line error
 naming the field. Times are in the unit each :class:`Summary` states (ms for stages, µs for the
 per-step overhead); memory in bytes.
@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from sd35trt.bench.reports import ReportModel, read_report
 from sd35trt.config import SkipLayerGuidance
-from sd35trt.reports import ReportModel, read_report
 
 #: ``/2``: generation parameters named as diffusers names them (``num_inference_steps``).
 SCHEMA = "sd35trt.bench/2"

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.backends.engine import Engine
 from sd35trt.bench.probes import MemoryProbe, StageClock
 from sd35trt.bench.report import BenchParams
 from sd35trt.components import Component
-from sd35trt.runtime.engine import Engine
 
 if TYPE_CHECKING:
     from sd35trt.runtime.request import GenerationRequest
@@ -53,7 +53,7 @@ def runtime_request(params: BenchParams) -> GenerationRequest:
 
 def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_type: str = "np") -> Any:
     """One generation of ``params`` with the diffusers pipeline (SLG as the engines run it)."""
-    from sd35trt.reference import generate_images
+    from sd35trt.models.reference import generate_images
 
     return generate_images(
         pipe,
@@ -124,7 +124,7 @@ class Subject:
 
 def engines_label(manifest) -> str:
     """``sd35trt ONNX Runtime FP8``: backend and transformer precision of an engines directory."""
-    from sd35trt.runtime.backends import backend_of
+    from sd35trt.backends.registry import backend_of
 
     backend = backend_of(manifest.backend).label
     rec = manifest.record(Component.TRANSFORMER)
@@ -165,7 +165,7 @@ class RuntimeSubject(Subject):
     @classmethod
     def from_engines(cls, engines_dir: Path, clock: StageClock, memory: MemoryProbe, device: str | None):
         """Load ``engines_dir`` (verified) and label it by backend and transformer precision."""
-        from sd35trt.runtime.engines import read_engine_manifest
+        from sd35trt.artifacts.engine_manifest import read_engine_manifest
         from sd35trt.runtime.pipeline import Sd35Runtime
 
         manifest = read_engine_manifest(engines_dir)
@@ -189,7 +189,7 @@ class DiffusersSubject(Subject):
     def __init__(
         self, model_dir: Path, clock: StageClock, memory: MemoryProbe, device: str, max_sequence_length: int
     ) -> None:
-        from sd35trt.reference import load_diffusers, pipeline_dtype, pipeline_label
+        from sd35trt.models.reference import load_diffusers, pipeline_dtype, pipeline_label
 
         self.pipe = load_diffusers(model_dir, device)
         clock.set_device(device)

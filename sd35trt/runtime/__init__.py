@@ -1,1 +1,1 @@
-"""The thin runtime: engine backends behind one interface, and the SD3.5 denoising loop."""
+"""The thin runtime: requests, the SD3.5 denoising loop over engines, scheduler, tokenizers, PNGs."""

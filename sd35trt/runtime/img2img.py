@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ModelDims
-from sd35trt.runtime.engine import Engine
 from sd35trt.runtime.request import GenerationParams, img2img_steps
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 

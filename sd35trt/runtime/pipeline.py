@@ -23,8 +23,8 @@ the same image as diffusers with the same weights:
 
 Every stage's output is checked for NaN and inf; a failure names the stage and no image is
 returned. The steps themselves are in :mod:`sd35trt.runtime.steps`. This module imports no
-diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.runtime.engines` (or
-:mod:`sd35trt.runtime.torch_engine` for PyTorch).
+diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_manifest` (or
+:mod:`sd35trt.backends.pytorch` for PyTorch).
 """
 
 from __future__ import annotations
@@ -293,8 +293,8 @@ class Sd35Runtime:
             BackendUnavailableError: a CUDA device was asked for and there is none.
             EngineLoadError: an engine matches its record but its backend cannot load it (named).
         """
-        from sd35trt.runtime.backends import backend_of
-        from sd35trt.runtime.engines import open_engines, verify_engines
+        from sd35trt.artifacts.engine_manifest import open_engines, verify_engines
+        from sd35trt.backends.registry import backend_of
 
         # Engine files: sizes here, sha256 when each engine loads (each byte hashed once).
         manifest = verify_engines(engines_dir, hash_engines=False)

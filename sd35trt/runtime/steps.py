@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ModelDims
 from sd35trt.errors import ManifestError, NonFiniteError
-from sd35trt.runtime.engine import Engine
 from sd35trt.runtime.request import GenerationParams
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts

@@ -253,9 +253,9 @@ def write_repository(
             directory exists already without ``force``.
         ManifestError / VerificationError: the engines are missing or damaged (named).
     """
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.artifacts.manifest import verify_files
     from sd35trt.components import Component
-    from sd35trt.manifest import verify_files
-    from sd35trt.runtime.engines import read_engine_manifest
     from sd35trt.runtime.request import RequestLimits
 
     if not _NAME.fullmatch(settings.model_name):

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from sd35trt.bench.benchmark import bench
+from sd35trt.bench.eval_report import EVAL_GRID, EVAL_JSON, EVAL_TABLE, read_eval
+from sd35trt.bench.eval_report import SCHEMA as EVAL_SCHEMA
+from sd35trt.bench.evaluate import compare, evaluate
 from sd35trt.bench.report import BENCH_JSON, BENCH_PNG, STAGES, read_bench
 from sd35trt.bench.report import SCHEMA as BENCH_SCHEMA
-from sd35trt.eval_report import EVAL_GRID, EVAL_JSON, EVAL_TABLE, read_eval
-from sd35trt.eval_report import SCHEMA as EVAL_SCHEMA
-from sd35trt.evaluate import compare, evaluate
 from sd35trt.metrics import psnr, ssim
 
 pytestmark = pytest.mark.slow

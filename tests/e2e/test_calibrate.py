@@ -6,7 +6,11 @@ import shutil
 
 import pytest
 
-from sd35trt.calibrate import (
+from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
+from sd35trt.errors import CalibrationError
+from sd35trt.models.loading import MODEL_SUBDIR
+from sd35trt.models.quantize import CALIBRATION_FILE, quantizers, restore_calibration
+from sd35trt.stages.calibrate import (
     QUANT_CONFIG_FILE,
     REPORT_FILE,
     SUMMARY_FILE,
@@ -14,10 +18,6 @@ from sd35trt.calibrate import (
     prompt_set_sha256,
     read_prompts,
 )
-from sd35trt.errors import CalibrationError
-from sd35trt.manifest import RunManifest, Stage, sha256_file
-from sd35trt.model import MODEL_SUBDIR
-from sd35trt.quantize import CALIBRATION_FILE, quantizers, restore_calibration
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
 ):
     import torch
 
-    import sd35trt.calibrate as stage
+    import sd35trt.stages.calibrate as stage
 
     load = stage.load_pipeline
 

@@ -9,13 +9,20 @@ import onnx
 import pytest
 from onnx import TensorProto
 
+from sd35trt.artifacts.manifest import (
+    RunManifest,
+    Stage,
+    new_record,
+    record_digest,
+    records_for_tree,
+    sha256_file,
+)
+from sd35trt.artifacts.records import TensorSignature, ValidationStatus
 from sd35trt.components import Component
 from sd35trt.config import Precision
 from sd35trt.errors import ExportError, StaleArtifactError
-from sd35trt.export import REPORT_FILE, UNQUANTIZED_STEM, export
-from sd35trt.manifest import RunManifest, Stage, new_record, record_digest, records_for_tree, sha256_file
-from sd35trt.quantize import CALIBRATION_FILE
-from sd35trt.records import TensorSignature, ValidationStatus
+from sd35trt.models.quantize import CALIBRATION_FILE
+from sd35trt.stages.export import REPORT_FILE, UNQUANTIZED_STEM, export
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +138,8 @@ def test_fp8_qdq_in_the_transformer_and_not_in_excluded_layers(exported_run, tin
 def test_dynamic_shapes_match_pytorch_at_sizes_not_traced(exported_run, tiny_config):
     import torch
 
-    from sd35trt.model import load_pipeline
-    from sd35trt.modules import wrap
+    from sd35trt.models.loading import load_pipeline
+    from sd35trt.models.modules import wrap
 
     pipe = load_pipeline(tiny_config, exported_run, device="cpu", dtype=torch.float32)
     transformer = wrap(Component.TRANSFORMER, pipe.transformer, slg_layers=(1,))
@@ -178,7 +185,7 @@ def test_up_to_date_export_is_not_redone(exported_run, tiny_config):
 def test_validation_failures_are_collected_and_nothing_is_published(
     exported_run, tiny_config, copy_run, monkeypatch
 ):
-    from sd35trt.export import tracing
+    from sd35trt.stages.export import tracing
 
     run = copy_run(exported_run)
     record = RunManifest(run).get(Stage.EXPORT)

@@ -2,9 +2,9 @@
 
 The transformer graph of every shipped SD3.5 config is exported for real from a cut architecture.
 Full-size SD3.5 transformers take far too long to export on a CPU, so each shipped config's
-architecture (sd35trt/tiny.py: patch size, head dim 64, RMS qk-norm, dual-attention blocks, joint
+architecture (sd35trt/models/tiny.py: patch size, head dim 64, RMS qk-norm, dual-attention blocks, joint
 and pooled dims) is cut to two blocks, two attention heads and a small positional-embedding
-table, with random weights, and exported through :func:`sd35trt.export.export_component` in the
+table, with random weights, and exported through :func:`sd35trt.stages.export.export_component` in the
 config's own precision (BF16). At the published widths one large block alone has ~200 M
 parameters and the export holds several copies of the graph: the four configs took 11 minutes
 and 8 GB of RAM on 2 shared cores. FP8 is left out (no calibration): the input dtypes and fp32
@@ -88,9 +88,9 @@ def export_transformer(tmp_path_factory):
     The large configs (local, turbo, random) share one architecture and export settings, so they
     share one export.
     """
-    from sd35trt import tiny
-    from sd35trt.export import export_component
-    from sd35trt.model import model_dir
+    from sd35trt.models import tiny
+    from sd35trt.models.loading import model_dir
+    from sd35trt.stages.export import export_component
 
     done: dict[tuple, tuple[Path, list[str]]] = {}
 
@@ -171,9 +171,9 @@ def fp32_block_export(tiny_config, tiny_model_dir, tmp_path_factory):
     """The tiny transformer exported in BF16 with FP8 and block 0 in fp32 (out of FP8 as well)."""
     import torch
 
-    from sd35trt import quantize
-    from sd35trt.export import export_component
-    from sd35trt.tiny import build_components
+    from sd35trt.models import quantize
+    from sd35trt.models.tiny import build_components
+    from sd35trt.stages.export import export_component
 
     calibrate = tiny_config.calibrate.model_copy(update={"high_precision_blocks": (0,)})
     precision = tiny_config.export.precision.model_copy(update={"transformer": Precision.BF16})
@@ -287,7 +287,7 @@ def test_an_fp32_block_the_transformer_does_not_have_is_refused_before_anything_
     tiny_config, tiny_model_dir, tmp_path
 ):
     from sd35trt.errors import ConfigError
-    from sd35trt.export import export_component
+    from sd35trt.stages.export import export_component
 
     precision = tiny_config.export.precision.model_copy(update={"transformer": Precision.BF16})
     export = tiny_config.export.model_copy(

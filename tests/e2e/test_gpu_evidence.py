@@ -119,7 +119,7 @@ def test_the_export_stops_at_its_deadline_and_says_how_far_it_got(tiny_bf16, tmp
     data["export"]["quantize"] = False  # no calibrate step needed before it
     config = tmp_path / "tiny-plain.yaml"
     config.write_text(yaml.safe_dump(data))
-    out, deadline = tmp_path / "out", 1.0
+    out, deadline = tmp_path / "out", 0.2
     done = evidence(
         "--configs", str(config), *SMALL, "--out", str(out), "--work-dir", str(tmp_path / "work"),
         "--steps", "export", "--export-deadline-s", str(deadline), "--launch", "fork",

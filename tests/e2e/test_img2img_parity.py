@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import RequestError
 from sd35trt.run import run
-from sd35trt.runtime.ort import OrtEngine
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
 

@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 
-from sd35trt.runtime.engines import read_engine_manifest
+from sd35trt.artifacts.engine_manifest import read_engine_manifest
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 
 

@@ -14,12 +14,12 @@ import json
 import numpy as np
 import pytest
 
+from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
 from sd35trt.config import Backend
 from sd35trt.errors import StaleArtifactError
-from sd35trt.manifest import RunManifest, Stage, sha256_file
 from sd35trt.metrics import psnr
-from sd35trt.model import stage_digest, weights_identity
-from sd35trt.reference import reference_images
+from sd35trt.models.loading import stage_digest, weights_identity
+from sd35trt.models.reference import reference_images
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
 
@@ -60,8 +60,8 @@ def _lora_config(tiny_config, quantize: bool, scale: float = SCALE):
 @pytest.fixture(scope="module")
 def lora_run(hub, tiny_config, tmp_path_factory):
     """Non-quantized engines with the LoRA fused."""
-    from sd35trt.build import build
-    from sd35trt.export import export
+    from sd35trt.stages.build import build
+    from sd35trt.stages.export import export
 
     run_dir = tmp_path_factory.mktemp("lora-fp32") / "tiny-lora"
     config = _lora_config(tiny_config, quantize=False)
@@ -73,9 +73,9 @@ def lora_run(hub, tiny_config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_fp8_run(hub, tiny_config, tmp_path_factory):
     """FP8 engines calibrated with the LoRA fused."""
-    from sd35trt.build import build
-    from sd35trt.calibrate import calibrate
-    from sd35trt.export import export
+    from sd35trt.stages.build import build
+    from sd35trt.stages.calibrate import calibrate
+    from sd35trt.stages.export import export
 
     run_dir = tmp_path_factory.mktemp("lora-fp8") / "tiny-lora"
     config = _lora_config(tiny_config, quantize=True)
@@ -157,7 +157,7 @@ def test_lora_and_revision_are_recorded_everywhere(lora_fp8_run, hub, tmp_path):
 def test_new_scale_or_new_lora_bytes_make_the_chain_stale(
     lora_run, hub, tiny_config, tiny_model_dir, hf_repo_writer, lora_maker, tmp_path
 ):
-    from sd35trt.build import build
+    from sd35trt.stages.build import build
 
     rescaled = _lora_config(tiny_config, quantize=False, scale=0.5)
     with pytest.raises(StaleArtifactError, match=r"export output .* is stale"):

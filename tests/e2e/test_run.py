@@ -16,13 +16,13 @@ import sys
 import numpy as np
 import pytest
 
+from sd35trt.artifacts.engine_manifest import verify_engines
+from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import NonFiniteError, RequestError
 from sd35trt.metrics import psnr
-from sd35trt.reference import reference_images
+from sd35trt.models.reference import reference_images
 from sd35trt.run import run
-from sd35trt.runtime.engines import verify_engines
-from sd35trt.runtime.ort import OrtEngine
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
 
@@ -71,7 +71,7 @@ def test_onnxruntime_engines_match_diffusers(runtime, pipe, tiny_config, height,
 def test_pytorch_backend_matches_diffusers_to_float_rounding(
     pipe, tiny_config, unquantized_run, guidance, num_images
 ):
-    from sd35trt.runtime.torch_engine import torch_runtime
+    from sd35trt.backends.pytorch import torch_runtime
 
     rt = torch_runtime(unquantized_run / "model", tiny_config, pipe=pipe, device="cpu")
     decoded = []

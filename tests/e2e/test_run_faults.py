@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
+from sd35trt.artifacts.manifest import atomic_write_json, file_record
+from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import EngineLoadError, RequestError
-from sd35trt.manifest import atomic_write_json, file_record
 from sd35trt.run import run
-from sd35trt.runtime.engines import ENGINE_MANIFEST_NAME, read_engine_manifest
-from sd35trt.runtime.ort import OrtEngine
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
 

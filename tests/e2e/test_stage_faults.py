@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from sd35trt.build import build
+from sd35trt.artifacts.manifest import RunManifest, Stage, unrecorded_marker
+from sd35trt.artifacts.package import package
+from sd35trt.artifacts.records import StageRecord
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ConfigError, StaleArtifactError, UnsafeArtifactError
-from sd35trt.manifest import RunManifest, Stage, unrecorded_marker
-from sd35trt.package import package
-from sd35trt.records import StageRecord
+from sd35trt.stages.build import build
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_two_build_force_processes_on_one_run_directory(built_run, copy_run, tin
 
 _KILLED_BETWEEN_PUBLISH_AND_RECORD = """
 import os, signal, sys
-from sd35trt.manifest import RunManifest, Stage
+from sd35trt.artifacts.manifest import RunManifest, Stage
 real_put = RunManifest.put
 
 def put(self, stage, record):
@@ -76,7 +76,7 @@ def put(self, stage, record):
     real_put(self, stage, record)
 
 RunManifest.put = put
-from sd35trt.build import build
+from sd35trt.stages.build import build
 from sd35trt.config import Backend, load_config
 build(load_config(sys.argv[1]), sys.argv[2], Backend.ONNXRUNTIME, force=True)
 """
@@ -131,8 +131,8 @@ def test_leftovers_are_cleaned_when_the_stage_finds_itself_up_to_date(
 ):
     """faults.md 4: leftovers of a killed run stayed when the next run found the stage up to date;
     now every run of the stage removes them first, whatever it then decides."""
-    from sd35trt.calibrate import calibrate
-    from sd35trt.export import export
+    from sd35trt.stages.calibrate import calibrate
+    from sd35trt.stages.export import export
 
     run_dir = copy_run(built_run)
     made = _leftovers(run_dir, stage.directory)
@@ -170,7 +170,7 @@ def test_config_beyond_the_positional_embedding_is_refused_before_calibration(ti
     before it loads the pipeline, and nothing is written but the model it read the dims from."""
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"build\.height\.max = 1024 exceeds what the positional embedding"):
-        from sd35trt.calibrate import calibrate
+        from sd35trt.stages.calibrate import calibrate
 
         calibrate(_too_tall(tiny_config), run_dir)
     assert not (run_dir / "calibrate").exists() and RunManifest(run_dir).get(Stage.CALIBRATE) is None
@@ -178,7 +178,7 @@ def test_config_beyond_the_positional_embedding_is_refused_before_calibration(ti
 
 @pytest.mark.parametrize("stage", [Stage.EXPORT, Stage.BUILD])
 def test_later_stages_refuse_it_too_before_doing_anything(built_run, copy_run, tiny_config, stage):
-    from sd35trt.export import export
+    from sd35trt.stages.export import export
 
     run_dir = copy_run(built_run)
     records = RunManifest(run_dir).load()

@@ -11,13 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from sd35trt.build import build
 from sd35trt.config import Backend
 from sd35trt.errors import NonFiniteError
 from sd35trt.metrics import psnr
 from sd35trt.run import run
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import png_bytes
+from sd35trt.stages.build import build
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
@@ -70,7 +70,7 @@ def test_cuda_graphs_and_low_vram_give_the_same_bytes(engines):
 
 
 def test_nan_from_a_tensorrt_engine_is_named(engines, tmp_path, monkeypatch):
-    from sd35trt.runtime.trt import TrtEngine
+    from sd35trt.backends.tensorrt import TrtEngine
 
     real = TrtEngine.infer
 

@@ -7,13 +7,13 @@ import pytest
 from record_fakes import export_details
 from typer.testing import CliRunner
 
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record
 from sd35trt.cli import app
-from sd35trt.manifest import RunManifest, Stage, new_record
 
 
 def test_cli_import_leaves_heavy_modules_out():
     code = (
-        "import sys, sd35trt.cli, sd35trt.config, sd35trt.manifest, sd35trt.components;"
+        "import sys, sd35trt.cli, sd35trt.config, sd35trt.artifacts.manifest, sd35trt.components;"
         "print(sorted(m for m in ('tensorrt', 'modelopt', 'torch', 'onnx', 'diffusers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -98,11 +98,11 @@ class _Output:
     ],
 )
 def test_run_options_are_diffusers_names_with_short_aliases(monkeypatch, tmp_path, argv, steps, guidance):
-    import sd35trt.package
+    import sd35trt.artifacts.package
     import sd35trt.run
 
     seen = {}
-    monkeypatch.setattr(sd35trt.package, "engines_dir_of", lambda path: path)
+    monkeypatch.setattr(sd35trt.artifacts.package, "engines_dir_of", lambda path: path)
     monkeypatch.setattr(sd35trt.run, "run", lambda *args, **kwargs: seen.update(kwargs) or _Output())
     result = CliRunner().invoke(app, ["run", "a cat", "--engines", str(tmp_path), *argv])
     assert result.exit_code == 0, result.output

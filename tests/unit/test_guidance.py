@@ -5,7 +5,7 @@ import pytest
 from sd35trt.components import Component
 from sd35trt.config import Architecture, SkipLayerGuidance
 from sd35trt.guidance import applied_skip_layer_guidance, cfg_enabled
-from sd35trt.tiny import model_dims
+from sd35trt.models.tiny import model_dims
 
 SLG = SkipLayerGuidance(layers=(1,))
 
@@ -24,7 +24,7 @@ def test_no_skip_layer_guidance_stays_none():
 
 @pytest.mark.parametrize(("guidance_scale", "opt_batch"), [(0.0, 1), (1.0, 1), (3.5, 2)])
 def test_build_profile_doubles_the_optimal_batch_only_under_cfg(tiny_config, guidance_scale, opt_batch):
-    from sd35trt.build import engine_profile
+    from sd35trt.stages.build import engine_profile
 
     cfg = tiny_config.model_copy(
         update={"runtime": tiny_config.runtime.model_copy(update={"guidance_scale": guidance_scale})}

@@ -4,7 +4,7 @@ Imports are read with ``ast`` from the source, function-level ones included (a c
 closes at call time is still a cycle in the design). Two kinds of import are not edges: those under
 ``if TYPE_CHECKING:`` (they never run; with postponed annotations they only name a type), and the
 implicit import of a module's parent package (a package ``__init__`` that re-exports its
-submodules, like ``sd35trt.export`` and ``sd35trt.serve``, is a facade, not their dependency).
+submodules, like ``sd35trt.stages.export`` and ``sd35trt.serve``, is a facade, not their dependency).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_finder_sees_function_level_and_relative_cycles():
 def test_the_graph_holds_function_level_imports_and_skips_type_checking_ones():
     graph = import_graph()
     # cli imports every stage inside its commands only
-    assert {"sd35trt.calibrate", "sd35trt.build", "sd35trt.run"} <= graph["sd35trt.cli"]
+    assert {"sd35trt.stages.calibrate", "sd35trt.stages.build", "sd35trt.run"} <= graph["sd35trt.cli"]
     tree = ast.parse(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
         "def f():\n    import c\n"

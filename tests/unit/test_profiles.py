@@ -2,11 +2,11 @@
 
 import pytest
 
-from sd35trt.build import check_inputs_match, engine_profile
+from sd35trt.backends.tensorrt_build import add_profile
 from sd35trt.components import Component, ModelDims, ShapeRange
 from sd35trt.config import Config, config_from_dict
 from sd35trt.errors import BuildError, ConfigError
-from sd35trt.runtime.trt_build import add_profile
+from sd35trt.stages.build import check_inputs_match, engine_profile
 
 # SD3.5-medium as published (pos_embed_max_size 384 covers up to 384 * 2 * 8 = 6144 px).
 MEDIUM = ModelDims(

@@ -1,0 +1,1 @@
+"""What stages write and read back: run manifest, typed records, engine manifest, locks, packaging."""

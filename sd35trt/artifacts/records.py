@@ -1,0 +1,388 @@
+"""The typed records of ``runs/<name>/manifest.json``: one pydantic model per stage record.
+
+A record has the fields every stage shares (:class:`StageRecord`: stage, created, config digest,
+upstream record digests, tool versions, files) and a ``details`` model of its own stage
+(:class:`CalibrateDetails`, :class:`ExportDetails`, :class:`BuildDetails`). Writers construct
+these models; readers use their attributes; :mod:`sd35trt.artifacts.manifest` reads, validates, writes and
+verifies them.
+
+The JSON layout is manifest format 1 as earlier versions wrote it, key for key: a record read
+from disk dumps back to the same JSON, so its digest (which downstream records name it by) is
+unchanged. ``tests/unit/test_records.py`` checks that on a manifest written by such a version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+
+from sd35trt.components import Component, ModelDims
+from sd35trt.config import Backend, Precision, sha256_json
+from sd35trt.models.quantize import QuantizerKind
+
+
+class Stage(str, Enum):
+    """Pipeline stages that write artefacts, in order; the value is also the CLI verb."""
+
+    CALIBRATE = "calibrate"
+    EXPORT = "export"
+    BUILD = "build"
+
+    @property
+    def directory(self) -> str:
+        """Sub-directory of the run directory the stage writes."""
+        return {Stage.CALIBRATE: "calibrate", Stage.EXPORT: "onnx", Stage.BUILD: "engines"}[self]
+
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        """Config sections whose change makes this stage's output stale."""
+        return {
+            # Calibration encodes prompts as the runtime does: its negative prompt and T5 length.
+            Stage.CALIBRATE: ("model", "calibrate", "runtime.negative_prompt", "runtime.max_sequence_length"),
+            # The transformer graph's skip-layer input and text length come from the runtime section.
+            Stage.EXPORT: (
+                "model",
+                "export",
+                "runtime.max_sequence_length",
+                "runtime.skip_layer_guidance.layers",
+            ),
+            Stage.BUILD: ("build", "runtime"),
+        }[self]
+
+    @property
+    def upstream(self) -> Stage | None:
+        return {Stage.CALIBRATE: None, Stage.EXPORT: Stage.CALIBRATE, Stage.BUILD: Stage.EXPORT}[self]
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file a stage wrote (validated as a field of the records that hold it).
+
+    Attributes:
+        path: POSIX path relative to the directory the record is anchored at (the run directory,
+            or the engines directory in the engine manifest).
+        size: bytes.
+        sha256: hex digest of the whole file.
+    """
+
+    path: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FileRecord:
+        return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
+
+
+class RecordModel(BaseModel):
+    """Base of the manifest's models: unknown keys refused, immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> dict:
+        """The model as JSON-ready data, with the manifest's key names."""
+        return self.model_dump(mode="json")
+
+
+# -- the weights -------------------------------------------------------------------------------
+
+
+class HubRevision(RecordModel):
+    """A Hugging Face repo at the commit a revision resolved to (:mod:`sd35trt.models.hub`)."""
+
+    repo_id: str
+    revision: str
+    commit: str
+
+
+class LoraInput(RecordModel):
+    """A LoRA fused into the weights (:mod:`sd35trt.models.lora`)."""
+
+    #: as configured (a file, a directory or a repo id).
+    path: str
+    #: the ``.safetensors`` file's name.
+    file: str
+    sha256: str
+    scale: float
+    hub: HubRevision | None = None
+
+
+class ModelInput(RecordModel):
+    """The weights a stage was made from (:meth:`sd35trt.models.loading.ResolvedModel.provenance`)."""
+
+    directory: str
+    hub: HubRevision | None = None
+    loras: tuple[LoraInput, ...] = ()
+
+
+class WeightsDetails(RecordModel):
+    """Details of a stage that loads the weights: calibrate and export.
+
+    ``model`` is ``None`` in records written before it was recorded; the key is then left out of
+    the JSON, so those records keep their digests.
+    """
+
+    #: the model (Hub commit) and the LoRAs fused into the weights.
+    model: ModelInput | None = None
+
+    @model_serializer(mode="wrap")
+    def _model_only_where_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.model is None:
+            data.pop("model", None)
+        return data
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+
+class QuantizerCounts(RecordModel):
+    """Quantizers of the calibrated transformer by kind (:class:`~sd35trt.models.quantize.QuantSummary`)."""
+
+    enabled: dict[QuantizerKind, int]
+    disabled: dict[QuantizerKind, int]
+    #: Linear layers kept out of FP8 (module names).
+    high_precision_linears: tuple[str, ...]
+
+
+class CalibrationQuality(RecordModel):
+    """The held-out quality report's totals (``calibrate/calibration_report.json`` has the rest)."""
+
+    steps: int
+    metric: str
+    #: mean relative error ``||fp8 - ref|| / ||ref||`` of the transformer output over all steps.
+    overall_mean_error: float
+    #: mean PSNR (dB) of the final images; ``None`` when every image is identical (infinite PSNR).
+    mean_psnr_db: float | None
+    mean_ssim: float
+
+
+class CalibrateDetails(WeightsDetails):
+    """What ``sd35trt calibrate`` calibrated on and measured (:mod:`sd35trt.stages.calibrate`)."""
+
+    #: the amax file, relative to the run directory (``calibrate/amax.safetensors``).
+    calibration_file: str
+    prompts_file: str
+    #: sha256 of the calibration prompts, one per line (:func:`sd35trt.stages.calibrate.prompt_set_sha256`).
+    prompt_set_sha256: str
+    num_prompts: int
+    heldout_prompt_set_sha256: str
+    #: one seed per calibration batch, and per held-out batch.
+    seeds: tuple[int, ...]
+    report_seeds: tuple[int, ...]
+    steps: int
+    report_steps: int
+    guidance_scale: float
+    negative_prompt: str
+    #: T5 token limit the prompts were encoded with.
+    max_sequence_length: int
+    batch_size: int
+    #: image size in pixels.
+    height: int
+    width: int
+    device: str
+    #: torch dtype name, e.g. ``float32``.
+    dtype: str
+    summary: QuantizerCounts
+    report: CalibrationQuality
+    elapsed_s: float
+    peak_memory_bytes: int
+    #: what ``peak_memory_bytes`` measures (``cuda max_memory_allocated`` or ``process peak RSS``).
+    peak_memory_kind: str
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+class ValidationStatus(str, Enum):
+    """Outcome of an exported graph's numerical check against PyTorch."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # no ONNX Runtime provider runs this precision here
+
+
+class TensorSignature(RecordModel):
+    """An ONNX graph input or output: element type name and shape (ints, or axis names if dynamic)."""
+
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+#: Keys only the transformer's entry has (its unquantized twin and FP8 weight folding).
+_TRANSFORMER_KEYS = ("onnx_unquantized", "onnx_unquantized_external_data", "fp8_weights")
+
+
+class ExportedComponent(RecordModel):
+    """One component's exported ONNX graph. Paths are relative to the run directory.
+
+    ``fp8_weights`` is ``None`` for every component but the transformer, whose entry alone has
+    the ``onnx_unquantized*`` and ``fp8_weights`` keys on disk; so is ``fp32_blocks`` (also for
+    a transformer exported before fp32 blocks were recorded). Keys that are ``None`` for those
+    reasons are left out of the JSON, as the writers of format 1 did.
+    """
+
+    onnx: str
+    #: the external-data file the graph reads (graphs over 2 GB), else ``None``.
+    external_data: str | None
+    precision: Precision
+    #: the graph carries FP8 Q/DQ nodes.
+    quantized: bool
+    inputs: dict[str, TensorSignature]
+    outputs: dict[str, TensorSignature]
+    validation: ValidationStatus
+    #: the transformer without Q/DQ (the build's fallback on GPUs without FP8), if exported.
+    onnx_unquantized: str | None = None
+    onnx_unquantized_external_data: str | None = None
+    #: the FP8 weights were folded into FP8 initializers (then there is no unquantized graph).
+    fp8_weights: bool | None = None
+    #: transformer blocks exported in float32 (``export.fp32_blocks``).
+    fp32_blocks: tuple[int, ...] | None = None
+
+    @model_serializer(mode="wrap")
+    def _transformer_keys_only_where_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.fp8_weights is None:
+            for key in _TRANSFORMER_KEYS:
+                data.pop(key, None)
+        if self.fp32_blocks is None:
+            data.pop("fp32_blocks", None)
+        return data
+
+
+class CalibrationInput(RecordModel):
+    """The calibration an FP8 export restored: the calibrate record's digest and the amax file."""
+
+    record: str
+    #: relative to the run directory.
+    file: str
+    sha256: str
+
+
+class ExportDetails(WeightsDetails):
+    """What ``sd35trt export`` wrote (:mod:`sd35trt.stages.export.stage`); ``build`` reads it."""
+
+    #: the diffusers model directory (the build copies its tokenizers and scheduler config).
+    model_dir: Path
+    dims: ModelDims
+    opset: int
+    #: transformer blocks the skip-layer-guidance input can skip.
+    skip_layers: tuple[int, ...]
+    max_sequence_length: int
+    #: ``onnx/export_report.json``, relative to the run directory.
+    report: str
+    calibration: CalibrationInput | None
+    components: dict[Component, ExportedComponent]
+
+
+# -- build --------------------------------------------------------------------------------------
+
+
+class BuiltEngine(RecordModel):
+    """One built engine; ``engines/manifest.json`` has everything else about it."""
+
+    #: relative to the run directory.
+    engine: str
+    precision: Precision
+    fp8: bool
+    build_seconds: float
+
+
+class BuildMachine(RecordModel):
+    """The TensorRT version and GPU engines were built for (all ``None`` for ONNX Runtime)."""
+
+    tensorrt_version: str | None
+    gpu_name: str | None
+    compute_capability: tuple[int, int] | None
+
+
+class BuildDetails(RecordModel):
+    """What ``sd35trt build`` built (:mod:`sd35trt.stages.build`)."""
+
+    backend: Backend
+    #: why ``auto`` chose this backend, or that it was asked for.
+    backend_reason: str
+    #: ``engines/manifest.json``, relative to the run directory.
+    engines_manifest: str
+    components: dict[Component, BuiltEngine]
+    machine: BuildMachine
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+class StageRecord(RecordModel):
+    """What every stage records: its files, the config digest and the upstream records it used.
+
+    Attributes:
+        stage: the stage that wrote the record.
+        created: ISO 8601 UTC time, seconds.
+        config_digest: sha256 of the config sections of ``stage.config_sections``.
+        upstream: the digest (:meth:`digest`) of each upstream record the stage read.
+        versions: installed versions of the tools the outputs depend on.
+        files: every file the stage wrote, relative to the run directory.
+    """
+
+    stage: Stage
+    created: str
+    config_digest: str
+    upstream: dict[Stage, str]
+    versions: dict[str, str]
+    files: tuple[FileRecord, ...]
+
+    def digest(self) -> str:
+        """sha256 of the record's JSON: downstream records name their inputs by it."""
+        return sha256_json(self.to_json())
+
+
+class CalibrateRecord(StageRecord):
+    stage: Literal[Stage.CALIBRATE] = Stage.CALIBRATE
+    details: CalibrateDetails
+
+
+class ExportRecord(StageRecord):
+    stage: Literal[Stage.EXPORT] = Stage.EXPORT
+    details: ExportDetails
+
+
+class BuildRecord(StageRecord):
+    stage: Literal[Stage.BUILD] = Stage.BUILD
+    details: BuildDetails
+
+
+#: The record model of each stage.
+RECORD_TYPES: dict[Stage, type[StageRecord]] = {
+    Stage.CALIBRATE: CalibrateRecord,
+    Stage.EXPORT: ExportRecord,
+    Stage.BUILD: BuildRecord,
+}
+
+
+class StageRecords(RecordModel):
+    """The ``records`` object of the manifest file: at most one record per stage, keyed by stage.
+
+    Only the schema of the file; :class:`sd35trt.artifacts.manifest.RunManifest` hands out the records as
+    ``{Stage: record}`` (see :meth:`by_stage`).
+    """
+
+    calibrate: CalibrateRecord | None = None
+    export: ExportRecord | None = None
+    build: BuildRecord | None = None
+
+    def by_stage(self) -> dict[Stage, StageRecord]:
+        present = {Stage.CALIBRATE: self.calibrate, Stage.EXPORT: self.export, Stage.BUILD: self.build}
+        return {stage: rec for stage, rec in present.items() if rec is not None}
+
+
+class ManifestFile(RecordModel):
+    """``runs/<name>/manifest.json``: the format version and the records."""
+
+    format: int
+    records: StageRecords

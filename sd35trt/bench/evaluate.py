@@ -1,0 +1,263 @@
+"""``sd35trt eval``: image quality of engines against the non-quantized diffusers pipeline.
+
+Over held-out prompts (never used for calibration), each with a fixed seed (``seed + index``),
+the engines and the diffusers pipeline generate with the engines' runtime defaults; each engine
+image is compared with its reference by PSNR and SSIM (:mod:`sd35trt.metrics`) and, when the
+``lpips`` package and its network weights are on this machine, LPIPS. Nothing is downloaded:
+without them LPIPS is skipped and the result says so.
+
+Writes ``eval.json`` (per prompt and aggregated; schema in :mod:`sd35trt.bench.eval_report`), ``eval.md``
+(the table), ``eval_grid.png`` (reference, engine image and their amplified difference per
+prompt) and the images themselves. The reference side runs through :mod:`sd35trt.models.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+from sd35trt.artifacts.manifest import now_utc
+from sd35trt.bench.eval_report import (
+    EVAL_GRID,
+    EVAL_JSON,
+    EVAL_TABLE,
+    Aggregate,
+    EvalDevices,
+    EvalEngines,
+    EvalFiles,
+    EvalParams,
+    EvalReference,
+    EvalReport,
+    LpipsStatus,
+    PromptScore,
+    format_eval,
+)
+from sd35trt.bench.reports import write_report
+from sd35trt.errors import ConfigError
+
+DEFAULT_PROMPTS = Path("calibration_prompts/heldout.txt")
+LPIPS_SKIPPED = "LPIPS skipped: weights not available offline"
+#: torchvision's AlexNet weights, the backbone of LPIPS(net="alex") (lpips ships only its linear layers).
+_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts of a file: one per line, ``#`` comments and blank lines skipped.
+
+    Raises:
+        ConfigError: the file is missing or holds no prompt, or ``limit`` < 1.
+    """
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompts file {path} does not exist") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts file {path} holds no prompt (one per line; # starts a comment)")
+    return prompts[:limit] if limit is not None else prompts
+
+
+def lpips_status() -> LpipsStatus:
+    """Whether LPIPS can run offline: the ``lpips`` package and the AlexNet weights in torch's hub cache."""
+    if importlib.util.find_spec("lpips") is None:
+        return LpipsStatus(available=False, reason=f"{LPIPS_SKIPPED} (the lpips package is not installed)")
+    import torch
+
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
+    if not weights.is_file():
+        return LpipsStatus(available=False, reason=f"{LPIPS_SKIPPED} ({weights} is missing)")
+    return LpipsStatus(available=True, reason=None)
+
+
+class _Lpips:
+    """LPIPS (AlexNet), loaded only from local files."""
+
+    def __init__(self) -> None:
+        import lpips
+
+        self.model = lpips.LPIPS(net="alex", verbose=False).eval()
+
+    def __call__(self, a, b) -> float:
+        import torch
+
+        def t(x):
+            return torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W] in [-1, 1]
+
+        with torch.inference_mode():
+            return float(self.model(t(a), t(b)).item())
+
+
+def as_uint8(image: Any):
+    """A PIL image, a uint8 ``[H, W, 3]`` array or a float one in [0, 1], as uint8 ``[H, W, 3]``."""
+    import numpy as np
+
+    from sd35trt.metrics import to_uint8
+
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if hasattr(image, "detach"):  # torch [3, H, W] or [H, W, 3] in [0, 1]
+        image = image.detach().cpu().float().numpy()
+        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+            image = image.transpose(1, 2, 0)
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return array
+    return to_uint8(array.astype(np.float32))
+
+
+def compare(reference, image, lpips_fn=None) -> dict:
+    """PSNR (``None`` = identical, infinite), SSIM and optional LPIPS of ``image`` against ``reference``."""
+    from sd35trt.metrics import psnr, ssim
+
+    a, b = as_uint8(reference), as_uint8(image)
+    p = psnr(a, b)
+    return {
+        "psnr_db": None if math.isinf(p) else p,
+        "ssim": ssim(a, b),
+        "lpips": lpips_fn(a, b) if lpips_fn is not None else None,
+    }
+
+
+def evaluate(
+    engines_dir: str | Path,
+    reference_dir: str | Path,
+    prompts_file: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    num_prompts: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    plot: bool = True,
+) -> EvalReport:
+    """Compare the engines' images with the diffusers pipeline's over held-out prompts.
+
+    Args:
+        engines_dir: a build's ``engines/`` directory.
+        reference_dir: the diffusers directory the engines were made from (non-quantized).
+        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``).
+        out_dir: where to write; default ``<engines dir>/../eval``.
+        num_prompts: the first this many prompts of the file.
+        seed: prompt ``i`` uses seed ``seed + i`` on both sides.
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
+            CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
+        plot: also write the grid PNG.
+
+    Returns:
+        The ``eval.json`` content.
+
+    Raises:
+        ConfigError: no prompts, or a bad count.
+        ManifestError, VerificationError, IncompatibleEngineError: unusable engines.
+        ModelError: unusable reference directory.
+    """
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.bench.subjects import engines_label
+    from sd35trt.config import RuntimeSettings
+    from sd35trt.guidance import applied_skip_layer_guidance
+    from sd35trt.models.loading import default_device
+    from sd35trt.models.reference import (
+        check_reference_dir,
+        load_diffusers,
+        pipeline_dtype,
+        pipeline_label,
+        reference_images,
+    )
+    from sd35trt.runtime.pipeline import Sd35Runtime
+    from sd35trt.runtime.request import GenerationRequest
+
+    engines_dir, reference_dir = Path(engines_dir), Path(reference_dir)
+    prompts_file = Path(prompts_file) if prompts_file is not None else DEFAULT_PROMPTS
+    out = Path(out_dir) if out_dir is not None else engines_dir.parent / "eval"
+    prompts = load_prompts(prompts_file, num_prompts)
+    check_reference_dir(reference_dir)
+
+    manifest = read_engine_manifest(engines_dir)
+    rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
+    status = lpips_status()
+    lpips_fn = _Lpips() if status.available else None
+
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [seed + i for i in range(len(prompts))]
+
+    runtime = Sd35Runtime.load(engines_dir, device=device)
+    engines_device = str(runtime.device)
+    engine_images, warnings = [], []
+    try:
+        for prompt, s in zip(prompts, seeds, strict=True):
+            result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
+            engine_images.append(result.images[0])
+            warnings.extend(f"prompt {len(engine_images) - 1}: {w}" for w in result.warnings)
+    finally:
+        runtime.close()
+
+    import torch
+
+    # FP32 on any device: the error measured is the engines', not a BF16 reference's.
+    pipe = load_diffusers(reference_dir, device or default_device(), torch.float32)
+    reference = [reference_images(pipe, rt, [p], seed=s)[0] for p, s in zip(prompts, seeds, strict=True)]
+    reference_info = EvalReference(
+        dir=str(reference_dir), label=pipeline_label(pipe), dtype=pipeline_dtype(pipe)
+    )
+    pipe_device = pipe.device
+    del pipe
+
+    from PIL import Image
+
+    rows = []
+    for i, (prompt, s, ref, eng) in enumerate(zip(prompts, seeds, reference, engine_images, strict=True)):
+        ref_u8, eng_u8 = as_uint8(ref), as_uint8(eng)
+        ref_name, eng_name = f"images/{i:02d}_reference.png", f"images/{i:02d}_engines.png"
+        Image.fromarray(ref_u8).save(out / ref_name)
+        Image.fromarray(eng_u8).save(out / eng_name)
+        rows.append(
+            PromptScore(
+                index=i,
+                prompt=prompt,
+                seed=s,
+                **compare(ref_u8, eng_u8, lpips_fn),
+                reference_image=ref_name,
+                engine_image=eng_name,
+            )
+        )
+
+    report = EvalReport(
+        created=now_utc(),
+        device=EvalDevices(engines=engines_device, reference=str(pipe_device)),
+        engines=EvalEngines(
+            dir=str(engines_dir), label=engines_label(manifest), backend=manifest.backend.value
+        ),
+        reference=reference_info,
+        prompts_file=str(prompts_file),
+        params=EvalParams(
+            num_inference_steps=rt.num_inference_steps,
+            guidance_scale=rt.guidance_scale,
+            height=rt.height,
+            width=rt.width,
+            negative_prompt=rt.negative_prompt,
+            max_sequence_length=rt.max_sequence_length,
+            skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
+            seeds=f"{seed} + prompt index",
+        ),
+        per_prompt=rows,
+        aggregate=Aggregate.of(rows),
+        lpips=status,
+        warnings=warnings,
+        files=EvalFiles(
+            json=str(out / EVAL_JSON),
+            table=str(out / EVAL_TABLE),
+            grid=str(out / EVAL_GRID) if plot else None,
+        ),
+    )
+    write_report(out / EVAL_JSON, report)
+    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
+    if plot:
+        from sd35trt.bench.plots import plot_eval_grid
+
+        plot_eval_grid(report, out, out / EVAL_GRID)
+    return report

@@ -1,0 +1,345 @@
+"""Locating and loading the diffusers pipeline a config names, and each component's model, safely.
+
+Only safetensors weights are loaded: pickle files (``.bin``, ``.pt``, ...) can execute code and
+are refused, and every shard's header is checked against its size before anything reads it.
+
+A model is the built-in tiny pipeline, a local diffusers directory, or a Hugging Face repo id
+resolved through the local cache (:mod:`sd35trt.models.hub`); ``model.loras`` are fused into the weights
+by every loader right after loading (:func:`sd35trt.models.lora.fuse_loras`). :func:`resolve_model` says
+which bytes a run is made from (the resolved commit, each LoRA's sha256), and :func:`stage_digest`
+folds that into the calibrate and export digests, so a new commit or a changed LoRA file makes
+the chain stale just as a config change does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sd35trt.components import MODELS, Component
+from sd35trt.config import Config, LoadDtype, ModelSettings, ModelSource, sha256_json
+from sd35trt.errors import ModelError
+from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from torch import nn
+
+    from sd35trt.artifacts.manifest import Stage
+    from sd35trt.models.hub import Snapshot
+    from sd35trt.models.lora import ResolvedLora
+
+MODEL_SUBDIR = "model"
+
+
+def check_weights(model_dir: str | Path) -> list[Path]:
+    """Refuse pickle weights and truncated safetensors shards below ``model_dir``.
+
+    Returns:
+        The safetensors files found.
+
+    Raises:
+        ModelError: naming the pickle file or the damaged shard.
+    """
+    root = Path(model_dir)
+    for p in sorted(root.rglob("*")):
+        if p.suffix in PICKLE_SUFFIXES and p.is_file():
+            raise ModelError(
+                f"{p} is a pickle weight file; sd35trt loads safetensors only "
+                "(convert it, or remove it if a .safetensors copy exists)"
+            )
+    shards = sorted(root.rglob("*.safetensors"))
+    for shard in shards:
+        check_safetensors(shard)
+    return shards
+
+
+def torch_dtype(setting: LoadDtype, device: str) -> torch.dtype:
+    import torch
+
+    if setting is LoadDtype.AUTO:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {LoadDtype.FP32: torch.float32, LoadDtype.BF16: torch.bfloat16}[setting]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The weights a run is made from.
+
+    Attributes:
+        directory: the diffusers directory (a Hub snapshot folder for source ``hub``).
+        hub: the repo id, revision and commit for source ``hub``.
+        loras: the LoRA files fused into the weights, hashed.
+    """
+
+    directory: Path
+    hub: Snapshot | None = None
+    loras: tuple[ResolvedLora, ...] = ()
+
+    def identity(self) -> dict:
+        """What the weights depend on beyond the config: the resolved commit and the LoRA bytes.
+
+        Empty for a model without either, so such runs keep their plain config digests.
+        """
+        return _identity(self.hub, self.loras)
+
+    def provenance(self) -> dict:
+        """The model and LoRAs as recorded in the manifests and PNG parameters."""
+        return {
+            "directory": str(self.directory),
+            "hub": self.hub.to_json() if self.hub is not None else None,
+            "loras": [lora.to_json() for lora in self.loras],
+        }
+
+
+def stage_digest(config: Config, stage: Stage, identity: dict | None = None) -> str:
+    """The digest a stage's record carries: its config sections, plus the weights' identity.
+
+    For calibrate and export ``identity`` is :meth:`ResolvedModel.identity` (build and later
+    stages depend on the weights only through the export record).
+    """
+    base = config.digest(*stage.config_sections)
+    return sha256_json({"config": base, "weights": identity}) if identity else base
+
+
+def _identity(hub: Snapshot | None, loras: Sequence[ResolvedLora]) -> dict:
+    out: dict = {}
+    if hub is not None:
+        out["commit"] = hub.commit
+    if loras:
+        out["loras"] = [lora.identity() for lora in loras]
+    return out
+
+
+def weights_identity(config: Config) -> dict:
+    """:meth:`ResolvedModel.identity` without materializing a built-in model (what build checks).
+
+    Raises:
+        ModelError: as :func:`resolve_model`.
+    """
+    from sd35trt.models.lora import resolve_loras
+
+    snapshot = _hub_snapshot(config) if config.model.source is ModelSource.HUB else None
+    return _identity(snapshot, resolve_loras(config.model.loras, config.model.allow_download))
+
+
+def resolve_model(config: Config, run_dir: str | Path) -> ResolvedModel:
+    """Locate the model (materializing the built-in ones), resolve a repo id and hash the LoRAs.
+
+    Raises:
+        ModelError: a local directory is missing or not a diffusers pipeline; a repo id is not
+            cached and may not be downloaded (one line saying how to download it); a LoRA file
+            is missing, pickle or damaged.
+    """
+    from sd35trt.models.lora import resolve_loras
+
+    directory, snapshot = _locate(config, run_dir)
+    return ResolvedModel(directory, snapshot, resolve_loras(config.model.loras, config.model.allow_download))
+
+
+def model_dir(config: Config, run_dir: str | Path) -> Path:
+    """The diffusers directory for ``config``, materializing the built-in ones under the run dir.
+
+    - ``tiny``: the built-in pipeline, written to ``<run_dir>/model`` on first use.
+    - ``local``: ``model.path`` as given.
+    - ``hub``: the snapshot folder of the repo in the Hugging Face cache (see :mod:`sd35trt.models.hub`).
+    - ``random``: configs, tokenizers and scheduler only (weights are drawn at load time).
+
+    Raises:
+        ModelError: a local directory is missing or not a diffusers pipeline, or a repo id cannot
+            be resolved.
+    """
+    return _locate(config, run_dir)[0]
+
+
+def _hub_snapshot(config: Config) -> Snapshot:
+    from sd35trt.models import hub
+
+    m = config.model
+    snap = hub.resolve(
+        m.path.as_posix(),
+        revision=m.revision,
+        patterns=hub.pipeline_patterns(),
+        allow_download=m.allow_download,
+        what="model.path",
+    )
+    if not (snap.path / "model_index.json").is_file():
+        raise ModelError(
+            f"model.path {snap.repo_id} (commit {snap.commit}) has no model_index.json: "
+            "it is not a diffusers pipeline repo"
+        )
+    return snap
+
+
+def _locate(config: Config, run_dir: str | Path) -> tuple[Path, Snapshot | None]:
+    m = config.model
+    if m.source is ModelSource.HUB:
+        snap = _hub_snapshot(config)
+        return snap.path, snap
+    if m.source is ModelSource.LOCAL:
+        path = Path(m.path)
+        if not (path / "model_index.json").is_file():
+            hint = (
+                "; for a Hugging Face repo id use source: hub"
+                if not path.exists() and not path.is_absolute()
+                else ""
+            )
+            raise ModelError(
+                f"model.path {path} is not a diffusers pipeline directory (no model_index.json); "
+                f"point it at a local copy of an SD3.5 repository{hint}"
+            )
+        return path, None
+    path = Path(run_dir) / MODEL_SUBDIR
+    stamp = path / "sd35trt_model.json"
+    wanted = {"source": m.source.value, "architecture": m.architecture.value, "seed": m.seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return path, None
+    if m.source is ModelSource.TINY:
+        from sd35trt.models.tiny import write_tiny
+
+        write_tiny(path, m.seed)
+    else:
+        from sd35trt.models.tiny import write_architecture
+
+        write_architecture(path, m.architecture)
+    (path / "sd35trt_model.json").write_text(json.dumps(wanted))
+    return path, None
+
+
+class LoadPurpose(str, Enum):
+    """What a component model is loaded for; it picks the load options of the component table."""
+
+    RUN = "run"  # pipelines and the PyTorch backend: the library's default attention
+    TRACE = "trace"  # ONNX export: ``ComponentModel.trace_attention``
+
+
+def load_model(
+    model_dir: str | Path,
+    component: Component,
+    dtype: torch.dtype,
+    *,
+    device: str = "cpu",
+    purpose: LoadPurpose = LoadPurpose.RUN,
+    model: ModelSettings | None = None,
+    loras: Sequence[ResolvedLora] = (),
+) -> nn.Module:
+    """One component's diffusers / transformers model, the way every stage loads it.
+
+    The class, subfolder and options come from :data:`sd35trt.components.MODELS`; weights load
+    from safetensors straight in ``dtype`` (no float32 copy of a BF16 model), or are drawn from
+    ``model.seed`` when ``model.source`` is ``random``. Random weights are drawn on the CPU, so a
+    seed gives the same weights whichever device a stage runs on.
+
+    Args:
+        model_dir: the diffusers pipeline directory.
+        component: which component.
+        dtype: the weights' dtype.
+        device: where the model goes.
+        purpose: ``TRACE`` for ONNX export (eager attention in the text encoders).
+        model: the config's model section (only its ``random`` source changes anything).
+        loras: resolved ``model.loras``, fused into the transformer and the CLIP encoders right
+            after loading (:func:`sd35trt.models.lora.fuse_loras`), so every stage sees the same weights.
+
+    Returns:
+        The raw model (see :func:`sd35trt.models.modules.wrap` for its spec-shaped form), in eval mode
+        with gradients off.
+
+    Raises:
+        ModelError: pickle weights, a truncated shard, a subfolder that does not load, or a LoRA
+            that does not fit the model.
+    """
+    import importlib
+
+    from sd35trt.models.lora import fuse_loras
+
+    facts = MODELS[component]
+    if model is not None and model.source is ModelSource.RANDOM:
+        from sd35trt.models.tiny import build_components
+
+        raw = build_components(model.architecture, model.seed, "cpu", dtype, only={facts.subfolder})
+        raw = raw[facts.subfolder]
+    else:
+        sub = Path(model_dir) / facts.subfolder
+        check_weights(sub)
+        cls = getattr(importlib.import_module(facts.library.value), facts.class_name)
+        options = {"dtype": dtype, "use_safetensors": True}
+        if purpose is LoadPurpose.TRACE and facts.trace_attention is not None:
+            options["attn_implementation"] = facts.trace_attention
+        try:
+            raw = cls.from_pretrained(sub, **options)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load {component.value} from {sub}: {err}") from None
+    raw = raw.to(device).eval()
+    fuse_loras({facts.subfolder: raw}, loras)
+    raw.requires_grad_(False)
+    return raw
+
+
+def load_pipeline(
+    config: Config,
+    run_dir: str | Path,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    loras: Sequence[ResolvedLora] | None = None,
+) -> StableDiffusion3Pipeline:
+    """Load the configured pipeline on ``device`` (default: CUDA if present) in ``dtype``.
+
+    ``model.loras`` are fused into its transformer and CLIP encoders (``loras``: already
+    resolved ones, else they are resolved here).
+
+    Raises:
+        ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
+            that does not fit the model.
+    """
+    from sd35trt.models.lora import resolve_loras
+
+    device = device or default_device()
+    dtype = dtype or torch_dtype(config.calibrate.dtype, device)
+    if loras is None:
+        loras = resolve_loras(config.model.loras, config.model.allow_download)
+    return load_pipeline_dir(model_dir(config, run_dir), device, dtype, model=config.model, loras=loras)
+
+
+def load_pipeline_dir(
+    model_dir: str | Path,
+    device: str,
+    dtype: torch.dtype,
+    model: ModelSettings | None = None,
+    loras: Sequence[ResolvedLora] = (),
+) -> StableDiffusion3Pipeline:
+    """The diffusers pipeline in ``model_dir`` on ``device``, progress bars off.
+
+    The five models load through :func:`load_model` (``loras`` fused into the transformer and
+    the CLIP encoders); diffusers reads only the tokenizers and the scheduler config from the
+    directory.
+
+    Raises:
+        ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
+            that does not fit the model.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    root = Path(model_dir)
+    check_weights(root)
+    models = {
+        MODELS[c].subfolder: load_model(root, c, dtype, device=device, model=model, loras=loras)
+        for c in Component
+        if c.required  # the VAE encoder is the same AutoencoderKL as the decoder
+    }
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, **models)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,192 @@
+"""PyTorch modules with exactly the I/O contract of each component's spec.
+
+Export traces these wrappers, the PyTorch reference backend runs them, and validation compares
+the two, so the glue between a diffusers component and its graph is written once. Which wrapper
+serves which component is the component table's (:data:`sd35trt.components.MODELS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sd35trt.components import MODELS, Component
+
+
+class ClipTextEncoder(nn.Module):
+    """``input_ids [B, 77]`` -> penultimate ``hidden_states [B, 77, H]``, ``text_embeds [B, P]``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class T5TextEncoder(nn.Module):
+    """``input_ids [B, L]`` -> ``last_hidden_state [B, L, D]`` (no attention mask, as SD3 does)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids)[0]
+
+
+class Transformer(nn.Module):
+    """The MMDiT denoiser: ``(latents, text, pooled, timestep[, skip_layers]) -> noise_pred``.
+
+    ``timestep [B]`` is float32 whatever the module's dtype: diffusers computes the sinusoidal
+    timestep embedding in float32 and casts it to the model dtype itself, so a traced graph takes
+    float32 timesteps and casts inside (see :func:`sd35trt.components.spec`).
+
+    With ``slg_layers`` the graph takes a ``skip_layers [n]`` input (1.0 = skip that block) so one
+    engine serves both the normal and the skip-layer-guidance pass. A skipped block passes its
+    inputs through unchanged: ``g * inputs + (1 - g) * block(inputs)`` is exact for g in {0, 1}.
+
+    ``fp32_blocks`` run in float32 inside a 16-bit model: their weights become float32, their
+    float inputs are cast to float32 on entry and their outputs back to the incoming dtype, so a
+    traced graph has Cast nodes at the block's boundary and float32 ops inside (NVIDIA's FP8
+    recipe keeps block 35 of SD3.5 Large so). Module names are unchanged, so ModelOpt's quantizer
+    names (the calibration file's keys) still match.
+    """
+
+    def __init__(
+        self, transformer: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+    ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.slg_layers = tuple(slg_layers)
+        self.fp32_blocks = tuple(fp32_blocks)
+        blocks = transformer.transformer_blocks
+        n = len(blocks)
+        for i in self.slg_layers:
+            if not 0 <= i < n - 1:
+                # The last block is context_pre_only (returns no text stream); SD3.5 never skips it.
+                raise ValueError(f"skip-layer-guidance layer {i} is outside 0..{n - 2}")
+        for i in self.fp32_blocks:
+            if not 0 <= i < n:
+                raise ValueError(f"fp32 block {i} is outside 0..{n - 1}")
+        self._gates: dict[int, torch.Tensor] = {}
+        for i in self.slg_layers:
+            blocks[i].register_forward_hook(self._gate_hook(i), with_kwargs=True)
+        # Registered after the gate hooks, so a gated fp32 block is cast back after gating.
+        for i in self.fp32_blocks:
+            _run_in_float32(blocks[i])
+
+    def _gate_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            gate = self._gates.get(index)
+            if gate is None:
+                return output
+            enc_out, hid_out = output
+            hid_in, enc_in = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+            return gate * enc_in + (1 - gate) * enc_out, gate * hid_in + (1 - gate) * hid_out
+
+        return hook
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, C, h, w]
+        encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
+        pooled_projections: torch.Tensor,  # [B, P]
+        timestep: torch.Tensor,  # [B] float32
+        skip_layers: torch.Tensor | None = None,  # [n] in {0, 1}
+    ) -> torch.Tensor:
+        if skip_layers is not None:
+            self._gates = {layer: skip_layers[k] for k, layer in enumerate(self.slg_layers)}
+        try:
+            return self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+        finally:
+            self._gates = {}
+
+
+def _run_in_float32(block: nn.Module) -> None:
+    """Make ``block`` compute in float32 and hand its caller tensors of the caller's dtype."""
+    block.float()
+    incoming: list[torch.dtype] = []
+
+    def widen(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def enter(module, args, kwargs):
+        first = next(
+            (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()),
+            None,
+        )
+        incoming.append(first.dtype if first is not None else torch.float32)
+        return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+    def leave(module, args, output):
+        dtype = incoming.pop()
+        if isinstance(output, tuple):
+            return tuple(o.to(dtype) if isinstance(o, torch.Tensor) else o for o in output)
+        return output.to(dtype)
+
+    block.register_forward_pre_hook(enter, with_kwargs=True)
+    block.register_forward_hook(leave)
+
+
+class VaeDecoder(nn.Module):
+    """Raw latents ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1] (scaling/shift inside)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        latent = latent / self.scaling_factor + self.shift_factor
+        image = self.vae.decode(latent, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
+class VaeEncoder(nn.Module):
+    """Image ``[B, 3, H, W]`` in [0, 1] and noise ``[B, 16, H/8, W/8]`` -> transformer-space latents.
+
+    diffusers' image-to-image ``prepare_latents`` step for step: the image mapped to [-1, 1]
+    (``VaeImageProcessor.normalize``), ``vae.encode``, a sample of the posterior
+    ``mean + std * noise`` (``DiagonalGaussianDistribution.sample`` with the noise drawn from the
+    request's generator), then ``(latent - shift_factor) * scaling_factor``.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(2.0 * image - 1.0, return_dict=False)[0]
+        latent = posterior.mean + posterior.std * noise  # [B, 16, h, w]
+        return (latent - self.shift_factor) * self.scaling_factor
+
+
+def wrap(
+    component: Component, model: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+) -> nn.Module:
+    """The spec-shaped module of ``component`` around its ``model``.
+
+    ``model`` comes from :func:`sd35trt.models.loading.load_model`.
+
+    The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
+    are the transformer blocks its ``skip_layers`` input gates and ``fp32_blocks`` the blocks it
+    computes in float32 (transformer only). Wrap a model once: each wrap of the transformer adds
+    hooks to its blocks.
+    """
+    wrapper = globals()[MODELS[component].wrapper]
+    if component is Component.TRANSFORMER:
+        return wrapper(model, slg_layers, fp32_blocks).eval()
+    return wrapper(model).eval()

@@ -1,0 +1,284 @@
+"""The diffusers PyTorch pipeline: the one module that drives ``StableDiffusion3Pipeline``.
+
+It is the baseline the engines are compared with (``sd35trt reference``, bench's PyTorch
+configuration and overhead comparison, eval's reference images) and calibration's forward loop
+(prompts encoded once, then denoised from the embeddings). Every call follows the guidance rules
+of :mod:`sd35trt.guidance` and draws the initial noise from a CPU generator seeded like the
+runtime's, so both produce the same latents on any device. Nothing here is imported before a
+command needs it (diffusers and torch are imported inside the functions).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.config import Config, RuntimeSettings, SkipLayerGuidance
+from sd35trt.errors import ModelError
+from sd35trt.guidance import applied_skip_layer_guidance, cfg_enabled
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+
+def check_reference_dir(model_dir: str | Path) -> Path:
+    """Refuse a ``--reference`` that is not a diffusers pipeline directory (before any work is done).
+
+    Raises:
+        ModelError: naming the directory and what is missing.
+    """
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise ModelError(
+            f"--reference {root} is not a diffusers pipeline directory (no model_index.json); "
+            "for the tiny model it is runs/<name>/model"
+        )
+    return root
+
+
+def load_diffusers(
+    model_dir: str | Path, device: str, dtype: torch.dtype | None = None
+) -> StableDiffusion3Pipeline:
+    """The diffusers pipeline in ``model_dir`` (safetensors only) on ``device``, progress bars off.
+
+    ``dtype`` defaults to what calibration loads (BF16 on CUDA, FP32 on the CPU).
+
+    Raises:
+        ModelError: not a diffusers directory, pickle weights, a truncated shard, or not SD3.
+    """
+    from sd35trt.config import LoadDtype
+    from sd35trt.models.loading import load_pipeline_dir, torch_dtype
+
+    root = check_reference_dir(model_dir)
+    return load_pipeline_dir(root, device, dtype or torch_dtype(LoadDtype.AUTO, device))
+
+
+def dtype_label(dtype: str) -> str:
+    """``float32`` -> ``FP32``, ``bfloat16`` -> ``BF16``, ``float16`` -> ``FP16``."""
+    return {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}.get(dtype, dtype)
+
+
+def pipeline_dtype(pipe: StableDiffusion3Pipeline) -> str:
+    """The transformer's dtype without the ``torch.`` prefix (``float32``)."""
+    return str(pipe.transformer.dtype).removeprefix("torch.")
+
+
+def pipeline_label(pipe: StableDiffusion3Pipeline) -> str:
+    """``diffusers PyTorch FP32``: how reports name this baseline."""
+    return f"diffusers PyTorch {dtype_label(pipeline_dtype(pipe))}"
+
+
+def generate_images(
+    pipe: StableDiffusion3Pipeline,
+    prompts: Sequence[str],
+    *,
+    negative_prompt: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+    seed: int,
+    max_sequence_length: int,
+    skip_layer_guidance: SkipLayerGuidance | None,
+    output_type: str = "pil",
+) -> Any:
+    """Run the pipeline once over ``prompts`` (one image each), as the runtime runs a request.
+
+    Args:
+        pipe: a loaded ``StableDiffusion3Pipeline``.
+        prompts: the prompts of one batch.
+        negative_prompt: used for every prompt (under CFG only).
+        num_inference_steps: denoising steps.
+        guidance_scale: CFG scale; at most 1 turns CFG (and skip-layer guidance) off.
+        height: image height in pixels.
+        width: image width in pixels.
+        seed: seed of the CPU generator that draws the initial noise ``[B, 16, H/8, W/8]``.
+        max_sequence_length: T5 tokens per prompt.
+        skip_layer_guidance: the engines' skip-layer guidance, or ``None``.
+        output_type: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` float in [0, 1]) or ``"latent"``.
+
+    Returns:
+        The pipeline's ``images``.
+    """
+    import torch
+
+    slg = applied_skip_layer_guidance(skip_layer_guidance, guidance_scale)
+    kwargs: dict[str, Any] = {}
+    if slg is not None:
+        kwargs = {
+            "skip_guidance_layers": list(slg.layers),
+            "skip_layer_guidance_scale": slg.scale,
+            "skip_layer_guidance_start": slg.start,
+            "skip_layer_guidance_stop": slg.stop,
+        }
+    with torch.inference_mode():
+        return pipe(
+            list(prompts),
+            negative_prompt=[negative_prompt] * len(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type=output_type,
+            **kwargs,
+        ).images
+
+
+def reference_images(
+    pipe: StableDiffusion3Pipeline,
+    settings: RuntimeSettings,
+    prompts: list[str],
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    output_type: str = "pil",
+) -> Any:
+    """:func:`generate_images` with the runtime defaults ``settings`` (SLG included) for what is not given."""
+    return generate_images(
+        pipe,
+        prompts,
+        negative_prompt=settings.negative_prompt if negative_prompt is None else negative_prompt,
+        num_inference_steps=num_inference_steps or settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale if guidance_scale is None else guidance_scale,
+        height=height or settings.height,
+        width=width or settings.width,
+        seed=seed,
+        max_sequence_length=settings.max_sequence_length,
+        skip_layer_guidance=settings.skip_layer_guidance,
+        output_type=output_type,
+    )
+
+
+def generate_reference(config: Config, run_dir: Path, prompt: str, out: Path, **kwargs) -> Path:
+    """Generate one image with the PyTorch pipeline and write it as a PNG.
+
+    Args:
+        kwargs: :func:`reference_images` overrides (``num_inference_steps``, ``seed``, ...).
+
+    Returns:
+        The PNG path.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    from sd35trt.models.loading import load_pipeline
+
+    pipe = load_pipeline(config, run_dir)
+    image = reference_images(pipe, config.runtime, [prompt], **kwargs)[0]
+    meta = PngInfo()
+    meta.add_text("prompt", prompt)
+    meta.add_text("generator", "diffusers StableDiffusion3Pipeline (sd35trt reference)")
+    meta.add_text("seed", str(kwargs.get("seed", 0)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, pnginfo=meta)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration's loop: prompts encoded once, then denoised from the embeddings
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """One batch of prompts, encoded once, and the seed of its initial noise.
+
+    The negative embeddings are None when guidance is off (``guidance_scale <= 1``).
+    """
+
+    prompts: tuple[str, ...]
+    seed: int
+    prompt_embeds: torch.Tensor  # [B, 77 + max_sequence_length, joint_attention_dim]
+    pooled_prompt_embeds: torch.Tensor  # [B, pooled_projection_dim]
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+
+
+def encode_batches(
+    pipe: StableDiffusion3Pipeline,
+    prompts: Sequence[str],
+    batch_size: int,
+    seed: int,
+    guidance_scale: float,
+    device: str,
+    *,
+    negative_prompt: str,
+    max_sequence_length: int,
+) -> list[PromptBatch]:
+    """Encode ``prompts`` in batches with the pipeline's three text encoders.
+
+    Batch ``i`` gets noise seed ``seed + i``. The negative prompt and T5's length are the
+    runtime's (``config.runtime``), so the transformer is calibrated on the conditioning the
+    engines will see.
+
+    Returns:
+        The encoded batches, on the pipeline's device.
+    """
+    import torch
+
+    batches = []
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = list(prompts[start : start + batch_size])
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=chunk,
+                prompt_2=None,
+                prompt_3=None,
+                device=torch.device(device),
+                do_classifier_free_guidance=cfg_enabled(guidance_scale),
+                negative_prompt=[negative_prompt] * len(chunk),
+                max_sequence_length=max_sequence_length,
+            )
+            batches.append(PromptBatch(tuple(chunk), seed + i, embeds, pooled, negative, negative_pooled))
+    return batches
+
+
+def drop_text_encoders(pipe: StableDiffusion3Pipeline) -> None:
+    """Free the text encoders (about 11 GB for sd3.5-large in BF16) once prompts are encoded."""
+    import torch
+
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def denoise_batch(
+    pipe: StableDiffusion3Pipeline,
+    batch: PromptBatch,
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+    output_type: str,
+) -> Any:
+    """Run diffusers' SD3 denoising loop on one encoded batch, noise from a CPU generator.
+
+    Args:
+        output_type: ``"latent"`` to stop before the VAE, ``"np"`` for ``[B, H, W, 3]`` images in [0, 1].
+
+    Returns:
+        The pipeline's ``images`` for ``output_type``.
+    """
+    import torch
+
+    return pipe(
+        prompt_embeds=batch.prompt_embeds,
+        negative_prompt_embeds=batch.negative_prompt_embeds,
+        pooled_prompt_embeds=batch.pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=batch.negative_pooled_prompt_embeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        generator=torch.Generator("cpu").manual_seed(batch.seed),
+        output_type=output_type,
+    ).images

@@ -1,0 +1,306 @@
+"""``sd35trt calibrate``: FP8 post-training quantization of the MMDiT over the real SD3.5 loop.
+
+1. Read the calibration prompts and the held-out prompts (never used for calibration).
+2. Load the diffusers pipeline (safetensors only) in ``calibrate.dtype``: BF16 on a GPU, FP32 on
+   a CPU by default; ``model.loras`` are fused into it first, so the FP8 scales fit the weights
+   the engines will hold.
+3. Encode every prompt batch once, with the runtime's negative prompt and T5 length, then drop
+   the three text encoders: the denoising loop only needs the embeddings (both steps are in
+   :mod:`sd35trt.models.reference`, the one module that drives diffusers).
+4. Quantize the transformer with ModelOpt (:mod:`sd35trt.models.quantize`); its calibration forward
+   loop is diffusers' own ``StableDiffusion3Pipeline`` denoising loop (CFG, the configured
+   steps, one fixed seed per batch), so the activation ranges are those the engine will see.
+5. Measure the FP8 model against the unquantized one on the held-out prompts
+   (:mod:`sd35trt.stages.calibration_quality`).
+6. Write ``<run>/calibrate/`` through a staged directory, then add the manifest record.
+
+Memory, sd3.5-large in BF16 on one GPU (parameter counts of the published checkpoints):
+transformer 8.1 B parameters = 16.3 GB, T5-XXL encoder 4.8 B = 9.5 GB, CLIP-G 0.7 B = 1.4 GB,
+CLIP-L 0.12 B = 0.25 GB, VAE 0.08 B = 0.17 GB, so about 28 GB while prompts are encoded and
+16.5 GB once the encoders are dropped. A 1024x1024 CFG step (transformer batch 2, 4096 image +
+333 text tokens, width 2432) keeps a few hundred MB of activations alive under ``no_grad`` with
+SDPA's memory-efficient attention; ModelOpt's max calibration adds one scalar per quantizer and
+one fake-quantized weight copy at a time (at most 47 MB). The held-out report decodes 1024x1024
+images with the VAE (a few GB). The whole stage therefore stays well under 40 GB on an 80 GB GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sd35trt.artifacts.manifest import (
+    RunManifest,
+    Stage,
+    atomic_write_json,
+    is_fresh,
+    new_record,
+    records_for_tree,
+    staged_output,
+)
+from sd35trt.artifacts.records import (
+    CalibrateDetails,
+    CalibrateRecord,
+    CalibrationQuality,
+    ModelInput,
+    QuantizerCounts,
+)
+from sd35trt.artifacts.runlock import locked_stage
+from sd35trt.components import Component, ModelDims
+from sd35trt.config import CalibrateSettings, Config
+from sd35trt.errors import ConfigError
+from sd35trt.models.loading import default_device, load_pipeline, resolve_model, stage_digest, torch_dtype
+from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
+from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
+from sd35trt.stages.check import check_config
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "calibration_report.json"
+QUANT_CONFIG_FILE = "quant_config.json"
+
+
+def read_prompts(path: Path, count: int, field: str) -> list[str]:
+    """The first ``count`` prompts of ``path`` (one per line; blanks and ``#`` comments skipped).
+
+    Args:
+        path: a prompt file.
+        count: how many prompts are needed.
+        field: the config key that named the file, for error messages.
+
+    Returns:
+        ``count`` prompts, in file order.
+
+    Raises:
+        ConfigError: the file is missing or has fewer than ``count`` prompts.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"calibrate.{field}: prompt file {path} does not exist") from None
+    prompts = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+    if len(prompts) < count:
+        raise ConfigError(
+            f"calibrate.{field}: {path} has {len(prompts)} prompts, {count} are needed; "
+            "add prompts or lower the count"
+        )
+    return prompts[:count]
+
+
+def prompt_set_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompts, one per line: names the calibration set in the manifest."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def report_truncations(
+    pipe, prompts: Sequence[str], what: str, log: Callable[[str], None], max_sequence_length: int
+) -> None:
+    """Log, once per prompt and encoder, prompts cut by the pipeline's tokenizers (with an excerpt).
+
+    ``max_sequence_length`` is T5's token limit (``config.runtime``, as the engines run).
+
+    diffusers logs each truncation on every encode, with padding tokens; this is the one report.
+    """
+    from sd35trt.runtime.tokenize import PromptTokenizer
+
+    tokenizers = {
+        Component.CLIP_L: pipe.tokenizer,
+        Component.CLIP_G: pipe.tokenizer_2,
+        Component.T5: pipe.tokenizer_3,
+    }
+    for t in PromptTokenizer(tokenizers, max_sequence_length)(prompts).truncations:
+        log(
+            f"{what} prompt {t.index + 1} is {t.tokens} {t.encoder.value} tokens, over its limit of "
+            f"{t.limit}: dropped {t.excerpt}"
+        )
+
+
+def _forward_loop(
+    pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, status: Callable[[str], None]
+) -> Callable[[Any], None]:
+    def loop(_transformer) -> None:
+        for i, batch in enumerate(batches, 1):
+            status(f"calibrating: batch {i}/{len(batches)}")
+            denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
+
+    return loop
+
+
+def calibrate_transformer(
+    pipe,
+    batches: Sequence[PromptBatch],
+    settings: CalibrateSettings,
+    status: Callable[[str], None] = lambda _item: None,
+) -> QuantSummary:
+    """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
+
+    Step 4 of :func:`calibrate`, callable on its own: the pipeline needs only its transformer
+    and scheduler when the batches carry their embeddings (the text encoders may be None).
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` on the calibration device.
+        batches: encoded prompt batches, each run for ``settings.steps`` steps at
+            ``settings.height`` x ``settings.width`` with ``settings.guidance_scale``.
+        settings: the ``calibrate`` config section.
+        status: receives the batch being calibrated (``calibrating: batch 2/4``).
+
+    Returns:
+        The :class:`~sd35trt.models.quantize.QuantSummary` of the calibrated transformer.
+
+    Raises:
+        ConfigError: bad exclusions, blocks or FP8-attention head dim.
+        CalibrationError: a quantizer ended with an amax of 0, inf or NaN, or saw no data.
+    """
+    from sd35trt.models.quantize import quantize
+
+    return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status))
+
+
+def _peak_memory(device: str) -> tuple[int, str]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> CalibrateRecord | None:
+    """The existing record when it is intact and made from this config and prompt set."""
+    if not is_fresh(manifest.run_dir, Stage.CALIBRATE, digest):
+        return None
+    record = manifest.get(Stage.CALIBRATE)
+    return record if record.details.prompt_set_sha256 == prompts_sha else None
+
+
+@locked_stage(Stage.CALIBRATE)
+def calibrate(
+    config: Config,
+    run_dir: Path,
+    force: bool = False,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+    status: Callable[[str], None] = lambda _item: None,
+) -> CalibrateRecord:
+    """Calibrate the FP8 transformer of ``config``'s model and record it in ``run_dir``.
+
+    Args:
+        config: the whole config (``model`` and ``calibrate`` sections are used).
+        run_dir: the run directory; ``calibrate/`` and the manifest record are written there.
+        force: recalibrate even when the existing output is intact and up to date.
+        device: torch device (default: CUDA when present, else CPU).
+        log: where the summary, the report table, time and peak memory are printed.
+        status: receives what the stage is doing now (e.g. ``calibrating: batch 2/4``).
+
+    Returns:
+        The manifest record of the calibrate stage.
+
+    Raises:
+        ConfigError: prompt files too short, overlapping, or settings that don't fit the model.
+        ModelError: the model directory is unusable (pickle weights, truncated shards...), a repo
+            id is not cached, or a LoRA does not fit the model.
+        CalibrationError: a quantizer ended without a finite amax > 0 (nothing is written).
+    """
+    import torch
+
+    from sd35trt.models.quantize import save_calibration
+    from sd35trt.stages.calibration_quality import METRIC, quality_report
+
+    s = config.calibrate
+    run_dir = Path(run_dir)
+    prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
+    heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
+    if shared := set(prompts) & set(heldout):
+        raise ConfigError(
+            f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
+            f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
+        )
+    resolved = resolve_model(config, run_dir)
+    digest = stage_digest(config, Stage.CALIBRATE, resolved.identity())
+    prompts_sha = prompt_set_sha256(prompts)
+    manifest = RunManifest(run_dir)
+    # Refuse settings the model can't take (here or in a later stage) before anything heavy.
+    dims = ModelDims.from_model_dir(resolved.directory)
+    check_config(config, dims, Stage.CALIBRATE)
+    if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
+        log(f"calibrate: up to date in {run_dir} (force to redo)")
+        return record
+
+    cfg = quant_config(s, dims.num_layers, dims.head_dim)
+
+    start = time.perf_counter()
+    device = device or default_device()
+    dtype = torch_dtype(s.dtype, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    pipe = load_pipeline(config, run_dir, device=device, dtype=dtype, loras=resolved.loras)
+    pipe.set_progress_bar_config(disable=True)
+    text = {
+        "negative_prompt": config.runtime.negative_prompt,
+        "max_sequence_length": config.runtime.max_sequence_length,
+    }
+    report_truncations(pipe, prompts, "calibration", log, text["max_sequence_length"])
+    report_truncations(pipe, heldout, "held-out", log, text["max_sequence_length"])
+    batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
+    report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device, **text)
+    drop_text_encoders(pipe)
+
+    summary = calibrate_transformer(pipe, batches, s, status)
+    report = quality_report(
+        pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
+    )
+    elapsed = time.perf_counter() - start
+    peak, peak_kind = _peak_memory(device)
+
+    # The details are validated before anything is published.
+    details = CalibrateDetails(
+        calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
+        prompts_file=str(s.prompts),
+        prompt_set_sha256=prompts_sha,
+        num_prompts=len(prompts),
+        heldout_prompt_set_sha256=prompt_set_sha256(heldout),
+        seeds=tuple(b.seed for b in batches),
+        report_seeds=tuple(b.seed for b in report_batches),
+        steps=s.steps,
+        report_steps=report.steps,
+        guidance_scale=s.guidance_scale,
+        **text,
+        batch_size=s.batch_size,
+        height=s.height,
+        width=s.width,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        summary=QuantizerCounts.model_validate(summary.to_json()),
+        report=CalibrationQuality(
+            steps=report.steps,
+            metric=METRIC,
+            overall_mean_error=report.overall_mean_error,
+            mean_psnr_db=report.mean_psnr_db,
+            mean_ssim=report.mean_ssim,
+        ),
+        elapsed_s=round(elapsed, 3),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        model=ModelInput.model_validate(resolved.provenance()),
+    )
+    with staged_output(run_dir, Stage.CALIBRATE) as tmp:
+        save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)
+        atomic_write_json(tmp / SUMMARY_FILE, summary.to_json())
+        atomic_write_json(tmp / REPORT_FILE, report.to_json())
+        atomic_write_json(tmp / QUANT_CONFIG_FILE, cfg)
+    record = new_record(
+        Stage.CALIBRATE, digest, records_for_tree(run_dir, Stage.CALIBRATE.directory), details=details
+    )
+    manifest.put(Stage.CALIBRATE, record)
+
+    log(summary.table())
+    log(report.table())
+    log(
+        f"calibrate: {len(prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
+        f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
+    )
+    return record

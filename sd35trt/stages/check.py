@@ -1,0 +1,130 @@
+"""Checking a config against the model before any stage runs.
+
+A config can be valid on its own (``sd35trt.config`` checks types, ranges, multiples of 16 and
+settings that contradict each other) and still not fit the model: image sizes beyond what the
+transformer's positional embedding covers, skip-layer-guidance layers the transformer does not
+have, FP8 attention for a head size TensorRT cannot take. Found only by the stage that needs
+them, they would stop ``export`` after calibration had run (seconds on the tiny model, hours on
+a large one). Every stage verb therefore calls :func:`check_config` first, with the model dims,
+for itself and every stage after it, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sd35trt.artifacts.records import Stage
+from sd35trt.components import ModelDims, latent_range
+from sd35trt.config import Config
+from sd35trt.errors import ConfigError
+
+
+def _collect(problems: list[str], check: Callable[[], object]) -> None:
+    try:
+        check()
+    except ConfigError as err:
+        problems.append(str(err))
+
+
+def skip_layer_indices(config: Config, dims: ModelDims) -> tuple[int, ...]:
+    """The transformer blocks the skip-layer-guidance input gates (``()`` without SLG).
+
+    Raises:
+        ConfigError: a layer outside ``0..num_layers-2``.
+    """
+    slg = config.runtime.skip_layer_guidance
+    if slg is None:
+        return ()
+    # The last block returns no text stream (context_pre_only), so SD3.5 never skips it.
+    bad = [i for i in slg.layers if not 0 <= i < dims.num_layers - 1]
+    if bad:
+        raise ConfigError(
+            f"runtime.skip_layer_guidance.layers has {bad}; this transformer has {dims.num_layers} blocks "
+            f"and the last one can't be skipped: allowed 0..{dims.num_layers - 2}"
+        )
+    return tuple(slg.layers)
+
+
+def check_fp32_blocks(config: Config, dims: ModelDims) -> None:
+    """Refuse ``export.fp32_blocks`` outside the transformer.
+
+    Raises:
+        ConfigError: a block index of ``num_layers`` or more.
+    """
+    bad = [b for b in config.export.fp32_blocks if b >= dims.num_layers]
+    if bad:
+        raise ConfigError(
+            f"export.fp32_blocks has {bad}; this transformer has {dims.num_layers} blocks: "
+            f"allowed 0..{dims.num_layers - 1}"
+        )
+
+
+def _calibration_problems(config: Config, dims: ModelDims) -> list[str]:
+    from sd35trt.models.quantize import quant_config
+
+    s, problems = config.calibrate, []
+    m = dims.size_multiple
+    for name in ("height", "width"):
+        value = getattr(s, name)
+        if value % m:
+            problems.append(f"calibrate.{name} = {value} is not a multiple of {m} (VAE factor x patch size)")
+        if value > dims.max_image_size:
+            problems.append(
+                f"calibrate.{name} = {value} exceeds what the positional embedding covers "
+                f"({dims.max_image_size} = pos_embed_max_size {dims.pos_embed_max_size} x {m})"
+            )
+    _collect(problems, lambda: quant_config(s, dims.num_layers, dims.head_dim))
+    return problems
+
+
+def _build_problems(config: Config, dims: ModelDims) -> list[str]:
+    problems: list[str] = []
+    for name in ("height", "width"):
+        _collect(problems, lambda name=name: latent_range(getattr(config.build, name), dims, name))
+        value = getattr(config.runtime, name)
+        if value % dims.size_multiple:
+            problems.append(
+                f"runtime.{name} = {value} is not a multiple of {dims.size_multiple} "
+                "(VAE factor x patch size)"
+            )
+    return problems
+
+
+def config_problems(config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE) -> list[str]:
+    """Everything in ``config`` that cannot work with a model of ``dims``, from ``first`` on.
+
+    Args:
+        config: the validated config.
+        dims: the model's sizes (from its diffusers configs, or the export record).
+        first: the stage about to run; it and every later stage are checked (calibration only
+            when ``export.quantize`` is on, since only then does it run).
+
+    Returns:
+        One line per problem (empty when the config fits).
+    """
+    order = list(Stage)
+    ahead = order[order.index(first) :]
+    problems: list[str] = []
+    if Stage.CALIBRATE in ahead and config.export.quantize:
+        problems += _calibration_problems(config, dims)
+    if Stage.EXPORT in ahead:
+        _collect(problems, lambda: skip_layer_indices(config, dims))
+        _collect(problems, lambda: check_fp32_blocks(config, dims))
+    problems += _build_problems(config, dims)  # the build and runtime sections: every stage
+    return problems
+
+
+def check_config(config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE) -> None:
+    """Refuse ``config`` before ``first`` runs when it cannot work with the model (see
+    :func:`config_problems`).
+
+    Raises:
+        ConfigError: naming every problem, each with the key, the value and what is allowed.
+    """
+    problems = config_problems(config, dims, first)
+    if problems:
+        raise ConfigError(
+            f"config {config.name!r} does not fit the model ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}, found before `sd35trt {first.value}` started): "
+            + "; ".join(problems)
+        )

@@ -1,0 +1,74 @@
+"""The export stage: ONNX graphs of the five SD3.5 components, each validated against PyTorch.
+
+Output (``runs/<name>/onnx/``): ``clip_l.onnx``, ``clip_g.onnx``, ``t5.onnx``,
+``transformer.onnx`` (FP8 Q/DQ when ``export.quantize``), ``vae_decoder.onnx``, a
+``<component>.onnx.data`` beside any graph over 2 GB, ``transformer_unquantized.onnx`` (see
+below) and ``export_report.json`` (per graph and output: max-abs and relative error against
+PyTorch at each validation shape). The manifest's export record lists every file (size,
+sha256), the opset, each graph's inputs and outputs, and the calibration it was made from.
+
+Decisions:
+
+- **Glue**: CLIP padding/concatenation run in the runtime; the VAE scaling/shift and the
+  [-1, 1] -> [0, 1] mapping are inside the VAE graph (see :mod:`sd35trt.components`).
+- **FP8**: the transformer gets its calibration back through
+  :func:`sd35trt.models.quantize.restore_calibration` (ModelOpt fake quant) and is traced with
+  TorchScript; ModelOpt's ``trt::TRT_FP8*`` ops are rewritten to standard
+  ``QuantizeLinear``/``DequantizeLinear`` with a float8e4m3fn zero point
+  (:func:`~sd35trt.stages.export.onnx_tools.rewrite_fp8_qdq`), which ONNX Runtime and TensorRT both
+  read. ``export.fp8_weights`` stores the quantized weights as FP8 initializers.
+- **Unquantized fallback**: with FP8 on and weights kept in high precision, the graph without
+  Q/DQ (``transformer_unquantized.onnx``, for GPUs without FP8) costs one graph rewrite, no
+  second trace, and shares the FP8 graph's data file, so it is always written. With
+  ``fp8_weights`` the high-precision weights are gone, so it is not (the record says ``null``;
+  re-export with ``export.quantize: false`` for such GPUs).
+- **Timestep**: the transformer's ``timestep`` input is float32 in every export precision (as
+  diffusers and NVIDIA's demo feed it; in bf16 the schedule's timesteps round by up to 2); the
+  graph computes the sinusoidal embedding in float32 and casts it to the model dtype.
+- **FP8 weight layout**: each quantized Linear weight is stored pre-transposed (``[in, out]``), so
+  TensorRT sees ``DequantizeLinear -> MatMul`` with no Transpose between, as ModelOpt's FP8
+  exporter writes it (:func:`~sd35trt.stages.export.onnx_tools.pretranspose_qdq_weights`; per-tensor scales
+  commute with the transpose, so the numbers are unchanged). FP8 weights are folded afterwards.
+- **fp32 blocks**: ``export.fp32_blocks`` run whole transformer blocks in float32 inside a 16-bit
+  graph (float32 weights, Casts at the block's inputs and outputs); the large configs do this for
+  block 35, which calibration also keeps out of FP8, as NVIDIA's recipe does.
+- **Precision**: each component is loaded and traced in its ``export.precision`` (T5 is never
+  FP16: the config refuses it). Text encoders are traced with eager attention (torch's SDPA
+  export breaks 16-bit CLIP graphs). ONNX defines Conv (and InstanceNormalization) for
+  bfloat16 only from opset 22, so below that a BF16 graph runs those nodes in float32 between
+  Casts (in the transformer only the patch embedding); Einsum, defined for no 16-bit type, is
+  rewritten to Transpose where it only permutes axes.
+- **Validation of BF16 graphs** needs ONNX Runtime's CUDA provider (onnxruntime-gpu): the CPU
+  provider has no bfloat16 kernels. Without it they are exported, checked by the ONNX checker
+  and reported as ``skipped`` (with the reason), not silently passed.
+
+Memory at scale (sd3.5-large transformer, 8.1 B parameters, 16.3 GB in BF16): the stage holds
+one copy of the weights, plus activations and one tensor at a time.
+
+1. Weights load from safetensors in the export precision (BF16: no FP32 copy; a BF16
+   checkpoint stays memory-mapped) and move to the GPU when there is one; restoring the
+   calibration adds one scalar per quantizer.
+2. While tracing, ModelOpt's FP8 weight and input quantizers run through a quantizer backend
+   that emits the same Q/DQ symbolic but computes nothing
+   (:func:`~sd35trt.stages.export.tracing.fp8_tracing`): the TorchScript tracer otherwise keeps a
+   fake-quantized copy of every weight alive until it finishes (measured: +1.1x the weights).
+3. The exporter's constant folding is off (it would keep a transposed copy of each Linear
+   weight); over 2 GB it writes each initializer to its own file straight from the parameter.
+4. The module is freed before the ONNX side starts. Graph surgery loads the ``.onnx`` without
+   external data (a few MB) and constant folding skips nodes that read external weights.
+5. Saving streams tensors one at a time into the single ``<component>.onnx.data``; with
+   ``fp8_weights`` each FP8 weight is written to a scratch file as soon as it is computed.
+6. Validation references are computed before tracing, so the ONNX Runtime session never
+   coexists with the PyTorch module.
+
+Measured on a CPU (2 cores) with an sd3.5-large-shaped transformer cut to 8 blocks (3.5 GB of
+BF16 weights, FP8 on): peak RSS 5.2 GB, 4.7 GB above the 0.5 GB of imported libraries, i.e.
+1.33x the weights, most of it the memory-mapped checkpoint; the fixed part (the positional
+embedding table built in float64 at load, activations) shrinks relative to 38 blocks.
+"""
+
+from __future__ import annotations
+
+from sd35trt.stages.export.stage import REPORT_FILE, UNQUANTIZED_STEM, export, export_component
+
+__all__ = ["REPORT_FILE", "UNQUANTIZED_STEM", "export", "export_component"]

@@ -1,0 +1,569 @@
+"""``sd35trt export``: the six components to validated ONNX, then the manifest record.
+
+Steps per component (in :class:`~sd35trt.components.Component` order, one model in memory at a
+time):
+
+1. Load the module in its export precision, LoRAs fused; for the FP8 transformer, restore the
+   calibration.
+2. Draw fresh random inputs at the validation shapes and keep PyTorch's outputs (for the FP8
+   transformer also the outputs with its quantizers off).
+3. Trace at the profile's ``opt`` shape with ``torch.onnx.export``; free the module.
+4. Rewrite FP8 Q/DQ to standard ONNX, clean up, optionally fold FP8 weights, save (external
+   data over 2 GB), check the file (external-data guards + ONNX checker).
+5. Run it in ONNX Runtime on the kept inputs and compare.
+
+All validation failures are collected and raised together; nothing is published then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sd35trt.artifacts.manifest import (
+    RunManifest,
+    Stage,
+    atomic_write_json,
+    is_fresh,
+    new_record,
+    record_digest,
+    records_for_tree,
+    sha256_file,
+    staged_output,
+)
+from sd35trt.artifacts.records import (
+    CalibrationInput,
+    ExportDetails,
+    ExportedComponent,
+    ExportRecord,
+    ModelInput,
+    StageRecord,
+    ValidationStatus,
+)
+from sd35trt.artifacts.runlock import locked_stage
+from sd35trt.components import (
+    Component,
+    ComponentSpec,
+    ModelDims,
+    sample_shapes,
+    spec,
+    validation_tolerance,
+)
+from sd35trt.config import Config, ModelSource, Precision
+from sd35trt.errors import ExportError, ManifestError
+from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
+from sd35trt.stages.export.report import report_json, report_line
+
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import ModelProto
+
+REPORT_FILE = "export_report.json"
+#: File stem of the transformer graph without Q/DQ, exported beside the FP8 one.
+UNQUANTIZED_STEM = "transformer_unquantized"
+
+Progress = Callable[[str], None]
+
+
+def print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Job:
+    """What every component's export needs, resolved once."""
+
+    config: Config
+    root: Path  # the diffusers model directory
+    loras: tuple  # ResolvedLora: fused into every component they have weights for
+    dims: ModelDims
+    out: Path  # the staged onnx/ directory
+    scratch: Path
+    slg: tuple[int, ...]
+    calibration: Path | None
+    device: str
+    providers: list[str]
+    external_threshold: int
+    progress: Progress
+    phase: Progress = lambda _name: None  # receives each export step's name as it starts
+
+
+@dataclass
+class _Graph:
+    """One written ONNX graph and its validation results."""
+
+    stem: str
+    component: Component
+    precision: Precision
+    quantized: bool
+    files: list[Path] = field(default_factory=list)
+    signature: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    information: dict | None = None
+    fp8: dict | None = None
+    seconds: float = 0.0
+    #: the data file this graph reads when it is another graph's (the unquantized transformer).
+    shared_data: Path | None = None
+    #: transformer blocks computed in fp32 inside a 16-bit graph.
+    fp32_blocks: tuple[int, ...] = ()
+
+    @property
+    def external_data(self) -> Path | None:
+        own = next((p for p in self.files if p.suffix == ".data"), None)
+        return own or self.shared_data
+
+
+@dataclass
+class _Reference:
+    """Inputs and PyTorch outputs of the validation cases."""
+
+    shapes: list[dict[str, tuple[int, ...]]]
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    unquantized: list[dict[str, np.ndarray]] | None
+
+
+@locked_stage(Stage.EXPORT)
+def export(
+    config: Config,
+    run_dir: Path,
+    force: bool = False,
+    *,
+    hint: str = "",
+    progress: Progress | None = None,
+    external_threshold: int | None = None,
+) -> ExportRecord:
+    """Export, validate and record the six components of ``config``'s model.
+
+    Args:
+        config: the run's config (``model`` and ``export`` sections; ``build`` ranges pick the
+            validation shapes, ``runtime`` the skip-layer-guidance input and T5 length).
+        run_dir: ``runs/<name>``; with ``export.quantize`` it must hold a fresh calibration.
+        force: export again even when the existing export is up to date.
+        hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
+        progress: receives one line per step (default: stderr).
+        external_threshold: tensor bytes above which a graph is saved with external data
+            (default :data:`~sd35trt.stages.export.onnx_tools.EXTERNAL_DATA_THRESHOLD`, just under 2 GiB).
+
+    Returns:
+        The export record now in ``run_dir/manifest.json``.
+
+    Raises:
+        ManifestError, StaleArtifactError, VerificationError: the calibration is missing, was
+            made with other settings, or its file changed.
+        ConfigError: skip-layer-guidance layers outside the transformer, build ranges that don't
+            fit the model, or FP8 attention with a float32 transformer.
+        ModelError: the model directory (or repo id) is unusable, or a LoRA does not fit it.
+        CalibrationError: the calibration does not match the transformer.
+        ExportError: a graph failed validation (every failure named) or the checker.
+    """
+    from sd35trt.models.loading import check_weights, resolve_model, stage_digest
+    from sd35trt.stages.export import tracing
+
+    run_dir = Path(run_dir)
+    report = progress or print_progress
+    manifest = RunManifest(run_dir)
+    resolved = resolve_model(config, run_dir)
+    identity = resolved.identity()
+    # Refuse settings the model can't take (here or at build) before anything is traced.
+    root = resolved.directory
+    dims = ModelDims.from_model_dir(root)
+    check_config(config, dims, Stage.EXPORT)
+    upstream: dict[Stage, StageRecord] = {}
+    calibration = None
+    if config.export.quantize:
+        cal_digest = stage_digest(config, Stage.CALIBRATE, identity)
+        cal = manifest.verified(Stage.CALIBRATE, cal_digest, hint=hint)
+        upstream[Stage.CALIBRATE] = cal
+        calibration = _calibration_file(run_dir, cal, manifest)
+    digest = stage_digest(config, Stage.EXPORT, identity)
+    if not force and is_fresh(run_dir, Stage.EXPORT, digest):
+        report(f"export in {run_dir / Stage.EXPORT.directory} is up to date (use --force to redo)")
+        return manifest.require(Stage.EXPORT, hint)
+
+    if config.export.quantize and config.calibrate.fp8_attention:
+        tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
+    if config.model.source is not ModelSource.RANDOM:
+        check_weights(root)
+    slg = skip_layer_indices(config, dims)
+    start = time.perf_counter()
+    graphs: list[_Graph] = []
+    with staged_output(run_dir, Stage.EXPORT) as out:
+        job = _make_job(config, root, resolved.loras, dims, out, slg, calibration, external_threshold, report)
+        for i, component in enumerate(Component, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
+        shutil.rmtree(job.scratch, ignore_errors=True)
+        failures = [f for g in graphs for f in g.failures]
+        if failures:
+            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+        atomic_write_json(
+            out / REPORT_FILE,
+            report_json(
+                graphs, job.config.export.opset, job.device, job.providers, time.perf_counter() - start
+            ),
+        )
+
+    files = records_for_tree(run_dir, Stage.EXPORT.directory)
+    details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
+    details = details.model_copy(update={"model": ModelInput.model_validate(resolved.provenance())})
+    record = new_record(Stage.EXPORT, digest, files, upstream=upstream, details=details)
+    manifest.put(Stage.EXPORT, record)
+    report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
+    return record
+
+
+def export_component(
+    config: Config,
+    model_root: Path,
+    component: Component,
+    out: Path,
+    *,
+    calibration: Path | None = None,
+    progress: Progress | None = None,
+    phase: Progress | None = None,
+    device: str | None = None,
+) -> list[Path]:
+    """Export and validate one component into ``out``, outside any run directory or manifest.
+
+    The steps :func:`export` runs per component, for checking one graph on its own: a published
+    architecture's transformer cut to a few blocks, or the transformer alone at full size.
+
+    Args:
+        config: the config (``model``, ``export``, ``build`` and ``runtime`` sections as in
+            :func:`export`; ``model`` must describe ``model_root``).
+        model_root: the diffusers model directory (or a ``random`` source's architecture).
+        component: which component.
+        out: the directory to write the graph(s) to (created if missing).
+        calibration: for an FP8 transformer, the calibration file to restore.
+        progress: receives one line per graph (default: stderr).
+        phase: receives each step's name as it starts (``load``, ``reference``, ``trace``,
+            ``rewrite``, ``save``, ``validate``, ``unquantized``), so a caller can tell how far it got.
+        device: where the module loads and traces (default: CUDA when present, else CPU).
+
+    Returns:
+        The ``.onnx`` files written (the FP8 transformer's unquantized graph too).
+
+    Raises:
+        ConfigError, ModelError, CalibrationError, ExportError: as :func:`export`.
+    """
+    dims = ModelDims.from_model_dir(model_root)
+    slg = skip_layer_indices(config, dims)
+    check_fp32_blocks(config, dims)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from sd35trt.models.lora import resolve_loras
+
+    loras = resolve_loras(config.model.loras, config.model.allow_download)  # fused as export fuses them
+    job = _make_job(
+        config, Path(model_root), loras, dims, out, slg, calibration, None, progress or print_progress
+    )
+    job.phase, job.device = phase or job.phase, device or job.device
+    try:
+        graphs = _export_component(job, component, component.value)
+    finally:
+        shutil.rmtree(job.scratch, ignore_errors=True)
+    failures = [f for g in graphs for f in g.failures]
+    if failures:
+        raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+    return [g.files[0] for g in graphs]
+
+
+def _make_job(
+    config: Config,
+    root: Path,
+    loras: tuple,
+    dims: ModelDims,
+    out: Path,
+    slg: tuple[int, ...],
+    calibration: Path | None,
+    external_threshold: int | None,
+    progress: Progress,
+) -> _Job:
+    from sd35trt.stages.export import onnx_tools, tracing, validate
+
+    return _Job(
+        config=config,
+        root=root,
+        loras=loras,
+        dims=dims,
+        out=out,
+        scratch=out / ".scratch",
+        slg=slg,
+        calibration=calibration,
+        device=tracing.default_device(),
+        providers=validate.providers(),
+        external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
+        progress=progress,
+    )
+
+
+def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest) -> Path:
+    from sd35trt.models.quantize import CALIBRATION_FILE
+
+    rel = f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}"
+    if not any(f.path == rel for f in record.files):
+        raise ManifestError(
+            f"the calibrate record in {manifest.path} does not list {rel}: re-run `sd35trt calibrate`"
+        )
+    return run_dir / rel
+
+
+def _precision(config: Config, component: Component) -> Precision:
+    return getattr(config.export.precision, component.value)
+
+
+def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
+    """Trace, process, save and validate one component (two graphs for the FP8 transformer)."""
+    from sd35trt.stages.export import onnx_tools, tracing, validate
+
+    t0 = time.perf_counter()
+    config = job.config
+    precision = _precision(config, component)
+    quantized = component is Component.TRANSFORMER and config.export.quantize
+    n_skip = len(job.slg) if component is Component.TRANSFORMER else 0
+    sp = spec(component, job.dims, n_skip)
+    trace_shapes, *check_shapes = sample_shapes(
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip
+    )
+    opset = config.export.opset
+    trace_opset = min(opset, tracing.max_trace_opset())
+    raw = job.scratch / component.value / f"{component.value}.onnx"
+    raw.parent.mkdir(parents=True)
+    skipped = validate.unsupported(precision, job.providers)
+    if skipped is not None:
+        job.progress(f"warning: {component.value} will not be validated: {skipped}")
+
+    job.phase("load")
+    module = tracing.load_module(
+        config,
+        job.root,
+        component,
+        precision,
+        job.device,
+        job.slg,
+        job.calibration if quantized else None,
+        job.loras,
+    )
+    if skipped is None:
+        job.phase("reference")
+    ref = None if skipped else _reference(module, sp, check_shapes, precision, job.device, quantized)
+    job.phase("trace")
+    vocab = tracing.vocab_size(module)
+    sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
+    with tracing.fp8_tracing(module) if quantized else contextlib.nullcontext():
+        tracing.trace(module, sp, sample, raw, trace_opset)
+    del module, sample
+    _free_memory(job.device)
+
+    job.phase("rewrite")
+    model = _load_traced(raw, quantized, opset, trace_opset, component)
+    graph = _Graph(component.value, component, precision, quantized)
+    if component is Component.TRANSFORMER and config.export.fp32_blocks:
+        graph.fp32_blocks = config.export.fp32_blocks
+    if quantized:
+        graph.fp8 = {
+            "qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0),
+            # TensorRT fuses FP8 GEMMs from DQ -> MatMul: weights stored [in, out], no Transpose.
+            "weights_pretransposed": onnx_tools.pretranspose_qdq_weights(model, raw),
+            "fp8_weights": False,
+        }
+        if config.export.fp8_weights:
+            graph.fp8["fp8_weights"] = True
+            graph.fp8["weights_folded"] = onnx_tools.fold_fp8_weights(model, raw)
+        model = onnx_tools.clean_up(model, fold=False)
+    path = job.out / f"{component.value}.onnx"
+    job.phase("save")
+    _save(job, graph, model, raw, path, sp)
+    tol = validation_tolerance(sp, precision, quantized)
+    if ref is None:
+        graph.validation = {"status": "skipped", "reason": skipped}
+    else:
+        job.phase("validate")
+        against = "modelopt fake quant" if quantized else "pytorch"
+        graph.validation, failures = validate.validate_graph(
+            path, job.providers, graph.stem, ref.shapes, ref.feeds, ref.outputs, tol, against
+        )
+        graph.failures += failures
+        if ref.unquantized is not None:
+            graph.information = validate.information(
+                path, job.providers, ref.shapes, ref.feeds, ref.unquantized
+            )
+    graph.seconds = time.perf_counter() - t0
+    graphs = [graph]
+    if quantized and not config.export.fp8_weights:
+        # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
+        # external data it shares the FP8 graph's data file (no second copy on disk).
+        job.phase("unquantized")
+        plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
+        upath = job.out / f"{UNQUANTIZED_STEM}.onnx"
+        _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
+        tol = validation_tolerance(sp, precision)
+        if ref is None or ref.unquantized is None:
+            plain.validation = {"status": "skipped", "reason": skipped}
+        else:
+            plain.validation, failures = validate.validate_graph(
+                upath, job.providers, plain.stem, ref.shapes, ref.feeds, ref.unquantized, tol, "pytorch"
+            )
+            plain.failures += failures
+        graphs.append(plain)
+    shutil.rmtree(raw.parent, ignore_errors=True)
+    job.progress(report_line(label, graphs))
+    return graphs
+
+
+def _reference(
+    module, sp: ComponentSpec, shapes, precision: Precision, device: str, quantized: bool
+) -> _Reference:
+    """Fresh inputs at each validation shape and the module's outputs for them.
+
+    Computed before tracing, so the PyTorch module is gone when ONNX Runtime loads the graph.
+    """
+    from sd35trt.stages.export import tracing
+
+    vocab = tracing.vocab_size(module)
+    cases = [
+        tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=device)
+        for i, s in enumerate(shapes, 1)
+    ]
+    outputs = [tracing.reference(module, sp, c) for c in cases]
+    unquantized = None
+    if quantized:
+        with tracing.quantizers_disabled(module):
+            unquantized = [tracing.reference(module, sp, c) for c in cases]
+    feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
+    return _Reference(shapes, feeds, outputs, unquantized)
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _load_traced(
+    raw: Path, quantized: bool, opset: int, trace_opset: int, component: Component
+) -> ModelProto:
+    """The traced graph (weights left on disk), with standard Q/DQ, cleaned, at ``opset``."""
+    import onnx
+    from onnx import version_converter
+
+    from sd35trt.stages.export import onnx_tools
+
+    model = onnx.load(str(raw), load_external_data=False)
+    if quantized and onnx_tools.rewrite_fp8_qdq(model) == 0:
+        raise ExportError(
+            "the restored calibration put no FP8 quantizer into the transformer graph "
+            "(every Linear excluded?); export with export.quantize: false instead"
+        )
+    custom = onnx_tools.custom_ops(model)
+    if custom:
+        raise ExportError(
+            f"the {component.value} graph has ops ORT and TensorRT can't read: {sorted(custom)}"
+        )
+    if opset > trace_opset:
+        model = version_converter.convert_version(model, opset)
+    model = onnx_tools.clean_up(model)
+    if onnx_tools.cast_unsupported_bf16(model):
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model
+
+
+def _save(
+    job: _Job,
+    graph: _Graph,
+    model: ModelProto,
+    source: Path,
+    path: Path,
+    sp: ComponentSpec,
+    shared: bool = False,
+) -> None:
+    """Write ``model`` to ``path`` and check the file (external-data guards, ONNX checker).
+
+    ``shared``: ``model``'s external tensors already live beside ``path`` (the unquantized
+    transformer reuses the FP8 graph's data file), so only the graph is written.
+    """
+    import onnx
+
+    from sd35trt.stages.export import onnx_tools
+
+    if shared:
+        onnx.save_model(model, str(path))
+        graph.files = [path]
+        data = source.with_name(source.name + ".data")
+        graph.shared_data = data if data.is_file() else None
+    else:
+        external = onnx_tools.tensors_bytes(model) > job.external_threshold or any(
+            onnx_tools.uses_external_data(t) for t in onnx_tools.iter_tensors(model)
+        )
+        graph.files = onnx_tools.save_model(model, path, source, external)
+    onnx_tools.check_onnx_file(path)
+    graph.signature = onnx_tools.io_signature(model)
+    names = (list(graph.signature["inputs"]), list(graph.signature["outputs"]))
+    if names != (sp.input_names, sp.output_names):
+        # The spec and the traced wrapper disagree: a bug, not a user error.
+        raise RuntimeError(
+            f"{path} has inputs/outputs {names}, the spec says {(sp.input_names, sp.output_names)}"
+        )
+
+
+def _details(
+    config: Config,
+    run_dir: Path,
+    root: Path,
+    dims: ModelDims,
+    slg: tuple[int, ...],
+    graphs: list[_Graph],
+    calibrate_record: StageRecord | None,
+    calibration: Path | None,
+) -> ExportDetails:
+    base = Stage.EXPORT.directory
+
+    def rel(p: Path | None) -> str | None:
+        return None if p is None else f"{base}/{p.name}"
+
+    components: dict[Component, ExportedComponent] = {}
+    by_stem = {g.stem: g for g in graphs}
+    for component in Component:
+        g = by_stem[component.value]
+        is_transformer = component is Component.TRANSFORMER
+        plain = by_stem.get(UNQUANTIZED_STEM) if is_transformer else None
+        components[component] = ExportedComponent(
+            onnx=rel(g.files[0]),
+            external_data=rel(g.external_data),
+            precision=g.precision,
+            quantized=g.quantized,
+            inputs=g.signature["inputs"],
+            outputs=g.signature["outputs"],
+            validation=ValidationStatus(g.validation["status"]),
+            onnx_unquantized=rel(plain.files[0]) if plain else None,
+            onnx_unquantized_external_data=rel(plain.external_data) if plain else None,
+            # None: not the transformer, whose entry alone has these keys (see ExportedComponent).
+            fp8_weights=bool(g.quantized and config.export.fp8_weights) if is_transformer else None,
+            fp32_blocks=g.fp32_blocks if is_transformer else None,
+        )
+    return ExportDetails(
+        model_dir=root,
+        dims=dims,
+        opset=config.export.opset,
+        skip_layers=slg,
+        max_sequence_length=config.runtime.max_sequence_length,
+        report=f"{base}/{REPORT_FILE}",
+        calibration=None
+        if calibration is None or calibrate_record is None
+        else CalibrationInput(
+            record=record_digest(calibrate_record),
+            file=calibration.relative_to(run_dir).as_posix(),
+            sha256=sha256_file(calibration),
+        ),
+        components=components,
+    )

@@ -1,0 +1,74 @@
+"""Config checked against the model before any stage runs (faults.md case 28)."""
+
+import pytest
+
+from sd35trt.artifacts.manifest import Stage
+from sd35trt.config import Architecture, config_from_dict
+from sd35trt.errors import ConfigError
+from sd35trt.models.tiny import model_dims
+from sd35trt.stages.check import check_config, config_problems
+
+TINY = model_dims(Architecture.TINY)  # max image size 512 (pos_embed_max_size 32 x 16), 3 blocks
+
+
+def _config(**sections):
+    base = {
+        "name": "t",
+        "build": {
+            "height": {"min": 64, "opt": 128, "max": 256},
+            "width": {"min": 64, "opt": 128, "max": 256},
+        },
+        "calibrate": {"height": 128, "width": 128},
+        "runtime": {"height": 128, "width": 128, "skip_layer_guidance": {"layers": [1]}},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return config_from_dict(base)
+
+
+def test_a_fitting_config_has_no_problem():
+    assert config_problems(_config(), TINY) == []
+    check_config(_config(), TINY)
+
+
+def test_every_problem_is_listed_before_the_first_stage():
+    """faults.md 28: build.height.max beyond the positional embedding was refused only at export,
+    after calibration; now calibrate refuses it, with every other problem, before anything runs."""
+    cfg = _config(
+        build={"height": {"min": 64, "opt": 128, "max": 1024}, "width": {"min": 64, "opt": 128, "max": 544}},
+        calibrate={"height": 640, "high_precision_blocks": [7]},
+        runtime={"skip_layer_guidance": {"layers": [2]}},
+    )
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, TINY, Stage.CALIBRATE)
+    message = str(err.value)
+    assert "before `sd35trt calibrate` started" in message and "\n" not in message
+    for text in (
+        "build.height.max = 1024 exceeds what the positional embedding covers (512",
+        "build.width.max = 544 exceeds",
+        "calibrate.height = 640 exceeds what the positional embedding covers",
+        "calibrate.high_precision_blocks has [7], the transformer has 3 blocks",
+        "runtime.skip_layer_guidance.layers has [2]; this transformer has 3 blocks",
+    ):
+        assert text in message, text
+    assert "(5 problems" in message
+
+
+def test_later_stages_check_only_what_is_still_ahead():
+    cfg = _config(calibrate={"height": 640}, build={"height": {"min": 64, "opt": 128, "max": 1024}})
+    at_export = config_problems(cfg, TINY, Stage.EXPORT)
+    assert len(at_export) == 1 and at_export[0].startswith("build.height.max = 1024")
+    assert config_problems(cfg, TINY, Stage.BUILD) == at_export
+    # Calibration problems do not matter when nothing is quantized (calibrate does not run).
+    fp32 = _config(calibrate={"height": 640}, export={"quantize": False})
+    assert config_problems(fp32, TINY, Stage.CALIBRATE) == []
+
+
+def test_fp8_attention_with_a_float32_transformer_is_refused_when_the_config_loads():
+    """Knowable from the config alone: refused by config validation, naming both keys."""
+    with pytest.raises(
+        ConfigError, match=r"calibrate\.fp8_attention needs export\.precision\.transformer fp16"
+    ):
+        _config(calibrate={"fp8_attention": True})
+    _config(calibrate={"fp8_attention": True}, export={"precision": {"transformer": "bf16"}})
+    _config(calibrate={"fp8_attention": True}, export={"quantize": False})

@@ -1,0 +1,82 @@
+"""Export's validation arithmetic and its choice of shapes (no model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sd35trt.components import (
+    Component,
+    Sampling,
+    Tolerance,
+    sample_shapes,
+    spec,
+    validation_tolerance,
+)
+from sd35trt.config import Architecture, BuildSettings, Precision, Range
+from sd35trt.models.tiny import model_dims
+from sd35trt.stages.export.validate import compare, describe_failure
+
+DIMS = model_dims(Architecture.TINY)
+
+
+def test_compare_allows_atol_plus_rtol_of_the_reference_and_flags_the_rest():
+    ref = np.array([[1.0, -4.0], [2.0, 0.5]], np.float32)
+    tol = Tolerance(rtol=1e-2, atol=1e-3)  # allowed = 1e-3 + 1e-2 * 4 = 0.041
+    ok, bad = compare({"a": ref + 0.04, "b": ref + 0.05}, {"a": ref, "b": ref}, tol)
+    assert ok.ok and not bad.ok
+    assert math.isclose(ok.allowed, 0.041, rel_tol=1e-6)
+    assert math.isclose(bad.rel, 0.05 / 4, rel_tol=1e-4)
+    line = describe_failure("transformer", {"hidden_states": (2, 16, 8, 8)}, bad)
+    assert line.startswith(
+        "transformer b at hidden_states [2, 16, 8, 8]: max |onnx - torch| 0.05 > allowed 0.041"
+    )
+
+
+def test_compare_treats_nan_missing_and_misshapen_outputs_as_failures():
+    ref = np.ones((2, 3), np.float32)
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    checks = compare({"a": nan, "c": ref[:1]}, {"a": ref, "b": ref, "c": ref}, Tolerance(1.0, 1.0))
+    assert [(c.output, c.ok, c.max_abs) for c in checks] == [
+        ("a", False, math.inf),
+        ("b", False, math.inf),
+        ("c", False, math.inf),
+    ]
+    assert checks[0].to_json()["max_abs"] == "inf"  # JSON has no inf
+
+
+def test_sample_shapes_trace_at_opt_and_validate_at_both_ends_of_the_profile():
+    build = BuildSettings(height=Range(min=64, opt=128, max=256), width=Range(min=64, opt=128, max=256))
+    trace, *checks = sample_shapes(Component.TRANSFORMER, DIMS, build, max_sequence_length=256, skip_layers=1)
+    assert trace["hidden_states"] == (2, 16, 16, 16)
+    assert [c["hidden_states"] for c in checks] == [(1, 16, 8, 8), (4, 16, 32, 32)]
+    assert all(c["encoder_hidden_states"] == (c["hidden_states"][0], 333, 96) for c in checks)
+    assert all(c["skip_layers"] == (1,) for c in checks)
+
+
+def test_a_static_profile_still_gets_a_second_validation_shape():
+    static = BuildSettings(batch=Range.static(1), height=Range.static(128), width=Range.static(128))
+    _, *checks = sample_shapes(Component.VAE_DECODER, DIMS, static)
+    assert [c["latent"] for c in checks] == [(1, 16, 16, 16), (2, 16, 16, 16)]
+
+
+def test_spec_says_how_to_sample_each_input():
+    sp = spec(Component.TRANSFORMER, DIMS, skip_layers=2)
+    assert {t.name: t.sampling for t in sp.inputs} == {
+        "hidden_states": Sampling.NORMAL,
+        "encoder_hidden_states": Sampling.NORMAL,
+        "pooled_projections": Sampling.NORMAL,
+        "timestep": Sampling.TIMESTEP,
+        "skip_layers": Sampling.GATE,
+    }
+    assert spec(Component.T5, DIMS).inputs[0].sampling is Sampling.TOKENS
+
+
+def test_validation_tolerance_by_precision_and_quantization():
+    sp = spec(Component.TRANSFORMER, DIMS)
+    assert validation_tolerance(sp, Precision.FP32) == sp.tolerance
+    assert validation_tolerance(sp, Precision.FP32, quantized=True) == sp.fp8_tolerance
+    bf16 = validation_tolerance(sp, Precision.BF16, quantized=True)
+    assert bf16.rtol > sp.fp8_tolerance.rtol and bf16.atol > sp.fp8_tolerance.atol
