@@ -261,8 +261,8 @@ def run_(
     ] = Path("sd35trt.png"),
 ) -> None:
     """Generate PNGs with the engines in an engines directory (defaults recorded with them)."""
-    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.run import run
+    from sd35trt.stages.package import engines_dir_of
 
     output = run(
         engines_dir_of(engines),
@@ -402,10 +402,10 @@ def serve(
     ] = "text",
 ) -> None:
     """Serve engines over HTTP: /generate, /v1/images/generations (OpenAI), /metrics, /health, /ready."""
-    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.serve import ServeSettings
     from sd35trt.serve import serve as run_server
     from sd35trt.serve.settings import LogFormat, LogLevel
+    from sd35trt.stages.package import engines_dir_of
 
     settings = ServeSettings(
         host=host,
@@ -456,8 +456,8 @@ def triton(
     force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository (Python backend) serving the engines."""
-    from sd35trt.artifacts.package import engines_dir_of
     from sd35trt.errors import ConfigError
+    from sd35trt.stages.package import engines_dir_of
     from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
 
     try:
@@ -492,7 +492,7 @@ def package(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artefact to write (.tar.gz).")],
 ) -> None:
     """Pack engines, manifest, tokenizers, scheduler and config into a checksummed artefact."""
-    from sd35trt.artifacts.package import package as run
+    from sd35trt.stages.package import package as run
 
     path = run(run_dir, out)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -511,9 +511,9 @@ def verify(
     ] = False,
 ) -> None:
     """Check every file's size and sha256 and whether this machine can load the engines."""
-    from sd35trt.artifacts.package import engines_dir_of
-    from sd35trt.artifacts.package import verify as run
     from sd35trt.errors import VerificationError
+    from sd35trt.stages.package import engines_dir_of
+    from sd35trt.stages.package import verify as run
 
     report = run(path)
     if not report.ok:
@@ -523,7 +523,7 @@ def verify(
     typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
-    from sd35trt.backends.compare import compare_engines
+    from sd35trt.compare import compare_engines
 
     result = compare_engines(engines_dir_of(path))
     typer.echo(result.table())

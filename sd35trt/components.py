@@ -552,3 +552,27 @@ def sample_shapes(
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         checks.append({n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()})
     return [trace, *checks]
+
+
+#: Quantizers ModelOpt's diffusers plugin adds to each attention module; the ones we use.
+ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
+
+
+class QuantizerKind(str, Enum):
+    """What a quantizer quantizes, from its name."""
+
+    WEIGHT = "weight"
+    INPUT = "input"
+    ATTENTION = "attention"  # q/k/v entering attention and the softmax output
+    OUTPUT = "output"  # layer outputs and attention's output: never enabled here
+
+    @classmethod
+    def of(cls, quantizer_name: str) -> QuantizerKind:
+        leaf = quantizer_name.rsplit(".", 1)[-1]
+        if leaf == "weight_quantizer":
+            return cls.WEIGHT
+        if leaf == "input_quantizer":
+            return cls.INPUT
+        if leaf in ATTENTION_QUANTIZERS:
+            return cls.ATTENTION
+        return cls.OUTPUT

@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
-from sd35trt.components import Component, ModelDims
+from sd35trt.components import Component, ModelDims, QuantizerKind
 from sd35trt.config import Backend, Precision, sha256_json
-from sd35trt.models.quantize import QuantizerKind
 
 
 class Stage(str, Enum):

@@ -24,10 +24,10 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.components import ATTENTION_QUANTIZERS, QuantizerKind
 from sd35trt.config import CalibrateSettings
 from sd35trt.errors import CalibrationError, ConfigError
 
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 FP8_E4M3 = (4, 3)
 #: TensorRT's fused FP8 attention kernels need a head dimension that is a multiple of this.
 FP8_ATTENTION_HEAD_DIM_MULTIPLE = 16
-#: Quantizers ModelOpt's diffusers plugin adds to each attention module; the ones we use.
-ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 #: The range of a softmax output. SDPA fuses the softmax, so calibration never sees it; this is
 #: its exact bound and the scale ModelOpt's FP8 attention export writes for it.
 SOFTMAX_AMAX = 1.0
@@ -51,26 +49,6 @@ CALIBRATION_FORMAT = "sd35trt-fp8-amax/1"
 METADATA_KEY = "sd35trt"
 #: Name of the transformer's block list, as in diffusers' ``SD3Transformer2DModel``.
 BLOCKS = "transformer_blocks"
-
-
-class QuantizerKind(str, Enum):
-    """What a quantizer quantizes, from its name."""
-
-    WEIGHT = "weight"
-    INPUT = "input"
-    ATTENTION = "attention"  # q/k/v entering attention and the softmax output
-    OUTPUT = "output"  # layer outputs and attention's output: never enabled here
-
-    @classmethod
-    def of(cls, quantizer_name: str) -> QuantizerKind:
-        leaf = quantizer_name.rsplit(".", 1)[-1]
-        if leaf == "weight_quantizer":
-            return cls.WEIGHT
-        if leaf == "input_quantizer":
-            return cls.INPUT
-        if leaf in ATTENTION_QUANTIZERS:
-            return cls.ATTENTION
-        return cls.OUTPUT
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""The stages that make a run's artefacts: calibrate, export, build, and the config check before them."""
+"""The stages that make a run's artefacts: calibrate, export, build (after the config check), package."""

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_verify_compare_checks_every_output_of_every_engine(built_run):
-    from sd35trt.backends.compare import compare_engines
+    from sd35trt.compare import compare_engines
 
     report = compare_engines(built_run / "engines")
     assert report.ok and not report.skipped
@@ -95,7 +95,7 @@ def test_compare_needs_the_onnx_the_engines_were_built_from(built_run, tmp_path)
 
 
 def test_a_modified_onnx_source_is_refused_before_it_is_run(built_run, copy_run):
-    from sd35trt.backends.compare import compare_engines
+    from sd35trt.compare import compare_engines
     from sd35trt.errors import VerificationError
 
     run = copy_run(built_run)

@@ -71,7 +71,7 @@ def test_onnxruntime_engines_match_diffusers(runtime, pipe, tiny_config, height,
 def test_pytorch_backend_matches_diffusers_to_float_rounding(
     pipe, tiny_config, unquantized_run, guidance, num_images
 ):
-    from sd35trt.backends.pytorch import torch_runtime
+    from sd35trt.runtime.pytorch import torch_runtime
 
     rt = torch_runtime(unquantized_run / "model", tiny_config, pipe=pipe, device="cpu")
     decoded = []

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from sd35trt.artifacts.manifest import RunManifest, Stage, unrecorded_marker
-from sd35trt.artifacts.package import package
 from sd35trt.artifacts.records import StageRecord
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ConfigError, StaleArtifactError, UnsafeArtifactError
 from sd35trt.stages.build import build
+from sd35trt.stages.package import package
 
 pytestmark = pytest.mark.slow
 

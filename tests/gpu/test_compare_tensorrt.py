@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
 def test_compare_runs_every_tensorrt_engine_against_its_onnx(tiny_config, exported_run, tmp_path):
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
-    from sd35trt.backends.compare import compare_engines
+    from sd35trt.compare import compare_engines
 
     run = tmp_path / exported_run.name
     shutil.copytree(exported_run, run, symlinks=True)

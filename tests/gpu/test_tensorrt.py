@@ -18,9 +18,9 @@ import pytest
 
 from sd35trt.artifacts.engine_manifest import MachineInfo, open_engines, verify_engines
 from sd35trt.artifacts.manifest import RunManifest, Stage
-from sd35trt.backends.compare import engine_runner
 from sd35trt.backends.engine import Engine
 from sd35trt.backends.tensorrt import TrtEngine
+from sd35trt.compare import engine_runner
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend
 from sd35trt.errors import IncompatibleEngineError

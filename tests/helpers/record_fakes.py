@@ -18,9 +18,8 @@ from sd35trt.artifacts.records import (
     TensorSignature,
     ValidationStatus,
 )
-from sd35trt.components import Component, ModelDims
+from sd35trt.components import Component, ModelDims, QuantizerKind
 from sd35trt.config import Backend, Precision
-from sd35trt.models.quantize import QuantizerKind
 
 DIMS = ModelDims(
     clip_l_hidden=8,

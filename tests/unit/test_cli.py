@@ -98,11 +98,11 @@ class _Output:
     ],
 )
 def test_run_options_are_diffusers_names_with_short_aliases(monkeypatch, tmp_path, argv, steps, guidance):
-    import sd35trt.artifacts.package
     import sd35trt.run
+    import sd35trt.stages.package
 
     seen = {}
-    monkeypatch.setattr(sd35trt.artifacts.package, "engines_dir_of", lambda path: path)
+    monkeypatch.setattr(sd35trt.stages.package, "engines_dir_of", lambda path: path)
     monkeypatch.setattr(sd35trt.run, "run", lambda *args, **kwargs: seen.update(kwargs) or _Output())
     result = CliRunner().invoke(app, ["run", "a cat", "--engines", str(tmp_path), *argv])
     assert result.exit_code == 0, result.output

@@ -1,10 +1,12 @@
 """The package's shape: no import cycle between sd35trt's modules, no module over 600 lines.
 
-Imports are read with ``ast`` from the source, function-level ones included (a cycle that only
-closes at call time is still a cycle in the design). Two kinds of import are not edges: those under
-``if TYPE_CHECKING:`` (they never run; with postponed annotations they only name a type), and the
-implicit import of a module's parent package (a package ``__init__`` that re-exports its
-submodules, like ``sd35trt.stages.export`` and ``sd35trt.serve``, is a facade, not their dependency).
+Imports are read with ``ast`` from the source, function-level and ``if TYPE_CHECKING:`` ones
+included (a cycle that only closes at call time, or only in the types, is still a cycle in the
+design). The implicit import of a module's parent package is not an edge (a package ``__init__``
+that re-exports its submodules, like ``sd35trt.stages.export`` and ``sd35trt.serve``, is a facade,
+not their dependency).
+
+The package is layered: a module imports only modules of its own layer or lower ones (:data:`LAYERS`).
 """
 
 from __future__ import annotations
@@ -34,23 +36,36 @@ def _resolve(name: str, known: set[str]) -> str | None:
     return None
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
+#: The layers, lowest first: the shared vocabulary, what stages write and read back, the PyTorch
+#: models, engine backends, the runtime, the stages, the services around the runtime, the verbs.
+LAYERS = (
+    ("sd35trt", "sd35trt.errors"),
+    ("sd35trt.config", "sd35trt.components", "sd35trt.guidance", "sd35trt.console", "sd35trt.metrics"),
+    ("sd35trt.artifacts",),
+    ("sd35trt.models",),
+    ("sd35trt.backends",),
+    ("sd35trt.runtime",),
+    ("sd35trt.stages",),
+    ("sd35trt.serve", "sd35trt.triton", "sd35trt.bench"),
+    ("sd35trt.compare", "sd35trt.info", "sd35trt.run", "sd35trt.cli"),
+)
+
+
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of the longest prefix naming ``module`` (a module or its package)."""
+    found = [
+        (len(prefix), i)
+        for i, group in enumerate(LAYERS)
+        for prefix in group
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    assert found, f"{module} is in no layer: add it to LAYERS"
+    return max(found)[1]
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement at any depth, except the bodies of ``if TYPE_CHECKING:``."""
-    found, stack = [], [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            found.append(node)
-        children = node.orelse if _is_type_checking(node) else ast.iter_child_nodes(node)
-        stack.extend(children)
-    return found
+    """Every import statement at any depth, ``if TYPE_CHECKING:`` bodies included."""
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -111,7 +126,7 @@ def test_finder_sees_function_level_and_relative_cycles():
     assert find_cycle({**graph, "p.c": set()}) is None
 
 
-def test_the_graph_holds_function_level_imports_and_skips_type_checking_ones():
+def test_the_graph_holds_function_level_and_type_checking_imports():
     graph = import_graph()
     # cli imports every stage inside its commands only
     assert {"sd35trt.stages.calibrate", "sd35trt.stages.build", "sd35trt.run"} <= graph["sd35trt.cli"]
@@ -119,12 +134,25 @@ def test_the_graph_holds_function_level_imports_and_skips_type_checking_ones():
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
         "def f():\n    import c\n"
     )
-    assert sorted(n.names[0].name for n in _imports(tree) if isinstance(n, ast.Import)) == ["b", "c"]
+    assert sorted(n.names[0].name for n in _imports(tree) if isinstance(n, ast.Import)) == ["a", "b", "c"]
 
 
 def test_no_import_cycle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_a_higher_layer():
+    assert (
+        layer_of("sd35trt.stages.export.tracing") == layer_of("sd35trt.stages") > layer_of("sd35trt.runtime")
+    )
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(module)
+    ]
+    assert not upward, "imports of a higher layer:\n" + "\n".join(sorted(upward))
 
 
 def test_no_module_is_over_600_lines():

@@ -117,7 +117,8 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
             attention for 16-bit graphs only, the layout TensorRT's fused kernels need).
         CalibrationError: the calibration file does not match the transformer.
     """
-    from sd35trt.models.quantize import ATTENTION_QUANTIZERS, quantizers, restore_calibration
+    from sd35trt.components import ATTENTION_QUANTIZERS
+    from sd35trt.models.quantize import quantizers, restore_calibration
 
     if config.calibrate.fp8_attention:
         check_fp8_attention(precision)
@@ -168,7 +169,8 @@ def fp8_tracing(model: nn.Module) -> Iterator[None]:
         unregister_quant_backend,
     )
 
-    from sd35trt.models.quantize import QuantizerKind, quantizers
+    from sd35trt.components import QuantizerKind
+    from sd35trt.models.quantize import quantizers
 
     fn = _fp8_trace_function()
 

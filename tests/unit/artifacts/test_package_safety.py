@@ -26,10 +26,10 @@ from sd35trt.artifacts.engine_manifest import (
     verify_engines,
 )
 from sd35trt.artifacts.manifest import FileRecord, file_record, sha256_file
-from sd35trt.artifacts.package import CHECKSUMS, MAX_DEPTH, unpack, verify
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision
 from sd35trt.errors import UnsafeArtifactError, VerificationError
+from sd35trt.stages.package import CHECKSUMS, MAX_DEPTH, unpack, verify
 
 DIMS = ENGINE_DIMS
 TOP = "sd35trt-fab"
