@@ -30,10 +30,31 @@ RunDirOpt = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("sd35trt")
+        except metadata.PackageNotFoundError:  # a source tree that was never installed
+            version = "unknown (not installed)"
+        typer.echo(f"sd35trt {version}")
+        raise typer.Exit()
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 @app.callback()
 def _options(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show third-party warnings and progress bars too.")
+        bool,
+        typer.Option(
+            *VERBOSE_FLAGS, help="Show third-party warnings and progress bars too (before or after the verb)."
+        ),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Stable Diffusion 3.5 to FP8 TensorRT engines: calibrate, export, build, run."""
@@ -376,6 +397,10 @@ def serve(
         int | None,
         typer.Option(min=1, help="Images per engine batch (default: the engines' maximum; 1 = no merging)."),
     ] = None,
+    max_images: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per request (default 16); beyond an engine batch: several."),
+    ] = None,
     batch_window_ms: Annotated[
         float, typer.Option(min=0, help="How long a batch waits for compatible requests to join it.")
     ] = 10.0,
@@ -411,6 +436,7 @@ def serve(
         host=host,
         port=port,
         max_batch=max_batch,
+        max_images=max_images,
         batch_window_ms=batch_window_ms,
         queue_size=queue_size,
         timeout_s=timeout,
@@ -423,67 +449,9 @@ def serve(
     run_server(engines_dir_of(engines), settings)
 
 
-@app.command()
-def triton(
-    engines: Annotated[
-        Path, typer.Argument(help="Engines directory (runs/<name>/engines) or unpacked artefact.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository directory to write into.")],
-    gpus: Annotated[
-        str | None,
-        typer.Option(help="TensorRT engines: GPU ids for KIND_GPU instances, e.g. 0,1 (default: every GPU)."),
-    ] = None,
-    instances_per_gpu: Annotated[
-        int, typer.Option(min=1, help="Model instances per GPU (ONNX Runtime engines: CPU instances).")
-    ] = 1,
-    max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Triton max_batch_size: prompts per model execution (default: engine batch)."
-        ),
-    ] = None,
-    batch_window_ms: Annotated[
-        float, typer.Option(min=0, help="Dynamic batcher: how long a request waits for others to join.")
-    ] = 10.0,
-    model_name: Annotated[str, typer.Option(help="Model name in the repository.")] = "sd35trt",
-    reference: Annotated[
-        bool,
-        typer.Option("--reference", help="Name the engines by absolute path instead of copying them in."),
-    ] = False,
-    intra_op_threads: Annotated[
-        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance (default: ONNX Runtime's).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
-) -> None:
-    """Write a Triton Inference Server model repository (Python backend) serving the engines."""
-    from sd35trt.errors import ConfigError
-    from sd35trt.stages.package import engines_dir_of
-    from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
+from sd35trt.triton.cli import triton_app  # noqa: E402  (imports no Triton, no torch)
 
-    try:
-        gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
-    except ValueError:
-        raise ConfigError(f"--gpus {gpus!r} is not a comma-separated list of GPU ids, e.g. 0,1") from None
-    if gpu_ids is not None and any(g < 0 for g in gpu_ids):
-        raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
-    settings = TritonRepoSettings(
-        model_name=model_name,
-        gpus=gpu_ids,
-        instances_per_gpu=instances_per_gpu,
-        max_batch=max_batch,
-        batch_window_ms=batch_window_ms,
-        engines=EngineMode.REFERENCE if reference else EngineMode.COPY,
-        intra_op_threads=intra_op_threads,
-        force=force,
-    )
-    model = write_repository(engines_dir_of(engines), out, settings)
-    typer.echo(
-        f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "
-        f"max_batch_size {model.max_batch_size}):"
-    )
-    for name in model.layout():
-        typer.echo(f"  {name}")
-    typer.echo(f"serve it with: tritonserver --model-repository {model.model_dir.parent}")
+app.add_typer(triton_app, name="triton")
 
 
 @app.command()
@@ -542,10 +510,20 @@ def verify(
     )
 
 
+def hoist_verbose(argv: list[str]) -> list[str]:
+    """``-v`` / ``--verbose`` anywhere before ``--`` moved to the front, where the top-level option is.
+
+    ``sd35trt run -v ...`` then means ``sd35trt -v run ...`` (no verb has a ``-v`` of its own).
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in VERBOSE_FLAGS]
+    return flags + [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1 (tracebacks with SD35TRT_DEBUG=1)."""
     try:
-        app()
+        app(args=hoist_verbose(sys.argv[1:]))
     except Sd35TrtError as err:
         if os.environ.get("SD35TRT_DEBUG") == "1":
             raise

@@ -96,7 +96,8 @@ def generate_images(
         guidance_scale: CFG scale; at most 1 turns CFG (and skip-layer guidance) off.
         height: image height in pixels.
         width: image width in pixels.
-        seed: seed of the CPU generator that draws the initial noise ``[B, 16, H/8, W/8]``.
+        seed: image ``i``'s initial noise ``[1, 16, H/8, W/8]`` comes from a CPU generator seeded
+            ``seed + i`` (a list of generators, as the runtime draws it).
         max_sequence_length: T5 tokens per prompt.
         skip_layer_guidance: the engines' skip-layer guidance, or ``None``.
         output_type: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` float in [0, 1]) or ``"latent"``.
@@ -124,7 +125,7 @@ def generate_images(
             height=height,
             width=width,
             max_sequence_length=max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
             output_type=output_type,
             **kwargs,
         ).images

@@ -306,6 +306,13 @@ class Batcher:
         self._arrived.set()
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` if it is still queued; a running batch's result for it is dropped."""
+        with contextlib.suppress(ValueError):
+            self._pending.remove(job)
+        if not job.future.done():
+            job.future.cancel()
+
     async def wait(self, job: Job, timeout_s: float | None) -> tuple[Any, BatchInfo]:
         """The result of ``job`` and how it ran.
 
