@@ -352,7 +352,13 @@ def bench(
 @app.command(name="eval")
 def eval_(
     engines: Annotated[Path, typer.Option("--engines", help="The engines directory to evaluate.")],
-    reference: Annotated[Path, typer.Option(help="diffusers model directory: the non-quantized reference.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="diffusers model directory: the non-quantized reference (default: the model of the run "
+            "the engines belong to)."
+        ),
+    ] = None,
     prompts: Annotated[Path, typer.Option(help="Held-out prompts, one per line (# comments).")] = Path(
         "calibration_prompts/heldout.txt"
     ),
@@ -367,6 +373,10 @@ def eval_(
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
 
+    if reference is None:
+        from sd35trt.models.reference import run_model_dir
+
+        reference = run_model_dir(engines)
     report = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
     typer.echo(format_eval(report))
     files = report.files

@@ -102,6 +102,35 @@ def model_lines(model: dict | None, indent: str = "  ") -> list[str]:
     return lines
 
 
+#: A detail whose JSON is shorter than this is one line; a longer one is split by keys and items.
+DETAIL_LINE_CHARS = 160
+#: Items of a long list shown; the rest are counted.
+DETAIL_LIST_ITEMS = 12
+
+
+def detail_lines(key: str, value: object, indent: str) -> list[str]:
+    """``key: <JSON>`` lines for a record detail, never cut inside a JSON value.
+
+    Short values are one line; a long object gets one line per member and a long list one line
+    per item (the first :data:`DETAIL_LIST_ITEMS`, then how many more), nested the same way. A
+    long string is printed whole.
+    """
+    text = json.dumps(value, sort_keys=True)
+    if len(text) < DETAIL_LINE_CHARS or not isinstance(value, dict | list) or not value:
+        return [f"{indent}{key}: {text}"]
+    if isinstance(value, dict):
+        lines = [f"{indent}{key}: ({len(value)} keys)"]
+        for k in sorted(value):
+            lines += detail_lines(str(k), value[k], indent + "  ")
+        return lines
+    lines = [f"{indent}{key}: ({len(value)} items)"]
+    for i, item in enumerate(value[:DETAIL_LIST_ITEMS]):
+        lines += detail_lines(f"[{i}]", item, indent + "  ")
+    if len(value) > DETAIL_LIST_ITEMS:
+        lines.append(f"{indent}  ... and {len(value) - DETAIL_LIST_ITEMS} more items")
+    return lines
+
+
 def format_manifest(path: Path) -> str:
     """Readable summary of ``path/manifest.json`` (a run directory or an engines directory).
 
@@ -134,8 +163,7 @@ def format_manifest(path: Path) -> str:
         for key, value in details.items():
             if key == "model":
                 continue
-            text = json.dumps(value, sort_keys=True)
-            lines.append(f"  {key}: {text if len(text) < 160 else text[:157] + '...'}")
+            lines += detail_lines(key, value, "  ")
     engines_dir = Path(path) / "engines"
     if (engines_dir / MANIFEST_NAME).is_file():
         lines += format_engines(engines_dir)

@@ -40,6 +40,27 @@ def check_reference_dir(model_dir: str | Path) -> Path:
     return root
 
 
+def run_model_dir(engines_dir: str | Path) -> Path:
+    """The diffusers directory the run holding ``engines_dir`` exported (its export record's ``model_dir``).
+
+    The default ``--reference`` of ``sd35trt eval`` for ``runs/<name>/engines``.
+
+    Raises:
+        ModelError: ``engines_dir`` is not inside a run directory with an export record (an
+            unpacked artefact holds no model), or the recorded directory is gone.
+    """
+    from sd35trt.artifacts.manifest import MANIFEST_NAME, RunManifest, Stage
+
+    run_dir = Path(engines_dir).parent
+    record = RunManifest(run_dir).get(Stage.EXPORT) if (run_dir / MANIFEST_NAME).is_file() else None
+    if record is None:
+        raise ModelError(
+            f"--reference is needed: {engines_dir} is not the engines directory of a run with an export "
+            "record (an artefact holds no model); give the diffusers directory the engines were made from"
+        )
+    return check_reference_dir(record.details.model_dir)
+
+
 def load_diffusers(
     model_dir: str | Path, device: str, dtype: torch.dtype | None = None
 ) -> StableDiffusion3Pipeline:

@@ -135,10 +135,16 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
     pieces = prepared.split(capacity) if prepared.size > capacity and prepared.split else [prepared]
     jobs = []
     try:
-        for piece in pieces:
+        for piece in pieces:  # the queue limit counts requests: later parts are admitted with the first
             jobs.append(
                 batcher.submit(
-                    piece, piece.key, piece.size, piece.capacity, piece.max_requests, tag=REQUEST_ID.get()
+                    piece,
+                    piece.key,
+                    piece.size,
+                    piece.capacity,
+                    piece.max_requests,
+                    tag=REQUEST_ID.get(),
+                    admitted=bool(jobs),
                 )
             )
     except (QueueFullError, ShuttingDownError) as err:

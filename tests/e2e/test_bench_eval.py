@@ -191,3 +191,15 @@ def test_noise_lowers_psnr_and_ssim(eval_out):
         if sigma >= 16.0:
             m = compare(ref, noisy)
             assert m["psnr_db"] < clean["psnr_db"] and m["ssim"] < clean["ssim"]
+
+
+def test_eval_inside_a_run_finds_the_run_model_without_reference(built_run, tmp_path):
+    """``sd35trt eval --engines runs/<name>/engines`` needs no ``--reference``: the export record
+    names the model; engines outside a run (an artefact) are told to give one."""
+    from sd35trt.errors import ModelError
+    from sd35trt.models.reference import run_model_dir
+
+    assert run_model_dir(built_run / "engines").resolve() == (built_run / "model").resolve()
+    (tmp_path / "engines").mkdir()
+    with pytest.raises(ModelError, match="--reference is needed"):
+        run_model_dir(tmp_path / "engines")
