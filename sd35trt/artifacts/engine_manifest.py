@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sd35trt.artifacts.manifest import FileRecord, HashCache, read_json, verify_files
+from sd35trt.artifacts.manifest import REBUILD, FileRecord, HashCache, read_json, repair_hint, verify_files
 from sd35trt.backends.base import OpenOptions
 from sd35trt.backends.layers import LayerReport
 from sd35trt.backends.machine import (  # noqa: F401 -- re-exported: where callers have always found them
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_FORMAT = 1
-REBUILD = "rebuild with `sd35trt build`"
 
 
 @dataclass(frozen=True)
@@ -317,7 +316,7 @@ def verify_engines(
     """
     manifest = read_engine_manifest(engines_dir)
     selected = list(components) if components is not None else list(manifest.engines)
-    what = f"engines in {manifest.directory} ({REBUILD})"
+    what = f"engines in {manifest.directory} ({repair_hint(manifest.directory)})"
     engine_files = [f for c in selected for f in manifest.record(c).files]
     problems, unsafe = [], False
     for files, contents in ((engine_files, hash_engines), (manifest.support_files, True)):

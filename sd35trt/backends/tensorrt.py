@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.artifacts.manifest import map_verified
+from sd35trt.artifacts.manifest import map_verified, repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.backends.graphs import GraphCache
@@ -246,7 +246,8 @@ class TrtEngine(Engine):
 
     def _activate_impl(self) -> None:
         # Hashed before tensorrt is even imported; the mapping hashed is the buffer deserialized.
-        with map_verified(self.path, self.sha256, self.size, "engine manifest", REBUILD) as plan:
+        fix = repair_hint(self.path)  # rebuild in a run directory, re-copy and verify elsewhere
+        with map_verified(self.path, self.sha256, self.size, "engine manifest", fix) as plan:
             self._load(plan)
 
     def _load(self, plan: Any) -> None:

@@ -229,10 +229,10 @@ def test_empty_prompt_is_refused(runtime):
 
 
 def test_long_prompt_is_truncated_and_reported(runtime):
-    # The tiny CLIP vocabulary has no merges: "a fox " is 4 tokens, 20 of them + start and end = 82.
-    result = runtime.generate(GenerationRequest("a fox " * 20, seed=2))
+    # The tiny CLIP vocabulary has "a" and "fox" as tokens: 40 x 2 + start and end = 82.
+    result = runtime.generate(GenerationRequest("a fox " * 40, seed=2))
     assert len(result.images) == 1
-    assert "prompt is 82 clip_l tokens, over its limit of 77: dropped 'x a fox'" in result.warnings
+    assert "prompt is 82 clip_l tokens, over its limit of 77: dropped 'fox a fox a fox'" in result.warnings
     assert any(w.startswith("prompt is 82 clip_g tokens") for w in result.warnings)
 
 
