@@ -140,10 +140,8 @@ def test_flipped_byte_is_reported_before_compatibility(tmp_path):
     assert type(e.value) is VerificationError
     assert "transformer.plan sha256" in str(e.value) and "(modified)" in str(e.value)
     # Outside a run directory (an unpacked artefact on a serving machine) nothing can be rebuilt.
-    assert (
-        f"copy the engines again (or unpack the artefact again) from where they were built, then check them with `sd35trt verify {out}`"
-        in str(e.value)
-    )
+    hint = "copy the engines again (or unpack the artefact again) from where they were built, then check"
+    assert f"{hint} them with `sd35trt verify {out}`" in str(e.value)
     assert REBUILD not in str(e.value)
     (tmp_path / "manifest.json").write_text("{}")  # runs/<name>/engines: rebuild
     with pytest.raises(VerificationError, match="rebuild with `sd35trt build`"):
