@@ -19,7 +19,7 @@ TEST_WORKERS ?= 2
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
 
-.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-throughput artifact gpu-wheels gpu-evidence clean
+.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-serve triton-throughput artifact gpu-wheels gpu-evidence clean
 
 # The CPU development environment is locked (requirements.lock: every package pinned with its
 # sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
@@ -139,6 +139,10 @@ TRITON_REPO ?= $(RUN_DIR)/triton
 
 triton: build
 	$(SD35) triton $(RUN_DIR)/engines --out $(TRITON_REPO) --force
+
+# Serve that repository with the local tritonserver (make setup installs it) until Ctrl-C.
+triton-serve: triton
+	$(SD35) triton serve $(TRITON_REPO) --host $(HOST) --http-port $(PORT)
 
 triton-throughput: build
 	$(BIN)/python scripts/triton_throughput.py $(RUN_DIR)/engines

@@ -121,7 +121,8 @@ def calibrate(
 
 @app.command()
 def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
-    """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
+    """ONNX of the six components (CLIP-L, CLIP-G, T5, the FP8 Q/DQ transformer, VAE decoder and
+    encoder), each validated against PyTorch."""
 
     def body(cfg, rd, hint, progress):
         from sd35trt.stages.export import export as run

@@ -315,7 +315,7 @@ class Sd35Runtime:
     ) -> None:
         """
         Args:
-            engines: the five engines (activated on first use; see :meth:`EngineSet.activate_all`).
+            engines: the engines, five or six (activated on first use; see :meth:`EngineSet.activate_all`).
             tokenizer: the three tokenizers, at the T5 length of the engines.
             scheduler: the flow-match Euler scheduler.
             info: model sizes, request limits, runtime defaults and the engines' digest.
