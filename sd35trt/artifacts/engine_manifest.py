@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sd35trt.artifacts.manifest import REBUILD, FileRecord, HashCache, read_json, repair_hint, verify_files
+from sd35trt.artifacts.manifest import FileRecord, HashCache, read_json, verify_files
+from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import OpenOptions
 from sd35trt.backends.layers import LayerReport
 from sd35trt.backends.machine import (  # noqa: F401 -- re-exported: where callers have always found them

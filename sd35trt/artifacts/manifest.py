@@ -78,26 +78,6 @@ def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> Non
         raise _mismatch(Path(path), digest, sha256, what, fix)
 
 
-REBUILD = "rebuild with `sd35trt build`"
-
-
-def repair_hint(path: str | Path) -> str:
-    """What fixes a damaged or modified engine file at ``path`` (a file or its engines directory).
-
-    Engines inside a run directory (``runs/<name>/engines``, a run manifest beside them) are
-    rebuilt; anywhere else (an unpacked artefact on a serving machine, where nothing can be built)
-    they are copied again from where they were built, and checked with ``sd35trt verify``.
-    """
-    path = Path(path)
-    engines = next((d for d in (path, *path.parents) if (d / MANIFEST_NAME).is_file()), path)
-    if (engines.parent / MANIFEST_NAME).is_file():
-        return REBUILD
-    return (
-        f"copy the engines again (or unpack the artefact again) from where they were built, then "
-        f"check them with `sd35trt verify {engines}`"
-    )
-
-
 def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
     """The bytes of ``path``, read once and checked against ``sha256`` before anyone parses them.
 

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.artifacts.manifest import check_file_digest, read_verified, repair_hint
+from sd35trt.artifacts.manifest import check_file_digest, read_verified
+from sd35trt.artifacts.repair import repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec

@@ -88,6 +88,10 @@ def test_bench_json_structure(bench_out, built_run):
         assert c["images_per_second"] == pytest.approx(1e3 / c["stages"]["total"]["median"])
         assert c["memory"]["kind"] == "peak_rss" and c["memory"]["peak_rss_bytes"] > 50 * 2**20
     assert data["configurations"][0]["engines_dir"] == str(built_run / "engines")
+    # the loop's host time (sd35trt only) is part of the whole generation's host time
+    ours, theirs = (c["stages"] for c in data["configurations"])
+    _check_stats(ours["host_loop"], RUNS)
+    assert 0 < ours["host_loop"]["median"] < ours["host"]["median"] and theirs["host_loop"] is None
 
 
 def test_bench_times_image_to_image_with_the_vae_encoder(bench_out):
