@@ -79,8 +79,8 @@ def repository(
 
     ``sd35trt triton ENGINES --out REPO`` is this command (its name may be left out).
     """
-    from sd35trt.stages.package import engines_dir_of
     from sd35trt.errors import ConfigError
+    from sd35trt.stages.package import engines_dir_of
     from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
 
     try:
