@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import RuntimeSettings, sha256_json
-from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
+from sd35trt.errors import BackendUnavailableError, ConfigError, ManifestError, RequestError
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.parts import engine_parts, image_seeds
 from sd35trt.runtime.png import attach_parameters
@@ -395,7 +395,7 @@ class Sd35Runtime:
         )
         if max_images is not None:
             if max_images < 1:
-                raise RequestError("max_images", f"max_images {max_images} is below 1")
+                raise ConfigError(f"max_images {max_images} is below 1; give 1 or more")
             limits = dataclasses.replace(limits, max_images=max_images)
         digest = engine_digest({c.value: [f.sha256 for f in manifest.record(c).files] for c in components})
         info = ModelInfo(
