@@ -115,7 +115,10 @@ def build(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     backend: Annotated[
-        str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
+        str | None,
+        typer.Option(
+            help="auto | tensorrt | tensorrt-rtx | onnxruntime (default: the config's build.backend)."
+        ),
     ] = None,
     force: ForceOpt = False,
     allow_partial_fp8: Annotated[
