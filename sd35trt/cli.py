@@ -523,7 +523,12 @@ def verify(
         for problem in report.problems:
             typer.echo(f"  - {problem}", err=True)
         raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
-    typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if report.notes:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked)")
+        for note in report.notes:
+            typer.echo(f"  {note}")
+    else:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
     from sd35trt.backends.compare import compare_engines

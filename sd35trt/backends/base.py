@@ -137,6 +137,10 @@ class EngineBackend(abc.ABC):
         """How ``machine`` cannot load ``record``'s engine, or ``None`` when it can."""
         return None
 
+    def runs_on(self, manifest: EngineManifest) -> str:
+        """Which machines run a manifest's engines, for people."""
+        return self.requirements
+
     def rebuild_reason(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would).
 

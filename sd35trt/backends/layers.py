@@ -255,10 +255,12 @@ class LayerReport(BaseModel):
             f"{k} {v}" for k, v in sorted(self.by_precision.items(), key=lambda kv: -kv[1])
         )
         inside = self.quantized_linear - self.fell_back_count
-        return (
-            f"{self.layers} layers ({precisions}); {inside}/{self.quantized_linear} quantized MatMuls "
-            f"in {self.fp8_gemms} FP8 GEMMs; fused attention layers {len(self.fused_attention)}"
+        fp8 = (
+            f"{inside}/{self.quantized_linear} quantized MatMuls in {self.fp8_gemms} FP8 GEMMs; "
+            if self.quantized_linear or self.fp8_gemms
+            else ""
         )
+        return f"{self.layers} layers ({precisions}); {fp8}fused attention layers {len(self.fused_attention)}"
 
 
 def summarize(

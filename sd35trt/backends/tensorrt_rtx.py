@@ -295,6 +295,19 @@ class TensorRTRtxBackend(TensorRTBackend):
         sms = ", ".join(sm_name(cc) for cc in record.compute_capabilities) or "no recorded target"
         return f"{sms} / {LIBRARY} {record.tensorrt_version}"
 
+    def runs_on(self, manifest: EngineManifest) -> str:
+        """``GPUs of compute capability 8.9 (RTX 4090, ...) or 12.0 (RTX 5090, ...) with TensorRT-RTX 1.7``.
+
+        Every engine of the set must load: the targets they share.
+        """
+        records = list(manifest.engines.values())
+        shared = [
+            cc for cc in records[0].compute_capabilities if all(cc in r.compute_capabilities for r in records)
+        ]
+        versions = sorted({r.tensorrt_version or "?" for r in records})
+        where = describe_targets(shared).replace("), ", ") or ") if shared else "no GPU all of them target"
+        return f"GPUs of compute capability {where} with {LIBRARY} {', '.join(versions)}"
+
     def incompatibility(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         runs_on = f"they run on compute capability {describe_targets(record.compute_capabilities)}"
         if machine.gpu is None:
