@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibrate-steps", type=int, default=2)
     p.add_argument("--calibrate-size", type=int, default=256, help="calibration image size (pixels)")
     p.add_argument("--deadline-s", type=float, default=7200.0, help="calibrate + export (s)")
+    p.add_argument(
+        "--excerpt",
+        type=Path,
+        metavar="DIR",
+        help="instead of a run: write test data from --out's builder log (the first --excerpt-blocks blocks)",
+    )
+    p.add_argument("--excerpt-blocks", type=int, default=2)
     p.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # the build process's work dir
     return p.parse_args(argv)
 
@@ -71,6 +78,7 @@ def run_child(cmd: list[str], log_path: Path) -> tuple[int, float, int]:
 def build_step(work: Path, config_path: str) -> int:
     """The build process: TensorRT-RTX build of ``work/onnx/transformer.onnx`` into ``work``."""
     from sd35trt.backends.base import BuildJob
+    from sd35trt.backends.layers import quantized_linear_nodes
     from sd35trt.backends.machine import MachineInfo
     from sd35trt.backends.tensorrt_rtx import build_rtx_plan
     from sd35trt.components import Component, ModelDims
@@ -115,13 +123,34 @@ def build_step(work: Path, config_path: str) -> int:
         "fp8_gemms_holding_several": sum(len(v) > 1 for v in layers.fp8_gemm_layers.values())
         if layers
         else None,
+        "quantized_nodes": quantized_linear_nodes(onnx) if config.export.quantize else [],
     }
     atomic_write_json(work / BUILD_RESULT, result)
     return 0
 
 
-def dir_bytes(path: Path, suffix: str) -> int:
-    return sum(p.stat().st_size for p in path.glob(f"*{suffix}") if p.is_file())
+def write_excerpt(out: Path, target: Path, blocks: int) -> None:
+    """Test data from a run: the builder log's layer lines that name ``transformer_blocks.0`` to
+    ``blocks - 1`` (any layer, FP8 or not) with the log's memory totals, and those blocks'
+    quantized MatMuls as the ONNX listed them (chosen by name, not by what the build did)."""
+    from sd35trt.backends.layers import LAYERS_MESSAGE
+
+    doc = json.loads((out / RESULT_FILE).read_text())
+    marks = tuple(f"/transformer_blocks.{i}/" for i in range(blocks))
+    lines = (out / "builder.log").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith(LAYERS_MESSAGE))
+    kept = [
+        line for line in lines[:start] if "Total Activation Memory" in line or "Total Weights Memory" in line
+    ]
+    kept.append(lines[start])
+    kept += [
+        line for line in lines[start + 1 :] if line.startswith("Name: ") and any(m in line for m in marks)
+    ]
+    quantized = [n for n in doc["build"]["quantized_nodes"] if any(m in n for m in marks)]
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "transformer_medium_excerpt.log").write_text("\n".join(kept) + "\n")
+    (target / "transformer_medium_excerpt.quantized.json").write_text(json.dumps(quantized, indent=1) + "\n")
+    print(f"wrote {len(kept)} lines and {len(quantized)} quantized MatMuls to {target}")
 
 
 def gib(n: int | float | None) -> str:
@@ -179,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path = str(Path(args.config).resolve())
     config = load_config(config_path)
     out = (args.out or REPO / "runs" / "rtx-fullsize" / config.name).resolve()
+    if args.excerpt is not None:
+        write_excerpt(out, args.excerpt, args.excerpt_blocks)
+        return 0
     work_root = args.work_dir.resolve()
     work = work_root / config.name
     out.mkdir(parents=True, exist_ok=True)
