@@ -23,6 +23,7 @@ PACKAGES = (
     "onnxruntime-gpu",
     "polygraphy",
     "tensorrt",
+    "tensorrt_rtx_cu13",
 )
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).

@@ -275,18 +275,21 @@ def check_compatible(
     """
     selected = list(components) if components is not None else list(manifest.engines)
     groups: dict[tuple[str, str], list[str]] = {}
+    portable = machine.gpu is None  # built for GPU targets, checked where there is none: no rebuild helps
     for component in selected:
         rec = manifest.record(component)
-        here = backend_of(rec.backend).incompatibility(rec, machine)
+        backend = backend_of(rec.backend)
+        here = backend.incompatibility(rec, machine)
         if here is not None:
             groups.setdefault((rec.built_for, here), []).append(Path(rec.file.path).name)
+            portable = portable and backend.portable
     if not groups:
         return
     parts = []
     for (built, here), names in groups.items():
         subject = f"engine {names[0]} was" if len(names) == 1 else f"engines {', '.join(names)} were"
         parts.append(f"{subject} built for {built}, {here}")
-    raise IncompatibleEngineError("; ".join(parts) + f": {REBUILD}")
+    raise IncompatibleEngineError("; ".join(parts) + ("" if portable else f": {REBUILD}"))
 
 
 def verify_engines(
