@@ -217,7 +217,9 @@ class TrtRtxEngine(TrtEngine):
         """
         super().__init__(*args, **kwargs)
         self.runtime_cache = runtime_cache
+        # Held while the context lives: the config and cache objects must outlive it.
         self._runtime_config: Any = None
+        self._runtime_cache: Any = None
 
     def _new_context(self, trt: Any, engine: Any, user_managed: bool) -> Any:
         config = engine.create_runtime_config()
@@ -232,7 +234,7 @@ class TrtRtxEngine(TrtEngine):
         config.set_runtime_cache(cache)
         if self.use_cuda_graph:
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-        self._runtime_config = config
+        self._runtime_config, self._runtime_cache = config, cache
         return engine.create_execution_context(config)
 
     def save_runtime_cache(self) -> bool:
@@ -242,7 +244,7 @@ class TrtRtxEngine(TrtEngine):
             return False
         from filelock import FileLock
 
-        blob = self._runtime_config.get_runtime_cache().serialize()
+        blob = self._runtime_cache.serialize()
         try:
             self.runtime_cache.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.runtime_cache) + ".lock", timeout=60):
@@ -255,8 +257,8 @@ class TrtRtxEngine(TrtEngine):
     def _deactivate_impl(self) -> None:
         if self._state:
             self.save_runtime_cache()
-        self._runtime_config = None
-        super()._deactivate_impl()
+        super()._deactivate_impl()  # the context goes first
+        self._runtime_config = self._runtime_cache = None
 
 
 def runtime_cache_path(manifest: EngineManifest, component: Component) -> Path:

@@ -137,7 +137,6 @@ def test_the_runtime_config_calls_exist_on_the_real_classes(rtx_run, tmp_path):
     cache = create_autospec(trt.IRuntimeCache, instance=True, spec_set=True)
     engine.create_runtime_config.return_value = config
     config.create_runtime_cache.return_value = cache
-    config.get_runtime_cache.return_value = cache
     cache.serialize.return_value = b"new kernels"
     rec = manifest.record(Component.TRANSFORMER)
     runner = TrtRtxEngine(
