@@ -395,6 +395,7 @@ class TensorRTBackend(EngineBackend):
     requirements = "TensorRT and a CUDA GPU"
     #: The torch CUDA calls the engines make (the API tests put a CPU stand-in here).
     cuda_device: Callable[[str], CudaDevice] = CudaDevice
+    engine_class: type[TrtEngine] = TrtEngine
 
     def missing(self, machine: MachineInfo) -> list[str]:
         return [
@@ -492,15 +493,20 @@ class TensorRTBackend(EngineBackend):
         return engines
 
     def _engine(self, manifest: EngineManifest, component: Component, **options: Any) -> TrtEngine:
-        """The engine object of one record (subclasses return their own :class:`TrtEngine`)."""
+        """The engine object of one record: :attr:`engine_class` with :meth:`engine_options` too."""
         rec = manifest.record(component)
-        return TrtEngine(
+        return self.engine_class(
             manifest.spec(component),
             manifest.directory / rec.file.path,
             rec.file.sha256,
             rec.file.size,
             **options,
+            **self.engine_options(manifest, component),
         )
+
+    def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
+        """Keyword arguments of :attr:`engine_class` that only a subclass's engines take."""
+        return {}
 
 
 def weight_streaming_budget(settings: BuildSettings) -> dict[str, int | None]:

@@ -280,6 +280,7 @@ class TensorRTRtxBackend(TensorRTBackend):
     label = LIBRARY
     requirements = f"TensorRT-RTX ({INSTALL}); running them needs a GPU of a target compute capability"
     portable = True
+    engine_class = TrtRtxEngine
 
     def missing(self, machine: MachineInfo) -> list[str]:
         return [] if machine.tensorrt_rtx_version else ["TensorRT-RTX (import tensorrt_rtx failed)"]
@@ -330,13 +331,5 @@ class TensorRTRtxBackend(TensorRTBackend):
     def build(self, job: BuildJob) -> BuiltEngine:
         return build_rtx_plan(job)
 
-    def _engine(self, manifest: EngineManifest, component: Component, **options: Any) -> TrtEngine:
-        rec = manifest.record(component)
-        return TrtRtxEngine(
-            manifest.spec(component),
-            manifest.directory / rec.file.path,
-            rec.file.sha256,
-            rec.file.size,
-            runtime_cache=runtime_cache_path(manifest, component),
-            **options,
-        )
+    def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
+        return {"runtime_cache": runtime_cache_path(manifest, component)}
