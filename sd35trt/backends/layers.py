@@ -74,6 +74,8 @@ _TYPE_TOKENS: tuple[tuple[str, Precision], ...] = (
 _GEMM = re.compile(r"gemm|matrixmultipl|matmul|convolution|\bconv", re.IGNORECASE)
 _ATTENTION = re.compile(r"fmha|\bmha|_mha|mha_|flash|attention|sdpa", re.IGNORECASE)
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
+#: The per-kernel hash TensorRT-RTX appends to a tactic's name (``_gemm_mha_v2_0x99460...``).
+_TACTIC_HASH = re.compile(r"_?0x[0-9a-f]+$")
 
 
 def tensor_precision(tensor: Mapping) -> Precision:
@@ -218,7 +220,7 @@ class LayerReport(BaseModel):
             (TensorRT-RTX).
         fp8_gemm_layers: each FP8 GEMM layer's name -> the quantized ONNX MatMul / Gemm nodes
             inside it (several when the builder fused q/k/v projections into one GEMM).
-        fused_attention_tactics: fused attention layers per tactic name.
+        fused_attention_tactics: fused attention layers per tactic name (its kernel hash dropped).
         output_precisions: layer count per output element type (a layer with several outputs
             counts once per type).
         weights_bytes: ``Total Weights Memory`` of the build (builder log), bytes.
@@ -297,7 +299,9 @@ def summarize(
         fused_attention=[layer.name for layer in attention],
         source=source,
         fp8_gemm_layers=inside,
-        fused_attention_tactics=dict(Counter(layer.tactic or "(none)" for layer in attention)),
+        fused_attention_tactics=dict(
+            Counter(_TACTIC_HASH.sub("", layer.tactic) or "(none)" for layer in attention)
+        ),
         output_precisions=dict(Counter(p.value for layer in layers for p in set(layer.outputs))),
         weights_bytes=weights_bytes,
         activation_bytes=activation_bytes,
