@@ -4,9 +4,9 @@ machine checks. No ``tensorrt_rtx`` needed (``test_tensorrt_rtx_build.py`` build
 ``data/rtx/transformer_tiny_sm89.log`` is what the backend's logger kept from a real TensorRT-RTX
 1.7.1.116 build (no GPU) of the tiny FP8 transformer for compute capability 8.9;
 ``transformer_tiny.quantized.json`` the quantized MatMuls of that ONNX (``quantized_linear_nodes``);
-``transformer_medium_excerpt.log`` the first layers and the memory totals of the full-size
-SD3.5-medium FP8 transformer's build (``scripts/rtx_fullsize.py``), with the quantized MatMuls of
-the blocks it covers in ``transformer_medium_excerpt.quantized.json``.
+``transformer_medium_excerpt.log`` the layer lines naming blocks 0 and 1 and the memory totals of
+the full-size SD3.5-medium FP8 transformer's build (``scripts/rtx_fullsize.py --excerpt``), with
+those blocks' quantized MatMuls, as the ONNX lists them, in ``transformer_medium_excerpt.quantized.json``.
 """
 
 from __future__ import annotations
