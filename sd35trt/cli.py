@@ -137,7 +137,10 @@ def build(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     backend: Annotated[
-        str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
+        str | None,
+        typer.Option(
+            help="auto | tensorrt | tensorrt-rtx | onnxruntime (default: the config's build.backend)."
+        ),
     ] = None,
     force: ForceOpt = False,
     allow_partial_fp8: Annotated[
@@ -499,7 +502,12 @@ def verify(
         for problem in report.problems:
             typer.echo(f"  - {problem}", err=True)
         raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
-    typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if report.notes:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked)")
+        for note in report.notes:
+            typer.echo(f"  {note}")
+    else:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
     from sd35trt.compare import compare_engines
