@@ -14,7 +14,6 @@ from unittest.mock import create_autospec
 import pytest
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
-from sd35trt.artifacts.package import package, verify
 from sd35trt.backends.base import BuildJob
 from sd35trt.backends.layers import quantized_linear_nodes
 from sd35trt.backends.machine import GpuInfo, MachineInfo
@@ -22,6 +21,7 @@ from sd35trt.backends.tensorrt_rtx import TrtRtxEngine, build_rtx_plan
 from sd35trt.components import Component
 from sd35trt.config import Backend, ComputeCapability
 from sd35trt.stages.build import SKIP_LAYERS_INPUT, build, engine_profile, onnx_inputs
+from sd35trt.stages.package import package, verify
 
 pytestmark = pytest.mark.tensorrt_rtx
 
