@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from sd35trt.artifacts.engine_manifest import LayerReport
 
 #: Layer information kept per layer name in error messages (the rest is counted).
 MAX_NAMED = 12
@@ -165,50 +165,6 @@ def parse_layer_information(text: str) -> tuple[list[EngineLayer], bool]:
             )
         )
     return layers, detailed
-
-
-class LayerReport(BaseModel):
-    """Per-engine precision evidence, recorded in the engine manifest (``layers``).
-
-    Attributes:
-        detailed: the layer information had types (``ProfilingVerbosity.DETAILED``).
-        layers: number of engine layers.
-        by_precision: layer count per compute precision (``fp8``, ``bf16``, ...).
-        quantized_linear: MatMul / Gemm nodes of the ONNX with an FP8 ``DequantizeLinear`` input.
-        fp8_gemms: engine GEMM layers reading FP8 inputs.
-        fell_back: quantized ONNX nodes found in no FP8 GEMM layer (at most :data:`MAX_NAMED`
-            named; ``fell_back_count`` has them all).
-        fell_back_count: how many quantized ONNX nodes no FP8 GEMM layer names.
-        fused_attention: names of the layers that look like fused attention kernels.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    detailed: bool
-    layers: int
-    by_precision: dict[str, int]
-    quantized_linear: int
-    fp8_gemms: int
-    fell_back: list[str]
-    fell_back_count: int
-    fused_attention: list[str]
-
-    @property
-    def fp8_complete(self) -> bool:
-        """Every quantized Linear layer runs as an FP8 GEMM (trivially so without any)."""
-        return self.fp8_gemms >= self.quantized_linear
-
-    def summary(self) -> str:
-        """``312 layers (fp8 96, bf16 180, ...); FP8 GEMMs 96/96; fused attention 24``."""
-        if not self.detailed:
-            return f"{self.layers} layers (built without detailed layer information)"
-        precisions = ", ".join(
-            f"{k} {v}" for k, v in sorted(self.by_precision.items(), key=lambda kv: -kv[1])
-        )
-        return (
-            f"{self.layers} layers ({precisions}); FP8 GEMMs {self.fp8_gemms}/{self.quantized_linear} "
-            f"quantized Linear; fused attention layers {len(self.fused_attention)}"
-        )
 
 
 def summarize(layers: Sequence[EngineLayer], detailed: bool, quantized_nodes: Iterable[str]) -> LayerReport:

@@ -35,20 +35,12 @@ def runtime_request(params: BenchParams) -> GenerationRequest:
     """``params`` as a runtime request (with :func:`bench_image` for image-to-image)."""
     from sd35trt.runtime.request import GenerationRequest
 
+    from sd35trt.parameters import PARAMS
+
     image = None if params.strength is None else bench_image(params.width, params.height)
-    return GenerationRequest(
-        image=image,
-        strength=params.strength,
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        height=params.height,
-        width=params.width,
-        seed=params.seed,
-        num_images=params.num_images,
-        skip_layer_guidance=params.skip_layer_guidance is not None,
-    )
+    fields = params.model_dump(include=set(PARAMS))
+    fields["skip_layer_guidance"] = params.skip_layer_guidance is not None  # the applied one, as on or off
+    return GenerationRequest(image=image, **fields)
 
 
 def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_type: str = "np") -> Any:
