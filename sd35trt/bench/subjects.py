@@ -33,9 +33,8 @@ def bench_image(width: int, height: int) -> Any:
 
 def runtime_request(params: BenchParams) -> GenerationRequest:
     """``params`` as a runtime request (with :func:`bench_image` for image-to-image)."""
-    from sd35trt.runtime.request import GenerationRequest
-
     from sd35trt.parameters import PARAMS
+    from sd35trt.runtime.request import GenerationRequest
 
     image = None if params.strength is None else bench_image(params.width, params.height)
     fields = params.model_dump(include=set(PARAMS))

@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.artifacts.package import CHECKSUMS, engines_dir_of, package, unpack, verify
+from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.errors import VerificationError
 
 
