@@ -204,9 +204,11 @@ def canonical_fields(fields: Mapping[str, Any], *, wire: bool = True) -> dict[st
         if value is None:
             continue
         if param.name in given:
+            spellings = (*param.names, param.name)
+            first, second = sorted((given[param.name], key), key=spellings.index)
             raise RequestError(
                 param.wire if wire else param.name,
-                f"{given[param.name]} and {key} are the same parameter ({param.name}); give one of them",
+                f"{first} and {second} are the same parameter; give one of them",
             )
         given[param.name] = key
         out[param.wire if wire else param.name] = value
