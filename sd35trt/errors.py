@@ -9,7 +9,6 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
