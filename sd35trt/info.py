@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
 from pathlib import Path
 
-from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
+from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json, tool_versions
 from sd35trt.errors import ManifestError
-
-#: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
-PACKAGES = (
-    "sd35trt",
-    "torch",
-    "diffusers",
-    "transformers",
-    "nvidia-modelopt",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "polygraphy",
-    "tensorrt",
-)
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
 FP8_MIN_CAPABILITY = (8, 9)
@@ -30,12 +15,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def collect_info() -> dict:
     """Versions of the toolchain and the CUDA devices, as a JSON-able dict."""
-    versions = {}
-    for dist in PACKAGES:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = tool_versions(include_missing=True)
     devices = []
     import torch
 

@@ -218,7 +218,10 @@ def _truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, s
     return warnings
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """``(bytes, what they measure)``: the torch CUDA allocator's peak on ``device``, or the
+    process's peak RSS on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(
             device
@@ -455,7 +458,7 @@ class Sd35Runtime:
             images = decode(vae, latents)
         timings.decode_s = self._clock() - mark
         timings.total_s = self._clock() - start
-        timings.peak_memory_bytes, timings.memory_kind = _peak_memory(self.device)
+        timings.peak_memory_bytes, timings.memory_kind = peak_memory(self.device)
         if self.device.type == "cuda":
             timings.device_memory_bytes = self._device_used
         timings.activation_memory_bytes = self.engines.shared_activation_bytes()
