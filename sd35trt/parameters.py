@@ -2,7 +2,7 @@
 
 As diffusers' modular pipelines declare their ``InputParam``s, every parameter a generation takes
 is one :class:`InputParam` in :data:`GENERATION_PARAMS`, and each surface derives its own form
-from that list: the ``run`` / ``bench`` / ``reference`` options (:mod:`sd35trt.cli_params`), the
+from that list: the ``run`` / ``bench`` / ``reference`` options (:mod:`sd35trt.cli_options`), the
 ``/generate`` and OpenAI bodies (:mod:`sd35trt.serve.schemas`), the Triton inputs
 (:mod:`sd35trt.triton.spec`), and the checks of :func:`sd35trt.runtime.request.resolve_request`
 (:func:`check_value`). An alias (``steps`` for ``num_inference_steps``) is therefore accepted
@@ -100,46 +100,38 @@ def _num(x: float | None) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+_RECORDED = "(default: the engines' recorded)"
+_SIZE = "in pixels, a multiple of 16 inside the engines' profile " + _RECORDED
+
 GENERATION_PARAMS: tuple[InputParam, ...] = (
     InputParam(
         "prompt",
         Kind.TEXT,
-        "text prompt, not empty (text over a tokenizer's limit is cut and reported)",
+        "text prompt, not empty (text over the token limit is cut, reported)",
         required=True,
     ),
     InputParam(
-        "negative_prompt",
-        Kind.TEXT,
-        "negative prompt, used under classifier-free guidance (default: the engines' recorded one)",
+        "negative_prompt", Kind.TEXT, f"negative prompt, used under classifier-free guidance {_RECORDED}"
     ),
     InputParam(
         "num_inference_steps",
         Kind.INT,
-        f"denoising steps, 1..{MAX_STEPS} (default: the engines' recorded)",
-        aliases=("steps",),
-        low=1,
-        high=MAX_STEPS,
+        f"denoising steps, 1..{MAX_STEPS} {_RECORDED}",
+        ("steps",),
+        1,
+        MAX_STEPS,
     ),
     InputParam(
         "guidance_scale",
         Kind.FLOAT,
-        f"classifier-free guidance scale, 0..{MAX_GUIDANCE:g}; at most 1 turns CFG off "
-        "(default: the engines' recorded)",
-        aliases=("guidance",),
-        low=0.0,
-        high=MAX_GUIDANCE,
+        f"classifier-free guidance scale, 0..{MAX_GUIDANCE:g}; at most 1 turns CFG off {_RECORDED}",
+        ("guidance",),
+        0.0,
+        MAX_GUIDANCE,
         note="at most 1 turns classifier-free guidance off",
     ),
-    InputParam(
-        "height",
-        Kind.INT,
-        "image height in pixels, a multiple of 16 inside the engines' profile (default: recorded)",
-    ),
-    InputParam(
-        "width",
-        Kind.INT,
-        "image width in pixels, a multiple of 16 inside the engines' profile (default: recorded)",
-    ),
+    InputParam("height", Kind.INT, f"image height {_SIZE}"),
+    InputParam("width", Kind.INT, f"image width {_SIZE}"),
     InputParam(
         "seed",
         Kind.INT,
@@ -148,21 +140,16 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
         high=MAX_SEED,
     ),
     InputParam(
-        "num_images",
-        Kind.INT,
-        "images for this prompt (default 1), at most the engines' batch",
-        default=1,
+        "num_images", Kind.INT, "images for this prompt (default 1), at most the engines' batch", default=1
     ),
     InputParam(
-        "skip_layer_guidance",
-        Kind.BOOL,
-        "skip-layer guidance on or off (default: as the engines were built)",
+        "skip_layer_guidance", Kind.BOOL, "skip-layer guidance on or off (default: as the engines were built)"
     ),
     InputParam(
         "image",
         Kind.IMAGE,
-        "image-to-image: the initial image (PNG, JPEG, WebP), resized to width x height as "
-        "diffusers does; needs engines with a VAE encoder",
+        "image-to-image: the initial image (PNG, JPEG, WebP), resized to width x height as diffusers does; "
+        "needs engines with a VAE encoder",
         wire_name="init_image",
     ),
     InputParam(

@@ -46,15 +46,11 @@ def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_ty
     """One generation of ``params`` with the diffusers pipeline (SLG as the engines run it)."""
     from sd35trt.models.reference import generate_images
 
+    fields = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed")
     return generate_images(
         pipe,
         [params.prompt] * params.num_images,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        height=params.height,
-        width=params.width,
-        seed=params.seed,
+        **{name: getattr(params, name) for name in fields},
         max_sequence_length=max_sequence_length,
         skip_layer_guidance=params.skip_layer_guidance,
         output_type=output_type,

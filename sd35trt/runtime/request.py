@@ -71,23 +71,8 @@ MAX_IMAGE_PIXELS = 64 * 2**20
 class GenerationRequest:
     """What a caller asks for; ``None`` fields take the defaults recorded with the engines.
 
-    Attributes:
-        prompt: the text prompt (not empty; text over a tokenizer's limit is cut and reported).
-        negative_prompt: the negative prompt (classifier-free guidance only).
-        num_inference_steps: denoising steps.
-        guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
-        height: image height in pixels.
-        width: image width in pixels.
-        seed: noise seed, ``0..2**63-1``; drawn at random below ``2**53`` when ``None``.
-        num_images: images for this prompt (one engine batch).
-        skip_layer_guidance: use skip-layer guidance when the engines support it (default: as built).
-
-    Integral fields accept any integral number (``numpy.int64`` too), ``guidance_scale`` any
-    real number (``numpy.float32`` too); booleans are refused for both.
-        image: image-to-image: the initial image (a PIL image, any mode and size; see
-            :func:`read_image`). Needs engines with a VAE encoder.
-        strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
-            starts from pure noise.
+    The fields are the declared parameters (:data:`sd35trt.parameters.GENERATION_PARAMS`: meaning,
+    bounds, aliases); ``image`` is a PIL image (any mode and size: :func:`read_image`).
     """
 
     prompt: str

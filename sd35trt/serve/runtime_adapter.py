@@ -95,12 +95,9 @@ class RuntimeGenerator:
 
     def limits(self) -> dict:
         out = self._limits.to_json()
-        out["defaults"] = {
-            "width": self._defaults.width,
-            "height": self._defaults.height,
-            "num_inference_steps": self._defaults.num_inference_steps,
-            "guidance_scale": self._defaults.guidance_scale,
-        }
+        out["defaults"] = self._defaults.model_dump(
+            include={"width", "height", "num_inference_steps", "guidance_scale"}
+        )
         return out
 
     def prepare(self, fields: Mapping[str, Any]) -> Prepared:
