@@ -133,6 +133,7 @@ def format_engines(engines_dir: Path) -> list[str]:
         ManifestError: the engine manifest is missing or malformed.
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.backends.load import built_for
 
     manifest = read_engine_manifest(engines_dir)
     lines = [f"engines {engines_dir} ({manifest.backend.value}, created {manifest.created})"]
@@ -141,7 +142,7 @@ def format_engines(engines_dir: Path) -> list[str]:
         fp8 = " + fp8" if rec.fp8 else ""
         lines.append(
             f"  {component.value:<12} {rec.file.path:<22} {_size(size):>10}  {rec.precision.value}{fp8}, "
-            f"built for {rec.built_for} in {rec.build_seconds:.1f} s"
+            f"built for {built_for(rec)} in {rec.build_seconds:.1f} s"
         )
         if rec.device_memory_bytes is not None:
             lines.append(f"    activation memory {_size(rec.device_memory_bytes)}")

@@ -97,6 +97,8 @@ class InputParam:
 
 
 def _num(x: float | None) -> str:
+    if x == MAX_SEED:
+        return f"{x} (2^63-1)"
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
