@@ -21,23 +21,10 @@ from serving import live_server
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from sd35trt.components import Component, profile, spec  # noqa: E402
-from sd35trt.config import Architecture, config_from_dict  # noqa: E402
-from sd35trt.models.tiny import model_dims  # noqa: E402
+from request_fakes import CONFIG, limits  # noqa: E402
+
 from sd35trt.runtime.request import RequestLimits, resolve_request  # noqa: E402
 
-TINY = model_dims(Architecture.TINY)
-CONFIG = config_from_dict(
-    {
-        "name": "t",
-        "build": {
-            "batch": {"min": 1, "opt": 1, "max": 2},
-            "height": {"min": 64, "opt": 128, "max": 256},
-            "width": {"min": 64, "opt": 128, "max": 192},
-        },
-        "runtime": {"num_inference_steps": 8, "guidance_scale": 4.5, "height": 128, "width": 128},
-    }
-)
 GENERATE, OPENAI, EDITS, MODELS = "/generate", "/v1/images/generations", "/v1/images/edits", "/v1/models"
 
 
@@ -52,10 +39,8 @@ class FakeEngineRuntime:
     """``Sd35Runtime``'s interface with real validation and no engines."""
 
     def __init__(self) -> None:
-        specs = {c: spec(c, TINY) for c in Component}
-        profiles = {c: profile(c, TINY, CONFIG.build) for c in Component}
-        limits = RequestLimits.from_profiles(specs, profiles, TINY, None)
-        self.info = _Info(limits, CONFIG.runtime, {"hub": {"repo_id": "someone/sd3.5-tiny"}})
+        runtime = CONFIG.runtime.model_copy(update={"skip_layer_guidance": None})
+        self.info = _Info(limits(slg=False), runtime, {"hub": {"repo_id": "someone/sd3.5-tiny"}})
         self.seen: list = []
 
     def validate(self, request):
