@@ -38,3 +38,41 @@ def limits(slg: bool = True, **build) -> RequestLimits:
     return RequestLimits.from_profiles(
         specs, profiles, TINY, cfg.runtime.skip_layer_guidance if slg else None
     )
+
+
+def engines_manifest(directory, backend=None):
+    """Write ``directory/manifest.json``: the tiny model's engines as ``CONFIG`` builds them (the
+    files themselves are absent: for what reads only the manifest). Returns the directory."""
+    import json
+    from pathlib import Path
+
+    from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
+    from sd35trt.artifacts.records import FileRecord
+    from sd35trt.config import Backend, Precision
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    slg = CONFIG.runtime.skip_layer_guidance
+    engines = {}
+    for c in Component:
+        skip = len(slg.layers) if c is Component.TRANSFORMER else 0
+        engines[c] = EngineRecord(
+            backend=backend or Backend.ONNXRUNTIME,
+            file=FileRecord(f"{c.value}.onnx", 1, "0" * 64),
+            precision=Precision.FP32,
+            fp8=False,
+            profile=profile(c, TINY, CONFIG.build, skip_layers=skip),
+            source_onnx=FileRecord(f"onnx/{c.value}.onnx", 1, "0" * 64),
+            build_seconds=0.1,
+            skip_layers=skip,
+        )
+    manifest = EngineManifest(
+        backend=backend or Backend.ONNXRUNTIME,
+        engines=engines,
+        dims=TINY,
+        runtime_defaults=CONFIG.runtime,
+        build_settings={},
+        support_files=(),
+    )
+    (directory / ENGINE_MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
+    return directory
