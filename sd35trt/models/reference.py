@@ -142,7 +142,20 @@ def reference_images(
     """:func:`generate_images` with the runtime defaults ``settings`` (SLG included), replaced by
     the ``overrides`` that are not ``None`` (``num_inference_steps``, ``height``, ...)."""
     chosen = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    return generate_images(pipe, prompts, seed=seed, output_type=output_type, **dict(chosen))
+    fields = {name: getattr(chosen, name) for name in _GENERATION_SETTINGS}
+    return generate_images(pipe, prompts, seed=seed, output_type=output_type, **fields)
+
+
+#: The runtime settings :func:`generate_images` takes.
+_GENERATION_SETTINGS = (
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "max_sequence_length",
+    "skip_layer_guidance",
+)
 
 
 def generate_reference(config: Config, run_dir: Path, prompt: str, out: Path, **kwargs) -> Path:

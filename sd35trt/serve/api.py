@@ -246,10 +246,8 @@ def _edit_request(content_type: str, raw: bytes) -> tuple[OpenAIImagesBody, byte
         images = form.files.pop("image", []) + form.files.pop("image[]", [])
         if "mask" in form.files:
             raise RequestError("mask", "mask is not served: image-to-image here changes the whole image")
-        if form.files:
-            raise RequestError(
-                next(iter(form.files)), f"{next(iter(form.files))} is not a file this endpoint takes"
-            )
+        for name in form.files:
+            raise RequestError(name, f"{name} is not a file this endpoint takes (only image)")
         if len(images) != 1:
             raise RequestError("image", f"give exactly one image file (got {len(images)})")
         return OpenAIImagesBody.model_validate(typed_fields(form.fields)), images[0]
