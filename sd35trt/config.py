@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from sd35trt.errors import ConfigError
+from sd35trt.parameters import PARAMS
 
 #: Image sizes must be multiples of this: the VAE downsamples 8x and the transformer patchifies 2x2.
 SIZE_MULTIPLE = 16
@@ -326,14 +327,21 @@ class SkipLayerGuidance(_Strict):
         return self
 
 
+_STEPS, _GUIDANCE = PARAMS["num_inference_steps"], PARAMS["guidance_scale"]
+
+
 class RuntimeSettings(_Strict):
     """Generation defaults recorded with the engines; names are diffusers' ``__call__`` parameters."""
 
-    #: ``steps`` is read as well: configs and engine manifests written before the rename use it.
+    #: Bounds and aliases are the declared ones (:mod:`sd35trt.parameters`): ``steps`` is read as
+    #: well (configs and engine manifests written before the rename use it).
     num_inference_steps: int = Field(
-        default=28, ge=1, le=500, validation_alias=AliasChoices("num_inference_steps", "steps")
+        default=28,
+        ge=_STEPS.low,
+        le=_STEPS.high,
+        validation_alias=AliasChoices(*_STEPS.names),
     )
-    guidance_scale: float = Field(default=3.5, ge=0.0, le=50.0)
+    guidance_scale: float = Field(default=3.5, ge=_GUIDANCE.low, le=_GUIDANCE.high)
     height: int = 1024
     width: int = 1024
     max_sequence_length: int = Field(default=256, ge=1, le=512)

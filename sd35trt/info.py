@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
 from pathlib import Path
 
-from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
-from sd35trt.backends.layers import LayerReport
+from sd35trt.artifacts.engine_manifest import LayerReport
+from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json, tool_versions
 from sd35trt.errors import ManifestError
-
-#: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
-PACKAGES = (
-    "sd35trt",
-    "torch",
-    "diffusers",
-    "transformers",
-    "nvidia-modelopt",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "polygraphy",
-    "tensorrt",
-    "tensorrt_rtx_cu13",
-)
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
 FP8_MIN_CAPABILITY = (8, 9)
@@ -32,12 +16,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def collect_info() -> dict:
     """Versions of the toolchain and the CUDA devices, as a JSON-able dict."""
-    versions = {}
-    for dist in PACKAGES:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = tool_versions(include_missing=True)
     devices = []
     import torch
 
@@ -226,6 +205,7 @@ def format_engines(engines_dir: Path) -> list[str]:
         ManifestError: the engine manifest is missing or malformed.
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.backends.load import built_for
 
     manifest = read_engine_manifest(engines_dir)
     lines = [f"engines {engines_dir} ({manifest.backend.value}, created {manifest.created})"]
@@ -234,7 +214,7 @@ def format_engines(engines_dir: Path) -> list[str]:
         fp8 = " + fp8" if rec.fp8 else ""
         lines.append(
             f"  {component.value:<12} {rec.file.path:<22} {_size(size):>10}  {rec.precision.value}{fp8}, "
-            f"built for {rec.built_for} in {rec.build_seconds:.1f} s"
+            f"built for {built_for(rec)} in {rec.build_seconds:.1f} s"
         )
         memory = [
             f"{what} {_size(n)}"

@@ -38,7 +38,7 @@ from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from sd35trt.artifacts.engine_manifest import LayerReport
 
 #: Layer information kept per layer name in error messages (the rest is counted).
 MAX_NAMED = 12
@@ -201,68 +201,6 @@ def parse_layer_information(text: str) -> tuple[list[EngineLayer], bool]:
             )
         )
     return layers, detailed
-
-
-class LayerReport(BaseModel):
-    """Per-engine precision evidence, recorded in the engine manifest (``layers``).
-
-    Attributes:
-        detailed: the layer information had types (``ProfilingVerbosity.DETAILED``).
-        layers: number of engine layers.
-        by_precision: layer count per compute precision (``fp8``, ``bf16``, ...).
-        quantized_linear: MatMul / Gemm nodes of the ONNX with an FP8 ``DequantizeLinear`` input.
-        fp8_gemms: engine GEMM layers reading FP8 inputs (and FP8 weights where listed).
-        fell_back: quantized ONNX nodes found in no FP8 GEMM layer (at most :data:`MAX_NAMED`
-            named; ``fell_back_count`` has them all).
-        fell_back_count: how many quantized ONNX nodes no FP8 GEMM layer holds.
-        fused_attention: names of the layers that look like fused attention kernels.
-        source: where the layers were read: ``engine inspector`` (TensorRT) or ``builder log``
-            (TensorRT-RTX).
-        fp8_gemm_layers: each FP8 GEMM layer's name -> the quantized ONNX MatMul / Gemm nodes
-            inside it (several when the builder fused q/k/v projections into one GEMM).
-        fused_attention_tactics: fused attention layers per tactic name (its kernel hash dropped).
-        output_precisions: layer count per output element type (a layer with several outputs
-            counts once per type).
-        weights_bytes: ``Total Weights Memory`` of the build (builder log), bytes.
-        activation_bytes: ``Total Activation Memory`` of the build (builder log), bytes.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    detailed: bool
-    layers: int
-    by_precision: dict[str, int]
-    quantized_linear: int
-    fp8_gemms: int
-    fell_back: list[str]
-    fell_back_count: int
-    fused_attention: list[str]
-    source: str = "engine inspector"
-    fp8_gemm_layers: dict[str, list[str]] = {}
-    fused_attention_tactics: dict[str, int] = {}
-    output_precisions: dict[str, int] = {}
-    weights_bytes: int | None = None
-    activation_bytes: int | None = None
-
-    @property
-    def fp8_complete(self) -> bool:
-        """Every quantized Linear layer runs inside an FP8 GEMM (trivially so without any)."""
-        return self.fell_back_count == 0
-
-    def summary(self) -> str:
-        """``120 layers (kgen 74, ...); 43/43 quantized MatMuls in 29 FP8 GEMMs; fused attention 0``."""
-        if not self.detailed:
-            return f"{self.layers} layers (built without detailed layer information)"
-        precisions = ", ".join(
-            f"{k} {v}" for k, v in sorted(self.by_precision.items(), key=lambda kv: -kv[1])
-        )
-        inside = self.quantized_linear - self.fell_back_count
-        fp8 = (
-            f"{inside}/{self.quantized_linear} quantized MatMuls in {self.fp8_gemms} FP8 GEMMs; "
-            if self.quantized_linear or self.fp8_gemms
-            else ""
-        )
-        return f"{self.layers} layers ({precisions}); {fp8}fused attention layers {len(self.fused_attention)}"
 
 
 def summarize(

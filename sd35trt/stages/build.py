@@ -23,12 +23,7 @@ from pathlib import Path
 import yaml
 
 from sd35trt.artifacts.containment import contained_path
-from sd35trt.artifacts.engine_manifest import (
-    ENGINE_MANIFEST_NAME,
-    EngineManifest,
-    EngineRecord,
-    verify_engines,
-)
+from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
 from sd35trt.artifacts.manifest import (
     FileRecord,
     HashCache,
@@ -56,6 +51,7 @@ from sd35trt.artifacts.runlock import locked_stage
 from sd35trt.backends import registry as backends
 from sd35trt.backends.base import BuildJob, EngineBackend
 from sd35trt.backends.layers import LayerReport
+from sd35trt.backends.load import verify_engines
 from sd35trt.backends.machine import NO_MACHINE, GpuInfo, MachineInfo
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config
@@ -345,7 +341,6 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         progress(f"{label}: warning: {warning}")
     recorded = backend.recorded_machine(machine)
     rec = EngineRecord(
-        component=component,
         backend=backend.backend,
         file=file_record(job.out, target),
         extra_files=tuple(file_record(job.out, p) for p in built.extra_files),
@@ -464,7 +459,7 @@ def build(
             backend=chosen.backend,
             engines=engines,
             dims=dims,
-            runtime_defaults=config.runtime.model_dump(mode="json"),
+            runtime_defaults=config.runtime,
             build_settings={**config.build.model_dump(mode="json"), "backend": chosen.backend.value},
             support_files=tuple(support_files),
             created=now_utc(),

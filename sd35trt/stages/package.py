@@ -417,7 +417,9 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
 
 
 def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
-    from sd35trt.artifacts.engine_manifest import MachineInfo, check_compatible, read_engine_manifest
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.backends.load import check_compatible
+    from sd35trt.backends.machine import MachineInfo
     from sd35trt.backends.registry import backend_of
 
     try:
