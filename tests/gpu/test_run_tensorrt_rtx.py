@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sd35trt.artifacts.engine_manifest import verify_engines
+from sd35trt.backends.load import verify_engines
 from sd35trt.backends.machine import MachineInfo
 from sd35trt.backends.tensorrt_rtx import RUNTIME_CACHE_SUFFIX
 from sd35trt.config import Backend, ComputeCapability
