@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -322,16 +323,55 @@ class Config(_Strict):
             )
         return self
 
-    def digest(self, *fields: str) -> str:
-        """sha256 (canonical JSON) of named sections or dotted fields (``"model"``, ``"runtime.height"``)."""
+    def values(self, *paths: str) -> dict[str, Any]:
+        """The JSON values at config paths (``"model"``, ``"runtime.height"``), keyed by path.
+
+        A path below an unset optional section (``runtime.skip_layer_guidance.layers`` without
+        skip-layer guidance) has the value ``None``.
+
+        Raises:
+            ValueError: a path that names no config field (a bug in the caller; see
+                :func:`check_config_path`).
+        """
         data = self.model_dump(mode="json")
         picked = {}
-        for name in fields:
-            value = data
-            for key in name.split("."):
+        for path in paths:
+            value: Any = data
+            for key in check_config_path(path):
                 value = value.get(key) if isinstance(value, dict) else None
-            picked[name] = value
-        return sha256_json(picked)
+            picked[path] = value
+        return picked
+
+    def digest(self, *paths: str) -> str:
+        """sha256 (canonical JSON) of :meth:`values` at checked config paths.
+
+        Raises:
+            ValueError: a path that names no config field.
+        """
+        return sha256_json(self.values(*paths))
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``SkipLayerGuidance | None`` -> ``SkipLayerGuidance``)."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def check_config_path(path: str) -> tuple[str, ...]:
+    """The keys of a dotted config path, each checked against the config's fields.
+
+    Raises:
+        ValueError: a key is not a field of its section (``runtime.max_sequnce_length``).
+    """
+    keys = tuple(path.split("."))
+    model: type[BaseModel] | None = Config
+    for i, key in enumerate(keys):
+        if model is None or key not in model.model_fields:
+            raise ValueError(f"config path {path!r}: {'.'.join(keys[: i + 1])} is not a config field")
+        model = _section_model(model.model_fields[key].annotation)
+    return keys
 
 
 def sha256_json(data: Any) -> str:

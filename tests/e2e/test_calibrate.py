@@ -25,9 +25,10 @@ FILES = {f"calibrate/{n}" for n in (CALIBRATION_FILE, SUMMARY_FILE, REPORT_FILE,
 
 
 def _fresh_run(src_run, tmp_path, name="run"):
-    """An empty run directory that reuses the tiny model already written by ``src_run``."""
+    """A new run directory (its empty run manifest) reusing the tiny model ``src_run`` wrote."""
     dst = tmp_path / name
     shutil.copytree(src_run / MODEL_SUBDIR, dst / MODEL_SUBDIR)
+    (dst / "manifest.json").write_text('{"format": 1, "records": {}}')
     return dst
 
 
@@ -113,7 +114,7 @@ def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run)
     before = RunManifest(run).get(Stage.CALIBRATE)
     lines = []
     assert calibrate(tiny_config, run, log=lines.append) == before
-    assert lines == [f"calibrate: up to date in {run} (force to redo)"]
+    assert lines == [f"calibrate: {run / 'calibrate'} is up to date (--force redoes it)"]
 
 
 def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
@@ -137,7 +138,10 @@ def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
     run = _fresh_run(calibrated_run, tmp_path)
     with pytest.raises(CalibrationError, match=expected):
         calibrate(_small(tiny_config), run, log=_quiet)
-    assert sorted(p.name for p in run.iterdir()) == [MODEL_SUBDIR]  # no calibrate/, no leftovers
+    assert sorted(p.name for p in run.iterdir()) == [
+        "manifest.json",
+        MODEL_SUBDIR,
+    ]  # no calibrate/, leftovers
     assert RunManifest(run).get(Stage.CALIBRATE) is None
 
     # Over an earlier good calibration: it stays, with its record.

@@ -33,10 +33,16 @@ def _hold(run_dir, seconds: float) -> subprocess.Popen:
     return proc
 
 
+def _run_dir(path):
+    """An (empty) run directory: its run manifest is what makes it one (faults.md #29)."""
+    (path / "manifest.json").write_text('{"format": 1, "records": {}}')
+    return path
+
+
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     """faults.md 22: a second writer waits a bounded time, then is refused with the holder's pid
     and command; its own clean-up never touches the holder's staging directory."""
-    holder = _hold(tmp_path, 60)
+    holder = _hold(_run_dir(tmp_path), 60)
     staging = tmp_path / ".engines.tmp-holder"
     staging.mkdir()
     try:
@@ -78,11 +84,12 @@ def test_a_writer_waits_for_a_holder_that_finishes(tmp_path):
 
 def test_a_session_removes_leftovers_of_its_own_stage_only(tmp_path):
     """faults.md 4: a killed run's leftovers go at the next session of that stage, whatever it does."""
+    _run_dir(tmp_path)
     for name in (".engines.tmp-a", ".engines.old-b", ".onnx.tmp-c"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text("x")
     (tmp_path / ".manifest.json.abc.tmp").write_text("{")
     with stage_session(tmp_path, Stage.BUILD):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c", "manifest.json"]
     assert lock_paths(tmp_path)[0].parent == tmp_path.parent  # the lock lives beside the run dir
