@@ -216,9 +216,11 @@ def reference(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("reference.png"),
 ) -> None:
     """Generate with the diffusers PyTorch pipeline: the baseline the engines are compared with."""
+    from sd35trt.artifacts.runlock import check_run_dir
     from sd35trt.models.reference import generate_reference
 
     cfg, rd = _load(config, run_dir)
+    check_run_dir(rd)  # the built-in model is written into it: never into a user's folder
     path = generate_reference(
         cfg,
         rd,

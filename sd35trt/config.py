@@ -326,15 +326,12 @@ class Config(_Strict):
     def values(self, *paths: str) -> dict[str, Any]:
         """The JSON values at config paths (``"model"``, ``"runtime.height"``), keyed by path.
 
-        A path below an unset optional section (``runtime.skip_layer_guidance.layers`` without
-        skip-layer guidance) has the value ``None``.
+        A path below an unset section (``runtime.skip_layer_guidance.layers``) is ``None``.
 
         Raises:
-            ValueError: a path that names no config field (a bug in the caller; see
-                :func:`check_config_path`).
+            ValueError: a path that names no config field (:func:`check_config_path`).
         """
-        data = self.model_dump(mode="json")
-        picked = {}
+        data, picked = self.model_dump(mode="json"), {}
         for path in paths:
             value: Any = data
             for key in check_config_path(path):
@@ -343,35 +340,27 @@ class Config(_Strict):
         return picked
 
     def digest(self, *paths: str) -> str:
-        """sha256 (canonical JSON) of :meth:`values` at checked config paths.
-
-        Raises:
-            ValueError: a path that names no config field.
-        """
+        """sha256 (canonical JSON) of :meth:`values` (a path that names no field is a ValueError)."""
         return sha256_json(self.values(*paths))
 
 
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model a field holds (``SkipLayerGuidance | None`` -> ``SkipLayerGuidance``)."""
-    for t in (annotation, *typing.get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
-
-
 def check_config_path(path: str) -> tuple[str, ...]:
-    """The keys of a dotted config path, each checked against the config's fields.
+    """The keys of a dotted config path, each checked against the fields of its section.
 
     Raises:
         ValueError: a key is not a field of its section (``runtime.max_sequnce_length``).
     """
-    keys = tuple(path.split("."))
-    model: type[BaseModel] | None = Config
+    keys, model = tuple(path.split(".")), Config
     for i, key in enumerate(keys):
         if model is None or key not in model.model_fields:
             raise ValueError(f"config path {path!r}: {'.'.join(keys[: i + 1])} is not a config field")
-        model = _section_model(model.model_fields[key].annotation)
+        annotation = model.model_fields[key].annotation  # a section, or an optional one
+        model = next((t for t in (annotation, *typing.get_args(annotation)) if _is_section(t)), None)
     return keys
+
+
+def _is_section(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
 
 
 def sha256_json(data: Any) -> str:

@@ -12,9 +12,8 @@ directories, temporary manifest files), whatever it then decides to do: without 
 clean-up would delete a running writer's staging directory.
 
 Before any of that, :func:`check_run_dir` refuses a directory that is not a run (faults.md #29):
-a non-empty folder without a run manifest, or an engines directory; a new or empty one is
-claimed by writing an empty run manifest into it, so a run directory is always recognisable.
-A directory that cannot be written is one line naming it (faults.md #32).
+a folder holding anything but a run manifest and what sd35trt writes before its first record,
+or an engines directory. A directory that cannot be written is one line naming it (#32).
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from sd35trt.artifacts.manifest import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     Stage,
     atomic_write_json,
@@ -126,12 +125,29 @@ def unwritable_is_one_line(what: str, root: str | Path | None = None) -> Iterato
         ) from None
 
 
+#: What sd35trt itself writes into a run directory before its first record (staging names, the
+#: hash cache, interrupted-publish markers); the built-in model's folder is recognised by its stamp.
+_OWN_NAMES = re.compile(
+    r"\.(calibrate|onnx|engines|model)\.(tmp|old)-.+|\.(calibrate|onnx|engines)\.unrecorded"
+    r"|\.(manifest\.json|sha256-cache\.json)(\..+\.tmp)?"
+)
+
+
+def _sd35trt_made(entry: Path) -> bool:
+    from sd35trt.models.loading import MODEL_STAMP, MODEL_SUBDIR
+
+    if entry.name == MODEL_SUBDIR:
+        return (entry / MODEL_STAMP).is_file()
+    return _OWN_NAMES.fullmatch(entry.name) is not None
+
+
 def check_run_dir(run_dir: str | Path) -> None:
-    """Refuse ``run_dir`` unless it is a run directory, or new, or empty (faults.md #29).
+    """Refuse ``run_dir`` unless it is a run directory, a new or empty one, or holds only what
+    sd35trt writes before a stage's first record (faults.md #29).
 
     Raises:
         RunDirError: a file; an engines directory or an unpacked artefact (``--engines`` is named);
-            a non-empty directory without an sd35trt run manifest. Nothing is written then.
+            a directory holding anything else without a run manifest. Nothing is written then.
         ManifestError: its ``manifest.json`` is not JSON.
     """
     run_dir = Path(run_dir)
@@ -148,17 +164,18 @@ def check_run_dir(run_dir: str | Path) -> None:
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {run_dir} is a file, not a directory")
-    if data is not None or (run_dir.is_dir() and any(run_dir.iterdir())):
+    found = sorted(e.name for e in run_dir.iterdir() if not _sd35trt_made(e)) if run_dir.is_dir() else []
+    if data is not None or found:
         raise RunDirError(
-            f"--run-dir {run_dir} is not empty and holds no sd35trt run manifest, so it is not a run "
-            "directory (stages would replace its calibrate/, onnx/ and engines/); choose a new or empty "
-            "directory; nothing was written"
+            f"--run-dir {run_dir} holds {', '.join(found[:3]) or MANIFEST_NAME} and no sd35trt run manifest, "
+            "so it is not a run directory (stages would replace its calibrate/, onnx/ and engines/): choose "
+            "a new or empty directory; nothing was written"
         )
 
 
 @contextlib.contextmanager
 def stage_session(run_dir: str | Path, stage: Stage, wait_s: float = DEFAULT_WAIT_S) -> Iterator[None]:
-    """Check ``run_dir`` is a run, hold its lock, claim it and remove an interrupted ``stage``'s leftovers.
+    """Check ``run_dir`` is a run, hold its lock and remove an interrupted ``stage``'s leftovers.
 
     Raises:
         RunDirError: not a run directory (see :func:`check_run_dir`), or not writable.
@@ -166,9 +183,6 @@ def stage_session(run_dir: str | Path, stage: Stage, wait_s: float = DEFAULT_WAI
     """
     check_run_dir(run_dir)
     with run_dir_lock(run_dir, stage.value, wait_s):
-        manifest = Path(run_dir) / MANIFEST_NAME
         with unwritable_is_one_line(stage.value):
-            if not manifest.exists():
-                atomic_write_json(manifest, {"format": FORMAT_VERSION, "records": {}})
             clean_leftovers(run_dir, stage.directory)
         yield

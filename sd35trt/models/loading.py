@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from sd35trt.models.lora import ResolvedLora
 
 MODEL_SUBDIR = "model"
+#: Beside a built-in model written into a run directory: the settings it was written with.
+MODEL_STAMP = "sd35trt_model.json"
 
 
 def check_weights(model_dir: str | Path) -> list[Path]:
@@ -190,7 +192,7 @@ def _locate(config: Config, run_dir: str | Path) -> tuple[Path, Snapshot | None]
             )
         return path, None
     path = Path(run_dir) / MODEL_SUBDIR
-    stamp = path / "sd35trt_model.json"
+    stamp = path / MODEL_STAMP
     wanted = {"source": m.source.value, "architecture": m.architecture.value, "seed": m.seed}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return path, None
@@ -202,7 +204,7 @@ def _locate(config: Config, run_dir: str | Path) -> tuple[Path, Snapshot | None]
         from sd35trt.models.tiny import write_architecture
 
         write_architecture(path, m.architecture)
-    (path / "sd35trt_model.json").write_text(json.dumps(wanted))
+    stamp.write_text(json.dumps(wanted))
     return path, None
 
 

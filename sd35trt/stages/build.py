@@ -14,7 +14,6 @@ existing record is returned.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import shutil
 import time
@@ -62,7 +61,7 @@ from sd35trt.config import Backend, Config
 from sd35trt.errors import BuildError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
 from sd35trt.stages.check import check_config
-from sd35trt.stages.driver import Prepared, Progress, StageRun, StageSpec, print_progress, run_stage
+from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
@@ -252,7 +251,7 @@ def check_fp8(
     raise BuildError(message + "; build with --allow-partial-fp8 to accept it")
 
 
-def _build_one(run: StageRun, plan: _Plan, out: Path, component: Component, label: str) -> EngineRecord:
+def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, label: str) -> EngineRecord:
     """Build one engine into ``out`` (the staged engines directory) and describe it."""
     config, run_dir, backend, machine, progress = (
         run.config,
@@ -329,114 +328,104 @@ def _build_one(run: StageRun, plan: _Plan, out: Path, component: Component, labe
     return rec
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What :func:`_prepare` resolved for the other steps."""
+class _Build(StageSpec):
+    """The build stage (:func:`build`): reusable while the engines are this backend's and load here."""
 
-    backend: EngineBackend
+    stage, details = Stage.BUILD, BuildDetails
+    backend: EngineBackend  # the one chosen
     reason: str
-    machine: MachineInfo
-    allow_partial_fp8: bool = False
 
+    def __init__(self, requested: Backend | None, machine: MachineInfo | None, allow_partial_fp8: bool):
+        self.requested, self.machine, self.allow_partial_fp8 = requested, machine, allow_partial_fp8
 
-def _prepare(
-    run: StageRun,
-    backend: Backend | None = None,
-    machine: MachineInfo | None = None,
-    allow_partial_fp8: bool = False,
-) -> Prepared[_Plan]:
-    """Choose the backend (detecting the machine only where that needs it)."""
-    from sd35trt.models.loading import weights_identity
+    def prepare(self, run: StageRun) -> dict:
+        """Choose the backend (detecting the machine only where that needs it)."""
+        from sd35trt.models.loading import weights_identity
 
-    requested = backend or run.config.build.backend
-    if machine is None:
-        need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
-        machine = MachineInfo.detect() if need_machine else NO_MACHINE
-    chosen, reason = backends.resolve_backend(requested, machine)
-    if requested is Backend.AUTO:
-        run.progress(f"build backend {chosen.backend.value} ({reason})")
-    # The export fingerprint covers the weights (repo commit, LoRA bytes): a changed LoRA is stale here too.
-    return Prepared(_Plan(chosen, reason, machine, allow_partial_fp8), weights_identity(run.config))
+        requested = self.requested or run.config.build.backend
+        if self.machine is None:
+            need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
+            self.machine = MachineInfo.detect() if need_machine else NO_MACHINE
+        self.backend, self.reason = backends.resolve_backend(requested, self.machine)
+        if requested is Backend.AUTO:
+            run.progress(f"build backend {self.backend.backend.value} ({self.reason})")
+        # The export fingerprint covers the weights (repo commit, LoRA bytes): a new LoRA is stale here too.
+        return weights_identity(run.config)
 
+    def reusable(self, run: StageRun, record: StageRecord) -> bool:
+        if record.details.backend is not self.backend.backend:
+            return False
+        engines_dir = run.run_dir / Stage.BUILD.directory
+        try:
+            engines = verify_engines(engines_dir, machine=self.machine, cache=HashCache(run.run_dir))
+        except Sd35TrtError:  # missing, modified, or built for another TensorRT / GPU: rebuild
+            return False
+        return engines.backend is self.backend.backend
 
-def _same_engines(run: StageRun, plan: _Plan, record: StageRecord) -> bool:
-    """Whether the engines on disk are this backend's and load on this machine (TensorRT version, GPU)."""
-    if record.details.backend is not plan.backend.backend:
-        return False
-    engines_dir = run.run_dir / Stage.BUILD.directory
-    try:
-        engines = verify_engines(engines_dir, machine=plan.machine, cache=HashCache(run.run_dir))
-    except Sd35TrtError:  # missing, modified, or built for another TensorRT / GPU: rebuild
-        return False
-    return engines.backend is plan.backend.backend
+    def refresh(self, run: StageRun, record: StageRecord) -> dict[str, bytes]:
+        """Rewrite the engine manifest's runtime defaults (and config.yaml) when only they changed.
+
+        The defaults (steps, guidance, size, negative prompt, skip-layer guidance window) are read
+        at run time; no engine depends on them, so changing one rebuilds nothing.
+        """
+        manifest = read_engine_manifest(run.run_dir / Stage.BUILD.directory)
+        defaults, recorded = run.config.runtime.model_dump(mode="json"), dict(manifest.runtime_defaults)
+        if recorded == defaults:
+            return {}
+        changes = Fingerprint("", {"runtime": defaults}).changes({"runtime": recorded})
+        run.progress(f"build: runtime defaults updated in the engine manifest, no engine rebuilt ({changes})")
+        config_yaml = _config_yaml(run.config)
+        rewritten = FileRecord(CONFIG_NAME, len(config_yaml), hashlib.sha256(config_yaml).hexdigest())
+        support = tuple(rewritten if f.path == CONFIG_NAME else f for f in manifest.support_files)
+        updated = dataclasses.replace(manifest, runtime_defaults=defaults, support_files=support)
+        return {ENGINE_MANIFEST_NAME: json_text(updated.to_json()).encode(), CONFIG_NAME: config_yaml}
+
+    def produce(self, run: StageRun, out: Path) -> BuildDetails:
+        """Build every exported component's engine into ``out``, with its support files and manifest."""
+        config, run_dir = run.config, run.run_dir
+        export_rec = run.inputs[Stage.EXPORT]
+        exported = export_rec.details
+        check_config(config, exported.dims, Stage.BUILD)  # every problem of the ranges, before any engine
+        components = [c for c in Component if c in exported.components]
+        if not components:
+            raise BuildError(
+                f"the export record in {run.manifest.path} lists no components: "
+                f"re-run {run.command(Stage.EXPORT)}"
+            )
+        support = support_dirs(_model_dir(run, exported))
+        engines = {
+            c: _build_one(run, self, out, c, f"[{i}/{len(components)}] {c.value}")
+            for i, c in enumerate(components, 1)
+        }
+        support_files = _copy_support_files(support, out)
+        # The whole config the engines were made with travels with them (``package`` ships it).
+        atomic_write_bytes(out / CONFIG_NAME, _config_yaml(config))
+        support_files.append(file_record(out, out / CONFIG_NAME))
+        engine_manifest = EngineManifest(
+            directory=run_dir / Stage.BUILD.directory,
+            backend=self.backend.backend,
+            engines=engines,
+            dims=exported.dims,
+            runtime_defaults=config.runtime.model_dump(mode="json"),
+            build_settings={**config.build.model_dump(mode="json"), "backend": self.backend.backend.value},
+            support_files=tuple(support_files),
+            created=now_utc(),
+            versions=tool_versions(),
+            # the weights the engines hold, without the machine-specific model directory
+            model=exported.model.model_dump(mode="json", exclude={"directory"}) if exported.model else {},
+        )
+        atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
+        run.progress(
+            f"built {len(engines)} {self.backend.backend.value} engines in {run_dir / Stage.BUILD.directory}"
+        )
+        return _details(self, engines)
 
 
 def _config_yaml(config: Config) -> bytes:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
 
 
-def _runtime_defaults(run: StageRun, _plan: _Plan, _record: StageRecord) -> dict[str, bytes]:
-    """Rewrite the engine manifest's runtime defaults (and config.yaml) when only they changed.
-
-    The defaults (steps, guidance, size, negative prompt, skip-layer guidance window) are read at
-    run time; no engine depends on them, so changing one rebuilds nothing.
-    """
-    manifest = read_engine_manifest(run.run_dir / Stage.BUILD.directory)
-    defaults = run.config.runtime.model_dump(mode="json")
-    recorded = dict(manifest.runtime_defaults)
-    if recorded == defaults:
-        return {}
-    changes = Fingerprint("", {"runtime": defaults}).changes({"runtime": recorded})
-    run.progress(f"build: runtime defaults updated in the engine manifest, no engine rebuilt ({changes})")
-    config_yaml = _config_yaml(run.config)
-    rewritten = FileRecord(CONFIG_NAME, len(config_yaml), hashlib.sha256(config_yaml).hexdigest())
-    support = tuple(rewritten if f.path == CONFIG_NAME else f for f in manifest.support_files)
-    updated = dataclasses.replace(manifest, runtime_defaults=defaults, support_files=support)
-    return {ENGINE_MANIFEST_NAME: json_text(updated.to_json()).encode(), CONFIG_NAME: config_yaml}
-
-
-def _produce(run: StageRun, plan: _Plan, out: Path) -> BuildDetails:
-    """Build every exported component's engine into ``out``, with its support files and manifest."""
-    config, run_dir = run.config, run.run_dir
-    export_rec = run.inputs[Stage.EXPORT]
-    exported = export_rec.details
-    check_config(config, exported.dims, Stage.BUILD)  # every problem of the ranges, before any engine
-    components = [c for c in Component if c in exported.components]
-    if not components:
-        raise BuildError(
-            f"the export record in {run.manifest.path} lists no components: "
-            f"re-run {run.command(Stage.EXPORT)}"
-        )
-    support = support_dirs(_model_dir(run, exported))
-    engines = {
-        c: _build_one(run, plan, out, c, f"[{i}/{len(components)}] {c.value}")
-        for i, c in enumerate(components, 1)
-    }
-    support_files = _copy_support_files(support, out)
-    # The whole config the engines were made with travels with them (``package`` ships it).
-    atomic_write_bytes(out / CONFIG_NAME, _config_yaml(config))
-    support_files.append(file_record(out, out / CONFIG_NAME))
-    engine_manifest = EngineManifest(
-        directory=run_dir / Stage.BUILD.directory,
-        backend=plan.backend.backend,
-        engines=engines,
-        dims=exported.dims,
-        runtime_defaults=config.runtime.model_dump(mode="json"),
-        build_settings={**config.build.model_dump(mode="json"), "backend": plan.backend.backend.value},
-        support_files=tuple(support_files),
-        created=now_utc(),
-        versions=tool_versions(),
-        # the weights the engines hold, without the machine-specific model directory
-        model=exported.model.model_dump(mode="json", exclude={"directory"}) if exported.model else {},
-    )
-    atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
-    run.progress(
-        f"built {len(engines)} {plan.backend.backend.value} engines in {run_dir / Stage.BUILD.directory}"
-    )
-    return _details(plan, engines)
-
-
-def _details(plan: _Plan, engines: Mapping[Component, EngineRecord]) -> BuildDetails:
+def _details(plan: _Build, engines: Mapping[Component, EngineRecord]) -> BuildDetails:
     # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
     target = plan.backend.recorded_machine(plan.machine)
     return BuildDetails(
@@ -458,18 +447,6 @@ def _details(plan: _Plan, engines: Mapping[Component, EngineRecord]) -> BuildDet
             compute_capability=target.gpu.compute_capability if target.gpu else None,
         ),
     )
-
-
-#: The build stage, as the driver runs it.
-SPEC = StageSpec(
-    stage=Stage.BUILD,
-    details=BuildDetails,
-    upstream=lambda _config: (Stage.EXPORT,),
-    prepare=_prepare,
-    produce=_produce,
-    reusable=_same_engines,
-    refresh=_runtime_defaults,
-)
 
 
 def build(
@@ -517,6 +494,5 @@ def build(
         UnsafeArtifactError: the export record names an ONNX file outside the run directory or
             through a symlink.
     """
-    options = {"backend": backend, "machine": machine, "allow_partial_fp8": allow_partial_fp8}
-    spec = dataclasses.replace(SPEC, prepare=functools.partial(_prepare, **options))
+    spec = _Build(backend, machine, allow_partial_fp8)
     return run_stage(spec, config, run_dir, force=force, hint=hint, progress=progress or print_progress)

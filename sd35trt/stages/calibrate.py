@@ -27,12 +27,9 @@ images with the VAE (a few GB). The whole stage therefore stays well under 40 GB
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +48,7 @@ from sd35trt.models.loading import ResolvedModel, default_device, load_pipeline,
 from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.stages.check import check_config
-from sd35trt.stages.driver import Prepared, StageRun, StageSpec, run_stage
+from sd35trt.stages.driver import StageRun, StageSpec, run_stage
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"
@@ -164,127 +161,112 @@ def _peak_memory(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What :func:`_prepare` resolved for :func:`_produce`."""
+class _Calibrate(StageSpec):
+    """The calibrate stage (:func:`calibrate`): no upstream; reusable for the same prompt set."""
 
+    stage, details = Stage.CALIBRATE, CalibrateDetails
     prompts: list[str]
     heldout: list[str]
     resolved: ResolvedModel
     dims: ModelDims
-    device: str | None
-    status: Callable[[str], None]
 
+    def __init__(self, device: str | None, status: Callable[[str], None]) -> None:
+        self.device, self.status = device, status
 
-def _prepare(
-    run: StageRun, device: str | None = None, status: Callable[[str], None] = lambda _item: None
-) -> Prepared[_Plan]:
-    """Read the prompt sets, resolve the model and refuse settings it can't take (nothing heavy)."""
-    s = run.config.calibrate
-    prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
-    heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
-    if shared := set(prompts) & set(heldout):
-        raise ConfigError(
-            f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
-            f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
+    def prepare(self, run: StageRun) -> dict:
+        """Step 1: read the prompt sets, resolve the model and refuse settings it can't take."""
+        s = run.config.calibrate
+        self.prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
+        self.heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
+        if shared := set(self.prompts) & set(self.heldout):
+            raise ConfigError(
+                f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
+                f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
+            )
+        self.resolved = resolve_model(run.config, run.run_dir)
+        self.dims = ModelDims.from_model_dir(self.resolved.directory)
+        check_config(run.config, self.dims, Stage.CALIBRATE)  # here or in a later stage
+        return self.resolved.identity()
+
+    def reusable(self, run: StageRun, record: StageRecord) -> bool:
+        return record.details.prompt_set_sha256 == prompt_set_sha256(self.prompts)
+
+    def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
+        """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
+        import torch
+
+        from sd35trt.models.quantize import save_calibration
+        from sd35trt.stages.calibration_quality import METRIC, quality_report
+
+        config, s, log = run.config, run.config.calibrate, run.progress
+        cfg = quant_config(s, self.dims.num_layers, self.dims.head_dim)
+        start = time.perf_counter()
+        device = self.device or default_device()
+        dtype = torch_dtype(s.dtype, device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        pipe = load_pipeline(config, run.run_dir, device=device, dtype=dtype, loras=self.resolved.loras)
+        pipe.set_progress_bar_config(disable=True)
+        text = {
+            "negative_prompt": config.runtime.negative_prompt,
+            "max_sequence_length": config.runtime.max_sequence_length,
+        }
+        report_truncations(pipe, self.prompts, "calibration", log, text["max_sequence_length"])
+        report_truncations(pipe, self.heldout, "held-out", log, text["max_sequence_length"])
+        batches = encode_batches(pipe, self.prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
+        report_batches = encode_batches(
+            pipe, self.heldout, s.batch_size, s.seed, s.guidance_scale, device, **text
         )
-    resolved = resolve_model(run.config, run.run_dir)
-    dims = ModelDims.from_model_dir(resolved.directory)
-    check_config(run.config, dims, Stage.CALIBRATE)  # here or in a later stage
-    return Prepared(_Plan(prompts, heldout, resolved, dims, device, status), resolved.identity())
+        drop_text_encoders(pipe)
 
-
-def _same_prompts(_run: StageRun, plan: _Plan, record: StageRecord) -> bool:
-    return record.details.prompt_set_sha256 == prompt_set_sha256(plan.prompts)
-
-
-def _produce(run: StageRun, plan: _Plan, out: Path) -> CalibrateDetails:
-    """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
-    import torch
-
-    from sd35trt.models.quantize import save_calibration
-    from sd35trt.stages.calibration_quality import METRIC, quality_report
-
-    config, s, log = run.config, run.config.calibrate, run.progress
-    cfg = quant_config(s, plan.dims.num_layers, plan.dims.head_dim)
-    start = time.perf_counter()
-    device = plan.device or default_device()
-    dtype = torch_dtype(s.dtype, device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    pipe = load_pipeline(config, run.run_dir, device=device, dtype=dtype, loras=plan.resolved.loras)
-    pipe.set_progress_bar_config(disable=True)
-    text = {
-        "negative_prompt": config.runtime.negative_prompt,
-        "max_sequence_length": config.runtime.max_sequence_length,
-    }
-    report_truncations(pipe, plan.prompts, "calibration", log, text["max_sequence_length"])
-    report_truncations(pipe, plan.heldout, "held-out", log, text["max_sequence_length"])
-    batches = encode_batches(pipe, plan.prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
-    report_batches = encode_batches(
-        pipe, plan.heldout, s.batch_size, s.seed, s.guidance_scale, device, **text
-    )
-    drop_text_encoders(pipe)
-
-    summary = calibrate_transformer(pipe, batches, s, plan.status)
-    report = quality_report(
-        pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
-    )
-    elapsed = time.perf_counter() - start
-    peak, peak_kind = _peak_memory(device)
-    # The details are validated before the staged directory is published.
-    details = CalibrateDetails(
-        calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
-        prompts_file=str(s.prompts),
-        prompt_set_sha256=prompt_set_sha256(plan.prompts),
-        num_prompts=len(plan.prompts),
-        heldout_prompt_set_sha256=prompt_set_sha256(plan.heldout),
-        seeds=tuple(b.seed for b in batches),
-        report_seeds=tuple(b.seed for b in report_batches),
-        steps=s.steps,
-        report_steps=report.steps,
-        guidance_scale=s.guidance_scale,
-        **text,
-        batch_size=s.batch_size,
-        height=s.height,
-        width=s.width,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        summary=QuantizerCounts.model_validate(summary.to_json()),
-        report=CalibrationQuality(
-            steps=report.steps,
-            metric=METRIC,
-            overall_mean_error=report.overall_mean_error,
-            mean_psnr_db=report.mean_psnr_db,
-            mean_ssim=report.mean_ssim,
-        ),
-        elapsed_s=round(elapsed, 3),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        model=run.model_input(plan.resolved),
-    )
-    save_calibration(pipe.transformer, out / CALIBRATION_FILE)
-    atomic_write_json(out / SUMMARY_FILE, summary.to_json())
-    atomic_write_json(out / REPORT_FILE, report.to_json())
-    atomic_write_json(out / QUANT_CONFIG_FILE, cfg)
-    log(summary.table())
-    log(report.table())
-    log(
-        f"calibrate: {len(plan.prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
-        f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
-    )
-    return details
-
-
-#: The calibrate stage, as the driver runs it.
-SPEC = StageSpec(
-    stage=Stage.CALIBRATE,
-    details=CalibrateDetails,
-    upstream=lambda _config: (),
-    prepare=_prepare,
-    produce=_produce,
-    reusable=_same_prompts,
-)
+        summary = calibrate_transformer(pipe, batches, s, self.status)
+        report = quality_report(
+            pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
+        )
+        elapsed = time.perf_counter() - start
+        peak, peak_kind = _peak_memory(device)
+        # The details are validated before the staged directory is published.
+        details = CalibrateDetails(
+            calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
+            prompts_file=str(s.prompts),
+            prompt_set_sha256=prompt_set_sha256(self.prompts),
+            num_prompts=len(self.prompts),
+            heldout_prompt_set_sha256=prompt_set_sha256(self.heldout),
+            seeds=tuple(b.seed for b in batches),
+            report_seeds=tuple(b.seed for b in report_batches),
+            steps=s.steps,
+            report_steps=report.steps,
+            guidance_scale=s.guidance_scale,
+            **text,
+            batch_size=s.batch_size,
+            height=s.height,
+            width=s.width,
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            summary=QuantizerCounts.model_validate(summary.to_json()),
+            report=CalibrationQuality(
+                steps=report.steps,
+                metric=METRIC,
+                overall_mean_error=report.overall_mean_error,
+                mean_psnr_db=report.mean_psnr_db,
+                mean_ssim=report.mean_ssim,
+            ),
+            elapsed_s=round(elapsed, 3),
+            peak_memory_bytes=peak,
+            peak_memory_kind=peak_kind,
+            model=run.model_input(self.resolved),
+        )
+        save_calibration(pipe.transformer, out / CALIBRATION_FILE)
+        atomic_write_json(out / SUMMARY_FILE, summary.to_json())
+        atomic_write_json(out / REPORT_FILE, report.to_json())
+        atomic_write_json(out / QUANT_CONFIG_FILE, cfg)
+        log(summary.table())
+        log(report.table())
+        log(
+            f"calibrate: {len(self.prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
+            f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
+        )
+        return details
 
 
 def calibrate(
@@ -318,5 +300,4 @@ def calibrate(
             id is not cached, or a LoRA does not fit the model.
         CalibrationError: a quantizer ended without a finite amax > 0 (nothing is written).
     """
-    spec = dataclasses.replace(SPEC, prepare=functools.partial(_prepare, device=device, status=status))
-    return run_stage(spec, config, run_dir, force=force, progress=log)
+    return run_stage(_Calibrate(device, status), config, run_dir, force=force, progress=log)

@@ -1,7 +1,7 @@
 """The one stage driver: calibrate, export and build all run through :func:`run_stage`.
 
-A stage is a :class:`StageSpec`: its :class:`~sd35trt.artifacts.records.Stage` (name, output
-directory, config sections), its upstream stages, typed details and its own steps. For every
+A stage is a :class:`StageSpec` subclass: its :class:`~sd35trt.artifacts.records.Stage` (name,
+output directory, config sections), upstream stages, typed details and its own steps. For every
 stage alike the driver then (1) refuses a ``--run-dir`` that is not a run before writing anything,
 holds the writer lock and removes the stage's own leftovers (faults.md #4, #22, #29); (2) lets the
 stage ``prepare`` (resolve inputs, check the config); (3) verifies the upstream records, naming
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
@@ -44,26 +44,11 @@ if TYPE_CHECKING:
     from sd35trt.models.loading import ResolvedModel
 
 Progress = Callable[[str], None]
-W = TypeVar("W")
 
 
 def print_progress(line: str) -> None:
     """The default progress of the stages: one line on stderr."""
     print(line, file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Prepared(Generic[W]):
-    """What a stage's ``prepare`` step resolved.
-
-    Attributes:
-        work: the stage's own plan, handed to its ``produce``, ``reusable`` and ``refresh``.
-        identity: the weights' identity (resolved Hub commit, LoRA hashes; ``{}`` for neither),
-            part of the calibrate and export fingerprints.
-    """
-
-    work: W
-    identity: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,34 +112,45 @@ class StageRun:
         return self.manifest.verified(stage, fingerprint, self.hint, cache=cache, chain=self.chain)
 
 
-@dataclass(frozen=True)
-class StageSpec(Generic[W]):
-    """A stage, declared: the driver runs any stage from this.
+class StageSpec:
+    """A stage, declared: subclassed once per stage, one instance per run (it keeps what
+    :meth:`prepare` resolved for the other steps). :func:`run_stage` runs any of them.
 
     Attributes:
         stage: name, output directory and config sections (:class:`Stage`).
-        details: the record's typed details model (what ``produce`` returns).
-        upstream: the stages whose records this one reads, for a config (export reads calibrate
-            only when it quantizes).
-        prepare: resolve inputs and check the config; nothing heavy, nothing written.
-        produce: write the output into the staging directory it is given; return the details.
-        reusable: beyond fingerprint, upstream and files, whether the existing record still holds
-            (calibrate: the prompt set; build: the backend and machine).
-        refresh: for a reusable record, small files of the output to rewrite in place (relative
-            to the output directory), e.g. build's runtime defaults; ``{}`` for none.
+        details: the record's typed details model (what :meth:`produce` returns).
     """
 
-    stage: Stage
-    details: type[BaseModel]
-    upstream: Callable[[Config], tuple[Stage, ...]]
-    prepare: Callable[[StageRun], Prepared[W]]
-    produce: Callable[[StageRun, W, Path], BaseModel]
-    reusable: Callable[[StageRun, W, StageRecord], bool] = lambda _run, _work, _record: True
-    refresh: Callable[[StageRun, W, StageRecord], dict[str, bytes]] = lambda _run, _work, _record: {}
+    stage: ClassVar[Stage]
+    details: ClassVar[type[BaseModel]]
+
+    def upstream(self, config: Config) -> tuple[Stage, ...]:
+        """The stages whose records this one reads (default: the one before it)."""
+        return (self.stage.upstream,) if self.stage.upstream is not None else ()
+
+    def prepare(self, run: StageRun) -> Mapping[str, Any]:
+        """Resolve inputs and check the config (nothing heavy, nothing written).
+
+        Returns:
+            The weights' identity (resolved Hub commit, LoRA hashes; ``{}`` for neither).
+        """
+        return {}
+
+    def produce(self, run: StageRun, out: Path) -> BaseModel:
+        """Write the output into the staging directory ``out``; return the record's details."""
+        raise NotImplementedError
+
+    def reusable(self, run: StageRun, record: StageRecord) -> bool:
+        """Beyond fingerprint, upstream and files, whether the existing record still holds."""
+        return True
+
+    def refresh(self, run: StageRun, record: StageRecord) -> dict[str, bytes]:
+        """For a reusable record: small output files to rewrite in place (name -> bytes)."""
+        return {}
 
 
 def run_stage(
-    spec: StageSpec[W],
+    spec: StageSpec,
     config: Config,
     run_dir: str | Path,
     *,
@@ -186,19 +182,19 @@ def run_stage(
     with stage_session(run_dir, stage):
         run = StageRun(stage, config, run_dir, RunManifest(run_dir), hint, progress)
         run.manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo
-        prepared = spec.prepare(run)
+        identity = spec.prepare(run)
         for up in spec.upstream(config):
-            run.inputs[up] = run.verified_upstream(up, prepared.identity, cached=True)
-        fingerprint = run.fingerprint(stage, prepared.identity)
-        if not force and (record := _reusable(spec, run, prepared.work, fingerprint)) is not None:
+            run.inputs[up] = run.verified_upstream(up, identity, cached=True)
+        fingerprint = run.fingerprint(stage, identity)
+        if not force and (record := _reusable(spec, run, fingerprint)) is not None:
             progress(f"{stage.value}: {run_dir / stage.directory} is up to date (--force redoes it)")
-            return _refreshed(spec, run, prepared.work, record)
+            return _refreshed(spec, run, record)
         for up in run.inputs:  # what the stage reads is hashed fully, not taken from the cache
-            run.inputs[up] = run.verified_upstream(up, prepared.identity, cached=False)
+            run.inputs[up] = run.verified_upstream(up, identity, cached=False)
         _check_replaceable(run)
         with unwritable_is_one_line(stage.value, run_dir):
             with staged_output(run_dir, stage) as out:
-                details = spec.produce(run, prepared.work, out)
+                details = spec.produce(run, out)
                 if not isinstance(details, spec.details):
                     raise TypeError(f"{stage.value} produced {type(details).__name__}, not {spec.details}")
             files = records_for_tree(run_dir, stage.directory)
@@ -207,7 +203,7 @@ def run_stage(
         return record
 
 
-def _reusable(spec: StageSpec[W], run: StageRun, work: W, fingerprint: Fingerprint) -> StageRecord | None:
+def _reusable(spec: StageSpec, run: StageRun, fingerprint: Fingerprint) -> StageRecord | None:
     """The existing record when it is intact, made from these inputs and upstream, and reusable."""
     try:
         record = run.manifest.verified(spec.stage, fingerprint, cache=HashCache(run.run_dir))
@@ -215,12 +211,12 @@ def _reusable(spec: StageSpec[W], run: StageRun, work: W, fingerprint: Fingerpri
         return None
     if record.upstream != {s: r.digest() for s, r in run.inputs.items()}:
         return None
-    return record if spec.reusable(run, work, record) else None
+    return record if spec.reusable(run, record) else None
 
 
-def _refreshed(spec: StageSpec[W], run: StageRun, work: W, record: StageRecord) -> StageRecord:
+def _refreshed(spec: StageSpec, run: StageRun, record: StageRecord) -> StageRecord:
     """Rewrite the small files ``spec.refresh`` returns, under the unrecorded marker, and re-record."""
-    changed = spec.refresh(run, work, record)
+    changed = spec.refresh(run, record)
     if not changed:
         return record
     stage, run_dir = spec.stage, run.run_dir

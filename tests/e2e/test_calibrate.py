@@ -25,10 +25,9 @@ FILES = {f"calibrate/{n}" for n in (CALIBRATION_FILE, SUMMARY_FILE, REPORT_FILE,
 
 
 def _fresh_run(src_run, tmp_path, name="run"):
-    """A new run directory (its empty run manifest) reusing the tiny model ``src_run`` wrote."""
+    """An empty run directory that reuses the tiny model already written by ``src_run``."""
     dst = tmp_path / name
     shutil.copytree(src_run / MODEL_SUBDIR, dst / MODEL_SUBDIR)
-    (dst / "manifest.json").write_text('{"format": 1, "records": {}}')
     return dst
 
 
@@ -138,10 +137,7 @@ def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
     run = _fresh_run(calibrated_run, tmp_path)
     with pytest.raises(CalibrationError, match=expected):
         calibrate(_small(tiny_config), run, log=_quiet)
-    assert sorted(p.name for p in run.iterdir()) == [
-        "manifest.json",
-        MODEL_SUBDIR,
-    ]  # no calibrate/, leftovers
+    assert sorted(p.name for p in run.iterdir()) == [MODEL_SUBDIR]  # no calibrate/, no leftovers
     assert RunManifest(run).get(Stage.CALIBRATE) is None
 
     # Over an earlier good calibration: it stays, with its record.

@@ -81,7 +81,7 @@ def test_a_users_folder_as_run_dir_is_refused_and_nothing_is_removed(tmp_path, s
         (folder / rel).write_bytes(f"the user's {rel}".encode())
     before = _tree(folder)
     proc = _cli(*_stage_args(stage, folder))
-    _one_line_error(proc, f"--run-dir {folder} is not empty", "not a run directory", "nothing was written")
+    _one_line_error(proc, f"--run-dir {folder} holds calibrate, engines, model", "not a run directory")
     assert _tree(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no lock file beside it either
 

@@ -18,8 +18,6 @@ All validation failures are collected and raised together; nothing is published 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import gc
 import shutil
 import time
@@ -47,7 +45,7 @@ from sd35trt.components import (
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
 from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
-from sd35trt.stages.driver import Prepared, Progress, StageRun, StageSpec, print_progress, run_stage
+from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 from sd35trt.stages.export.report import report_json, report_line
 
 if TYPE_CHECKING:
@@ -116,74 +114,56 @@ class _Reference:
     unquantized: list[dict[str, np.ndarray]] | None
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What :func:`_prepare` resolved for :func:`_produce`."""
+class _Export(StageSpec):
+    """The export stage (:func:`export`): reads the calibration when it quantizes."""
 
+    stage, details = Stage.EXPORT, ExportDetails
     resolved: ResolvedModel
     dims: ModelDims
-    external_threshold: int | None = None
 
+    def __init__(self, external_threshold: int | None) -> None:
+        self.external_threshold = external_threshold
 
-def _prepare(run: StageRun, external_threshold: int | None = None) -> Prepared[_Plan]:
-    """Resolve the model and refuse settings it can't take (here or at build) before any tracing."""
-    from sd35trt.models.loading import resolve_model
+    def upstream(self, config: Config) -> tuple[Stage, ...]:
+        return (Stage.CALIBRATE,) if config.export.quantize else ()
 
-    resolved = resolve_model(run.config, run.run_dir)
-    dims = ModelDims.from_model_dir(resolved.directory)
-    check_config(run.config, dims, Stage.EXPORT)
-    return Prepared(_Plan(resolved, dims, external_threshold), resolved.identity())
+    def prepare(self, run: StageRun) -> dict:
+        """Resolve the model and refuse settings it can't take (here or at build) before tracing."""
+        from sd35trt.models.loading import resolve_model
 
+        self.resolved = resolve_model(run.config, run.run_dir)
+        self.dims = ModelDims.from_model_dir(self.resolved.directory)
+        check_config(run.config, self.dims, Stage.EXPORT)
+        return self.resolved.identity()
 
-def _upstream(config: Config) -> tuple[Stage, ...]:
-    return (Stage.CALIBRATE,) if config.export.quantize else ()
+    def produce(self, run: StageRun, out: Path) -> ExportDetails:
+        """Export and validate every component into ``out``; all validation failures raised together."""
+        from sd35trt.models.loading import check_weights
+        from sd35trt.stages.export import tracing
 
-
-def _produce(run: StageRun, plan: _Plan, out: Path) -> ExportDetails:
-    """Export and validate every component into ``out``; every validation failure is raised together."""
-    from sd35trt.models.loading import check_weights
-    from sd35trt.stages.export import tracing
-
-    config, root = run.config, plan.resolved.directory
-    cal = run.inputs.get(Stage.CALIBRATE)
-    calibration = _calibration_file(run.run_dir, cal, run.manifest) if cal is not None else None
-    if config.export.quantize and config.calibrate.fp8_attention:
-        tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
-    if config.model.source is not ModelSource.RANDOM:
-        check_weights(root)
-    slg = skip_layer_indices(config, plan.dims)
-    start = time.perf_counter()
-    job = _make_job(
-        config,
-        root,
-        plan.resolved.loras,
-        plan.dims,
-        out,
-        slg,
-        calibration,
-        plan.external_threshold,
-        run.progress,
-    )
-    graphs: list[_Graph] = []
-    for i, component in enumerate(Component, 1):
-        graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
-    shutil.rmtree(job.scratch, ignore_errors=True)
-    failures = [f for g in graphs for f in g.failures]
-    if failures:
-        raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
-    seconds = time.perf_counter() - start
-    atomic_write_json(
-        out / REPORT_FILE, report_json(graphs, config.export.opset, job.device, job.providers, seconds)
-    )
-    details = _details(run, plan, slg, graphs, cal, calibration)
-    run.progress(f"export done in {seconds:.1f} s -> {run.run_dir / Stage.EXPORT.directory}")
-    return details
-
-
-#: The export stage, as the driver runs it.
-SPEC = StageSpec(
-    stage=Stage.EXPORT, details=ExportDetails, upstream=_upstream, prepare=_prepare, produce=_produce
-)
+        config, root, dims = run.config, self.resolved.directory, self.dims
+        cal = run.inputs.get(Stage.CALIBRATE)
+        calibration = _calibration_file(run.run_dir, cal, run.manifest) if cal is not None else None
+        if config.export.quantize and config.calibrate.fp8_attention:
+            tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
+        if config.model.source is not ModelSource.RANDOM:
+            check_weights(root)
+        slg = skip_layer_indices(config, dims)
+        start = time.perf_counter()
+        loras, threshold = self.resolved.loras, self.external_threshold
+        job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
+        graphs: list[_Graph] = []
+        for i, component in enumerate(Component, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
+        shutil.rmtree(job.scratch, ignore_errors=True)
+        failures = [f for g in graphs for f in g.failures]
+        if failures:
+            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+        seconds = time.perf_counter() - start
+        report = report_json(graphs, config.export.opset, job.device, job.providers, seconds)
+        atomic_write_json(out / REPORT_FILE, report)
+        run.progress(f"export done in {seconds:.1f} s -> {run.run_dir / Stage.EXPORT.directory}")
+        return _details(run, self, slg, graphs, cal, calibration)
 
 
 def export(
@@ -223,9 +203,7 @@ def export(
         CalibrationError: the calibration does not match the transformer.
         ExportError: a graph failed validation (every failure named) or the checker.
     """
-    spec = dataclasses.replace(
-        SPEC, prepare=functools.partial(_prepare, external_threshold=external_threshold)
-    )
+    spec = _Export(external_threshold)
     return run_stage(spec, config, run_dir, force=force, hint=hint, progress=progress or print_progress)
 
 
@@ -527,7 +505,7 @@ def _save(
 
 def _details(
     run: StageRun,
-    plan: _Plan,
+    plan: _Export,
     slg: tuple[int, ...],
     graphs: list[_Graph],
     calibrate_record: StageRecord | None,

@@ -33,16 +33,10 @@ def _hold(run_dir, seconds: float) -> subprocess.Popen:
     return proc
 
 
-def _run_dir(path):
-    """An (empty) run directory: its run manifest is what makes it one (faults.md #29)."""
-    (path / "manifest.json").write_text('{"format": 1, "records": {}}')
-    return path
-
-
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     """faults.md 22: a second writer waits a bounded time, then is refused with the holder's pid
     and command; its own clean-up never touches the holder's staging directory."""
-    holder = _hold(_run_dir(tmp_path), 60)
+    holder = _hold(tmp_path, 60)
     staging = tmp_path / ".engines.tmp-holder"
     staging.mkdir()
     try:
@@ -84,12 +78,34 @@ def test_a_writer_waits_for_a_holder_that_finishes(tmp_path):
 
 def test_a_session_removes_leftovers_of_its_own_stage_only(tmp_path):
     """faults.md 4: a killed run's leftovers go at the next session of that stage, whatever it does."""
-    _run_dir(tmp_path)
     for name in (".engines.tmp-a", ".engines.old-b", ".onnx.tmp-c"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text("x")
     (tmp_path / ".manifest.json.abc.tmp").write_text("{")
     with stage_session(tmp_path, Stage.BUILD):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c"]
     assert lock_paths(tmp_path)[0].parent == tmp_path.parent  # the lock lives beside the run dir
+
+
+def test_a_run_directory_is_recognised_before_its_first_record(tmp_path):
+    """faults.md 29: what sd35trt writes before a stage's first record (the built-in model with its
+    stamp, staging directories) is a run; a user's folder, even one with a model/, is not."""
+    from sd35trt.artifacts.runlock import check_run_dir
+    from sd35trt.errors import RunDirError
+    from sd35trt.models.loading import MODEL_STAMP
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / MODEL_STAMP).write_text("{}")
+    (run / ".calibrate.tmp-abc").mkdir()
+    check_run_dir(run)
+    check_run_dir(tmp_path / "new")  # not there yet
+    (run / "model" / MODEL_STAMP).unlink()  # now a model/ sd35trt did not write
+    with pytest.raises(RunDirError, match=r"holds model and no sd35trt run manifest"):
+        check_run_dir(run)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / ".DS_Store").write_text("")
+    with pytest.raises(RunDirError, match=r"holds \.DS_Store and no sd35trt run manifest"):
+        check_run_dir(user)
