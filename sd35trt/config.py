@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -409,16 +410,44 @@ class Config(_Strict):
             )
         return self
 
-    def digest(self, *fields: str) -> str:
-        """sha256 (canonical JSON) of named sections or dotted fields (``"model"``, ``"runtime.height"``)."""
-        data = self.model_dump(mode="json")
-        picked = {}
-        for name in fields:
-            value = data
-            for key in name.split("."):
+    def values(self, *paths: str) -> dict[str, Any]:
+        """The JSON values at config paths (``"model"``, ``"runtime.height"``), keyed by path.
+
+        A path below an unset section (``runtime.skip_layer_guidance.layers``) is ``None``.
+
+        Raises:
+            ValueError: a path that names no config field (:func:`check_config_path`).
+        """
+        data, picked = self.model_dump(mode="json"), {}
+        for path in paths:
+            value: Any = data
+            for key in check_config_path(path):
                 value = value.get(key) if isinstance(value, dict) else None
-            picked[name] = value
-        return sha256_json(picked)
+            picked[path] = value
+        return picked
+
+    def digest(self, *paths: str) -> str:
+        """sha256 (canonical JSON) of :meth:`values` (a path that names no field is a ValueError)."""
+        return sha256_json(self.values(*paths))
+
+
+def check_config_path(path: str) -> tuple[str, ...]:
+    """The keys of a dotted config path, each checked against the fields of its section.
+
+    Raises:
+        ValueError: a key is not a field of its section (``runtime.max_sequnce_length``).
+    """
+    keys, model = tuple(path.split(".")), Config
+    for i, key in enumerate(keys):
+        if model is None or key not in model.model_fields:
+            raise ValueError(f"config path {path!r}: {'.'.join(keys[: i + 1])} is not a config field")
+        annotation = model.model_fields[key].annotation  # a section, or an optional one
+        model = next((t for t in (annotation, *typing.get_args(annotation)) if _is_section(t)), None)
+    return keys
+
+
+def _is_section(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
 
 
 def sha256_json(data: Any) -> str:

@@ -60,6 +60,10 @@ class RunDirBusyError(Sd35TrtError):
     """Another process is writing the same run directory (its pid and command are named)."""
 
 
+class RunDirError(Sd35TrtError):
+    """A ``--run-dir`` that is not a run (an engines directory, a user's folder), or cannot be written."""
+
+
 class CalibrationError(Sd35TrtError):
     """Calibration produced unusable ranges (an amax of 0, inf or NaN)."""
 

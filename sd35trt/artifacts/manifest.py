@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sd35trt.artifacts.containment import contained_path
-from sd35trt.artifacts.records import RECORD_TYPES, FileRecord, ManifestFile, Stage, StageRecord
+from sd35trt.artifacts.records import RECORD_TYPES, FileRecord, Fingerprint, ManifestFile, Stage, StageRecord
 from sd35trt.errors import (
     ManifestError,
     StaleArtifactError,
@@ -61,6 +61,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _mismatch(path: Path, digest: str, expected: str, what: str, fix: str) -> VerificationError:
+    HashCache.forget(path)  # a freshness check must not call it intact any more
     return VerificationError(
         f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
         f"corrupted); {fix}"
@@ -132,15 +133,19 @@ def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) 
 
 
 class HashCache:
-    """sha256 of files keyed on (size, mtime, inode), for freshness checks in ``make`` chains.
+    """sha256 of files keyed on (size, mtime, ctime, inode), for freshness checks in ``make`` chains.
 
-    A file whose size, modification time (ns) and inode are unchanged since it was hashed is not
-    read again. This is for deciding whether a stage has anything to do; anything that loads or
-    ships bytes (``run``, ``serve``, ``verify``, ``package``) hashes them itself.
+    A file whose size, modification time, status-change time (ns) and inode are unchanged since it
+    was hashed is not read again. ``touch -r`` after an in-place edit restores the mtime but not
+    the ctime, so such an edit is rehashed (faults.md #30). Bit rot changes neither: every reader
+    that hashes bytes fully (``run``, ``serve``, ``verify``, ``package``) and finds a mismatch
+    drops the file's entry (:meth:`forget`), so the next stage rehashes it and agrees.
     The cache lives in ``<run dir>/.sha256-cache.json`` and is rewritten atomically.
     """
 
     NAME = ".sha256-cache.json"
+    #: How far above a file its run directory's cache is looked for (``engines/tokenizer/x``).
+    SEARCH_DEPTH = 3
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / self.NAME
@@ -148,20 +153,20 @@ class HashCache:
         self._dirty = False
         try:
             data = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return
         if isinstance(data, dict):
-            self._entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 4}
+            self._entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 5}
 
     def sha256(self, path: str | Path) -> str:
-        """The file's sha256, from the cache when its size, mtime and inode match."""
+        """The file's sha256, from the cache when its size, mtime, ctime and inode match."""
         path = Path(path)
         st = path.stat()
         key = str(path.absolute())
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         entry = self._entries.get(key)
-        if entry is not None and entry[:3] == stamp:
-            return str(entry[3])
+        if entry is not None and entry[:4] == stamp:
+            return str(entry[4])
         digest = sha256_file(path)
         self._entries[key] = [*stamp, digest]
         self._dirty = True
@@ -173,6 +178,18 @@ class HashCache:
             with contextlib.suppress(OSError):
                 atomic_write_json(self.path, self._entries)
             self._dirty = False
+
+    @classmethod
+    def forget(cls, path: str | Path) -> None:
+        """Drop ``path``'s entry from the cache of the run directory holding it, if there is one."""
+        path = Path(path).absolute()
+        for parent in path.parents[: cls.SEARCH_DEPTH]:
+            if (parent / cls.NAME).is_file():
+                cache = cls(parent)
+                if cache._entries.pop(str(path), None) is not None:
+                    cache._dirty = True
+                    cache.save()
+                return
 
 
 def file_record(root: str | Path, path: str | Path) -> FileRecord:
@@ -237,6 +254,8 @@ def verify_files(
             continue
         digest = cache.sha256(p) if cache is not None else sha256_file(p)
         if digest != rec.sha256:
+            if cache is None:
+                HashCache.forget(p)
             problems.append(
                 f"{p} sha256 {digest[:12]}… does not match the manifest's {rec.sha256[:12]}… (modified)"
             )
@@ -280,11 +299,6 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def record_digest(record: StageRecord) -> str:
-    """Digest of a stage record: downstream records name their inputs by it."""
-    return record.digest()
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -323,9 +337,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_text(data: Any) -> str:
+    """JSON as every manifest is written: sorted keys, indented, a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (see :func:`atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write :func:`json_text` atomically (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, json_text(data))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -501,18 +520,22 @@ class RunManifest:
     def verified(
         self,
         stage: Stage,
-        config_digest: str | None = None,
+        fingerprint: Fingerprint | str | None = None,
         hint: str = "",
         *,
         cache: HashCache | None = None,
+        chain: str | None = None,
     ) -> StageRecord:
         """The record of ``stage`` after checking its files, its config digest and its upstream.
 
         Args:
             stage: the stage whose output is about to be used.
-            config_digest: the current digest of ``stage.config_sections``; ``None`` skips it.
+            fingerprint: the stage's current :class:`Fingerprint` (or only its digest); ``None``
+                skips the check. With a fingerprint, a stale record names what changed.
             hint: appended to the suggested command (e.g. ``--config configs/tiny.yaml``).
             cache: reuse digests of unchanged files (a freshness check, not a load).
+            chain: the one command that brings the chain up to date (e.g. ``sd35trt build
+                --upstream ...``), suggested instead of re-running ``stage`` alone.
 
         Raises:
             ManifestError: no record, or the manifest does not validate.
@@ -525,52 +548,30 @@ class RunManifest:
         if rec is None:
             raise self._missing(stage, hint)
         rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
+        fix = f"bring the chain up to date with `{chain}`" if chain else f"re-run {rerun}"
+        output = f"the {stage.value} output in {self.run_dir}"
         if unrecorded_marker(self.run_dir, stage).exists():
             raise StaleArtifactError(
-                f"the {stage.value} output in {self.run_dir} was published but never recorded (the last "
-                f"`sd35trt {stage.value}` was interrupted); re-run {rerun}, which redoes it"
+                f"{output} was published but never recorded (the last `sd35trt {stage.value}` was "
+                f"interrupted); {fix}, which redoes it"
             )
-        if config_digest is not None and rec.config_digest != config_digest:
-            sections = ", ".join(stage.config_sections)
-            raise StaleArtifactError(
-                f"the {stage.value} output in {self.run_dir} is stale: config sections [{sections}] changed "
-                f"since it was made; re-run {rerun}"
-            )
+        digest = fingerprint.digest if isinstance(fingerprint, Fingerprint) else fingerprint
+        if digest is not None and rec.config_digest != digest:
+            changed = isinstance(fingerprint, Fingerprint) and fingerprint.changes(rec.inputs)
+            what = changed or f"config sections [{', '.join(stage.config_sections)}]"
+            raise StaleArtifactError(f"{output} is stale: {what} changed since it was made; {fix}")
         up = stage.upstream
         if up is not None and up in rec.upstream:
             current = records.get(up)
             if current is None or current.digest() != rec.upstream[up]:
-                raise StaleArtifactError(
-                    f"the {stage.value} output in {self.run_dir} was made from an older {up.value} output; "
-                    f"re-run {rerun}"
-                )
-        verify_files(self.run_dir, rec.files, what=f"{stage.value} output (re-run {rerun})", cache=cache)
+                raise StaleArtifactError(f"{output} was made from an older {up.value} output; {fix}")
+        verify_files(self.run_dir, rec.files, what=f"{stage.value} output ({fix})", cache=cache)
         return rec
-
-
-def is_fresh(run_dir: str | Path, stage: Stage, config_digest: str) -> bool:
-    """Whether ``stage``'s output is complete, intact and made from the current config and upstream.
-
-    Stages use this to do nothing when re-run on unchanged inputs (``make`` chains them); files
-    unchanged since they were last hashed (size, mtime, inode) are not hashed again. A manifest
-    that does not validate is not "not fresh": its error propagates.
-
-    Raises:
-        ManifestError: the manifest is not readable or does not validate (not raised for a
-            missing, stale or damaged record: those return ``False``).
-    """
-    manifest = RunManifest(run_dir)
-    manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo the stage
-    try:
-        manifest.verified(stage, config_digest, cache=HashCache(run_dir))
-    except ManifestError:
-        return False
-    return True
 
 
 def new_record(
     stage: Stage,
-    config_digest: str,
+    fingerprint: Fingerprint | str,
     files: Iterable[FileRecord],
     upstream: dict[Stage, StageRecord] | None = None,
     *,
@@ -580,7 +581,8 @@ def new_record(
 
     Args:
         stage: the stage writing it.
-        config_digest: digest of ``stage.config_sections`` of the config it ran with.
+        fingerprint: what the stage's output was made from (:meth:`Fingerprint.of`), or only
+            its digest (then the record keeps no inputs).
         files: the files it wrote (relative to the run directory).
         upstream: the upstream records it read (named by their digests).
         details: the stage's own details model (e.g. :class:`~sd35trt.artifacts.records.ExportDetails`).
@@ -591,9 +593,10 @@ def new_record(
     return RECORD_TYPES[stage](
         stage=stage,
         created=now_utc(),
-        config_digest=config_digest,
+        config_digest=fingerprint.digest if isinstance(fingerprint, Fingerprint) else fingerprint,
         upstream={s: r.digest() for s, r in (upstream or {}).items()},
         versions=tool_versions(),
         files=tuple(files),
+        inputs=fingerprint.inputs if isinstance(fingerprint, Fingerprint) else None,
         details=details,
     )

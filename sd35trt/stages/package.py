@@ -86,7 +86,9 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
 
     The engines are verified first; the archive is written beside ``out`` and renamed into place.
     ``SHA256SUMS`` and ``engines/manifest.json`` come first, so :func:`unpack` knows every size
-    before it extracts anything. The run directory's lock is held throughout, so no stage
+    before it extracts anything. Exactly the files the engine manifest declares are shipped: any
+    other file in ``engines/`` (one a user put there) is left out, so ``verify`` accepts what
+    ``package`` writes (faults.md #32). The run directory's lock is held throughout, so no stage
     re-publishes the engines meanwhile.
 
     Returns:
@@ -95,9 +97,10 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
     Raises:
         ManifestError / VerificationError: the run has no intact build.
         RunDirBusyError: a stage is writing the run directory.
+        RunDirError: the run directory cannot be locked (read-only).
         Sd35TrtError: ``out`` does not end in ``.tar.gz``.
     """
-    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
 
     run_dir, out = Path(run_dir), Path(out)
     if not out.name.endswith(".tar.gz"):
@@ -107,13 +110,10 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
         engines = run_dir / Stage.BUILD.directory
         # Files only: the machine that packs need not be the one that runs (``verify`` checks that).
         manifest = read_engine_manifest(engines)
-        verify_files(manifest.directory, _engine_files(manifest), what=f"engines in {engines}")
+        declared = _engine_files(manifest)
+        verify_files(manifest.directory, declared, what=f"engines in {engines}")
         members = [
-            (p, f"{ENGINES}/{p.relative_to(engines).as_posix()}")
-            for p in sorted(
-                engines.rglob("*"), key=lambda p: (p.relative_to(engines).as_posix() != "manifest.json", p)
-            )
-            if p.is_file()
+            (engines / rel, f"{ENGINES}/{rel}") for rel in (ENGINE_MANIFEST_NAME, *(f.path for f in declared))
         ]
         sums = "".join(f"{sha256_file(src)}  {name}\n" for src, name in members)
         top = f"sd35trt-{run_dir.name}"

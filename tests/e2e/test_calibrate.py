@@ -113,7 +113,7 @@ def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run)
     before = RunManifest(run).get(Stage.CALIBRATE)
     lines = []
     assert calibrate(tiny_config, run, log=lines.append) == before
-    assert lines == [f"calibrate: up to date in {run} (force to redo)"]
+    assert lines == [f"calibrate: {run / 'calibrate'} is up to date (--force redoes it)"]
 
 
 def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
