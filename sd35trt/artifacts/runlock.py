@@ -125,6 +125,10 @@ def unwritable_is_one_line(what: str, root: str | Path | None = None) -> Iterato
         ) from None
 
 
+#: Where a run directory holds a model written by sd35trt (the built-in tiny model), and beside
+#: it the settings it was written with.
+MODEL_SUBDIR = "model"
+MODEL_STAMP = "sd35trt_model.json"
 #: What sd35trt itself writes into a run directory before its first record (staging names, the
 #: hash cache, interrupted-publish markers); the built-in model's folder is recognised by its stamp.
 _OWN_NAMES = re.compile(
@@ -134,8 +138,6 @@ _OWN_NAMES = re.compile(
 
 
 def _sd35trt_made(entry: Path) -> bool:
-    from sd35trt.models.loading import MODEL_STAMP, MODEL_SUBDIR
-
     if entry.name == MODEL_SUBDIR:
         return (entry / MODEL_STAMP).is_file()
     return _OWN_NAMES.fullmatch(entry.name) is not None

@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.artifacts.runlock import MODEL_STAMP, MODEL_SUBDIR
 from sd35trt.components import MODELS, Component
 from sd35trt.config import Config, LoadDtype, ModelSettings, ModelSource
 from sd35trt.errors import ModelError
@@ -32,10 +33,6 @@ if TYPE_CHECKING:
 
     from sd35trt.models.hub import Snapshot
     from sd35trt.models.lora import ResolvedLora
-
-MODEL_SUBDIR = "model"
-#: Beside a built-in model written into a run directory: the settings it was written with.
-MODEL_STAMP = "sd35trt_model.json"
 
 
 def check_weights(model_dir: str | Path) -> list[Path]:

@@ -91,9 +91,8 @@ def test_a_session_removes_leftovers_of_its_own_stage_only(tmp_path):
 def test_a_run_directory_is_recognised_before_its_first_record(tmp_path):
     """faults.md 29: what sd35trt writes before a stage's first record (the built-in model with its
     stamp, staging directories) is a run; a user's folder, even one with a model/, is not."""
-    from sd35trt.artifacts.runlock import check_run_dir
+    from sd35trt.artifacts.runlock import MODEL_STAMP, check_run_dir
     from sd35trt.errors import RunDirError
-    from sd35trt.models.loading import MODEL_STAMP
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
