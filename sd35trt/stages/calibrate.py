@@ -222,7 +222,7 @@ def calibrate(
     manifest = RunManifest(run_dir)
     # Refuse settings the model can't take (here or in a later stage) before anything heavy.
     dims = ModelDims.from_model_dir(resolved.directory)
-    check_config(config, dims, Stage.CALIBRATE)
+    check_config(config, dims, Stage.CALIBRATE, resolved.directory)
     if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
         log(f"calibrate: up to date in {run_dir} (force to redo)")
         return record

@@ -176,7 +176,7 @@ def export(
     # Refuse settings the model can't take (here or at build) before anything is traced.
     root = resolved.directory
     dims = ModelDims.from_model_dir(root)
-    check_config(config, dims, Stage.EXPORT)
+    check_config(config, dims, Stage.EXPORT, root)
     upstream: dict[Stage, StageRecord] = {}
     calibration = None
     if config.export.quantize:
