@@ -5,8 +5,9 @@ settings that contradict each other) and still not fit the model: image sizes be
 transformer's positional embedding covers, skip-layer-guidance layers the transformer does not
 have, FP8 attention for a head size TensorRT cannot take, a scheduler option the runtime does not
 reproduce (``use_dynamic_shifting``). Found only by the stage that needs them, they would stop
-``export`` (or ``run``) after calibration had run (seconds on the tiny model, hours on a large one). Every stage verb therefore calls :func:`check_config` first, with the model dims,
-for itself and every stage after it, and every problem is reported at once.
+``export`` (or ``run``) after calibration had run (seconds on the tiny model, hours on a large one).
+Every stage verb therefore calls :func:`check_config` first, with the model dims, for itself and
+every stage after it, and every problem is reported at once.
 """
 
 from __future__ import annotations
