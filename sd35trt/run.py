@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd35trt.errors import RequestError
+from sd35trt.runtime.images import read_image
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
 from sd35trt.runtime.png import save_png
-from sd35trt.runtime.request import read_image
 
 DEFAULT_OUT = Path("sd35trt.png")
 

@@ -18,19 +18,18 @@ has none).
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import numbers
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
 from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
+from sd35trt.runtime.images import MAX_IMAGE_PIXELS
 
 #: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
 MAX_STEPS = 500
@@ -40,6 +39,10 @@ MAX_SEED = 2**63 - 1
 #: Seeds drawn for a request stay below 2^53, so a client that keeps numbers as float64
 #: (JavaScript's ``Number``, many JSON libraries) reads back and resubmits the same seed.
 DRAWN_SEED_LIMIT = 2**53
+#: Longest prompt (and negative prompt) accepted, in characters, checked before tokenizing. The
+#: text encoders read at most 256 T5 tokens (77 for CLIP), a few thousand characters at most;
+#: beyond this a prompt only costs time and memory (a 1 MB prompt held the engine thread 19 s).
+MAX_PROMPT_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,6 @@ class EngineBatch:
 
 #: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
 DEFAULT_STRENGTH = 0.6
-#: Input images above this many pixels are refused before they are decoded into memory
-#: (Pillow's own decompression-bomb limit is about 179 M).
-MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -178,46 +178,6 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     """
     start = int(max(steps - min(steps * strength, steps), 0))
     return start, steps - start
-
-
-def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
-    """Decode an image file (PNG, JPEG, WebP, ...) into a PIL image, fully loaded.
-
-    Args:
-        source: the file's bytes, or its path.
-        field_name: the request field, for the error.
-
-    Raises:
-        RequestError: the file is missing, not an image, truncated, or over
-            :data:`MAX_IMAGE_PIXELS` (checked before the pixels are decoded).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    what = f"{source}" if isinstance(source, str | Path) else f"{len(source)} bytes"
-    try:
-        handle = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
-    except OSError as err:
-        raise RequestError(field_name, f"{field_name} {what} cannot be read: {err.strerror}") from None
-    with handle:
-        try:
-            image = Image.open(handle)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RequestError(
-                    field_name,
-                    f"{field_name} {what} is {image.width}x{image.height} pixels, more than the "
-                    f"{MAX_IMAGE_PIXELS} allowed",
-                )
-            image.load()
-        except UnidentifiedImageError:
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image (unknown format)"
-            ) from None
-        except (Image.DecompressionBombError, OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image ({reason})"
-            ) from None
-    return image
 
 
 def _span(r: ShapeRange, index: int) -> tuple[int, int]:
@@ -408,6 +368,12 @@ def _guidance(value: Any) -> float:
 def _text(name: str, value: Any, required: bool) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(
+            name,
+            f"{name} is {len(value)} characters, more than the {MAX_PROMPT_CHARS} accepted (the text "
+            "encoders read at most 256 tokens, a few thousand characters)",
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:

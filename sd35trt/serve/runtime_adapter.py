@@ -60,7 +60,7 @@ def _decode_image(text: str) -> Any:
     import base64
     import binascii
 
-    from sd35trt.runtime.request import read_image
+    from sd35trt.runtime.images import read_image
 
     try:
         data = base64.b64decode(text, validate=True)
