@@ -39,7 +39,14 @@ from sd35trt.artifacts.containment import contained_path
 from sd35trt.artifacts.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
 from sd35trt.artifacts.runlock import run_dir_lock
 from sd35trt.artifacts.tar_stream import tar_stream
-from sd35trt.errors import ManifestError, ModelError, Sd35TrtError, UnsafeArtifactError, VerificationError
+from sd35trt.errors import (
+    ManifestError,
+    ModelError,
+    Sd35TrtError,
+    UnsafeArtifactError,
+    VerificationError,
+    write_error,
+)
 
 CHECKSUMS = "SHA256SUMS"
 ENGINES = "engines"
@@ -129,8 +136,11 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
                 for src, name in members:
                     tar.add(src, arcname=f"{top}/{name}")
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as err:
+            user = write_error(err, out) if isinstance(err, OSError) else None
             Path(tmp).unlink(missing_ok=True)
+            if user is not None:
+                raise user from None
             raise
     return out
 

@@ -23,7 +23,15 @@ from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOpti
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, EngineLoadError, ModelError, UnsafeArtifactError, VerificationError
+from sd35trt.errors import (
+    BuildError,
+    EngineLoadError,
+    ModelError,
+    UnsafeArtifactError,
+    VerificationError,
+    WriteError,
+    free_bytes,
+)
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -90,6 +98,7 @@ def optimize_model(
 
     Raises:
         BuildError: ONNX Runtime cannot load or optimize the model (its message, first line).
+        WriteError: ONNX Runtime could not save the optimized model (a full disk: the file is named).
     """
     import onnxruntime as ort
 
@@ -106,6 +115,12 @@ def optimize_model(
         ort.InferenceSession(str(source), so, providers=[CPU_PROVIDER])
     except _ort_errors() as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "serialization failed" in first.lower():  # writing the optimized model, not reading the source
+            free = free_bytes(target.parent)
+            raise WriteError(
+                f"cannot write {target}: ONNX Runtime could not save the optimized model "
+                f"({free} bytes free there; a full disk?): {first}"
+            ) from None
         raise BuildError(f"ONNX Runtime could not optimize {source}: {first}") from None
     if not target.is_file():
         raise BuildError(f"ONNX Runtime did not write the optimized model {target}")
