@@ -64,7 +64,7 @@ def post(server, body: dict, timeout: float = 120) -> httpx.Response:
 
 
 def test_large_images_are_decoded_off_the_event_loop(server):
-    """An 8 KB 1-bit PNG of 67 M pixels blocked ``/health`` for 1.3 s (12 at once: 17.7 s). Now
+    """faults.md #33: an 8 KB 1-bit PNG of 67 M pixels blocked ``/health`` for 1.3 s (12 at once: 17.7 s). Now
     images over the pixel bound are refused from their header, and the largest allowed ones
     (4 KB for 33.5 M pixels) decode on worker threads, two at a time, while ``/health`` answers."""
     r = post(server, {"prompt": "a cat", **SMALL, "init_image": b64(bad_images.one_bit_png(8192, 8191))})
@@ -104,7 +104,7 @@ def test_large_images_are_decoded_off_the_event_loop(server):
     ids=["syntax-error-png", "dds", "ccitt-tiff"],
 )
 def test_corrupt_and_foreign_images_are_422_without_a_traceback(server, data, text):
-    """A corrupt PNG (SyntaxError) and a DDS (NotImplementedError) were 500 with a traceback."""
+    """faults.md #33: a corrupt PNG (SyntaxError) and a DDS (NotImplementedError) were 500 with a traceback."""
     before = len(server.log.getvalue())
     r = post(server, {"prompt": "a cat", **SMALL, "init_image": b64(data)})
     assert r.status_code == 422, r.text
@@ -119,7 +119,7 @@ def _sha(image: Image.Image) -> str:
 
 @pytest.mark.parametrize("case", ["exif-rotated-jpeg", "16-bit-grey"])
 def test_the_image_used_and_recorded_is_upright_and_8_bit(server, case):
-    """A phone photo went in sideways (and its unrotated pixels' sha256 was recorded); a 16-bit
+    """faults.md #33: a phone photo went in sideways (and its unrotated pixels' sha256 was recorded); a 16-bit
     mid-grey PNG went in white."""
     if case == "exif-rotated-jpeg":
         data = bad_images.exif_rotated_jpeg(160, 96)
@@ -138,7 +138,7 @@ def test_the_image_used_and_recorded_is_upright_and_8_bit(server, case):
 
 
 def test_invented_http_methods_do_not_grow_the_metrics(server):
-    """3,000 invented methods made 3,011 series and a 582 KB ``/metrics``."""
+    """faults.md #34: 3,000 invented methods made 3,011 series and a 582 KB ``/metrics``."""
 
     def series() -> set[tuple]:
         text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -158,7 +158,7 @@ def test_invented_http_methods_do_not_grow_the_metrics(server):
 
 
 def test_a_1_mb_prompt_is_refused_before_tokenizing(server):
-    """A 1 MB prompt held the engine thread 19 s and came back as a 2.5 MB response."""
+    """faults.md #34: a 1 MB prompt held the engine thread 19 s and came back as a 2.5 MB response."""
     t0 = time.perf_counter()
     r = post(server, {"prompt": "a cat " * 180_000, **SMALL})
     assert r.status_code == 422
@@ -169,7 +169,7 @@ def test_a_1_mb_prompt_is_refused_before_tokenizing(server):
 
 
 def test_engines_deleted_under_a_low_vram_server_make_it_not_ready(built_run, tmp_path):
-    """``--low-vram`` loads each engine at its stage: with the directory moved, every request was
+    """faults.md #36: ``--low-vram`` loads each engine at its stage: with the directory moved, every request was
     500 with a traceback while ``/ready`` stayed 200."""
     from sd35trt.runtime.pipeline import Sd35Runtime
 
@@ -257,7 +257,7 @@ def _long_and_queued(url: str, steps: int) -> tuple[list[threading.Thread], dict
 
 
 def test_sighup_drains_like_sigterm_and_the_body_limit_is_a_flag(built_run):
-    """SIGHUP (a closed terminal) killed ``serve`` at once: in-flight and queued requests got no
+    """faults.md #35 and #34: SIGHUP (a closed terminal) killed ``serve`` at once: in-flight and queued requests got no
     answer and nothing was logged. And no flag set the body limit (16 MiB; the README said 64 KB)."""
     with serve_process(built_run / "engines", "--max-body-bytes", "4096") as (proc, url, log):
         r = httpx.post(url + "/generate", json={"prompt": "x" * 5000, **SMALL}, timeout=30)
@@ -273,7 +273,7 @@ def test_sighup_drains_like_sigterm_and_the_body_limit_is_a_flag(built_run):
 
 
 def test_a_second_sigint_answers_running_requests_503_json_in_one_log_line(built_run):
-    """A second SIGINT answered running requests with a plain-text 500 and logged 11 tracebacks."""
+    """faults.md #35: a second SIGINT answered running requests with a plain-text 500 and logged 11 tracebacks."""
     with serve_process(built_run / "engines") as (proc, url, log):
         threads, results = _long_and_queued(url, 40)
         proc.send_signal(signal.SIGINT)
