@@ -104,7 +104,8 @@ def test_large_images_are_decoded_off_the_event_loop(server):
     ids=["syntax-error-png", "dds", "ccitt-tiff"],
 )
 def test_corrupt_and_foreign_images_are_422_without_a_traceback(server, data, text):
-    """faults.md #33: a corrupt PNG (SyntaxError) and a DDS (NotImplementedError) were 500 with a traceback."""
+    """faults.md #33: a corrupt PNG (SyntaxError) and a DDS (NotImplementedError) were 500 with a
+    traceback."""
     before = len(server.log.getvalue())
     r = post(server, {"prompt": "a cat", **SMALL, "init_image": b64(data)})
     assert r.status_code == 422, r.text
@@ -169,8 +170,8 @@ def test_a_1_mb_prompt_is_refused_before_tokenizing(server):
 
 
 def test_engines_deleted_under_a_low_vram_server_make_it_not_ready(built_run, tmp_path):
-    """faults.md #36: ``--low-vram`` loads each engine at its stage: with the directory moved, every request was
-    500 with a traceback while ``/ready`` stayed 200."""
+    """faults.md #36: ``--low-vram`` loads each engine at its stage: with the directory moved,
+    every request was 500 with a traceback while ``/ready`` stayed 200."""
     from sd35trt.runtime.pipeline import Sd35Runtime
 
     engines = tmp_path / "engines"
@@ -257,8 +258,9 @@ def _long_and_queued(url: str, steps: int) -> tuple[list[threading.Thread], dict
 
 
 def test_sighup_drains_like_sigterm_and_the_body_limit_is_a_flag(built_run):
-    """faults.md #35 and #34: SIGHUP (a closed terminal) killed ``serve`` at once: in-flight and queued requests got no
-    answer and nothing was logged. And no flag set the body limit (16 MiB; the README said 64 KB)."""
+    """faults.md #35 and #34: SIGHUP (a closed terminal) killed ``serve`` at once: in-flight and
+    queued requests got no answer and nothing was logged. And no flag set the body limit (16 MiB;
+    the README said 64 KB)."""
     with serve_process(built_run / "engines", "--max-body-bytes", "4096") as (proc, url, log):
         r = httpx.post(url + "/generate", json={"prompt": "x" * 5000, **SMALL}, timeout=30)
         assert r.status_code == 413 and "exceeds the limit of 4096 bytes" in r.text
@@ -273,7 +275,8 @@ def test_sighup_drains_like_sigterm_and_the_body_limit_is_a_flag(built_run):
 
 
 def test_a_second_sigint_answers_running_requests_503_json_in_one_log_line(built_run):
-    """faults.md #35: a second SIGINT answered running requests with a plain-text 500 and logged 11 tracebacks."""
+    """faults.md #35: a second SIGINT answered running requests with a plain-text 500 and logged
+    11 tracebacks."""
     with serve_process(built_run / "engines") as (proc, url, log):
         threads, results = _long_and_queued(url, 40)
         proc.send_signal(signal.SIGINT)
