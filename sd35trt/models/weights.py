@@ -111,8 +111,3 @@ def check_safetensors(path: Path) -> None:
         raise ModelError(
             f"safetensors shard {path} is truncated or padded: {size} bytes, its header needs {8 + n + end}"
         )
-
-
-def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors header (no tensor is read; check the file first)."""
-    return {k: list(e.shape) for k, e in read_header(path)[1].items()}
