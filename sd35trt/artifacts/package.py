@@ -35,13 +35,12 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from sd35trt.artifacts.containment import contained_path
+from sd35trt.artifacts.containment import check_onnx_external_data, contained_path
 from sd35trt.artifacts.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
 from sd35trt.artifacts.runlock import run_dir_lock
 from sd35trt.artifacts.tar_stream import tar_stream
 from sd35trt.errors import (
     ManifestError,
-    ModelError,
     Sd35TrtError,
     UnsafeArtifactError,
     VerificationError,
@@ -427,19 +426,15 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
 
 
 def _external_data_problems(engines: Path, files: list) -> list[str]:
-    """ONNX engines whose external data leaves the engines directory (``../secret.bin``), is
-    absolute, goes through a symlink or is missing: checked here, whatever the ONNX Runtime."""
-    onnx_files = [f for f in files if PurePosixPath(f.path).suffix == ".onnx"]
-    if not onnx_files:
-        return []
-    from sd35trt.stages.export.onnx_files import check_external_data
-
+    """ONNX engines whose external data leaves the engines directory (``../secret.bin``, absolute,
+    through a symlink): checked here, whatever the ONNX Runtime (faults.md #40)."""
     problems = []
-    for f in onnx_files:
-        try:
-            check_external_data(engines / f.path)
-        except ModelError as err:
-            problems.append(str(err))
+    for f in files:
+        if PurePosixPath(f.path).suffix == ".onnx":
+            try:
+                check_onnx_external_data(engines / f.path)
+            except UnsafeArtifactError as err:
+                problems.append(str(err))
     return problems
 
 

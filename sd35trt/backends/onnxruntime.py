@@ -18,20 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.artifacts.containment import check_onnx_external_data
 from sd35trt.artifacts.manifest import check_file_digest, read_verified
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import (
-    BuildError,
-    EngineLoadError,
-    ModelError,
-    UnsafeArtifactError,
-    VerificationError,
-    WriteError,
-    free_bytes,
-)
+from sd35trt.errors import BuildError, EngineLoadError, VerificationError, WriteError, free_bytes
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -149,22 +142,6 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
     }
 
 
-def check_engine_onnx(path: Path) -> None:
-    """Refuse an ONNX engine whose external data lies outside its directory, is absolute, goes
-    through a symlink or is missing, before ONNX Runtime opens it (ONNX Runtime < 1.32 would load
-    ``../secret.bin``; the project allows those versions). Only the graph is parsed.
-
-    Raises:
-        UnsafeArtifactError: naming the engine, the tensor and its location.
-    """
-    from sd35trt.stages.export.onnx_files import check_external_data
-
-    try:
-        check_external_data(path)
-    except ModelError as err:
-        raise UnsafeArtifactError(f"engine {err}") from None
-
-
 class OrtEngine(Engine):
     """One component's ONNX Runtime engine (an offline-optimized ONNX model).
 
@@ -234,7 +211,8 @@ class OrtEngine(Engine):
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(self.path.parent.absolute())
             )
-        check_engine_onnx(self.path)  # after the bytes were read: a missing file is named as such
+        # ONNX Runtime before 1.32 follows ``../secret.bin``: refuse locations that leave the directory
+        check_onnx_external_data(self.path, source if isinstance(source, bytes) else None)
         try:
             session = ort.InferenceSession(source, so, providers=self.providers())
         except _ort_errors() as err:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from record_fakes import ENGINE_DIMS, onnx_model_bytes
+from record_fakes import ENGINE_DIMS
 
 from sd35trt.artifacts.engine_manifest import (
     ENGINE_MANIFEST_NAME,
@@ -42,10 +42,7 @@ def _engines_dir(
     engines = {}
     for i, component in enumerate((Component.TRANSFORMER, Component.VAE_DECODER)):
         path = out / f"{component.value}{suffix}"
-        # stands in for a plan (never deserialized here), or a real ONNX (verify parses its graph)
-        path.write_bytes(
-            bytes(range(256)) * (8 + i) if suffix == ".plan" else onnx_model_bytes(256 * (8 + i))
-        )
+        path.write_bytes(bytes(range(256)) * (8 + i))  # stands in for a plan: never deserialized here
         engines[component] = EngineRecord(
             component=component,
             backend=backend,

@@ -46,7 +46,7 @@ def test_external_data_outside_the_artefact_is_refused_by_verify_and_the_loader(
         sha256=sha256_file(engines / "transformer.onnx"),
     )
     with pytest.raises(
-        UnsafeArtifactError, match=r"^engine .*transformer\.onnx: tensor 'w' has external data"
+        UnsafeArtifactError, match=r"transformer\.onnx: tensor 'w' has external data location .* which leaves"
     ):
         engine.activate()
     assert not engine.active
