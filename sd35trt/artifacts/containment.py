@@ -3,7 +3,9 @@
 A manifest or ``SHA256SUMS`` names files by paths relative to the directory it describes; one
 edited (or crafted) to name ``../../elsewhere`` or to pass through a symlink would make
 ``verify`` vouch for, and ``run`` load, a file outside that directory. :func:`contained_path` is
-the one check every reader of a recorded path goes through.
+the one check every reader of a recorded path goes through, the external-data locations inside
+ONNX engines included (:func:`check_onnx_external_data`, used by ``verify`` and the ONNX Runtime
+loader; it reads the graph at the protobuf wire level, since the runtime does not import ``onnx``).
 """
 
 from __future__ import annotations
