@@ -405,6 +405,13 @@ def serve(
         int | None,
         typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 256))."),
     ] = None,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            min=1024,
+            help="Largest request body in bytes, beyond: 413 (default 16 MiB, room for a base64 init_image).",
+        ),
+    ] = None,
     low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug or trace.")] = "info",
     log_format: Annotated[
@@ -430,6 +437,7 @@ def serve(
         low_vram=low_vram,
         log_level=_choice("--log-level", log_level, LogLevel),
         log_format=_choice("--log-format", log_format, LogFormat),
+        **({} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}),
     )
     run_server(engines_dir_of(engines), settings)
 

@@ -45,6 +45,7 @@ from sd35trt.errors import (
     UnsafeArtifactError,
     VerificationError,
     validation_message,
+    write_error,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -326,9 +327,12 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        user = write_error(err, path) if isinstance(err, OSError) else None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if user is not None:
+            raise user from None
         raise
 
 
@@ -420,8 +424,12 @@ def staged_directory(run_dir: str | Path, name: str, marker: Path | None = None)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        # a full disk, read-only, no permission: one line naming the path (free space counted first)
+        user = write_error(err, run_dir / name) if isinstance(err, OSError) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if user is not None:
+            raise user from None
         raise
     if marker is not None:
         atomic_write_text(marker, f"{name} published at {now_utc()}, not recorded yet\n")

@@ -42,7 +42,7 @@ from sd35trt.artifacts.records import (
     StageRecord,
 )
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import CalibrateSettings, Config
+from sd35trt.config import CalibrateSettings, Config, read_text_file
 from sd35trt.errors import ConfigError
 from sd35trt.models.loading import ResolvedModel, default_device, load_pipeline, resolve_model, torch_dtype
 from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
@@ -67,12 +67,9 @@ def read_prompts(path: Path, count: int, field: str) -> list[str]:
         ``count`` prompts, in file order.
 
     Raises:
-        ConfigError: the file is missing or has fewer than ``count`` prompts.
+        ConfigError: the file is missing, not a UTF-8 text file, or has fewer than ``count`` prompts.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"calibrate.{field}: prompt file {path} does not exist") from None
+    text = read_text_file(path, f"calibrate.{field}: prompt file")
     prompts = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
     if len(prompts) < count:
         raise ConfigError(
@@ -175,7 +172,7 @@ class _Calibrate(StageSpec):
             )
         self.resolved = resolve_model(run.config, run.run_dir)
         self.dims = ModelDims.from_model_dir(self.resolved.directory)
-        check_config(run.config, self.dims, Stage.CALIBRATE)  # here or in a later stage
+        check_config(run.config, self.dims, Stage.CALIBRATE, self.resolved.directory)  # here or later
         return self.resolved.identity()
 
     def reusable(self, run: StageRun, record: StageRecord) -> bool:

@@ -31,13 +31,21 @@ import stat
 import tarfile
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from sd35trt.artifacts.containment import contained_path
+from sd35trt.artifacts.containment import check_onnx_external_data, contained_path
 from sd35trt.artifacts.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
 from sd35trt.artifacts.runlock import run_dir_lock
-from sd35trt.errors import ManifestError, Sd35TrtError, UnsafeArtifactError, VerificationError
+from sd35trt.artifacts.tar_stream import tar_stream
+from sd35trt.errors import (
+    ManifestError,
+    Sd35TrtError,
+    UnsafeArtifactError,
+    VerificationError,
+    write_error,
+)
 
 CHECKSUMS = "SHA256SUMS"
 ENGINES = "engines"
@@ -129,8 +137,11 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
                 for src, name in members:
                     tar.add(src, arcname=f"{top}/{name}")
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as err:
+            user = write_error(err, out) if isinstance(err, OSError) else None
             Path(tmp).unlink(missing_ok=True)
+            if user is not None:
+                raise user from None
             raise
     return out
 
@@ -284,10 +295,10 @@ def unpack(archive: str | Path, dest: str | Path) -> Path:
     try:
         job = _Extraction(archive, staging)
         try:
-            with tarfile.open(archive, "r|*") as tar:
+            with tar_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     job.add(tar, member)
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise VerificationError(f"{archive} is not a readable artefact: {err}") from None
         if job.top is None or job.declared is None:
             raise VerificationError(f"{archive} holds no {CHECKSUMS} and {ENGINE_MANIFEST}: not an artefact")
@@ -416,6 +427,19 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
         )
 
 
+def _external_data_problems(engines: Path, files: list) -> list[str]:
+    """ONNX engines whose external data leaves the engines directory (``../secret.bin``, absolute,
+    through a symlink): checked here, whatever the ONNX Runtime (faults.md #40)."""
+    problems = []
+    for f in files:
+        if PurePosixPath(f.path).suffix == ".onnx":
+            try:
+                check_onnx_external_data(engines / f.path)
+            except UnsafeArtifactError as err:
+                problems.append(str(err))
+    return problems
+
+
 def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.backends.load import check_compatible
@@ -433,6 +457,8 @@ def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bo
         report.files_checked += len(files) if count_files else 0
     except VerificationError as err:
         report.problems.append(str(err))
+    else:
+        report.problems.extend(_external_data_problems(manifest.directory, files))
     backend = backend_of(manifest.backend)
     report.problems.extend(backend.runtime_problems())
     if backend.needs_machine_check:

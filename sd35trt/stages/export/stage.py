@@ -133,7 +133,7 @@ class _Export(StageSpec):
 
         self.resolved = resolve_model(run.config, run.run_dir)
         self.dims = ModelDims.from_model_dir(self.resolved.directory)
-        check_config(run.config, self.dims, Stage.EXPORT)
+        check_config(run.config, self.dims, Stage.EXPORT, self.resolved.directory)
         return self.resolved.identity()
 
     def produce(self, run: StageRun, out: Path) -> ExportDetails:
