@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
-from sd35trt.artifacts.manifest import FileRecord, read_json
+from sd35trt.artifacts.files import read_json
+from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision, RuntimeSettings

@@ -28,14 +28,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sd35trt.artifacts.manifest import (
-    MANIFEST_NAME,
-    Stage,
-    atomic_write_json,
-    clean_leftovers,
-    now_utc,
-    read_json,
-)
+from sd35trt.artifacts.files import atomic_write_json, read_json
+from sd35trt.artifacts.manifest import MANIFEST_NAME, Stage, clean_leftovers, now_utc
 from sd35trt.errors import RunDirBusyError, RunDirError
 
 LOCK_SUFFIX = ".sd35trt-lock"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts.containment import check_onnx_external_data
-from sd35trt.artifacts.manifest import check_file_digest, read_verified
+from sd35trt.artifacts.files import check_file_digest, read_verified
 from sd35trt.artifacts.repair import repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine

@@ -103,7 +103,7 @@ def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False
         ModelError: a path that is neither a file, a directory holding one ``.safetensors`` file nor
             a cached (or downloadable) repo id; a pickle file; a damaged safetensors file.
     """
-    from sd35trt.artifacts.manifest import sha256_file
+    from sd35trt.artifacts.files import sha256_file
 
     out = []
     for i, s in enumerate(settings):

@@ -29,17 +29,8 @@ from sd35trt.artifacts.engine_manifest import (
     EngineRecord,
     read_engine_manifest,
 )
-from sd35trt.artifacts.manifest import (
-    FileRecord,
-    HashCache,
-    Stage,
-    atomic_write_bytes,
-    atomic_write_json,
-    file_record,
-    json_text,
-    now_utc,
-    tool_versions,
-)
+from sd35trt.artifacts.files import HashCache, atomic_write_bytes, atomic_write_json, file_record, json_text
+from sd35trt.artifacts.manifest import FileRecord, Stage, now_utc, tool_versions
 from sd35trt.artifacts.records import (
     BuildDetails,
     BuildMachine,

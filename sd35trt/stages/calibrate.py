@@ -33,7 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.artifacts.manifest import Stage, atomic_write_json
+from sd35trt.artifacts.files import atomic_write_json
+from sd35trt.artifacts.manifest import Stage
 from sd35trt.artifacts.records import (
     CalibrateDetails,
     CalibrateRecord,

@@ -23,18 +23,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
-from sd35trt.artifacts.manifest import (
+from sd35trt.artifacts.files import (
     HashCache,
-    RunManifest,
     atomic_write_bytes,
     atomic_write_text,
     file_record,
-    new_record,
-    now_utc,
     records_for_tree,
-    staged_output,
-    unrecorded_marker,
 )
+from sd35trt.artifacts.manifest import RunManifest, new_record, now_utc, staged_output, unrecorded_marker
 from sd35trt.artifacts.records import Fingerprint, ModelInput, Stage, StageRecord
 from sd35trt.artifacts.runlock import stage_session, unwritable_is_one_line
 from sd35trt.config import Config

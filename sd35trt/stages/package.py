@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sd35trt.artifacts.containment import check_onnx_external_data, contained_path
-from sd35trt.artifacts.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
+from sd35trt.artifacts.files import published_file_mode, sha256_file, verify_files
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.runlock import run_dir_lock
 from sd35trt.artifacts.tar_stream import tar_stream
 from sd35trt.errors import (

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
+from sd35trt.artifacts.files import sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.runlock import MODEL_SUBDIR
 from sd35trt.errors import CalibrationError
 from sd35trt.models.quantize import CALIBRATION_FILE, quantizers, restore_calibration

@@ -9,13 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    new_record,
-    records_for_tree,
-    sha256_file,
-)
+from sd35trt.artifacts.files import records_for_tree, sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record
 from sd35trt.artifacts.records import TensorSignature, ValidationStatus
 from sd35trt.components import Component
 from sd35trt.config import Precision

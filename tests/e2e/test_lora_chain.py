@@ -15,7 +15,8 @@ import re
 import numpy as np
 import pytest
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
+from sd35trt.artifacts.files import sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.records import Fingerprint
 from sd35trt.config import Backend
 from sd35trt.errors import StaleArtifactError

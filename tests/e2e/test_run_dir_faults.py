@@ -23,7 +23,8 @@ import yaml
 from sd35trt.artifacts.package import package, verify
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
-from sd35trt.artifacts.manifest import HashCache, RunManifest, Stage
+from sd35trt.artifacts.files import HashCache
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.records import Fingerprint
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ModelError, VerificationError

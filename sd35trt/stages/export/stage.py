@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, atomic_write_json, sha256_file
+from sd35trt.artifacts.files import atomic_write_json, sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.records import (
     CalibrationInput,
     ExportDetails,

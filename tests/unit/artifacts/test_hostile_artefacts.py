@@ -15,7 +15,7 @@ from sd35trt.artifacts.package import unpack, verify
 from test_package_safety import _artefact_dir, _tar, _write_manifest, _write_sums
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
-from sd35trt.artifacts.manifest import sha256_file
+from sd35trt.artifacts.files import sha256_file
 from sd35trt.artifacts.tar_stream import MAX_EXTENDED_HEADER_BYTES, tar_stream
 from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component

@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 from record_fakes import details
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    new_record,
-    records_for_tree,
-    staged_directory,
-    verify_files,
-)
+from sd35trt.artifacts.files import records_for_tree, verify_files
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, staged_directory
 from sd35trt.config import Config
 from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError
 
@@ -168,7 +162,7 @@ def test_config_digest_matches_stage_sections():
 
 
 def _fresh(run: Path, digest: str) -> bool:
-    from sd35trt.artifacts.manifest import HashCache
+    from sd35trt.artifacts.files import HashCache
 
     try:
         RunManifest(run).verified(Stage.EXPORT, digest, cache=HashCache(run))
@@ -181,7 +175,7 @@ def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path
     """Issue 13 point 6: `make` chains check freshness from (size, mtime, ctime, inode); loads hash fully."""
     import hashlib
 
-    from sd35trt.artifacts.manifest import HashCache
+    from sd35trt.artifacts.files import HashCache
 
     run = tmp_path / "run"
     (run / "onnx").mkdir(parents=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from record_fakes import build_details, calibrate_details, export_details, exported_component
 
-from sd35trt.artifacts.manifest import FORMAT_VERSION, HashCache, RunManifest, Stage, new_record
+from sd35trt.artifacts.files import HashCache
+from sd35trt.artifacts.manifest import FORMAT_VERSION, RunManifest, Stage, new_record
 from sd35trt.artifacts.records import ExportRecord, StageRecords
 from sd35trt.components import Component
 from sd35trt.config import Backend, Precision, sha256_json

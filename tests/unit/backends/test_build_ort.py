@@ -19,7 +19,8 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, records_for_tree
+from sd35trt.artifacts.files import records_for_tree
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record
 from sd35trt.artifacts.records import (
     BuildRecord,
     ExportDetails,
