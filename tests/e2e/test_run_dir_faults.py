@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sd35trt.artifacts.package import package, verify
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
 from sd35trt.artifacts.files import HashCache
@@ -29,6 +28,7 @@ from sd35trt.artifacts.records import Fingerprint
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ModelError, VerificationError
 from sd35trt.stages.build import build
+from sd35trt.stages.package import package, verify
 
 pytestmark = pytest.mark.slow
 
@@ -284,7 +284,7 @@ def test_a_runtime_default_updates_the_engines_without_rebuilding_them(
     assert f"runtime.num_inference_steps {steps} → {steps + 3}" in note and "runtime.guidance_scale" in note
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in engines.glob("*.onnx")} == stamps
     defaults = read_engine_manifest(engines).runtime_defaults
-    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (steps + 3, 6.0)
+    assert (defaults.num_inference_steps, defaults.guidance_scale) == (steps + 3, 6.0)
     assert (
         yaml.safe_load((engines / "config.yaml").read_text())["runtime"]["num_inference_steps"] == steps + 3
     )
