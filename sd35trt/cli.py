@@ -249,6 +249,12 @@ def run_(
         float | None,
         typer.Option(help="Image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)."),
     ] = None,
+    cache_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="First-block cache threshold, 0..10 (engines built with runtime.cache; default: theirs)."
+        ),
+    ] = None,
     low_vram: Annotated[
         bool, typer.Option("--low-vram", help="Load each engine only for its stage.")
     ] = False,
@@ -277,6 +283,7 @@ def run_(
         skip_layer_guidance=skip_layer_guidance,
         image=image,
         strength=strength,
+        cache_threshold=cache_threshold,
         low_vram=low_vram,
         out=out,
     )

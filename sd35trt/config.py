@@ -258,6 +258,25 @@ class SkipLayerGuidance(_Strict):
         return self
 
 
+class CacheMethod(str, Enum):
+    """How denoising steps reuse earlier transformer work (:mod:`sd35trt.runtime.cache`)."""
+
+    FIRST_BLOCK = "first_block"  # diffusers' FirstBlockCache
+
+
+class CacheSettings(_Strict):
+    """``runtime.cache``: build the transformer as two engines and skip the second on quiet steps.
+
+    A step runs the rest of the transformer only when its first block's residual changed by more
+    than ``threshold`` (relative mean absolute change against the last computed step, as diffusers'
+    ``FirstBlockCacheConfig.threshold``); 0 never skips. Requests may override the threshold.
+    """
+
+    method: CacheMethod = CacheMethod.FIRST_BLOCK
+    #: the largest relative change of the first block's residual that still reuses the cache.
+    threshold: float = Field(default=0.05, ge=0.0, le=10.0)
+
+
 class RuntimeSettings(_Strict):
     """Generation defaults recorded with the engines; names are diffusers' ``__call__`` parameters."""
 
@@ -271,6 +290,8 @@ class RuntimeSettings(_Strict):
     max_sequence_length: int = Field(default=256, ge=1, le=512)
     negative_prompt: str = ""
     skip_layer_guidance: SkipLayerGuidance | None = None
+    #: the first-block cache (off when absent): export and build make the two transformer engines.
+    cache: CacheSettings | None = None
 
 
 class Config(_Strict):
@@ -300,6 +321,16 @@ class Config(_Strict):
                     f"export.fp32_blocks {fp8} must also be in calibrate.high_precision_blocks "
                     f"(now {list(self.calibrate.high_precision_blocks)}): an fp32 block carries no FP8"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_keeps_first_block(self) -> Config:
+        slg = self.runtime.skip_layer_guidance
+        if self.runtime.cache is not None and slg is not None and 0 in slg.layers:
+            raise ValueError(
+                f"runtime.skip_layer_guidance.layers {list(slg.layers)} includes block 0, which "
+                "runtime.cache compares between steps and never skips; use layers from 1 (SD3.5: 7, 8, 9)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -42,9 +42,14 @@ class RunOutput:
         p = self.result.params
         lines = [f"wrote {path}" for path in self.paths]
         img2img = f", image-to-image at strength {p.strength:g}" if p.strength is not None else ""
+        cache = (
+            f", cache threshold {p.cache_threshold:g} skipped {p.cache_skipped_steps} steps"
+            if p.cache_threshold is not None
+            else ""
+        )
         lines.append(
             f"seed {p.seed}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
-            f"{p.width}x{p.height}{img2img}, "
+            f"{p.width}x{p.height}{img2img}{cache}, "
             f"engines {self.result.engine_digest}"
         )
         if timings:
@@ -96,6 +101,7 @@ def run(
     skip_layer_guidance: bool | None = None,
     image: Path | None = None,
     strength: float | None = None,
+    cache_threshold: float | None = None,
     low_vram: bool = False,
     out: Path = DEFAULT_OUT,
 ) -> RunOutput:
@@ -114,6 +120,7 @@ def run(
         skip_layer_guidance: force skip-layer guidance on or off (default: as built).
         image: image-to-image: the initial image file (resized to height x width).
         strength: image-to-image strength in (0, 1] (default 0.6).
+        cache_threshold: first-block cache threshold (default: the engines'; :mod:`sd35trt.runtime.cache`).
         low_vram: load each engine only for its stage.
         out: the PNG path; several images get ``-0``, ``-1``, ... suffixes.
 
@@ -140,6 +147,7 @@ def run(
         skip_layer_guidance=skip_layer_guidance,
         image=init_image,
         strength=strength,
+        cache_threshold=cache_threshold,
     )
     start = time.perf_counter()
     with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False) as runtime:

@@ -48,6 +48,8 @@ class Stage(str, Enum):
                 "export",
                 "runtime.max_sequence_length",
                 "runtime.skip_layer_guidance.layers",
+                # with the cache on, the transformer is exported as its two first-block-cache parts
+                "runtime.cache.method",
             ),
             Stage.BUILD: ("build", "runtime"),
         }[self]

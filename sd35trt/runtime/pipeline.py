@@ -29,21 +29,23 @@ diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_ma
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from sd35trt.components import Component, ModelDims
+from sd35trt.components import TRANSFORMER_PARTS, Component, ModelDims, engine_components
 from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
+from sd35trt.runtime.cache import CFG_CONTEXT, SKIP_LAYERS_CONTEXT, FirstBlockCache
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.request import (
     EngineBatch,
@@ -61,6 +63,7 @@ from sd35trt.runtime.steps import (
     denoise,
     encode_text,
     initial_latents,
+    skip_layer_steps,
 )
 from sd35trt.runtime.tokenize import PromptTokenizer, TokenizedPrompts
 
@@ -100,6 +103,10 @@ class Timings:
     device_memory_bytes: int | None = None
     #: TensorRT: the one activation buffer all engines share (bytes; None: not shared).
     activation_memory_bytes: int | None = None
+    #: transformer calls (each step's CFG pass and skip-layer pass), and how many of them the
+    #: first-block cache answered without the rest of the transformer.
+    transformer_calls: int = 0
+    transformer_skipped: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -113,6 +120,8 @@ class Timings:
             "memory_kind": self.memory_kind,
             "device_memory_bytes": self.device_memory_bytes,
             "activation_memory_bytes": self.activation_memory_bytes,
+            "transformer_calls": self.transformer_calls,
+            "transformer_skipped": self.transformer_skipped,
         }
 
     def format(self) -> str:
@@ -308,9 +317,10 @@ class Sd35Runtime:
                 f"{manifest.directory}: runtime_defaults in the engine manifest are invalid "
                 f"({err.errors()[0]['loc']}: {err.errors()[0]['msg']}); rebuild with `sd35trt build`"
             ) from None
-        components = [c for c in Component if c.required or c in manifest.engines]
+        components = engine_components(manifest.engines)
         specs = {c: manifest.spec(c) for c in components}
-        slg_inputs = manifest.record(Component.TRANSFORMER).skip_layers
+        gated = Component.TRANSFORMER if Component.TRANSFORMER in components else Component.TRANSFORMER_REST
+        slg_inputs = manifest.record(gated).skip_layers
         slg = defaults.skip_layer_guidance if slg_inputs else None
         if slg is not None and len(slg.layers) != slg_inputs:
             raise ManifestError(
@@ -411,6 +421,22 @@ class Sd35Runtime:
 
     # -- the loop --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _transformer(self, threshold: float | None) -> Iterator[tuple]:
+        """``(CFG pass, skip-layer pass or None, FirstBlockCache or None)`` for the denoising loop.
+
+        The whole transformer engine when there is one and no cache threshold; else the two
+        first-block-cache engines (with ``threshold`` ``None`` they always both run).
+        """
+        if threshold is None and Component.TRANSFORMER in self.engines.engines:
+            with self.engines.use(Component.TRANSFORMER) as transformer:
+                yield transformer, None, None
+            return
+        first_part, rest_part = TRANSFORMER_PARTS
+        with self.engines.use(first_part) as first, self.engines.use(rest_part) as rest:
+            cache = FirstBlockCache(first, rest, threshold, self.info.dims)
+            yield cache.context(CFG_CONTEXT), cache.context(SKIP_LAYERS_CONTEXT), cache
+
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # time the device's work, not its queueing
@@ -459,12 +485,20 @@ class Sd35Runtime:
             ).to(self.device)  # [N, C, h, w]
         mark = self._clock()
 
-        # 5. Denoise.
+        # 5. Denoise (through the first-block cache when the request has a threshold or the
+        # engines are the transformer's two parts only).
         timer = StepTimer(self.device)
-        with self.engines.use(Component.TRANSFORMER) as transformer:
-            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule)
+        with self._transformer(first.cache_threshold) as (transformer, skip_pass, cache):
+            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule, skip_pass)
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
+        steps = len(timings.step_s)
+        timings.transformer_calls = steps + len(skip_layer_steps(steps, first.skip_layer_guidance))
+        if cache is not None:
+            timings.transformer_skipped = sum(len(v) for v in cache.stats.skipped.values())
+        skipped = (
+            cache.stats.skipped_steps if cache is not None and first.cache_threshold is not None else None
+        )
 
         # 6. Decode.
         mark = self._clock()
@@ -483,7 +517,7 @@ class Sd35Runtime:
             results.append(
                 GenerationResult(
                     images=images[offset : offset + p.num_images],
-                    params=p,
+                    params=p if skipped is None else replace(p, cache_skipped_steps=skipped),
                     timings=timings,
                     warnings=(*p.warnings, *warnings.get(i, [])),
                     engine_digest=self.info.digest,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
+from sd35trt.components import TRANSFORMER_PARTS, Component, ComponentSpec, ModelDims, ShapeRange
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
 from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
@@ -92,6 +92,8 @@ class GenerationRequest:
             :func:`read_image`). Needs engines with a VAE encoder.
         strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
             starts from pure noise.
+        cache_threshold: first-block cache threshold, ``0..10`` (engines built with ``runtime.cache``;
+            default: theirs); 0 skips no step that changes (:mod:`sd35trt.runtime.cache`).
     """
 
     prompt: str
@@ -105,6 +107,7 @@ class GenerationRequest:
     skip_layer_guidance: bool | None = None
     image: Any = None
     strength: float | None = None
+    cache_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class GenerationParams:
     image_sha256: str | None = None
     #: requested settings that have no effect (e.g. a negative prompt without CFG).
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: the first-block cache's threshold (``None``: no cache), and, once generated, the steps it skipped.
+    cache_threshold: float | None = None
+    cache_skipped_steps: int | None = field(default=None, compare=False)
 
     @property
     def cfg(self) -> bool:
@@ -155,6 +161,7 @@ class GenerationParams:
             self.guidance_scale,
             self.skip_layer_guidance,
             self.strength,
+            self.cache_threshold,  # the cache decides per engine call, for the whole batch
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -267,6 +274,8 @@ class RequestLimits:
     skip_layer_guidance: SkipLayerGuidance | None
     img2img_size: tuple[tuple[int, int], tuple[int, int]] | None = None
     img2img_batch: tuple[int, int] | None = None
+    #: the engines include the first-block cache's two transformer engines.
+    cache: bool = False
 
     @classmethod
     def from_profiles(
@@ -289,7 +298,9 @@ class RequestLimits:
         Raises:
             ManifestError: an engine's profile lacks an input or is empty, or T5's length is not static.
         """
-        tr, vae = Component.TRANSFORMER, Component.VAE_DECODER
+        # engines built with runtime.cache may have only the transformer's two parts (same profiles)
+        tr = Component.TRANSFORMER if Component.TRANSFORMER in specs else Component.TRANSFORMER_FIRST_BLOCK
+        vae = Component.VAE_DECODER
         s = dims.vae_scale_factor
         sizes = {}
         for axis in ("latent_height", "latent_width"):
@@ -326,6 +337,7 @@ class RequestLimits:
             skip_layer_guidance=skip_layer_guidance,
             img2img_size=img2img_size,
             img2img_batch=img2img_batch,
+            cache=all(c in specs for c in TRANSFORMER_PARTS),
         )
         for name in ("height", "width", "transformer_batch", "decoder_batch", "encoder_batch"):
             lo, hi = getattr(limits, name)
@@ -523,7 +535,24 @@ def resolve_request(
         image=image,
         strength=strength,
         image_sha256=image_sha,
+        cache_threshold=_cache_threshold(request.cache_threshold, limits, defaults),
     )
+
+
+def _cache_threshold(value: Any, limits: RequestLimits, defaults: RuntimeSettings) -> float | None:
+    """The request's first-block cache threshold, the engines' default, or ``None`` (no cache)."""
+    default = defaults.cache.threshold if defaults.cache is not None and limits.cache else None
+    if value is None:
+        return default
+    if _is_bool(value) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 10.0:
+        raise RequestError("cache_threshold", f"cache_threshold {value!r} is not a number in 0..10")
+    if not limits.cache:
+        raise RequestError(
+            "cache_threshold",
+            "cache_threshold was given, but these engines were built without the first-block cache "
+            "(set runtime.cache in the config, then export and build again)",
+        )
+    return float(value)
 
 
 def _image_to_image(

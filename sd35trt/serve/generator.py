@@ -54,6 +54,8 @@ class ImageSet:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     png: Callable[[Any, int], bytes] = _plain_png
+    #: the parameters as generated, when generating added to the prepared ones (the cache's skipped steps).
+    parameters: Mapping[str, Any] | None = None
 
 
 @runtime_checkable

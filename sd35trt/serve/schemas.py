@@ -51,6 +51,11 @@ class GenerateBody(BaseModel):
     strength: float | None = Field(
         default=None, description="image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)"
     )
+    cache_threshold: float | None = Field(
+        default=None,
+        description="first-block cache threshold, 0..10, for engines built with runtime.cache (default: "
+        "theirs); `parameters` records it and cache_skipped_steps",
+    )
 
 
 class ImageInfo(BaseModel):

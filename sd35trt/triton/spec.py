@@ -58,6 +58,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("skip_layer_guidance", TritonType.BOOL, doc="default: as the engines were built"),
     TensorSpec("init_image", TritonType.STRING, doc="image-to-image: the image file, base64 (as HTTP)"),
     TensorSpec("strength", TritonType.FP64, doc="image-to-image: share of the schedule that runs, (0, 1]"),
+    TensorSpec("cache_threshold", TritonType.FP64, doc="first-block cache threshold, 0..10 (runtime.cache)"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
