@@ -316,6 +316,13 @@ def bench(
             help="Also time image-to-image at this strength when the engines have a VAE encoder (0: skip)."
         ),
     ] = 0.6,
+    cache_threshold: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="Engines built with runtime.cache: time them at threshold 0 and this one (repeatable; "
+            "default: their own)."
+        ),
+    ] = None,
 ) -> None:
     """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers."""
     from sd35trt.bench.benchmark import bench as run
@@ -330,6 +337,7 @@ def bench(
         overhead_runs=overhead_runs,
         device=device,
         img2img_strength=img2img_strength,
+        cache_thresholds=cache_threshold or (),
     )
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
@@ -348,12 +356,28 @@ def eval_(
         Path | None, typer.Option("--out", "-o", help="Output directory (default: <engines>/../eval).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
+    cache_threshold: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="Engines built with runtime.cache: score cached vs uncached images at these thresholds "
+            "(repeatable; default 0.05, 0.1, 0.2, 0.3, 0.4, 0.6)."
+        ),
+    ] = None,
 ) -> None:
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
 
-    report = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
+    report = evaluate(
+        engines,
+        reference,
+        prompts,
+        out,
+        num_prompts=num_prompts,
+        seed=seed,
+        device=device,
+        cache_thresholds=cache_threshold,
+    )
     typer.echo(format_eval(report))
     files = report.files
     typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")

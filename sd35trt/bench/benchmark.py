@@ -165,6 +165,52 @@ def _measure_img2img(
     return measured.model_copy(update=update)
 
 
+def _measure_cache(
+    engines_dir: Path,
+    params: BenchParams,
+    thresholds: Sequence[float],
+    runs: int,
+    warmup: int,
+    device: str | None,
+) -> list[Configuration]:
+    """The engines at first-block cache threshold 0 (no step skipped) and each of ``thresholds``.
+
+    Empty when the engines were built without the cache (no ``transformer_first_block`` engine).
+    The transformer's time is both parts' engine calls together; ``transformer_calls`` and
+    ``transformer_skipped`` are the last timed generation's.
+    """
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.components import TRANSFORMER_PARTS
+    from sd35trt.config import RuntimeSettings
+
+    manifest = read_engine_manifest(engines_dir)
+    if not all(c in manifest.engines for c in TRANSFORMER_PARTS):
+        return []
+    if not thresholds:
+        cache = RuntimeSettings.model_validate(manifest.runtime_defaults).cache
+        thresholds = [cache.threshold] if cache is not None else []
+    out = []
+    for threshold in [0.0, *thresholds]:
+        clock, memory = StageClock(), MemoryProbe()
+        subject = RuntimeSubject.from_engines(engines_dir, clock, memory, device)
+        try:
+            measured = _measure(
+                subject, params.model_copy(update={"cache_threshold": threshold}), clock, memory, runs, warmup
+            )
+            t = subject.last.timings
+        finally:
+            subject.close()
+            gc.collect()
+        update = {
+            "label": f"{measured.label} cache {threshold:g}",
+            "cache_threshold": threshold,
+            "transformer_calls": t.transformer_calls,
+            "transformer_skipped": t.transformer_skipped,
+        }
+        out.append(measured.model_copy(update=update))
+    return out
+
+
 def bench(
     engines_dirs: Sequence[str | Path],
     reference_dir: str | Path | None,
@@ -179,6 +225,7 @@ def bench(
     device: str | None = None,
     plot: bool = True,
     img2img_strength: float | None = 0.6,
+    cache_thresholds: Sequence[float] = (),
 ) -> BenchReport:
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
@@ -203,6 +250,8 @@ def bench(
         plot: also write ``bench.png``.
         img2img_strength: also benchmark image-to-image at this strength when the first engines
             directory has a VAE encoder (``None`` or 0: skip).
+        cache_thresholds: when the first engines directory was built with the first-block cache,
+            benchmark it at threshold 0 and at each of these (default: its recorded threshold).
 
     Returns:
         The ``bench.json`` content.
@@ -244,9 +293,11 @@ def bench(
             gc.collect()
 
     img2img = _measure_img2img(engines_dirs[0], params, img2img_strength, runs, warmup, device)
+    cache = _measure_cache(engines_dirs[0], params, cache_thresholds, runs, warmup, device)
 
     overhead = None
-    if overhead_runs:
+    # the overhead stand-in replaces the whole transformer engine; cache-only engines have none
+    if overhead_runs and not cache:
         from sd35trt.bench.overhead import measure_overhead
         from sd35trt.models.reference import load_diffusers
         from sd35trt.runtime.pipeline import Sd35Runtime
@@ -273,6 +324,7 @@ def bench(
         params=params,
         configurations=dedupe_labels(configurations),
         img2img=img2img,
+        cache=cache,
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if plot else None),
     )

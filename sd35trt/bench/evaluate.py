@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
     plot: bool = True,
+    cache_thresholds: Sequence[float] | None = None,
 ) -> EvalReport:
     """Compare the engines' images with the diffusers pipeline's over held-out prompts.
 
@@ -146,6 +148,9 @@ def evaluate(
         device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
             CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
         plot: also write the grid PNG.
+        cache_thresholds: engines built with the first-block cache: the thresholds whose images
+            are scored against the uncached ones (:mod:`sd35trt.bench.cache_quality`; default
+            :data:`~sd35trt.bench.cache_quality.DEFAULT_THRESHOLDS`, ``()`` skips the sweep).
 
     Returns:
         The ``eval.json`` content.
@@ -187,12 +192,21 @@ def evaluate(
 
     runtime = Sd35Runtime.load(engines_dir, device=device)
     engines_device = str(runtime.device)
-    engine_images, warnings = [], []
+    engine_images, warnings, cache = [], [], []
     try:
         for prompt, s in zip(prompts, seeds, strict=True):
             result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
             engine_images.append(result.images[0])
             warnings.extend(f"prompt {len(engine_images) - 1}: {w}" for w in result.warnings)
+        if runtime.info.limits.cache:
+            from sd35trt.bench.cache_quality import DEFAULT_THRESHOLDS, cache_sweep
+
+            sweep = DEFAULT_THRESHOLDS if cache_thresholds is None else cache_thresholds
+            cache = cache_sweep(runtime, prompts, seeds, sweep) if sweep else []
+        elif cache_thresholds:
+            raise ConfigError(
+                f"--cache-threshold needs engines built with runtime.cache; {engines_dir} has none"
+            )
     finally:
         runtime.close()
 
@@ -248,6 +262,7 @@ def evaluate(
         aggregate=Aggregate.of(rows),
         lpips=status,
         warnings=warnings,
+        cache=cache,
         files=EvalFiles(
             json=str(out / EVAL_JSON),
             table=str(out / EVAL_TABLE),
@@ -260,4 +275,8 @@ def evaluate(
         from sd35trt.bench.plots import plot_eval_grid
 
         plot_eval_grid(report, out, out / EVAL_GRID)
+        if cache:
+            from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
+
+            plot_cache_quality(cache, out / EVAL_CACHE_PLOT)
     return report

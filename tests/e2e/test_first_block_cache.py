@@ -134,3 +134,38 @@ def test_png_records_the_threshold_and_the_steps_skipped(cache_run, tmp_path):
     assert recorded["cache_threshold"] == THRESHOLDS[1]
     assert recorded["cache_skipped_steps"] == out.result.params.cache_skipped_steps >= 3
     assert f"skipped {recorded['cache_skipped_steps']} steps" in out.report()
+
+
+def test_bench_reports_transformer_calls_and_time_with_and_without_the_cache(cache_run, tmp_path):
+    from sd35trt.bench.benchmark import bench
+    from sd35trt.bench.report import format_bench
+
+    report = bench(
+        [cache_run / "engines"], None, runs=1, warmup=0, out_dir=tmp_path, overhead_runs=0,
+        plot=False, img2img_strength=0, cache_thresholds=[0.6],
+    )  # fmt: skip
+    off, on = report.cache
+    # 8 steps, the skip-layer pass on steps 1..6: 14 transformer calls
+    assert (off.cache_threshold, off.transformer_calls, off.transformer_skipped) == (0.0, 14, 0)
+    assert on.cache_threshold == 0.6 and on.transformer_calls == 14 and on.transformer_skipped >= 5
+    assert on.stages.transformer_step.median > 0 and off.stages.transformer_step.median > 0
+    assert f"threshold 0.6: {on.stages.transformer_step.median:.2f} ms" in format_bench(report)
+
+
+def test_eval_scores_cached_against_uncached_images(cache_run, tmp_path):
+    from sd35trt.bench.eval_report import format_eval, read_eval
+    from sd35trt.bench.evaluate import evaluate
+
+    report = evaluate(
+        cache_run / "engines",
+        cache_run / "model",
+        out_dir=tmp_path,
+        num_prompts=1,
+        cache_thresholds=[0.0, 0.6],
+    )
+    zero, high = read_eval(tmp_path / "eval.json").cache
+    assert zero.skipped_steps.mean == 0 and zero.identical == 1 and zero.psnr_db.mean is None
+    assert high.skipped_steps.mean >= 4 and high.identical == 0 and 20 < high.psnr_db.mean < 80
+    assert high.ssim.mean < 1.0
+    assert "| 0.6 |" in format_eval(report)
+    assert (tmp_path / "eval_cache.png").stat().st_size > 0
