@@ -169,3 +169,15 @@ def test_eval_scores_cached_against_uncached_images(cache_run, tmp_path):
     assert high.ssim.mean < 1.0
     assert "| 0.6 |" in format_eval(report)
     assert (tmp_path / "eval_cache.png").stat().st_size > 0
+
+
+def test_http_parameters_record_the_steps_skipped(runtime):
+    from sd35trt.serve.runtime_adapter import RuntimeGenerator
+
+    generator = RuntimeGenerator(runtime)
+    prepared = generator.prepare({"prompt": PROMPT, "seed": 7, "cache_threshold": THRESHOLDS[1]})
+    assert prepared.params["cache_threshold"] == THRESHOLDS[1]
+    assert prepared.params["cache_skipped_steps"] is None  # known once generated
+    (done,) = generator.run_batch([prepared])
+    assert done.parameters["cache_threshold"] == THRESHOLDS[1]
+    assert done.parameters["cache_skipped_steps"] >= 3
