@@ -152,23 +152,16 @@ def test_bench_reports_transformer_calls_and_time_with_and_without_the_cache(cac
     assert f"threshold 0.6: {on.stages.transformer_step.median:.2f} ms" in format_bench(report)
 
 
-def test_eval_scores_cached_against_uncached_images(cache_run, tmp_path):
-    from sd35trt.bench.eval_report import format_eval, read_eval
-    from sd35trt.bench.evaluate import evaluate
+def test_eval_scores_cached_against_uncached_images(runtime, tmp_path):
+    from sd35trt.bench.cache_quality import cache_sweep, plot_cache_quality
+    from sd35trt.bench.eval_report import format_cache_quality
 
-    report = evaluate(
-        cache_run / "engines",
-        cache_run / "model",
-        out_dir=tmp_path,
-        num_prompts=1,
-        cache_thresholds=[0.0, 0.6],
-    )
-    zero, high = read_eval(tmp_path / "eval.json").cache
+    zero, high = cache_sweep(runtime, [PROMPT], [7], [0.0, 0.6])
     assert zero.skipped_steps.mean == 0 and zero.identical == 1 and zero.psnr_db.mean is None
     assert high.skipped_steps.mean >= 4 and high.identical == 0 and 20 < high.psnr_db.mean < 80
     assert high.ssim.mean < 1.0
-    assert "| 0.6 |" in format_eval(report)
-    assert (tmp_path / "eval_cache.png").stat().st_size > 0
+    assert any(line.startswith("| 0.6 | ") for line in format_cache_quality([zero, high]))
+    assert plot_cache_quality([zero, high], tmp_path / "q.png").stat().st_size > 0
 
 
 def test_http_parameters_record_the_steps_skipped(runtime):
