@@ -1,9 +1,10 @@
 """Per-component facts, in one place.
 
-Each of the six exported components has a :class:`ComponentSpec`: input and output names,
-dtypes, symbolic shapes, validation tolerances and how its optimization-profile ranges follow
-from the build settings. Export, build, the runtime and the tests all read these specs, so a
-name or an axis is written exactly once. Nothing here imports torch.
+Each exported component (the transformer's two first-block-cache parts included) has a
+:class:`ComponentSpec`: input and output names, dtypes, symbolic shapes, validation tolerances
+and how its optimization-profile ranges follow from the build settings. Export, build, the
+runtime and the tests all read these specs, so a name or an axis is written exactly once.
+Nothing here imports torch.
 
 Where the glue lives (decided here, used by export and the runtime):
 - CLIP padding and concatenation are done by the runtime: the CLIP graphs return the

@@ -368,6 +368,7 @@ class RequestLimits:
             "seed": [0, MAX_SEED],
             "t5_length": self.t5_length,
             "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
+            "cache_threshold": [0.0, 10.0] if self.cache else None,  # engines with the first-block cache
             "image_to_image": None
             if self.img2img_size is None
             else {

@@ -258,6 +258,8 @@ def test_to_json_lists_the_ranges():
     data = limits().to_json()
     assert data["height"] == [64, 256] and data["num_images"]["cfg"] == [1, 2]
     assert data["skip_layer_guidance"]["layers"] == [1]
+    assert data["cache_threshold"] == [0.0, 10.0]  # the test engines include the cache's two parts
+    assert _cache_limits(cache=False).to_json()["cache_threshold"] is None
 
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
