@@ -30,10 +30,31 @@ RunDirOpt = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("sd35trt")
+        except metadata.PackageNotFoundError:  # a source tree that was never installed
+            version = "unknown (not installed)"
+        typer.echo(f"sd35trt {version}")
+        raise typer.Exit()
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 @app.callback()
 def _options(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show third-party warnings and progress bars too.")
+        bool,
+        typer.Option(
+            *VERBOSE_FLAGS, help="Show third-party warnings and progress bars too (before or after the verb)."
+        ),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Stable Diffusion 3.5 to FP8 TensorRT engines: calibrate, export, build, run."""
@@ -100,7 +121,8 @@ def calibrate(
 
 @app.command()
 def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
-    """ONNX of the five components (FP8 Q/DQ transformer), each validated against PyTorch."""
+    """ONNX of the six components (CLIP-L, CLIP-G, T5, the FP8 Q/DQ transformer, VAE decoder and
+    encoder), each validated against PyTorch."""
 
     def body(cfg, rd, hint, progress):
         from sd35trt.stages.export import export as run
@@ -115,7 +137,10 @@ def build(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     backend: Annotated[
-        str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
+        str | None,
+        typer.Option(
+            help="auto | tensorrt | tensorrt-rtx | onnxruntime (default: the config's build.backend)."
+        ),
     ] = None,
     force: ForceOpt = False,
     allow_partial_fp8: Annotated[
@@ -346,7 +371,13 @@ def bench(
 @app.command(name="eval")
 def eval_(
     engines: Annotated[Path, typer.Option("--engines", help="The engines directory to evaluate.")],
-    reference: Annotated[Path, typer.Option(help="diffusers model directory: the non-quantized reference.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="diffusers model directory: the non-quantized reference (default: the model of the run "
+            "the engines belong to)."
+        ),
+    ] = None,
     prompts: Annotated[Path, typer.Option(help="Held-out prompts, one per line (# comments).")] = Path(
         "calibration_prompts/heldout.txt"
     ),
@@ -368,6 +399,10 @@ def eval_(
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
 
+    if reference is None:
+        from sd35trt.models.reference import run_model_dir
+
+        reference = run_model_dir(engines)
     report = evaluate(
         engines,
         reference,
@@ -407,6 +442,10 @@ def serve(
         int | None,
         typer.Option(min=1, help="Images per engine batch (default: the engines' maximum; 1 = no merging)."),
     ] = None,
+    max_images: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per request (default 16); beyond an engine batch: several."),
+    ] = None,
     batch_window_ms: Annotated[
         float, typer.Option(min=0, help="How long a batch waits for compatible requests to join it.")
     ] = 10.0,
@@ -442,6 +481,7 @@ def serve(
         host=host,
         port=port,
         max_batch=max_batch,
+        max_images=max_images,
         batch_window_ms=batch_window_ms,
         queue_size=queue_size,
         timeout_s=timeout,
@@ -454,67 +494,9 @@ def serve(
     run_server(engines_dir_of(engines), settings)
 
 
-@app.command()
-def triton(
-    engines: Annotated[
-        Path, typer.Argument(help="Engines directory (runs/<name>/engines) or unpacked artefact.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository directory to write into.")],
-    gpus: Annotated[
-        str | None,
-        typer.Option(help="TensorRT engines: GPU ids for KIND_GPU instances, e.g. 0,1 (default: every GPU)."),
-    ] = None,
-    instances_per_gpu: Annotated[
-        int, typer.Option(min=1, help="Model instances per GPU (ONNX Runtime engines: CPU instances).")
-    ] = 1,
-    max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Triton max_batch_size: prompts per model execution (default: engine batch)."
-        ),
-    ] = None,
-    batch_window_ms: Annotated[
-        float, typer.Option(min=0, help="Dynamic batcher: how long a request waits for others to join.")
-    ] = 10.0,
-    model_name: Annotated[str, typer.Option(help="Model name in the repository.")] = "sd35trt",
-    reference: Annotated[
-        bool,
-        typer.Option("--reference", help="Name the engines by absolute path instead of copying them in."),
-    ] = False,
-    intra_op_threads: Annotated[
-        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance (default: ONNX Runtime's).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
-) -> None:
-    """Write a Triton Inference Server model repository (Python backend) serving the engines."""
-    from sd35trt.errors import ConfigError
-    from sd35trt.stages.package import engines_dir_of
-    from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
+from sd35trt.triton.cli import triton_app  # noqa: E402  (imports no Triton, no torch)
 
-    try:
-        gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
-    except ValueError:
-        raise ConfigError(f"--gpus {gpus!r} is not a comma-separated list of GPU ids, e.g. 0,1") from None
-    if gpu_ids is not None and any(g < 0 for g in gpu_ids):
-        raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
-    settings = TritonRepoSettings(
-        model_name=model_name,
-        gpus=gpu_ids,
-        instances_per_gpu=instances_per_gpu,
-        max_batch=max_batch,
-        batch_window_ms=batch_window_ms,
-        engines=EngineMode.REFERENCE if reference else EngineMode.COPY,
-        intra_op_threads=intra_op_threads,
-        force=force,
-    )
-    model = write_repository(engines_dir_of(engines), out, settings)
-    typer.echo(
-        f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "
-        f"max_batch_size {model.max_batch_size}):"
-    )
-    for name in model.layout():
-        typer.echo(f"  {name}")
-    typer.echo(f"serve it with: tritonserver --model-repository {model.model_dir.parent}")
+app.add_typer(triton_app, name="triton")
 
 
 @app.command()
@@ -551,7 +533,12 @@ def verify(
         for problem in report.problems:
             typer.echo(f"  - {problem}", err=True)
         raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
-    typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if report.notes:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked)")
+        for note in report.notes:
+            typer.echo(f"  {note}")
+    else:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
     from sd35trt.compare import compare_engines
@@ -573,10 +560,20 @@ def verify(
     )
 
 
+def hoist_verbose(argv: list[str]) -> list[str]:
+    """``-v`` / ``--verbose`` anywhere before ``--`` moved to the front, where the top-level option is.
+
+    ``sd35trt run -v ...`` then means ``sd35trt -v run ...`` (no verb has a ``-v`` of its own).
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in VERBOSE_FLAGS]
+    return flags + [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1 (tracebacks with SD35TRT_DEBUG=1)."""
     try:
-        app()
+        app(args=hoist_verbose(sys.argv[1:]))
     except Sd35TrtError as err:
         if os.environ.get("SD35TRT_DEBUG") == "1":
             raise

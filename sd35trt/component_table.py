@@ -63,6 +63,12 @@ def exported_components(cache: bool) -> list[Component]:
     return [c for c in Component if c not in skipped]
 
 
+def transformer_engine(available: Collection[Component]) -> Component:
+    """The engine whose profile and precision stand for the transformer's: the whole transformer,
+    or (engines built with ``runtime.cache`` have only the parts) its first block."""
+    return Component.TRANSFORMER if Component.TRANSFORMER in available else Component.TRANSFORMER_FIRST_BLOCK
+
+
 def engine_components(available: Collection[Component]) -> list[Component]:
     """The engines an engine set runs, in execution order, from the ``available`` ones.
 

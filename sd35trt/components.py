@@ -39,6 +39,7 @@ from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabula
     ModelLibrary,
     engine_components,
     exported_components,
+    transformer_engine,
 )
 from sd35trt.config import BuildSettings, Precision, Range
 from sd35trt.errors import ConfigError, ModelError

@@ -8,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
+from sd35trt.backends.layers import LayerReport
 from sd35trt.errors import ManifestError
 
 #: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
@@ -22,6 +23,7 @@ PACKAGES = (
     "onnxruntime-gpu",
     "polygraphy",
     "tensorrt",
+    "tensorrt_rtx_cu13",
 )
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
@@ -102,6 +104,35 @@ def model_lines(model: dict | None, indent: str = "  ") -> list[str]:
     return lines
 
 
+#: A detail whose JSON is shorter than this is one line; a longer one is split by keys and items.
+DETAIL_LINE_CHARS = 160
+#: Items of a long list shown; the rest are counted.
+DETAIL_LIST_ITEMS = 12
+
+
+def detail_lines(key: str, value: object, indent: str) -> list[str]:
+    """``key: <JSON>`` lines for a record detail, never cut inside a JSON value.
+
+    Short values are one line; a long object gets one line per member and a long list one line
+    per item (the first :data:`DETAIL_LIST_ITEMS`, then how many more), nested the same way. A
+    long string is printed whole.
+    """
+    text = json.dumps(value, sort_keys=True)
+    if len(text) < DETAIL_LINE_CHARS or not isinstance(value, dict | list) or not value:
+        return [f"{indent}{key}: {text}"]
+    if isinstance(value, dict):
+        lines = [f"{indent}{key}: ({len(value)} keys)"]
+        for k in sorted(value):
+            lines += detail_lines(str(k), value[k], indent + "  ")
+        return lines
+    lines = [f"{indent}{key}: ({len(value)} items)"]
+    for i, item in enumerate(value[:DETAIL_LIST_ITEMS]):
+        lines += detail_lines(f"[{i}]", item, indent + "  ")
+    if len(value) > DETAIL_LIST_ITEMS:
+        lines.append(f"{indent}  ... and {len(value) - DETAIL_LIST_ITEMS} more items")
+    return lines
+
+
 def format_manifest(path: Path) -> str:
     """Readable summary of ``path/manifest.json`` (a run directory or an engines directory).
 
@@ -134,20 +165,62 @@ def format_manifest(path: Path) -> str:
         for key, value in details.items():
             if key == "model":
                 continue
-            text = json.dumps(value, sort_keys=True)
-            lines.append(f"  {key}: {text if len(text) < 160 else text[:157] + '...'}")
+            lines += detail_lines(key, value, "  ")
     engines_dir = Path(path) / "engines"
     if (engines_dir / MANIFEST_NAME).is_file():
         lines += format_engines(engines_dir)
     return "\n".join(lines)
 
 
+def _listed(items: list[str], limit: int = 6) -> str:
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def layer_lines(layers: LayerReport, indent: str = "    ") -> list[str]:
+    """The FP8 proof of one engine, readable: layers per precision and per output type, the
+    quantized MatMuls inside FP8 GEMM layers (those holding several: fused projections), the ones
+    that fell back, fused attention layers by tactic."""
+    lines = [layers.summary()]
+    if layers.detailed:
+        outputs = sorted(layers.output_precisions.items(), key=lambda kv: -kv[1])
+        if outputs:
+            lines.append("layer outputs: " + ", ".join(f"{k} {v}" for k, v in outputs))
+        if layers.quantized_linear:
+            inside = layers.quantized_linear - layers.fell_back_count
+            verdict = (
+                "every quantized MatMul is inside an FP8 GEMM"
+                if layers.fp8_complete
+                else f"{layers.fell_back_count} quantized MatMuls are in no FP8 GEMM"
+            )
+            lines.append(
+                f"FP8 proof ({layers.source}): {verdict} ({inside}/{layers.quantized_linear} in "
+                f"{layers.fp8_gemms} FP8 GEMM layers)"
+            )
+            fused = [
+                f"{name} ({len(nodes)})" for name, nodes in layers.fp8_gemm_layers.items() if len(nodes) > 1
+            ]
+            if fused:
+                lines.append(f"FP8 GEMMs holding several MatMuls: {_listed(fused, 3)}")
+    if layers.fell_back_count:
+        more = layers.fell_back_count - len(layers.fell_back)
+        lines.append(
+            f"fell back from FP8: {', '.join(layers.fell_back)}" + (f" and {more} more" if more > 0 else "")
+        )
+    if layers.fused_attention:
+        tactics = ", ".join(f"{t} x{n}" for t, n in layers.fused_attention_tactics.items())
+        lines.append(
+            f"fused attention: {_listed(layers.fused_attention)}"
+            + (f" (tactics: {tactics})" if tactics else "")
+        )
+    return [indent + line for line in lines]
+
+
 def format_engines(engines_dir: Path) -> list[str]:
     """Readable lines for an engines directory: per engine, what it was built as and runs.
 
-    TensorRT engines show their layer information: layers per precision, FP8 GEMMs against the
-    quantized Linear layers of their ONNX, the layers that fell back, fused attention layers,
-    and the activation memory they need.
+    TensorRT and TensorRT-RTX engines show their layer information (:func:`layer_lines`) and the
+    activation and weights memory they need.
 
     Raises:
         ManifestError: the engine manifest is missing or malformed.
@@ -163,26 +236,18 @@ def format_engines(engines_dir: Path) -> list[str]:
             f"  {component.value:<12} {rec.file.path:<22} {_size(size):>10}  {rec.precision.value}{fp8}, "
             f"built for {rec.built_for} in {rec.build_seconds:.1f} s"
         )
-        if rec.device_memory_bytes is not None:
-            lines.append(f"    activation memory {_size(rec.device_memory_bytes)}")
-        if rec.layers is None:
-            continue
-        lines.append(f"    {rec.layers.summary()}")
-        if rec.layers.fell_back_count:
-            more = rec.layers.fell_back_count - len(rec.layers.fell_back)
-            lines.append(
-                f"    fell back from FP8: {', '.join(rec.layers.fell_back)}"
-                + (f" and {more} more" if more > 0 else "")
+        memory = [
+            f"{what} {_size(n)}"
+            for what, n in (
+                ("activation memory", rec.device_memory_bytes),
+                ("weights", rec.layers.weights_bytes if rec.layers else None),
             )
-        if rec.layers.fused_attention:
-            lines.append(
-                f"    fused attention: {', '.join(rec.layers.fused_attention[:6])}"
-                + (
-                    f" and {len(rec.layers.fused_attention) - 6} more"
-                    if len(rec.layers.fused_attention) > 6
-                    else ""
-                )
-            )
+            if n is not None
+        ]
+        if memory:
+            lines.append(f"    {', '.join(memory)}")
+        if rec.layers is not None:
+            lines += layer_lines(rec.layers)
     has_encoder = any(c.value == "vae_encoder" for c in manifest.engines)
     lines.append(
         "  image-to-image: "

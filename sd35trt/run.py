@@ -13,7 +13,6 @@ from pathlib import Path
 
 from sd35trt.errors import RequestError
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
-from sd35trt.runtime.png import save_png
 from sd35trt.runtime.request import read_image
 
 DEFAULT_OUT = Path("sd35trt.png")
@@ -40,7 +39,13 @@ class RunOutput:
     def report(self, timings: bool = False) -> str:
         """Lines for the terminal: the files and the seed; the stage timings if asked."""
         p = self.result.params
-        lines = [f"wrote {path}" for path in self.paths]
+        seeds = self.result.seeds
+        lines = [
+            f"wrote {path}" + (f" (seed {seed})" if len(seeds) > 1 else "")
+            for path, seed in zip(self.paths, seeds, strict=True)
+        ]
+        parts = self.result.engine_batches
+        several = f" in {parts} engine batches" if parts > 1 else ""
         img2img = f", image-to-image at strength {p.strength:g}" if p.strength is not None else ""
         cache = (
             f", cache threshold {p.cache_threshold:g} skipped {p.cache_skipped_steps} steps"
@@ -48,9 +53,10 @@ class RunOutput:
             else ""
         )
         lines.append(
-            f"seed {p.seed}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
+            (f"seed {p.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]} (image i: seed + i)")
+            + f", {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
             f"{p.width}x{p.height}{img2img}{cache}, "
-            f"engines {self.result.engine_digest}"
+            f"engines {self.result.engine_digest}{several}"
         )
         if timings:
             lines.append(f"engine loading  {self.load_s * 1000:10.1f} ms")
@@ -116,7 +122,8 @@ def run(
         height: image height in pixels (default: recorded).
         width: image width in pixels (default: recorded).
         seed: noise seed; drawn at random (and reported) when ``None``.
-        num_images: images to generate in one batch.
+        num_images: images to generate; image ``i`` uses seed ``seed + i``. More than the engine
+            batch run as several engine batches (no other limit: the user asked for them).
         skip_layer_guidance: force skip-layer guidance on or off (default: as built).
         image: image-to-image: the initial image file (resized to height x width).
         strength: image-to-image strength in (0, 1] (default 0.6).
@@ -150,14 +157,15 @@ def run(
         cache_threshold=cache_threshold,
     )
     start = time.perf_counter()
-    with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False) as runtime:
+    max_images = max(num_images, 1) if isinstance(num_images, int) else None
+    with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False, max_images=max_images) as runtime:
         params = runtime.validate(request)  # a bad request fails before any engine loads
         runtime.engines.activate_all()  # so stage timings don't include loading (except with low_vram)
         load_s = time.perf_counter() - start
-        (result,) = runtime.generate_batch([params])
-    for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
+        result = runtime.generate(params)
+    for i, path in enumerate(paths):
         try:
-            save_png(path, image, result.params, result.engine_digest, i, result.batch, result.model)
+            result.save(path, i)
         except OSError as err:  # permissions, a full disk: the user's to fix, named
             raise RequestError("out", f"cannot write {path}: {err.strerror or err}") from None
     return RunOutput(paths=paths, result=result, load_s=load_s)

@@ -2,7 +2,8 @@
 
 ``engines/manifest.json`` is self-contained: it records, per component, the engine file (size,
 sha256), the backend and precision actually built, the profile ranges per input, the ONNX it came
-from, and for TensorRT the version, GPU name and compute capability; plus the model dims, the
+from, and for TensorRT the version, GPU name and compute capability (for TensorRT-RTX its
+version in ``tensorrt_version`` and the compute capabilities it was built for); plus the model dims, the
 runtime defaults and the tokenizer / scheduler files copied beside the engines, and the model they
 were made from (repo commit, LoRA files with their sha256 and scales). The runtime needs nothing
 else.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sd35trt.artifacts.manifest import FileRecord, HashCache, read_json, verify_files
+from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import OpenOptions
 from sd35trt.backends.layers import LayerReport
 from sd35trt.backends.machine import (  # noqa: F401 -- re-exported: where callers have always found them
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
 
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_FORMAT = 1
-REBUILD = "rebuild with `sd35trt build`"
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,15 @@ class EngineRecord:
     build_seconds: float
     extra_files: tuple[FileRecord, ...] = ()  # external weights of an ONNX Runtime engine
     skip_layers: int = 0  # transformer: size of the skip-layer-guidance input
-    tensorrt_version: str | None = None
+    tensorrt_version: str | None = None  # of the record's backend: TensorRT or TensorRT-RTX
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
     options: Mapping = field(default_factory=dict)  # backend build / session options
     layers: LayerReport | None = None  # TensorRT: what the engine runs, per precision
     device_memory_bytes: int | None = None  # TensorRT: activation memory at the largest profile
     streamable_weights_bytes: int | None = None  # TensorRT: weights weight streaming can page
+    #: TensorRT-RTX: the GPU architectures the plan was built for (it loads on these only).
+    compute_capabilities: tuple[tuple[int, int], ...] = ()
 
     @property
     def files(self) -> tuple[FileRecord, ...]:
@@ -96,6 +99,7 @@ class EngineRecord:
             "layers": self.layers.model_dump(mode="json") if self.layers is not None else None,
             "device_memory_bytes": self.device_memory_bytes,
             "streamable_weights_bytes": self.streamable_weights_bytes,
+            "compute_capabilities": [list(c) for c in self.compute_capabilities],
         }
 
     @classmethod
@@ -202,6 +206,7 @@ class _EngineJson(_Json):
     layers: LayerReport | None = None
     device_memory_bytes: int | None = Field(default=None, ge=0)
     streamable_weights_bytes: int | None = Field(default=None, ge=0)
+    compute_capabilities: tuple[tuple[int, int], ...] = ()
 
 
 class _ManifestJson(_Json):
@@ -270,18 +275,21 @@ def check_compatible(
     """
     selected = list(components) if components is not None else list(manifest.engines)
     groups: dict[tuple[str, str], list[str]] = {}
+    portable = machine.gpu is None  # built for GPU targets, checked where there is none: no rebuild helps
     for component in selected:
         rec = manifest.record(component)
-        here = backend_of(rec.backend).incompatibility(rec, machine)
+        backend = backend_of(rec.backend)
+        here = backend.incompatibility(rec, machine)
         if here is not None:
             groups.setdefault((rec.built_for, here), []).append(Path(rec.file.path).name)
+            portable = portable and backend.portable
     if not groups:
         return
     parts = []
     for (built, here), names in groups.items():
         subject = f"engine {names[0]} was" if len(names) == 1 else f"engines {', '.join(names)} were"
         parts.append(f"{subject} built for {built}, {here}")
-    raise IncompatibleEngineError("; ".join(parts) + f": {REBUILD}")
+    raise IncompatibleEngineError("; ".join(parts) + ("" if portable else f": {REBUILD}"))
 
 
 def verify_engines(
@@ -291,6 +299,7 @@ def verify_engines(
     *,
     hash_engines: bool = True,
     cache: HashCache | None = None,
+    check_machine: bool = True,
 ) -> EngineManifest:
     """Read the engine manifest and check the engines before anything loads them.
 
@@ -305,6 +314,8 @@ def verify_engines(
         hash_engines: ``False`` checks engine files' sizes only: for a load, whose engines hash the
             bytes they deserialize themselves (each byte hashed once per load).
         cache: reuse digests of files unchanged since last hashed (freshness checks only).
+        check_machine: ``False`` checks the files only (the build's freshness check, which asks
+            each backend's :meth:`~sd35trt.backends.base.EngineBackend.rebuild_reason` instead).
 
     Returns:
         The parsed manifest, for :func:`open_engines`.
@@ -317,7 +328,7 @@ def verify_engines(
     """
     manifest = read_engine_manifest(engines_dir)
     selected = list(components) if components is not None else list(manifest.engines)
-    what = f"engines in {manifest.directory} ({REBUILD})"
+    what = f"engines in {manifest.directory} ({repair_hint(manifest.directory)})"
     engine_files = [f for c in selected for f in manifest.record(c).files]
     problems, unsafe = [], False
     for files, contents in ((engine_files, hash_engines), (manifest.support_files, True)):
@@ -328,7 +339,7 @@ def verify_engines(
             unsafe = unsafe or isinstance(err, UnsafeArtifactError)
     if problems:
         raise (UnsafeArtifactError if unsafe else VerificationError)(f"{what}: " + "; ".join(problems))
-    if any(backend_of(manifest.record(c).backend).needs_machine_check for c in selected):
+    if check_machine and any(backend_of(manifest.record(c).backend).needs_machine_check for c in selected):
         check_compatible(manifest, machine or MachineInfo.detect(), selected)
     return manifest
 

@@ -260,6 +260,7 @@ def tool_versions() -> dict[str, str]:
         "onnxruntime",
         "onnxruntime-gpu",
         "tensorrt",
+        "tensorrt_rtx_cu13",
     ):
         try:
             out[dist] = metadata.version(dist)

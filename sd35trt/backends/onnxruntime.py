@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts.manifest import check_file_digest, read_verified
+from sd35trt.artifacts.repair import repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
@@ -188,16 +189,17 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         so = session_options(self.intra_op_threads)
+        fix = repair_hint(self.path)  # rebuild in a run directory, re-copy and verify elsewhere
         for data_path, digest in self.extra_files:
-            check_file_digest(data_path, digest, "engine manifest", REBUILD)
+            check_file_digest(data_path, digest, "engine manifest", fix)
         if self.sha256 is None:
             source: str | bytes = str(self.path)
         elif self.extra_files:
             # ONNX Runtime resolves external data only for a model opened by path.
-            check_file_digest(self.path, self.sha256, "engine manifest", REBUILD)
+            check_file_digest(self.path, self.sha256, "engine manifest", fix)
             source = str(self.path)
         else:
-            source = read_verified(self.path, self.sha256, "engine manifest", REBUILD)
+            source = read_verified(self.path, self.sha256, "engine manifest", fix)
             # From bytes, ONNX Runtime resolves an external-data reference against the working
             # directory: pin it to the engine's own directory (escapes and symlinks are refused).
             so.add_session_config_entry(

@@ -14,7 +14,7 @@ from pathlib import Path
 from sd35trt.bench.eval_report import EvalReport, PromptScore
 from sd35trt.bench.report import STAGE_LABELS, BenchReport
 
-_STAGES = ("clip_l", "clip_g", "t5", "transformer_step", "vae_decoder", "host")
+_STAGES = ("clip_l", "clip_g", "t5", "transformer_step", "vae_decoder", "host", "host_loop")
 
 
 def _pyplot():

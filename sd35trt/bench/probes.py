@@ -22,6 +22,7 @@ class StageClock:
     def __init__(self, device: str = "cpu") -> None:
         self.cuda = str(device).startswith("cuda")
         self._marks: list[tuple[str, Any, Any]] = []
+        self._recorded: list[tuple[str, float]] = []
 
     def set_device(self, device: str) -> None:
         self.cuda = str(device).startswith("cuda")
@@ -46,6 +47,10 @@ class StageClock:
         finally:
             self.add(stage, start, self.mark())
 
+    def record(self, stage: str, seconds: float) -> None:
+        """A duration measured elsewhere (e.g. the runtime's own denoising span), in seconds."""
+        self._recorded.append((stage, seconds))
+
     def collect(self) -> dict[str, list[float]]:
         """Durations in seconds per stage since the last collect (synchronizes on CUDA)."""
         if self.cuda and self._marks:
@@ -53,6 +58,9 @@ class StageClock:
 
             torch.cuda.synchronize()
         out: dict[str, list[float]] = {}
+        for stage, seconds in self._recorded:
+            out.setdefault(stage, []).append(seconds)
+        self._recorded = []
         for stage, start, end in self._marks:
             seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
             out.setdefault(stage, []).append(seconds)

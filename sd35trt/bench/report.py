@@ -26,11 +26,14 @@ BENCH_PNG = "bench.png"
 OVERHEAD_TARGET_RATIO = 0.5
 
 #: Reported stages, in pipeline order: ``transformer_step`` is per denoising step; ``host`` is
-#: the time of a generation outside every engine (module) call: tokenizing, joining embeddings,
-#: the denoising loop's own work, checks, converting the images.
+#: the time of a whole generation outside every engine (module) call: tokenizing, joining
+#: embeddings, drawing the noise, the NaN checks, converting the images, and the denoising loop's
+#: own work, which ``host_loop`` (the loop's span minus its transformer calls, sd35trt only) shows
+#: apart. Per step, ``host_loop`` is what the overhead panel measures with an instant transformer.
 STAGES = ("clip_l", "clip_g", "t5", "transformer_step", "vae_decoder", "host", "total")
 STAGE_LABELS = {
-    "host": "host (outside engines)",
+    "host": "host, whole generation (outside engines)",
+    "host_loop": "host, denoising loop (outside the transformer)",
     "clip_l": "CLIP-L",
     "clip_g": "CLIP-G",
     "t5": "T5",
@@ -69,9 +72,17 @@ class Stages(ReportModel):
     total: Summary
     #: image-to-image runs only: the VAE encoder engine.
     vae_encoder: Summary | None = None
+    #: sd35trt only: the denoising loop's span minus its transformer calls (part of ``host``).
+    host_loop: Summary | None = None
 
     def get(self, stage: str) -> Summary:
-        return getattr(self, stage)
+        """The statistics of ``stage`` (an optional stage that was not measured: no samples)."""
+        value = getattr(self, stage)
+        return (
+            value
+            if value is not None
+            else Summary(unit=self.total.unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
+        )
 
 
 class Memory(ReportModel):
@@ -249,10 +260,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def format_bench(report: BenchReport) -> str:
     """The report as a readable table (medians and p90 in ms, images/s, peak memory, overhead)."""
-    rows = [("configuration", *[STAGE_LABELS[s] for s in STAGES], "img/s", "peak MiB")]
+    shown = [*STAGES[:-1], "host_loop", STAGES[-1]]  # the loop's share next to the whole
+    rows = [("configuration", *[STAGE_LABELS[s] for s in shown], "img/s", "peak MiB")]
     for c in report.configurations:
         cells = [c.label]
-        for s in STAGES:
+        for s in shown:
             st = c.stages.get(s)
             cells.append(f"{_fmt(st.median)} / {_fmt(st.p90)}")
         cells.append(_fmt(c.images_per_second))

@@ -55,12 +55,16 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
     Returns:
         :data:`~sd35trt.bench.report.STAGES` plus ``transformer_call`` (every call), in ms. A
         stage's sample per run is the sum of its calls; ``transformer_step`` is the transformer's
-        sum divided by the steps; ``host`` is ``total`` minus every engine call. A stage that was
-        never called has no samples (no invented zero).
+        sum divided by the steps; ``host`` is ``total`` minus every engine call; ``host_loop``
+        (when the runs record ``denoise``, the loop's span) is ``denoise`` minus the transformer
+        calls. A stage that was never called has no samples (no invented zero).
     """
     per_run: dict[str, list[float]] = {s: [] for s in (*STAGES, "vae_encoder")}
     calls: list[float] = []
+    loop: list[float] = []
     for run in runs:
+        if run.get("denoise") and run.get("transformer"):
+            loop.append(sum(run["denoise"]) - sum(run["transformer"]))
         for s in ("clip_l", "clip_g", "t5", "vae_decoder", "vae_encoder", "total"):
             if run.get(s):
                 per_run[s].append(sum(run[s]))
@@ -71,7 +75,10 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
             per_run["host"].append(sum(run["total"]) - sum(sum(run.get(e, ())) for e in ENGINE_STAGES))
     encoder = summarize(per_run["vae_encoder"]) if per_run["vae_encoder"] else None
     return Stages(
-        **{s: summarize(per_run[s]) for s in STAGES}, transformer_call=summarize(calls), vae_encoder=encoder
+        **{s: summarize(per_run[s]) for s in STAGES},
+        transformer_call=summarize(calls),
+        vae_encoder=encoder,
+        host_loop=summarize(loop) if loop else None,
     )
 
 

@@ -85,8 +85,12 @@ class QuantSummary:
         )
 
     def table(self) -> str:
-        """A small text table: one row per kind, enabled and disabled counts."""
-        rows = [f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}"]
+        """A small text table under a title: one row per kind, enabled and disabled counts."""
+        rows = [
+            "FP8 quantizers in the transformer (ModelOpt; enabled: run in FP8, disabled: kept in "
+            "high precision)",
+            f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}",
+        ]
         for k in QuantizerKind:
             rows.append(f"{k.value:<11} {self.enabled.get(k, 0):>8} {self.disabled.get(k, 0):>9}")
         rows.append(f"{'total':<11} {self.total_enabled:>8} {sum(self.disabled.values()):>9}")

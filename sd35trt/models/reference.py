@@ -40,6 +40,27 @@ def check_reference_dir(model_dir: str | Path) -> Path:
     return root
 
 
+def run_model_dir(engines_dir: str | Path) -> Path:
+    """The diffusers directory the run holding ``engines_dir`` exported (its export record's ``model_dir``).
+
+    The default ``--reference`` of ``sd35trt eval`` for ``runs/<name>/engines``.
+
+    Raises:
+        ModelError: ``engines_dir`` is not inside a run directory with an export record (an
+            unpacked artefact holds no model), or the recorded directory is gone.
+    """
+    from sd35trt.artifacts.manifest import MANIFEST_NAME, RunManifest, Stage
+
+    run_dir = Path(engines_dir).parent
+    record = RunManifest(run_dir).get(Stage.EXPORT) if (run_dir / MANIFEST_NAME).is_file() else None
+    if record is None:
+        raise ModelError(
+            f"--reference is needed: {engines_dir} is not the engines directory of a run with an export "
+            "record (an artefact holds no model); give the diffusers directory the engines were made from"
+        )
+    return check_reference_dir(record.details.model_dir)
+
+
 def load_diffusers(
     model_dir: str | Path, device: str, dtype: torch.dtype | None = None
 ) -> StableDiffusion3Pipeline:
@@ -96,7 +117,8 @@ def generate_images(
         guidance_scale: CFG scale; at most 1 turns CFG (and skip-layer guidance) off.
         height: image height in pixels.
         width: image width in pixels.
-        seed: seed of the CPU generator that draws the initial noise ``[B, 16, H/8, W/8]``.
+        seed: image ``i``'s initial noise ``[1, 16, H/8, W/8]`` comes from a CPU generator seeded
+            ``seed + i`` (a list of generators, as the runtime draws it).
         max_sequence_length: T5 tokens per prompt.
         skip_layer_guidance: the engines' skip-layer guidance, or ``None``.
         output_type: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` float in [0, 1]) or ``"latent"``.
@@ -124,7 +146,7 @@ def generate_images(
             height=height,
             width=width,
             max_sequence_length=max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
             output_type=output_type,
             **kwargs,
         ).images

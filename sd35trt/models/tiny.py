@@ -3,9 +3,11 @@
 The tiny pipeline has every structural feature of SD3.5 that the toolchain handles (MMDiT with
 RMS qk-norm and a dual-attention block, patch size 2, 16 latent channels; two CLIP text encoders
 with projection; a T5 encoder; a 16-channel AutoencoderKL with an 8x scale factor; flow-match
-Euler with shift 3.0), at sizes that run on a CPU in seconds. Its tokenizers are built offline:
-a byte-level CLIP BPE vocabulary with no merges, and a T5 Unigram vocabulary of single
-characters plus a fixed list of common words. Same seed => byte-identical files.
+Euler with shift 3.0), at sizes that run on a CPU in seconds. Its tokenizers are built offline
+from a fixed list of common prompt words: a CLIP BPE vocabulary (the byte symbols plus the merges
+byte-pair encoding learns from the list, so those words are one token and others a few subwords; the
+shipped calibration prompts the tiny config uses fit CLIP's 77 tokens) and a T5 Unigram
+vocabulary of single characters plus the words. Same seed => byte-identical files.
 
 ``architecture_configs`` gives the published shapes of sd3.5-medium and sd3.5-large, so
 :func:`build_components` can instantiate them with random weights for scale tests.
@@ -165,19 +167,52 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
+def _clip_merges(words: Collection[str]) -> list[tuple[str, str]]:
+    """BPE merges (pairs, by rank) learned from ``words``, deterministically.
+
+    Byte-pair encoding's training loop, on each word once (its last symbol carrying ``</w>``):
+    merge the most frequent adjacent pair, ties broken by the pair itself, until every word is
+    one symbol. Listed words become one token; other words split into the subwords learned.
+    """
+    import itertools
+    from collections import Counter
+
+    pieces = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(p for word in pieces for p in itertools.pairwise(word))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for i, word in enumerate(pieces):
+            out, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == best:
+                    out.append(word[j] + word[j + 1])
+                    j += 2
+                else:
+                    out.append(word[j])
+                    j += 1
+            pieces[i] = out
+
+
 def clip_tokenizer():
-    """A byte-level CLIP BPE tokenizer with no merges (every character is a token)."""
+    """A CLIP BPE tokenizer: byte symbols, and merges that make the word list's words whole tokens."""
     from transformers import CLIPTokenizer
 
     symbols = sorted(_bytes_to_unicode().values())
+    merges = _clip_merges(_T5_WORDS)
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
+    for merge in merges:
+        vocab.setdefault("".join(merge), len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
 def t5_tokenizer():

@@ -21,13 +21,18 @@ output layers) on top of the rest on computed steps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+from sd35trt.components import TRANSFORMER_PARTS, Component
 
-from sd35trt.backends.engine import Engine
-from sd35trt.components import ComponentSpec, ModelDims
+if TYPE_CHECKING:  # request validation imports this module without torch
+    import torch
+
+    from sd35trt.backends.engine import Engine
+    from sd35trt.components import ComponentSpec, ModelDims
 
 #: The context names of the two transformer passes (diffusers' ``cache_context`` names).
 CFG_CONTEXT = "cond"
@@ -100,6 +105,8 @@ class FirstBlockCache:
         ``feeds`` are the whole transformer's (``hidden_states``, ``encoder_hidden_states``,
         ``pooled_projections``, ``timestep``, and ``skip_layers`` when the rest gates blocks).
         """
+        import torch
+
         state = self.states.setdefault(name, _State())
         latents = feeds["hidden_states"]  # [B, C, h, w]
         kept = state.hidden_states_residual
@@ -155,3 +162,40 @@ class CachedPass:
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.cache.infer(self.name, feeds)
+
+
+@dataclass
+class Passes:
+    """What the denoising loop calls: the CFG pass, the skip-layer pass (``None``: the CFG pass's
+    engine), and the first-block cache behind them (``None``: the whole transformer engine)."""
+
+    cfg: Any
+    slg: Any = None
+    cache: FirstBlockCache | None = None
+
+    @property
+    def skipped_calls(self) -> int:
+        """Transformer calls, all passes, that skipped the rest."""
+        return 0 if self.cache is None else sum(len(v) for v in self.cache.stats.skipped.values())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Denoising steps whose CFG pass skipped the rest (:attr:`CacheStats.skipped_steps`)."""
+        return 0 if self.cache is None else self.cache.stats.skipped_steps
+
+
+@contextlib.contextmanager
+def transformer_passes(engines: Any, threshold: float | None, dims: ModelDims) -> Iterator[Passes]:
+    """The transformer passes of one generation over ``engines`` (a ``steps.EngineSet``), active inside.
+
+    The whole transformer engine when there is one and no threshold; else the two first-block-cache
+    engines behind a :class:`FirstBlockCache` (``threshold`` ``None``: both always run).
+    """
+    if threshold is None and Component.TRANSFORMER in engines.engines:
+        with engines.use(Component.TRANSFORMER) as transformer:
+            yield Passes(transformer)
+        return
+    first_part, rest_part = TRANSFORMER_PARTS
+    with engines.use(first_part) as first, engines.use(rest_part) as rest:
+        cache = FirstBlockCache(first, rest, threshold, dims)
+        yield Passes(cache.context(CFG_CONTEXT), cache.context(SKIP_LAYERS_CONTEXT), cache)

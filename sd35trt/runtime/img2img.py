@@ -4,11 +4,12 @@
    ``[1, 3, H, W]`` float32 in [0, 1] (``VaeImageProcessor.pil_to_numpy``; the [-1, 1] mapping is
    inside the VAE encoder engine).
 2. The schedule of ``steps`` steps, cut to its last ``steps - t_start`` (``get_timesteps``).
-3. Per request, one CPU generator seeded with its seed, used in diffusers' order: first the
+3. Per image, one CPU generator seeded with its seed (``seed + i`` for image ``i``: diffusers
+   given one copy of the image and one generator per image), used in diffusers' order: first the
    posterior sample of the encoder (``latent_dist.sample(generator)``, shape ``[1, C, h, w]``; the
-   engine computes ``mean + std * noise`` and the scaling and shift), then, after the latents are
-   repeated for ``num_images``, the noise of ``scheduler.scale_noise``:
-   ``sigma * noise + (1 - sigma) * latents`` at the first kept step's sigma.
+   engine computes ``mean + std * noise`` and the scaling and shift), then the noise of
+   ``scheduler.scale_noise``: ``sigma * noise + (1 - sigma) * latents`` at the first kept step's
+   sigma.
 
 The denoising loop itself is the text-to-image one (:func:`sd35trt.runtime.steps.denoise`) on the
 cut schedule.
@@ -61,26 +62,24 @@ def image_latents(
         device: where the loop keeps its tensors.
 
     Returns:
-        ``[sum of num_images, C, h, w]`` float32 on ``device``, request after request.
+        ``[sum of num_images, C, h, w]`` float32 on ``device``, request after request (the VAE
+        encoder runs one row per image).
 
     Raises:
         NonFiniteError: the VAE encoder produced NaN or inf.
     """
+    from sd35trt.runtime.parts import image_seeds
     from sd35trt.runtime.steps import check_finite
 
     first = batch[0]
     f = dims.vae_scale_factor
     shape = (1, dims.latent_channels, first.height // f, first.width // f)
-    generators = [torch.Generator("cpu").manual_seed(p.seed) for p in batch]
-    pixels = torch.cat([image_tensor(p.image) for p in batch])  # [R, 3, H, W]
+    generators = [torch.Generator("cpu").manual_seed(s) for p in batch for s in image_seeds(p)]
+    pixels = torch.cat([image_tensor(p.image) for p in batch for _ in range(p.num_images)])  # [N, 3, H, W]
     posterior_noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     latent = engine.infer({"image": pixels.to(device), "noise": posterior_noise.to(device)})["latent"]
     check_finite(Component.VAE_ENCODER, latent, "latent")
-    latent = latent.float()  # [R, C, h, w]
+    init = latent.float()  # [N, C, h, w]
+    noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
     sigma = sigma.to(device=device, dtype=torch.float32)
-    out = []
-    for i, (p, generator) in enumerate(zip(batch, generators, strict=True)):
-        init = torch.cat([latent[i : i + 1]] * p.num_images)  # [n, C, h, w]
-        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(device)
-        out.append(sigma * noise + (1.0 - sigma) * init)  # scheduler.scale_noise
-    return torch.cat(out)
+    return sigma * noise + (1.0 - sigma) * init  # scheduler.scale_noise

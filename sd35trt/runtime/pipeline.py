@@ -15,9 +15,10 @@ the same image as diffusers with the same weights:
 1. tokenize (CLIP-L and CLIP-G: 77 tokens; T5: the engines' sequence length),
 2. encode with the three text encoders, ``[negative, positive]`` in one batch under CFG,
 3. join the embeddings: ``[T, 77 + L, D]`` and pooled ``[T, P]``,
-4. draw the initial latents from a CPU generator seeded with the request's seed (image-to-image:
+4. draw the initial latents, image ``i`` of a request seeded ``s`` from a CPU generator seeded
+   ``s + i`` (diffusers given a list of generators; :mod:`sd35trt.runtime.parts`); image-to-image:
    encode the image with the VAE encoder and noise it to the strength's first step, as
-   ``StableDiffusion3Img2ImgPipeline`` does; see :mod:`sd35trt.runtime.img2img`),
+   ``StableDiffusion3Img2ImgPipeline`` does (:mod:`sd35trt.runtime.img2img`),
 5. denoise with flow-match Euler, classifier-free guidance and skip-layer guidance,
 6. decode with the VAE (scaling, shift and the [0, 1] mapping are inside its engine).
 
@@ -29,12 +30,12 @@ diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_ma
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,11 +43,13 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from sd35trt.components import TRANSFORMER_PARTS, Component, ModelDims, engine_components
+from sd35trt.components import Component, ModelDims, engine_components
 from sd35trt.config import RuntimeSettings, sha256_json
-from sd35trt.errors import BackendUnavailableError, ManifestError, RequestError
-from sd35trt.runtime.cache import CFG_CONTEXT, SKIP_LAYERS_CONTEXT, FirstBlockCache
+from sd35trt.errors import BackendUnavailableError, ConfigError, ManifestError, RequestError
+from sd35trt.runtime.cache import transformer_passes
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
+from sd35trt.runtime.parts import engine_parts, image_seeds
+from sd35trt.runtime.png import attach_parameters
 from sd35trt.runtime.request import (
     EngineBatch,
     GenerationParams,
@@ -151,29 +154,97 @@ class Timings:
             )
         return "\n".join(lines)
 
+    @classmethod
+    def combined(cls, parts: Sequence[Timings]) -> Timings:
+        """The timings of engine batches run one after the other: times summed, peaks the largest."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(memory_kind=parts[0].memory_kind)
+        for t in parts:
+            for name in ("text_encoding_s", "image_encoding_s", "denoise_s", "decode_s", "total_s"):
+                setattr(out, name, getattr(out, name) + getattr(t, name))
+            out.step_s.extend(t.step_s)
+            out.peak_memory_bytes = max(out.peak_memory_bytes, t.peak_memory_bytes)
+            for name in ("device_memory_bytes", "activation_memory_bytes"):
+                values = [v for v in (getattr(out, name), getattr(t, name)) if v is not None]
+                setattr(out, name, max(values) if values else None)
+        return out
+
 
 @dataclass(frozen=True)
 class GenerationResult:
     """The images of one request and how they were made.
 
     Attributes:
-        images: ``num_images`` RGB images.
+        images: ``num_images`` RGB images; image ``i`` was drawn with seed ``params.seed + i``.
         params: the parameters used (defaults filled in, the seed drawn when none was given).
-        timings: stage timings of the engine batch the request ran in.
+        timings: stage timings of the engine batch the request ran in (of all of them, summed,
+            when it ran as several).
         warnings: settings that had no effect (a negative prompt without CFG) and prompt text
             dropped by truncation.
         engine_digest: identifies the engines (digest of their files' sha256).
-        batch: the engine batch the request ran in (recorded in its PNGs).
+        batch: the engine batch the request ran in (recorded in its PNGs); the first one when
+            it ran as several (``image_batches`` then holds each image's).
         model: the weights the engines hold (repo commit, LoRAs with sha256 and scale).
+        image_batches: per image, the engine batch it ran in (empty: all in ``batch``).
+        engine_batches: how many engine batches the request ran as.
     """
 
-    images: list[Image.Image]
+    images: list[Image.Image]  # each one's ``save("x.png")`` records its parameters (as ``save`` here)
     params: GenerationParams
     timings: Timings
     warnings: tuple[str, ...]
     engine_digest: str
     batch: EngineBatch = field(default_factory=EngineBatch)
     model: Mapping = field(default_factory=dict)
+    image_batches: tuple[EngineBatch, ...] = ()
+    engine_batches: int = 1
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seed of each image (``params.seed + i``): a one-image request with it gives that image."""
+        return image_seeds(self.params)
+
+    def image_batch(self, index: int) -> EngineBatch:
+        """The engine batch image ``index`` ran in."""
+        return self.image_batches[index] if self.image_batches else self.batch
+
+    def save(self, path: str | Path, index: int = 0) -> Path:
+        """Write image ``index`` as a PNG whose ``parameters`` chunk records how it was made.
+
+        The same file ``sd35trt run`` writes (:func:`sd35trt.runtime.png.save_png`), atomically.
+        """
+        from sd35trt.runtime.png import save_png
+
+        return save_png(
+            path,
+            self.images[index],
+            self.params,
+            self.engine_digest,
+            index,
+            self.image_batch(index),
+            self.model,
+        )
+
+    @classmethod
+    def combined(cls, params: GenerationParams, parts: Sequence[GenerationResult]) -> GenerationResult:
+        """The result of ``params`` from its parts' results (:func:`sd35trt.runtime.parts.engine_parts`)."""
+        if len(parts) == 1:
+            return parts[0]
+        skipped = [r.params.cache_skipped_steps for r in parts]
+        if None not in skipped:  # the first-block cache ran: its skipped steps, summed over the parts
+            params = replace(params, cache_skipped_steps=sum(skipped))
+        return cls(
+            images=[im for r in parts for im in r.images],
+            params=params,
+            timings=Timings.combined([r.timings for r in parts]),
+            warnings=tuple(dict.fromkeys(w for r in parts for w in r.warnings)),
+            engine_digest=parts[0].engine_digest,
+            batch=parts[0].batch,
+            model=parts[0].model,
+            image_batches=tuple(r.image_batch(i) for r in parts for i in range(len(r.images))),
+            engine_batches=sum(r.engine_batches for r in parts),
+        )
 
 
 # -- what the runtime knows about its engines -----------------------------------------------------
@@ -255,7 +326,7 @@ class Sd35Runtime:
     ) -> None:
         """
         Args:
-            engines: the five engines (activated on first use; see :meth:`EngineSet.activate_all`).
+            engines: the engines, five or six (activated on first use; see :meth:`EngineSet.activate_all`).
             tokenizer: the three tokenizers, at the T5 length of the engines.
             scheduler: the flow-match Euler scheduler.
             info: model sizes, request limits, runtime defaults and the engines' digest.
@@ -279,6 +350,7 @@ class Sd35Runtime:
         intra_op_threads: int | None = None,
         use_cuda_graph: bool = True,
         activate: bool = True,
+        max_images: int | None = None,
     ) -> Sd35Runtime:
         """Verify an engines directory and load it.
 
@@ -291,6 +363,9 @@ class Sd35Runtime:
             use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated shapes.
             activate: load the engines now rather than at first use (with ``low_vram``: load and
                 free each once, so an engine that cannot be loaded is named here).
+            max_images: most images one request may ask for (default
+                :data:`~sd35trt.runtime.request.DEFAULT_MAX_IMAGES`); beyond the engine batch they
+                run as several engine batches.
 
         Returns:
             The runtime.
@@ -330,6 +405,10 @@ class Sd35Runtime:
         limits = RequestLimits.from_profiles(
             specs, {c: manifest.record(c).profile for c in components}, manifest.dims, slg
         )
+        if max_images is not None:
+            if max_images < 1:
+                raise ConfigError(f"max_images {max_images} is below 1; give 1 or more")
+            limits = dataclasses.replace(limits, max_images=max_images)
         digest = engine_digest({c.value: [f.sha256 for f in manifest.record(c).files] for c in components})
         info = ModelInfo(
             dims=manifest.dims, limits=limits, defaults=defaults, digest=digest, model=manifest.model
@@ -360,17 +439,27 @@ class Sd35Runtime:
         """
         return resolve_request(request, self.info.limits, self.info.defaults)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate the images of one request.
+    def parts(self, params: GenerationParams) -> list[GenerationParams]:
+        """``params`` cut into engine batches (one part when it fits; see :func:`engine_parts`)."""
+        lo = self.info.limits.images(params.cfg, params.skip_layer_guidance is not None)[0]
+        return engine_parts(params, self.info.limits.images_per_batch(params), lo)
+
+    def generate(self, request: GenerationRequest | GenerationParams) -> GenerationResult:
+        """Generate the images of one request, in several engine batches when it needs more.
+
+        Args:
+            request: a request, or parameters :meth:`validate` returned.
 
         Returns:
-            The images, the parameters used, timings and warnings.
+            The images (image ``i`` from seed ``seed + i``), the parameters used, timings and warnings.
 
         Raises:
             RequestError: the request is invalid (checked before anything runs).
             NonFiniteError: a stage produced NaN or inf (named); nothing is returned.
         """
-        return self.generate_batch([self.validate(request)])[0]
+        params = request if isinstance(request, GenerationParams) else self.validate(request)
+        parts = [self.generate_batch([part])[0] for part in self.parts(params)]
+        return GenerationResult.combined(params, parts)
 
     def generate_batch(self, batch: Sequence[GenerationParams]) -> list[GenerationResult]:
         """Run several validated requests as one engine batch.
@@ -395,10 +484,8 @@ class Sd35Runtime:
         lo, hi = self.info.limits.images(first.cfg, first.skip_layer_guidance is not None)
         if not lo <= total <= hi:
             raise RequestError("num_images", f"{total} images in one engine batch is outside {lo}..{hi}")
-        if first.image is not None and len(batch) > (self.info.limits.img2img_batch or (0, 0))[1]:
-            raise RequestError(
-                "image", f"{len(batch)} images to encode exceed the vae_encoder engine's batch"
-            )
+        if first.image is not None and total > (self.info.limits.img2img_batch or (0, 0))[1]:
+            raise RequestError("image", f"{total} images to encode exceed the vae_encoder engine's batch")
         texts = len(batch) * (2 if first.cfg else 1)
         if texts > self.info.limits.encoder_batch[1]:
             raise RequestError(
@@ -420,22 +507,6 @@ class Sd35Runtime:
         self.close()
 
     # -- the loop --------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _transformer(self, threshold: float | None) -> Iterator[tuple]:
-        """``(CFG pass, skip-layer pass or None, FirstBlockCache or None)`` for the denoising loop.
-
-        The whole transformer engine when there is one and no cache threshold; else the two
-        first-block-cache engines (with ``threshold`` ``None`` they always both run).
-        """
-        if threshold is None and Component.TRANSFORMER in self.engines.engines:
-            with self.engines.use(Component.TRANSFORMER) as transformer:
-                yield transformer, None, None
-            return
-        first_part, rest_part = TRANSFORMER_PARTS
-        with self.engines.use(first_part) as first, self.engines.use(rest_part) as rest:
-            cache = FirstBlockCache(first, rest, threshold, self.info.dims)
-            yield cache.context(CFG_CONTEXT), cache.context(SKIP_LAYERS_CONTEXT), cache
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
@@ -480,25 +551,20 @@ class Sd35Runtime:
                 latents = image_latents(vae_encoder, batch, self.info.dims, schedule.sigmas[0], self.device)
             timings.image_encoding_s = self._clock() - mark
         else:
-            latents = torch.cat(
-                [initial_latents(p.seed, p.num_images, self.info.dims, p.height, p.width) for p in batch]
-            ).to(self.device)  # [N, C, h, w]
+            seeds = [s for p in batch for s in image_seeds(p)]
+            latents = initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device)
         mark = self._clock()
 
-        # 5. Denoise (through the first-block cache when the request has a threshold or the
-        # engines are the transformer's two parts only).
+        # 5. Denoise (through the first-block cache with a threshold, or with its engines only).
         timer = StepTimer(self.device)
-        with self._transformer(first.cache_threshold) as (transformer, skip_pass, cache):
-            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule, skip_pass)
+        with transformer_passes(self.engines, first.cache_threshold, self.info.dims) as passes:
+            latents = denoise(passes.cfg, latents, cond, first, self.scheduler, timer, schedule, passes.slg)
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
         steps = len(timings.step_s)
         timings.transformer_calls = steps + len(skip_layer_steps(steps, first.skip_layer_guidance))
-        if cache is not None:
-            timings.transformer_skipped = sum(len(v) for v in cache.stats.skipped.values())
-        skipped = (
-            cache.stats.skipped_steps if cache is not None and first.cache_threshold is not None else None
-        )
+        timings.transformer_skipped = passes.skipped_calls
+        skipped = passes.skipped_steps if first.cache_threshold is not None else None
 
         # 6. Decode.
         mark = self._clock()
@@ -514,14 +580,19 @@ class Sd35Runtime:
         results, offset = [], 0
         total = sum(p.num_images for p in batch)
         for i, p in enumerate(batch):
+            engine_batch = EngineBatch(requests=len(batch), images=total, first_image=offset)
+            mine = images[offset : offset + p.num_images]
+            params = p if skipped is None else replace(p, cache_skipped_steps=skipped)
+            for j, image in enumerate(mine):  # image.save("x.png") records the parameters too
+                attach_parameters(image, params, self.info.digest, j, engine_batch, self.info.model)
             results.append(
                 GenerationResult(
-                    images=images[offset : offset + p.num_images],
-                    params=p if skipped is None else replace(p, cache_skipped_steps=skipped),
+                    images=mine,
+                    params=params,
                     timings=timings,
                     warnings=(*p.warnings, *warnings.get(i, [])),
                     engine_digest=self.info.digest,
-                    batch=EngineBatch(requests=len(batch), images=total, first_image=offset),
+                    batch=engine_batch,
                     model=self.info.model,
                 )
             )

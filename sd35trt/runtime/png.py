@@ -1,7 +1,8 @@
 """PNG files that record how they were made, with deterministic bytes.
 
 The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
-prompt, seed, num_inference_steps, guidance_scale, size, skip-layer guidance, image-to-image
+prompt, the image's own seed (``seed + i`` for image ``i`` of a request: a one-image request with
+it makes this image again), num_inference_steps, guidance_scale, size, skip-layer guidance, image-to-image
 strength and the input image's sha256, engine digest, image index, the engine batch the image was
 made in, and the model the engines hold when it is more than the config says: the Hub commit and
 the fused LoRAs with their sha256 and scale), next to a ``Software`` chunk. What is recorded is
@@ -43,13 +44,17 @@ def png_parameters(
 ) -> dict:
     """The parameters recorded in the PNG of image ``index`` of a request.
 
-    ``model`` is the engine manifest's record of the weights (:attr:`EngineManifest.model`): its
+    ``params`` may be a part of a larger request (:func:`sd35trt.runtime.parts.engine_parts`):
+    ``index`` is then the image's position in the part; what is recorded is the whole request's,
+    with the image's own ``seed`` and its ``image_index`` in the request. ``model`` is the
+    engine manifest's record of the weights (:attr:`EngineManifest.model`): its
     Hub commit and LoRAs are added when present.
     """
     data = {
         **params.to_json(),
+        "seed": params.seed + index,
         "engine_digest": engine_digest,
-        "image_index": index,
+        "image_index": params.first_image + index,
         "engine_batch": (batch or EngineBatch(images=params.num_images)).to_json(),
     }
     model = model or {}
@@ -81,14 +86,37 @@ def png_bytes(
     Returns:
         The PNG file's bytes (the same for the same pixels and parameters).
     """
+    buf = io.BytesIO()
+    parameters = png_parameters(params, engine_digest, index, batch, model)
+    image.save(buf, format="PNG", pnginfo=_png_info(parameters))
+    return buf.getvalue()
+
+
+def _png_info(parameters: Mapping) -> PngInfo:
     info = PngInfo()
     # Non-Latin-1 text (a prompt in any script) makes Pillow write an iTXt chunk instead of tEXt.
-    text = json.dumps(png_parameters(params, engine_digest, index, batch, model), sort_keys=True)
-    info.add_text(PARAMETERS_KEY, text)
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
     info.add_text("Software", _software())
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    return info
+
+
+def attach_parameters(
+    image: Image.Image,
+    params: GenerationParams,
+    engine_digest: str,
+    index: int = 0,
+    batch: EngineBatch | None = None,
+    model: Mapping | None = None,
+) -> None:
+    """Make a plain ``image.save("x.png")`` write the chunks :func:`png_bytes` writes (same bytes).
+
+    Sets ``image.info["parameters"]`` (the JSON text, for reading in memory) and Pillow's
+    per-image ``encoderinfo`` (``pnginfo``), which ``Image.save`` merges into its options (Pillow's
+    documented per-image writer parameters; the lock's Pillow 13). Explicit ``save`` options win.
+    """
+    parameters = png_parameters(params, engine_digest, index, batch, model)
+    image.info[PARAMETERS_KEY] = json.dumps(parameters, sort_keys=True)
+    image.encoderinfo = {"pnginfo": _png_info(parameters)}
 
 
 def save_png(

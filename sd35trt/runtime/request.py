@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sd35trt.components import TRANSFORMER_PARTS, Component, ComponentSpec, ModelDims, ShapeRange
+from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, transformer_engine
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
-from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
+from sd35trt.guidance import CFG_THRESHOLD, cache_threshold, cfg_enabled, guidance_plan
 
 #: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
 MAX_STEPS = 500
@@ -40,6 +40,10 @@ MAX_SEED = 2**63 - 1
 #: Seeds drawn for a request stay below 2^53, so a client that keeps numbers as float64
 #: (JavaScript's ``Number``, many JSON libraries) reads back and resubmits the same seed.
 DRAWN_SEED_LIMIT = 2**53
+#: Images one request may ask for unless the runtime is given another limit
+#: (``Sd35Runtime.load(max_images=...)``, ``serve --max-images``, ``triton --max-images``). More
+#: than the engine batch run as several engine batches, one after the other.
+DEFAULT_MAX_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ class GenerationRequest:
         guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
         height: image height in pixels.
         width: image width in pixels.
-        seed: noise seed, ``0..2**63-1``; drawn at random below ``2**53`` when ``None``.
-        num_images: images for this prompt (one engine batch).
+        seed: noise seed, ``0..2**63-1``; drawn at random below ``2**53`` when ``None``. Image
+            ``i`` of the request uses ``seed + i`` (as diffusers given one generator per image).
+        num_images: images for this prompt; more than the engine batch run as several engine
+            batches (up to the runtime's ``max_images``).
         skip_layer_guidance: use skip-layer guidance when the engines support it (default: as built).
 
     Integral fields accept any integral number (``numpy.int64`` too), ``guidance_scale`` any
@@ -92,8 +98,6 @@ class GenerationRequest:
             :func:`read_image`). Needs engines with a VAE encoder.
         strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
             starts from pure noise.
-        cache_threshold: first-block cache threshold, ``0..10`` (engines built with ``runtime.cache``;
-            default: theirs); 0 skips no step that changes (:mod:`sd35trt.runtime.cache`).
     """
 
     prompt: str
@@ -136,8 +140,11 @@ class GenerationParams:
     image_sha256: str | None = None
     #: requested settings that have no effect (e.g. a negative prompt without CFG).
     warnings: tuple[str, ...] = field(default=(), compare=False)
-    #: the first-block cache's threshold (``None``: no cache), and, once generated, the steps it skipped.
-    cache_threshold: float | None = None
+    #: a part of a larger request (:func:`sd35trt.runtime.parts.engine_parts`): its first image's
+    #: index in the request, and the request's ``num_images`` (``None``: not a part).
+    first_image: int = 0
+    request_images: int | None = None
+    cache_threshold: float | None = None  # None: no first-block cache; once generated, the steps it skipped:
     cache_skipped_steps: int | None = field(default=None, compare=False)
 
     @property
@@ -166,9 +173,12 @@ class GenerationParams:
 
     def to_json(self) -> dict[str, Any]:
         """The parameters as recorded (PNG text chunk, HTTP ``parameters``); warnings excluded."""
-        skipped = ("image", "strength", "image_sha256", "warnings")
+        skipped = ("image", "strength", "image_sha256", "warnings", "first_image", "request_images")
         # Not dataclasses.asdict: it would deep-copy the image.
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        if self.request_images is not None:  # a part reports the whole request
+            data["seed"] = self.seed - self.first_image
+            data["num_images"] = self.request_images
         slg = self.skip_layer_guidance
         data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
         if self.image_sha256 is not None:
@@ -261,7 +271,9 @@ class RequestLimits:
         skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
         img2img_size: ``((min, max) height, (min, max) width)`` image-to-image accepts (the VAE
             encoder's profile intersected with the above), or ``None`` without a VAE encoder.
-        img2img_batch: ``(min, max)`` images the VAE encoder takes in one batch (one per request).
+        img2img_batch: ``(min, max)`` images the VAE encoder takes in one batch (one per image).
+        max_images: most images one request may ask for; beyond the engine batch they run as
+            several engine batches (a setting of the runtime, not of the engines).
     """
 
     height: tuple[int, int]
@@ -274,8 +286,8 @@ class RequestLimits:
     skip_layer_guidance: SkipLayerGuidance | None
     img2img_size: tuple[tuple[int, int], tuple[int, int]] | None = None
     img2img_batch: tuple[int, int] | None = None
-    #: the engines include the first-block cache's two transformer engines.
-    cache: bool = False
+    max_images: int = DEFAULT_MAX_IMAGES
+    cache: bool = False  # the engines include the first-block cache's two transformer engines
 
     @classmethod
     def from_profiles(
@@ -298,9 +310,7 @@ class RequestLimits:
         Raises:
             ManifestError: an engine's profile lacks an input or is empty, or T5's length is not static.
         """
-        # engines built with runtime.cache may have only the transformer's two parts (same profiles)
-        tr = Component.TRANSFORMER if Component.TRANSFORMER in specs else Component.TRANSFORMER_FIRST_BLOCK
-        vae = Component.VAE_DECODER
+        tr, vae = transformer_engine(specs), Component.VAE_DECODER
         s = dims.vae_scale_factor
         sizes = {}
         for axis in ("latent_height", "latent_width"):
@@ -337,7 +347,7 @@ class RequestLimits:
             skip_layer_guidance=skip_layer_guidance,
             img2img_size=img2img_size,
             img2img_batch=img2img_batch,
-            cache=all(c in specs for c in TRANSFORMER_PARTS),
+            cache=Component.TRANSFORMER_FIRST_BLOCK in specs and Component.TRANSFORMER_REST in specs,
         )
         for name in ("height", "width", "transformer_batch", "decoder_batch", "encoder_batch"):
             lo, hi = getattr(limits, name)
@@ -355,6 +365,13 @@ class RequestLimits:
         lo = max(self.decoder_batch[0], -(-t_lo // per), t_lo if slg else 1)
         return lo, min(self.decoder_batch[1], t_hi // per)
 
+    def images_per_batch(self, params: GenerationParams) -> int:
+        """Most images of ``params``' kind one engine batch holds (image-to-image: one encoder row each)."""
+        hi = self.images(params.cfg, params.skip_layer_guidance is not None)[1]
+        if params.image is not None and self.img2img_batch is not None:
+            hi = min(hi, self.img2img_batch[1])
+        return hi
+
     def to_json(self) -> dict[str, Any]:
         """The limits as plain JSON (e.g. for a server's readiness answer)."""
         slg = self.skip_layer_guidance
@@ -363,12 +380,12 @@ class RequestLimits:
             "width": list(self.width),
             "size_multiple": self.size_multiple,
             "num_images": {"cfg": list(self.images(True)), "no_cfg": list(self.images(False))},
+            "num_images_per_request": [1, self.max_images],
             "num_inference_steps": [1, MAX_STEPS],
             "guidance_scale": [0.0, MAX_GUIDANCE],
             "seed": [0, MAX_SEED],
             "t5_length": self.t5_length,
             "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
-            "cache_threshold": [0.0, 10.0] if self.cache else None,  # engines with the first-block cache
             "image_to_image": None
             if self.img2img_size is None
             else {
@@ -480,13 +497,6 @@ def resolve_request(
     width = _size("width", defaults.width if request.width is None else request.width, spans[1], m)
     image, strength, image_sha = _image_to_image(request, steps, height, width)
 
-    if request.seed is None:
-        seed = secrets.randbelow(DRAWN_SEED_LIMIT)
-    else:
-        seed = _int("seed", request.seed)
-        if not 0 <= seed <= MAX_SEED:
-            raise RequestError("seed", f"seed {seed} is outside 0..{MAX_SEED} (2^63-1)")
-
     wanted_slg = request.skip_layer_guidance
     if wanted_slg is not None and not _is_bool(wanted_slg):
         raise RequestError("skip_layer_guidance", f"skip_layer_guidance {wanted_slg!r} is not true or false")
@@ -508,12 +518,25 @@ def resolve_request(
     cfg, slg = plan.cfg, plan.skip_layer_guidance
 
     num_images = _int("num_images", request.num_images)
-    lo, hi = limits.images(cfg, slg is not None)
-    if not lo <= num_images <= hi:
+    lo = limits.images(cfg, slg is not None)[0]
+    if not lo <= num_images <= limits.max_images:
         mode = "with classifier-free guidance" if cfg else "without classifier-free guidance"
         raise RequestError(
-            "num_images", f"num_images {num_images} is outside {lo}..{hi}, the engines' batch {mode}"
+            "num_images",
+            f"num_images {num_images} is outside {lo}..{limits.max_images} (at least the engines' "
+            f"smallest batch {mode}; at most the runtime's max_images, more than the engine batch "
+            "running as several engine batches)",
         )
+    if request.seed is None:  # every image's seed (seed + i) stays below 2^53
+        seed = secrets.randbelow(DRAWN_SEED_LIMIT - num_images + 1)
+    else:
+        seed = _int("seed", request.seed)
+        if not 0 <= seed <= MAX_SEED - num_images + 1:
+            raise RequestError(
+                "seed",
+                f"seed {seed} is outside 0..{MAX_SEED - num_images + 1} (image i uses seed + i, and "
+                f"seeds end at 2^63-1)",
+            )
     texts = 2 if cfg else 1
     if not limits.encoder_batch[0] <= texts <= limits.encoder_batch[1]:
         e_lo, e_hi = limits.encoder_batch
@@ -536,24 +559,8 @@ def resolve_request(
         image=image,
         strength=strength,
         image_sha256=image_sha,
-        cache_threshold=_cache_threshold(request.cache_threshold, limits, defaults),
+        cache_threshold=cache_threshold(request.cache_threshold, limits.cache, defaults.cache),
     )
-
-
-def _cache_threshold(value: Any, limits: RequestLimits, defaults: RuntimeSettings) -> float | None:
-    """The request's first-block cache threshold, the engines' default, or ``None`` (no cache)."""
-    default = defaults.cache.threshold if defaults.cache is not None and limits.cache else None
-    if value is None:
-        return default
-    if _is_bool(value) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 10.0:
-        raise RequestError("cache_threshold", f"cache_threshold {value!r} is not a number in 0..10")
-    if not limits.cache:
-        raise RequestError(
-            "cache_threshold",
-            "cache_threshold was given, but these engines were built without the first-block cache "
-            "(set runtime.cache in the config, then export and build again)",
-        )
-    return float(value)
 
 
 def _image_to_image(

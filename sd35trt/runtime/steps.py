@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,19 +144,24 @@ def encode_text(engines: EngineSet, tokens: TokenizedPrompts) -> TextEmbeddings:
     return TextEmbeddings(hidden=hidden, pooled=pooled)
 
 
-def initial_latents(seed: int, num_images: int, dims: ModelDims, height: int, width: int) -> torch.Tensor:
-    """Step 4: the starting noise, equal to diffusers' for the same seed.
+def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: int) -> torch.Tensor:
+    """Step 4: the starting noise, one image per seed, equal to diffusers' given those generators.
 
-    diffusers' ``randn_tensor`` with a CPU generator draws the whole batch in one ``torch.randn``
-    on the CPU in the latents' dtype (float32 here) and only then moves it to the device.
+    diffusers' ``randn_tensor`` given a list of CPU generators draws one ``[1, C, h, w]`` sample
+    per generator on the CPU in the latents' dtype (float32 here), concatenates them and only
+    then moves the batch to the device. (One generator for a whole batch would make image ``i``
+    depend on the images before it, so it could not be made again alone.)
+
+    Args:
+        seeds: the seed of each image (:func:`sd35trt.runtime.parts.image_seeds`).
 
     Returns:
-        ``[num_images, C, height / f, width / f]`` float32 on the CPU.
+        ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
     """
     f = dims.vae_scale_factor
-    generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (num_images, dims.latent_channels, height // f, width // f)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    shape = (1, dims.latent_channels, height // f, width // f)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
 def skip_layer_window(step: int, steps: int, start: float, stop: float) -> bool:

@@ -130,35 +130,51 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
     except RequestError as err:
         raise ApiError.from_request_error(err) from None
     batcher = state.batcher
+    # More images than one engine batch holds: parts queued together, each image keeping its seed.
+    capacity = min(prepared.capacity, state.settings.max_batch or prepared.capacity)
+    pieces = prepared.split(capacity) if prepared.size > capacity and prepared.split else [prepared]
+    jobs = []
     try:
-        job = batcher.submit(
-            prepared,
-            prepared.key,
-            prepared.size,
-            prepared.capacity,
-            prepared.max_requests,
-            tag=REQUEST_ID.get(),
-        )
-    except QueueFullError as err:
-        raise ApiError(429, "queue_full", str(err), retry_after=err.retry_after_s) from None
-    except ShuttingDownError as err:
+        for piece in pieces:  # the queue limit counts requests: later parts are admitted with the first
+            jobs.append(
+                batcher.submit(
+                    piece,
+                    piece.key,
+                    piece.size,
+                    piece.capacity,
+                    piece.max_requests,
+                    tag=REQUEST_ID.get(),
+                    admitted=bool(jobs),
+                )
+            )
+    except (QueueFullError, ShuttingDownError) as err:
+        for job in jobs:
+            batcher.cancel(job)
+        if isinstance(err, QueueFullError):
+            raise ApiError(429, "queue_full", str(err), retry_after=err.retry_after_s) from None
         raise ApiError(503, "shutting_down", str(err), retry_after=5) from None
-    waiter = asyncio.ensure_future(batcher.wait(job, state.settings.timeout_s))
+    waiter = asyncio.ensure_future(
+        asyncio.gather(*(batcher.wait(job, state.settings.timeout_s) for job in jobs))
+    )
     try:
         while not waiter.done():
             await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if not waiter.done() and job.started is None and await request.is_disconnected():
-                # the client gave up: free its queue slot instead of computing for nobody
+            queued = all(job.started is None for job in jobs)
+            if not waiter.done() and queued and await request.is_disconnected():
+                # the client gave up: free its queue slots instead of computing for nobody
                 waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
                 log.info("client disconnected; dropped its queued request")
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
-        result, info = waiter.result()
+        done = waiter.result()
     except ApiError:
         raise
     except Exception as err:
+        for job in jobs:
+            batcher.cancel(job)
         raise _failure(err, batcher.retry_after_s()) from None
+    result, info = ImageSet.joined([r for r, _ in done]), done[0][1]
     t_enc = time.perf_counter()
     pngs = await asyncio.to_thread(lambda: [result.png(im, i) for i, im in enumerate(result.images)])
     now = time.perf_counter()
@@ -198,7 +214,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
             images=[_b64(png) for png in done.pngs],
             parameters=dict(done.result.parameters or done.prepared.params),
             info=[
-                ImageInfo(index=i, seed=done.result.seed, width=im.width, height=im.height)
+                ImageInfo(index=i, seed=done.result.seeds[i], width=im.width, height=im.height)
                 for i, im in enumerate(images)
             ],
             timings=done.timings(),

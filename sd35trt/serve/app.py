@@ -44,7 +44,7 @@ def _as_generator(source: Any, settings: ServeSettings) -> Generator:
     from sd35trt.serve.runtime_adapter import RuntimeGenerator
 
     if isinstance(source, str | Path):
-        return RuntimeGenerator.load(Path(source), low_vram=settings.low_vram)
+        return RuntimeGenerator.load(Path(source), low_vram=settings.low_vram, max_images=settings.max_images)
     return RuntimeGenerator(source)
 
 
@@ -225,7 +225,7 @@ def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
 
     connection_bound(settings.max_connections)  # a bad limit fails before the engines load
     check_address(settings.host, settings.port)  # so does an address in use
-    gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram)
+    gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram, max_images=settings.max_images)
     if settings.max_batch is not None and settings.max_batch > gen.max_batch:
         raise Sd35TrtError(
             f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}"

@@ -265,6 +265,7 @@ class Batcher:
         capacity: int | None = None,
         max_requests: int | None = None,
         tag: str | None = None,
+        admitted: bool = False,
     ) -> Job:
         """Queue a request (from the event loop).
 
@@ -277,6 +278,8 @@ class Batcher:
             max_requests: most requests an engine batch of this key holds (default: no limit
                 beyond ``capacity``).
             tag: names the request in the log lines of its batch (a request id).
+            admitted: a later part of a request whose first part was queued (a request of more
+                images than one engine batch holds): not refused for a full queue.
 
         Raises:
             ShuttingDownError: the batcher is draining.
@@ -290,7 +293,7 @@ class Batcher:
         capacity = min(self.max_batch, capacity or self.max_batch)
         if not 1 <= size <= capacity:
             raise ValueError(f"a request of {size} images cannot fit an engine batch of {capacity}")
-        if len(self._pending) >= self.queue_size:
+        if not admitted and len(self._pending) >= self.queue_size:
             self._rejected += 1
             raise QueueFullError(self.queue_size, self.retry_after_s())
         job = Job(
@@ -305,6 +308,13 @@ class Batcher:
         self._pending.append(job)
         self._arrived.set()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` if it is still queued; a running batch's result for it is dropped."""
+        with contextlib.suppress(ValueError):
+            self._pending.remove(job)
+        if not job.future.done():
+            job.future.cancel()
 
     async def wait(self, job: Job, timeout_s: float | None) -> tuple[Any, BatchInfo]:
         """The result of ``job`` and how it ran.

@@ -26,6 +26,9 @@ class Prepared:
         max_requests: most requests one engine batch with this key holds (text-encoder rows).
         params: the parameters actually used (defaults filled in, the seed drawn), for the reply.
         native: the runtime's own request object.
+        split: ``split(capacity)`` cuts a request of more than ``capacity`` images into parts of
+            at most ``capacity``, one engine batch each, every image keeping its seed (``None``:
+            the request cannot be cut).
     """
 
     key: Hashable
@@ -34,6 +37,7 @@ class Prepared:
     max_requests: int
     params: Mapping[str, Any]
     native: Any
+    split: Callable[[int], list[Prepared]] | None = field(default=None, compare=False, repr=False)
 
 
 def _plain_png(image: Any, index: int) -> bytes:
@@ -44,18 +48,44 @@ def _plain_png(image: Any, index: int) -> bytes:
 
 @dataclass
 class ImageSet:
-    """The images of one request, its seed, stage timings (seconds) and warnings.
+    """The images of one request, each one's seed, stage timings (seconds) and warnings.
 
     ``png(image, index)`` encodes one image; it runs outside the engine thread.
     """
 
     images: list  # PIL images
-    seed: int
+    seeds: list[int]  # per image: seed + i
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     png: Callable[[Any, int], bytes] = _plain_png
     #: the parameters as generated, when generating added to the prepared ones (the cache's skipped steps).
     parameters: Mapping[str, Any] | None = None
+
+    @classmethod
+    def joined(cls, parts: Sequence[ImageSet]) -> ImageSet:
+        """The image set of a request that ran as ``parts`` (in order): stage times summed."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets, n = [], 0
+        for part in parts:
+            offsets.append(n)
+            n += len(part.images)
+
+        def png(image: Any, index: int) -> bytes:
+            k = max(i for i, start in enumerate(offsets) if start <= index)
+            return parts[k].png(image, index - offsets[k])
+
+        timings: dict[str, float] = {}
+        for part in parts:
+            for name, value in part.timings.items():
+                timings[name] = timings.get(name, 0.0) + value
+        return cls(
+            images=[im for p in parts for im in p.images],
+            seeds=[s for p in parts for s in p.seeds],
+            timings=timings,
+            warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)),
+            png=png,
+        )
 
 
 @runtime_checkable

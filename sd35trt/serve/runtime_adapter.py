@@ -89,11 +89,17 @@ class RuntimeGenerator:
         self._defaults = runtime.info.defaults
 
     @classmethod
-    def load(cls, engines_dir: Path, low_vram: bool = False) -> RuntimeGenerator:
-        """Verify and load an engines directory (errors name the file and the fix)."""
+    def load(
+        cls, engines_dir: Path, low_vram: bool = False, max_images: int | None = None
+    ) -> RuntimeGenerator:
+        """Verify and load an engines directory (errors name the file and the fix).
+
+        Args:
+            max_images: most images one request may ask for (default: the runtime's).
+        """
         from sd35trt.runtime.pipeline import Sd35Runtime
 
-        return cls(Sd35Runtime.load(engines_dir, low_vram=low_vram))
+        return cls(Sd35Runtime.load(engines_dir, low_vram=low_vram, max_images=max_images))
 
     @property
     def max_batch(self) -> int:
@@ -123,16 +129,25 @@ class RuntimeGenerator:
         except RequestError as err:
             # the runtime's ``image`` is the HTTP ``init_image``
             raise (RequestError("init_image", str(err)) if err.field == "image" else err) from None
-        slg = params.skip_layer_guidance is not None
-        images_max = self._limits.images(params.cfg, slg)[1]
+        return self._prepared(params, alone, _http_params(params))
+
+    def _prepared(self, params: Any, alone: bool, reply: Mapping[str, Any]) -> Prepared:
+        from sd35trt.runtime.parts import engine_parts
+
         rows_per_request = 2 if params.cfg else 1
+        lo = self._limits.images(params.cfg, params.skip_layer_guidance is not None)[0]
+
+        def split(capacity: int) -> list[Prepared]:
+            return [self._prepared(part, alone, reply) for part in engine_parts(params, capacity, lo)]
+
         return Prepared(
             key=(BATCH_ALONE, next(self._alone)) if alone else params.batch_key,
             size=params.num_images,
-            capacity=images_max,
+            capacity=self._limits.images_per_batch(params),
             max_requests=1 if alone else max(1, self._limits.encoder_batch[1] // rows_per_request),
-            params=_http_params(params),
+            params=reply,
             native=params,
+            split=split,
         )
 
     def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
@@ -151,7 +166,7 @@ class RuntimeGenerator:
             out.append(
                 ImageSet(
                     images=list(res.images),
-                    seed=res.params.seed,
+                    seeds=list(res.seeds),
                     timings={
                         "text_encoding": t.text_encoding_s,
                         "image_encoding": t.image_encoding_s,

@@ -33,7 +33,9 @@ class GenerateBody(BaseModel):
     height: int | None = Field(default=None, description="pixels, a multiple of 16 inside the engine profile")
     num_inference_steps: int | None = Field(default=None, description="denoising steps")
     guidance_scale: float | None = Field(default=None, description="classifier-free guidance, >= 0")
-    num_images: int = Field(default=1, description="images for this prompt, at most the engine batch")
+    num_images: int = Field(
+        default=1, description="images for this prompt; beyond the engine batch: several engine batches"
+    )
     seed: int | None = Field(default=None, description="0..2^63-1; drawn below 2^53 when omitted")
     skip_layer_guidance: bool | None = Field(
         default=None, description="skip-layer guidance when the engines have it (default: as built)"
@@ -62,7 +64,7 @@ class ImageInfo(BaseModel):
     """What one image of ``images`` is."""
 
     index: int = Field(description="position of the image in its request")
-    seed: int = Field(description="the request's seed (a request's images share one noise draw)")
+    seed: int = Field(description="this image's seed (seed + index): one image with it is this image")
     width: int = Field(description="pixels")
     height: int = Field(description="pixels")
 
@@ -77,7 +79,7 @@ class GenerateResponse(BaseModel):
     parameters: dict[str, Any] = Field(description="the parameters actually used, the seed included")
     info: list[ImageInfo] = Field(description="per image: index, seed, width, height")
     timings: dict[str, Any] = Field(description="milliseconds: queue, engine batch, encode, total, stages")
-    batch: dict[str, Any] = Field(description="the engine batch this request ran in (merging shows here)")
+    batch: dict[str, Any] = Field(description="the engine batch this request ran in (the first, if several)")
     warnings: list[str] = Field(
         default_factory=list, description="e.g. a prompt truncated to the token limit"
     )
@@ -90,7 +92,8 @@ class OpenAIImagesBody(BaseModel):
     """``POST /v1/images/generations``, the OpenAI Images API request.
 
     ``size`` is ``"WIDTHxHEIGHT"`` in pixels inside the engines' profile (or ``"auto"``: the
-    engines' default); ``n`` is at most the engine batch. Images come back as ``b64_json`` only.
+    engines' default); ``n`` beyond the engine batch runs as several engine
+    batches. Images come back as ``b64_json`` only.
     SD3.5's own settings are accepted as extra fields (``extra_body`` in OpenAI's clients).
     """
 

@@ -115,6 +115,8 @@ class ServeSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(default=8000, ge=0, le=65535)
     max_batch: int | None = Field(default=None, ge=1, description="images per engine batch")
+    #: more than an engine batch holds run as several engine batches, each image keeping its seed.
+    max_images: int | None = Field(default=None, ge=1, description="images per request (default 16)")
     batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="merge window")
     queue_size: int = Field(default=32, ge=1, le=100_000, description="requests waiting, beyond: 429")
     timeout_s: float = Field(default=300.0, gt=0, description="per-request limit, queue wait included")

@@ -244,10 +244,14 @@ def _up_to_date(
     if previous.details.backend is not backend:
         return False
     try:
-        engines = verify_engines(run_dir / Stage.BUILD.directory, machine=machine, cache=HashCache(run_dir))
-    except Sd35TrtError:  # missing, modified, or built for another TensorRT / GPU: rebuild
+        engines = verify_engines(
+            run_dir / Stage.BUILD.directory, cache=HashCache(run_dir), check_machine=False
+        )
+    except Sd35TrtError:  # missing or modified: rebuild
         return False
-    return engines.backend is backend
+    # Built for another TensorRT version or GPU (TensorRT-RTX: another TensorRT-RTX version): rebuild.
+    stale = any(backends.backend_of(r.backend).rebuild_reason(r, machine) for r in engines.engines.values())
+    return engines.backend is backend and not stale
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,7 @@ class _Job:
     export_rec: StageRecord
     progress: Progress
     allow_partial_fp8: bool = False
+    build_has_fp8: bool = False
 
 
 def check_fp8(
@@ -327,6 +332,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
             progress=progress,
             label=label,
             allow_partial_fp8=job.allow_partial_fp8,
+            build_has_fp8=job.build_has_fp8,
         )
     )
     seconds = time.perf_counter() - start
@@ -352,6 +358,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         layers=built.layers,
         device_memory_bytes=built.device_memory_bytes,
         streamable_weights_bytes=built.streamable_weights_bytes,
+        compute_capabilities=built.compute_capabilities,
     )
     size_mib = sum(f.size for f in rec.files) / (1 << 20)
     precision = rec.precision.value + (" + fp8" if rec.fp8 else "")
@@ -437,7 +444,10 @@ def build(
     # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
     target = chosen.recorded_machine(machine)
     with staged_output(run_dir, Stage.BUILD) as out:
-        job = _Job(config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8)
+        has_fp8 = any(entries[c].quantized for c in components)
+        job = _Job(
+            config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8, has_fp8
+        )
         for i, component in enumerate(components, 1):
             label = f"[{i}/{len(components)}] {component.value}"
             engines[component] = _build_one(job, component, entries[component], label)

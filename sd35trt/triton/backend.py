@@ -35,6 +35,8 @@ from sd35trt.triton.spec import INPUTS, OUTPUTS, TritonType
 ENGINES_DIR_PARAMETER = "engines_dir"
 #: config.pbtxt ``parameters``: ONNX Runtime intra-op threads per instance ("" = ONNX Runtime's default).
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
+#: config.pbtxt ``parameters``: most images one row may ask for ("" = the runtime's default).
+MAX_IMAGES_PARAMETER = "max_images"
 
 
 def engine_batches(items: Sequence[Prepared]) -> list[list[int]]:
@@ -113,6 +115,14 @@ def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
     return out
 
 
+def _joined(parts: list[tuple[ImageSet | BaseException, dict]]) -> tuple[ImageSet | BaseException, dict]:
+    """One row's result from its parts': the first failure, else the images joined (first part's batch)."""
+    for result, info in parts:
+        if isinstance(result, BaseException):
+            return result, info
+    return ImageSet.joined([r for r, _ in parts]), parts[0][1]
+
+
 def _same_num_images(prepared: Sequence[Prepared]) -> None:
     counts = sorted({p.size for p in prepared})
     if len(counts) > 1:
@@ -158,8 +168,12 @@ class Sd35TritonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
         threads = params.get(INTRA_OP_THREADS_PARAMETER) or None
+        max_images = params.get(MAX_IMAGES_PARAMETER) or None
         self.runtime = Sd35Runtime.load(
-            engines, device=device, intra_op_threads=int(threads) if threads else None
+            engines,
+            device=device,
+            intra_op_threads=int(threads) if threads else None,
+            max_images=int(max_images) if max_images else None,
         )
         self.generator = RuntimeGenerator(self.runtime)
         self._batches = 0
@@ -177,14 +191,16 @@ class Sd35TritonModel:
         """Answer the requests Triton's dynamic batcher handed over together.
 
         Every row is validated first (an invalid request gets its own error, the others run);
-        the valid rows run in engine batches of compatible rows (:func:`engine_batches`).
+        the valid rows run in engine batches of compatible rows (:func:`engine_batches`); a row of
+        more images than one engine batch holds runs as several parts, each image keeping its
+        seed (``seed + i``).
 
         Returns:
             One ``InferenceResponse`` per request, in order.
         """
         responses: list[Any] = [None] * len(requests)
         items: list[Prepared] = []
-        owners: list[int] = []  # request index of each item
+        owners: list[tuple[int, int]] = []  # (request index, row) of each item
         for i, request in enumerate(requests):
             try:
                 fields = read_rows(self._columns(request), self._rows(request))
@@ -193,8 +209,10 @@ class Sd35TritonModel:
             except RequestError as err:
                 responses[i] = self._error(err)
                 continue
-            items.extend(prepared)
-            owners.extend([i] * len(prepared))
+            for row, p in enumerate(prepared):
+                parts = p.split(p.capacity) if p.size > p.capacity and p.split else [p]
+                items.extend(parts)
+                owners.extend([(i, row)] * len(parts))
 
         results: list[tuple[ImageSet | BaseException, dict]] = [None] * len(items)  # type: ignore[list-item]
         for batch in engine_batches(items):
@@ -203,8 +221,11 @@ class Sd35TritonModel:
 
         for i in range(len(requests)):
             if responses[i] is None:
-                mine = [k for k, owner in enumerate(owners) if owner == i]
-                responses[i] = self._response([items[k] for k in mine], [results[k] for k in mine])
+                rows = sorted({row for owner, row in owners if owner == i})
+                mine = [[k for k, owner in enumerate(owners) if owner == (i, row)] for row in rows]
+                responses[i] = self._response(
+                    [items[ks[0]] for ks in mine], [_joined([results[k] for k in ks]) for ks in mine]
+                )
         return responses
 
     def _run(self, batch: list[Prepared]) -> list[tuple[ImageSet | BaseException, dict]]:

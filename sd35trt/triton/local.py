@@ -1,4 +1,4 @@
-"""A local ``tritonserver`` on 127.0.0.1, for tests and benchmarks (production: deploy/triton/).
+"""A local ``tritonserver``: ``sd35trt triton serve``, tests and benchmarks (production: deploy/triton/).
 
 The server is the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51 and its Python
 backend). Two facts about it decide how it is started:
@@ -14,7 +14,8 @@ backend). Two facts about it decide how it is started:
   ``LD_LIBRARY_PATH`` starts with this interpreter's own ``LIBDIR`` (from ``sysconfig``).
 
 The stub's interpreter is the first ``python3`` on ``PATH``: the backend environment's ``bin``
-goes first.
+goes first. The server runs in its own session, so a terminal's Ctrl-C reaches only its parent,
+which stops it once (:func:`serve_foreground`); a second signal would make Triton exit at once.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ BACKEND_ENV_VARIABLE = "SD35TRT_TRITON_ENV"
 
 @dataclass(frozen=True)
 class TritonPorts:
-    """The server's TCP ports on 127.0.0.1."""
+    """The server's TCP ports (HTTP, gRPC, metrics)."""
 
     http: int
     grpc: int
@@ -114,7 +115,7 @@ class BackendEnvironment:
 
 
 class LocalTritonServer:
-    """tritonserver serving ``repository`` on 127.0.0.1 (HTTP, gRPC and metrics on free ports).
+    """tritonserver serving ``repository`` (127.0.0.1 and free ports unless told otherwise).
 
     Use as a context manager, or :meth:`start` then :meth:`stop`::
 
@@ -130,6 +131,8 @@ class LocalTritonServer:
         log_path: str | Path | None = None,
         exit_timeout_s: int = 30,
         extra_args: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        ports: TritonPorts | None = None,
     ) -> None:
         """
         Args:
@@ -138,6 +141,8 @@ class LocalTritonServer:
             log_path: where the server's log goes (default: a temporary file, kept after stop).
             exit_timeout_s: on stop, how long Triton waits for running requests (seconds).
             extra_args: more tritonserver options.
+            host: the address HTTP, gRPC and metrics listen on (``0.0.0.0``: every interface).
+            ports: fixed ports (default: free ones, probed at start and retried if taken).
         """
         self.repository = Path(repository).absolute()
         self.env = env or BackendEnvironment.default()
@@ -146,22 +151,28 @@ class LocalTritonServer:
         self._workdir: Path | None = None
         self._log_path = Path(log_path) if log_path is not None else None
         self.process: subprocess.Popen | None = None
+        self.host = host
+        self._fixed_ports = ports
         self.ports: TritonPorts | None = None
 
     # -- addresses -------------------------------------------------------------------------------
 
     @property
     def http_url(self) -> str:
-        """``127.0.0.1:PORT`` (tritonclient's form: no scheme)."""
-        return f"127.0.0.1:{self._ports().http}"
+        """``HOST:PORT`` (tritonclient's form: no scheme; 127.0.0.1 when listening everywhere)."""
+        return f"{self._client_host}:{self._ports().http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self._ports().grpc}"
+        return f"{self._client_host}:{self._ports().grpc}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self._ports().metrics}/metrics"
+        return f"http://{self._client_host}:{self._ports().metrics}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
     @property
     def log_path(self) -> Path:
@@ -212,11 +223,11 @@ class LocalTritonServer:
             str(self.env.tritonserver_dir / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={ports.http}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={ports.grpc}",
-            "--metrics-address=127.0.0.1",
+            f"--metrics-address={self.host}",
             f"--metrics-port={ports.metrics}",
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -239,7 +250,7 @@ class LocalTritonServer:
             self._log_path = Path(name)
         backends = self._backends(self._workdir)
         for attempt in range(attempts):
-            self.ports = TritonPorts.free()
+            self.ports = self._fixed_ports or TritonPorts.free()
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     self._command(backends, self.ports),
@@ -247,13 +258,14 @@ class LocalTritonServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the parent only; it stops the server once
                 )
             try:
                 self._wait_ready(timeout_s)
                 return self
             except _ExitedEarly as err:
                 busy = "address already in use" in self.log_tail(80).lower()
-                if busy and attempt + 1 < attempts:
+                if busy and attempt + 1 < attempts and self._fixed_ports is None:
                     continue  # another process took a port between probing and binding
                 self._cleanup()
                 raise Sd35TrtError(
@@ -314,6 +326,59 @@ class LocalTritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _Signalled(Exception):
+    pass
+
+
+def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) -> int:
+    """Start ``server``, say where it listens, and run until it exits or SIGINT / SIGTERM arrives.
+
+    A signal (Ctrl-C) is forwarded once as SIGTERM: Triton finishes running requests (up to its
+    ``exit_timeout_s``), unloads the model and exits.
+
+    Args:
+        server: a server not yet started.
+        echo: prints one line (``typer.echo``).
+        timeout_s: how long the models may take to load and warm up.
+
+    Returns:
+        0 after a signal and a clean stop; else the server's own exit status.
+
+    Raises:
+        BackendUnavailableError: no backend environment.
+        Sd35TrtError: the server exited before it was ready (its log's last lines included).
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Signalled(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            server.start(timeout_s=timeout_s)
+            echo(f"tritonserver ready (pid {server.process.pid}), serving {server.repository}")
+            echo(f"  HTTP     http://{server.http_url}  (KServe v2; tritonclient.http: {server.http_url})")
+            echo(f"  gRPC     {server.grpc_url}")
+            echo(f"  metrics  {server.metrics_url}")
+            echo(f"  log      {server.log_path}")
+            echo("Ctrl-C stops it.")
+            code = server.process.wait()
+            server.stop()
+            echo(f"tritonserver exited with {code}; its log ({server.log_path}) ends:\n{server.log_tail(25)}")
+            return code
+        except _Signalled:
+            # ignore further signals while the server finishes its running requests
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            echo("stopping tritonserver (running requests finish first) ...")
+            code = server.stop()
+            echo(f"tritonserver stopped (exit status {code})")
+            return 0 if code in (0, None) else code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _ExitedEarly(Exception):

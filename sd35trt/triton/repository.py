@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sd35trt.config import Backend
 from sd35trt.errors import ConfigError, VerificationError
-from sd35trt.triton.backend import ENGINES_DIR_PARAMETER, INTRA_OP_THREADS_PARAMETER
+from sd35trt.triton.backend import ENGINES_DIR_PARAMETER, INTRA_OP_THREADS_PARAMETER, MAX_IMAGES_PARAMETER
 from sd35trt.triton.spec import INPUTS, OUTPUTS, TensorSpec, TritonType
 
 MODEL_VERSION = "1"
@@ -81,6 +81,9 @@ class TritonRepoSettings(BaseModel):
     batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="dynamic batcher delay")
     engines: EngineMode = EngineMode.COPY
     intra_op_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per instance")
+    max_images: int | None = Field(
+        default=None, ge=1, description="images per row (default: the runtime's); beyond a batch: parts"
+    )
     force: bool = False
 
 
@@ -185,6 +188,8 @@ def render_config(
     parameters = {ENGINES_DIR_PARAMETER: engines_dir}
     if settings.intra_op_threads is not None:
         parameters[INTRA_OP_THREADS_PARAMETER] = str(settings.intra_op_threads)
+    if settings.max_images is not None:
+        parameters[MAX_IMAGES_PARAMETER] = str(settings.max_images)
     warmup_inputs = "\n".join(
         f"    inputs {{\n      key: {pbtxt_string(w.name)}\n      value {{\n"
         f"        data_type: {w.dtype.value}\n        dims: [ 1 ]\n"

@@ -88,6 +88,10 @@ def test_bench_json_structure(bench_out, built_run):
         assert c["images_per_second"] == pytest.approx(1e3 / c["stages"]["total"]["median"])
         assert c["memory"]["kind"] == "peak_rss" and c["memory"]["peak_rss_bytes"] > 50 * 2**20
     assert data["configurations"][0]["engines_dir"] == str(built_run / "engines")
+    # the loop's host time (sd35trt only) is part of the whole generation's host time
+    ours, theirs = (c["stages"] for c in data["configurations"])
+    _check_stats(ours["host_loop"], RUNS)
+    assert 0 < ours["host_loop"]["median"] < ours["host"]["median"] and theirs["host_loop"] is None
 
 
 def test_bench_times_image_to_image_with_the_vae_encoder(bench_out):
@@ -191,3 +195,15 @@ def test_noise_lowers_psnr_and_ssim(eval_out):
         if sigma >= 16.0:
             m = compare(ref, noisy)
             assert m["psnr_db"] < clean["psnr_db"] and m["ssim"] < clean["ssim"]
+
+
+def test_eval_inside_a_run_finds_the_run_model_without_reference(built_run, tmp_path):
+    """``sd35trt eval --engines runs/<name>/engines`` needs no ``--reference``: the export record
+    names the model; engines outside a run (an artefact) are told to give one."""
+    from sd35trt.errors import ModelError
+    from sd35trt.models.reference import run_model_dir
+
+    assert run_model_dir(built_run / "engines").resolve() == (built_run / "model").resolve()
+    (tmp_path / "engines").mkdir()
+    with pytest.raises(ModelError, match="--reference is needed"):
+        run_model_dir(tmp_path / "engines")

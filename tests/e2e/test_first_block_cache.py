@@ -22,7 +22,7 @@ from sd35trt.components import Component
 from sd35trt.config import Backend, CacheSettings
 from sd35trt.models.reference import reference_images
 from sd35trt.run import run
-from sd35trt.runtime import pipeline
+from sd35trt.runtime import cache
 from sd35trt.runtime.cache import CFG_CONTEXT, SKIP_LAYERS_CONTEXT
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
@@ -72,12 +72,12 @@ def our_skips(monkeypatch):
     """The per-context skipped calls of each generation's cache, as the runtime decided them."""
     caches = []
 
-    class Recording(pipeline.FirstBlockCache):
+    class Recording(cache.FirstBlockCache):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             caches.append(self)
 
-    monkeypatch.setattr(pipeline, "FirstBlockCache", Recording)
+    monkeypatch.setattr(cache, "FirstBlockCache", Recording)
     return lambda: caches[-1].stats.skipped
 
 

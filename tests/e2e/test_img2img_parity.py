@@ -76,7 +76,7 @@ def test_engines_match_diffusers_img2img(
     with torch.inference_mode():
         theirs = img2img_pipe(
             [PROMPT] * 2,
-            image=init_image,
+            image=[init_image] * 2,  # one copy per generator: image i from seed 5 + i
             strength=strength,
             height=height,
             width=width,
@@ -84,7 +84,7 @@ def test_engines_match_diffusers_img2img(
             guidance_scale=rt.guidance_scale,
             negative_prompt=[rt.negative_prompt] * 2,
             max_sequence_length=rt.max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(5),
+            generator=[torch.Generator("cpu").manual_seed(5 + i) for i in range(2)],
         ).images
     p = ours.params
     # diffusers' own count of the steps it ran (its timesteps cut by strength)

@@ -153,6 +153,7 @@ def test_num_images_returns_that_many_images(server):
     images = [decode_png(i) for i in r.json()["images"]]
     assert [i.size for i in images] == [(64, 64)] * 2 and [i["index"] for i in r.json()["info"]] == [0, 1]
     assert [json.loads(i.text["parameters"])["image_index"] for i in images] == [0, 1]
+    assert [i["seed"] for i in r.json()["info"]] == [5, 6]  # a seed per image
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
@@ -217,8 +218,8 @@ INVALID = [
     ({"height": 40}, "height", "<height>"),
     ({"width": 512}, "width", "<width>"),
     ({"height": 32}, "height", "<height>"),
-    ({"num_images": 3}, "num_images", "1..2"),
-    ({"num_images": 0}, "num_images", "1..2"),
+    ({"num_images": 17}, "num_images", "1..16"),  # beyond max_images; 3 runs as two engine batches
+    ({"num_images": 0}, "num_images", "1..16"),
     ({"num_inference_steps": 0}, "num_inference_steps", "1..500"),
     ({"num_inference_steps": -3}, "num_inference_steps", "1..500"),
     ({"num_inference_steps": 10**9}, "num_inference_steps", "1..500"),

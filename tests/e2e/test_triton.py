@@ -184,6 +184,70 @@ def test_same_seed_gives_the_bytes_of_sd35trt_run(server, built_run, tmp_path):
     assert r.as_numpy("images")[0, 0] != expected
 
 
+def test_more_images_than_the_engine_batch_each_with_its_own_seed(server, built_run, tmp_path):
+    """3 images on batch-2 engines: two engine batches; image i is seed 20 + i in its PNG, and
+    image 2 (alone in its engine batch) has the bytes of `sd35trt run` for one image, seed 22."""
+    import io
+
+    from PIL import Image
+
+    with client(server, "http") as c:
+        r = infer(c, "http", {"prompt": "a lighthouse at dusk", **SMALL, "seed": 20, "num_images": 3})
+    images = r.as_numpy("images")
+    assert images.shape == (1, 3)
+    recorded = [json.loads(Image.open(io.BytesIO(images[0, i])).text["parameters"]) for i in range(3)]
+    assert [(m["seed"], m["image_index"], m["num_images"]) for m in recorded] == [
+        (20 + i, i, 3) for i in range(3)
+    ]
+    out = tmp_path / "alone.png"
+    args = ["run", "a lighthouse at dusk", "--engines", str(built_run / "engines"), "--steps", "2"]
+    args += ["--width", "64", "--height", "64", "--seed", "22", "-o", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    alone = Image.open(out)
+    assert np.array_equal(np.asarray(alone), np.asarray(Image.open(io.BytesIO(images[0, 2]))))
+
+
+def test_triton_serve_answers_tritonclient_and_stops_on_sigint(repository, tmp_path):
+    """`sd35trt triton serve REPO`: the local tritonserver with its backend environment, the URLs
+    printed, a request answered, and Ctrl-C (SIGINT) stopping it cleanly with exit status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from sd35trt.triton.local import TritonPorts
+
+    ports = TritonPorts.free()
+    cmd = [sys.executable, "-m", "sd35trt.cli", "triton", "serve", str(repository)]
+    cmd += ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc)]
+    cmd += ["--metrics-port", str(ports.metrics), "--log", str(tmp_path / "triton.log")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (line := proc.stdout.readline()):
+            lines.append(line)
+            if line.startswith("Ctrl-C stops it"):
+                break
+        output = "".join(lines)
+        assert f"HTTP     http://127.0.0.1:{ports.http}" in output, output
+        assert f"gRPC     127.0.0.1:{ports.grpc}" in output
+        c = thttp.InferenceServerClient(f"127.0.0.1:{ports.http}")
+        try:
+            r = infer(c, "http", {"prompt": "a cat", **SMALL, "seed": 3})
+        finally:
+            c.close()
+        assert r.as_numpy("images").shape == (1, 1)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output + rest
+    assert "tritonserver stopped (exit status 0)" in rest
+    assert f"successfully unloaded '{MODEL}'" in (tmp_path / "triton.log").read_text(errors="replace")
+
+
 BAD = [
     ("http", {"width": 1000}, "width"),
     ("grpc", {"width": 1000}, "width"),
@@ -193,7 +257,7 @@ BAD = [
     ("http", {"guidance_scale": -1.0}, "guidance_scale"),
     ("http", {"seed": -1}, "seed"),
     ("http", {"prompt": "   "}, "prompt"),
-    ("http", {"num_images": 5}, "num_images"),
+    ("http", {"num_images": 17}, "num_images"),  # beyond max_images (16)
 ]
 
 

@@ -193,3 +193,28 @@ def test_model_by_repo_id_missing_from_the_cache_is_one_line(tmp_path):
         "error: model.path: stabilityai/stable-diffusion-3.5-large (revision main) is not in"
     )
     assert "`hf download stabilityai/stable-diffusion-3.5-large --include 'model_index.json'" in line
+
+
+def test_version_and_verbose_after_the_verb():
+    from importlib import metadata
+
+    from sd35trt.cli import hoist_verbose
+
+    proc = subprocess.run([sys.executable, "-m", "sd35trt.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"sd35trt {metadata.version('sd35trt')}"
+    assert hoist_verbose(["run", "-e", "E", "a cat", "-v"]) == ["-v", "run", "-e", "E", "a cat"]
+    assert hoist_verbose(["info", "--verbose", "--", "-v"]) == ["--verbose", "info", "--", "-v"]
+    proc = subprocess.run([sys.executable, "-m", "sd35trt.cli", "info", "-v"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "No such option" not in proc.stderr
+
+
+def test_triton_repository_is_the_default_command_and_serve_checks_its_repository(tmp_path):
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["triton", "--help"]).stdout
+    assert "repository" in help_text and "serve" in help_text
+    # `sd35trt triton ENGINES --out REPO` still means `triton repository ...`
+    r = runner.invoke(app, ["triton", str(tmp_path / "no-engines"), "--out", str(tmp_path / "repo")])
+    assert r.exit_code != 0 and "no-engines" in str(r.exception)
+    r = runner.invoke(app, ["triton", "serve", str(tmp_path / "missing")])
+    assert "is not a directory; write one with `sd35trt triton ENGINES --out" in str(r.exception)

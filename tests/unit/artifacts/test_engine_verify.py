@@ -139,7 +139,13 @@ def test_flipped_byte_is_reported_before_compatibility(tmp_path):
         verify_engines(out, machine=MachineInfo("11.4.0", L4))
     assert type(e.value) is VerificationError
     assert "transformer.plan sha256" in str(e.value) and "(modified)" in str(e.value)
-    assert REBUILD in str(e.value)
+    # Outside a run directory (an unpacked artefact on a serving machine) nothing can be rebuilt.
+    hint = "copy the engines again (or unpack the artefact again) from where they were built, then check"
+    assert f"{hint} them with `sd35trt verify {out}`" in str(e.value)
+    assert REBUILD not in str(e.value)
+    (tmp_path / "manifest.json").write_text("{}")  # runs/<name>/engines: rebuild
+    with pytest.raises(VerificationError, match="rebuild with `sd35trt build`"):
+        verify_engines(out, machine=MachineInfo("11.4.0", L4))
 
 
 def test_truncated_engine_is_named_with_both_sizes(tmp_path):

@@ -60,6 +60,16 @@ def test_stage_stats_sums_calls_per_run_and_divides_transformer_by_steps():
     assert st.host.median == pytest.approx((131.0 + 229.0) / 2)
     assert st.t5.median is None  # never called: no samples, no invented zero
     assert all(st.get(s).unit == "ms" for s in STAGES)
+    assert st.host_loop is None and st.get("host_loop").n == 0  # no loop span recorded
+
+
+def test_host_loop_is_the_loop_span_minus_its_transformer_calls():
+    """The whole-generation ``host`` bar holds tokenizing, checks, noise and images too; the
+    denoising loop's own host time (what the overhead panel measures per step) is shown apart."""
+    runs = [{"transformer": [0.010] * 4, "denoise": [0.0412], "vae_decoder": [0.005], "total": [0.1]}]
+    st = stage_stats(runs, num_inference_steps=4)
+    assert st.host_loop.median == pytest.approx(1.2)  # 41.2 - 40 ms
+    assert st.host.median == pytest.approx(55.0)  # 100 - 40 - 5 ms: more than the loop's share
 
 
 # -- the overhead arithmetic ----------------------------------------------------------------------

@@ -136,3 +136,36 @@ def test_lora_by_repo_id(cache, hf_repo_writer, tmp_path):
         ModelError, match=r"model.loras\[0\].path: someone/other-lora \(revision main\) is not in"
     ):
         weights_identity(missing)
+
+
+SHIPPED = {
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_shipped_real_model_configs_resolve_from_the_hugging_face_cache(
+    name, tiny_model_dir, hf_repo_writer, tmp_path, monkeypatch
+):
+    """configs/sd3.5-*.yaml name their model by Hub id and are read from the cache under HF_HOME
+    (HF_HUB_CACHE unset, as on a user's machine), offline; a tiny pipeline stands in for the weights."""
+    from pathlib import Path
+
+    from sd35trt.config import ModelSource, load_config
+
+    home = tmp_path / "hf-home"
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SD35TRT_ALLOW_DOWNLOAD", raising=False)
+    config = load_config(Path(__file__).parents[3] / "configs" / f"{name}.yaml")
+    assert (config.model.source, str(config.model.path)) == (ModelSource.HUB, SHIPPED[name])
+    with pytest.raises(
+        ModelError, match=f"{SHIPPED[name]} \\(revision main\\) is not in the Hugging Face cache"
+    ):
+        resolve_model(config, tmp_path / "run")
+    snapshot = hf_repo_writer(home / "hub", SHIPPED[name], tiny_model_dir, COMMIT_A)
+    resolved = resolve_model(config, tmp_path / "run")
+    assert resolved.directory == snapshot and resolved.hub.commit == COMMIT_A

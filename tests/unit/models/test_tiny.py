@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from sd35trt.components import ModelDims
+from sd35trt.components import Component, ModelDims
 from sd35trt.config import Architecture
-from sd35trt.models.tiny import architecture_config, write_architecture, write_tiny
+from sd35trt.models.tiny import architecture_config, t5_tokenizer, write_architecture, write_tiny
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -73,3 +73,22 @@ def test_real_architecture_shapes_without_weights(arch, tmp_path):
     expected = {Architecture.SD35_MEDIUM: (24, 384), Architecture.SD35_LARGE: (38, 192)}[arch]
     assert (dims.num_layers, dims.pos_embed_max_size) == expected
     assert architecture_config(arch).transformer["caption_projection_dim"] == dims.num_heads * 64
+
+
+def test_the_tiny_tokenizers_fit_the_shipped_prompts_the_tiny_config_calibrates_with(tiny_config):
+    """The tiny CLIP vocabulary has BPE merges for common prompt words (it was byte-level: every
+    character a token, and the shipped calibration prompts were cut mid-word at 77 tokens)."""
+    from sd35trt.models.tiny import clip_tokenizer
+    from sd35trt.runtime.tokenize import PromptTokenizer
+    from sd35trt.stages.calibrate import read_prompts
+
+    s = tiny_config.calibrate
+    prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
+    prompts += read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
+    clip = clip_tokenizer()
+    tokenizers = {c: clip for c in (Component.CLIP_L, Component.CLIP_G)}
+    out = PromptTokenizer({**tokenizers, Component.T5: t5_tokenizer()}, 256)(prompts)
+    assert out.truncations == ()
+    assert clip.tokenize("a red fox in the snow, watercolor") == [
+        f"{w}</w>" for w in ("a", "red", "fox", "in", "the", "snow", ",", "watercolor")
+    ]

@@ -73,9 +73,9 @@ def test_defaults_come_from_the_engines():
         ({"height": 512}, "height", "height 512 is outside the engines' range; these engines accept 64..256"),
         ({"width": 48}, "width", "width 48 is outside the engines' range; these engines accept 64..192"),
         ({"width": 256}, "width", "64..192"),
-        ({"num_images": 3}, "num_images", "num_images 3 is outside 1..2"),
-        ({"num_images": 0}, "num_images", "num_images 0 is outside 1..2"),
-        ({"num_images": 3, "guidance_scale": 1.0}, "num_images", "without classifier-free guidance"),
+        ({"num_images": 17}, "num_images", "num_images 17 is outside 1..16"),  # max_images, not the batch
+        ({"num_images": 0}, "num_images", "num_images 0 is outside 1..16"),
+        ({"num_images": 17, "guidance_scale": 1.0}, "num_images", "without classifier-free guidance"),
     ],
 )
 def test_size_and_batch_outside_the_profiles(fields, field, text):
@@ -131,7 +131,7 @@ def test_prompt_must_be_text():
 
 def test_edges_are_accepted():
     p = resolve(
-        seed=2**63 - 1,
+        seed=2**63 - 2,  # image 1 uses 2^63 - 1
         num_inference_steps=500,
         guidance_scale=0.0,
         height=256,
@@ -139,7 +139,7 @@ def test_edges_are_accepted():
         num_images=2,
         negative_prompt="",
     )
-    assert p.seed == 2**63 - 1 and not p.cfg
+    assert p.seed == 2**63 - 2 and not p.cfg
     # Without CFG the negative prompt and skip-layer guidance are not used, and not recorded.
     assert p.negative_prompt is None and p.skip_layer_guidance is None
     assert p.warnings == ()  # an empty negative prompt changes nothing: no warning
@@ -258,8 +258,6 @@ def test_to_json_lists_the_ranges():
     data = limits().to_json()
     assert data["height"] == [64, 256] and data["num_images"]["cfg"] == [1, 2]
     assert data["skip_layer_guidance"]["layers"] == [1]
-    assert data["cache_threshold"] == [0.0, 10.0]  # the test engines include the cache's two parts
-    assert _cache_limits(cache=False).to_json()["cache_threshold"] is None
 
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
@@ -270,6 +268,42 @@ def test_text_with_a_lone_surrogate_is_refused_naming_the_field(field, text):
         resolve(**{field: text})
     assert err.value.field == field
     str(err.value).encode("utf-8")  # the message itself prints anywhere
+
+
+def test_more_images_than_the_engine_batch_are_accepted_up_to_max_images():
+    import dataclasses
+
+    p = resolve(num_images=5, seed=10)
+    assert p.num_images == 5 and limits().images(cfg=True) == (1, 2)
+    few = dataclasses.replace(limits(), max_images=4)
+    with pytest.raises(RequestError, match=r"num_images 5 is outside 1\.\.4") as err:
+        resolve(few, num_images=5)
+    assert err.value.field == "num_images"
+
+
+def test_every_image_seed_stays_in_range():
+    """Image i uses seed + i: the last image's seed must still be at most 2^63-1, and drawn seeds
+    keep every image's seed below 2^53 (float64 clients)."""
+    with pytest.raises(
+        RequestError, match=r"seed 9223372036854775807 is outside 0\.\.9223372036854775806"
+    ) as e:
+        resolve(seed=2**63 - 1, num_images=2)
+    assert e.value.field == "seed"
+    assert all(resolve(num_images=16).seed + 15 < 2**53 for _ in range(50))
+
+
+def test_parts_of_a_request_keep_each_image_seed_and_record_the_whole_request():
+    from sd35trt.runtime.parts import engine_parts, image_seeds
+
+    p = resolve(num_images=5, seed=100)
+    parts = engine_parts(p, 2)
+    assert [(q.seed, q.num_images, q.first_image) for q in parts] == [(100, 2, 0), (102, 2, 2), (104, 1, 4)]
+    assert [s for q in parts for s in image_seeds(q)] == list(image_seeds(p)) == [100, 101, 102, 103, 104]
+    assert all(q.to_json() == p.to_json() for q in parts)  # seed 100, num_images 5: the request's
+    assert engine_parts(p, 5) == [p]
+    # engines whose smallest batch is 2: a last part of 1 takes an image from the one before
+    assert [q.num_images for q in engine_parts(p, 3, min_batch=2)] == [3, 2]
+    assert [q.num_images for q in engine_parts(resolve(num_images=7, seed=0), 3, min_batch=2)] == [3, 2, 2]
 
 
 def _cache_limits(cache: bool) -> RequestLimits:

@@ -129,6 +129,51 @@ def test_fake_queue_bound_rejects_exactly_the_excess_and_the_rest_complete():
     assert stats.rejected == 2 and stats.requests_done == 3
 
 
+def test_fake_later_parts_of_an_admitted_request_pass_a_full_queue_and_cancel_frees_them():
+    """A request of more images than one engine batch is queued as parts; the queue bound counts
+    the request once (its first part), and a request given up cancels its queued parts."""
+
+    async def main():
+        fake = FakeRunBatch()
+        b = await _started(fake, max_batch=2, queue_size=1)
+        b.pause()
+        await asyncio.sleep(0.01)
+        first = b.submit("p0", key="k", size=2)
+        rest = [b.submit(f"p{i}", key="k", size=2, admitted=True) for i in (1, 2)]
+        with pytest.raises(QueueFullError):
+            b.submit("other", key="k", size=1)
+        dropped = b.submit("p3", key="k", size=1, admitted=True)
+        b.cancel(dropped)
+        queued = b.stats().queued
+        b.resume()
+        out = await asyncio.gather(*(b.wait(j, 5) for j in (first, *rest)))
+        await b.close()
+        return queued, out, fake.batches
+
+    queued, out, batches = run(main())
+    assert queued == 3 and [r for r, _ in out] == ["p0-done", "p1-done", "p2-done"]
+    assert batches == [["p0"], ["p1"], ["p2"]]  # each part fills an engine batch
+
+
+def test_image_sets_of_parts_join_in_order_with_each_png_from_its_part():
+    from sd35trt.serve.generator import ImageSet
+
+    parts = [
+        ImageSet(images=["a", "b"], seeds=[5, 6], timings={"denoise": 1.0}, warnings=["w"],
+                 png=lambda im, i: f"part0:{im}:{i}".encode()),
+        ImageSet(images=["c"], seeds=[7], timings={"denoise": 0.5}, warnings=["w", "x"],
+                 png=lambda im, i: f"part1:{im}:{i}".encode()),
+    ]  # fmt: skip
+    joined = ImageSet.joined(parts)
+    assert joined.images == ["a", "b", "c"] and joined.seeds == [5, 6, 7]
+    assert joined.timings == {"denoise": 1.5} and joined.warnings == ["w", "x"]
+    assert [joined.png(im, i) for i, im in enumerate(joined.images)] == [
+        b"part0:a:0",
+        b"part0:b:1",
+        b"part1:c:0",
+    ]
+
+
 def test_fake_a_failing_request_in_a_merged_batch_fails_alone():
     async def main():
         fake = FakeRunBatch(bad=frozenset({"poison"}))

@@ -63,3 +63,21 @@ def test_prompts_are_encoded_with_the_runtime_negative_prompt_and_length(guidanc
     assert [c["negative_prompt"] for c in pipe.calls] == [["blurry", "blurry"], ["blurry"]]
     assert {c["max_sequence_length"] for c in pipe.calls} == {77}
     assert {c["do_classifier_free_guidance"] for c in pipe.calls} == {cfg}
+
+
+def test_calibrate_tables_say_what_they_measure():
+    """The two tables calibrate prints carry a title saying what their numbers are."""
+    from sd35trt.models.quantize import QuantizerKind, QuantSummary
+    from sd35trt.stages.calibration_quality import BucketError, CalibrationReport, ImageScore
+
+    quantizers = QuantSummary(enabled={QuantizerKind.WEIGHT: 4}, disabled={}).table()
+    assert quantizers.splitlines()[0].startswith("FP8 quantizers in the transformer")
+    report = CalibrationReport(
+        steps=4,
+        buckets=(BucketError(0.5, 1.0, 2, 0.01, 0.02),),
+        images=(ImageScore("a cat", 0, 40.0, 0.99),),
+        overall_mean_error=0.01,
+    ).table()
+    assert "relative error ||fp8 - ref|| / ||ref||" in report.splitlines()[0]
+    assert "held-out prompts" in report.splitlines()[0]
+    assert report.splitlines()[-1].startswith("final images (1, FP8 vs unquantized pipeline, same seed)")

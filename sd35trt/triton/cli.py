@@ -1,0 +1,149 @@
+"""``sd35trt triton``: write a Triton model repository, and serve one with the local tritonserver.
+
+``sd35trt triton ENGINES --out REPO`` (the ``repository`` command, whose name may be left out)
+writes the repository; ``sd35trt triton serve REPO`` starts the ``tritonserver`` of the backend
+environment ``make setup`` creates (:mod:`sd35trt.triton.local`) and runs until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+DEFAULT_COMMAND = "repository"
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose ``repository`` command runs when the first argument names no command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+triton_app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    help="Triton Inference Server: `sd35trt triton ENGINES --out REPO` writes a model repository, "
+    "`sd35trt triton serve REPO` serves it.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@triton_app.command("repository")
+def repository(
+    engines: Annotated[
+        Path, typer.Argument(help="Engines directory (runs/<name>/engines) or unpacked artefact.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository directory to write into.")],
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="TensorRT engines: GPU ids for KIND_GPU instances, e.g. 0,1 (default: every GPU)."),
+    ] = None,
+    instances_per_gpu: Annotated[
+        int, typer.Option(min=1, help="Model instances per GPU (ONNX Runtime engines: CPU instances).")
+    ] = 1,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Triton max_batch_size: prompts per model execution (default: engine batch)."
+        ),
+    ] = None,
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0, help="Dynamic batcher: how long a request waits for others to join.")
+    ] = 10.0,
+    model_name: Annotated[str, typer.Option(help="Model name in the repository.")] = "sd35trt",
+    reference: Annotated[
+        bool,
+        typer.Option("--reference", help="Name the engines by absolute path instead of copying them in."),
+    ] = False,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance (default: ONNX Runtime's).")
+    ] = None,
+    max_images: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most images one prompt may ask for (default 16); beyond the engine batch they run "
+            "as several engine batches.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (Python backend) serving the engines.
+
+    ``sd35trt triton ENGINES --out REPO`` is this command (its name may be left out).
+    """
+    from sd35trt.errors import ConfigError
+    from sd35trt.stages.package import engines_dir_of
+    from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
+
+    try:
+        gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r} is not a comma-separated list of GPU ids, e.g. 0,1") from None
+    if gpu_ids is not None and any(g < 0 for g in gpu_ids):
+        raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
+    settings = TritonRepoSettings(
+        model_name=model_name,
+        gpus=gpu_ids,
+        instances_per_gpu=instances_per_gpu,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+        engines=EngineMode.REFERENCE if reference else EngineMode.COPY,
+        intra_op_threads=intra_op_threads,
+        max_images=max_images,
+        force=force,
+    )
+    model = write_repository(engines_dir_of(engines), out, settings)
+    typer.echo(
+        f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "
+        f"max_batch_size {model.max_batch_size}):"
+    )
+    for name in model.layout():
+        typer.echo(f"  {name}")
+    typer.echo(f"serve it with: sd35trt triton serve {model.model_dir.parent}")
+
+
+@triton_app.command("serve")
+def serve(
+    repository: Annotated[
+        Path, typer.Argument(help="A model repository (sd35trt triton ENGINES --out REPO).")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address HTTP, gRPC and metrics listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="KServe v2 HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port.")] = 8002,
+    exit_timeout: Annotated[
+        int, typer.Option(min=0, help="On Ctrl-C / SIGTERM, seconds running requests may take to finish.")
+    ] = 30,
+    load_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds the models may take to load and warm up.")
+    ] = 600.0,
+    log: Annotated[
+        Path | None, typer.Option(help="tritonserver's log file (default: a temporary file, printed).")
+    ] = None,
+) -> None:
+    """Serve a model repository with the local tritonserver until Ctrl-C (SIGINT / SIGTERM)."""
+    from sd35trt.errors import ConfigError
+    from sd35trt.triton.local import LocalTritonServer, TritonPorts, serve_foreground
+
+    if not repository.is_dir():
+        raise ConfigError(
+            f"repository {repository} is not a directory; write one with "
+            f"`sd35trt triton ENGINES --out {repository}`"
+        )
+    ports = TritonPorts(http=http_port, grpc=grpc_port, metrics=metrics_port)
+    if len({http_port, grpc_port, metrics_port}) < 3:
+        raise ConfigError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    server = LocalTritonServer(repository, log_path=log, exit_timeout_s=exit_timeout, host=host, ports=ports)
+    code = serve_foreground(server, typer.echo, timeout_s=load_timeout)
+    if code:
+        raise typer.Exit(code)
