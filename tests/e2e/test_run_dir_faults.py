@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sd35trt.artifacts.package import package, verify
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
 from sd35trt.artifacts.files import HashCache
@@ -29,6 +28,7 @@ from sd35trt.artifacts.records import Fingerprint
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ModelError, VerificationError
 from sd35trt.stages.build import build
+from sd35trt.stages.package import package, verify
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,6 @@ import time
 
 import pytest
 from record_fakes import onnx_model_bytes
-from sd35trt.artifacts.package import unpack, verify
-from test_package_safety import _artefact_dir, _tar, _write_manifest, _write_sums
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
 from sd35trt.artifacts.files import sha256_file
@@ -20,6 +18,8 @@ from sd35trt.artifacts.tar_stream import MAX_EXTENDED_HEADER_BYTES, tar_stream
 from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import UnsafeArtifactError
+from sd35trt.stages.package import unpack, verify
+from tests.unit.artifacts.test_package_safety import _artefact_dir, _tar, _write_manifest, _write_sums
 
 
 @pytest.mark.parametrize("location", ["../../secret.bin", "/tmp/sd35trt-secret.bin"])

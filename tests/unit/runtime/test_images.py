@@ -54,9 +54,8 @@ def test_exif_orientation_is_applied_as_diffusers_load_image_does():
 
 
 def test_the_recorded_sha256_is_of_the_upright_pixels(tmp_path):
-    from test_img2img import CONFIG, _limits
-
     from sd35trt.runtime.request import GenerationRequest, resolve_request
+    from tests.unit.runtime.test_img2img import CONFIG, _limits
 
     data = bad_images.exif_rotated_jpeg(160, 96)
     params = resolve_request(

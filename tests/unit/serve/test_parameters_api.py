@@ -168,7 +168,7 @@ PNG = ("s.png", _png(64, 64), "image/png")
             {"image": ("s.png", b"not a png", "image/png")},
             {"prompt": "a cat"},
             "image",
-            "not a readable image",
+            "is not a PNG, JPEG or WebP image",
         ),
     ],
     ids=["no-image", "mask", "n", "strength", "unknown", "not-an-image"],
