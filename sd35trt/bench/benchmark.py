@@ -258,8 +258,10 @@ def bench(
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
     Every configuration generates with the first engines directory's runtime defaults (replaced
-    by ``options.generation``). Writes ``bench.json`` and ``bench.png`` (stages side by side,
-    images/s, peak memory, overhead) to ``options.out_dir``.
+    by ``options.generation``). Engines built with the first-block cache are also timed at cache
+    threshold 0 and at the generation's ``cache_threshold`` (``report.cache``; no overhead
+    measurement then: its stand-in replaces the whole transformer engine). Writes ``bench.json``
+    and ``bench.png`` (stages side by side, images/s, peak memory, overhead) to ``options.out_dir``.
 
     Args:
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).

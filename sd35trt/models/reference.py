@@ -58,7 +58,8 @@ def run_model_dir(engines_dir: str | Path) -> Path:
             f"--reference is needed: {engines_dir} is not the engines directory of a run with an export "
             "record (an artefact holds no model); give the diffusers directory the engines were made from"
         )
-    return check_reference_dir(record.details.model_dir)
+    # records hold a directory inside the run relative to it (sd35trt.stages.driver.StageRun.relative)
+    return check_reference_dir(run_dir / record.details.model_dir)
 
 
 def load_diffusers(
