@@ -28,7 +28,7 @@ REFERENCE_PARAMS = (
     "width",
     "seed",
 )
-BENCH_PARAMS = ("prompt", *REFERENCE_PARAMS[1:], "num_images", "skip_layer_guidance")
+BENCH_PARAMS = ("prompt", *REFERENCE_PARAMS[1:], "num_images", "skip_layer_guidance", "cache_threshold")
 
 app = typer.Typer(
     help="Stable Diffusion 3.5 to FP8 TensorRT engines: calibrate, export, build, run.",
@@ -343,6 +343,13 @@ def eval_(
         Path | None, typer.Option("--out", "-o", help="Output directory (default: <engines>/../eval).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: the engines' own).")] = None,
+    cache_threshold: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="Engines built with runtime.cache: score cached vs uncached images at these thresholds "
+            "(repeatable; default 0.05, 0.1, 0.2, 0.3, 0.4, 0.6)."
+        ),
+    ] = None,
 ) -> None:
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
     from sd35trt.bench.eval_report import format_eval
@@ -352,7 +359,16 @@ def eval_(
         from sd35trt.models.reference import run_model_dir
 
         reference = run_model_dir(engines)
-    report = evaluate(engines, reference, prompts, out, num_prompts=num_prompts, seed=seed, device=device)
+    report = evaluate(
+        engines,
+        reference,
+        prompts,
+        out,
+        num_prompts=num_prompts,
+        seed=seed,
+        device=device,
+        cache_thresholds=cache_threshold,
+    )
     typer.echo(format_eval(report))
     files = report.files
     typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")

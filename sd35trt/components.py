@@ -1,9 +1,10 @@
 """Per-component facts, in one place.
 
-Each of the six exported components has a :class:`ComponentSpec`: input and output names,
-dtypes, symbolic shapes, validation tolerances and how its optimization-profile ranges follow
-from the build settings. Export, build, the runtime and the tests all read these specs, so a
-name or an axis is written exactly once. Nothing here imports torch.
+Each exported component (the transformer's two first-block-cache parts included) has a
+:class:`ComponentSpec`: input and output names, dtypes, symbolic shapes, validation tolerances
+and how its optimization-profile ranges follow from the build settings. Export, build, the
+runtime and the tests all read these specs, so a name or an axis is written exactly once.
+Nothing here imports torch.
 
 Where the glue lives (decided here, used by export and the runtime):
 - CLIP padding and concatenation are done by the runtime: the CLIP graphs return the
@@ -28,95 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
+from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabulary lives here
+    MODELS,
+    SUBFOLDER,
+    TOKENIZER_SUBFOLDERS,
+    TRANSFORMER_PARTS,
+    Component,
+    ComponentModel,
+    ModelLibrary,
+    engine_components,
+    exported_components,
+    transformer_engine,
+)
 from sd35trt.config import BuildSettings, Precision, Range
 from sd35trt.errors import ConfigError, ModelError
 
 CLIP_MAX_LENGTH = 77
-
-
-class Component(str, Enum):
-    """The exported components of an SD3.5 pipeline, in execution order.
-
-    The VAE encoder is the image-to-image input: engines built before it existed lack it, and
-    text-to-image needs only the other five (:attr:`required`).
-    """
-
-    CLIP_L = "clip_l"
-    CLIP_G = "clip_g"
-    T5 = "t5"
-    TRANSFORMER = "transformer"
-    VAE_DECODER = "vae_decoder"
-    VAE_ENCODER = "vae_encoder"
-
-    @property
-    def is_text_encoder(self) -> bool:
-        return self in (Component.CLIP_L, Component.CLIP_G, Component.T5)
-
-    @property
-    def required(self) -> bool:
-        """Whether every engine set has it (text-to-image); the VAE encoder is optional."""
-        return self is not Component.VAE_ENCODER
-
-
-class ModelLibrary(str, Enum):
-    """The library whose class loads a component's PyTorch model (the value is its module name)."""
-
-    TRANSFORMERS = "transformers"
-    DIFFUSERS = "diffusers"
-
-
-@dataclass(frozen=True)
-class ComponentModel:
-    """How one component's PyTorch model is stored, loaded and given its spec's inputs and outputs.
-
-    :func:`sd35trt.models.loading.load_model` and :func:`sd35trt.models.modules.wrap` read this table; export,
-    calibration, the PyTorch backend and the diffusers reference all load through them.
-
-    Attributes:
-        subfolder: its subfolder of a diffusers pipeline directory, also its
-            ``StableDiffusion3Pipeline`` attribute and keyword.
-        library: the library of the loading class.
-        class_name: the class whose ``from_pretrained`` loads the subfolder (safetensors only).
-        trace_attention: ``attn_implementation`` when loaded for ONNX export, ``None`` for the
-            library's default. Eager for the text encoders: torch's SDPA export adds a float32
-            mask that promotes the rest of a 16-bit CLIP graph to float32 and leaves
-            LayerNormalization with mixed types.
-        wrapper: the :mod:`sd35trt.models.modules` class giving the model its spec's I/O.
-    """
-
-    subfolder: str
-    library: ModelLibrary
-    class_name: str
-    trace_attention: str | None
-    wrapper: str
-
-
-MODELS: dict[Component, ComponentModel] = {
-    Component.CLIP_L: ComponentModel(
-        "text_encoder", ModelLibrary.TRANSFORMERS, "CLIPTextModelWithProjection", "eager", "ClipTextEncoder"
-    ),
-    Component.CLIP_G: ComponentModel(
-        "text_encoder_2", ModelLibrary.TRANSFORMERS, "CLIPTextModelWithProjection", "eager", "ClipTextEncoder"
-    ),
-    Component.T5: ComponentModel(
-        "text_encoder_3", ModelLibrary.TRANSFORMERS, "T5EncoderModel", "eager", "T5TextEncoder"
-    ),
-    Component.TRANSFORMER: ComponentModel(
-        "transformer", ModelLibrary.DIFFUSERS, "SD3Transformer2DModel", None, "Transformer"
-    ),
-    Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
-    Component.VAE_ENCODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeEncoder"),
-}
-
-#: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).
-SUBFOLDER = {c: m.subfolder for c, m in MODELS.items()}
-
-#: Tokenizer subfolders that travel with the engines (the runtime needs no model directory).
-TOKENIZER_SUBFOLDERS = {
-    Component.CLIP_L: "tokenizer",
-    Component.CLIP_G: "tokenizer_2",
-    Component.T5: "tokenizer_3",
-}
 
 
 class TensorType(str, Enum):
@@ -177,6 +105,11 @@ class ModelDims:
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.patch_size
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the transformer's token streams (``num_heads x head_dim``)."""
+        return self.num_heads * self.head_dim
 
     @property
     def max_image_size(self) -> int:
@@ -337,6 +270,8 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
             fp8_tolerance=Tolerance(rtol=1e-3, atol=1e-4),
         )
+    if component in TRANSFORMER_PARTS:
+        return _part_spec(component, dims, skip_layers)
     if component is Component.VAE_DECODER:
         return ComponentSpec(
             component,
@@ -358,6 +293,54 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )
     raise ValueError(f"unknown component {component!r}")
+
+
+def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> ComponentSpec:
+    """The first-block-cache engines (see :class:`sd35trt.models.modules.TransformerFirstBlock`).
+
+    ``image_tokens`` is the latent patch count ``(latent_height / p) x (latent_width / p)``; the
+    token streams are ``inner_dim`` wide. Both graphs end in the output layers (``norm_out``,
+    ``proj_out``, unpatchify), so either gives the step's ``noise_pred``.
+    """
+    f, d, c = TensorType.FLOAT, dims.inner_dim, dims.latent_channels
+    latent = TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width"))
+    tokens = ("batch", "image_tokens", d)
+    block_hidden = TensorSpec("block_hidden_states", f, tokens)  # after block 0
+    block_text = TensorSpec("block_encoder_hidden_states", f, ("batch", "text_length", d))
+    temb = TensorSpec("temb", f, ("batch", d))
+    noise_pred = TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width"))
+    # the rest's residual: its last hidden states minus block 0's (diffusers' tail_block_residuals[0])
+    residual = TensorSpec("hidden_states_residual", f, tokens)
+    tolerance = Tolerance(rtol=1e-3, atol=1e-4)
+    if component is Component.TRANSFORMER_FIRST_BLOCK:
+        whole = spec(Component.TRANSFORMER, dims)
+        return ComponentSpec(
+            component,
+            inputs=(*whole.inputs, residual),
+            outputs=(
+                # block 0's output minus its input (diffusers' head_block_residual): what the cache compares
+                TensorSpec("first_block_residual", f, tokens),
+                block_hidden,
+                block_text,
+                temb,
+                noise_pred,  # the output layers on block_hidden_states + hidden_states_residual
+            ),
+            tolerance=tolerance,
+            fp8_tolerance=tolerance,
+        )
+    return ComponentSpec(
+        component,
+        inputs=(
+            latent,  # only its shape is read: the patch grid to unpatchify to
+            block_hidden,
+            block_text,
+            temb,
+            *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
+        ),
+        outputs=(noise_pred, residual),
+        tolerance=tolerance,
+        fp8_tolerance=tolerance,
+    )
 
 
 def sample_inputs(
@@ -480,6 +463,15 @@ def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
     return Range(min=r.min // s, opt=r.opt // s, max=r.max // s)
 
 
+def _tokens(h: Range, w: Range, patch: int) -> Range:
+    """Image token count range from latent height and width ranges (one token per patch)."""
+    return Range(
+        min=(h.min // patch) * (w.min // patch),
+        opt=(h.opt // patch) * (w.opt // patch),
+        max=(h.max // patch) * (w.max // patch),
+    )
+
+
 def profile(
     component: Component,
     dims: ModelDims,
@@ -499,13 +491,14 @@ def profile(
     h = latent_range(build.height, dims, "height")
     w = latent_range(build.width, dims, "width")
     text_len = CLIP_MAX_LENGTH + max_sequence_length
-    sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+    sp = spec(component, dims, skip_layers if component.is_transformer else 0)
     sizes = {
         "batch": b,
         "height": build.height,
         "width": build.width,
         "latent_height": h,
         "latent_width": w,
+        "image_tokens": _tokens(h, w, dims.patch_size),
         "t5_length": Range.static(max_sequence_length),
         "text_length": Range.static(text_len),
     }
@@ -548,7 +541,7 @@ def sample_shapes(
     if top != checks[0]:
         checks.append(top)
     else:
-        sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+        sp = spec(component, dims, skip_layers if component.is_transformer else 0)
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         checks.append({n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()})
     return [trace, *checks]

@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -27,6 +26,7 @@ from pydantic import (
 
 from sd35trt.errors import ConfigError
 from sd35trt.parameters import PARAMS
+from sd35trt.user_files import parse_yaml, read_text_file
 
 #: Image sizes must be multiples of this: the VAE downsamples 8x and the transformer patchifies 2x2.
 SIZE_MULTIPLE = 16
@@ -328,6 +328,25 @@ class SkipLayerGuidance(_Strict):
         return self
 
 
+class CacheMethod(str, Enum):
+    """How denoising steps reuse earlier transformer work (:mod:`sd35trt.runtime.cache`)."""
+
+    FIRST_BLOCK = "first_block"  # diffusers' FirstBlockCache
+
+
+class CacheSettings(_Strict):
+    """``runtime.cache``: build the transformer as two engines and skip the second on quiet steps.
+
+    A step runs the rest of the transformer only when its first block's residual changed by more
+    than ``threshold`` (relative mean absolute change against the last computed step, as diffusers'
+    ``FirstBlockCacheConfig.threshold``); 0 never skips. Requests may override the threshold.
+    """
+
+    method: CacheMethod = CacheMethod.FIRST_BLOCK
+    #: the largest relative change of the first block's residual that still reuses the cache.
+    threshold: float = Field(default=0.05, ge=0.0, le=PARAMS["cache_threshold"].high)
+
+
 _STEPS, _GUIDANCE = PARAMS["num_inference_steps"], PARAMS["guidance_scale"]
 
 
@@ -348,6 +367,8 @@ class RuntimeSettings(_Strict):
     max_sequence_length: int = Field(default=256, ge=1, le=512)
     negative_prompt: str = ""
     skip_layer_guidance: SkipLayerGuidance | None = None
+    #: the first-block cache (off when absent): export and build make the two transformer engines.
+    cache: CacheSettings | None = None
 
 
 class Config(_Strict):
@@ -377,6 +398,16 @@ class Config(_Strict):
                     f"export.fp32_blocks {fp8} must also be in calibrate.high_precision_blocks "
                     f"(now {list(self.calibrate.high_precision_blocks)}): an fp32 block carries no FP8"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_keeps_first_block(self) -> Config:
+        slg = self.runtime.skip_layer_guidance
+        if self.runtime.cache is not None and slg is not None and 0 in slg.layers:
+            raise ValueError(
+                f"runtime.skip_layer_guidance.layers {list(slg.layers)} includes block 0, which "
+                "runtime.cache compares between steps and never skips; use layers from 1 (SD3.5: 7, 8, 9)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -480,104 +511,6 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-
-
-#: A config or prompts file larger than this is not one (the shipped configs are ~2 KB).
-MAX_TEXT_FILE_BYTES = 1 << 20
-#: Error messages quote at most this much of a parser's text (a hostile file can make it huge).
-MAX_ERROR_CHARS = 300
-
-
-def _capped(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def read_text_file(path: str | Path, what: str) -> str:
-    """The UTF-8 text of a small user file (a config, a prompts file).
-
-    Args:
-        path: the file.
-        what: how the message names it (``"config file"``, ``"calibrate.prompts: prompt file"``).
-
-    Returns:
-        The text.
-
-    Raises:
-        ConfigError: the file is missing, a directory, unreadable, over
-            :data:`MAX_TEXT_FILE_BYTES`, binary (holds a NUL byte) or not UTF-8 (the byte offset is named).
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TEXT_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a directory, not a file") from None
-    except OSError as err:
-        raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
-    if len(data) > MAX_TEXT_FILE_BYTES:
-        raise ConfigError(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES} bytes; it is not a text file")
-    if (nul := data.find(b"\0")) >= 0:
-        raise ConfigError(f"{what} {path} is binary (a NUL byte at offset {nul}), not text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte offset {err.start})") from None
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader without aliases and duplicate keys.
-
-    An alias can expand a few hundred bytes into gigabytes (a "billion laughs"), and a repeated
-    key silently overrode the first (a second ``export:`` section turned quantization off): a
-    config never needs either, so both are refused with the line they are on.
-    """
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                f"alias *{event.anchor} is not allowed in a config (write the value out)",
-                event.start_mark,
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: PyYAML's own error follows
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {first} and {line})", key_node.start_mark
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse a config's YAML (no aliases, no duplicate keys: see :class:`_ConfigLoader`).
-
-    Raises:
-        ConfigError: naming ``source`` and the problem (cut to :data:`MAX_ERROR_CHARS` characters).
-    """
-    try:
-        return yaml.load(text, Loader=_ConfigLoader)
-    except yaml.YAMLError as err:
-        text = str(err).replace('in "<unicode string>", ', "")
-        raise ConfigError(f"{source}: not valid YAML: {_capped(text)}") from None
-    except ValueError as err:  # int() of a number longer than Python's 4300-digit limit
-        raise ConfigError(f"{source}: a value cannot be read: {_capped(str(err).split(';')[0])}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: the YAML nests too deeply") from None
 
 
 def load_config(path: str | Path) -> Config:

@@ -9,8 +9,11 @@ skip-layer pass runs inside ``if self.do_classifier_free_guidance``). Nothing he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sd35trt.config import SkipLayerGuidance
+from sd35trt.config import CacheSettings, SkipLayerGuidance
+from sd35trt.errors import RequestError
+from sd35trt.parameters import check_value
 
 #: Classifier-free guidance runs when the scale is above this (diffusers' rule).
 CFG_THRESHOLD = 1.0
@@ -100,3 +103,28 @@ def guidance_plan(
             "it was not used"
         )
     return GuidancePlan(False, None, None, tuple(warnings))
+
+
+def cache_threshold(value: Any, engines_cache: bool, default: CacheSettings | None) -> float | None:
+    """A request's first-block cache threshold (:mod:`sd35trt.runtime.cache`): its own, else the
+    engines' default, else ``None`` (no cache).
+
+    Args:
+        value: what the request asked for (``None``: the default).
+        engines_cache: the engines include the cache's two transformer engines.
+        default: the engines' recorded ``runtime.cache``.
+
+    Raises:
+        RequestError: not a number in the bounds of :data:`sd35trt.parameters.PARAMS`
+            ``["cache_threshold"]``, or a threshold for engines built without the cache.
+    """
+    if value is None:
+        return default.threshold if default is not None and engines_cache else None
+    threshold = check_value("cache_threshold", value)
+    if not engines_cache:
+        raise RequestError(
+            "cache_threshold",
+            "cache_threshold was given, but these engines were built without the first-block cache "
+            "(set runtime.cache in the config, then export and build again)",
+        )
+    return threshold

@@ -35,6 +35,9 @@ MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
 #: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
 DEFAULT_STRENGTH = 0.6
+#: The largest first-block cache threshold accepted (a relative change of block 0's residual;
+#: diffusers' ``FirstBlockCacheConfig`` default is 0.05, and above ~1 every step but the first skips).
+MAX_CACHE_THRESHOLD = 10.0
 #: An integer input whose upper bound is above this is 64-bit on typed wires (Triton's INT64).
 INT32_MAX = 2**31 - 1
 
@@ -169,6 +172,15 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
         low=0.0,
         high=1.0,
         low_open=True,
+    ),
+    InputParam(
+        "cache_threshold",
+        Kind.FLOAT,
+        f"first-block cache threshold, 0..{MAX_CACHE_THRESHOLD:g}: the largest relative change of block 0's "
+        "residual that still reuses the rest's cached residual; 0 skips only exact repeats; engines built "
+        "with runtime.cache only (default: theirs)",
+        low=0.0,
+        high=MAX_CACHE_THRESHOLD,
     ),
 )
 

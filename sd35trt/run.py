@@ -49,10 +49,15 @@ class RunOutput:
         parts = self.result.engine_batches
         several = f" in {parts} engine batches" if parts > 1 else ""
         img2img = f", image-to-image at strength {p.strength:g}" if p.strength is not None else ""
+        cache = (
+            f", cache threshold {p.cache_threshold:g} skipped {p.cache_skipped_steps} steps"
+            if p.cache_threshold is not None
+            else ""
+        )
         lines.append(
             (f"seed {p.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]} (image i: seed + i)")
             + f", {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, "
-            f"{p.width}x{p.height}{img2img}, "
+            f"{p.width}x{p.height}{img2img}{cache}, "
             f"engines {self.result.engine_digest}{several}"
         )
         if timings:

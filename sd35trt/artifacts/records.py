@@ -51,6 +51,8 @@ class Stage(str, Enum):
                 "export",
                 "runtime.max_sequence_length",
                 "runtime.skip_layer_guidance.layers",
+                # with the cache on, the transformer is exported as its two first-block-cache parts
+                "runtime.cache.method",
             ),
             # Only what shapes the engines: the other runtime settings are generation defaults,
             # rewritten into the engine manifest without a rebuild (:mod:`sd35trt.stages.build`).

@@ -208,6 +208,48 @@ def _measure_img2img(
     return measured.model_copy(update=update)
 
 
+def _measure_cache(
+    engines_dir: Path,
+    params: BenchParams,
+    runs: int,
+    warmup: int,
+    device: str | None,
+) -> list[Configuration]:
+    """The engines at first-block cache threshold 0 (no step skipped) and at ``params``' threshold
+    (the requested ``cache_threshold``, else the engines' recorded one).
+
+    Empty when the engines were built without the cache (no ``transformer_first_block`` engine).
+    The transformer's time is both parts' engine calls together; ``transformer_calls`` and
+    ``transformer_skipped`` are the last timed generation's.
+    """
+    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.components import TRANSFORMER_PARTS
+
+    manifest = read_engine_manifest(engines_dir)
+    if not all(c in manifest.engines for c in TRANSFORMER_PARTS) or params.cache_threshold is None:
+        return []
+    out = []
+    for threshold in dict.fromkeys([0.0, params.cache_threshold]):
+        clock, memory = StageClock(), MemoryProbe()
+        subject = RuntimeSubject.from_engines(engines_dir, clock, memory, device)
+        try:
+            measured = _measure(
+                subject, params.model_copy(update={"cache_threshold": threshold}), clock, memory, runs, warmup
+            )
+            t = subject.last.timings
+        finally:
+            subject.close()
+            gc.collect()
+        update = {
+            "label": f"{measured.label} cache {threshold:g}",
+            "cache_threshold": threshold,
+            "transformer_calls": t.transformer_calls,
+            "transformer_skipped": t.transformer_skipped,
+        }
+        out.append(measured.model_copy(update=update))
+    return out
+
+
 def bench(
     engines_dirs: Sequence[str | Path],
     reference_dir: str | Path | None,
@@ -216,8 +258,10 @@ def bench(
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
     Every configuration generates with the first engines directory's runtime defaults (replaced
-    by ``options.generation``). Writes ``bench.json`` and ``bench.png`` (stages side by side,
-    images/s, peak memory, overhead) to ``options.out_dir``.
+    by ``options.generation``). Engines built with the first-block cache are also timed at cache
+    threshold 0 and at the generation's ``cache_threshold`` (``report.cache``; no overhead
+    measurement then: its stand-in replaces the whole transformer engine). Writes ``bench.json``
+    and ``bench.png`` (stages side by side, images/s, peak memory, overhead) to ``options.out_dir``.
 
     Args:
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).
@@ -262,7 +306,13 @@ def bench(
             del subject
             gc.collect()
     img2img = _measure_img2img(engines_dirs[0], params, o.img2img_strength, o.runs, o.warmup, o.device)
-    overhead = _overhead(engines_dirs[0], reference_dir, params, max_len, o) if o.overhead_runs else None
+    cache = _measure_cache(engines_dirs[0], params, o.runs, o.warmup, o.device)
+    # the overhead stand-in replaces the whole transformer engine; cache-only engines have none
+    overhead = (
+        _overhead(engines_dirs[0], reference_dir, params, max_len, o)
+        if o.overhead_runs and not cache
+        else None
+    )
     report = BenchReport(
         created=now_utc(),
         host=host_info(configurations[0].device),
@@ -271,6 +321,7 @@ def bench(
         params=params,
         configurations=dedupe_labels(configurations),
         img2img=img2img,
+        cache=cache,
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if o.plot else None),
     )

@@ -119,6 +119,21 @@ class EvalFiles(ReportModel):
     grid: str | None
 
 
+class CacheQuality(ReportModel):
+    """One threshold of the sweep: steps skipped and the quality of the cached images, over prompts.
+
+    PSNR statistics are over the images that differ from the uncached ones (``identical`` counts
+    the others: infinite PSNR).
+    """
+
+    threshold: float = Field(ge=0.0)
+    steps: int = Field(ge=1, description="denoising steps per image")
+    skipped_steps: Stats
+    identical: int
+    psnr_db: Stats
+    ssim: Stats
+
+
 class EvalReport(ReportModel):
     """The content of ``eval.json``."""
 
@@ -134,6 +149,8 @@ class EvalReport(ReportModel):
     lpips: LpipsStatus
     warnings: list[str]
     files: EvalFiles
+    #: engines built with the first-block cache: quality of cached vs uncached images per threshold.
+    cache: list[CacheQuality] = Field(default_factory=list)
 
 
 def read_eval(path: str | Path) -> EvalReport:
@@ -147,6 +164,29 @@ def read_eval(path: str | Path) -> EvalReport:
 
 def _cell(v: float | None, digits: int, none: str = "-") -> str:
     return none if v is None else f"{v:.{digits}f}"
+
+
+def format_cache_quality(rows: Sequence[CacheQuality]) -> list[str]:
+    """Markdown lines: a table of threshold, steps skipped (mean of N), PSNR and SSIM (means)."""
+    if not rows:
+        return []
+
+    def cell(v: float | None, digits: int) -> str:
+        return "inf" if v is None else f"{v:.{digits}f}"
+
+    lines = [
+        "",
+        "First-block cache: cached vs uncached (threshold 0) images of the same engines, means over prompts",
+        "",
+        "| threshold | steps skipped | PSNR (dB) | SSIM | identical |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.threshold:g} | {r.skipped_steps.mean:.2f} of {r.steps} | {cell(r.psnr_db.mean, 2)} | "
+            f"{r.ssim.mean:.4f} | {r.identical} |"
+        )
+    return lines
 
 
 def format_eval(report: EvalReport) -> str:
@@ -181,4 +221,5 @@ def format_eval(report: EvalReport) -> str:
     lines.append("LPIPS: computed (AlexNet)." if lp.available else f"{lp.reason}.")
     for w in report.warnings:
         lines.append(f"warning: {w} (the reference truncates the same way)")
+    lines += format_cache_quality(report.cache)
     return "\n".join(lines)

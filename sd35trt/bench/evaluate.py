@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from sd35trt.bench.eval_report import (
     format_eval,
 )
 from sd35trt.bench.reports import write_report
-from sd35trt.config import read_text_file
 from sd35trt.errors import ConfigError
+from sd35trt.user_files import read_text_file
 
 DEFAULT_PROMPTS = Path("calibration_prompts/heldout.txt")
 LPIPS_SKIPPED = "LPIPS skipped: weights not available offline"
@@ -131,6 +132,7 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
     plot: bool = True,
+    cache_thresholds: Sequence[float] | None = None,
 ) -> EvalReport:
     """Compare the engines' images with the diffusers pipeline's over held-out prompts.
 
@@ -144,6 +146,9 @@ def evaluate(
         device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
             CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
         plot: also write the grid PNG.
+        cache_thresholds: engines built with the first-block cache: the thresholds whose images
+            are scored against the uncached ones (:mod:`sd35trt.bench.cache_quality`; default
+            :data:`~sd35trt.bench.cache_quality.DEFAULT_THRESHOLDS`, ``()`` skips the sweep).
 
     Returns:
         The ``eval.json`` content.
@@ -167,7 +172,9 @@ def evaluate(
     rt = manifest.runtime_defaults
     status = lpips_status()
     seeds = [seed + i for i in range(len(prompts))]
-    engines_device, engine_images, warnings = _engine_images(engines_dir, prompts, seeds, device)
+    engines_device, engine_images, warnings, cache = _engine_images(
+        engines_dir, prompts, seeds, device, cache_thresholds
+    )
     reference_info, pipe_device, reference = _reference_images(reference_dir, rt, prompts, seeds, device)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = _scores(out, prompts, seeds, reference, engine_images, _Lpips() if status.available else None)
@@ -188,6 +195,7 @@ def evaluate(
         aggregate=Aggregate.of(rows),
         lpips=status,
         warnings=warnings,
+        cache=cache,
         files=EvalFiles(
             json=str(out / EVAL_JSON),
             table=str(out / EVAL_TABLE),
@@ -200,23 +208,45 @@ def evaluate(
         from sd35trt.bench.plots import plot_eval_grid
 
         plot_eval_grid(report, out, out / EVAL_GRID)
+        if cache:
+            from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
+
+            plot_cache_quality(cache, out / EVAL_CACHE_PLOT)
     return report
 
 
 def _engine_images(
-    engines_dir: Path, prompts: list[str], seeds: list[int], device: str | None
-) -> tuple[str, list[Any], list[str]]:
-    """The engines' image per prompt (the recorded defaults), their device and the warnings."""
+    engines_dir: Path,
+    prompts: list[str],
+    seeds: list[int],
+    device: str | None,
+    cache_thresholds: Sequence[float] | None,
+) -> tuple[str, list[Any], list[str], list[Any]]:
+    """The engines' image per prompt (the recorded defaults), their device, the warnings, and the
+    first-block cache sweep (:func:`~sd35trt.bench.cache_quality.cache_sweep`; empty without the cache).
+
+    Raises:
+        ConfigError: ``cache_thresholds`` given for engines built without the cache.
+    """
     from sd35trt.runtime.pipeline import Sd35Runtime
     from sd35trt.runtime.request import GenerationRequest
 
-    images, warnings = [], []
+    images, warnings, cache = [], [], []
     with Sd35Runtime.load(engines_dir, device=device) as runtime:
         for i, (prompt, s) in enumerate(zip(prompts, seeds, strict=True)):
             result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
             images.append(result.images[0])
             warnings.extend(f"prompt {i}: {w}" for w in result.warnings)
-        return str(runtime.device), images, warnings
+        if runtime.info.limits.cache:
+            from sd35trt.bench.cache_quality import DEFAULT_THRESHOLDS, cache_sweep
+
+            sweep = DEFAULT_THRESHOLDS if cache_thresholds is None else cache_thresholds
+            cache = cache_sweep(runtime, prompts, seeds, sweep) if sweep else []
+        elif cache_thresholds:
+            raise ConfigError(
+                f"--cache-threshold needs engines built with runtime.cache; {engines_dir} has none"
+            )
+        return str(runtime.device), images, warnings, cache
 
 
 def _reference_images(

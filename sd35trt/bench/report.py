@@ -127,6 +127,11 @@ class Configuration(ReportModel):
     # image-to-image: the strength and the denoising steps it keeps
     strength: float | None = None
     steps_run: int | None = None
+    # first-block cache: the threshold, and per generation (last timed run) the transformer calls
+    # (CFG and skip-layer passes) and how many of them skipped the rest of the transformer
+    cache_threshold: float | None = None
+    transformer_calls: int | None = None
+    transformer_skipped: int | None = None
 
 
 class BenchParams(ReportModel):
@@ -145,6 +150,8 @@ class BenchParams(ReportModel):
     skip_layer_guidance: SkipLayerGuidance | None
     #: image-to-image at this strength (the initial image is :func:`sd35trt.bench.subjects.bench_image`).
     strength: float | None = None
+    #: the first-block cache's threshold (``None``: the engines' default).
+    cache_threshold: float | None = None
 
     @property
     def steps_run(self) -> int:
@@ -214,6 +221,8 @@ class BenchReport(ReportModel):
     configurations: list[Configuration] = Field(min_length=1)
     #: the first engines directory in image-to-image mode (when it has a VAE encoder).
     img2img: Configuration | None = None
+    #: the first engines directory at each first-block cache threshold, 0 first (when built with the cache).
+    cache: list[Configuration] = Field(default_factory=list)
     overhead: Overhead | None
     files: BenchFiles
 
@@ -278,6 +287,20 @@ def format_bench(report: BenchReport) -> str:
             f"image-to-image, {i2i.label} (strength {i2i.strength:g}, {i2i.steps_run} of "
             f"{report.params.num_inference_steps} steps): {cells} ms; {_fmt(i2i.images_per_second)} img/s"
         )
+    if report.cache:
+        base = report.cache[0].stages.transformer_step.median
+        lines.append(
+            f"first-block cache, {report.cache[0].label}: transformer / step (median ms), calls skipped"
+        )
+        for c in report.cache:
+            step = c.stages.transformer_step.median
+            saved = (
+                f", {100 * (1 - step / base):.0f}% less transformer time" if base and step is not None else ""
+            )
+            lines.append(
+                f"  threshold {c.cache_threshold:g}: {_fmt(step)} ms, {c.transformer_skipped} of "
+                f"{c.transformer_calls} calls skipped{saved}; {_fmt(c.images_per_second)} img/s"
+            )
     o = report.overhead
     if o is not None:
         ours = o.sd35trt.per_step

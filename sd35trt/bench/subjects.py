@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.backends.engine import Engine
 from sd35trt.bench.probes import MemoryProbe, StageClock
 from sd35trt.bench.report import BenchParams
-from sd35trt.components import Component
+from sd35trt.components import Component, transformer_engine
 
 if TYPE_CHECKING:
     from sd35trt.runtime.request import GenerationRequest
@@ -114,7 +114,7 @@ def engines_label(manifest) -> str:
     from sd35trt.backends.registry import backend_of
 
     backend = backend_of(manifest.backend).label
-    rec = manifest.record(Component.TRANSFORMER)
+    rec = manifest.record(transformer_engine(manifest.engines))
     return f"sd35trt {backend} {'FP8' if rec.fp8 else rec.precision.value.upper()}"
 
 
@@ -123,7 +123,7 @@ def engines_info(manifest) -> dict:
         "engines_dir": str(manifest.directory),
         "backend": manifest.backend.value,
         "precision": {c.value: r.precision.value for c, r in manifest.engines.items()},
-        "transformer_fp8": manifest.record(Component.TRANSFORMER).fp8,
+        "transformer_fp8": manifest.record(transformer_engine(manifest.engines)).fp8,
     }
 
 
@@ -140,7 +140,10 @@ class RuntimeSubject(Subject):
         memory.set_device(device)
         engines = runtime.engines.engines  # EngineSet.use() looks engines up here at every stage
         for component in list(engines):
-            engines[component] = TimedEngine(engines[component], clock, component.value, memory)
+            # the first-block cache's two engines are the transformer's time together
+            stage = Component.TRANSFORMER.value if component.is_transformer else component.value
+            engines[component] = TimedEngine(engines[component], clock, stage, memory)
+        self.last = None  # the last generation's result (its transformer call counts)
         self.label = label
         # TensorRT: the one activation buffer the engines share (None for other backends).
         self.info = {
@@ -161,7 +164,7 @@ class RuntimeSubject(Subject):
 
     def generate(self, params: BenchParams) -> None:
         with self.clock.time("total"):
-            result = self.runtime.generate(runtime_request(params))
+            self.last = result = self.runtime.generate(runtime_request(params))
         # the loop's own span (perf_counter, after a device sync on CUDA): host_loop's whole
         self.clock.record("denoise", result.timings.denoise_s)
 

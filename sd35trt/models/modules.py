@@ -112,6 +112,88 @@ class Transformer(nn.Module):
             self._gates = {}
 
 
+def _output_layers(
+    transformer: nn.Module, hidden: torch.Tensor, temb: torch.Tensor, height, width
+) -> torch.Tensor:
+    """diffusers' SD3 ``norm_out``, ``proj_out`` and unpatchify: tokens ``[B, T, D]`` -> ``[B, C, h, w]``.
+
+    The unpatchify is a permutation (diffusers' einsum ``nhwpqc->nchpwq``), so the values are exact.
+    """
+    hidden = transformer.proj_out(transformer.norm_out(hidden, temb))  # [B, T, p * p * C]
+    p, c = transformer.config.patch_size, transformer.out_channels
+    hidden = hidden.reshape(hidden.shape[0], height // p, width // p, p, p, c)
+    return hidden.permute(0, 5, 1, 3, 2, 4).reshape(hidden.shape[0], c, height, width)
+
+
+class TransformerFirstBlock(nn.Module):
+    """The first-block-cache head engine: the embeddings and block 0, plus the cached step's output.
+
+    ``(latents, text, pooled, timestep, hidden_states_residual) -> (first_block_residual,
+    block_hidden_states, block_encoder_hidden_states, temb, noise_pred)``: block 0's output and its
+    residual (output minus input, the quantity diffusers' ``FirstBlockCache`` compares between
+    calls), what :class:`TransformerRest` continues from, and the output layers applied to block
+    0's output plus ``hidden_states_residual`` (the rest's residual of the last computed step):
+    diffusers' result for a step whose remaining blocks are skipped.
+
+    ``whole`` is the :class:`Transformer` wrapper (its fp32 blocks apply); block 0 is never gated.
+    """
+
+    def __init__(self, whole: Transformer) -> None:
+        super().__init__()
+        self.whole = whole
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, C, h, w]
+        encoder_hidden_states: torch.Tensor,  # [B, 77 + L, J]
+        pooled_projections: torch.Tensor,  # [B, P]
+        timestep: torch.Tensor,  # [B] float32
+        hidden_states_residual: torch.Tensor,  # [B, T, D]
+    ) -> tuple[torch.Tensor, ...]:
+        t = self.whole.transformer
+        height, width = hidden_states.shape[-2:]
+        tokens = t.pos_embed(hidden_states).contiguous()  # [B, T, D]
+        temb = t.time_text_embed(timestep, pooled_projections)  # [B, D]
+        text = t.context_embedder(encoder_hidden_states)  # [B, 77 + L, D]
+        text, hidden = t.transformer_blocks[0](hidden_states=tokens, encoder_hidden_states=text, temb=temb)
+        cached = _output_layers(t, hidden_states_residual + hidden, temb, height, width)
+        return hidden - tokens, hidden, text, temb, cached
+
+
+class TransformerRest(nn.Module):
+    """The first-block-cache tail engine: blocks 1.. and the output layers.
+
+    ``(latents, block_hidden_states, block_encoder_hidden_states, temb[, skip_layers]) ->
+    (noise_pred, hidden_states_residual)``; only the latents' shape is read (the patch grid).
+    ``hidden_states_residual`` is the last block's hidden states minus block 0's, what diffusers'
+    ``FirstBlockCache`` keeps for the steps it skips. Skip-layer gates as :class:`Transformer`.
+    """
+
+    def __init__(self, whole: Transformer) -> None:
+        super().__init__()
+        self.whole = whole
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, C, h, w], shape only
+        block_hidden_states: torch.Tensor,  # [B, T, D]
+        block_encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
+        temb: torch.Tensor,  # [B, D]
+        skip_layers: torch.Tensor | None = None,  # [n] in {0, 1}
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        whole, t = self.whole, self.whole.transformer
+        if skip_layers is not None:
+            whole._gates = {layer: skip_layers[k] for k, layer in enumerate(whole.slg_layers)}
+        try:
+            hidden, text = block_hidden_states, block_encoder_hidden_states
+            for block in t.transformer_blocks[1:]:
+                text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
+        finally:
+            whole._gates = {}
+        height, width = hidden_states.shape[-2:]
+        return _output_layers(t, hidden, temb, height, width), hidden - block_hidden_states
+
+
 def _run_in_float32(block: nn.Module) -> None:
     """Make ``block`` compute in float32 and hand its caller tensors of the caller's dtype."""
     block.float()
@@ -189,4 +271,6 @@ def wrap(
     wrapper = globals()[MODELS[component].wrapper]
     if component is Component.TRANSFORMER:
         return wrapper(model, slg_layers, fp32_blocks).eval()
+    if component.is_transformer:  # a first-block-cache part, over the whole transformer's wrapper
+        return wrapper(Transformer(model, slg_layers, fp32_blocks)).eval()
     return wrapper(model).eval()

@@ -36,15 +36,16 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from sd35trt.components import Component, ModelDims
+from sd35trt.components import Component, ModelDims, engine_components
 from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ConfigError, RequestError
+from sd35trt.runtime.cache import transformer_passes
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.parts import engine_parts, image_seeds
 from sd35trt.runtime.png import attach_parameters
@@ -64,6 +65,7 @@ from sd35trt.runtime.steps import (
     denoise,
     encode_text,
     initial_latents,
+    skip_layer_steps,
 )
 from sd35trt.runtime.tokenize import PromptTokenizer, TokenizedPrompts
 
@@ -103,6 +105,10 @@ class Timings:
     device_memory_bytes: int | None = None
     #: TensorRT: the one activation buffer all engines share (bytes; None: not shared).
     activation_memory_bytes: int | None = None
+    #: transformer calls (each step's CFG pass and skip-layer pass), and how many of them the
+    #: first-block cache answered without the rest of the transformer.
+    transformer_calls: int = 0
+    transformer_skipped: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -116,6 +122,8 @@ class Timings:
             "memory_kind": self.memory_kind,
             "device_memory_bytes": self.device_memory_bytes,
             "activation_memory_bytes": self.activation_memory_bytes,
+            "transformer_calls": self.transformer_calls,
+            "transformer_skipped": self.transformer_skipped,
         }
 
     def format(self) -> str:
@@ -222,6 +230,9 @@ class GenerationResult:
         """The result of ``params`` from its parts' results (:func:`sd35trt.runtime.parts.engine_parts`)."""
         if len(parts) == 1:
             return parts[0]
+        skipped = [r.params.cache_skipped_steps for r in parts]
+        if None not in skipped:  # the first-block cache ran: its skipped steps, summed over the parts
+            params = replace(params, cache_skipped_steps=sum(skipped))
         return cls(
             images=[im for r in parts for im in r.images],
             params=params,
@@ -376,7 +387,7 @@ class Sd35Runtime:
         device = backend_of(manifest.backend).device_for(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device {device!r} was asked for, but torch sees no CUDA device")
-        components = [c for c in Component if c.required or c in manifest.engines]
+        components = engine_components(manifest.engines)
         limits = RequestLimits.from_manifest(manifest)
         if max_images is not None:
             if max_images < 1:
@@ -529,12 +540,16 @@ class Sd35Runtime:
             latents = initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device)
         mark = self._clock()
 
-        # 5. Denoise.
+        # 5. Denoise (through the first-block cache with a threshold, or with its engines only).
         timer = StepTimer(self.device)
-        with self.engines.use(Component.TRANSFORMER) as transformer:
-            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule)
+        with transformer_passes(self.engines, first.cache_threshold, self.info.dims) as passes:
+            latents = denoise(passes.cfg, latents, cond, first, self.scheduler, timer, schedule, passes.slg)
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
+        steps = len(timings.step_s)
+        timings.transformer_calls = steps + len(skip_layer_steps(steps, first.skip_layer_guidance))
+        timings.transformer_skipped = passes.skipped_calls
+        skipped = passes.skipped_steps if first.cache_threshold is not None else None
 
         # 6. Decode.
         mark = self._clock()
@@ -552,12 +567,13 @@ class Sd35Runtime:
         for i, p in enumerate(batch):
             engine_batch = EngineBatch(requests=len(batch), images=total, first_image=offset)
             mine = images[offset : offset + p.num_images]
+            params = p if skipped is None else replace(p, cache_skipped_steps=skipped)
             for j, image in enumerate(mine):  # image.save("x.png") records the parameters too
-                attach_parameters(image, p, self.info.digest, j, engine_batch, self.info.model)
+                attach_parameters(image, params, self.info.digest, j, engine_batch, self.info.model)
             results.append(
                 GenerationResult(
                     images=mine,
-                    params=p,
+                    params=params,
                     timings=timings,
                     warnings=(*p.warnings, *warnings.get(i, [])),
                     engine_digest=self.info.digest,

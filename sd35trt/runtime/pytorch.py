@@ -69,7 +69,8 @@ def torch_runtime(
     slg_layers = tuple(slg.layers) if slg is not None else ()
     specs, profiles, engines = {}, {}, {}
     for c in Component:
-        n_skip = len(slg_layers) if c is Component.TRANSFORMER else 0
+        # every transformer graph but the first-block cache's first block gates the SLG layers
+        n_skip = len(slg_layers) if c.is_transformer and c is not Component.TRANSFORMER_FIRST_BLOCK else 0
         specs[c] = spec(c, dims, n_skip)
         profiles[c] = profile(c, dims, config.build, config.runtime.max_sequence_length, skip_layers=n_skip)
         if pipe is not None:

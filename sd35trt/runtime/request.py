@@ -24,10 +24,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
+from sd35trt.components import (
+    Component,
+    ComponentSpec,
+    ModelDims,
+    ShapeRange,
+    engine_components,
+    transformer_engine,
+)
 from sd35trt.config import RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
-from sd35trt.guidance import cfg_enabled, guidance_plan
+from sd35trt.guidance import cache_threshold, cfg_enabled, guidance_plan
 from sd35trt.parameters import DEFAULT_STRENGTH, GENERATION_PARAMS, MAX_SEED, check_value
 from sd35trt.runtime.images import MAX_IMAGE_PIXELS
 
@@ -86,6 +93,7 @@ class GenerationRequest:
     skip_layer_guidance: bool | None = None
     image: Any = None
     strength: float | None = None
+    cache_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class GenerationParams:
     #: index in the request, and the request's ``num_images`` (``None``: not a part).
     first_image: int = 0
     request_images: int | None = None
+    cache_threshold: float | None = None  # None: no first-block cache; once generated, the steps it skipped:
+    cache_skipped_steps: int | None = field(default=None, compare=False)
 
     @property
     def cfg(self) -> bool:
@@ -140,6 +150,7 @@ class GenerationParams:
             self.guidance_scale,
             self.skip_layer_guidance,
             self.strength,
+            self.cache_threshold,  # the cache decides per engine call, for the whole batch
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -218,6 +229,7 @@ class RequestLimits:
     img2img_size: tuple[tuple[int, int], tuple[int, int]] | None = None
     img2img_batch: tuple[int, int] | None = None
     max_images: int = DEFAULT_MAX_IMAGES
+    cache: bool = False  # the engines include the first-block cache's two transformer engines
 
     @classmethod
     def from_profiles(
@@ -240,7 +252,7 @@ class RequestLimits:
         Raises:
             ManifestError: an engine's profile lacks an input or is empty, or T5's length is not static.
         """
-        tr, vae = Component.TRANSFORMER, Component.VAE_DECODER
+        tr, vae = transformer_engine(specs), Component.VAE_DECODER
         s = dims.vae_scale_factor
         sizes = {}
         for axis in ("latent_height", "latent_width"):
@@ -277,6 +289,7 @@ class RequestLimits:
             skip_layer_guidance=skip_layer_guidance,
             img2img_size=img2img_size,
             img2img_batch=img2img_batch,
+            cache=Component.TRANSFORMER_FIRST_BLOCK in specs and Component.TRANSFORMER_REST in specs,
         )
         for name in ("height", "width", "transformer_batch", "decoder_batch", "encoder_batch"):
             lo, hi = getattr(limits, name)
@@ -297,8 +310,12 @@ class RequestLimits:
             ManifestError: as :meth:`from_profiles`, or the recorded skip-layer guidance does not
                 match the layers the transformer engine gates.
         """
-        components = [c for c in Component if c.required or c in manifest.engines]
-        gated = manifest.record(Component.TRANSFORMER).skip_layers
+        components = engine_components(manifest.engines)
+        # the engine that gates skip-layer guidance: the whole transformer, or the rest of it
+        gated_by = (
+            Component.TRANSFORMER if Component.TRANSFORMER in components else Component.TRANSFORMER_REST
+        )
+        gated = manifest.record(gated_by).skip_layers
         slg = manifest.runtime_defaults.skip_layer_guidance if gated and skip_layer_guidance else None
         if slg is not None and len(slg.layers) != gated:
             raise ManifestError(
@@ -440,6 +457,7 @@ def resolve_request(
         image=image,
         strength=strength,
         image_sha256=image_sha,
+        cache_threshold=cache_threshold(request.cache_threshold, limits.cache, defaults.cache),
     )
 
 

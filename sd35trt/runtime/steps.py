@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 from sd35trt.backends.engine import Engine
-from sd35trt.components import Component, ModelDims
+from sd35trt.components import Component, ModelDims, engine_components
+from sd35trt.config import SkipLayerGuidance
 from sd35trt.errors import ManifestError, NonFiniteError
+from sd35trt.runtime.cache import CachedPass
 from sd35trt.runtime.request import GenerationParams
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts
@@ -35,7 +37,7 @@ class EngineSet:
     """
 
     def __init__(self, engines: Mapping[Component, Engine], low_vram: bool = False) -> None:
-        missing = [c.value for c in Component if c.required and c not in engines]
+        missing = [c.value for c in engine_components(engines) if c not in engines]
         if missing:
             raise ManifestError(f"no engine for {', '.join(missing)}; every component needs one")
         self.engines = dict(engines)
@@ -167,6 +169,13 @@ def skip_layer_window(step: int, steps: int, start: float, stop: float) -> bool:
     return steps * start < step < steps * stop
 
 
+def skip_layer_steps(steps: int, slg: SkipLayerGuidance | None) -> set[int]:
+    """The steps of ``steps`` that get the skip-layer pass (none without skip-layer guidance)."""
+    if slg is None:  # resolve_request keeps it only under CFG (sd35trt.guidance)
+        return set()
+    return {i for i in range(steps) if skip_layer_window(i, steps, slg.start, slg.stop)}
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What the transformer is conditioned on, rows ordered ``[negatives..., positives...]`` under CFG."""
@@ -208,13 +217,14 @@ class StepTimer:
 
 
 def denoise(
-    engine: Engine,
+    engine: Engine | CachedPass,
     latents: torch.Tensor,
     cond: Conditioning,
     params: GenerationParams,
     scheduler: FlowMatchEuler,
     timer: StepTimer | None = None,
     schedule: Schedule | None = None,
+    skip_engine: Engine | CachedPass | None = None,
 ) -> torch.Tensor:
     """Step 5: flow-match Euler with classifier-free and skip-layer guidance.
 
@@ -223,7 +233,7 @@ def denoise(
     one more conditional pass skips the configured blocks and ``v += s (v_pos - v_skip)``.
 
     Args:
-        engine: the active transformer engine.
+        engine: the active transformer engine, or the first-block cache's CFG pass.
         latents: ``[N, C, h, w]`` float32 on the runtime's device.
         cond: the text conditioning.
         params: steps, guidance scale and skip-layer guidance.
@@ -231,6 +241,8 @@ def denoise(
         timer: marked before the first step and after each one.
         schedule: the steps to run (default: all ``params.num_inference_steps`` of ``scheduler``'s schedule;
             image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
+        skip_engine: what runs the skip-layer pass (default ``engine``): the first-block cache
+            keeps it in its own context (:mod:`sd35trt.runtime.cache`).
 
     Returns:
         The denoised latents ``[N, C, h, w]`` float32.
@@ -260,11 +272,8 @@ def denoise(
     skip_t = timesteps.expand(-1, n_images).unbind(0)  # steps x [N]
     # The float32 step sizes, as Python floats (exact).
     dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).tolist()
-    slg_steps = (
-        {i for i in range(len(schedule)) if skip_layer_window(i, len(schedule), slg.start, slg.stop)}
-        if slg is not None  # resolve_request keeps it only under CFG (sd35trt.guidance)
-        else set()
-    )
+    slg_steps = skip_layer_steps(len(schedule), slg)
+    skip_engine = skip_engine or engine
     feeds = {"encoder_hidden_states": cond.hidden, "pooled_projections": cond.pooled}
     if skip_off is not None:
         feeds["skip_layers"] = skip_off
@@ -295,7 +304,7 @@ def denoise(
             if i in slg_steps:
                 skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
                 skip_feeds["timestep"] = skip_t[i]
-                v_skip = engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
+                v_skip = skip_engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
                 s = slg.scale
                 pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * (g + s))
                 pair.add_(v_skip, alpha=-dt * s)

@@ -218,7 +218,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         images = done.result.images
         return GenerateResponse(
             images=[_b64(png) for png in done.pngs],
-            parameters=dict(done.prepared.params),
+            parameters=dict(done.result.parameters or done.prepared.params),
             info=[
                 ImageInfo(index=i, seed=done.result.seeds[i], width=im.width, height=im.height)
                 for i, im in enumerate(images)

@@ -58,6 +58,8 @@ class ImageSet:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     png: Callable[[Any, int], bytes] = _plain_png
+    #: the parameters as generated, when generating added to the prepared ones (the cache's skipped steps).
+    parameters: Mapping[str, Any] | None = None
 
     @classmethod
     def joined(cls, parts: Sequence[ImageSet]) -> ImageSet:
@@ -77,12 +79,20 @@ class ImageSet:
         for part in parts:
             for name, value in part.timings.items():
                 timings[name] = timings.get(name, 0.0) + value
+        parameters = None  # the request's (every part records it), with the cache's skipped steps summed
+        if all(p.parameters is not None for p in parts):
+            skipped = [p.parameters.get("cache_skipped_steps") for p in parts]
+            parameters = {
+                **parts[0].parameters,
+                "cache_skipped_steps": None if None in skipped else sum(skipped),
+            }
         return cls(
             images=[im for p in parts for im in p.images],
             seeds=[s for p in parts for s in p.seeds],
             timings=timings,
             warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)),
             png=png,
+            parameters=parameters,
         )
 
 

@@ -168,6 +168,7 @@ class RuntimeGenerator:
                         "engine_total": t.total_s,
                     },
                     warnings=list(res.warnings),
+                    parameters=_http_params(res.params),
                     # the PNG records its parameters and the engines' digest, as `sd35trt run` writes it
                     png=functools.partial(
                         _png, params=res.params, digest=res.engine_digest, batch=res.batch, model=res.model

@@ -258,11 +258,7 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
     # The export record is read from disk: a path it names must not lead out of the run directory.
     src_path = contained_path(run_dir, source.path)
     inputs, external = onnx_inputs(src_path)
-    skip = (
-        inputs[SKIP_LAYERS_INPUT][0]
-        if component is Component.TRANSFORMER and SKIP_LAYERS_INPUT in inputs
-        else 0
-    )
+    skip = inputs[SKIP_LAYERS_INPUT][0] if component.is_transformer and SKIP_LAYERS_INPUT in inputs else 0
     if not isinstance(skip, int) or skip < 0:
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
     shapes = engine_profile(config, export_rec.details.dims, component, skip)

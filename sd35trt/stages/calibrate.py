@@ -43,13 +43,14 @@ from sd35trt.artifacts.records import (
     StageRecord,
 )
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import CalibrateSettings, Config, read_text_file
+from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
 from sd35trt.models.loading import ResolvedModel, default_device, load_pipeline, resolve_model, torch_dtype
 from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.stages.check import check_config
 from sd35trt.stages.driver import StageRun, StageSpec, run_stage
+from sd35trt.user_files import read_text_file
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"

@@ -138,6 +138,11 @@ def config_problems(
         problems += _calibration_problems(config, dims)
     if Stage.EXPORT in ahead:
         _collect(problems, lambda: skip_layer_indices(config, dims))
+        if config.runtime.cache is not None and dims.num_layers < 2:
+            problems.append(
+                f"runtime.cache needs a transformer of 2 blocks or more (a first block and the rest); "
+                f"this one has {dims.num_layers}"
+            )
         _collect(problems, lambda: check_fp32_blocks(config, dims))
     problems += _build_problems(config, dims)  # the build and runtime sections: every stage
     if model_dir is not None:

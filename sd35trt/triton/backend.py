@@ -270,7 +270,9 @@ class Sd35TritonModel:
 
         tensors = {
             "images": images,
-            "parameters": column([dict(p.params) for p in rows]),
+            "parameters": column(
+                [dict(res.parameters or p.params) for p, (res, _) in zip(rows, results, strict=True)]
+            ),
             "warnings": column([list(res.warnings) for res, _ in results]),
             "batch": column([info for _, info in results]),
         }

@@ -238,6 +238,8 @@ INVALID = [
     ({"num_inference_steps": True}, "num_inference_steps", "integer"),
     ({"guidance_scale": "4.5"}, "guidance_scale", "number"),
     ({"cfg_scale": 3}, "cfg_scale", "Extra inputs are not permitted"),
+    ({"cache_threshold": 0.1}, "cache_threshold", "built without the first-block cache"),
+    ({"cache_threshold": -0.1}, "cache_threshold", "0..10"),
 ]
 
 

@@ -109,6 +109,19 @@ def test_run_options_are_diffusers_names_with_short_aliases(monkeypatch, tmp_pat
     assert (seen["num_inference_steps"], seen["guidance_scale"]) == (steps, guidance)
 
 
+@pytest.mark.parametrize(("argv", "threshold"), [(["--cache-threshold", "0.12"], 0.12), ([], None)])
+def test_run_passes_the_cache_threshold(monkeypatch, tmp_path, argv, threshold):
+    import sd35trt.run
+    import sd35trt.stages.package
+
+    seen = {}
+    monkeypatch.setattr(sd35trt.stages.package, "engines_dir_of", lambda path: path)
+    monkeypatch.setattr(sd35trt.run, "run", lambda *args, **kwargs: seen.update(kwargs) or _Output())
+    result = CliRunner().invoke(app, ["run", "a cat", "--engines", str(tmp_path), *argv])
+    assert result.exit_code == 0, result.output
+    assert seen.get("cache_threshold") == threshold
+
+
 def test_malformed_run_manifest_is_one_line_naming_file_and_field(tmp_path):
     """A record whose JSON has the wrong type: one line naming the file and the field, exit 1."""
     RunManifest(tmp_path).put(Stage.EXPORT, new_record(Stage.EXPORT, "e", [], details=export_details()))

@@ -143,3 +143,23 @@ def test_a_path_below_an_unset_section_is_none_not_an_error():
     assert Config(name="a").values("runtime.skip_layer_guidance.layers") == {
         "runtime.skip_layer_guidance.layers": None
     }
+
+
+def test_cache_settings_default_off_refuse_a_skipped_first_block_and_stale_the_export():
+    from sd35trt.artifacts.records import Stage
+    from sd35trt.config import CacheMethod, config_from_dict
+
+    base = {"name": "t", "runtime": {"skip_layer_guidance": {"layers": [0, 1]}}}
+    assert config_from_dict(base).runtime.cache is None
+    with_cache = {"name": "t", "runtime": {"cache": {"method": "first_block", "threshold": 0.1}}}
+    cfg = config_from_dict(with_cache)
+    assert (cfg.runtime.cache.method, cfg.runtime.cache.threshold) == (CacheMethod.FIRST_BLOCK, 0.1)
+    plain = config_from_dict({"name": "t"})
+    sections = Stage.EXPORT.config_sections
+    assert cfg.digest(*sections) != plain.digest(*sections)  # the transformer is exported as two parts
+    assert cfg.digest(*Stage.CALIBRATE.config_sections) == plain.digest(*Stage.CALIBRATE.config_sections)
+    bad = {"name": "t", "runtime": {**base["runtime"], "cache": {"threshold": 0.1}}}
+    with pytest.raises(ConfigError, match=r"includes block 0, which runtime.cache compares"):
+        config_from_dict(bad)
+    with pytest.raises(ConfigError, match=r"runtime\.cache\.threshold"):
+        config_from_dict({"name": "t", "runtime": {"cache": {"threshold": -1}}})

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from sd35trt.bench.evaluate import load_prompts
 from sd35trt.cli import app
-from sd35trt.config import MAX_ERROR_CHARS, load_config
+from sd35trt.config import load_config
 from sd35trt.errors import ConfigError
 from sd35trt.stages.calibrate import read_prompts
+from sd35trt.user_files import MAX_ERROR_CHARS
 
 REPO = Path(__file__).resolve().parents[2]
 

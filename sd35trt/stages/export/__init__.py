@@ -1,7 +1,9 @@
 """The export stage: ONNX graphs of the five SD3.5 components, each validated against PyTorch.
 
 Output (``runs/<name>/onnx/``): ``clip_l.onnx``, ``clip_g.onnx``, ``t5.onnx``,
-``transformer.onnx`` (FP8 Q/DQ when ``export.quantize``), ``vae_decoder.onnx``, a
+``transformer.onnx`` (FP8 Q/DQ when ``export.quantize``; with ``runtime.cache`` instead
+``transformer_first_block.onnx`` and ``transformer_rest.onnx``, the first-block cache's two
+engines, each quantized from the same calibration), ``vae_decoder.onnx``, a
 ``<component>.onnx.data`` beside any graph over 2 GB, ``transformer_unquantized.onnx`` (see
 below) and ``export_report.json`` (per graph and output: max-abs and relative error against
 PyTorch at each validation shape). The manifest's export record lists every file (size,

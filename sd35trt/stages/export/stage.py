@@ -39,6 +39,7 @@ from sd35trt.components import (
     Component,
     ComponentSpec,
     ModelDims,
+    exported_components,
     sample_shapes,
     spec,
     validation_tolerance,
@@ -154,8 +155,9 @@ class _Export(StageSpec):
         loras, threshold = self.resolved.loras, self.external_threshold
         job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
         graphs: list[_Graph] = []
-        for i, component in enumerate(Component, 1):
-            graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
+        components = exported_components(config.runtime.cache is not None)
+        for i, component in enumerate(components, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
         failures = [f for g in graphs for f in g.failures]
         if failures:
@@ -305,7 +307,12 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
 
 
 def _precision(config: Config, component: Component) -> Precision:
-    return getattr(config.export.precision, component.value)
+    return getattr(config.export.precision, component.model.value)
+
+
+def unquantized_stem(component: Component) -> str:
+    """File stem of a transformer graph's copy without Q/DQ (:data:`UNQUANTIZED_STEM` for the whole)."""
+    return f"{component.value}_unquantized"
 
 
 def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
@@ -315,8 +322,10 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     t0 = time.perf_counter()
     config = job.config
     precision = _precision(config, component)
-    quantized = component is Component.TRANSFORMER and config.export.quantize
-    n_skip = len(job.slg) if component is Component.TRANSFORMER else 0
+    quantized = component.is_transformer and config.export.quantize
+    # the first-block-cache head never gates a block (the config keeps block 0 out of SLG)
+    gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
+    n_skip = len(job.slg) if gated else 0
     sp = spec(component, job.dims, n_skip)
     trace_shapes, *check_shapes = sample_shapes(
         component, job.dims, config.build, config.runtime.max_sequence_length, n_skip
@@ -354,7 +363,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     job.phase("rewrite")
     model = _load_traced(raw, quantized, opset, trace_opset, component)
     graph = _Graph(component.value, component, precision, quantized)
-    if component is Component.TRANSFORMER and config.export.fp32_blocks:
+    if component.is_transformer and config.export.fp32_blocks:
         graph.fp32_blocks = config.export.fp32_blocks
     if quantized:
         graph.fp8 = {
@@ -390,8 +399,9 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
         # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
         # external data it shares the FP8 graph's data file (no second copy on disk).
         job.phase("unquantized")
-        plain = _Graph(UNQUANTIZED_STEM, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
-        upath = job.out / f"{UNQUANTIZED_STEM}.onnx"
+        stem = unquantized_stem(component)
+        plain = _Graph(stem, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
+        upath = job.out / f"{stem}.onnx"
         _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
         tol = validation_tolerance(sp, precision)
         if ref is None or ref.unquantized is None:
@@ -519,10 +529,10 @@ def _details(
 
     components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
-    for component in Component:
+    for component in exported_components(config.runtime.cache is not None):
         g = by_stem[component.value]
-        is_transformer = component is Component.TRANSFORMER
-        plain = by_stem.get(UNQUANTIZED_STEM) if is_transformer else None
+        is_transformer = component.is_transformer
+        plain = by_stem.get(unquantized_stem(component)) if is_transformer else None
         components[component] = ExportedComponent(
             onnx=rel(g.files[0]),
             external_data=rel(g.external_data),

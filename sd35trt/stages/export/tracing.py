@@ -88,9 +88,9 @@ def load_module(
         model=config.model,
         loras=loras,
     )
-    if component is Component.TRANSFORMER and calibration is not None:
+    if component.is_transformer and calibration is not None:
         restore_fp8(raw, config, precision, calibration)
-    if component is Component.TRANSFORMER:
+    if component.is_transformer:
         return wrap(component, raw, slg_layers, config.export.fp32_blocks)
     return wrap(component, raw, slg_layers)
 

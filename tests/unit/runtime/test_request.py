@@ -272,3 +272,39 @@ def test_parts_of_a_request_keep_each_image_seed_and_record_the_whole_request():
     # engines whose smallest batch is 2: a last part of 1 takes an image from the one before
     assert [q.num_images for q in engine_parts(p, 3, min_batch=2)] == [3, 2]
     assert [q.num_images for q in engine_parts(resolve(num_images=7, seed=0), 3, min_batch=2)] == [3, 2, 2]
+
+
+def _cache_limits(cache: bool) -> RequestLimits:
+    """The test engines, with the first-block cache's two engines instead of the whole transformer."""
+    parts = (Component.TRANSFORMER_FIRST_BLOCK, Component.TRANSFORMER_REST)
+    components = [c for c in Component if c is not Component.TRANSFORMER and (cache or c not in parts)]
+    if not cache:
+        components.append(Component.TRANSFORMER)
+    specs = {c: spec(c, TINY) for c in components}
+    return RequestLimits.from_profiles(
+        specs, {c: profile(c, TINY, CONFIG.build) for c in components}, TINY, None
+    )
+
+
+def test_cache_threshold_defaults_to_the_engines_and_is_checked():
+    from sd35trt.config import CacheSettings
+
+    defaults = CONFIG.runtime.model_copy(update={"cache": CacheSettings(threshold=0.2)})
+    lim = _cache_limits(cache=True)
+    assert lim.cache and lim.transformer_batch == (1, 4)
+    assert resolve_request(GenerationRequest("a"), lim, defaults).cache_threshold == 0.2
+    assert resolve_request(GenerationRequest("a", cache_threshold=0), lim, defaults).cache_threshold == 0.0
+    for bad in (-0.1, 10.5, math.nan, True, "0.1"):
+        # the declared bounds' messages (sd35trt.parameters.check_value)
+        allowed = r"cache_threshold .* (is outside 0\.\.10|not a (finite )?number)"
+        with pytest.raises(RequestError, match=allowed) as err:
+            resolve_request(GenerationRequest("a", cache_threshold=bad), lim, defaults)
+        assert err.value.field == "cache_threshold"
+    plain = _cache_limits(cache=False)
+    assert resolve_request(GenerationRequest("a"), plain, CONFIG.runtime).cache_threshold is None
+    with pytest.raises(RequestError, match="built without the first-block cache"):
+        resolve_request(GenerationRequest("a", cache_threshold=0.1), plain, CONFIG.runtime)
+    # the decision is per engine call, so requests with other thresholds never share a batch
+    a = resolve_request(GenerationRequest("a", seed=1, cache_threshold=0.1), lim, defaults)
+    b = resolve_request(GenerationRequest("a", seed=1, cache_threshold=0.2), lim, defaults)
+    assert a.batch_key != b.batch_key
