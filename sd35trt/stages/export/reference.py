@@ -1,0 +1,233 @@
+"""The PyTorch side of FP8 validation: fake quant computed the way the exported graph computes it.
+
+Why ONNX Runtime's FP8 result drifted from ModelOpt's fake quant with depth (measured on narrow
+SD3 transformers, 1 to 38 blocks, and the full-size medium one; nothing was wrong in the graph):
+
+1. **Arithmetic.** ModelOpt quantizes ``x * (448 / amax)`` and dequantizes ``q * (1 / (448 /
+   amax))``; ONNX's ``QuantizeLinear`` computes ``x / scale`` with the exported ``scale = 1 / (448
+   / amax)``. Both round to nearest even and saturate at 448, but a product and a quotient can
+   differ in the last float32 bit, and where that bit decides an E4M3 rounding the FP8 code
+   differs: a handful of weights per model (fixed, so every case sees them).
+2. **Rounding ties.** Where a quantizer's float32 input lies on a rounding boundary between two
+   E4M3 codes (its distance below float32's accumulation noise, ~1e-7 of the tensor's range),
+   the different summation order of ONNX Runtime's and PyTorch's matrix products picks one code
+   or the other. One flipped code moves every output of its Linear for that token by ~1/16 of
+   an E4M3 step, far above float32 noise, so the next quantizers flip many codes: a cascade.
+   Measured (FP32 graphs, ``max|onnx - torch| / max|torch|``): 2e-7 while no tie flips; 1e-4 to
+   4e-3 at 8 to 16 blocks, 2e-4 to 5e-3 at 24, 9e-4 to 7e-3 at 38 once one does, in about half
+   of the small validation cases and in every full-size one (the medium transformer at 1024x1024
+   has ~4e9 quantized activations per pass). One quantizer's scale 2 % off gives 2e-3 to 4e-3:
+   no tolerance separates the two.
+3. **16-bit scales.** A BF16 (FP16) graph stores each scale in BF16 (FP16): opset 19 types the
+   scale as the input. Fake quant uses the float32 ``amax / 448``, up to 2**-9 (2**-12) away.
+
+So the reference is computed as the graph is: every FP8 quantizer divides by the scale the graph
+stores (:func:`graph_scale`; 16-bit exports first move each amax to that scale,
+:func:`snap_amax`), and where an activation's code differs from ONNX Runtime's only at a rounding
+tie (within :data:`TIE_WINDOW` of the boundary) it takes ONNX Runtime's code
+(:func:`onnx_quantization`). A graph that quantizes anything differently still fails: one scale
+2 % off in a 24- or 38-block model leaves tens of thousands of codes off a tie and an error of
+~2e-3, against ~3e-7 for a right graph (``tests/unit/stages/test_fp8_depth.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sd35trt.config import Precision
+from sd35trt.stages.export.tracing import FP8_MAX, fp8_quantizers, graph_scale
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from sd35trt.components import ComponentSpec
+
+#: A code differing from ONNX Runtime's counts as a rounding tie when the PyTorch input is within
+#: this fraction of the quantizer's amax of the midpoint between the two codes: 10x the float32
+#: noise between the two runtimes' inputs (measured: <= 1e-7 of the range before any tie flips).
+TIE_WINDOW = 1e-6
+#: The ModelOpt quantizer backend :func:`onnx_quantization` switches quantizers to.
+BACKEND = "sd35trt-onnx-fp8"
+
+
+@dataclass
+class TieCount:
+    """Codes of one reference pass compared with ONNX Runtime's.
+
+    Attributes:
+        adopted: activation codes that differed only at a rounding tie (ONNX Runtime's taken).
+        other: activation codes that differed away from a tie (kept; the error check sees them).
+    """
+
+    adopted: int = 0
+    other: int = 0
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ONNX ``QuantizeLinear`` (E4M3FN, saturate) then ``DequantizeLinear``, in float32."""
+    import torch
+
+    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+@contextlib.contextmanager
+def onnx_quantization(
+    model: nn.Module,
+    precision: Precision,
+    onnx_codes: Mapping[str, np.ndarray] | None = None,
+    count: TieCount | None = None,
+) -> Iterator[None]:
+    """Run ``model``'s FP8 quantizers with the graph's arithmetic (see the module docstring).
+
+    Args:
+        model: the fake-quant module (the spec-shaped wrapper: quantizer names as in the graph).
+        precision: the graph's precision (the dtype its scales are stored in).
+        onnx_codes: per quantizer name, the FP8 codes ONNX Runtime computed for this very input
+            (:func:`~sd35trt.stages.export.validate.run_cases`); at rounding ties they are taken.
+        count: receives the number of codes taken and of codes that differ elsewhere.
+    """
+    import torch
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        register_quant_backend,
+        unregister_quant_backend,
+    )
+
+    switched = fp8_quantizers(model)
+    names = {id(q): name for name, q in switched.items()}
+    codes = onnx_codes or {}
+    count = count if count is not None else TieCount()
+
+    def backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+        scale = torch.tensor(graph_scale(float(quantizer.amax), precision), device=inputs.device)
+        own = _fake_quant(inputs, scale)
+        theirs = codes.get(names[id(quantizer)])
+        if theirs is not None and tuple(theirs.shape) == tuple(own.shape):
+            other = torch.from_numpy(theirs.view(np.uint8)).view(torch.float8_e4m3fn)
+            other = other.to(inputs.device).float() * scale
+            differ = own != other
+            if bool(differ.any()):
+                tie = (inputs.float() - (own + other) / 2).abs() <= TIE_WINDOW * float(quantizer.amax)
+                take = differ & tie
+                count.adopted += int(take.sum())
+                count.other += int((differ & ~tie).sum())
+                own = torch.where(take, other, own)
+        return own.to(inputs.dtype)
+
+    previous = [(q, q.backend) for q in switched.values()]
+    register_quant_backend(BACKEND, backend)
+    for q, _ in previous:
+        q.backend = BACKEND
+    try:
+        yield
+    finally:
+        for q, old in previous:
+            q.backend = old
+        unregister_quant_backend(BACKEND)
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module) -> Iterator[None]:
+    """Run a 16-bit ``model`` in float32 without a float32 copy of it.
+
+    Each module's own 16-bit parameters and buffers are widened to float32 just before its
+    forward and put back after it, so one module's float32 weights exist at a time. With float32
+    inputs every op then computes in float32 on the 16-bit values (BF16 -> float32 is exact),
+    which is what the float32 validation form of a BF16 graph computes
+    (:func:`~sd35trt.stages.export.validate.float32_form`).
+    """
+    import torch
+
+    narrow = (torch.float16, torch.bfloat16)
+    saved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
+
+    def widen(module, _args) -> None:
+        entries = []
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.dtype in narrow:
+                    entries.append((store, name, t))
+                    wide = t.detach().float()
+                    store[name] = (
+                        torch.nn.Parameter(wide, requires_grad=False) if store is module._parameters else wide
+                    )
+        saved[id(module)] = entries
+
+    def restore(module, _args, _out) -> None:
+        for store, name, t in saved.pop(id(module), []):
+            store[name] = t
+
+    handles = []
+    for module in model.modules():
+        own = [*module._parameters.values(), *module._buffers.values()]
+        if any(t is not None and t.dtype in narrow for t in own):
+            handles += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for entries in saved.values():
+            for store, name, t in entries:
+                store[name] = t
+
+
+@dataclass
+class Reference:
+    """PyTorch's outputs for the validation cases (FP8: also with quantizers off, and the ties)."""
+
+    outputs: list[dict[str, np.ndarray]]
+    unquantized: list[dict[str, np.ndarray]] | None = None
+    ties: TieCount | None = None
+
+    def against(self, fp8: bool) -> str:
+        """What the outputs are, for the report."""
+        if not fp8:
+            return "pytorch"
+        return "modelopt fake quant with the graph's scales and rounding (ties taken from ONNX Runtime)"
+
+
+def pytorch_reference(
+    module: nn.Module,
+    sp: ComponentSpec,
+    cases: Sequence[tuple[torch.Tensor, ...]],
+    precision: Precision,
+    codes: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> Reference:
+    """PyTorch's outputs for the validation cases, computed as ONNX Runtime runs the graph.
+
+    A BF16 module computes in float32 (:func:`float32_compute`; the graph runs in its float32
+    form). With ``codes`` (ONNX Runtime's activation codes per case) the module's FP8 quantizers
+    use the graph's arithmetic and take those codes at rounding ties (:func:`onnx_quantization`),
+    and the outputs with every quantizer off are computed too.
+
+    Args:
+        module: the spec-shaped module.
+        sp: its spec (output names).
+        cases: the inputs of each case, in the export precision.
+        precision: the export precision.
+        codes: for an FP8 module, ONNX Runtime's codes per case.
+
+    Returns:
+        The :class:`Reference`.
+    """
+    from sd35trt.stages.export.tracing import quantizers_disabled, reference
+
+    wide = precision is Precision.BF16
+    inputs = [tuple(x.float() if wide and x.is_floating_point() else x for x in c) for c in cases]
+    with float32_compute(module) if wide else contextlib.nullcontext():
+        if codes is None:
+            return Reference([reference(module, sp, c) for c in inputs])
+        ties = TieCount()
+        outputs = []
+        for c, found in zip(inputs, codes, strict=True):
+            with onnx_quantization(module, precision, found, ties):
+                outputs.append(reference(module, sp, c))
+        with quantizers_disabled(module):
+            unquantized = [reference(module, sp, c) for c in inputs]
+    return Reference(outputs, unquantized, ties)
