@@ -52,28 +52,62 @@ if TYPE_CHECKING:
 #: this fraction of the quantizer's amax of the midpoint between the two codes: 10x the float32
 #: noise between the two runtimes' inputs (measured: <= 1e-7 of the range before any tie flips).
 TIE_WINDOW = 1e-6
+#: Largest share of one quantizer's activation codes allowed to differ from PyTorch's away from a
+#: rounding tie. A right graph: 0 in float32, <= 0.3 % in BF16 (BF16-rounded constants, measured
+#: on 2- to 38-block models); one scale 10 % off: most codes of that quantizer.
+MAX_OFF_TIE_SHARE = 0.02
 #: The ModelOpt quantizer backend :func:`onnx_quantization` switches quantizers to.
 BACKEND = "sd35trt-onnx-fp8"
 
 
 @dataclass
-class TieCount:
-    """Codes of one reference pass compared with ONNX Runtime's.
+class CodeCount:
+    """Activation FP8 codes of the reference compared with ONNX Runtime's, over a validation run.
 
     Attributes:
-        adopted: activation codes that differed only at a rounding tie (ONNX Runtime's taken).
-        other: activation codes that differed away from a tie (kept; the error check sees them).
+        ties: codes one step apart at a rounding tie (ONNX Runtime's taken).
+        near: codes one step apart away from a tie (ONNX Runtime's taken: a BF16 graph's
+            constants, e.g. GELU's, are BF16-rounded, which moves inputs by ~1e-3).
+        far: codes further apart (PyTorch's kept; the output error shows them).
+        worst: the quantizer with the largest share of ``near + far`` codes, and that share.
     """
 
-    adopted: int = 0
-    other: int = 0
+    ties: int = 0
+    near: int = 0
+    far: int = 0
+    worst: tuple[str, float] = ("", 0.0)
+
+    def add(self, name: str, ties: int, near: int, far: int, size: int) -> None:
+        self.ties, self.near, self.far = self.ties + ties, self.near + near, self.far + far
+        share = (near + far) / max(size, 1)
+        if share > self.worst[1]:
+            self.worst = (name, share)
+
+    def failure(self, stem: str) -> str | None:
+        """Why the codes show a wrong quantizer, or None (at most :data:`MAX_OFF_TIE_SHARE` differ)."""
+        name, share = self.worst
+        if share <= MAX_OFF_TIE_SHARE:
+            return None
+        return (
+            f"{stem}: {share:.1%} of the FP8 codes of {name} differ from PyTorch's away from a rounding tie "
+            f"(allowed {MAX_OFF_TIE_SHARE:.1%}): its scale or its input differs from the calibrated model"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "ties": self.ties,
+            "near": self.near,
+            "far": self.far,
+            "worst": {self.worst[0]: self.worst[1]},
+        }
 
 
-def _fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """ONNX ``QuantizeLinear`` (E4M3FN, saturate) then ``DequantizeLinear``, in float32."""
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX ``QuantizeLinear`` (E4M3FN, saturate) in float32: the codes and their dequantized values."""
     import torch
 
-    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    codes = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, codes.float() * scale
 
 
 @contextlib.contextmanager
@@ -81,7 +115,7 @@ def onnx_quantization(
     model: nn.Module,
     precision: Precision,
     onnx_codes: Mapping[str, np.ndarray] | None = None,
-    count: TieCount | None = None,
+    count: CodeCount | None = None,
 ) -> Iterator[None]:
     """Run ``model``'s FP8 quantizers with the graph's arithmetic (see the module docstring).
 
@@ -89,8 +123,9 @@ def onnx_quantization(
         model: the fake-quant module (the spec-shaped wrapper: quantizer names as in the graph).
         precision: the graph's precision (the dtype its scales are stored in).
         onnx_codes: per quantizer name, the FP8 codes ONNX Runtime computed for this very input
-            (:func:`~sd35trt.stages.export.validate.run_cases`); at rounding ties they are taken.
-        count: receives the number of codes taken and of codes that differ elsewhere.
+            (:func:`~sd35trt.stages.export.validate.run_cases`); where one is a single code step
+            from PyTorch's it is taken, so the two runtimes stay in step.
+        count: receives how many codes differed, and how.
     """
     import torch
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
@@ -101,22 +136,31 @@ def onnx_quantization(
     switched = fp8_quantizers(model)
     names = {id(q): name for name, q in switched.items()}
     codes = onnx_codes or {}
-    count = count if count is not None else TieCount()
+    count = count if count is not None else CodeCount()
 
     def backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
         scale = torch.tensor(graph_scale(float(quantizer.amax), precision), device=inputs.device)
-        own = _fake_quant(inputs, scale)
-        theirs = codes.get(names[id(quantizer)])
-        if theirs is not None and tuple(theirs.shape) == tuple(own.shape):
-            other = torch.from_numpy(theirs.view(np.uint8)).view(torch.float8_e4m3fn)
-            other = other.to(inputs.device).float() * scale
-            differ = own != other
-            if bool(differ.any()):
-                tie = (inputs.float() - (own + other) / 2).abs() <= TIE_WINDOW * float(quantizer.amax)
-                take = differ & tie
-                count.adopted += int(take.sum())
-                count.other += int((differ & ~tie).sum())
-                own = torch.where(take, other, own)
+        own_codes, own = _fake_quant(inputs, scale)
+        name = names[id(quantizer)]
+        theirs = codes.get(name)
+        if theirs is None or tuple(theirs.shape) != tuple(own.shape):
+            return own.to(inputs.dtype)
+        bits = torch.from_numpy(theirs.view(np.uint8)).to(inputs.device)
+        other = bits.view(torch.float8_e4m3fn).float() * scale
+        differ = own != other
+        if bool(differ.any()):
+            a, b = own_codes.view(torch.uint8).int(), bits.int()
+            adjacent = ((a ^ b) & 0x80 == 0) & ((a & 0x7F) - (b & 0x7F)).abs().eq(1)
+            tie = (inputs.float() - (own + other) / 2).abs() <= TIE_WINDOW * float(quantizer.amax)
+            take = differ & adjacent
+            count.add(
+                name,
+                int((take & tie).sum()),
+                int((take & ~tie).sum()),
+                int((differ & ~adjacent).sum()),
+                own.numel(),
+            )
+            own = torch.where(take, other, own)
         return own.to(inputs.dtype)
 
     previous = [(q, q.backend) for q in switched.values()]
@@ -183,7 +227,7 @@ class Reference:
 
     outputs: list[dict[str, np.ndarray]]
     unquantized: list[dict[str, np.ndarray]] | None = None
-    ties: TieCount | None = None
+    codes: CodeCount | None = None
 
     def against(self, fp8: bool) -> str:
         """What the outputs are, for the report."""
@@ -223,11 +267,11 @@ def pytorch_reference(
     with float32_compute(module) if wide else contextlib.nullcontext():
         if codes is None:
             return Reference([reference(module, sp, c) for c in inputs])
-        ties = TieCount()
+        count = CodeCount()
         outputs = []
         for c, found in zip(inputs, codes, strict=True):
-            with onnx_quantization(module, precision, found, ties):
+            with onnx_quantization(module, precision, found, count):
                 outputs.append(reference(module, sp, c))
         with quantizers_disabled(module):
             unquantized = [reference(module, sp, c) for c in inputs]
-    return Reference(outputs, unquantized, ties)
+    return Reference(outputs, unquantized, count)

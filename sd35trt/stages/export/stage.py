@@ -318,7 +318,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     """Trace, process, save and validate one component (two graphs for the FP8 transformer).
 
     An FP8 transformer is loaded twice: once to trace, and again after ONNX Runtime has run, as
-    its reference takes ONNX Runtime's FP8 codes at rounding ties
+    its reference follows ONNX Runtime's FP8 codes one step away
     (:mod:`sd35trt.stages.export.reference`); the module and the session never coexist.
     """
     from sd35trt.stages.export import onnx_tools, reference, tracing, validate
@@ -415,10 +415,10 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
         )
         g.failures += failures
         if fp8:
-            g.validation["rounding_ties"] = {
-                "taken_from_onnx": ref.ties.adopted,
-                "other_code_differences": ref.ties.other,
-            }
+            g.validation["fp8_codes"] = ref.codes.to_json()
+            if (why := ref.codes.failure(g.stem)) is not None:
+                g.validation["status"] = "failed"
+                g.failures.append(why)
             g.information = validate.information(g_run, check_shapes, ref.unquantized)
     graph.seconds = time.perf_counter() - t0
     shutil.rmtree(raw.parent, ignore_errors=True)

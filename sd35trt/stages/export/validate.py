@@ -15,8 +15,8 @@ optimization, on the same fresh random inputs as its PyTorch module, at small sh
 - A graph ONNX Runtime cannot load or run raises :class:`NotValidated` (one line: why); the
   stage records it as not validated.
 - Basic optimization is deliberate: ORT's extended levels fuse ``DequantizeLinear + MatMul``
-  into integer-only kernels that have no FP8 implementation and fail (up to ORT 1.31). Constant
-  folding is off: it would store a float32 copy of every BF16 weight the float32 form casts.
+  into integer-only kernels that have no FP8 implementation and fail (up to ORT 1.31); two basic
+  optimizers are off (:data:`DISABLED_OPTIMIZERS`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: ONNX Runtime optimizers left off. ConstantFolding would store a float32 copy of every BF16
+#: weight the float32 form casts; CastElimination (ORT 1.32) removes a float32 -> float32 Cast
+#: (the float32 form of a BF16 -> float32 one) without rewiring its consumers, and the session fails.
+DISABLED_OPTIMIZERS = ["ConstantFolding", "CastElimination"]
 
 
 class NotValidated(Exception):
@@ -235,7 +239,7 @@ def _open(path: Path, available: list[str], codes: bool) -> tuple[ort.InferenceS
     names = activation_codes(graph) if codes else {}
     for name in names:
         graph.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT8E4M3FN, None))
-    kwargs = {"providers": available, "disabled_optimizers": ["ConstantFolding"]}
+    kwargs = {"providers": available, "disabled_optimizers": DISABLED_OPTIMIZERS}
     compute = "graph" if wide is None else "float32"
     try:
         if wide is None and not names:
