@@ -20,14 +20,20 @@ SD3 transformers, 1 to 38 blocks, and the full-size medium one; nothing was wron
    no tolerance separates the two.
 3. **16-bit scales.** A BF16 (FP16) graph stores each scale in BF16 (FP16): opset 19 types the
    scale as the input. Fake quant uses the float32 ``amax / 448``, up to 2**-9 (2**-12) away.
+4. **16-bit constants.** In a BF16 graph, constants such as GELU's ``sqrt(2/pi)`` and
+   ``0.044715`` are BF16-rounded, which moves the following quantizer's inputs by ~1e-3: about
+   1 % of its codes lie that close to a boundary and change by one step.
 
-So the reference is computed as the graph is: every FP8 quantizer divides by the scale the graph
-stores (:func:`graph_scale`; 16-bit exports first move each amax to that scale,
-:func:`snap_amax`), and where an activation's code differs from ONNX Runtime's only at a rounding
-tie (within :data:`TIE_WINDOW` of the boundary) it takes ONNX Runtime's code
-(:func:`onnx_quantization`). A graph that quantizes anything differently still fails: one scale
-2 % off in a 24- or 38-block model leaves tens of thousands of codes off a tie and an error of
-~2e-3, against ~3e-7 for a right graph (``tests/unit/stages/test_fp8_depth.py``).
+So the reference is computed as the graph is (:func:`pytorch_reference`): every FP8 quantizer
+divides by the scale the graph stores (:func:`~sd35trt.stages.export.tracing.graph_scale`; 16-bit
+exports first move each amax to that scale, :func:`~sd35trt.stages.export.tracing.snap_amax`), and
+where an activation's code is one step from ONNX Runtime's it takes ONNX Runtime's code
+(:func:`onnx_quantization`), so no difference cascades; :class:`CodeCount` counts those codes, at
+a tie (within :data:`TIE_WINDOW`) or not. A wrong quantizer shows twice: in the output error, and
+as a share of codes off a tie above :data:`MAX_OFF_TIE_SHARE`. Measured on narrow 24-block (BF16)
+and 38-block (FP32) models: right graphs 2e-7 to 3e-7 relative error, at most 1.3 % codes off a
+tie; one input scale 10 % off or one weight scale 2 % off: 10 % to 99 % of that quantizer's (or
+the next one's) codes off a tie (``tests/unit/stages/test_fp8_depth.py``).
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ if TYPE_CHECKING:
 #: noise between the two runtimes' inputs (measured: <= 1e-7 of the range before any tie flips).
 TIE_WINDOW = 1e-6
 #: Largest share of one quantizer's activation codes allowed to differ from PyTorch's away from a
-#: rounding tie. A right graph: 0 in float32, <= 0.3 % in BF16 (BF16-rounded constants, measured
-#: on 2- to 38-block models); one scale 10 % off: most codes of that quantizer.
-MAX_OFF_TIE_SHARE = 0.02
+#: rounding tie. Measured on narrow 24- and 38-block models: a right graph 0 in float32 and at most
+#: 1.3 % in BF16 (its GELU constants are BF16-rounded: inputs move by ~1e-3, and ~1 % of codes lie
+#: that close to a boundary); one scale off by 2 % (a weight's) or 10 % (an input's): 10 % to 99 %.
+MAX_OFF_TIE_SHARE = 0.05
 #: The ModelOpt quantizer backend :func:`onnx_quantization` switches quantizers to.
 BACKEND = "sd35trt-onnx-fp8"
 

@@ -3,9 +3,10 @@
 ONNX Runtime's FP8 result used to drift from ModelOpt's fake quant with depth (rounding ties
 flipping E4M3 codes, then cascading; see :mod:`sd35trt.stages.export.reference`). Here each
 model is calibrated with ModelOpt, traced and rewritten by the export stage's own steps, run by
-ONNX Runtime and compared with the stage's reference under the stage's tolerance: it passes.
-The same graph with one quantizer's scale 10 % off (Q and DQ, as a wrong calibration would
-store it), or one weight's dequantization scale 2 % off, fails. Tiny width (2 heads of 16) and
+ONNX Runtime and compared with the stage's reference under the stage's checks (output tolerance,
+share of FP8 codes off a rounding tie): it passes, at ~2e-7 relative error. The same graph with
+one quantizer's scale 10 % off (Q and DQ, as a wrong calibration would store it), or one
+weight's dequantization scale 2 % off, fails. Tiny width (2 heads of 16) and
 small shapes keep it to seconds; the depth, the dual-attention blocks (0-12, as SD3.5-medium)
 and the 16-bit path are the real ones.
 """
@@ -101,12 +102,9 @@ def _validate(exported, path: Path) -> list[str]:
     tol = validation_tolerance(sp, Precision.FP32, quantized=True)
     entry, failures = validate.check_cases(run, "transformer", shapes, ref.outputs, tol, ref.against(True))
     why = ref.codes.failure("transformer")
-    print(layers_of(module), precision.value, entry["max_rel"], ref.codes.to_json(), failures, why)
+    if not failures and why is None:  # a right graph: float32 noise, nothing cascades
+        assert entry["max_rel"] < 1e-5 and ref.codes.far == 0
     return failures + ([why] if why else [])
-
-
-def layers_of(module) -> int:
-    return len(module.transformer.transformer_blocks)
 
 
 def _with_scale(path: Path, node_part: str, ops: tuple[str, ...], factor: float) -> Path:
@@ -148,4 +146,4 @@ def test_full_depth_fp8_graph_passes_validation(exported):
 )
 def test_one_wrong_scale_fails_validation(exported, node_part, ops, factor):
     failures = _validate(exported, _with_scale(exported[-1], node_part, ops, factor))
-    assert failures and "transformer noise_pred" in failures[0]
+    assert any("of the FP8 codes of transformer.transformer_blocks.12." in f for f in failures)
