@@ -395,11 +395,12 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     job.phase("validate")
     feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
     runs = {g.stem: _run(job, g, feeds) for g in graphs}
-    fp8_run = runs[graph.stem] if quantized else None
-    if fp8_run is not None:
+    if quantized and any(not isinstance(r, str) for r in runs.values()):
         job.phase("reference")
+        fp8_run = runs[graph.stem]
+        codes = [{} for _ in cases] if isinstance(fp8_run, str) else fp8_run.codes
         module = _load(job, component, precision, quantized)
-        ref = reference.pytorch_reference(module, sp, cases, precision, fp8_run.codes)
+        ref = reference.pytorch_reference(module, sp, cases, precision, codes)
         del module
         _free_memory(job.device)
     for g in graphs:
