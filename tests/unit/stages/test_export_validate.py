@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from sd35trt.components import (
     Component,
@@ -97,3 +98,25 @@ def test_validation_tolerance_by_precision_and_quantization():
     assert validation_tolerance(sp, Precision.FP32, quantized=True) == sp.fp8_tolerance
     bf16 = validation_tolerance(sp, Precision.BF16, quantized=True)
     assert bf16.rtol > sp.fp8_tolerance.rtol and bf16.atol > sp.fp8_tolerance.atol
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_one_line_saying_why(tmp_path):
+    """ORT's NOT_IMPLEMENTED (as for a BF16 Gemm on the CPU) becomes NotValidated, not a crash."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sd35trt.stages.export import validate
+
+    i64 = TensorProto.INT64
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(n, i64, [2, 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", i64, [2, 2])],
+    )
+    path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), str(path))
+    feeds = [{"a": np.ones((2, 2), np.int64), "b": np.ones((2, 2), np.int64)}]
+    with pytest.raises(validate.NotValidated, match=r"^ONNX Runtime cannot load gemm.onnx: .*Gemm") as err:
+        validate.run_cases(path, [validate.CPU], feeds)
+    assert "\n" not in str(err.value)
