@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sd35trt.config import Precision
-from sd35trt.stages.export.tracing import FP8_MAX, fp8_quantizers, graph_scale
+from sd35trt.stages.export.tracing import FP8_MAX, fp8_quantizers, graph_scale, quantizer_backend
 
 if TYPE_CHECKING:
     import torch
@@ -135,10 +135,6 @@ def onnx_quantization(
         count: receives how many codes differed, and how.
     """
     import torch
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        register_quant_backend,
-        unregister_quant_backend,
-    )
 
     switched = fp8_quantizers(model)
     names = {id(q): name for name, q in switched.items()}
@@ -170,16 +166,8 @@ def onnx_quantization(
             own = torch.where(take, other, own)
         return own.to(inputs.dtype)
 
-    previous = [(q, q.backend) for q in switched.values()]
-    register_quant_backend(BACKEND, backend)
-    for q, _ in previous:
-        q.backend = BACKEND
-    try:
+    with quantizer_backend(switched.values(), BACKEND, backend):
         yield
-    finally:
-        for q, old in previous:
-            q.backend = old
-        unregister_quant_backend(BACKEND)
 
 
 @contextlib.contextmanager

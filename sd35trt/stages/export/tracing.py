@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -261,36 +261,41 @@ def fp8_tracing(model: nn.Module) -> Iterator[None]:
     ModelOpt's own FP8 export (``export_fp8``), so the graph is unchanged; attention quantizers
     (exported by ModelOpt's FP8 attention) are left alone.
     """
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        register_quant_backend,
-        unregister_quant_backend,
-    )
-
-    from sd35trt.models.quantize import QuantizerKind, quantizers
+    from sd35trt.models.quantize import QuantizerKind
 
     fn = _fp8_trace_function()
 
     def backend(inputs, quantizer):
         return fn.apply(inputs, float(quantizer.amax))
 
-    switched = [
-        (q, q.backend)
-        for name, q in quantizers(model).items()
-        if q.is_enabled
-        and QuantizerKind.of(name) in (QuantizerKind.WEIGHT, QuantizerKind.INPUT)
-        and tuple(q.num_bits) == (4, 3)
-        and q.amax is not None
-        and q.amax.numel() == 1
-    ]
-    register_quant_backend(TRACE_BACKEND, backend)
-    for q, _ in switched:
-        q.backend = TRACE_BACKEND
+    kinds = (QuantizerKind.WEIGHT, QuantizerKind.INPUT)
+    switched = [q for name, q in fp8_quantizers(model).items() if QuantizerKind.of(name) in kinds]
+    with quantizer_backend(switched, TRACE_BACKEND, backend):
+        yield
+
+
+@contextlib.contextmanager
+def quantizer_backend(quantizers: Iterable, name: str, backend: Callable) -> Iterator[None]:
+    """Run ``quantizers`` through ``backend`` (a ModelOpt quantizer backend, registered as ``name``).
+
+    ``backend(inputs, quantizer)`` returns the quantizer's output; the quantizers' own backends
+    and ModelOpt's registry are restored on exit.
+    """
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        register_quant_backend,
+        unregister_quant_backend,
+    )
+
+    previous = [(q, q.backend) for q in quantizers]
+    register_quant_backend(name, backend)
+    for q, _ in previous:
+        q.backend = name
     try:
         yield
     finally:
-        for q, previous in switched:
-            q.backend = previous
-        unregister_quant_backend(TRACE_BACKEND)
+        for q, old in previous:
+            q.backend = old
+        unregister_quant_backend(name)
 
 
 @contextlib.contextmanager
