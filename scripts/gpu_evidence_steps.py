@@ -396,7 +396,7 @@ def export(job: Job, config: Config, mark: Phases) -> dict:
 
     import onnx
 
-    from sd35trt.stages.export import export_component, validate
+    from sd35trt.stages.export import export_component
 
     root = model_root(config, job, mark)
     parameters = transformer_parameters(root)
@@ -407,13 +407,14 @@ def export(job: Job, config: Config, mark: Phases) -> dict:
     out.mkdir(parents=True)
     calibration = Path(job.work) / CALIBRATION_FILE if config.export.quantize else None
     t0 = time.perf_counter()
+    lines: list[str] = []
     written = export_component(
         config,
         root,
         Component.TRANSFORMER,
         out,
         calibration=calibration,
-        progress=print,
+        progress=lambda line: (lines.append(line), print(line)),
         phase=mark,
         device=job.device,
     )
@@ -425,7 +426,9 @@ def export(job: Job, config: Config, mark: Phases) -> dict:
     after_load = [v for k, v in peaks.items() if k not in EXPORT_LOAD_PHASES]
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     graphs = {p.name: onnx.load(str(p), load_external_data=False) for p in written}
-    unvalidated = validate.unsupported(config.export.precision.transformer, validate.providers())
+    unvalidated = next(
+        (line.split("not validated: ", 1)[1] for line in lines if "not validated: " in line), None
+    )
     return {
         "precision": config.export.precision.transformer.value,
         "quantized": config.export.quantize,

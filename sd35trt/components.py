@@ -514,6 +514,19 @@ def profile(
     return out
 
 
+#: Largest image side (pixels) export traces at, and the largest sides of its two validation
+#: cases. Every graph is dynamic in batch, image size and text length, so small shapes run the
+#: same graph as the profile's; at the profile's own shapes validation does not fit a machine
+#: (SD3.5 at batch 4 and 1536x1536: ONNX Runtime holds two 27.7 GB attention-score tensors).
+SAMPLE_IMAGE_SIDES = (256, 128, 192)
+#: T5 sequence lengths of the trace and of the two validation cases, at most.
+SAMPLE_T5_LENGTHS = (32, 16, 24)
+
+
+def _side(pixels: int, limit: int, multiple: int) -> int:
+    return max(multiple, min(pixels, limit) // multiple * multiple)
+
+
 def sample_shapes(
     component: Component,
     dims: ModelDims,
@@ -521,30 +534,39 @@ def sample_shapes(
     max_sequence_length: int = 256,
     skip_layers: int = 0,
 ) -> list[dict[str, tuple[int, ...]]]:
-    """Concrete input shapes export traces and validates ``component`` at.
+    """Concrete input shapes export traces and validates ``component`` at: small ones.
 
-    The first entry is the profile's ``opt`` shape (the one traced); the following ones are the
-    profile's ``min`` and ``max`` shapes, so validation covers both ends of what engines are
-    built for. A static profile (min == max) gets a second validation shape with one more batch
-    entry, so the dynamic axes are still exercised at two sizes.
+    The trace is at the profile's ``opt`` batch, the two validation cases at its ``min`` and
+    ``max`` batch (``max + 1`` when they are the same), so the batch axis is exercised at two
+    sizes. Image sides are the profile's ``opt`` / ``min`` / ``max`` capped at
+    :data:`SAMPLE_IMAGE_SIDES` and T5 lengths capped at :data:`SAMPLE_T5_LENGTHS` (trace, case 1,
+    case 2): the graph is the same at every size (the validation cases check that it is, at sizes
+    other than the traced one), and tracing and validation stay small at full size.
 
     Returns:
-        ``[trace, validation_1, validation_2, ...]``, each ``{input name: shape}``.
+        ``[trace, validation_1, validation_2]``, each ``{input name: shape}``.
 
     Raises:
         ConfigError: the build ranges don't fit the model (see :func:`profile`).
     """
-    ranges = profile(component, dims, build, max_sequence_length, skip_layers=skip_layers)
-    trace = {name: r.opt for name, r in ranges.items()}
-    checks = [{name: r.min for name, r in ranges.items()}]
-    top = {name: r.max for name, r in ranges.items()}
-    if top != checks[0]:
-        checks.append(top)
-    else:
+    profile(component, dims, build, max_sequence_length, skip_layers=skip_layers)  # refuse bad ranges
+    m = dims.size_multiple
+    shapes = []
+    for pick, side, t5 in zip(("opt", "min", "max"), SAMPLE_IMAGE_SIDES, SAMPLE_T5_LENGTHS, strict=True):
+        small = build.model_copy(
+            update={
+                "height": Range.static(_side(getattr(build.height, pick), side, m)),
+                "width": Range.static(_side(getattr(build.width, pick), side, m)),
+            }
+        )
+        ranges = profile(component, dims, small, min(max_sequence_length, t5), skip_layers=skip_layers)
+        shapes.append({name: getattr(r, pick) for name, r in ranges.items()})
+    trace, low, top = shapes
+    if [s[:1] for s in top.values()] == [s[:1] for s in low.values()]:
         sp = spec(component, dims, skip_layers if component.is_transformer else 0)
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
-        checks.append({n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()})
-    return [trace, *checks]
+        top = {n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()}
+    return [trace, low, top]
 
 
 #: Quantizers ModelOpt's diffusers plugin adds to each attention module; the ones we use.

@@ -291,7 +291,7 @@ class ValidationStatus(str, Enum):
 
     PASSED = "passed"
     FAILED = "failed"
-    SKIPPED = "skipped"  # no ONNX Runtime provider runs this precision here
+    SKIPPED = "skipped"  # not validated: ONNX Runtime cannot run the graph here (the report says why)
 
 
 class TensorSignature(RecordModel):

@@ -86,8 +86,13 @@ def test_report_has_per_output_errors_at_two_shapes(exported_run):
             assert sorted(case["outputs"]) == sorted(OUTPUTS[name])
             assert all(o["ok"] and o["max_abs"] <= o["allowed"] for o in case["outputs"].values())
     fp8 = graphs["transformer"]
-    assert fp8["validation"]["against"] == "modelopt fake quant"
-    assert fp8["validation"]["max_rel"] <= 1e-3
+    assert fp8["validation"]["against"].startswith("modelopt fake quant")
+    # the reference computes as the graph does: float32 noise, no code off a rounding tie
+    assert fp8["validation"]["max_rel"] <= 1e-5
+    assert fp8["validation"]["fp8_codes"]["far"] == 0 and list(
+        fp8["validation"]["fp8_codes"]["worst"].values()
+    ) == [0.0]
+    assert all(v["validation"]["peak_rss_bytes"] > 0 for v in graphs.values())
     # FP8 changes the numbers: the graph differs measurably from the unquantized model.
     info = [o["rel"] for c in fp8["vs_unquantized"]["cases"] for o in c["outputs"].values()]
     assert min(info) > 1e-4

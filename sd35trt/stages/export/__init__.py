@@ -40,28 +40,38 @@ Decisions:
   bfloat16 only from opset 22, so below that a BF16 graph runs those nodes in float32 between
   Casts (in the transformer only the patch embedding); Einsum, defined for no 16-bit type, is
   rewritten to Transpose where it only permutes axes.
-- **Validation of BF16 graphs** needs ONNX Runtime's CUDA provider (onnxruntime-gpu): the CPU
-  provider has no bfloat16 kernels. Without it they are exported, checked by the ONNX checker
-  and reported as ``skipped`` (with the reason), not silently passed.
+- **Validation** runs wherever export runs, at small shapes (the graphs are dynamic;
+  :func:`~sd35trt.components.sample_shapes`): BF16 graphs in their float32 form (same nodes,
+  weights and FP8 scales; ONNX Runtime has no bfloat16 kernels on the CPU nor bfloat16 FP8 Q/DQ
+  on CUDA) against PyTorch computing in float32 too; the FP8 transformer against fake quant
+  computed as the graph computes it (:mod:`sd35trt.stages.export.reference`: why the two used
+  to drift apart with depth). A graph ONNX Runtime cannot run is recorded ``skipped`` with the
+  one line saying why. The report gives each graph's peak RSS while ONNX Runtime ran it.
 
 Memory at scale (sd3.5-large transformer, 8.1 B parameters, 16.3 GB in BF16): the stage holds
 one copy of the weights, plus activations and one tensor at a time.
 
 1. Weights load from safetensors in the export precision (BF16: no FP32 copy; a BF16
-   checkpoint stays memory-mapped) and move to the GPU when there is one; restoring the
-   calibration adds one scalar per quantizer.
+   checkpoint stays memory-mapped; random weights are narrowed module by module as they are
+   drawn) and move to the GPU when there is one; restoring the calibration adds one scalar per
+   quantizer. ModelOpt is imported before any model is loaded
+   (:func:`~sd35trt.stages.export.tracing.import_modelopt`: otherwise its first import keeps the
+   transformer alive).
 2. While tracing, ModelOpt's FP8 weight and input quantizers run through a quantizer backend
    that emits the same Q/DQ symbolic but computes nothing
    (:func:`~sd35trt.stages.export.tracing.fp8_tracing`): the TorchScript tracer otherwise keeps a
    fake-quantized copy of every weight alive until it finishes (measured: +1.1x the weights).
 3. The exporter's constant folding is off (it would keep a transposed copy of each Linear
    weight); over 2 GB it writes each initializer to its own file straight from the parameter.
+   The trace is at a small shape, and glibc returns freed activations to the system
+   (:func:`~sd35trt.stages.export.tracing.limit_heap_retention`, ``malloc_trim`` after tracing).
 4. The module is freed before the ONNX side starts. Graph surgery loads the ``.onnx`` without
    external data (a few MB) and constant folding skips nodes that read external weights.
 5. Saving streams tensors one at a time into the single ``<component>.onnx.data``; with
    ``fp8_weights`` each FP8 weight is written to a scratch file as soon as it is computed.
-6. Validation references are computed before tracing, so the ONNX Runtime session never
-   coexists with the PyTorch module.
+6. The ONNX Runtime session never coexists with the PyTorch module: references are computed
+   before tracing, except the FP8 transformer's, which needs ONNX Runtime's codes: it is loaded
+   again after the session is gone.
 
 Measured on a CPU (2 cores) with an sd3.5-large-shaped transformer cut to 8 blocks (3.5 GB of
 BF16 weights, FP8 on): peak RSS 5.2 GB, 4.7 GB above the 0.5 GB of imported libraries, i.e.

@@ -63,7 +63,6 @@ __all__ = [
     "custom_ops",
     "einsum_to_transpose",
     "external_ref",
-    "float32_io",
     "fold_fp8_weights",
     "io_signature",
     "iter_tensors",
@@ -152,40 +151,6 @@ def rewrite_fp8_qdq(model: ModelProto) -> int:
         del model.opset_import[:]
         model.opset_import.extend(keep)
     return count
-
-
-def float32_io(model: ModelProto) -> ModelProto | None:
-    """A copy of ``model`` whose bfloat16 inputs and outputs are float32, or None if it has none.
-
-    Casts at the edges keep the compute in bfloat16; names are unchanged. Only the graph is
-    copied (``model`` is loaded without external data, locations stay relative).
-    """
-    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-    edges = [v for v in (*model.graph.input, *model.graph.output) if v.type.tensor_type.elem_type == bf16]
-    if not edges:
-        return None
-    out = ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == bf16}
-    outputs = {v.name for v in graph.output if v.type.tensor_type.elem_type == bf16}
-    inner = {name: f"{name}__bfloat16" for name in inputs | outputs}
-    for node in graph.node:
-        node.input[:] = [inner.get(n, n) for n in node.input]
-        node.output[:] = [inner.get(n, n) for n in node.output]
-    casts = [
-        helper.make_node("Cast", [n], [inner[n]], name=f"{n}/to_bfloat16", to=bf16) for n in sorted(inputs)
-    ]
-    tail = [
-        helper.make_node("Cast", [inner[n]], [n], name=f"{n}/to_float32", to=f32) for n in sorted(outputs)
-    ]
-    nodes = [*casts, *graph.node, *tail]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for v in (*graph.input, *graph.output):
-        if v.name in inner:
-            v.type.tensor_type.elem_type = f32
-    return out
 
 
 def custom_ops(model: ModelProto) -> set[str]:

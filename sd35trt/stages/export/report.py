@@ -13,6 +13,9 @@ from typing import Any
 def report_line(label: str, graphs: Sequence[Any]) -> str:
     """``label: <stem> <MiB> <precision>[ + fp8], max rel err <e> (...); ... (<s> s)`` for one component.
 
+    The validation part also says when a BF16 graph was validated in its float32 form and the
+    peak RSS of the process while ONNX Runtime ran the graph (what validation needed).
+
     Args:
         label: e.g. ``[4/5] transformer``.
         graphs: the component's exported graphs (the stage's ``_Graph`` records), first the main one.
@@ -21,7 +24,12 @@ def report_line(label: str, graphs: Sequence[Any]) -> str:
     for g in graphs:
         size = sum(p.stat().st_size for p in g.files) / (1 << 20)
         v = g.validation
-        check = "not validated" if v.get("status") == "skipped" else f"max rel err {float(v['max_rel']):.2g}"
+        if v.get("status") == "skipped":
+            check = "not validated"
+        else:
+            compute = " (float32 form)" if v.get("compute") == "float32" else ""
+            memory = f", {v['peak_rss_bytes'] / (1 << 30):.1f} GiB RSS" if v.get("peak_rss_bytes") else ""
+            check = f"max rel err {float(v['max_rel']):.2g}{compute}{memory}"
         blocks = f" (fp32 blocks {list(g.fp32_blocks)})" if g.fp32_blocks else ""
         fp8 = " + fp8" if g.quantized else ""
         parts.append(f"{g.stem} {size:.1f} MiB {g.precision.value}{blocks}{fp8}, {check}")

@@ -51,10 +51,10 @@ from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress,
 from sd35trt.stages.export.report import report_json, report_line
 
 if TYPE_CHECKING:
-    import numpy as np
     from onnx import ModelProto
 
     from sd35trt.models.loading import ResolvedModel
+    from sd35trt.stages.export import validate
 
 REPORT_FILE = "export_report.json"
 #: File stem of the transformer graph without Q/DQ, exported beside the FP8 one.
@@ -104,16 +104,6 @@ class _Graph:
     def external_data(self) -> Path | None:
         own = next((p for p in self.files if p.suffix == ".data"), None)
         return own or self.shared_data
-
-
-@dataclass
-class _Reference:
-    """Inputs and PyTorch outputs of the validation cases."""
-
-    shapes: list[dict[str, tuple[int, ...]]]
-    feeds: list[dict[str, np.ndarray]]
-    outputs: list[dict[str, np.ndarray]]
-    unquantized: list[dict[str, np.ndarray]] | None
 
 
 class _Export(StageSpec):
@@ -279,6 +269,9 @@ def _make_job(
 ) -> _Job:
     from sd35trt.stages.export import onnx_tools, tracing, validate
 
+    tracing.limit_heap_retention()
+    if config.export.quantize:
+        tracing.import_modelopt()
     return _Job(
         config=config,
         root=root,
@@ -316,8 +309,13 @@ def unquantized_stem(component: Component) -> str:
 
 
 def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
-    """Trace, process, save and validate one component (two graphs for the FP8 transformer)."""
-    from sd35trt.stages.export import onnx_tools, tracing, validate
+    """Trace, process, save and validate one component (two graphs for the FP8 transformer).
+
+    An FP8 transformer is loaded twice: once to trace, and again after ONNX Runtime has run, as
+    its reference follows ONNX Runtime's FP8 codes one step away
+    (:mod:`sd35trt.stages.export.reference`); the module and the session never coexist.
+    """
+    from sd35trt.stages.export import onnx_tools, reference, tracing, validate
 
     t0 = time.perf_counter()
     config = job.config
@@ -334,26 +332,19 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     trace_opset = min(opset, tracing.max_trace_opset())
     raw = job.scratch / component.value / f"{component.value}.onnx"
     raw.parent.mkdir(parents=True)
-    skipped = validate.unsupported(precision, job.providers)
-    if skipped is not None:
-        job.progress(f"warning: {component.value} will not be validated: {skipped}")
 
     job.phase("load")
-    module = tracing.load_module(
-        config,
-        job.root,
-        component,
-        precision,
-        job.device,
-        job.slg,
-        job.calibration if quantized else None,
-        job.loras,
-    )
-    if skipped is None:
-        job.phase("reference")
-    ref = None if skipped else _reference(module, sp, check_shapes, precision, job.device, quantized)
-    job.phase("trace")
+    module = _load(job, component, precision, quantized)
     vocab = tracing.vocab_size(module)
+    cases = [
+        tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=job.device)
+        for i, s in enumerate(check_shapes, 1)
+    ]
+    ref = None
+    if not quantized:
+        job.phase("reference")
+        ref = reference.pytorch_reference(module, sp, cases, precision)
+    job.phase("trace")
     sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
     with tracing.fp8_tracing(module) if quantized else contextlib.nullcontext():
         tracing.trace(module, sp, sample, raw, trace_opset)
@@ -379,21 +370,6 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     path = job.out / f"{component.value}.onnx"
     job.phase("save")
     _save(job, graph, model, raw, path, sp)
-    tol = validation_tolerance(sp, precision, quantized)
-    if ref is None:
-        graph.validation = {"status": "skipped", "reason": skipped}
-    else:
-        job.phase("validate")
-        against = "modelopt fake quant" if quantized else "pytorch"
-        graph.validation, failures = validate.validate_graph(
-            path, job.providers, graph.stem, ref.shapes, ref.feeds, ref.outputs, tol, against
-        )
-        graph.failures += failures
-        if ref.unquantized is not None:
-            graph.information = validate.information(
-                path, job.providers, ref.shapes, ref.feeds, ref.unquantized
-            )
-    graph.seconds = time.perf_counter() - t0
     graphs = [graph]
     if quantized and not config.export.fp8_weights:
         # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
@@ -403,45 +379,75 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
         plain = _Graph(stem, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
         upath = job.out / f"{stem}.onnx"
         _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
-        tol = validation_tolerance(sp, precision)
-        if ref is None or ref.unquantized is None:
-            plain.validation = {"status": "skipped", "reason": skipped}
-        else:
-            plain.validation, failures = validate.validate_graph(
-                upath, job.providers, plain.stem, ref.shapes, ref.feeds, ref.unquantized, tol, "pytorch"
-            )
-            plain.failures += failures
         graphs.append(plain)
+    del model
+
+    job.phase("validate")
+    feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
+    runs = {g.stem: _run(job, g, feeds) for g in graphs}
+    if quantized and any(not isinstance(r, str) for r in runs.values()):
+        job.phase("reference")
+        fp8_run = runs[graph.stem]
+        codes = [{} for _ in cases] if isinstance(fp8_run, str) else fp8_run.codes
+        module = _load(job, component, precision, quantized)
+        ref = reference.pytorch_reference(module, sp, cases, precision, codes)
+        del module
+        _free_memory(job.device)
+    for g in graphs:
+        g_run = runs[g.stem]
+        if isinstance(g_run, str):
+            g.validation = {"status": "skipped", "reason": g_run}
+            continue
+        fp8 = g.quantized
+        tol = validation_tolerance(sp, Precision.FP32 if g_run.compute == "float32" else precision, fp8)
+        want = ref.outputs if fp8 or not quantized else ref.unquantized
+        g.validation, failures = validate.check_cases(
+            g_run, g.stem, check_shapes, want, tol, ref.against(fp8)
+        )
+        g.failures += failures
+        if fp8:
+            g.validation["fp8_codes"] = ref.codes.to_json()
+            if (why := ref.codes.failure(g.stem)) is not None:
+                g.validation["status"] = "failed"
+                g.failures.append(why)
+            g.information = validate.information(g_run, check_shapes, ref.unquantized)
+    graph.seconds = time.perf_counter() - t0
     shutil.rmtree(raw.parent, ignore_errors=True)
     job.progress(report_line(label, graphs))
     return graphs
 
 
-def _reference(
-    module, sp: ComponentSpec, shapes, precision: Precision, device: str, quantized: bool
-) -> _Reference:
-    """Fresh inputs at each validation shape and the module's outputs for them.
-
-    Computed before tracing, so the PyTorch module is gone when ONNX Runtime loads the graph.
-    """
+def _load(job: _Job, component: Component, precision: Precision, quantized: bool):
     from sd35trt.stages.export import tracing
 
-    vocab = tracing.vocab_size(module)
-    cases = [
-        tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=device)
-        for i, s in enumerate(shapes, 1)
-    ]
-    outputs = [tracing.reference(module, sp, c) for c in cases]
-    unquantized = None
-    if quantized:
-        with tracing.quantizers_disabled(module):
-            unquantized = [tracing.reference(module, sp, c) for c in cases]
-    feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
-    return _Reference(shapes, feeds, outputs, unquantized)
+    return tracing.load_module(
+        job.config,
+        job.root,
+        component,
+        precision,
+        job.device,
+        job.slg,
+        job.calibration if quantized else None,
+        job.loras,
+    )
+
+
+def _run(job: _Job, graph: _Graph, feeds: list) -> validate.GraphRun | str:
+    """ONNX Runtime's results for ``graph``, or the one line saying why it cannot run here."""
+    from sd35trt.stages.export import validate
+
+    try:
+        return validate.run_cases(job.out / f"{graph.stem}.onnx", job.providers, feeds, codes=graph.quantized)
+    except validate.NotValidated as err:
+        job.progress(f"warning: {graph.stem} not validated: {err}")
+        return f"not validated: {err}"
 
 
 def _free_memory(device: str) -> None:
+    from sd35trt.stages.export import tracing
+
     gc.collect()
+    tracing.trim_heap()
     if device.startswith("cuda"):
         import torch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +23,53 @@ if TYPE_CHECKING:
     from torch import nn
 
     from sd35trt.models.lora import ResolvedLora
+#: Largest finite FP8 E4M3FN magnitude: ModelOpt's FP8 scale is ``amax / FP8_MAX``.
+FP8_MAX = 448.0
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
+
+
+def import_modelopt() -> None:
+    """Import ModelOpt now, before any frame holds a model.
+
+    On its first import ModelOpt's dependency ``pulp`` keeps the exceptions of its optional
+    solvers (``No module named 'cplex'``); their tracebacks reference the importing frame and,
+    through ``f_back``, every caller's frame with its locals. Imported inside
+    ``restore_calibration`` it kept the whole transformer alive through the ONNX side of export.
+    """
+    import modelopt.torch.quantization  # noqa: F401
+
+
+def limit_heap_retention() -> None:
+    """Have glibc return large freed blocks to the system (no effect elsewhere).
+
+    Tracing on the CPU frees activations that glibc's heap otherwise keeps (+4.2 GiB after a
+    10-block SD3.5-large trace at 1024x1024): ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` serves blocks
+    of 1 MiB and more with mmap, given back on free, like ``MALLOC_MMAP_THRESHOLD_=1048576``.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Return the free top of glibc's heap to the system (``malloc_trim(0)``; no effect elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
@@ -112,6 +157,9 @@ def check_fp8_attention(precision: Precision) -> None:
 def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, calibration: Path) -> None:
     """Re-insert the calibrated FP8 quantizers (ModelOpt fake quant) into ``transformer``.
 
+    In a 16-bit export each amax then moves to the scale the graph stores (:func:`snap_amax`), so
+    fake quant and the graph quantize on the same grid.
+
     Raises:
         ConfigError: ``calibrate.fp8_attention`` with a float32 export (ModelOpt writes FP8
             attention for 16-bit graphs only, the layout TensorRT's fused kernels need).
@@ -123,11 +171,61 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
     if config.calibrate.fp8_attention:
         check_fp8_attention(precision)
     restore_calibration(transformer, config.calibrate, calibration)
+    snap_amax(transformer, precision)
     if config.calibrate.fp8_attention:
         # ModelOpt's FP8 attention export checks its quantizers were set to the graph's dtype.
         for name, q in quantizers(transformer).items():
             if name.rsplit(".", 1)[-1] in ATTENTION_QUANTIZERS:
                 q.trt_high_precision_dtype = _MODELOPT_DTYPE[precision]
+
+
+def graph_scale(amax: float, precision: Precision) -> float:
+    """The scale ModelOpt's FP8 export writes for ``amax`` into a graph of ``precision``.
+
+    ``1 / (448 / amax)`` in Python floats, then stored in the graph's dtype (ModelOpt's
+    ``export_fp8``: a float32 tensor cast to the input's dtype).
+
+    Returns:
+        The stored scale, as a Python float.
+    """
+    import torch
+
+    scale = torch.tensor(1.0 / (FP8_MAX / float(amax)))
+    return float(scale.to(torch_dtype(precision)).float())
+
+
+def fp8_quantizers(model: nn.Module) -> dict[str, object]:
+    """Enabled per-tensor FP8 E4M3 quantizers of ``model`` with an amax, by module name."""
+    from sd35trt.models.quantize import FP8_E4M3, quantizers
+
+    return {
+        name: q
+        for name, q in quantizers(model).items()
+        if q.is_enabled and tuple(q.num_bits) == FP8_E4M3 and q.amax is not None and q.amax.numel() == 1
+    }
+
+
+def snap_amax(model: nn.Module, precision: Precision) -> int:
+    """Move each FP8 quantizer's amax to ``448 * scale`` of the scale a 16-bit graph stores.
+
+    A BF16 graph keeps ``amax / 448`` rounded to BF16 (relative change up to 2**-9); with the amax
+    moved there, fake quant and the graph quantize on the same grid. Float32 graphs store the
+    float32 scale: nothing changes.
+
+    Returns:
+        The number of quantizers whose amax changed.
+    """
+    import torch
+
+    if precision is Precision.FP32:
+        return 0
+    changed = 0
+    for q in fp8_quantizers(model).values():
+        snapped = FP8_MAX * graph_scale(float(q.amax), precision)  # exact in float32
+        if snapped != float(q.amax):
+            q.amax = torch.tensor(snapped, dtype=torch.float32, device=q.amax.device)
+            changed += 1
+    return changed
 
 
 #: The ModelOpt quantizer backend :func:`fp8_tracing` switches weights and inputs to.
@@ -164,37 +262,41 @@ def fp8_tracing(model: nn.Module) -> Iterator[None]:
     ModelOpt's own FP8 export (``export_fp8``), so the graph is unchanged; attention quantizers
     (exported by ModelOpt's FP8 attention) are left alone.
     """
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        register_quant_backend,
-        unregister_quant_backend,
-    )
-
     from sd35trt.components import QuantizerKind
-    from sd35trt.models.quantize import quantizers
 
     fn = _fp8_trace_function()
 
     def backend(inputs, quantizer):
         return fn.apply(inputs, float(quantizer.amax))
 
-    switched = [
-        (q, q.backend)
-        for name, q in quantizers(model).items()
-        if q.is_enabled
-        and QuantizerKind.of(name) in (QuantizerKind.WEIGHT, QuantizerKind.INPUT)
-        and tuple(q.num_bits) == (4, 3)
-        and q.amax is not None
-        and q.amax.numel() == 1
-    ]
-    register_quant_backend(TRACE_BACKEND, backend)
-    for q, _ in switched:
-        q.backend = TRACE_BACKEND
+    kinds = (QuantizerKind.WEIGHT, QuantizerKind.INPUT)
+    switched = [q for name, q in fp8_quantizers(model).items() if QuantizerKind.of(name) in kinds]
+    with quantizer_backend(switched, TRACE_BACKEND, backend):
+        yield
+
+
+@contextlib.contextmanager
+def quantizer_backend(quantizers: Iterable, name: str, backend: Callable) -> Iterator[None]:
+    """Run ``quantizers`` through ``backend`` (a ModelOpt quantizer backend, registered as ``name``).
+
+    ``backend(inputs, quantizer)`` returns the quantizer's output; the quantizers' own backends
+    and ModelOpt's registry are restored on exit.
+    """
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        register_quant_backend,
+        unregister_quant_backend,
+    )
+
+    previous = [(q, q.backend) for q in quantizers]
+    register_quant_backend(name, backend)
+    for q, _ in previous:
+        q.backend = name
     try:
         yield
     finally:
-        for q, previous in switched:
-            q.backend = previous
-        unregister_quant_backend(TRACE_BACKEND)
+        for q, old in previous:
+            q.backend = old
+        unregister_quant_backend(name)
 
 
 @contextlib.contextmanager

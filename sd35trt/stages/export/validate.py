@@ -1,32 +1,53 @@
 """Numerical validation of exported graphs: ONNX Runtime against the PyTorch module.
 
-Each component runs in ONNX Runtime (CUDA where onnxruntime-gpu sees a GPU, else CPU) at basic
-graph optimization, on the same fresh random inputs as its PyTorch module, at two or more
-shapes. Per output the report keeps ``max|onnx - torch|``, ``max|torch|`` and the allowed error
-``atol + rtol * max|torch|`` of the component's :class:`~sd35trt.components.Tolerance`.
+Each graph runs in ONNX Runtime (CUDA where onnxruntime-gpu sees a GPU, else CPU) at basic graph
+optimization, on the same fresh random inputs as its PyTorch module, at small shapes (see
+:func:`~sd35trt.components.sample_shapes`). Per output the report keeps ``max|onnx - torch|``,
+``max|torch|`` and the allowed error ``atol + rtol * max|torch|`` of the component's
+:class:`~sd35trt.components.Tolerance`.
 
-Basic optimization is deliberate: ORT's extended levels fuse ``DequantizeLinear + MatMul``
-into integer-only kernels that have no FP8 implementation and fail.
+- **BF16 graphs run in their float32 form** (:func:`float32_form`): the same nodes, weights and
+  FP8 scales, computed in float32. ONNX Runtime's CPU provider has no bfloat16 kernels and its
+  CUDA provider no bfloat16 FP8 Q/DQ, so this is the form that runs wherever export runs; the
+  PyTorch reference computes the same way (:func:`~sd35trt.stages.export.reference.float32_compute`).
+- **FP8 graphs** also return the FP8 codes of every activation quantizer, for the reference's
+  rounding ties (:mod:`sd35trt.stages.export.reference`).
+- A graph ONNX Runtime cannot load or run raises :class:`NotValidated` (one line: why); the
+  stage records it as not validated.
+- Basic optimization is deliberate: ORT's extended levels fuse ``DequantizeLinear + MatMul``
+  into integer-only kernels that have no FP8 implementation and fail (up to ORT 1.31); two basic
+  optimizers are off (:data:`DISABLED_OPTIMIZERS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from sd35trt.components import Tolerance
-from sd35trt.config import Precision
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+#: ONNX Runtime optimizers left off. ConstantFolding would store a float32 copy of every BF16
+#: weight the float32 form casts; CastElimination (ORT 1.32) removes a float32 -> float32 Cast
+#: (the float32 form of a BF16 -> float32 one) without rewiring its consumers, and the session fails.
+DISABLED_OPTIMIZERS = ["ConstantFolding", "CastElimination"]
+
+
+class NotValidated(Exception):
+    """ONNX Runtime cannot load or run the graph here; the message says why (one line)."""
 
 
 def providers() -> list[str]:
@@ -40,26 +61,169 @@ def providers() -> list[str]:
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 
-def unsupported(precision: Precision, available: list[str]) -> str | None:
-    """Why ONNX Runtime can't run a graph of ``precision`` with ``available`` providers.
+def float32_form(model: ModelProto) -> ModelProto | None:
+    """The graph computed in float32: every bfloat16 tensor becomes float32, values unchanged.
+
+    BF16 initializers stay as stored (external data included: nothing is copied) and get a Cast
+    to float32; bfloat16 Constants, Casts, inputs, outputs and value infos become float32. FP8
+    initializers, Q/DQ zero points and every node are kept, so the float32 form holds the same
+    weights and scales (BF16 -> float32 is exact) and differs only in the dtype of the compute.
+
+    Args:
+        model: the graph, loaded without external data (locations stay relative).
 
     Returns:
-        The reason (for the report), or None when validation can run.
+        A copy in float32, or None when the graph has no bfloat16 tensor.
     """
-    if precision is Precision.BF16 and CUDA not in available:
-        return (
-            "ONNX Runtime's CPU provider has no bfloat16 kernels (Conv, MatMul); "
-            "install onnxruntime-gpu on a CUDA machine to validate bf16 graphs"
-        )
-    return None
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    out = ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    changed = False
+    casts = []
+    wide = {}
+    for t in graph.initializer:
+        if t.data_type == bf16:
+            wide[t.name] = f"{t.name}__float32"
+            casts.append(
+                helper.make_node("Cast", [t.name], [wide[t.name]], name=f"{t.name}/to_float32", to=f32)
+            )
+    for node in graph.node:
+        node.input[:] = [wide.get(n, n) for n in node.input]
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == bf16:
+                attr.i, changed = f32, True
+            if attr.HasField("t") and attr.t.data_type == bf16:
+                attr.t.CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name)
+                )
+                changed = True
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        if v.type.tensor_type.elem_type == bf16:
+            v.type.tensor_type.elem_type, changed = f32, True
+    if not (changed or casts):
+        return None
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+def quantizer_name(node_name: str) -> str:
+    """The PyTorch module name of the quantizer a traced Q/DQ node came from.
+
+    ``/transformer/transformer_blocks.0/attn/to_q/input_quantizer/TRT_FP8QuantizeLinear`` ->
+    ``transformer.transformer_blocks.0.attn.to_q.input_quantizer`` (the tracer's scope names).
+    """
+    return ".".join(node_name.strip("/").split("/")[:-1])
+
+
+def activation_codes(model: ModelProto) -> dict[str, str]:
+    """FP8 code tensors of the activation quantizers: ``{QuantizeLinear output: quantizer name}``.
+
+    Activation quantizers are the QuantizeLinear nodes whose input is computed (not an
+    initializer, nor a Cast of one).
+    """
+    graph = model.graph
+    stored = {t.name for t in graph.initializer}
+    stored |= {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in stored}
+    return {
+        n.output[0]: quantizer_name(n.name)
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and n.domain in _DEFAULT_DOMAINS and n.input[0] not in stored
+    }
+
+
+@contextlib.contextmanager
+def rss_peak(into: list[int]) -> Iterator[None]:
+    """Append the peak resident memory (bytes) of this process over the block to ``into``.
+
+    Sampled every 20 ms from ``/proc/self/statm`` (Linux); nothing is appended elsewhere.
+    """
+    import os
+
+    statm = Path("/proc/self/statm")
+    if not statm.is_file():
+        yield
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], int(statm.read_text().split()[1]) * page)
+            if done.wait(0.02):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sample_now = int(statm.read_text().split()[1]) * page
+        into.append(max(peak[0], sample_now))
+
+
+@dataclass
+class GraphRun:
+    """ONNX Runtime's results for the validation cases of one graph.
+
+    Attributes:
+        outputs: per case, the graph's outputs by name, as float32.
+        codes: per case, the FP8 codes (uint8 bit patterns) of each activation quantizer by
+            quantizer name (empty unless asked for).
+        providers: the providers the session ran on.
+        compute: ``float32`` when a BF16 graph ran in its float32 form, else ``graph``.
+        peak_rss: peak resident memory of this process (bytes) while the session loaded and ran.
+    """
+
+    outputs: list[dict[str, np.ndarray]]
+    codes: list[dict[str, np.ndarray]] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+    compute: str = "graph"
+    peak_rss: int | None = None
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = (
+        "Fail",
+        "NotImplemented",
+        "InvalidGraph",
+        "InvalidArgument",
+        "RuntimeException",
+        "EPFail",
+        "NoSuchFile",
+    )
+    return (*(getattr(state, n) for n in names if hasattr(state, n)), MemoryError)
 
 
 def session(path: Path, available: list[str]) -> ort.InferenceSession:
-    """An ONNX Runtime session on the file at ``path`` (external data read beside it).
+    """An ONNX Runtime session on the file at ``path``: a BF16 graph in its :func:`float32_form`.
 
-    numpy has no bfloat16, so a graph with bfloat16 inputs or outputs is opened through a
-    float32-I/O copy of its graph (:func:`~sd35trt.stages.export.onnx_tools.float32_io`; the compute
-    stays bfloat16), written beside it only while the session loads.
+    Raises:
+        NotValidated: ONNX Runtime refuses the graph (naming its error).
+    """
+    return _open(path, available, codes=False)[0]
+
+
+def _open(path: Path, available: list[str], codes: bool) -> tuple[ort.InferenceSession, dict[str, str], str]:
+    """A session on ``path`` (external data read beside it), and what it computes.
+
+    A BF16 graph is opened in its :func:`float32_form`; with ``codes`` the FP8 codes of its
+    activation quantizers are graph outputs too. Such a modified graph is written beside ``path``
+    (its external data locations are relative) only while the session loads.
+
+    Returns:
+        The session, ``{code output: quantizer name}`` (empty without ``codes``) and the compute
+        dtype (``float32`` for the float32 form, else ``graph``).
+
+    Raises:
+        NotValidated: ONNX Runtime refuses the graph (naming its error).
     """
     import onnxruntime as ort
 
@@ -69,30 +233,78 @@ def session(path: Path, available: list[str]) -> ort.InferenceSession:
     ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    wrapped = onnx_tools.float32_io(onnx_tools.check_external_data(path))
-    if wrapped is None:
-        return ort.InferenceSession(str(path), options, providers=available)
-    temporary = path.with_name(f".{path.stem}.float32-io.onnx")
+    model = onnx_tools.check_external_data(path)
+    wide = float32_form(model)
+    graph = wide or model
+    names = activation_codes(graph) if codes else {}
+    for name in names:
+        graph.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT8E4M3FN, None))
+    kwargs = {"providers": available, "disabled_optimizers": DISABLED_OPTIMIZERS}
+    compute = "graph" if wide is None else "float32"
     try:
-        wrapped_bytes = wrapped.SerializeToString()
-        temporary.write_bytes(wrapped_bytes)
-        return ort.InferenceSession(str(temporary), options, providers=available)
-    finally:
-        temporary.unlink(missing_ok=True)
+        if wide is None and not names:
+            return ort.InferenceSession(str(path), options, **kwargs), names, compute
+        temporary = path.with_name(f".{path.stem}.validation.onnx")
+        try:
+            temporary.write_bytes(graph.SerializeToString())
+            return ort.InferenceSession(str(temporary), options, **kwargs), names, compute
+        finally:
+            temporary.unlink(missing_ok=True)
+    except _ort_errors() as err:
+        raise NotValidated(f"ONNX Runtime cannot load {path.name}: {str(err).splitlines()[0]}") from None
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``sess`` on ``feeds`` (float32 or int64 numpy; cast to float16 where the graph says).
 
     Returns:
-        Every output by name, as float32.
+        Every output by name: float outputs as float32, FP8 ones as their uint8 bit patterns.
     """
     typed = {}
     for meta in sess.get_inputs():
         x = feeds[meta.name]
         typed[meta.name] = x.astype(np.float16) if meta.type == "tensor(float16)" else x
     names = [o.name for o in sess.get_outputs()]
-    return {n: np.asarray(v).astype(np.float32) for n, v in zip(names, sess.run(names, typed), strict=True)}
+    out = {}
+    for n, v in zip(names, sess.run(names, typed), strict=True):
+        v = np.asarray(v)
+        out[n] = v if v.dtype == np.uint8 else v.astype(np.float32)
+    return out
+
+
+def run_cases(
+    path: Path, available: list[str], feeds: Sequence[Mapping[str, np.ndarray]], codes: bool = False
+) -> GraphRun:
+    """Run the graph at ``path`` on every validation case.
+
+    Args:
+        path: the exported graph.
+        available: ONNX Runtime providers (:func:`providers`).
+        feeds: per case, the inputs by name.
+        codes: also return the FP8 codes of the activation quantizers (FP8 graphs).
+
+    Returns:
+        The :class:`GraphRun`.
+
+    Raises:
+        NotValidated: ONNX Runtime cannot load or run the graph (naming its error).
+    """
+    peak: list[int] = []
+    with rss_peak(peak):
+        sess, names, compute = _open(path, available, codes)
+        outputs, found = [], []
+        for case in feeds:
+            try:
+                got = run(sess, case)
+            except _ort_errors() as err:
+                raise NotValidated(
+                    f"ONNX Runtime cannot run {path.name}: {str(err).splitlines()[0]}"
+                ) from None
+            found.append({q: got.pop(name) for name, q in names.items()})
+            outputs.append(got)
+        ran_on = sess.get_providers()
+        del sess
+    return GraphRun(outputs, found if codes else [], ran_on, compute, peak[0] if peak else None)
 
 
 @dataclass(frozen=True)
@@ -164,35 +376,32 @@ def describe_failure(where: str, shapes: Mapping[str, tuple[int, ...]], check: O
     )
 
 
-def validate_graph(
-    path: Path,
-    available: list[str],
+def check_cases(
+    graph_run: GraphRun,
     stem: str,
     shapes: Sequence[Mapping[str, tuple[int, ...]]],
-    feeds: Sequence[Mapping[str, np.ndarray]],
     expected: Sequence[Mapping[str, np.ndarray]],
     tol: Tolerance,
     against: str,
 ) -> tuple[dict, list[str]]:
-    """Run the graph at ``path`` on every validation case and compare it with ``expected``.
+    """Compare ONNX Runtime's results with PyTorch's, case by case.
 
     Args:
-        path: the exported graph.
-        available: ONNX Runtime providers (:func:`providers`).
+        graph_run: the graph's results (:func:`run_cases`).
         stem: the graph's name in failure messages.
-        shapes, feeds, expected: per case, the input shapes, the inputs and the PyTorch outputs.
+        shapes, expected: per case, the input shapes and the PyTorch outputs.
         tol: the tolerance every output is held to.
         against: what ``expected`` is, for the report (``pytorch``, ``modelopt fake quant``).
 
     Returns:
-        The report entry (status, providers, tolerance, worst relative error, per-case outputs)
-        and one :func:`describe_failure` line per output over the tolerance.
+        The report entry (status, providers, compute dtype, tolerance, worst relative error,
+        peak memory, per-case outputs) and one :func:`describe_failure` line per output over the
+        tolerance.
     """
-    sess = session(path, available)
     cases, failures = [], []
     worst = 0.0
-    for case_shapes, case_feeds, want in zip(shapes, feeds, expected, strict=True):
-        checks = compare(run(sess, case_feeds), want, tol)
+    for case_shapes, got, want in zip(shapes, graph_run.outputs, expected, strict=True):
+        checks = compare(got, want, tol)
         cases.append(
             {
                 "shapes": {k: list(v) for k, v in case_shapes.items()},
@@ -204,26 +413,25 @@ def validate_graph(
     entry = {
         "status": "failed" if failures else "passed",
         "against": against,
-        "providers": sess.get_providers(),
+        "providers": graph_run.providers,
+        "compute": graph_run.compute,
         "tolerance": {"rtol": tol.rtol, "atol": tol.atol},
         "max_rel": json_float(worst),
+        "peak_rss_bytes": graph_run.peak_rss,
         "cases": cases,
     }
     return entry, failures
 
 
 def information(
-    path: Path,
-    available: list[str],
+    graph_run: GraphRun,
     shapes: Sequence[Mapping[str, tuple[int, ...]]],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    unquantized: Sequence[Mapping[str, np.ndarray]] | None,
+    unquantized: Sequence[Mapping[str, np.ndarray]],
 ) -> dict:
     """The FP8 graph against the unquantized PyTorch model: the quantization error, for information."""
-    sess = session(path, available)
     cases = []
-    for case_shapes, case_feeds, want in zip(shapes, feeds, unquantized or [], strict=True):
-        checks = compare(run(sess, case_feeds), want, Tolerance(rtol=0.0, atol=0.0))
+    for case_shapes, got, want in zip(shapes, graph_run.outputs, unquantized, strict=True):
+        checks = compare(got, want, Tolerance(rtol=0.0, atol=0.0))
         outputs = {c.output: {k: c.to_json()[k] for k in ("max_abs", "max_ref", "rel")} for c in checks}
         cases.append({"shapes": {k: list(v) for k, v in case_shapes.items()}, "outputs": outputs})
     return {"against": "unquantized pytorch", "cases": cases}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from sd35trt.components import (
     Component,
@@ -51,9 +52,26 @@ def test_sample_shapes_trace_at_opt_and_validate_at_both_ends_of_the_profile():
     build = BuildSettings(height=Range(min=64, opt=128, max=256), width=Range(min=64, opt=128, max=256))
     trace, *checks = sample_shapes(Component.TRANSFORMER, DIMS, build, max_sequence_length=256, skip_layers=1)
     assert trace["hidden_states"] == (2, 16, 16, 16)
-    assert [c["hidden_states"] for c in checks] == [(1, 16, 8, 8), (4, 16, 32, 32)]
-    assert all(c["encoder_hidden_states"] == (c["hidden_states"][0], 333, 96) for c in checks)
+    # batch min / max, image sides min(64, 128) / min(256, 192): small, and each unlike the trace
+    assert [c["hidden_states"] for c in checks] == [(1, 16, 8, 8), (4, 16, 24, 24)]
+    # T5 lengths capped at 32 (trace), 16 and 24: 77 CLIP tokens + those
+    assert [s["encoder_hidden_states"][1] for s in (trace, *checks)] == [109, 93, 101]
+    assert all(
+        c["encoder_hidden_states"] == (c["hidden_states"][0], c["encoder_hidden_states"][1], 96)
+        for c in checks
+    )
     assert all(c["skip_layers"] == (1,) for c in checks)
+
+
+def test_full_size_profiles_are_traced_and_validated_at_small_shapes():
+    """sd3.5 at a static 1024x1024 profile: traced at 256, validated at 128 and 192 pixels."""
+    from sd35trt.config import Architecture
+    from sd35trt.models.tiny import model_dims
+
+    dims = model_dims(Architecture.SD35_LARGE)
+    static = BuildSettings(batch=Range.static(1), height=Range.static(1024), width=Range.static(1024))
+    shapes = sample_shapes(Component.TRANSFORMER, dims, static)
+    assert [s["hidden_states"] for s in shapes] == [(2, 16, 32, 32), (1, 16, 16, 16), (2, 16, 24, 24)]
 
 
 def test_a_static_profile_still_gets_a_second_validation_shape():
@@ -80,3 +98,25 @@ def test_validation_tolerance_by_precision_and_quantization():
     assert validation_tolerance(sp, Precision.FP32, quantized=True) == sp.fp8_tolerance
     bf16 = validation_tolerance(sp, Precision.BF16, quantized=True)
     assert bf16.rtol > sp.fp8_tolerance.rtol and bf16.atol > sp.fp8_tolerance.atol
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_one_line_saying_why(tmp_path):
+    """ORT's NOT_IMPLEMENTED (as for a BF16 Gemm on the CPU) becomes NotValidated, not a crash."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sd35trt.stages.export import validate
+
+    i64 = TensorProto.INT64
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(n, i64, [2, 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", i64, [2, 2])],
+    )
+    path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), str(path))
+    feeds = [{"a": np.ones((2, 2), np.int64), "b": np.ones((2, 2), np.int64)}]
+    with pytest.raises(validate.NotValidated, match=r"^ONNX Runtime cannot load gemm.onnx: .*Gemm") as err:
+        validate.run_cases(path, [validate.CPU], feeds)
+    assert "\n" not in str(err.value)
