@@ -38,7 +38,8 @@ class Component(str, Enum):
     """The exported components of an SD3.5 pipeline, in execution order.
 
     The VAE encoder is the image-to-image input: engines built before it existed lack it, and
-    text-to-image needs only the other five (:attr:`required`).
+    text-to-image needs only the other five (:attr:`required`). The ControlNet
+    (diffusers' ``SD3ControlNetModel``) is exported only when ``model.controlnet`` is set.
     """
 
     CLIP_L = "clip_l"
@@ -47,6 +48,7 @@ class Component(str, Enum):
     TRANSFORMER = "transformer"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
+    CONTROLNET = "controlnet"
 
     @property
     def is_text_encoder(self) -> bool:
@@ -54,8 +56,14 @@ class Component(str, Enum):
 
     @property
     def required(self) -> bool:
-        """Whether every engine set has it (text-to-image); the VAE encoder is optional."""
-        return self is not Component.VAE_ENCODER
+        """Whether every engine set has it (text-to-image); the VAE encoder and ControlNet are optional."""
+        return self not in (Component.VAE_ENCODER, Component.CONTROLNET)
+
+
+def exported_components(controlnet: bool) -> tuple[Component, ...]:
+    """The components export writes, in execution order: all but the ControlNet, unless the
+    config has one (``model.controlnet``)."""
+    return tuple(c for c in Component if controlnet or c is not Component.CONTROLNET)
 
 
 class ModelLibrary(str, Enum):
@@ -106,6 +114,10 @@ MODELS: dict[Component, ComponentModel] = {
     ),
     Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
     Component.VAE_ENCODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeEncoder"),
+    # StableDiffusion3ControlNetPipeline's layout: the ControlNet in the pipeline's controlnet/.
+    Component.CONTROLNET: ComponentModel(
+        "controlnet", ModelLibrary.DIFFUSERS, "SD3ControlNetModel", None, "ControlNet"
+    ),
 }
 
 #: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).
@@ -173,6 +185,13 @@ class ModelDims:
     vae_scale_factor: int
     vae_scaling_factor: float
     vae_shift_factor: float
+    #: blocks of the ControlNet in ``controlnet/`` (its residual count); 0 without one.
+    controlnet_layers: int = 0
+
+    @property
+    def inner_dim(self) -> int:
+        """The transformer's token width (``num_heads * head_dim``), also each ControlNet residual's."""
+        return self.num_heads * self.head_dim
 
     @property
     def size_multiple(self) -> int:
@@ -203,7 +222,7 @@ class ModelDims:
             except json.JSONDecodeError as err:
                 raise ModelError(f"{p} is not valid JSON: {err}") from None
 
-        return cls.from_configs(
+        dims = cls.from_configs(
             read(SUBFOLDER[Component.TRANSFORMER]),
             read(SUBFOLDER[Component.CLIP_L]),
             read(SUBFOLDER[Component.CLIP_G]),
@@ -211,6 +230,14 @@ class ModelDims:
             read(SUBFOLDER[Component.VAE_DECODER]),
             source=str(root),
         )
+        if not (root / SUBFOLDER[Component.CONTROLNET] / "config.json").is_file():
+            return dims
+        controlnet = read(SUBFOLDER[Component.CONTROLNET])
+        try:
+            layers = int(controlnet["num_layers"])
+        except KeyError as err:
+            raise ModelError(f"{root}/controlnet/config.json lacks key {err}") from None
+        return cls(**{**dims.__dict__, "controlnet_layers": layers})
 
     @classmethod
     def from_configs(
@@ -284,15 +311,21 @@ class ComponentSpec:
         return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
 
 
-def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> ComponentSpec:
+def spec(
+    component: Component, dims: ModelDims, skip_layers: int = 0, controlnet: bool = False
+) -> ComponentSpec:
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
     ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
-    over that many blocks; see :class:`sd35trt.models.modules.Transformer`).
+    over that many blocks; see :class:`sd35trt.models.modules.Transformer`). ``controlnet`` adds
+    its ``controlnet_block_samples [B, n, image_tokens, inner_dim]`` input (the ControlNet's
+    ``dims.controlnet_layers`` residuals, zeros without a control image, as NVIDIA's demo feeds
+    them); without it the transformer's I/O is exactly that of a pipeline with no ControlNet.
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
-    size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length).
+    size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length),
+    ``image_tokens`` (latent patches: ``latent_height * latent_width / patch_size**2``).
     """
     f, i64 = TensorType.FLOAT, TensorType.INT64
     if component in (Component.CLIP_L, Component.CLIP_G):
@@ -332,6 +365,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
                 # CombinedTimestepTextProjEmbeddings), so the cast is inside the graph.
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
                 *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
+                *((_controlnet_samples(dims),) if controlnet else ()),
             ),
             outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
@@ -357,7 +391,36 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             outputs=(TensorSpec("latent", f, latent),),  # scaled and shifted, as the transformer takes it
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
         )
+    if component is Component.CONTROLNET:
+        c = dims.latent_channels
+        return ComponentSpec(
+            component,
+            inputs=(
+                TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
+                # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
+                # vae.encode(image).latent_dist.sample(), shifted and scaled)
+                TensorSpec("controlnet_cond", f, ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
+                TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
+                TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
+            ),
+            # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
+            outputs=(_controlnet_samples(dims),),
+            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+        )
     raise ValueError(f"unknown component {component!r}")
+
+
+def _controlnet_samples(dims: ModelDims) -> TensorSpec:
+    """The ControlNet's residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
+    n = dims.controlnet_layers
+    if n < 1:
+        raise ModelError(
+            "the model directory has no controlnet/ (diffusers SD3ControlNetModel) to take residuals from"
+        )
+    return TensorSpec(
+        "controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", dims.inner_dim)
+    )
 
 
 def sample_inputs(
@@ -487,6 +550,7 @@ def profile(
     max_sequence_length: int = 256,
     cfg_by_default: bool = True,
     skip_layers: int = 0,
+    controlnet: bool = False,
 ) -> dict[str, ShapeRange]:
     """Optimization-profile shape ranges per input of ``component``.
 
@@ -499,7 +563,8 @@ def profile(
     h = latent_range(build.height, dims, "height")
     w = latent_range(build.width, dims, "width")
     text_len = CLIP_MAX_LENGTH + max_sequence_length
-    sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+    sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0, controlnet)
+    p2 = dims.patch_size**2
     sizes = {
         "batch": b,
         "height": build.height,
@@ -508,6 +573,7 @@ def profile(
         "latent_width": w,
         "t5_length": Range.static(max_sequence_length),
         "text_length": Range.static(text_len),
+        "image_tokens": Range(min=h.min * w.min // p2, opt=h.opt * w.opt // p2, max=h.max * w.max // p2),
     }
     out = {}
     for t in sp.inputs:
@@ -527,6 +593,7 @@ def sample_shapes(
     build: BuildSettings,
     max_sequence_length: int = 256,
     skip_layers: int = 0,
+    controlnet: bool = False,
 ) -> list[dict[str, tuple[int, ...]]]:
     """Concrete input shapes export traces and validates ``component`` at.
 
@@ -541,14 +608,16 @@ def sample_shapes(
     Raises:
         ConfigError: the build ranges don't fit the model (see :func:`profile`).
     """
-    ranges = profile(component, dims, build, max_sequence_length, skip_layers=skip_layers)
+    ranges = profile(
+        component, dims, build, max_sequence_length, skip_layers=skip_layers, controlnet=controlnet
+    )
     trace = {name: r.opt for name, r in ranges.items()}
     checks = [{name: r.min for name, r in ranges.items()}]
     top = {name: r.max for name, r in ranges.items()}
     if top != checks[0]:
         checks.append(top)
     else:
-        sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0)
+        sp = spec(component, dims, skip_layers if component is Component.TRANSFORMER else 0, controlnet)
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         checks.append({n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()})
     return [trace, *checks]

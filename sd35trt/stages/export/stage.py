@@ -52,6 +52,7 @@ from sd35trt.components import (
     Component,
     ComponentSpec,
     ModelDims,
+    exported_components,
     sample_shapes,
     spec,
     validation_tolerance,
@@ -198,8 +199,9 @@ def export(
     graphs: list[_Graph] = []
     with staged_output(run_dir, Stage.EXPORT) as out:
         job = _make_job(config, root, resolved.loras, dims, out, slg, calibration, external_threshold, report)
-        for i, component in enumerate(Component, 1):
-            graphs += _export_component(job, component, f"[{i}/{len(Component)}] {component.value}")
+        components = exported_components(config.model.controlnet is not None)
+        for i, component in enumerate(components, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
         failures = [f for g in graphs for f in g.failures]
         if failures:
@@ -317,7 +319,7 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
 
 
 def _precision(config: Config, component: Component) -> Precision:
-    return getattr(config.export.precision, component.value)
+    return config.export.precision.of(component.value)
 
 
 def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
@@ -329,9 +331,10 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     precision = _precision(config, component)
     quantized = component is Component.TRANSFORMER and config.export.quantize
     n_skip = len(job.slg) if component is Component.TRANSFORMER else 0
-    sp = spec(component, job.dims, n_skip)
+    controlnet = component is Component.TRANSFORMER and config.model.controlnet is not None
+    sp = spec(component, job.dims, n_skip, controlnet)
     trace_shapes, *check_shapes = sample_shapes(
-        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
     )
     opset = config.export.opset
     trace_opset = min(opset, tracing.max_trace_opset())
@@ -533,7 +536,7 @@ def _details(
 
     components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
-    for component in Component:
+    for component in exported_components(config.model.controlnet is not None):
         g = by_stem[component.value]
         is_transformer = component is Component.TRANSFORMER
         plain = by_stem.get(UNQUANTIZED_STEM) if is_transformer else None

@@ -91,7 +91,9 @@ def load_module(
     if component is Component.TRANSFORMER and calibration is not None:
         restore_fp8(raw, config, precision, calibration)
     if component is Component.TRANSFORMER:
-        return wrap(component, raw, slg_layers, config.export.fp32_blocks)
+        return wrap(
+            component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
+        )
     return wrap(component, raw, slg_layers)
 
 
