@@ -21,12 +21,9 @@ Where the glue lives (decided here, used by export and the runtime):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import numpy as np
 
 from sd35trt.config import BuildSettings, Precision, Range
 from sd35trt.errors import ConfigError, ModelError
@@ -185,13 +182,6 @@ class ModelDims:
     vae_scale_factor: int
     vae_scaling_factor: float
     vae_shift_factor: float
-    #: blocks of the ControlNet in ``controlnet/`` (its residual count); 0 without one.
-    controlnet_layers: int = 0
-
-    @property
-    def inner_dim(self) -> int:
-        """The transformer's token width (``num_heads * head_dim``), also each ControlNet residual's."""
-        return self.num_heads * self.head_dim
 
     @property
     def size_multiple(self) -> int:
@@ -222,7 +212,7 @@ class ModelDims:
             except json.JSONDecodeError as err:
                 raise ModelError(f"{p} is not valid JSON: {err}") from None
 
-        dims = cls.from_configs(
+        return cls.from_configs(
             read(SUBFOLDER[Component.TRANSFORMER]),
             read(SUBFOLDER[Component.CLIP_L]),
             read(SUBFOLDER[Component.CLIP_G]),
@@ -230,14 +220,6 @@ class ModelDims:
             read(SUBFOLDER[Component.VAE_DECODER]),
             source=str(root),
         )
-        if not (root / SUBFOLDER[Component.CONTROLNET] / "config.json").is_file():
-            return dims
-        controlnet = read(SUBFOLDER[Component.CONTROLNET])
-        try:
-            layers = int(controlnet["num_layers"])
-        except KeyError as err:
-            raise ModelError(f"{root}/controlnet/config.json lacks key {err}") from None
-        return cls(**{**dims.__dict__, "controlnet_layers": layers})
 
     @classmethod
     def from_configs(
@@ -317,10 +299,10 @@ def spec(
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
     ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
-    over that many blocks; see :class:`sd35trt.models.modules.Transformer`). ``controlnet`` adds
-    its ``controlnet_block_samples [B, n, image_tokens, inner_dim]`` input (the ControlNet's
-    ``dims.controlnet_layers`` residuals, zeros without a control image, as NVIDIA's demo feeds
-    them); without it the transformer's I/O is exactly that of a pipeline with no ControlNet.
+    over that many blocks; see :class:`sd35trt.models.modules.Transformer`). ``controlnet`` > 0,
+    the ControlNet's block count, adds its ``controlnet_block_samples [B, n, image_tokens,
+    inner_dim]`` input (zeros without a control image, as NVIDIA's demo feeds them) and is the
+    ControlNet's output count; 0 keeps the transformer's I/O that of a pipeline without one.
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
@@ -365,7 +347,7 @@ def spec(
                 # CombinedTimestepTextProjEmbeddings), so the cast is inside the graph.
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
                 *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
-                *((_controlnet_samples(dims),) if controlnet else ()),
+                *((_controlnet_samples(dims, controlnet),) if controlnet else ()),
             ),
             outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
@@ -405,63 +387,16 @@ def spec(
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
             ),
             # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
-            outputs=(_controlnet_samples(dims),),
+            outputs=(_controlnet_samples(dims, controlnet),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
         )
     raise ValueError(f"unknown component {component!r}")
 
 
-def _controlnet_samples(dims: ModelDims) -> TensorSpec:
-    """The ControlNet's residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
-    n = dims.controlnet_layers
-    if n < 1:
-        raise ModelError(
-            "the model directory has no controlnet/ (diffusers SD3ControlNetModel) to take residuals from"
-        )
-    return TensorSpec(
-        "controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", dims.inner_dim)
-    )
-
-
-def sample_inputs(
-    sp: ComponentSpec, shapes: Mapping[str, tuple[int, ...]], case: int, vocab: int | None = None
-) -> dict[str, np.ndarray]:
-    """Random inputs of ``sp`` at ``shapes``, drawn as each input's :class:`Sampling` says.
-
-    Export validation and ``sd35trt verify --compare`` both draw their inputs here, so an engine
-    is compared on the kind of values it was validated on.
-
-    Args:
-        sp: the component's I/O contract (names, sampling rules).
-        shapes: a concrete shape per input name.
-        case: seeds the draw, so every case gets fresh values and a re-run the same ones.
-            Gates alternate with it (all skipped, then none): two cases cover both branches.
-        vocab: the token vocabulary, for token inputs.
-
-    Returns:
-        ``{name: array}`` in the spec's order: int64 token ids, float32 for every float input
-        (callers cast to the graph's dtype).
-
-    Raises:
-        ValueError: the spec has token inputs and no ``vocab`` is given.
-    """
-    rng = np.random.default_rng(1234 + case)
-    out = {}
-    for t in sp.inputs:
-        shape = tuple(shapes[t.name])
-        if t.sampling is Sampling.TOKENS:
-            if not vocab:
-                raise ValueError(f"{sp.component.value}: token input {t.name} needs a vocabulary size")
-            out[t.name] = rng.integers(0, vocab, shape, dtype=np.int64)  # [B, L]
-        elif t.sampling is Sampling.TIMESTEP:
-            out[t.name] = (rng.random(shape) * NUM_TRAIN_TIMESTEPS).astype(np.float32)  # [B]
-        elif t.sampling is Sampling.GATE:
-            out[t.name] = np.full(shape, float((case + 1) % 2), dtype=np.float32)  # [n] in {0, 1}
-        elif t.sampling is Sampling.PIXELS:
-            out[t.name] = rng.random(shape, dtype=np.float32)  # [B, 3, H, W] in [0, 1]
-        else:
-            out[t.name] = rng.standard_normal(shape, dtype=np.float32)
-    return out
+def _controlnet_samples(dims: ModelDims, n: int) -> TensorSpec:
+    """The ControlNet's ``n`` residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
+    inner = dims.num_heads * dims.head_dim  # the transformer's token width
+    return TensorSpec("controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", inner))
 
 
 #: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and
@@ -550,7 +485,7 @@ def profile(
     max_sequence_length: int = 256,
     cfg_by_default: bool = True,
     skip_layers: int = 0,
-    controlnet: bool = False,
+    controlnet: int = 0,
 ) -> dict[str, ShapeRange]:
     """Optimization-profile shape ranges per input of ``component``.
 
@@ -593,7 +528,7 @@ def sample_shapes(
     build: BuildSettings,
     max_sequence_length: int = 256,
     skip_layers: int = 0,
-    controlnet: bool = False,
+    controlnet: int = 0,
 ) -> list[dict[str, tuple[int, ...]]]:
     """Concrete input shapes export traces and validates ``component`` at.
 

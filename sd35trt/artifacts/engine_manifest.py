@@ -61,6 +61,7 @@ class EngineRecord:
     build_seconds: float
     extra_files: tuple[FileRecord, ...] = ()  # external weights of an ONNX Runtime engine
     skip_layers: int = 0  # transformer: size of the skip-layer-guidance input
+    controlnet_layers: int = 0  # transformer: ControlNet residuals it takes (model.controlnet)
     tensorrt_version: str | None = None
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
@@ -89,6 +90,8 @@ class EngineRecord:
             "source_onnx": self.source_onnx.to_json(),
             "build_seconds": round(self.build_seconds, 3),
             "skip_layers": self.skip_layers,
+            # only where there is a ControlNet: manifests without one keep their bytes
+            **({"controlnet_layers": self.controlnet_layers} if self.controlnet_layers else {}),
             "tensorrt_version": self.tensorrt_version,
             "gpu_name": self.gpu_name,
             "compute_capability": list(self.compute_capability) if self.compute_capability else None,
@@ -126,7 +129,9 @@ class EngineManifest:
 
     def spec(self, component: Component) -> ComponentSpec:
         """The I/O contract of ``component``'s engine."""
-        return spec(component, self.dims, self.record(component).skip_layers)
+        tr = self.engines.get(Component.TRANSFORMER)
+        controlnet = tr.controlnet_layers if tr is not None else 0  # the ControlNet's outputs too
+        return spec(component, self.dims, self.record(component).skip_layers, controlnet)
 
     def record(self, component: Component) -> EngineRecord:
         try:
@@ -195,6 +200,7 @@ class _EngineJson(_Json):
     source_onnx: FileRecord
     build_seconds: float
     skip_layers: int = Field(default=0, ge=0)
+    controlnet_layers: int = Field(default=0, ge=0)
     tensorrt_version: str | None = None
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None

@@ -141,6 +141,7 @@ class ControlNet(nn.Module):
     def __init__(self, controlnet: nn.Module) -> None:
         super().__init__()
         self.controlnet = controlnet
+        self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
 
     def forward(
         self,
@@ -150,6 +151,8 @@ class ControlNet(nn.Module):
         pooled_projections: torch.Tensor,  # [B, P]
         timestep: torch.Tensor,  # [B] float32
     ) -> torch.Tensor:
+        if self.zero_pooled:  # diffusers' pipeline feeds zeros then; kept as a graph input
+            pooled_projections = torch.zeros_like(pooled_projections)
         samples = self.controlnet(
             hidden_states=hidden_states,
             controlnet_cond=controlnet_cond,

@@ -306,6 +306,10 @@ def build_components(
     }
 
 
+#: Blocks of the tiny ControlNet.
+TINY_CONTROLNET_LAYERS = 2
+
+
 def tiny_controlnet(seed: int = 0, dtype=None):
     """A seeded tiny diffusers ``SD3ControlNetModel`` that fits the tiny transformer.
 
@@ -327,7 +331,7 @@ def tiny_controlnet(seed: int = 0, dtype=None):
         "pos_embed_max_size", "qk_norm",
     )  # fmt: skip
     torch.manual_seed(seed * 1000 + 5)  # index 5: after build_components' five models
-    net = SD3ControlNetModel(**{k: tr[k] for k in keys}, num_layers=2)
+    net = SD3ControlNetModel(**{k: tr[k] for k in keys}, num_layers=TINY_CONTROLNET_LAYERS)
     # diffusers zero-initialises the ControlNet's input and output projections (a fresh ControlNet
     # changes nothing); a test model that changed nothing could not show a wrong wiring.
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sd35trt.backends.pytorch import TorchEngine, shared_factory
-from sd35trt.components import MODELS, Component, ModelDims, profile, spec
+from sd35trt.components import MODELS, Component, ModelDims, exported_components, profile, spec
 from sd35trt.config import Config
 from sd35trt.runtime.pipeline import ModelInfo, Sd35Runtime, engine_digest
 from sd35trt.runtime.request import RequestLimits
@@ -68,7 +68,7 @@ def torch_runtime(
     slg = config.runtime.skip_layer_guidance
     slg_layers = tuple(slg.layers) if slg is not None else ()
     specs, profiles, engines = {}, {}, {}
-    for c in Component:
+    for c in exported_components(controlnet=False):  # no ControlNet in the PyTorch runtime yet
         n_skip = len(slg_layers) if c is Component.TRANSFORMER else 0
         specs[c] = spec(c, dims, n_skip)
         profiles[c] = profile(c, dims, config.build, config.runtime.max_sequence_length, skip_layers=n_skip)

@@ -18,19 +18,18 @@ has none).
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import numbers
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
-from sd35trt.config import RuntimeSettings, SkipLayerGuidance
+from sd35trt.config import ControlType, RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
 from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
+from sd35trt.runtime.images import MAX_IMAGE_PIXELS, read_image  # noqa: F401 (read_image: its old home)
 
 #: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
 MAX_STEPS = 500
@@ -70,9 +69,6 @@ class EngineBatch:
 
 #: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
 DEFAULT_STRENGTH = 0.6
-#: Input images above this many pixels are refused before they are decoded into memory
-#: (Pillow's own decompression-bomb limit is about 179 M).
-MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,6 +94,8 @@ class GenerationRequest:
             :func:`read_image`). Needs engines with a VAE encoder.
         strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
             starts from pure noise.
+        control_image, control_type, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end: ControlNet conditioning (:mod:`sd35trt.runtime.control`).
     """
 
     prompt: str
@@ -111,6 +109,11 @@ class GenerationRequest:
     skip_layer_guidance: bool | None = None
     image: Any = None
     strength: float | None = None
+    control_image: Any = None
+    control_type: str | None = None
+    controlnet_conditioning_scale: float | None = None
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class GenerationParams:
     #: index in the request, and the request's ``num_images`` (``None``: not a part).
     first_image: int = 0
     request_images: int | None = None
+    #: ControlNet conditioning (a ``sd35trt.runtime.control.ControlParams``), or ``None``.
+    control: Any = None
 
     @property
     def cfg(self) -> bool:
@@ -165,11 +170,20 @@ class GenerationParams:
             self.guidance_scale,
             self.skip_layer_guidance,
             self.strength,
+            self.control,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The parameters as recorded (PNG text chunk, HTTP ``parameters``); warnings excluded."""
-        skipped = ("image", "strength", "image_sha256", "warnings", "first_image", "request_images")
+        skipped = (
+            "image",
+            "strength",
+            "image_sha256",
+            "warnings",
+            "first_image",
+            "request_images",
+            "control",
+        )
         # Not dataclasses.asdict: it would deep-copy the image.
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.request_images is not None:  # a part reports the whole request
@@ -180,6 +194,8 @@ class GenerationParams:
         if self.image_sha256 is not None:
             data["strength"] = self.strength
             data["image_sha256"] = self.image_sha256
+        if self.control is not None:
+            data.update(self.control.to_json())
         return data
 
 
@@ -191,46 +207,6 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     """
     start = int(max(steps - min(steps * strength, steps), 0))
     return start, steps - start
-
-
-def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
-    """Decode an image file (PNG, JPEG, WebP, ...) into a PIL image, fully loaded.
-
-    Args:
-        source: the file's bytes, or its path.
-        field_name: the request field, for the error.
-
-    Raises:
-        RequestError: the file is missing, not an image, truncated, or over
-            :data:`MAX_IMAGE_PIXELS` (checked before the pixels are decoded).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    what = f"{source}" if isinstance(source, str | Path) else f"{len(source)} bytes"
-    try:
-        handle = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
-    except OSError as err:
-        raise RequestError(field_name, f"{field_name} {what} cannot be read: {err.strerror}") from None
-    with handle:
-        try:
-            image = Image.open(handle)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RequestError(
-                    field_name,
-                    f"{field_name} {what} is {image.width}x{image.height} pixels, more than the "
-                    f"{MAX_IMAGE_PIXELS} allowed",
-                )
-            image.load()
-        except UnidentifiedImageError:
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image (unknown format)"
-            ) from None
-        except (Image.DecompressionBombError, OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image ({reason})"
-            ) from None
-    return image
 
 
 def _span(r: ShapeRange, index: int) -> tuple[int, int]:
@@ -283,6 +259,8 @@ class RequestLimits:
     img2img_size: tuple[tuple[int, int], tuple[int, int]] | None = None
     img2img_batch: tuple[int, int] | None = None
     max_images: int = DEFAULT_MAX_IMAGES
+    #: the control type of the engines' ControlNet, ``None`` without one.
+    controlnet: ControlType | None = None
 
     @classmethod
     def from_profiles(
@@ -490,6 +468,13 @@ def resolve_request(
     height = _size("height", defaults.height if request.height is None else request.height, spans[0], m)
     width = _size("width", defaults.width if request.width is None else request.width, spans[1], m)
     image, strength, image_sha = _image_to_image(request, steps, height, width)
+    from sd35trt.runtime.control import resolve_control
+
+    control = resolve_control(request, limits.controlnet, height, width)
+    if control is not None and image_to_image:
+        raise RequestError(
+            "control_image", "a control_image works with text-to-image only, not with an image"
+        )
 
     wanted_slg = request.skip_layer_guidance
     if wanted_slg is not None and not _is_bool(wanted_slg):
@@ -507,7 +492,7 @@ def resolve_request(
         limits.skip_layer_guidance,
         negative_requested=request.negative_prompt is not None,
         slg_requested=wanted_slg,
-        image_to_image=image_to_image,
+        image_to_image=image_to_image or control is not None,  # neither diffusers pipeline has SLG
     )
     cfg, slg = plan.cfg, plan.skip_layer_guidance
 
@@ -553,6 +538,7 @@ def resolve_request(
         image=image,
         strength=strength,
         image_sha256=image_sha,
+        control=control,
     )
 
 

@@ -66,6 +66,7 @@ from sd35trt.stages.check import check_config
 Progress = Callable[[str], None]
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
+CONTROLNET_INPUT = "controlnet_block_samples"
 
 
 def print_progress(message: str) -> None:
@@ -147,7 +148,7 @@ def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
 
 
 def engine_profile(
-    config: Config, dims: ModelDims, component: Component, skip_layers: int = 0
+    config: Config, dims: ModelDims, component: Component, skip_layers: int = 0, controlnet: int = 0
 ) -> dict[str, ShapeRange]:
     """Profile of ``component`` from the config: batch (doubled under CFG), latent sizes, text lengths.
 
@@ -164,6 +165,7 @@ def engine_profile(
         max_sequence_length=config.runtime.max_sequence_length,
         cfg_by_default=cfg_enabled(config.runtime.guidance_scale),
         skip_layers=skip_layers,
+        controlnet=controlnet,
     )
 
 
@@ -312,7 +314,9 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
     )
     if not isinstance(skip, int) or skip < 0:
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
-    shapes = engine_profile(config, job.dims, component, skip)
+    # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
+    controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
+    shapes = engine_profile(config, job.dims, component, skip, controlnet)
     check_inputs_match(source.path, inputs, shapes)
     target = job.out / f"{component.value}{backend.suffix}"
     progress(f"{label}: {backend.backend.value} build from {source.path}")
@@ -349,6 +353,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         source_onnx=_export_file(run_dir, job.export_rec, source.path),
         build_seconds=seconds,
         skip_layers=skip,
+        controlnet_layers=controlnet,
         tensorrt_version=recorded.tensorrt_version,
         gpu_name=recorded.gpu.name if recorded.gpu else None,
         compute_capability=recorded.gpu.compute_capability if recorded.gpu else None,

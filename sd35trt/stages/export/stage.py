@@ -59,7 +59,7 @@ from sd35trt.components import (
 )
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
-from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
+from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
 from sd35trt.stages.export.report import report_json, report_line
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class _Job:
     out: Path  # the staged onnx/ directory
     scratch: Path
     slg: tuple[int, ...]
+    controlnet: int  # the ControlNet's blocks (model.controlnet), 0 without one
     calibration: Path | None
     device: str
     providers: list[str]
@@ -299,6 +300,7 @@ def _make_job(
         out=out,
         scratch=out / ".scratch",
         slg=slg,
+        controlnet=controlnet_layers(config, root),
         calibration=calibration,
         device=tracing.default_device(),
         providers=validate.providers(),
@@ -331,7 +333,7 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     precision = _precision(config, component)
     quantized = component is Component.TRANSFORMER and config.export.quantize
     n_skip = len(job.slg) if component is Component.TRANSFORMER else 0
-    controlnet = component is Component.TRANSFORMER and config.model.controlnet is not None
+    controlnet = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else 0
     sp = spec(component, job.dims, n_skip, controlnet)
     trace_shapes, *check_shapes = sample_shapes(
         component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
