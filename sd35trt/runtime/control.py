@@ -256,3 +256,97 @@ def control_latents(
         }
         parts.append(engine.infer(feeds)["latent"].float())
     return torch.cat(parts)
+
+
+#: The transformer input that takes the ControlNet's residuals.
+RESIDUALS_INPUT = "controlnet_block_samples"
+
+
+@dataclass
+class ControlResiduals:
+    """The transformer's ``controlnet_block_samples`` at each step (see the module docstring).
+
+    Attributes:
+        shape: ``[2N or N, n, image_tokens, inner]`` of the transformer's residual input.
+        device: where the zeros live.
+        controlnet: the active ControlNet engine (``None``: zeros at every step).
+        control: the request's conditioning.
+        latents: the control image's latents ``[2N or N, C, h, w]``.
+        hidden: the prompt embeddings ``[2N or N, 77 + L, D]``.
+        pooled: the pooled embeddings ``[2N or N, P]`` (zeroed inside the graph where the
+            ControlNet's ``force_zeros_for_pooled_projection`` says so).
+    """
+
+    shape: tuple[int, ...]
+    device: Any
+    controlnet: Engine | None = None
+    control: ControlParams | None = None
+    latents: Any = None
+    hidden: Any = None
+    pooled: Any = None
+    _zeros: Any = field(default=None, repr=False)
+
+    def __call__(self, step: int, steps: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The residuals for step ``step`` of ``steps``, latents ``x`` and timesteps ``timestep``.
+
+        Returns:
+            ``[2N or N, n, image_tokens, inner]`` float32: the ControlNet's output times
+            ``conditioning_scale`` inside the guidance window, zeros outside it.
+        """
+        import torch
+
+        c = self.control
+        scale = 0.0 if c is None or self.controlnet is None else c.conditioning_scale * c.keep(step, steps)
+        if scale == 0.0:
+            if self._zeros is None:
+                self._zeros = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            return self._zeros
+        feeds = {
+            "hidden_states": x,
+            "controlnet_cond": self.latents,
+            "encoder_hidden_states": self.hidden,
+            "pooled_projections": self.pooled,
+            "timestep": timestep,
+        }
+        samples = self.controlnet.infer(feeds)[RESIDUALS_INPUT].float()  # [2N or N, n, tokens, inner]
+        return samples * scale
+
+
+def transformer_residuals(
+    engines: Any,
+    transformer: Engine,
+    controlnet: Engine | None,
+    params: Any,
+    cond: Any,
+    latents: torch.Tensor,
+    patch_size: int,
+) -> ControlResiduals | None:
+    """What feeds the transformer engine's ControlNet input: ``None`` for an engine without one,
+    zeros without a control image, else the ControlNet's residuals (the control image encoded here).
+
+    Args:
+        engines: the runtime's ``EngineSet`` (its VAE encoder encodes the control image).
+        transformer: the active transformer engine.
+        controlnet: the active ControlNet engine, ``None`` without a control image.
+        params: the batch's :class:`~sd35trt.runtime.request.GenerationParams` (its ``control``).
+        cond: the text :class:`~sd35trt.runtime.steps.Conditioning`, ``[2N or N]`` rows.
+        latents: the starting latents ``[N, C, h, w]``.
+        patch_size: the transformer's patch size (image tokens = h * w / patch_size**2).
+    """
+    from sd35trt.components import Component
+
+    names = transformer.spec.input_names
+    if RESIDUALS_INPUT not in names:
+        return None
+    _, n, _, inner = transformer.spec.inputs[names.index(RESIDUALS_INPUT)].shape
+    n_images, channels, h, w = latents.shape
+    shape = (cond.hidden.shape[0], n, h * w // patch_size**2, inner)  # [2N or N, n, tokens, inner]
+    if controlnet is None:
+        return ControlResiduals(shape, latents.device)
+    with engines.use(Component.VAE_ENCODER) as vae_encoder:
+        control = control_latents(
+            vae_encoder, params.control, n_images, cond.cfg, params.seed, (channels, h, w), latents.device
+        )
+    return ControlResiduals(
+        shape, latents.device, controlnet, params.control, control, cond.hidden, cond.pooled
+    )

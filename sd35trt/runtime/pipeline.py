@@ -30,6 +30,7 @@ diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import sys
@@ -44,8 +45,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import RuntimeSettings, sha256_json
+from sd35trt.config import ControlType, RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ConfigError, ManifestError, RequestError
+from sd35trt.runtime.control import transformer_residuals
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.parts import engine_parts, image_seeds
 from sd35trt.runtime.png import attach_parameters
@@ -393,6 +395,8 @@ class Sd35Runtime:
         limits = RequestLimits.from_profiles(
             specs, {c: manifest.record(c).profile for c in components}, manifest.dims, slg
         )
+        if Component.CONTROLNET in manifest.engines:
+            limits = dataclasses.replace(limits, controlnet=ControlType(manifest.model.get("controlnet")))
         if max_images is not None:
             if max_images < 1:
                 raise ConfigError(f"max_images {max_images} is below 1; give 1 or more")
@@ -543,10 +547,16 @@ class Sd35Runtime:
             latents = initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device)
         mark = self._clock()
 
-        # 5. Denoise.
+        # 5. Denoise (with the ControlNet's residuals where the transformer takes them).
         timer = StepTimer(self.device)
-        with self.engines.use(Component.TRANSFORMER) as transformer:
-            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule)
+        uses_controlnet = (
+            self.engines.use(Component.CONTROLNET) if first.control else contextlib.nullcontext()
+        )
+        with self.engines.use(Component.TRANSFORMER) as transformer, uses_controlnet as controlnet:
+            residuals = transformer_residuals(
+                self.engines, transformer, controlnet, first, cond, latents, self.info.dims.patch_size
+            )
+            latents = denoise(transformer, latents, cond, first, self.scheduler, timer, schedule, residuals)
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
 

@@ -20,6 +20,7 @@ from PIL import Image
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ModelDims
 from sd35trt.errors import ManifestError, NonFiniteError
+from sd35trt.runtime.control import RESIDUALS_INPUT, ControlResiduals
 from sd35trt.runtime.request import GenerationParams
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts
@@ -215,6 +216,7 @@ def denoise(
     scheduler: FlowMatchEuler,
     timer: StepTimer | None = None,
     schedule: Schedule | None = None,
+    residuals: ControlResiduals | None = None,
 ) -> torch.Tensor:
     """Step 5: flow-match Euler with classifier-free and skip-layer guidance.
 
@@ -231,6 +233,8 @@ def denoise(
         timer: marked before the first step and after each one.
         schedule: the steps to run (default: all ``params.num_inference_steps`` of ``scheduler``'s schedule;
             image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
+        residuals: the ControlNet residuals per step, for a transformer engine that takes them
+            (:mod:`sd35trt.runtime.control`; zeros without a control image).
 
     Returns:
         The denoised latents ``[N, C, h, w]`` float32.
@@ -282,6 +286,8 @@ def denoise(
         timer.mark()
     for i, dt in enumerate(dts):
         feeds["timestep"] = step_t[i]
+        if residuals is not None:
+            feeds[RESIDUALS_INPUT] = residuals(i, len(dts), x, step_t[i])  # [2N or N, n, tokens, inner]
         velocity = engine.infer(feeds)["noise_pred"]  # [2N or N, C, h, w]
         if velocity.dtype is not torch.float32:
             velocity = velocity.float()
@@ -295,6 +301,8 @@ def denoise(
             if i in slg_steps:
                 skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
                 skip_feeds["timestep"] = skip_t[i]
+                if residuals is not None:  # the positive rows' residuals
+                    skip_feeds[RESIDUALS_INPUT] = feeds[RESIDUALS_INPUT][n_images:]
                 v_skip = engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
                 s = slg.scale
                 pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * (g + s))

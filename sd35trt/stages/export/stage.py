@@ -216,7 +216,9 @@ def export(
 
     files = records_for_tree(run_dir, Stage.EXPORT.directory)
     details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
-    details = details.model_copy(update={"model": ModelInput.model_validate(resolved.provenance())})
+    cn = config.model.controlnet
+    model = {**resolved.provenance(), "controlnet": None if cn is None else cn.type}
+    details = details.model_copy(update={"model": ModelInput.model_validate(model)})
     record = new_record(Stage.EXPORT, digest, files, upstream=upstream, details=details)
     manifest.put(Stage.EXPORT, record)
     report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
