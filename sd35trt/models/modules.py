@@ -138,10 +138,14 @@ class ControlNet(nn.Module):
     refused by :func:`wrap` with a :class:`~sd35trt.errors.ModelError`.
     """
 
-    def __init__(self, controlnet: nn.Module) -> None:
+    def __init__(self, controlnet: nn.Module, vae_shift_offset: float = 0.0) -> None:
         super().__init__()
         self.controlnet = controlnet
         self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
+        # diffusers' pipeline encodes the control image without the VAE's shift for these
+        # (InstantX-style) ControlNets: (sample - 0) * scale, where the VAE encoder engine gives
+        # (sample - shift) * scale; adding shift * scale back here lets the engines share one encoder.
+        self.cond_offset = float(vae_shift_offset) if self.zero_pooled else 0.0
 
     def forward(
         self,
@@ -153,6 +157,8 @@ class ControlNet(nn.Module):
     ) -> torch.Tensor:
         if self.zero_pooled:  # diffusers' pipeline feeds zeros then; kept as a graph input
             pooled_projections = torch.zeros_like(pooled_projections)
+        if self.cond_offset:
+            controlnet_cond = controlnet_cond + self.cond_offset
         samples = self.controlnet(
             hidden_states=hidden_states,
             controlnet_cond=controlnet_cond,
@@ -233,6 +239,7 @@ def wrap(
     slg_layers: Sequence[int] = (),
     fp32_blocks: Sequence[int] = (),
     controlnet: bool = False,
+    vae_shift_offset: float = 0.0,
 ) -> nn.Module:
     """The spec-shaped module of ``component`` around its ``model``.
 
@@ -241,7 +248,8 @@ def wrap(
     The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
     are the transformer blocks its ``skip_layers`` input gates and ``fp32_blocks`` the blocks it
     computes in float32 (transformer only); ``controlnet`` gives the transformer its ControlNet
-    residual input. Wrap a model once: each wrap of the transformer adds
+    residual input; ``vae_shift_offset`` is the VAE's ``shift_factor * scaling_factor`` (the
+    ControlNet's, see :class:`ControlNet`). Wrap a model once: each wrap of the transformer adds
     hooks to its blocks.
     """
     wrapper = globals()[MODELS[component].wrapper]
@@ -252,4 +260,6 @@ def wrap(
             "controlnet: this SD3ControlNetModel has use_pos_embed: false (SD3.5-large's layout, which "
             "borrows the transformer's positional embedding); only ControlNets with their own are supported"
         )
+    if component is Component.CONTROLNET:
+        return wrapper(model, vae_shift_offset).eval()
     return wrapper(model).eval()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sd35trt.components import Component, ComponentSpec, Sampling, TensorType
+from sd35trt.components import Component, ComponentSpec, ModelDims, Sampling, TensorType
 from sd35trt.config import Config, Precision
 from sd35trt.errors import ConfigError, ExportError
 from sd35trt.sampling import sample_inputs
@@ -95,6 +95,9 @@ def load_module(
         return wrap(
             component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
         )
+    if component is Component.CONTROLNET:
+        dims = ModelDims.from_model_dir(root)
+        return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     return wrap(component, raw, slg_layers)
 
 
