@@ -20,12 +20,14 @@ from sd35trt.config import ControlNetSettings, ControlType
 from sd35trt.errors import RequestError
 from sd35trt.runtime.control import preprocess
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
+from sd35trt.runtime.png import PARAMETERS_KEY
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "a red fox in the snow, watercolor"
 MAX_PIXEL_DIFF = 1  # of 255
 SEED = 3
+H, W, STEPS = 64, 64, 4  # small and few: the whole file runs on one xdist worker
 
 
 def _run_dir(tiny_config, tmp_path_factory, control_type: ControlType):
@@ -49,46 +51,49 @@ def _run_dir(tiny_config, tmp_path_factory, control_type: ControlType):
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def canny_run(tiny_config, tmp_path_factory):
-    return _run_dir(tiny_config, tmp_path_factory, ControlType.CANNY)
-
-
-@pytest.fixture(scope="module")
-def picture():
-    """A 128x128 picture with edges (shapes) and smooth shading."""
-    y, x = np.mgrid[0:128, 0:128]
-    rgb = np.stack([x * 2.0, y * 2.0, 128 + 90 * np.sin(x / 11.0) * np.cos(y / 9.0)], axis=-1)
-    rgb[30:90, 40:100] = (250, 240, 20)
-    rgb[(x - 40) ** 2 + (y - 90) ** 2 < 300] = (10, 20, 200)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-
-
-def _reference(run_dir, tiny_config, control_image, guidance, scale):
+@pytest.fixture(scope="module", params=[ControlType.CANNY, ControlType.BLUR], ids=lambda t: t.value)
+def controlled(request, tiny_config, tmp_path_factory):
+    """``(control type, run directory, runtime, diffusers ControlNet pipeline)`` per control type."""
     import torch
     from diffusers import StableDiffusion3ControlNetPipeline
 
     from sd35trt.components import Component
     from sd35trt.models.loading import load_model, load_pipeline
 
+    run_dir = _run_dir(tiny_config, tmp_path_factory, request.param)
     base = load_pipeline(tiny_config, run_dir, device="cpu")
-    root = run_dir / "model"
-    controlnet = load_model(root, Component.CONTROLNET, torch.float32)
+    controlnet = load_model(run_dir / "model", Component.CONTROLNET, torch.float32)
     pipe = StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
-    rt = tiny_config.runtime
+    with Sd35Runtime.load(run_dir / "engines") as rt:
+        yield request.param, run_dir, rt, pipe
+
+
+@pytest.fixture(scope="module")
+def picture():
+    """A 96x96 picture (resized to the generation size) with edges and smooth shading."""
+    y, x = np.mgrid[0:96, 0:96]
+    rgb = np.stack([x * 2.5, y * 2.5, 128 + 90 * np.sin(x / 11.0) * np.cos(y / 9.0)], axis=-1)
+    rgb[20:70, 30:80] = (250, 240, 20)
+    rgb[(x - 30) ** 2 + (y - 70) ** 2 < 200] = (10, 20, 200)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def _reference(pipe, tiny_config, control_image, guidance, scale):
+    import torch
+
     torch.manual_seed(SEED)  # the control image's posterior sample (global generator)
     with torch.inference_mode():
         return pipe(
             PROMPT,
             control_image=control_image,
             controlnet_conditioning_scale=scale,
-            height=128,
-            width=128,
-            num_inference_steps=rt.num_inference_steps,
+            height=H,
+            width=W,
+            num_inference_steps=STEPS,
             guidance_scale=guidance,
             generator=torch.Generator("cpu").manual_seed(SEED),
-            max_sequence_length=rt.max_sequence_length,
+            max_sequence_length=tiny_config.runtime.max_sequence_length,
         ).images[0]
 
 
@@ -96,20 +101,59 @@ def _max_diff(a, b) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
-@pytest.mark.parametrize("guidance", [4.5, 1.0])
+@pytest.mark.parametrize("guidance", [4.5, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_canny_engines_match_diffusers(canny_run, tiny_config, picture, guidance, scale):
-    with Sd35Runtime.load(canny_run / "engines") as rt:
-        ours = rt.generate(
+def test_engines_match_diffusers(controlled, tiny_config, picture, guidance, scale):
+    control_type, _, rt, pipe = controlled
+    ours = rt.generate(
+        GenerationRequest(
+            PROMPT, control_image=picture, controlnet_conditioning_scale=scale, guidance_scale=guidance,
+            height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+        )
+    )  # fmt: skip
+    # diffusers takes the control image as made: here from the picture at the generation size
+    sized = picture.resize((W, H), resample=Image.Resampling.LANCZOS)
+    theirs = _reference(pipe, tiny_config, preprocess(sized, control_type), guidance, scale)
+    assert _max_diff(ours.images[0], theirs) <= MAX_PIXEL_DIFF
+    if scale == 1.0 and guidance > 1:
+        # the control image changes the result (a wiring that dropped it would match a reference
+        # that dropped it too); zero residuals give the plain image
+        plain = rt.generate(
             GenerationRequest(
-                PROMPT, control_image=picture, controlnet_conditioning_scale=scale, guidance_scale=guidance,
-                height=128, width=128, seed=SEED,
+                PROMPT, guidance_scale=guidance, height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+                skip_layer_guidance=False,  # as with a control image (no SLG in diffusers' pipeline)
             )
         )  # fmt: skip
-    control = preprocess(picture, ControlType.CANNY)
-    theirs = _reference(canny_run, tiny_config, control, guidance, scale)
-    assert _max_diff(ours.images[0], theirs) <= MAX_PIXEL_DIFF
-    # the control image changes the result (a wiring that dropped it would still match itself)
-    with Sd35Runtime.load(canny_run / "engines") as rt:
-        plain = rt.generate(GenerationRequest(PROMPT, guidance_scale=guidance, height=128, width=128, seed=SEED))
-    assert _max_diff(ours.images[0], plain.images[0]) > 4 * MAX_PIXEL_DIFF
+        assert _max_diff(ours.images[0], plain.images[0]) > 4 * MAX_PIXEL_DIFF
+        zero = rt.generate(
+            GenerationRequest(
+                PROMPT, control_image=picture, controlnet_conditioning_scale=0.0, guidance_scale=guidance,
+                height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+            )
+        )  # fmt: skip
+        assert _max_diff(zero.images[0], plain.images[0]) == 0
+        params = ours.images[0].info[PARAMETERS_KEY]  # the PNG text chunk's JSON
+        assert ours.params.control.image_sha256 in params
+        assert control_type.value in params
+
+
+def test_request_faults_name_their_field(controlled, picture):
+    control_type, _, rt, _ = controlled
+    other = next(t for t in ControlType if t is not control_type)
+
+    def field_of(**kwargs) -> str:
+        with pytest.raises(RequestError) as err:
+            rt.validate(GenerationRequest(PROMPT, height=H, width=W, **kwargs))
+        assert "\n" not in str(err.value)
+        return err.value.field
+
+    assert field_of(control_image=picture, control_type=other.value) == "control_type"
+    assert (
+        field_of(control_image=picture, controlnet_conditioning_scale=2.5) == "controlnet_conditioning_scale"
+    )
+    assert field_of(control_image=picture.resize((96, 48))) == "control_image"  # another aspect ratio
+    assert field_of(control_image=picture.convert("I;16")) == "control_image"  # 16-bit mode
+    assert field_of(control_image=picture, control_guidance_start=0.8, control_guidance_end=0.2) == (
+        "control_guidance_start"
+    )
+    assert field_of(controlnet_conditioning_scale=0.5) == "controlnet_conditioning_scale"  # no image
