@@ -271,6 +271,25 @@ def run_(
         float | None,
         typer.Option(help="Image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)."),
     ] = None,
+    control_image: Annotated[
+        Path | None,
+        typer.Option(
+            help="ControlNet: the picture to follow (made into canny edges or a blur; a depth map as is)."
+        ),
+    ] = None,
+    control_type: Annotated[
+        str | None,
+        typer.Option(help="ControlNet: canny, blur or depth (default: the engines' ControlNet's)."),
+    ] = None,
+    controlnet_conditioning_scale: Annotated[
+        float | None, typer.Option(help="ControlNet: residual scale in 0..2 (default 1.0).")
+    ] = None,
+    control_guidance_start: Annotated[
+        float | None, typer.Option(help="ControlNet: share of the steps before it acts (default 0).")
+    ] = None,
+    control_guidance_end: Annotated[
+        float | None, typer.Option(help="ControlNet: share of the steps after which it stops (default 1).")
+    ] = None,
     low_vram: Annotated[
         bool, typer.Option("--low-vram", help="Load each engine only for its stage.")
     ] = False,
@@ -299,6 +318,11 @@ def run_(
         skip_layer_guidance=skip_layer_guidance,
         image=image,
         strength=strength,
+        control_image=control_image,
+        control_type=control_type,
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
         low_vram=low_vram,
         out=out,
     )

@@ -102,6 +102,11 @@ def run(
     skip_layer_guidance: bool | None = None,
     image: Path | None = None,
     strength: float | None = None,
+    control_image: Path | None = None,
+    control_type: str | None = None,
+    controlnet_conditioning_scale: float | None = None,
+    control_guidance_start: float | None = None,
+    control_guidance_end: float | None = None,
     low_vram: bool = False,
     out: Path = DEFAULT_OUT,
 ) -> RunOutput:
@@ -121,6 +126,9 @@ def run(
         skip_layer_guidance: force skip-layer guidance on or off (default: as built).
         image: image-to-image: the initial image file (resized to height x width).
         strength: image-to-image strength in (0, 1] (default 0.6).
+        control_image, control_type, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end: ControlNet conditioning (the image file; see
+            :mod:`sd35trt.runtime.control`).
         low_vram: load each engine only for its stage.
         out: the PNG path; several images get ``-0``, ``-1``, ... suffixes.
 
@@ -135,6 +143,7 @@ def run(
     """
     paths = output_paths(Path(out), num_images)
     init_image = read_image(Path(image)) if image is not None else None
+    control = read_image(Path(control_image), "control_image") if control_image is not None else None
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -147,6 +156,11 @@ def run(
         skip_layer_guidance=skip_layer_guidance,
         image=init_image,
         strength=strength,
+        control_image=control,
+        control_type=control_type,
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+        control_guidance_start=control_guidance_start,
+        control_guidance_end=control_guidance_end,
     )
     start = time.perf_counter()
     max_images = max(num_images, 1) if isinstance(num_images, int) else None
