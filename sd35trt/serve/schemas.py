@@ -53,6 +53,19 @@ class GenerateBody(BaseModel):
     strength: float | None = Field(
         default=None, description="image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)"
     )
+    control_image: str | None = Field(
+        default=None,
+        description="ControlNet: the picture to follow (image file, base64), of the output's aspect ratio; "
+        "made into canny edges or a blur as control_type says (a depth map is taken as is)",
+    )
+    control_type: str | None = Field(default=None, description="canny, blur or depth (default: as built)")
+    controlnet_conditioning_scale: float | None = Field(default=None, description="0..2 (default 1.0)")
+    control_guidance_start: float | None = Field(
+        default=None, description="share of the steps before it acts"
+    )
+    control_guidance_end: float | None = Field(
+        default=None, description="share of the steps after which it stops"
+    )
 
 
 class ImageInfo(BaseModel):

@@ -58,6 +58,15 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("skip_layer_guidance", TritonType.BOOL, doc="default: as the engines were built"),
     TensorSpec("init_image", TritonType.STRING, doc="image-to-image: the image file, base64 (as HTTP)"),
     TensorSpec("strength", TritonType.FP64, doc="image-to-image: share of the schedule that runs, (0, 1]"),
+    TensorSpec("control_image", TritonType.STRING, doc="ControlNet: the picture to follow, base64 (as HTTP)"),
+    TensorSpec("control_type", TritonType.STRING, doc="ControlNet: canny, blur or depth (default: as built)"),
+    TensorSpec("controlnet_conditioning_scale", TritonType.FP64, doc="ControlNet: residual scale, 0..2"),
+    TensorSpec(
+        "control_guidance_start", TritonType.FP64, doc="ControlNet: share of the steps before it acts"
+    ),
+    TensorSpec(
+        "control_guidance_end", TritonType.FP64, doc="ControlNet: share of the steps after which it stops"
+    ),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
