@@ -40,7 +40,14 @@ def _resolve(name: str, known: set[str]) -> str | None:
 #: models, engine backends, the runtime, the stages, the services around the runtime, the verbs.
 LAYERS = (
     ("sd35trt", "sd35trt.errors"),
-    ("sd35trt.config", "sd35trt.components", "sd35trt.guidance", "sd35trt.console", "sd35trt.metrics"),
+    (
+        "sd35trt.config",
+        "sd35trt.components",
+        "sd35trt.sampling",
+        "sd35trt.guidance",
+        "sd35trt.console",
+        "sd35trt.metrics",
+    ),
     ("sd35trt.artifacts",),
     ("sd35trt.models",),
     ("sd35trt.backends",),

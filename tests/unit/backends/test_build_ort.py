@@ -23,7 +23,16 @@ from sd35trt.artifacts.engine_manifest import GpuInfo, MachineInfo, open_engines
 from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, records_for_tree
 from sd35trt.artifacts.records import BuildRecord, ExportDetails, ExportedComponent, ValidationStatus
 from sd35trt.backends.onnxruntime import GRAPH_OPTIMIZATION_LEVEL, OrtEngine, optimize_model
-from sd35trt.components import Component, ComponentSpec, ModelDims, TensorSpec, TensorType, Tolerance, spec
+from sd35trt.components import (
+    Component,
+    ComponentSpec,
+    ModelDims,
+    TensorSpec,
+    TensorType,
+    Tolerance,
+    exported_components,
+    spec,
+)
 from sd35trt.config import Backend, Config, Precision, config_from_dict
 from sd35trt.errors import (
     BackendUnavailableError,
@@ -280,7 +289,7 @@ def test_build_writes_engines_manifest_and_record(built):
     assert record.details.backend is Backend.ONNXRUNTIME
     assert record.details.components[Component.TRANSFORMER].fp8 is True
     data = json.loads((engines_dir / "manifest.json").read_text())
-    assert set(data["engines"]) == {c.value for c in Component}
+    assert set(data["engines"]) == {c.value for c in exported_components(controlnet=False)}
     tr = data["engines"]["transformer"]
     assert tr["file"]["path"] == "transformer.onnx" and tr["fp8"] is True and tr["precision"] == "fp32"
     assert tr["skip_layers"] == SKIP_LAYERS
