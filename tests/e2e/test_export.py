@@ -18,7 +18,7 @@ from sd35trt.artifacts.manifest import (
     sha256_file,
 )
 from sd35trt.artifacts.records import TensorSignature, ValidationStatus
-from sd35trt.components import Component
+from sd35trt.components import Component, exported_components
 from sd35trt.config import Precision
 from sd35trt.errors import ExportError, StaleArtifactError
 from sd35trt.models.quantize import CALIBRATION_FILE
@@ -26,7 +26,7 @@ from sd35trt.stages.export import REPORT_FILE, UNQUANTIZED_STEM, export
 
 pytestmark = pytest.mark.slow
 
-GRAPHS = [c.value for c in Component] + [UNQUANTIZED_STEM]
+GRAPHS = [c.value for c in exported_components(controlnet=False)] + [UNQUANTIZED_STEM]
 OUTPUTS = {
     "clip_l": ["hidden_states", "text_embeds"],
     "clip_g": ["hidden_states", "text_embeds"],
@@ -58,7 +58,7 @@ def test_record_lists_the_graphs_and_how_they_were_made(exported_run, tiny_confi
     d = rec.details
     assert (d.opset, d.skip_layers, d.max_sequence_length) == (19, (1,), 256)
     assert d.calibration.sha256 == sha256_file(exported_run / "calibrate" / CALIBRATION_FILE)
-    for c in Component:
+    for c in exported_components(controlnet=False):
         entry = d.components[c]
         assert entry.onnx == f"onnx/{c.value}.onnx"
         assert (entry.precision, entry.quantized) == (Precision.FP32, c is Component.TRANSFORMER)
