@@ -12,14 +12,16 @@ PROMPT ?= a photo of a cat
 TORCH_SPEC ?= torch==2.13.0
 COMMA := ,
 SHELL := /bin/bash
-EXTRAS ?= dev,server,triton
+EXTRAS ?= dev,server,triton,rtx
 FORCE ?=
 # pytest-xdist workers for `make test` (files stay whole on one worker: module-scoped servers).
 TEST_WORKERS ?= 2
 SD35 := $(BIN)/sd35trt
 STAGE_ARGS = --config $(CONFIG) --run-dir $(RUN_DIR) $(if $(FORCE),--force,)
+# The build backend (auto | tensorrt | tensorrt-rtx | onnxruntime); empty: the config's build.backend.
+BACKEND ?=
 
-.PHONY: setup setup-unlocked lock test-latest readme-figures test test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-serve triton-throughput artifact gpu-wheels gpu-evidence clean
+.PHONY: setup setup-unlocked lock test-latest readme-figures test test-rtx rtx-fullsize test-gpu lint format calibrate export build run all reference bench eval serve serve-throughput triton triton-serve triton-throughput artifact gpu-wheels gpu-evidence clean
 
 # The CPU development environment is locked (requirements.lock: every package pinned with its
 # sha256). `make setup` installs exactly that; `make lock` regenerates it from pyproject's ranges.
@@ -81,7 +83,24 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 test: $(SETUP_STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not tensorrt_rtx"
+
+# Real TensorRT-RTX builds on this machine (no GPU needed): the marked tests, then the tiny model
+# built for real and its FP8 proof checked (`inspect`: every quantized MatMul inside an FP8 GEMM).
+RTX_RUN_DIR ?= runs/ci-rtx
+FP8_PROOF := every quantized MatMul is inside an FP8 GEMM
+test-rtx: $(SETUP_STAMP)
+	$(BIN)/python -m pytest -q -n 0 -m tensorrt_rtx
+	$(MAKE) build MODEL=tiny BACKEND=tensorrt-rtx RUN_DIR=$(RTX_RUN_DIR)
+	$(SD35) inspect $(RTX_RUN_DIR) | tee $(RTX_RUN_DIR)/inspect.txt | grep -F "FP8 proof"
+	grep -qF "$(FP8_PROOF)" $(RTX_RUN_DIR)/inspect.txt
+
+# Full-size evidence on a CPU machine: the FP8 transformer (random weights, published shapes)
+# exported and built with TensorRT-RTX; prints and writes a table (scripts/rtx_fullsize.py).
+# Needs about 12 GB of RAM at sd3.5-medium size; FULLSIZE_LOCK=path serializes such runs.
+FULLSIZE_LOCK ?=
+rtx-fullsize: $(SETUP_STAMP)
+	$(if $(FULLSIZE_LOCK),flock $(FULLSIZE_LOCK),) $(BIN)/python scripts/rtx_fullsize.py --config $(CONFIG)
 
 test-gpu:
 	$(BIN)/python -m pytest -q -m "gpu or tensorrt" tests/gpu
@@ -101,7 +120,7 @@ export: calibrate
 	$(SD35) export $(STAGE_ARGS)
 
 build: export
-	$(SD35) build $(STAGE_ARGS)
+	$(SD35) build $(STAGE_ARGS) $(if $(BACKEND),--backend $(BACKEND),)
 
 run: build
 	$(SD35) run --engines $(RUN_DIR)/engines "$(PROMPT)" -o $(RUN_DIR)/images/out.png

@@ -13,7 +13,21 @@ from typing import Annotated
 
 import typer
 
+from sd35trt.cli_options import generation_options
 from sd35trt.errors import Sd35TrtError
+from sd35trt.parameters import PARAMS
+
+#: What ``reference`` and ``bench`` take of the generation parameters (``run`` takes them all).
+REFERENCE_PARAMS = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "seed",
+)
+BENCH_PARAMS = ("prompt", *REFERENCE_PARAMS[1:], "num_images", "skip_layer_guidance")
 
 app = typer.Typer(
     help="Stable Diffusion 3.5 to FP8 TensorRT engines: calibrate, export, build, run.",
@@ -64,19 +78,6 @@ def _options(
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
-# diffusers' parameter names; the short spellings stay as aliases.
-NumInferenceStepsOpt = Annotated[
-    int | None,
-    typer.Option("--num-inference-steps", "--steps", help="Denoising steps (default: the runtime defaults)."),
-]
-GuidanceScaleOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--guidance-scale",
-        "--guidance",
-        help="Classifier-free guidance scale; <= 1 turns CFG off (default: the runtime defaults).",
-    ),
-]
 
 
 def _load(config: Path, run_dir: Path | None):
@@ -137,7 +138,10 @@ def build(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
     backend: Annotated[
-        str | None, typer.Option(help="auto | tensorrt | onnxruntime (default: the config's build.backend).")
+        str | None,
+        typer.Option(
+            help="auto | tensorrt | tensorrt-rtx | onnxruntime (default: the config's build.backend)."
+        ),
     ] = None,
     force: ForceOpt = False,
     allow_partial_fp8: Annotated[
@@ -204,92 +208,28 @@ def tiny(
 
 
 @app.command()
+@generation_options(*REFERENCE_PARAMS, defaults={"seed": 0})
 def reference(
-    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="Text prompt.")],
+    generation: dict,
     config: ConfigOpt = Path("configs/tiny.yaml"),
     run_dir: RunDirOpt = None,
-    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
-    num_inference_steps: NumInferenceStepsOpt = None,
-    guidance_scale: GuidanceScaleOpt = None,
-    height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
-    width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("reference.png"),
 ) -> None:
     """Generate with the diffusers PyTorch pipeline: the baseline the engines are compared with."""
     from sd35trt.models.reference import generate_reference
 
     cfg, rd = _load(config, run_dir)
-    path = generate_reference(
-        cfg,
-        rd,
-        prompt,
-        out,
-        negative_prompt=negative_prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        seed=seed,
-    )
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {generate_reference(cfg, rd, out=out, **generation)}")
 
 
 @app.command("run")
+@generation_options(*PARAMS)
 def run_(
-    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="Text prompt.")],
+    generation: dict,
     engines: Annotated[
         Path,
         typer.Option("--engines", help="Engines directory (runs/<name>/engines) or an unpacked artefact."),
     ],
-    negative_prompt: Annotated[
-        str | None, typer.Option(help="Negative prompt (default: the one recorded with the engines).")
-    ] = None,
-    num_inference_steps: NumInferenceStepsOpt = None,
-    guidance_scale: GuidanceScaleOpt = None,
-    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: recorded).")] = None,
-    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: recorded).")] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Noise seed, 0..2^63-1 (default: drawn below 2^53 and printed).")
-    ] = None,
-    num_images: Annotated[int, typer.Option(help="Images to generate in one batch.")] = 1,
-    skip_layer_guidance: Annotated[
-        bool | None,
-        typer.Option(
-            "--skip-layer-guidance/--no-skip-layer-guidance",
-            help="Force skip-layer guidance on or off (default: as the engines were built).",
-            show_default=False,
-        ),
-    ] = None,
-    image: Annotated[
-        Path | None,
-        typer.Option(
-            "--image", help="Image-to-image: the initial image (resized to --height x --width, as diffusers)."
-        ),
-    ] = None,
-    strength: Annotated[
-        float | None,
-        typer.Option(help="Image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)."),
-    ] = None,
-    control_image: Annotated[
-        Path | None,
-        typer.Option(
-            help="ControlNet: the picture to follow (made into canny edges or a blur; a depth map as is)."
-        ),
-    ] = None,
-    control_type: Annotated[
-        str | None,
-        typer.Option(help="ControlNet: canny, blur or depth (default: the engines' ControlNet's)."),
-    ] = None,
-    controlnet_conditioning_scale: Annotated[
-        float | None, typer.Option(help="ControlNet: residual scale in 0..2 (default 1.0).")
-    ] = None,
-    control_guidance_start: Annotated[
-        float | None, typer.Option(help="ControlNet: share of the steps before it acts (default 0).")
-    ] = None,
-    control_guidance_end: Annotated[
-        float | None, typer.Option(help="ControlNet: share of the steps after which it stops (default 1).")
-    ] = None,
     low_vram: Annotated[
         bool, typer.Option("--low-vram", help="Load each engine only for its stage.")
     ] = False,
@@ -305,34 +245,16 @@ def run_(
     from sd35trt.run import run
     from sd35trt.stages.package import engines_dir_of
 
-    output = run(
-        engines_dir_of(engines),
-        prompt,
-        negative_prompt=negative_prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        seed=seed,
-        num_images=num_images,
-        skip_layer_guidance=skip_layer_guidance,
-        image=image,
-        strength=strength,
-        control_image=control_image,
-        control_type=control_type,
-        controlnet_conditioning_scale=controlnet_conditioning_scale,
-        control_guidance_start=control_guidance_start,
-        control_guidance_end=control_guidance_end,
-        low_vram=low_vram,
-        out=out,
-    )
+    output = run(engines_dir_of(engines), low_vram=low_vram, out=out, **generation)
     for line in output.warning_lines():
         typer.echo(line, err=True)
     typer.echo(output.report(timings=timings))
 
 
 @app.command()
+@generation_options(*BENCH_PARAMS, defaults={"prompt": None, "seed": 0})
 def bench(
+    generation: dict,
     engines: Annotated[
         list[Path], typer.Option("--engines", help="An engines directory; repeat to compare several.")
     ],
@@ -356,20 +278,25 @@ def bench(
         ),
     ] = 0.6,
 ) -> None:
-    """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers."""
+    """Per-stage latency (median, p90), images/s, peak memory, and per-step overhead vs diffusers.
+
+    Every configuration generates with the first engines directory's recorded defaults, except
+    where the generation options above override them.
+    """
+    from sd35trt.bench.benchmark import BenchOptions
     from sd35trt.bench.benchmark import bench as run
     from sd35trt.bench.report import format_bench
 
-    report = run(
-        engines,
-        reference,
-        runs,
-        warmup,
-        out,
+    options = BenchOptions(
+        runs=runs,
+        warmup=warmup,
         overhead_runs=overhead_runs,
+        out_dir=out,
         device=device,
         img2img_strength=img2img_strength,
+        generation={k: v for k, v in generation.items() if v is not None},
     )
+    report = run(engines, reference, options)
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
 
@@ -523,7 +450,12 @@ def verify(
         for problem in report.problems:
             typer.echo(f"  - {problem}", err=True)
         raise VerificationError(f"{path}: {len(report.problems)} problem(s) found")
-    typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
+    if report.notes:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked)")
+        for note in report.notes:
+            typer.echo(f"  {note}")
+    else:
+        typer.echo(f"{path}: OK ({report.files_checked} files checked, engines fit this machine)")
     if not compare:
         return
     from sd35trt.compare import compare_engines

@@ -44,8 +44,9 @@ from sd35trt.sampling import sample_inputs
 from sd35trt.stages.export.validate import OutputCheck
 
 if TYPE_CHECKING:
-    from sd35trt.artifacts.engine_manifest import EngineManifest, MachineInfo
+    from sd35trt.artifacts.engine_manifest import EngineManifest
     from sd35trt.backends.engine import Engine
+    from sd35trt.backends.machine import MachineInfo
 
 #: Profile shapes each engine is compared at (``max`` is left out: at full size ONNX Runtime's
 #: unfused attention at the largest image needs tens of GB).
@@ -283,7 +284,7 @@ def compare_engines(
             missing, modified, or not loadable on this machine.
         ModelError: an ONNX source has unsafe external-data locations.
     """
-    from sd35trt.artifacts.engine_manifest import open_engines, verify_engines
+    from sd35trt.backends.load import open_engines, verify_engines
     from sd35trt.stages.export import validate
 
     manifest = verify_engines(engines_dir, components, machine)

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from sd35trt.errors import ConfigError
+from sd35trt.parameters import PARAMS
 
 #: Image sizes must be multiples of this: the VAE downsamples 8x and the transformer patchifies 2x2.
 SIZE_MULTIPLE = 16
@@ -69,7 +70,62 @@ class LoadDtype(str, Enum):
 class Backend(str, Enum):
     AUTO = "auto"
     TENSORRT = "tensorrt"
+    #: TensorRT for RTX: builds on any machine (no GPU needed) for compute capability targets.
+    TENSORRT_RTX = "tensorrt-rtx"
     ONNXRUNTIME = "onnxruntime"
+
+
+class ComputeCapability(str, Enum):
+    """A GPU architecture TensorRT-RTX 1.7 builds for (its ``ComputeCapability`` enum, SM75..SM121).
+
+    Sources: TensorRT-RTX's ``ComputeCapability`` members; FP8 tensor cores from compute
+    capability 8.9 (Ada), FP4 on 12.x (Blackwell) only (TensorRT-RTX support matrix).
+    """
+
+    SM75 = "7.5"
+    SM80 = "8.0"
+    SM86 = "8.6"
+    SM89 = "8.9"
+    SM120 = "12.0"
+    SM121 = "12.1"
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """``(8, 9)`` for ``8.9``."""
+        major, minor = self.value.split(".")
+        return int(major), int(minor)
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.version >= (8, 9)
+
+    @property
+    def has_fp4(self) -> bool:
+        return self.version[0] == 12
+
+    @property
+    def examples(self) -> str:
+        """GPUs of this compute capability, for people (NVIDIA's CUDA GPU list)."""
+        return _CC_EXAMPLES[self]
+
+
+_CC_EXAMPLES = {
+    ComputeCapability.SM75: "RTX 2080 Ti, T4",
+    ComputeCapability.SM80: "A100",
+    ComputeCapability.SM86: "RTX 3090, A6000",
+    ComputeCapability.SM89: "RTX 4090, L40S, L4",
+    ComputeCapability.SM120: "RTX 5090, RTX PRO 6000 Blackwell",
+    ComputeCapability.SM121: "DGX Spark (GB10)",
+}
+#: TensorRT-RTX targets when ``build.compute_capabilities`` is not set: the GPUs with FP8 when the
+#: build has FP8 engines, else TensorRT-RTX's own default set.
+FP8_COMPUTE_CAPABILITIES = (ComputeCapability.SM89, ComputeCapability.SM120)
+ALL_COMPUTE_CAPABILITIES = (
+    ComputeCapability.SM80,
+    ComputeCapability.SM86,
+    ComputeCapability.SM89,
+    ComputeCapability.SM120,
+)
 
 
 class Range(_Strict):
@@ -278,11 +334,24 @@ class BuildSettings(_Strict):
     #: TensorRT choose (its automatic budget for the free device memory).
     weight_streaming_budget_gib: float | None = Field(default=None, ge=0)
     refit: bool = False
+    #: TensorRT-RTX: the GPU architectures the engines are built for (portable across them);
+    #: None: 8.9 and 12.0 for FP8 builds, else 8.0, 8.6, 8.9 and 12.0.
+    compute_capabilities: tuple[ComputeCapability, ...] | None = None
+
+    @field_validator("compute_capabilities", mode="before")
+    @classmethod
+    def _capabilities_as_text(cls, v: Any) -> Any:
+        # YAML reads 8.9 and 12.0 as floats.
+        if isinstance(v, list | tuple):
+            return tuple(f"{c:.1f}" if isinstance(c, float) else c for c in v)
+        return v
 
     @model_validator(mode="after")
     def _sizes(self) -> BuildSettings:
         if self.weight_streaming_budget_gib is not None and not self.weight_streaming:
             raise ValueError("weight_streaming_budget_gib needs weight_streaming: true")
+        if self.compute_capabilities == ():
+            raise ValueError("compute_capabilities is empty: list targets (e.g. [8.9, 12.0]) or leave it out")
         for name in ("height", "width"):
             r: Range = getattr(self, name)
             for key in ("min", "opt", "max"):
@@ -306,14 +375,21 @@ class SkipLayerGuidance(_Strict):
         return self
 
 
+_STEPS, _GUIDANCE = PARAMS["num_inference_steps"], PARAMS["guidance_scale"]
+
+
 class RuntimeSettings(_Strict):
     """Generation defaults recorded with the engines; names are diffusers' ``__call__`` parameters."""
 
-    #: ``steps`` is read as well: configs and engine manifests written before the rename use it.
+    #: Bounds and aliases are the declared ones (:mod:`sd35trt.parameters`): ``steps`` is read as
+    #: well (configs and engine manifests written before the rename use it).
     num_inference_steps: int = Field(
-        default=28, ge=1, le=500, validation_alias=AliasChoices("num_inference_steps", "steps")
+        default=28,
+        ge=_STEPS.low,
+        le=_STEPS.high,
+        validation_alias=AliasChoices(*_STEPS.names),
     )
-    guidance_scale: float = Field(default=3.5, ge=0.0, le=50.0)
+    guidance_scale: float = Field(default=3.5, ge=_GUIDANCE.low, le=_GUIDANCE.high)
     height: int = 1024
     width: int = 1024
     max_sequence_length: int = Field(default=256, ge=1, le=512)
@@ -348,6 +424,17 @@ class Config(_Strict):
                     f"export.fp32_blocks {fp8} must also be in calibrate.high_precision_blocks "
                     f"(now {list(self.calibrate.high_precision_blocks)}): an fp32 block carries no FP8"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_targets(self) -> Config:
+        targets = self.build.compute_capabilities or ()
+        lacking = [c.value for c in targets if not c.has_fp8]
+        if self.export.quantize and lacking:
+            raise ValueError(
+                f"build.compute_capabilities has {', '.join(lacking)}, which runs no FP8 (needs 8.9 or "
+                "newer: 8.9, 12.0, 12.1); drop it, or export without FP8 (export.quantize: false)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -97,6 +98,25 @@ class NonFiniteError(Sd35TrtError):
 
 class DeviceOutOfMemoryError(Sd35TrtError):
     """The device ran out of memory during a request."""
+
+
+#: Substrings by which backends (ONNX Runtime, TensorRT, CUDA) report an exhausted allocator.
+_OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "out_of_memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device (or host) allocation failure, whatever raised it.
+
+    ``torch.OutOfMemoryError`` counts only when torch is loaded (only then can it have been
+    raised); backends without an error type of their own are recognised by their message.
+    """
+    if isinstance(err, DeviceOutOfMemoryError | MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return any(m in text for m in _OOM_MARKERS)
 
 
 def _location(loc: tuple) -> str:

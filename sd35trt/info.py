@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
 from pathlib import Path
 
-from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json
+from sd35trt.artifacts.engine_manifest import LayerReport
+from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, read_json, tool_versions
 from sd35trt.errors import ManifestError
-
-#: Distributions reported by ``sd35trt info`` (import names differ; metadata needs no import).
-PACKAGES = (
-    "sd35trt",
-    "torch",
-    "diffusers",
-    "transformers",
-    "nvidia-modelopt",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "polygraphy",
-    "tensorrt",
-)
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
 FP8_MIN_CAPABILITY = (8, 9)
@@ -30,12 +16,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def collect_info() -> dict:
     """Versions of the toolchain and the CUDA devices, as a JSON-able dict."""
-    versions = {}
-    for dist in PACKAGES:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = tool_versions(include_missing=True)
     devices = []
     import torch
 
@@ -170,17 +151,61 @@ def format_manifest(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _listed(items: list[str], limit: int = 6) -> str:
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def layer_lines(layers: LayerReport, indent: str = "    ") -> list[str]:
+    """The FP8 proof of one engine, readable: layers per precision and per output type, the
+    quantized MatMuls inside FP8 GEMM layers (those holding several: fused projections), the ones
+    that fell back, fused attention layers by tactic."""
+    lines = [layers.summary()]
+    if layers.detailed:
+        outputs = sorted(layers.output_precisions.items(), key=lambda kv: -kv[1])
+        if outputs:
+            lines.append("layer outputs: " + ", ".join(f"{k} {v}" for k, v in outputs))
+        if layers.quantized_linear:
+            inside = layers.quantized_linear - layers.fell_back_count
+            verdict = (
+                "every quantized MatMul is inside an FP8 GEMM"
+                if layers.fp8_complete
+                else f"{layers.fell_back_count} quantized MatMuls are in no FP8 GEMM"
+            )
+            lines.append(
+                f"FP8 proof ({layers.source}): {verdict} ({inside}/{layers.quantized_linear} in "
+                f"{layers.fp8_gemms} FP8 GEMM layers)"
+            )
+            fused = [
+                f"{name} ({len(nodes)})" for name, nodes in layers.fp8_gemm_layers.items() if len(nodes) > 1
+            ]
+            if fused:
+                lines.append(f"FP8 GEMMs holding several MatMuls: {_listed(fused, 3)}")
+    if layers.fell_back_count:
+        more = layers.fell_back_count - len(layers.fell_back)
+        lines.append(
+            f"fell back from FP8: {', '.join(layers.fell_back)}" + (f" and {more} more" if more > 0 else "")
+        )
+    if layers.fused_attention:
+        tactics = ", ".join(f"{t} x{n}" for t, n in layers.fused_attention_tactics.items())
+        lines.append(
+            f"fused attention: {_listed(layers.fused_attention)}"
+            + (f" (tactics: {tactics})" if tactics else "")
+        )
+    return [indent + line for line in lines]
+
+
 def format_engines(engines_dir: Path) -> list[str]:
     """Readable lines for an engines directory: per engine, what it was built as and runs.
 
-    TensorRT engines show their layer information: layers per precision, FP8 GEMMs against the
-    quantized Linear layers of their ONNX, the layers that fell back, fused attention layers,
-    and the activation memory they need.
+    TensorRT and TensorRT-RTX engines show their layer information (:func:`layer_lines`) and the
+    activation and weights memory they need.
 
     Raises:
         ManifestError: the engine manifest is missing or malformed.
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.backends.load import built_for
 
     manifest = read_engine_manifest(engines_dir)
     lines = [f"engines {engines_dir} ({manifest.backend.value}, created {manifest.created})"]
@@ -189,28 +214,20 @@ def format_engines(engines_dir: Path) -> list[str]:
         fp8 = " + fp8" if rec.fp8 else ""
         lines.append(
             f"  {component.value:<12} {rec.file.path:<22} {_size(size):>10}  {rec.precision.value}{fp8}, "
-            f"built for {rec.built_for} in {rec.build_seconds:.1f} s"
+            f"built for {built_for(rec)} in {rec.build_seconds:.1f} s"
         )
-        if rec.device_memory_bytes is not None:
-            lines.append(f"    activation memory {_size(rec.device_memory_bytes)}")
-        if rec.layers is None:
-            continue
-        lines.append(f"    {rec.layers.summary()}")
-        if rec.layers.fell_back_count:
-            more = rec.layers.fell_back_count - len(rec.layers.fell_back)
-            lines.append(
-                f"    fell back from FP8: {', '.join(rec.layers.fell_back)}"
-                + (f" and {more} more" if more > 0 else "")
+        memory = [
+            f"{what} {_size(n)}"
+            for what, n in (
+                ("activation memory", rec.device_memory_bytes),
+                ("weights", rec.layers.weights_bytes if rec.layers else None),
             )
-        if rec.layers.fused_attention:
-            lines.append(
-                f"    fused attention: {', '.join(rec.layers.fused_attention[:6])}"
-                + (
-                    f" and {len(rec.layers.fused_attention) - 6} more"
-                    if len(rec.layers.fused_attention) > 6
-                    else ""
-                )
-            )
+            if n is not None
+        ]
+        if memory:
+            lines.append(f"    {', '.join(memory)}")
+        if rec.layers is not None:
+            lines += layer_lines(rec.layers)
     has_encoder = any(c.value == "vae_encoder" for c in manifest.engines)
     lines.append(
         "  image-to-image: "

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sd35trt.errors import RequestError
+from sd35trt.parameters import canonical_fields, check_value
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
 from sd35trt.runtime.request import read_image
 
@@ -92,45 +94,20 @@ def run(
     engines_dir: Path,
     prompt: str,
     *,
-    negative_prompt: str | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int | None = None,
-    num_images: int = 1,
-    skip_layer_guidance: bool | None = None,
-    image: Path | None = None,
-    strength: float | None = None,
-    control_image: Path | None = None,
-    control_type: str | None = None,
-    controlnet_conditioning_scale: float | None = None,
-    control_guidance_start: float | None = None,
-    control_guidance_end: float | None = None,
     low_vram: bool = False,
     out: Path = DEFAULT_OUT,
+    **params: Any,
 ) -> RunOutput:
     """Generate images from ``prompt`` with the engines in ``engines_dir`` and write PNGs.
 
     Args:
         engines_dir: a build's ``engines/`` directory.
         prompt: the text prompt.
-        negative_prompt: default: the engines' recorded negative prompt.
-        num_inference_steps: denoising steps (default: recorded).
-        guidance_scale: classifier-free guidance scale (default: recorded; <= 1 turns CFG off).
-        height: image height in pixels (default: recorded).
-        width: image width in pixels (default: recorded).
-        seed: noise seed; drawn at random (and reported) when ``None``.
-        num_images: images to generate; image ``i`` uses seed ``seed + i``. More than the engine
-            batch run as several engine batches (no other limit: the user asked for them).
-        skip_layer_guidance: force skip-layer guidance on or off (default: as built).
-        image: image-to-image: the initial image file (resized to height x width).
-        strength: image-to-image strength in (0, 1] (default 0.6).
-        control_image, control_type, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end: ControlNet conditioning (the image file; see
-            :mod:`sd35trt.runtime.control`).
         low_vram: load each engine only for its stage.
         out: the PNG path; several images get ``-0``, ``-1``, ... suffixes.
+        params: the other generation parameters (:data:`sd35trt.parameters.GENERATION_PARAMS`) by
+            name or alias, e.g. ``num_inference_steps=4`` or ``steps=4``; ``None`` or left out:
+            the engines' recorded default (a drawn seed, reported). ``image`` is a file path.
 
     Returns:
         The paths written and the generation result.
@@ -141,34 +118,21 @@ def run(
         ManifestError, VerificationError, IncompatibleEngineError: the engines can't be used.
         NonFiniteError: a stage produced NaN or inf (named); no PNG is written.
     """
+    fields = canonical_fields({"prompt": prompt, **params}, wire=False)
+    num_images = check_value("num_images", fields.get("num_images", 1))
     paths = output_paths(Path(out), num_images)
-    init_image = read_image(Path(image)) if image is not None else None
-    control = read_image(Path(control_image), "control_image") if control_image is not None else None
-    request = GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        seed=seed,
-        num_images=num_images,
-        skip_layer_guidance=skip_layer_guidance,
-        image=init_image,
-        strength=strength,
-        control_image=control,
-        control_type=control_type,
-        controlnet_conditioning_scale=controlnet_conditioning_scale,
-        control_guidance_start=control_guidance_start,
-        control_guidance_end=control_guidance_end,
-    )
+    for name in ("image", "control_image"):  # files on the command line
+        if fields.get(name) is not None:
+            fields[name] = read_image(Path(fields[name]), name)
+    request = GenerationRequest(**fields)
     start = time.perf_counter()
-    max_images = max(num_images, 1) if isinstance(num_images, int) else None
-    with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False, max_images=max_images) as runtime:
-        params = runtime.validate(request)  # a bad request fails before any engine loads
+    with Sd35Runtime.load(
+        engines_dir, low_vram=low_vram, activate=False, max_images=max(num_images, 1)
+    ) as runtime:
+        used = runtime.validate(request)  # a bad request fails before any engine loads
         runtime.engines.activate_all()  # so stage timings don't include loading (except with low_vram)
         load_s = time.perf_counter() - start
-        result = runtime.generate(params)
+        result = runtime.generate(used)
     for i, path in enumerate(paths):
         try:
             result.save(path, i)

@@ -28,11 +28,17 @@ def _has_cuda() -> bool:
 def pytest_collection_modifyitems(config, items):
     has_trt = importlib.util.find_spec("tensorrt") is not None
     has_cuda = _has_cuda()
+    has_rtx = importlib.util.find_spec("tensorrt_rtx") is not None
+    skip_rtx = pytest.mark.skip(
+        reason="needs tensorrt_rtx (pip install tensorrt_rtx_cu13; make setup installs it)"
+    )
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_trt = pytest.mark.skip(
         reason="needs TensorRT and a CUDA GPU (run `make test-gpu` on such a machine)"
     )
     for item in items:
+        if "tensorrt_rtx" in item.keywords and not has_rtx:
+            item.add_marker(skip_rtx)
         if "tensorrt" in item.keywords and not (has_trt and has_cuda):
             item.add_marker(skip_trt)
         elif "gpu" in item.keywords and not has_cuda:

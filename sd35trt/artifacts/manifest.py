@@ -247,24 +247,32 @@ def verify_files(
         raise (UnsafeArtifactError if unsafe else VerificationError)(prefix + "; ".join(problems))
 
 
-def tool_versions() -> dict[str, str]:
-    """Installed versions of the tools whose output the artefacts depend on (no imports)."""
-    out = {}
-    for dist in (
-        "sd35trt",
-        "torch",
-        "diffusers",
-        "transformers",
-        "nvidia-modelopt",
-        "onnx",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "tensorrt",
-    ):
+#: The toolchain, by distribution name (import names differ; metadata needs no import): recorded
+#: with every stage's output and reported by ``sd35trt info``.
+TOOL_DISTRIBUTIONS = (
+    "sd35trt",
+    "torch",
+    "diffusers",
+    "transformers",
+    "nvidia-modelopt",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "polygraphy",
+    "tensorrt",
+    "tensorrt_rtx_cu13",
+)
+
+
+def tool_versions(include_missing: bool = False) -> dict[str, str | None]:
+    """Installed versions of :data:`TOOL_DISTRIBUTIONS` (missing ones: ``None`` if asked for, else absent)."""
+    out: dict[str, str | None] = {}
+    for dist in TOOL_DISTRIBUTIONS:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            continue
+            if include_missing:
+                out[dist] = None
     return out
 
 

@@ -202,7 +202,7 @@ class CalibrateDetails(WeightsDetails):
     report: CalibrationQuality
     elapsed_s: float
     peak_memory_bytes: int
-    #: what ``peak_memory_bytes`` measures (``cuda max_memory_allocated`` or ``process peak RSS``).
+    #: what ``peak_memory_bytes`` measures (:func:`sd35trt.runtime.pipeline.peak_memory`).
     peak_memory_kind: str
 
 

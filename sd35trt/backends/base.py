@@ -44,6 +44,8 @@ class BuildJob:
         label: prefix of the progress lines, e.g. ``[4/5] transformer``.
         allow_partial_fp8: an FP8 engine with fewer FP8 GEMMs than quantized layers is a warning,
             not an error.
+        build_has_fp8: some engine of this build is FP8 (TensorRT-RTX then targets, by default,
+            only GPUs with FP8, so that every engine of the set runs on the same GPUs).
     """
 
     component: Component
@@ -58,6 +60,7 @@ class BuildJob:
     progress: Progress
     label: str
     allow_partial_fp8: bool = False
+    build_has_fp8: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class BuiltEngine:
         layers: what the engine runs, per precision (TensorRT only).
         device_memory_bytes: activation memory the engine needs at its largest profile (TensorRT).
         streamable_weights_bytes: weights that weight streaming may keep off the device (TensorRT).
+        compute_capabilities: the GPU architectures the engine was built for (TensorRT-RTX).
     """
 
     extra_files: tuple[Path, ...] = ()
@@ -77,6 +81,7 @@ class BuiltEngine:
     layers: LayerReport | None = None
     device_memory_bytes: int | None = None
     streamable_weights_bytes: int | None = None
+    compute_capabilities: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class EngineBackend(abc.ABC):
     suffix: str  # engine file suffix: ".plan"
     default_device: str
     requirements: str = "nothing"  # what building and running needs, for people
+    #: Engines are built for GPU targets, not for the building machine (TensorRT-RTX): a machine
+    #: without a GPU verifies their files and is told which GPUs run them, without failing.
+    portable: bool = False
 
     def missing(self, machine: MachineInfo) -> list[str]:
         """What this machine lacks to build and run this backend's engines (empty: nothing)."""
@@ -128,6 +136,17 @@ class EngineBackend(abc.ABC):
     def incompatibility(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         """How ``machine`` cannot load ``record``'s engine, or ``None`` when it can."""
         return None
+
+    def runs_on(self, manifest: EngineManifest) -> str:
+        """Which machines run a manifest's engines, for people."""
+        return self.requirements
+
+    def rebuild_reason(self, record: EngineRecord, machine: MachineInfo) -> str | None:
+        """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would).
+
+        Engines built for this machine: whatever keeps it from loading them.
+        """
+        return self.incompatibility(record, machine)
 
     @property
     def needs_machine_check(self) -> bool:

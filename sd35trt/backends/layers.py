@@ -1,6 +1,7 @@
-"""What a built engine really runs: TensorRT's layer information, read back into a typed record.
+"""What a built engine really runs: its layer information, read back into a typed record.
 
-After a TensorRT build (``ProfilingVerbosity.DETAILED``), ``IEngineInspector.get_engine_information
+Two sources feed the same :class:`LayerReport`. After a TensorRT build
+(``ProfilingVerbosity.DETAILED``), ``IEngineInspector.get_engine_information
 (LayerInformationFormat.JSON)`` describes every engine layer. The documented format (TensorRT
 developer guide, "Engine Inspector"; the 10.x -> 11.x migration note) is a JSON object whose
 ``"Layers"`` list holds one object per layer with ``"Name"``, ``"LayerType"``, ``"Inputs"`` and
@@ -9,10 +10,20 @@ developer guide, "Engine Inspector"; the 10.x -> 11.x migration note) is a JSON 
 fields), ``"TacticName"`` and ``"Metadata"`` (the ONNX node names the layer came from). With
 ``LAYER_NAMES_ONLY`` the list holds bare names, which say nothing about precision.
 
+A TensorRT-RTX build cannot deserialize its plan without a GPU, so its layers are read from the
+builder's own log instead (:func:`parse_builder_log`): with ``ProfilingVerbosity.DETAILED`` the
+builder logs, at verbose severity, one ``Layers:`` message with a line per engine layer
+(``Name: ..., LayerType: gemm, Inputs: [ { ..., Datatype: FP8, ... }], Constants: [...],
+Outputs: [...], TacticName: ..., StreamId: 0, Metadata: [ONNX Layer: ...]...``), and at info
+severity ``Total Activation Memory: N bytes`` and ``Total Weights Memory: N bytes``. That format
+is what TensorRT-RTX 1.7 prints (captured builds in ``tests/unit/data/rtx``).
+
 From it :func:`summarize` derives the per-engine :class:`LayerReport` the engine manifest
-records: layers by precision, FP8 GEMMs against the quantized Linear layers of the ONNX, the ONNX
-nodes that fell back to a higher precision, and the layers that look like fused attention (see
-:func:`is_fused_attention`: a name-based reading that a GPU run must confirm, README "On a GPU").
+records: layers by precision and by output type, the FP8 GEMM layers with the quantized ONNX
+MatMuls inside each, the quantized nodes in no FP8 GEMM (fell back to a higher precision), the
+layers that look like fused attention, by tactic (see :func:`is_fused_attention`: a name-based
+reading that a GPU run must confirm, README "On a GPU"), and weights and activation memory where
+the source gives them.
 Nothing here imports TensorRT; :func:`quantized_linear_nodes` reads the ONNX graph with ``onnx``.
 """
 
@@ -24,9 +35,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from sd35trt.artifacts.engine_manifest import LayerReport
 
 #: Layer information kept per layer name in error messages (the rest is counted).
 MAX_NAMED = 12
@@ -61,6 +73,9 @@ _TYPE_TOKENS: tuple[tuple[str, Precision], ...] = (
 )
 _GEMM = re.compile(r"gemm|matrixmultipl|matmul|convolution|\bconv", re.IGNORECASE)
 _ATTENTION = re.compile(r"fmha|\bmha|_mha|mha_|flash|attention|sdpa", re.IGNORECASE)
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
+#: The per-kernel hash TensorRT-RTX appends to a tactic's name (``_gemm_mha_v2_0x99460...``).
+_TACTIC_HASH = re.compile(r"_?0x[0-9a-f]+$")
 
 
 def tensor_precision(tensor: Mapping) -> Precision:
@@ -85,6 +100,13 @@ class EngineLayer:
     outputs: tuple[Precision, ...]
     tactic: str = ""
     metadata: str = ""
+    #: Types of the layer's constants (its weights), where the source lists them apart (RTX log).
+    weights: tuple[Precision, ...] = ()
+
+    @cached_property
+    def onnx_nodes(self) -> tuple[str, ...]:
+        """The ONNX nodes fused into this layer, from its ``[ONNX Layer: name]`` metadata."""
+        return tuple(_ONNX_LAYER.findall(self.metadata))
 
     @property
     def precision(self) -> Precision:
@@ -101,10 +123,19 @@ class EngineLayer:
 
     @property
     def is_fp8_gemm(self) -> bool:
-        return self.is_gemm and Precision.FP8 in self.inputs
+        """A GEMM reading FP8 activations (and FP8 weights, where its constants are listed)."""
+        fp8_weights = not self.weights or Precision.FP8 in self.weights
+        return self.is_gemm and Precision.FP8 in self.inputs and fp8_weights
 
     def mentions(self, onnx_node: str) -> bool:
-        """Whether this layer was made from ``onnx_node`` (named in its name or metadata)."""
+        """Whether this layer was made from ``onnx_node``.
+
+        Exactly one of the ONNX nodes its metadata names, when it names any (``.../MatMul`` is
+        not ``.../MatMul_1``); else the node's name within the layer's name or metadata.
+        """
+        nodes = self.onnx_nodes
+        if nodes:
+            return onnx_node in nodes
         return onnx_node in self.name or onnx_node in self.metadata
 
 
@@ -113,10 +144,15 @@ def is_fused_attention(layer: EngineLayer) -> bool:
 
     TensorRT names its fused multi-head attention layers and tactics after the kernel family
     (``mha``, ``fmha``, flash attention); an unfused attention shows up as two batched GEMMs and
-    a softmax instead. This reads names, so it is a heuristic to be confirmed on a GPU.
+    a softmax instead. This reads names, so it is a heuristic to be confirmed on a GPU. The
+    layer's own name counts only where no tactic is known: a projection GEMM of a module named
+    ``SelfAttention`` is no fused attention.
     """
     return bool(_ATTENTION.search(layer.layer_type) or _ATTENTION.search(layer.tactic)) or (
-        "softmax" not in layer.layer_type.lower() and bool(_ATTENTION.search(layer.name)) and layer.is_gemm
+        not layer.tactic
+        and "softmax" not in layer.layer_type.lower()
+        and bool(_ATTENTION.search(layer.name))
+        and layer.is_gemm
     )
 
 
@@ -167,58 +203,29 @@ def parse_layer_information(text: str) -> tuple[list[EngineLayer], bool]:
     return layers, detailed
 
 
-class LayerReport(BaseModel):
-    """Per-engine precision evidence, recorded in the engine manifest (``layers``).
+def summarize(
+    layers: Sequence[EngineLayer],
+    detailed: bool,
+    quantized_nodes: Iterable[str],
+    *,
+    source: str = "engine inspector",
+    weights_bytes: int | None = None,
+    activation_bytes: int | None = None,
+) -> LayerReport:
+    """The :class:`LayerReport` of an engine's layers against its ONNX's quantized nodes.
 
-    Attributes:
-        detailed: the layer information had types (``ProfilingVerbosity.DETAILED``).
-        layers: number of engine layers.
-        by_precision: layer count per compute precision (``fp8``, ``bf16``, ...).
-        quantized_linear: MatMul / Gemm nodes of the ONNX with an FP8 ``DequantizeLinear`` input.
-        fp8_gemms: engine GEMM layers reading FP8 inputs.
-        fell_back: quantized ONNX nodes found in no FP8 GEMM layer (at most :data:`MAX_NAMED`
-            named; ``fell_back_count`` has them all).
-        fell_back_count: how many quantized ONNX nodes no FP8 GEMM layer names.
-        fused_attention: names of the layers that look like fused attention kernels.
+    A quantized node is accounted for when an FP8 GEMM layer names it (see
+    :meth:`EngineLayer.mentions`). Where no FP8 GEMM layer names any ONNX node (layer names and
+    metadata stripped), counting decides: as many FP8 GEMMs as quantized nodes.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    detailed: bool
-    layers: int
-    by_precision: dict[str, int]
-    quantized_linear: int
-    fp8_gemms: int
-    fell_back: list[str]
-    fell_back_count: int
-    fused_attention: list[str]
-
-    @property
-    def fp8_complete(self) -> bool:
-        """Every quantized Linear layer runs as an FP8 GEMM (trivially so without any)."""
-        return self.fp8_gemms >= self.quantized_linear
-
-    def summary(self) -> str:
-        """``312 layers (fp8 96, bf16 180, ...); FP8 GEMMs 96/96; fused attention 24``."""
-        if not self.detailed:
-            return f"{self.layers} layers (built without detailed layer information)"
-        precisions = ", ".join(
-            f"{k} {v}" for k, v in sorted(self.by_precision.items(), key=lambda kv: -kv[1])
-        )
-        return (
-            f"{self.layers} layers ({precisions}); FP8 GEMMs {self.fp8_gemms}/{self.quantized_linear} "
-            f"quantized Linear; fused attention layers {len(self.fused_attention)}"
-        )
-
-
-def summarize(layers: Sequence[EngineLayer], detailed: bool, quantized_nodes: Iterable[str]) -> LayerReport:
-    """The :class:`LayerReport` of an engine's layers against its ONNX's quantized nodes."""
     quantized = list(quantized_nodes)
     fp8_gemms = [layer for layer in layers if layer.is_fp8_gemm]
-    fell_back = [n for n in quantized if not any(g.mentions(n) for g in fp8_gemms)] if detailed else quantized
-    # Counting is what decides; names only say which ones when TensorRT kept them traceable.
-    if detailed and len(fp8_gemms) >= len(quantized):
-        fell_back = []
+    inside = {g.name: [n for n in quantized if g.mentions(n)] for g in fp8_gemms} if detailed else {}
+    accounted = {n for nodes in inside.values() for n in nodes}
+    fell_back = [n for n in quantized if n not in accounted] if detailed else quantized
+    if detailed and not accounted and len(fp8_gemms) >= len(quantized):
+        fell_back = []  # nothing traceable by name: the count is all there is
+    attention = [layer for layer in layers if is_fused_attention(layer)]
     return LayerReport(
         detailed=detailed,
         layers=len(layers),
@@ -226,23 +233,149 @@ def summarize(layers: Sequence[EngineLayer], detailed: bool, quantized_nodes: It
         quantized_linear=len(quantized),
         fp8_gemms=len(fp8_gemms),
         fell_back=fell_back[:MAX_NAMED],
-        fell_back_count=len(fell_back) if detailed else len(quantized),
-        fused_attention=[layer.name for layer in layers if is_fused_attention(layer)],
+        fell_back_count=len(fell_back),
+        fused_attention=[layer.name for layer in attention],
+        source=source,
+        fp8_gemm_layers=inside,
+        fused_attention_tactics=dict(
+            Counter(_TACTIC_HASH.sub("", layer.tactic) or "(none)" for layer in attention)
+        ),
+        output_precisions=dict(Counter(p.value for layer in layers for p in set(layer.outputs))),
+        weights_bytes=weights_bytes,
+        activation_bytes=activation_bytes,
     )
+
+
+# -- TensorRT-RTX: the builder log's ``Layers:`` section -------------------------------------------
+
+#: A layer line of the builder log; tensor lists hold no ``]`` other than their dimension lists'.
+_LOG_LAYER = re.compile(
+    r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], "
+    r"Constants: \[(?P<constants>.*?)\], Outputs: \[(?P<outputs>.*?)\], TacticName: (?P<tactic>.*?), "
+    r"StreamId: [^,]*(?:, EventId: [^,]*)?, Metadata: ?(?P<metadata>.*)$"
+)
+_LOG_DATATYPE = re.compile(r"Datatype: ([A-Za-z0-9_]+)")
+_LOG_TOTAL = re.compile(r"Total (Activation|Weights) Memory: (\d+) bytes")
+#: The message that opens the layer listing (its own line in a captured log).
+LAYERS_MESSAGE = "Layers:"
+
+
+@dataclass(frozen=True)
+class BuilderLog:
+    """What a TensorRT-RTX builder log says it built.
+
+    Attributes:
+        layers: one per layer line of the ``Layers:`` section.
+        activation_bytes: ``Total Activation Memory`` (``None`` when not logged).
+        weights_bytes: ``Total Weights Memory`` (``None`` when not logged).
+    """
+
+    layers: list[EngineLayer]
+    activation_bytes: int | None
+    weights_bytes: int | None
+
+    def report(self, quantized_nodes: Iterable[str]) -> LayerReport:
+        """The layer report of this build against its ONNX's quantized nodes."""
+        return summarize(
+            self.layers,
+            True,
+            quantized_nodes,
+            source="builder log",
+            weights_bytes=self.weights_bytes,
+            activation_bytes=self.activation_bytes,
+        )
+
+
+def _log_types(tensors: str) -> tuple[Precision, ...]:
+    return tuple(tensor_precision({"DataType": t}) for t in _LOG_DATATYPE.findall(tensors))
+
+
+def parse_builder_log(text: str) -> BuilderLog:
+    """Parse a TensorRT-RTX builder log (``ProfilingVerbosity.DETAILED``, verbose messages kept).
+
+    Args:
+        text: the log, one message after another; the ``Layers:`` message spans several lines.
+            Lines may carry a severity prefix (``[V] Layers:``).
+
+    Returns:
+        The layers of the ``Layers:`` section (the last one, should the log hold several builds)
+        and the total memory lines.
+
+    Raises:
+        LayerInfoError: no ``Layers:`` section, or a line in it that is not a layer line.
+    """
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip().endswith(LAYERS_MESSAGE)]
+    if not starts:
+        raise LayerInfoError(
+            "the builder log has no 'Layers:' section (build with ProfilingVerbosity.DETAILED and keep "
+            "the builder's verbose messages)"
+        )
+    layers: list[EngineLayer] = []
+    for line in lines[starts[-1] + 1 :]:
+        if not line.startswith("Name: "):
+            break  # the section ends with the first line that is not a layer
+        m = _LOG_LAYER.match(line)
+        if m is None:
+            raise LayerInfoError(f"builder log layer line not understood: {line[:120]!r}")
+        layers.append(
+            EngineLayer(
+                name=m["name"],
+                layer_type=m["type"],
+                inputs=_log_types(m["inputs"]),
+                outputs=_log_types(m["outputs"]),
+                tactic=m["tactic"],
+                metadata=m["metadata"],
+                weights=_log_types(m["constants"]),
+            )
+        )
+    totals = {kind: int(n) for kind, n in _LOG_TOTAL.findall(text)}
+    return BuilderLog(layers, totals.get("Activation"), totals.get("Weights"))
+
+
+def _quantized_types(graph) -> dict[str, Precision]:
+    """Names of the graph's FP8 / FP4 tensors: initializers, typed values and quantizer outputs.
+
+    A ``QuantizeLinear``'s output has its zero point's type (ONNX), which the exported graph may
+    not repeat in ``value_info``.
+    """
+    from onnx import TensorProto
+
+    low = {
+        TensorProto.FLOAT8E4M3FN: Precision.FP8,
+        TensorProto.FLOAT8E5M2: Precision.FP8,
+        getattr(TensorProto, "FLOAT4E2M1", -1): Precision.FP4,
+    }
+    types = {t.name: low[t.data_type] for t in graph.initializer if t.data_type in low}
+    for value in (*graph.value_info, *graph.input, *graph.output):
+        elem = value.type.tensor_type.elem_type
+        if elem in low:
+            types[value.name] = low[elem]
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in types:
+            types[node.output[0]] = types[node.input[2]]
+    return types
+
+
+def quantized_formats(onnx_path: str | Path) -> set[Precision]:
+    """The low-precision element types (FP8, FP4) an ONNX file's tensors use; its graph only."""
+    import onnx
+
+    return set(_quantized_types(onnx.load(str(onnx_path), load_external_data=False).graph).values())
 
 
 def quantized_linear_nodes(onnx_path: str | Path) -> list[str]:
     """Names of the MatMul / Gemm nodes of an ONNX file that read an FP8 ``DequantizeLinear``.
 
-    Only the graph is read (external weights are not loaded). A weight path ``DQ -> Transpose ->
-    MatMul`` counts as well as ``DQ -> MatMul``.
+    The ``DequantizeLinear`` reads an FP8 tensor: an FP8 initializer, an FP8-typed value, or a
+    ``QuantizeLinear`` output with an FP8 zero point (its own zero point may be omitted). Only the
+    graph is read (external weights are not loaded). A weight path ``DQ -> Transpose -> MatMul``
+    counts as well as ``DQ -> MatMul``.
     """
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    graph = model.graph
-    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
-    fp8_initializers = {t.name for t in graph.initializer if t.data_type in fp8}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    fp8 = {name for name, t in _quantized_types(graph).items() if t is Precision.FP8}
     producer = {out: node for node in graph.node for out in node.output}
 
     def dequantized(name: str, hops: int = 2) -> bool:
@@ -250,9 +383,8 @@ def quantized_linear_nodes(onnx_path: str | Path) -> list[str]:
         if node is None or hops < 0:
             return False
         if node.op_type == "DequantizeLinear":
-            # FP8 from the zero point's type, or an FP8 weight initializer dequantized directly.
             zp = node.input[2] if len(node.input) > 2 else ""
-            return zp in fp8_initializers or node.input[0] in fp8_initializers
+            return zp in fp8 or node.input[0] in fp8
         return node.op_type in ("Transpose", "Reshape", "Cast") and dequantized(node.input[0], hops - 1)
 
     return [

@@ -1,4 +1,4 @@
-"""What this machine offers to engines: TensorRT version and CUDA GPU (tests fabricate these)."""
+"""What this machine offers to engines: TensorRT, TensorRT-RTX, CUDA GPU (tests fabricate these)."""
 
 from __future__ import annotations
 
@@ -33,24 +33,30 @@ class MachineInfo:
 
     tensorrt_version: str | None
     gpu: GpuInfo | None
+    tensorrt_rtx_version: str | None = None
 
     @classmethod
     def detect(cls, device_index: int | None = None) -> MachineInfo:
-        """Ask ``tensorrt`` and ``torch.cuda`` (imported here, only when called)."""
-        return cls(tensorrt_version=detect_tensorrt_version(), gpu=detect_gpu(device_index))
+        """Ask ``tensorrt``, ``tensorrt_rtx`` and ``torch.cuda`` (imported here, only when called)."""
+        return cls(
+            tensorrt_version=detect_tensorrt_version(),
+            gpu=detect_gpu(device_index),
+            tensorrt_rtx_version=detect_tensorrt_version("tensorrt_rtx"),
+        )
 
 
 #: A machine with neither TensorRT nor a CUDA GPU (what ONNX Runtime engines record).
 NO_MACHINE = MachineInfo(tensorrt_version=None, gpu=None)
 
 
-def detect_tensorrt_version() -> str | None:
-    """``tensorrt.__version__``, or ``None`` where the package or its libraries are missing."""
+def detect_tensorrt_version(module: str = "tensorrt") -> str | None:
+    """``tensorrt.__version__`` (or ``module``'s), ``None`` where the package or its libraries are missing."""
+    import importlib
+
     try:
-        import tensorrt
+        return str(importlib.import_module(module).__version__)
     except (ImportError, OSError):
         return None
-    return str(tensorrt.__version__)
 
 
 def detect_gpu(device_index: int | None = None) -> GpuInfo | None:

@@ -6,13 +6,16 @@ from sd35trt.backends.base import EngineBackend
 from sd35trt.backends.machine import MachineInfo
 from sd35trt.backends.onnxruntime import OnnxRuntimeBackend
 from sd35trt.backends.tensorrt import TensorRTBackend
+from sd35trt.backends.tensorrt_rtx import TensorRTRtxBackend
 from sd35trt.config import Backend
 from sd35trt.errors import BackendUnavailableError
 
-#: Every engine backend, in the order ``auto`` prefers them.
+#: Every engine backend, in the order ``auto`` prefers them. ONNX Runtime runs everywhere, so
+#: ``auto`` never reaches TensorRT-RTX (whose engines need a GPU this machine may lack): ask for it.
 BACKENDS: dict[Backend, EngineBackend] = {
     Backend.TENSORRT: TensorRTBackend(),
     Backend.ONNXRUNTIME: OnnxRuntimeBackend(),
+    Backend.TENSORRT_RTX: TensorRTRtxBackend(),
 }
 
 

@@ -19,6 +19,7 @@ Running: ``set_input_shape`` / ``set_tensor_address`` on torch CUDA tensors and
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from sd35trt.backends.engine import Engine
 from sd35trt.backends.graphs import GraphCache
 from sd35trt.backends.machine import MachineInfo, same_tensorrt_version, sm_name
 from sd35trt.components import Component, ComponentSpec
-from sd35trt.config import Backend
+from sd35trt.config import Backend, BuildSettings
 from sd35trt.errors import (
     BackendUnavailableError,
     DeviceOutOfMemoryError,
@@ -204,7 +205,15 @@ class TrtEngine(Engine):
     """One component's TensorRT engine, run on torch CUDA tensors on one stream.
 
     ``activate`` maps the plan, checks its sha256 on the mapping and deserializes that mapping.
+    Subclasses for another TensorRT library set :attr:`module` and :attr:`library` and may
+    override :meth:`_new_context` (TensorRT-RTX: a runtime config).
     """
+
+    #: The library's Python module and its name for people.
+    module = "tensorrt"
+    library = "TensorRT"
+    #: The library captures CUDA graphs itself (TensorRT-RTX), so no :class:`GraphCache` is kept.
+    builtin_cuda_graphs = False
 
     def __init__(
         self,
@@ -252,8 +261,7 @@ class TrtEngine(Engine):
             self._load(plan)
 
     def _load(self, plan: Any) -> None:
-        import tensorrt as trt
-
+        trt = importlib.import_module(self.module)
         cuda = self._cuda or CudaDevice(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
         with cuda.guard():
@@ -261,7 +269,7 @@ class TrtEngine(Engine):
             engine = runtime.deserialize_cuda_engine(plan)
             if engine is None:
                 raise IncompatibleEngineError(
-                    f"TensorRT {trt.__version__} could not deserialize {self.path.name}: {REBUILD}"
+                    f"{self.library} {trt.__version__} could not deserialize {self.path.name}: {REBUILD}"
                 )
             if self.weight_streaming is not None:
                 self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
@@ -289,13 +297,17 @@ class TrtEngine(Engine):
                 "stream": cuda.new_stream(),
                 "dtypes": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names},
             }
-        self.graphs = GraphCache(self._capture) if self.use_cuda_graph else None
+        own_graphs = self.use_cuda_graph and not self.builtin_cuda_graphs
+        self.graphs = GraphCache(self._capture) if own_graphs else None
+
+    def _new_context(self, trt: Any, engine: Any, user_managed: bool) -> Any:
+        """The execution context; ``user_managed``: its activations go where it is told."""
+        if not user_managed:
+            return engine.create_execution_context()
+        return engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
 
     def _create_context(self, trt: Any, engine: Any) -> Any:
-        if self.activation_memory is None:
-            context = engine.create_execution_context()
-        else:
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context = self._new_context(trt, engine, self.activation_memory is not None)
         if context is None:
             raise DeviceOutOfMemoryError(f"out of memory creating the execution context of {self.path.name}")
         if self.activation_memory is not None:
@@ -385,6 +397,7 @@ class TensorRTBackend(EngineBackend):
     requirements = "TensorRT and a CUDA GPU"
     #: The torch CUDA calls the engines make (the API tests put a CPU stand-in here).
     cuda_device: Callable[[str], CudaDevice] = CudaDevice
+    engine_class: type[TrtEngine] = TrtEngine
 
     def missing(self, machine: MachineInfo) -> list[str]:
         return [
@@ -440,20 +453,13 @@ class TensorRTBackend(EngineBackend):
         from sd35trt.backends.tensorrt_build import TrtBuildOptions, build_plan, timing_cache_path
 
         s = job.settings
-        options = TrtBuildOptions(
-            optimization_level=s.optimization_level,
-            workspace_gib=s.workspace_gib,
-            weight_streaming=s.weight_streaming,
-            refit=s.refit,
-        )
+        options = TrtBuildOptions.from_settings(s)
         cache = timing_cache_path(job.run_dir, job.machine)
         quantized = quantized_linear_nodes(job.source) if job.fp8 else []
         recorded, facts = build_plan(
             job.source, job.target, job.shapes, options, cache, job.progress, job.label, quantized
         )
-        if s.weight_streaming:
-            budget = s.weight_streaming_budget_gib
-            recorded["weight_streaming_budget_bytes"] = int(budget * _GIB) if budget is not None else None
+        recorded.update(weight_streaming_budget(s))
         return BuiltEngine(
             options=recorded,
             layers=facts.layers,
@@ -477,11 +483,9 @@ class TensorRTBackend(EngineBackend):
             streaming = None
             if rec.options.get("weight_streaming"):
                 streaming = WeightStreaming(rec.options.get("weight_streaming_budget_bytes"))
-            engines[component] = TrtEngine(
-                manifest.spec(component),
-                manifest.directory / rec.file.path,
-                rec.file.sha256,
-                rec.file.size,
+            engines[component] = self._engine(
+                manifest,
+                component,
                 device=device,
                 use_cuda_graph=options.use_cuda_graph,
                 weight_streaming=streaming,
@@ -489,3 +493,27 @@ class TensorRTBackend(EngineBackend):
                 cuda=cuda,
             )
         return engines
+
+    def _engine(self, manifest: EngineManifest, component: Component, **options: Any) -> TrtEngine:
+        """The engine object of one record: :attr:`engine_class` with :meth:`engine_options` too."""
+        rec = manifest.record(component)
+        return self.engine_class(
+            manifest.spec(component),
+            manifest.directory / rec.file.path,
+            rec.file.sha256,
+            rec.file.size,
+            **options,
+            **self.engine_options(manifest, component),
+        )
+
+    def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
+        """Keyword arguments of :attr:`engine_class` that only a subclass's engines take."""
+        return {}
+
+
+def weight_streaming_budget(settings: BuildSettings) -> dict[str, int | None]:
+    """``{"weight_streaming_budget_bytes": ...}`` to record with a weight-streaming plan, else ``{}``."""
+    if not settings.weight_streaming:
+        return {}
+    budget = settings.weight_streaming_budget_gib
+    return {"weight_streaming_budget_bytes": int(budget * _GIB) if budget is not None else None}

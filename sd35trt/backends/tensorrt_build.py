@@ -3,9 +3,10 @@
 Written against the TensorRT 10 and 11 Python API (checked against the real bindings of both by
 ``tests/unit/test_tensorrt_api.py``). ``tensorrt`` is imported inside functions only.
 
-The ONNX parser reads the model from its file (so external weights resolve), into a strongly
-typed network: layer precisions come from the ONNX dtypes and FP8 from its Q/DQ nodes. TensorRT
-11 removed weak typing (``BuilderFlag.FP16/BF16/FP8``, precision constraints) and makes every
+:func:`build_serialized` is what TensorRT and TensorRT-RTX builds share (``tensorrt_rtx`` builds
+through it too). The ONNX parser reads the model from its file (so external weights resolve),
+into a strongly typed network: layer precisions come from the ONNX dtypes and FP8 from its Q/DQ
+nodes. TensorRT 11 removed weak typing (``BuilderFlag.FP16/BF16/FP8``, precision constraints) and makes every
 network strongly typed; TensorRT 10 needs the ``STRONGLY_TYPED`` creation flag. One optimization
 profile per engine; the timing cache is loaded before and saved after the build. Builder
 optimization level 4 by default, as ModelOpt's and NVIDIA's demo/Diffusion FP8 diffusion builds.
@@ -28,6 +29,7 @@ from sd35trt.artifacts.manifest import atomic_write_bytes
 from sd35trt.backends.layers import LayerInfoError, LayerReport, parse_layer_information, summarize
 from sd35trt.backends.machine import MachineInfo
 from sd35trt.components import ShapeRange
+from sd35trt.config import BuildSettings
 from sd35trt.errors import BuildError
 
 Progress = Callable[[str], None]
@@ -45,13 +47,36 @@ class TrtBuildOptions:
     weight_streaming: bool = False
     refit: bool = False
 
+    @classmethod
+    def from_settings(cls, settings: BuildSettings) -> TrtBuildOptions:
+        return cls(
+            optimization_level=settings.optimization_level,
+            workspace_gib=settings.workspace_gib,
+            weight_streaming=settings.weight_streaming,
+            refit=settings.refit,
+        )
+
     def to_json(self) -> dict:
+        """What the engine manifest records; the weight streaming budget too (run-time setting)."""
         return {
             "builder_optimization_level": self.optimization_level,
             "workspace_bytes": int(self.workspace_gib * _GIB) if self.workspace_gib else None,
             "weight_streaming": self.weight_streaming,
             "refit": self.refit,
+            "strongly_typed": True,
+            "profiling_verbosity": "detailed",
         }
+
+
+def apply_builder_options(trt: Any, config: Any, options: TrtBuildOptions) -> None:
+    """Set ``options`` on a TensorRT or TensorRT-RTX ``IBuilderConfig``."""
+    config.builder_optimization_level = options.optimization_level
+    if options.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * _GIB))
+    if options.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if options.refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
 
 
 @dataclass(frozen=True)
@@ -135,6 +160,65 @@ def _progress_monitor(trt: Any, report: Progress, label: str, every_s: float = 5
     return Monitor()
 
 
+def build_serialized(
+    trt: Any,
+    logger: Any,
+    onnx_path: Path,
+    shapes: Mapping[str, ShapeRange],
+    configure: Callable[[Any], None],
+    *,
+    flags: int,
+    library: str = "TensorRT",
+    progress: Progress | None = None,
+    label: str = "",
+) -> tuple[Any, Any]:
+    """Parse an ONNX file into a strongly typed network and build its serialized plan.
+
+    What TensorRT and TensorRT-RTX builds share: the parser reads the model from its file (so
+    external weights resolve), one optimization profile, detailed profiling verbosity (layer
+    names, types and tactics: what ``inspect`` and the FP8 check read), progress reports.
+
+    Args:
+        trt: the ``tensorrt`` or ``tensorrt_rtx`` module.
+        logger: the builder's ``ILogger``.
+        onnx_path: the model.
+        shapes: the optimization profile, per input.
+        configure: sets the library's own builder options on the ``IBuilderConfig``.
+        flags: network creation flags (see :func:`network_flags`; TensorRT-RTX: 0).
+        library: ``TensorRT`` or ``TensorRT-RTX``, for messages.
+        progress: receives progress lines.
+        label: prefix of the progress lines (e.g. ``[4/5] transformer``).
+
+    Returns:
+        The serialized plan (``IHostMemory``) and the builder config (what the build left in
+        it: the timing cache).
+
+    Raises:
+        BuildError: the parser rejected the model (its errors listed), the profile was refused,
+            or the builder failed.
+    """
+    builder = trt.Builder(logger)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{library}'s ONNX parser rejected {onnx_path}: {errors or 'no details'}")
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    configure(config)
+    add_profile(builder, config, shapes)
+    # The monitor (like the parser, which owns the parsed weights) must outlive the build.
+    monitor = _progress_monitor(trt, progress, label) if progress is not None else None
+    if monitor is not None:
+        config.progress_monitor = monitor
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(
+            f"{library} could not build an engine from {onnx_path} (see the {library} log above)"
+        )
+    return serialized, config
+
+
 def build_plan(
     onnx_path: Path,
     plan_path: Path,
@@ -168,47 +252,26 @@ def build_plan(
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors or 'no details'}")
-
-    config = builder.create_builder_config()
-    config.builder_optimization_level = options.optimization_level
-    # Layer names, types and tactics in the plan: what `inspect` and the FP8 check read.
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if options.workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * _GIB))
-    if options.weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    if options.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    add_profile(builder, config, shapes)
-
     cache_loaded = bool(timing_cache and timing_cache.is_file())
-    cache = config.create_timing_cache(timing_cache.read_bytes() if cache_loaded else b"")
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another TensorRT version or GPU: start empty rather than mix tactics.
-        cache_loaded = False
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    # The monitor (like the parser, which owns the parsed weights) must outlive the build.
-    monitor = _progress_monitor(trt, progress, label) if progress is not None else None
-    if monitor is not None:
-        config.progress_monitor = monitor
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BuildError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
+    def configure(config: Any) -> None:
+        nonlocal cache_loaded
+        apply_builder_options(trt, config, options)
+        cache = config.create_timing_cache(timing_cache.read_bytes() if cache_loaded else b"")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            # A cache from another TensorRT version or GPU: start empty rather than mix tactics.
+            cache_loaded = False
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    serialized, config = build_serialized(
+        trt, logger, onnx_path, shapes, configure, flags=network_flags(trt), progress=progress, label=label
+    )
     atomic_write_bytes(plan_path, memoryview(serialized))
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
     facts = read_plan_facts(trt, logger, serialized, plan_path.name, quantized_nodes or [])
     recorded = {
         **options.to_json(),
-        "strongly_typed": True,
-        "profiling_verbosity": "detailed",
         "timing_cache": timing_cache.name if timing_cache else None,
         "timing_cache_reused": cache_loaded,
     }

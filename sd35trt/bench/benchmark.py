@@ -21,8 +21,10 @@ from __future__ import annotations
 import gc
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sd35trt.artifacts.manifest import now_utc
 from sd35trt.bench.probes import MemoryProbe, StageClock
@@ -34,6 +36,7 @@ from sd35trt.bench.report import (
     BenchReport,
     Configuration,
     Host,
+    Overhead,
 )
 from sd35trt.bench.reports import write_report
 from sd35trt.bench.stats import stage_stats
@@ -43,26 +46,66 @@ from sd35trt.errors import ConfigError
 DEFAULT_PROMPT = "a photo of a cat sitting on a windowsill at sunset"
 
 
-def run_params(engines_dir: Path, prompt: str, num_images: int, seed: int) -> tuple[BenchParams, int]:
-    """The runtime defaults recorded with ``engines_dir`` as :class:`BenchParams`, and T5's length."""
+@dataclass(frozen=True)
+class BenchOptions:
+    """How ``sd35trt bench`` measures (the ``bench`` command's options).
+
+    Attributes:
+        runs: timed generations per configuration (>= 1).
+        warmup: untimed generations before them (>= 0).
+        overhead_runs: timed generations per side of the overhead measurement (0 skips it).
+        out_dir: where to write; default ``<first engines dir>/../bench``.
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's, CUDA for TensorRT
+            engines, CPU for ONNX Runtime ones); the diffusers pipeline runs there too (default:
+            CUDA when present).
+        plot: also write ``bench.png``.
+        img2img_strength: also benchmark image-to-image at this strength when the first engines
+            directory has a VAE encoder (``None`` or 0: skip).
+        generation: generation parameters by name or alias
+            (:data:`sd35trt.parameters.GENERATION_PARAMS`) that replace the engines' recorded
+            defaults; the prompt defaults to :data:`DEFAULT_PROMPT`, the seed to 0.
+
+    Raises:
+        ConfigError: runs < 1, warmup < 0 or overhead_runs < 0.
+    """
+
+    runs: int = 3
+    warmup: int = 1
+    overhead_runs: int = 5
+    out_dir: str | Path | None = None
+    device: str | None = None
+    plot: bool = True
+    img2img_strength: float | None = 0.6
+    generation: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or self.overhead_runs < 0:
+            raise ConfigError(
+                f"bench needs --runs >= 1, --warmup >= 0, --overhead-runs >= 0 (got runs {self.runs}, "
+                f"warmup {self.warmup}, overhead runs {self.overhead_runs})"
+            )
+
+
+def run_params(engines_dir: Path, generation: Mapping[str, Any] | None = None) -> tuple[BenchParams, int]:
+    """What every configuration generates, and T5's length.
+
+    The engines' recorded defaults, replaced by ``generation`` (checked as a request is, against
+    the engines: :func:`~sd35trt.runtime.request.resolve_request`).
+
+    Raises:
+        RequestError: a generation parameter the engines do not accept (named).
+    """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
-    from sd35trt.config import RuntimeSettings
-    from sd35trt.guidance import applied_skip_layer_guidance
+    from sd35trt.parameters import canonical_fields
+    from sd35trt.runtime.request import GenerationRequest, RequestLimits, resolve_request
 
     manifest = read_engine_manifest(engines_dir)
-    rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
-    params = BenchParams(
-        prompt=prompt,
-        negative_prompt=rt.negative_prompt,
-        num_inference_steps=rt.num_inference_steps,
-        guidance_scale=rt.guidance_scale,
-        height=rt.height,
-        width=rt.width,
-        num_images=num_images,
-        seed=seed,
-        skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
+    fields = {"prompt": DEFAULT_PROMPT, "seed": 0, **canonical_fields(generation or {}, wire=False)}
+    used = resolve_request(
+        GenerationRequest(**fields), RequestLimits.from_manifest(manifest), manifest.runtime_defaults
     )
-    return params, rt.max_sequence_length
+    params = BenchParams(**{name: getattr(used, name) for name in BenchParams.model_fields})
+    return params, manifest.runtime_defaults.max_sequence_length
 
 
 def _load_average() -> float | None:
@@ -168,118 +211,96 @@ def _measure_img2img(
 def bench(
     engines_dirs: Sequence[str | Path],
     reference_dir: str | Path | None,
-    runs: int = 3,
-    warmup: int = 1,
-    out_dir: str | Path | None = None,
-    *,
-    overhead_runs: int = 5,
-    prompt: str = DEFAULT_PROMPT,
-    num_images: int = 1,
-    seed: int = 0,
-    device: str | None = None,
-    plot: bool = True,
-    img2img_strength: float | None = 0.6,
+    options: BenchOptions | None = None,
 ) -> BenchReport:
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
-    Every configuration generates with the first engines directory's runtime defaults. Writes
-    ``bench.json`` and ``bench.png`` (stages side by side, images/s, peak memory, overhead) to
-    ``out_dir``.
+    Every configuration generates with the first engines directory's runtime defaults (replaced
+    by ``options.generation``). Writes ``bench.json`` and ``bench.png`` (stages side by side,
+    images/s, peak memory, overhead) to ``options.out_dir``.
 
     Args:
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).
         reference_dir: a diffusers directory: benchmarked as the PyTorch baseline and used for the
             overhead comparison; ``None`` skips both.
-        runs: timed generations per configuration.
-        warmup: untimed generations before them.
-        out_dir: where to write; default ``<first engines dir>/../bench``.
-        overhead_runs: timed generations per side of the overhead measurement (0 skips it).
-        prompt: the prompt of every generation.
-        num_images: images per generation.
-        seed: noise seed.
-        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's, CUDA for TensorRT
-            engines, CPU for ONNX Runtime ones); the diffusers pipeline runs there too (default:
-            CUDA when present).
-        plot: also write ``bench.png``.
-        img2img_strength: also benchmark image-to-image at this strength when the first engines
-            directory has a VAE encoder (``None`` or 0: skip).
+        options: runs, warm-up, output, device, image-to-image and generation parameters.
 
     Returns:
         The ``bench.json`` content.
 
     Raises:
-        ConfigError: no engines directory, or runs < 1 / warmup < 0.
+        ConfigError: no engines directory, or bad counts (:class:`BenchOptions`).
+        RequestError: a generation parameter the engines do not accept.
         ManifestError, VerificationError, IncompatibleEngineError: an engines directory is unusable.
         ModelError: the reference directory is unusable.
     """
     from sd35trt.models.loading import default_device
     from sd35trt.models.reference import check_reference_dir
 
+    o = options or BenchOptions()
     if not engines_dirs:
         raise ConfigError("bench needs at least one --engines directory")
-    if runs < 1 or warmup < 0 or overhead_runs < 0:
-        raise ConfigError(f"bench needs --runs >= 1, --warmup >= 0 (got runs {runs}, warmup {warmup})")
-    if num_images < 1:
-        raise ConfigError(f"num_images must be >= 1, got {num_images}")
     engines_dirs = [Path(d) for d in engines_dirs]
     reference_dir = check_reference_dir(reference_dir) if reference_dir is not None else None
-    out = Path(out_dir) if out_dir is not None else engines_dirs[0].parent / "bench"
-    params, max_len = run_params(engines_dirs[0], prompt, num_images, seed)
+    out = Path(o.out_dir) if o.out_dir is not None else engines_dirs[0].parent / "bench"
+    params, max_len = run_params(engines_dirs[0], o.generation)
 
     configurations = []
     subjects: list[Callable[[StageClock, MemoryProbe], Subject]] = [
-        (lambda c, m, d=d: RuntimeSubject.from_engines(d, c, m, device)) for d in engines_dirs
+        (lambda c, m, d=d: RuntimeSubject.from_engines(d, c, m, o.device)) for d in engines_dirs
     ]
     if reference_dir is not None:
-        ref_device = device or default_device()
+        ref_device = o.device or default_device()
         subjects.append(lambda c, m: DiffusersSubject(reference_dir, c, m, ref_device, max_len))
     for make in subjects:
         clock, memory = StageClock(), MemoryProbe()
         subject = make(clock, memory)
         try:
-            configurations.append(_measure(subject, params, clock, memory, runs, warmup))
+            configurations.append(_measure(subject, params, clock, memory, o.runs, o.warmup))
         finally:
             subject.close()
             del subject
             gc.collect()
-
-    img2img = _measure_img2img(engines_dirs[0], params, img2img_strength, runs, warmup, device)
-
-    overhead = None
-    if overhead_runs:
-        from sd35trt.bench.overhead import measure_overhead
-        from sd35trt.models.reference import load_diffusers
-        from sd35trt.runtime.pipeline import Sd35Runtime
-
-        runtime = Sd35Runtime.load(engines_dirs[0], device=device)
-        pipe = load_diffusers(reference_dir, str(runtime.device)) if reference_dir is not None else None
-        try:
-            overhead = measure_overhead(runtime, pipe, params, max_len, overhead_runs)
-            ours = overhead.sd35trt.model_copy(update={"engines_dir": str(engines_dirs[0])})
-            theirs = overhead.diffusers
-            if theirs is not None:
-                theirs = theirs.model_copy(update={"model_dir": str(reference_dir)})
-            overhead = overhead.model_copy(update={"sd35trt": ours, "diffusers": theirs})
-        finally:
-            runtime.close()
-            del pipe
-            gc.collect()
-
+    img2img = _measure_img2img(engines_dirs[0], params, o.img2img_strength, o.runs, o.warmup, o.device)
+    overhead = _overhead(engines_dirs[0], reference_dir, params, max_len, o) if o.overhead_runs else None
     report = BenchReport(
         created=now_utc(),
         host=host_info(configurations[0].device),
-        runs=runs,
-        warmup=warmup,
+        runs=o.runs,
+        warmup=o.warmup,
         params=params,
         configurations=dedupe_labels(configurations),
         img2img=img2img,
         overhead=overhead,
-        files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if plot else None),
+        files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if o.plot else None),
     )
     out.mkdir(parents=True, exist_ok=True)
     write_report(out / BENCH_JSON, report)
-    if plot:
+    if o.plot:
         from sd35trt.bench.plots import plot_bench
 
         plot_bench(report, out / BENCH_PNG)
     return report
+
+
+def _overhead(
+    engines_dir: Path, reference_dir: Path | None, params: BenchParams, max_len: int, o: BenchOptions
+) -> Overhead:
+    """The runtime's per-step host overhead, and diffusers' when a reference is given."""
+    from sd35trt.bench.overhead import measure_overhead
+    from sd35trt.models.reference import load_diffusers
+    from sd35trt.runtime.pipeline import Sd35Runtime
+
+    runtime = Sd35Runtime.load(engines_dir, device=o.device)
+    pipe = load_diffusers(reference_dir, str(runtime.device)) if reference_dir is not None else None
+    try:
+        overhead = measure_overhead(runtime, pipe, params, max_len, o.overhead_runs)
+    finally:
+        runtime.close()
+        del pipe
+        gc.collect()
+    ours = overhead.sd35trt.model_copy(update={"engines_dir": str(engines_dir)})
+    theirs = overhead.diffusers
+    if theirs is not None:
+        theirs = theirs.model_copy(update={"model_dir": str(reference_dir)})
+    return overhead.model_copy(update={"sd35trt": ours, "diffusers": theirs})

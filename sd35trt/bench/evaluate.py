@@ -157,90 +157,32 @@ def evaluate(
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.bench.subjects import engines_label
-    from sd35trt.config import RuntimeSettings
     from sd35trt.guidance import applied_skip_layer_guidance
-    from sd35trt.models.loading import default_device
-    from sd35trt.models.reference import (
-        check_reference_dir,
-        load_diffusers,
-        pipeline_dtype,
-        pipeline_label,
-        reference_images,
-    )
-    from sd35trt.runtime.pipeline import Sd35Runtime
-    from sd35trt.runtime.request import GenerationRequest
+    from sd35trt.models.reference import check_reference_dir
 
     engines_dir, reference_dir = Path(engines_dir), Path(reference_dir)
     prompts_file = Path(prompts_file) if prompts_file is not None else DEFAULT_PROMPTS
     out = Path(out_dir) if out_dir is not None else engines_dir.parent / "eval"
     prompts = load_prompts(prompts_file, num_prompts)
     check_reference_dir(reference_dir)
-
     manifest = read_engine_manifest(engines_dir)
-    rt = RuntimeSettings.model_validate(manifest.runtime_defaults)
+    rt = manifest.runtime_defaults
     status = lpips_status()
-    lpips_fn = _Lpips() if status.available else None
-
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(len(prompts))]
-
-    runtime = Sd35Runtime.load(engines_dir, device=device)
-    engines_device = str(runtime.device)
-    engine_images, warnings = [], []
-    try:
-        for prompt, s in zip(prompts, seeds, strict=True):
-            result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
-            engine_images.append(result.images[0])
-            warnings.extend(f"prompt {len(engine_images) - 1}: {w}" for w in result.warnings)
-    finally:
-        runtime.close()
-
-    import torch
-
-    # FP32 on any device: the error measured is the engines', not a BF16 reference's.
-    pipe = load_diffusers(reference_dir, device or default_device(), torch.float32)
-    reference = [reference_images(pipe, rt, [p], seed=s)[0] for p, s in zip(prompts, seeds, strict=True)]
-    reference_info = EvalReference(
-        dir=str(reference_dir), label=pipeline_label(pipe), dtype=pipeline_dtype(pipe)
-    )
-    pipe_device = pipe.device
-    del pipe
-
-    from PIL import Image
-
-    rows = []
-    for i, (prompt, s, ref, eng) in enumerate(zip(prompts, seeds, reference, engine_images, strict=True)):
-        ref_u8, eng_u8 = as_uint8(ref), as_uint8(eng)
-        ref_name, eng_name = f"images/{i:02d}_reference.png", f"images/{i:02d}_engines.png"
-        Image.fromarray(ref_u8).save(out / ref_name)
-        Image.fromarray(eng_u8).save(out / eng_name)
-        rows.append(
-            PromptScore(
-                index=i,
-                prompt=prompt,
-                seed=s,
-                **compare(ref_u8, eng_u8, lpips_fn),
-                reference_image=ref_name,
-                engine_image=eng_name,
-            )
-        )
-
+    engines_device, engine_images, warnings = _engine_images(engines_dir, prompts, seeds, device)
+    reference_info, pipe_device, reference = _reference_images(reference_dir, rt, prompts, seeds, device)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = _scores(out, prompts, seeds, reference, engine_images, _Lpips() if status.available else None)
     report = EvalReport(
         created=now_utc(),
-        device=EvalDevices(engines=engines_device, reference=str(pipe_device)),
+        device=EvalDevices(engines=engines_device, reference=pipe_device),
         engines=EvalEngines(
             dir=str(engines_dir), label=engines_label(manifest), backend=manifest.backend.value
         ),
         reference=reference_info,
         prompts_file=str(prompts_file),
         params=EvalParams(
-            num_inference_steps=rt.num_inference_steps,
-            guidance_scale=rt.guidance_scale,
-            height=rt.height,
-            width=rt.width,
-            negative_prompt=rt.negative_prompt,
-            max_sequence_length=rt.max_sequence_length,
+            **rt.model_dump(include=set(EvalParams.model_fields) - {"skip_layer_guidance", "seeds"}),
             skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
             seeds=f"{seed} + prompt index",
         ),
@@ -261,3 +203,56 @@ def evaluate(
 
         plot_eval_grid(report, out, out / EVAL_GRID)
     return report
+
+
+def _engine_images(
+    engines_dir: Path, prompts: list[str], seeds: list[int], device: str | None
+) -> tuple[str, list[Any], list[str]]:
+    """The engines' image per prompt (the recorded defaults), their device and the warnings."""
+    from sd35trt.runtime.pipeline import Sd35Runtime
+    from sd35trt.runtime.request import GenerationRequest
+
+    images, warnings = [], []
+    with Sd35Runtime.load(engines_dir, device=device) as runtime:
+        for i, (prompt, s) in enumerate(zip(prompts, seeds, strict=True)):
+            result = runtime.generate(GenerationRequest(prompt=prompt, seed=s))
+            images.append(result.images[0])
+            warnings.extend(f"prompt {i}: {w}" for w in result.warnings)
+        return str(runtime.device), images, warnings
+
+
+def _reference_images(
+    reference_dir: Path, rt: Any, prompts: list[str], seeds: list[int], device: str | None
+) -> tuple[EvalReference, str, list[Any]]:
+    """The diffusers pipeline's image per prompt, in FP32, with the engines' defaults ``rt``."""
+    import torch
+
+    from sd35trt.models.loading import default_device
+    from sd35trt.models.reference import load_diffusers, pipeline_dtype, pipeline_label, reference_images
+
+    # FP32 on any device: the error measured is the engines', not a BF16 reference's.
+    pipe = load_diffusers(reference_dir, device or default_device(), torch.float32)
+    images = [reference_images(pipe, rt, [p], seed=s)[0] for p, s in zip(prompts, seeds, strict=True)]
+    info = EvalReference(dir=str(reference_dir), label=pipeline_label(pipe), dtype=pipeline_dtype(pipe))
+    return info, str(pipe.device), images
+
+
+def _scores(
+    out: Path, prompts: list[str], seeds: list[int], reference: list[Any], engine: list[Any], lpips_fn: Any
+) -> list[PromptScore]:
+    """Per prompt: both images written under ``out/images`` and their scores."""
+    from PIL import Image
+
+    rows = []
+    for i, (prompt, s, ref, eng) in enumerate(zip(prompts, seeds, reference, engine, strict=True)):
+        ref_u8, eng_u8 = as_uint8(ref), as_uint8(eng)
+        ref_name, eng_name = f"images/{i:02d}_reference.png", f"images/{i:02d}_engines.png"
+        Image.fromarray(ref_u8).save(out / ref_name)
+        Image.fromarray(eng_u8).save(out / eng_name)
+        scores = compare(ref_u8, eng_u8, lpips_fn)
+        rows.append(
+            PromptScore(
+                index=i, prompt=prompt, seed=s, **scores, reference_image=ref_name, engine_image=eng_name
+            )
+        )
+    return rows

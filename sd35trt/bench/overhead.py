@@ -154,10 +154,7 @@ def measure_overhead(runtime, pipe, params: BenchParams, max_sequence_length: in
     return Overhead(
         method=METHOD,
         device=str(runtime.device),
-        num_inference_steps=params.num_inference_steps,
-        height=params.height,
-        width=params.width,
-        guidance_scale=params.guidance_scale,
+        **{k: getattr(params, k) for k in ("num_inference_steps", "height", "width", "guidance_scale")},
         skip_layer_guidance=params.skip_layer_guidance,
         runs=runs,
         sd35trt=OverheadSide(per_step=ours),

@@ -130,10 +130,11 @@ class Configuration(ReportModel):
 
 
 class BenchParams(ReportModel):
-    """What every configuration generates: the first engines directory's runtime defaults."""
+    """What every configuration generates: the first engines directory's runtime defaults, as
+    resolved for a request (so without CFG no negative prompt), replaced where ``bench`` was asked."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None
     num_inference_steps: int = Field(ge=1)
     guidance_scale: float
     height: int

@@ -33,37 +33,24 @@ def bench_image(width: int, height: int) -> Any:
 
 def runtime_request(params: BenchParams) -> GenerationRequest:
     """``params`` as a runtime request (with :func:`bench_image` for image-to-image)."""
+    from sd35trt.parameters import PARAMS
     from sd35trt.runtime.request import GenerationRequest
 
     image = None if params.strength is None else bench_image(params.width, params.height)
-    return GenerationRequest(
-        image=image,
-        strength=params.strength,
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        height=params.height,
-        width=params.width,
-        seed=params.seed,
-        num_images=params.num_images,
-        skip_layer_guidance=params.skip_layer_guidance is not None,
-    )
+    fields = params.model_dump(include=set(PARAMS))
+    fields["skip_layer_guidance"] = params.skip_layer_guidance is not None  # the applied one, as on or off
+    return GenerationRequest(image=image, **fields)
 
 
 def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_type: str = "np") -> Any:
     """One generation of ``params`` with the diffusers pipeline (SLG as the engines run it)."""
     from sd35trt.models.reference import generate_images
 
+    fields = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed")
     return generate_images(
         pipe,
         [params.prompt] * params.num_images,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        height=params.height,
-        width=params.width,
-        seed=params.seed,
+        **{name: getattr(params, name) for name in fields},
         max_sequence_length=max_sequence_length,
         skip_layer_guidance=params.skip_layer_guidance,
         output_type=output_type,

@@ -157,28 +157,27 @@ def reference_images(
     settings: RuntimeSettings,
     prompts: list[str],
     *,
-    negative_prompt: str | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
     seed: int = 0,
     output_type: str = "pil",
+    **overrides: Any,
 ) -> Any:
-    """:func:`generate_images` with the runtime defaults ``settings`` (SLG included) for what is not given."""
-    return generate_images(
-        pipe,
-        prompts,
-        negative_prompt=settings.negative_prompt if negative_prompt is None else negative_prompt,
-        num_inference_steps=num_inference_steps or settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale if guidance_scale is None else guidance_scale,
-        height=height or settings.height,
-        width=width or settings.width,
-        seed=seed,
-        max_sequence_length=settings.max_sequence_length,
-        skip_layer_guidance=settings.skip_layer_guidance,
-        output_type=output_type,
-    )
+    """:func:`generate_images` with the runtime defaults ``settings`` (SLG included), replaced by
+    the ``overrides`` that are not ``None`` (``num_inference_steps``, ``height``, ...)."""
+    chosen = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    fields = {name: getattr(chosen, name) for name in _GENERATION_SETTINGS}
+    return generate_images(pipe, prompts, seed=seed, output_type=output_type, **fields)
+
+
+#: The runtime settings :func:`generate_images` takes.
+_GENERATION_SETTINGS = (
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "max_sequence_length",
+    "skip_layer_guidance",
+)
 
 
 def generate_reference(config: Config, run_dir: Path, prompt: str, out: Path, **kwargs) -> Path:

@@ -22,7 +22,6 @@ Nothing here imports torch at module level: requests are validated without it.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +33,6 @@ if TYPE_CHECKING:
 
     from sd35trt.backends.engine import Engine
 
-#: Residuals scaled beyond this overwhelm the transformer; Stability AI's SD3.5 ControlNets are
-#: used at 0.5 to 1.0 (diffusers' default 1.0).
-MAX_CONDITIONING_SCALE = 2.0
 #: Hysteresis thresholds of the canny edge detector on 8-bit intensities (the 100 / 200 of
 #: diffusers' ControlNet documentation, which calls ``cv2.Canny(image, 100, 200)``).
 CANNY_THRESHOLDS = (100.0, 200.0)
@@ -87,15 +83,6 @@ class ControlParams:
             "control_guidance_end": self.guidance_end,
             "control_image_sha256": self.image_sha256,
         }
-
-
-def _fraction(name: str, value: Any, default: float) -> float:
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError(name, f"{name} {value!r} is not a finite number; use a value in 0..1")
-    if not 0.0 <= value <= 1.0:
-        raise RequestError(name, f"{name} {value:g} is outside 0..1")
-    return float(value)
 
 
 def resolve_control(request: Any, built: ControlType | None, height: int, width: int) -> ControlParams | None:
@@ -160,16 +147,15 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
             f"control_type {control_type.value} is not what these engines' ControlNet was built for "
             f"({built.value})",
         )
-    scale = 1.0 if request.controlnet_conditioning_scale is None else request.controlnet_conditioning_scale
-    name = "controlnet_conditioning_scale"
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise RequestError(
-            name, f"{name} {scale!r} is not a finite number; use 0..{MAX_CONDITIONING_SCALE:g}"
-        )
-    if not 0.0 <= scale <= MAX_CONDITIONING_SCALE:
-        raise RequestError(name, f"{name} {scale:g} is outside 0..{MAX_CONDITIONING_SCALE:g}")
-    start = _fraction("control_guidance_start", request.control_guidance_start, 0.0)
-    end = _fraction("control_guidance_end", request.control_guidance_end, 1.0)
+    from sd35trt.parameters import check_value  # the declared bounds (0..2, 0..1)
+
+    def given(name: str, default: float) -> float:
+        value = getattr(request, name)
+        return check_value(name, default if value is None else value)
+
+    scale = given("controlnet_conditioning_scale", 1.0)
+    start = given("control_guidance_start", 0.0)
+    end = given("control_guidance_end", 1.0)
     if start >= end:
         raise RequestError(
             "control_guidance_start",

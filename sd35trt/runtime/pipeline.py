@@ -42,11 +42,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from pydantic import ValidationError
 
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import ControlType, RuntimeSettings, sha256_json
-from sd35trt.errors import BackendUnavailableError, ConfigError, ManifestError, RequestError
+from sd35trt.config import RuntimeSettings, sha256_json
+from sd35trt.errors import BackendUnavailableError, ConfigError, RequestError
 from sd35trt.runtime.control import transformer_residuals
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.parts import engine_parts, image_seeds
@@ -290,7 +289,10 @@ def _truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, s
     return warnings
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """``(bytes, what they measure)``: the torch CUDA allocator's peak on ``device``, or the
+    process's peak RSS on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(
             device
@@ -368,7 +370,7 @@ class Sd35Runtime:
             BackendUnavailableError: a CUDA device was asked for and there is none.
             EngineLoadError: an engine matches its record but its backend cannot load it (named).
         """
-        from sd35trt.artifacts.engine_manifest import open_engines, verify_engines
+        from sd35trt.backends.load import open_engines, verify_engines
         from sd35trt.backends.registry import backend_of
 
         # Engine files: sizes here, sha256 when each engine loads (each byte hashed once).
@@ -376,31 +378,13 @@ class Sd35Runtime:
         device = backend_of(manifest.backend).device_for(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device {device!r} was asked for, but torch sees no CUDA device")
-        try:
-            defaults = RuntimeSettings.model_validate(dict(manifest.runtime_defaults))
-        except ValidationError as err:
-            raise ManifestError(
-                f"{manifest.directory}: runtime_defaults in the engine manifest are invalid "
-                f"({err.errors()[0]['loc']}: {err.errors()[0]['msg']}); rebuild with `sd35trt build`"
-            ) from None
         components = [c for c in Component if c.required or c in manifest.engines]
-        specs = {c: manifest.spec(c) for c in components}
-        slg_inputs = manifest.record(Component.TRANSFORMER).skip_layers
-        slg = defaults.skip_layer_guidance if slg_inputs else None
-        if slg is not None and len(slg.layers) != slg_inputs:
-            raise ManifestError(
-                f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
-                f"engine gates {slg_inputs}; rebuild with `sd35trt build`"
-            )
-        limits = RequestLimits.from_profiles(
-            specs, {c: manifest.record(c).profile for c in components}, manifest.dims, slg
-        )
-        if Component.CONTROLNET in manifest.engines:
-            limits = dataclasses.replace(limits, controlnet=ControlType(manifest.model.get("controlnet")))
+        limits = RequestLimits.from_manifest(manifest)
         if max_images is not None:
             if max_images < 1:
                 raise ConfigError(f"max_images {max_images} is below 1; give 1 or more")
             limits = dataclasses.replace(limits, max_images=max_images)
+        defaults = manifest.runtime_defaults
         digest = engine_digest({c.value: [f.sha256 for f in manifest.record(c).files] for c in components})
         info = ModelInfo(
             dims=manifest.dims, limits=limits, defaults=defaults, digest=digest, model=manifest.model
@@ -547,10 +531,10 @@ class Sd35Runtime:
             latents = initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device)
         mark = self._clock()
 
-        # 5. Denoise (with the ControlNet's residuals where the transformer takes them).
+        # 5. Denoise.
         timer = StepTimer(self.device)
         uses_controlnet = (
-            self.engines.use(Component.CONTROLNET) if first.control else contextlib.nullcontext()
+            self.engines.use(Component.CONTROLNET) if first.control is not None else contextlib.nullcontext()
         )
         with self.engines.use(Component.TRANSFORMER) as transformer, uses_controlnet as controlnet:
             residuals = transformer_residuals(
@@ -566,7 +550,7 @@ class Sd35Runtime:
             images = decode(vae, latents)
         timings.decode_s = self._clock() - mark
         timings.total_s = self._clock() - start
-        timings.peak_memory_bytes, timings.memory_kind = _peak_memory(self.device)
+        timings.peak_memory_bytes, timings.memory_kind = peak_memory(self.device)
         if self.device.type == "cuda":
             timings.device_memory_bytes = self._device_used
         timings.activation_memory_bytes = self.engines.shared_activation_bytes()

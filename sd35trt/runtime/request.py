@@ -18,24 +18,24 @@ has none).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import numbers
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
 from sd35trt.config import ControlType, RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
-from sd35trt.guidance import CFG_THRESHOLD, cfg_enabled, guidance_plan
-from sd35trt.runtime.images import MAX_IMAGE_PIXELS, read_image  # noqa: F401 (read_image: its old home)
+from sd35trt.guidance import cfg_enabled, guidance_plan
+from sd35trt.parameters import DEFAULT_STRENGTH, GENERATION_PARAMS, MAX_SEED, check_value
+from sd35trt.runtime.control import resolve_control
 
-#: More steps than this is a mistake, not a setting (SD3.5 uses 4 to 50).
-MAX_STEPS = 500
-#: Guidance far above SD3.5's 3.5 to 7 only saturates images; this bounds what is accepted.
-MAX_GUIDANCE = 100.0
-MAX_SEED = 2**63 - 1
+if TYPE_CHECKING:
+    from sd35trt.artifacts.engine_manifest import EngineManifest
+
 #: Seeds drawn for a request stay below 2^53, so a client that keeps numbers as float64
 #: (JavaScript's ``Number``, many JSON libraries) reads back and resubmits the same seed.
 DRAWN_SEED_LIMIT = 2**53
@@ -67,35 +67,19 @@ class EngineBatch:
         return asdict(self)
 
 
-#: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
-DEFAULT_STRENGTH = 0.6
+#: Input images above this many pixels are refused before they are decoded into memory
+#: (Pillow's own decompression-bomb limit is about 179 M).
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """What a caller asks for; ``None`` fields take the defaults recorded with the engines.
 
-    Attributes:
-        prompt: the text prompt (not empty; text over a tokenizer's limit is cut and reported).
-        negative_prompt: the negative prompt (classifier-free guidance only).
-        num_inference_steps: denoising steps.
-        guidance_scale: classifier-free guidance scale; at most 1 turns guidance off.
-        height: image height in pixels.
-        width: image width in pixels.
-        seed: noise seed, ``0..2**63-1``; drawn at random below ``2**53`` when ``None``. Image
-            ``i`` of the request uses ``seed + i`` (as diffusers given one generator per image).
-        num_images: images for this prompt; more than the engine batch run as several engine
-            batches (up to the runtime's ``max_images``).
-        skip_layer_guidance: use skip-layer guidance when the engines support it (default: as built).
-
-    Integral fields accept any integral number (``numpy.int64`` too), ``guidance_scale`` any
-    real number (``numpy.float32`` too); booleans are refused for both.
-        image: image-to-image: the initial image (a PIL image, any mode and size; see
-            :func:`read_image`). Needs engines with a VAE encoder.
-        strength: image-to-image: how much of the schedule runs, in (0, 1] (default 0.6); 1
-            starts from pure noise.
-        control_image, control_type, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end: ControlNet conditioning (:mod:`sd35trt.runtime.control`).
+    The fields are the declared parameters (:data:`sd35trt.parameters.GENERATION_PARAMS`: meaning,
+    bounds, aliases); ``image`` is a PIL image (any mode and size: :func:`read_image`). Image ``i``
+    of a request uses seed ``seed + i`` (as diffusers given one generator per image); more images
+    than the engine batch run as several engine batches (up to the runtime's ``max_images``).
     """
 
     prompt: str
@@ -109,7 +93,7 @@ class GenerationRequest:
     skip_layer_guidance: bool | None = None
     image: Any = None
     strength: float | None = None
-    control_image: Any = None
+    control_image: Any = None  # ControlNet conditioning: sd35trt.runtime.control
     control_type: str | None = None
     controlnet_conditioning_scale: float | None = None
     control_guidance_start: float | None = None
@@ -207,6 +191,46 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     """
     start = int(max(steps - min(steps * strength, steps), 0))
     return start, steps - start
+
+
+def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
+    """Decode an image file (PNG, JPEG, WebP, ...) into a PIL image, fully loaded.
+
+    Args:
+        source: the file's bytes, or its path.
+        field_name: the request field, for the error.
+
+    Raises:
+        RequestError: the file is missing, not an image, truncated, or over
+            :data:`MAX_IMAGE_PIXELS` (checked before the pixels are decoded).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"{source}" if isinstance(source, str | Path) else f"{len(source)} bytes"
+    try:
+        handle = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
+    except OSError as err:
+        raise RequestError(field_name, f"{field_name} {what} cannot be read: {err.strerror}") from None
+    with handle:
+        try:
+            image = Image.open(handle)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(
+                    field_name,
+                    f"{field_name} {what} is {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS} allowed",
+                )
+            image.load()
+        except UnidentifiedImageError:
+            raise RequestError(
+                field_name, f"{field_name} {what} is not a readable image (unknown format)"
+            ) from None
+        except (Image.DecompressionBombError, OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RequestError(
+                field_name, f"{field_name} {what} is not a readable image ({reason})"
+            ) from None
+    return image
 
 
 def _span(r: ShapeRange, index: int) -> tuple[int, int]:
@@ -327,6 +351,38 @@ class RequestLimits:
                 raise ManifestError(f"the engines' profiles leave no valid {name} (min {lo} > max {hi})")
         return limits
 
+    @classmethod
+    def from_manifest(cls, manifest: EngineManifest, skip_layer_guidance: bool = True) -> RequestLimits:
+        """The limits of the engines an engine manifest records (the VAE encoder's when built).
+
+        Args:
+            manifest: the engine manifest.
+            skip_layer_guidance: take the recorded skip-layer guidance when the transformer engine
+                gates layers (``False``: none, which only lowers the minimum batch).
+
+        Raises:
+            ManifestError: as :meth:`from_profiles`, or the recorded skip-layer guidance does not
+                match the layers the transformer engine gates.
+        """
+        components = [c for c in Component if c.required or c in manifest.engines]
+        gated = manifest.record(Component.TRANSFORMER).skip_layers
+        slg = manifest.runtime_defaults.skip_layer_guidance if gated and skip_layer_guidance else None
+        if slg is not None and len(slg.layers) != gated:
+            raise ManifestError(
+                f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
+                f"engine gates {gated}; rebuild with `sd35trt build`"
+            )
+        limits = cls.from_profiles(
+            {c: manifest.spec(c) for c in components},
+            {c: manifest.record(c).profile for c in components},
+            manifest.dims,
+            slg,
+        )
+        control = (
+            (manifest.model or {}).get("controlnet") if Component.CONTROLNET in manifest.engines else None
+        )
+        return limits if control is None else replace(limits, controlnet=ControlType(control))
+
     def images(self, cfg: bool, slg: bool = False) -> tuple[int, int]:
         """``(min, max)`` images per batch.
 
@@ -353,9 +409,7 @@ class RequestLimits:
             "size_multiple": self.size_multiple,
             "num_images": {"cfg": list(self.images(True)), "no_cfg": list(self.images(False))},
             "num_images_per_request": [1, self.max_images],
-            "num_inference_steps": [1, MAX_STEPS],
-            "guidance_scale": [0.0, MAX_GUIDANCE],
-            "seed": [0, MAX_SEED],
+            **{p.name: [p.low, p.high] for p in GENERATION_PARAMS if p.high is not None and not p.low_open},
             "t5_length": self.t5_length,
             "skip_layer_guidance": slg.model_dump(mode="json") if slg is not None else None,
             "image_to_image": None
@@ -368,22 +422,8 @@ class RequestLimits:
         }
 
 
-def _is_bool(value: Any) -> bool:
-    # bool is an int subclass, numpy.bool_ is neither; True as a step count is a caller's bug, not 1.
-    dtype = getattr(value, "dtype", None)
-    return isinstance(value, bool) or (
-        getattr(dtype, "kind", None) == "b" and getattr(value, "shape", None) == ()
-    )
-
-
-def _int(name: str, value: Any) -> int:
-    if _is_bool(value) or not isinstance(value, numbers.Integral):
-        raise RequestError(name, f"{name} {value!r} is not an integer")
-    return int(value)  # numpy.int64 -> int: records and JSON hold plain ints
-
-
 def _size(name: str, value: Any, span: tuple[int, int], multiple: int) -> int:
-    value = _int(name, value)
+    value = check_value(name, value)
     lo, hi = span
     allowed = f"these engines accept {lo}..{hi} in multiples of {multiple}"
     if value % multiple:
@@ -393,42 +433,19 @@ def _size(name: str, value: Any, span: tuple[int, int], multiple: int) -> int:
     return value
 
 
-def _guidance(value: Any) -> float:
-    if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise RequestError("guidance_scale", f"guidance_scale {value!r} is not a number")
-    value = float(value)
-    allowed = f"use 0..{MAX_GUIDANCE:g} (at most {CFG_THRESHOLD:g} turns classifier-free guidance off)"
-    if not math.isfinite(value):
-        raise RequestError("guidance_scale", f"guidance_scale {value} is not a finite number; {allowed}")
-    if not 0.0 <= value <= MAX_GUIDANCE:
-        raise RequestError(
-            "guidance_scale", f"guidance_scale {value:g} is outside the allowed range; {allowed}"
-        )
-    return value
-
-
-def _text(name: str, value: Any, required: bool) -> str:
-    if not isinstance(value, str):
-        raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        # A lone UTF-16 surrogate (JSON "\ud800", or invalid UTF-8 on a command line, which Python
-        # keeps as surrogates): tokenizers fail on it deep inside (faults.md case 18).
-        raise RequestError(
-            name,
-            f"{name} is not valid Unicode text: {value[err.start]!r} at character {err.start} is a lone "
-            "surrogate (invalid UTF-8 bytes, or half of a UTF-16 pair)",
-        ) from None
-    if required and not value.strip():
-        raise RequestError(name, f"{name} is empty; give a text {name.replace('_', ' ')}")
-    return str(value)  # numpy.str_ -> str
+def _given(request: GenerationRequest, defaults: RuntimeSettings, name: str) -> Any:
+    """The request's value of ``name``, or the engines' recorded default when it is ``None``."""
+    value = getattr(request, name)
+    return getattr(defaults, name) if value is None else value
 
 
 def resolve_request(
     request: GenerationRequest, limits: RequestLimits, defaults: RuntimeSettings
 ) -> GenerationParams:
     """Validate ``request`` against the engines and fill in the defaults.
+
+    Types and fixed bounds are the declared ones (:data:`sd35trt.parameters.GENERATION_PARAMS`);
+    sizes and images per batch are the engines' (``limits``).
 
     Args:
         request: what the caller asked for.
@@ -443,20 +460,10 @@ def resolve_request(
     Raises:
         RequestError: naming the first invalid field, its value and the allowed values.
     """
-    prompt = _text("prompt", request.prompt, required=True)
-    negative = defaults.negative_prompt if request.negative_prompt is None else request.negative_prompt
-    negative = _text("negative_prompt", negative, required=False)
-
-    steps = _int(
-        "num_inference_steps",
-        defaults.num_inference_steps if request.num_inference_steps is None else request.num_inference_steps,
-    )
-    if not 1 <= steps <= MAX_STEPS:
-        raise RequestError("num_inference_steps", f"num_inference_steps {steps} is outside 1..{MAX_STEPS}")
-    guidance = _guidance(
-        defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
-    )
-    m = limits.size_multiple
+    prompt = check_value("prompt", request.prompt)
+    negative = check_value("negative_prompt", _given(request, defaults, "negative_prompt"))
+    steps = check_value("num_inference_steps", _given(request, defaults, "num_inference_steps"))
+    guidance = check_value("guidance_scale", _given(request, defaults, "guidance_scale"))
     image_to_image = request.image is not None
     if image_to_image and limits.img2img_size is None:
         raise RequestError(
@@ -465,22 +472,21 @@ def resolve_request(
             "re-run `sd35trt export` and `sd35trt build` with this sd35trt to add it",
         )
     spans = limits.img2img_size if image_to_image else (limits.height, limits.width)
-    height = _size("height", defaults.height if request.height is None else request.height, spans[0], m)
-    width = _size("width", defaults.width if request.width is None else request.width, spans[1], m)
+    m = limits.size_multiple
+    height = _size("height", _given(request, defaults, "height"), spans[0], m)
+    width = _size("width", _given(request, defaults, "width"), spans[1], m)
     image, strength, image_sha = _image_to_image(request, steps, height, width)
-    from sd35trt.runtime.control import resolve_control
-
     control = resolve_control(request, limits.controlnet, height, width)
     if control is not None and image_to_image:
         raise RequestError(
             "control_image", "a control_image works with text-to-image only, not with an image"
         )
-
     wanted_slg = request.skip_layer_guidance
-    if wanted_slg is not None and not _is_bool(wanted_slg):
-        raise RequestError("skip_layer_guidance", f"skip_layer_guidance {wanted_slg!r} is not true or false")
-    wanted_slg = None if wanted_slg is None else bool(wanted_slg)
-    if wanted_slg and limits.skip_layer_guidance is None:
+    if (
+        wanted_slg is not None
+        and check_value("skip_layer_guidance", wanted_slg)
+        and limits.skip_layer_guidance is None
+    ):
         raise RequestError(
             "skip_layer_guidance",
             "skip_layer_guidance was requested, but these engines were built without it "
@@ -491,39 +497,11 @@ def resolve_request(
         negative,
         limits.skip_layer_guidance,
         negative_requested=request.negative_prompt is not None,
-        slg_requested=wanted_slg,
+        slg_requested=None if wanted_slg is None else bool(wanted_slg),
         image_to_image=image_to_image or control is not None,  # neither diffusers pipeline has SLG
     )
-    cfg, slg = plan.cfg, plan.skip_layer_guidance
-
-    num_images = _int("num_images", request.num_images)
-    lo = limits.images(cfg, slg is not None)[0]
-    if not lo <= num_images <= limits.max_images:
-        mode = "with classifier-free guidance" if cfg else "without classifier-free guidance"
-        raise RequestError(
-            "num_images",
-            f"num_images {num_images} is outside {lo}..{limits.max_images} (at least the engines' "
-            f"smallest batch {mode}; at most the runtime's max_images, more than the engine batch "
-            "running as several engine batches)",
-        )
-    if request.seed is None:  # every image's seed (seed + i) stays below 2^53
-        seed = secrets.randbelow(DRAWN_SEED_LIMIT - num_images + 1)
-    else:
-        seed = _int("seed", request.seed)
-        if not 0 <= seed <= MAX_SEED - num_images + 1:
-            raise RequestError(
-                "seed",
-                f"seed {seed} is outside 0..{MAX_SEED - num_images + 1} (image i uses seed + i, and "
-                f"seeds end at 2^63-1)",
-            )
-    texts = 2 if cfg else 1
-    if not limits.encoder_batch[0] <= texts <= limits.encoder_batch[1]:
-        e_lo, e_hi = limits.encoder_batch
-        raise RequestError(
-            "guidance_scale",
-            f"guidance_scale {guidance:g} needs text-encoder batches of {texts}, "
-            f"these engines take {e_lo}..{e_hi}",
-        )
+    num_images = _batch_fits(limits, check_value("num_images", request.num_images), plan, guidance)
+    seed = _seed(request.seed, num_images)
     return GenerationParams(
         prompt=prompt,
         negative_prompt=plan.negative_prompt,
@@ -533,13 +511,61 @@ def resolve_request(
         width=width,
         seed=seed,
         num_images=num_images,
-        skip_layer_guidance=slg,
+        skip_layer_guidance=plan.skip_layer_guidance,
         warnings=plan.warnings,
         image=image,
         strength=strength,
         image_sha256=image_sha,
         control=control,
     )
+
+
+def _batch_fits(limits: RequestLimits, num_images: int, plan: Any, guidance: float) -> int:
+    """``num_images`` if the engines' smallest batch and ``max_images`` allow it, else RequestError.
+
+    More images than the engine batch run as several engine batches; CFG must fit the text
+    encoders' batch.
+    """
+    cfg, slg = plan.cfg, plan.skip_layer_guidance
+    lo = limits.images(cfg, slg is not None)[0]
+    if not lo <= num_images <= limits.max_images:
+        mode = "with classifier-free guidance" if cfg else "without classifier-free guidance"
+        raise RequestError(
+            "num_images",
+            f"num_images {num_images} is outside {lo}..{limits.max_images} (at least the engines' "
+            f"smallest batch {mode}; at most the runtime's max_images, more than the engine batch "
+            "running as several engine batches)",
+        )
+    texts = 2 if cfg else 1
+    if not limits.encoder_batch[0] <= texts <= limits.encoder_batch[1]:
+        e_lo, e_hi = limits.encoder_batch
+        raise RequestError(
+            "guidance_scale",
+            f"guidance_scale {guidance:g} needs text-encoder batches of {texts}, "
+            f"these engines take {e_lo}..{e_hi}",
+        )
+    return num_images
+
+
+def _seed(seed: Any, num_images: int) -> int:
+    """The request's seed: image ``i`` uses ``seed + i``, so every image's seed must be valid.
+
+    A drawn seed keeps every image's seed below ``2**53`` (float64 clients read it back exactly);
+    a given one leaves room for ``num_images`` seeds up to ``2**63 - 1``.
+
+    Raises:
+        RequestError: ``seed`` not an integer in ``0..2**63 - num_images``.
+    """
+    if seed is None:
+        return secrets.randbelow(DRAWN_SEED_LIMIT - num_images + 1)
+    seed = check_value("seed", seed)
+    if seed > MAX_SEED - num_images + 1:
+        raise RequestError(
+            "seed",
+            f"seed {seed} is outside 0..{MAX_SEED - num_images + 1} (image i uses seed + i, and "
+            "seeds end at 2^63-1)",
+        )
+    return seed
 
 
 def _image_to_image(
@@ -554,12 +580,7 @@ def _image_to_image(
 
     if not isinstance(request.image, Image.Image):
         raise RequestError("image", f"image must be a PIL image, got {type(request.image).__name__}")
-    value = DEFAULT_STRENGTH if request.strength is None else request.strength
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError("strength", f"strength {value!r} is not a finite number; use a value in (0, 1]")
-    strength = float(value)
-    if not 0.0 < strength <= 1.0:
-        raise RequestError("strength", f"strength {strength:g} is outside (0, 1]")
+    strength = check_value("strength", DEFAULT_STRENGTH if request.strength is None else request.strength)
     count = img2img_steps(steps, strength)[1]
     if count < 1:
         raise RequestError(

@@ -1,6 +1,7 @@
-"""The generation endpoints: ``POST /generate`` and the OpenAI-compatible ``POST /v1/images/generations``.
+"""The generation endpoints: ``POST /generate`` and the OpenAI-compatible ``POST /v1/images/generations``,
+``POST /v1/images/edits`` (image-to-image, a multipart form) and ``GET /v1/models``.
 
-Both run one path (:func:`generate_images`): validate against the engines, queue for a merged
+All run one path (:func:`generate_images`): validate against the engines, queue for a merged
 engine batch, wait, encode PNGs. Failures are :class:`~sd35trt.serve.responses.ApiError`s, answered
 in each endpoint's own error shape with the same messages (faults.md cases 9 to 14):
 
@@ -19,18 +20,19 @@ import base64
 import contextlib
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 
-from sd35trt.errors import DeviceOutOfMemoryError, NonFiniteError, RequestError, Sd35TrtError
-from sd35trt.serve.batcher import BatchInfo, QueueFullError, RequestTimeoutError, ShuttingDownError
+from sd35trt.errors import RequestError
+from sd35trt.serve.batcher import BatchInfo, QueueFullError, ShuttingDownError
+from sd35trt.serve.forms import parse_multipart, typed_fields
 from sd35trt.serve.generator import ImageSet, Prepared
 from sd35trt.serve.logs import REQUEST_ID
-from sd35trt.serve.responses import OPENAI_NAMES, ApiError
+from sd35trt.serve.responses import OPENAI_NAMES, ApiError, validation_errors
 from sd35trt.serve.schemas import (
     GenerateBody,
     GenerateResponse,
@@ -38,6 +40,8 @@ from sd35trt.serve.schemas import (
     OpenAIImage,
     OpenAIImagesBody,
     OpenAIImagesResponse,
+    OpenAIModel,
+    OpenAIModelList,
 )
 from sd35trt.serve.state import ServerState
 
@@ -82,34 +86,6 @@ class Generated:
                 if isinstance(v, int | float) and math.isfinite(v)
             },
         }
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, DeviceOutOfMemoryError | MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # only a loaded torch can have raised its error
-    return torch is not None and isinstance(err, torch.OutOfMemoryError)
-
-
-def _failure(err: Exception, retry_after_s: int) -> ApiError:
-    """The answer for an exception raised by a generation."""
-    if isinstance(err, RequestTimeoutError):
-        return ApiError(504, "timeout", str(err))
-    if isinstance(err, RequestError):
-        return ApiError.from_request_error(err)
-    if isinstance(err, NonFiniteError):
-        log.warning("request failed: stage %s produced non-finite values: %s", err.stage, err)
-        return ApiError(500, "non_finite", str(err), extra={"stage": err.stage})
-    if isinstance(err, ShuttingDownError):
-        return ApiError(503, "shutting_down", str(err), retry_after=5)
-    if _is_oom(err):
-        log.warning("request failed: out of memory: %s", err)
-        return ApiError(503, "out_of_memory", f"out of memory: {err}", retry_after=retry_after_s)
-    if isinstance(err, Sd35TrtError):
-        log.warning("request failed: %s", err)
-        return ApiError(500, "generation_failed", str(err))
-    log.error("request failed with an unexpected error", exc_info=err)
-    return ApiError(500, "internal", f"internal error: {type(err).__name__}: {err}")
 
 
 async def generate_images(state: ServerState, fields: dict[str, Any], request: Request) -> Generated:
@@ -173,7 +149,7 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
     except Exception as err:
         for job in jobs:
             batcher.cancel(job)
-        raise _failure(err, batcher.retry_after_s()) from None
+        raise ApiError.of(err, batcher.retry_after_s()) from None
     result, info = ImageSet.joined([r for r, _ in done]), done[0][1]
     t_enc = time.perf_counter()
     pngs = await asyncio.to_thread(lambda: [result.png(im, i) for i, im in enumerate(result.images)])
@@ -199,7 +175,7 @@ def _b64(data: bytes) -> str:
 
 
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    """Add the two generation endpoints over ``state`` to ``app``."""
+    """Add the generation endpoints (and OpenAI's model list) over ``state`` to ``app``."""
 
     @app.post(
         "/generate",
@@ -208,7 +184,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         responses=ERROR_RESPONSES,
     )
     async def generate(body: GenerateBody, request: Request) -> GenerateResponse:
-        done = await generate_images(state, body.model_dump(), request)
+        done = await generate_images(state, body.generation_fields(), request)
         images = done.result.images
         return GenerateResponse(
             images=[_b64(png) for png in done.pngs],
@@ -229,18 +205,82 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         responses=ERROR_RESPONSES,
     )
     async def openai_images(body: OpenAIImagesBody, request: Request) -> OpenAIImagesResponse:
-        try:
-            fields = body.generation_fields()
-        except RequestError as err:
-            raise ApiError.from_request_error(err) from None
-        try:
-            done = await generate_images(state, fields, request)
-        except ApiError as err:
-            raise err.renamed(OPENAI_NAMES) from None
-        first = done.result.images[0]
-        return OpenAIImagesResponse(
-            created=int(time.time()),
-            data=[OpenAIImage(b64_json=_b64(png)) for png in done.pngs],
-            size=f"{first.width}x{first.height}",
-            warnings=list(done.result.warnings),
-        )
+        return await _openai_answer(state, body, request)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=OpenAIImagesResponse,
+        summary="OpenAI Images API: image-to-image (multipart form: image file, prompt, n, size, ...; "
+        "SD3.5 settings such as strength as extra fields)",
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": EDIT_FORM}}},
+    )
+    async def openai_edits(request: Request) -> OpenAIImagesResponse:
+        body, image = _edit_request(request.headers.get("content-type", ""), await request.body())
+        return await _openai_answer(state, body, request, image)
+
+    @app.get("/v1/models", response_model=OpenAIModelList, summary="OpenAI Models API: the model served")
+    async def openai_models() -> OpenAIModelList:
+        if state.generator is None:
+            raise ApiError(503, "not_ready", "the engines are still loading", retry_after=2)
+        model_id = getattr(state.generator, "model_id", "sd35trt")
+        started = time.time() - (time.monotonic() - state.started)
+        return OpenAIModelList(data=[OpenAIModel(id=model_id, created=int(started))])
+
+
+async def _openai_answer(
+    state: ServerState, body: OpenAIImagesBody, request: Request, image: bytes | None = None
+) -> OpenAIImagesResponse:
+    """Generate for an OpenAI Images body (``image``: the edits endpoint's file), in OpenAI's shape."""
+    try:
+        fields = body.generation_fields()
+    except RequestError as err:
+        raise ApiError.from_request_error(err) from None
+    if image is not None:
+        fields["init_image"] = image
+    try:
+        done = await generate_images(state, fields, request)
+    except ApiError as err:
+        raise err.renamed(OPENAI_NAMES) from None
+    first = done.result.images[0]
+    return OpenAIImagesResponse(
+        created=int(time.time()),
+        data=[OpenAIImage(b64_json=_b64(png)) for png in done.pngs],
+        size=f"{first.width}x{first.height}",
+        warnings=[*body.ignored(), *done.result.warnings],
+    )
+
+
+def _edit_request(content_type: str, raw: bytes) -> tuple[OpenAIImagesBody, bytes]:
+    """The edits endpoint's form as an OpenAI Images body and the image file's bytes.
+
+    Raises:
+        ApiError: 422 naming the field: not a form, no image or several, a mask, a bad value.
+    """
+    try:
+        form = parse_multipart(content_type, raw)
+        images = form.files.pop("image", []) + form.files.pop("image[]", [])
+        if "mask" in form.files:
+            raise RequestError("mask", "mask is not served: image-to-image here changes the whole image")
+        for name in form.files:
+            raise RequestError(name, f"{name} is not a file this endpoint takes (only image)")
+        if len(images) != 1:
+            raise RequestError("image", f"give exactly one image file (got {len(images)})")
+        return OpenAIImagesBody.model_validate(typed_fields(form.fields)), images[0]
+    except RequestError as err:
+        raise ApiError.from_request_error(err) from None
+    except ValidationError as err:
+        raise ApiError.invalid(validation_errors(err.errors())) from None
+
+
+#: The edits endpoint's form in the OpenAPI document: the body's fields and the image file.
+EDIT_FORM = {
+    "schema": {
+        "type": "object",
+        "required": ["image", "prompt"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the initial image file"},
+            **OpenAIImagesBody.model_json_schema()["properties"],
+        },
+    }
+}

@@ -1,7 +1,8 @@
 """The HTTP server: the FastAPI app (routes, error handlers, middleware), readiness, graceful
 shutdown, and the uvicorn runner with slow-client protection and structured logs.
 
-Endpoints: ``POST /generate`` and ``POST /v1/images/generations`` (:mod:`sd35trt.serve.api`),
+Endpoints: ``POST /generate``, ``POST /v1/images/generations``, ``POST /v1/images/edits`` and
+``GET /v1/models`` (:mod:`sd35trt.serve.api`),
 ``GET /health`` (alive, also while loading and draining), ``GET /ready`` (503 until the engines are
 loaded and warmed up), ``GET /metrics`` (Prometheus), ``/docs``.
 """
@@ -23,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sd35trt.errors import Sd35TrtError
+from sd35trt.errors import RequestError, Sd35TrtError
 from sd35trt.serve.api import add_generation_routes
 from sd35trt.serve.batcher import Batcher
 from sd35trt.serve.connections import guarded_protocol
@@ -65,43 +66,9 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     state = ServerState(settings)
 
-    async def bring_up() -> None:
-        batcher: Batcher | None = None
-        try:
-            gen = await asyncio.to_thread(_as_generator, source, settings)
-            max_batch = settings.max_batch or gen.max_batch
-            if max_batch > gen.max_batch:
-                raise Sd35TrtError(
-                    f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
-                )
-            batcher = Batcher(
-                gen.run_batch,
-                max_batch=max_batch,
-                window_s=settings.batch_window_ms / 1000,
-                queue_size=settings.queue_size,
-                on_batch=state.on_batch,
-            )
-            if settings.warmup:  # on the engine thread, where every later batch runs
-                t = time.perf_counter()
-                await batcher.run_in_engine_thread(gen.warmup)
-                log.info("warm-up done in %.2f s", time.perf_counter() - t)
-            await batcher.start()
-            state.generator, state.batcher = gen, batcher
-            if state.draining:
-                batcher.begin_drain()
-            state.is_ready = True
-            log.info("ready: engine batch of %d images, queue of %d", max_batch, settings.queue_size)
-        except Exception as err:
-            state.load_error = f"{type(err).__name__}: {err}"
-            log.error("could not bring the engines up: %s", state.load_error)
-            if not isinstance(err, Sd35TrtError):
-                log.exception("unexpected error while loading")
-            if batcher is not None and state.batcher is None:
-                await batcher.close()  # frees its engine thread
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(bring_up(), name="sd35trt-load")
+        task = asyncio.create_task(_bring_up(state, source), name="sd35trt-load")
         try:
             yield
         finally:
@@ -125,10 +92,61 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, endpoints=endpoints)
     app.add_middleware(RequestIdMiddleware)
+    _add_error_handlers(app)
+    _add_probe_routes(app, state)
+    add_generation_routes(app, state)
+    endpoints.update(getattr(route, "path", "") for route in app.routes)
+    return app
+
+
+async def _bring_up(state: ServerState, source: Any) -> None:
+    """Load (off the event loop), warm up and start batching; a failure is kept in ``state.load_error``."""
+    settings = state.settings
+    batcher: Batcher | None = None
+    try:
+        gen = await asyncio.to_thread(_as_generator, source, settings)
+        max_batch = settings.max_batch or gen.max_batch
+        if max_batch > gen.max_batch:
+            raise Sd35TrtError(
+                f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
+            )
+        batcher = Batcher(
+            gen.run_batch,
+            max_batch=max_batch,
+            window_s=settings.batch_window_ms / 1000,
+            queue_size=settings.queue_size,
+            on_batch=state.on_batch,
+        )
+        if settings.warmup:  # on the engine thread, where every later batch runs
+            t = time.perf_counter()
+            await batcher.run_in_engine_thread(gen.warmup)
+            log.info("warm-up done in %.2f s", time.perf_counter() - t)
+        await batcher.start()
+        state.generator, state.batcher = gen, batcher
+        if state.draining:
+            batcher.begin_drain()
+        state.is_ready = True
+        log.info("ready: engine batch of %d images, queue of %d", max_batch, settings.queue_size)
+    except Exception as err:
+        state.load_error = f"{type(err).__name__}: {err}"
+        log.error("could not bring the engines up: %s", state.load_error)
+        if not isinstance(err, Sd35TrtError):
+            log.exception("unexpected error while loading")
+        if batcher is not None and state.batcher is None:
+            await batcher.close()  # frees its engine thread
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in the shape of the API its path belongs to (native or OpenAI)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return render(err, flavor_of(request.url.path))
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        # raised while a body is read (a parameter under two of its names): a 422 naming the field
+        return render(ApiError.from_request_error(err), flavor_of(request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -143,6 +161,10 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             field = FieldError(("body",), "body", f"body is not valid JSON text: {reason}", "json_invalid")
             return render(ApiError.invalid([field]), flavor_of(request.url.path))
         return await http_exception_handler(request, err)
+
+
+def _add_probe_routes(app: FastAPI, state: ServerState) -> None:
+    """``/health``, ``/ready`` and ``/metrics``."""
 
     @app.get("/health", summary="Alive (answers while loading and draining too)")
     async def health() -> dict:
@@ -168,10 +190,6 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
     async def metrics() -> Response:
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
-
-    add_generation_routes(app, state)
-    endpoints.update(getattr(route, "path", "") for route in app.routes)
-    return app
 
 
 # -- running it ----------------------------------------------------------------------------------

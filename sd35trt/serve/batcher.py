@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sd35trt.serve.generator import run_alone_on_failure
 from sd35trt.serve.logs import REQUEST_ID
 
 log = logging.getLogger("sd35trt.serve")
@@ -419,32 +420,7 @@ class Batcher:
         self._running = batch
         images = sum(j.size for j in batch)
         try:
-            results: Sequence[Any]
-            retried = False
-            try:
-                results = await self._engine(batch)
-            except Exception as err:
-                if len(batch) == 1:
-                    results = [err]
-                else:
-                    # One bad request must not fail the others merged with it: run each alone.
-                    log.warning(
-                        "batch %d of %d requests failed (%s: %s); re-running each alone",
-                        batch_id,
-                        len(batch),
-                        type(err).__name__,
-                        err,
-                    )
-                    retried = True
-                    results = []
-                    for job in batch:
-                        if job.future.done():  # its client left meanwhile
-                            results.append(None)
-                            continue
-                        try:
-                            results.extend(await self._engine([job]))
-                        except Exception as single_err:
-                            results.append(single_err)
+            results, retried = await self._engine(batch, batch_id)
             run_s = time.monotonic() - started
             if not retried:
                 per_image = run_s / max(images, 1)
@@ -477,24 +453,42 @@ class Batcher:
         finally:
             self._running = []
 
-    async def _engine(self, jobs: list[Job]) -> Sequence[Any]:
-        """Run ``jobs`` as one engine batch on the engine thread, logging under their tags."""
+    async def _engine(self, jobs: list[Job], batch_id: int) -> tuple[list[Any], bool]:
+        """Run ``jobs`` as one engine batch on the engine thread (each alone if it fails as a
+        whole: :func:`~sd35trt.serve.generator.run_alone_on_failure`), logging under their tags."""
         tags = [j.tag for j in jobs if j.tag]
         token = REQUEST_ID.set(",".join(tags) or None)
         try:
             context = contextvars.copy_context()  # the engine thread logs under the same ids
         finally:
             REQUEST_ID.reset(token)
+
+        def failed(err: BaseException) -> None:
+            log.warning(
+                "batch %d of %d requests failed (%s: %s); re-running each alone",
+                batch_id,
+                len(jobs),
+                type(err).__name__,
+                err,
+            )
+
+        def run() -> tuple[list[Any], bool]:
+            # a request whose client left meanwhile is not re-run
+            return run_alone_on_failure(self._call, jobs, skip=lambda j: j.future.done(), on_failure=failed)
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, context.run, self._call, jobs)
+        return await loop.run_in_executor(self._executor, context.run, run)
 
     def _call(self, jobs: list[Job]) -> Sequence[Any]:
         requests, images = [j.request for j in jobs], sum(j.size for j in jobs)
+        token = REQUEST_ID.set(",".join(j.tag for j in jobs if j.tag) or None)  # a re-run: its own tag
         try:
             results = self.run_batch(requests)
         except Exception:
             self._observe(len(jobs), images, None)
             raise
+        finally:
+            REQUEST_ID.reset(token)
         if len(results) != len(requests):
             raise RuntimeError(f"run_batch returned {len(results)} results for {len(requests)} requests")
         self._observe(len(jobs), images, results)

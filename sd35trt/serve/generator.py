@@ -111,3 +111,43 @@ class Generator(Protocol):
 
     def warmup(self) -> None:
         """One small generation, so the first request doesn't pay for lazy initialisation."""
+
+
+def run_alone_on_failure(
+    run_batch: Callable[[list[Any]], Sequence[Any]],
+    items: Sequence[Any],
+    *,
+    skip: Callable[[Any], bool] = lambda item: False,
+    on_failure: Callable[[BaseException], None] = lambda err: None,
+) -> tuple[list[Any], bool]:
+    """Run ``items`` as one engine batch; when it fails as a whole, run each item alone.
+
+    One bad request must not fail the others merged with it: a merged batch that raises (a
+    NaN, out of memory, any exception) is re-run one item at a time, so only the item at fault
+    gets the error. ``sd35trt serve``'s batcher and the Triton model both batch this way.
+
+    Args:
+        run_batch: runs a list of items, returns one result (or exception) per item, or raises.
+        items: the items of the batch.
+        skip: items not to re-run alone (e.g. a request whose client left); they get ``None``.
+        on_failure: told about the exception of the merged batch before the re-runs.
+
+    Returns:
+        One result or exception per item, and whether the items were re-run alone.
+    """
+    try:
+        return list(run_batch(list(items))), False
+    except Exception as err:
+        if len(items) == 1:
+            return [err], False
+        on_failure(err)
+    results: list[Any] = []
+    for item in items:
+        if skip(item):
+            results.append(None)
+            continue
+        try:
+            results.extend(run_batch([item]))
+        except Exception as single:
+            results.append(single)
+    return results, True

@@ -15,17 +15,24 @@ lone surrogate cannot be encoded as UTF-8; either made FastAPI's own handler fai
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse
+from sd35trt.errors import NonFiniteError, RequestError, Sd35TrtError, is_out_of_memory
+from sd35trt.serve.batcher import RequestTimeoutError, ShuttingDownError
 
-from sd35trt.errors import RequestError
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
+
+log = logging.getLogger("sd35trt.serve")
 
 #: Our request fields named differently by the OpenAI Images API.
-OPENAI_NAMES = {"width": "size", "height": "size", "num_images": "n"}
+OPENAI_NAMES = {"width": "size", "height": "size", "num_images": "n", "init_image": "image"}
+#: The Triton error code of each HTTP status a generation can fail with (Triton's ``TritonError``).
+TRITON_CODES = {422: "INVALID_ARG", 499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class ApiFlavor(enum.StrEnum):
@@ -88,6 +95,37 @@ class ApiError(Exception):
     def from_request_error(cls, err: RequestError) -> ApiError:
         return cls.invalid([FieldError(("body", err.field), err.field, printable(str(err)))])
 
+    @classmethod
+    def of(cls, err: BaseException, retry_after_s: int = 5) -> ApiError:
+        """The answer for an exception a generation raised: the one map from errors to statuses.
+
+        422 a field (named); 504 timed out; 503 shutting down or out of memory (Retry-After);
+        500 a stage's NaN/inf (``stage`` named), another sd35trt error, or a bug (logged with its
+        traceback). ``sd35trt serve`` answers with it, Triton's model with :attr:`triton_code`.
+        """
+        if isinstance(err, RequestTimeoutError):
+            return cls(504, "timeout", str(err))
+        if isinstance(err, RequestError):
+            return cls.from_request_error(err)
+        if isinstance(err, NonFiniteError):
+            log.warning("request failed: stage %s produced non-finite values: %s", err.stage, err)
+            return cls(500, "non_finite", str(err), extra={"stage": err.stage})
+        if isinstance(err, ShuttingDownError):
+            return cls(503, "shutting_down", str(err), retry_after=5)
+        if is_out_of_memory(err):
+            log.warning("request failed: out of memory: %s", err)
+            return cls(503, "out_of_memory", f"out of memory: {err}", retry_after=retry_after_s)
+        if isinstance(err, Sd35TrtError):
+            log.warning("request failed: %s", err)
+            return cls(500, "generation_failed", str(err))
+        log.error("request failed with an unexpected error", exc_info=err)
+        return cls(500, "internal", f"internal error: {type(err).__name__}: {err}")
+
+    @property
+    def triton_code(self) -> str:
+        """Triton's error code for this answer (``INVALID_ARG`` for a 422, ...; ``INTERNAL`` else)."""
+        return TRITON_CODES.get(self.status, "INTERNAL")
+
     def renamed(self, names: Mapping[str, str]) -> ApiError:
         """The same error with its fields named as another API names them (``width`` -> ``size``)."""
         if not self.fields:
@@ -143,6 +181,8 @@ def _openai_type(status: int) -> str:
 
 def render(err: ApiError, flavor: ApiFlavor) -> JSONResponse:
     """The response for ``err`` in the shape of ``flavor``."""
+    from starlette.responses import JSONResponse  # here: Triton's model uses ApiError.of, not HTTP
+
     if flavor is ApiFlavor.OPENAI:
         first = err.fields[0] if err.fields else None
         body: dict[str, Any] = {

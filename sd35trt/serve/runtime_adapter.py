@@ -17,25 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.errors import DeviceOutOfMemoryError, RequestError
+from sd35trt.errors import DeviceOutOfMemoryError, RequestError, is_out_of_memory
 from sd35trt.serve.generator import ImageSet, Prepared
 
 #: Values of the request field ``batch``: merge with compatible requests (default), or run alone.
 BATCH_MERGE, BATCH_ALONE = "merge", "alone"
-#: Substrings by which backends (ONNX Runtime, TensorRT, CUDA) report an exhausted allocator.
-_OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "out_of_memory")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is a device (or host) allocation failure, whatever raised it."""
-    if isinstance(err, DeviceOutOfMemoryError | MemoryError):
-        return True
-    import torch
-
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return any(m in text for m in _OOM_MARKERS)
 
 
 def _free_cached_memory() -> None:
@@ -51,8 +37,9 @@ def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None,
     return png_bytes(image, params, digest, index, batch, model)
 
 
-def _decode_image(text: str, field: str = "init_image") -> Any:
-    """``init_image`` or ``control_image``: base64 of an image file -> a PIL image.
+def _decode_image(text: str | bytes, field: str = "init_image") -> Any:
+    """``init_image`` / ``control_image``: base64 of an image file (or the file's bytes, from a
+    form) -> a PIL image.
 
     Raises:
         RequestError: not base64, or not a readable image (naming ``field``).
@@ -62,6 +49,8 @@ def _decode_image(text: str, field: str = "init_image") -> Any:
 
     from sd35trt.runtime.request import read_image
 
+    if isinstance(text, bytes):
+        return read_image(text, field)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -103,20 +92,25 @@ class RuntimeGenerator:
     def max_batch(self) -> int:
         return max(self._limits.images(True)[1], self._limits.images(False)[1])
 
+    @property
+    def model_id(self) -> str:
+        """The model's name for clients (``/v1/models``): its Hugging Face repo id when recorded."""
+        hub = (self.runtime.info.model or {}).get("hub") or {}
+        return hub.get("repo_id") or "sd35trt"
+
     def limits(self) -> dict:
         out = self._limits.to_json()
-        out["defaults"] = {
-            "width": self._defaults.width,
-            "height": self._defaults.height,
-            "num_inference_steps": self._defaults.num_inference_steps,
-            "guidance_scale": self._defaults.guidance_scale,
-        }
+        out["defaults"] = self._defaults.model_dump(
+            include={"width", "height", "num_inference_steps", "guidance_scale"}
+        )
         return out
 
     def prepare(self, fields: Mapping[str, Any]) -> Prepared:
+        from sd35trt.parameters import canonical_fields
         from sd35trt.runtime.request import GenerationRequest
 
-        known = {k: v for k, v in fields.items() if v is not None or k == "prompt"}
+        # aliases (``steps``) under their parameter's name; a missing prompt is the runtime's to name
+        known = {"prompt": fields.get("prompt"), **canonical_fields(fields)}
         # "alone": an engine batch of its own, so the bytes equal those of `sd35trt run`.
         alone = known.pop("batch", BATCH_MERGE) == BATCH_ALONE
         image = known.pop("init_image", None)

@@ -1,8 +1,12 @@
 """Request and response bodies of the HTTP API (pydantic models, shown in ``/docs``).
 
-Request bodies are strict (``64.0``, ``"64"`` or ``true`` are not a width), refuse unknown fields
-and non-finite numbers; ranges are checked against the engine manifest by the runtime, whose
-:class:`~sd35trt.errors.RequestError` names the field and the allowed range.
+The generation fields of both bodies are derived from the declared parameters
+(:data:`sd35trt.parameters.GENERATION_PARAMS`): their names, aliases (``steps`` for
+``num_inference_steps``), types and descriptions, so they cannot drift from the CLI's options or
+Triton's inputs. Request bodies are strict (``64.0``, ``"64"`` or ``true`` are not a width), refuse
+unknown fields and non-finite numbers; values are checked by the runtime
+(:func:`~sd35trt.runtime.request.resolve_request`), whose :class:`~sd35trt.errors.RequestError`
+names the field and the allowed range.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from sd35trt.errors import RequestError
+from sd35trt.parameters import GENERATION_PARAMS, PARAMS, InputParam, Kind, canonical_fields
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_JSON_TYPE = {Kind.TEXT: str, Kind.INT: int, Kind.FLOAT: float, Kind.BOOL: bool, Kind.IMAGE: str}
 
 
 #: Request fields about how a request is scheduled, not what it generates (Triton's own batcher
@@ -22,50 +28,49 @@ _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 SCHEDULING_FIELDS = ("batch",)
 
 
-class GenerateBody(BaseModel):
-    """``POST /generate``. Omitted fields take the defaults recorded with the engines."""
+def _field(p: InputParam, prefix: str = "") -> tuple[Any, Any]:
+    """The pydantic field of a declared parameter, named by its wire name, aliases accepted."""
+    kind = _JSON_TYPE[p.kind]
+    description = prefix + p.help + (" (the file's bytes, base64)" if p.kind is Kind.IMAGE else "")
+    if p.aliases:
+        description += f"; also accepted as {', '.join(p.aliases)}"
+    alias = AliasChoices(*p.names) if p.aliases else None
+    if p.required:
+        return kind, Field(description=description, validation_alias=alias)
+    annotation = kind if p.default is not None else kind | None
+    return annotation, Field(default=p.default, description=description, validation_alias=alias)
+
+
+class _Body(BaseModel):
+    """A request body with generation fields: a parameter given under two of its names is refused."""
 
     model_config = _STRICT
 
-    prompt: str = Field(description="text prompt (must not be empty; truncated to the token limit)")
-    negative_prompt: str | None = Field(default=None, description="default: the engines' negative prompt")
-    width: int | None = Field(default=None, description="pixels, a multiple of 16 inside the engine profile")
-    height: int | None = Field(default=None, description="pixels, a multiple of 16 inside the engine profile")
-    num_inference_steps: int | None = Field(default=None, description="denoising steps")
-    guidance_scale: float | None = Field(default=None, description="classifier-free guidance, >= 0")
-    num_images: int = Field(
-        default=1, description="images for this prompt; beyond the engine batch: several engine batches"
-    )
-    seed: int | None = Field(default=None, description="0..2^63-1; drawn below 2^53 when omitted")
-    skip_layer_guidance: bool | None = Field(
-        default=None, description="skip-layer guidance when the engines have it (default: as built)"
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            canonical_fields(data)  # raises RequestError (answered as 422 naming the field)
+        return data
+
+
+_GenerateFields = create_model(  # type: ignore[call-overload]
+    "_GenerateFields", __base__=_Body, **{p.wire: _field(p) for p in GENERATION_PARAMS}
+)
+
+
+class GenerateBody(_GenerateFields):
+    """``POST /generate``. Omitted fields take the defaults recorded with the engines."""
+
     batch: Literal["merge", "alone"] = Field(
         default="merge",
         description="'alone': never merged with other requests, for byte-exact reproduction "
         "(merged images can differ by ~1/255; the PNG records its engine batch)",
     )
-    init_image: str | None = Field(
-        default=None,
-        description="image-to-image: the initial image file (PNG, JPEG, WebP), base64; resized to "
-        "width x height as diffusers does. Needs engines with a VAE encoder",
-    )
-    strength: float | None = Field(
-        default=None, description="image-to-image: share of the schedule that runs, in (0, 1] (default 0.6)"
-    )
-    control_image: str | None = Field(
-        default=None,
-        description="ControlNet: the picture to follow (image file, base64), of the output's aspect ratio; "
-        "made into canny edges or a blur as control_type says (a depth map is taken as is)",
-    )
-    control_type: str | None = Field(default=None, description="canny, blur or depth (default: as built)")
-    controlnet_conditioning_scale: float | None = Field(default=None, description="0..2 (default 1.0)")
-    control_guidance_start: float | None = Field(
-        default=None, description="share of the steps before it acts"
-    )
-    control_guidance_end: float | None = Field(
-        default=None, description="share of the steps after which it stops"
-    )
+
+    def generation_fields(self) -> dict[str, Any]:
+        """The request in the generator's terms (wire names; ``None``: omitted)."""
+        return self.model_dump()
 
 
 class ImageInfo(BaseModel):
@@ -94,31 +99,53 @@ class GenerateResponse(BaseModel):
 
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+#: OpenAI's own parameters that have no counterpart here: accepted, and reported as having no effect.
+OPENAI_QUALITY = ("auto", "standard", "hd", "low", "medium", "high")
+OPENAI_STYLE = ("vivid", "natural")
+#: Declared parameters the OpenAI bodies spell their own way (``n``, ``size``) or carry apart (the image).
+_OPENAI_OWN = ("prompt", "num_images", "width", "height", "image")
+
+_OpenAIExtras = create_model(  # type: ignore[call-overload]
+    "_OpenAIExtras",
+    __base__=_Body,
+    **{p.wire: _field(p, "SD3.5: ") for p in GENERATION_PARAMS if p.name not in _OPENAI_OWN},
+)
 
 
-class OpenAIImagesBody(BaseModel):
-    """``POST /v1/images/generations``, the OpenAI Images API request.
+class OpenAIImagesBody(_OpenAIExtras):
+    """``POST /v1/images/generations``, the OpenAI Images API request (and the form of ``/v1/images/edits``).
 
     ``size`` is ``"WIDTHxHEIGHT"`` in pixels inside the engines' profile (or ``"auto"``: the
-    engines' default); ``n`` beyond the engine batch runs as several engine
-    batches. Images come back as ``b64_json`` only.
-    SD3.5's own settings are accepted as extra fields (``extra_body`` in OpenAI's clients).
+    engines' default); ``n`` beyond the engine batch runs as several engine batches. Images come
+    back as ``b64_json`` only. ``quality`` and ``style`` are accepted and have no effect (a warning
+    says so). SD3.5's own settings are accepted as extra fields (``extra_body`` in OpenAI's clients).
     """
 
-    model_config = _STRICT
-
-    prompt: str = Field(description="text prompt")
+    prompt: str = Field(description=PARAMS["prompt"].help)
     model: str | None = Field(default=None, description="accepted and ignored: the server serves one model")
     n: int | None = Field(default=None, description="images for this prompt (default 1)")
     size: str | None = Field(default=None, description='"WIDTHxHEIGHT" in pixels, or "auto"')
     response_format: str | None = Field(default=None, description='"b64_json" (the only format served)')
     output_format: str | None = Field(default=None, description='"png" (the only format served)')
+    quality: Literal[OPENAI_QUALITY] | None = Field(  # type: ignore[valid-type]
+        default=None, description="accepted, no effect: steps and guidance set the quality here"
+    )
+    style: Literal[OPENAI_STYLE] | None = Field(  # type: ignore[valid-type]
+        default=None, description="accepted, no effect (a DALL-E 3 setting)"
+    )
     user: str | None = Field(default=None, description="accepted and ignored")
-    negative_prompt: str | None = Field(default=None, description="SD3.5: the negative prompt")
-    seed: int | None = Field(default=None, description="SD3.5: 0..2^63-1; drawn below 2^53 when omitted")
-    num_inference_steps: int | None = Field(default=None, description="SD3.5: denoising steps")
-    guidance_scale: float | None = Field(default=None, description="SD3.5: classifier-free guidance")
-    skip_layer_guidance: bool | None = Field(default=None, description="SD3.5: skip-layer guidance")
+
+    def ignored(self) -> list[str]:
+        """Warnings for the OpenAI settings given that have no effect here."""
+        out = []
+        if self.quality is not None:
+            out.append(
+                f"quality {self.quality!r} has no effect: the images' quality follows num_inference_steps "
+                "and guidance_scale"
+            )
+        if self.style is not None:
+            out.append(f"style {self.style!r} has no effect: it is a DALL-E 3 setting")
+        return out
 
     def generation_fields(self) -> dict[str, Any]:
         """The request in ``/generate``'s terms.
@@ -145,16 +172,13 @@ class OpenAIImagesBody(BaseModel):
                     "size", f"size {self.size!r} is not 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or 'auto'"
                 )
             width, height = int(match[1]), int(match[2])
+        extras = self.model_dump(include=set(_OpenAIExtras.model_fields))
         return {
+            **extras,
             "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
             "width": width,
             "height": height,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
             "num_images": 1 if self.n is None else self.n,
-            "seed": self.seed,
-            "skip_layer_guidance": self.skip_layer_guidance,
         }
 
 
@@ -171,3 +195,19 @@ class OpenAIImagesResponse(BaseModel):
     output_format: Literal["png"] = "png"
     size: str = Field(description='"WIDTHxHEIGHT" of the images')
     warnings: list[str] = Field(default_factory=list)
+
+
+class OpenAIModel(BaseModel):
+    """One model of OpenAI's ``GET /v1/models`` list."""
+
+    id: str = Field(description="the model's Hugging Face repo id when recorded, else 'sd35trt'")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server started, seconds")
+    owned_by: str = "sd35trt"
+
+
+class OpenAIModelList(BaseModel):
+    """OpenAI's ``GET /v1/models`` answer: the one model this server serves."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

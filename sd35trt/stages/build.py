@@ -23,12 +23,7 @@ from pathlib import Path
 import yaml
 
 from sd35trt.artifacts.containment import contained_path
-from sd35trt.artifacts.engine_manifest import (
-    ENGINE_MANIFEST_NAME,
-    EngineManifest,
-    EngineRecord,
-    verify_engines,
-)
+from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
 from sd35trt.artifacts.manifest import (
     FileRecord,
     HashCache,
@@ -56,6 +51,7 @@ from sd35trt.artifacts.runlock import locked_stage
 from sd35trt.backends import registry as backends
 from sd35trt.backends.base import BuildJob, EngineBackend
 from sd35trt.backends.layers import LayerReport
+from sd35trt.backends.load import verify_engines
 from sd35trt.backends.machine import NO_MACHINE, GpuInfo, MachineInfo
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config
@@ -246,10 +242,14 @@ def _up_to_date(
     if previous.details.backend is not backend:
         return False
     try:
-        engines = verify_engines(run_dir / Stage.BUILD.directory, machine=machine, cache=HashCache(run_dir))
-    except Sd35TrtError:  # missing, modified, or built for another TensorRT / GPU: rebuild
+        engines = verify_engines(
+            run_dir / Stage.BUILD.directory, cache=HashCache(run_dir), check_machine=False
+        )
+    except Sd35TrtError:  # missing or modified: rebuild
         return False
-    return engines.backend is backend
+    # Built for another TensorRT version or GPU (TensorRT-RTX: another TensorRT-RTX version): rebuild.
+    stale = any(backends.backend_of(r.backend).rebuild_reason(r, machine) for r in engines.engines.values())
+    return engines.backend is backend and not stale
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,7 @@ class _Job:
     export_rec: StageRecord
     progress: Progress
     allow_partial_fp8: bool = False
+    build_has_fp8: bool = False
 
 
 def check_fp8(
@@ -335,6 +336,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
             progress=progress,
             label=label,
             allow_partial_fp8=job.allow_partial_fp8,
+            build_has_fp8=job.build_has_fp8,
         )
     )
     seconds = time.perf_counter() - start
@@ -343,7 +345,6 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         progress(f"{label}: warning: {warning}")
     recorded = backend.recorded_machine(machine)
     rec = EngineRecord(
-        component=component,
         backend=backend.backend,
         file=file_record(job.out, target),
         extra_files=tuple(file_record(job.out, p) for p in built.extra_files),
@@ -361,6 +362,7 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         layers=built.layers,
         device_memory_bytes=built.device_memory_bytes,
         streamable_weights_bytes=built.streamable_weights_bytes,
+        compute_capabilities=built.compute_capabilities,
     )
     size_mib = sum(f.size for f in rec.files) / (1 << 20)
     precision = rec.precision.value + (" + fp8" if rec.fp8 else "")
@@ -446,7 +448,10 @@ def build(
     # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
     target = chosen.recorded_machine(machine)
     with staged_output(run_dir, Stage.BUILD) as out:
-        job = _Job(config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8)
+        has_fp8 = any(entries[c].quantized for c in components)
+        job = _Job(
+            config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8, has_fp8
+        )
         for i, component in enumerate(components, 1):
             label = f"[{i}/{len(components)}] {component.value}"
             engines[component] = _build_one(job, component, entries[component], label)
@@ -459,7 +464,7 @@ def build(
             backend=chosen.backend,
             engines=engines,
             dims=dims,
-            runtime_defaults=config.runtime.model_dump(mode="json"),
+            runtime_defaults=config.runtime,
             build_settings={**config.build.model_dump(mode="json"), "backend": chosen.backend.value},
             support_files=tuple(support_files),
             created=now_utc(),

@@ -158,16 +158,6 @@ def calibrate_transformer(
     return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status))
 
 
-def _peak_memory(device: str) -> tuple[int, str]:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-
-
 def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> CalibrateRecord | None:
     """The existing record when it is intact and made from this config and prompt set."""
     if not is_fresh(manifest.run_dir, Stage.CALIBRATE, digest):
@@ -254,7 +244,9 @@ def calibrate(
         pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
     )
     elapsed = time.perf_counter() - start
-    peak, peak_kind = _peak_memory(device)
+    from sd35trt.runtime.pipeline import peak_memory
+
+    peak, peak_kind = peak_memory(device)
 
     # The details are validated before anything is published.
     details = CalibrateDetails(

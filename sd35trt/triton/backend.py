@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.errors import DeviceOutOfMemoryError, RequestError, Sd35TrtError
-from sd35trt.serve.generator import ImageSet, Prepared
+from sd35trt.errors import RequestError, Sd35TrtError
+from sd35trt.parameters import canonical_fields
+from sd35trt.serve.generator import ImageSet, Prepared, run_alone_on_failure
 from sd35trt.triton.spec import INPUTS, OUTPUTS, TritonType
 
 #: config.pbtxt ``parameters``: where the engines are (relative to the version directory, or absolute).
@@ -95,10 +96,12 @@ def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
         rows: the request's batch size (Triton checks every input has it).
 
     Returns:
-        One dict of HTTP field names per row; omitted inputs are left out (engine defaults apply).
+        One dict of HTTP field names per row (aliases under their parameter's name); omitted
+        inputs are left out (engine defaults apply).
 
     Raises:
-        RequestError: a text input is not UTF-8, or an input does not hold one value per row.
+        RequestError: a text input is not UTF-8, an input does not hold one value per row, or a
+            parameter came under two of its names.
     """
     out: list[dict[str, Any]] = [{} for _ in range(rows)]
     for spec in INPUTS:
@@ -112,7 +115,7 @@ def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
             )
         for row, cell in zip(out, array[:, 0], strict=True):
             row[spec.name] = _value(spec.name, spec.dtype, cell)
-    return out
+    return [canonical_fields(row) for row in out]
 
 
 def _joined(parts: list[tuple[ImageSet | BaseException, dict]]) -> tuple[ImageSet | BaseException, dict]:
@@ -231,28 +234,24 @@ class Sd35TritonModel:
     def _run(self, batch: list[Prepared]) -> list[tuple[ImageSet | BaseException, dict]]:
         """One engine batch; when it fails as a whole, each row again alone (serve's rule)."""
         self._batches += 1
+        started = time.perf_counter()
+
+        def failed(err: BaseException) -> None:
+            self._log("warn", f"engine batch of {len(batch)} rows failed ({err}); re-running each alone")
+
+        results, retried = run_alone_on_failure(self.generator.run_batch, batch, on_failure=failed)
+        if retried:
+            return [
+                (r, {"id": self._batches, "requests": 1, "images": p.size, "retried_alone": True})
+                for r, p in zip(results, batch, strict=True)
+            ]
         info = {
             "id": self._batches,
             "requests": len(batch),
             "images": sum(p.size for p in batch),
             "retried_alone": False,
+            "run_ms": round((time.perf_counter() - started) * 1000, 2),
         }
-        started = time.perf_counter()
-        try:
-            results = self.generator.run_batch(batch)
-        except Exception as err:
-            if len(batch) == 1:
-                return [(err, info)]
-            self._log("warn", f"engine batch of {len(batch)} rows failed ({err}); re-running each alone")
-            out = []
-            for p in batch:
-                alone = {"id": self._batches, "requests": 1, "images": p.size, "retried_alone": True}
-                try:
-                    out.append((self.generator.run_batch([p])[0], alone))
-                except Exception as single:
-                    out.append((single, alone))
-            return out
-        info["run_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return [(r, info) for r in results]
 
     def _response(self, rows: list[Prepared], results: list[tuple[ImageSet | BaseException, dict]]) -> Any:
@@ -291,19 +290,15 @@ class Sd35TritonModel:
         return int(self.pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().shape[0])
 
     def _error(self, err: BaseException) -> Any:
-        """An error response: the message ``sd35trt serve`` gives, with the matching Triton code."""
+        """An error response: the message and status ``sd35trt serve`` gives, as a Triton code."""
+        from sd35trt.serve.responses import ApiError
+
         pb = self.pb_utils
-        if isinstance(err, RequestError):
-            code, message = "INVALID_ARG", str(err)  # serve: 422 naming the field
-        elif isinstance(err, DeviceOutOfMemoryError):
-            code, message = "UNAVAILABLE", f"out of memory: {err}"  # serve: 503
-        elif isinstance(err, Sd35TrtError):  # NonFiniteError among them
-            code, message = "INTERNAL", str(err)  # serve: 500 naming the stage
-        else:
-            code, message = "INTERNAL", f"internal error: {type(err).__name__}: {err}"
+        answer = ApiError.of(err)
+        if answer.status == 500 and not isinstance(err, Sd35TrtError):
             self._log("error", "".join(traceback.format_exception(err)))
-        value = getattr(pb.TritonError, code, None)
-        error = pb.TritonError(message) if value is None else pb.TritonError(message, value)
+        value = getattr(pb.TritonError, answer.triton_code, None)
+        error = pb.TritonError(answer.message) if value is None else pb.TritonError(answer.message, value)
         return pb.InferenceResponse(output_tensors=[], error=error)
 
     def _log(self, level: str, message: str) -> None:

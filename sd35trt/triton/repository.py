@@ -260,7 +260,6 @@ def write_repository(
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.artifacts.manifest import verify_files
-    from sd35trt.components import Component, exported_components
     from sd35trt.runtime.request import RequestLimits
 
     if not _NAME.fullmatch(settings.model_name):
@@ -272,13 +271,7 @@ def write_repository(
     manifest = read_engine_manifest(engines_dir)
     files = [f for rec in manifest.engines.values() for f in rec.files] + list(manifest.support_files)
     verify_files(manifest.directory, files, what=f"engines in {engines_dir} (rebuild with `sd35trt build`)")
-    components = exported_components(Component.CONTROLNET in manifest.engines)
-    limits = RequestLimits.from_profiles(
-        {c: manifest.spec(c) for c in components},
-        {c: manifest.record(c).profile for c in components},
-        manifest.dims,
-        None,  # skip-layer guidance only raises the minimum batch
-    )
+    limits = RequestLimits.from_manifest(manifest, skip_layer_guidance=False)  # SLG only raises the minimum
     max_batch = settings.max_batch or max(limits.images(True)[1], limits.images(False)[1])
     final = out / settings.model_name
     if final.exists() and not settings.force:

@@ -1,14 +1,18 @@
 """The model's KServe-v2 tensors: one list that the config writer and the backend both read.
 
-Input names are the HTTP names of ``sd35trt serve`` (diffusers' parameter names), so a request
-means the same thing to both servers and errors name the same fields. With ``max_batch_size``
-above 0, every tensor has a leading batch dimension: a request of ``B`` rows is ``B`` prompts.
+The inputs are derived from the declared generation parameters
+(:data:`sd35trt.parameters.GENERATION_PARAMS`): the HTTP names of ``sd35trt serve`` (diffusers'
+parameter names), each alias (``steps``) as one more optional input, so a request means the same
+thing to both servers and errors name the same fields. With ``max_batch_size`` above 0, every
+tensor has a leading batch dimension: a request of ``B`` rows is ``B`` prompts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from sd35trt.parameters import GENERATION_PARAMS, INT32_MAX, InputParam, Kind
 
 
 class TritonType(str, Enum):
@@ -45,27 +49,23 @@ class TensorSpec:
     doc: str = ""
 
 
-INPUTS: tuple[TensorSpec, ...] = (
-    TensorSpec("prompt", TritonType.STRING, optional=False, doc="text prompt, UTF-8, not empty"),
-    TensorSpec("negative_prompt", TritonType.STRING, doc="UTF-8; default: the engines' negative prompt"),
-    TensorSpec("width", TritonType.INT32, doc="pixels, a multiple of 16 inside the engine profile"),
-    TensorSpec("height", TritonType.INT32, doc="pixels, a multiple of 16 inside the engine profile"),
-    TensorSpec("num_inference_steps", TritonType.INT32, doc="denoising steps"),
+def _dtype(p: InputParam) -> TritonType:
+    if p.kind is Kind.INT:
+        return TritonType.INT64 if p.high is not None and p.high > INT32_MAX else TritonType.INT32
     # FP64 so that a scale such as 3.7 reaches the runtime (and the PNG record) exactly as sent
-    TensorSpec("guidance_scale", TritonType.FP64, doc="classifier-free guidance scale, >= 0"),
-    TensorSpec("seed", TritonType.INT64, doc="0..2^63-1; drawn at random when omitted"),
-    TensorSpec("num_images", TritonType.INT32, doc="images for this prompt (default 1)"),
-    TensorSpec("skip_layer_guidance", TritonType.BOOL, doc="default: as the engines were built"),
-    TensorSpec("init_image", TritonType.STRING, doc="image-to-image: the image file, base64 (as HTTP)"),
-    TensorSpec("strength", TritonType.FP64, doc="image-to-image: share of the schedule that runs, (0, 1]"),
-    TensorSpec("control_image", TritonType.STRING, doc="ControlNet: the picture to follow, base64 (as HTTP)"),
-    TensorSpec("control_type", TritonType.STRING, doc="ControlNet: canny, blur or depth (default: as built)"),
-    TensorSpec("controlnet_conditioning_scale", TritonType.FP64, doc="ControlNet: residual scale, 0..2"),
-    TensorSpec(
-        "control_guidance_start", TritonType.FP64, doc="ControlNet: share of the steps before it acts"
-    ),
-    TensorSpec(
-        "control_guidance_end", TritonType.FP64, doc="ControlNet: share of the steps after which it stops"
+    return {Kind.FLOAT: TritonType.FP64, Kind.BOOL: TritonType.BOOL}.get(p.kind, TritonType.STRING)
+
+
+def _doc(p: InputParam) -> str:
+    return p.help + (" (the file's bytes, base64, as HTTP)" if p.kind is Kind.IMAGE else "")
+
+
+INPUTS: tuple[TensorSpec, ...] = (
+    *(TensorSpec(p.wire, _dtype(p), optional=not p.required, doc=_doc(p)) for p in GENERATION_PARAMS),
+    *(
+        TensorSpec(alias, _dtype(p), doc=f"{p.wire}, under another name")
+        for p in GENERATION_PARAMS
+        for alias in p.aliases
     ),
 )
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd35trt.bench.benchmark import bench
+from sd35trt.bench.benchmark import BenchOptions, bench
 from sd35trt.bench.eval_report import EVAL_GRID, EVAL_JSON, EVAL_TABLE, read_eval
 from sd35trt.bench.eval_report import SCHEMA as EVAL_SCHEMA
 from sd35trt.bench.evaluate import compare, evaluate
@@ -40,14 +40,8 @@ def _strict_json(path):
 @pytest.fixture(scope="module")
 def bench_out(built_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    returned = bench(
-        [built_run / "engines"],
-        built_run / "model",
-        runs=RUNS,
-        warmup=1,
-        out_dir=out,
-        overhead_runs=OVERHEAD_RUNS,
-    )
+    options = BenchOptions(runs=RUNS, warmup=1, out_dir=out, overhead_runs=OVERHEAD_RUNS)
+    returned = bench([built_run / "engines"], built_run / "model", options)
     return out, returned
 
 

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from sd35trt.artifacts.engine_manifest import GpuInfo, MachineInfo
+from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.errors import VerificationError
 from sd35trt.stages.package import CHECKSUMS, engines_dir_of, package, unpack, verify
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd35trt.artifacts.engine_manifest import verify_engines
+from sd35trt.backends.load import verify_engines
 from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import NonFiniteError, RequestError

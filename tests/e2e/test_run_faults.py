@@ -8,7 +8,6 @@ output path of ``run -o``. Tests that damage engines work on a copy.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -52,9 +51,9 @@ def _replace_engine(engines: Path, component: Component, data: bytes) -> Path:
     path = engines / rec.file.path
     path.write_bytes(data)
     records = dict(manifest.engines)
-    records[component] = dataclasses.replace(rec, file=file_record(engines, path), extra_files=())
+    records[component] = rec.model_copy(update={"file": file_record(engines, path), "extra_files": ()})
     atomic_write_json(
-        engines / ENGINE_MANIFEST_NAME, dataclasses.replace(manifest, engines=records).to_json()
+        engines / ENGINE_MANIFEST_NAME, manifest.model_copy(update={"engines": records}).to_json()
     )
     return path
 

@@ -189,13 +189,42 @@ def test_openai_errors_have_the_openai_shape_and_our_messages(
     assert err.value.body["type"] == "invalid_request_error"
 
 
+def test_openai_edits_give_the_bytes_of_generate_with_the_same_init_image(server, client):
+    """``/v1/images/edits`` (OpenAI's multipart form) is ``/generate`` with ``init_image``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 72), (200, 120, 40)).save(buf, format="PNG")
+    response = client.images.edit(
+        image=("start.png", buf.getvalue(), "image/png"),
+        prompt="a boat",
+        size="64x64",
+        extra_body={"seed": 5, "steps": 2, "strength": 0.5},
+    )
+    same = httpx.post(
+        server.url + GENERATE,
+        json={
+            "prompt": "a boat",
+            "width": 64,
+            "height": 64,
+            "seed": 5,
+            "num_inference_steps": 2,
+            "strength": 0.5,
+            "init_image": base64.b64encode(buf.getvalue()).decode(),
+        },
+        timeout=120,
+    )
+    assert same.status_code == 200, same.text
+    assert base64.b64decode(same.json()["images"][0]) == base64.b64decode(response.data[0].b64_json)
+    assert json.loads(decode_png(response.data[0].b64_json).text["parameters"])["strength"] == 0.5
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "needle"),
     [
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
         ({"response_format": "url"}, "response_format", "b64_json"),
         ({"output_format": "webp"}, "output_format", "png"),
-        ({"quality": "hd"}, "quality", "Extra inputs are not permitted"),
+        ({"style": "cartoon"}, "style", "'vivid' or 'natural'"),
+        ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({"n": 1.5}, "n", "integer"),
     ],
 )

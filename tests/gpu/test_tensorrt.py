@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd35trt.artifacts.engine_manifest import MachineInfo, open_engines, verify_engines
 from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.backends.engine import Engine
+from sd35trt.backends.load import open_engines, verify_engines
+from sd35trt.backends.machine import MachineInfo
 from sd35trt.backends.tensorrt import TrtEngine
 from sd35trt.compare import engine_runner
 from sd35trt.components import Component, ShapeRange

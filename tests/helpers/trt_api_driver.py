@@ -30,8 +30,9 @@ trt = install(real, world)
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
-from sd35trt.artifacts.engine_manifest import GpuInfo, MachineInfo, open_engines, verify_engines  # noqa: E402
 from sd35trt.backends.layers import quantized_linear_nodes  # noqa: E402
+from sd35trt.backends.load import open_engines, verify_engines  # noqa: E402
+from sd35trt.backends.machine import GpuInfo, MachineInfo  # noqa: E402
 from sd35trt.backends.tensorrt import TensorRTBackend  # noqa: E402
 from sd35trt.components import Component  # noqa: E402
 from sd35trt.config import Backend, config_from_dict  # noqa: E402

@@ -11,13 +11,11 @@ from sd35trt.artifacts.engine_manifest import (
     ENGINE_MANIFEST_NAME,
     EngineManifest,
     EngineRecord,
-    GpuInfo,
-    MachineInfo,
-    open_engines,
     read_engine_manifest,
-    verify_engines,
 )
 from sd35trt.artifacts.manifest import FileRecord, file_record
+from sd35trt.backends.load import open_engines, verify_engines
+from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.backends.tensorrt import TrtEngine
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision
@@ -44,7 +42,6 @@ def _engines_dir(
         path = out / f"{component.value}{suffix}"
         path.write_bytes(bytes(range(256)) * (8 + i))  # stands in for a plan: never deserialized here
         engines[component] = EngineRecord(
-            component=component,
             backend=backend,
             file=file_record(out, path),
             precision=Precision.BF16,
@@ -83,7 +80,9 @@ def test_compatible_machine_passes_and_manifest_round_trips(tmp_path):
     rec = m.record(Component.TRANSFORMER)
     assert (rec.compute_capability, rec.tensorrt_version, rec.fp8) == ((9, 0), "11.4.0", True)
     assert m.spec(Component.VAE_DECODER).input_names == ["latent"]
-    assert EngineManifest.from_json(out, m.to_json()) == m
+    assert read_engine_manifest(out) == m and m.directory == out
+    assert json.loads((out / ENGINE_MANIFEST_NAME).read_text()) == m.to_json()  # written through the model
+    assert isinstance(m.runtime_defaults.num_inference_steps, int)  # typed, not a mapping
 
 
 def test_other_compute_capability_is_refused_before_loading(tmp_path):
@@ -283,7 +282,7 @@ def test_manifest_field_errors_are_listed_together(tmp_path):
     data["dims"]["head_dim"] = 4.5
     data["created"] = 1
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"build_seconds.*; .*build_seconds.*; .*; and 1 more"):
+    with pytest.raises(ManifestError, match=r"created.*; .*build_seconds.*; .*build_seconds.*; and 1 more"):
         read_engine_manifest(out)
 
 

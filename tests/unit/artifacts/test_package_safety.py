@@ -19,13 +19,9 @@ from pathlib import Path
 import pytest
 from record_fakes import ENGINE_DIMS
 
-from sd35trt.artifacts.engine_manifest import (
-    ENGINE_MANIFEST_NAME,
-    EngineManifest,
-    EngineRecord,
-    verify_engines,
-)
+from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
 from sd35trt.artifacts.manifest import FileRecord, file_record, sha256_file
+from sd35trt.backends.load import verify_engines
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision
 from sd35trt.errors import UnsafeArtifactError, VerificationError
@@ -43,7 +39,6 @@ def _write_manifest(engines: Path, paths: dict[Component, str] | None = None) ->
         target = engines / rel
         rec = FileRecord(rel, target.stat().st_size, sha256_file(target))
         records[component] = EngineRecord(
-            component=component,
             backend=Backend.ONNXRUNTIME,
             file=rec,
             precision=Precision.FP32,

@@ -95,7 +95,11 @@ _TRANSFORMER = "records.export.details.components.transformer"
         (f"{_TRANSFORMER}.quantized", "yes", ": Input should be a valid boolean"),
         # strict: a number in a string is not a number
         ("records.build.files", [{"path": "x", "size": "1", "sha256": "0"}], r"\[0\]\.size: .* integer"),
-        ("records.build.details.backend", "cuda", ": Input should be 'auto', 'tensorrt' or 'onnxruntime'"),
+        (
+            "records.build.details.backend",
+            "cuda",
+            ": Input should be 'auto', 'tensorrt', 'tensorrt-rtx' or 'onnxruntime'",
+        ),
         ("records.calibrate.details.seeds", _DELETE, ": Field required"),
         ("records.evaluate", {}, ": Extra inputs are not permitted"),
         ("records.export.stage", "build", ": Input should be"),

@@ -19,9 +19,10 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from sd35trt.artifacts.engine_manifest import GpuInfo, MachineInfo, open_engines, verify_engines
 from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, records_for_tree
 from sd35trt.artifacts.records import BuildRecord, ExportDetails, ExportedComponent, ValidationStatus
+from sd35trt.backends.load import open_engines, verify_engines
+from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.backends.onnxruntime import GRAPH_OPTIMIZATION_LEVEL, OrtEngine, optimize_model
 from sd35trt.components import (
     Component,

@@ -25,7 +25,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_build_ort import _config, make_export_run
+
+from tests.unit.backends.test_build_ort import _config, make_export_run
 
 HERE = Path(__file__).resolve().parents[2] / "helpers"  # trt_api_driver.py, trt_api_fakes.py
 REPO = HERE.parents[1]

@@ -180,7 +180,7 @@ def test_layer_information_is_parsed_into_precisions_gemms_and_attention():
     assert report.fell_back == ["/transformer_blocks.0/attn/to_k/MatMul"] and report.fell_back_count == 1
     assert report.fused_attention == ["_gemm_mha_v2_myl0_3"]
     assert report.by_precision == {"fp8": 1, "bf16": 2, "fp32": 1}
-    assert "FP8 GEMMs 1/2 quantized Linear; fused attention layers 1" in report.summary()
+    assert "1/2 quantized MatMuls in 1 FP8 GEMMs; fused attention layers 1" in report.summary()
 
 
 def test_tensorrt_11_layer_information_and_names_only_builds():

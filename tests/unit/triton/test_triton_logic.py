@@ -54,10 +54,27 @@ def test_read_rows_gives_serve_fields_per_row_and_names_bad_text():
     assert err.value.field == "negative_prompt" and "UTF-8" in str(err.value)
 
 
-def test_inputs_are_the_fields_of_serve():
+def test_inputs_are_the_fields_of_serve_and_their_aliases():
+    from sd35trt.parameters import BY_WIRE_NAME
     from sd35trt.serve.schemas import SCHEDULING_FIELDS, GenerateBody
 
-    assert set(INPUT_NAMES) == set(GenerateBody.model_fields) - set(SCHEDULING_FIELDS)
+    assert {BY_WIRE_NAME[n].wire for n in INPUT_NAMES} == set(GenerateBody.model_fields) - set(
+        SCHEDULING_FIELDS
+    )
+    assert {"steps", "guidance"} <= set(INPUT_NAMES)
+
+
+def test_an_alias_input_reaches_the_runtime_under_its_parameter_name():
+    rows = read_rows({"prompt": np.array([[b"a"], [b"b"]], dtype=object), "steps": np.array([[3], [4]])}, 2)
+    assert [r["num_inference_steps"] for r in rows] == [3, 4] and "steps" not in rows[0]
+    both = {
+        "prompt": np.array([[b"a"]], dtype=object),
+        "steps": np.array([[3]]),
+        "num_inference_steps": np.array([[3]]),
+    }
+    with pytest.raises(RequestError, match="num_inference_steps and steps are the same parameter") as err:
+        read_rows(both, 1)
+    assert err.value.field == "num_inference_steps"
 
 
 def parse(text: str):
