@@ -226,14 +226,15 @@ def control_latents(
     Returns:
         ``[2N or N, C, h, w]`` float32.
     """
+    import numpy as np
     import torch
-
-    from sd35trt.runtime.img2img import image_tensor
 
     rows = 2 * images if cfg else images
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((rows, *noise_shape), generator=generator, dtype=torch.float32)  # [rows, C, h, w]
-    pixels = image_tensor(control.image).to(device)  # [1, 3, H, W] in [0, 1]
+    # diffusers' pil_to_numpy, as img2img's image_tensor (not imported: img2img imports the request)
+    array = np.asarray(control.image, dtype=np.float32) / 255.0  # [H, W, 3]
+    pixels = torch.from_numpy(array.transpose(2, 0, 1)[None].copy()).to(device)  # [1, 3, H, W]
     parts = []
     for start in range(0, rows, images):
         feeds = {
