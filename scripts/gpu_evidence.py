@@ -52,7 +52,7 @@ from pathlib import Path
 
 import gpu_evidence_steps as steps
 
-from sd35trt.artifacts.manifest import atomic_write_json
+from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.config import SIZE_MULTIPLE, Config, load_config
 from sd35trt.errors import Sd35TrtError
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd35trt.artifacts.manifest import atomic_write_json
+from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.components import Component, ModelDims, spec
 from sd35trt.config import Config, Precision, load_config
 

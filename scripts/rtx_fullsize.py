@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from sd35trt.artifacts.manifest import atomic_write_json
+from sd35trt.artifacts.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "sd35trt-rtx-fullsize/1"

@@ -6,6 +6,7 @@ them, so ``sd35trt --help`` and config checks start fast and need no GPU stack.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -87,21 +88,49 @@ def _load(config: Path, run_dir: Path | None):
     return cfg, (run_dir or Path("runs") / cfg.name)
 
 
-def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn) -> None:
-    """Shared body of the stage verbs.
+UpstreamOpt = Annotated[
+    bool,
+    typer.Option(
+        "--upstream",
+        help="First bring the stages before this one up to date (each redone only if missing or stale).",
+    ),
+]
 
-    Each stage checks its own freshness against the manifest (config digest, upstream records,
-    input hashes such as the prompt set, the machine for engines) and returns its existing record
-    when nothing changed, so ``make`` can chain the stages cheaply.
+
+def _run_stage(stage_name: str, config: Path, run_dir: Path | None, fn, upstream: bool = False) -> None:
+    """Shared body of the stage verbs: the stage (after its upstream stages with ``--upstream``).
+
+    Each stage checks its own freshness against the manifest (config fingerprint, upstream
+    records, input hashes such as the prompt set, the machine for engines) and returns its
+    existing record when nothing changed, so ``make`` and ``--upstream`` chain them cheaply.
     """
     from sd35trt.artifacts.manifest import Stage
     from sd35trt.console import stage_progress
 
     stage = Stage(stage_name)
     cfg, rd = _load(config, run_dir)
-    with stage_progress(stage.value) as progress:
-        skipped = fn(cfg, rd, f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else ""), progress)
-    typer.echo(skipped or f"{stage.value}: {rd / stage.directory} (sd35trt inspect {rd})")
+    hint = f"--config {config}" + (f" --run-dir {run_dir}" if run_dir else "")
+    bodies = {Stage.CALIBRATE: _calibrate, Stage.EXPORT: _export, stage: fn}
+    # Stages run in Stage order; calibrate is a no-op where nothing is quantized.
+    for step in list(Stage)[: list(Stage).index(stage) + 1] if upstream else [stage]:
+        with stage_progress(step.value) as progress:
+            skipped = bodies[step](cfg, rd, hint, progress)
+        typer.echo(skipped or f"{step.value}: {rd / step.directory} (sd35trt inspect {rd})")
+
+
+def _calibrate(cfg, rd, hint, progress, force: bool = False) -> str | None:
+    if not cfg.export.quantize:
+        return "calibrate: nothing to do (export.quantize is false: no FP8 layers)"
+    from sd35trt.stages.calibrate import calibrate as run
+
+    run(cfg, rd, force=force, log=progress.log, status=progress.status)
+    return None
+
+
+def _export(cfg, rd, hint, progress, force: bool = False) -> None:
+    from sd35trt.stages.export import export as run
+
+    run(cfg, rd, force=force, hint=hint, progress=progress.log)
 
 
 @app.command()
@@ -109,28 +138,19 @@ def calibrate(
     config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False
 ):
     """FP8 post-training quantization of the transformer (ModelOpt), calibrated on the prompts."""
-
-    def body(cfg, rd, hint, progress):
-        if not cfg.export.quantize:
-            return "calibrate: nothing to do (export.quantize is false: no FP8 layers)"
-        from sd35trt.stages.calibrate import calibrate as run
-
-        run(cfg, rd, force=force, log=progress.log, status=progress.status)
-
-    _run_stage("calibrate", config, run_dir, body)
+    _run_stage("calibrate", config, run_dir, functools.partial(_calibrate, force=force))
 
 
 @app.command()
-def export(config: ConfigOpt = Path("configs/tiny.yaml"), run_dir: RunDirOpt = None, force: ForceOpt = False):
+def export(
+    config: ConfigOpt = Path("configs/tiny.yaml"),
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    upstream: UpstreamOpt = False,
+):
     """ONNX of the six components (CLIP-L, CLIP-G, T5, the FP8 Q/DQ transformer, VAE decoder and
     encoder), each validated against PyTorch."""
-
-    def body(cfg, rd, hint, progress):
-        from sd35trt.stages.export import export as run
-
-        run(cfg, rd, force=force, hint=hint, progress=progress.log)
-
-    _run_stage("export", config, run_dir, body)
+    _run_stage("export", config, run_dir, functools.partial(_export, force=force), upstream)
 
 
 @app.command()
@@ -144,6 +164,7 @@ def build(
         ),
     ] = None,
     force: ForceOpt = False,
+    upstream: UpstreamOpt = False,
     allow_partial_fp8: Annotated[
         bool,
         typer.Option(
@@ -175,7 +196,7 @@ def build(
             allow_partial_fp8=allow_partial_fp8,
         )
 
-    _run_stage("build", config, run_dir, body)
+    _run_stage("build", config, run_dir, body, upstream)
 
 
 @app.command()
@@ -216,9 +237,11 @@ def reference(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("reference.png"),
 ) -> None:
     """Generate with the diffusers PyTorch pipeline: the baseline the engines are compared with."""
+    from sd35trt.artifacts.runlock import check_run_dir
     from sd35trt.models.reference import generate_reference
 
     cfg, rd = _load(config, run_dir)
+    check_run_dir(rd)  # the built-in model is written into it: never into a user's folder
     typer.echo(f"wrote {generate_reference(cfg, rd, out=out, **generation)}")
 
 
@@ -382,6 +405,13 @@ def serve(
         int | None,
         typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 256))."),
     ] = None,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            min=1024,
+            help="Largest request body in bytes, beyond: 413 (default 16 MiB, room for a base64 init_image).",
+        ),
+    ] = None,
     low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug or trace.")] = "info",
     log_format: Annotated[
@@ -407,6 +437,7 @@ def serve(
         low_vram=low_vram,
         log_level=_choice("--log-level", log_level, LogLevel),
         log_format=_choice("--log-format", log_format, LogFormat),
+        **({} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}),
     )
     run_server(engines_dir_of(engines), settings)
 

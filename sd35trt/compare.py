@@ -162,7 +162,8 @@ def check_sources(manifest: EngineManifest, components: Iterable[Component]) -> 
             unpacked artefact, which ships no ONNX), modified, or reads unrecorded data files.
         ModelError: an unsafe external-data location.
     """
-    from sd35trt.artifacts.manifest import FileRecord, RunManifest, Stage, verify_files
+    from sd35trt.artifacts.files import verify_files
+    from sd35trt.artifacts.manifest import FileRecord, RunManifest, Stage
     from sd35trt.stages.export.onnx_tools import (
         check_external_data,
         external_ref,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -457,16 +458,44 @@ class Config(_Strict):
             )
         return self
 
-    def digest(self, *fields: str) -> str:
-        """sha256 (canonical JSON) of named sections or dotted fields (``"model"``, ``"runtime.height"``)."""
-        data = self.model_dump(mode="json")
-        picked = {}
-        for name in fields:
-            value = data
-            for key in name.split("."):
+    def values(self, *paths: str) -> dict[str, Any]:
+        """The JSON values at config paths (``"model"``, ``"runtime.height"``), keyed by path.
+
+        A path below an unset section (``runtime.skip_layer_guidance.layers``) is ``None``.
+
+        Raises:
+            ValueError: a path that names no config field (:func:`check_config_path`).
+        """
+        data, picked = self.model_dump(mode="json"), {}
+        for path in paths:
+            value: Any = data
+            for key in check_config_path(path):
                 value = value.get(key) if isinstance(value, dict) else None
-            picked[name] = value
-        return sha256_json(picked)
+            picked[path] = value
+        return picked
+
+    def digest(self, *paths: str) -> str:
+        """sha256 (canonical JSON) of :meth:`values` (a path that names no field is a ValueError)."""
+        return sha256_json(self.values(*paths))
+
+
+def check_config_path(path: str) -> tuple[str, ...]:
+    """The keys of a dotted config path, each checked against the fields of its section.
+
+    Raises:
+        ValueError: a key is not a field of its section (``runtime.max_sequnce_length``).
+    """
+    keys, model = tuple(path.split(".")), Config
+    for i, key in enumerate(keys):
+        if model is None or key not in model.model_fields:
+            raise ValueError(f"config path {path!r}: {'.'.join(keys[: i + 1])} is not a config field")
+        annotation = model.model_fields[key].annotation  # a section, or an optional one
+        model = next((t for t in (annotation, *typing.get_args(annotation)) if _is_section(t)), None)
+    return keys
+
+
+def _is_section(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
 
 
 def sha256_json(data: Any) -> str:
@@ -481,7 +510,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
+            got = repr(e["input"])
+            msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
         parts.append(f"{loc}: {msg}")
     return f"{source}: invalid config: " + "; ".join(parts)
 
@@ -500,21 +530,115 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+#: A config or prompts file larger than this is not one (the shipped configs are ~2 KB).
+MAX_TEXT_FILE_BYTES = 1 << 20
+#: Error messages quote at most this much of a parser's text (a hostile file can make it huge).
+MAX_ERROR_CHARS = 300
+
+
+def _capped(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a small user file (a config, a prompts file).
+
+    Args:
+        path: the file.
+        what: how the message names it (``"config file"``, ``"calibrate.prompts: prompt file"``).
+
+    Returns:
+        The text.
+
+    Raises:
+        ConfigError: the file is missing, a directory, unreadable, over
+            :data:`MAX_TEXT_FILE_BYTES`, binary (holds a NUL byte) or not UTF-8 (the byte offset is named).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_TEXT_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_TEXT_FILE_BYTES} bytes; it is not a text file")
+    if (nul := data.find(b"\0")) >= 0:
+        raise ConfigError(f"{what} {path} is binary (a NUL byte at offset {nul}), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte offset {err.start})") from None
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases and duplicate keys.
+
+    An alias can expand a few hundred bytes into gigabytes (a "billion laughs"), and a repeated
+    key silently overrode the first (a second ``export:`` section turned quantization off): a
+    config never needs either, so both are refused with the line they are on.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed in a config (write the value out)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error follows
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {first} and {line})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse a config's YAML (no aliases, no duplicate keys: see :class:`_ConfigLoader`).
+
+    Raises:
+        ConfigError: naming ``source`` and the problem (cut to :data:`MAX_ERROR_CHARS` characters).
+    """
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as err:
+        text = str(err).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"{source}: not valid YAML: {_capped(text)}") from None
+    except ValueError as err:  # int() of a number longer than Python's 4300-digit limit
+        raise ConfigError(f"{source}: a value cannot be read: {_capped(str(err).split(';')[0])}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests too deeply") from None
+
+
 def load_config(path: str | Path) -> Config:
     """Load and validate a YAML config file.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or fails validation (the key is named).
+        ConfigError: the file is missing, a directory, not UTF-8 text, not YAML (or uses aliases or
+            repeats a key), or fails validation (the key is named).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         known = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f"; available: {', '.join(known)}" if known else ""
-        raise ConfigError(f"config file {path} does not exist{hint}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} does not exist{hint}")
+    data = parse_yaml(read_text_file(path, "config file"), str(path))
     return config_from_dict(data, str(path))

@@ -8,7 +8,11 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,8 +60,50 @@ class EngineLoadError(VerificationError):
     """An engine file matches its record but its backend cannot load it (the file is named)."""
 
 
+class WriteError(Sd35TrtError):
+    """An output could not be written: no space left, a quota, a read-only file system or no
+    permission (the path being written is named; nothing half-written is published)."""
+
+
+#: ``errno`` values of a write that fails because of where it writes, not because of a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free on the file system holding ``path`` (its nearest existing parent), if known."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def write_error(err: OSError, path: str | os.PathLike) -> WriteError | None:
+    """The one-line user error for ``err``, raised while writing ``path``; ``None`` when ``err``
+    is not about where it writes (see :data:`WRITE_ERRNOS`), so the caller re-raises it.
+
+    The message names the file the OS named (``err.filename``), else ``path``, and for a full
+    disk the bytes left on it.
+    """
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    target = err.filename or path
+    reason = (err.strerror or os.strerror(err.errno)).lower()
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = free_bytes(target)
+        left = f"; {free} bytes free there" if free is not None else ""
+        return WriteError(f"cannot write {target}: {reason}{left}; free some space (nothing was published)")
+    return WriteError(f"cannot write {target}: {reason} (nothing was published)")
+
+
 class RunDirBusyError(Sd35TrtError):
     """Another process is writing the same run directory (its pid and command are named)."""
+
+
+class RunDirError(Sd35TrtError):
+    """A ``--run-dir`` that is not a run (an engines directory, a user's folder), or cannot be written."""
 
 
 class CalibrationError(Sd35TrtError):

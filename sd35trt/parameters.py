@@ -28,6 +28,10 @@ from sd35trt.errors import RequestError
 MAX_STEPS = 500
 #: Guidance far above SD3.5's 3.5 to 7 only saturates images; this bounds what is accepted.
 MAX_GUIDANCE = 100.0
+#: Longest prompt (and negative prompt) accepted, in characters, checked before tokenizing. The
+#: text encoders read at most 256 T5 tokens (77 for CLIP), a few thousand characters at most;
+#: beyond this a prompt only costs time and memory (a 1 MB prompt held the engine thread 19 s).
+MAX_PROMPT_CHARS = 20_000
 MAX_SEED = 2**63 - 1
 #: diffusers' ``StableDiffusion3Img2ImgPipeline`` default strength.
 DEFAULT_STRENGTH = 0.6
@@ -290,11 +294,17 @@ def check_value(param: InputParam | str, value: Any) -> Any:
 def _text(name: str, value: Any, required: bool) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(
+            name,
+            f"{name} is {len(value)} characters, more than the {MAX_PROMPT_CHARS} accepted (the text "
+            "encoders read at most 256 tokens, a few thousand characters)",
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
         # A lone UTF-16 surrogate (JSON "\ud800", or invalid UTF-8 on a command line, which Python
-        # keeps as surrogates): tokenizers fail on it deep inside (faults catalogue case 18).
+        # keeps as surrogates): tokenizers fail on it deep inside (faults.md #18).
         raise RequestError(
             name,
             f"{name} is not valid Unicode text: {value[err.start]!r} at character {err.start} is a lone "

@@ -14,8 +14,8 @@ from typing import Any
 
 from sd35trt.errors import RequestError
 from sd35trt.parameters import canonical_fields, check_value
+from sd35trt.runtime.images import read_image
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
-from sd35trt.runtime.request import read_image
 
 DEFAULT_OUT = Path("sd35trt.png")
 

@@ -27,7 +27,8 @@ from pydantic import (
     model_serializer,
 )
 
-from sd35trt.artifacts.manifest import FileRecord, read_json
+from sd35trt.artifacts.files import read_json
+from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision, RuntimeSettings

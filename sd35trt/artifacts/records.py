@@ -13,6 +13,8 @@ unchanged. ``tests/unit/test_records.py`` checks that on a manifest written by s
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from sd35trt.components import Component, ModelDims, QuantizerKind
-from sd35trt.config import Backend, ControlType, Precision, sha256_json
+from sd35trt.config import Backend, Config, ControlType, Precision, check_config_path, sha256_json
+from sd35trt.guidance import cfg_enabled
 
 
 class Stage(str, Enum):
@@ -49,12 +52,93 @@ class Stage(str, Enum):
                 "runtime.max_sequence_length",
                 "runtime.skip_layer_guidance.layers",
             ),
-            Stage.BUILD: ("build", "runtime"),
+            # Only what shapes the engines: the other runtime settings are generation defaults,
+            # rewritten into the engine manifest without a rebuild (:mod:`sd35trt.stages.build`).
+            Stage.BUILD: ("build", "runtime.max_sequence_length"),
         }[self]
 
     @property
     def upstream(self) -> Stage | None:
         return {Stage.CALIBRATE: None, Stage.EXPORT: Stage.CALIBRATE, Stage.BUILD: Stage.EXPORT}[self]
+
+
+for _stage in Stage:  # a misspelt path is refused at import, not hashed as None
+    for _path in _stage.config_sections:
+        check_config_path(_path)
+
+
+#: The key of the weights' identity (resolved commit, LoRA hashes) in a fingerprint's inputs.
+WEIGHTS_INPUT = "weights"
+#: Build: whether CFG is on by default sets the engines' optimal batch, not the guidance value.
+CFG_INPUT = "cfg_by_default"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a stage's output depends on: the digest its record carries and the values behind it.
+
+    Attributes:
+        digest: the record's ``config_digest``: sha256 of the values of ``stage.config_sections``,
+            combined with the weights' identity (calibrate, export) and, for build, whether
+            classifier-free guidance is on by default (the engines' optimal batch).
+        inputs: those values by name (config path, :data:`WEIGHTS_INPUT`, :data:`CFG_INPUT`),
+            kept in the record so a stale one names what changed.
+    """
+
+    digest: str
+    inputs: dict[str, Any]
+
+    @classmethod
+    def of(cls, config: Config, stage: Stage, identity: Mapping | None = None) -> Fingerprint:
+        """The fingerprint of ``stage`` under ``config``; ``identity``: the weights' (may be empty).
+
+        The digest of calibrate and export is the one earlier versions recorded, so their
+        records stay fresh.
+        """
+        values = config.values(*stage.config_sections)
+        extra: dict[str, Any] = {WEIGHTS_INPUT: dict(identity)} if identity else {}
+        if stage is Stage.BUILD:
+            extra[CFG_INPUT] = cfg_enabled(config.runtime.guidance_scale)
+        digest = sha256_json({"config": sha256_json(values), **extra}) if extra else sha256_json(values)
+        return cls(digest, {**values, **extra})
+
+    def changes(self, recorded: Mapping | None, limit: int = 4) -> str | None:
+        """``model.loras[0].scale 0.5 → 0.8, ...``: what differs from ``recorded`` inputs.
+
+        ``None`` when ``recorded`` is ``None`` (a record from before inputs were kept) or equal.
+        """
+        if recorded is None:
+            return None
+        old, new = _leaves(dict(recorded)), _leaves(self.inputs)
+        changed = [k for k in dict.fromkeys([*new, *old]) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+        if not changed:
+            return None
+        named = [f"{k} {_shown(old.get(k, _UNSET))} → {_shown(new.get(k, _UNSET))}" for k in changed[:limit]]
+        more = len(changed) - limit
+        return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
+
+_UNSET = object()
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten JSON values to ``{"model.loras[0].scale": 0.5}`` (lists of scalars stay whole)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out |= _leaves(v, f"{prefix}[{i}]")
+        return out or {prefix: []}
+    return {prefix: value}
+
+
+def _shown(value: Any, width: int = 24) -> str:
+    text = "unset" if value is _UNSET else json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -277,7 +361,8 @@ class CalibrationInput(RecordModel):
 class ExportDetails(WeightsDetails):
     """What ``sd35trt export`` wrote (:mod:`sd35trt.stages.export.stage`); ``build`` reads it."""
 
-    #: the diffusers model directory (the build copies its tokenizers and scheduler config).
+    #: the diffusers model directory (the build copies its tokenizers and scheduler config):
+    #: relative to the run directory when inside it, else absolute.
     model_dir: Path
     dims: ModelDims
     opset: int
@@ -336,6 +421,9 @@ class StageRecord(RecordModel):
         upstream: the digest (:meth:`digest`) of each upstream record the stage read.
         versions: installed versions of the tools the outputs depend on.
         files: every file the stage wrote, relative to the run directory.
+        inputs: the values ``config_digest`` was made from (config path -> value, and the
+            weights' identity), so a stale record names what changed; ``None`` in records written
+            before they were kept (the key is then left out, and their digests stay).
     """
 
     stage: Stage
@@ -344,6 +432,14 @@ class StageRecord(RecordModel):
     upstream: dict[Stage, str]
     versions: dict[str, str]
     files: tuple[FileRecord, ...]
+    inputs: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _inputs_only_where_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.inputs is None:
+            data.pop("inputs", None)
+        return data
 
     def digest(self) -> str:
         """sha256 of the record's JSON: downstream records name their inputs by it."""

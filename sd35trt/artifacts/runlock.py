@@ -10,23 +10,27 @@ second writer that cannot get the lock within ``wait_s`` is refused with a line 
 Inside the lock a stage first removes the leftovers of an interrupted run of itself (staging
 directories, temporary manifest files), whatever it then decides to do: without the lock, that
 clean-up would delete a running writer's staging directory.
+
+Before any of that, :func:`check_run_dir` refuses a directory that is not a run (faults.md #29):
+a folder holding anything but a run manifest and what sd35trt writes before its first record,
+or an engines directory. A directory that cannot be written is one line naming it (#32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
+import errno
 import json
 import os
+import re
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
-from sd35trt.artifacts.manifest import Stage, atomic_write_json, clean_leftovers, now_utc
-from sd35trt.errors import RunDirBusyError
+from sd35trt.artifacts.files import atomic_write_json, read_json
+from sd35trt.artifacts.manifest import MANIFEST_NAME, Stage, clean_leftovers, now_utc
+from sd35trt.errors import RunDirBusyError, RunDirError
 
 LOCK_SUFFIX = ".sd35trt-lock"
 #: How long a second writer waits before it is refused (seconds): long enough for a stage that is
@@ -65,53 +69,116 @@ def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S)
     from filelock import FileLock, Timeout
 
     lock_file, holder = lock_paths(run_dir)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file)
+    with unwritable_is_one_line(what):
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=wait_s)
+        except Timeout:
+            raise RunDirBusyError(
+                f"{run_dir} is being written by {_holder(holder)}; waited {wait_s:g} s for it: let it "
+                f"finish (or stop it), then re-run `sd35trt {what}`"
+            ) from None
     try:
-        lock.acquire(timeout=wait_s)
-    except Timeout:
-        raise RunDirBusyError(
-            f"{run_dir} is being written by {_holder(holder)}; waited {wait_s:g} s for it: let it finish "
-            f"(or stop it), then re-run `sd35trt {what}`"
-        ) from None
-    try:
-        atomic_write_json(
-            holder, {"pid": os.getpid(), "command": shlex.join(sys.argv), "what": what, "since": now_utc()}
-        )
+        with unwritable_is_one_line(what):
+            atomic_write_json(
+                holder,
+                {"pid": os.getpid(), "command": shlex.join(sys.argv), "what": what, "since": now_utc()},
+            )
         yield
     finally:
         holder.unlink(missing_ok=True)
         lock.release()
 
 
+#: What a full or read-only disk, or missing permissions, raise (faults.md #32).
+UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
 @contextlib.contextmanager
-def stage_session(run_dir: str | Path, stage: Stage, wait_s: float = DEFAULT_WAIT_S) -> Iterator[None]:
-    """Hold the run directory's lock and remove the leftovers of an interrupted ``stage`` first.
+def unwritable_is_one_line(what: str, root: str | Path | None = None) -> Iterator[None]:
+    """Turn "cannot write here" (read-only, no permission, disk full) into one line naming the path.
+
+    Args:
+        what: the command (``build``), named in the message.
+        root: when given, only errors on paths inside it (or on no path: a full disk) are turned.
 
     Raises:
+        RunDirError: an ``OSError`` of :data:`UNWRITABLE` was raised in the block.
+    """
+    try:
+        yield
+    except OSError as err:
+        name = err.filename
+        inside = root is None or name is None or Path(name).absolute().is_relative_to(Path(root).absolute())
+        if err.errno not in UNWRITABLE or not inside:
+            raise
+        raise RunDirError(
+            f"`sd35trt {what}` cannot write {name or root or 'the run directory'}: {err.strerror}; "
+            "free space or make it writable (or use a writable copy of the run directory)"
+        ) from None
+
+
+#: Where a run directory holds a model written by sd35trt (the built-in tiny model), and beside
+#: it the settings it was written with.
+MODEL_SUBDIR = "model"
+MODEL_STAMP = "sd35trt_model.json"
+#: What sd35trt itself writes into a run directory before its first record (staging names, the
+#: hash cache, interrupted-publish markers); the built-in model's folder is recognised by its stamp.
+_OWN_NAMES = re.compile(
+    r"\.(calibrate|onnx|engines|model)\.(tmp|old)-.+|\.(calibrate|onnx|engines)\.unrecorded"
+    r"|\.(manifest\.json|sha256-cache\.json)(\..+\.tmp)?"
+)
+
+
+def _sd35trt_made(entry: Path) -> bool:
+    if entry.name == MODEL_SUBDIR:
+        return (entry / MODEL_STAMP).is_file()
+    return _OWN_NAMES.fullmatch(entry.name) is not None
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse ``run_dir`` unless it is a run directory, a new or empty one, or holds only what
+    sd35trt writes before a stage's first record (faults.md #29).
+
+    Raises:
+        RunDirError: a file; an engines directory or an unpacked artefact (``--engines`` is named);
+            a directory holding anything else without a run manifest. Nothing is written then.
+        ManifestError: its ``manifest.json`` is not JSON.
+    """
+    run_dir = Path(run_dir)
+    manifest = run_dir / MANIFEST_NAME
+    data = read_json(manifest, "it is not an sd35trt run manifest") if manifest.is_file() else None
+    if data is not None and "records" in data:
+        return  # a run manifest; RunManifest.load checks its format and records
+    engines = run_dir if data is not None else run_dir / Stage.BUILD.directory
+    if (data is not None and "engines" in data) or (data is None and (engines / MANIFEST_NAME).is_file()):
+        raise RunDirError(
+            f"--run-dir {run_dir} is an engines directory (or an unpacked artefact), not a run directory: "
+            f"pass it as `--engines {engines}` to run, serve or bench, and give the stages a run directory "
+            "of their own; nothing was written"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory")
+    found = sorted(e.name for e in run_dir.iterdir() if not _sd35trt_made(e)) if run_dir.is_dir() else []
+    if data is not None or found:
+        raise RunDirError(
+            f"--run-dir {run_dir} holds {', '.join(found[:3]) or MANIFEST_NAME} and no sd35trt run manifest, "
+            "so it is not a run directory (stages would replace its calibrate/, onnx/ and engines/): choose "
+            "a new or empty directory; nothing was written"
+        )
+
+
+@contextlib.contextmanager
+def stage_session(run_dir: str | Path, stage: Stage, wait_s: float = DEFAULT_WAIT_S) -> Iterator[None]:
+    """Check ``run_dir`` is a run, hold its lock and remove an interrupted ``stage``'s leftovers.
+
+    Raises:
+        RunDirError: not a run directory (see :func:`check_run_dir`), or not writable.
         RunDirBusyError: another process writes the run directory.
     """
+    check_run_dir(run_dir)
     with run_dir_lock(run_dir, stage.value, wait_s):
-        clean_leftovers(run_dir, stage.directory)
+        with unwritable_is_one_line(stage.value):
+            clean_leftovers(run_dir, stage.directory)
         yield
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def locked_stage(stage: Stage) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Run a stage function (one with a ``run_dir`` parameter) inside :func:`stage_session`."""
-
-    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
-            run_dir = signature.bind(*args, **kwargs).arguments["run_dir"]
-            with stage_session(run_dir, stage):
-                return fn(*args, **kwargs)
-
-        return locked
-
-    return wrap

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sd35trt.components import ComponentSpec
+from sd35trt.errors import EngineLoadError
 
 if TYPE_CHECKING:  # torch is imported by the backends themselves, only when they run
     import torch
@@ -43,10 +44,19 @@ class Engine(abc.ABC):
             VerificationError: the engine's bytes do not match their record (before any backend
                 sees them).
             IncompatibleEngineError / DeviceOutOfMemoryError: the backend cannot load it.
+            EngineLoadError: a file of the engine is missing (named).
         """
         if self._active:
             return
-        self._activate_impl()
+        try:
+            self._activate_impl()
+        except FileNotFoundError as err:
+            # the engines directory was moved or deleted after it was verified (``low_vram`` loads
+            # each engine at its stage, long after start-up)
+            raise EngineLoadError(
+                f"engine {self.name}: {err.filename} is missing (the engines directory was moved or "
+                "deleted after it was loaded); restore it and restart"
+            ) from None
         self._active = True
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

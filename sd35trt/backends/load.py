@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.artifacts.engine_manifest import EngineManifest, EngineRecord, read_engine_manifest
-from sd35trt.artifacts.manifest import HashCache, verify_files
+from sd35trt.artifacts.files import HashCache, verify_files
 from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import OpenOptions
 from sd35trt.backends.machine import MachineInfo

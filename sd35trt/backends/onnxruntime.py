@@ -18,13 +18,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.artifacts.manifest import check_file_digest, read_verified
+from sd35trt.artifacts.containment import check_onnx_external_data
+from sd35trt.artifacts.files import check_file_digest, read_verified
 from sd35trt.artifacts.repair import repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, EngineLoadError, VerificationError
+from sd35trt.errors import BuildError, EngineLoadError, VerificationError, WriteError, free_bytes
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -91,6 +92,7 @@ def optimize_model(
 
     Raises:
         BuildError: ONNX Runtime cannot load or optimize the model (its message, first line).
+        WriteError: ONNX Runtime could not save the optimized model (a full disk: the file is named).
     """
     import onnxruntime as ort
 
@@ -107,6 +109,12 @@ def optimize_model(
         ort.InferenceSession(str(source), so, providers=[CPU_PROVIDER])
     except _ort_errors() as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "serialization failed" in first.lower():  # writing the optimized model, not reading the source
+            free = free_bytes(target.parent)
+            raise WriteError(
+                f"cannot write {target}: ONNX Runtime could not save the optimized model "
+                f"({free} bytes free there; a full disk?): {first}"
+            ) from None
         raise BuildError(f"ONNX Runtime could not optimize {source}: {first}") from None
     if not target.is_file():
         raise BuildError(f"ONNX Runtime did not write the optimized model {target}")
@@ -205,6 +213,8 @@ class OrtEngine(Engine):
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(self.path.parent.absolute())
             )
+        # ONNX Runtime before 1.32 follows ``../secret.bin``: refuse locations that leave the directory
+        check_onnx_external_data(self.path, source if isinstance(source, bytes) else None)
         try:
             session = ort.InferenceSession(source, so, providers=self.providers())
         except _ort_errors() as err:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd35trt.artifacts.manifest import atomic_write_bytes
+from sd35trt.artifacts.files import atomic_write_bytes
 from sd35trt.backends.layers import LayerInfoError, LayerReport, parse_layer_information, summarize
 from sd35trt.backends.machine import MachineInfo
 from sd35trt.components import ShapeRange

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.artifacts.manifest import atomic_write_bytes, atomic_write_text
+from sd35trt.artifacts.files import atomic_write_bytes, atomic_write_text
 from sd35trt.backends.base import BuildJob, BuiltEngine
 from sd35trt.backends.layers import (
     LAYERS_MESSAGE,

@@ -35,6 +35,7 @@ from sd35trt.bench.eval_report import (
     format_eval,
 )
 from sd35trt.bench.reports import write_report
+from sd35trt.config import read_text_file
 from sd35trt.errors import ConfigError
 
 DEFAULT_PROMPTS = Path("calibration_prompts/heldout.txt")
@@ -47,15 +48,12 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts of a file: one per line, ``#`` comments and blank lines skipped.
 
     Raises:
-        ConfigError: the file is missing or holds no prompt, or ``limit`` < 1.
+        ConfigError: the file is missing, not a UTF-8 text file, or holds no prompt, or ``limit`` < 1.
     """
     path = Path(path)
     if limit is not None and limit < 1:
         raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"prompts file {path} does not exist") from None
+    lines = read_text_file(path, "prompts file").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompt (one per line; # starts a comment)")

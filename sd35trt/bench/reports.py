@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sd35trt.artifacts.manifest import atomic_write_json
+from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.errors import ReportError, validation_message
 
 

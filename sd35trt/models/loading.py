@@ -6,9 +6,9 @@ are refused, and every shard's header is checked against its size before anythin
 A model is the built-in tiny pipeline, a local diffusers directory, or a Hugging Face repo id
 resolved through the local cache (:mod:`sd35trt.models.hub`); ``model.loras`` are fused into the weights
 by every loader right after loading (:func:`sd35trt.models.lora.fuse_loras`). :func:`resolve_model` says
-which bytes a run is made from (the resolved commit, each LoRA's sha256), and :func:`stage_digest`
-folds that into the calibrate and export digests, so a new commit or a changed LoRA file makes
-the chain stale just as a config change does.
+which bytes a run is made from (the resolved commit, each LoRA's sha256), and
+:meth:`sd35trt.artifacts.records.Fingerprint.of` folds that into the calibrate and export digests,
+so a new commit or a changed LoRA file makes the chain stale just as a config change does.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.artifacts.runlock import MODEL_STAMP, MODEL_SUBDIR
 from sd35trt.components import MODELS, Component
-from sd35trt.config import Config, LoadDtype, ModelSettings, ModelSource, sha256_json
+from sd35trt.config import Config, LoadDtype, ModelSettings, ModelSource
 from sd35trt.errors import ModelError
 from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors
 
@@ -30,11 +31,8 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
     from torch import nn
 
-    from sd35trt.artifacts.manifest import Stage
     from sd35trt.models.hub import Snapshot
     from sd35trt.models.lora import ResolvedLora
-
-MODEL_SUBDIR = "model"
 
 
 def check_weights(model_dir: str | Path) -> list[Path]:
@@ -101,16 +99,6 @@ class ResolvedModel:
             "hub": self.hub.to_json() if self.hub is not None else None,
             "loras": [lora.to_json() for lora in self.loras],
         }
-
-
-def stage_digest(config: Config, stage: Stage, identity: dict | None = None) -> str:
-    """The digest a stage's record carries: its config sections, plus the weights' identity.
-
-    For calibrate and export ``identity`` is :meth:`ResolvedModel.identity` (build and later
-    stages depend on the weights only through the export record).
-    """
-    base = config.digest(*stage.config_sections)
-    return sha256_json({"config": base, "weights": identity}) if identity else base
 
 
 def _identity(hub: Snapshot | None, loras: Sequence[ResolvedLora]) -> dict:
@@ -201,7 +189,7 @@ def _locate(config: Config, run_dir: str | Path) -> tuple[Path, Snapshot | None]
             )
         return path, None
     path = Path(run_dir) / MODEL_SUBDIR
-    stamp = path / "sd35trt_model.json"
+    stamp = path / MODEL_STAMP
     wanted = {"source": m.source.value, "architecture": m.architecture.value, "seed": m.seed}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return path, None
@@ -213,7 +201,7 @@ def _locate(config: Config, run_dir: str | Path) -> tuple[Path, Snapshot | None]
         from sd35trt.models.tiny import write_architecture
 
         write_architecture(path, m.architecture)
-    (path / "sd35trt_model.json").write_text(json.dumps(wanted))
+    stamp.write_text(json.dumps(wanted))
     return path, None
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from sd35trt.config import LoraSettings
 from sd35trt.errors import ModelError
-from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors, tensor_shapes
+from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors, read_header
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,6 +44,9 @@ DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: ``<module path>.<part>`` of a LoRA key: PEFT's names and the older ``lora.down`` / ``lora.up``.
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
 _ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+#: Tensor dtypes a LoRA's weights can have: floating point. An integer or boolean file would be
+#: fused as its raw numbers (there is no scale to dequantize it with).
+LORA_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False
         ModelError: a path that is neither a file, a directory holding one ``.safetensors`` file nor
             a cached (or downloadable) repo id; a pickle file; a damaged safetensors file.
     """
-    from sd35trt.artifacts.manifest import sha256_file
+    from sd35trt.artifacts.files import sha256_file
 
     out = []
     for i, s in enumerate(settings):
@@ -177,12 +180,21 @@ def check_lora(lora: ResolvedLora, modules: Mapping[str, nn.Module]) -> None:
 
     Raises:
         ModelError: naming the file and the first key that belongs to no SD3 module, names a
-            module the model lacks, has the wrong shape for it, or whose ``lora_A`` and
-            ``lora_B`` ranks differ; or a file with no LoRA key at all.
+            module the model lacks, has the wrong shape for it, is not floating point, whose
+            ``lora_A`` and ``lora_B`` ranks differ, or an ``.alpha`` that is not one number of a
+            module with LoRA weights; or a file with no LoRA key at all.
     """
-    shapes = tensor_shapes(lora.file)
-    if not shapes:
+    entries = read_header(lora.file)[1]
+    if not entries:
         raise ModelError(f"{lora.label} holds no tensors")
+    for key in sorted(entries):
+        if entries[key].dtype not in LORA_DTYPES:
+            raise ModelError(
+                f"{lora.label}: key {key!r} has dtype {entries[key].dtype}; a LoRA's weights must be "
+                f"floating point ({', '.join(LORA_DTYPES)})"
+            )
+    shapes = {k: list(e.shape) for k, e in entries.items()}
+    _check_alphas(lora, shapes)
     names = {k: dict(m.named_modules()) for k, m in modules.items()}
     ranks: dict[tuple[str, str], dict[str, int]] = {}
     for key in sorted(shapes):
@@ -226,14 +238,69 @@ def check_lora(lora: ResolvedLora, modules: Mapping[str, nn.Module]) -> None:
             raise ModelError(f"{lora.label}: rank mismatch at key {key!r}: {first}")
 
 
+def _check_alphas(lora: ResolvedLora, shapes: Mapping[str, list[int]]) -> None:
+    """Each ``<module>.alpha`` is one number and belongs to a module with a ``lora_A`` (or ``lora.down``)."""
+    for key in sorted(shapes):
+        m = _ALPHA.match(key)
+        if m is None:
+            continue
+        if shapes[key] not in ([], [1]):
+            raise ModelError(f"{lora.label}: key {key!r} has shape {shapes[key]}; an alpha is one number")
+        if _down_key(m["module"], shapes) is None:
+            raise ModelError(
+                f"{lora.label}: key {key!r} belongs to no module with LoRA weights "
+                f"({m['module']}.lora_A.weight is missing)"
+            )
+
+
+def _down_key(module: str, keys: Mapping[str, object]) -> str | None:
+    return next((k for k in (f"{module}.lora_A.weight", f"{module}.lora.down.weight") if k in keys), None)
+
+
+def apply_alphas(state_dict: dict, label: str) -> dict:
+    """Fold each ``<module>.alpha`` into that module's up weight and drop the alpha keys.
+
+    A LoRA's update is ``alpha / rank * B @ A`` when the file holds ``alpha`` (kohya's and PEFT's
+    ``lora_alpha``; ``rank`` = the rows of ``A``); diffusers' SD3 loader reads no such key (its
+    ``load_lora_weights`` refuses the file, ``load_lora_into_transformer`` ignores it, which fused
+    the update at ``alpha = rank``: twice the intended strength for ``alpha = rank / 2``). Scaling
+    ``B`` by ``alpha / rank`` gives the update the file means at diffusers' scale 1.
+
+    Args:
+        state_dict: diffusers' ``lora_state_dict`` of the file (modified in place).
+        label: the LoRA, for errors.
+
+    Returns:
+        ``state_dict`` without alpha keys.
+
+    Raises:
+        ModelError: an alpha that is not finite, or whose module has no up weight.
+    """
+    import math
+
+    for key in sorted(k for k in state_dict if _ALPHA.match(k)):
+        module = _ALPHA.match(key)["module"]
+        alpha = float(state_dict.pop(key).reshape(-1)[0])
+        down = _down_key(module, state_dict)
+        up = next(
+            (k for k in (f"{module}.lora_B.weight", f"{module}.lora.up.weight") if k in state_dict), None
+        )
+        if down is None or up is None or not math.isfinite(alpha):
+            raise ModelError(f"{label}: key {key!r} ({alpha}) does not scale a lora_A / lora_B pair")
+        rank = state_dict[down].shape[0]
+        state_dict[up] = state_dict[up] * (alpha / rank)
+    return state_dict
+
+
 # -- fusing ---------------------------------------------------------------------------------------
 
 
 def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) -> None:
     """Fuse ``loras`` into ``modules`` in place, with diffusers' SD3 LoRA loader.
 
-    Each LoRA in turn is checked (:func:`check_lora`), loaded into the modules its keys name,
-    fused at its scale and unloaded, so the modules end as plain layers with merged weights.
+    Each LoRA in turn is checked (:func:`check_lora`), its ``.alpha`` keys folded in
+    (:func:`apply_alphas`), loaded into the modules its keys name, fused at its scale and
+    unloaded, so the modules end as plain layers with merged weights.
 
     Args:
         modules: pipeline attribute (``transformer``, ``text_encoder``, ``text_encoder_2``) ->
@@ -263,6 +330,12 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
             )
         except (OSError, ValueError) as err:
             raise ModelError(f"{lora.label}: diffusers cannot read it: {_first_line(err)}") from None
+        if any(_ALPHA.match(k) for k in state_dict) and metadata:
+            raise ModelError(
+                f"{lora.label} holds both .alpha keys and diffusers' adapter metadata (lora_alpha); "
+                "keep one of them"
+            )
+        state_dict = apply_alphas(state_dict, lora.label)
         used = [k for k in targets if any(key.startswith(f"{k}.") for key in state_dict)]
         if not used:
             continue

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sd35trt.artifacts.manifest import atomic_write_bytes
+from sd35trt.artifacts.files import atomic_write_bytes
 from sd35trt.runtime.request import EngineBatch, GenerationParams
 
 PARAMETERS_KEY = "parameters"

@@ -18,12 +18,10 @@ has none).
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange
@@ -32,6 +30,7 @@ from sd35trt.errors import ManifestError, RequestError
 from sd35trt.guidance import cfg_enabled, guidance_plan
 from sd35trt.parameters import DEFAULT_STRENGTH, GENERATION_PARAMS, MAX_SEED, check_value
 from sd35trt.runtime.control import resolve_control
+from sd35trt.runtime.images import MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     from sd35trt.artifacts.engine_manifest import EngineManifest
@@ -65,11 +64,6 @@ class EngineBatch:
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
-
-
-#: Input images above this many pixels are refused before they are decoded into memory
-#: (Pillow's own decompression-bomb limit is about 179 M).
-MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -191,46 +185,6 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     """
     start = int(max(steps - min(steps * strength, steps), 0))
     return start, steps - start
-
-
-def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
-    """Decode an image file (PNG, JPEG, WebP, ...) into a PIL image, fully loaded.
-
-    Args:
-        source: the file's bytes, or its path.
-        field_name: the request field, for the error.
-
-    Raises:
-        RequestError: the file is missing, not an image, truncated, or over
-            :data:`MAX_IMAGE_PIXELS` (checked before the pixels are decoded).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    what = f"{source}" if isinstance(source, str | Path) else f"{len(source)} bytes"
-    try:
-        handle = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
-    except OSError as err:
-        raise RequestError(field_name, f"{field_name} {what} cannot be read: {err.strerror}") from None
-    with handle:
-        try:
-            image = Image.open(handle)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RequestError(
-                    field_name,
-                    f"{field_name} {what} is {image.width}x{image.height} pixels, more than the "
-                    f"{MAX_IMAGE_PIXELS} allowed",
-                )
-            image.load()
-        except UnidentifiedImageError:
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image (unknown format)"
-            ) from None
-        except (Image.DecompressionBombError, OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RequestError(
-                field_name, f"{field_name} {what} is not a readable image ({reason})"
-            ) from None
-    return image
 
 
 def _span(r: ShapeRange, index: int) -> tuple[int, int]:

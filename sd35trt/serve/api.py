@@ -8,7 +8,8 @@ in each endpoint's own error shape with the same messages (faults.md cases 9 to 
 - 422: a field is invalid (named, with the allowed range);
 - 413: the body is larger than ``max_body_bytes``; 408: the body did not arrive in time;
 - 429 + ``Retry-After``: ``queue_size`` requests are waiting already;
-- 503 + ``Retry-After``: not ready yet, shutting down, or the device ran out of memory;
+- 503 + ``Retry-After``: not ready yet, shutting down, or the device ran out of memory; 503 also
+  when the engine files went away under a ``--low-vram`` server (``/ready`` then says 503 too);
 - 504: the request did not finish within ``timeout_s``;
 - 500: a stage produced NaN/inf (``stage`` named) or an unexpected error; the server stays ready.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from sd35trt.errors import RequestError
+from sd35trt.errors import RequestError, VerificationError
 from sd35trt.serve.batcher import BatchInfo, QueueFullError, ShuttingDownError
 from sd35trt.serve.forms import parse_multipart, typed_fields
 from sd35trt.serve.generator import ImageSet, Prepared
@@ -43,7 +44,7 @@ from sd35trt.serve.schemas import (
     OpenAIModel,
     OpenAIModelList,
 )
-from sd35trt.serve.state import ServerState
+from sd35trt.serve.state import DECODE_SLOTS, ServerState
 
 log = logging.getLogger("sd35trt.serve")
 
@@ -88,6 +89,31 @@ class Generated:
         }
 
 
+async def _prepare(state: ServerState, fields: dict[str, Any]) -> Prepared:
+    """Validate a request; one with an ``init_image`` is decoded on a worker thread, at most
+    :data:`DECODE_SLOTS` at a time, so a large image never blocks the event loop (``/health``).
+
+    Raises:
+        RequestError: a field is invalid.
+        ApiError: 429 when :data:`DECODE_SLOTS` decodes run and ``queue_size`` more wait.
+    """
+    if fields.get("init_image") is None:
+        return state.generator.prepare(fields)
+    if state.decoding >= DECODE_SLOTS + state.settings.queue_size:
+        raise ApiError(
+            429,
+            "queue_full",
+            f"{state.decoding} image decodes are running or waiting; retry later",
+            retry_after=1,
+        )
+    state.decoding += 1
+    try:
+        async with state.decode_slots:
+            return await asyncio.to_thread(state.generator.prepare, fields)
+    finally:
+        state.decoding -= 1
+
+
 async def generate_images(state: ServerState, fields: dict[str, Any], request: Request) -> Generated:
     """Validate, queue, run and encode one request (``fields`` in ``/generate``'s terms).
 
@@ -102,7 +128,7 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
             raise ApiError(503, "not_ready", f"the engines failed to load: {state.load_error}")
         raise ApiError(503, "not_ready", "the engines are still loading", retry_after=2)
     try:
-        prepared = state.generator.prepare(fields)
+        prepared = await _prepare(state, fields)
     except RequestError as err:
         raise ApiError.from_request_error(err) from None
     batcher = state.batcher
@@ -146,6 +172,10 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
         done = waiter.result()
     except ApiError:
         raise
+    except VerificationError as err:  # the engine files changed or went away under the server
+        state.engines_lost(str(err))
+        log.error("request failed, not ready any more: %s", err)
+        raise ApiError(503, "not_ready", f"the engines cannot be loaded: {err}") from None
     except Exception as err:
         for job in jobs:
             batcher.cancel(job)

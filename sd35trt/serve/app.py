@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -76,7 +79,8 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if state.batcher is not None:
-                await state.batcher.close(drain_timeout_s=settings.timeout_s)
+                # after a second interrupt the requests were answered: don't wait for the engine
+                await state.batcher.close(drain_timeout_s=0 if state.aborted else settings.timeout_s)
 
     app = FastAPI(
         title="sd35trt",
@@ -200,11 +204,55 @@ class DrainingServer(uvicorn.Server):
 
     uvicorn closes its listening sockets (new connections are refused) and waits for running
     requests; requests arriving meanwhile on kept-alive connections get 503 from the app.
+    Signals (faults.md #35): ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` (a closed terminal or an
+    ssh session ending) start that drain; a second ``SIGINT`` answers every running and queued
+    request 503 at once (one log line) and stops without waiting for the engine; a third is
+    uvicorn's immediate exit.
     """
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.sd35 = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT and not self.sd35.aborted and self._loop is not None:
+            self._captured_signals.append(sig)
+            self.sd35.aborted = True  # a third SIGINT goes to uvicorn's force exit
+            self._loop.call_soon_threadsafe(self._abort)
+            return
+        if not self.should_exit:
+            log.info(
+                "received %s: finishing running and queued requests, refusing new ones",
+                signal.Signals(sig).name,
+            )
+        super().handle_exit(sig, frame)
+
+    def _abort(self) -> None:
+        answered = self.sd35.abort(
+            "the server was interrupted twice and stops without finishing this request"
+        )
+        log.warning(
+            "second SIGINT: answered %d running and queued request(s) 503; stopping without waiting "
+            "for the engine",
+            answered,
+        )
 
     async def shutdown(self, sockets: list | None = None) -> None:
         self.sd35.begin_drain()

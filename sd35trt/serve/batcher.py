@@ -172,6 +172,25 @@ class Batcher:
         """Refuse new requests from now on; queued and running ones still complete."""
         self._draining = True
 
+    def abort(self, reason: str) -> int:
+        """Stop accepting, and fail every queued and running request now with
+        :class:`ShuttingDownError` (``reason``); a running engine batch finishes unheard.
+
+        Returns:
+            How many requests were answered that way.
+        """
+        self._draining = True
+        jobs = [*self._running, *self._pending]
+        self._pending.clear()
+        failed = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError(reason))
+                failed += 1
+        if self._arrived is not None:
+            self._arrived.set()
+        return failed
+
     @property
     def draining(self) -> bool:
         return self._draining

@@ -4,7 +4,7 @@ Each app has its own registry, so several servers in one process (tests) keep se
 Names follow Prometheus' conventions (``_total`` counters, ``_seconds`` histograms, base units).
 
 - ``sd35trt_http_requests_total{endpoint, method, status}``: requests answered (``endpoint`` is
-  the route path, or ``other``);
+  the route path, or ``other``; ``method`` a standard HTTP method, or ``other``);
 - ``sd35trt_http_request_duration_seconds{endpoint}``: histogram;
 - ``sd35trt_requests_rejected_total{reason}``: ``queue_full`` (429), ``body_too_large`` (413),
   ``invalid`` (422), ``read_timeout`` (408);

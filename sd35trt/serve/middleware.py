@@ -83,11 +83,16 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
 
 
+#: The ``method`` label's values (RFC 9110's methods); anything else is ``other``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 class MetricsMiddleware:
     """Count every answer by endpoint and status, and time it.
 
-    ``endpoints`` are the app's route paths; any other path is counted as ``other``, so scanners
-    cannot grow the label set.
+    ``endpoints`` are the app's route paths and methods those of :data:`HTTP_METHODS`; any other
+    path or method (HTTP lets a client invent methods) is counted as ``other``, so scanners cannot
+    grow the label set.
     """
 
     def __init__(self, app: Any, metrics: ServeMetrics, endpoints: Collection[str]) -> None:
@@ -117,7 +122,8 @@ class MetricsMiddleware:
             path = scope["path"]
             endpoint = path if path in self.endpoints else "other"
             # no answer and no error: the client went away first (nginx's 499)
-            self.metrics.observe_response(endpoint, scope["method"], status or 499, time.perf_counter() - t0)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.observe_response(endpoint, method, status or 499, time.perf_counter() - t0)
 
 
 class BodyLimitMiddleware:

@@ -47,7 +47,7 @@ def _decode_image(text: str | bytes, field: str = "init_image") -> Any:
     import base64
     import binascii
 
-    from sd35trt.runtime.request import read_image
+    from sd35trt.runtime.images import read_image
 
     if isinstance(text, bytes):
         return read_image(text, field)

@@ -36,6 +36,9 @@ LISTEN_BACKLOG = 64
 #: File descriptors kept free for everything that is not a held client connection: the server's
 #: own (engines, libraries, logs, the listening socket) and two accept batches.
 FD_RESERVE = 128 + 2 * LISTEN_BACKLOG
+#: Default body limit (``--max-body-bytes``): room for a base64 ``init_image`` (a 1536x1536 photo
+#: as PNG is up to ~7 MB, 4/3 of that in base64); prompts are capped apart from it, in characters.
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 #: Most connections held open by default, whatever the fd limit allows.
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -120,8 +123,7 @@ class ServeSettings(BaseModel):
     batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="merge window")
     queue_size: int = Field(default=32, ge=1, le=100_000, description="requests waiting, beyond: 429")
     timeout_s: float = Field(default=300.0, gt=0, description="per-request limit, queue wait included")
-    #: room for a base64 init_image (a 1024x1024 PNG is 1 to 3 MB, 4/3 of that in base64).
-    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="larger bodies get 413")
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger bodies get 413")
     read_timeout_s: float = Field(
         default=10.0, gt=0, le=3600, description="seconds to send headers, and again the body (408)"
     )

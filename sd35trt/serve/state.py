@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from sd35trt.serve.batcher import Batcher
@@ -9,6 +10,9 @@ from sd35trt.serve.connections import ConnectionGuard
 from sd35trt.serve.generator import Generator
 from sd35trt.serve.metrics import ServeMetrics, stage_timings
 from sd35trt.serve.settings import ServeSettings, connection_bound
+
+#: Input images decoded at once (each on a worker thread, at most ``MAX_IMAGE_PIXELS`` pixels).
+DECODE_SLOTS = 2
 
 
 class ServerState:
@@ -25,6 +29,9 @@ class ServerState:
         self.is_ready = False
         self.load_error: str | None = None
         self.draining = False
+        self.aborted = False  # a second interrupt: stop without waiting for the engine
+        self.decode_slots = asyncio.Semaphore(DECODE_SLOTS)  # input images decoded at once
+        self.decoding = 0  # requests decoding an input image, or waiting to
         self.started = time.monotonic()
         self.metrics = ServeMetrics()
         self.guard = ConnectionGuard(
@@ -48,6 +55,23 @@ class ServerState:
         self.draining = True
         if self.batcher is not None:
             self.batcher.begin_drain()
+
+    def abort(self, reason: str) -> int:
+        """Refuse new requests and answer queued and running ones 503 now (a second interrupt).
+
+        Returns:
+            How many requests were answered so.
+        """
+        self.draining = True
+        self.aborted = True
+        return self.batcher.abort(reason) if self.batcher is not None else 0
+
+    def engines_lost(self, message: str) -> None:
+        """The engine files are gone or changed under the running server (``low_vram`` loads them
+        at each stage): not ready any more, every request 503 naming the file, until restarted."""
+        if self.load_error is None:
+            self.load_error = message
+            self.is_ready = False
 
     @property
     def status(self) -> str:

@@ -13,41 +13,34 @@ existing record is returned.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from sd35trt.artifacts.containment import contained_path
-from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
-from sd35trt.artifacts.manifest import (
-    FileRecord,
-    HashCache,
-    RunManifest,
-    Stage,
-    atomic_write_json,
-    atomic_write_text,
-    file_record,
-    new_record,
-    now_utc,
-    record_digest,
-    records_for_tree,
-    staged_output,
-    tool_versions,
+from sd35trt.artifacts.engine_manifest import (
+    ENGINE_MANIFEST_NAME,
+    EngineManifest,
+    EngineRecord,
+    read_engine_manifest,
 )
+from sd35trt.artifacts.files import HashCache, atomic_write_bytes, atomic_write_json, file_record, json_text
+from sd35trt.artifacts.manifest import FileRecord, Stage, now_utc, tool_versions
 from sd35trt.artifacts.records import (
     BuildDetails,
     BuildMachine,
     BuildRecord,
     BuiltEngine,
+    ExportDetails,
     ExportedComponent,
+    Fingerprint,
     StageRecord,
 )
-from sd35trt.artifacts.runlock import locked_stage
 from sd35trt.backends import registry as backends
 from sd35trt.backends.base import BuildJob, EngineBackend
 from sd35trt.backends.layers import LayerReport
@@ -55,28 +48,14 @@ from sd35trt.backends.load import verify_engines
 from sd35trt.backends.machine import NO_MACHINE, GpuInfo, MachineInfo
 from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
 from sd35trt.config import Backend, Config
-from sd35trt.errors import BuildError, ManifestError, ModelError, Sd35TrtError
+from sd35trt.errors import BuildError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
 from sd35trt.stages.check import check_config
+from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 
-Progress = Callable[[str], None]
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
 CONTROLNET_INPUT = "controlnet_block_samples"
-
-
-def print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def resolve_backend(requested: Backend, machine: MachineInfo) -> tuple[Backend, str]:
-    """The backend a build uses, and why (see :func:`sd35trt.backends.registry.resolve_backend`).
-
-    Raises:
-        BackendUnavailableError: ``tensorrt`` was asked for where TensorRT or a CUDA GPU is missing.
-    """
-    chosen, reason = backends.resolve_backend(requested, machine)
-    return chosen.backend, reason
 
 
 @dataclass(frozen=True)
@@ -219,53 +198,24 @@ def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord
     return file_record(run_dir, rel)
 
 
-def _up_to_date(
-    runs: RunManifest,
-    digest: str,
-    export_rec: StageRecord,
-    backend: Backend,
-    machine: MachineInfo,
-) -> bool:
-    """Whether the last build still holds for this config, export, backend and machine.
+def _model_dir(run: StageRun, exported: ExportDetails) -> Path:
+    """The export's model directory: relative to the run directory, or absolute (faults.md #31).
 
-    Its record must match the files on disk (the check ``package`` and the next stages make), so
-    a build interrupted between publishing ``engines/`` and recording it is redone, never called
-    up to date while ``package`` asks for a rebuild.
+    Exports before that recorded it relative to where they ran; such a path is taken only when it
+    leads into this run directory, never into another run's.
+
+    Raises:
+        ModelError: a relative path that is not in the run directory (re-running export fixes it).
     """
-    run_dir = runs.run_dir
-    try:
-        previous = runs.verified(Stage.BUILD, digest, cache=HashCache(run_dir))
-    except ManifestError:
-        return False
-    if previous.upstream.get(Stage.EXPORT) != record_digest(export_rec):
-        return False
-    if previous.details.backend is not backend:
-        return False
-    try:
-        engines = verify_engines(
-            run_dir / Stage.BUILD.directory, cache=HashCache(run_dir), check_machine=False
-        )
-    except Sd35TrtError:  # missing or modified: rebuild
-        return False
-    # Built for another TensorRT version or GPU (TensorRT-RTX: another TensorRT-RTX version): rebuild.
-    stale = any(backends.backend_of(r.backend).rebuild_reason(r, machine) for r in engines.engines.values())
-    return engines.backend is backend and not stale
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What every component's build shares."""
-
-    config: Config
-    dims: ModelDims
-    run_dir: Path
-    out: Path  # the staged engines directory
-    backend: EngineBackend
-    machine: MachineInfo
-    export_rec: StageRecord
-    progress: Progress
-    allow_partial_fp8: bool = False
-    build_has_fp8: bool = False
+    recorded = exported.model_dir
+    if recorded.is_absolute() or (run.run_dir / recorded).is_dir():
+        return recorded if recorded.is_absolute() else run.run_dir / recorded
+    if recorded.absolute().is_relative_to(run.run_dir.absolute()) and recorded.is_dir():
+        return recorded
+    raise ModelError(
+        f"the export record names model_dir {recorded}, which is not inside {run.run_dir} (an older "
+        f"export recorded it relative to where it ran): re-run {run.command(Stage.EXPORT, '--force')}"
+    )
 
 
 def check_fp8(
@@ -293,15 +243,17 @@ def check_fp8(
     raise BuildError(message + "; build with --allow-partial-fp8 to accept it")
 
 
-def _build_one(job: _Job, component: Component, entry: ExportedComponent, label: str) -> EngineRecord:
-    """Build one engine into ``job.out`` and describe it."""
+def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, label: str) -> EngineRecord:
+    """Build one engine into ``out`` (the staged engines directory) and describe it."""
     config, run_dir, backend, machine, progress = (
-        job.config,
-        job.run_dir,
-        job.backend,
-        job.machine,
-        job.progress,
+        run.config,
+        run.run_dir,
+        plan.backend,
+        plan.machine,
+        run.progress,
     )
+    export_rec = run.inputs[Stage.EXPORT]
+    entry = export_rec.details.components[component]
     source = choose_source(component, entry, backend.backend, machine.gpu)
     if source.note:
         progress(f"{label}: {source.note}")
@@ -317,9 +269,9 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
     # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
     controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
-    shapes = engine_profile(config, job.dims, component, skip, controlnet)
+    shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet)
     check_inputs_match(source.path, inputs, shapes)
-    target = job.out / f"{component.value}{backend.suffix}"
+    target = out / f"{component.value}{backend.suffix}"
     progress(f"{label}: {backend.backend.value} build from {source.path}")
     start = time.perf_counter()
     built = backend.build(
@@ -335,23 +287,23 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
             run_dir=run_dir,
             progress=progress,
             label=label,
-            allow_partial_fp8=job.allow_partial_fp8,
-            build_has_fp8=job.build_has_fp8,
+            allow_partial_fp8=plan.allow_partial_fp8,
+            build_has_fp8=plan.build_has_fp8,
         )
     )
     seconds = time.perf_counter() - start
-    warning = check_fp8(component, built.layers, source.path, job.allow_partial_fp8)
+    warning = check_fp8(component, built.layers, source.path, plan.allow_partial_fp8)
     if warning:
         progress(f"{label}: warning: {warning}")
     recorded = backend.recorded_machine(machine)
     rec = EngineRecord(
         backend=backend.backend,
-        file=file_record(job.out, target),
-        extra_files=tuple(file_record(job.out, p) for p in built.extra_files),
+        file=file_record(out, target),
+        extra_files=tuple(file_record(out, p) for p in built.extra_files),
         precision=entry.precision,
         fp8=source.fp8,
         profile=shapes,
-        source_onnx=_export_file(run_dir, job.export_rec, source.path),
+        source_onnx=_export_file(run_dir, export_rec, source.path),
         build_seconds=seconds,
         skip_layers=skip,
         controlnet_layers=controlnet,
@@ -372,7 +324,136 @@ def _build_one(job: _Job, component: Component, entry: ExportedComponent, label:
     return rec
 
 
-@locked_stage(Stage.BUILD)
+class _Build(StageSpec):
+    """The build stage (:func:`build`): reusable while the engines are this backend's and load here."""
+
+    stage, details = Stage.BUILD, BuildDetails
+    backend: EngineBackend  # the one chosen
+    reason: str
+    build_has_fp8: bool = False  # some component is FP8 (TensorRT-RTX then checks its targets)
+
+    def __init__(self, requested: Backend | None, machine: MachineInfo | None, allow_partial_fp8: bool):
+        self.requested, self.machine, self.allow_partial_fp8 = requested, machine, allow_partial_fp8
+
+    def prepare(self, run: StageRun) -> dict:
+        """Choose the backend (detecting the machine only where that needs it)."""
+        from sd35trt.models.loading import weights_identity
+
+        requested = self.requested or run.config.build.backend
+        if self.machine is None:
+            need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
+            self.machine = MachineInfo.detect() if need_machine else NO_MACHINE
+        self.backend, self.reason = backends.resolve_backend(requested, self.machine)
+        if requested is Backend.AUTO:
+            run.progress(f"build backend {self.backend.backend.value} ({self.reason})")
+        # The export fingerprint covers the weights (repo commit, LoRA bytes): a new LoRA is stale here too.
+        return weights_identity(run.config)
+
+    def reusable(self, run: StageRun, record: StageRecord) -> bool:
+        if record.details.backend is not self.backend.backend:
+            return False
+        engines_dir = run.run_dir / Stage.BUILD.directory
+        try:
+            engines = verify_engines(engines_dir, cache=HashCache(run.run_dir), check_machine=False)
+        except Sd35TrtError:  # missing or modified: rebuild
+            return False
+        # Built for another TensorRT version or GPU (TensorRT-RTX: another TensorRT-RTX version): rebuild.
+        stale = any(
+            backends.backend_of(r.backend).rebuild_reason(r, self.machine) for r in engines.engines.values()
+        )
+        return engines.backend is self.backend.backend and not stale
+
+    def refresh(self, run: StageRun, record: StageRecord) -> dict[str, bytes]:
+        """Rewrite the engine manifest's runtime defaults (and config.yaml) when only they changed.
+
+        The defaults (steps, guidance, size, negative prompt, skip-layer guidance window) are read
+        at run time; no engine depends on them, so changing one rebuilds nothing.
+        """
+        manifest = read_engine_manifest(run.run_dir / Stage.BUILD.directory)
+        defaults = run.config.runtime.model_dump(mode="json")
+        recorded = manifest.runtime_defaults.model_dump(mode="json")
+        if recorded == defaults:
+            return {}
+        changes = Fingerprint("", {"runtime": defaults}).changes({"runtime": recorded})
+        run.progress(f"build: runtime defaults updated in the engine manifest, no engine rebuilt ({changes})")
+        config_yaml = _config_yaml(run.config)
+        rewritten = FileRecord(CONFIG_NAME, len(config_yaml), hashlib.sha256(config_yaml).hexdigest())
+        support = tuple(rewritten if f.path == CONFIG_NAME else f for f in manifest.support_files)
+        updated = manifest.model_copy(
+            update={"runtime_defaults": run.config.runtime, "support_files": support}
+        )
+        return {ENGINE_MANIFEST_NAME: json_text(updated.to_json()).encode(), CONFIG_NAME: config_yaml}
+
+    def produce(self, run: StageRun, out: Path) -> BuildDetails:
+        """Build every exported component's engine into ``out``, with its support files and manifest."""
+        config, run_dir = run.config, run.run_dir
+        export_rec = run.inputs[Stage.EXPORT]
+        exported = export_rec.details
+        check_config(config, exported.dims, Stage.BUILD)  # every problem of the ranges, before any engine
+        components = [c for c in Component if c in exported.components]
+        if not components:
+            raise BuildError(
+                f"the export record in {run.manifest.path} lists no components: "
+                f"re-run {run.command(Stage.EXPORT)}"
+            )
+        support = support_dirs(_model_dir(run, exported))
+        self.build_has_fp8 = any(exported.components[c].quantized for c in components)
+        engines = {
+            c: _build_one(run, self, out, c, f"[{i}/{len(components)}] {c.value}")
+            for i, c in enumerate(components, 1)
+        }
+        support_files = _copy_support_files(support, out)
+        # The whole config the engines were made with travels with them (``package`` ships it).
+        atomic_write_bytes(out / CONFIG_NAME, _config_yaml(config))
+        support_files.append(file_record(out, out / CONFIG_NAME))
+        engine_manifest = EngineManifest(
+            directory=run_dir / Stage.BUILD.directory,
+            backend=self.backend.backend,
+            engines=engines,
+            dims=exported.dims,
+            runtime_defaults=config.runtime,
+            build_settings={**config.build.model_dump(mode="json"), "backend": self.backend.backend.value},
+            support_files=tuple(support_files),
+            created=now_utc(),
+            versions=tool_versions(),
+            # the weights the engines hold, without the machine-specific model directory
+            model=exported.model.model_dump(mode="json", exclude={"directory"}) if exported.model else {},
+        )
+        atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
+        run.progress(
+            f"built {len(engines)} {self.backend.backend.value} engines in {run_dir / Stage.BUILD.directory}"
+        )
+        return _details(self, engines)
+
+
+def _config_yaml(config: Config) -> bytes:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
+
+
+def _details(plan: _Build, engines: Mapping[Component, EngineRecord]) -> BuildDetails:
+    # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
+    target = plan.backend.recorded_machine(plan.machine)
+    return BuildDetails(
+        backend=plan.backend.backend,
+        backend_reason=plan.reason,
+        engines_manifest=f"{Stage.BUILD.directory}/{ENGINE_MANIFEST_NAME}",
+        components={
+            c: BuiltEngine(
+                engine=f"{Stage.BUILD.directory}/{r.file.path}",
+                precision=r.precision,
+                fp8=r.fp8,
+                build_seconds=round(r.build_seconds, 3),
+            )
+            for c, r in engines.items()
+        },
+        machine=BuildMachine(
+            tensorrt_version=target.tensorrt_version,
+            gpu_name=target.gpu.name if target.gpu else None,
+            compute_capability=target.gpu.compute_capability if target.gpu else None,
+        ),
+    )
+
+
 def build(
     config: Config,
     run_dir: Path,
@@ -385,6 +466,12 @@ def build(
     allow_partial_fp8: bool = False,
 ) -> BuildRecord:
     """Build every exported component's engine into ``run_dir/engines``.
+
+    Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, upstream checks, freshness,
+    staging, record). Engines are rebuilt when the ``build`` section, the T5 length, whether CFG
+    is on by default (the profiles' optimal batch), the export, the backend or the machine
+    changed; other runtime settings are generation defaults, updated in the engine manifest
+    without a rebuild.
 
     Args:
         config: the run's config (``build`` and ``runtime`` sections shape the engines).
@@ -402,6 +489,7 @@ def build(
         The build record now in ``run_dir/manifest.json``.
 
     Raises:
+        RunDirError: ``run_dir`` is not a run directory, or cannot be written.
         ManifestError, StaleArtifactError, VerificationError: the export is missing, stale or corrupt.
         BackendUnavailableError: ``tensorrt`` requested where it cannot run.
         ConfigError: the profile ranges do not fit the model.
@@ -411,95 +499,5 @@ def build(
         UnsafeArtifactError: the export record names an ONNX file outside the run directory or
             through a symlink.
     """
-    from sd35trt.models.loading import stage_digest, weights_identity
-
-    run_dir = Path(run_dir)
-    report = progress or print_progress
-    runs = RunManifest(run_dir)
-    # The export digest covers the weights (repo commit, LoRA bytes): a changed LoRA file is stale here too.
-    export_digest = stage_digest(config, Stage.EXPORT, weights_identity(config))
-    # Deciding whether to rebuild rehashes no unchanged file; a rebuild checks the export fully.
-    export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint, cache=HashCache(run_dir))
-    # Every problem of the build ranges, before any engine.
-    check_config(config, export_rec.details.dims, Stage.BUILD)
-    requested = backend or config.build.backend
-    if machine is None:
-        need_machine = requested is Backend.AUTO or backends.backend_of(requested).needs_machine_check
-        machine = MachineInfo.detect() if need_machine else NO_MACHINE
-    chosen, reason = backends.resolve_backend(requested, machine)
-    if requested is Backend.AUTO:
-        report(f"build backend {chosen.backend.value} ({reason})")
-
-    digest = config.digest(*Stage.BUILD.config_sections)
-    if not force and _up_to_date(runs, digest, export_rec, chosen.backend, machine):
-        report(f"engines in {run_dir / Stage.BUILD.directory} are up to date (use --force to rebuild)")
-        return runs.require(Stage.BUILD, hint)
-    export_rec = runs.verified(Stage.EXPORT, export_digest, hint=hint)
-
-    exported = export_rec.details
-    dims, entries = exported.dims, exported.components
-    components = [c for c in Component if c in entries]
-    if not components:
-        export_cmd = "`sd35trt export" + (f" {hint}`" if hint else "`")
-        raise BuildError(f"the export record in {runs.path} lists no components: re-run {export_cmd}")
-    support = support_dirs(exported.model_dir)
-
-    engines: dict[Component, EngineRecord] = {}
-    # Machine-independent engines (ONNX Runtime) record no TensorRT / GPU.
-    target = chosen.recorded_machine(machine)
-    with staged_output(run_dir, Stage.BUILD) as out:
-        has_fp8 = any(entries[c].quantized for c in components)
-        job = _Job(
-            config, dims, run_dir, out, chosen, machine, export_rec, report, allow_partial_fp8, has_fp8
-        )
-        for i, component in enumerate(components, 1):
-            label = f"[{i}/{len(components)}] {component.value}"
-            engines[component] = _build_one(job, component, entries[component], label)
-        support_files = _copy_support_files(support, out)
-        # The whole config the engines were made with travels with them (``package`` ships it).
-        atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        support_files.append(file_record(out, out / CONFIG_NAME))
-        engine_manifest = EngineManifest(
-            directory=run_dir / Stage.BUILD.directory,
-            backend=chosen.backend,
-            engines=engines,
-            dims=dims,
-            runtime_defaults=config.runtime,
-            build_settings={**config.build.model_dump(mode="json"), "backend": chosen.backend.value},
-            support_files=tuple(support_files),
-            created=now_utc(),
-            versions=tool_versions(),
-            # the weights the engines hold, without the machine-specific model directory
-            model=exported.model.model_dump(mode="json", exclude={"directory"}) if exported.model else {},
-        )
-        atomic_write_json(out / ENGINE_MANIFEST_NAME, engine_manifest.to_json())
-
-    details = BuildDetails(
-        backend=chosen.backend,
-        backend_reason=reason,
-        engines_manifest=f"{Stage.BUILD.directory}/{ENGINE_MANIFEST_NAME}",
-        components={
-            c: BuiltEngine(
-                engine=f"{Stage.BUILD.directory}/{r.file.path}",
-                precision=r.precision,
-                fp8=r.fp8,
-                build_seconds=round(r.build_seconds, 3),
-            )
-            for c, r in engines.items()
-        },
-        machine=BuildMachine(
-            tensorrt_version=target.tensorrt_version,
-            gpu_name=target.gpu.name if target.gpu else None,
-            compute_capability=target.gpu.compute_capability if target.gpu else None,
-        ),
-    )
-    record = new_record(
-        Stage.BUILD,
-        digest,
-        records_for_tree(run_dir, Stage.BUILD.directory),
-        upstream={Stage.EXPORT: export_rec},
-        details=details,
-    )
-    runs.put(Stage.BUILD, record)
-    report(f"built {len(engines)} {chosen.backend.value} engines in {run_dir / Stage.BUILD.directory}")
-    return record
+    spec = _Build(backend, machine, allow_partial_fp8)
+    return run_stage(spec, config, run_dir, force=force, hint=hint, progress=progress or print_progress)

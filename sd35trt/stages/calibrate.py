@@ -12,7 +12,8 @@
    steps, one fixed seed per batch), so the activation ranges are those the engine will see.
 5. Measure the FP8 model against the unquantized one on the held-out prompts
    (:mod:`sd35trt.stages.calibration_quality`).
-6. Write ``<run>/calibrate/`` through a staged directory, then add the manifest record.
+6. Write ``calibrate/`` into the staging directory :mod:`sd35trt.stages.driver` gives it; the driver
+   publishes it and adds the manifest record.
 
 Memory, sd3.5-large in BF16 on one GPU (parameter counts of the published checkpoints):
 transformer 8.1 B parameters = 16.3 GB, T5-XXL encoder 4.8 B = 9.5 GB, CLIP-G 0.7 B = 1.4 GB,
@@ -32,30 +33,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    atomic_write_json,
-    is_fresh,
-    new_record,
-    records_for_tree,
-    staged_output,
-)
+from sd35trt.artifacts.files import atomic_write_json
+from sd35trt.artifacts.manifest import Stage
 from sd35trt.artifacts.records import (
     CalibrateDetails,
     CalibrateRecord,
     CalibrationQuality,
-    ModelInput,
     QuantizerCounts,
+    StageRecord,
 )
-from sd35trt.artifacts.runlock import locked_stage
 from sd35trt.components import Component, ModelDims
-from sd35trt.config import CalibrateSettings, Config
+from sd35trt.config import CalibrateSettings, Config, read_text_file
 from sd35trt.errors import ConfigError
-from sd35trt.models.loading import default_device, load_pipeline, resolve_model, stage_digest, torch_dtype
+from sd35trt.models.loading import ResolvedModel, default_device, load_pipeline, resolve_model, torch_dtype
 from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.stages.check import check_config
+from sd35trt.stages.driver import StageRun, StageSpec, run_stage
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "calibration_report.json"
@@ -74,12 +68,9 @@ def read_prompts(path: Path, count: int, field: str) -> list[str]:
         ``count`` prompts, in file order.
 
     Raises:
-        ConfigError: the file is missing or has fewer than ``count`` prompts.
+        ConfigError: the file is missing, not a UTF-8 text file, or has fewer than ``count`` prompts.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"calibrate.{field}: prompt file {path} does not exist") from None
+    text = read_text_file(path, f"calibrate.{field}: prompt file")
     prompts = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
     if len(prompts) < count:
         raise ConfigError(
@@ -192,15 +183,127 @@ def calibrate_transformer(
     return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status, controlled))
 
 
-def _reusable(manifest: RunManifest, digest: str, prompts_sha: str) -> CalibrateRecord | None:
-    """The existing record when it is intact and made from this config and prompt set."""
-    if not is_fresh(manifest.run_dir, Stage.CALIBRATE, digest):
-        return None
-    record = manifest.get(Stage.CALIBRATE)
-    return record if record.details.prompt_set_sha256 == prompts_sha else None
+class _Calibrate(StageSpec):
+    """The calibrate stage (:func:`calibrate`): no upstream; reusable for the same prompt set."""
+
+    stage, details = Stage.CALIBRATE, CalibrateDetails
+    prompts: list[str]
+    heldout: list[str]
+    resolved: ResolvedModel
+    dims: ModelDims
+
+    def __init__(self, device: str | None, status: Callable[[str], None]) -> None:
+        self.device, self.status = device, status
+
+    def prepare(self, run: StageRun) -> dict:
+        """Step 1: read the prompt sets, resolve the model and refuse settings it can't take."""
+        s = run.config.calibrate
+        self.prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
+        self.heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
+        if shared := set(self.prompts) & set(self.heldout):
+            raise ConfigError(
+                f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
+                f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
+            )
+        self.resolved = resolve_model(run.config, run.run_dir)
+        self.dims = ModelDims.from_model_dir(self.resolved.directory)
+        check_config(run.config, self.dims, Stage.CALIBRATE, self.resolved.directory)  # here or later
+        return self.resolved.identity()
+
+    def reusable(self, run: StageRun, record: StageRecord) -> bool:
+        return record.details.prompt_set_sha256 == prompt_set_sha256(self.prompts)
+
+    def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
+        """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
+        import torch
+
+        from sd35trt.models.quantize import save_calibration
+        from sd35trt.stages.calibration_quality import METRIC, quality_report
+
+        config, s, log = run.config, run.config.calibrate, run.progress
+        cfg = quant_config(s, self.dims.num_layers, self.dims.head_dim)
+        start = time.perf_counter()
+        device = self.device or default_device()
+        dtype = torch_dtype(s.dtype, device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        pipe = load_pipeline(config, run.run_dir, device=device, dtype=dtype, loras=self.resolved.loras)
+        pipe.set_progress_bar_config(disable=True)
+        text = {
+            "negative_prompt": config.runtime.negative_prompt,
+            "max_sequence_length": config.runtime.max_sequence_length,
+        }
+        report_truncations(pipe, self.prompts, "calibration", log, text["max_sequence_length"])
+        report_truncations(pipe, self.heldout, "held-out", log, text["max_sequence_length"])
+        batches = encode_batches(pipe, self.prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
+        report_batches = encode_batches(
+            pipe, self.heldout, s.batch_size, s.seed, s.guidance_scale, device, **text
+        )
+        drop_text_encoders(pipe)
+
+        controlled = None
+        if config.model.controlnet is not None:
+            from diffusers import StableDiffusion3ControlNetPipeline
+
+            from sd35trt.models.loading import load_model
+
+            images = control_images(pipe, batches, s, config.model.controlnet.type)
+            controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
+            cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
+            cn_pipe.set_progress_bar_config(disable=True)
+            controlled = (cn_pipe, images)
+        summary = calibrate_transformer(pipe, batches, s, self.status, controlled)
+        report = quality_report(
+            pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
+        )
+        elapsed = time.perf_counter() - start
+        from sd35trt.runtime.pipeline import peak_memory
+
+        peak, peak_kind = peak_memory(device)
+        # The details are validated before the staged directory is published.
+        details = CalibrateDetails(
+            calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
+            prompts_file=str(s.prompts),
+            prompt_set_sha256=prompt_set_sha256(self.prompts),
+            num_prompts=len(self.prompts),
+            heldout_prompt_set_sha256=prompt_set_sha256(self.heldout),
+            seeds=tuple(b.seed for b in batches),
+            report_seeds=tuple(b.seed for b in report_batches),
+            steps=s.steps,
+            report_steps=report.steps,
+            guidance_scale=s.guidance_scale,
+            **text,
+            batch_size=s.batch_size,
+            height=s.height,
+            width=s.width,
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            summary=QuantizerCounts.model_validate(summary.to_json()),
+            report=CalibrationQuality(
+                steps=report.steps,
+                metric=METRIC,
+                overall_mean_error=report.overall_mean_error,
+                mean_psnr_db=report.mean_psnr_db,
+                mean_ssim=report.mean_ssim,
+            ),
+            elapsed_s=round(elapsed, 3),
+            peak_memory_bytes=peak,
+            peak_memory_kind=peak_kind,
+            model=run.model_input(self.resolved),
+        )
+        save_calibration(pipe.transformer, out / CALIBRATION_FILE)
+        atomic_write_json(out / SUMMARY_FILE, summary.to_json())
+        atomic_write_json(out / REPORT_FILE, report.to_json())
+        atomic_write_json(out / QUANT_CONFIG_FILE, cfg)
+        log(summary.table())
+        log(report.table())
+        log(
+            f"calibrate: {len(self.prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
+            f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
+        )
+        return details
 
 
-@locked_stage(Stage.CALIBRATE)
 def calibrate(
     config: Config,
     run_dir: Path,
@@ -211,6 +314,8 @@ def calibrate(
     status: Callable[[str], None] = lambda _item: None,
 ) -> CalibrateRecord:
     """Calibrate the FP8 transformer of ``config``'s model and record it in ``run_dir``.
+
+    Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, freshness, staging, record).
 
     Args:
         config: the whole config (``model`` and ``calibrate`` sections are used).
@@ -224,120 +329,10 @@ def calibrate(
         The manifest record of the calibrate stage.
 
     Raises:
+        RunDirError: ``run_dir`` is not a run directory, or cannot be written.
         ConfigError: prompt files too short, overlapping, or settings that don't fit the model.
         ModelError: the model directory is unusable (pickle weights, truncated shards...), a repo
             id is not cached, or a LoRA does not fit the model.
         CalibrationError: a quantizer ended without a finite amax > 0 (nothing is written).
     """
-    import torch
-
-    from sd35trt.models.quantize import save_calibration
-    from sd35trt.stages.calibration_quality import METRIC, quality_report
-
-    s = config.calibrate
-    run_dir = Path(run_dir)
-    prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
-    heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
-    if shared := set(prompts) & set(heldout):
-        raise ConfigError(
-            f"calibrate.heldout_prompts shares {len(shared)} prompts with calibrate.prompts "
-            f"(e.g. {sorted(shared)[0]!r}); held-out prompts must not be calibrated on"
-        )
-    resolved = resolve_model(config, run_dir)
-    digest = stage_digest(config, Stage.CALIBRATE, resolved.identity())
-    prompts_sha = prompt_set_sha256(prompts)
-    manifest = RunManifest(run_dir)
-    # Refuse settings the model can't take (here or in a later stage) before anything heavy.
-    dims = ModelDims.from_model_dir(resolved.directory)
-    check_config(config, dims, Stage.CALIBRATE)
-    if not force and (record := _reusable(manifest, digest, prompts_sha)) is not None:
-        log(f"calibrate: up to date in {run_dir} (force to redo)")
-        return record
-
-    cfg = quant_config(s, dims.num_layers, dims.head_dim)
-
-    start = time.perf_counter()
-    device = device or default_device()
-    dtype = torch_dtype(s.dtype, device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    pipe = load_pipeline(config, run_dir, device=device, dtype=dtype, loras=resolved.loras)
-    pipe.set_progress_bar_config(disable=True)
-    text = {
-        "negative_prompt": config.runtime.negative_prompt,
-        "max_sequence_length": config.runtime.max_sequence_length,
-    }
-    report_truncations(pipe, prompts, "calibration", log, text["max_sequence_length"])
-    report_truncations(pipe, heldout, "held-out", log, text["max_sequence_length"])
-    batches = encode_batches(pipe, prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
-    report_batches = encode_batches(pipe, heldout, s.batch_size, s.seed, s.guidance_scale, device, **text)
-    drop_text_encoders(pipe)
-
-    controlled = None
-    if config.model.controlnet is not None:
-        from diffusers import StableDiffusion3ControlNetPipeline
-
-        from sd35trt.models.loading import load_model
-
-        images = control_images(pipe, batches, s, config.model.controlnet.type)
-        controlnet = load_model(resolved.directory, Component.CONTROLNET, dtype, device=device)
-        cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
-        cn_pipe.set_progress_bar_config(disable=True)
-        controlled = (cn_pipe, images)
-    summary = calibrate_transformer(pipe, batches, s, status, controlled)
-    report = quality_report(
-        pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
-    )
-    elapsed = time.perf_counter() - start
-    from sd35trt.runtime.pipeline import peak_memory
-
-    peak, peak_kind = peak_memory(device)
-
-    # The details are validated before anything is published.
-    details = CalibrateDetails(
-        calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
-        prompts_file=str(s.prompts),
-        prompt_set_sha256=prompts_sha,
-        num_prompts=len(prompts),
-        heldout_prompt_set_sha256=prompt_set_sha256(heldout),
-        seeds=tuple(b.seed for b in batches),
-        report_seeds=tuple(b.seed for b in report_batches),
-        steps=s.steps,
-        report_steps=report.steps,
-        guidance_scale=s.guidance_scale,
-        **text,
-        batch_size=s.batch_size,
-        height=s.height,
-        width=s.width,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        summary=QuantizerCounts.model_validate(summary.to_json()),
-        report=CalibrationQuality(
-            steps=report.steps,
-            metric=METRIC,
-            overall_mean_error=report.overall_mean_error,
-            mean_psnr_db=report.mean_psnr_db,
-            mean_ssim=report.mean_ssim,
-        ),
-        elapsed_s=round(elapsed, 3),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        model=ModelInput.model_validate(resolved.provenance()),
-    )
-    with staged_output(run_dir, Stage.CALIBRATE) as tmp:
-        save_calibration(pipe.transformer, tmp / CALIBRATION_FILE)
-        atomic_write_json(tmp / SUMMARY_FILE, summary.to_json())
-        atomic_write_json(tmp / REPORT_FILE, report.to_json())
-        atomic_write_json(tmp / QUANT_CONFIG_FILE, cfg)
-    record = new_record(
-        Stage.CALIBRATE, digest, records_for_tree(run_dir, Stage.CALIBRATE.directory), details=details
-    )
-    manifest.put(Stage.CALIBRATE, record)
-
-    log(summary.table())
-    log(report.table())
-    log(
-        f"calibrate: {len(prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "
-        f"peak memory {peak / 2**30:.2f} GiB ({peak_kind})"
-    )
-    return record
+    return run_stage(_Calibrate(device, status), config, run_dir, force=force, progress=log)

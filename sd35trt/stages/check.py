@@ -3,10 +3,11 @@
 A config can be valid on its own (``sd35trt.config`` checks types, ranges, multiples of 16 and
 settings that contradict each other) and still not fit the model: image sizes beyond what the
 transformer's positional embedding covers, skip-layer-guidance layers the transformer does not
-have, FP8 attention for a head size TensorRT cannot take. Found only by the stage that needs
-them, they would stop ``export`` after calibration had run (seconds on the tiny model, hours on
-a large one). Every stage verb therefore calls :func:`check_config` first, with the model dims,
-for itself and every stage after it, and every problem is reported at once.
+have, FP8 attention for a head size TensorRT cannot take, a scheduler option the runtime does not
+reproduce (``use_dynamic_shifting``). Found only by the stage that needs them, they would stop
+``export`` (or ``run``) after calibration had run (seconds on the tiny model, hours on a large one).
+Every stage verb therefore calls :func:`check_config` first, with the model dims, for itself and
+every stage after it, and every problem is reported at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 from sd35trt.artifacts.records import Stage
 from sd35trt.components import SUBFOLDER, Component, ModelDims, latent_range
 from sd35trt.config import Config
-from sd35trt.errors import ConfigError, ModelError
+from sd35trt.errors import ConfigError, ManifestError, ModelError
+
+#: The model's scheduler config, which the engines carry and the runtime reproduces.
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 
 
 def _collect(problems: list[str], check: Callable[[], object]) -> None:
@@ -82,6 +86,26 @@ def check_fp32_blocks(config: Config, dims: ModelDims) -> None:
         )
 
 
+def scheduler_problems(model_dir: str | Path) -> list[str]:
+    """What in the model's scheduler config the runtime cannot honour (``use_dynamic_shifting:
+    true``, another scheduler class, Karras sigmas, ...): read as ``sd35trt run`` will read it.
+
+    Returns:
+        One line per problem; none when ``model_dir`` has no scheduler config (the build names
+        the missing file).
+    """
+    from sd35trt.runtime.scheduler import FlowMatchEuler
+
+    path = Path(model_dir) / SCHEDULER_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        FlowMatchEuler.from_config(path)
+    except ManifestError as err:
+        return [f"the model's {err}"]
+    return []
+
+
 def _calibration_problems(config: Config, dims: ModelDims) -> list[str]:
     from sd35trt.models.quantize import quant_config
 
@@ -113,7 +137,9 @@ def _build_problems(config: Config, dims: ModelDims) -> list[str]:
     return problems
 
 
-def config_problems(config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE) -> list[str]:
+def config_problems(
+    config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE, model_dir: str | Path | None = None
+) -> list[str]:
     """Everything in ``config`` that cannot work with a model of ``dims``, from ``first`` on.
 
     Args:
@@ -121,6 +147,8 @@ def config_problems(config: Config, dims: ModelDims, first: Stage = Stage.CALIBR
         dims: the model's sizes (from its diffusers configs, or the export record).
         first: the stage about to run; it and every later stage are checked (calibration only
             when ``export.quantize`` is on, since only then does it run).
+        model_dir: the diffusers directory, whose scheduler config is checked against what the
+            runtime reproduces (:func:`scheduler_problems`); ``None`` skips that check.
 
     Returns:
         One line per problem (empty when the config fits).
@@ -134,17 +162,21 @@ def config_problems(config: Config, dims: ModelDims, first: Stage = Stage.CALIBR
         _collect(problems, lambda: skip_layer_indices(config, dims))
         _collect(problems, lambda: check_fp32_blocks(config, dims))
     problems += _build_problems(config, dims)  # the build and runtime sections: every stage
+    if model_dir is not None:
+        problems += scheduler_problems(model_dir)
     return problems
 
 
-def check_config(config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE) -> None:
+def check_config(
+    config: Config, dims: ModelDims, first: Stage = Stage.CALIBRATE, model_dir: str | Path | None = None
+) -> None:
     """Refuse ``config`` before ``first`` runs when it cannot work with the model (see
     :func:`config_problems`).
 
     Raises:
         ConfigError: naming every problem, each with the key, the value and what is allowed.
     """
-    problems = config_problems(config, dims, first)
+    problems = config_problems(config, dims, first, model_dir)
     if problems:
         raise ConfigError(
             f"config {config.name!r} does not fit the model ({len(problems)} problem"

@@ -31,13 +31,22 @@ import stat
 import tarfile
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from sd35trt.artifacts.containment import contained_path
-from sd35trt.artifacts.manifest import RunManifest, Stage, published_file_mode, sha256_file, verify_files
+from sd35trt.artifacts.containment import check_onnx_external_data, contained_path
+from sd35trt.artifacts.files import published_file_mode, sha256_file, verify_files
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.runlock import run_dir_lock
-from sd35trt.errors import ManifestError, Sd35TrtError, UnsafeArtifactError, VerificationError
+from sd35trt.artifacts.tar_stream import tar_stream
+from sd35trt.errors import (
+    ManifestError,
+    Sd35TrtError,
+    UnsafeArtifactError,
+    VerificationError,
+    write_error,
+)
 
 CHECKSUMS = "SHA256SUMS"
 ENGINES = "engines"
@@ -86,7 +95,9 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
 
     The engines are verified first; the archive is written beside ``out`` and renamed into place.
     ``SHA256SUMS`` and ``engines/manifest.json`` come first, so :func:`unpack` knows every size
-    before it extracts anything. The run directory's lock is held throughout, so no stage
+    before it extracts anything. Exactly the files the engine manifest declares are shipped: any
+    other file in ``engines/`` (one a user put there) is left out, so ``verify`` accepts what
+    ``package`` writes (faults.md #32). The run directory's lock is held throughout, so no stage
     re-publishes the engines meanwhile.
 
     Returns:
@@ -95,9 +106,10 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
     Raises:
         ManifestError / VerificationError: the run has no intact build.
         RunDirBusyError: a stage is writing the run directory.
+        RunDirError: the run directory cannot be locked (read-only).
         Sd35TrtError: ``out`` does not end in ``.tar.gz``.
     """
-    from sd35trt.artifacts.engine_manifest import read_engine_manifest
+    from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
 
     run_dir, out = Path(run_dir), Path(out)
     if not out.name.endswith(".tar.gz"):
@@ -107,13 +119,10 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
         engines = run_dir / Stage.BUILD.directory
         # Files only: the machine that packs need not be the one that runs (``verify`` checks that).
         manifest = read_engine_manifest(engines)
-        verify_files(manifest.directory, _engine_files(manifest), what=f"engines in {engines}")
+        declared = _engine_files(manifest)
+        verify_files(manifest.directory, declared, what=f"engines in {engines}")
         members = [
-            (p, f"{ENGINES}/{p.relative_to(engines).as_posix()}")
-            for p in sorted(
-                engines.rglob("*"), key=lambda p: (p.relative_to(engines).as_posix() != "manifest.json", p)
-            )
-            if p.is_file()
+            (engines / rel, f"{ENGINES}/{rel}") for rel in (ENGINE_MANIFEST_NAME, *(f.path for f in declared))
         ]
         sums = "".join(f"{sha256_file(src)}  {name}\n" for src, name in members)
         top = f"sd35trt-{run_dir.name}"
@@ -129,8 +138,11 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
                 for src, name in members:
                     tar.add(src, arcname=f"{top}/{name}")
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as err:
+            user = write_error(err, out) if isinstance(err, OSError) else None
             Path(tmp).unlink(missing_ok=True)
+            if user is not None:
+                raise user from None
             raise
     return out
 
@@ -284,10 +296,10 @@ def unpack(archive: str | Path, dest: str | Path) -> Path:
     try:
         job = _Extraction(archive, staging)
         try:
-            with tarfile.open(archive, "r|*") as tar:
+            with tar_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     job.add(tar, member)
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise VerificationError(f"{archive} is not a readable artefact: {err}") from None
         if job.top is None or job.declared is None:
             raise VerificationError(f"{archive} holds no {CHECKSUMS} and {ENGINE_MANIFEST}: not an artefact")
@@ -416,6 +428,19 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
         )
 
 
+def _external_data_problems(engines: Path, files: list) -> list[str]:
+    """ONNX engines whose external data leaves the engines directory (``../secret.bin``, absolute,
+    through a symlink): checked here, whatever the ONNX Runtime (faults.md #40)."""
+    problems = []
+    for f in files:
+        if PurePosixPath(f.path).suffix == ".onnx":
+            try:
+                check_onnx_external_data(engines / f.path)
+            except UnsafeArtifactError as err:
+                problems.append(str(err))
+    return problems
+
+
 def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.backends.load import check_compatible
@@ -433,6 +458,8 @@ def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bo
         report.files_checked += len(files) if count_files else 0
     except VerificationError as err:
         report.problems.append(str(err))
+    else:
+        report.problems.extend(_external_data_problems(manifest.directory, files))
     backend = backend_of(manifest.backend)
     report.problems.extend(backend.runtime_problems())
     if backend.needs_machine_check:

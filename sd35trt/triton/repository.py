@@ -259,7 +259,7 @@ def write_repository(
         ManifestError / VerificationError: the engines are missing or damaged (named).
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
-    from sd35trt.artifacts.manifest import verify_files
+    from sd35trt.artifacts.files import verify_files
     from sd35trt.runtime.request import RequestLimits
 
     if not _NAME.fullmatch(settings.model_name):

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
+from sd35trt.artifacts.files import sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
+from sd35trt.artifacts.runlock import MODEL_SUBDIR
 from sd35trt.errors import CalibrationError
-from sd35trt.models.loading import MODEL_SUBDIR
 from sd35trt.models.quantize import CALIBRATION_FILE, quantizers, restore_calibration
 from sd35trt.stages.calibrate import (
     QUANT_CONFIG_FILE,
@@ -113,7 +114,7 @@ def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run)
     before = RunManifest(run).get(Stage.CALIBRATE)
     lines = []
     assert calibrate(tiny_config, run, log=lines.append) == before
-    assert lines == [f"calibrate: up to date in {run} (force to redo)"]
+    assert lines == [f"calibrate: {run / 'calibrate'} is up to date (--force redoes it)"]
 
 
 def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from sd35trt.artifacts.manifest import file_record
+from sd35trt.artifacts.files import file_record
 from sd35trt.cli import app
 from sd35trt.components import Component
 

@@ -9,14 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    new_record,
-    record_digest,
-    records_for_tree,
-    sha256_file,
-)
+from sd35trt.artifacts.files import records_for_tree, sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record
 from sd35trt.artifacts.records import TensorSignature, ValidationStatus
 from sd35trt.components import Component, exported_components
 from sd35trt.config import Precision
@@ -54,7 +48,7 @@ def test_record_lists_the_graphs_and_how_they_were_made(exported_run, tiny_confi
     manifest = RunManifest(exported_run)
     rec = manifest.verified(Stage.EXPORT, tiny_config.digest(*Stage.EXPORT.config_sections))
     assert {f.path for f in rec.files} == {f"onnx/{g}.onnx" for g in GRAPHS} | {f"onnx/{REPORT_FILE}"}
-    assert rec.upstream == {Stage.CALIBRATE: record_digest(manifest.get(Stage.CALIBRATE))}
+    assert rec.upstream == {Stage.CALIBRATE: manifest.get(Stage.CALIBRATE).digest()}
     d = rec.details
     assert (d.opset, d.skip_layers, d.max_sequence_length) == (19, (1,), 256)
     assert d.calibration.sha256 == sha256_file(exported_run / "calibrate" / CALIBRATION_FILE)
@@ -225,6 +219,9 @@ def test_stale_calibration_is_detected(exported_run, tiny_config, copy_run):
     # What build sees: the export was made from the calibration that has just been replaced.
     with pytest.raises(StaleArtifactError, match="older calibrate output"):
         RunManifest(run).verified(Stage.EXPORT)
-    # Exporting with a config the calibration no longer matches is refused, naming the stage.
-    with pytest.raises(StaleArtifactError, match=r"calibrate output .* is stale.*sd35trt calibrate"):
+    # Exporting with a config the calibration no longer matches is refused, naming the stage and
+    # the one command that brings the chain up to date (issue 26.5).
+    with pytest.raises(
+        StaleArtifactError, match=r"calibrate output .* is stale.*`sd35trt export --upstream`"
+    ):
         export(tiny_config, run, progress=_quiet)

@@ -169,7 +169,8 @@ def test_unreadable_image_is_a_clear_error(engines_dir, init_image, tmp_path, co
         bad.write_bytes(bad.read_bytes()[:200])
     else:
         bad.write_bytes(content)
-    with pytest.raises(RequestError, match=rf"image {bad} is not a readable image") as err:
+    reason = "a readable image" if content == "truncated" else "a PNG, JPEG or WebP image"
+    with pytest.raises(RequestError, match=rf"image {bad} is not {reason}") as err:
         run(engines_dir, PROMPT, image=bad, out=tmp_path / "x.png")
     assert err.value.field == "image"
     with pytest.raises(RequestError, match="cannot be read") as err:

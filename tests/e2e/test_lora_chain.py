@@ -10,15 +10,18 @@ recorded (manifests, PNG, ``inspect``) and that a new scale or new LoRA bytes ma
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, sha256_file
+from sd35trt.artifacts.files import sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
+from sd35trt.artifacts.records import Fingerprint
 from sd35trt.config import Backend
 from sd35trt.errors import StaleArtifactError
 from sd35trt.metrics import psnr
-from sd35trt.models.loading import stage_digest, weights_identity
+from sd35trt.models.loading import weights_identity
 from sd35trt.models.reference import reference_images
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
 from sd35trt.runtime.png import read_png_parameters
@@ -160,11 +163,19 @@ def test_new_scale_or_new_lora_bytes_make_the_chain_stale(
     from sd35trt.stages.build import build
 
     rescaled = _lora_config(tiny_config, quantize=False, scale=0.5)
-    with pytest.raises(StaleArtifactError, match=r"export output .* is stale"):
-        build(rescaled, lora_run, Backend.ONNXRUNTIME)
+    # Issue 26.5: the message names what changed (not every section the stage depends on) and the
+    # one command that brings the chain up to date.
+    with pytest.raises(StaleArtifactError) as err:
+        build(rescaled, lora_run, Backend.ONNXRUNTIME, hint="--config c.yaml")
+    message = str(err.value)
+    assert re.search(r"export output .* is stale: model\.loras\[0\]\.scale [0-9.]+ → 0\.5", message), message
+    assert "runtime" not in message and "[model, export" not in message, message
+    assert message.endswith("bring the chain up to date with `sd35trt build --upstream --config c.yaml`"), (
+        message
+    )
 
     config = _lora_config(tiny_config, quantize=False)
-    digest = stage_digest(config, Stage.EXPORT, weights_identity(config))
+    digest = Fingerprint.of(config, Stage.EXPORT, weights_identity(config))
     assert RunManifest(lora_run).verified(Stage.EXPORT, digest)  # fresh as it is
     # The same repo id at a new commit with other bytes: the resolved LoRA changes, the export is stale.
     retrained = tmp_path / "retrained"

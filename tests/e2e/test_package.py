@@ -62,7 +62,7 @@ def _as_tensorrt(root, cc, version):
         rec.update(backend="tensorrt", tensorrt_version=version, compute_capability=cc, gpu_name="H100")
     m.write_text(json.dumps(data))
     # Keep the checksum file in step so only the machine check can fail.
-    from sd35trt.artifacts.manifest import sha256_file
+    from sd35trt.artifacts.files import sha256_file
 
     lines = [
         f"{sha256_file(m)}  engines/manifest.json" if line.endswith("  engines/manifest.json") else line

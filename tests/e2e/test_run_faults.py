@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
-from sd35trt.artifacts.manifest import atomic_write_json, file_record
+from sd35trt.artifacts.files import atomic_write_json, file_record
 from sd35trt.backends.onnxruntime import OrtEngine
 from sd35trt.components import Component
 from sd35trt.errors import EngineLoadError, RequestError

@@ -190,7 +190,11 @@ def test_image_to_image_takes_init_image_and_strength(server):
     ("fields", "field", "text"),
     [
         ({"init_image": "not base64!"}, "init_image", "init_image is not base64"),
-        ({"init_image": base64.b64encode(b"GIF89a garbage").decode()}, "init_image", "not a readable image"),
+        (
+            {"init_image": base64.b64encode(b"GIF89a garbage").decode()},
+            "init_image",
+            "not a PNG, JPEG or WebP image",
+        ),
         ({"strength": 1.5, "init_image": "<png>"}, "strength", "outside (0, 1]"),
         ({"strength": 0.5}, "strength", "image-to-image only"),
     ],

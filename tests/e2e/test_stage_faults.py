@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sd35trt.artifacts.manifest import RunManifest, Stage, unrecorded_marker
-from sd35trt.artifacts.records import StageRecord
+from sd35trt.artifacts.records import Fingerprint, StageRecord
 from sd35trt.config import Backend, config_from_dict
 from sd35trt.errors import ConfigError, StaleArtifactError, UnsafeArtifactError
 from sd35trt.stages.build import build
@@ -34,7 +34,7 @@ def _env() -> dict:
 
 def _build_verified(config, run_dir: Path) -> StageRecord:
     """The build record, after checking that it matches the files on disk."""
-    return RunManifest(run_dir).verified(Stage.BUILD, config.digest(*Stage.BUILD.config_sections))
+    return RunManifest(run_dir).verified(Stage.BUILD, Fingerprint.of(config, Stage.BUILD))
 
 
 def test_two_build_force_processes_on_one_run_directory(built_run, copy_run, tiny_config):
@@ -153,7 +153,7 @@ def test_leftovers_are_cleaned_even_when_the_stage_refuses_to_run(built_run, cop
     stale = tiny_config.model_copy(
         update={"export": tiny_config.export.model_copy(update={"opset": tiny_config.export.opset + 1})}
     )
-    with pytest.raises(StaleArtifactError, match="re-run `sd35trt export`"):
+    with pytest.raises(StaleArtifactError, match=r"export\.opset 19 → 20 .* `sd35trt build --upstream`"):
         build(stale, run_dir, Backend.ONNXRUNTIME)
     assert [p for p in made if p.exists()] == []
 

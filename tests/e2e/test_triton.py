@@ -8,6 +8,7 @@ Clients are closed after each test: Triton waits for open HTTP connections when 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import bad_images
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -258,6 +260,9 @@ BAD = [
     ("http", {"seed": -1}, "seed"),
     ("http", {"prompt": "   "}, "prompt"),
     ("http", {"num_images": 17}, "num_images"),  # beyond max_images (16)
+    # faults.md #33: a corrupt PNG (SyntaxError) and a DDS (NotImplementedError) were 500 with a file path
+    ("http", {"init_image": base64.b64encode(bad_images.broken_chunk_png()).decode()}, "init_image"),
+    ("grpc", {"init_image": base64.b64encode(bad_images.dds()).decode()}, "init_image"),
 ]
 
 

@@ -126,3 +126,28 @@ def details(stage: Stage):
     return {Stage.CALIBRATE: calibrate_details, Stage.EXPORT: export_details, Stage.BUILD: build_details}[
         stage
     ]()
+
+
+def onnx_model_bytes(values: int, external_location: str | None = None) -> bytes:
+    """A real ONNX model (``y = x + w``, ``w`` of ``values`` floats) standing in for an engine file.
+
+    With ``external_location`` the weights are an external-data reference to that location
+    (offset 0, ``4 * values`` bytes), as a crafted artefact would point at a file elsewhere.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(values, dtype=np.float32), "w")
+    if external_location is not None:
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external_location), ("offset", "0"), ("length", str(4 * values))):
+            w.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "stand_in",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [values])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [values])],
+        initializer=[w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]).SerializeToString()

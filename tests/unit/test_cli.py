@@ -151,7 +151,9 @@ def test_run_with_an_unreadable_image_is_one_line_before_any_engine(tmp_path):
         text=True,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: image {bad} is not a readable image (unknown format)"
+    assert (
+        proc.stderr.strip() == f"error: image {bad} is not a PNG, JPEG or WebP image (the formats accepted)"
+    )
 
 
 def test_model_by_repo_id_missing_from_the_cache_is_one_line(tmp_path):

@@ -128,3 +128,18 @@ def test_fp32_blocks_that_cannot_work_are_refused(tmp_path, export, calibrate, m
         load_config(_write(tmp_path, data))
     ok = {**export, "precision": {"transformer": "bf16"}, "fp32_blocks": [3]}
     load_config(_write(tmp_path, {"name": "x", "export": ok, "calibrate": {"high_precision_blocks": [3]}}))
+
+
+@pytest.mark.parametrize(
+    "path", ["runtime.max_sequnce_length", "runtimes", "runtime.skip_layer_guidance.layer", "name.x"]
+)
+def test_digest_refuses_a_path_that_names_no_field(path):
+    """Issue 22.5: a misspelt path used to hash None, so a real change went unnoticed."""
+    with pytest.raises(ValueError, match=r"is not a config field"):
+        Config(name="a").digest(path)
+
+
+def test_a_path_below_an_unset_section_is_none_not_an_error():
+    assert Config(name="a").values("runtime.skip_layer_guidance.layers") == {
+        "runtime.skip_layer_guidance.layers": None
+    }

@@ -20,34 +20,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    atomic_write_json,
-    is_fresh,
-    new_record,
-    record_digest,
-    records_for_tree,
-    sha256_file,
-    staged_output,
-)
+from sd35trt.artifacts.files import atomic_write_json, sha256_file
+from sd35trt.artifacts.manifest import RunManifest, Stage
 from sd35trt.artifacts.records import (
     CalibrationInput,
     ExportDetails,
     ExportedComponent,
     ExportRecord,
-    ModelInput,
     StageRecord,
     ValidationStatus,
 )
-from sd35trt.artifacts.runlock import locked_stage
 from sd35trt.components import (
     Component,
     ComponentSpec,
@@ -60,21 +47,18 @@ from sd35trt.components import (
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
 from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
+from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 from sd35trt.stages.export.report import report_json, report_line
 
 if TYPE_CHECKING:
     import numpy as np
     from onnx import ModelProto
 
+    from sd35trt.models.loading import ResolvedModel
+
 REPORT_FILE = "export_report.json"
 #: File stem of the transformer graph without Q/DQ, exported beside the FP8 one.
 UNQUANTIZED_STEM = "transformer_unquantized"
-
-Progress = Callable[[str], None]
-
-
-def print_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -133,7 +117,59 @@ class _Reference:
     unquantized: list[dict[str, np.ndarray]] | None
 
 
-@locked_stage(Stage.EXPORT)
+class _Export(StageSpec):
+    """The export stage (:func:`export`): reads the calibration when it quantizes."""
+
+    stage, details = Stage.EXPORT, ExportDetails
+    resolved: ResolvedModel
+    dims: ModelDims
+
+    def __init__(self, external_threshold: int | None) -> None:
+        self.external_threshold = external_threshold
+
+    def upstream(self, config: Config) -> tuple[Stage, ...]:
+        return (Stage.CALIBRATE,) if config.export.quantize else ()
+
+    def prepare(self, run: StageRun) -> dict:
+        """Resolve the model and refuse settings it can't take (here or at build) before tracing."""
+        from sd35trt.models.loading import resolve_model
+
+        self.resolved = resolve_model(run.config, run.run_dir)
+        self.dims = ModelDims.from_model_dir(self.resolved.directory)
+        check_config(run.config, self.dims, Stage.EXPORT, self.resolved.directory)
+        return self.resolved.identity()
+
+    def produce(self, run: StageRun, out: Path) -> ExportDetails:
+        """Export and validate every component into ``out``; all validation failures raised together."""
+        from sd35trt.models.loading import check_weights
+        from sd35trt.stages.export import tracing
+
+        config, root, dims = run.config, self.resolved.directory, self.dims
+        cal = run.inputs.get(Stage.CALIBRATE)
+        calibration = _calibration_file(run.run_dir, cal, run.manifest) if cal is not None else None
+        if config.export.quantize and config.calibrate.fp8_attention:
+            tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
+        if config.model.source is not ModelSource.RANDOM:
+            check_weights(root)
+        slg = skip_layer_indices(config, dims)
+        start = time.perf_counter()
+        loras, threshold = self.resolved.loras, self.external_threshold
+        job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
+        graphs: list[_Graph] = []
+        components = exported_components(config.model.controlnet is not None)
+        for i, component in enumerate(components, 1):
+            graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
+        shutil.rmtree(job.scratch, ignore_errors=True)
+        failures = [f for g in graphs for f in g.failures]
+        if failures:
+            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+        seconds = time.perf_counter() - start
+        report = report_json(graphs, config.export.opset, job.device, job.providers, seconds)
+        atomic_write_json(out / REPORT_FILE, report)
+        run.progress(f"export done in {seconds:.1f} s -> {run.run_dir / Stage.EXPORT.directory}")
+        return _details(run, self, slg, graphs, cal, calibration)
+
+
 def export(
     config: Config,
     run_dir: Path,
@@ -144,6 +180,9 @@ def export(
     external_threshold: int | None = None,
 ) -> ExportRecord:
     """Export, validate and record the six components of ``config``'s model.
+
+    Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, upstream checks, freshness,
+    staging, record).
 
     Args:
         config: the run's config (``model`` and ``export`` sections; ``build`` ranges pick the
@@ -159,6 +198,7 @@ def export(
         The export record now in ``run_dir/manifest.json``.
 
     Raises:
+        RunDirError: ``run_dir`` is not a run directory, or cannot be written.
         ManifestError, StaleArtifactError, VerificationError: the calibration is missing, was
             made with other settings, or its file changed.
         ConfigError: skip-layer-guidance layers outside the transformer, build ranges that don't
@@ -167,62 +207,8 @@ def export(
         CalibrationError: the calibration does not match the transformer.
         ExportError: a graph failed validation (every failure named) or the checker.
     """
-    from sd35trt.models.loading import check_weights, resolve_model, stage_digest
-    from sd35trt.stages.export import tracing
-
-    run_dir = Path(run_dir)
-    report = progress or print_progress
-    manifest = RunManifest(run_dir)
-    resolved = resolve_model(config, run_dir)
-    identity = resolved.identity()
-    # Refuse settings the model can't take (here or at build) before anything is traced.
-    root = resolved.directory
-    dims = ModelDims.from_model_dir(root)
-    check_config(config, dims, Stage.EXPORT)
-    upstream: dict[Stage, StageRecord] = {}
-    calibration = None
-    if config.export.quantize:
-        cal_digest = stage_digest(config, Stage.CALIBRATE, identity)
-        cal = manifest.verified(Stage.CALIBRATE, cal_digest, hint=hint)
-        upstream[Stage.CALIBRATE] = cal
-        calibration = _calibration_file(run_dir, cal, manifest)
-    digest = stage_digest(config, Stage.EXPORT, identity)
-    if not force and is_fresh(run_dir, Stage.EXPORT, digest):
-        report(f"export in {run_dir / Stage.EXPORT.directory} is up to date (use --force to redo)")
-        return manifest.require(Stage.EXPORT, hint)
-
-    if config.export.quantize and config.calibrate.fp8_attention:
-        tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
-    if config.model.source is not ModelSource.RANDOM:
-        check_weights(root)
-    slg = skip_layer_indices(config, dims)
-    start = time.perf_counter()
-    graphs: list[_Graph] = []
-    with staged_output(run_dir, Stage.EXPORT) as out:
-        job = _make_job(config, root, resolved.loras, dims, out, slg, calibration, external_threshold, report)
-        components = exported_components(config.model.controlnet is not None)
-        for i, component in enumerate(components, 1):
-            graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
-        shutil.rmtree(job.scratch, ignore_errors=True)
-        failures = [f for g in graphs for f in g.failures]
-        if failures:
-            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
-        atomic_write_json(
-            out / REPORT_FILE,
-            report_json(
-                graphs, job.config.export.opset, job.device, job.providers, time.perf_counter() - start
-            ),
-        )
-
-    files = records_for_tree(run_dir, Stage.EXPORT.directory)
-    details = _details(config, run_dir, root, dims, slg, graphs, upstream.get(Stage.CALIBRATE), calibration)
-    cn = config.model.controlnet
-    model = {**resolved.provenance(), "controlnet": None if cn is None else cn.type}
-    details = details.model_copy(update={"model": ModelInput.model_validate(model)})
-    record = new_record(Stage.EXPORT, digest, files, upstream=upstream, details=details)
-    manifest.put(Stage.EXPORT, record)
-    report(f"export done in {time.perf_counter() - start:.1f} s -> {run_dir / Stage.EXPORT.directory}")
-    return record
+    spec = _Export(external_threshold)
+    return run_stage(spec, config, run_dir, force=force, hint=hint, progress=progress or print_progress)
 
 
 def export_component(
@@ -524,16 +510,14 @@ def _save(
 
 
 def _details(
-    config: Config,
-    run_dir: Path,
-    root: Path,
-    dims: ModelDims,
+    run: StageRun,
+    plan: _Export,
     slg: tuple[int, ...],
     graphs: list[_Graph],
     calibrate_record: StageRecord | None,
     calibration: Path | None,
 ) -> ExportDetails:
-    base = Stage.EXPORT.directory
+    base, config = Stage.EXPORT.directory, run.config
 
     def rel(p: Path | None) -> str | None:
         return None if p is None else f"{base}/{p.name}"
@@ -559,8 +543,8 @@ def _details(
             fp32_blocks=g.fp32_blocks if is_transformer else None,
         )
     return ExportDetails(
-        model_dir=root,
-        dims=dims,
+        model_dir=run.relative(plan.resolved.directory),
+        dims=plan.dims,
         opset=config.export.opset,
         skip_layers=slg,
         max_sequence_length=config.runtime.max_sequence_length,
@@ -568,9 +552,12 @@ def _details(
         calibration=None
         if calibration is None or calibrate_record is None
         else CalibrationInput(
-            record=record_digest(calibrate_record),
-            file=calibration.relative_to(run_dir).as_posix(),
+            record=calibrate_record.digest(),
+            file=calibration.relative_to(run.run_dir).as_posix(),
             sha256=sha256_file(calibration),
         ),
         components=components,
+        model=run.model_input(plan.resolved).model_copy(
+            update={"controlnet": None if config.model.controlnet is None else config.model.controlnet.type}
+        ),
     )

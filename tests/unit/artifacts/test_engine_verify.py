@@ -13,7 +13,8 @@ from sd35trt.artifacts.engine_manifest import (
     EngineRecord,
     read_engine_manifest,
 )
-from sd35trt.artifacts.manifest import FileRecord, file_record
+from sd35trt.artifacts.files import file_record
+from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.backends.load import open_engines, verify_engines
 from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.backends.tensorrt import TrtEngine

@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 from record_fakes import details
 
-from sd35trt.artifacts.manifest import (
-    RunManifest,
-    Stage,
-    new_record,
-    records_for_tree,
-    staged_directory,
-    verify_files,
-)
+from sd35trt.artifacts.files import records_for_tree, verify_files
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, staged_directory
 from sd35trt.config import Config
 from sd35trt.errors import ManifestError, StaleArtifactError, VerificationError
 
@@ -167,11 +161,21 @@ def test_config_digest_matches_stage_sections():
     assert cfg.digest(*Stage.CALIBRATE.config_sections) != cfg.digest(*Stage.EXPORT.config_sections)
 
 
+def _fresh(run: Path, digest: str) -> bool:
+    from sd35trt.artifacts.files import HashCache
+
+    try:
+        RunManifest(run).verified(Stage.EXPORT, digest, cache=HashCache(run))
+    except VerificationError:
+        return False
+    return True
+
+
 def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path, monkeypatch):
-    """Issue 13 point 6: `make` chains check freshness from (size, mtime, inode); loads hash fully."""
+    """Issue 13 point 6: `make` chains check freshness from (size, mtime, ctime, inode); loads hash fully."""
     import hashlib
 
-    from sd35trt.artifacts.manifest import HashCache, is_fresh
+    from sd35trt.artifacts.files import HashCache
 
     run = tmp_path / "run"
     (run / "onnx").mkdir(parents=True)
@@ -192,15 +196,18 @@ def test_freshness_checks_do_not_rehash_unchanged_files_but_see_changes(tmp_path
         )()
 
     monkeypatch.setattr(hashlib, "sha256", counting)
-    assert is_fresh(run, Stage.EXPORT, digest)  # first check hashes and remembers
+    assert _fresh(run, digest)  # first check hashes and remembers
     first = sum(hashed)
     assert first >= 1 << 20 and (run / HashCache.NAME).is_file()
     hashed.clear()
-    assert is_fresh(run, Stage.EXPORT, digest) and sum(hashed) == 0  # unchanged: nothing rehashed
+    assert _fresh(run, digest) and sum(hashed) == 0  # unchanged: nothing rehashed
     data = bytearray(big.read_bytes())
     data[7] ^= 1
-    big.write_bytes(bytes(data))  # same size, new mtime
-    assert not is_fresh(run, Stage.EXPORT, digest)
+    before = big.stat()
+    big.write_bytes(bytes(data))  # same size, and the mtime put back as `touch -r` does (faults.md #30)
+    os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert big.stat().st_mtime_ns == before.st_mtime_ns and big.stat().st_ino == before.st_ino
+    assert not _fresh(run, digest)  # the ctime moved: rehashed
     hashed.clear()
     with pytest.raises(VerificationError, match=r"model\.onnx sha256"):
         RunManifest(run).verified(Stage.EXPORT, digest)  # without a cache: always hashed

@@ -20,7 +20,8 @@ import pytest
 from record_fakes import ENGINE_DIMS
 
 from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, EngineManifest, EngineRecord
-from sd35trt.artifacts.manifest import FileRecord, file_record, sha256_file
+from sd35trt.artifacts.files import file_record, sha256_file
+from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.backends.load import verify_engines
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, Precision

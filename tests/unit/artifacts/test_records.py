@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from record_fakes import build_details, calibrate_details, export_details, exported_component
 
-from sd35trt.artifacts.manifest import FORMAT_VERSION, RunManifest, Stage, is_fresh, new_record
+from sd35trt.artifacts.files import HashCache
+from sd35trt.artifacts.manifest import FORMAT_VERSION, RunManifest, Stage, new_record
 from sd35trt.artifacts.records import ExportRecord, StageRecords
 from sd35trt.components import Component
 from sd35trt.config import Backend, Precision, sha256_json
@@ -114,7 +115,11 @@ def test_a_record_that_does_not_validate_is_one_line_naming_file_and_field(tmp_p
     _set(data, field, value)
     path.write_text(json.dumps(data))
     m = RunManifest(tmp_path)
-    for read in (m.load, lambda: m.verified(Stage.BUILD), lambda: is_fresh(tmp_path, Stage.BUILD, "b")):
+    for read in (
+        m.load,
+        lambda: m.verified(Stage.BUILD),
+        lambda: m.verified(Stage.BUILD, "b", cache=HashCache(tmp_path)),
+    ):
         with pytest.raises(ManifestError, match=expected) as err:
             read()
         text = str(err.value)
@@ -145,3 +150,40 @@ def test_exported_component_keeps_its_types():
     assert entry.precision is Precision.BF16 and entry.fp8_weights is False
     rec = new_record(Stage.EXPORT, "e", [], details=export_details(components={Component.TRANSFORMER: entry}))
     assert isinstance(rec, ExportRecord) and rec.details.components[Component.TRANSFORMER] == entry
+
+
+def test_a_fingerprint_names_exactly_what_changed():
+    """Issue 26.5: a stale record names the values that changed, not every section it depends on."""
+    from sd35trt.artifacts.records import Fingerprint
+    from sd35trt.config import config_from_dict
+
+    data = {"name": "t", "model": {"loras": [{"path": "a.safetensors", "scale": 1.0}]}}
+    base = config_from_dict(data)
+    data["model"]["loras"][0]["scale"] = 0.5
+    rescaled = config_from_dict(data)
+    identity = {"loras": [{"sha256": "ab" * 32}]}
+    old, new = (Fingerprint.of(c, Stage.EXPORT, identity) for c in (base, rescaled))
+    assert old.digest != new.digest
+    assert new.changes(old.inputs) == "model.loras[0].scale 1.0 → 0.5"
+    assert new.changes(new.inputs) is None and new.changes(None) is None
+    other_bytes = Fingerprint.of(base, Stage.EXPORT, {"loras": [{"sha256": "cd" * 32}]})
+    assert other_bytes.changes(old.inputs).startswith('weights.loras[0].sha256 "abab')
+    # Build keys on whether CFG is on by default, not on the guidance value.
+    guided = base.model_copy(update={"runtime": base.runtime.model_copy(update={"guidance_scale": 7.0})})
+    no_cfg = base.model_copy(update={"runtime": base.runtime.model_copy(update={"guidance_scale": 1.0})})
+    build = Fingerprint.of(base, Stage.BUILD)
+    assert Fingerprint.of(guided, Stage.BUILD).digest == build.digest
+    assert Fingerprint.of(no_cfg, Stage.BUILD).changes(build.inputs) == "cfg_by_default true → false"
+
+
+def test_records_keep_their_inputs_and_older_records_without_them_keep_their_digest(tmp_path):
+    from sd35trt.artifacts.records import Fingerprint
+    from sd35trt.config import Config
+
+    fingerprint = Fingerprint.of(Config(name="t"), Stage.CALIBRATE)
+    rec = new_record(Stage.CALIBRATE, fingerprint, [], details=calibrate_details())
+    assert rec.inputs == fingerprint.inputs and "inputs" in rec.to_json()
+    old = new_record(Stage.CALIBRATE, fingerprint.digest, [], details=calibrate_details())
+    assert old.inputs is None and "inputs" not in old.to_json()
+    RunManifest(tmp_path).put(Stage.CALIBRATE, rec)
+    assert RunManifest(tmp_path).get(Stage.CALIBRATE) == rec

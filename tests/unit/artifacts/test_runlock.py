@@ -86,3 +86,25 @@ def test_a_session_removes_leftovers_of_its_own_stage_only(tmp_path):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx.tmp-c"]
     assert lock_paths(tmp_path)[0].parent == tmp_path.parent  # the lock lives beside the run dir
+
+
+def test_a_run_directory_is_recognised_before_its_first_record(tmp_path):
+    """faults.md 29: what sd35trt writes before a stage's first record (the built-in model with its
+    stamp, staging directories) is a run; a user's folder, even one with a model/, is not."""
+    from sd35trt.artifacts.runlock import MODEL_STAMP, check_run_dir
+    from sd35trt.errors import RunDirError
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / MODEL_STAMP).write_text("{}")
+    (run / ".calibrate.tmp-abc").mkdir()
+    check_run_dir(run)
+    check_run_dir(tmp_path / "new")  # not there yet
+    (run / "model" / MODEL_STAMP).unlink()  # now a model/ sd35trt did not write
+    with pytest.raises(RunDirError, match=r"holds model and no sd35trt run manifest"):
+        check_run_dir(run)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / ".DS_Store").write_text("")
+    with pytest.raises(RunDirError, match=r"holds \.DS_Store and no sd35trt run manifest"):
+        check_run_dir(user)

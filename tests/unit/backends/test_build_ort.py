@@ -19,11 +19,19 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from sd35trt.artifacts.manifest import RunManifest, Stage, new_record, records_for_tree
-from sd35trt.artifacts.records import BuildRecord, ExportDetails, ExportedComponent, ValidationStatus
+from sd35trt.artifacts.files import records_for_tree
+from sd35trt.artifacts.manifest import RunManifest, Stage, new_record
+from sd35trt.artifacts.records import (
+    BuildRecord,
+    ExportDetails,
+    ExportedComponent,
+    Fingerprint,
+    ValidationStatus,
+)
 from sd35trt.backends.load import open_engines, verify_engines
 from sd35trt.backends.machine import GpuInfo, MachineInfo
 from sd35trt.backends.onnxruntime import GRAPH_OPTIMIZATION_LEVEL, OrtEngine, optimize_model
+from sd35trt.backends.registry import resolve_backend
 from sd35trt.components import (
     Component,
     ComponentSpec,
@@ -39,10 +47,11 @@ from sd35trt.errors import (
     BackendUnavailableError,
     BuildError,
     ModelError,
+    RunDirError,
     StaleArtifactError,
     VerificationError,
 )
-from sd35trt.stages.build import build, choose_source, onnx_inputs, resolve_backend
+from sd35trt.stages.build import build, choose_source, onnx_inputs
 from sd35trt.stages.export.onnx_files import io_signature
 
 DIMS = ModelDims(
@@ -286,7 +295,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 def test_build_writes_engines_manifest_and_record(built):
     run_dir, record, lines = built
     engines_dir = run_dir / "engines"
-    assert record == RunManifest(run_dir).verified(Stage.BUILD, _config().digest("build", "runtime"))
+    assert record == RunManifest(run_dir).verified(Stage.BUILD, Fingerprint.of(_config(), Stage.BUILD))
     assert record.details.backend is Backend.ONNXRUNTIME
     assert record.details.components[Component.TRANSFORMER].fp8 is True
     data = json.loads((engines_dir / "manifest.json").read_text())
@@ -360,8 +369,13 @@ def test_up_to_date_build_is_reused_and_force_rebuilds(built, tmp_path):
     lines: list[str] = []
     again = build(_config(), run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
     assert again == built[1] and marker.exists() and any("up to date" in ln for ln in lines)
+    # A file no record lists is never removed (faults.md #29): the rebuild is refused, naming it.
+    with pytest.raises(RunDirError, match=r"holds files no build record lists \(engines/stray\.txt\)"):
+        build(_config(), run_dir, Backend.ONNXRUNTIME, force=True, machine=CPU, progress=lines.append)
+    assert marker.read_text() == "left by hand"
+    marker.unlink()
     rebuilt = build(_config(), run_dir, Backend.ONNXRUNTIME, force=True, machine=CPU, progress=lines.append)
-    assert not marker.exists() and rebuilt.created >= built[1].created
+    assert rebuilt.created >= built[1].created
     # A damaged engine is a reason to rebuild, not to fail.
     (run_dir / "engines" / "vae_decoder.onnx").write_bytes(b"truncated")
     build(_config(), run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
@@ -369,7 +383,7 @@ def test_up_to_date_build_is_reused_and_force_rebuilds(built, tmp_path):
     # So is a change of a build-relevant setting.
     changed = _config(guidance_scale=1.0)
     record = build(changed, run_dir, Backend.ONNXRUNTIME, machine=CPU, progress=lines.append)
-    assert record.config_digest == changed.digest("build", "runtime") != rebuilt.config_digest
+    assert record.config_digest == Fingerprint.of(changed, Stage.BUILD).digest != rebuilt.config_digest
 
 
 def test_auto_without_tensorrt_uses_onnxruntime_and_says_so(exported, tmp_path):
@@ -529,10 +543,10 @@ def test_choose_source_falls_back_without_fp8():
 
 def test_resolve_backend():
     gpu = MachineInfo("11.4.0", GpuInfo("NVIDIA H100", (9, 0)))
-    assert resolve_backend(Backend.AUTO, gpu)[0] is Backend.TENSORRT
-    assert resolve_backend(Backend.ONNXRUNTIME, gpu)[0] is Backend.ONNXRUNTIME
+    assert resolve_backend(Backend.AUTO, gpu)[0].backend is Backend.TENSORRT
+    assert resolve_backend(Backend.ONNXRUNTIME, gpu)[0].backend is Backend.ONNXRUNTIME
     backend, reason = resolve_backend(Backend.AUTO, MachineInfo("11.4.0", None))
-    assert (backend, reason) == (Backend.ONNXRUNTIME, "auto: no CUDA GPU, using ONNX Runtime")
+    assert (backend.backend, reason) == (Backend.ONNXRUNTIME, "auto: no CUDA GPU, using ONNX Runtime")
     with pytest.raises(
         BackendUnavailableError, match=r"this machine has no TensorRT \(import tensorrt failed\)"
     ):

@@ -11,10 +11,11 @@ import shutil
 import pytest
 
 from sd35trt.artifacts.manifest import Stage
+from sd35trt.artifacts.records import Fingerprint
 from sd35trt.components import ModelDims
 from sd35trt.config import config_from_dict
 from sd35trt.errors import ModelError
-from sd35trt.models.loading import resolve_model, stage_digest, weights_identity
+from sd35trt.models.loading import resolve_model, weights_identity
 
 REPO_ID = "sd35trt-test/tiny-sd35"
 COMMIT_A = "a" * 40
@@ -56,9 +57,9 @@ def test_a_new_commit_makes_the_chain_stale_and_a_pinned_revision_does_not_move(
     cache, tiny_model_dir, hf_repo_writer
 ):
     hf_repo_writer(cache, REPO_ID, tiny_model_dir, COMMIT_A)
-    before = stage_digest(_config(), Stage.CALIBRATE, weights_identity(_config()))
+    before = Fingerprint.of(_config(), Stage.CALIBRATE, weights_identity(_config())).digest
     hf_repo_writer(cache, REPO_ID, tiny_model_dir, COMMIT_B)  # refs/main moves on
-    after = stage_digest(_config(), Stage.CALIBRATE, weights_identity(_config()))
+    after = Fingerprint.of(_config(), Stage.CALIBRATE, weights_identity(_config())).digest
     assert before != after
     pinned = _config(revision=COMMIT_A)
     assert resolve_model(pinned, cache).hub.commit == COMMIT_A

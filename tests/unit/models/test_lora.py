@@ -138,3 +138,99 @@ def test_text_encoder_lora_is_fused_like_diffusers_loads_it(tiny_model_dir, lora
         )
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(np.int8, "I8"), (np.bool_, "BOOL")])
+def test_integer_and_boolean_loras_are_refused_naming_key_and_dtype(transformer, tmp_path, dtype, name):
+    """faults.md #38: an int8 or bool LoRA was fused as its raw numbers (calibration PSNR 34 and 23 dB)."""
+    path = tmp_path / "q.safetensors"
+    save_file(
+        {f"{Q}.lora_A.weight": np.ones((4, 32), dtype), f"{Q}.lora_B.weight": np.ones((32, 4), dtype)}, path
+    )
+    (lora,) = resolve_loras([LoraSettings(path=str(path))])
+    fused = {"transformer": transformer}
+    with pytest.raises(
+        ModelError, match=rf"key '{Q}\.lora_A\.weight' has dtype {name}; a LoRA's weights must be floating"
+    ):
+        fuse_loras(fused, [lora])
+    assert type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear  # nothing was loaded
+
+
+def test_alpha_keys_scale_the_update_by_alpha_over_rank(tiny_model_dir, lora_maker, tmp_path):
+    """faults.md #38 (diffusers#14088): ``<module>.alpha`` keys were ignored, so a LoRA trained with
+    alpha = rank / 2 was fused at twice its strength. The fused weights now equal the same LoRA
+    without alpha keys fused at scale alpha / rank."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_torch
+
+    plain = lora_maker(tiny_model_dir, tmp_path / "plain", rank=4)
+    tensors = load_file(plain)
+    modules = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+    with_alpha = tmp_path / "alpha.safetensors"
+    save_torch(tensors | {f"{m}.alpha": torch.tensor(2.0) for m in modules}, with_alpha)  # alpha 2, rank 4
+
+    def fused(path, scale):
+        model = SD3Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer").eval()
+        fuse_loras({"transformer": model}, list(resolve_loras([LoraSettings(path=str(path), scale=scale)])))
+        return model.transformer_blocks[0].attn.to_q.weight.detach()
+
+    base = SD3Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    w0 = base.transformer_blocks[0].attn.to_q.weight.detach()
+    half, full, alpha = fused(plain, 0.5), fused(plain, 1.0), fused(with_alpha, 1.0)
+    assert (full - w0).abs().max() > 1e-3
+    torch.testing.assert_close(alpha, half, atol=1e-6, rtol=0)
+    assert not torch.allclose(alpha, full, atol=1e-4)
+
+
+def test_alpha_without_its_lora_pair_is_refused(transformer, tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file(
+        {
+            f"{Q}.lora_A.weight": np.zeros((4, 32), np.float32),
+            f"{Q}.lora_B.weight": np.zeros((32, 4), np.float32),
+            "transformer.transformer_blocks.0.attn.to_k.alpha": np.array(2.0, np.float32),
+        },
+        path,
+    )
+    with pytest.raises(
+        ModelError, match=r"key 'transformer\.transformer_blocks\.0\.attn\.to_k\.alpha' belongs to no module"
+    ):
+        check_lora(resolve_loras([LoraSettings(path=str(path))])[0], {"transformer": transformer})
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b'["a", "b"]', r"has a malformed header: a JSON list, not an object"),
+        (b'"weights"', r"has a malformed header: a JSON str, not an object"),
+        (
+            b'{"w": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}',
+            r"has a malformed header: key 'w' has shape \['4'\], not a list",
+        ),
+        (
+            b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": ["0", 16]}}',
+            r"has a malformed header: key 'w' has data_offsets \['0', 16\]",
+        ),
+        (b'{"w": [1, 2]}', r"has a malformed header: key 'w' maps to a JSON list"),
+    ],
+    ids=["list", "string", "shape", "offset", "entry"],
+)
+def test_malformed_safetensors_headers_name_file_and_key(tmp_path, header, message):
+    """faults.md #38: these were AttributeError / TypeError tracebacks, for LoRAs and model shards alike."""
+    from sd35trt.models.loading import check_weights
+
+    lora = tmp_path / "lora.safetensors"
+    _raw_safetensors(lora, header, bytes(16))
+    with pytest.raises(ModelError, match=rf"safetensors file .*lora\.safetensors {message}"):
+        resolve_loras([LoraSettings(path=str(lora))])
+    model = tmp_path / "model" / "transformer"
+    model.mkdir(parents=True)
+    _raw_safetensors(model / "diffusion_pytorch_model.safetensors", header, bytes(16))
+    with pytest.raises(ModelError, match=rf"diffusion_pytorch_model\.safetensors {message}") as err:
+        check_weights(tmp_path / "model")
+    assert "\n" not in str(err.value)

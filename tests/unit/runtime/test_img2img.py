@@ -15,8 +15,9 @@ from sd35trt.components import Component, profile, spec
 from sd35trt.config import Architecture, config_from_dict
 from sd35trt.errors import RequestError
 from sd35trt.models.tiny import model_dims
+from sd35trt.runtime.images import read_image
 from sd35trt.runtime.img2img import image_tensor, img2img_schedule
-from sd35trt.runtime.request import GenerationRequest, RequestLimits, read_image, resolve_request
+from sd35trt.runtime.request import GenerationRequest, RequestLimits, resolve_request
 from sd35trt.runtime.scheduler import FlowMatchEuler
 
 TINY = model_dims(Architecture.TINY)
@@ -110,7 +111,7 @@ def test_read_image_refuses_bombs_and_garbage_before_decoding():
     assert err.value.field == "init_image"
     with pytest.raises(RequestError, match=r"not a readable image \(Image size .* decompression bomb"):
         read_image(_png_claiming(20000, 20000))  # Pillow's own limit, before ours is reached
-    with pytest.raises(RequestError, match=r"image 5 bytes is not a readable image"):
+    with pytest.raises(RequestError, match=r"image 5 bytes is not a PNG, JPEG or WebP image"):
         read_image(b"hello")
     ok = io.BytesIO()
     Image.new("RGB", (3, 2), (10, 20, 30)).save(ok, format="PNG")

@@ -3,10 +3,10 @@
 import pytest
 
 from sd35trt.artifacts.manifest import Stage
-from sd35trt.config import Architecture, config_from_dict
+from sd35trt.config import Architecture, ModelSource, config_from_dict
 from sd35trt.errors import ConfigError
 from sd35trt.models.tiny import model_dims
-from sd35trt.stages.check import check_config, config_problems
+from sd35trt.stages.check import check_config, config_problems, scheduler_problems
 
 TINY = model_dims(Architecture.TINY)  # max image size 512 (pos_embed_max_size 32 x 16), 3 blocks
 
@@ -72,3 +72,30 @@ def test_fp8_attention_with_a_float32_transformer_is_refused_when_the_config_loa
         _config(calibrate={"fp8_attention": True})
     _config(calibrate={"fp8_attention": True}, export={"precision": {"transformer": "bf16"}})
     _config(calibrate={"fp8_attention": True}, export={"quantize": False})
+
+
+def test_a_scheduler_the_runtime_cannot_honour_is_refused_before_calibrate(
+    tiny_config, tiny_model_dir, tmp_path
+):
+    """faults.md #39: ``use_dynamic_shifting: true`` was refused only by ``run``, after calibrate,
+    export and build had succeeded (hours at full size)."""
+    import json
+    import shutil
+
+    from sd35trt.stages.calibrate import calibrate
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    data = json.loads(scheduler.read_text())
+    assert scheduler_problems(model) == []
+    scheduler.write_text(json.dumps(data | {"use_dynamic_shifting": True}))
+    config = tiny_config.model_copy(
+        update={"model": tiny_config.model.model_copy(update={"source": ModelSource.LOCAL, "path": model})}
+    )
+    with pytest.raises(ConfigError) as err:
+        calibrate(config, tmp_path / "run")
+    message = str(err.value)
+    assert "before `sd35trt calibrate` started" in message and "\n" not in message
+    assert "scheduler_config.json: use_dynamic_shifting = true is not supported" in message
+    assert not (tmp_path / "run" / "calibrate").exists()
