@@ -20,14 +20,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializationInfo,
-    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
+from sd35trt.controlnet_settings import ControlNetSettings, ControlType, OptionalControlNet  # noqa: F401
 from sd35trt.errors import ConfigError
 from sd35trt.parameters import PARAMS
 
@@ -169,34 +167,7 @@ class LoraSettings(_Strict):
     revision: str | None = Field(default=None, min_length=1)
 
 
-def _absent_when_none(data: dict, value: Any, key: str) -> dict:
-    """Leave an unset ControlNet setting out of a dump, so configs without a ControlNet keep the
-    digests they had before the setting existed."""
-    if value is None:
-        data.pop(key, None)
-    return data
-
-
-class ControlType(str, Enum):
-    """What a ControlNet was trained on (Stability AI's SD3.5 ControlNets: one per kind).
-
-    ``canny`` and ``blur`` control images are made here from the user's picture; a ``depth``
-    map is given by the user.
-    """
-
-    CANNY = "canny"
-    BLUR = "blur"
-    DEPTH = "depth"
-
-
-class ControlNetSettings(_Strict):
-    """The ControlNet exported beside the pipeline: diffusers' ``SD3ControlNetModel`` in the
-    model directory's ``controlnet/`` (``StableDiffusion3ControlNetPipeline``'s layout)."""
-
-    type: ControlType
-
-
-class ModelSettings(_Strict):
+class ModelSettings(_Strict, OptionalControlNet):
     source: ModelSource = ModelSource.TINY
     path: Path | None = Field(
         default=None, description="local diffusers directory (source: local), or a repo id (source: hub)"
@@ -210,12 +181,6 @@ class ModelSettings(_Strict):
     seed: int = Field(default=0, ge=0, description="weight seed for source tiny / random")
     #: LoRAs fused into the weights, in order, before calibrate and export.
     loras: tuple[LoraSettings, ...] = ()
-    #: a ControlNet to export; the transformer then takes its residuals as inputs.
-    controlnet: ControlNetSettings | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_controlnet(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo):
-        return _absent_when_none(handler(self), self.controlnet, "controlnet")
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> ModelSettings:
@@ -281,18 +246,6 @@ class ComponentPrecisions(_Strict):
     transformer: Precision = Precision.FP32
     vae_decoder: Precision = Precision.FP32
     vae_encoder: Precision = Precision.FP32
-    #: the ControlNet's (``model.controlnet``); default: the transformer's.
-    controlnet: Precision | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_default_controlnet(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo):
-        return _absent_when_none(handler(self), self.controlnet, "controlnet")
-
-    def of(self, component_name: str) -> Precision:
-        """The export precision of the component named ``component_name`` (a ``Component`` value)."""
-        if component_name == "controlnet":
-            return self.controlnet or self.transformer
-        return getattr(self, component_name)
 
     @field_validator("t5")
     @classmethod

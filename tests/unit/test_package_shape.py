@@ -42,6 +42,7 @@ LAYERS = (
     ("sd35trt", "sd35trt.errors"),
     (
         "sd35trt.config",
+        "sd35trt.controlnet_settings",
         "sd35trt.components",
         "sd35trt.sampling",
         "sd35trt.guidance",

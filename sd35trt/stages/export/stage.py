@@ -309,7 +309,9 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
 
 
 def _precision(config: Config, component: Component) -> Precision:
-    return config.export.precision.of(component.value)
+    # The ControlNet is exported in the transformer's precision (it is made of its blocks).
+    name = Component.TRANSFORMER.value if component is Component.CONTROLNET else component.value
+    return getattr(config.export.precision, name)
 
 
 def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
