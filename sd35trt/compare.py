@@ -10,7 +10,7 @@ Polygraphy runs both sides and compares them:
   optimization, CUDA provider where onnxruntime-gpu sees a GPU, float32 I/O for bf16 graphs).
 
 ``Comparator.run`` feeds both runners the same inputs, drawn by each input's sampling rule
-(:func:`~sd35trt.components.sample_inputs`) at the engine profile's ``opt`` and ``min`` shapes;
+(:func:`~sd35trt.sampling.sample_inputs`) at the engine profile's ``opt`` and ``min`` shapes;
 ``Comparator.compare_accuracy`` judges every output against the component spec's tolerance, as
 export validation does: ``max|engine - onnx| <= atol + rtol * max|onnx|``
 (:func:`~sd35trt.components.validation_tolerance` of the engine's precision and FP8).
@@ -37,10 +37,10 @@ from sd35trt.components import (
     ComponentSpec,
     TensorType,
     Tolerance,
-    sample_inputs,
     validation_tolerance,
 )
 from sd35trt.errors import VerificationError
+from sd35trt.sampling import sample_inputs
 from sd35trt.stages.export.validate import OutputCheck
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ class Component(str, Enum):
     """The exported components of an SD3.5 pipeline, in execution order.
 
     The VAE encoder is the image-to-image input: engines built before it existed lack it, and
-    text-to-image needs only the other five (:attr:`required`).
+    text-to-image needs only the other five (:attr:`required`). The ControlNet (diffusers'
+    ``SD3ControlNetModel``) is exported only when ``model.controlnet`` is set.
     """
 
     CLIP_L = "clip_l"
@@ -28,6 +29,7 @@ class Component(str, Enum):
     TRANSFORMER_REST = "transformer_rest"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
+    CONTROLNET = "controlnet"
 
     @property
     def is_text_encoder(self) -> bool:
@@ -45,21 +47,24 @@ class Component(str, Enum):
 
     @property
     def required(self) -> bool:
-        """Whether every engine set has it (text-to-image); the VAE encoder is optional.
+        """Whether every engine set has it (text-to-image); the VAE encoder and ControlNet are optional.
 
         The transformer is required, but its two parts stand in for it (:func:`engine_components`).
         """
-        return self not in (Component.VAE_ENCODER, *TRANSFORMER_PARTS)
+        return self not in (Component.VAE_ENCODER, Component.CONTROLNET, *TRANSFORMER_PARTS)
 
 
 #: The first-block-cache engines, in the order a step runs them.
 TRANSFORMER_PARTS = (Component.TRANSFORMER_FIRST_BLOCK, Component.TRANSFORMER_REST)
 
 
-def exported_components(cache: bool) -> list[Component]:
+def exported_components(cache: bool = False, controlnet: bool = False) -> list[Component]:
     """What ``sd35trt export`` writes, in order: every component, the transformer as its two parts
-    when ``cache`` (``runtime.cache`` is set) and whole otherwise."""
+    when ``cache`` (``runtime.cache`` is set) and whole otherwise, and the ControlNet only when
+    ``controlnet`` (``model.controlnet`` is set; the config check refuses it with the cache)."""
     skipped = (Component.TRANSFORMER,) if cache else TRANSFORMER_PARTS
+    if not controlnet:
+        skipped = (*skipped, Component.CONTROLNET)
     return [c for c in Component if c not in skipped]
 
 
@@ -141,6 +146,10 @@ MODELS: dict[Component, ComponentModel] = {
     ),
     Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
     Component.VAE_ENCODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeEncoder"),
+    # StableDiffusion3ControlNetPipeline's layout: the ControlNet in the pipeline's controlnet/.
+    Component.CONTROLNET: ComponentModel(
+        "controlnet", ModelLibrary.DIFFUSERS, "SD3ControlNetModel", None, "ControlNet"
+    ),
 }
 
 #: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).

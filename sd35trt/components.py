@@ -22,12 +22,9 @@ Where the glue lives (decided here, used by export and the runtime):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import numpy as np
 
 from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabulary lives here
     MODELS,
@@ -217,15 +214,21 @@ class ComponentSpec:
         return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
 
 
-def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> ComponentSpec:
+def spec(
+    component: Component, dims: ModelDims, skip_layers: int = 0, controlnet: bool = False
+) -> ComponentSpec:
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
     ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
-    over that many blocks; see :class:`sd35trt.models.modules.Transformer`).
+    over that many blocks; see :class:`sd35trt.models.modules.Transformer`). ``controlnet`` > 0,
+    the ControlNet's block count, adds its ``controlnet_block_samples [B, n, image_tokens,
+    inner_dim]`` input (zeros without a control image, as NVIDIA's demo feeds them) and is the
+    ControlNet's output count; 0 keeps the transformer's I/O that of a pipeline without one.
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
-    size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length).
+    size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length),
+    ``image_tokens`` (latent patches: ``latent_height * latent_width / patch_size**2``).
     """
     f, i64 = TensorType.FLOAT, TensorType.INT64
     if component in (Component.CLIP_L, Component.CLIP_G):
@@ -265,6 +268,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
                 # CombinedTimestepTextProjEmbeddings), so the cast is inside the graph.
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
                 *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
+                *((_controlnet_samples(dims, controlnet),) if controlnet else ()),
             ),
             outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
             tolerance=Tolerance(rtol=1e-3, atol=1e-4),
@@ -291,6 +295,23 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0) -> Compone
             ),
             outputs=(TensorSpec("latent", f, latent),),  # scaled and shifted, as the transformer takes it
             tolerance=Tolerance(rtol=1e-3, atol=1e-3),
+        )
+    if component is Component.CONTROLNET:
+        c = dims.latent_channels
+        return ComponentSpec(
+            component,
+            inputs=(
+                TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
+                # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
+                # vae.encode(image).latent_dist.sample(), shifted and scaled)
+                TensorSpec("controlnet_cond", f, ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
+                TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
+                TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
+            ),
+            # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
+            outputs=(_controlnet_samples(dims, controlnet),),
+            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
         )
     raise ValueError(f"unknown component {component!r}")
 
@@ -343,45 +364,10 @@ def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> Compo
     )
 
 
-def sample_inputs(
-    sp: ComponentSpec, shapes: Mapping[str, tuple[int, ...]], case: int, vocab: int | None = None
-) -> dict[str, np.ndarray]:
-    """Random inputs of ``sp`` at ``shapes``, drawn as each input's :class:`Sampling` says.
-
-    Export validation and ``sd35trt verify --compare`` both draw their inputs here, so an engine
-    is compared on the kind of values it was validated on.
-
-    Args:
-        sp: the component's I/O contract (names, sampling rules).
-        shapes: a concrete shape per input name.
-        case: seeds the draw, so every case gets fresh values and a re-run the same ones.
-            Gates alternate with it (all skipped, then none): two cases cover both branches.
-        vocab: the token vocabulary, for token inputs.
-
-    Returns:
-        ``{name: array}`` in the spec's order: int64 token ids, float32 for every float input
-        (callers cast to the graph's dtype).
-
-    Raises:
-        ValueError: the spec has token inputs and no ``vocab`` is given.
-    """
-    rng = np.random.default_rng(1234 + case)
-    out = {}
-    for t in sp.inputs:
-        shape = tuple(shapes[t.name])
-        if t.sampling is Sampling.TOKENS:
-            if not vocab:
-                raise ValueError(f"{sp.component.value}: token input {t.name} needs a vocabulary size")
-            out[t.name] = rng.integers(0, vocab, shape, dtype=np.int64)  # [B, L]
-        elif t.sampling is Sampling.TIMESTEP:
-            out[t.name] = (rng.random(shape) * NUM_TRAIN_TIMESTEPS).astype(np.float32)  # [B]
-        elif t.sampling is Sampling.GATE:
-            out[t.name] = np.full(shape, float((case + 1) % 2), dtype=np.float32)  # [n] in {0, 1}
-        elif t.sampling is Sampling.PIXELS:
-            out[t.name] = rng.random(shape, dtype=np.float32)  # [B, 3, H, W] in [0, 1]
-        else:
-            out[t.name] = rng.standard_normal(shape, dtype=np.float32)
-    return out
+def _controlnet_samples(dims: ModelDims, n: int) -> TensorSpec:
+    """The ControlNet's ``n`` residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
+    inner = dims.num_heads * dims.head_dim  # the transformer's token width
+    return TensorSpec("controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", inner))
 
 
 #: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and
@@ -479,6 +465,7 @@ def profile(
     max_sequence_length: int = 256,
     cfg_by_default: bool = True,
     skip_layers: int = 0,
+    controlnet: int = 0,
 ) -> dict[str, ShapeRange]:
     """Optimization-profile shape ranges per input of ``component``.
 
@@ -491,7 +478,7 @@ def profile(
     h = latent_range(build.height, dims, "height")
     w = latent_range(build.width, dims, "width")
     text_len = CLIP_MAX_LENGTH + max_sequence_length
-    sp = spec(component, dims, skip_layers if component.is_transformer else 0)
+    sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
     sizes = {
         "batch": b,
         "height": build.height,
@@ -533,6 +520,7 @@ def sample_shapes(
     build: BuildSettings,
     max_sequence_length: int = 256,
     skip_layers: int = 0,
+    controlnet: int = 0,
 ) -> list[dict[str, tuple[int, ...]]]:
     """Concrete input shapes export traces and validates ``component`` at: small ones.
 
@@ -549,7 +537,9 @@ def sample_shapes(
     Raises:
         ConfigError: the build ranges don't fit the model (see :func:`profile`).
     """
-    profile(component, dims, build, max_sequence_length, skip_layers=skip_layers)  # refuse bad ranges
+    profile(
+        component, dims, build, max_sequence_length, skip_layers=skip_layers, controlnet=controlnet
+    )  # refuse bad ranges
     m = dims.size_multiple
     shapes = []
     for pick, side, t5 in zip(("opt", "min", "max"), SAMPLE_IMAGE_SIDES, SAMPLE_T5_LENGTHS, strict=True):
@@ -559,11 +549,18 @@ def sample_shapes(
                 "width": Range.static(_side(getattr(build.width, pick), side, m)),
             }
         )
-        ranges = profile(component, dims, small, min(max_sequence_length, t5), skip_layers=skip_layers)
+        ranges = profile(
+            component,
+            dims,
+            small,
+            min(max_sequence_length, t5),
+            skip_layers=skip_layers,
+            controlnet=controlnet,
+        )
         shapes.append({name: getattr(r, pick) for name, r in ranges.items()})
     trace, low, top = shapes
     if [s[:1] for s in top.values()] == [s[:1] for s in low.values()]:
-        sp = spec(component, dims, skip_layers if component.is_transformer else 0)
+        sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         top = {n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()}
     return [trace, low, top]

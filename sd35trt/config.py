@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from sd35trt.controlnet_settings import ControlNetSettings, ControlType, OptionalControlNet  # noqa: F401
 from sd35trt.errors import ConfigError
 from sd35trt.parameters import PARAMS
 from sd35trt.user_files import parse_yaml, read_text_file
@@ -166,7 +167,7 @@ class LoraSettings(_Strict):
     revision: str | None = Field(default=None, min_length=1)
 
 
-class ModelSettings(_Strict):
+class ModelSettings(_Strict, OptionalControlNet):
     source: ModelSource = ModelSource.TINY
     path: Path | None = Field(
         default=None, description="local diffusers directory (source: local), or a repo id (source: hub)"

@@ -38,6 +38,9 @@ DEFAULT_STRENGTH = 0.6
 #: The largest first-block cache threshold accepted (a relative change of block 0's residual;
 #: diffusers' ``FirstBlockCacheConfig`` default is 0.05, and above ~1 every step but the first skips).
 MAX_CACHE_THRESHOLD = 10.0
+#: ControlNet residuals scaled beyond this overwhelm the transformer; Stability AI's SD3.5
+#: ControlNets are used at 0.5 to 1.0 (diffusers' default 1.0).
+MAX_CONDITIONING_SCALE = 2.0
 #: An integer input whose upper bound is above this is 64-bit on typed wires (Triton's INT64).
 INT32_MAX = 2**31 - 1
 
@@ -181,6 +184,36 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
         "with runtime.cache only (default: theirs)",
         low=0.0,
         high=MAX_CACHE_THRESHOLD,
+    ),
+    InputParam(
+        "control_image",
+        Kind.IMAGE,
+        "ControlNet: the picture to follow, of the output's aspect ratio; made into canny edges or a "
+        "blur as control_type says (a depth map is taken as is); needs engines with a ControlNet",
+    ),
+    InputParam(
+        "control_type", Kind.TEXT, "ControlNet: canny, blur or depth (default: the engines' ControlNet's)"
+    ),
+    InputParam(
+        "controlnet_conditioning_scale",
+        Kind.FLOAT,
+        f"ControlNet: residual scale, 0..{MAX_CONDITIONING_SCALE:g} (default 1)",
+        low=0.0,
+        high=MAX_CONDITIONING_SCALE,
+    ),
+    InputParam(
+        "control_guidance_start",
+        Kind.FLOAT,
+        "ControlNet: share of the steps before it acts (default 0)",
+        low=0.0,
+        high=1.0,
+    ),
+    InputParam(
+        "control_guidance_end",
+        Kind.FLOAT,
+        "ControlNet: share of the steps after which it stops (default 1)",
+        low=0.0,
+        high=1.0,
     ),
 )
 

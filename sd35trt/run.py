@@ -126,8 +126,9 @@ def run(
     fields = canonical_fields({"prompt": prompt, **params}, wire=False)
     num_images = check_value("num_images", fields.get("num_images", 1))
     paths = output_paths(Path(out), num_images)
-    if fields.get("image") is not None:
-        fields["image"] = read_image(Path(fields["image"]))
+    for name in ("image", "control_image"):  # files on the command line
+        if fields.get(name) is not None:
+            fields[name] = read_image(Path(fields[name]), name)
     request = GenerationRequest(**fields)
     start = time.perf_counter()
     with Sd35Runtime.load(

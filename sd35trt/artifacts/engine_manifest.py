@@ -17,7 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    model_serializer,
+)
 
 from sd35trt.artifacts.files import read_json
 from sd35trt.artifacts.manifest import FileRecord
@@ -110,6 +118,8 @@ class EngineRecord(_Model):
     build_seconds: float
     extra_files: tuple[FileRecord, ...] = ()  # external weights of an ONNX Runtime engine
     skip_layers: int = Field(default=0, ge=0)  # transformer: size of the skip-layer-guidance input
+    #: transformer: the ControlNet residuals it takes (model.controlnet); written only when > 0
+    controlnet_layers: int = Field(default=0, ge=0)
     tensorrt_version: str | None = None  # of the record's backend: TensorRT or TensorRT-RTX
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
@@ -128,6 +138,13 @@ class EngineRecord(_Model):
     @field_serializer("build_seconds")
     def _rounded(self, value: float) -> float:
         return round(value, 3)
+
+    @model_serializer(mode="wrap")
+    def _controlnet_only_where_built(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # manifests without a ControlNet keep their bytes
+        if not self.controlnet_layers:
+            data.pop("controlnet_layers", None)
+        return data
 
 
 class EngineManifest(_Model):
@@ -149,7 +166,9 @@ class EngineManifest(_Model):
 
     def spec(self, component: Component) -> ComponentSpec:
         """The I/O contract of ``component``'s engine."""
-        return spec(component, self.dims, self.record(component).skip_layers)
+        tr = self.engines.get(Component.TRANSFORMER)
+        controlnet = tr.controlnet_layers if tr is not None else 0  # the ControlNet's outputs too
+        return spec(component, self.dims, self.record(component).skip_layers, controlnet)
 
     def record(self, component: Component) -> EngineRecord:
         """The engine record of ``component``.

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from sd35trt.components import Component, ModelDims, QuantizerKind
-from sd35trt.config import Backend, Config, Precision, check_config_path, sha256_json
+from sd35trt.config import Backend, Config, ControlType, Precision, check_config_path, sha256_json
 from sd35trt.guidance import cfg_enabled
 
 
@@ -205,6 +205,15 @@ class ModelInput(RecordModel):
     directory: str
     hub: HubRevision | None = None
     loras: tuple[LoraInput, ...] = ()
+    #: the control type of the ControlNet exported beside it (``model.controlnet``), else ``None``.
+    controlnet: ControlType | None = None
+
+    @model_serializer(mode="wrap")
+    def _controlnet_only_where_exported(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # records without a ControlNet keep their digests
+        if self.controlnet is None:
+            data.pop("controlnet", None)
+        return data
 
 
 class WeightsDetails(RecordModel):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sd35trt.components import MODELS, Component
+from sd35trt.errors import ModelError
 
 
 class ClipTextEncoder(nn.Module):
@@ -54,13 +55,21 @@ class Transformer(nn.Module):
     traced graph has Cast nodes at the block's boundary and float32 ops inside (NVIDIA's FP8
     recipe keeps block 35 of SD3.5 Large so). Module names are unchanged, so ModelOpt's quantizer
     names (the calibration file's keys) still match.
+
+    With ``controlnet`` the last input is ``controlnet_block_samples [B, n, tokens, inner]``,
+    diffusers' ``block_controlnet_hidden_states`` stacked on axis 1 (zeros: no ControlNet).
     """
 
     def __init__(
-        self, transformer: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+        self,
+        transformer: nn.Module,
+        slg_layers: Sequence[int] = (),
+        fp32_blocks: Sequence[int] = (),
+        controlnet: bool = False,
     ) -> None:
         super().__init__()
         self.transformer = transformer
+        self.controlnet = controlnet
         self.slg_layers = tuple(slg_layers)
         self.fp32_blocks = tuple(fp32_blocks)
         blocks = transformer.transformer_blocks
@@ -96,8 +105,15 @@ class Transformer(nn.Module):
         encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
         pooled_projections: torch.Tensor,  # [B, P]
         timestep: torch.Tensor,  # [B] float32
-        skip_layers: torch.Tensor | None = None,  # [n] in {0, 1}
+        *extra: torch.Tensor,  # skip_layers [n] in {0, 1} (with slg_layers), controlnet residuals
     ) -> torch.Tensor:
+        extra_inputs = list(extra)
+        skip_layers = extra_inputs.pop(0) if self.slg_layers and extra_inputs else None
+        residuals = extra_inputs.pop(0) if self.controlnet else None  # [B, n, tokens, inner]
+        if extra_inputs:
+            raise TypeError(
+                f"Transformer takes {len(extra) - len(extra_inputs)} extra inputs, got {len(extra)}"
+            )
         if skip_layers is not None:
             self._gates = {layer: skip_layers[k] for k, layer in enumerate(self.slg_layers)}
         try:
@@ -106,6 +122,7 @@ class Transformer(nn.Module):
                 encoder_hidden_states=encoder_hidden_states,
                 pooled_projections=pooled_projections,
                 timestep=timestep,
+                block_controlnet_hidden_states=None if residuals is None else list(residuals.unbind(1)),
                 return_dict=False,
             )[0]
         finally:
@@ -194,6 +211,48 @@ class TransformerRest(nn.Module):
         return _output_layers(t, hidden, temb, height, width), hidden - block_hidden_states
 
 
+class ControlNet(nn.Module):
+    """diffusers' ``SD3ControlNetModel``: ``(latents, control latent, text, pooled, timestep)`` ->
+    ``controlnet_block_samples [B, n, tokens, inner]``, unscaled (conditioning scale 1).
+
+    The SD3 layout only (its own positional embedding and context embedder); SD3.5-large's
+    ControlNets borrow the transformer's positional embedding (``use_pos_embed: false``) and are
+    refused by :func:`wrap` with a :class:`~sd35trt.errors.ModelError`.
+    """
+
+    def __init__(self, controlnet: nn.Module, vae_shift_offset: float = 0.0) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
+        # diffusers' pipeline encodes the control image without the VAE's shift for these
+        # (InstantX-style) ControlNets: (sample - 0) * scale, where the VAE encoder engine gives
+        # (sample - shift) * scale; adding shift * scale back here lets the engines share one encoder.
+        self.cond_offset = float(vae_shift_offset) if self.zero_pooled else 0.0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, C, h, w]
+        controlnet_cond: torch.Tensor,  # [B, C, h, w]
+        encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
+        pooled_projections: torch.Tensor,  # [B, P]
+        timestep: torch.Tensor,  # [B] float32
+    ) -> torch.Tensor:
+        if self.zero_pooled:  # diffusers' pipeline feeds zeros then; kept as a graph input
+            pooled_projections = torch.zeros_like(pooled_projections)
+        if self.cond_offset:
+            controlnet_cond = controlnet_cond + self.cond_offset
+        samples = self.controlnet(
+            hidden_states=hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=1.0,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+        return torch.stack(samples, dim=1)
+
+
 def _run_in_float32(block: nn.Module) -> None:
     """Make ``block`` compute in float32 and hand its caller tensors of the caller's dtype."""
     block.float()
@@ -257,7 +316,12 @@ class VaeEncoder(nn.Module):
 
 
 def wrap(
-    component: Component, model: nn.Module, slg_layers: Sequence[int] = (), fp32_blocks: Sequence[int] = ()
+    component: Component,
+    model: nn.Module,
+    slg_layers: Sequence[int] = (),
+    fp32_blocks: Sequence[int] = (),
+    controlnet: bool = False,
+    vae_shift_offset: float = 0.0,
 ) -> nn.Module:
     """The spec-shaped module of ``component`` around its ``model``.
 
@@ -265,12 +329,21 @@ def wrap(
 
     The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
     are the transformer blocks its ``skip_layers`` input gates and ``fp32_blocks`` the blocks it
-    computes in float32 (transformer only). Wrap a model once: each wrap of the transformer adds
+    computes in float32 (transformer only); ``controlnet`` gives the transformer its ControlNet
+    residual input; ``vae_shift_offset`` is the VAE's ``shift_factor * scaling_factor`` (the
+    ControlNet's, see :class:`ControlNet`). Wrap a model once: each wrap of the transformer adds
     hooks to its blocks.
     """
     wrapper = globals()[MODELS[component].wrapper]
     if component is Component.TRANSFORMER:
-        return wrapper(model, slg_layers, fp32_blocks).eval()
+        return wrapper(model, slg_layers, fp32_blocks, controlnet).eval()
     if component.is_transformer:  # a first-block-cache part, over the whole transformer's wrapper
         return wrapper(Transformer(model, slg_layers, fp32_blocks)).eval()
+    if component is Component.CONTROLNET and getattr(model.config, "use_pos_embed", True) is False:
+        raise ModelError(
+            "controlnet: this SD3ControlNetModel has use_pos_embed: false (SD3.5-large's layout, which "
+            "borrows the transformer's positional embedding); only ControlNets with their own are supported"
+        )
+    if component is Component.CONTROLNET:
+        return wrapper(model, vae_shift_offset).eval()
     return wrapper(model).eval()

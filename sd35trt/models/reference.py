@@ -281,11 +281,13 @@ def denoise_batch(
     height: int,
     width: int,
     output_type: str,
+    **control: Any,
 ) -> Any:
     """Run diffusers' SD3 denoising loop on one encoded batch, noise from a CPU generator.
 
     Args:
         output_type: ``"latent"`` to stop before the VAE, ``"np"`` for ``[B, H, W, 3]`` images in [0, 1].
+        control: ``control_image=...`` for a ``StableDiffusion3ControlNetPipeline``.
 
     Returns:
         The pipeline's ``images`` for ``output_type``.
@@ -303,4 +305,5 @@ def denoise_batch(
         width=width,
         generator=torch.Generator("cpu").manual_seed(batch.seed),
         output_type=output_type,
+        **control,
     ).images

@@ -332,11 +332,49 @@ def build_components(
     }
 
 
+#: Blocks of the tiny ControlNet.
+TINY_CONTROLNET_LAYERS = 2
+
+
+def tiny_controlnet(seed: int = 0, dtype=None):
+    """A seeded tiny diffusers ``SD3ControlNetModel`` that fits the tiny transformer.
+
+    Two blocks (so the tiny transformer's three blocks take residuals 0, 0, 1: diffusers'
+    ``index_block / (num_layers / n)`` rule), the transformer's widths and patch size, its own
+    positional embedding and context embedder (the SD3 ControlNet layout), and a zero-initialised
+    ``pos_embed_input`` replaced by seeded weights so the control image changes the result.
+
+    Returns:
+        The model in eval mode, float32 unless ``dtype`` says otherwise.
+    """
+    import torch
+    from diffusers import SD3ControlNetModel
+
+    tr = architecture_config(Architecture.TINY).transformer
+    keys = (
+        "sample_size", "patch_size", "in_channels", "out_channels", "attention_head_dim",
+        "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+        "pos_embed_max_size", "qk_norm",
+    )  # fmt: skip
+    torch.manual_seed(seed * 1000 + 5)  # index 5: after build_components' five models
+    net = SD3ControlNetModel(**{k: tr[k] for k in keys}, num_layers=TINY_CONTROLNET_LAYERS)
+    # diffusers zero-initialises the ControlNet's input and output projections (a fresh ControlNet
+    # changes nothing); a test model that changed nothing could not show a wrong wiring.
+    with torch.no_grad():
+        for p in (*net.pos_embed_input.parameters(), *net.controlnet_blocks.parameters()):
+            p.normal_(0.0, 0.2)
+    return (net if dtype is None else net.to(dtype)).eval()
+
+
 def write_tiny(out: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline as a diffusers directory (safetensors) at ``out``.
 
     The directory is written beside ``out`` and renamed into place, so ``out`` is either
     complete or absent. An existing ``out`` is replaced.
+
+    The tiny ControlNet (:func:`tiny_controlnet`) is written to ``controlnet/``, as
+    ``StableDiffusion3ControlNetPipeline.save_pretrained`` lays it out; it is exported only for
+    configs with ``model.controlnet``.
 
     Returns:
         ``out`` as a Path.
@@ -351,6 +389,7 @@ def write_tiny(out: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusion3Pipeline(**build_components(Architecture.TINY, seed))
     with staged_directory(out.parent, out.name) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        tiny_controlnet(seed).save_pretrained(tmp / "controlnet", safe_serialization=True)
     return out
 
 

@@ -30,6 +30,7 @@ diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import sys
@@ -46,6 +47,7 @@ from sd35trt.components import Component, ModelDims, engine_components
 from sd35trt.config import RuntimeSettings, sha256_json
 from sd35trt.errors import BackendUnavailableError, ConfigError, RequestError
 from sd35trt.runtime.cache import transformer_passes
+from sd35trt.runtime.control import transformer_residuals
 from sd35trt.runtime.img2img import image_latents, img2img_schedule
 from sd35trt.runtime.parts import engine_parts, image_seeds
 from sd35trt.runtime.png import attach_parameters
@@ -542,8 +544,21 @@ class Sd35Runtime:
 
         # 5. Denoise (through the first-block cache with a threshold, or with its engines only).
         timer = StepTimer(self.device)
-        with transformer_passes(self.engines, first.cache_threshold, self.info.dims) as passes:
-            latents = denoise(passes.cfg, latents, cond, first, self.scheduler, timer, schedule, passes.slg)
+        uses_controlnet = (
+            self.engines.use(Component.CONTROLNET) if first.control is not None else contextlib.nullcontext()
+        )
+        # the ControlNet residual input is the whole transformer engine's only (the config check
+        # refuses model.controlnet with runtime.cache): the first-block cache's passes get none
+        with (
+            transformer_passes(self.engines, first.cache_threshold, self.info.dims) as passes,
+            uses_controlnet as controlnet,
+        ):
+            residuals = transformer_residuals(
+                self.engines, passes.cfg, controlnet, first, cond, latents, self.info.dims.patch_size
+            )
+            latents = denoise(
+                passes.cfg, latents, cond, first, self.scheduler, timer, schedule, passes.slg, residuals
+            )
         timings.denoise_s = self._clock() - mark
         timings.step_s = timer.durations()
         steps = len(timings.step_s)

@@ -21,7 +21,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.components import (
@@ -32,10 +32,11 @@ from sd35trt.components import (
     engine_components,
     transformer_engine,
 )
-from sd35trt.config import RuntimeSettings, SkipLayerGuidance
+from sd35trt.config import ControlType, RuntimeSettings, SkipLayerGuidance
 from sd35trt.errors import ManifestError, RequestError
 from sd35trt.guidance import cache_threshold, cfg_enabled, guidance_plan
 from sd35trt.parameters import DEFAULT_STRENGTH, GENERATION_PARAMS, MAX_SEED, check_value
+from sd35trt.runtime.control import resolve_control
 from sd35trt.runtime.images import MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
@@ -94,6 +95,11 @@ class GenerationRequest:
     image: Any = None
     strength: float | None = None
     cache_threshold: float | None = None
+    control_image: Any = None  # ControlNet conditioning: sd35trt.runtime.control
+    control_type: str | None = None
+    controlnet_conditioning_scale: float | None = None
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,8 @@ class GenerationParams:
     request_images: int | None = None
     cache_threshold: float | None = None  # None: no first-block cache; once generated, the steps it skipped:
     cache_skipped_steps: int | None = field(default=None, compare=False)
+    #: ControlNet conditioning (a ``sd35trt.runtime.control.ControlParams``), or ``None``.
+    control: Any = None
 
     @property
     def cfg(self) -> bool:
@@ -151,11 +159,20 @@ class GenerationParams:
             self.skip_layer_guidance,
             self.strength,
             self.cache_threshold,  # the cache decides per engine call, for the whole batch
+            self.control,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The parameters as recorded (PNG text chunk, HTTP ``parameters``); warnings excluded."""
-        skipped = ("image", "strength", "image_sha256", "warnings", "first_image", "request_images")
+        skipped = (
+            "image",
+            "strength",
+            "image_sha256",
+            "warnings",
+            "first_image",
+            "request_images",
+            "control",
+        )
         # Not dataclasses.asdict: it would deep-copy the image.
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.request_images is not None:  # a part reports the whole request
@@ -166,6 +183,8 @@ class GenerationParams:
         if self.image_sha256 is not None:
             data["strength"] = self.strength
             data["image_sha256"] = self.image_sha256
+        if self.control is not None:
+            data.update(self.control.to_json())
         return data
 
 
@@ -230,6 +249,8 @@ class RequestLimits:
     img2img_batch: tuple[int, int] | None = None
     max_images: int = DEFAULT_MAX_IMAGES
     cache: bool = False  # the engines include the first-block cache's two transformer engines
+    #: the control type of the engines' ControlNet, ``None`` without one.
+    controlnet: ControlType | None = None
 
     @classmethod
     def from_profiles(
@@ -322,12 +343,16 @@ class RequestLimits:
                 f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
                 f"engine gates {gated}; rebuild with `sd35trt build`"
             )
-        return cls.from_profiles(
+        limits = cls.from_profiles(
             {c: manifest.spec(c) for c in components},
             {c: manifest.record(c).profile for c in components},
             manifest.dims,
             slg,
         )
+        control = (
+            (manifest.model or {}).get("controlnet") if Component.CONTROLNET in manifest.engines else None
+        )
+        return limits if control is None else replace(limits, controlnet=ControlType(control))
 
     def images(self, cfg: bool, slg: bool = False) -> tuple[int, int]:
         """``(min, max)`` images per batch.
@@ -422,6 +447,11 @@ def resolve_request(
     height = _size("height", _given(request, defaults, "height"), spans[0], m)
     width = _size("width", _given(request, defaults, "width"), spans[1], m)
     image, strength, image_sha = _image_to_image(request, steps, height, width)
+    control = resolve_control(request, limits.controlnet, height, width)
+    if control is not None and image_to_image:
+        raise RequestError(
+            "control_image", "a control_image works with text-to-image only, not with an image"
+        )
     wanted_slg = request.skip_layer_guidance
     if (
         wanted_slg is not None
@@ -439,7 +469,7 @@ def resolve_request(
         limits.skip_layer_guidance,
         negative_requested=request.negative_prompt is not None,
         slg_requested=None if wanted_slg is None else bool(wanted_slg),
-        image_to_image=image_to_image,
+        image_to_image=image_to_image or control is not None,  # neither diffusers pipeline has SLG
     )
     num_images = _batch_fits(limits, check_value("num_images", request.num_images), plan, guidance)
     seed = _seed(request.seed, num_images)
@@ -458,6 +488,7 @@ def resolve_request(
         strength=strength,
         image_sha256=image_sha,
         cache_threshold=cache_threshold(request.cache_threshold, limits.cache, defaults.cache),
+        control=control,
     )
 
 

@@ -22,6 +22,7 @@ from sd35trt.components import Component, ModelDims, engine_components
 from sd35trt.config import SkipLayerGuidance
 from sd35trt.errors import ManifestError, NonFiniteError
 from sd35trt.runtime.cache import CachedPass
+from sd35trt.runtime.control import RESIDUALS_INPUT, ControlResiduals
 from sd35trt.runtime.request import GenerationParams
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts
@@ -225,6 +226,7 @@ def denoise(
     timer: StepTimer | None = None,
     schedule: Schedule | None = None,
     skip_engine: Engine | CachedPass | None = None,
+    residuals: ControlResiduals | None = None,
 ) -> torch.Tensor:
     """Step 5: flow-match Euler with classifier-free and skip-layer guidance.
 
@@ -243,6 +245,8 @@ def denoise(
             image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
         skip_engine: what runs the skip-layer pass (default ``engine``): the first-block cache
             keeps it in its own context (:mod:`sd35trt.runtime.cache`).
+        residuals: the ControlNet residuals per step, for a transformer engine that takes them
+            (:mod:`sd35trt.runtime.control`; zeros without a control image).
 
     Returns:
         The denoised latents ``[N, C, h, w]`` float32.
@@ -291,6 +295,8 @@ def denoise(
         timer.mark()
     for i, dt in enumerate(dts):
         feeds["timestep"] = step_t[i]
+        if residuals is not None:
+            feeds[RESIDUALS_INPUT] = residuals(i, len(dts), x, step_t[i])  # [2N or N, n, tokens, inner]
         velocity = engine.infer(feeds)["noise_pred"]  # [2N or N, C, h, w]
         if velocity.dtype is not torch.float32:
             velocity = velocity.float()
@@ -304,6 +310,8 @@ def denoise(
             if i in slg_steps:
                 skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
                 skip_feeds["timestep"] = skip_t[i]
+                if residuals is not None:  # the positive rows' residuals
+                    skip_feeds[RESIDUALS_INPUT] = feeds[RESIDUALS_INPUT][n_images:]
                 v_skip = skip_engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
                 s = slg.scale
                 pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * (g + s))

@@ -37,11 +37,12 @@ def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None,
     return png_bytes(image, params, digest, index, batch, model)
 
 
-def _decode_image(text: str | bytes) -> Any:
-    """``init_image``: base64 of an image file (or the file's bytes, from a form) -> a PIL image.
+def _decode_image(text: str | bytes, field: str = "init_image") -> Any:
+    """``init_image`` / ``control_image``: base64 of an image file (or the file's bytes, from a
+    form) -> a PIL image.
 
     Raises:
-        RequestError: not base64, or not a readable image (field ``init_image``).
+        RequestError: not base64, or not a readable image (naming ``field``).
     """
     import base64
     import binascii
@@ -49,14 +50,12 @@ def _decode_image(text: str | bytes) -> Any:
     from sd35trt.runtime.images import read_image
 
     if isinstance(text, bytes):
-        return read_image(text, "init_image")
+        return read_image(text, field)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(
-            "init_image", "init_image is not base64 (the image file's bytes, base64)"
-        ) from None
-    return read_image(data, "init_image")
+        raise RequestError(field, f"{field} is not base64 (the image file's bytes, base64)") from None
+    return read_image(data, field)
 
 
 def _http_params(params: Any) -> dict:
@@ -117,6 +116,8 @@ class RuntimeGenerator:
         image = known.pop("init_image", None)
         if image is not None:
             known["image"] = _decode_image(image)
+        if known.get("control_image") is not None:
+            known["control_image"] = _decode_image(known["control_image"], "control_image")
         try:
             params = self.runtime.validate(GenerationRequest(**known))
         except RequestError as err:

@@ -55,6 +55,7 @@ from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress,
 
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
+CONTROLNET_INPUT = "controlnet_block_samples"
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
 
 
 def engine_profile(
-    config: Config, dims: ModelDims, component: Component, skip_layers: int = 0
+    config: Config, dims: ModelDims, component: Component, skip_layers: int = 0, controlnet: int = 0
 ) -> dict[str, ShapeRange]:
     """Profile of ``component`` from the config: batch (doubled under CFG), latent sizes, text lengths.
 
@@ -139,6 +140,7 @@ def engine_profile(
         max_sequence_length=config.runtime.max_sequence_length,
         cfg_by_default=cfg_enabled(config.runtime.guidance_scale),
         skip_layers=skip_layers,
+        controlnet=controlnet,
     )
 
 
@@ -261,7 +263,9 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
     skip = inputs[SKIP_LAYERS_INPUT][0] if component.is_transformer and SKIP_LAYERS_INPUT in inputs else 0
     if not isinstance(skip, int) or skip < 0:
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
-    shapes = engine_profile(config, export_rec.details.dims, component, skip)
+    # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
+    controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
+    shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet)
     check_inputs_match(source.path, inputs, shapes)
     target = out / f"{component.value}{backend.suffix}"
     progress(f"{label}: {backend.backend.value} build from {source.path}")
@@ -298,6 +302,7 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
         source_onnx=_export_file(run_dir, export_rec, source.path),
         build_seconds=seconds,
         skip_layers=skip,
+        controlnet_layers=controlnet,
         tensorrt_version=recorded.tensorrt_version,
         gpu_name=recorded.gpu.name if recorded.gpu else None,
         compute_capability=recorded.gpu.compute_capability if recorded.gpu else None,

@@ -110,14 +110,44 @@ def report_truncations(
 
 
 def _forward_loop(
-    pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, status: Callable[[str], None]
+    pipe,
+    batches: Sequence[PromptBatch],
+    s: CalibrateSettings,
+    status: Callable[[str], None],
+    controlled: tuple[Any, list] | None = None,
 ) -> Callable[[Any], None]:
     def loop(_transformer) -> None:
         for i, batch in enumerate(batches, 1):
             status(f"calibrating: batch {i}/{len(batches)}")
             denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
+            if controlled is not None:  # the same batch with the ControlNet's residuals added
+                cn_pipe, images = controlled
+                args = (cn_pipe, batch, s.steps, s.guidance_scale, s.height, s.width)
+                denoise_batch(*args, output_type="latent", control_image=images[i - 1])
 
     return loop
+
+
+def control_images(pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, control_type) -> list:
+    """Control images for FP8 calibration with a ControlNet: each batch's own generated images
+    (unquantized transformer, same seed), made into ``control_type``'s control image as the
+    runtime makes them (:func:`sd35trt.runtime.control.preprocess`); for ``depth`` the images'
+    luminance stands in for a depth map (no depth model is run).
+
+    Returns:
+        Per batch, a list of RGB PIL images (one per prompt of the batch).
+    """
+    from sd35trt.config import ControlType
+    from sd35trt.runtime.control import preprocess
+
+    out = []
+    for batch in batches:
+        images = denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="pil")
+        if control_type is ControlType.DEPTH:
+            out.append([im.convert("L").convert("RGB") for im in images])
+        else:
+            out.append([preprocess(im, control_type) for im in images])
+    return out
 
 
 def calibrate_transformer(
@@ -125,6 +155,7 @@ def calibrate_transformer(
     batches: Sequence[PromptBatch],
     settings: CalibrateSettings,
     status: Callable[[str], None] = lambda _item: None,
+    controlled: tuple[Any, list] | None = None,
 ) -> QuantSummary:
     """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
 
@@ -137,6 +168,9 @@ def calibrate_transformer(
             ``settings.height`` x ``settings.width`` with ``settings.guidance_scale``.
         settings: the ``calibrate`` config section.
         status: receives the batch being calibrated (``calibrating: batch 2/4``).
+        controlled: ``(StableDiffusion3ControlNetPipeline sharing pipe's transformer, control
+            images per batch)``: every batch runs a second time with the ControlNet, so the FP8
+            scales fit the transformer's activations with residuals added.
 
     Returns:
         The :class:`~sd35trt.models.quantize.QuantSummary` of the calibrated transformer.
@@ -147,7 +181,7 @@ def calibrate_transformer(
     """
     from sd35trt.models.quantize import quantize
 
-    return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status))
+    return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status, controlled))
 
 
 class _Calibrate(StageSpec):
@@ -208,7 +242,18 @@ class _Calibrate(StageSpec):
         )
         drop_text_encoders(pipe)
 
-        summary = calibrate_transformer(pipe, batches, s, self.status)
+        controlled = None
+        if config.model.controlnet is not None:
+            from diffusers import StableDiffusion3ControlNetPipeline
+
+            from sd35trt.models.loading import load_model
+
+            images = control_images(pipe, batches, s, config.model.controlnet.type)
+            controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
+            cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
+            cn_pipe.set_progress_bar_config(disable=True)
+            controlled = (cn_pipe, images)
+        summary = calibrate_transformer(pipe, batches, s, self.status, controlled)
         report = quality_report(
             pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
         )

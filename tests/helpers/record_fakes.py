@@ -18,7 +18,7 @@ from sd35trt.artifacts.records import (
     TensorSignature,
     ValidationStatus,
 )
-from sd35trt.components import Component, ModelDims, QuantizerKind
+from sd35trt.components import Component, ModelDims, QuantizerKind, exported_components
 from sd35trt.config import Backend, Precision
 
 DIMS = ModelDims(
@@ -100,7 +100,7 @@ def export_details(model_dir: Path = Path("model"), **changes) -> ExportDetails:
         "max_sequence_length": 8,
         "report": "onnx/export_report.json",
         "calibration": None,
-        "components": {c: exported_component(c) for c in Component},
+        "components": {c: exported_component(c) for c in exported_components(controlnet=False)},
     }
     return ExportDetails(**{**fields, **changes})
 
@@ -114,7 +114,7 @@ def build_details(**changes) -> BuildDetails:
             c: BuiltEngine(
                 engine=f"engines/{c.value}.onnx", precision=Precision.FP32, fp8=False, build_seconds=0.1
             )
-            for c in Component
+            for c in exported_components(controlnet=False)
         },
         "machine": BuildMachine(tensorrt_version=None, gpu_name=None, compute_capability=None),
     }

@@ -42,8 +42,10 @@ LAYERS = (
     ("sd35trt", "sd35trt.errors"),
     (
         "sd35trt.config",
+        "sd35trt.controlnet_settings",
         "sd35trt.component_table",
         "sd35trt.components",
+        "sd35trt.sampling",
         "sd35trt.guidance",
         "sd35trt.console",
         "sd35trt.metrics",

@@ -46,7 +46,7 @@ from sd35trt.components import (
 )
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
-from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
+from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
 from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 from sd35trt.stages.export.report import report_json, report_line
 
@@ -72,6 +72,7 @@ class _Job:
     out: Path  # the staged onnx/ directory
     scratch: Path
     slg: tuple[int, ...]
+    controlnet: int  # the ControlNet's blocks (model.controlnet), 0 without one
     calibration: Path | None
     device: str
     providers: list[str]
@@ -145,7 +146,9 @@ class _Export(StageSpec):
         loras, threshold = self.resolved.loras, self.external_threshold
         job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
         graphs: list[_Graph] = []
-        components = exported_components(config.runtime.cache is not None)
+        components = exported_components(
+            config.runtime.cache is not None, config.model.controlnet is not None
+        )
         for i, component in enumerate(components, 1):
             graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
@@ -280,6 +283,7 @@ def _make_job(
         out=out,
         scratch=out / ".scratch",
         slg=slg,
+        controlnet=controlnet_layers(config, root),
         calibration=calibration,
         device=tracing.default_device(),
         providers=validate.providers(),
@@ -300,7 +304,9 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
 
 
 def _precision(config: Config, component: Component) -> Precision:
-    return getattr(config.export.precision, component.model.value)
+    # The ControlNet is exported in the transformer's precision (it is made of its blocks).
+    model = Component.TRANSFORMER if component is Component.CONTROLNET else component.model
+    return getattr(config.export.precision, model.value)
 
 
 def unquantized_stem(component: Component) -> str:
@@ -324,9 +330,11 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     # the first-block-cache head never gates a block (the config keeps block 0 out of SLG)
     gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
     n_skip = len(job.slg) if gated else 0
-    sp = spec(component, job.dims, n_skip)
+    # the ControlNet residual input is the whole transformer's only (never with runtime.cache)
+    controlnet = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else 0
+    sp = spec(component, job.dims, n_skip, controlnet)
     trace_shapes, *check_shapes = sample_shapes(
-        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
     )
     opset = config.export.opset
     trace_opset = min(opset, tracing.max_trace_opset())
@@ -535,7 +543,9 @@ def _details(
 
     components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
-    for component in exported_components(config.runtime.cache is not None):
+    for component in exported_components(
+        config.runtime.cache is not None, config.model.controlnet is not None
+    ):
         g = by_stem[component.value]
         is_transformer = component.is_transformer
         plain = by_stem.get(unquantized_stem(component)) if is_transformer else None
@@ -568,5 +578,7 @@ def _details(
             sha256=sha256_file(calibration),
         ),
         components=components,
-        model=run.model_input(plan.resolved),
+        model=run.model_input(plan.resolved).model_copy(
+            update={"controlnet": None if config.model.controlnet is None else config.model.controlnet.type}
+        ),
     )

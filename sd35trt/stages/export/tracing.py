@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sd35trt.components import Component, ComponentSpec, Sampling, TensorType, sample_inputs
+from sd35trt.components import Component, ComponentSpec, ModelDims, Sampling, TensorType
 from sd35trt.config import Config, Precision
 from sd35trt.errors import ConfigError, ExportError
+from sd35trt.sampling import sample_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +137,12 @@ def load_module(
     if component.is_transformer and calibration is not None:
         restore_fp8(raw, config, precision, calibration)
     if component.is_transformer:
-        return wrap(component, raw, slg_layers, config.export.fp32_blocks)
+        return wrap(
+            component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
+        )
+    if component is Component.CONTROLNET:
+        dims = ModelDims.from_model_dir(root)
+        return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     return wrap(component, raw, slg_layers)
 
 
@@ -328,13 +334,13 @@ def make_inputs(
     vocab: int | None = None,
     device: str = "cpu",
 ) -> tuple[torch.Tensor, ...]:
-    """Random inputs of ``spec`` at ``shapes`` (:func:`~sd35trt.components.sample_inputs`), as tensors.
+    """Random inputs of ``spec`` at ``shapes`` (:func:`~sd35trt.sampling.sample_inputs`), as tensors.
 
     Args:
         spec: the component's I/O contract (names, dtypes, sampling rules).
         shapes: a concrete shape per input name.
         precision: the export precision of ``float`` inputs (``float32`` inputs stay float32).
-        case: seeds the draw (see :func:`~sd35trt.components.sample_inputs`).
+        case: seeds the draw (see :func:`~sd35trt.sampling.sample_inputs`).
         vocab: the token vocabulary, for token inputs.
         device: where the tensors go.
 

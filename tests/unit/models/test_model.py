@@ -26,19 +26,20 @@ def test_truncated_shard_named(tiny_model_dir, tmp_path):
 
 
 def test_intact_model_passes(tiny_model_dir):
-    assert len(check_weights(tiny_model_dir)) == 5
+    assert len(check_weights(tiny_model_dir)) == 6  # five pipeline models and the tiny ControlNet
 
 
 def test_component_table_names_real_classes_wrappers_and_pipeline_keywords():
     import importlib
     import inspect
 
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3ControlNetPipeline
 
     from sd35trt.components import MODELS, Component
     from sd35trt.models import modules
 
-    pipeline_keywords = set(inspect.signature(StableDiffusion3Pipeline.__init__).parameters)
+    # the ControlNet pipeline's keywords: StableDiffusion3Pipeline's and ``controlnet``
+    pipeline_keywords = set(inspect.signature(StableDiffusion3ControlNetPipeline.__init__).parameters)
     assert set(MODELS) == set(Component)
     for component, facts in MODELS.items():
         assert hasattr(importlib.import_module(facts.library.value), facts.class_name), component

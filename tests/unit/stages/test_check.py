@@ -99,3 +99,15 @@ def test_a_scheduler_the_runtime_cannot_honour_is_refused_before_calibrate(
     assert "before `sd35trt calibrate` started" in message and "\n" not in message
     assert "scheduler_config.json: use_dynamic_shifting = true is not supported" in message
     assert not (tmp_path / "run" / "calibrate").exists()
+
+
+def test_controlnet_and_the_first_block_cache_are_refused_together_in_one_line():
+    """The ControlNet's residuals feed the whole transformer engine; runtime.cache splits it in two."""
+    both = _config(model={"controlnet": {"type": "canny"}}, runtime={"cache": {"threshold": 0.1}})
+    problems = config_problems(both, TINY, Stage.BUILD)
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert "model.controlnet" in problems[0] and "runtime.cache" in problems[0]
+    with pytest.raises(ConfigError, match=r"model\.controlnet and runtime\.cache"):
+        check_config(both, TINY, Stage.EXPORT)
+    assert config_problems(_config(model={"controlnet": {"type": "canny"}}), TINY) == []
+    assert config_problems(_config(runtime={"cache": {"threshold": 0.1}}), TINY) == []
