@@ -267,3 +267,13 @@ def copy_run(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="module")
+def runtime(built_run):
+    """The tiny run's engines loaded once per test module (the serve tests' servers share it)."""
+    from sd35trt.runtime.pipeline import Sd35Runtime
+
+    rt = Sd35Runtime.load(built_run / "engines")
+    yield rt
+    rt.close()

@@ -40,15 +40,6 @@ BODY_LIMIT = 16 * 1024
 
 
 @pytest.fixture(scope="module")
-def runtime(built_run):
-    from sd35trt.runtime.pipeline import Sd35Runtime
-
-    rt = Sd35Runtime.load(built_run / "engines")
-    yield rt
-    rt.close()
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
     with live_server(
         runtime, batch_window_ms=50, queue_size=8, timeout_s=120, max_body_bytes=BODY_LIMIT

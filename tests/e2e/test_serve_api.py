@@ -29,15 +29,6 @@ GENERATE, OPENAI = "/generate", "/v1/images/generations"
 
 
 @pytest.fixture(scope="module")
-def runtime(built_run):
-    from sd35trt.runtime.pipeline import Sd35Runtime
-
-    rt = Sd35Runtime.load(built_run / "engines")
-    yield rt
-    rt.close()
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
     with live_server(
         runtime,

@@ -38,15 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def runtime(built_run):
-    from sd35trt.runtime.pipeline import Sd35Runtime
-
-    rt = Sd35Runtime.load(built_run / "engines")
-    yield rt
-    rt.close()
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
     with live_server(runtime, batch_window_ms=0, queue_size=16, timeout_s=120, log_level="info") as s:
         yield s

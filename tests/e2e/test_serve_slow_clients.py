@@ -23,15 +23,6 @@ READ_TIMEOUT = 1.0
 PARTIAL = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow"  # headers never finished
 
 
-@pytest.fixture(scope="module")
-def runtime(built_run):
-    from sd35trt.runtime.pipeline import Sd35Runtime
-
-    rt = Sd35Runtime.load(built_run / "engines")
-    yield rt
-    rt.close()
-
-
 def connect(address, send: bytes = b"") -> socket.socket:
     s = socket.create_connection(address, timeout=10)
     if send:

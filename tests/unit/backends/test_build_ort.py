@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from record_fakes import DIMS
 from torch import nn
 
 from sd35trt.artifacts.files import records_for_tree
@@ -35,7 +36,6 @@ from sd35trt.backends.registry import resolve_backend
 from sd35trt.components import (
     Component,
     ComponentSpec,
-    ModelDims,
     TensorSpec,
     TensorType,
     Tolerance,
@@ -54,24 +54,7 @@ from sd35trt.errors import (
 from sd35trt.stages.build import build, choose_source, onnx_inputs
 from sd35trt.stages.export.onnx_files import io_signature
 
-DIMS = ModelDims(
-    clip_l_hidden=8,
-    clip_l_projection=6,
-    clip_g_hidden=12,
-    clip_g_projection=10,
-    t5_hidden=16,
-    latent_channels=4,
-    patch_size=2,
-    num_layers=2,
-    head_dim=4,
-    num_heads=2,
-    joint_attention_dim=16,
-    pooled_projection_dim=16,
-    pos_embed_max_size=8,  # covers up to 8 * 2 * 8 = 128 px
-    vae_scale_factor=8,
-    vae_scaling_factor=1.5,
-    vae_shift_factor=0.1,
-)
+# pos_embed_max_size 8 covers up to 8 * 2 * 8 = 128 px
 SKIP_LAYERS = 2
 VOCAB = 64
 CPU = MachineInfo(tensorrt_version=None, gpu=None)
