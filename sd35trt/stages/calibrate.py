@@ -214,6 +214,22 @@ class _Calibrate(StageSpec):
     def reusable(self, run: StageRun, record: StageRecord) -> bool:
         return record.details.prompt_set_sha256 == prompt_set_sha256(self.prompts)
 
+    def _controlled(self, config: Config, pipe, batches, dtype, device: str):
+        """With ``model.controlnet``: the ControlNet pipeline over ``pipe``'s modules and each batch's
+        control images (made from the batch's own images), so calibration sees conditioned
+        activations too; else ``None``."""
+        if config.model.controlnet is None:
+            return None
+        from diffusers import StableDiffusion3ControlNetPipeline
+
+        from sd35trt.models.loading import load_model
+
+        images = control_images(pipe, batches, config.calibrate, config.model.controlnet.type)
+        controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
+        cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
+        cn_pipe.set_progress_bar_config(disable=True)
+        return cn_pipe, images
+
     def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
         """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
         import torch
@@ -242,17 +258,7 @@ class _Calibrate(StageSpec):
         )
         drop_text_encoders(pipe)
 
-        controlled = None
-        if config.model.controlnet is not None:
-            from diffusers import StableDiffusion3ControlNetPipeline
-
-            from sd35trt.models.loading import load_model
-
-            images = control_images(pipe, batches, s, config.model.controlnet.type)
-            controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
-            cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
-            cn_pipe.set_progress_bar_config(disable=True)
-            controlled = (cn_pipe, images)
+        controlled = self._controlled(config, pipe, batches, dtype, device)
         summary = calibrate_transformer(pipe, batches, s, self.status, controlled)
         report = quality_report(
             pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
