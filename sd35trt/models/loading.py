@@ -257,6 +257,8 @@ def load_model(
 
         raw = build_components(model.architecture, model.seed, "cpu", dtype, only={facts.subfolder})
         raw = raw[facts.subfolder]
+        if purpose is LoadPurpose.TRACE and facts.trace_attention is not None:
+            raw.set_attn_implementation(facts.trace_attention)
     else:
         sub = Path(model_dir) / facts.subfolder
         check_weights(sub)

@@ -300,3 +300,27 @@ def test_an_fp32_block_the_transformer_does_not_have_is_refused_before_anything_
     ):
         export_component(cfg, tiny_model_dir, Component.TRANSFORMER, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("source", [ModelSource.RANDOM, ModelSource.TINY])
+def test_fp16_clip_exports_from_random_and_saved_weights(tiny_config, tmp_path, source):
+    """A random-weight model traces its text encoders with eager attention too: torch's SDPA export
+    casts the scores to float32 and a 16-bit CLIP graph then fails the ONNX checker ("LayerNormalization
+    Scale has inconsistent type float16"), which stopped `sd35trt export` of sd3.5-medium-random."""
+    from sd35trt.models.loading import model_dir
+    from sd35trt.stages.export import export_component
+
+    precision = tiny_config.export.precision.model_copy(update={"clip_l": Precision.FP16})
+    cfg = tiny_config.model_copy(
+        update={
+            "model": ModelSettings(source=source, architecture=Architecture.TINY),
+            "export": tiny_config.export.model_copy(update={"precision": precision}),
+        }
+    )
+    root = model_dir(cfg, tmp_path / "run")
+    (path,) = export_component(cfg, root, Component.CLIP_L, tmp_path / "onnx", progress=lambda _: None)
+    model = onnx.load(path)
+    assert not [n.name for n in model.graph.node if n.op_type == "Trilu"]  # no SDPA causal-mask pattern
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith("layer_norm1.weight")} == {
+        TensorProto.FLOAT16
+    }
