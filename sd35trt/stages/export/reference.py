@@ -174,46 +174,47 @@ def onnx_quantization(
 def float32_compute(model: nn.Module) -> Iterator[None]:
     """Run a 16-bit ``model`` in float32 without a float32 copy of it.
 
-    Each module's own 16-bit parameters and buffers are widened to float32 just before its
-    forward and put back after it, so one module's float32 weights exist at a time. With float32
-    inputs every op then computes in float32 on the 16-bit values (BF16 -> float32 is exact),
-    which is what the float32 validation form of a BF16 graph computes
+    Each module's own 16-bit parameters are widened to float32 just before its forward and put
+    back after it, so one module's float32 weights exist at a time. With float32 inputs every op
+    then computes in float32 on the 16-bit values (BF16 -> float32 is exact), which is what the
+    float32 validation form of a BF16 graph computes
     (:func:`~sd35trt.stages.export.validate.float32_form`).
+
+    Buffers keep their dtype: where one meets a float32 tensor PyTorch promotes it exactly, and
+    an op taking it alone would fail on the dtype mismatch, not compute in 16 bits unnoticed.
+    The SD3 positional-embedding table (a ``[1, 384 * 384, 1536]`` buffer in SD3.5-medium) is
+    only cropped and added to the float32 latent; widened whole it added 0.84 GiB to the
+    reference's peak at full size.
     """
     import torch
 
     narrow = (torch.float16, torch.bfloat16)
-    saved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
+    saved: dict[int, list[tuple[str, torch.Tensor]]] = {}
 
     def widen(module, _args) -> None:
-        entries = []
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is not None and t.dtype in narrow:
-                    entries.append((store, name, t))
-                    wide = t.detach().float()
-                    store[name] = (
-                        torch.nn.Parameter(wide, requires_grad=False) if store is module._parameters else wide
-                    )
+        store = module._parameters
+        entries = [(name, t) for name, t in store.items() if t is not None and t.dtype in narrow]
+        for name, t in entries:
+            store[name] = torch.nn.Parameter(t.detach().float(), requires_grad=False)
         saved[id(module)] = entries
 
     def restore(module, _args, _out) -> None:
-        for store, name, t in saved.pop(id(module), []):
-            store[name] = t
+        for name, t in saved.pop(id(module), []):
+            module._parameters[name] = t
 
     handles = []
-    for module in model.modules():
-        own = [*module._parameters.values(), *module._buffers.values()]
-        if any(t is not None and t.dtype in narrow for t in own):
+    modules = {id(m): m for m in model.modules()}
+    for module in modules.values():
+        if any(t is not None and t.dtype in narrow for t in module._parameters.values()):
             handles += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for entries in saved.values():
-            for store, name, t in entries:
-                store[name] = t
+        for key, entries in saved.items():
+            for name, t in entries:
+                modules[key]._parameters[name] = t
 
 
 @dataclass

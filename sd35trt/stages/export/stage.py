@@ -1,27 +1,14 @@
 """``sd35trt export``: the six components to validated ONNX, then the manifest record.
 
-Steps per component (in :class:`~sd35trt.components.Component` order, one model in memory at a
-time):
-
-1. Load the module in its export precision, LoRAs fused; for the FP8 transformer, restore the
-   calibration.
-2. Draw fresh random inputs at the validation shapes and keep PyTorch's outputs (for the FP8
-   transformer also the outputs with its quantizers off).
-3. Trace at the profile's ``opt`` shape with ``torch.onnx.export``; free the module.
-4. Rewrite FP8 Q/DQ to standard ONNX, clean up, optionally fold FP8 weights, save (external
-   data over 2 GB), check the file (external-data guards + ONNX checker).
-5. Run it in ONNX Runtime on the kept inputs and compare.
-
-All validation failures are collected and raised together; nothing is published then.
+Each component in :class:`~sd35trt.components.Component` order, one model in memory at a time,
+goes through :func:`sd35trt.stages.export.steps.export_graphs` (trace, write, validate). All
+validation failures are collected and raised together; nothing is published then.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,76 +22,20 @@ from sd35trt.artifacts.records import (
     StageRecord,
     ValidationStatus,
 )
-from sd35trt.components import (
-    Component,
-    ComponentSpec,
-    ModelDims,
-    exported_components,
-    sample_shapes,
-    spec,
-    validation_tolerance,
-)
-from sd35trt.config import Config, ModelSource, Precision
+from sd35trt.components import Component, ModelDims, exported_components
+from sd35trt.config import Config, ModelSource
 from sd35trt.errors import ExportError, ManifestError
 from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
 from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
-from sd35trt.stages.export.report import report_json, report_line
+from sd35trt.stages.export import steps
+from sd35trt.stages.export.report import report_json
 
 if TYPE_CHECKING:
-    from onnx import ModelProto
-
     from sd35trt.models.loading import ResolvedModel
-    from sd35trt.stages.export import validate
 
 REPORT_FILE = "export_report.json"
 #: File stem of the transformer graph without Q/DQ, exported beside the FP8 one.
-UNQUANTIZED_STEM = "transformer_unquantized"
-
-
-@dataclass
-class _Job:
-    """What every component's export needs, resolved once."""
-
-    config: Config
-    root: Path  # the diffusers model directory
-    loras: tuple  # ResolvedLora: fused into every component they have weights for
-    dims: ModelDims
-    out: Path  # the staged onnx/ directory
-    scratch: Path
-    slg: tuple[int, ...]
-    controlnet: int  # the ControlNet's blocks (model.controlnet), 0 without one
-    calibration: Path | None
-    device: str
-    providers: list[str]
-    external_threshold: int
-    progress: Progress
-    phase: Progress = lambda _name: None  # receives each export step's name as it starts
-
-
-@dataclass
-class _Graph:
-    """One written ONNX graph and its validation results."""
-
-    stem: str
-    component: Component
-    precision: Precision
-    quantized: bool
-    files: list[Path] = field(default_factory=list)
-    signature: dict = field(default_factory=dict)
-    validation: dict = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    information: dict | None = None
-    fp8: dict | None = None
-    seconds: float = 0.0
-    #: the data file this graph reads when it is another graph's (the unquantized transformer).
-    shared_data: Path | None = None
-    #: transformer blocks computed in fp32 inside a 16-bit graph.
-    fp32_blocks: tuple[int, ...] = ()
-
-    @property
-    def external_data(self) -> Path | None:
-        own = next((p for p in self.files if p.suffix == ".data"), None)
-        return own or self.shared_data
+UNQUANTIZED_STEM = steps.unquantized_stem(Component.TRANSFORMER)
 
 
 class _Export(StageSpec):
@@ -138,19 +69,19 @@ class _Export(StageSpec):
         cal = run.inputs.get(Stage.CALIBRATE)
         calibration = _calibration_file(run.run_dir, cal, run.manifest) if cal is not None else None
         if config.export.quantize and config.calibrate.fp8_attention:
-            tracing.check_fp8_attention(_precision(config, Component.TRANSFORMER))
+            tracing.check_fp8_attention(steps.component_precision(config, Component.TRANSFORMER))
         if config.model.source is not ModelSource.RANDOM:
             check_weights(root)
         slg = skip_layer_indices(config, dims)
         start = time.perf_counter()
         loras, threshold = self.resolved.loras, self.external_threshold
         job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
-        graphs: list[_Graph] = []
+        graphs: list[steps.Graph] = []
         components = exported_components(
             config.runtime.cache is not None, config.model.controlnet is not None
         )
         for i, component in enumerate(components, 1):
-            graphs += _export_component(job, component, f"[{i}/{len(components)}] {component.value}")
+            graphs += steps.export_graphs(job, component, f"[{i}/{len(components)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
         failures = [f for g in graphs for f in g.failures]
         if failures:
@@ -250,7 +181,7 @@ def export_component(
     )
     job.phase, job.device = phase or job.phase, device or job.device
     try:
-        graphs = _export_component(job, component, component.value)
+        graphs = steps.export_graphs(job, component, component.value)
     finally:
         shutil.rmtree(job.scratch, ignore_errors=True)
     failures = [f for g in graphs for f in g.failures]
@@ -269,13 +200,13 @@ def _make_job(
     calibration: Path | None,
     external_threshold: int | None,
     progress: Progress,
-) -> _Job:
+) -> steps.Job:
     from sd35trt.stages.export import onnx_tools, tracing, validate
 
     tracing.limit_heap_retention()
     if config.export.quantize:
         tracing.import_modelopt()
-    return _Job(
+    return steps.Job(
         config=config,
         root=root,
         loras=loras,
@@ -303,236 +234,11 @@ def _calibration_file(run_dir: Path, record: StageRecord, manifest: RunManifest)
     return run_dir / rel
 
 
-def _precision(config: Config, component: Component) -> Precision:
-    # The ControlNet is exported in the transformer's precision (it is made of its blocks).
-    model = Component.TRANSFORMER if component is Component.CONTROLNET else component.model
-    return getattr(config.export.precision, model.value)
-
-
-def unquantized_stem(component: Component) -> str:
-    """File stem of a transformer graph's copy without Q/DQ (:data:`UNQUANTIZED_STEM` for the whole)."""
-    return f"{component.value}_unquantized"
-
-
-def _export_component(job: _Job, component: Component, label: str) -> list[_Graph]:
-    """Trace, process, save and validate one component (two graphs for the FP8 transformer).
-
-    An FP8 transformer is loaded twice: once to trace, and again after ONNX Runtime has run, as
-    its reference follows ONNX Runtime's FP8 codes one step away
-    (:mod:`sd35trt.stages.export.reference`); the module and the session never coexist.
-    """
-    from sd35trt.stages.export import onnx_tools, reference, tracing, validate
-
-    t0 = time.perf_counter()
-    config = job.config
-    precision = _precision(config, component)
-    quantized = component.is_transformer and config.export.quantize
-    # the first-block-cache head never gates a block (the config keeps block 0 out of SLG)
-    gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
-    n_skip = len(job.slg) if gated else 0
-    # the ControlNet residual input is the whole transformer's only (never with runtime.cache)
-    controlnet = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else 0
-    sp = spec(component, job.dims, n_skip, controlnet)
-    trace_shapes, *check_shapes = sample_shapes(
-        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
-    )
-    opset = config.export.opset
-    trace_opset = min(opset, tracing.max_trace_opset())
-    raw = job.scratch / component.value / f"{component.value}.onnx"
-    raw.parent.mkdir(parents=True)
-
-    job.phase("load")
-    module = _load(job, component, precision, quantized)
-    vocab = tracing.vocab_size(module)
-    cases = [
-        tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=job.device)
-        for i, s in enumerate(check_shapes, 1)
-    ]
-    ref = None
-    if not quantized:
-        job.phase("reference")
-        ref = reference.pytorch_reference(module, sp, cases, precision)
-    job.phase("trace")
-    sample = tracing.make_inputs(sp, trace_shapes, precision, case=0, vocab=vocab, device=job.device)
-    with tracing.fp8_tracing(module) if quantized else contextlib.nullcontext():
-        tracing.trace(module, sp, sample, raw, trace_opset)
-    del module, sample
-    _free_memory(job.device)
-
-    job.phase("rewrite")
-    model = _load_traced(raw, quantized, opset, trace_opset, component)
-    graph = _Graph(component.value, component, precision, quantized)
-    if component.is_transformer and config.export.fp32_blocks:
-        graph.fp32_blocks = config.export.fp32_blocks
-    if quantized:
-        graph.fp8 = {
-            "qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0),
-            # TensorRT fuses FP8 GEMMs from DQ -> MatMul: weights stored [in, out], no Transpose.
-            "weights_pretransposed": onnx_tools.pretranspose_qdq_weights(model, raw),
-            "fp8_weights": False,
-        }
-        if config.export.fp8_weights:
-            graph.fp8["fp8_weights"] = True
-            graph.fp8["weights_folded"] = onnx_tools.fold_fp8_weights(model, raw)
-        model = onnx_tools.clean_up(model, fold=False)
-    path = job.out / f"{component.value}.onnx"
-    job.phase("save")
-    _save(job, graph, model, raw, path, sp)
-    graphs = [graph]
-    if quantized and not config.export.fp8_weights:
-        # The unquantized graph is the FP8 one without its Q/DQ pairs: no second trace, and with
-        # external data it shares the FP8 graph's data file (no second copy on disk).
-        job.phase("unquantized")
-        stem = unquantized_stem(component)
-        plain = _Graph(stem, component, precision, quantized=False, fp32_blocks=graph.fp32_blocks)
-        upath = job.out / f"{stem}.onnx"
-        _save(job, plain, onnx_tools.clean_up(onnx_tools.strip_qdq(model)), path, upath, sp, shared=True)
-        graphs.append(plain)
-    del model
-
-    job.phase("validate")
-    feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
-    runs = {g.stem: _run(job, g, feeds) for g in graphs}
-    if quantized and any(not isinstance(r, str) for r in runs.values()):
-        job.phase("reference")
-        fp8_run = runs[graph.stem]
-        codes = [{} for _ in cases] if isinstance(fp8_run, str) else fp8_run.codes
-        module = _load(job, component, precision, quantized)
-        ref = reference.pytorch_reference(module, sp, cases, precision, codes)
-        del module
-        _free_memory(job.device)
-    for g in graphs:
-        g_run = runs[g.stem]
-        if isinstance(g_run, str):
-            g.validation = {"status": "skipped", "reason": g_run}
-            continue
-        fp8 = g.quantized
-        tol = validation_tolerance(sp, Precision.FP32 if g_run.compute == "float32" else precision, fp8)
-        want = ref.outputs if fp8 or not quantized else ref.unquantized
-        g.validation, failures = validate.check_cases(
-            g_run, g.stem, check_shapes, want, tol, ref.against(fp8)
-        )
-        g.failures += failures
-        if fp8:
-            g.validation["fp8_codes"] = ref.codes.to_json()
-            if (why := ref.codes.failure(g.stem)) is not None:
-                g.validation["status"] = "failed"
-                g.failures.append(why)
-            g.information = validate.information(g_run, check_shapes, ref.unquantized)
-    graph.seconds = time.perf_counter() - t0
-    shutil.rmtree(raw.parent, ignore_errors=True)
-    job.progress(report_line(label, graphs))
-    return graphs
-
-
-def _load(job: _Job, component: Component, precision: Precision, quantized: bool):
-    from sd35trt.stages.export import tracing
-
-    return tracing.load_module(
-        job.config,
-        job.root,
-        component,
-        precision,
-        job.device,
-        job.slg,
-        job.calibration if quantized else None,
-        job.loras,
-    )
-
-
-def _run(job: _Job, graph: _Graph, feeds: list) -> validate.GraphRun | str:
-    """ONNX Runtime's results for ``graph``, or the one line saying why it cannot run here."""
-    from sd35trt.stages.export import validate
-
-    try:
-        return validate.run_cases(job.out / f"{graph.stem}.onnx", job.providers, feeds, codes=graph.quantized)
-    except validate.NotValidated as err:
-        job.progress(f"warning: {graph.stem} not validated: {err}")
-        return f"not validated: {err}"
-
-
-def _free_memory(device: str) -> None:
-    from sd35trt.stages.export import tracing
-
-    gc.collect()
-    tracing.trim_heap()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _load_traced(
-    raw: Path, quantized: bool, opset: int, trace_opset: int, component: Component
-) -> ModelProto:
-    """The traced graph (weights left on disk), with standard Q/DQ, cleaned, at ``opset``."""
-    import onnx
-    from onnx import version_converter
-
-    from sd35trt.stages.export import onnx_tools
-
-    model = onnx.load(str(raw), load_external_data=False)
-    if quantized and onnx_tools.rewrite_fp8_qdq(model) == 0:
-        raise ExportError(
-            "the restored calibration put no FP8 quantizer into the transformer graph "
-            "(every Linear excluded?); export with export.quantize: false instead"
-        )
-    custom = onnx_tools.custom_ops(model)
-    if custom:
-        raise ExportError(
-            f"the {component.value} graph has ops ORT and TensorRT can't read: {sorted(custom)}"
-        )
-    if opset > trace_opset:
-        model = version_converter.convert_version(model, opset)
-    model = onnx_tools.clean_up(model)
-    if onnx_tools.cast_unsupported_bf16(model):
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    return model
-
-
-def _save(
-    job: _Job,
-    graph: _Graph,
-    model: ModelProto,
-    source: Path,
-    path: Path,
-    sp: ComponentSpec,
-    shared: bool = False,
-) -> None:
-    """Write ``model`` to ``path`` and check the file (external-data guards, ONNX checker).
-
-    ``shared``: ``model``'s external tensors already live beside ``path`` (the unquantized
-    transformer reuses the FP8 graph's data file), so only the graph is written.
-    """
-    import onnx
-
-    from sd35trt.stages.export import onnx_tools
-
-    if shared:
-        onnx.save_model(model, str(path))
-        graph.files = [path]
-        data = source.with_name(source.name + ".data")
-        graph.shared_data = data if data.is_file() else None
-    else:
-        external = onnx_tools.tensors_bytes(model) > job.external_threshold or any(
-            onnx_tools.uses_external_data(t) for t in onnx_tools.iter_tensors(model)
-        )
-        graph.files = onnx_tools.save_model(model, path, source, external)
-    onnx_tools.check_onnx_file(path)
-    graph.signature = onnx_tools.io_signature(model)
-    names = (list(graph.signature["inputs"]), list(graph.signature["outputs"]))
-    if names != (sp.input_names, sp.output_names):
-        # The spec and the traced wrapper disagree: a bug, not a user error.
-        raise RuntimeError(
-            f"{path} has inputs/outputs {names}, the spec says {(sp.input_names, sp.output_names)}"
-        )
-
-
 def _details(
     run: StageRun,
     plan: _Export,
     slg: tuple[int, ...],
-    graphs: list[_Graph],
+    graphs: list[steps.Graph],
     calibrate_record: StageRecord | None,
     calibration: Path | None,
 ) -> ExportDetails:
@@ -548,7 +254,7 @@ def _details(
     ):
         g = by_stem[component.value]
         is_transformer = component.is_transformer
-        plain = by_stem.get(unquantized_stem(component)) if is_transformer else None
+        plain = by_stem.get(steps.unquantized_stem(component)) if is_transformer else None
         components[component] = ExportedComponent(
             onnx=rel(g.files[0]),
             external_data=rel(g.external_data),

@@ -268,7 +268,9 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str
     out = {}
     for n, v in zip(names, sess.run(names, typed), strict=True):
         v = np.asarray(v)
-        out[n] = v if v.dtype == np.uint8 else v.astype(np.float32)
+        # A copy either way: an array over ONNX Runtime's output buffer keeps the session's memory
+        # arena alive (measured: 1 GiB held after a 12-block SD3.5-medium run).
+        out[n] = v.copy() if v.dtype == np.uint8 else v.astype(np.float32)
     return out
 
 

@@ -120,3 +120,33 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_saying_why(tmp_path):
     with pytest.raises(validate.NotValidated, match=r"^ONNX Runtime cannot load gemm.onnx: .*Gemm") as err:
         validate.run_cases(path, [validate.CPU], feeds)
     assert "\n" not in str(err.value)
+
+
+def test_validation_results_own_their_memory_not_onnx_runtimes(tmp_path):
+    """An array over an ONNX Runtime output keeps the session's memory alive after the session is
+    gone (measured: 1 GiB still held after a 12-block SD3.5-medium FP8 run, until the FP8 codes
+    were dropped), so every output and FP8 code comes back as an array of its own."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sd35trt.stages.export import validate
+
+    fp8, f32 = TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="/block/input_quantizer/Q"),
+            helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", f32, [64, 64])],
+        [helper.make_tensor_value_info("y", f32, [64, 64])],
+        [helper.make_tensor("s", f32, [], [0.5]), helper.make_tensor("z", fp8, [], b"\x00", raw=True)],
+    )
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), str(path))
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    got = validate.run_cases(path, [validate.CPU], [{"x": x}], codes=True)
+    (codes,) = got.codes
+    assert list(codes) == ["block.input_quantizer"]  # the codes were returned, as FP8 bit patterns
+    arrays = [*got.outputs[0].values(), *codes.values()]
+    assert [(a.dtype, a.flags.owndata) for a in arrays] == [(np.float32, True), (np.uint8, True)]

@@ -61,7 +61,7 @@ def exported(request, tmp_path_factory):
 
     from sd35trt.models.modules import wrap
     from sd35trt.models.quantize import quantize
-    from sd35trt.stages.export import onnx_tools, stage, tracing
+    from sd35trt.stages.export import onnx_tools, steps, tracing
 
     layers, precision = request.param
     config = dict(tiny.architecture_config(Architecture.TINY).transformer)
@@ -86,7 +86,7 @@ def exported(request, tmp_path_factory):
     sample = tracing.make_inputs(sp, _shapes(dims, 1, 16, 16), precision, case=0)
     with tracing.fp8_tracing(module):
         tracing.trace(module, sp, sample, traced, 19)
-    model = stage._load_traced(traced, True, 19, 19, Component.TRANSFORMER)
+    model = steps.load_traced(traced, True, 19, 19, Component.TRANSFORMER)
     onnx_tools.pretranspose_qdq_weights(model, traced)
     model = onnx_tools.clean_up(model, fold=False)
     path = out / "transformer.onnx"
