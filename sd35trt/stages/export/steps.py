@@ -240,7 +240,7 @@ def _validate_graphs(
     job.phase("validate")
     sp = plan.sp
     feeds = [{n: tracing.to_numpy(x) for n, x in zip(sp.input_names, c, strict=True)} for c in cases]
-    runs = {g.stem: _run(job, g, feeds) for g in graphs}
+    runs = {g.stem: _run(job, g, feeds, plan.raw.parent) for g in graphs}
     if plan.quantized and any(not isinstance(r, str) for r in runs.values()):
         fp8_run = runs[graphs[0].stem]
         codes = [{} for _ in cases] if isinstance(fp8_run, str) else fp8_run.codes
@@ -293,12 +293,13 @@ def _load(job: Job, component: Component, precision: Precision, quantized: bool)
     )
 
 
-def _run(job: Job, graph: Graph, feeds: list) -> validate.GraphRun | str:
-    """ONNX Runtime's results for ``graph``, or the one line saying why it cannot run here."""
+def _run(job: Job, graph: Graph, feeds: list, scratch: Path) -> validate.GraphRun | str:
+    """ONNX Runtime's results for ``graph`` (FP8 codes kept in ``scratch``), or why it cannot run here."""
     from sd35trt.stages.export import validate
 
+    path = job.out / f"{graph.stem}.onnx"
     try:
-        return validate.run_cases(job.out / f"{graph.stem}.onnx", job.providers, feeds, codes=graph.quantized)
+        return validate.run_cases(path, job.providers, feeds, codes=graph.quantized, codes_dir=scratch)
     except validate.NotValidated as err:
         job.progress(f"warning: {graph.stem} not validated: {err}")
         return f"not validated: {err}"

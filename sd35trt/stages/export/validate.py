@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,14 +174,14 @@ class GraphRun:
     Attributes:
         outputs: per case, the graph's outputs by name, as float32.
         codes: per case, the FP8 codes (uint8 bit patterns) of each activation quantizer by
-            quantizer name (empty unless asked for).
+            quantizer name (empty unless asked for; :class:`SpilledCodes` when kept in files).
         providers: the providers the session ran on.
         compute: ``float32`` when a BF16 graph ran in its float32 form, else ``graph``.
         peak_rss: peak resident memory of this process (bytes) while the session loaded and ran.
     """
 
     outputs: list[dict[str, np.ndarray]]
-    codes: list[dict[str, np.ndarray]] = field(default_factory=list)
+    codes: list[Mapping[str, np.ndarray]] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)
     compute: str = "graph"
     peak_rss: int | None = None
@@ -274,8 +274,36 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str
     return out
 
 
+class SpilledCodes(Mapping[str, np.ndarray]):
+    """One case's FP8 codes, kept in an ``.npz`` file and read one quantizer at a time.
+
+    The codes of every activation of a full-size transformer at the validation shapes are
+    ~0.2 GiB (SD3.5-medium, both cases); the reference reads each quantizer's once per pass, so
+    they need not stay in memory beside the module it loads.
+    """
+
+    def __init__(self, path: Path, names: Iterable[str]) -> None:
+        self.path, self._names = path, frozenset(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        with np.load(self.path) as stored:
+            return stored[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def run_cases(
-    path: Path, available: list[str], feeds: Sequence[Mapping[str, np.ndarray]], codes: bool = False
+    path: Path,
+    available: list[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    codes: bool = False,
+    codes_dir: Path | None = None,
 ) -> GraphRun:
     """Run the graph at ``path`` on every validation case.
 
@@ -284,6 +312,8 @@ def run_cases(
         available: ONNX Runtime providers (:func:`providers`).
         feeds: per case, the inputs by name.
         codes: also return the FP8 codes of the activation quantizers (FP8 graphs).
+        codes_dir: where to keep those codes (one ``.npz`` per case, as :class:`SpilledCodes`)
+            instead of in memory.
 
     Returns:
         The :class:`GraphRun`.
@@ -302,7 +332,12 @@ def run_cases(
                 raise NotValidated(
                     f"ONNX Runtime cannot run {path.name}: {str(err).splitlines()[0]}"
                 ) from None
-            found.append({q: got.pop(name) for name, q in names.items()})
+            case_codes = {q: got.pop(name) for name, q in names.items()}
+            if codes_dir is not None and case_codes:
+                spilled = codes_dir / f"{path.stem}.codes_{len(found)}.npz"
+                np.savez(spilled, **case_codes)
+                case_codes = SpilledCodes(spilled, case_codes)
+            found.append(case_codes)
             outputs.append(got)
         ran_on = sess.get_providers()
         del sess

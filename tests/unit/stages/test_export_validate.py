@@ -150,3 +150,11 @@ def test_validation_results_own_their_memory_not_onnx_runtimes(tmp_path):
     assert list(codes) == ["block.input_quantizer"]  # the codes were returned, as FP8 bit patterns
     arrays = [*got.outputs[0].values(), *codes.values()]
     assert [(a.dtype, a.flags.owndata) for a in arrays] == [(np.float32, True), (np.uint8, True)]
+    # kept in a file instead, read back one quantizer at a time, equal to the codes in memory
+    spilled = validate.run_cases(path, [validate.CPU], [{"x": x}], codes=True, codes_dir=tmp_path)
+    (kept,) = spilled.codes
+    assert isinstance(kept, validate.SpilledCodes) and kept.path.parent == tmp_path
+    assert list(kept) == list(codes) and np.array_equal(
+        kept["block.input_quantizer"], codes["block.input_quantizer"]
+    )
+    assert kept.get("other.input_quantizer") is None
