@@ -46,3 +46,19 @@ def test_float32_compute_leaves_buffers_narrow():
         narrow(torch.randn(1, 4, 8, 8))
     # the table stays bf16 while the Conv computes with float32 weights
     assert seen == [("table", torch.bfloat16), ("conv", torch.float32)]
+
+
+@pytest.mark.parametrize("latent_side", [8, 10, 14])
+def test_a_cropped_positional_table_gives_every_smaller_latent_the_same_embedding(latent_side):
+    from sd35trt.stages.export.reference import crop_pos_embed
+
+    full, cropped = _patch_embed(), _patch_embed()
+    freed = crop_pos_embed(cropped, latent_side)
+    keep = cropped.pos_embed_max_size
+    assert keep < 24 and (24 - keep) % 2 == 0 and keep * 2 >= latent_side
+    assert freed == (24 * 24 - keep * keep) * 32 * 4
+    with torch.no_grad():
+        for h, w in [(2, 2), (4, 2), (6, 8), (latent_side, latent_side), (latent_side - 2, latent_side)]:
+            x = torch.randn(1, 4, h, w)
+            assert torch.equal(cropped(x), full(x)), (h, w)
+    assert crop_pos_embed(cropped, latent_side) == 0  # already small enough
