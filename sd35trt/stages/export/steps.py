@@ -134,6 +134,7 @@ def export_graphs(job: Job, component: Component, label: str) -> list[Graph]:
 
 
 def _plan(job: Job, component: Component) -> _Plan:
+    """The component's spec, precision and shapes (:func:`~sd35trt.components.sample_shapes`)."""
     from sd35trt.stages.export import tracing
 
     config = job.config
