@@ -178,11 +178,22 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     forward and put back after it, so one module's float32 weights exist at a time. With float32
     inputs every op then computes in float32 on the 16-bit values (BF16 -> float32 is exact),
     which is what the float32 validation form of a BF16 graph computes
-    (:func:`~sd35trt.stages.export.validate.float32_form`).
+    (:func:`~sd35trt.stages.export.validate.float32_form`). That form also turns every Cast to
+    bfloat16 into a Cast to float32, so a ``Tensor.to`` from float32 to a 16-bit dtype keeps
+    float32 here (T5's feed-forward casts its input to ``wo.weight.dtype`` before ``wo`` runs,
+    while that weight is still 16-bit).
     """
     import torch
+    from torch.overrides import TorchFunctionMode
 
     narrow = (torch.float16, torch.bfloat16)
+
+    class KeepFloat32(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to and out.dtype in narrow and args[0].dtype == torch.float32:
+                return args[0].to(out.device)
+            return out
     saved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
 
     def widen(module, _args) -> None:
@@ -207,7 +218,8 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
         if any(t is not None and t.dtype in narrow for t in own):
             handles += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
     try:
-        yield
+        with KeepFloat32():
+            yield
     finally:
         for h in handles:
             h.remove()
