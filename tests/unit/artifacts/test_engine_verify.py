@@ -182,7 +182,8 @@ def test_missing_or_malformed_manifest(tmp_path):
         read_engine_manifest(out)
     del data["engines"]["transformer"]["file"]
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"is malformed: field engines\.transformer\.file: Field required"):
+    missing = r"is malformed: field engines\.transformer\.file: Field required"
+    with pytest.raises(ManifestError, match=missing):
         read_engine_manifest(out)
     (out / ENGINE_MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match=r"is not valid JSON"):
@@ -283,7 +284,8 @@ def test_manifest_field_errors_are_listed_together(tmp_path):
     data["dims"]["head_dim"] = 4.5
     data["created"] = 1
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"created.*; .*build_seconds.*; .*build_seconds.*; 1 more field\(s\) are invalid"):
+    three = r"created.*; .*build_seconds.*; .*build_seconds.*; 1 more field\(s\) are invalid"
+    with pytest.raises(ManifestError, match=three):
         read_engine_manifest(out)
 
 
