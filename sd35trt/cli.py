@@ -10,14 +10,16 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sd35trt.cli_options import generation_options, settings_options
 from sd35trt.errors import Sd35TrtError
 from sd35trt.parameters import PARAMS
-from sd35trt.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from sd35trt.serve.settings import ServeSettings
 
 #: What ``reference`` and ``bench`` take of the generation parameters (``run`` takes them all).
 REFERENCE_PARAMS = (
@@ -375,8 +377,14 @@ def eval_(
     typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")
 
 
+def _serve_settings() -> type[ServeSettings]:
+    from sd35trt.serve.settings import ServeSettings
+
+    return ServeSettings
+
+
 @app.command()
-@settings_options(ServeSettings, skip=("warmup",))
+@settings_options(_serve_settings, skip=("warmup",))
 def serve(
     engines: Annotated[
         Path,

@@ -19,14 +19,16 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
 
 from sd35trt.errors import ConfigError
 from sd35trt.parameters import PARAMS, InputParam, Kind
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
 
 _PYTHON_TYPE = {Kind.TEXT: str, Kind.INT: int, Kind.FLOAT: float, Kind.BOOL: bool, Kind.IMAGE: Path}
 
@@ -137,41 +139,66 @@ def _bounds(field: FieldInfo) -> str:
 
 
 def settings_options(
-    model: type[BaseModel], *, skip: Sequence[str] = ()
+    model: Callable[[], type[BaseModel]], *, skip: Sequence[str] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a typer command so that it takes the fields of ``model`` as options.
+    """Decorate a typer command so that it takes the fields of a settings model as options.
 
     The command's own parameters come first; it must have a parameter ``settings``, which receives
     the validated model. A field the command sets itself (e.g. from an option of another shape) is
     named in ``skip`` and left at its default.
 
+    Args:
+        model: returns the settings class. It is called when typer first reads the command (to run
+            it or show its help), so importing the CLI imports neither pydantic nor the model.
+        skip: fields that are no option.
+
     Raises (from the decorated command):
         ConfigError: an option outside its field's bounds or choices, naming the option and the value.
     """
-    fields = {n: f for n, f in model.model_fields.items() if n not in skip}
-    declared = [_setting(n, f) for n, f in fields.items()]
+    return lambda command: _SettingsCommand(command, model, tuple(skip))
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "settings"]
 
-        @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
-            values = {n: kwargs.pop(n) for n in fields}
-            try:
-                settings = model(**{n: _choice(fields[n], v) for n, v in values.items()})
-            except ValidationError as err:
-                first = err.errors()[0]
-                name = str(first["loc"][0])
-                raise ConfigError(f"{settings_flag(name)} {values[name]!r}: {first['msg']}") from None
-            return command(**kwargs, settings=settings)
+class _SettingsCommand:
+    """A command taking a settings model's fields as options; made when typer first reads its signature."""
 
-        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        wrapper.__signature__ = inspect.Signature([*keyword, *declared])  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in (*keyword, *declared)}
-        return wrapper
+    def __init__(
+        self, command: Callable[..., Any], model: Callable[[], type[BaseModel]], skip: tuple
+    ) -> None:
+        self.command, self._model, self.skip = command, model, skip
+        self.__name__, self.__qualname__ = command.__name__, command.__qualname__
+        self.__doc__, self.__module__ = command.__doc__, command.__module__
 
-    return decorate
+    @functools.cached_property
+    def model(self) -> type[BaseModel]:
+        return self._model()
+
+    @functools.cached_property
+    def fields(self) -> dict[str, FieldInfo]:
+        return {n: f for n, f in self.model.model_fields.items() if n not in self.skip}
+
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        # the command annotates ``settings`` with the model's name, imported only for type checkers
+        own = inspect.signature(self.command, eval_str=True, locals={self.model.__name__: self.model})
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values()]
+        declared = [_setting(n, f) for n, f in self.fields.items()]
+        return inspect.Signature([*(p for p in keyword if p.name != "settings"), *declared])
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # typer reads the options' types here too
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
+        values = {n: kwargs.pop(n) for n in self.fields}
+        try:
+            settings = self.model(**{n: _choice(self.fields[n], v) for n, v in values.items()})
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = str(first["loc"][0])
+            raise ConfigError(f"{settings_flag(name)} {values[name]!r}: {first['msg']}") from None
+        return self.command(**kwargs, settings=settings)
 
 
 def _choice(field: FieldInfo, value: Any) -> Any:
