@@ -263,6 +263,7 @@ class CalibrateDetails(WeightsDetails):
 
     #: the amax file, relative to the run directory (``calibrate/amax.safetensors``).
     calibration_file: str
+    #: relative to the run directory when inside it, else absolute (not to where calibrate ran).
     prompts_file: str
     #: sha256 of the calibration prompts, one per line (:func:`sd35trt.stages.calibrate.prompt_set_sha256`).
     prompt_set_sha256: str
