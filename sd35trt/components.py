@@ -177,10 +177,6 @@ class ModelDims:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
-    @classmethod
-    def from_json(cls, data: dict) -> ModelDims:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -454,10 +450,6 @@ class ShapeRange:
 
     def to_json(self) -> dict:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> ShapeRange:
-        return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
 
 def batch_range(component: Component, images: Range, cfg_by_default: bool = True) -> Range:

@@ -161,10 +161,6 @@ class FileRecord:
     def to_json(self) -> dict:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
-    @classmethod
-    def from_json(cls, data: dict) -> FileRecord:
-        return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
-
 
 class RecordModel(BaseModel):
     """Base of the manifest's models: unknown keys refused, immutable once built."""
