@@ -125,17 +125,12 @@ def _setting(name: str, field: FieldInfo) -> inspect.Parameter:
 
 
 def _bounds(field: FieldInfo) -> str:
-    """`` [1..100000]``: the field's bounds as the help shows them (empty without any)."""
-    lo = hi = None
-    for m in field.metadata:
-        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
-        lo = f"> {m.gt}" if getattr(m, "gt", None) is not None else lo
-        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
-    if lo is None and hi is None:
-        return ""
-    if hi is None:
-        return f" [{lo}]" if isinstance(lo, str) else f" [>= {lo}]"
-    return f" [{lo}, <= {hi}]" if isinstance(lo, str) else f" [{lo}..{hi}]"
+    """`` [>= 1, <= 100000]``: the field's bounds as the help shows them (empty without any)."""
+    found = {op: getattr(m, name) for m in field.metadata for name, op in _BOUNDS if hasattr(m, name)}
+    return f" [{', '.join(f'{op} {v}' for op, v in found.items())}]" if found else ""
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 def settings_options(

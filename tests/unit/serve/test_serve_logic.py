@@ -269,7 +269,7 @@ def test_serve_options_are_the_settings_fields():
     for name in ServeSettings.model_fields:
         if name != "warmup":
             assert settings_flag(name) in text, name
-    assert "[default: 16777216]" in text and "[1..100000]" in text
+    assert "[default: 16777216]" in text and "[>= 1, <= 100000]" in text and "[> 0]" in text
 
 
 def test_serve_on_an_address_in_use_or_unknown_is_one_line_and_exit_1(tmp_path):
