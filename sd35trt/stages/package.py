@@ -92,9 +92,10 @@ def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _refuse_engines_dir(run_dir: Path) -> None:
-    """Raises RunDirError, before anything is written, when ``run_dir`` is an engines directory."""
+    """Raises RunDirError, before anything is written, when ``run_dir`` is an engines directory or
+    an unpacked artefact (a run directory that lost its manifest is left to the manifest's error)."""
     engines = engines_instead_of_run(run_dir)
-    if engines is None:
+    if engines is None or (engines != run_dir and not (run_dir / CHECKSUMS).is_file()):
         return
     parent = run_dir.parent
     built_in = (
