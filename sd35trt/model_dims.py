@@ -6,12 +6,12 @@ component spec, profile and request limit is sized by it. Nothing here imports t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd35trt.component_table import SUBFOLDER, Component
 from sd35trt.errors import ModelError
+from sd35trt.user_files import read_json
 
 
 @dataclass(frozen=True)
@@ -54,20 +54,13 @@ class ModelDims:
         """Read the dims from a diffusers SD3 directory's JSON configs (no weights loaded).
 
         Raises:
-            ModelError: a config file is missing or lacks a key.
+            ModelError: a config file is missing, not a JSON object, or lacks a key.
         """
         root = Path(model_dir)
 
-        def read(sub: str, name: str = "config.json") -> dict:
-            p = root / sub / name
-            try:
-                return json.loads(p.read_text())
-            except FileNotFoundError:
-                raise ModelError(
-                    f"{p} is missing: {root} is not a diffusers SD3 pipeline directory"
-                ) from None
-            except json.JSONDecodeError as err:
-                raise ModelError(f"{p} is not valid JSON: {err}") from None
+        def read(sub: str) -> dict:
+            missing = f"is missing: {root} is not a diffusers SD3 pipeline directory"
+            return read_json(root / sub / "config.json", error=ModelError, missing=missing)
 
         return cls.from_configs(
             read(SUBFOLDER[Component.TRANSFORMER]),

@@ -27,12 +27,12 @@ from pydantic import (
     model_serializer,
 )
 
-from sd35trt.artifacts.files import read_json
 from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision, RuntimeSettings
 from sd35trt.errors import ManifestError, validation_message
+from sd35trt.user_files import read_json
 
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_FORMAT = 1

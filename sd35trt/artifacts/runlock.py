@@ -28,9 +28,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sd35trt.artifacts.files import atomic_write_json, read_json
+from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.artifacts.manifest import MANIFEST_NAME, Stage, clean_leftovers, now_utc
 from sd35trt.errors import RunDirBusyError, RunDirError
+from sd35trt.user_files import read_json
 
 LOCK_SUFFIX = ".sd35trt-lock"
 #: How long a second writer waits before it is refused (seconds): long enough for a stage that is
