@@ -285,7 +285,7 @@ class _Calibrate(StageSpec):
         # The details are validated before the staged directory is published.
         details = CalibrateDetails(
             calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
-            prompts_file=str(s.prompts),
+            prompts_file=run.relative(s.prompts).as_posix(),
             prompt_set_sha256=prompt_set_sha256(self.prompts),
             num_prompts=len(self.prompts),
             heldout_prompt_set_sha256=prompt_set_sha256(self.heldout),
