@@ -85,8 +85,8 @@ Measured (2026-12-06, 2-core CPU, random weights, FP8 with ``fp8_weights``, one
 in BF16): process peak RSS (``VmHWM``) 6.69 GiB = 1.60x the BF16 weight bytes, in 531 s. By step,
 sampled every 10 ms: load 5.17 GiB, trace 5.43, rewrite + fold + save 1.16, ONNX Runtime 4.51,
 reference load 5.29 (4.84 once its positional table is cropped), reference compute 5.10. The
-sampling misses what happens inside calls that hold the GIL: the peak is inside
-``torch.onnx.export`` (``VmHWM`` after tracing a 12-block cut: 4.60 GiB, sampled 3.39), about 1.5 GiB
+sampling thread does not see the peak (a call that keeps it from running, presumably holding
+the GIL), ``VmHWM`` does: it is inside ``torch.onnx.export`` (``VmHWM`` after tracing a 12-block cut: 4.60 GiB, sampled 3.39), about 1.5 GiB
 above the loaded module at full size; the 1.3x goal (5.43 GiB) is not met yet.
 """
 
