@@ -88,7 +88,7 @@ reference load 5.29 (4.84 once its positional table is cropped), reference compu
 sampling thread does not see the peak (a call keeps it from running, presumably holding the
 GIL); ``VmHWM`` does: it is inside ``torch.onnx.export`` (after tracing a 12-block cut, ``VmHWM``
 4.60 GiB against 3.39 sampled), about 1.5 GiB above the loaded module at full size, so the 1.3x
-goal (5.43 GiB) is not met yet. The excess scales with the positional table, not the depth
+goal (5.43 GiB) is not met yet. The excess follows the positional table rather than the depth
 (medium 12 and 24 blocks: +1.2 and +1.3 GiB; large, whose table is 2.5x smaller: +0.5 GiB).
 """
 
