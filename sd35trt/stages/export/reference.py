@@ -183,10 +183,12 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     back after it, so one module's float32 weights exist at a time. With float32 inputs every op
     then computes in float32 on the 16-bit values (BF16 -> float32 is exact), which is what the
     float32 validation form of a BF16 graph computes
-    (:func:`~sd35trt.stages.export.validate.float32_form`). A 16-bit tensor reaching a widened
-    module is widened too: T5's feed-forward casts its input to ``wo.weight.dtype`` before ``wo``
-    runs, while that weight is still 16-bit (the float32 form does not round there; the
-    difference is one BF16 rounding of that input, inside T5's tolerance).
+    (:func:`~sd35trt.stages.export.validate.float32_form`). That form turns each Cast to
+    bfloat16 into a Cast to float32, so the model's own casts from float32 to 16 bits keep float32
+    here (T5's feed-forward casts its input to ``wo.weight.dtype`` while that weight is still
+    16-bit: one BF16 rounding there per block put the full-size T5 at 3.7x its tolerance), and a
+    16-bit tensor reaching a widened module is widened. Casts inside FP8 quantizers stay: they
+    reproduce the graph's 16-bit scales (:func:`onnx_quantization`).
 
     Buffers keep their dtype: where one meets a float32 tensor PyTorch promotes it exactly, and
     an op taking it alone would fail on the dtype mismatch, not compute in 16 bits unnoticed.
@@ -195,8 +197,31 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     reference's peak at full size.
     """
     import torch
+    from torch.overrides import TorchFunctionMode
+
+    from sd35trt.models.quantize import quantizers
 
     narrow = (torch.float16, torch.bfloat16)
+    inside_quantizer = [0]
+
+    class KeepFloat32(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (
+                func is torch.Tensor.to
+                and not inside_quantizer[0]
+                and isinstance(out, torch.Tensor)
+                and out.dtype in narrow
+                and args[0].dtype == torch.float32
+            ):
+                return args[0].to(out.device)
+            return out
+
+    def enter(_module, _args) -> None:
+        inside_quantizer[0] += 1
+
+    def leave(_module, _args, _out) -> None:
+        inside_quantizer[0] -= 1
 
     def wider(x):
         return x.float() if isinstance(x, torch.Tensor) and x.dtype in narrow else x
@@ -216,6 +241,8 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = t
 
     handles = []
+    for q in quantizers(model).values():
+        handles += [q.register_forward_pre_hook(enter), q.register_forward_hook(leave)]
     modules = {id(m): m for m in model.modules()}
     for module in modules.values():
         if any(t is not None and t.dtype in narrow for t in module._parameters.values()):
@@ -224,7 +251,8 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
                 module.register_forward_hook(restore),
             ]
     try:
-        yield
+        with KeepFloat32():
+            yield
     finally:
         for h in handles:
             h.remove()
