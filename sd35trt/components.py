@@ -215,7 +215,11 @@ class ComponentSpec:
 
 
 def spec(
-    component: Component, dims: ModelDims, skip_layers: int = 0, controlnet: bool = False
+    component: Component,
+    dims: ModelDims,
+    skip_layers: int = 0,
+    controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> ComponentSpec:
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
@@ -224,6 +228,8 @@ def spec(
     the ControlNet's block count, adds its ``controlnet_block_samples [B, n, image_tokens,
     inner_dim]`` input (zeros without a control image, as NVIDIA's demo feeds them) and is the
     ControlNet's output count; 0 keeps the transformer's I/O that of a pipeline without one.
+    ``controlnet_text`` False: a ControlNet without text input (SD3.5-large's, ``joint_attention_dim:
+    null``) has no ``encoder_hidden_states``.
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
@@ -305,7 +311,15 @@ def spec(
                 # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
                 # vae.encode(image).latent_dist.sample(), shifted and scaled)
                 TensorSpec("controlnet_cond", f, ("batch", c, "latent_height", "latent_width")),
-                TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
+                *(
+                    (
+                        TensorSpec(
+                            "encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)
+                        ),
+                    )
+                    if controlnet_text
+                    else ()
+                ),
                 TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
             ),
@@ -466,6 +480,7 @@ def profile(
     cfg_by_default: bool = True,
     skip_layers: int = 0,
     controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> dict[str, ShapeRange]:
     """Optimization-profile shape ranges per input of ``component``.
 
@@ -478,7 +493,7 @@ def profile(
     h = latent_range(build.height, dims, "height")
     w = latent_range(build.width, dims, "width")
     text_len = CLIP_MAX_LENGTH + max_sequence_length
-    sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
+    sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet, controlnet_text)
     sizes = {
         "batch": b,
         "height": build.height,
@@ -521,6 +536,7 @@ def sample_shapes(
     max_sequence_length: int = 256,
     skip_layers: int = 0,
     controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> list[dict[str, tuple[int, ...]]]:
     """Concrete input shapes export traces and validates ``component`` at: small ones.
 
@@ -537,9 +553,8 @@ def sample_shapes(
     Raises:
         ConfigError: the build ranges don't fit the model (see :func:`profile`).
     """
-    profile(
-        component, dims, build, max_sequence_length, skip_layers=skip_layers, controlnet=controlnet
-    )  # refuse bad ranges
+    options = {"skip_layers": skip_layers, "controlnet": controlnet, "controlnet_text": controlnet_text}
+    profile(component, dims, build, max_sequence_length, **options)  # refuse bad ranges
     m = dims.size_multiple
     shapes = []
     for pick, side, t5 in zip(("opt", "min", "max"), SAMPLE_IMAGE_SIDES, SAMPLE_T5_LENGTHS, strict=True):
@@ -549,18 +564,13 @@ def sample_shapes(
                 "width": Range.static(_side(getattr(build.width, pick), side, m)),
             }
         )
-        ranges = profile(
-            component,
-            dims,
-            small,
-            min(max_sequence_length, t5),
-            skip_layers=skip_layers,
-            controlnet=controlnet,
-        )
+        ranges = profile(component, dims, small, min(max_sequence_length, t5), **options)
         shapes.append({name: getattr(r, pick) for name, r in ranges.items()})
     trace, low, top = shapes
     if [s[:1] for s in top.values()] == [s[:1] for s in low.values()]:
-        sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
+        sp = spec(
+            component, dims, skip_layers if component.is_transformer else 0, controlnet, controlnet_text
+        )
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         top = {n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()}
     return [trace, low, top]

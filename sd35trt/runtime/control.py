@@ -10,10 +10,10 @@ As diffusers' ``StableDiffusion3ControlNetPipeline`` (one ControlNet):
    CFG-doubled batch; the runtime draws the same rows from a CPU generator seeded with the
    batch's first seed, so ``torch.manual_seed(seed)`` before diffusers' call gives the same latents.
 3. Each step the ControlNet engine sees the transformer's latents, the control latents, the prompt
-   embeddings and zero pooled projections (``force_zeros_for_pooled_projection``, inside the
-   graph); its residuals, times ``conditioning_scale`` inside the ``[start, end]`` window
-   (diffusers' ``controlnet_keep``), are the transformer's ``controlnet_block_samples``. Outside the
-   window, and without a control image, they are zeros (as NVIDIA's demo feeds them), so the
+   embeddings (SD3 ControlNets; SD3.5-large's take none) and the pooled projections (zeroed inside
+   the graph where ``force_zeros_for_pooled_projection`` says so); its residuals, times
+   ``conditioning_scale`` inside the ``[start, end]`` window (diffusers' ``controlnet_keep``), are
+   the transformer's ``controlnet_block_samples``. Outside the window, and without a control image, they are zeros (as NVIDIA's demo feeds them), so the
    ControlNet engine is not run.
 
 Nothing here imports torch at module level: requests are validated without it.
@@ -291,7 +291,7 @@ class ControlResiduals:
         feeds = {
             "hidden_states": x,
             "controlnet_cond": self.latents,
-            "encoder_hidden_states": self.hidden,
+            "encoder_hidden_states": self.hidden,  # unread by SD3.5-large's (Engine.infer feeds its inputs)
             "pooled_projections": self.pooled,
             "timestep": timestep,
         }

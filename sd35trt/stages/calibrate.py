@@ -222,10 +222,10 @@ class _Calibrate(StageSpec):
             return None
         from diffusers import StableDiffusion3ControlNetPipeline
 
-        from sd35trt.models.loading import load_model
+        from sd35trt.models.controlnet import load_controlnet
 
         images = control_images(pipe, batches, config.calibrate, config.model.controlnet.type)
-        controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
+        controlnet = load_controlnet(config.model, self.resolved.directory, dtype, device=device)
         cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
         cn_pipe.set_progress_bar_config(disable=True)
         return cn_pipe, images
