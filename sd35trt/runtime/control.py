@@ -13,8 +13,8 @@ As diffusers' ``StableDiffusion3ControlNetPipeline`` (one ControlNet):
    embeddings (SD3 ControlNets; SD3.5-large's take none) and the pooled projections (zeroed inside
    the graph where ``force_zeros_for_pooled_projection`` says so); its residuals, times
    ``conditioning_scale`` inside the ``[start, end]`` window (diffusers' ``controlnet_keep``), are
-   the transformer's ``controlnet_block_samples``. Outside the window, and without a control image, they are zeros (as NVIDIA's demo feeds them), so the
-   ControlNet engine is not run.
+   the transformer's ``controlnet_block_samples``. Outside the window, and without a control
+   image, they are zeros (as NVIDIA's demo feeds them), so the ControlNet engine is not run.
 
 Nothing here imports torch at module level: requests are validated without it.
 """
