@@ -79,10 +79,6 @@ class ResolvedControlNet:
         """Whether it has its own positional embedding (``use_pos_embed``, default true)."""
         return self.config.get("use_pos_embed", True) is not False
 
-    def to_json(self) -> dict:
-        """Where it came from, as the manifests record it."""
-        return {"directory": str(self.directory), "hub": None if self.hub is None else self.hub.to_json()}
-
 
 def resolve_controlnet(model: ModelSettings, model_dir: str | Path) -> ResolvedControlNet | None:
     """Locate ``model.controlnet`` and read its config (``None`` without one); see the module docstring.

@@ -102,8 +102,10 @@ class ResolvedModel:
             "hub": self.hub.to_json() if self.hub is not None else None,
             "loras": [lora.to_json() for lora in self.loras],
         }
-        if self.controlnet is not None and self.controlnet.directory.parent != self.directory:
-            out["controlnet"] = self.controlnet.to_json()  # older records keep their keys
+        cn = self.controlnet
+        if cn is not None and cn.directory.parent != self.directory:  # model.controlnet.path
+            out["controlnet_directory"] = str(cn.directory)
+            out["controlnet_hub"] = None if cn.hub is None else cn.hub.to_json()
         return out
 
 
