@@ -193,36 +193,3 @@ def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
         first = str(err).strip().splitlines()[0]
         raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first})") from None
     return embed
-
-
-def load_controlnet(
-    model: ModelSettings,
-    model_dir: str | Path,
-    dtype: torch.dtype,
-    *,
-    device: str = "cpu",
-    trace: bool = False,
-) -> nn.Module:
-    """``model.controlnet``'s ControlNet as every stage loads it: through
-    :func:`sd35trt.models.loading.load_model` (from ``model.controlnet.path`` when set, else the
-    model's ``controlnet/`` or, for a ``random`` source, drawn), the transformer's positional
-    embedding lent where it has none (:func:`lend_pos_embed`).
-
-    Args:
-        model: the config's model section (``model.controlnet`` set).
-        model_dir: the resolved model directory.
-        dtype: the weights' dtype.
-        device: where the model goes.
-        trace: loaded for ONNX export.
-
-    Raises:
-        ModelError: as :func:`resolve_controlnet` and ``load_model``.
-    """
-    from sd35trt.models.loading import LoadPurpose, load_model
-
-    folder = resolve_controlnet(model, model_dir).directory if model.controlnet.path is not None else None
-    purpose = LoadPurpose.TRACE if trace else LoadPurpose.RUN
-    raw = load_model(
-        model_dir, Component.CONTROLNET, dtype, device=device, purpose=purpose, model=model, folder=folder
-    )
-    return lend_pos_embed(raw, model_dir, model)

@@ -304,6 +304,39 @@ def load_model(
     return raw
 
 
+def load_controlnet(
+    model: ModelSettings,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    *,
+    device: str = "cpu",
+    trace: bool = False,
+) -> nn.Module:
+    """``model.controlnet``'s ControlNet as every stage loads it: through
+    :func:`load_model` (from ``model.controlnet.path`` when set, else the
+    model's ``controlnet/`` or, for a ``random`` source, drawn), the transformer's positional
+    embedding lent where it has none (:func:`sd35trt.models.controlnet.lend_pos_embed`).
+
+    Args:
+        model: the config's model section (``model.controlnet`` set).
+        model_dir: the resolved model directory.
+        dtype: the weights' dtype.
+        device: where the model goes.
+        trace: loaded for ONNX export.
+
+    Raises:
+        ModelError: as :func:`sd35trt.models.controlnet.resolve_controlnet` and :func:`load_model`.
+    """
+    from sd35trt.models.controlnet import lend_pos_embed, resolve_controlnet
+
+    folder = resolve_controlnet(model, model_dir).directory if model.controlnet.path is not None else None
+    purpose = LoadPurpose.TRACE if trace else LoadPurpose.RUN
+    raw = load_model(
+        model_dir, Component.CONTROLNET, dtype, device=device, purpose=purpose, model=model, folder=folder
+    )
+    return lend_pos_embed(raw, model_dir, model)
+
+
 def load_pipeline(
     config: Config,
     run_dir: str | Path,

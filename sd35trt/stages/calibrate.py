@@ -222,7 +222,7 @@ class _Calibrate(StageSpec):
             return None
         from diffusers import StableDiffusion3ControlNetPipeline
 
-        from sd35trt.models.controlnet import load_controlnet
+        from sd35trt.models.loading import load_controlnet
 
         images = control_images(pipe, batches, config.calibrate, config.model.controlnet.type)
         controlnet = load_controlnet(config.model, self.resolved.directory, dtype, device=device)

@@ -126,7 +126,7 @@ def load_module(
     from sd35trt.models.modules import wrap
 
     if component is Component.CONTROLNET:
-        from sd35trt.models.controlnet import load_controlnet
+        from sd35trt.models.loading import load_controlnet
 
         raw = load_controlnet(config.model, root, torch_dtype(precision), device=device, trace=True)
         dims = ModelDims.from_model_dir(root)
