@@ -343,11 +343,14 @@ def load_pipeline(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     loras: Sequence[ResolvedLora] | None = None,
+    transformer: bool = True,
 ) -> StableDiffusion3Pipeline:
     """Load the configured pipeline on ``device`` (default: CUDA if present) in ``dtype``.
 
     ``model.loras`` are fused into its transformer and CLIP encoders (``loras``: already
-    resolved ones, else they are resolved here).
+    resolved ones, else they are resolved here). With ``transformer=False`` the pipeline has
+    none until :func:`attach_transformer`, so the text encoders (~11 GB in BF16) and the
+    transformer (4.5 GB medium, 16.3 GB large) need not be in memory together.
 
     Raises:
         ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
@@ -359,7 +362,9 @@ def load_pipeline(
     dtype = dtype or torch_dtype(config.calibrate.dtype, device)
     if loras is None:
         loras = resolve_loras(config.model.loras, config.model.allow_download)
-    return load_pipeline_dir(model_dir(config, run_dir), device, dtype, model=config.model, loras=loras)
+    return load_pipeline_dir(
+        model_dir(config, run_dir), device, dtype, model=config.model, loras=loras, transformer=transformer
+    )
 
 
 def load_pipeline_dir(
@@ -368,12 +373,13 @@ def load_pipeline_dir(
     dtype: torch.dtype,
     model: ModelSettings | None = None,
     loras: Sequence[ResolvedLora] = (),
+    transformer: bool = True,
 ) -> StableDiffusion3Pipeline:
     """The diffusers pipeline in ``model_dir`` on ``device``, progress bars off.
 
     The five models load through :func:`load_model` (``loras`` fused into the transformer and
     the CLIP encoders); diffusers reads only the tokenizers and the scheduler config from the
-    directory.
+    directory. ``transformer=False`` leaves the transformer out (see :func:`attach_transformer`).
 
     Raises:
         ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
@@ -386,11 +392,34 @@ def load_pipeline_dir(
     models = {
         MODELS[c].subfolder: load_model(root, c, dtype, device=device, model=model, loras=loras)
         for c in Component
-        if c.required  # the VAE encoder is the same AutoencoderKL as the decoder
+        if c.required and (transformer or c is not Component.TRANSFORMER)
+        # the VAE encoder is the same AutoencoderKL as the decoder
     }
+    if not transformer:
+        models[MODELS[Component.TRANSFORMER].subfolder] = None
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(root, **models)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the diffusers pipeline in {root}: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def attach_transformer(
+    pipe: StableDiffusion3Pipeline,
+    model_dir: str | Path,
+    device: str,
+    dtype: torch.dtype,
+    model: ModelSettings | None = None,
+    loras: Sequence[ResolvedLora] = (),
+) -> None:
+    """Load the transformer into ``pipe`` (loaded with ``transformer=False``), as
+    :func:`load_pipeline_dir` would have; call it once the text encoders are dropped.
+
+    Raises:
+        ModelError: as :func:`load_model`.
+    """
+    raw = load_model(Path(model_dir), Component.TRANSFORMER, dtype, device=device, model=model, loras=loras)
+    pipe.register_modules(transformer=raw)
+    # what the pipeline's __init__ reads from the transformer (its defaults are SD3's 128 and 2)
+    pipe.default_sample_size, pipe.patch_size = raw.config.sample_size, raw.config.patch_size

@@ -45,7 +45,14 @@ from sd35trt.artifacts.records import (
 from sd35trt.components import Component, ModelDims
 from sd35trt.config import CalibrateSettings, Config
 from sd35trt.errors import ConfigError
-from sd35trt.models.loading import ResolvedModel, default_device, load_pipeline, resolve_model, torch_dtype
+from sd35trt.models.loading import (
+    ResolvedModel,
+    attach_transformer,
+    default_device,
+    load_pipeline,
+    resolve_model,
+    torch_dtype,
+)
 from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
 from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.stages.check import check_config
@@ -236,6 +243,7 @@ class _Calibrate(StageSpec):
 
         from sd35trt.models.quantize import save_calibration
         from sd35trt.stages.calibration_quality import METRIC, quality_report
+        from sd35trt.stages.export.tracing import trim_heap
 
         config, s, log = run.config, run.config.calibrate, run.progress
         cfg = quant_config(s, self.dims.num_layers, self.dims.head_dim)
@@ -244,7 +252,10 @@ class _Calibrate(StageSpec):
         dtype = torch_dtype(s.dtype, device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        pipe = load_pipeline(config, run.run_dir, device=device, dtype=dtype, loras=self.resolved.loras)
+        # The text encoders are dropped before the transformer loads: the two never share memory.
+        pipe = load_pipeline(
+            config, run.run_dir, device=device, dtype=dtype, loras=self.resolved.loras, transformer=False
+        )
         pipe.set_progress_bar_config(disable=True)
         text = {
             "negative_prompt": config.runtime.negative_prompt,
@@ -257,6 +268,10 @@ class _Calibrate(StageSpec):
             pipe, self.heldout, s.batch_size, s.seed, s.guidance_scale, device, **text
         )
         drop_text_encoders(pipe)
+        trim_heap()
+        attach_transformer(
+            pipe, self.resolved.directory, device, dtype, model=config.model, loras=self.resolved.loras
+        )
 
         controlled = self._controlled(config, pipe, batches, dtype, device)
         summary = calibrate_transformer(pipe, batches, s, self.status, controlled)

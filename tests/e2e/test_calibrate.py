@@ -117,6 +117,24 @@ def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run)
     assert lines == [f"calibrate: {run / 'calibrate'} is up to date (--force redoes it)"]
 
 
+def test_text_encoders_are_dropped_before_the_transformer_loads(
+    calibrated_run, tiny_config, tmp_path, monkeypatch
+):
+    """The text encoders (~11 GB in BF16) and the transformer (16.3 GB for sd3.5-large) are never in
+    memory together: the transformer is attached after the prompts are encoded."""
+    import sd35trt.stages.calibrate as stage
+
+    attach, seen = stage.attach_transformer, []
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+        attach(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "attach_transformer", spy)
+    calibrate(_small(tiny_config), _fresh_run(calibrated_run, tmp_path), log=_quiet)
+    assert seen == [(None, None, None, None)]
+
+
 def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
     calibrated_run, tiny_config, tmp_path, copy_run, monkeypatch
 ):
@@ -124,15 +142,14 @@ def test_zero_inputs_to_a_layer_fail_naming_it_and_write_nothing(
 
     import sd35trt.stages.calibrate as stage
 
-    load = stage.load_pipeline
+    attach = stage.attach_transformer
 
-    def load_with_dead_layer(*args, **kwargs):
-        pipe = load(*args, **kwargs)
+    def attach_with_dead_layer(pipe, *args, **kwargs):
+        attach(pipe, *args, **kwargs)
         layer = pipe.transformer.transformer_blocks[1].ff.net[2]
         layer.register_forward_pre_hook(lambda module, inputs: (torch.zeros_like(inputs[0]),))
-        return pipe
 
-    monkeypatch.setattr(stage, "load_pipeline", load_with_dead_layer)
+    monkeypatch.setattr(stage, "attach_transformer", attach_with_dead_layer)
     expected = r"transformer_blocks\.1\.ff\.net\.2\.input_quantizer: amax 0 \(the layer saw only zeros\)"
 
     run = _fresh_run(calibrated_run, tmp_path)

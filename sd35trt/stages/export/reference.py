@@ -178,14 +178,20 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     forward and put back after it, so one module's float32 weights exist at a time. With float32
     inputs every op then computes in float32 on the 16-bit values (BF16 -> float32 is exact),
     which is what the float32 validation form of a BF16 graph computes
-    (:func:`~sd35trt.stages.export.validate.float32_form`).
+    (:func:`~sd35trt.stages.export.validate.float32_form`). A 16-bit tensor reaching a widened
+    module is widened too: T5's feed-forward casts its input to ``wo.weight.dtype`` before ``wo``
+    runs, while that weight is still 16-bit (the float32 form does not round there; the
+    difference is one BF16 rounding of that input, inside T5's tolerance).
     """
     import torch
 
     narrow = (torch.float16, torch.bfloat16)
+
+    def wider(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in narrow else x
     saved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
 
-    def widen(module, _args) -> None:
+    def widen(module, args, kwargs):
         entries = []
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
@@ -196,6 +202,7 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
                         torch.nn.Parameter(wide, requires_grad=False) if store is module._parameters else wide
                     )
         saved[id(module)] = entries
+        return tuple(wider(a) for a in args), {k: wider(v) for k, v in kwargs.items()}
 
     def restore(module, _args, _out) -> None:
         for store, name, t in saved.pop(id(module), []):
@@ -205,7 +212,10 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     for module in model.modules():
         own = [*module._parameters.values(), *module._buffers.values()]
         if any(t is not None and t.dtype in narrow for t in own):
-            handles += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
+            handles += [
+                module.register_forward_pre_hook(widen, with_kwargs=True),
+                module.register_forward_hook(restore),
+            ]
     try:
         yield
     finally:

@@ -120,3 +120,29 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line_saying_why(tmp_path):
     with pytest.raises(validate.NotValidated, match=r"^ONNX Runtime cannot load gemm.onnx: .*Gemm") as err:
         validate.run_cases(path, [validate.CPU], feeds)
     assert "\n" not in str(err.value)
+
+
+def test_float32_compute_runs_a_bf16_t5_as_its_float32_form_does():
+    """T5's feed-forward casts its input to ``wo.weight.dtype`` before ``wo`` runs: the BF16 full-size
+    export failed there ("expected m1 and m2 to have the same dtype"). Computed in float32, the result
+    is that of a float32 model holding the BF16-rounded weights, to one BF16 rounding of ``wo``'s
+    input, and the weights stay BF16."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from sd35trt.stages.export.reference import float32_compute
+
+    cfg = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    torch.manual_seed(0)
+    bf16 = T5EncoderModel(cfg).eval().to(torch.bfloat16)
+    widened = T5EncoderModel(cfg).eval()
+    widened.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
+    ids = torch.randint(0, 50, (1, 7))
+    with torch.no_grad(), float32_compute(bf16):
+        got = bf16(ids)[0]
+    with torch.no_grad():
+        want = widened(ids)[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
