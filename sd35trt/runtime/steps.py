@@ -9,6 +9,8 @@ for NaN and inf, and a failure names the stage.
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -383,3 +385,16 @@ def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     image = engine.infer({"latent": latents})["image"]  # [N, 3, H, W] in [0, 1]
     check_finite(Component.VAE_DECODER, image, "image")
     return [Image.fromarray(a) for a in to_pixels(image)]
+
+
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """``(bytes, what they measure)``: the torch CUDA allocator's peak on ``device``, or the
+    process's peak RSS on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(
+            device
+        ), "CUDA, torch allocator (TensorRT's own memory not included)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"

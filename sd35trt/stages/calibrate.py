@@ -279,7 +279,7 @@ class _Calibrate(StageSpec):
             pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
         )
         elapsed = time.perf_counter() - start
-        from sd35trt.runtime.pipeline import peak_memory
+        from sd35trt.runtime.steps import peak_memory
 
         peak, peak_kind = peak_memory(device)
         # The details are validated before the staged directory is published.

@@ -189,6 +189,7 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
 
     def wider(x):
         return x.float() if isinstance(x, torch.Tensor) and x.dtype in narrow else x
+
     saved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
 
     def widen(module, args, kwargs):
