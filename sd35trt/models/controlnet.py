@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.components import SUBFOLDER, Component
-from sd35trt.config import ModelSettings, ModelSource
+from sd35trt.config import Architecture, ModelSettings, ModelSource
 from sd35trt.errors import ModelError
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def lend_pos_embed(controlnet: nn.Module, model_dir: str | Path, model: ModelSet
     diffusers' ``StableDiffusion3ControlNetPipeline`` does when it is built; others unchanged.
 
     Only the transformer's ``pos_embed.*`` tensors are read (from its safetensors, or drawn for a
-    ``random`` source as :func:`sd35trt.models.tiny.transformer_pos_embed`), not its 8 B weights.
+    ``random`` source by :func:`random_pos_embed`), not its 8 B weights.
     LoRAs are not applied to them (SD3.5 LoRAs adapt the attention and feed-forward layers).
 
     Returns:
@@ -159,21 +159,19 @@ def lend_pos_embed(controlnet: nn.Module, model_dir: str | Path, model: ModelSet
         return controlnet
     param = next(controlnet.parameters())
     if model.source is ModelSource.RANDOM:
-        from sd35trt.models.tiny import transformer_pos_embed
-
-        embed = transformer_pos_embed(model.architecture, model.seed)
+        embed = random_pos_embed(model.architecture, model.seed)
     else:
         embed = _pos_embed_from_weights(Path(model_dir) / SUBFOLDER[Component.TRANSFORMER])
     controlnet.pos_embed = embed.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
     return controlnet
 
 
-def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
+def _patch_embed(tr: dict) -> torch.nn.Module:
+    """An ``SD3Transformer2DModel``'s ``pos_embed`` from its config ``tr``, as diffusers'
+    ``SD3ControlNetModel._get_pos_embed_from_transformer`` makes it (float32)."""
     from diffusers.models.embeddings import PatchEmbed
-    from safetensors import safe_open
 
-    tr = json.loads((folder / "config.json").read_text())
-    embed = PatchEmbed(  # as diffusers' SD3ControlNetModel._get_pos_embed_from_transformer
+    return PatchEmbed(
         height=tr["sample_size"],
         width=tr["sample_size"],
         patch_size=tr["patch_size"],
@@ -181,6 +179,25 @@ def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
         embed_dim=tr["num_attention_heads"] * tr["attention_head_dim"],
         pos_embed_max_size=tr["pos_embed_max_size"],
     )
+
+
+def random_pos_embed(arch: Architecture, seed: int) -> torch.nn.Module:
+    """The ``pos_embed`` of :func:`sd35trt.models.tiny.build_components`' random transformer,
+    without drawing the rest of it: ``pos_embed`` is the first module ``SD3Transformer2DModel``
+    creates, so the transformer's seed draws the same weights (sd3.5-large's transformer is 8 B
+    parameters). Float32."""
+    import torch
+
+    from sd35trt.models.tiny import architecture_config
+
+    torch.manual_seed(seed * 1000 + 0)  # the transformer's seed in build_components
+    return _patch_embed(architecture_config(arch).transformer).eval()
+
+
+def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
+    from safetensors import safe_open
+
+    embed = _patch_embed(json.loads((folder / "config.json").read_text()))
     prefix, state = "pos_embed.", {}
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:

@@ -424,28 +424,6 @@ def tiny_controlnet(seed: int = 0, dtype=None, own_pos_embed: bool = True):
     return make_controlnet(controlnet_config(Architecture.TINY, own_pos_embed), seed, dtype)
 
 
-def transformer_pos_embed(arch: Architecture, seed: int, dtype=None):
-    """The positional embedding (``pos_embed``) of :func:`build_components`' random transformer,
-    without drawing the rest of it: ``pos_embed`` is the first module ``SD3Transformer2DModel``
-    creates, so the same seed draws the same weights (what a ``use_pos_embed: false`` ControlNet
-    borrows; sd3.5-large's transformer is 8 B parameters).
-    """
-    import torch
-    from diffusers.models.embeddings import PatchEmbed
-
-    tr = architecture_config(arch).transformer
-    torch.manual_seed(seed * 1000 + 0)  # the transformer's seed in build_components
-    embed = PatchEmbed(
-        height=tr["sample_size"],
-        width=tr["sample_size"],
-        patch_size=tr["patch_size"],
-        in_channels=tr["in_channels"],
-        embed_dim=tr["num_attention_heads"] * tr["attention_head_dim"],
-        pos_embed_max_size=tr["pos_embed_max_size"],
-    )
-    return embed.to(dtype or torch.float32).eval()
-
-
 def write_tiny(out: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline as a diffusers directory (safetensors) at ``out``.
 

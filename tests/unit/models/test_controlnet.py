@@ -124,13 +124,14 @@ def test_the_large_layout_borrows_the_transformers_positional_embedding(tiny_mod
 def test_random_architectures_draw_the_transformers_positional_embedding_alone():
     import torch
 
-    from sd35trt.models.tiny import build_components, transformer_pos_embed
+    from sd35trt.models.controlnet import random_pos_embed
+    from sd35trt.models.tiny import build_components
 
     whole = build_components(Architecture.TINY, seed=7, only={"transformer"})["transformer"].pos_embed
-    alone = transformer_pos_embed(Architecture.TINY, seed=7)
+    alone = random_pos_embed(Architecture.TINY, seed=7)
     for name, value in whole.state_dict().items():
         assert torch.equal(value, alone.state_dict()[name]), name
-    assert not torch.equal(transformer_pos_embed(Architecture.TINY, 8).proj.weight, whole.proj.weight)
+    assert not torch.equal(random_pos_embed(Architecture.TINY, 8).proj.weight, whole.proj.weight)
 
 
 def test_published_large_controlnet_shape_and_no_medium_one():
