@@ -304,6 +304,7 @@ def spec(
         )
     if component is Component.CONTROLNET:
         c = dims.latent_channels
+        text = TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim))
         return ComponentSpec(
             component,
             inputs=(
@@ -311,15 +312,7 @@ def spec(
                 # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
                 # vae.encode(image).latent_dist.sample(), shifted and scaled)
                 TensorSpec("controlnet_cond", f, ("batch", c, "latent_height", "latent_width")),
-                *(
-                    (
-                        TensorSpec(
-                            "encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)
-                        ),
-                    )
-                    if controlnet_text
-                    else ()
-                ),
+                *((text,) if controlnet_text else ()),  # none for SD3.5-large's ControlNets
                 TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
                 TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
             ),
