@@ -10,13 +10,16 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sd35trt.cli_options import generation_options
+from sd35trt.cli_options import generation_options, settings_options
 from sd35trt.errors import Sd35TrtError
 from sd35trt.parameters import PARAMS
+
+if TYPE_CHECKING:
+    from sd35trt.serve.settings import ServeSettings
 
 #: What ``reference`` and ``bench`` take of the generation parameters (``run`` takes them all).
 REFERENCE_PARAMS = (
@@ -374,87 +377,25 @@ def eval_(
     typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")
 
 
-def _choice(option: str, value: str, enum_type):
-    from sd35trt.errors import ConfigError
+def _serve_settings() -> type[ServeSettings]:
+    from sd35trt.serve.settings import ServeSettings
 
-    try:
-        return enum_type(value.lower())
-    except ValueError:
-        allowed = ", ".join(e.value for e in enum_type)
-        raise ConfigError(f"{option} {value!r} is not one of: {allowed}") from None
+    return ServeSettings
 
 
 @app.command()
+@settings_options(_serve_settings, skip=("warmup",))
 def serve(
     engines: Annotated[
         Path,
         typer.Option("--engines", "-e", help="Engines directory (runs/<name>/engines) or unpacked artefact."),
     ],
-    host: Annotated[
-        str, typer.Option(help="Address to bind (127.0.0.1 keeps the server local).")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    max_batch: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per engine batch (default: the engines' maximum; 1 = no merging)."),
-    ] = None,
-    max_images: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per request (default 16); beyond an engine batch: several."),
-    ] = None,
-    batch_window_ms: Annotated[
-        float, typer.Option(min=0, help="How long a batch waits for compatible requests to join it.")
-    ] = 10.0,
-    queue_size: Annotated[
-        int, typer.Option(min=1, help="Requests that may wait; beyond, 429 + Retry-After.")
-    ] = 32,
-    timeout: Annotated[
-        float, typer.Option(min=0.001, help="Per-request limit in seconds, queueing included.")
-    ] = 300.0,
-    read_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0.001, max=3600, help="Seconds a client has to send a request's headers, and again its body."
-        ),
-    ] = 10.0,
-    max_connections: Annotated[
-        int | None,
-        typer.Option(min=1, help="Open connections held (default: min(1024, fd limit - 256))."),
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None,
-        typer.Option(
-            min=1024,
-            help="Largest request body in bytes, beyond: 413 (default 16 MiB, room for a base64 init_image).",
-        ),
-    ] = None,
-    low_vram: Annotated[bool, typer.Option(help="Load each engine only for its stage.")] = False,
-    log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug or trace.")] = "info",
-    log_format: Annotated[
-        str, typer.Option(help="text, or json (one JSON object per line, with the request id).")
-    ] = "text",
+    settings: ServeSettings,
 ) -> None:
     """Serve engines over HTTP: /generate, /v1/images/generations (OpenAI), /metrics, /health, /ready."""
-    from sd35trt.serve import ServeSettings
     from sd35trt.serve import serve as run_server
-    from sd35trt.serve.settings import LogFormat, LogLevel
     from sd35trt.stages.package import engines_dir_of
 
-    settings = ServeSettings(
-        host=host,
-        port=port,
-        max_batch=max_batch,
-        max_images=max_images,
-        batch_window_ms=batch_window_ms,
-        queue_size=queue_size,
-        timeout_s=timeout,
-        read_timeout_s=read_timeout,
-        max_connections=max_connections,
-        low_vram=low_vram,
-        log_level=_choice("--log-level", log_level, LogLevel),
-        log_format=_choice("--log-format", log_format, LogFormat),
-        **({} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}),
-    )
     run_server(engines_dir_of(engines), settings)
 
 

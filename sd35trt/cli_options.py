@@ -1,22 +1,34 @@
-"""Command-line options derived from the declared generation parameters.
+"""Command-line options derived from declarations made once elsewhere.
 
 :func:`generation_options` adds the options of :data:`sd35trt.parameters.GENERATION_PARAMS` to a
 typer command: ``--num-inference-steps`` with its alias ``--steps``, the declared help, a
 ``--flag/--no-flag`` pair for booleans, a file path for the image. The command receives them as
 one mapping, so no command spells a parameter out again.
+
+:func:`settings_options` does the same for the fields of a pydantic settings model (``sd35trt
+serve``'s :class:`~sd35trt.serve.settings.ServeSettings`, ``sd35trt triton``'s
+:class:`~sd35trt.triton.repository.TritonRepoSettings`): the fields' types, defaults, bounds and
+descriptions are the options', and the command receives the validated model.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sd35trt.errors import ConfigError
 from sd35trt.parameters import PARAMS, InputParam, Kind
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
 
 _PYTHON_TYPE = {Kind.TEXT: str, Kind.INT: int, Kind.FLOAT: float, Kind.BOOL: bool, Kind.IMAGE: Path}
 
@@ -25,20 +37,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def _parameter(p: InputParam, default: Any, argument: bool) -> inspect.Parameter:
     """The typer parameter (an option, or an argument such as PROMPT) of one declared parameter."""
     kind = inspect.Parameter.KEYWORD_ONLY
     if argument:
-        info = typer.Argument(metavar=p.name.upper(), help=p.help[:1].upper() + p.help[1:] + ".")
+        info = typer.Argument(metavar=p.name.upper(), help=_sentence(p.help))
         return inspect.Parameter(p.name, kind, annotation=Annotated[_PYTHON_TYPE[p.kind], info])
-    help_text = p.help[:1].upper() + p.help[1:] + "."
+    help_text = _sentence(p.help)
     if p.kind is Kind.BOOL:
-        flags = (f"{_flag(p.name)}/--no-{_flag(p.name)[2:]}",)
-        info = typer.Option(*flags, help=help_text, show_default=False)
+        info = typer.Option(_bool_flags(p.name), help=help_text, show_default=False)
     else:
         info = typer.Option(_flag(p.name), *(_flag(a) for a in p.aliases), help=help_text)
     annotation = _PYTHON_TYPE[p.kind] if default is not None else _PYTHON_TYPE[p.kind] | None
     return inspect.Parameter(p.name, kind, default=default, annotation=Annotated[annotation, info])
+
+
+def _bool_flags(name: str) -> str:
+    return f"{_flag(name)}/--no-{_flag(name)[2:]}"
 
 
 def generation_options(
@@ -76,3 +95,108 @@ def generation_options(
         return wrapper
 
     return decorate
+
+
+def settings_flag(field: str) -> str:
+    """The option of a settings field: ``--queue-size``; a seconds suffix is left out (``timeout_s``:
+    ``--timeout``), as the option's help states the unit."""
+    return _flag(field.removesuffix("_s"))
+
+
+def _setting(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The typer option of one settings field: its type, default and description; the bounds are
+    the model's to check (:func:`settings_options`), so they are written only there."""
+    annotation = field.annotation
+    optional = type(None) in typing.get_args(annotation)
+    base = next(t for t in (*typing.get_args(annotation), annotation) if t is not type(None))
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        base = str  # checked by the model, any case: --log-level INFO
+    default = field.get_default(call_default_factory=True)
+    if base is bool:
+        info = typer.Option(_bool_flags(name), help=_sentence(field.description or name))
+    else:
+        info = typer.Option(settings_flag(name), help=_sentence(field.description or name) + _bounds(field))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[base | None if optional else base, info],
+    )
+
+
+def _bounds(field: FieldInfo) -> str:
+    """`` [>= 1, <= 100000]``: the field's bounds as the help shows them (empty without any)."""
+    found = {op: getattr(m, name) for m in field.metadata for name, op in _BOUNDS if hasattr(m, name)}
+    return f" [{', '.join(f'{op} {v}' for op, v in found.items())}]" if found else ""
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def settings_options(
+    model: Callable[[], type[BaseModel]], *, skip: Sequence[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a typer command so that it takes the fields of a settings model as options.
+
+    The command's own parameters come first; it must have a parameter ``settings``, which receives
+    the validated model. A field the command sets itself (e.g. from an option of another shape) is
+    named in ``skip`` and left at its default.
+
+    Args:
+        model: returns the settings class. It is called when typer first reads the command (to run
+            it or show its help), so importing the CLI imports neither pydantic nor the model.
+        skip: fields that are no option.
+
+    Raises (from the decorated command):
+        ConfigError: an option outside its field's bounds or choices, naming the option and the value.
+    """
+    return lambda command: _SettingsCommand(command, model, tuple(skip))
+
+
+class _SettingsCommand:
+    """A command taking a settings model's fields as options; made when typer first reads its signature."""
+
+    def __init__(
+        self, command: Callable[..., Any], model: Callable[[], type[BaseModel]], skip: tuple
+    ) -> None:
+        self.command, self._model, self.skip = command, model, skip
+        self.__name__, self.__qualname__ = command.__name__, command.__qualname__
+        self.__doc__, self.__module__ = command.__doc__, command.__module__
+
+    @functools.cached_property
+    def model(self) -> type[BaseModel]:
+        return self._model()
+
+    @functools.cached_property
+    def fields(self) -> dict[str, FieldInfo]:
+        return {n: f for n, f in self.model.model_fields.items() if n not in self.skip}
+
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        # the command annotates ``settings`` with the model's name, imported only for type checkers
+        own = inspect.signature(self.command, eval_str=True, locals={self.model.__name__: self.model})
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values()]
+        declared = [_setting(n, f) for n, f in self.fields.items()]
+        return inspect.Signature([*(p for p in keyword if p.name != "settings"), *declared])
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # typer reads the options' types here too
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
+        values = {n: kwargs.pop(n) for n in self.fields}
+        try:
+            settings = self.model(**{n: _choice(self.fields[n], v) for n, v in values.items()})
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = str(first["loc"][0])
+            raise ConfigError(f"{settings_flag(name)} {values[name]!r}: {first['msg']}") from None
+        return self.command(**kwargs, settings=settings)
+
+
+def _choice(field: FieldInfo, value: Any) -> Any:
+    """An enum field's option in lower case (``--log-level INFO``); other values as given."""
+    is_enum = isinstance(field.annotation, type) and issubclass(field.annotation, enum.Enum)
+    return value.lower() if is_enum and isinstance(value, str) else value

@@ -21,10 +21,8 @@ Where the glue lives (decided here, used by export and the runtime):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabulary lives here
     MODELS,
@@ -39,7 +37,8 @@ from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabula
     transformer_engine,
 )
 from sd35trt.config import BuildSettings, Precision, Range
-from sd35trt.errors import ConfigError, ModelError
+from sd35trt.errors import ConfigError
+from sd35trt.model_dims import ModelDims
 
 CLIP_MAX_LENGTH = 77
 
@@ -76,110 +75,6 @@ class TensorSpec:
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes of a concrete pipeline, read from its diffusers config files."""
-
-    clip_l_hidden: int
-    clip_l_projection: int
-    clip_g_hidden: int
-    clip_g_projection: int
-    t5_hidden: int
-    latent_channels: int
-    patch_size: int
-    num_layers: int
-    head_dim: int
-    num_heads: int
-    joint_attention_dim: int
-    pooled_projection_dim: int
-    pos_embed_max_size: int
-    vae_scale_factor: int
-    vae_scaling_factor: float
-    vae_shift_factor: float
-
-    @property
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor * self.patch_size
-
-    @property
-    def inner_dim(self) -> int:
-        """Width of the transformer's token streams (``num_heads x head_dim``)."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def max_image_size(self) -> int:
-        """Largest height/width the positional embedding covers."""
-        return self.pos_embed_max_size * self.patch_size * self.vae_scale_factor
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> ModelDims:
-        """Read the dims from a diffusers SD3 directory's JSON configs (no weights loaded).
-
-        Raises:
-            ModelError: a config file is missing or lacks a key.
-        """
-        root = Path(model_dir)
-
-        def read(sub: str, name: str = "config.json") -> dict:
-            p = root / sub / name
-            try:
-                return json.loads(p.read_text())
-            except FileNotFoundError:
-                raise ModelError(
-                    f"{p} is missing: {root} is not a diffusers SD3 pipeline directory"
-                ) from None
-            except json.JSONDecodeError as err:
-                raise ModelError(f"{p} is not valid JSON: {err}") from None
-
-        return cls.from_configs(
-            read(SUBFOLDER[Component.TRANSFORMER]),
-            read(SUBFOLDER[Component.CLIP_L]),
-            read(SUBFOLDER[Component.CLIP_G]),
-            read(SUBFOLDER[Component.T5]),
-            read(SUBFOLDER[Component.VAE_DECODER]),
-            source=str(root),
-        )
-
-    @classmethod
-    def from_configs(
-        cls, transformer: dict, clip_l: dict, clip_g: dict, t5: dict, vae: dict, source: str = "model"
-    ) -> ModelDims:
-        """The dims from the components' config dicts (diffusers / transformers config keys).
-
-        Raises:
-            ModelError: a config lacks a key.
-        """
-        tr = transformer
-        try:
-            return cls(
-                clip_l_hidden=clip_l["hidden_size"],
-                clip_l_projection=clip_l["projection_dim"],
-                clip_g_hidden=clip_g["hidden_size"],
-                clip_g_projection=clip_g["projection_dim"],
-                t5_hidden=t5["d_model"],
-                latent_channels=tr["in_channels"],
-                patch_size=tr["patch_size"],
-                num_layers=tr["num_layers"],
-                head_dim=tr["attention_head_dim"],
-                num_heads=tr["num_attention_heads"],
-                joint_attention_dim=tr["joint_attention_dim"],
-                pooled_projection_dim=tr["pooled_projection_dim"],
-                pos_embed_max_size=tr["pos_embed_max_size"],
-                vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-                vae_scaling_factor=float(vae["scaling_factor"]),
-                vae_shift_factor=float(vae.get("shift_factor") or 0.0),
-            )
-        except KeyError as err:
-            raise ModelError(f"{source}: a component config lacks key {err}") from None
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_json(cls, data: dict) -> ModelDims:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -236,91 +131,134 @@ def spec(
     size / VAE scale factor), ``text_length`` (77 CLIP tokens + the T5 sequence length),
     ``image_tokens`` (latent patches: ``latent_height * latent_width / patch_size**2``).
     """
-    f, i64 = TensorType.FLOAT, TensorType.INT64
-    if component in (Component.CLIP_L, Component.CLIP_G):
-        hidden, proj = (
-            (dims.clip_l_hidden, dims.clip_l_projection)
-            if component is Component.CLIP_L
-            else (dims.clip_g_hidden, dims.clip_g_projection)
-        )
-        return ComponentSpec(
-            component,
-            inputs=(TensorSpec("input_ids", i64, ("batch", CLIP_MAX_LENGTH), Sampling.TOKENS),),
-            outputs=(
-                TensorSpec("hidden_states", f, ("batch", CLIP_MAX_LENGTH, hidden)),  # penultimate layer
-                TensorSpec("text_embeds", f, ("batch", proj)),
-            ),
-            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
-        )
-    if component is Component.T5:
-        return ComponentSpec(
-            component,
-            inputs=(TensorSpec("input_ids", i64, ("batch", "t5_length"), Sampling.TOKENS),),
-            outputs=(TensorSpec("last_hidden_state", f, ("batch", "t5_length", dims.t5_hidden)),),
-            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
-        )
-    if component is Component.TRANSFORMER:
-        c = dims.latent_channels
-        return ComponentSpec(
-            component,
-            inputs=(
-                TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
-                TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
-                TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
-                # float32 whatever the export precision, as diffusers and NVIDIA's demo feed it: in
-                # bfloat16 the 28-step schedule's timesteps round by up to 2 (987.38 -> 988), which
-                # shifts the phase of the high sinusoid frequencies. The graph computes the
-                # sinusoidal embedding in float32 and casts it to the model dtype (diffusers'
-                # CombinedTimestepTextProjEmbeddings), so the cast is inside the graph.
-                TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
-                *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
-                *((_controlnet_samples(dims, controlnet),) if controlnet else ()),
-            ),
-            outputs=(TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width")),),
-            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
-            fp8_tolerance=Tolerance(rtol=1e-3, atol=1e-4),
-        )
     if component in TRANSFORMER_PARTS:
         return _part_spec(component, dims, skip_layers)
-    if component is Component.VAE_DECODER:
-        return ComponentSpec(
-            component,
-            inputs=(
-                TensorSpec("latent", f, ("batch", dims.latent_channels, "latent_height", "latent_width")),
-            ),
-            outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),  # in [0, 1]
-            tolerance=Tolerance(rtol=1e-3, atol=1e-3),
-        )
-    if component is Component.VAE_ENCODER:
-        latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
-        return ComponentSpec(
-            component,
-            inputs=(
-                TensorSpec("image", f, ("batch", 3, "height", "width"), Sampling.PIXELS),  # in [0, 1]
-                TensorSpec("noise", f, latent),  # standard normal: the posterior's sample
-            ),
-            outputs=(TensorSpec("latent", f, latent),),  # scaled and shifted, as the transformer takes it
-            tolerance=Tolerance(rtol=1e-3, atol=1e-3),
-        )
+    if component is Component.TRANSFORMER:
+        return _transformer_spec(dims, skip_layers, controlnet)
     if component is Component.CONTROLNET:
-        c = dims.latent_channels
-        text = TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim))
-        return ComponentSpec(
-            component,
-            inputs=(
-                TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width")),
-                # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
-                # vae.encode(image).latent_dist.sample(), shifted and scaled)
-                TensorSpec("controlnet_cond", f, ("batch", c, "latent_height", "latent_width")),
-                *((text,) if controlnet_text else ()),  # none for SD3.5-large's ControlNets
-                TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
-                TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
-            ),
-            # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
-            outputs=(_controlnet_samples(dims, controlnet),),
-            tolerance=Tolerance(rtol=1e-3, atol=1e-4),
-        )
+        return _controlnet_spec(dims, controlnet, controlnet_text)
+    if component in (Component.CLIP_L, Component.CLIP_G):
+        return _clip_spec(component, dims)
+    if component is Component.T5:
+        return _t5_spec(dims)
+    if component is Component.VAE_DECODER:
+        return _vae_decoder_spec(dims)
+    if component is Component.VAE_ENCODER:
+        return _vae_encoder_spec(dims)
     raise ValueError(f"unknown component {component!r}")
+
+
+def _latent(name: str, dims: ModelDims) -> TensorSpec:
+    """A latent-space tensor ``[batch, latent_channels, latent_height, latent_width]``."""
+    return TensorSpec(
+        name, TensorType.FLOAT, ("batch", dims.latent_channels, "latent_height", "latent_width")
+    )
+
+
+def _text_and_timestep(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """What the transformer and the ControlNet take after their latents: the prompt and the step.
+
+    ``timestep`` is float32 whatever the export precision, as diffusers and NVIDIA's demo feed it:
+    in bfloat16 the 28-step schedule's timesteps round by up to 2 (987.38 -> 988), which shifts the
+    phase of the high sinusoid frequencies. The graph computes the sinusoidal embedding in float32
+    and casts it to the model dtype (diffusers' CombinedTimestepTextProjEmbeddings), so the cast is
+    inside the graph.
+    """
+    f = TensorType.FLOAT
+    return (
+        TensorSpec("encoder_hidden_states", f, ("batch", "text_length", dims.joint_attention_dim)),
+        TensorSpec("pooled_projections", f, ("batch", dims.pooled_projection_dim)),
+        TensorSpec("timestep", TensorType.FLOAT32, ("batch",), Sampling.TIMESTEP),
+    )
+
+
+def _skip_layers(n: int) -> tuple[TensorSpec, ...]:
+    """The ``skip_layers [n]`` gate input, or nothing without skip-layer guidance (``n`` = 0)."""
+    return (TensorSpec("skip_layers", TensorType.FLOAT, (n,), Sampling.GATE),) if n else ()
+
+
+def _transformer_spec(dims: ModelDims, skip_layers: int, controlnet: int) -> ComponentSpec:
+    tolerance = Tolerance(rtol=1e-3, atol=1e-4)
+    return ComponentSpec(
+        Component.TRANSFORMER,
+        inputs=(
+            _latent("hidden_states", dims),
+            *_text_and_timestep(dims),
+            *_skip_layers(skip_layers),
+            *((_controlnet_samples(dims, controlnet),) if controlnet else ()),
+        ),
+        outputs=(_latent("noise_pred", dims),),
+        tolerance=tolerance,
+        fp8_tolerance=tolerance,
+    )
+
+
+def _clip_spec(component: Component, dims: ModelDims) -> ComponentSpec:
+    f = TensorType.FLOAT
+    hidden, proj = (
+        (dims.clip_l_hidden, dims.clip_l_projection)
+        if component is Component.CLIP_L
+        else (dims.clip_g_hidden, dims.clip_g_projection)
+    )
+    return ComponentSpec(
+        component,
+        inputs=(TensorSpec("input_ids", TensorType.INT64, ("batch", CLIP_MAX_LENGTH), Sampling.TOKENS),),
+        outputs=(
+            TensorSpec("hidden_states", f, ("batch", CLIP_MAX_LENGTH, hidden)),  # penultimate layer
+            TensorSpec("text_embeds", f, ("batch", proj)),
+        ),
+        tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+    )
+
+
+def _t5_spec(dims: ModelDims) -> ComponentSpec:
+    return ComponentSpec(
+        Component.T5,
+        inputs=(TensorSpec("input_ids", TensorType.INT64, ("batch", "t5_length"), Sampling.TOKENS),),
+        outputs=(TensorSpec("last_hidden_state", TensorType.FLOAT, ("batch", "t5_length", dims.t5_hidden)),),
+        tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+    )
+
+
+def _vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
+    return ComponentSpec(
+        Component.VAE_DECODER,
+        inputs=(_latent("latent", dims),),
+        outputs=(TensorSpec("image", TensorType.FLOAT, ("batch", 3, "height", "width")),),  # in [0, 1]
+        tolerance=Tolerance(rtol=1e-3, atol=1e-3),
+    )
+
+
+def _vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
+    return ComponentSpec(
+        Component.VAE_ENCODER,
+        inputs=(
+            TensorSpec(
+                "image", TensorType.FLOAT, ("batch", 3, "height", "width"), Sampling.PIXELS
+            ),  # in [0, 1]
+            _latent("noise", dims),  # standard normal: the posterior's sample
+        ),
+        outputs=(_latent("latent", dims),),  # scaled and shifted, as the transformer takes it
+        tolerance=Tolerance(rtol=1e-3, atol=1e-3),
+    )
+
+
+def _controlnet_spec(dims: ModelDims, controlnet: int, text: bool = True) -> ComponentSpec:
+    """``text`` False: no ``encoder_hidden_states`` (SD3.5-large's ControlNets take none)."""
+    inputs = [t for t in _text_and_timestep(dims) if text or t.name != "encoder_hidden_states"]
+    return ComponentSpec(
+        Component.CONTROLNET,
+        inputs=(
+            _latent("hidden_states", dims),
+            # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
+            # vae.encode(image).latent_dist.sample(), shifted and scaled)
+            _latent("controlnet_cond", dims),
+            *inputs,
+        ),
+        # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
+        outputs=(_controlnet_samples(dims, controlnet),),
+        tolerance=Tolerance(rtol=1e-3, atol=1e-4),
+    )
 
 
 def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> ComponentSpec:
@@ -330,13 +268,12 @@ def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> Compo
     token streams are ``inner_dim`` wide. Both graphs end in the output layers (``norm_out``,
     ``proj_out``, unpatchify), so either gives the step's ``noise_pred``.
     """
-    f, d, c = TensorType.FLOAT, dims.inner_dim, dims.latent_channels
-    latent = TensorSpec("hidden_states", f, ("batch", c, "latent_height", "latent_width"))
+    f, d = TensorType.FLOAT, dims.inner_dim
     tokens = ("batch", "image_tokens", d)
     block_hidden = TensorSpec("block_hidden_states", f, tokens)  # after block 0
     block_text = TensorSpec("block_encoder_hidden_states", f, ("batch", "text_length", d))
     temb = TensorSpec("temb", f, ("batch", d))
-    noise_pred = TensorSpec("noise_pred", f, ("batch", c, "latent_height", "latent_width"))
+    noise_pred = _latent("noise_pred", dims)
     # the rest's residual: its last hidden states minus block 0's (diffusers' tail_block_residuals[0])
     residual = TensorSpec("hidden_states_residual", f, tokens)
     tolerance = Tolerance(rtol=1e-3, atol=1e-4)
@@ -359,11 +296,11 @@ def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> Compo
     return ComponentSpec(
         component,
         inputs=(
-            latent,  # only its shape is read: the patch grid to unpatchify to
+            _latent("hidden_states", dims),  # only its shape is read: the patch grid to unpatchify to
             block_hidden,
             block_text,
             temb,
-            *((TensorSpec("skip_layers", f, (skip_layers,), Sampling.GATE),) if skip_layers else ()),
+            *_skip_layers(skip_layers),
         ),
         outputs=(noise_pred, residual),
         tolerance=tolerance,
@@ -373,8 +310,9 @@ def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> Compo
 
 def _controlnet_samples(dims: ModelDims, n: int) -> TensorSpec:
     """The ControlNet's ``n`` residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
-    inner = dims.num_heads * dims.head_dim  # the transformer's token width
-    return TensorSpec("controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", inner))
+    return TensorSpec(
+        "controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", dims.inner_dim)
+    )
 
 
 #: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and
@@ -421,10 +359,6 @@ class ShapeRange:
 
     def to_json(self) -> dict:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> ShapeRange:
-        return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
 
 def batch_range(component: Component, images: Range, cfg_by_default: bool = True) -> Range:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from sd35trt.controlnet_settings import ControlNetSettings, ControlType, OptionalControlNet  # noqa: F401
-from sd35trt.errors import ConfigError
+from sd35trt.errors import ConfigError, validation_message
 from sd35trt.parameters import PARAMS
 from sd35trt.user_files import parse_yaml, read_text_file
 
@@ -486,20 +486,6 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            got = repr(e["input"])
-            msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: invalid config: " + "; ".join(parts)
-
-
 def config_from_dict(data: Any, source: str = "<config>") -> Config:
     """Validate a mapping into a :class:`Config`.
 
@@ -511,7 +497,7 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(validation_message(err, f"{source}: invalid config", limit=None)) from None
 
 
 def load_config(path: str | Path) -> Config:

@@ -168,23 +168,33 @@ def is_out_of_memory(err: BaseException) -> bool:
 def _location(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # a mapping's key failed: the key itself is the last part named
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
 
-def validation_message(err: ValidationError, source: str) -> str:
+def _problem(error: dict) -> str:
+    """Pydantic's message for one field, and the value found when it is a scalar (long ones cut)."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key (check its spelling)"
+    value = error.get("input")
+    if error["type"] == "missing" or isinstance(value, dict | list):
+        return error["msg"]
+    text = repr(value)
+    return f"{error['msg']} (found {text if len(text) <= 80 else text[:77] + '...'})"
+
+
+def validation_message(err: ValidationError, source: str, limit: int | None = 1) -> str:
     """One line for a pydantic validation error of a file's contents.
 
-    Names ``source`` (the file), the first bad field as a dotted path (``records.export.details.
-    components.transformer.onnx``), pydantic's message, the value found (when it is a scalar;
-    long ones are cut) and how many more fields are bad.
+    Names ``source`` (the file), the first ``limit`` bad fields (every one with ``None``) as dotted
+    paths (``records.export.details.components.transformer.onnx``), pydantic's message (an unknown
+    key is called one), the value found (when it is a scalar; long ones are cut) and how many more
+    fields are bad.
     """
     errors = err.errors()
-    first = errors[0]
-    found = ""
-    value = first.get("input")
-    if first["type"] != "missing" and not isinstance(value, dict | list):
-        text = repr(value)
-        found = f" (found {text if len(text) <= 80 else text[:77] + '...'})"
-    more = f"; {len(errors) - 1} more field(s) are invalid" if len(errors) > 1 else ""
-    return f"{source}: field {_location(first['loc'])}: {first['msg']}{found}{more}"
+    shown = errors if limit is None else errors[:limit]
+    fields = "; ".join(f"field {_location(e['loc'])}: {_problem(e)}" for e in shown)
+    more = f"; {len(errors) - len(shown)} more field(s) are invalid" if len(errors) > len(shown) else ""
+    return f"{source}: {fields}{more}"

@@ -7,9 +7,9 @@ import platform
 from pathlib import Path
 
 from sd35trt.artifacts.engine_manifest import LayerReport
-from sd35trt.artifacts.files import read_json
 from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, tool_versions
 from sd35trt.errors import ManifestError
+from sd35trt.user_files import read_json
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
 FP8_MIN_CAPABILITY = (8, 9)

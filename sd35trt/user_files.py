@@ -1,18 +1,22 @@
-"""Small files a user writes (a YAML config, a prompts file), read defensively.
+"""Small files a user writes (a YAML config, a prompts file), read defensively; and JSON objects.
 
 A config or prompts file is text of a few KB: anything larger, binary or not UTF-8 is refused
 with one line naming the file, and YAML aliases and repeated keys are refused (see
 :class:`_ConfigLoader`). Validation of a config's content is :mod:`sd35trt.config`'s.
+
+:func:`read_json` reads the JSON objects sd35trt and diffusers write (manifests, a model's
+component configs, a scheduler config): missing, not JSON and not an object are one line each.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sd35trt.errors import ConfigError
+from sd35trt.errors import ConfigError, ManifestError, Sd35TrtError
 
 #: A config or prompts file larger than this is not one (the shipped configs are ~2 KB).
 MAX_TEXT_FILE_BYTES = 1 << 20
@@ -110,3 +114,35 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: a value cannot be read: {_capped(str(err).split(';')[0])}") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML nests too deeply") from None
+
+
+def read_json(
+    path: Path, what: str = "", *, error: type[Sd35TrtError] = ManifestError, missing: str = "does not exist"
+) -> dict:
+    """The JSON object in ``path``.
+
+    Args:
+        what: what to do when the file is not a JSON object (appended after ``;``).
+        error: the error family the file belongs to (a model's configs: ``ModelError``).
+        missing: what a missing file means (after its path).
+
+    Raises:
+        ``error``: the file is missing, not JSON or not an object (the path named).
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} {missing}") from None
+    return json_object(path, raw, what, error=error)
+
+
+def json_object(path: Path, raw: bytes, what: str = "", *, error: type[Sd35TrtError] = ManifestError) -> dict:
+    """``raw`` parsed as a JSON object, or ``error`` naming ``path`` and telling ``what`` to do."""
+    fix = f"; {what}" if what else ""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}){fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object{fix}")
+    return data

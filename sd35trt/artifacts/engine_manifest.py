@@ -27,12 +27,12 @@ from pydantic import (
     model_serializer,
 )
 
-from sd35trt.artifacts.files import read_json
 from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
 from sd35trt.config import Backend, Precision, RuntimeSettings
-from sd35trt.errors import ManifestError
+from sd35trt.errors import ManifestError, validation_message
+from sd35trt.user_files import read_json
 
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_FORMAT = 1
@@ -195,17 +195,6 @@ class EngineManifest(_Model):
         return self.model_dump(mode="json")
 
 
-def _validation_summary(err: ValidationError, limit: int = 3) -> str:
-    """``engines.transformer.file.size: Input should be a valid integer (found '12')``, a few of them."""
-    parts = []
-    for e in err.errors()[:limit]:
-        loc = ".".join(str(p) for p in e["loc"] if p != "[key]") or "(top level)"
-        found = "" if e["type"] == "missing" else f" (found {e['input']!r:.60})"
-        parts.append(f"{loc}: {e['msg']}{found}")
-    more = err.error_count() - limit
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
-
-
 def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
     """Parse ``engines_dir/manifest.json`` without checking any file.
 
@@ -227,6 +216,8 @@ def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
     try:
         manifest = EngineManifest.model_validate_json(path.read_bytes(), strict=True)
     except ValidationError as err:
-        raise ManifestError(f"{path} is malformed: {_validation_summary(err)}; {REBUILD}") from None
+        raise ManifestError(
+            validation_message(err, f"{path} is malformed", limit=3) + f"; {REBUILD}"
+        ) from None
     engines = {c: manifest.engines[c] for c in Component if c in manifest.engines}  # execution order
     return manifest.model_copy(update={"directory": directory, "engines": engines})

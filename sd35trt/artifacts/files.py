@@ -19,7 +19,7 @@ from typing import Any
 
 from sd35trt.artifacts.containment import contained_path
 from sd35trt.artifacts.records import FileRecord
-from sd35trt.errors import ManifestError, UnsafeArtifactError, VerificationError, write_error
+from sd35trt.errors import UnsafeArtifactError, VerificationError, write_error
 
 _CHUNK = 1 << 20
 
@@ -288,27 +288,3 @@ def json_text(data: Any) -> str:
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """Write :func:`json_text` atomically (see :func:`atomic_write_text`)."""
     atomic_write_text(path, json_text(data))
-
-
-def read_json(path: Path, what: str) -> dict:
-    """The JSON object in ``path``.
-
-    Raises:
-        ManifestError: the file is missing, not JSON or not an object (``what``: what to do then).
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path} does not exist") from None
-    return json_object(path, raw, what)
-
-
-def json_object(path: Path, raw: bytes, what: str) -> dict:
-    """``raw`` parsed as a JSON object, or ManifestError naming ``path`` and telling ``what`` to do."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path} is not valid JSON ({err}); {what}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path} is not a JSON object; {what}")
-    return data

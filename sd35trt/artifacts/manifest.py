@@ -38,7 +38,6 @@ from sd35trt.artifacts.files import (
     atomic_write_json,
     atomic_write_text,
     current_umask,
-    json_object,
     verify_files,
 )
 from sd35trt.artifacts.records import RECORD_TYPES, FileRecord, Fingerprint, ManifestFile, Stage, StageRecord
@@ -48,6 +47,7 @@ from sd35trt.errors import (
     validation_message,
     write_error,
 )
+from sd35trt.user_files import json_object
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

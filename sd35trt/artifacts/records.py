@@ -161,10 +161,6 @@ class FileRecord:
     def to_json(self) -> dict:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
-    @classmethod
-    def from_json(cls, data: dict) -> FileRecord:
-        return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
-
 
 class RecordModel(BaseModel):
     """Base of the manifest's models: unknown keys refused, immutable once built."""
@@ -267,6 +263,7 @@ class CalibrateDetails(WeightsDetails):
 
     #: the amax file, relative to the run directory (``calibrate/amax.safetensors``).
     calibration_file: str
+    #: relative to the run directory when inside it, else absolute (not to where calibrate ran).
     prompts_file: str
     #: sha256 of the calibration prompts, one per line (:func:`sd35trt.stages.calibrate.prompt_set_sha256`).
     prompt_set_sha256: str

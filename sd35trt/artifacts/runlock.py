@@ -28,9 +28,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sd35trt.artifacts.files import atomic_write_json, read_json
+from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.artifacts.manifest import MANIFEST_NAME, Stage, clean_leftovers, now_utc
 from sd35trt.errors import RunDirBusyError, RunDirError
+from sd35trt.user_files import read_json
 
 LOCK_SUFFIX = ".sd35trt-lock"
 #: How long a second writer waits before it is refused (seconds): long enough for a stage that is
@@ -137,6 +138,26 @@ def _sd35trt_made(entry: Path) -> bool:
     return _OWN_NAMES.fullmatch(entry.name) is not None
 
 
+def _manifest_data(run_dir: Path) -> dict | None:
+    manifest = run_dir / MANIFEST_NAME
+    return read_json(manifest, "it is not an sd35trt run manifest") if manifest.is_file() else None
+
+
+def engines_instead_of_run(run_dir: str | Path) -> Path | None:
+    """The engines directory that ``run_dir`` is, or holds as an unpacked artefact does; ``None``
+    when it is neither (a run directory, or anything else).
+
+    Raises:
+        ManifestError: its ``manifest.json`` is not JSON.
+    """
+    run_dir = Path(run_dir)
+    data = _manifest_data(run_dir)
+    if data is None:
+        engines = run_dir / Stage.BUILD.directory
+        return engines if (engines / MANIFEST_NAME).is_file() else None
+    return run_dir if "engines" in data and "records" not in data else None
+
+
 def check_run_dir(run_dir: str | Path) -> None:
     """Refuse ``run_dir`` unless it is a run directory, a new or empty one, or holds only what
     sd35trt writes before a stage's first record (faults.md #29).
@@ -147,12 +168,11 @@ def check_run_dir(run_dir: str | Path) -> None:
         ManifestError: its ``manifest.json`` is not JSON.
     """
     run_dir = Path(run_dir)
-    manifest = run_dir / MANIFEST_NAME
-    data = read_json(manifest, "it is not an sd35trt run manifest") if manifest.is_file() else None
+    data = _manifest_data(run_dir)
     if data is not None and "records" in data:
         return  # a run manifest; RunManifest.load checks its format and records
-    engines = run_dir if data is not None else run_dir / Stage.BUILD.directory
-    if (data is not None and "engines" in data) or (data is None and (engines / MANIFEST_NAME).is_file()):
+    engines = engines_instead_of_run(run_dir)
+    if engines is not None:
         raise RunDirError(
             f"--run-dir {run_dir} is an engines directory (or an unpacked artefact), not a run directory: "
             f"pass it as `--engines {engines}` to run, serve or bench, and give the stages a run directory "

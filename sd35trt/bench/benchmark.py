@@ -115,7 +115,32 @@ def _load_average() -> float | None:
         return None
 
 
-def _measure(
+#: Makes one benchmarked configuration, timing on the clock and sampling memory with the probe given.
+MakeSubject = Callable[[StageClock, MemoryProbe], Subject]
+
+
+def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> tuple[Configuration, Any]:
+    """Load a subject, time ``runs`` generations after ``warmup``, and close it before returning.
+
+    The subject is freed (closed and collected) before the next one loads, so peak memory is its own.
+
+    Returns:
+        The measured configuration and the last generation's result (``RuntimeSubject.last``;
+        ``None`` for the diffusers pipeline).
+    """
+    clock, memory = StageClock(), MemoryProbe()
+    subject = make(clock, memory)
+    try:
+        measured = _time(subject, params, clock, memory, runs, warmup)
+        last = getattr(subject, "last", None)
+    finally:
+        subject.close()
+        del subject
+        gc.collect()
+    return measured, last
+
+
+def _time(
     subject: Subject, params: BenchParams, clock: StageClock, memory: MemoryProbe, runs: int, warmup: int
 ) -> Configuration:
     load_before = _load_average()
@@ -197,13 +222,7 @@ def _measure_img2img(
         raise ConfigError(f"--img2img-strength {strength:g} is outside (0, 1]")
     # diffusers' image-to-image pipeline has no skip-layer guidance, so neither has the runtime's.
     i2i = params.model_copy(update={"strength": strength, "skip_layer_guidance": None})
-    clock, memory = StageClock(), MemoryProbe()
-    subject = RuntimeSubject.from_engines(engines_dir, clock, memory, device)
-    try:
-        measured = _measure(subject, i2i, clock, memory, runs, warmup)
-    finally:
-        subject.close()
-        gc.collect()
+    measured, _ = _measure(_engines_subject(engines_dir, device), i2i, runs, warmup)
     update = {"label": f"{measured.label} img2img", "strength": strength, "steps_run": i2i.steps_run}
     return measured.model_copy(update=update)
 
@@ -230,16 +249,9 @@ def _measure_cache(
         return []
     out = []
     for threshold in dict.fromkeys([0.0, params.cache_threshold]):
-        clock, memory = StageClock(), MemoryProbe()
-        subject = RuntimeSubject.from_engines(engines_dir, clock, memory, device)
-        try:
-            measured = _measure(
-                subject, params.model_copy(update={"cache_threshold": threshold}), clock, memory, runs, warmup
-            )
-            t = subject.last.timings
-        finally:
-            subject.close()
-            gc.collect()
+        at = params.model_copy(update={"cache_threshold": threshold})
+        measured, last = _measure(_engines_subject(engines_dir, device), at, runs, warmup)
+        t = last.timings
         update = {
             "label": f"{measured.label} cache {threshold:g}",
             "cache_threshold": threshold,
@@ -289,22 +301,11 @@ def bench(
     out = Path(o.out_dir) if o.out_dir is not None else engines_dirs[0].parent / "bench"
     params, max_len = run_params(engines_dirs[0], o.generation)
 
-    configurations = []
-    subjects: list[Callable[[StageClock, MemoryProbe], Subject]] = [
-        (lambda c, m, d=d: RuntimeSubject.from_engines(d, c, m, o.device)) for d in engines_dirs
-    ]
+    subjects = [_engines_subject(d, o.device) for d in engines_dirs]
     if reference_dir is not None:
         ref_device = o.device or default_device()
         subjects.append(lambda c, m: DiffusersSubject(reference_dir, c, m, ref_device, max_len))
-    for make in subjects:
-        clock, memory = StageClock(), MemoryProbe()
-        subject = make(clock, memory)
-        try:
-            configurations.append(_measure(subject, params, clock, memory, o.runs, o.warmup))
-        finally:
-            subject.close()
-            del subject
-            gc.collect()
+    configurations = [_measure(make, params, o.runs, o.warmup)[0] for make in subjects]
     img2img = _measure_img2img(engines_dirs[0], params, o.img2img_strength, o.runs, o.warmup, o.device)
     cache = _measure_cache(engines_dirs[0], params, o.runs, o.warmup, o.device)
     # the overhead stand-in replaces the whole transformer engine; cache-only engines have none
@@ -325,13 +326,23 @@ def bench(
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if o.plot else None),
     )
+    _write_bench(report, out, o.plot)
+    return report
+
+
+def _engines_subject(engines_dir: Path, device: str | None) -> MakeSubject:
+    """Makes the runtime of ``engines_dir`` on ``device`` as a subject."""
+    return lambda clock, memory: RuntimeSubject.from_engines(engines_dir, clock, memory, device)
+
+
+def _write_bench(report: BenchReport, out: Path, plot: bool) -> None:
+    """``bench.json`` and, with ``plot``, ``bench.png`` in ``out`` (created)."""
     out.mkdir(parents=True, exist_ok=True)
     write_report(out / BENCH_JSON, report)
-    if o.plot:
+    if plot:
         from sd35trt.bench.plots import plot_bench
 
         plot_bench(report, out / BENCH_PNG)
-    return report
 
 
 def _overhead(

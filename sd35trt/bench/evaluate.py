@@ -160,7 +160,6 @@ def evaluate(
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.bench.subjects import engines_label
-    from sd35trt.guidance import applied_skip_layer_guidance
     from sd35trt.models.reference import check_reference_dir
 
     engines_dir, reference_dir = Path(engines_dir), Path(reference_dir)
@@ -186,11 +185,7 @@ def evaluate(
         ),
         reference=reference_info,
         prompts_file=str(prompts_file),
-        params=EvalParams(
-            **rt.model_dump(include=set(EvalParams.model_fields) - {"skip_layer_guidance", "seeds"}),
-            skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
-            seeds=f"{seed} + prompt index",
-        ),
+        params=_eval_params(rt, seed),
         per_prompt=rows,
         aggregate=Aggregate.of(rows),
         lpips=status,
@@ -202,17 +197,34 @@ def evaluate(
             grid=str(out / EVAL_GRID) if plot else None,
         ),
     )
+    _write_eval(report, out, plot)
+    return report
+
+
+def _eval_params(rt: Any, seed: int) -> EvalParams:
+    """The parameters both sides used: the engines' runtime defaults ``rt``, seeds from ``seed``."""
+    from sd35trt.guidance import applied_skip_layer_guidance
+
+    return EvalParams(
+        **rt.model_dump(include=set(EvalParams.model_fields) - {"skip_layer_guidance", "seeds"}),
+        skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
+        seeds=f"{seed} + prompt index",
+    )
+
+
+def _write_eval(report: EvalReport, out: Path, plot: bool) -> None:
+    """``eval.json``, ``eval.md`` and, with ``plot``, the grid (and the cache sweep's figure) in ``out``."""
     write_report(out / EVAL_JSON, report)
     (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
-    if plot:
-        from sd35trt.bench.plots import plot_eval_grid
+    if not plot:
+        return
+    from sd35trt.bench.plots import plot_eval_grid
 
-        plot_eval_grid(report, out, out / EVAL_GRID)
-        if cache:
-            from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
+    plot_eval_grid(report, out, out / EVAL_GRID)
+    if report.cache:
+        from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
 
-            plot_cache_quality(cache, out / EVAL_CACHE_PLOT)
-    return report
+        plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
 
 
 def _engine_images(

@@ -33,10 +33,6 @@ def plot_bench(report: BenchReport, out: str | Path) -> Path:
         The PNG path.
     """
     plt = _pyplot()
-    import numpy as np
-
-    configs = report.configurations
-    labels = [c.label for c in configs]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     p = report.params
@@ -48,21 +44,34 @@ def plot_bench(report: BenchReport, out: str | Path) -> Path:
         f"device: {host.gpu or host.device} (timer: {host.timer})",
         fontsize=11,
     )
+    _stage_latency(axes[0][0], report, colors)
+    _throughput(axes[0][1], report, colors)
+    _peak_memory(axes[1][0], report, colors)
+    _overhead(axes[1][1], report)
+    return _save(fig, out)
 
-    # Per-stage latency, configurations side by side; whiskers up to p90.
-    ax = axes[0][0]
+
+def _upper_whiskers(med: list[float], p90: list[float]) -> list[list[float]]:
+    """``yerr`` for bars at ``med`` with whiskers up to ``p90`` and none below."""
+    return [[0.0] * len(med), [max(b - a, 0.0) for a, b in zip(med, p90, strict=True)]]
+
+
+def _stage_latency(ax, report: BenchReport, colors: list[str]) -> None:
+    """Per-stage latency, configurations side by side; whiskers up to p90; log scale past 50x."""
+    import numpy as np
+
+    configs = report.configurations
     x = np.arange(len(_STAGES))
     width = 0.8 / max(len(configs), 1)
     positive = []
     for i, c in enumerate(configs):
         med = [c.stages.get(s).median or 0.0 for s in _STAGES]
         p90 = [c.stages.get(s).p90 or 0.0 for s in _STAGES]
-        err = [[0.0] * len(med), [max(b - a, 0.0) for a, b in zip(med, p90, strict=True)]]
         ax.bar(
             x + (i - (len(configs) - 1) / 2) * width,
             med,
             width,
-            yerr=err,
+            yerr=_upper_whiskers(med, p90),
             capsize=3,
             label=c.label,
             color=colors[i % len(colors)],
@@ -77,80 +86,82 @@ def plot_bench(report: BenchReport, out: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
-    # End to end: total latency and throughput.
-    ax = axes[0][1]
-    ips = [c.images_per_second or 0.0 for c in configs]
-    bars = ax.bar(range(len(configs)), ips, color=[colors[i % len(colors)] for i in range(len(configs))])
-    totals = [c.stages.total for c in configs]
-    ax.bar_label(
-        bars,
-        [
-            f"{v:.2f} img/s\n(total {t.median or 0:.0f} ms, p90 {t.p90 or 0:.0f} ms)"
-            for v, t in zip(ips, totals, strict=True)
-        ],
-        fontsize=8,
-    )
-    ax.set_xticks(range(len(configs)), [textwrap.fill(lbl, 22) for lbl in labels], fontsize=8)
-    ax.set_ylabel("throughput (images / s)")
-    ax.set_title("Throughput (from the median end-to-end time)")
-    ax.set_ylim(0, max([*ips, 1e-9]) * 1.3)
+
+def _configuration_bars(ax, report: BenchReport, colors: list[str], values, texts, ylabel, title, headroom):
+    """One labelled bar per configuration (``values``, annotated with ``texts``)."""
+    configs = report.configurations
+    bars = ax.bar(range(len(configs)), values, color=[colors[i % len(colors)] for i in range(len(configs))])
+    ax.bar_label(bars, texts, fontsize=8)
+    ax.set_xticks(range(len(configs)), [textwrap.fill(c.label, 22) for c in configs], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, max([*values, 1e-9]) * headroom)
     ax.grid(axis="y", alpha=0.3)
 
-    # Peak memory.
-    ax = axes[1][0]
+
+def _throughput(ax, report: BenchReport, colors: list[str]) -> None:
+    """End to end: images/s from the median total, labelled with the total's median and p90."""
+    configs = report.configurations
+    ips = [c.images_per_second or 0.0 for c in configs]
+    texts = [
+        f"{v:.2f} img/s\n(total {c.stages.total.median or 0:.0f} ms, p90 {c.stages.total.p90 or 0:.0f} ms)"
+        for v, c in zip(ips, configs, strict=True)
+    ]
+    title = "Throughput (from the median end-to-end time)"
+    _configuration_bars(ax, report, colors, ips, texts, "throughput (images / s)", title, 1.3)
+
+
+def _peak_memory(ax, report: BenchReport, colors: list[str]) -> None:
+    """Peak memory per configuration in MiB (host RSS or device memory, as measured)."""
+    configs = report.configurations
     mem = [c.memory.peak_bytes / 2**20 for c in configs]
     kinds = {c.memory.kind for c in configs}
     what = "peak RSS (host)" if kinds == {"peak_rss"} else "peak device memory in use"
-    bars = ax.bar(range(len(configs)), mem, color=[colors[i % len(colors)] for i in range(len(configs))])
-    ax.bar_label(bars, [f"{v:.0f} MiB" for v in mem], fontsize=8)
-    ax.set_xticks(range(len(configs)), [textwrap.fill(lbl, 22) for lbl in labels], fontsize=8)
-    ax.set_ylabel(f"{what} (MiB)")
-    ax.set_title(f"Memory: {what} during the timed runs")
-    ax.set_ylim(0, max([*mem, 1e-9]) * 1.2)
-    ax.grid(axis="y", alpha=0.3)
+    texts = [f"{v:.0f} MiB" for v in mem]
+    title = f"Memory: {what} during the timed runs"
+    _configuration_bars(ax, report, colors, mem, texts, f"{what} (MiB)", title, 1.2)
 
-    # Runtime overhead per step.
-    ax = axes[1][1]
+
+def _overhead(ax, report: BenchReport) -> None:
+    """Host time per denoising step outside the transformer, sd35trt vs diffusers, with the target line."""
     o = report.overhead
     if o is None:
         ax.text(0.5, 0.5, "overhead not measured", ha="center", va="center")
         ax.set_axis_off()
-    else:
-        names, med, p90 = [], [], []
-        for side, name in (("sd35trt", "sd35trt runtime"), ("diffusers", "diffusers pipeline")):
-            measured = getattr(o, side)
-            if measured is not None:
-                names.append(name)
-                med.append(measured.per_step.median or 0.0)
-                p90.append(measured.per_step.p90 or 0.0)
-        err = [[0.0] * len(med), [max(b - a, 0.0) for a, b in zip(med, p90, strict=True)]]
-        bars = ax.bar(names, med, yerr=err, capsize=4, color=["tab:green", "tab:gray"][: len(names)])
-        for b in bars:
-            ax.annotate(
-                f"{b.get_height():.0f} µs",
-                (b.get_x() + b.get_width() / 2, b.get_height()),
-                ha="left",
-                va="bottom",
-                fontsize=8,
-                xytext=(4, 0),
-                textcoords="offset points",
-            )
-        if o.diffusers is not None and o.diffusers.per_step.median:
-            target = o.diffusers.per_step.median * o.target_ratio
-            ax.axhline(
-                target,
-                color="tab:red",
-                linestyle="--",
-                label=f"target: {o.target_ratio:g} x diffusers = {target:.0f} µs",
-            )
-            ax.legend(fontsize=8, loc="upper left")
-        ratio = f"ratio {o.ratio:.2f}" if o.ratio is not None else "no diffusers comparison"
-        ax.set_title(f"Host overhead per denoising step, instant transformer ({ratio})")
-        ax.set_ylabel("host time outside the transformer per step (µs)")
-        ax.set_ylim(0, max([*p90, *med, 1e-9]) * 1.25)
-        ax.grid(axis="y", alpha=0.3)
-
-    return _save(fig, out)
+        return
+    names, med, p90 = [], [], []
+    for side, name in (("sd35trt", "sd35trt runtime"), ("diffusers", "diffusers pipeline")):
+        measured = getattr(o, side)
+        if measured is not None:
+            names.append(name)
+            med.append(measured.per_step.median or 0.0)
+            p90.append(measured.per_step.p90 or 0.0)
+    err = _upper_whiskers(med, p90)
+    bars = ax.bar(names, med, yerr=err, capsize=4, color=["tab:green", "tab:gray"][: len(names)])
+    for b in bars:
+        ax.annotate(
+            f"{b.get_height():.0f} µs",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            xytext=(4, 0),
+            textcoords="offset points",
+        )
+    if o.diffusers is not None and o.diffusers.per_step.median:
+        target = o.diffusers.per_step.median * o.target_ratio
+        ax.axhline(
+            target,
+            color="tab:red",
+            linestyle="--",
+            label=f"target: {o.target_ratio:g} x diffusers = {target:.0f} µs",
+        )
+        ax.legend(fontsize=8, loc="upper left")
+    ratio = f"ratio {o.ratio:.2f}" if o.ratio is not None else "no diffusers comparison"
+    ax.set_title(f"Host overhead per denoising step, instant transformer ({ratio})")
+    ax.set_ylabel("host time outside the transformer per step (µs)")
+    ax.set_ylim(0, max([*p90, *med, 1e-9]) * 1.25)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _metric_line(row: PromptScore) -> str:

@@ -65,29 +65,13 @@ def png_parameters(
     return data
 
 
-def png_bytes(
-    image: Image.Image,
-    params: GenerationParams,
-    engine_digest: str,
-    index: int = 0,
-    batch: EngineBatch | None = None,
-    model: Mapping | None = None,
-) -> bytes:
-    """Encode ``image`` as PNG with the generation parameters in a text chunk.
-
-    Args:
-        image: an RGB image.
-        params: the parameters it was generated with.
-        engine_digest: the engines' digest.
-        index: the image's position in its request.
-        batch: the engine batch it was made in (default: the request alone).
-        model: the weights the engines hold (Hub commit, LoRAs), from the engine manifest.
+def png_bytes(image: Image.Image, parameters: Mapping) -> bytes:
+    """Encode ``image`` (RGB) as PNG with ``parameters`` (:func:`png_parameters`) in a text chunk.
 
     Returns:
         The PNG file's bytes (the same for the same pixels and parameters).
     """
     buf = io.BytesIO()
-    parameters = png_parameters(params, engine_digest, index, batch, model)
     image.save(buf, format="PNG", pnginfo=_png_info(parameters))
     return buf.getvalue()
 
@@ -110,32 +94,25 @@ def attach_parameters(
 ) -> None:
     """Make a plain ``image.save("x.png")`` write the chunks :func:`png_bytes` writes (same bytes).
 
-    Sets ``image.info["parameters"]`` (the JSON text, for reading in memory) and Pillow's
-    per-image ``encoderinfo`` (``pnginfo``), which ``Image.save`` merges into its options (Pillow's
-    documented per-image writer parameters; the lock's Pillow 13). Explicit ``save`` options win.
+    The arguments are :func:`png_parameters`'. Sets ``image.info["parameters"]`` (the JSON text,
+    for reading in memory) and Pillow's per-image ``encoderinfo`` (``pnginfo``), which
+    ``Image.save`` merges into its options (Pillow's documented per-image writer parameters; the
+    lock's Pillow 13). Explicit ``save`` options win.
     """
     parameters = png_parameters(params, engine_digest, index, batch, model)
     image.info[PARAMETERS_KEY] = json.dumps(parameters, sort_keys=True)
     image.encoderinfo = {"pnginfo": _png_info(parameters)}
 
 
-def save_png(
-    path: str | Path,
-    image: Image.Image,
-    params: GenerationParams,
-    engine_digest: str,
-    index: int = 0,
-    batch: EngineBatch | None = None,
-    model: Mapping | None = None,
-) -> Path:
-    """Write ``image`` to ``path`` atomically (a temporary file renamed into place).
+def save_png(path: str | Path, image: Image.Image, *args, **kwargs) -> Path:
+    """Write ``image`` to ``path`` atomically (a temporary file renamed into place), with the
+    parameters of :func:`png_parameters` (``*args``, ``**kwargs``) in its text chunk.
 
     Returns:
         ``path`` as a Path.
     """
     path = Path(path)
-    data = png_bytes(image, params, engine_digest, index, batch, model)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, png_bytes(image, png_parameters(*args, **kwargs)))
     return path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sd35trt.errors import ManifestError
+from sd35trt.user_files import read_json
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
@@ -85,16 +86,7 @@ class FlowMatchEuler:
                 enables an option this implementation does not reproduce.
         """
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ManifestError(
-                f"{path} is missing: the engines directory lacks its scheduler config"
-            ) from None
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{path} is not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ManifestError(f"{path} is not a JSON object")
+        data = read_json(path, missing="is missing: the engines directory lacks its scheduler config")
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
 from sd35trt.errors import RequestError, VerificationError
-from sd35trt.serve.batcher import BatchInfo, QueueFullError, ShuttingDownError
+from sd35trt.serve.batcher import BatchInfo, Job, QueueFullError, ShuttingDownError
 from sd35trt.serve.forms import parse_multipart, typed_fields
 from sd35trt.serve.generator import ImageSet, Prepared
 from sd35trt.serve.logs import REQUEST_ID
@@ -121,65 +121,13 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
         ApiError: the answer to give instead (status, code, message; the field for 422s).
     """
     t0 = time.perf_counter()
-    if state.draining:
-        raise ApiError(503, "shutting_down", "the server is shutting down", retry_after=5)
-    if not state.is_ready or state.batcher is None or state.generator is None:
-        if state.load_error:
-            raise ApiError(503, "not_ready", f"the engines failed to load: {state.load_error}")
-        raise ApiError(503, "not_ready", "the engines are still loading", retry_after=2)
+    _check_ready(state)
     try:
         prepared = await _prepare(state, fields)
     except RequestError as err:
         raise ApiError.from_request_error(err) from None
-    batcher = state.batcher
-    # More images than one engine batch holds: parts queued together, each image keeping its seed.
-    capacity = min(prepared.capacity, state.settings.max_batch or prepared.capacity)
-    pieces = prepared.split(capacity) if prepared.size > capacity and prepared.split else [prepared]
-    jobs = []
-    try:
-        for piece in pieces:  # the queue limit counts requests: later parts are admitted with the first
-            jobs.append(
-                batcher.submit(
-                    piece,
-                    piece.key,
-                    piece.size,
-                    piece.capacity,
-                    piece.max_requests,
-                    tag=REQUEST_ID.get(),
-                    admitted=bool(jobs),
-                )
-            )
-    except (QueueFullError, ShuttingDownError) as err:
-        for job in jobs:
-            batcher.cancel(job)
-        if isinstance(err, QueueFullError):
-            raise ApiError(429, "queue_full", str(err), retry_after=err.retry_after_s) from None
-        raise ApiError(503, "shutting_down", str(err), retry_after=5) from None
-    waiter = asyncio.ensure_future(
-        asyncio.gather(*(batcher.wait(job, state.settings.timeout_s) for job in jobs))
-    )
-    try:
-        while not waiter.done():
-            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            queued = all(job.started is None for job in jobs)
-            if not waiter.done() and queued and await request.is_disconnected():
-                # the client gave up: free its queue slots instead of computing for nobody
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
-                log.info("client disconnected; dropped its queued request")
-                raise ApiError(499, "client_closed_request", "the client closed the connection")
-        done = waiter.result()
-    except ApiError:
-        raise
-    except VerificationError as err:  # the engine files changed or went away under the server
-        state.engines_lost(str(err))
-        log.error("request failed, not ready any more: %s", err)
-        raise ApiError(503, "not_ready", f"the engines cannot be loaded: {err}") from None
-    except Exception as err:
-        for job in jobs:
-            batcher.cancel(job)
-        raise ApiError.of(err, batcher.retry_after_s()) from None
+    jobs = _submit(state, prepared)
+    done = await _wait(state, jobs, request)
     result, info = ImageSet.joined([r for r, _ in done]), done[0][1]
     t_enc = time.perf_counter()
     pngs = await asyncio.to_thread(lambda: [result.png(im, i) for i, im in enumerate(result.images)])
@@ -198,6 +146,85 @@ async def generate_images(state: ServerState, fields: dict[str, Any], request: R
         (now - t0) * 1000,
     )
     return Generated(prepared, result, info, pngs, encode_s=now - t_enc, total_s=now - t0)
+
+
+def _check_ready(state: ServerState) -> None:
+    """Raises ApiError 503 while the server is draining, still loading, or failed to load its engines."""
+    if state.draining:
+        raise ApiError(503, "shutting_down", "the server is shutting down", retry_after=5)
+    if not state.is_ready or state.batcher is None or state.generator is None:
+        if state.load_error:
+            raise ApiError(503, "not_ready", f"the engines failed to load: {state.load_error}")
+        raise ApiError(503, "not_ready", "the engines are still loading", retry_after=2)
+
+
+def _submit(state: ServerState, prepared: Prepared) -> list[Job]:
+    """Queue ``prepared``: more images than one engine batch holds are queued as parts together,
+    each image keeping its seed; the queue limit counts requests, so later parts are admitted with
+    the first.
+
+    Raises:
+        ApiError: 429 when the queue is full, 503 when the server is shutting down (no part queued).
+    """
+    batcher = state.batcher
+    capacity = min(prepared.capacity, state.settings.max_batch or prepared.capacity)
+    pieces = prepared.split(capacity) if prepared.size > capacity and prepared.split else [prepared]
+    jobs = []
+    try:
+        for piece in pieces:
+            jobs.append(
+                batcher.submit(
+                    piece,
+                    piece.key,
+                    piece.size,
+                    piece.capacity,
+                    piece.max_requests,
+                    tag=REQUEST_ID.get(),
+                    admitted=bool(jobs),
+                )
+            )
+    except (QueueFullError, ShuttingDownError) as err:
+        for job in jobs:
+            batcher.cancel(job)
+        if isinstance(err, QueueFullError):
+            raise ApiError(429, "queue_full", str(err), retry_after=err.retry_after_s) from None
+        raise ApiError(503, "shutting_down", str(err), retry_after=5) from None
+    return jobs
+
+
+async def _wait(state: ServerState, jobs: list[Job], request: Request) -> list[tuple[ImageSet, BatchInfo]]:
+    """Wait for every part's ``(ImageSet, BatchInfo)``; drop the parts if the client leaves while queued.
+
+    Raises:
+        ApiError: 499 when the client disconnected, 503 when the engine files changed or went away
+            (the server is not ready any more), else the failure's own status.
+    """
+    batcher = state.batcher
+    waiter = asyncio.ensure_future(
+        asyncio.gather(*(batcher.wait(job, state.settings.timeout_s) for job in jobs))
+    )
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            queued = all(job.started is None for job in jobs)
+            if not waiter.done() and queued and await request.is_disconnected():
+                # the client gave up: free its queue slots instead of computing for nobody
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+                log.info("client disconnected; dropped its queued request")
+                raise ApiError(499, "client_closed_request", "the client closed the connection")
+        return waiter.result()
+    except ApiError:
+        raise
+    except VerificationError as err:  # the engine files changed or went away under the server
+        state.engines_lost(str(err))
+        log.error("request failed, not ready any more: %s", err)
+        raise ApiError(503, "not_ready", f"the engines cannot be loaded: {err}") from None
+    except Exception as err:
+        for job in jobs:
+            batcher.cancel(job)
+        raise ApiError.of(err, batcher.retry_after_s()) from None
 
 
 def _b64(data: bytes) -> str:

@@ -22,6 +22,7 @@ plus the client library's ``process_*`` and ``python_*`` metrics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from prometheus_client import (
@@ -55,66 +56,43 @@ class ServeMetrics:
         process_collector.ProcessCollector(registry=r)
         platform_collector.PlatformCollector(registry=r)
         gc_collector.GCCollector(registry=r)
-        self.requests = Counter(
+        counter, gauge = functools.partial(Counter, registry=r), functools.partial(Gauge, registry=r)
+        seconds = functools.partial(Histogram, buckets=SECONDS_BUCKETS, registry=r)
+        counts = functools.partial(Histogram, buckets=COUNT_BUCKETS, registry=r)
+        self.requests = counter(
             "sd35trt_http_requests",
             "HTTP requests answered, by endpoint (route path) and status code",
             ["endpoint", "method", "status"],
-            registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = seconds(
             "sd35trt_http_request_duration_seconds",
             "Time from a request's arrival to the end of its response",
             ["endpoint"],
-            buckets=SECONDS_BUCKETS,
-            registry=r,
         )
-        self.rejected = Counter(
+        self.rejected = counter(
             "sd35trt_requests_rejected",
             "Requests refused: queue_full (429), body_too_large (413), invalid (422), read_timeout (408)",
             ["reason"],
-            registry=r,
         )
-        self.queue_depth = Gauge("sd35trt_queue_depth", "Requests waiting for an engine batch", registry=r)
-        self.running = Gauge("sd35trt_requests_running", "Requests in the running engine batch", registry=r)
-        self.ready = Gauge(
-            "sd35trt_ready", "1 when the engines are loaded and requests are accepted", registry=r
+        self.queue_depth = gauge("sd35trt_queue_depth", "Requests waiting for an engine batch")
+        self.running = gauge("sd35trt_requests_running", "Requests in the running engine batch")
+        self.ready = gauge("sd35trt_ready", "1 when the engines are loaded and requests are accepted")
+        self.batch_images = counts("sd35trt_engine_batch_images", "Images per engine batch")
+        self.batch_requests = counts("sd35trt_engine_batch_requests", "Requests merged into one engine batch")
+        self.stage_seconds = seconds(
+            "sd35trt_stage_duration_seconds", "Engine stage time per engine batch", ["stage"]
         )
-        self.batch_images = Histogram(
-            "sd35trt_engine_batch_images", "Images per engine batch", buckets=COUNT_BUCKETS, registry=r
+        self.queue_wait = seconds(
+            "sd35trt_queue_wait_seconds", "Time a request waited before its engine batch started"
         )
-        self.batch_requests = Histogram(
-            "sd35trt_engine_batch_requests",
-            "Requests merged into one engine batch",
-            buckets=COUNT_BUCKETS,
-            registry=r,
-        )
-        self.stage_seconds = Histogram(
-            "sd35trt_stage_duration_seconds",
-            "Engine stage time per engine batch",
-            ["stage"],
-            buckets=SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "sd35trt_queue_wait_seconds",
-            "Time a request waited before its engine batch started",
-            buckets=SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.png_encode = Histogram(
-            "sd35trt_png_encode_seconds",
-            "Time to encode a request's images as PNG",
-            buckets=SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.images = Counter("sd35trt_images_generated", "Images returned to clients", registry=r)
-        self.connections_open = Gauge("sd35trt_connections_open", "Client connections held open", registry=r)
-        self.connections_closed = Counter(
+        self.png_encode = seconds("sd35trt_png_encode_seconds", "Time to encode a request's images as PNG")
+        self.images = counter("sd35trt_images_generated", "Images returned to clients")
+        self.connections_open = gauge("sd35trt_connections_open", "Client connections held open")
+        self.connections_closed = counter(
             "sd35trt_connections_closed",
             "Connections the server closed to protect itself: read_timeout (no complete request in "
             "time), evicted (room for a new one), refused (the limit was reached)",
             ["reason"],
-            registry=r,
         )
         for stage in STAGES:  # so every series exists (at 0) from the first scrape
             self.stage_seconds.labels(stage)

@@ -32,9 +32,9 @@ def _free_cached_memory() -> None:
 
 
 def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None, model: Any = None) -> bytes:
-    from sd35trt.runtime.png import png_bytes
+    from sd35trt.runtime.png import png_bytes, png_parameters
 
-    return png_bytes(image, params, digest, index, batch, model)
+    return png_bytes(image, png_parameters(params, digest, index, batch, model))
 
 
 def _decode_image(text: str | bytes, field: str = "init_image") -> Any:

@@ -115,22 +115,45 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(default="127.0.0.1", description="address to bind (loopback by default)")
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_batch: int | None = Field(default=None, ge=1, description="images per engine batch")
+    host: str = Field(default="127.0.0.1", description="address to bind (127.0.0.1 keeps the server local)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    max_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="images per engine batch (default: the engines' maximum; 1 = no merging)",
+    )
     #: more than an engine batch holds run as several engine batches, each image keeping its seed.
-    max_images: int | None = Field(default=None, ge=1, description="images per request (default 16)")
-    batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="merge window")
-    queue_size: int = Field(default=32, ge=1, le=100_000, description="requests waiting, beyond: 429")
-    timeout_s: float = Field(default=300.0, gt=0, description="per-request limit, queue wait included")
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger bodies get 413")
+    max_images: int | None = Field(
+        default=None, ge=1, description="images per request (default 16); beyond an engine batch: several"
+    )
+    batch_window_ms: float = Field(
+        default=10.0, ge=0, le=10_000, description="how long a batch waits for compatible requests to join it"
+    )
+    queue_size: int = Field(
+        default=32, ge=1, le=100_000, description="requests that may wait; beyond, 429 + Retry-After"
+    )
+    timeout_s: float = Field(
+        default=300.0, gt=0, description="per-request limit in seconds, queueing included"
+    )
     read_timeout_s: float = Field(
-        default=10.0, gt=0, le=3600, description="seconds to send headers, and again the body (408)"
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request's headers, and again its body (then 408)",
     )
     max_connections: int | None = Field(
-        default=None, ge=1, description="open connections held (default: below the fd limit)"
+        default=None, ge=1, description="open connections held (default: min(1024, fd limit - 256))"
     )
-    low_vram: bool = False
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        description="largest request body in bytes, beyond: 413 (16 MiB: room for a base64 init_image)",
+    )
+    low_vram: bool = Field(default=False, description="load each engine only for its stage")
     warmup: bool = Field(default=True, description="run one small generation before /ready says yes")
-    log_level: LogLevel = LogLevel.INFO
-    log_format: LogFormat = LogFormat.TEXT
+    log_level: LogLevel = Field(
+        default=LogLevel.INFO, description="critical, error, warning, info, debug or trace"
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.TEXT, description="text, or json (one JSON object per line, with the request id)"
+    )

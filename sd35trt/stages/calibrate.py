@@ -191,6 +191,14 @@ def calibrate_transformer(
     return quantize(pipe.transformer, settings, _forward_loop(pipe, batches, settings, status, controlled))
 
 
+def _text_settings(config: Config) -> dict[str, Any]:
+    """The runtime's text settings that calibration encodes with and records."""
+    return {
+        "negative_prompt": config.runtime.negative_prompt,
+        "max_sequence_length": config.runtime.max_sequence_length,
+    }
+
+
 class _Calibrate(StageSpec):
     """The calibrate stage (:func:`calibrate`): no upstream; reusable for the same prompt set."""
 
@@ -237,30 +245,18 @@ class _Calibrate(StageSpec):
         cn_pipe.set_progress_bar_config(disable=True)
         return cn_pipe, images
 
-    def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
-        """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
-        import torch
-
-        from sd35trt.models.quantize import save_calibration
-        from sd35trt.stages.calibration_quality import METRIC, quality_report
+    def _encoded(self, run: StageRun, device: str, dtype) -> tuple[Any, list[PromptBatch], list[PromptBatch]]:
+        """The pipeline with the calibration and held-out prompts encoded, its text encoders then
+        dropped and its transformer loaded: the two never share memory (text encoders ~11 GB in
+        BF16, the sd3.5-large transformer 16.3 GB)."""
         from sd35trt.stages.export.tracing import trim_heap
 
         config, s, log = run.config, run.config.calibrate, run.progress
-        cfg = quant_config(s, self.dims.num_layers, self.dims.head_dim)
-        start = time.perf_counter()
-        device = self.device or default_device()
-        dtype = torch_dtype(s.dtype, device)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        # The text encoders are dropped before the transformer loads: the two never share memory.
         pipe = load_pipeline(
             config, run.run_dir, device=device, dtype=dtype, loras=self.resolved.loras, transformer=False
         )
         pipe.set_progress_bar_config(disable=True)
-        text = {
-            "negative_prompt": config.runtime.negative_prompt,
-            "max_sequence_length": config.runtime.max_sequence_length,
-        }
+        text = _text_settings(config)
         report_truncations(pipe, self.prompts, "calibration", log, text["max_sequence_length"])
         report_truncations(pipe, self.heldout, "held-out", log, text["max_sequence_length"])
         batches = encode_batches(pipe, self.prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
@@ -272,6 +268,24 @@ class _Calibrate(StageSpec):
         attach_transformer(
             pipe, self.resolved.directory, device, dtype, model=config.model, loras=self.resolved.loras
         )
+        return pipe, batches, report_batches
+
+    def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
+        """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
+        import torch
+
+        from sd35trt.models.quantize import save_calibration
+        from sd35trt.stages.calibration_quality import METRIC, quality_report
+
+        config, s, log = run.config, run.config.calibrate, run.progress
+        cfg = quant_config(s, self.dims.num_layers, self.dims.head_dim)
+        start = time.perf_counter()
+        device = self.device or default_device()
+        dtype = torch_dtype(s.dtype, device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        pipe, batches, report_batches = self._encoded(run, device, dtype)
+        text = _text_settings(config)
 
         controlled = self._controlled(config, pipe, batches, dtype, device)
         summary = calibrate_transformer(pipe, batches, s, self.status, controlled)
@@ -285,7 +299,7 @@ class _Calibrate(StageSpec):
         # The details are validated before the staged directory is published.
         details = CalibrateDetails(
             calibration_file=f"{Stage.CALIBRATE.directory}/{CALIBRATION_FILE}",
-            prompts_file=str(s.prompts),
+            prompts_file=run.relative(s.prompts).as_posix(),
             prompt_set_sha256=prompt_set_sha256(self.prompts),
             num_prompts=len(self.prompts),
             heldout_prompt_set_sha256=prompt_set_sha256(self.heldout),

@@ -37,11 +37,12 @@ from pathlib import Path, PurePosixPath
 
 from sd35trt.artifacts.containment import check_onnx_external_data, contained_path
 from sd35trt.artifacts.files import published_file_mode, sha256_file, verify_files
-from sd35trt.artifacts.manifest import RunManifest, Stage
-from sd35trt.artifacts.runlock import run_dir_lock
+from sd35trt.artifacts.manifest import MANIFEST_NAME, RunManifest, Stage
+from sd35trt.artifacts.runlock import engines_instead_of_run, run_dir_lock
 from sd35trt.artifacts.tar_stream import tar_stream
 from sd35trt.errors import (
     ManifestError,
+    RunDirError,
     Sd35TrtError,
     UnsafeArtifactError,
     VerificationError,
@@ -90,6 +91,23 @@ def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _refuse_engines_dir(run_dir: Path) -> None:
+    """Raises RunDirError, before anything is written, when ``run_dir`` is an engines directory or
+    an unpacked artefact (a run directory that lost its manifest is left to the manifest's error)."""
+    engines = engines_instead_of_run(run_dir)
+    if engines is None or (engines != run_dir and not (run_dir / CHECKSUMS).is_file()):
+        return
+    parent = run_dir.parent
+    built_in = (
+        f" (this one's is {parent})" if engines == run_dir and (parent / MANIFEST_NAME).is_file() else ""
+    )
+    raise RunDirError(
+        f"{run_dir} is an engines directory (or an unpacked artefact), not a run directory: `sd35trt "
+        f"package` packs the run directory the engines were built in{built_in}; the engines are served as "
+        f"they are with `--engines {engines}`; nothing was written"
+    )
+
+
 def package(run_dir: str | Path, out: str | Path) -> Path:
     """Pack a built run directory into a verified ``.tar.gz`` artefact.
 
@@ -114,6 +132,7 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if not out.name.endswith(".tar.gz"):
         raise Sd35TrtError(f"--out {out} must end in .tar.gz")
+    _refuse_engines_dir(run_dir)
     with run_dir_lock(run_dir, "package"):
         RunManifest(run_dir).verified(Stage.BUILD)
         engines = run_dir / Stage.BUILD.directory

@@ -8,11 +8,16 @@ environment ``make setup`` creates (:mod:`sd35trt.triton.local`) and runs until 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
 from typer.core import TyperGroup
+
+from sd35trt.cli_options import settings_options
+
+if TYPE_CHECKING:
+    from sd35trt.triton.repository import TritonRepoSettings
 
 DEFAULT_COMMAND = "repository"
 
@@ -35,45 +40,28 @@ triton_app = typer.Typer(
 )
 
 
+def _repository_settings() -> type[TritonRepoSettings]:
+    from sd35trt.triton.repository import TritonRepoSettings
+
+    return TritonRepoSettings
+
+
 @triton_app.command("repository")
+@settings_options(_repository_settings, skip=("gpus", "engines"))
 def repository(
     engines: Annotated[
         Path, typer.Argument(help="Engines directory (runs/<name>/engines) or unpacked artefact.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model repository directory to write into.")],
+    settings: TritonRepoSettings,
     gpus: Annotated[
         str | None,
         typer.Option(help="TensorRT engines: GPU ids for KIND_GPU instances, e.g. 0,1 (default: every GPU)."),
     ] = None,
-    instances_per_gpu: Annotated[
-        int, typer.Option(min=1, help="Model instances per GPU (ONNX Runtime engines: CPU instances).")
-    ] = 1,
-    max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Triton max_batch_size: prompts per model execution (default: engine batch)."
-        ),
-    ] = None,
-    batch_window_ms: Annotated[
-        float, typer.Option(min=0, help="Dynamic batcher: how long a request waits for others to join.")
-    ] = 10.0,
-    model_name: Annotated[str, typer.Option(help="Model name in the repository.")] = "sd35trt",
     reference: Annotated[
         bool,
         typer.Option("--reference", help="Name the engines by absolute path instead of copying them in."),
     ] = False,
-    intra_op_threads: Annotated[
-        int | None, typer.Option(min=1, help="ONNX Runtime threads per instance (default: ONNX Runtime's).")
-    ] = None,
-    max_images: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Most images one prompt may ask for (default 16); beyond the engine batch they run "
-            "as several engine batches.",
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the model if it exists.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository (Python backend) serving the engines.
 
@@ -81,7 +69,7 @@ def repository(
     """
     from sd35trt.errors import ConfigError
     from sd35trt.stages.package import engines_dir_of
-    from sd35trt.triton.repository import EngineMode, TritonRepoSettings, write_repository
+    from sd35trt.triton.repository import EngineMode, write_repository
 
     try:
         gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
@@ -89,17 +77,8 @@ def repository(
         raise ConfigError(f"--gpus {gpus!r} is not a comma-separated list of GPU ids, e.g. 0,1") from None
     if gpu_ids is not None and any(g < 0 for g in gpu_ids):
         raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
-    settings = TritonRepoSettings(
-        model_name=model_name,
-        gpus=gpu_ids,
-        instances_per_gpu=instances_per_gpu,
-        max_batch=max_batch,
-        batch_window_ms=batch_window_ms,
-        engines=EngineMode.REFERENCE if reference else EngineMode.COPY,
-        intra_op_threads=intra_op_threads,
-        max_images=max_images,
-        force=force,
-    )
+    mode = EngineMode.REFERENCE if reference else EngineMode.COPY
+    settings = settings.model_copy(update={"gpus": gpu_ids, "engines": mode})
     model = write_repository(engines_dir_of(engines), out, settings)
     typer.echo(
         f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "

@@ -74,17 +74,35 @@ class TritonRepoSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_name: str = "sd35trt"
-    gpus: tuple[int, ...] | None = Field(default=None, description="TensorRT engines: GPU ids")
-    instances_per_gpu: int = Field(default=1, ge=1, description="instances per GPU (per server on CPU)")
-    max_batch: int | None = Field(default=None, ge=1)
-    batch_window_ms: float = Field(default=10.0, ge=0, le=10_000, description="dynamic batcher delay")
-    engines: EngineMode = EngineMode.COPY
-    intra_op_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per instance")
-    max_images: int | None = Field(
-        default=None, ge=1, description="images per row (default: the runtime's); beyond a batch: parts"
+    model_name: str = Field(default="sd35trt", description="model name in the repository")
+    gpus: tuple[int, ...] | None = Field(
+        default=None, description="TensorRT engines: GPU ids for KIND_GPU instances (default: every GPU)"
     )
-    force: bool = False
+    instances_per_gpu: int = Field(
+        default=1, ge=1, description="model instances per GPU (ONNX Runtime engines: CPU instances)"
+    )
+    max_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Triton max_batch_size: prompts per model execution (default: engine batch)",
+    )
+    batch_window_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=10_000,
+        description="dynamic batcher: how long a request waits for others to join",
+    )
+    engines: EngineMode = EngineMode.COPY
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime threads per instance (default: ONNX Runtime's)"
+    )
+    max_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="most images one prompt may ask for (default 16); beyond the engine batch they run as "
+        "several engine batches",
+    )
+    force: bool = Field(default=False, description="replace the model if it exists")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,23 @@ def test_same_inputs_give_identical_amax(calibrated_run, tiny_config, tmp_path):
     assert sha256_file(first) == sha256_file(second)
     rec1, rec2 = (RunManifest(r).get(Stage.CALIBRATE).details for r in (calibrated_run, run))
     assert rec1.report == rec2.report
+
+
+def test_prompts_file_is_recorded_wherever_calibrate_ran_from(
+    calibrated_run, tiny_config, tmp_path, monkeypatch
+):
+    """Before: the record held the prompts file as the config named it, relative to the directory
+    calibrate ran from; from any other directory it named no file, or another one."""
+    run = _fresh_run(calibrated_run, tmp_path)
+    prompts = tmp_path / "elsewhere" / "prompts.txt"
+    prompts.parent.mkdir()
+    shutil.copy(tiny_config.calibrate.prompts, prompts)
+    cal = _small(tiny_config).calibrate.model_copy(update={"prompts": Path("elsewhere/prompts.txt")})
+    monkeypatch.chdir(tmp_path)
+    calibrate(tiny_config.model_copy(update={"calibrate": cal}), Path("run"), log=_quiet)
+    monkeypatch.chdir(calibrated_run)
+    recorded = RunManifest(run).get(Stage.CALIBRATE).details.prompts_file
+    assert Path(recorded) == prompts and Path(recorded).is_file()
 
 
 def test_up_to_date_calibration_is_reused(calibrated_run, tiny_config, copy_run):

@@ -2,9 +2,10 @@
 
 Engines built from a non-quantized export with ``model.controlnet`` (the tiny ControlNet the
 built-in model carries, in the SD3 layout; and a tiny one in SD3.5-large's layout, named by
-``model.controlnet.path``: no positional embedding of its own, no text input) must reproduce diffusers' ``StableDiffusion3ControlNetPipeline`` (same
-weights, control image, scale, seed) within 1/255 per pixel, for canny and blur control images,
-with and without CFG, at two conditioning scales. diffusers draws the control image's posterior
+``model.controlnet.path``: no positional embedding of its own, no text input) must reproduce
+diffusers' ``StableDiffusion3ControlNetPipeline`` (same weights, control image, scale, seed) within
+1/255 per pixel, for canny and blur control images, with and without CFG, at two conditioning
+scales. diffusers draws the control image's posterior
 sample from torch's global generator: seeding it with the request's seed gives the runtime's
 noise (:mod:`sd35trt.runtime.control`). Then the request's faults, one field each.
 """

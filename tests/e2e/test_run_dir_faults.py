@@ -98,6 +98,32 @@ def test_an_engines_directory_as_run_dir_names_engines_and_gets_nothing_added(bu
     assert _tree(engines) == before
 
 
+def test_package_of_an_engines_directory_says_so_in_one_line_and_writes_nothing(
+    built_run, copy_run, tmp_path
+):
+    """Before: `sd35trt package ENGINES_DIR` answered a schema error about the engine manifest."""
+    run_dir = copy_run(built_run)
+    engines = run_dir / Stage.BUILD.directory
+    before = _tree(run_dir)
+    out = tmp_path / "out" / "a.tar.gz"
+    proc = _cli("package", engines, "--out", out)
+    _one_line_error(
+        proc, f"{engines} is an engines directory", f"(this one's is {run_dir})", f"--engines {engines}"
+    )
+    assert _tree(run_dir) == before and not out.parent.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in built_run.iterdir())
+
+
+def test_package_of_an_unpacked_artefact_names_its_engines(built_run, tmp_path):
+    from sd35trt.stages.package import unpack
+
+    unpacked = unpack(package(built_run, tmp_path / "a.tar.gz"), tmp_path / "unpacked")
+    top = unpacked.parent if unpacked.name == Stage.BUILD.directory else unpacked
+    proc = _cli("package", top, "--out", tmp_path / "b.tar.gz")
+    _one_line_error(proc, f"{top} is an engines directory (or an unpacked artefact)", "--engines")
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
 # -- faults.md #30 --------------------------------------------------------------------------------
 
 

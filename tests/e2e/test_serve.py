@@ -572,7 +572,7 @@ def test_serve_process_survives_a_flood_logs_json_and_exits_cleanly_on_sigterm(b
             try:
                 httpx.get(url + "/health", timeout=2)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-                # refused outright, or taken from the listen backlog as the server closed and dropped unanswered
+                # refused, or taken from the backlog as the server closed and dropped unanswered
                 return True
             return False
 

@@ -16,7 +16,7 @@ from sd35trt.errors import NonFiniteError
 from sd35trt.metrics import psnr
 from sd35trt.run import run
 from sd35trt.runtime.pipeline import GenerationRequest, Sd35Runtime
-from sd35trt.runtime.png import png_bytes
+from sd35trt.runtime.png import png_bytes, png_parameters
 from sd35trt.stages.build import build
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
@@ -37,7 +37,7 @@ def engines(tiny_config, exported_run, tmp_path_factory):
 
 
 def _png(result, i=0) -> bytes:
-    return png_bytes(result.images[i], result.params, result.engine_digest, i)
+    return png_bytes(result.images[i], png_parameters(result.params, result.engine_digest, i))
 
 
 def test_tensorrt_runtime_is_deterministic_and_close_to_onnxruntime(engines):

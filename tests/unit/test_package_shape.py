@@ -45,6 +45,7 @@ LAYERS = (
         "sd35trt.controlnet_settings",
         "sd35trt.component_table",
         "sd35trt.components",
+        "sd35trt.model_dims",
         "sd35trt.sampling",
         "sd35trt.guidance",
         "sd35trt.console",

@@ -182,7 +182,8 @@ def test_missing_or_malformed_manifest(tmp_path):
         read_engine_manifest(out)
     del data["engines"]["transformer"]["file"]
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"is malformed: engines\.transformer\.file: Field required"):
+    missing = r"is malformed: field engines\.transformer\.file: Field required"
+    with pytest.raises(ManifestError, match=missing):
         read_engine_manifest(out)
     (out / ENGINE_MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match=r"is not valid JSON"):
@@ -256,7 +257,7 @@ def _set(data: dict, dotted: str, value) -> None:
         ("engines.vae_decoder.extra_files", {"path": "x"}, "engines.vae_decoder.extra_files"),
         ("dims.patch_size", "2", "dims.patch_size: Input should be a valid integer"),
         ("dims", None, "dims: Input should be an object"),
-        ("support_files", ["tokenizer/vocab.json"], "support_files.0: Input should be an object"),
+        ("support_files", ["tokenizer/vocab.json"], "support_files[0]: Input should be an object"),
         ("runtime_defaults", [], "runtime_defaults: Input should be an object"),
         ("backend", 3, "backend: Input should be"),
     ],
@@ -283,7 +284,8 @@ def test_manifest_field_errors_are_listed_together(tmp_path):
     data["dims"]["head_dim"] = 4.5
     data["created"] = 1
     (out / ENGINE_MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"created.*; .*build_seconds.*; .*build_seconds.*; and 1 more"):
+    three = r"created.*; .*build_seconds.*; .*build_seconds.*; 1 more field\(s\) are invalid"
+    with pytest.raises(ManifestError, match=three):
         read_engine_manifest(out)
 
 
@@ -302,5 +304,5 @@ def test_cli_names_a_malformed_manifest_without_traceback(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     first, last = done.stderr.strip().splitlines()
-    assert "manifest.json is malformed: engines: Input should be an object" in first
+    assert "manifest.json is malformed: field engines: Input should be an object" in first
     assert last.startswith("error: ") and "1 problem(s) found" in last

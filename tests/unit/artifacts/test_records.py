@@ -102,7 +102,7 @@ _TRANSFORMER = "records.export.details.components.transformer"
             ": Input should be 'auto', 'tensorrt', 'tensorrt-rtx' or 'onnxruntime'",
         ),
         ("records.calibrate.details.seeds", _DELETE, ": Field required"),
-        ("records.evaluate", {}, ": Extra inputs are not permitted"),
+        ("records.evaluate", {}, r": unknown key \(check its spelling\)"),
         ("records.export.stage", "build", ": Input should be"),
         ("records", [], ": Input should be"),
     ],

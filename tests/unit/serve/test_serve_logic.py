@@ -231,13 +231,21 @@ def test_openai_body_refuses_what_it_cannot_serve(fields, field):
 
 
 @pytest.mark.parametrize(
-    ("option", "value", "allowed"),
+    ("option", "value", "said"),
     [
-        ("--log-level", "verbose", "critical, error, warning, info, debug, trace"),
-        ("--log-format", "yaml", "text, json"),
+        (
+            "--log-level",
+            "verbose",
+            "'verbose': Input should be 'critical', 'error', 'warning', 'info', 'debug' or 'trace'",
+        ),
+        ("--log-format", "yaml", "'yaml': Input should be 'text' or 'json'"),
+        # the settings' own bounds (the options once re-spelled them and missed these: a traceback)
+        ("--queue-size", "200000", "200000: Input should be less than or equal to 100000"),
+        ("--batch-window-ms", "20000", "20000.0: Input should be less than or equal to 10000"),
+        ("--timeout", "0", "0.0: Input should be greater than 0"),
     ],
 )
-def test_serve_with_an_unknown_choice_is_one_line_and_exit_1(tmp_path, option, value, allowed):
+def test_serve_with_an_option_out_of_bounds_is_one_line_and_exit_1(tmp_path, option, value, said):
     """Issue: `serve --log-level verbose` gave a KeyError traceback."""
     proc = subprocess.run(
         [sys.executable, "-m", "sd35trt.cli", "serve", "--engines", str(tmp_path), option, value],
@@ -246,7 +254,22 @@ def test_serve_with_an_unknown_choice_is_one_line_and_exit_1(tmp_path, option, v
         timeout=60,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {option} {value!r} is not one of: {allowed}"
+    assert proc.stderr.strip() == f"error: {option} {said}"
+
+
+def test_serve_options_are_the_settings_fields():
+    """Every ServeSettings field the CLI takes is an option; help shows the fields' defaults and bounds."""
+    from typer.testing import CliRunner
+
+    from sd35trt.cli import app
+    from sd35trt.cli_options import settings_flag
+    from sd35trt.serve.settings import ServeSettings
+
+    text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    for name in ServeSettings.model_fields:
+        if name != "warmup":
+            assert settings_flag(name) in text, name
+    assert "[default: 16777216]" in text and "[>= 1, <= 100000]" in text and "[> 0]" in text
 
 
 def test_serve_on_an_address_in_use_or_unknown_is_one_line_and_exit_1(tmp_path):
