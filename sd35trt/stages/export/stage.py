@@ -46,7 +46,7 @@ from sd35trt.components import (
 )
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
-from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
+from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
 from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 from sd35trt.stages.export.report import report_json, report_line
 
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from onnx import ModelProto
 
+    from sd35trt.models.controlnet import ResolvedControlNet
     from sd35trt.models.loading import ResolvedModel
     from sd35trt.stages.export import validate
 
@@ -74,7 +75,7 @@ class _Job:
     out: Path  # the staged onnx/ directory
     scratch: Path
     slg: tuple[int, ...]
-    controlnet: int  # the ControlNet's blocks (model.controlnet), 0 without one
+    controlnet: ResolvedControlNet | None  # model.controlnet's
     calibration: Path | None
     device: str
     providers: list[str]
@@ -273,6 +274,7 @@ def _make_job(
     external_threshold: int | None,
     progress: Progress,
 ) -> _Job:
+    from sd35trt.models.controlnet import resolve_controlnet
     from sd35trt.stages.export import onnx_tools, tracing, validate
 
     tracing.limit_heap_retention()
@@ -286,7 +288,7 @@ def _make_job(
         out=out,
         scratch=out / ".scratch",
         slg=slg,
-        controlnet=controlnet_layers(config, root),
+        controlnet=resolve_controlnet(config.model, root),
         calibration=calibration,
         device=tracing.default_device(),
         providers=validate.providers(),
@@ -355,10 +357,11 @@ def _export_component(job: _Job, component: Component, label: str) -> list[_Grap
     gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
     n_skip = len(job.slg) if gated else 0
     # the ControlNet residual input is the whole transformer's only (never with runtime.cache)
-    controlnet = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else 0
-    sp = spec(component, job.dims, n_skip, controlnet)
+    cn = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else None
+    controlnet = (cn.layers, cn.takes_text) if cn is not None else (0, True)
+    sp = spec(component, job.dims, n_skip, *controlnet)
     trace_shapes, *check_shapes = sample_shapes(
-        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, *controlnet
     )
     opset = config.export.opset
     trace_opset = min(opset, tracing.max_trace_opset())
