@@ -3,9 +3,11 @@
 Runs the tiny model with ``model.controlnet: {type: canny}`` through calibrate (the ControlNet in
 the calibration loop), export and build (ONNX Runtime) twice, FP8 and FP32, then generates the
 same canny-controlled requests with both and prints the PSNR of each image pair. About 5 minutes
-on 2 CPU cores. Exits 1 when a PSNR is below the bound.
+on 2 CPU cores. Exits 1 when a PSNR is below the bound. With ``--large-layout`` the ControlNet is
+the tiny one in SD3.5-large's layout (``use_pos_embed: false``, no text input), written to
+``WORK_DIR/controlnet`` and named by ``model.controlnet.path``.
 
-Usage: python scripts/controlnet_fp8_psnr.py [WORK_DIR]
+Usage: python scripts/controlnet_fp8_psnr.py [WORK_DIR] [--large-layout]
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ PROMPT = "a red fox in the snow, watercolor"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _config(quantize: bool):
+def _config(quantize: bool, controlnet_path: Path | None = None):
     cfg = load_config(REPO / "configs" / "tiny.yaml").model_dump(mode="json")
     cfg["model"]["controlnet"] = {"type": "canny"}
+    if controlnet_path is not None:
+        cfg["model"]["controlnet"]["path"] = str(controlnet_path)
     cfg["export"]["quantize"] = quantize
     cfg["calibrate"].update(
         num_prompts=4,
@@ -54,10 +58,16 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(255**2 / max(np.mean(d**2), 1e-12)))
 
 
-def main(work: Path) -> int:
+def main(work: Path, large_layout: bool = False) -> int:
+    path = None
+    if large_layout:
+        from sd35trt.models.tiny import tiny_controlnet
+
+        path = work / "controlnet"
+        tiny_controlnet(own_pos_embed=False).save_pretrained(path)
     images = {}
     for quantize in (True, False):
-        config, run = _config(quantize), work / ("fp8" if quantize else "fp32") / "tiny"
+        config, run = _config(quantize, path), work / ("fp8" if quantize else "fp32") / "tiny"
         if quantize:
             calibrate(config, run, log=lambda _line: None)
         export(config, run, progress=lambda _line: None)
@@ -75,4 +85,5 @@ def main(work: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/controlnet-fp8-psnr")))
+    args = [a for a in sys.argv[1:] if a != "--large-layout"]
+    sys.exit(main(Path(args[0]) if args else Path("runs/controlnet-fp8-psnr"), "--large-layout" in sys.argv))

@@ -109,7 +109,13 @@ class ComponentSpec:
         return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
 
 
-def spec(component: Component, dims: ModelDims, skip_layers: int = 0, controlnet: int = 0) -> ComponentSpec:
+def spec(
+    component: Component,
+    dims: ModelDims,
+    skip_layers: int = 0,
+    controlnet: int = 0,
+    controlnet_text: bool = True,
+) -> ComponentSpec:
     """The I/O contract of ``component`` for a pipeline of size ``dims``.
 
     ``skip_layers`` > 0 adds the transformer's ``skip_layers [n]`` input (skip-layer guidance
@@ -117,6 +123,8 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0, controlnet
     the ControlNet's block count, adds its ``controlnet_block_samples [B, n, image_tokens,
     inner_dim]`` input (zeros without a control image, as NVIDIA's demo feeds them) and is the
     ControlNet's output count; 0 keeps the transformer's I/O that of a pipeline without one.
+    ``controlnet_text`` False: a ControlNet without text input (SD3.5-large's, ``joint_attention_dim:
+    null``) has no ``encoder_hidden_states``.
 
     Axes: ``batch`` (prompts, doubled by CFG for the encoders and the transformer),
     ``height`` / ``width`` (image size in pixels), ``latent_height`` / ``latent_width`` (image
@@ -128,7 +136,7 @@ def spec(component: Component, dims: ModelDims, skip_layers: int = 0, controlnet
     if component is Component.TRANSFORMER:
         return _transformer_spec(dims, skip_layers, controlnet)
     if component is Component.CONTROLNET:
-        return _controlnet_spec(dims, controlnet)
+        return _controlnet_spec(dims, controlnet, controlnet_text)
     if component in (Component.CLIP_L, Component.CLIP_G):
         return _clip_spec(component, dims)
     if component is Component.T5:
@@ -235,7 +243,9 @@ def _vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
-def _controlnet_spec(dims: ModelDims, controlnet: int) -> ComponentSpec:
+def _controlnet_spec(dims: ModelDims, controlnet: int, text: bool = True) -> ComponentSpec:
+    """``text`` False: no ``encoder_hidden_states`` (SD3.5-large's ControlNets take none)."""
+    inputs = [t for t in _text_and_timestep(dims) if text or t.name != "encoder_hidden_states"]
     return ComponentSpec(
         Component.CONTROLNET,
         inputs=(
@@ -243,7 +253,7 @@ def _controlnet_spec(dims: ModelDims, controlnet: int) -> ComponentSpec:
             # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:
             # vae.encode(image).latent_dist.sample(), shifted and scaled)
             _latent("controlnet_cond", dims),
-            *_text_and_timestep(dims),
+            *inputs,
         ),
         # unscaled: the runtime multiplies by the conditioning scale (diffusers does it last too)
         outputs=(_controlnet_samples(dims, controlnet),),
@@ -397,6 +407,7 @@ def profile(
     cfg_by_default: bool = True,
     skip_layers: int = 0,
     controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> dict[str, ShapeRange]:
     """Optimization-profile shape ranges per input of ``component``.
 
@@ -409,7 +420,7 @@ def profile(
     h = latent_range(build.height, dims, "height")
     w = latent_range(build.width, dims, "width")
     text_len = CLIP_MAX_LENGTH + max_sequence_length
-    sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
+    sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet, controlnet_text)
     sizes = {
         "batch": b,
         "height": build.height,
@@ -452,6 +463,7 @@ def sample_shapes(
     max_sequence_length: int = 256,
     skip_layers: int = 0,
     controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> list[dict[str, tuple[int, ...]]]:
     """Concrete input shapes export traces and validates ``component`` at: small ones.
 
@@ -468,9 +480,8 @@ def sample_shapes(
     Raises:
         ConfigError: the build ranges don't fit the model (see :func:`profile`).
     """
-    profile(
-        component, dims, build, max_sequence_length, skip_layers=skip_layers, controlnet=controlnet
-    )  # refuse bad ranges
+    options = {"skip_layers": skip_layers, "controlnet": controlnet, "controlnet_text": controlnet_text}
+    profile(component, dims, build, max_sequence_length, **options)  # refuse bad ranges
     m = dims.size_multiple
     shapes = []
     for pick, side, t5 in zip(("opt", "min", "max"), SAMPLE_IMAGE_SIDES, SAMPLE_T5_LENGTHS, strict=True):
@@ -480,18 +491,13 @@ def sample_shapes(
                 "width": Range.static(_side(getattr(build.width, pick), side, m)),
             }
         )
-        ranges = profile(
-            component,
-            dims,
-            small,
-            min(max_sequence_length, t5),
-            skip_layers=skip_layers,
-            controlnet=controlnet,
-        )
+        ranges = profile(component, dims, small, min(max_sequence_length, t5), **options)
         shapes.append({name: getattr(r, pick) for name, r in ranges.items()})
     trace, low, top = shapes
     if [s[:1] for s in top.values()] == [s[:1] for s in low.values()]:
-        sp = spec(component, dims, skip_layers if component.is_transformer else 0, controlnet)
+        sp = spec(
+            component, dims, skip_layers if component.is_transformer else 0, controlnet, controlnet_text
+        )
         batched = {t.name for t in sp.inputs if t.shape and t.shape[0] == "batch"}
         top = {n: (s[0] + 1, *s[1:]) if n in batched else s for n, s in top.items()}
     return [trace, low, top]

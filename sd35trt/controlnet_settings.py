@@ -5,7 +5,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 
 def absent_when_none(data: dict, value: Any, key: str) -> dict:
@@ -29,12 +36,40 @@ class ControlType(str, Enum):
 
 
 class ControlNetSettings(BaseModel):
-    """The ControlNet exported beside the pipeline: diffusers' ``SD3ControlNetModel`` in the
-    model directory's ``controlnet/`` (``StableDiffusion3ControlNetPipeline``'s layout)."""
+    """The ControlNet exported beside the pipeline: a diffusers ``SD3ControlNetModel``.
+
+    By default the model directory's ``controlnet/`` (``StableDiffusion3ControlNetPipeline``'s
+    layout); ``path`` names another one: a local directory, or a Hugging Face repo id such as
+    ``stabilityai/stable-diffusion-3.5-large-controlnet-canny``, resolved through the local
+    Hugging Face cache as ``model.path`` is (``model.allow_download`` applies to it too; see
+    :mod:`sd35trt.models.controlnet`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)  # as sd35trt.config's sections
 
     type: ControlType
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a local diffusers SD3ControlNetModel directory, or a Hugging Face repo id "
+        "(default: the model's controlnet/ folder)",
+    )
+    #: Hub revision (branch, tag or commit hash) of a ``path`` given as a repo id; default ``main``.
+    revision: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _revision_needs_path(self) -> ControlNetSettings:
+        if self.revision is not None and self.path is None:
+            raise ValueError("'revision' is only used with 'path' given as a Hugging Face repo id")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_source(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # configs from before path/revision existed keep their digests
+        data = handler(self)
+        for key in ("path", "revision"):
+            absent_when_none(data, getattr(self, key), key)
+        return data
 
 
 class OptionalControlNet(BaseModel):

@@ -168,7 +168,10 @@ class EngineManifest(_Model):
         """The I/O contract of ``component``'s engine."""
         tr = self.engines.get(Component.TRANSFORMER)
         controlnet = tr.controlnet_layers if tr is not None else 0  # the ControlNet's outputs too
-        return spec(component, self.dims, self.record(component).skip_layers, controlnet)
+        rec = self.record(component)
+        # SD3.5-large's ControlNets take no text: their profile has no such input
+        text = component is not Component.CONTROLNET or "encoder_hidden_states" in rec.profile
+        return spec(component, self.dims, rec.skip_layers, controlnet, text)
 
     def record(self, component: Component) -> EngineRecord:
         """The engine record of ``component``.

@@ -203,12 +203,16 @@ class ModelInput(RecordModel):
     loras: tuple[LoraInput, ...] = ()
     #: the control type of the ControlNet exported beside it (``model.controlnet``), else ``None``.
     controlnet: ControlType | None = None
+    #: where a ControlNet named by ``model.controlnet.path`` was read, and its Hub commit for a repo id.
+    controlnet_directory: str | None = None
+    controlnet_hub: HubRevision | None = None
 
     @model_serializer(mode="wrap")
     def _controlnet_only_where_exported(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)  # records without a ControlNet keep their digests
-        if self.controlnet is None:
-            data.pop("controlnet", None)
+        for key in ("controlnet", "controlnet_directory", "controlnet_hub"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
     from torch import nn
 
+    from sd35trt.models.controlnet import ResolvedControlNet
     from sd35trt.models.hub import Snapshot
     from sd35trt.models.lora import ResolvedLora
 
@@ -79,34 +80,45 @@ class ResolvedModel:
         directory: the diffusers directory (a Hub snapshot folder for source ``hub``).
         hub: the repo id, revision and commit for source ``hub``.
         loras: the LoRA files fused into the weights, hashed.
+        controlnet: ``model.controlnet``'s ControlNet, located (:mod:`sd35trt.models.controlnet`).
     """
 
     directory: Path
     hub: Snapshot | None = None
     loras: tuple[ResolvedLora, ...] = ()
+    controlnet: ResolvedControlNet | None = None
 
     def identity(self) -> dict:
-        """What the weights depend on beyond the config: the resolved commit and the LoRA bytes.
+        """What the weights depend on beyond the config: the resolved commits and the LoRA bytes.
 
         Empty for a model without either, so such runs keep their plain config digests.
         """
-        return _identity(self.hub, self.loras)
+        return _identity(self.hub, self.loras, self.controlnet)
 
     def provenance(self) -> dict:
-        """The model and LoRAs as recorded in the manifests and PNG parameters."""
-        return {
+        """The model, LoRAs and a ControlNet given by path, as manifests and PNG parameters record them."""
+        out = {
             "directory": str(self.directory),
             "hub": self.hub.to_json() if self.hub is not None else None,
             "loras": [lora.to_json() for lora in self.loras],
         }
+        cn = self.controlnet
+        if cn is not None and cn.directory.parent != self.directory:  # model.controlnet.path
+            out["controlnet_directory"] = str(cn.directory)
+            out["controlnet_hub"] = None if cn.hub is None else cn.hub.to_json()
+        return out
 
 
-def _identity(hub: Snapshot | None, loras: Sequence[ResolvedLora]) -> dict:
+def _identity(
+    hub: Snapshot | None, loras: Sequence[ResolvedLora], controlnet: ResolvedControlNet | None = None
+) -> dict:
     out: dict = {}
     if hub is not None:
         out["commit"] = hub.commit
     if loras:
         out["loras"] = [lora.identity() for lora in loras]
+    if controlnet is not None and controlnet.hub is not None:
+        out["controlnet_commit"] = controlnet.hub.commit
     return out
 
 
@@ -116,24 +128,32 @@ def weights_identity(config: Config) -> dict:
     Raises:
         ModelError: as :func:`resolve_model`.
     """
+    from sd35trt.models.controlnet import resolve_controlnet
     from sd35trt.models.lora import resolve_loras
 
-    snapshot = _hub_snapshot(config) if config.model.source is ModelSource.HUB else None
-    return _identity(snapshot, resolve_loras(config.model.loras, config.model.allow_download))
+    m = config.model
+    snapshot = _hub_snapshot(config) if m.source is ModelSource.HUB else None
+    # a ControlNet in the model's own folder adds nothing beyond the model's commit
+    controlnet = resolve_controlnet(m, ".") if m.controlnet and m.controlnet.path else None
+    return _identity(snapshot, resolve_loras(m.loras, m.allow_download), controlnet)
 
 
 def resolve_model(config: Config, run_dir: str | Path) -> ResolvedModel:
     """Locate the model (materializing the built-in ones), resolve a repo id and hash the LoRAs.
 
     Raises:
-        ModelError: a local directory is missing or not a diffusers pipeline; a repo id is not
-            cached and may not be downloaded (one line saying how to download it); a LoRA file
-            is missing, pickle or damaged.
+        ModelError: a local directory is missing or not a diffusers pipeline; a repo id (of the
+            model or ``model.controlnet.path``) is not cached and may not be downloaded (one line
+            saying how to download it); a LoRA file is missing, pickle or damaged; the ControlNet
+            has no config.
     """
+    from sd35trt.models.controlnet import resolve_controlnet
     from sd35trt.models.lora import resolve_loras
 
+    m = config.model
     directory, snapshot = _locate(config, run_dir)
-    return ResolvedModel(directory, snapshot, resolve_loras(config.model.loras, config.model.allow_download))
+    loras = resolve_loras(m.loras, m.allow_download)
+    return ResolvedModel(directory, snapshot, loras, resolve_controlnet(m, directory))
 
 
 def model_dir(config: Config, run_dir: str | Path) -> Path:
@@ -221,6 +241,7 @@ def load_model(
     purpose: LoadPurpose = LoadPurpose.RUN,
     model: ModelSettings | None = None,
     loras: Sequence[ResolvedLora] = (),
+    folder: str | Path | None = None,
 ) -> nn.Module:
     """One component's diffusers / transformers model, the way every stage loads it.
 
@@ -238,6 +259,8 @@ def load_model(
         model: the config's model section (only its ``random`` source changes anything).
         loras: resolved ``model.loras``, fused into the transformer and the CLIP encoders right
             after loading (:func:`sd35trt.models.lora.fuse_loras`), so every stage sees the same weights.
+        folder: the component's own directory when it is not ``model_dir``'s subfolder (a
+            ControlNet named by ``model.controlnet.path``); then loaded from there whatever the source.
 
     Returns:
         The raw model (see :func:`sd35trt.models.modules.wrap` for its spec-shaped form), in eval mode
@@ -252,15 +275,20 @@ def load_model(
     from sd35trt.models.lora import fuse_loras
 
     facts = MODELS[component]
-    if model is not None and model.source is ModelSource.RANDOM:
+    if model is not None and model.source is ModelSource.RANDOM and folder is None:
         from sd35trt.models.tiny import build_components
 
         raw = build_components(model.architecture, model.seed, "cpu", dtype, only={facts.subfolder})
-        raw = raw[facts.subfolder]
+        raw = raw.get(facts.subfolder)
+        if raw is None:  # sd3.5-medium has no published ControlNet
+            raise ModelError(
+                f"{model.architecture.value} has no published {component.value} shape to draw random "
+                "weights for; name one with model.controlnet.path"
+            )
         if purpose is LoadPurpose.TRACE and facts.trace_attention is not None:
             raw.set_attn_implementation(facts.trace_attention)
     else:
-        sub = Path(model_dir) / facts.subfolder
+        sub = Path(folder) if folder is not None else Path(model_dir) / facts.subfolder
         check_weights(sub)
         cls = getattr(importlib.import_module(facts.library.value), facts.class_name)
         options = {"dtype": dtype, "use_safetensors": True}
@@ -274,6 +302,39 @@ def load_model(
     fuse_loras({facts.subfolder: raw}, loras)
     raw.requires_grad_(False)
     return raw
+
+
+def load_controlnet(
+    model: ModelSettings,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    *,
+    device: str = "cpu",
+    trace: bool = False,
+) -> nn.Module:
+    """``model.controlnet``'s ControlNet as every stage loads it: through
+    :func:`load_model` (from ``model.controlnet.path`` when set, else the
+    model's ``controlnet/`` or, for a ``random`` source, drawn), the transformer's positional
+    embedding lent where it has none (:func:`sd35trt.models.controlnet.lend_pos_embed`).
+
+    Args:
+        model: the config's model section (``model.controlnet`` set).
+        model_dir: the resolved model directory.
+        dtype: the weights' dtype.
+        device: where the model goes.
+        trace: loaded for ONNX export.
+
+    Raises:
+        ModelError: as :func:`sd35trt.models.controlnet.resolve_controlnet` and :func:`load_model`.
+    """
+    from sd35trt.models.controlnet import lend_pos_embed, resolve_controlnet
+
+    folder = resolve_controlnet(model, model_dir).directory if model.controlnet.path is not None else None
+    purpose = LoadPurpose.TRACE if trace else LoadPurpose.RUN
+    raw = load_model(
+        model_dir, Component.CONTROLNET, dtype, device=device, purpose=purpose, model=model, folder=folder
+    )
+    return lend_pos_embed(raw, model_dir, model)
 
 
 def load_pipeline(

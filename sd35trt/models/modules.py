@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from sd35trt.components import MODELS, Component
-from sd35trt.errors import ModelError
 
 
 class ClipTextEncoder(nn.Module):
@@ -212,17 +211,22 @@ class TransformerRest(nn.Module):
 
 
 class ControlNet(nn.Module):
-    """diffusers' ``SD3ControlNetModel``: ``(latents, control latent, text, pooled, timestep)`` ->
+    """diffusers' ``SD3ControlNetModel``: ``(latents, control latent[, text], pooled, timestep)`` ->
     ``controlnet_block_samples [B, n, tokens, inner]``, unscaled (conditioning scale 1).
 
-    The SD3 layout only (its own positional embedding and context embedder); SD3.5-large's
-    ControlNets borrow the transformer's positional embedding (``use_pos_embed: false``) and are
-    refused by :func:`wrap` with a :class:`~sd35trt.errors.ModelError`.
+    Both layouts (:mod:`sd35trt.models.controlnet`): the SD3 one takes the prompt embeddings and
+    zero pooled projections; SD3.5-large's takes no text (``joint_attention_dim: null``, so the
+    graph has no ``encoder_hidden_states``) and turns the latents into tokens with the
+    transformer's positional embedding, which must have been lent to it first
+    (:func:`sd35trt.models.controlnet.lend_pos_embed`, as diffusers' pipeline does).
     """
 
     def __init__(self, controlnet: nn.Module, vae_shift_offset: float = 0.0) -> None:
         super().__init__()
+        if controlnet.pos_embed is None:
+            raise ValueError("a use_pos_embed: false ControlNet needs the transformer's pos_embed lent first")
         self.controlnet = controlnet
+        self.takes_text = controlnet.context_embedder is not None
         self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
         # diffusers' pipeline encodes the control image without the VAE's shift for these
         # (InstantX-style) ControlNets: (sample - 0) * scale, where the VAE encoder engine gives
@@ -233,10 +237,9 @@ class ControlNet(nn.Module):
         self,
         hidden_states: torch.Tensor,  # [B, C, h, w]
         controlnet_cond: torch.Tensor,  # [B, C, h, w]
-        encoder_hidden_states: torch.Tensor,  # [B, 77 + L, D]
-        pooled_projections: torch.Tensor,  # [B, P]
-        timestep: torch.Tensor,  # [B] float32
+        *inputs: torch.Tensor,  # [text [B, 77 + L, D] (takes_text),] pooled [B, P], timestep [B] float32
     ) -> torch.Tensor:
+        encoder_hidden_states, pooled_projections, timestep = inputs if self.takes_text else (None, *inputs)
         if self.zero_pooled:  # diffusers' pipeline feeds zeros then; kept as a graph input
             pooled_projections = torch.zeros_like(pooled_projections)
         if self.cond_offset:
@@ -339,11 +342,6 @@ def wrap(
         return wrapper(model, slg_layers, fp32_blocks, controlnet).eval()
     if component.is_transformer:  # a first-block-cache part, over the whole transformer's wrapper
         return wrapper(Transformer(model, slg_layers, fp32_blocks)).eval()
-    if component is Component.CONTROLNET and getattr(model.config, "use_pos_embed", True) is False:
-        raise ModelError(
-            "controlnet: this SD3ControlNetModel has use_pos_embed: false (SD3.5-large's layout, which "
-            "borrows the transformer's positional embedding); only ControlNets with their own are supported"
-        )
     if component is Component.CONTROLNET:
         return wrapper(model, vae_shift_offset).eval()
     return wrapper(model).eval()

@@ -278,6 +278,7 @@ def build_components(
         dtype: torch dtype of the weights (default float32).
         only: build just these models (pipeline keyword names, e.g. ``{"transformer"}``); the
             others are None. Each model has its own seed, so its weights don't depend on this.
+            The ControlNet (:func:`controlnet_config`) is built only when named here.
 
     Returns:
         A dict of the keyword arguments of ``StableDiffusion3Pipeline``.
@@ -323,6 +324,12 @@ def build_components(
         SUBFOLDER[c]: None if only is not None and SUBFOLDER[c] not in only else make(index, fn)
         for c, (index, fn) in makers.items()
     }
+    controlnet = controlnet_config(arch)
+    if only is not None and SUBFOLDER[Component.CONTROLNET] in only and controlnet is not None:
+        with torch.device(device):
+            models["controlnet"] = make_controlnet(
+                controlnet, seed, dtype, 0.2 if arch is Architecture.TINY else 0.02
+            )
     return {
         **models,
         "tokenizer": tok_l,
@@ -334,15 +341,60 @@ def build_components(
 
 #: Blocks of the tiny ControlNet.
 TINY_CONTROLNET_LAYERS = 2
+#: Seed offset of the ControlNet's weights (after build_components' five models: 0..4).
+CONTROLNET_SEED_INDEX = 5
 
 
-def tiny_controlnet(seed: int = 0, dtype=None):
-    """A seeded tiny diffusers ``SD3ControlNetModel`` that fits the tiny transformer.
+def controlnet_config(arch: Architecture, own_pos_embed: bool = True) -> dict[str, Any] | None:
+    """``SD3ControlNetModel`` arguments of ``arch``'s ControlNet; ``None`` for sd3.5-medium.
 
-    Two blocks (so the tiny transformer's three blocks take residuals 0, 0, 1: diffusers'
-    ``index_block / (num_layers / n)`` rule), the transformer's widths and patch size, its own
-    positional embedding and context embedder (the SD3 ControlNet layout), and a zero-initialised
-    ``pos_embed_input`` replaced by seeded weights so the control image changes the result.
+    - sd3.5-large: Stability AI's SD3.5-large ControlNets (canny, depth, blur), as diffusers'
+      ``scripts/convert_sd3_controlnet_to_diffusers.py`` builds them: 19 single-stream blocks
+      (``joint_attention_dim: null``, so no text input and no context embedder) of the
+      transformer's width (38 heads x 64), no positional embedding of their own
+      (``use_pos_embed: false``: the pipeline lends them the transformer's), the real pooled
+      projection (``force_zeros_for_pooled_projection: false``). Stability AI publishes none for
+      sd3.5-medium.
+    - tiny: the tiny transformer's widths and two blocks; ``own_pos_embed`` picks the SD3 layout
+      (its own positional embedding and context embedder, zero pooled projection: InstantX's SD3
+      ControlNets) or, ``False``, sd3.5-large's layout at tiny size.
+    """
+    if arch is Architecture.SD35_MEDIUM:
+        return None
+    tr = architecture_config(arch).transformer
+    widths = {k: tr[k] for k in ("patch_size", "in_channels", "out_channels", "attention_head_dim")}
+    large = {
+        **widths,
+        "num_attention_heads": tr["num_attention_heads"],
+        "joint_attention_dim": None,
+        "caption_projection_dim": 2048,
+        "pooled_projection_dim": tr["pooled_projection_dim"],
+        "pos_embed_max_size": None,
+        "pos_embed_type": None,
+        "use_pos_embed": False,
+        "force_zeros_for_pooled_projection": False,
+    }
+    if arch is Architecture.SD35_LARGE:
+        return {**large, "num_layers": 19}
+    if not own_pos_embed:
+        return {
+            **large,
+            "caption_projection_dim": tr["caption_projection_dim"],
+            "num_layers": TINY_CONTROLNET_LAYERS,
+        }
+    keys = (
+        "sample_size", "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
+        "pooled_projection_dim", "pos_embed_max_size", "qk_norm",
+    )  # fmt: skip
+    return {**widths, **{k: tr[k] for k in keys}, "num_layers": TINY_CONTROLNET_LAYERS}
+
+
+def make_controlnet(config: dict[str, Any], seed: int = 0, dtype=None, std: float = 0.2):
+    """A seeded diffusers ``SD3ControlNetModel`` of ``config`` (see :func:`controlnet_config`).
+
+    diffusers zero-initialises the ControlNet's input and output projections (a fresh ControlNet
+    changes nothing); a test model that changed nothing could not show a wrong wiring, so they
+    are drawn from a normal distribution of standard deviation ``std`` instead.
 
     Returns:
         The model in eval mode, float32 unless ``dtype`` says otherwise.
@@ -350,20 +402,26 @@ def tiny_controlnet(seed: int = 0, dtype=None):
     import torch
     from diffusers import SD3ControlNetModel
 
-    tr = architecture_config(Architecture.TINY).transformer
-    keys = (
-        "sample_size", "patch_size", "in_channels", "out_channels", "attention_head_dim",
-        "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
-        "pos_embed_max_size", "qk_norm",
-    )  # fmt: skip
-    torch.manual_seed(seed * 1000 + 5)  # index 5: after build_components' five models
-    net = SD3ControlNetModel(**{k: tr[k] for k in keys}, num_layers=TINY_CONTROLNET_LAYERS)
-    # diffusers zero-initialises the ControlNet's input and output projections (a fresh ControlNet
-    # changes nothing); a test model that changed nothing could not show a wrong wiring.
+    torch.manual_seed(seed * 1000 + CONTROLNET_SEED_INDEX)
+    with _narrowed_as_built(dtype or torch.float32):
+        net = SD3ControlNetModel(**config)
     with torch.no_grad():
         for p in (*net.pos_embed_input.parameters(), *net.controlnet_blocks.parameters()):
-            p.normal_(0.0, 0.2)
+            p.normal_(0.0, std)
     return (net if dtype is None else net.to(dtype)).eval()
+
+
+def tiny_controlnet(seed: int = 0, dtype=None, own_pos_embed: bool = True):
+    """A seeded tiny diffusers ``SD3ControlNetModel`` that fits the tiny transformer.
+
+    Two blocks (so the tiny transformer's three blocks take residuals 0, 0, 1: diffusers'
+    ``index_block / (num_layers / n)`` rule), in the SD3 layout or, ``own_pos_embed=False``, in
+    SD3.5-large's (:func:`controlnet_config`).
+
+    Returns:
+        The model in eval mode, float32 unless ``dtype`` says otherwise.
+    """
+    return make_controlnet(controlnet_config(Architecture.TINY, own_pos_embed), seed, dtype)
 
 
 def write_tiny(out: str | Path, seed: int = 0) -> Path:
@@ -418,4 +476,11 @@ def write_architecture(out: str | Path, arch: Architecture) -> Path:
             lib = "diffusers" if hasattr(obj, "save_config") else "transformers"
             index[name] = [lib, type(obj).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        controlnet = controlnet_config(arch)
+        if controlnet is not None:  # StableDiffusion3ControlNetPipeline's layout; not in the index
+            import diffusers
+
+            (tmp / "controlnet").mkdir()
+            config = {"_class_name": "SD3ControlNetModel", "_diffusers_version": diffusers.__version__}
+            (tmp / "controlnet" / "config.json").write_text(json.dumps({**config, **controlnet}, indent=2))
     return out

@@ -10,11 +10,11 @@ As diffusers' ``StableDiffusion3ControlNetPipeline`` (one ControlNet):
    CFG-doubled batch; the runtime draws the same rows from a CPU generator seeded with the
    batch's first seed, so ``torch.manual_seed(seed)`` before diffusers' call gives the same latents.
 3. Each step the ControlNet engine sees the transformer's latents, the control latents, the prompt
-   embeddings and zero pooled projections (``force_zeros_for_pooled_projection``, inside the
-   graph); its residuals, times ``conditioning_scale`` inside the ``[start, end]`` window
-   (diffusers' ``controlnet_keep``), are the transformer's ``controlnet_block_samples``. Outside the
-   window, and without a control image, they are zeros (as NVIDIA's demo feeds them), so the
-   ControlNet engine is not run.
+   embeddings (SD3 ControlNets; SD3.5-large's take none) and the pooled projections (zeroed inside
+   the graph where ``force_zeros_for_pooled_projection`` says so); its residuals, times
+   ``conditioning_scale`` inside the ``[start, end]`` window (diffusers' ``controlnet_keep``), are
+   the transformer's ``controlnet_block_samples``. Outside the window, and without a control
+   image, they are zeros (as NVIDIA's demo feeds them), so the ControlNet engine is not run.
 
 Nothing here imports torch at module level: requests are validated without it.
 """
@@ -104,16 +104,7 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
 
     image = request.control_image
     if image is None:
-        for name in (
-            "control_type",
-            "controlnet_conditioning_scale",
-            "control_guidance_start",
-            "control_guidance_end",
-        ):
-            if getattr(request, name) is not None:
-                raise RequestError(
-                    name, f"{name} applies to ControlNet generation only: give a control_image too"
-                )
+        _refuse_fields_without_image(request)
         return None
     if built is None:
         raise RequestError(
@@ -121,6 +112,43 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
             "these engines have no controlnet engine; set model.controlnet in the config and re-run "
             "`sd35trt export` and `sd35trt build`",
         )
+    _check_image(image, height, width)
+    control_type = _control_type(request.control_type, built)
+    scale, start, end = _conditioning(request)
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return ControlParams(
+        image=preprocess(rgb, control_type),
+        control_type=control_type,
+        conditioning_scale=scale,
+        guidance_start=start,
+        guidance_end=end,
+        image_sha256=hashlib.sha256(rgb.tobytes()).hexdigest(),
+    )
+
+
+#: The request fields that only apply with a control image.
+CONTROL_FIELDS = (
+    "control_type",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+)
+
+
+def _refuse_fields_without_image(request: Any) -> None:
+    for name in CONTROL_FIELDS:
+        if getattr(request, name) is not None:
+            raise RequestError(
+                name, f"{name} applies to ControlNet generation only: give a control_image too"
+            )
+
+
+def _check_image(image: Any, height: int, width: int) -> None:
+    """A PIL image of an 8-bit mode and the generation's aspect ratio."""
+    from PIL import Image
+
     if not isinstance(image, Image.Image):
         raise RequestError("control_image", f"control_image must be a PIL image, got {type(image).__name__}")
     if image.mode not in CONTROL_IMAGE_MODES:
@@ -135,7 +163,10 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
             f"control_image is {image.width}x{image.height}, the generation {width}x{height}: give a "
             "control image of the same aspect ratio (it is resized, not cropped)",
         )
-    wanted = request.control_type
+
+
+def _control_type(wanted: str | None, built: ControlType) -> ControlType:
+    """The request's control type (default: the engines'), which must be the engines'."""
     try:
         control_type = built if wanted is None else ControlType(wanted)
     except ValueError:
@@ -147,7 +178,12 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
             f"control_type {control_type.value} is not what these engines' ControlNet was built for "
             f"({built.value})",
         )
-    from sd35trt.parameters import check_value  # the declared bounds (0..2, 0..1)
+    return control_type
+
+
+def _conditioning(request: Any) -> tuple[float, float, float]:
+    """``(scale, start, end)`` within their declared bounds (0..2, 0..1), start below end."""
+    from sd35trt.parameters import check_value
 
     def given(name: str, default: float) -> float:
         value = getattr(request, name)
@@ -161,17 +197,7 @@ def resolve_control(request: Any, built: ControlType | None, height: int, width:
             "control_guidance_start",
             f"control_guidance_start {start:g} must be below control_guidance_end {end:g}",
         )
-    rgb = image.convert("RGB")
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return ControlParams(
-        image=preprocess(rgb, control_type),
-        control_type=control_type,
-        conditioning_scale=float(scale),
-        guidance_start=start,
-        guidance_end=end,
-        image_sha256=hashlib.sha256(rgb.tobytes()).hexdigest(),
-    )
+    return float(scale), start, end
 
 
 def preprocess(image: Any, control_type: ControlType) -> Any:
@@ -291,7 +317,7 @@ class ControlResiduals:
         feeds = {
             "hidden_states": x,
             "controlnet_cond": self.latents,
-            "encoder_hidden_states": self.hidden,
+            "encoder_hidden_states": self.hidden,  # unread by SD3.5-large's (Engine.infer feeds its inputs)
             "pooled_projections": self.pooled,
             "timestep": timestep,
         }

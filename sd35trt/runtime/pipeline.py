@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -58,7 +56,7 @@ from sd35trt.runtime.request import (
     RequestLimits,
     resolve_request,
 )
-from sd35trt.runtime.scheduler import FlowMatchEuler
+from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.steps import (
     Conditioning,
     EngineSet,
@@ -67,9 +65,10 @@ from sd35trt.runtime.steps import (
     denoise,
     encode_text,
     initial_latents,
+    peak_memory,
     skip_layer_steps,
 )
-from sd35trt.runtime.tokenize import PromptTokenizer, TokenizedPrompts
+from sd35trt.runtime.tokenize import PromptTokenizer, truncation_warnings
 
 __all__ = [
     "EngineBatch",
@@ -278,41 +277,6 @@ def engine_digest(files: Mapping[str, Sequence[str]]) -> str:
     return sha256_json({k: list(v) for k, v in sorted(files.items())})[:16]
 
 
-#: Characters of dropped text quoted in a truncation warning; the rest is counted. Quoting all of
-#: it made a 64 KB prompt's response 400 KB (one full copy per encoder).
-TRUNCATION_QUOTE_CHARS = 80
-
-
-def _dropped(text: str) -> str:
-    if len(text) <= TRUNCATION_QUOTE_CHARS:
-        return repr(text)
-    return f"{text[:TRUNCATION_QUOTE_CHARS]!r}... ({len(text)} characters in all)"
-
-
-def _truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, str]]) -> dict[int, list[str]]:
-    warnings: dict[int, list[str]] = {}
-    for t in tokens.truncations:
-        request, field_name = labels[t.index]
-        warnings.setdefault(request, []).append(
-            f"{field_name} is {t.tokens} {t.encoder.value} tokens, over its limit of {t.limit}: "
-            f"dropped {_dropped(t.dropped)}"
-        )
-    return warnings
-
-
-def peak_memory(device: torch.device | str) -> tuple[int, str]:
-    """``(bytes, what they measure)``: the torch CUDA allocator's peak on ``device``, or the
-    process's peak RSS on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(
-            device
-        ), "CUDA, torch allocator (TensorRT's own memory not included)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"
-
-
 class Sd35Runtime:
     """Verified engines, tokenizers and scheduler, ready to generate.
 
@@ -510,39 +474,65 @@ class Sd35Runtime:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._device_used = 0
         start = self._clock()
+        cond, warnings = self._encode(batch)  # 1-3
+        timings.text_encoding_s = self._clock() - start
+        latents, schedule = self._initial_latents(batch, timings)  # 4
+        latents, skipped = self._denoise(first, cond, latents, schedule, timings)  # 5
+        mark = self._clock()  # 6. Decode.
+        with self.engines.use(Component.VAE_DECODER) as vae:
+            images = decode(vae, latents)
+        timings.decode_s = self._clock() - mark
+        timings.total_s = self._clock() - start
+        timings.peak_memory_bytes, timings.memory_kind = peak_memory(self.device)
+        if self.device.type == "cuda":
+            timings.device_memory_bytes = self._device_used
+        timings.activation_memory_bytes = self.engines.shared_activation_bytes()
+        return self._results(batch, images, timings, skipped, warnings)
 
+    def _encode(self, batch: Sequence[GenerationParams]) -> tuple[Conditioning, dict[int, list[str]]]:
+        """Steps 1-3: the text conditioning ``[2N or N, ...]`` and truncation warnings per request."""
+        cfg = batch[0].cfg
         # 1. Tokenize: [negatives..., positives...] under CFG, one row per request.
-        texts = [p.negative_prompt for p in batch] if first.cfg else []
-        labels = [(i, "negative_prompt") for i in range(len(batch))] if first.cfg else []
+        texts = [p.negative_prompt for p in batch] if cfg else []
+        labels = [(i, "negative_prompt") for i in range(len(batch))] if cfg else []
         texts += [p.prompt for p in batch]
         labels += [(i, "prompt") for i in range(len(batch))]
         tokens = self.tokenizer(texts)
-        warnings = _truncation_warnings(tokens, labels)
-
         # 2-3. Encode and join; then one row per image: [T, ...] -> [2N or N, ...].
         text = encode_text(self.engines, tokens)
-        counts = torch.tensor([p.num_images for p in batch] * (2 if first.cfg else 1))
+        counts = torch.tensor([p.num_images for p in batch] * (2 if cfg else 1))
         cond = Conditioning(
             hidden=text.hidden.repeat_interleave(counts.to(text.hidden.device), dim=0).to(self.device),
             pooled=text.pooled.repeat_interleave(counts.to(text.pooled.device), dim=0).to(self.device),
-            cfg=first.cfg,
+            cfg=cfg,
         )
-        timings.text_encoding_s = self._clock() - start
+        return cond, truncation_warnings(tokens, labels)
 
-        # 4. Initial latents, per request from its own seed: noise, or the noised image (img2img).
-        schedule = None
-        if first.image is not None:
-            mark = self._clock()
-            schedule = img2img_schedule(self.scheduler, first.num_inference_steps, first.strength)
-            with self.engines.use(Component.VAE_ENCODER) as vae_encoder:
-                latents = image_latents(vae_encoder, batch, self.info.dims, schedule.sigmas[0], self.device)
-            timings.image_encoding_s = self._clock() - mark
-        else:
+    def _initial_latents(
+        self, batch: Sequence[GenerationParams], timings: Timings
+    ) -> tuple[torch.Tensor, Schedule | None]:
+        """Step 4, per request from its seed: noise, or the noised image (and the strength's schedule)."""
+        first = batch[0]
+        if first.image is None:
             seeds = [s for p in batch for s in image_seeds(p)]
-            latents = initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device)
+            return initial_latents(seeds, self.info.dims, first.height, first.width).to(self.device), None
         mark = self._clock()
+        schedule = img2img_schedule(self.scheduler, first.num_inference_steps, first.strength)
+        with self.engines.use(Component.VAE_ENCODER) as vae_encoder:
+            latents = image_latents(vae_encoder, batch, self.info.dims, schedule.sigmas[0], self.device)
+        timings.image_encoding_s = self._clock() - mark
+        return latents, schedule
 
-        # 5. Denoise (through the first-block cache with a threshold, or with its engines only).
+    def _denoise(
+        self,
+        first: GenerationParams,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        schedule: Schedule | None,
+        timings: Timings,
+    ) -> tuple[torch.Tensor, int | None]:
+        """Step 5 (through the first-block cache with a threshold): latents, steps skipped or ``None``."""
+        mark = self._clock()
         timer = StepTimer(self.device)
         uses_controlnet = (
             self.engines.use(Component.CONTROLNET) if first.control is not None else contextlib.nullcontext()
@@ -564,19 +554,17 @@ class Sd35Runtime:
         steps = len(timings.step_s)
         timings.transformer_calls = steps + len(skip_layer_steps(steps, first.skip_layer_guidance))
         timings.transformer_skipped = passes.skipped_calls
-        skipped = passes.skipped_steps if first.cache_threshold is not None else None
+        return latents, passes.skipped_steps if first.cache_threshold is not None else None
 
-        # 6. Decode.
-        mark = self._clock()
-        with self.engines.use(Component.VAE_DECODER) as vae:
-            images = decode(vae, latents)
-        timings.decode_s = self._clock() - mark
-        timings.total_s = self._clock() - start
-        timings.peak_memory_bytes, timings.memory_kind = peak_memory(self.device)
-        if self.device.type == "cuda":
-            timings.device_memory_bytes = self._device_used
-        timings.activation_memory_bytes = self.engines.shared_activation_bytes()
-
+    def _results(
+        self,
+        batch: Sequence[GenerationParams],
+        images: list,
+        timings: Timings,
+        skipped: int | None,
+        warnings: dict[int, list[str]],
+    ) -> list[GenerationResult]:
+        """One result per request, its images carrying their PNG parameters."""
         results, offset = [], 0
         total = sum(p.num_images for p in batch)
         for i, p in enumerate(batch):

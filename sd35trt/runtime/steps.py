@@ -9,6 +9,8 @@ for NaN and inf, and a failure names the stage.
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -257,16 +259,8 @@ def denoise(
     """
     schedule = schedule if schedule is not None else scheduler.schedule(params.num_inference_steps)
     slg = params.skip_layer_guidance
-    skip_off = skip_on = None
-    if "skip_layers" in engine.spec.input_names:
-        size = engine.spec.inputs[engine.spec.input_names.index("skip_layers")].shape[0]
-        if slg is not None and len(slg.layers) != size:
-            raise ManifestError(
-                f"skip-layer guidance lists {len(slg.layers)} layers, the transformer engine gates {size}; "
-                "rebuild with `sd35trt build`"
-            )
-        skip_off = torch.zeros(size, device=latents.device)  # [n]: every block runs
-        skip_on = torch.ones(size, device=latents.device)  # [n]: the listed blocks are skipped
+    slg_steps = skip_layer_steps(len(schedule), slg)
+    feeds, skip_feeds = _text_feeds(engine, cond, slg, bool(slg_steps), latents.device)
     n_images = latents.shape[0]
     batch = 2 * n_images if cond.cfg else n_images
     # Everything per step that does not depend on the latents is prepared here, so the loop is the
@@ -274,17 +268,8 @@ def denoise(
     timesteps = schedule.timesteps.to(latents.device)[:, None]  # [steps, 1]
     step_t = timesteps.expand(-1, batch).unbind(0)  # steps x [2N or N]
     skip_t = timesteps.expand(-1, n_images).unbind(0)  # steps x [N]
-    # The float32 step sizes, as Python floats (exact).
-    dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).tolist()
-    slg_steps = skip_layer_steps(len(schedule), slg)
+    dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).tolist()  # float32 step sizes, exact as floats
     skip_engine = skip_engine or engine
-    feeds = {"encoder_hidden_states": cond.hidden, "pooled_projections": cond.pooled}
-    if skip_off is not None:
-        feeds["skip_layers"] = skip_off
-    skip_feeds = None
-    if slg_steps:
-        hidden, pooled = cond.positive()
-        skip_feeds = {"encoder_hidden_states": hidden, "pooled_projections": pooled, "skip_layers": skip_on}
     g = params.guidance_scale
     # Under CFG the latents live twice in one [2N] buffer, updated in place: the transformer reads
     # it directly (no per-step concatenation) and one broadcast update writes both halves.
@@ -302,32 +287,85 @@ def denoise(
             velocity = velocity.float()
         if pair is None:
             x.add_(velocity, alpha=dt)  # x + dt * v
+        elif i in slg_steps:
+            skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
+            skip_feeds["timestep"] = skip_t[i]
+            if residuals is not None:  # the positive rows' residuals
+                skip_feeds[RESIDUALS_INPUT] = feeds[RESIDUALS_INPUT][n_images:]
+            v_skip = skip_engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
+            _guided_update(pair, velocity, dt, g, v_skip, slg.scale)
         else:
-            v_uncond, v_text = velocity.chunk(2)  # [N, C, h, w] each
-            # x + dt * (v_u + g (v_t - v_u)) = x + dt (1 - g) v_u + dt g v_t, and with skip-layer
-            # guidance + dt s (v_t - v_skip): the same update as diffusers in fused in-place adds
-            # (equal up to float32 rounding).
-            if i in slg_steps:
-                skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
-                skip_feeds["timestep"] = skip_t[i]
-                if residuals is not None:  # the positive rows' residuals
-                    skip_feeds[RESIDUALS_INPUT] = feeds[RESIDUALS_INPUT][n_images:]
-                v_skip = skip_engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
-                s = slg.scale
-                pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * (g + s))
-                pair.add_(v_skip, alpha=-dt * s)
-            else:
-                pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * g)
+            _guided_update(pair, velocity, dt, g)
         if timer:
             timer.mark()
-    latents = x[:n_images]  # [N, C, h, w]
-    # NaN and inf survive every later Euler update, so one check after the loop catches a bad
-    # step without a per-step device sync.
+    return _finite(x[:n_images], len(schedule))  # [N, C, h, w]
+
+
+def _guided_update(
+    pair: torch.Tensor,
+    velocity: torch.Tensor,
+    dt: float,
+    g: float,
+    v_skip: torch.Tensor | None = None,
+    s: float = 0.0,
+) -> None:
+    """One Euler step of the CFG pair ``[2, N, C, h, w]`` in place, from ``velocity`` ``[2N, C, h, w]``.
+
+    x + dt * (v_u + g (v_t - v_u)) = x + dt (1 - g) v_u + dt g v_t, and with skip-layer guidance
+    + dt s (v_t - v_skip): the same update as diffusers in fused in-place adds (equal up to float32
+    rounding).
+    """
+    v_uncond, v_text = velocity.chunk(2)  # [N, C, h, w] each
+    if v_skip is None:
+        pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * g)
+        return
+    pair.add_(v_uncond, alpha=dt * (1 - g)).add_(v_text, alpha=dt * (g + s))
+    pair.add_(v_skip, alpha=-dt * s)
+
+
+def _text_feeds(
+    engine: Engine | CachedPass,
+    cond: Conditioning,
+    slg: SkipLayerGuidance | None,
+    skip_pass: bool,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The feeds every step shares: the text conditioning and, for an engine with a
+    ``skip_layers [n]`` input, its gates (every block runs; the listed blocks skipped in the
+    skip-layer pass, whose feeds are the positive rows' and ``None`` without ``skip_pass``).
+
+    Raises:
+        ManifestError: the engine gates another number of blocks than ``slg`` lists.
+    """
+    feeds = {"encoder_hidden_states": cond.hidden, "pooled_projections": cond.pooled}
+    skip_on = None
+    if "skip_layers" in engine.spec.input_names:
+        size = engine.spec.inputs[engine.spec.input_names.index("skip_layers")].shape[0]
+        if slg is not None and len(slg.layers) != size:
+            raise ManifestError(
+                f"skip-layer guidance lists {len(slg.layers)} layers, the transformer engine gates {size}; "
+                "rebuild with `sd35trt build`"
+            )
+        feeds["skip_layers"] = torch.zeros(size, device=device)  # [n]: every block runs
+        skip_on = torch.ones(size, device=device)  # [n]: the listed blocks are skipped
+    if not skip_pass:
+        return feeds, None
+    hidden, pooled = cond.positive()
+    return feeds, {"encoder_hidden_states": hidden, "pooled_projections": pooled, "skip_layers": skip_on}
+
+
+def _finite(latents: torch.Tensor, steps: int) -> torch.Tensor:
+    """``latents``, checked once after the loop: NaN and inf survive every later Euler update, so
+    one check catches a bad step without a per-step device sync.
+
+    Raises:
+        NonFiniteError: naming the transformer.
+    """
     if not bool(torch.isfinite(latents).all()):
         raise NonFiniteError(
             Component.TRANSFORMER.value,
             f"transformer produced non-finite values (NaN or inf) in noise_pred during denoising "
-            f"({len(schedule)} steps); no image was written",
+            f"({steps} steps); no image was written",
         )
     return latents
 
@@ -347,3 +385,16 @@ def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     image = engine.infer({"latent": latents})["image"]  # [N, 3, H, W] in [0, 1]
     check_finite(Component.VAE_DECODER, image, "image")
     return [Image.fromarray(a) for a in to_pixels(image)]
+
+
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """``(bytes, what they measure)``: the torch CUDA allocator's peak on ``device``, or the
+    process's peak RSS on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(
+            device
+        ), "CUDA, torch allocator (TensorRT's own memory not included)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"

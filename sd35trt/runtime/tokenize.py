@@ -160,3 +160,27 @@ class PromptTokenizer:
             t5=ids[Component.T5],
             truncations=tuple(truncations),
         )
+
+
+#: Characters of dropped text quoted in a truncation warning; the rest is counted. Quoting all of
+#: it made a 64 KB prompt's response 400 KB (one full copy per encoder).
+TRUNCATION_QUOTE_CHARS = 80
+
+
+def _dropped(text: str) -> str:
+    if len(text) <= TRUNCATION_QUOTE_CHARS:
+        return repr(text)
+    return f"{text[:TRUNCATION_QUOTE_CHARS]!r}... ({len(text)} characters in all)"
+
+
+def truncation_warnings(tokens: TokenizedPrompts, labels: Sequence[tuple[int, str]]) -> dict[int, list[str]]:
+    """One warning per truncated prompt, keyed by request: ``labels[i]`` is ``(request, field)``
+    of the i-th tokenized text."""
+    warnings: dict[int, list[str]] = {}
+    for t in tokens.truncations:
+        request, field_name = labels[t.index]
+        warnings.setdefault(request, []).append(
+            f"{field_name} is {t.tokens} {t.encoder.value} tokens, over its limit of {t.limit}: "
+            f"dropped {_dropped(t.dropped)}"
+        )
+    return warnings

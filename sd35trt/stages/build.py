@@ -56,6 +56,8 @@ from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress,
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
 CONTROLNET_INPUT = "controlnet_block_samples"
+#: The ControlNet graph's text input, absent from SD3.5-large's ControlNets.
+CONTROLNET_TEXT_INPUT = "encoder_hidden_states"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,12 @@ def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
 
 
 def engine_profile(
-    config: Config, dims: ModelDims, component: Component, skip_layers: int = 0, controlnet: int = 0
+    config: Config,
+    dims: ModelDims,
+    component: Component,
+    skip_layers: int = 0,
+    controlnet: int = 0,
+    controlnet_text: bool = True,
 ) -> dict[str, ShapeRange]:
     """Profile of ``component`` from the config: batch (doubled under CFG), latent sizes, text lengths.
 
@@ -141,6 +148,7 @@ def engine_profile(
         cfg_by_default=cfg_enabled(config.runtime.guidance_scale),
         skip_layers=skip_layers,
         controlnet=controlnet,
+        controlnet_text=controlnet_text,
     )
 
 
@@ -265,7 +273,9 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
         raise BuildError(f"{source.path}: input {SKIP_LAYERS_INPUT} must have a fixed size, found {skip!r}")
     # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
     controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
-    shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet)
+    # SD3.5-large's ControlNets read no text (sd35trt.models.controlnet)
+    text = component is not Component.CONTROLNET or CONTROLNET_TEXT_INPUT in inputs
+    shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet, text)
     check_inputs_match(source.path, inputs, shapes)
     target = out / f"{component.value}{backend.suffix}"
     progress(f"{label}: {backend.backend.value} build from {source.path}")

@@ -237,10 +237,10 @@ class _Calibrate(StageSpec):
             return None
         from diffusers import StableDiffusion3ControlNetPipeline
 
-        from sd35trt.models.loading import load_model
+        from sd35trt.models.loading import load_controlnet
 
         images = control_images(pipe, batches, config.calibrate, config.model.controlnet.type)
-        controlnet = load_model(self.resolved.directory, Component.CONTROLNET, dtype, device=device)
+        controlnet = load_controlnet(config.model, self.resolved.directory, dtype, device=device)
         cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
         cn_pipe.set_progress_bar_config(disable=True)
         return cn_pipe, images
@@ -293,7 +293,7 @@ class _Calibrate(StageSpec):
             pipe, report_batches, s.report_steps or s.steps, s.guidance_scale, s.height, s.width
         )
         elapsed = time.perf_counter() - start
-        from sd35trt.runtime.pipeline import peak_memory
+        from sd35trt.runtime.steps import peak_memory
 
         peak, peak_kind = peak_memory(device)
         # The details are validated before the staged directory is published.

@@ -12,14 +12,13 @@ every stage after it, and every problem is reported at once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from sd35trt.artifacts.records import Stage
-from sd35trt.components import SUBFOLDER, Component, ModelDims, latent_range
+from sd35trt.components import ModelDims, latent_range
 from sd35trt.config import Config
-from sd35trt.errors import ConfigError, ManifestError, ModelError
+from sd35trt.errors import ConfigError, ManifestError
 
 #: The model's scheduler config, which the engines carry and the runtime reproduces.
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
@@ -49,27 +48,6 @@ def skip_layer_indices(config: Config, dims: ModelDims) -> tuple[int, ...]:
             f"and the last one can't be skipped: allowed 0..{dims.num_layers - 2}"
         )
     return tuple(slg.layers)
-
-
-def controlnet_layers(config: Config, root: Path) -> int:
-    """Blocks of the ControlNet ``model.controlnet`` exports (its residual count); 0 without one.
-
-    Raises:
-        ModelError: ``model.controlnet`` is set and ``root/controlnet/config.json`` is missing or
-            lacks ``num_layers``.
-    """
-    if config.model.controlnet is None:
-        return 0
-    path = Path(root) / SUBFOLDER[Component.CONTROLNET] / "config.json"
-    try:
-        return int(json.loads(path.read_text())["num_layers"])
-    except FileNotFoundError:
-        raise ModelError(
-            f"model.controlnet is set but {path} is missing: put the diffusers SD3ControlNetModel in "
-            f"{path.parent} (StableDiffusion3ControlNetPipeline's layout)"
-        ) from None
-    except (KeyError, ValueError) as err:
-        raise ModelError(f"{path} is not a diffusers SD3ControlNetModel config ({err})") from None
 
 
 def check_fp32_blocks(config: Config, dims: ModelDims) -> None:

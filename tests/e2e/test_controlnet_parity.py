@@ -1,9 +1,11 @@
 """ControlNet end to end on the tiny model: export, ONNX Runtime engines, parity with diffusers.
 
 Engines built from a non-quantized export with ``model.controlnet`` (the tiny ControlNet the
-built-in model carries) must reproduce diffusers' ``StableDiffusion3ControlNetPipeline`` (same
-weights, control image, scale, seed) within 1/255 per pixel, for canny and blur control images,
-with and without CFG, at two conditioning scales. diffusers draws the control image's posterior
+built-in model carries, in the SD3 layout; and a tiny one in SD3.5-large's layout, named by
+``model.controlnet.path``: no positional embedding of its own, no text input) must reproduce
+diffusers' ``StableDiffusion3ControlNetPipeline`` (same weights, control image, scale, seed) within
+1/255 per pixel, for canny and blur control images, with and without CFG, at two conditioning
+scales. diffusers draws the control image's posterior
 sample from torch's global generator: seeding it with the request's seed gives the runtime's
 noise (:mod:`sd35trt.runtime.control`). Then the request's faults, one field each.
 """
@@ -30,43 +32,56 @@ SEED = 3
 H, W, STEPS = 64, 64, 4  # small and few: the whole file runs on one xdist worker
 
 
-def _run_dir(tiny_config, tmp_path_factory, control_type: ControlType):
+#: (control type, layout): the built-in tiny ControlNet (SD3 layout) and SD3.5-large's layout.
+CASES = [(ControlType.CANNY, "sd3"), (ControlType.BLUR, "sd3"), (ControlType.CANNY, "sd3.5-large")]
+
+
+def _run_dir(tiny_config, tmp_path_factory, control_type: ControlType, layout: str):
     from filelock import FileLock
 
     from sd35trt.config import Backend
+    from sd35trt.models.tiny import tiny_controlnet
     from sd35trt.stages.build import build
     from sd35trt.stages.export import export
 
-    model = tiny_config.model.model_copy(update={"controlnet": ControlNetSettings(type=control_type)})
-    export_settings = tiny_config.export.model_copy(update={"quantize": False})
-    config = tiny_config.model_copy(update={"model": model, "export": export_settings})
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
-    run_dir = base / f"shared-run-controlnet-{control_type.value}" / "tiny"
+    run_dir = base / f"shared-run-controlnet-{control_type.value}-{layout}" / "tiny"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = None
     with FileLock(str(run_dir.parent / "stages.lock")):
+        if layout != "sd3":  # a directory of its own, named by model.controlnet.path
+            path = run_dir.parent / "controlnet"
+            if not path.is_dir():
+                tiny_controlnet(seed=tiny_config.model.seed, own_pos_embed=False).save_pretrained(path)
+        settings = ControlNetSettings(type=control_type, path=None if path is None else str(path))
+        model = tiny_config.model.model_copy(update={"controlnet": settings})
+        export_settings = tiny_config.export.model_copy(update={"quantize": False})
+        config = tiny_config.model_copy(update={"model": model, "export": export_settings})
         export(config, run_dir, progress=lambda _line: None)
         build(config, run_dir, Backend.ONNXRUNTIME, progress=lambda _line: None)
-    return run_dir
+    return run_dir, path or run_dir / "model" / "controlnet"
 
 
-@pytest.fixture(scope="module", params=[ControlType.CANNY, ControlType.BLUR], ids=lambda t: t.value)
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join((case[0].value, case[1])))
 def controlled(request, tiny_config, tmp_path_factory):
-    """``(control type, run directory, runtime, diffusers ControlNet pipeline)`` per control type."""
-    import torch
-    from diffusers import StableDiffusion3ControlNetPipeline
+    """``(control type, run directory, runtime, diffusers ControlNet pipeline)`` per case; diffusers
+    loads the ControlNet itself (and lends a ``use_pos_embed: false`` one the transformer's
+    positional embedding itself)."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
 
-    from sd35trt.components import Component
-    from sd35trt.models.loading import load_model, load_pipeline
+    from sd35trt.models.loading import load_pipeline
 
-    run_dir = _run_dir(tiny_config, tmp_path_factory, request.param)
+    control_type, layout = request.param
+    run_dir, folder = _run_dir(tiny_config, tmp_path_factory, control_type, layout)
     base = load_pipeline(tiny_config, run_dir, device="cpu")
-    controlnet = load_model(run_dir / "model", Component.CONTROLNET, torch.float32)
+    controlnet = SD3ControlNetModel.from_pretrained(folder, use_safetensors=True)
+    assert controlnet.config.use_pos_embed is (layout == "sd3")
     pipe = StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     with Sd35Runtime.load(run_dir / "engines") as rt:
-        yield request.param, run_dir, rt, pipe
+        yield control_type, run_dir, rt, pipe
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from sd35trt.artifacts.records import (
 from sd35trt.components import Component, ModelDims, exported_components
 from sd35trt.config import Config, ModelSource, Precision
 from sd35trt.errors import ExportError, ManifestError
-from sd35trt.stages.check import check_config, check_fp32_blocks, controlnet_layers, skip_layer_indices
+from sd35trt.stages.check import check_config, check_fp32_blocks, skip_layer_indices
 from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress, run_stage
 from sd35trt.stages.export import steps
 from sd35trt.stages.export.report import report_json
@@ -204,6 +204,7 @@ def _make_job(
     external_threshold: int | None,
     progress: Progress,
 ) -> steps.Job:
+    from sd35trt.models.controlnet import resolve_controlnet
     from sd35trt.stages.export import onnx_tools, tracing, validate
 
     tracing.limit_heap_retention()
@@ -217,7 +218,7 @@ def _make_job(
         out=out,
         scratch=out / ".scratch",
         slg=slg,
-        controlnet=controlnet_layers(config, root),
+        controlnet=resolve_controlnet(config.model, root),
         calibration=calibration,
         device=tracing.default_device(),
         providers=validate.providers(),

@@ -37,6 +37,7 @@ from sd35trt.stages.export.report import report_line
 if TYPE_CHECKING:
     from onnx import ModelProto
 
+    from sd35trt.models.controlnet import ResolvedControlNet
     from sd35trt.stages.export import reference, validate
 
 
@@ -51,7 +52,7 @@ class Job:
     out: Path  # the staged onnx/ directory
     scratch: Path
     slg: tuple[int, ...]
-    controlnet: int  # the ControlNet's blocks (model.controlnet), 0 without one
+    controlnet: ResolvedControlNet | None  # model.controlnet's
     calibration: Path | None
     device: str
     providers: list[str]
@@ -142,9 +143,10 @@ def _plan(job: Job, component: Component) -> _Plan:
     gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
     n_skip = len(job.slg) if gated else 0
     # the ControlNet residual input is the whole transformer's only (never with runtime.cache)
-    controlnet = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else 0
+    cn = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else None
+    controlnet = (cn.layers, cn.takes_text) if cn is not None else (0, True)
     trace_shapes, *check_shapes = sample_shapes(
-        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, controlnet
+        component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, *controlnet
     )
     raw = job.scratch / component.value / f"{component.value}.onnx"
     raw.parent.mkdir(parents=True)
@@ -152,7 +154,7 @@ def _plan(job: Job, component: Component) -> _Plan:
         component=component,
         precision=component_precision(config, component),
         quantized=component.is_transformer and config.export.quantize,
-        sp=spec(component, job.dims, n_skip, controlnet),
+        sp=spec(component, job.dims, n_skip, *controlnet),
         trace_shapes=trace_shapes,
         check_shapes=check_shapes,
         opset=config.export.opset,

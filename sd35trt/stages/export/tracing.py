@@ -125,6 +125,12 @@ def load_module(
     from sd35trt.models.loading import LoadPurpose, load_model
     from sd35trt.models.modules import wrap
 
+    if component is Component.CONTROLNET:
+        from sd35trt.models.loading import load_controlnet
+
+        raw = load_controlnet(config.model, root, torch_dtype(precision), device=device, trace=True)
+        dims = ModelDims.from_model_dir(root)
+        return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     raw = load_model(
         root,
         component,
@@ -140,9 +146,6 @@ def load_module(
         return wrap(
             component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
         )
-    if component is Component.CONTROLNET:
-        dims = ModelDims.from_model_dir(root)
-        return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     return wrap(component, raw, slg_layers)
 
 

@@ -1,0 +1,212 @@
+"""The ControlNet ``model.controlnet`` names: where its weights are, its layout, and the positional
+embedding SD3.5-large's ControlNets borrow from the transformer.
+
+Where (:func:`resolve_controlnet`):
+
+- ``model.controlnet.path`` unset: the model directory's ``controlnet/``
+  (``StableDiffusion3ControlNetPipeline``'s layout; the built-in tiny model has one, a
+  ``random`` architecture's config-only directory too);
+- a local directory: a diffusers ``SD3ControlNetModel`` directory (``config.json`` and
+  safetensors weights);
+- otherwise a Hugging Face repo id (``stabilityai/stable-diffusion-3.5-large-controlnet-canny``),
+  resolved through the local Hugging Face cache exactly as ``model.path`` with ``source: hub``
+  is (:func:`sd35trt.models.hub.resolve`: the cache first, a download only with
+  ``model.allow_download`` or ``SD35TRT_ALLOW_DOWNLOAD=1``). Only the diffusers weights and
+  config are requested (:data:`CONTROLNET_PATTERNS`).
+
+Layouts (diffusers 0.42.1's ``SD3ControlNetModel`` and ``StableDiffusion3ControlNetPipeline``):
+
+- SD3 (InstantX): its own positional embedding and context embedder; the pipeline feeds it the
+  prompt embeddings, zero pooled projections (``force_zeros_for_pooled_projection``) and control
+  latents without the VAE's shift.
+- SD3.5-large (Stability AI): ``use_pos_embed: false``, so the pipeline gives it a copy of the
+  transformer's ``pos_embed`` (``_get_pos_embed_from_transformer``), which turns the latents into
+  tokens inside the ControlNet; ``joint_attention_dim: null``, so single-stream blocks and no text
+  input (the pipeline passes ``encoder_hidden_states=None``); the real pooled projection; control
+  latents shifted and scaled as the VAE encoder engine makes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sd35trt.components import SUBFOLDER, Component
+from sd35trt.config import Architecture, ModelSettings, ModelSource
+from sd35trt.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from sd35trt.models.hub import Snapshot
+
+#: What is requested of a ControlNet repo: diffusers' weights (one file or shards) and config. The
+#: SD3.5 repos hold nothing else diffusers reads.
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
+#: The config key that names the ControlNet's location, for messages.
+WHAT = "model.controlnet.path"
+
+
+@dataclass(frozen=True)
+class ResolvedControlNet:
+    """The ControlNet a run exports.
+
+    Attributes:
+        directory: its diffusers directory (a Hub snapshot folder for a repo id).
+        config: its ``config.json``.
+        hub: the repo id, revision and commit, for a repo id.
+    """
+
+    directory: Path
+    config: dict
+    hub: Snapshot | None = None
+
+    @property
+    def layers(self) -> int:
+        """Its blocks: the residuals it gives the transformer."""
+        return int(self.config["num_layers"])
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether it reads the prompt embeddings (a context embedder; diffusers' default 4096)."""
+        return self.config.get("joint_attention_dim", 4096) is not None
+
+    @property
+    def own_pos_embed(self) -> bool:
+        """Whether it has its own positional embedding (``use_pos_embed``, default true)."""
+        return self.config.get("use_pos_embed", True) is not False
+
+
+def resolve_controlnet(model: ModelSettings, model_dir: str | Path) -> ResolvedControlNet | None:
+    """Locate ``model.controlnet`` and read its config (``None`` without one); see the module docstring.
+
+    Raises:
+        ModelError: one line naming ``model.controlnet.path``: no such directory nor a repo id; a
+            repo id not cached and not allowed to download (with the command that downloads it);
+            a directory without a readable ``config.json`` that has ``num_layers``.
+    """
+    settings = model.controlnet
+    if settings is None:
+        return None
+    snap = None
+    if settings.path is None:
+        folder = Path(model_dir) / SUBFOLDER[Component.CONTROLNET]
+    else:
+        folder = Path(settings.path).expanduser()
+        if not folder.is_dir():
+            snap = _hub_snapshot(settings.path, settings.revision, model.allow_download)
+            folder = snap.path
+        elif settings.revision is not None:
+            raise ModelError(
+                f"{WHAT} {settings.path} is a local directory; model.controlnet.revision applies to "
+                "Hugging Face repo ids only"
+            )
+    return ResolvedControlNet(folder, _read_config(folder, settings.path is None), snap)
+
+
+def _hub_snapshot(path: str, revision: str | None, allow_download: bool) -> Snapshot:
+    import re
+
+    from sd35trt.config import REPO_ID_PATTERN
+    from sd35trt.models import hub
+
+    if path.startswith((".", "/", "~")) or not re.fullmatch(REPO_ID_PATTERN, path):
+        raise ModelError(
+            f"{WHAT} {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); give a "
+            "diffusers SD3ControlNetModel directory or a repo id"
+        )
+    return hub.resolve(
+        path, revision=revision, patterns=CONTROLNET_PATTERNS, allow_download=allow_download, what=WHAT
+    )
+
+
+def _read_config(folder: Path, in_model: bool) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        int(config["num_layers"])
+    except FileNotFoundError:
+        where = (
+            f"put the diffusers SD3ControlNetModel in {folder} (StableDiffusion3ControlNetPipeline's "
+            f"layout) or name one with {WHAT}"
+            if in_model
+            else "it is not a diffusers SD3ControlNetModel directory"
+        )
+        raise ModelError(f"model.controlnet is set but {path} is missing: {where}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"{path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
+    return config
+
+
+def lend_pos_embed(controlnet: nn.Module, model_dir: str | Path, model: ModelSettings) -> nn.Module:
+    """Give a ``use_pos_embed: false`` ControlNet the transformer's positional embedding, as
+    diffusers' ``StableDiffusion3ControlNetPipeline`` does when it is built; others unchanged.
+
+    Only the transformer's ``pos_embed.*`` tensors are read (from its safetensors, or drawn for a
+    ``random`` source by :func:`random_pos_embed`), not its 8 B weights.
+    LoRAs are not applied to them (SD3.5 LoRAs adapt the attention and feed-forward layers).
+
+    Returns:
+        ``controlnet`` with ``pos_embed`` set, in its dtype and on its device.
+
+    Raises:
+        ModelError: the transformer's weights hold no ``pos_embed`` tensors of its config's shape.
+    """
+    if controlnet.pos_embed is not None:
+        return controlnet
+    param = next(controlnet.parameters())
+    if model.source is ModelSource.RANDOM:
+        embed = random_pos_embed(model.architecture, model.seed)
+    else:
+        embed = _pos_embed_from_weights(Path(model_dir) / SUBFOLDER[Component.TRANSFORMER])
+    controlnet.pos_embed = embed.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+    return controlnet
+
+
+def _patch_embed(tr: dict) -> torch.nn.Module:
+    """An ``SD3Transformer2DModel``'s ``pos_embed`` from its config ``tr``, as diffusers'
+    ``SD3ControlNetModel._get_pos_embed_from_transformer`` makes it (float32)."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    return PatchEmbed(
+        height=tr["sample_size"],
+        width=tr["sample_size"],
+        patch_size=tr["patch_size"],
+        in_channels=tr["in_channels"],
+        embed_dim=tr["num_attention_heads"] * tr["attention_head_dim"],
+        pos_embed_max_size=tr["pos_embed_max_size"],
+    )
+
+
+def random_pos_embed(arch: Architecture, seed: int) -> torch.nn.Module:
+    """The ``pos_embed`` of :func:`sd35trt.models.tiny.build_components`' random transformer,
+    without drawing the rest of it: ``pos_embed`` is the first module ``SD3Transformer2DModel``
+    creates, so the transformer's seed draws the same weights (sd3.5-large's transformer is 8 B
+    parameters). Float32."""
+    import torch
+
+    from sd35trt.models.tiny import architecture_config
+
+    torch.manual_seed(seed * 1000 + 0)  # the transformer's seed in build_components
+    return _patch_embed(architecture_config(arch).transformer).eval()
+
+
+def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
+    from safetensors import safe_open
+
+    embed = _patch_embed(json.loads((folder / "config.json").read_text()))
+    prefix, state = "pos_embed.", {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 -- safe_open has keys(), not iteration
+                if key.startswith(prefix):
+                    state[key.removeprefix(prefix)] = f.get_tensor(key).float()
+    try:
+        embed.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first})") from None
+    return embed

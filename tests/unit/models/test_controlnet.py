@@ -1,0 +1,161 @@
+"""Locating ``model.controlnet`` (model folder, local directory, Hub repo id) and the positional
+embedding SD3.5-large's ControlNets borrow from the transformer."""
+
+from __future__ import annotations
+
+import pytest
+
+from sd35trt.artifacts.manifest import Stage
+from sd35trt.artifacts.records import Fingerprint
+from sd35trt.config import Architecture, config_from_dict
+from sd35trt.errors import ConfigError, ModelError
+from sd35trt.models.controlnet import resolve_controlnet
+from sd35trt.models.loading import load_controlnet, resolve_model, weights_identity
+
+REPO_ID = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SD35TRT_ALLOW_DOWNLOAD", raising=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def large_layout(tmp_path_factory):
+    """The tiny ControlNet in SD3.5-large's layout, saved as diffusers saves it."""
+    from sd35trt.models.tiny import tiny_controlnet
+
+    path = tmp_path_factory.mktemp("controlnet-large-layout")
+    tiny_controlnet(own_pos_embed=False).save_pretrained(path)
+    return path
+
+
+def _config(**controlnet):
+    return config_from_dict({"name": "cn", "model": {"controlnet": {"type": "canny", **controlnet}}})
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(ModelError) as err:
+        call()
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_default_is_the_model_folder_in_the_sd3_layout(tiny_model_dir):
+    cn = resolve_controlnet(_config().model, tiny_model_dir)
+    assert cn.directory == tiny_model_dir / "controlnet" and cn.hub is None
+    assert (cn.layers, cn.takes_text, cn.own_pos_embed) == (2, True, True)
+    assert resolve_controlnet(config_from_dict({"name": "x"}).model, tiny_model_dir) is None
+
+
+def test_local_directory_in_the_large_layout(tiny_model_dir, large_layout, tmp_path):
+    config = _config(path=str(large_layout))
+    cn = resolve_controlnet(config.model, tiny_model_dir)
+    assert cn.directory == large_layout
+    assert (cn.layers, cn.takes_text, cn.own_pos_embed) == (2, False, False)
+    provenance = resolve_model(config, tmp_path / "run").provenance()
+    assert provenance["controlnet_directory"] == str(large_layout) and provenance["controlnet_hub"] is None
+
+
+def test_repo_id_resolves_offline_and_its_commit_makes_the_chain_stale(
+    cache, tiny_model_dir, large_layout, hf_repo_writer
+):
+    snapshot = hf_repo_writer(cache, REPO_ID, large_layout, COMMIT_A)
+    config = _config(path=REPO_ID)
+    cn = resolve_controlnet(config.model, tiny_model_dir)
+    assert cn.directory == snapshot and cn.hub.commit == COMMIT_A and not cn.takes_text
+    before = Fingerprint.of(config, Stage.EXPORT, weights_identity(config)).digest
+    hf_repo_writer(cache, REPO_ID, large_layout, COMMIT_B)  # refs/main moves on
+    assert weights_identity(config) == {"controlnet_commit": COMMIT_B}
+    assert Fingerprint.of(config, Stage.EXPORT, weights_identity(config)).digest != before
+    pinned = _config(path=REPO_ID, revision=COMMIT_A)
+    assert resolve_controlnet(pinned.model, tiny_model_dir).hub.commit == COMMIT_A
+
+
+def test_repo_id_not_cached_says_how_to_download_it(cache, tiny_model_dir):
+    msg = _one_line_error(lambda: resolve_controlnet(_config(path=REPO_ID).model, tiny_model_dir))
+    assert f"model.controlnet.path: {REPO_ID} (revision main) is not in the Hugging Face cache" in msg
+    assert f"`hf download {REPO_ID} --include 'config.json' 'diffusion_pytorch_model*.safetensors'" in msg
+    assert "model.allow_download: true or SD35TRT_ALLOW_DOWNLOAD=1" in msg
+
+
+def test_bad_paths_are_one_line_naming_the_field(tiny_model_dir, large_layout, tmp_path):
+    msg = _one_line_error(lambda: resolve_controlnet(_config(path="./nowhere").model, tiny_model_dir))
+    assert msg.startswith("model.controlnet.path ./nowhere: no such directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _one_line_error(lambda: resolve_controlnet(_config(path=str(empty)).model, tiny_model_dir))
+    assert f"{empty / 'config.json'} is missing" in msg
+    local_pinned = _config(path=str(large_layout), revision="main").model
+    msg = _one_line_error(lambda: resolve_controlnet(local_pinned, tiny_model_dir))
+    assert "model.controlnet.revision applies to Hugging Face repo ids only" in msg
+    with pytest.raises(ConfigError, match="revision"):
+        _config(revision="main")  # a revision needs a path
+
+
+def test_configs_without_a_path_keep_their_digest_keys():
+    assert _config().model.model_dump(mode="json")["controlnet"] == {"type": "canny"}
+
+
+def test_the_large_layout_borrows_the_transformers_positional_embedding(tiny_model_dir, large_layout):
+    import torch
+
+    from sd35trt.components import Component
+    from sd35trt.models.loading import load_model
+
+    config = _config(path=str(large_layout))
+    net = load_controlnet(config.model, tiny_model_dir, torch.bfloat16)
+    transformer = load_model(tiny_model_dir, Component.TRANSFORMER, torch.bfloat16)
+    theirs = transformer.pos_embed.state_dict()
+    assert set(net.pos_embed.state_dict()) == set(theirs) == {"proj.weight", "proj.bias", "pos_embed"}
+    for name, value in net.pos_embed.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, theirs[name]), name
+    # the SD3 layout keeps its own
+    own = load_controlnet(_config().model, tiny_model_dir, torch.float32)
+    assert not torch.equal(own.pos_embed.proj.weight, transformer.pos_embed.proj.weight.float())
+
+
+def test_random_architectures_draw_the_transformers_positional_embedding_alone():
+    import torch
+
+    from sd35trt.models.controlnet import random_pos_embed
+    from sd35trt.models.tiny import build_components
+
+    whole = build_components(Architecture.TINY, seed=7, only={"transformer"})["transformer"].pos_embed
+    alone = random_pos_embed(Architecture.TINY, seed=7)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, alone.state_dict()[name]), name
+    assert not torch.equal(random_pos_embed(Architecture.TINY, 8).proj.weight, whole.proj.weight)
+
+
+def test_published_large_controlnet_shape_and_no_medium_one():
+    import torch
+
+    from sd35trt.models.tiny import controlnet_config, make_controlnet
+
+    large = controlnet_config(Architecture.SD35_LARGE)
+    assert (large["num_layers"], large["num_attention_heads"], large["joint_attention_dim"]) == (19, 38, None)
+    assert large["use_pos_embed"] is False and large["force_zeros_for_pooled_projection"] is False
+    with torch.device("meta"):
+        net = make_controlnet(large)
+    assert sum(p.numel() for p in net.parameters()) == 2_153_518_976
+    assert controlnet_config(Architecture.SD35_MEDIUM) is None
+
+
+def test_random_medium_has_no_controlnet_to_draw(tmp_path):
+    import torch
+
+    model = config_from_dict(
+        {
+            "name": "m",
+            "model": {"source": "random", "architecture": "sd3.5-medium", "controlnet": {"type": "blur"}},
+        }
+    ).model
+    msg = _one_line_error(lambda: load_controlnet(model, tmp_path, torch.float32))
+    assert "sd3.5-medium has no published controlnet shape" in msg and "model.controlnet.path" in msg
