@@ -134,14 +134,7 @@ def resolve(
             (gated: accept the license and log in), or the download failed.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
     revision = revision or DEFAULT_REVISION
     cache = cache_dir()
@@ -174,8 +167,20 @@ def resolve(
             f"{what}: {state} ({cache}) and HF_HUB_OFFLINE is set, so nothing can be downloaded: "
             f"unset it or run {hint} where the Hub is reachable"
         )
+    return _download(repo_id, revision, patterns, what)
+
+
+def _download(repo_id: str, revision: str, patterns: list[str], what: str) -> Snapshot:
+    """Download what :func:`resolve` did not find in the cache.
+
+    Raises:
+        ModelError: one line: gated, no such revision or repo, or the download failed.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
-        path = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns)
+        path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(), allow_patterns=patterns)
     except GatedRepoError:
         raise ModelError(
             f"{what}: {repo_id} is gated: accept its license on the Hugging Face Hub, then log in with "

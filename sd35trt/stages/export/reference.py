@@ -176,26 +176,10 @@ def onnx_quantization(
 
 
 @contextlib.contextmanager
-def float32_compute(model: nn.Module) -> Iterator[None]:
-    """Run a 16-bit ``model`` in float32 without a float32 copy of it.
-
-    Each module's own 16-bit parameters are widened to float32 just before its forward and put
-    back after it, so one module's float32 weights exist at a time. With float32 inputs every op
-    then computes in float32 on the 16-bit values (BF16 -> float32 is exact), which is what the
-    float32 validation form of a BF16 graph computes
-    (:func:`~sd35trt.stages.export.validate.float32_form`). That form turns each Cast to
-    bfloat16 into a Cast to float32, so the model's own casts from float32 to 16 bits keep float32
-    here (T5's feed-forward casts its input to ``wo.weight.dtype`` while that weight is still
-    16-bit: one BF16 rounding there per block put the full-size T5 at 3.7x its tolerance), and a
-    16-bit tensor reaching a widened module is widened. Casts inside FP8 quantizers stay: they
-    reproduce the graph's 16-bit scales (:func:`onnx_quantization`).
-
-    Buffers keep their dtype: where one meets a float32 tensor PyTorch promotes it exactly, and
-    an op taking it alone would fail on the dtype mismatch, not compute in 16 bits unnoticed.
-    The SD3 positional-embedding table (a ``[1, 384 * 384, 1536]`` buffer in SD3.5-medium) is
-    only cropped and added to the float32 latent; widened whole it added 0.84 GiB to the
-    reference's peak at full size.
-    """
+def _casts_keep_float32(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``Tensor.to`` from float32 to a 16-bit dtype returns float32, as the float32
+    form's Casts do, except inside ``model``'s FP8 quantizers (their casts reproduce the graph's
+    16-bit scales)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -223,6 +207,42 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     def leave(_module, _args, _out) -> None:
         inside_quantizer[0] -= 1
 
+    handles = []
+    for q in quantizers(model).values():
+        handles += [q.register_forward_pre_hook(enter), q.register_forward_hook(leave)]
+    try:
+        with KeepFloat32():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module) -> Iterator[None]:
+    """Run a 16-bit ``model`` in float32 without a float32 copy of it.
+
+    Each module's own 16-bit parameters are widened to float32 just before its forward and put
+    back after it, so one module's float32 weights exist at a time. With float32 inputs every op
+    then computes in float32 on the 16-bit values (BF16 -> float32 is exact), which is what the
+    float32 validation form of a BF16 graph computes
+    (:func:`~sd35trt.stages.export.validate.float32_form`). That form turns each Cast to
+    bfloat16 into a Cast to float32, so the model's own casts from float32 to 16 bits keep float32
+    here (T5's feed-forward casts its input to ``wo.weight.dtype`` while that weight is still
+    16-bit: one BF16 rounding there per block put the full-size T5 at 3.7x its tolerance), and a
+    16-bit tensor reaching a widened module is widened. Casts inside FP8 quantizers stay: they
+    reproduce the graph's 16-bit scales (:func:`onnx_quantization`).
+
+    Buffers keep their dtype: where one meets a float32 tensor PyTorch promotes it exactly, and
+    an op taking it alone would fail on the dtype mismatch, not compute in 16 bits unnoticed.
+    The SD3 positional-embedding table (a ``[1, 384 * 384, 1536]`` buffer in SD3.5-medium) is
+    only cropped and added to the float32 latent; widened whole it added 0.84 GiB to the
+    reference's peak at full size.
+    """
+    import torch
+
+    narrow = (torch.float16, torch.bfloat16)
+
     def wider(x):
         return x.float() if isinstance(x, torch.Tensor) and x.dtype in narrow else x
 
@@ -241,8 +261,6 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = t
 
     handles = []
-    for q in quantizers(model).values():
-        handles += [q.register_forward_pre_hook(enter), q.register_forward_hook(leave)]
     modules = {id(m): m for m in model.modules()}
     for module in modules.values():
         if any(t is not None and t.dtype in narrow for t in module._parameters.values()):
@@ -251,7 +269,7 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
                 module.register_forward_hook(restore),
             ]
     try:
-        with KeepFloat32():
+        with _casts_keep_float32(model):
             yield
     finally:
         for h in handles:
