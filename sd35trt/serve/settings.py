@@ -133,7 +133,10 @@ class ServeSettings(BaseModel):
         default=32, ge=1, le=100_000, description="requests that may wait; beyond, 429 + Retry-After"
     )
     timeout_s: float = Field(
-        default=300.0, gt=0, description="per-request limit in seconds, queueing included"
+        default=300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="per-request limit in seconds, queueing included",
     )
     read_timeout_s: float = Field(
         default=10.0,

@@ -133,6 +133,12 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
     if not out.name.endswith(".tar.gz"):
         raise Sd35TrtError(f"--out {out} must end in .tar.gz")
     _refuse_engines_dir(run_dir)
+    if not (run_dir / MANIFEST_NAME).is_file():  # refused before the lock file is written beside it
+        state = "does not exist" if not run_dir.exists() else f"has no {MANIFEST_NAME}, so no build record"
+        raise ManifestError(
+            f"{run_dir} {state}: `sd35trt package` packs a run directory after `sd35trt build`; "
+            "nothing was written"
+        )
     with run_dir_lock(run_dir, "package"):
         RunManifest(run_dir).verified(Stage.BUILD)
         engines = run_dir / Stage.BUILD.directory

@@ -119,3 +119,19 @@ def test_package_refuses_unbuilt_run(tmp_path, built_run):
     with pytest.raises(ManifestError, match="no build record"):
         package(tmp_path / "r", tmp_path / "x.tar.gz")
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a run"])
+def test_package_of_a_folder_that_is_not_a_run_writes_nothing_beside_it(tmp_path, kind):
+    """A missing folder or one without a run manifest is one line, before the run lock's file
+    (``.NAME.sd35trt-lock``) would be written beside it."""
+    from sd35trt.errors import ManifestError
+
+    target = tmp_path / "notrun"
+    if kind == "not a run":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    expected = "does not exist" if kind == "missing" else "has no manifest.json"
+    with pytest.raises(ManifestError, match=expected):
+        package(target, tmp_path / "x.tar.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["notrun"] if kind == "not a run" else [])

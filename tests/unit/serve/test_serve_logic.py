@@ -243,6 +243,7 @@ def test_openai_body_refuses_what_it_cannot_serve(fields, field):
         ("--queue-size", "200000", "200000: Input should be less than or equal to 100000"),
         ("--batch-window-ms", "20000", "20000.0: Input should be less than or equal to 10000"),
         ("--timeout", "0", "0.0: Input should be greater than 0"),
+        ("--timeout", "inf", "inf: Input should be a finite number"),  # was an OverflowError traceback
     ],
 )
 def test_serve_with_an_option_out_of_bounds_is_one_line_and_exit_1(tmp_path, option, value, said):
