@@ -178,6 +178,8 @@ def _problem(error: dict) -> str:
     """Pydantic's message for one field, and the value found when it is a scalar (long ones cut)."""
     if error["type"] == "extra_forbidden":
         return "unknown key (check its spelling)"
+    if error["type"] == "value_error":  # the project's own validators: their message names the value
+        return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     if error["type"] == "missing" or isinstance(value, dict | list):
         return error["msg"]
