@@ -17,15 +17,6 @@ COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "hf-cache"
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("SD35TRT_ALLOW_DOWNLOAD", raising=False)
-    return root
-
-
 @pytest.fixture(scope="module")
 def large_layout(tmp_path_factory):
     """The tiny ControlNet in SD3.5-large's layout, saved as diffusers saves it."""

@@ -22,15 +22,6 @@ COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "hf-cache"
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("SD35TRT_ALLOW_DOWNLOAD", raising=False)
-    return root
-
-
 def _config(**model):
     return config_from_dict({"name": "hub", "model": {"source": "hub", "path": REPO_ID, **model}})
 
