@@ -89,6 +89,29 @@ def repository(
     typer.echo(f"serve it with: sd35trt triton serve {model.model_dir.parent}")
 
 
+def _check_repository(repository: Path) -> None:
+    """Refuse, before tritonserver starts, what is not a model repository (tritonserver would
+    report an empty folder ready and an engines directory in a page of its log).
+
+    Raises:
+        ConfigError: not a directory, an engines directory, or no model (``*/config.pbtxt``) in it.
+    """
+    from sd35trt.artifacts.runlock import engines_instead_of_run
+    from sd35trt.errors import ConfigError
+
+    write = f"write one with `sd35trt triton ENGINES --out {repository}`"
+    if not repository.is_dir():
+        raise ConfigError(f"repository {repository} is not a directory; {write}")
+    engines = engines_instead_of_run(repository)
+    if engines is not None:
+        raise ConfigError(
+            f"repository {repository} is an engines directory, not a Triton model repository; write "
+            f"one from it with `sd35trt triton {engines} --out REPO`, then `sd35trt triton serve REPO`"
+        )
+    if not any(repository.glob("*/config.pbtxt")):
+        raise ConfigError(f"repository {repository} holds no model (no */config.pbtxt); {write}")
+
+
 @triton_app.command("serve")
 def serve(
     repository: Annotated[
@@ -114,11 +137,7 @@ def serve(
     from sd35trt.errors import ConfigError
     from sd35trt.triton.local import LocalTritonServer, TritonPorts, serve_foreground
 
-    if not repository.is_dir():
-        raise ConfigError(
-            f"repository {repository} is not a directory; write one with "
-            f"`sd35trt triton ENGINES --out {repository}`"
-        )
+    _check_repository(repository)
     ports = TritonPorts(http=http_port, grpc=grpc_port, metrics=metrics_port)
     if len({http_port, grpc_port, metrics_port}) < 3:
         raise ConfigError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")

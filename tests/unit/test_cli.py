@@ -220,3 +220,22 @@ def test_triton_repository_is_the_default_command_and_serve_checks_its_repositor
     assert r.exit_code != 0 and "no-engines" in str(r.exception)
     r = runner.invoke(app, ["triton", "serve", str(tmp_path / "missing")])
     assert "is not a directory; write one with `sd35trt triton ENGINES --out" in str(r.exception)
+
+
+def test_triton_serve_refuses_an_empty_folder_and_an_engines_directory_before_starting(tmp_path):
+    """tritonserver reported an empty folder ready (serving nothing) and an engines directory as a
+    page of its own log; both are one line now, before any server starts."""
+    import json
+
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = runner.invoke(app, ["triton", "serve", str(empty)])
+    assert "holds no model (no */config.pbtxt)" in str(r.exception)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "manifest.json").write_text(json.dumps({"engines": {}}))  # an engine manifest's shape
+    r = runner.invoke(app, ["triton", "serve", str(engines)])
+    said = str(r.exception)
+    assert "is an engines directory, not a Triton model repository" in said
+    assert f"write one from it with `sd35trt triton {engines} --out REPO`" in said
