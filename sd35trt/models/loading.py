@@ -67,9 +67,42 @@ def torch_dtype(setting: LoadDtype, device: str) -> torch.dtype:
 
 
 def default_device() -> str:
+    """CUDA when present (weights and activations then live in GPU memory), else the CPU."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def limit_heap_retention() -> None:
+    """Have glibc return large freed blocks to the system (no effect elsewhere).
+
+    Tracing on the CPU frees activations that glibc's heap otherwise keeps (+4.2 GiB after a
+    10-block SD3.5-large trace at 1024x1024): ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` serves blocks
+    of 1 MiB and more with mmap, given back on free, like ``MALLOC_MMAP_THRESHOLD_=1048576``.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Return the free top of glibc's heap to the system (``malloc_trim(0)``; no effect elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -249,7 +249,7 @@ class _Calibrate(StageSpec):
         """The pipeline with the calibration and held-out prompts encoded, its text encoders then
         dropped and its transformer loaded: the two never share memory (text encoders ~11 GB in
         BF16, the sd3.5-large transformer 16.3 GB)."""
-        from sd35trt.stages.export.tracing import trim_heap
+        from sd35trt.models.loading import trim_heap
 
         config, s, log = run.config, run.config.calibrate, run.progress
         pipe = load_pipeline(

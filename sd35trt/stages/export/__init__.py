@@ -64,7 +64,7 @@ one copy of the weights, plus activations and one tensor at a time.
 3. The exporter's constant folding is off (it would keep a transposed copy of each Linear
    weight); over 2 GB it writes each initializer to its own file straight from the parameter.
    The trace is at a small shape, and glibc returns freed activations to the system
-   (:func:`~sd35trt.stages.export.tracing.limit_heap_retention`, ``malloc_trim`` after tracing).
+   (:func:`~sd35trt.models.loading.limit_heap_retention`, ``malloc_trim`` after tracing).
 4. The module is freed before the ONNX side starts. Graph surgery loads the ``.onnx`` without
    external data (a few MB) and constant folding skips nodes that read external weights.
 5. Saving streams tensors one at a time into the single ``<component>.onnx.data``; with

@@ -205,9 +205,10 @@ def _make_job(
     progress: Progress,
 ) -> steps.Job:
     from sd35trt.models.controlnet import resolve_controlnet
+    from sd35trt.models.loading import default_device, limit_heap_retention
     from sd35trt.stages.export import onnx_tools, tracing, validate
 
-    tracing.limit_heap_retention()
+    limit_heap_retention()
     if config.export.quantize:
         tracing.import_modelopt()
     return steps.Job(
@@ -220,7 +221,7 @@ def _make_job(
         slg=slg,
         controlnet=resolve_controlnet(config.model, root),
         calibration=calibration,
-        device=tracing.default_device(),
+        device=default_device(),
         providers=validate.providers(),
         external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
         progress=progress,

@@ -311,10 +311,10 @@ def _run(job: Job, graph: Graph, feeds: list, scratch: Path) -> validate.GraphRu
 
 
 def _free_memory(device: str) -> None:
-    from sd35trt.stages.export import tracing
+    from sd35trt.models.loading import trim_heap
 
     gc.collect()
-    tracing.trim_heap()
+    trim_heap()
     if device.startswith("cuda"):
         import torch
 

@@ -41,38 +41,6 @@ def import_modelopt() -> None:
     import modelopt.torch.quantization  # noqa: F401
 
 
-def limit_heap_retention() -> None:
-    """Have glibc return large freed blocks to the system (no effect elsewhere).
-
-    Tracing on the CPU frees activations that glibc's heap otherwise keeps (+4.2 GiB after a
-    10-block SD3.5-large trace at 1024x1024): ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` serves blocks
-    of 1 MiB and more with mmap, given back on free, like ``MALLOC_MMAP_THRESHOLD_=1048576``.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-def trim_heap() -> None:
-    """Return the free top of glibc's heap to the system (``malloc_trim(0)``; no effect elsewhere)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
 def torch_dtype(precision: Precision) -> torch.dtype:
     """The torch dtype of an export precision."""
     import torch
@@ -80,13 +48,6 @@ def torch_dtype(precision: Precision) -> torch.dtype:
     return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[
         precision
     ]
-
-
-def default_device() -> str:
-    """CUDA when present: the weights and the tracer's activations then live in GPU memory."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_module(
