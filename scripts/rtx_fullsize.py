@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--excerpt-blocks", type=int, default=2)
     p.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # the build process's work dir
+    p.add_argument("--component", default="transformer", help=argparse.SUPPRESS)  # what --build-only builds
     return p.parse_args(argv)
 
 
@@ -75,8 +76,26 @@ def run_child(cmd: list[str], log_path: Path) -> tuple[int, float, int]:
     return proc.returncode, time.monotonic() - start, usage.ru_maxrss * 1024
 
 
-def build_step(work: Path, config_path: str) -> int:
-    """The build process: TensorRT-RTX build of ``work/onnx/transformer.onnx`` into ``work``."""
+def proc_status_bytes(key: str) -> int | None:
+    """``VmHWM`` (peak RSS) or ``VmRSS`` of this process from ``/proc/self/status`` (Linux), bytes.
+
+    Unlike ``wait4``'s ``ru_maxrss``, ``VmHWM`` is the process's own: a child started by ``vfork``
+    and ``exec`` (Python's ``subprocess``) inherits its parent's peak in ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def build_step(work: Path, config_path: str, component_name: str = "transformer") -> int:
+    """The build process: TensorRT-RTX build of ``work/onnx/<component>.onnx`` into ``work``, as
+    ``sd35trt build`` builds that component (its profile from the config and the model directory
+    ``work/model``; FP8 for the transformer of a quantized export; the targets of a build with FP8
+    engines when the export is quantized). Writes ``work/build.result.json``."""
     from sd35trt.backends.base import BuildJob
     from sd35trt.backends.layers import quantized_linear_nodes
     from sd35trt.backends.machine import MachineInfo
@@ -84,36 +103,48 @@ def build_step(work: Path, config_path: str) -> int:
     from sd35trt.components import Component, ModelDims
     from sd35trt.config import load_config
     from sd35trt.models.loading import model_dir
-    from sd35trt.stages.build import SKIP_LAYERS_INPUT, check_inputs_match, engine_profile, onnx_inputs
+    from sd35trt.stages.build import (
+        CONTROLNET_INPUT,
+        CONTROLNET_TEXT_INPUT,
+        SKIP_LAYERS_INPUT,
+        check_inputs_match,
+        engine_profile,
+        onnx_inputs,
+    )
 
     config = load_config(config_path)
-    onnx = work / "onnx" / "transformer.onnx"
+    component = Component(component_name)
+    onnx = work / "onnx" / f"{component.value}.onnx"
     inputs, external = onnx_inputs(onnx)
     skip = inputs[SKIP_LAYERS_INPUT][0] if SKIP_LAYERS_INPUT in inputs else 0
+    controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
+    text = component is not Component.CONTROLNET or CONTROLNET_TEXT_INPUT in inputs
     dims = ModelDims.from_model_dir(model_dir(config, work))
-    shapes = engine_profile(config, dims, Component.TRANSFORMER, skip)
+    shapes = engine_profile(config, dims, component, skip, controlnet, text)
     check_inputs_match(onnx.name, inputs, shapes)
-    plan = work / "transformer.plan"
+    plan = work / f"{component.value}.plan"
+    fp8 = component.is_transformer and config.export.quantize
     start = time.perf_counter()
     built = build_rtx_plan(
         BuildJob(
-            component=Component.TRANSFORMER,
+            component=component,
             source=onnx,
             target=plan,
             shapes=shapes,
             settings=config.build,
-            fp8=config.export.quantize,
+            fp8=fp8,
             external_data=external,
             machine=MachineInfo.detect(),
             run_dir=work,
             progress=lambda line: print(line, flush=True),
-            label="transformer",
+            label=component.value,
             build_has_fp8=config.export.quantize,
         )
     )
     seconds = time.perf_counter() - start
     layers = built.layers
     result = {
+        "component": component.value,
         "seconds": round(seconds, 3),
         "plan_bytes": plan.stat().st_size,
         "profile": {name: r.to_json() for name, r in shapes.items()},
@@ -123,7 +154,8 @@ def build_step(work: Path, config_path: str) -> int:
         "fp8_gemms_holding_several": sum(len(v) > 1 for v in layers.fp8_gemm_layers.values())
         if layers
         else None,
-        "quantized_nodes": quantized_linear_nodes(onnx) if config.export.quantize else [],
+        "quantized_nodes": quantized_linear_nodes(onnx) if fp8 else [],
+        "peak_rss_bytes": proc_status_bytes("VmHWM"),
     }
     atomic_write_json(work / BUILD_RESULT, result)
     return 0
@@ -202,7 +234,7 @@ def table(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.build_only is not None:
-        return build_step(args.build_only, args.config)
+        return build_step(args.build_only, args.config, args.component)
     from sd35trt.config import load_config
 
     config_path = str(Path(args.config).resolve())
