@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.components import SUBFOLDER, Component
-from sd35trt.config import Architecture, ModelSettings, ModelSource
+from sd35trt.config import Architecture, ControlNetSettings, ModelSettings, ModelSource
 from sd35trt.errors import ModelError
 
 if TYPE_CHECKING:
@@ -46,8 +46,11 @@ if TYPE_CHECKING:
 #: What is requested of a ControlNet repo: diffusers' weights (one file or shards) and config. The
 #: SD3.5 repos hold nothing else diffusers reads.
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
-#: The config key that names the ControlNet's location, for messages.
-WHAT = "model.controlnet.path"
+#: The config key of the ControlNet, for messages; the functions below take another one
+#: (``model.controlnet[1]``) where a config names several.
+FIELD = "model.controlnet"
+#: What a ControlNet directory holds, for messages.
+LAYOUT = "a diffusers SD3ControlNetModel directory (config.json and diffusion_pytorch_model*.safetensors)"
 
 
 @dataclass(frozen=True)
@@ -84,60 +87,114 @@ def resolve_controlnet(model: ModelSettings, model_dir: str | Path) -> ResolvedC
     """Locate ``model.controlnet`` and read its config (``None`` without one); see the module docstring.
 
     Raises:
-        ModelError: one line naming ``model.controlnet.path``: no such directory nor a repo id; a
-            repo id not cached and not allowed to download (with the command that downloads it);
-            a directory without a readable ``config.json`` that has ``num_layers``.
+        ModelError: as :func:`resolve_settings`.
     """
-    settings = model.controlnet
-    if settings is None:
+    if model.controlnet is None:
         return None
-    snap = None
+    return resolve_settings(model.controlnet, model_dir, model.allow_download)
+
+
+def resolve_settings(
+    settings: ControlNetSettings, model_dir: str | Path, allow_download: bool, field: str = FIELD
+) -> ResolvedControlNet:
+    """Locate one ControlNet and read its config: ``settings.path``, else ``model_dir``'s
+    ``controlnet/`` (see the module docstring).
+
+    Args:
+        settings: its config section.
+        model_dir: the resolved model directory (read only when ``settings.path`` is unset).
+        allow_download: ``model.allow_download``.
+        field: its config key, for messages (``model.controlnet``).
+
+    Raises:
+        ModelError: one line naming ``<field>.path``: neither a directory nor a repo id; a file,
+            not a directory; a repo id not cached and not allowed to download (with the command
+            that downloads it); a revision for a local directory; a directory without a readable
+            ``config.json`` that has ``num_layers``.
+    """
     if settings.path is None:
         folder = Path(model_dir) / SUBFOLDER[Component.CONTROLNET]
-    else:
-        folder = Path(settings.path).expanduser()
-        if not folder.is_dir():
-            snap = _hub_snapshot(settings.path, settings.revision, model.allow_download)
-            folder = snap.path
-        elif settings.revision is not None:
+        return ResolvedControlNet(folder, _read_config(folder, field, in_model=True))
+    folder, snap = _locate(settings, allow_download, field, download=True)
+    return ResolvedControlNet(folder, _read_config(folder, field, in_model=False), snap)
+
+
+def check_path(settings: ControlNetSettings | None, allow_download: bool, field: str = FIELD) -> None:
+    """Refuse a ``<field>.path`` that names no ControlNet, from the config alone, so that a stage
+    can do it before it writes anything (run directory, lock file, built-in model).
+
+    A repo id is looked up in the Hugging Face cache only: when it is missing and downloads are
+    allowed, the download is left to the stage (which holds the run directory's lock then).
+
+    Raises:
+        ModelError: as :func:`resolve_settings`, for a given ``path`` only.
+    """
+    if settings is None or settings.path is None:
+        return
+    folder, _ = _locate(settings, allow_download, field, download=False)
+    if folder is not None:
+        _read_config(folder, field, in_model=False)
+
+
+def _locate(
+    settings: ControlNetSettings, allow_download: bool, field: str, *, download: bool
+) -> tuple[Path | None, Snapshot | None]:
+    """The directory ``settings.path`` names (and its Hub snapshot); ``(None, None)`` for a repo id
+    not cached yet that :func:`_hub_snapshot` may download, when ``download`` is false."""
+    from sd35trt.models import hub
+
+    path = settings.path
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if settings.revision is not None:
             raise ModelError(
-                f"{WHAT} {settings.path} is a local directory; model.controlnet.revision applies to "
-                "Hugging Face repo ids only"
+                f"{field}.path {path} is a local directory; {field}.revision applies to Hugging Face "
+                "repo ids only"
             )
-    return ResolvedControlNet(folder, _read_config(folder, settings.path is None), snap)
+        return folder, None
+    if folder.exists():
+        inside = f" (the directory that holds it: {folder.parent})" if folder.parent != Path() else ""
+        raise ModelError(f"{field}.path {path} is a file; give {LAYOUT}{inside}, or a Hugging Face repo id")
+    _check_repo_id(path, field)
+    if not download and hub.download_allowed(allow_download):
+        return None, None
+    snap = hub.resolve(
+        path,
+        revision=settings.revision,
+        patterns=CONTROLNET_PATTERNS,
+        allow_download=allow_download,
+        what=f"{field}.path",
+    )
+    return snap.path, snap
 
 
-def _hub_snapshot(path: str, revision: str | None, allow_download: bool) -> Snapshot:
+def _check_repo_id(path: str, field: str) -> None:
     import re
 
     from sd35trt.config import REPO_ID_PATTERN
-    from sd35trt.models import hub
 
     if path.startswith((".", "/", "~")) or not re.fullmatch(REPO_ID_PATTERN, path):
         raise ModelError(
-            f"{WHAT} {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); give a "
-            "diffusers SD3ControlNetModel directory or a repo id"
+            f"{field}.path {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); "
+            f"give {LAYOUT} or a repo id"
         )
-    return hub.resolve(
-        path, revision=revision, patterns=CONTROLNET_PATTERNS, allow_download=allow_download, what=WHAT
-    )
 
 
-def _read_config(folder: Path, in_model: bool) -> dict:
+def _read_config(folder: Path, field: str, *, in_model: bool) -> dict:
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
         int(config["num_layers"])
     except FileNotFoundError:
-        where = (
-            f"put the diffusers SD3ControlNetModel in {folder} (StableDiffusion3ControlNetPipeline's "
-            f"layout) or name one with {WHAT}"
-            if in_model
-            else "it is not a diffusers SD3ControlNetModel directory"
-        )
-        raise ModelError(f"model.controlnet is set but {path} is missing: {where}") from None
+        if in_model:
+            raise ModelError(
+                f"{field} is set but {path} is missing: put the diffusers SD3ControlNetModel in {folder} "
+                f"(StableDiffusion3ControlNetPipeline's layout) or name one with {field}.path"
+            ) from None
+        raise ModelError(f"{field}.path {folder} has no config.json: it is not {LAYOUT}") from None
     except (KeyError, TypeError, ValueError) as err:
-        raise ModelError(f"{path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
+        key = field if in_model else f"{field}.path"
+        raise ModelError(f"{key}: {path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
     return config
 
 

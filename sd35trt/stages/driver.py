@@ -2,7 +2,8 @@
 
 A stage is a :class:`StageSpec` subclass: its :class:`~sd35trt.artifacts.records.Stage` (name,
 output directory, config sections), upstream stages, typed details and its own steps. For every
-stage alike the driver then (1) refuses a ``--run-dir`` that is not a run before writing anything,
+stage alike the driver then (0) lets the stage ``check`` what the config alone shows (a ControlNet
+path naming nothing, faults.md #42), (1) refuses a ``--run-dir`` that is not a run before writing anything,
 holds the writer lock and removes the stage's own leftovers (faults.md #4, #22, #29); (2) lets the
 stage ``prepare`` (resolve inputs, check the config); (3) verifies the upstream records, naming
 what changed and the one command that brings the chain up to date (#16, issue 26.5); (4) returns
@@ -124,6 +125,18 @@ class StageSpec:
         """The stages whose records this one reads (default: the one before it)."""
         return (self.stage.upstream,) if self.stage.upstream is not None else ()
 
+    def check(self, config: Config) -> None:
+        """Refuse, from the config alone, an input that names nothing: before the run directory,
+        its lock file or a built-in model is written. Every stage reads the model, so by default:
+        a ControlNet ``path`` (:func:`sd35trt.models.controlnet.check_path`).
+
+        Raises:
+            ModelError: naming the field, the value and what is allowed.
+        """
+        from sd35trt.models.controlnet import check_path
+
+        check_path(config.model.controlnet, config.model.allow_download)
+
     def prepare(self, run: StageRun) -> Mapping[str, Any]:
         """Resolve inputs and check the config (nothing heavy, nothing written).
 
@@ -175,6 +188,7 @@ def run_stage(
         Sd35TrtError: whatever the stage's own steps raise (see each stage).
     """
     stage, run_dir = spec.stage, Path(run_dir)
+    spec.check(config)
     with stage_session(run_dir, stage):
         run = StageRun(stage, config, run_dir, RunManifest(run_dir), hint, progress)
         run.manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo

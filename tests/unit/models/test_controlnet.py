@@ -7,9 +7,9 @@ import pytest
 
 from sd35trt.artifacts.manifest import Stage
 from sd35trt.artifacts.records import Fingerprint
-from sd35trt.config import Architecture, config_from_dict
+from sd35trt.config import Architecture, ControlNetSettings, ControlType, config_from_dict
 from sd35trt.errors import ConfigError, ModelError
-from sd35trt.models.controlnet import resolve_controlnet
+from sd35trt.models.controlnet import check_path, resolve_controlnet, resolve_settings
 from sd35trt.models.loading import load_controlnet, resolve_model, weights_identity
 
 REPO_ID = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
@@ -82,12 +82,80 @@ def test_bad_paths_are_one_line_naming_the_field(tiny_model_dir, large_layout, t
     empty = tmp_path / "empty"
     empty.mkdir()
     msg = _one_line_error(lambda: resolve_controlnet(_config(path=str(empty)).model, tiny_model_dir))
-    assert f"{empty / 'config.json'} is missing" in msg
+    assert msg == (
+        f"model.controlnet.path {empty} has no config.json: it is not a diffusers SD3ControlNetModel "
+        "directory (config.json and diffusion_pytorch_model*.safetensors)"
+    )
+    file = large_layout / "config.json"
+    msg = _one_line_error(lambda: resolve_controlnet(_config(path=str(file)).model, tiny_model_dir))
+    assert msg.startswith(
+        f"model.controlnet.path {file} is a file; give a diffusers SD3ControlNetModel directory"
+    )
+    assert msg.endswith(f"(the directory that holds it: {large_layout}), or a Hugging Face repo id")
     local_pinned = _config(path=str(large_layout), revision="main").model
     msg = _one_line_error(lambda: resolve_controlnet(local_pinned, tiny_model_dir))
     assert "model.controlnet.revision applies to Hugging Face repo ids only" in msg
     with pytest.raises(ConfigError, match="revision"):
         _config(revision="main")  # a revision needs a path
+
+
+def test_the_field_label_is_the_callers(tmp_path):
+    """Messages name the field they are given (``model.controlnet[1]`` where a config names several)."""
+    settings = ControlNetSettings(type=ControlType.CANNY, path=str(tmp_path))
+    msg = _one_line_error(lambda: resolve_settings(settings, tmp_path, False, "model.controlnet[1]"))
+    assert msg.startswith(f"model.controlnet[1].path {tmp_path} has no config.json")
+    unset = ControlNetSettings(type=ControlType.CANNY)
+    msg = _one_line_error(lambda: resolve_settings(unset, tmp_path, False, "model.controlnet[1]"))
+    assert msg.startswith("model.controlnet[1] is set but") and "model.controlnet[1].path" in msg
+
+
+BAD_PATHS = {
+    "missing": lambda base: str(base / "nowhere"),
+    "uncached-repo-id": lambda base: REPO_ID,
+    "file": lambda base: str(base / "weights.safetensors"),
+    "empty-directory": lambda base: str(base / "empty"),
+}
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "export", "build"])
+@pytest.mark.parametrize("kind", list(BAD_PATHS))
+def test_a_path_naming_nothing_is_refused_before_the_run_directory_is_written(
+    cache, tiny_config, tmp_path, stage, kind
+):
+    """faults.md #42: refused before the run directory, its lock file or the built-in model
+    (``RUN_DIR/model/``) exist; an existing empty run directory stays empty."""
+    from sd35trt.config import Backend
+    from sd35trt.stages.build import build
+    from sd35trt.stages.calibrate import calibrate
+    from sd35trt.stages.export import export
+
+    (tmp_path / "weights.safetensors").write_bytes(b"not a directory")
+    (tmp_path / "empty").mkdir()
+    settings = ControlNetSettings(type=ControlType.CANNY, path=BAD_PATHS[kind](tmp_path))
+    config = tiny_config.model_copy(
+        update={"model": tiny_config.model.model_copy(update={"controlnet": settings})}
+    )
+    run = {
+        "calibrate": lambda d: calibrate(config, d, log=lambda _line: None),
+        "export": lambda d: export(config, d, progress=lambda _line: None),
+        "build": lambda d: build(config, d, Backend.ONNXRUNTIME, progress=lambda _line: None),
+    }[stage]
+    new, existing = tmp_path / "new-run", tmp_path / "existing-run"
+    existing.mkdir()
+    for run_dir in (new, existing):
+        msg = _one_line_error(lambda run_dir=run_dir: run(run_dir))
+        assert msg.startswith("model.controlnet.path"), msg
+    assert not new.exists() and list(existing.iterdir()) == []
+
+
+def test_an_uncached_repo_id_is_left_to_the_stage_when_downloads_are_allowed(cache):
+    """The check only reads the cache: the download waits for the stage, which holds the lock."""
+    settings = ControlNetSettings(type=ControlType.CANNY, path=REPO_ID)
+    assert check_path(settings, allow_download=True) is None
+    with pytest.raises(ModelError, match="is not in the Hugging Face cache"):
+        check_path(settings, allow_download=False)
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):  # what the stage then says here
+        resolve_settings(settings, ".", allow_download=True)
 
 
 def test_configs_without_a_path_keep_their_digest_keys():
