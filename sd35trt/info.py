@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sd35trt.artifacts.engine_manifest import LayerReport
 from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, tool_versions
 from sd35trt.errors import ManifestError
 from sd35trt.user_files import read_json
+
+if TYPE_CHECKING:
+    from sd35trt.artifacts.engine_manifest import EngineManifest
 
 #: FP8 (E4M3) tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
 FP8_MIN_CAPABILITY = (8, 9)
@@ -234,5 +238,26 @@ def format_engines(engines_dir: Path) -> list[str]:
         "  image-to-image: "
         + ("yes (vae_encoder engine)" if has_encoder else "no (built without a vae_encoder engine)")
     )
+    lines.append("  " + controlnet_line(manifest))
     lines += model_lines(dict(manifest.model))
     return lines
+
+
+def controlnet_line(manifest: EngineManifest) -> str:
+    """``controlnet: canny (controlnet engine, bf16; the transformer takes its 19 block residuals
+    as controlnet_block_samples)``, or that the engines have none."""
+    from sd35trt.components import Component
+    from sd35trt.stages.build import CONTROLNET_INPUT
+
+    rec = manifest.engines.get(Component.CONTROLNET)
+    if rec is None:
+        return "controlnet: no (built without model.controlnet)"
+    kind = manifest.model.get("controlnet")
+    kinds = ", ".join(kind) if isinstance(kind, list) else str(kind)
+    transformer = manifest.engines.get(Component.TRANSFORMER)
+    residuals = transformer.controlnet_layers if transformer is not None else 0
+    fp8 = " + fp8" if rec.fp8 else ""
+    return (
+        f"controlnet: {kinds} (controlnet engine, {rec.precision.value}{fp8}; the transformer takes its "
+        f"{residuals} block residuals as {CONTROLNET_INPUT})"
+    )

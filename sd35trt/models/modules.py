@@ -241,7 +241,10 @@ class ControlNet(nn.Module):
     ) -> torch.Tensor:
         encoder_hidden_states, pooled_projections, timestep = inputs if self.takes_text else (None, *inputs)
         if self.zero_pooled:  # diffusers' pipeline feeds zeros then; kept as a graph input
-            pooled_projections = torch.zeros_like(pooled_projections)
+            # made in float32 and cast: before opset 20 ONNX's ConstantOfShape has no bfloat16
+            # output (a BF16 export failed the checker), and zeros cast exactly
+            zeros = torch.zeros_like(pooled_projections, dtype=torch.float32)
+            pooled_projections = zeros.to(pooled_projections.dtype)
         if self.cond_offset:
             controlnet_cond = controlnet_cond + self.cond_offset
         samples = self.controlnet(
