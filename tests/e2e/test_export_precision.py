@@ -324,3 +324,32 @@ def test_fp16_clip_exports_from_random_and_saved_weights(tiny_config, tmp_path, 
     assert {t.data_type for t in model.graph.initializer if t.name.endswith("layer_norm1.weight")} == {
         TensorProto.FLOAT16
     }
+
+
+def test_the_sd3_layout_controlnet_exports_in_bf16(tiny_config, tiny_model_dir, tmp_path):
+    """The built-in tiny ControlNet (SD3 layout: ``force_zeros_for_pooled_projection``) in the
+    transformer's BF16: its zeroed pooled projection is made in float32 and cast, since ONNX's
+    ConstantOfShape has no bfloat16 output before opset 20 (the checker refused the graph)."""
+    from sd35trt.config import ControlNetSettings, ControlType
+    from sd35trt.stages.export import export_component
+
+    precision = tiny_config.export.precision.model_copy(update={"transformer": Precision.BF16})
+    cfg = tiny_config.model_copy(
+        update={
+            "model": tiny_config.model.model_copy(
+                update={"controlnet": ControlNetSettings(type=ControlType.CANNY)}
+            ),
+            "export": tiny_config.export.model_copy(update={"precision": precision, "quantize": False}),
+        }
+    )
+    lines: list[str] = []
+    (path,) = export_component(cfg, tiny_model_dir, Component.CONTROLNET, tmp_path, progress=lines.append)
+    model = onnx.load(str(path))
+    inputs = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    bf16 = TensorProto.BFLOAT16
+    assert inputs["hidden_states"] == inputs["pooled_projections"] == bf16
+    assert inputs["timestep"] == TensorProto.FLOAT
+    assert all(v.type.tensor_type.elem_type == bf16 for v in model.graph.output)
+    types = _types(model)
+    assert all(types.get(n.output[0]) != bf16 for n in model.graph.node if n.op_type == "ConstantOfShape")
+    assert any("controlnet" in line and "bf16" in line and "(float32 form)" in line for line in lines)
