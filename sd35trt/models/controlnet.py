@@ -139,8 +139,8 @@ def check_path(settings: ControlNetSettings | None, allow_download: bool, field:
 def _locate(
     settings: ControlNetSettings, allow_download: bool, field: str, *, download: bool
 ) -> tuple[Path | None, Snapshot | None]:
-    """The directory ``settings.path`` names (and its Hub snapshot); ``(None, None)`` for a repo id
-    not cached yet that :func:`_hub_snapshot` may download, when ``download`` is false."""
+    """The directory ``settings.path`` names (and its Hub snapshot). Without ``download``, a repo id
+    is looked up only where downloads are not allowed; else ``(None, None)``: the stage resolves it."""
     from sd35trt.models import hub
 
     path = settings.path
