@@ -3,7 +3,7 @@
 A stage is a :class:`StageSpec` subclass: its :class:`~sd35trt.artifacts.records.Stage` (name,
 output directory, config sections), upstream stages, typed details and its own steps. For every
 stage alike the driver then (0) lets the stage ``check`` what the config alone shows (a ControlNet
-path naming nothing, faults.md #42), (1) refuses a ``--run-dir`` that is not a run before writing anything,
+path naming nothing, faults.md #43), (1) refuses a ``--run-dir`` that is not a run before writing anything,
 holds the writer lock and removes the stage's own leftovers (faults.md #4, #22, #29); (2) lets the
 stage ``prepare`` (resolve inputs, check the config); (3) verifies the upstream records, naming
 what changed and the one command that brings the chain up to date (#16, issue 26.5); (4) returns

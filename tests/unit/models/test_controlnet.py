@@ -122,7 +122,7 @@ BAD_PATHS = {
 def test_a_path_naming_nothing_is_refused_before_the_run_directory_is_written(
     cache, tiny_config, tmp_path, stage, kind
 ):
-    """faults.md #42: refused before the run directory, its lock file or the built-in model
+    """faults.md #43: refused before the run directory, its lock file or the built-in model
     (``RUN_DIR/model/``) exist; an existing empty run directory stays empty."""
     from sd35trt.config import Backend
     from sd35trt.stages.build import build
