@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 #: FP8 E4M3 as ModelOpt spells it: (exponent bits, mantissa bits).
 FP8_E4M3 = (4, 3)
+#: Largest finite FP8 E4M3FN magnitude (no infinity: QuantizeLinear saturates); ModelOpt's FP8 scale
+#: is ``amax / FP8_MAX``.
+FP8_MAX = 448.0
 #: TensorRT's fused FP8 attention kernels need a head dimension that is a multiple of this.
 FP8_ATTENTION_HEAD_DIM_MULTIPLE = 16
 #: The range of a softmax output. SDPA fuses the softmax, so calibration never sees it; this is

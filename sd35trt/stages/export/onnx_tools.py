@@ -1,22 +1,11 @@
-"""ONNX graph work of the export stage: standard FP8 Q/DQ and clean-up.
+"""ONNX graph rewrites of the export stage: standard FP8 Q/DQ, FP8 weight layout, clean-up.
 
 Everything here works on the graph without loading external weights into memory, so a 16 GB
-transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory):
-
-- :func:`rewrite_fp8_qdq` turns ModelOpt's ``trt::TRT_FP8QuantizeLinear`` /
-  ``trt::TRT_FP8DequantizeLinear`` into standard ``QuantizeLinear`` / ``DequantizeLinear``
-  with a ``float8e4m3fn`` zero point (opset >= 19), which both ONNX Runtime and TensorRT read.
-  ModelOpt's own ``FP8QuantExporter.post_process`` is not used: it also FP8-quantizes the
-  weights of every un-quantized Conv (``pos_embed.proj``, which calibration excludes) and adds
-  Q/DQ after softmax, so its graph would no longer be the calibrated fake-quant model.
-- :func:`pretranspose_qdq_weights` stores each quantized Linear weight as ``[in, out]``, so
-  TensorRT sees ``DequantizeLinear -> MatMul`` with no Transpose between (its FP8 GEMM pattern).
-- :func:`fold_fp8_weights` stores quantized weights as FP8 initializers (half the bytes of BF16).
-- :func:`clean_up` folds constants and removes dead nodes with onnx-graphsurgeon, never folding
-  Q/DQ (that would silently (de)quantize weights) nor nodes that read external weights.
-
-Files (external data, saving, checking) are :mod:`sd35trt.stages.export.onnx_files`; their functions are
-also reachable from here, where the export stage has always read them.
+transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory); files
+(external data, saving, checking) are :mod:`sd35trt.stages.export.onnx_files`. ModelOpt's own
+``FP8QuantExporter.post_process`` is not used: it also FP8-quantizes the weights of every
+un-quantized Conv (``pos_embed.proj``, which calibration excludes) and adds Q/DQ after softmax, so
+its graph would no longer be the calibrated fake-quant model.
 """
 
 from __future__ import annotations
@@ -28,70 +17,21 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from sd35trt.errors import ExportError
-from sd35trt.stages.export.onnx_files import (
-    ALIGNMENT,
-    EXTERNAL_DATA_THRESHOLD,
-    FP8,
-    check_external_data,
-    check_onnx_file,
-    count_ops,
-    external_ref,
-    io_signature,
-    iter_tensors,
-    point_at,
-    save_model,
-    tensor_array,
-    tensors_bytes,
-    transpose_stored,
-    uses_external_data,
-)
-
-# The file functions are re-exported: the export stage reads them from here.
-__all__ = [
-    "ALIGNMENT",
-    "EXTERNAL_DATA_THRESHOLD",
-    "FP8",
-    "FP8_MAX",
-    "TRT_DOMAIN",
-    "TRT_FP8_DQ",
-    "TRT_FP8_Q",
-    "cast_unsupported_bf16",
-    "check_external_data",
-    "check_onnx_file",
-    "clean_up",
-    "count_ops",
-    "custom_ops",
-    "einsum_to_transpose",
-    "external_ref",
-    "fold_fp8_weights",
-    "io_signature",
-    "iter_tensors",
-    "pretranspose_qdq_weights",
-    "rewrite_fp8_qdq",
-    "save_model",
-    "strip_qdq",
-    "tensors_bytes",
-    "uses_external_data",
-]
+from sd35trt.models.quantize import FP8_MAX
+from sd35trt.stages.export.onnx_files import FP8, point_at, tensor_array, transpose_stored, uses_external_data
 
 TRT_DOMAIN = "trt"
 TRT_FP8_Q = "TRT_FP8QuantizeLinear"
 TRT_FP8_DQ = "TRT_FP8DequantizeLinear"
-#: Largest finite FP8 E4M3FN magnitude (the format has no infinity; QuantizeLinear saturates).
-FP8_MAX = 448.0
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-# --------------------------------------------------------------------------------------------
-# Q/DQ
-# --------------------------------------------------------------------------------------------
+#: The standard ONNX domain's two spellings.
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def _constant_values(model: ModelProto) -> dict[str, TensorProto]:
     """Tensors by name: initializers and the outputs of Constant nodes."""
     out = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = attr.t
@@ -119,7 +59,7 @@ def rewrite_fp8_qdq(model: ModelProto) -> int:
     Raises:
         ExportError: a scale is not a constant, or opset < 19 (no FP8 Q/DQ before 19).
     """
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     constants = _constant_values(model)
     q_outputs: set[str] = set()
     count = 0
@@ -159,7 +99,7 @@ def custom_ops(model: ModelProto) -> set[str]:
     Returns:
         ``domain::op`` of every node outside the standard ONNX domain.
     """
-    return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in _DEFAULT_DOMAINS}
+    return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in DEFAULT_DOMAINS}
 
 
 def _consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
@@ -180,7 +120,7 @@ def _attribute(node: NodeProto, name: str, default=None):
 def _is_transpose_2d(node: NodeProto) -> bool:
     return (
         node.op_type == "Transpose"
-        and node.domain in _DEFAULT_DOMAINS
+        and node.domain in DEFAULT_DOMAINS
         and list(_attribute(node, "perm", [])) == [1, 0]
     )
 
@@ -188,7 +128,7 @@ def _is_transpose_2d(node: NodeProto) -> bool:
 def _is_gemm_trans_b(node: NodeProto, tensor: str) -> bool:
     return (
         node.op_type == "Gemm"
-        and node.domain in _DEFAULT_DOMAINS
+        and node.domain in DEFAULT_DOMAINS
         and len(node.input) > 1
         and node.input[1] == tensor
         and node.input[0] != tensor
@@ -228,7 +168,7 @@ def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
     changed: set[str] = set()
     count = 0
     for q in graph.node:
-        if q.op_type != "QuantizeLinear" or q.domain not in _DEFAULT_DOMAINS:
+        if q.op_type != "QuantizeLinear" or q.domain not in DEFAULT_DOMAINS:
             continue
         weight = initializers.get(q.input[0])
         scale = constants.get(q.input[1])
@@ -291,7 +231,7 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
     sink = model_path.with_name(model_path.name + ".fp8.data")
     with open(sink, "wb") as out:
         for node in graph.node:
-            if node.op_type != "QuantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
+            if node.op_type != "QuantizeLinear" or node.domain not in DEFAULT_DOMAINS:
                 continue
             weight = initializers.get(node.input[0])
             users = consumers.get(node.output[0], [])
@@ -329,7 +269,7 @@ def strip_qdq(model: ModelProto) -> ModelProto:
     rename: dict[str, str] = {}
     dead: list[NodeProto] = []
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS:
             continue
         q = producers.get(node.input[0])
         if q is None or q.op_type != "QuantizeLinear":
@@ -364,11 +304,6 @@ def _remove_unused_initializers(model: ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
-# --------------------------------------------------------------------------------------------
-# Clean-up
-# --------------------------------------------------------------------------------------------
-
-
 def einsum_to_transpose(model: ModelProto) -> int:
     """Replace single-input Einsums that only permute axes (diffusers' unpatchify) by Transpose.
 
@@ -380,7 +315,7 @@ def einsum_to_transpose(model: ModelProto) -> int:
     """
     count = 0
     for node in model.graph.node:
-        if node.op_type != "Einsum" or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 1:
+        if node.op_type != "Einsum" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 1:
             continue
         equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
         src, _, dst = equation.partition("->")
@@ -392,13 +327,6 @@ def einsum_to_transpose(model: ModelProto) -> int:
         node.attribute.append(helper.make_attribute("perm", perm))
         count += 1
     return count
-
-
-def _elem_types(model: ModelProto) -> dict[str, int]:
-    graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    return types
 
 
 def cast_unsupported_bf16(model: ModelProto) -> int:
@@ -415,13 +343,15 @@ def cast_unsupported_bf16(model: ModelProto) -> int:
     Returns:
         The number of nodes wrapped.
     """
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
-    types = _elem_types(model)
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     nodes: list[NodeProto] = []
     count = 0
     for node in model.graph.node:
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             nodes.append(node)
             continue
         schema = onnx.defs.get_schema(node.op_type, opset)
@@ -462,11 +392,6 @@ def _is_bf16(dtype) -> bool:
     return dtype == TensorProto.BFLOAT16 or getattr(dtype, "name", None) == "bfloat16"
 
 
-def _set_ir_version(model: ModelProto) -> None:
-    """The lowest IR version that carries the model's opsets (and FP8: 9): readers reject newer ones."""
-    model.ir_version = max(9, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
-
-
 def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 20) -> ModelProto:
     """Fold constants, drop dead nodes and tensors, sort, and infer shapes.
 
@@ -487,7 +412,8 @@ def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 2
     # default logger would also warn about every Unsqueeze of a dynamic shape.
     G_LOGGER.severity = G_LOGGER.ERROR
     ort.set_default_logger_severity(3)
-    _set_ir_version(model)
+    # The lowest IR version that carries the model's opsets (and FP8: 9): readers reject newer ones.
+    model.ir_version = max(9, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     einsum_to_transpose(model)
     graph = gs.import_onnx(model)
     if fold:

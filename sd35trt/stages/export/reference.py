@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sd35trt.config import Precision
-from sd35trt.stages.export.tracing import FP8_MAX, fp8_quantizers, graph_scale, quantizer_backend
+from sd35trt.models.quantize import FP8_MAX
+from sd35trt.stages.export.tracing import fp8_quantizers, graph_scale, quantizer_backend
 
 if TYPE_CHECKING:
     import torch

@@ -17,6 +17,7 @@ import numpy as np
 from sd35trt.components import Component, ComponentSpec, ModelDims, Sampling, TensorType
 from sd35trt.config import Config, Precision
 from sd35trt.errors import ConfigError, ExportError
+from sd35trt.models.quantize import FP8_MAX
 from sd35trt.sampling import sample_inputs
 
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from sd35trt.models.lora import ResolvedLora
-#: Largest finite FP8 E4M3FN magnitude: ModelOpt's FP8 scale is ``amax / FP8_MAX``.
-FP8_MAX = 448.0
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
 
