@@ -1,14 +1,7 @@
 """ONNX files of the export stage: tensors and external data, saving, checking, signatures.
 
-Everything here works on the graph without loading external weights into memory, so a 16 GB
-transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory):
-
-- :func:`save_model` streams tensors into one ``<name>.onnx.data`` file beside the model.
-- :func:`check_external_data` refuses data locations that are absolute, escape the model's
-  directory or go through a symlink, before any ONNX parser follows them; :func:`check_onnx_file`
-  adds the ONNX checker on the path.
-
-The graph rewrites (FP8 Q/DQ, clean-up) are in :mod:`sd35trt.stages.export.onnx_tools`.
+Nothing here loads external weights into memory: a 16 GB transformer is read and written one
+tensor at a time (see :mod:`sd35trt.stages.export` on memory).
 """
 
 from __future__ import annotations
@@ -37,11 +30,6 @@ ALIGNMENT = 4096
 
 def _dtype_name(elem_type: int) -> str:
     return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type != FP8 else "float8e4m3fn"
-
-
-# --------------------------------------------------------------------------------------------
-# Tensors and external data
-# --------------------------------------------------------------------------------------------
 
 
 def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
@@ -269,11 +257,6 @@ def point_at(tensor: TensorProto, location: str, offset: int, length: int) -> No
     for key, value in (("location", location), ("offset", offset), ("length", length)):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, str(value)
-
-
-# --------------------------------------------------------------------------------------------
-# Saving and checking
-# --------------------------------------------------------------------------------------------
 
 
 def tensors_bytes(model: ModelProto) -> int:
