@@ -3,21 +3,11 @@
 ``model.loras: [{path, scale}]`` names LoRA files (safetensors only) in diffusers' SD3 format:
 keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.`` /
 ``text_encoder_2.`` for the CLIP encoders), as ``StableDiffusion3Pipeline.save_lora_weights`` and
-diffusers' SD3 training scripts write them. A path is a local file, a local directory holding one,
-or a Hugging Face repo id (:mod:`sd35trt.models.hub`).
-
-Every loader of PyTorch weights (the pipeline for calibrate and reference, one component for export
-and the PyTorch backend) calls :func:`fuse_loras` right after loading, so the FP8 scales are
-calibrated on, and the graphs exported from, the weights that are actually used. Fusing is
-diffusers' own: ``load_lora_into_transformer`` / ``load_lora_into_text_encoder``, ``fuse_lora`` at
-the LoRA's scale, then ``unload_lora_weights``, which leaves plain ``Linear`` layers holding
-``W + scale * B @ A`` (what ModelOpt quantizes and the ONNX exporter traces).
-
-Before diffusers sees a file, its safetensors header is checked against the loaded modules: a key
-for another architecture (an SDXL ``unet.`` LoRA), a module the model lacks, or shapes that do not
-fit (another model size, ``lora_A`` and ``lora_B`` of different ranks) is one error naming the
-file and the first such key. diffusers itself would skip unknown keys with a log line, or fail in
-``load_state_dict`` deep in PEFT.
+diffusers' SD3 training scripts write them. Every loader of PyTorch weights (the pipeline for
+calibrate and reference, one component for export and the PyTorch backend) calls
+:func:`fuse_loras` right after loading, so the FP8 scales are calibrated on, and the graphs
+exported from, the weights that are actually used. diffusers itself would skip keys of another
+architecture with a log line, or fail deep in PEFT on a shape: :func:`check_lora` names them first.
 """
 
 from __future__ import annotations
@@ -160,9 +150,6 @@ def _pick(folder: Path, weight_name: str | None, what: str) -> Path:
     )
 
 
-# -- checking a file against the modules ------------------------------------------------------------
-
-
 def _strip_text_model(module: str, names: Mapping[str, object]) -> str:
     # Older CLIP LoRAs name ``text_model.encoder...``; transformers 5 flattens CLIP (diffusers strips it).
     if module not in names and module.startswith("text_model."):
@@ -292,9 +279,6 @@ def apply_alphas(state_dict: dict, label: str) -> dict:
     return state_dict
 
 
-# -- fusing ---------------------------------------------------------------------------------------
-
-
 def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) -> None:
     """Fuse ``loras`` into ``modules`` in place, with diffusers' SD3 LoRA loader.
 
@@ -369,18 +353,9 @@ def _holder(modules: Mapping[str, nn.Module]):
     """A ``StableDiffusion3Pipeline`` holding only ``modules`` (diffusers fuses and unloads through it)."""
     from diffusers import StableDiffusion3Pipeline
 
-    parts = {
-        "transformer": None,
-        "scheduler": None,
-        "vae": None,
-        "text_encoder": None,
-        "tokenizer": None,
-        "text_encoder_2": None,
-        "tokenizer_2": None,
-        "text_encoder_3": None,
-        "tokenizer_3": None,
-    }
-    return StableDiffusion3Pipeline(**{**parts, **modules})
+    from sd35trt.models.hub import PIPELINE_FOLDERS
+
+    return StableDiffusion3Pipeline(**{**dict.fromkeys(PIPELINE_FOLDERS), **modules})
 
 
 def _first_line(err: BaseException) -> str:

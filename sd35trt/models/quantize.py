@@ -1,20 +1,13 @@
 """FP8 E4M3 post-training quantization of the MMDiT with NVIDIA ModelOpt.
 
-What is quantized is decided here, once, from :class:`~sd35trt.config.CalibrateSettings`:
-
-- the weights and inputs of every ``nn.Linear`` of the transformer, FP8 E4M3, one scale per
-  tensor, ``max`` calibration;
-- not the modules matched by ``calibrate.exclude`` (embedders, ``norm_out``, ``proj_out`` by
-  default), nor whole blocks listed in ``calibrate.high_precision_blocks``;
-- with ``calibrate.fp8_attention``, also the query, key and value entering attention and the
-  softmax output, so the exported graph carries Q/DQ around attention as TensorRT's fused FP8
-  attention needs.
-
-The calibrated state is stored as amax tensors in a safetensors file keyed by quantizer name,
-with each quantizer's format in its metadata: no pickle, and :func:`restore_calibration`
-rebuilds the same fake-quant model on a freshly loaded transformer (export does this).
-
-ModelOpt is imported inside the functions, so importing this module stays cheap.
+What is quantized is decided here, once (:func:`quant_config`): the weights and inputs of every
+``nn.Linear`` of the transformer, one scale per tensor, ``max`` calibration, except the modules
+matched by ``calibrate.exclude`` (embedders, ``norm_out``, ``proj_out`` by default) and the
+``calibrate.high_precision_blocks``; with ``calibrate.fp8_attention`` also the query, key, value
+and softmax output, so the graph carries Q/DQ around attention as TensorRT's fused FP8 attention
+needs. The calibration is a safetensors file of amax tensors (no pickle) that
+:func:`restore_calibration` turns back into the same fake-quant model. ModelOpt is imported inside
+the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -78,14 +71,6 @@ class QuantSummary:
             "disabled": {k.value: self.disabled.get(k, 0) for k in QuantizerKind},
             "high_precision_linears": list(self.high_precision_linears),
         }
-
-    @classmethod
-    def from_json(cls, data: dict) -> QuantSummary:
-        return cls(
-            enabled={QuantizerKind(k): int(v) for k, v in data["enabled"].items()},
-            disabled={QuantizerKind(k): int(v) for k, v in data["disabled"].items()},
-            high_precision_linears=tuple(data.get("high_precision_linears", ())),
-        )
 
     def table(self) -> str:
         """A small text table under a title: one row per kind, enabled and disabled counts."""

@@ -1,8 +1,4 @@
-"""What the export stage says about its graphs: one progress line per component, and the report JSON.
-
-Both read only the exported graphs' facts (files, precision, validation, FP8 information), so they
-stay apart from the tracing and validation steps in :mod:`sd35trt.stages.export.stage`.
-"""
+"""What the export stage says about its graphs: one progress line per component, and the report JSON."""
 
 from __future__ import annotations
 

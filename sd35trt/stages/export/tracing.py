@@ -100,13 +100,11 @@ def load_module(
         model=config.model,
         loras=loras,
     )
-    if component.is_transformer and calibration is not None:
+    if not component.is_transformer:
+        return wrap(component, raw, slg_layers)
+    if calibration is not None:
         restore_fp8(raw, config, precision, calibration)
-    if component.is_transformer:
-        return wrap(
-            component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
-        )
-    return wrap(component, raw, slg_layers)
+    return wrap(component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None)
 
 
 def check_fp8_attention(precision: Precision) -> None:
