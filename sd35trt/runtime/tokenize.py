@@ -100,26 +100,19 @@ class PromptTokenizer:
             directory: an engines directory (or a diffusers model directory).
             t5_length: tokens per text for T5.
 
-        Returns:
-            The tokenizer.
-
         Raises:
             ManifestError: a tokenizer folder is missing or transformers cannot read it.
         """
         from transformers import CLIPTokenizer, T5Tokenizer
 
-        classes = {
-            Component.CLIP_L: CLIPTokenizer,
-            Component.CLIP_G: CLIPTokenizer,
-            Component.T5: T5Tokenizer,
-        }
         tokenizers = {}
         for encoder, sub in TOKENIZER_SUBFOLDERS.items():
             path = Path(directory) / sub
             if not path.is_dir():
                 raise ManifestError(f"{path} is missing: {directory} lacks the {encoder.value} tokenizer")
             try:
-                tokenizers[encoder] = classes[encoder].from_pretrained(path, local_files_only=True)
+                kind = T5Tokenizer if encoder is Component.T5 else CLIPTokenizer
+                tokenizers[encoder] = kind.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError, TypeError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ManifestError(
