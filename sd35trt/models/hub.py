@@ -119,9 +119,6 @@ def resolve(
         allow_download: the config's flag (``SD35TRT_ALLOW_DOWNLOAD=1`` also allows it).
         what: the config key that named the repo, for messages (``model.path``).
 
-    Returns:
-        The snapshot folder and the commit it resolved to.
-
     Raises:
         ModelError: one line: the repo is not cached (with the command that downloads it), the
             cached snapshot is incomplete, the repo or revision does not exist, access is denied

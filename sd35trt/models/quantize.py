@@ -202,11 +202,7 @@ def check_amax(model: nn.Module) -> None:
 
 
 def summarize(model: nn.Module) -> QuantSummary:
-    """Count the quantizers of a quantized ``model`` by kind and state.
-
-    Returns:
-        The :class:`QuantSummary`.
-    """
+    """Count the quantizers of a quantized ``model`` by kind and state."""
     from torch import nn
 
     enabled: Counter[QuantizerKind] = Counter()
@@ -246,9 +242,6 @@ def quantize(
         transformer: a diffusers ``SD3Transformer2DModel``; modified in place.
         settings: the ``calibrate`` config section (exclusions, high-precision blocks, FP8 attention).
         forward_loop: called once with the transformer; runs the calibration data through it.
-
-    Returns:
-        The :class:`QuantSummary` of the calibrated model.
 
     Raises:
         ConfigError: bad exclusions, blocks or FP8-attention head dim.

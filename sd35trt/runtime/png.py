@@ -103,9 +103,6 @@ def attach_parameters(
 def save_png(path: str | Path, image: Image.Image, *args, **kwargs) -> Path:
     """Write ``image`` to ``path`` atomically (a temporary file renamed into place), with the
     parameters of :func:`png_parameters` (``*args``, ``**kwargs``) in its text chunk.
-
-    Returns:
-        ``path`` as a Path.
     """
     path = Path(path)
     atomic_write_bytes(path, png_bytes(image, png_parameters(*args, **kwargs)))

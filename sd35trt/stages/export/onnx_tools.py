@@ -47,14 +47,11 @@ def _zero_point(model: ModelProto, dims: tuple[int, ...]) -> str:
 
 
 def rewrite_fp8_qdq(model: ModelProto) -> int:
-    """Turn ModelOpt's TensorRT FP8 Q/DQ custom ops into standard ONNX ops, in place.
+    """Turn ModelOpt's TensorRT FP8 Q/DQ custom ops into standard ONNX ops; returns how many Q/DQ pairs.
 
     ``QuantizeLinear`` gets a ``float8e4m3fn`` zero point of its scale's shape (that is what
     makes its output FP8) and ``saturate=1``; the Q outputs' value_info becomes FP8 (the
     exporter typed them uint8). The ``trt`` opset import is dropped once unused.
-
-    Returns:
-        The number of Q/DQ pairs rewritten.
 
     Raises:
         ExportError: a scale is not a constant, or opset < 19 (no FP8 Q/DQ before 19).
@@ -137,27 +134,20 @@ def _is_gemm_trans_b(node: NodeProto, tensor: str) -> bool:
 
 
 def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
-    """Store FP8-quantized Linear weights as ``[in, out]`` so DequantizeLinear feeds the GEMM directly.
+    """Store FP8-quantized Linear weights as ``[in, out]`` (DQ feeds the GEMM directly); returns how many.
 
     The TorchScript exporter writes ``nn.Linear`` as ``W [out, in] -> Q -> DQ -> Transpose ->
-    MatMul`` (3-D inputs) or ``-> Gemm(transB=1)`` (2-D inputs). TensorRT fuses an FP8 GEMM from
-    ``DQ -> MatMul``; ModelOpt's FP8 exporter therefore pre-transposes the weights. With one
-    scale per tensor, quantization commutes with the transpose, so storing ``W^T`` and dropping
-    the Transpose (or setting ``transB=0``) computes exactly the same numbers.
-
-    The weight's bytes are rewritten where they are stored (inline, or at the same place of the
-    traced model's data file: no second copy, one weight in memory at a time). Weights that are
-    shared, per-channel scaled, not 2-D, or whose DequantizeLinear output has other users are
-    left alone. Value infos of the changed tensors are dropped; run shape inference afterwards
-    (:func:`clean_up`).
+    MatMul`` (3-D inputs) or ``-> Gemm(transB=1)`` (2-D inputs); TensorRT fuses an FP8 GEMM from
+    ``DQ -> MatMul`` (ModelOpt's FP8 exporter pre-transposes too). With one scale per tensor,
+    quantization commutes with the transpose: the numbers are exactly the same. The bytes are
+    rewritten where they are stored (no second copy, one weight in memory at a time). Weights that
+    are shared, per-channel scaled, not 2-D, or whose DequantizeLinear output has other users are
+    left alone. Value infos of the changed tensors are dropped: run :func:`clean_up` afterwards.
 
     Args:
         model: a graph after :func:`rewrite_fp8_qdq` (scales are constants); changed in place.
         model_path: where ``model``'s external data is relative to (the traced file); its data
             files are modified.
-
-    Returns:
-        The number of weights transposed.
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -207,7 +197,7 @@ def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
 
 
 def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
-    """Store quantized weights as FP8: ``W -> Q -> DQ`` becomes ``W_fp8 -> DQ``, in place.
+    """Store quantized weights as FP8: ``W -> Q -> DQ`` becomes ``W_fp8 -> DQ``; returns how many.
 
     The FP8 values are what ``QuantizeLinear`` computes (``saturate(round(W / scale))``, round
     to nearest even, in float32), so the graph's numbers do not change. One weight is in memory
@@ -217,9 +207,6 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
     Args:
         model: a graph after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants).
         model_path: where ``model``'s external data is relative to (the exported file).
-
-    Returns:
-        The number of weights folded.
     """
     import ml_dtypes
 
@@ -308,10 +295,7 @@ def einsum_to_transpose(model: ModelProto) -> int:
     """Replace single-input Einsums that only permute axes (diffusers' unpatchify) by Transpose.
 
     ONNX defines Einsum for no 16-bit float type, and TensorRT maps Transpose to a shuffle
-    directly.
-
-    Returns:
-        The number of nodes replaced.
+    directly. Returns the number of nodes replaced.
     """
     count = 0
     for node in model.graph.node:
@@ -330,7 +314,7 @@ def einsum_to_transpose(model: ModelProto) -> int:
 
 
 def cast_unsupported_bf16(model: ModelProto) -> int:
-    """Run the ops the graph's opset defines without bfloat16 in float32, in place.
+    """Run the ops the graph's opset defines without bfloat16 in float32, in place; returns how many.
 
     Before opset 22, ONNX's Conv, ConvTranspose and InstanceNormalization take no bfloat16 (the
     checker rejects such a graph). Their bfloat16 inputs get a Cast to float32 and their outputs
@@ -339,9 +323,6 @@ def cast_unsupported_bf16(model: ModelProto) -> int:
 
     Args:
         model: a graph with inferred types (after :func:`clean_up`).
-
-    Returns:
-        The number of nodes wrapped.
     """
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     graph = model.graph
@@ -393,15 +374,12 @@ def _is_bf16(dtype) -> bool:
 
 
 def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 20) -> ModelProto:
-    """Fold constants, drop dead nodes and tensors, sort, and infer shapes.
+    """Fold constants, drop dead nodes and tensors, sort, and infer shapes, into a new proto.
 
     Folding uses onnx-graphsurgeon (evaluated with ONNX Runtime). Not folded: Q and DQ nodes
     (folding would turn quantized weights into plain ones or into FP8 constants), nodes reading
     external-data tensors (their bytes stay on disk), and results over ``size_threshold``
     bytes. Folding failures on a node leave it as it was.
-
-    Returns:
-        The cleaned model (a new proto).
     """
     import onnx_graphsurgeon as gs
     import onnxruntime as ort

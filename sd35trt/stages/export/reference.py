@@ -343,9 +343,6 @@ def pytorch_reference(
         cases: the inputs of each case, in the export precision.
         precision: the export precision.
         codes: for an FP8 module, ONNX Runtime's codes per case.
-
-    Returns:
-        The :class:`Reference`.
     """
     from sd35trt.stages.export.tracing import quantizers_disabled, reference
 

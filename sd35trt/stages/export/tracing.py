@@ -1,8 +1,4 @@
-"""The PyTorch half of export: load one component in its export dtype, make inputs, trace.
-
-Only the export stage imports this module (it imports torch and, for the FP8 transformer,
-ModelOpt).
-"""
+"""The PyTorch half of export: load one component in its export dtype, make inputs, trace."""
 
 from __future__ import annotations
 
@@ -59,23 +55,17 @@ def load_module(
     calibration: Path | None = None,
     loras: Sequence[ResolvedLora] = (),
 ) -> nn.Module:
-    """The spec-shaped module of ``component`` (see :mod:`sd35trt.models.modules`), ready to trace.
+    """The spec-shaped module of ``component`` (:mod:`sd35trt.models.modules`) in eval mode, to trace.
 
-    Weights are loaded directly in the export precision (no float32 copy of a BF16 model); the
+    Weights are loaded directly in the export ``precision`` (no float32 copy of a BF16 model); the
     transformer's ``export.fp32_blocks`` are then widened to float32.
 
     Args:
-        config: the run's config.
         root: the diffusers model directory (its weights are already checked).
-        component: which component.
-        precision: the export precision.
         device: where the weights go ("cuda" keeps them out of host RAM).
         slg_layers: transformer blocks the ``skip_layers`` input gates.
         calibration: for the transformer, the calibration file to restore FP8 fake quant from.
         loras: ``model.loras``, fused into the transformer and CLIP encoders before anything else.
-
-    Returns:
-        The module in eval mode with gradients off.
 
     Raises:
         ModelError: the component cannot be loaded, or a LoRA does not fit it.
@@ -128,8 +118,7 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
     fake quant and the graph quantize on the same grid.
 
     Raises:
-        ConfigError: ``calibrate.fp8_attention`` with a float32 export (ModelOpt writes FP8
-            attention for 16-bit graphs only, the layout TensorRT's fused kernels need).
+        ConfigError: ``calibrate.fp8_attention`` with a float32 export (:func:`check_fp8_attention`).
         CalibrationError: the calibration file does not match the transformer.
     """
     from sd35trt.components import ATTENTION_QUANTIZERS
@@ -150,10 +139,7 @@ def graph_scale(amax: float, precision: Precision) -> float:
     """The scale ModelOpt's FP8 export writes for ``amax`` into a graph of ``precision``.
 
     ``1 / (448 / amax)`` in Python floats, then stored in the graph's dtype (ModelOpt's
-    ``export_fp8``: a float32 tensor cast to the input's dtype).
-
-    Returns:
-        The stored scale, as a Python float.
+    ``export_fp8``: a float32 tensor cast to the input's dtype), as a Python float.
     """
     import torch
 
@@ -173,14 +159,11 @@ def fp8_quantizers(model: nn.Module) -> dict[str, object]:
 
 
 def snap_amax(model: nn.Module, precision: Precision) -> int:
-    """Move each FP8 quantizer's amax to ``448 * scale`` of the scale a 16-bit graph stores.
+    """Move each FP8 quantizer's amax onto the scale a 16-bit graph stores; returns how many changed.
 
     A BF16 graph keeps ``amax / 448`` rounded to BF16 (relative change up to 2**-9); with the amax
     moved there, fake quant and the graph quantize on the same grid. Float32 graphs store the
     float32 scale: nothing changes.
-
-    Returns:
-        The number of quantizers whose amax changed.
     """
     import torch
 
@@ -297,16 +280,8 @@ def make_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Random inputs of ``spec`` at ``shapes`` (:func:`~sd35trt.sampling.sample_inputs`), as tensors.
 
-    Args:
-        spec: the component's I/O contract (names, dtypes, sampling rules).
-        shapes: a concrete shape per input name.
-        precision: the export precision of ``float`` inputs (``float32`` inputs stay float32).
-        case: seeds the draw (see :func:`~sd35trt.sampling.sample_inputs`).
-        vocab: the token vocabulary, for token inputs.
-        device: where the tensors go.
-
-    Returns:
-        The inputs in the spec's order.
+    ``float`` inputs are cast to ``precision`` (``float32`` inputs stay float32); ``case`` seeds the
+    draw and ``vocab`` bounds token ids. Returns the inputs in the spec's order.
 
     Raises:
         ExportError: the spec has token inputs and the encoder has no vocabulary size.

@@ -297,9 +297,6 @@ def run_cases(
         codes_dir: where to keep those codes (one ``.npz`` per case, as :class:`SpilledCodes`)
             instead of in memory.
 
-    Returns:
-        The :class:`GraphRun`.
-
     Raises:
         NotValidated: ONNX Runtime cannot load or run the graph (naming its error).
     """
