@@ -87,11 +87,6 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download_allowed(setting: bool) -> bool:
-    """The config flag, or ``SD35TRT_ALLOW_DOWNLOAD=1`` in the environment."""
-    return setting or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))
-
-
 def download_hint(repo_id: str, patterns: list[str], revision: str) -> str:
     """The ``hf download`` command that puts the files ``patterns`` select into the cache."""
     globs = dict.fromkeys(p.split("/")[0] + "/*" if "/" in p else p for p in patterns)
@@ -147,7 +142,7 @@ def resolve(
         if incomplete
         else f"{where} is not in the Hugging Face cache"
     )
-    if not download_allowed(allow_download):
+    if not (allow_download or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))):
         raise ModelError(
             f"{what}: {state} ({cache}); download it with {hint} (gated models: accept the license on "
             f"the Hub and `hf auth login` first), or let sd35trt download it: model.allow_download: true "
