@@ -47,11 +47,10 @@ Measured (2026-12-06, 2-core CPU, random weights, FP8 with ``fp8_weights``, one
 in BF16): process peak RSS (``VmHWM``) 6.69 GiB = 1.60x the BF16 weight bytes, in 531 s. By step,
 sampled every 10 ms: load 5.17 GiB, trace 5.43, rewrite + fold + save 1.16, ONNX Runtime 4.51,
 reference load 5.29 (4.84 once its positional table is cropped), reference compute 5.10. The
-sampling thread does not see the peak (a call keeps it from running, presumably holding the
-GIL); ``VmHWM`` does: it is inside ``torch.onnx.export`` (after tracing a 12-block cut, ``VmHWM``
-4.60 GiB against 3.39 sampled), about 1.5 GiB above the loaded module at full size, so the 1.3x
-goal (5.43 GiB) is not met yet. The excess follows the positional table rather than the depth
-(medium 12 and 24 blocks: +1.2 and +1.3 GiB; large, whose table is 2.5x smaller: +0.5 GiB).
+peak, which the sampling thread does not see (``VmHWM`` does: 4.60 GiB against 3.39 sampled after
+tracing a 12-block cut), is inside ``torch.onnx.export``, about 1.5 GiB above the loaded module at
+full size, so the 1.3x goal (5.43 GiB) is not met yet. The excess follows the positional table
+rather than the depth (medium 12 and 24 blocks: +1.2 and +1.3 GiB; large, table 2.5x smaller: +0.5).
 """
 
 from __future__ import annotations
