@@ -46,13 +46,9 @@ def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor stored in ``model``: initializers and Constant attributes, subgraphs included.
+    """Every tensor stored in ``model`` (initializers and Constant attributes, subgraphs included).
 
-    Args:
-        model: the model proto (external data loaded or not).
-
-    Returns:
-        An iterator over the TensorProtos, which callers may modify in place.
+    External data may be loaded or not; callers may modify the tensors in place.
     """
     yield from _graph_tensors(model.graph)
     for fn in model.functions:
@@ -146,11 +142,8 @@ def _safe_data_path(model_path: Path, tensor_name: str, location: str) -> Path:
 def check_external_data(path: str | Path) -> ModelProto:
     """Refuse unsafe or broken external-data references of the ONNX file at ``path``.
 
-    Only the graph is parsed (``load_external_data=False``); no data file is opened unless its
-    location passed the checks. Run this before handing a file to ONNX Runtime or TensorRT.
-
-    Returns:
-        The model proto without its external data.
+    Only the graph is parsed (``load_external_data=False``) and returned; no data file is opened
+    unless its location passed the checks. Run this before handing a file to ONNX Runtime or TensorRT.
 
     Raises:
         ModelError: the file is missing or not ONNX, or a tensor's location is absolute, escapes
@@ -268,8 +261,6 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
     """Write ``model`` to ``path``, streaming its weights; ``model`` is updated to match the file.
 
     Args:
-        model: the graph; its external tensors are read from beside ``source``.
-        path: the ``.onnx`` file to write.
         source: the file ``model``'s external locations are relative to (None: none are).
         external: put every tensor of ``SMALL_TENSOR_BYTES`` or more into ``<path>.data``
             beside the model, with a relative location; otherwise everything goes inline.
@@ -305,10 +296,7 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
 
 
 def check_onnx_file(path: str | Path) -> ModelProto:
-    """:func:`check_external_data`, then the ONNX checker on the path (full check, data included).
-
-    Returns:
-        The model proto without its external data.
+    """:func:`check_external_data` (whose model proto it returns), then the full ONNX checker.
 
     Raises:
         ModelError: an unsafe or broken external-data reference.

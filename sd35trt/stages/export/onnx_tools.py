@@ -91,11 +91,7 @@ def rewrite_fp8_qdq(model: ModelProto) -> int:
 
 
 def custom_ops(model: ModelProto) -> set[str]:
-    """Ops ONNX Runtime and TensorRT can't read without plugins.
-
-    Returns:
-        ``domain::op`` of every node outside the standard ONNX domain.
-    """
+    """``domain::op`` of every node outside the standard ONNX domain (ORT and TensorRT need plugins)."""
     return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in DEFAULT_DOMAINS}
 
 
@@ -204,9 +200,8 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
     at a time: each FP8 weight goes straight to ``<model_path>.fp8.data`` and the graph refers
     to it as external data (:func:`save_model` later streams it into the final file).
 
-    Args:
-        model: a graph after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants).
-        model_path: where ``model``'s external data is relative to (the exported file).
+    ``model`` comes after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants);
+    ``model_path`` is where its external data is relative to (the exported file).
     """
     import ml_dtypes
 
@@ -321,8 +316,7 @@ def cast_unsupported_bf16(model: ModelProto) -> int:
     a Cast back; bfloat16 -> float32 is exact, and PyTorch accumulates bfloat16 convolutions in
     float32 too. In an SD3.5 transformer this is only the patch-embedding Conv.
 
-    Args:
-        model: a graph with inferred types (after :func:`clean_up`).
+    ``model`` needs inferred types (after :func:`clean_up`).
     """
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     graph = model.graph
