@@ -335,14 +335,8 @@ def pytorch_reference(
     A BF16 module computes in float32 (:func:`float32_compute`; the graph runs in its float32
     form). With ``codes`` (ONNX Runtime's activation codes per case) the module's FP8 quantizers
     use the graph's arithmetic and take those codes at rounding ties (:func:`onnx_quantization`),
-    and the outputs with every quantizer off are computed too.
-
-    Args:
-        module: the spec-shaped module.
-        sp: its spec (output names).
-        cases: the inputs of each case, in the export precision.
-        precision: the export precision.
-        codes: for an FP8 module, ONNX Runtime's codes per case.
+    and the outputs with every quantizer off are computed too. ``cases`` are the inputs of each
+    case in the export ``precision``.
     """
     from sd35trt.stages.export.tracing import quantizers_disabled, reference
 

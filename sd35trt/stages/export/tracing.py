@@ -310,11 +310,7 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 def reference(
     module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...]
 ) -> dict[str, np.ndarray]:
-    """Run ``module`` without gradients.
-
-    Returns:
-        Its outputs by the spec's output names, as float32 numpy.
-    """
+    """Run ``module`` without gradients: its outputs by the spec's output names, as float32 numpy."""
     import torch
 
     with torch.no_grad():
@@ -330,15 +326,13 @@ def trace(
 
     Args:
         module: the spec-shaped module (for FP8, inside :func:`fp8_tracing`).
-        spec: names and dynamic axes of the graph.
         inputs: sample inputs; their values don't matter, their shapes set the traced sizes.
-        path: the ``.onnx`` file to write (per-tensor data files may appear beside it).
+        path: the ``.onnx`` file to write (over 2 GB, one external file per tensor beside it).
         opset: the ONNX opset, at most :func:`max_trace_opset`.
 
     Constant folding is left to :func:`~sd35trt.stages.export.onnx_tools.clean_up`: the TorchScript
     folder keeps a second copy of every folded weight (2x the memory of a large model), and it
-    fails on bfloat16 constants. Models over 2 GB come out with one external file per tensor
-    beside ``path``.
+    fails on bfloat16 constants.
     """
     import torch
 

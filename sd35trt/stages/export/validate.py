@@ -44,11 +44,7 @@ class NotValidated(Exception):
 
 
 def providers() -> list[str]:
-    """ONNX Runtime providers to validate with.
-
-    Returns:
-        CUDA first where onnxruntime-gpu sees a GPU, CPU always.
-    """
+    """ONNX Runtime providers to validate with: CUDA first where onnxruntime-gpu sees a GPU, CPU always."""
     import onnxruntime as ort
 
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
@@ -61,12 +57,8 @@ def float32_form(model: ModelProto) -> ModelProto | None:
     to float32; bfloat16 Constants, Casts, inputs, outputs and value infos become float32. FP8
     initializers, Q/DQ zero points and every node are kept, so the float32 form holds the same
     weights and scales (BF16 -> float32 is exact) and differs only in the dtype of the compute.
-
-    Args:
-        model: the graph, loaded without external data (locations stay relative).
-
-    Returns:
-        A copy in float32, or None when the graph has no bfloat16 tensor.
+    ``model`` is loaded without external data (locations stay relative); the result is a copy, or
+    None when the graph has no bfloat16 tensor.
     """
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     out = ModelProto()
@@ -287,12 +279,10 @@ def run_cases(
     codes: bool = False,
     codes_dir: Path | None = None,
 ) -> GraphRun:
-    """Run the graph at ``path`` on every validation case.
+    """Run the graph at ``path`` on every validation case (``feeds``: per case, the inputs by name).
 
     Args:
-        path: the exported graph.
         available: ONNX Runtime providers (:func:`providers`).
-        feeds: per case, the inputs by name.
         codes: also return the FP8 codes of the activation quantizers (FP8 graphs).
         codes_dir: where to keep those codes (one ``.npz`` per case, as :class:`SpilledCodes`)
             instead of in memory.
@@ -361,12 +351,9 @@ def json_float(x: float) -> float | str:
 def compare(
     actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], tol: Tolerance
 ) -> list[OutputCheck]:
-    """Per-output errors of ``actual`` (ONNX Runtime) against ``expected`` (PyTorch).
+    """Per-output errors of ``actual`` (ONNX Runtime) against ``expected`` (PyTorch), in its order.
 
     A NaN or inf in either, a missing output or a shape mismatch counts as an infinite error.
-
-    Returns:
-        One :class:`OutputCheck` per expected output, in order.
     """
     checks = []
     for name, ref in expected.items():
@@ -403,10 +390,8 @@ def check_cases(
     """Compare ONNX Runtime's results with PyTorch's, case by case.
 
     Args:
-        graph_run: the graph's results (:func:`run_cases`).
         stem: the graph's name in failure messages.
         shapes, expected: per case, the input shapes and the PyTorch outputs.
-        tol: the tolerance every output is held to.
         against: what ``expected`` is, for the report (``pytorch``, ``modelopt fake quant``).
 
     Returns:
