@@ -179,7 +179,7 @@ def _download(repo_id: str, revision: str, patterns: list[str], what: str) -> Sn
             f"{what}: no repo {repo_id} on the Hugging Face Hub (if it is private: `hf auth login`)"
         ) from None
     except (OSError, ValueError) as err:  # connection errors, HTTP errors, incomplete downloads
-        raise ModelError(f"{what}: downloading {repo_id} failed: {_first_line(err)}") from None
+        raise ModelError(f"{what}: downloading {repo_id} failed: {first_line(err)}") from None
     return _snapshot(path, repo_id, revision)
 
 
@@ -191,6 +191,7 @@ def _snapshot(path: str, repo_id: str, revision: str) -> Snapshot:
     return Snapshot(path=folder, repo_id=repo_id, revision=revision, commit=commit)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its class name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

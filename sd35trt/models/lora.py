@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from sd35trt.config import LoraSettings
 from sd35trt.errors import ModelError
+from sd35trt.models import hub
 from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors, read_header
 
 if TYPE_CHECKING:
@@ -80,14 +81,9 @@ class ResolvedLora:
 
 
 def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False) -> tuple[ResolvedLora, ...]:
-    """Find, check and hash each configured LoRA file.
+    """Find, check and hash each LoRA file of ``model.loras``: one :class:`ResolvedLora` each, in order.
 
-    Args:
-        settings: ``model.loras``.
-        allow_download: ``model.allow_download`` (Hub repo ids not in the cache).
-
-    Returns:
-        One :class:`ResolvedLora` per setting, in order.
+    ``allow_download`` is ``model.allow_download`` (Hub repo ids not in the cache).
 
     Raises:
         ModelError: a path that is neither a file, a directory holding one ``.safetensors`` file nor
@@ -98,15 +94,14 @@ def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False
     out = []
     for i, s in enumerate(settings):
         what = f"model.loras[{i}].path"
-        file, hub = _locate(s, what, allow_download)
+        file, repo = _locate(s, what, allow_download)
         check_safetensors(file)
-        out.append(ResolvedLora(i, file, sha256_file(file), s.scale, s.path, hub))
+        out.append(ResolvedLora(i, file, sha256_file(file), s.scale, s.path, repo))
     return tuple(out)
 
 
 def _locate(s: LoraSettings, what: str, allow_download: bool) -> tuple[Path, dict | None]:
     from sd35trt.config import REPO_ID_PATTERN
-    from sd35trt.models import hub
 
     path = Path(s.path).expanduser()
     if path.is_file():
@@ -161,7 +156,6 @@ def check_lora(lora: ResolvedLora, modules: Mapping[str, nn.Module]) -> None:
     """Check ``lora``'s keys and shapes against the loaded ``modules`` it will be fused into.
 
     Args:
-        lora: the resolved file.
         modules: pipeline attribute -> loaded module, for the loadable modules present (export
             loads one at a time; keys of absent ones are checked when those load).
 
@@ -254,11 +248,8 @@ def apply_alphas(state_dict: dict, label: str) -> dict:
     ``B`` by ``alpha / rank`` gives the update the file means at diffusers' scale 1.
 
     Args:
-        state_dict: diffusers' ``lora_state_dict`` of the file (modified in place).
+        state_dict: diffusers' ``lora_state_dict`` of the file; modified in place and returned.
         label: the LoRA, for errors.
-
-    Returns:
-        ``state_dict`` without alpha keys.
 
     Raises:
         ModelError: an alpha that is not finite, or whose module has no up weight.
@@ -313,7 +304,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                 return_lora_metadata=True,
             )
         except (OSError, ValueError) as err:
-            raise ModelError(f"{lora.label}: diffusers cannot read it: {_first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers cannot read it: {hub.first_line(err)}") from None
         if any(_ALPHA.match(k) for k in state_dict) and metadata:
             raise ModelError(
                 f"{lora.label} holds both .alpha keys and diffusers' adapter metadata (lora_alpha); "
@@ -344,7 +335,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                     )
             holder.fuse_lora(components=used, lora_scale=lora.scale, adapter_names=[lora.adapter_name])
         except (ValueError, RuntimeError, KeyError) as err:  # diffusers' and PEFT's load errors
-            raise ModelError(f"{lora.label}: diffusers could not fuse it: {_first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers could not fuse it: {hub.first_line(err)}") from None
         finally:
             holder.unload_lora_weights()
 
@@ -353,11 +344,4 @@ def _holder(modules: Mapping[str, nn.Module]):
     """A ``StableDiffusion3Pipeline`` holding only ``modules`` (diffusers fuses and unloads through it)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from sd35trt.models.hub import PIPELINE_FOLDERS
-
-    return StableDiffusion3Pipeline(**{**dict.fromkeys(PIPELINE_FOLDERS), **modules})
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return StableDiffusion3Pipeline(**{**dict.fromkeys(hub.PIPELINE_FOLDERS), **modules})

@@ -105,7 +105,6 @@ def quant_config(settings: CalibrateSettings, num_layers: int, head_dim: int | N
     weights and inputs (and attention when asked), then disable the exclusions.
 
     Args:
-        settings: the ``calibrate`` config section.
         num_layers: number of transformer blocks, to check ``high_precision_blocks``.
         head_dim: attention head size; when given, FP8 attention is checked against it.
 
