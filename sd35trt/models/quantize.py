@@ -16,10 +16,10 @@ import fnmatch
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.artifacts.records import QuantizerCounts
 from sd35trt.components import ATTENTION_QUANTIZERS, QuantizerKind
 from sd35trt.config import CalibrateSettings
 from sd35trt.errors import CalibrationError, ConfigError
@@ -47,42 +47,16 @@ METADATA_KEY = "sd35trt"
 BLOCKS = "transformer_blocks"
 
 
-@dataclass(frozen=True)
-class QuantSummary:
-    """Counts of enabled and disabled quantizers by kind, and the Linear layers left unquantized.
-
-    Attributes:
-        enabled: kind -> number of enabled quantizers.
-        disabled: kind -> number of disabled quantizers.
-        high_precision_linears: names of the ``nn.Linear`` modules kept out of FP8.
-    """
-
-    enabled: dict[QuantizerKind, int]
-    disabled: dict[QuantizerKind, int]
-    high_precision_linears: tuple[str, ...] = field(default=())
-
-    @property
-    def total_enabled(self) -> int:
-        return sum(self.enabled.values())
-
-    def to_json(self) -> dict:
-        return {
-            "enabled": {k.value: self.enabled.get(k, 0) for k in QuantizerKind},
-            "disabled": {k.value: self.disabled.get(k, 0) for k in QuantizerKind},
-            "high_precision_linears": list(self.high_precision_linears),
-        }
-
-    def table(self) -> str:
-        """A small text table under a title: one row per kind, enabled and disabled counts."""
-        rows = [
-            "FP8 quantizers in the transformer (ModelOpt; enabled: run in FP8, disabled: kept in "
-            "high precision)",
-            f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}",
-        ]
-        for k in QuantizerKind:
-            rows.append(f"{k.value:<11} {self.enabled.get(k, 0):>8} {self.disabled.get(k, 0):>9}")
-        rows.append(f"{'total':<11} {self.total_enabled:>8} {sum(self.disabled.values()):>9}")
-        return "\n".join(rows)
+def quantizer_table(counts: QuantizerCounts) -> str:
+    """A small text table under a title: one row per quantizer kind, enabled and disabled counts."""
+    rows = [
+        "FP8 quantizers in the transformer (ModelOpt; enabled: run in FP8, disabled: kept in high precision)",
+        f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}",
+    ]
+    for k in QuantizerKind:
+        rows.append(f"{k.value:<11} {counts.enabled.get(k, 0):>8} {counts.disabled.get(k, 0):>9}")
+    rows.append(f"{'total':<11} {sum(counts.enabled.values()):>8} {sum(counts.disabled.values()):>9}")
+    return "\n".join(rows)
 
 
 def check_fp8_attention(settings: CalibrateSettings, head_dim: int) -> None:
@@ -200,8 +174,8 @@ def check_amax(model: nn.Module) -> None:
         )
 
 
-def summarize(model: nn.Module) -> QuantSummary:
-    """Count the quantizers of a quantized ``model`` by kind and state."""
+def summarize(model: nn.Module) -> QuantizerCounts:
+    """Count the quantizers of a quantized ``model`` by kind and state, and its unquantized Linears."""
     from torch import nn
 
     enabled: Counter[QuantizerKind] = Counter()
@@ -214,8 +188,10 @@ def summarize(model: nn.Module) -> QuantSummary:
         return any(q is not None and q.is_enabled for q in qs)
 
     plain = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not quantized(m))
-    return QuantSummary(
-        {k: enabled[k] for k in QuantizerKind}, {k: disabled[k] for k in QuantizerKind}, plain
+    return QuantizerCounts(
+        enabled={k: enabled[k] for k in QuantizerKind},
+        disabled={k: disabled[k] for k in QuantizerKind},
+        high_precision_linears=plain,
     )
 
 
@@ -234,7 +210,7 @@ def _quantizer_at_fault(err: BaseException, model: nn.Module) -> str | None:
 
 def quantize(
     transformer: nn.Module, settings: CalibrateSettings, forward_loop: Callable[[nn.Module], Any]
-) -> QuantSummary:
+) -> QuantizerCounts:
     """Insert FP8 quantizers into ``transformer`` and calibrate them with ``forward_loop``.
 
     Args:
