@@ -215,7 +215,6 @@ def quantize(
 
     Args:
         transformer: a diffusers ``SD3Transformer2DModel``; modified in place.
-        settings: the ``calibrate`` config section (exclusions, high-precision blocks, FP8 attention).
         forward_loop: called once with the transformer; runs the calibration data through it.
 
     Raises:

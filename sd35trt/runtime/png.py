@@ -62,10 +62,9 @@ def png_parameters(
 
 
 def png_bytes(image: Image.Image, parameters: Mapping) -> bytes:
-    """Encode ``image`` (RGB) as PNG with ``parameters`` (:func:`png_parameters`) in a text chunk.
+    """PNG bytes of ``image`` (RGB) with ``parameters`` (:func:`png_parameters`) in a text chunk.
 
-    Returns:
-        The PNG file's bytes (the same for the same pixels and parameters).
+    The same pixels and parameters always give the same bytes.
     """
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=_png_info(parameters))

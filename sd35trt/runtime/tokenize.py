@@ -94,11 +94,7 @@ class PromptTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path, t5_length: int) -> PromptTokenizer:
-        """Load ``tokenizer/``, ``tokenizer_2/`` and ``tokenizer_3/`` from ``directory``.
-
-        Args:
-            directory: an engines directory (or a diffusers model directory).
-            t5_length: tokens per text for T5.
+        """Load the three tokenizer folders of an engines (or diffusers model) ``directory``.
 
         Raises:
             ManifestError: a tokenizer folder is missing or transformers cannot read it.
@@ -121,14 +117,7 @@ class PromptTokenizer:
         return cls(tokenizers, t5_length)
 
     def __call__(self, texts: Sequence[str]) -> TokenizedPrompts:
-        """Tokenize ``texts`` for the three encoders.
-
-        Args:
-            texts: the texts of one batch (e.g. ``[negative, positive]``).
-
-        Returns:
-            The padded token ids and the truncations.
-        """
+        """Tokenize the texts of one batch (e.g. ``[negative, positive]``) for the three encoders."""
         ids: dict[Component, torch.Tensor] = {}
         truncations: list[Truncation] = []
         for encoder, tokenizer in self.tokenizers.items():

@@ -39,7 +39,6 @@ def report_json(
 
     Args:
         graphs: every exported graph (the stage's ``_Graph`` records).
-        opset: the ONNX opset exported at.
         device: where tracing ran (``cpu``, ``cuda``).
         providers: the ONNX Runtime providers validation used.
         seconds: the stage's wall time.
