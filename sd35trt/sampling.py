@@ -1,8 +1,4 @@
-"""Sample inputs of a component's graph, drawn as its spec says.
-
-Export validation and ``sd35trt verify --compare`` both draw their inputs here, so an engine is
-compared on the kind of values it was validated on.
-"""
+"""Sample inputs of a component's graph, drawn as its spec says (export validation, verify --compare)."""
 
 from __future__ import annotations
 
@@ -17,6 +13,9 @@ def sample_inputs(
     sp: ComponentSpec, shapes: Mapping[str, tuple[int, ...]], case: int, vocab: int | None = None
 ) -> dict[str, np.ndarray]:
     """Random inputs of ``sp`` at ``shapes``, drawn as each input's :class:`Sampling` says.
+
+    Export validation and ``sd35trt verify --compare`` both draw their inputs here, so an engine
+    is compared on the kind of values it was validated on.
 
     Args:
         sp: the component's I/O contract (names, sampling rules).
