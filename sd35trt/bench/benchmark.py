@@ -1,19 +1,9 @@
 """``sd35trt bench``: stage latencies, throughput, peak memory and the runtime's per-step overhead.
 
-Each configuration (an engines directory, or the diffusers PyTorch pipeline given with
-``--reference``) runs ``warmup`` untimed generations, then ``runs`` timed ones with the engines'
-runtime defaults (size, steps, guidance, skip-layer guidance). Stage times are taken around each
-engine call (each diffusers module call for the reference): CUDA events on a GPU, ``perf_counter``
-on the CPU. Per stage the median and 90th percentile over the timed runs are reported; a text
-encoder's time per run is the sum of its calls (diffusers encodes the prompt and the negative
-prompt in two calls, the runtime in one batch), the transformer's is per denoising step (its
-time per run divided by the steps) and per call. The overhead measurement is described in
-:mod:`sd35trt.bench.overhead`; the result's schema in :mod:`sd35trt.bench.report`.
-
-Image-to-image: when the first engines directory has a VAE encoder, it is also benchmarked in
-image-to-image mode (:func:`~sd35trt.bench.subjects.bench_image` at the default size,
-``img2img_strength``), with the VAE encoder as one more stage; the report keeps it apart as
-``img2img`` (its transformer time per step divides by the steps the strength keeps).
+Stage times are taken around each engine call (each diffusers module call for the reference):
+CUDA events on a GPU, ``perf_counter`` on the CPU. A text encoder's time per run is the sum of its
+calls (diffusers encodes the prompt and the negative prompt in two calls, the runtime in one
+batch); the transformer's is per denoising step and per call. Schema: :mod:`sd35trt.bench.report`.
 """
 
 from __future__ import annotations
@@ -120,9 +110,8 @@ MakeSubject = Callable[[StageClock, MemoryProbe], Subject]
 
 
 def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> tuple[Configuration, Any]:
-    """Load a subject, time ``runs`` generations after ``warmup``, and close it before returning.
-
-    The subject is freed (closed and collected) before the next one loads, so peak memory is its own.
+    """Load a subject, time ``runs`` generations after ``warmup``, and free it (closed and
+    collected, so the next subject's peak memory is its own).
 
     Returns:
         The measured configuration and the last generation's result (``RuntimeSubject.last``;
@@ -131,39 +120,32 @@ def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> 
     clock, memory = StageClock(), MemoryProbe()
     subject = make(clock, memory)
     try:
-        measured = _time(subject, params, clock, memory, runs, warmup)
+        load_before = _load_average()
+        for _ in range(warmup):
+            subject.generate(params)
+        clock.collect()
+        memory.reset()
+        timed = []
+        for _ in range(runs):
+            subject.generate(params)
+            timed.append(clock.collect())
+        stages = stage_stats(timed, params.steps_run)
+        total = stages.total.median
+        measured = Configuration(
+            label=subject.label,
+            kind=subject.kind,
+            **subject.info,
+            stages=stages,
+            images_per_second=params.num_images / (total / 1e3) if total else None,
+            memory=memory.read(),
+            load_average_1m=(load_before, _load_average()),
+        )
         last = getattr(subject, "last", None)
     finally:
         subject.close()
         del subject
         gc.collect()
     return measured, last
-
-
-def _time(
-    subject: Subject, params: BenchParams, clock: StageClock, memory: MemoryProbe, runs: int, warmup: int
-) -> Configuration:
-    load_before = _load_average()
-    for _ in range(warmup):
-        subject.generate(params)
-    clock.collect()
-    memory.reset()
-    timed = []
-    for _ in range(runs):
-        subject.generate(params)
-        timed.append(clock.collect())
-    mem = memory.read()
-    stages = stage_stats(timed, params.steps_run)
-    total = stages.total.median
-    return Configuration(
-        label=subject.label,
-        kind=subject.kind,
-        **subject.info,
-        stages=stages,
-        images_per_second=params.num_images / (total / 1e3) if total else None,
-        memory=mem,
-        load_average_1m=(load_before, _load_average()),
-    )
 
 
 def host_info(device: str) -> Host:
@@ -269,11 +251,12 @@ def bench(
 ) -> BenchReport:
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
-    Every configuration generates with the first engines directory's runtime defaults (replaced
-    by ``options.generation``). Engines built with the first-block cache are also timed at cache
-    threshold 0 and at the generation's ``cache_threshold`` (``report.cache``; no overhead
-    measurement then: its stand-in replaces the whole transformer engine). Writes ``bench.json``
-    and ``bench.png`` (stages side by side, images/s, peak memory, overhead) to ``options.out_dir``.
+    Every configuration runs ``warmup`` untimed then ``runs`` timed generations with the first
+    engines directory's runtime defaults (replaced by ``options.generation``). With a VAE encoder
+    the first directory is also timed in image-to-image mode (``report.img2img``); engines built
+    with the first-block cache at cache threshold 0 and at the generation's ``cache_threshold``
+    (``report.cache``; no overhead measurement then: its stand-in replaces the whole transformer
+    engine). Writes ``bench.json`` and ``bench.png`` to ``options.out_dir``.
 
     Args:
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).
@@ -326,23 +309,18 @@ def bench(
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if o.plot else None),
     )
-    _write_bench(report, out, o.plot)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out / BENCH_JSON, report)
+    if o.plot:
+        from sd35trt.bench.plots import plot_bench
+
+        plot_bench(report, out / BENCH_PNG)
     return report
 
 
 def _engines_subject(engines_dir: Path, device: str | None) -> MakeSubject:
     """Makes the runtime of ``engines_dir`` on ``device`` as a subject."""
     return lambda clock, memory: RuntimeSubject.from_engines(engines_dir, clock, memory, device)
-
-
-def _write_bench(report: BenchReport, out: Path, plot: bool) -> None:
-    """``bench.json`` and, with ``plot``, ``bench.png`` in ``out`` (created)."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out / BENCH_JSON, report)
-    if plot:
-        from sd35trt.bench.plots import plot_bench
-
-        plot_bench(report, out / BENCH_PNG)
 
 
 def _overhead(

@@ -1,14 +1,7 @@
 """``sd35trt eval``: image quality of engines against the non-quantized diffusers pipeline.
 
-Over held-out prompts (never used for calibration), each with a fixed seed (``seed + index``),
-the engines and the diffusers pipeline generate with the engines' runtime defaults; each engine
-image is compared with its reference by PSNR and SSIM (:mod:`sd35trt.metrics`) and, when the
-``lpips`` package and its network weights are on this machine, LPIPS. Nothing is downloaded:
-without them LPIPS is skipped and the result says so.
-
-Writes ``eval.json`` (per prompt and aggregated; schema in :mod:`sd35trt.bench.eval_report`), ``eval.md``
-(the table), ``eval_grid.png`` (reference, engine image and their amplified difference per
-prompt) and the images themselves. The reference side runs through :mod:`sd35trt.models.reference`.
+PSNR, SSIM (:mod:`sd35trt.metrics`) and, when the ``lpips`` package and its network weights are on
+this machine, LPIPS. Nothing is downloaded: without them LPIPS is skipped and the result says so.
 """
 
 from __future__ import annotations
@@ -134,7 +127,9 @@ def evaluate(
     plot: bool = True,
     cache_thresholds: Sequence[float] | None = None,
 ) -> EvalReport:
-    """Compare the engines' images with the diffusers pipeline's over held-out prompts.
+    """Compare the engines' images with the diffusers pipeline's over held-out prompts (never used
+    for calibration), both with the engines' runtime defaults. Writes ``eval.json``, ``eval.md``,
+    ``eval_grid.png`` (reference, engine image, amplified difference) and the images.
 
     Args:
         engines_dir: a build's ``engines/`` directory.
@@ -197,7 +192,16 @@ def evaluate(
             grid=str(out / EVAL_GRID) if plot else None,
         ),
     )
-    _write_eval(report, out, plot)
+    write_report(out / EVAL_JSON, report)
+    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
+    if plot:
+        from sd35trt.bench.plots import plot_eval_grid
+
+        plot_eval_grid(report, out, out / EVAL_GRID)
+        if report.cache:
+            from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
+
+            plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
     return report
 
 
@@ -210,21 +214,6 @@ def _eval_params(rt: Any, seed: int) -> EvalParams:
         skip_layer_guidance=applied_skip_layer_guidance(rt.skip_layer_guidance, rt.guidance_scale),
         seeds=f"{seed} + prompt index",
     )
-
-
-def _write_eval(report: EvalReport, out: Path, plot: bool) -> None:
-    """``eval.json``, ``eval.md`` and, with ``plot``, the grid (and the cache sweep's figure) in ``out``."""
-    write_report(out / EVAL_JSON, report)
-    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
-    if not plot:
-        return
-    from sd35trt.bench.plots import plot_eval_grid
-
-    plot_eval_grid(report, out, out / EVAL_GRID)
-    if report.cache:
-        from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
-
-        plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
 
 
 def _engine_images(

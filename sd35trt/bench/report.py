@@ -1,10 +1,7 @@
 """``bench.json``: the schema of a benchmark result, reading it, merging several, printing one.
 
-:func:`sd35trt.bench.benchmark.bench` writes a :class:`BenchReport`; the figure
-(:func:`sd35trt.bench.plots.plot_bench`) and ``scripts/plot_bench.py`` read it through
-:func:`read_bench`, so a file from another version or a hand-edited one is a one-line error
-naming the field. Times are in the unit each :class:`Summary` states (ms for stages, µs for the
-per-step overhead); memory in bytes.
+Times are in the unit each :class:`Summary` states (ms for stages, µs for the per-step overhead);
+memory in bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from sd35trt.bench.reports import ReportModel, read_report
+from sd35trt.bench.reports import fmt_number as _fmt
 from sd35trt.config import SkipLayerGuidance
 
 #: ``/2``: generation parameters named as diffusers names them (``num_inference_steps``).
@@ -253,10 +251,6 @@ def merge_bench(reports: Sequence[BenchReport]) -> BenchReport:
     first = reports[0]
     host = first.host.model_copy(update={"device": " + ".join(sorted(devices))})
     return first.model_copy(update={"configurations": configurations, "host": host})
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_bench(report: BenchReport) -> str:
