@@ -1,12 +1,5 @@
-"""Small files a user writes (a YAML config, a prompts file), read defensively; and JSON objects.
-
-A config or prompts file is text of a few KB: anything larger, binary or not UTF-8 is refused
-with one line naming the file, and YAML aliases and repeated keys are refused (see
-:class:`_ConfigLoader`). Validation of a config's content is :mod:`sd35trt.config`'s.
-
-:func:`read_json` reads the JSON objects sd35trt and diffusers write (manifests, a model's
-component configs, a scheduler config): missing, not JSON and not an object are one line each.
-"""
+"""Small files a user writes (a YAML config, a prompts file), read defensively; and JSON objects
+(manifests, a model's component configs, a scheduler config)."""
 
 from __future__ import annotations
 
@@ -30,14 +23,7 @@ def _capped(text: str) -> str:
 
 
 def read_text_file(path: str | Path, what: str) -> str:
-    """The UTF-8 text of a small user file (a config, a prompts file).
-
-    Args:
-        path: the file.
-        what: how the message names it (``"config file"``, ``"calibrate.prompts: prompt file"``).
-
-    Returns:
-        The text.
+    """The UTF-8 text of a small user file; ``what`` names it in messages (``"config file"``).
 
     Raises:
         ConfigError: the file is missing, a directory, unreadable, over
@@ -64,12 +50,9 @@ def read_text_file(path: str | Path, what: str) -> str:
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader without aliases and duplicate keys.
-
-    An alias can expand a few hundred bytes into gigabytes (a "billion laughs"), and a repeated
-    key silently overrode the first (a second ``export:`` section turned quantization off): a
-    config never needs either, so both are refused with the line they are on.
-    """
+    """YAML's safe loader without aliases (a few hundred bytes can expand into gigabytes, a "billion
+    laughs") and duplicate keys (the second silently overrides the first): both are refused with
+    the line they are on."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):

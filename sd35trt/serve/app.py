@@ -1,11 +1,5 @@
-"""The HTTP server: the FastAPI app (routes, error handlers, middleware), readiness, graceful
-shutdown, and the uvicorn runner with slow-client protection and structured logs.
-
-Endpoints: ``POST /generate``, ``POST /v1/images/generations``, ``POST /v1/images/edits`` and
-``GET /v1/models`` (:mod:`sd35trt.serve.api`),
-``GET /health`` (alive, also while loading and draining), ``GET /ready`` (503 until the engines are
-loaded and warmed up), ``GET /metrics`` (Prometheus), ``/docs``.
-"""
+"""The HTTP server: the FastAPI app (error handlers, middleware, probe routes; the generation
+routes are :mod:`sd35trt.serve.api`'s), graceful shutdown, and the uvicorn runner."""
 
 from __future__ import annotations
 
@@ -109,11 +103,7 @@ async def _bring_up(state: ServerState, source: Any) -> None:
     batcher: Batcher | None = None
     try:
         gen = await asyncio.to_thread(_as_generator, source, settings)
-        max_batch = settings.max_batch or gen.max_batch
-        if max_batch > gen.max_batch:
-            raise Sd35TrtError(
-                f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
-            )
+        max_batch = _max_batch(settings, gen)
         batcher = Batcher(
             gen.run_batch,
             max_batch=max_batch,
@@ -138,6 +128,20 @@ async def _bring_up(state: ServerState, source: Any) -> None:
             log.exception("unexpected error while loading")
         if batcher is not None and state.batcher is None:
             await batcher.close()  # frees its engine thread
+
+
+def _max_batch(settings: ServeSettings, gen: Generator) -> int:
+    """The engine batch (images): ``--max-batch``, else the engines' maximum.
+
+    Raises:
+        Sd35TrtError: ``--max-batch`` exceeds the engines' maximum.
+    """
+    max_batch = settings.max_batch or gen.max_batch
+    if max_batch > gen.max_batch:
+        raise Sd35TrtError(
+            f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
+        )
+    return max_batch
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -292,9 +296,6 @@ def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
     connection_bound(settings.max_connections)  # a bad limit fails before the engines load
     check_address(settings.host, settings.port)  # so does an address in use
     gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram, max_images=settings.max_images)
-    if settings.max_batch is not None and settings.max_batch > gen.max_batch:
-        raise Sd35TrtError(
-            f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}"
-        )
+    _max_batch(settings, gen)
     app = create_app(gen, settings)
     make_server(app, settings).run()

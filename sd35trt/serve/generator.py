@@ -1,11 +1,4 @@
-"""What the server needs from a runtime, and the adapter onto :mod:`sd35trt.runtime.pipeline`.
-
-The server talks to a narrow :class:`Generator`: ``prepare`` validates one request against the
-engine manifest (raising :class:`~sd35trt.errors.RequestError` naming the field) and returns a
-:class:`Prepared` with the parameters actually used and the key that says which requests may
-share an engine batch; ``run_batch`` runs several prepared requests as one engine batch and gives
-one :class:`ImageSet` (or exception) per request.
-"""
+"""What the server needs from a runtime: the narrow :class:`Generator` interface and its records."""
 
 from __future__ import annotations
 
@@ -130,11 +123,9 @@ def run_alone_on_failure(
     skip: Callable[[Any], bool] = lambda item: False,
     on_failure: Callable[[BaseException], None] = lambda err: None,
 ) -> tuple[list[Any], bool]:
-    """Run ``items`` as one engine batch; when it fails as a whole, run each item alone.
-
-    One bad request must not fail the others merged with it: a merged batch that raises (a
-    NaN, out of memory, any exception) is re-run one item at a time, so only the item at fault
-    gets the error. ``sd35trt serve``'s batcher and the Triton model both batch this way.
+    """Run ``items`` as one engine batch; when it fails as a whole (a NaN, out of memory, any
+    exception), run each item alone, so only the item at fault gets the error (``sd35trt serve``'s
+    batcher and the Triton model both batch this way).
 
     Args:
         run_batch: runs a list of items, returns one result (or exception) per item, or raises.
