@@ -34,9 +34,8 @@ def _app_module():
 
 
 def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app for an engines directory, a loaded runtime or a generator.
-
-    See :func:`sd35trt.serve.app.create_app`.
+    """The FastAPI app for an engines directory, a loaded runtime or a generator
+    (:func:`sd35trt.serve.app.create_app`).
 
     Raises:
         Sd35TrtError: FastAPI / uvicorn are not installed.

@@ -1,17 +1,9 @@
 """Dynamic batching: a bounded queue and one worker that runs engine batches in a thread.
 
-Requests wait in arrival order. The worker takes the oldest one, then, for up to the batching
-window, gathers later requests that are *compatible* with it (same batch key: size, steps,
-guidance) while their images fit the engine's maximum batch. Incompatible requests keep their
-place and wait their turn, so the oldest request is always the next to run.
-
-The batch runs in a single-thread executor (engines are not re-entrant; the event loop stays
-responsive). When a merged batch fails as a whole (a NaN, out of memory, any exception), each of
-its requests is re-run alone, so only the request at fault fails.
-
-Nothing here knows about HTTP or engines: :class:`Batcher` calls ``run_batch(requests)``, which
-returns one result (or exception) per request, and tells ``on_batch`` about every engine batch
-(for metrics). While a batch runs, the log context names the requests in it (their ``tag``s).
+The worker takes the oldest request, then, for up to the batching window, gathers later requests
+with the same batch key (size, steps, guidance) while their images fit the engine batch; the others
+keep their place, so the oldest request is always the next to run. Batches run in a single-thread
+executor (engines are not re-entrant). Nothing here knows about HTTP or engines.
 """
 
 from __future__ import annotations
@@ -348,19 +340,12 @@ class Batcher:
         except TimeoutError:
             self._timed_out += 1
             state = "running" if job.started is not None else "queued"
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-            if not job.future.done():
-                job.future.cancel()  # a running batch's result for it is dropped
+            self.cancel(job)
             raise RequestTimeoutError(
                 f"the request did not finish within {timeout_s:g} s (it was {state})"
             ) from None
         except asyncio.CancelledError:
-            # the client went away (or the server is cancelling tasks): free the queue slot
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-            if not job.future.done():
-                job.future.cancel()
+            self.cancel(job)  # the client went away (or the server is cancelling tasks)
             raise
 
     # -- the worker --------------------------------------------------------------------------
@@ -425,12 +410,6 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         # the worker's own lines about this batch name its requests (the worker task's context only)
         token = REQUEST_ID.set(",".join(j.tag for j in batch if j.tag) or None)
-        try:
-            await self._run_batch(batch)
-        finally:
-            REQUEST_ID.reset(token)
-
-    async def _run_batch(self, batch: list[Job]) -> None:
         self._batch_ids += 1
         batch_id = self._batch_ids
         started = time.monotonic()
@@ -471,16 +450,12 @@ class Batcher:
             raise
         finally:
             self._running = []
+            REQUEST_ID.reset(token)
 
     async def _engine(self, jobs: list[Job], batch_id: int) -> tuple[list[Any], bool]:
         """Run ``jobs`` as one engine batch on the engine thread (each alone if it fails as a
         whole: :func:`~sd35trt.serve.generator.run_alone_on_failure`), logging under their tags."""
-        tags = [j.tag for j in jobs if j.tag]
-        token = REQUEST_ID.set(",".join(tags) or None)
-        try:
-            context = contextvars.copy_context()  # the engine thread logs under the same ids
-        finally:
-            REQUEST_ID.reset(token)
+        context = contextvars.copy_context()  # the engine thread logs under _run's request ids
 
         def failed(err: BaseException) -> None:
             log.warning(

@@ -99,19 +99,8 @@ def check_address(host: str, port: int) -> None:
 
 
 class ServeSettings(BaseModel):
-    """Options of ``sd35trt serve``.
-
-    ``max_batch`` is in images per engine batch; ``None`` means the engines' profile maximum (a
-    larger value is refused when the engines load). ``max_batch=1`` turns merging off.
-
-    Slow clients (faults.md case 19): a client has ``read_timeout_s`` seconds to send a request's
-    headers (from connecting, or from the previous response on a kept-alive connection) and again
-    ``read_timeout_s`` for its body; then it gets 408 and is disconnected. At most
-    ``max_connections`` connections are held open (default: below the fd limit, see
-    :func:`connection_bound`); beyond, the connection that has waited longest without sending a
-    complete request is closed to make room, or, if every connection has a request running, the
-    new one gets 503.
-    """
+    """Options of ``sd35trt serve`` (slow clients, ``read_timeout_s`` and ``max_connections``:
+    :mod:`sd35trt.serve.connections`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

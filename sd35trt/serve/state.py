@@ -57,11 +57,8 @@ class ServerState:
             self.batcher.begin_drain()
 
     def abort(self, reason: str) -> int:
-        """Refuse new requests and answer queued and running ones 503 now (a second interrupt).
-
-        Returns:
-            How many requests were answered so.
-        """
+        """Refuse new requests and answer queued and running ones 503 now (a second interrupt);
+        returns how many were answered so."""
         self.draining = True
         self.aborted = True
         return self.batcher.abort(reason) if self.batcher is not None else 0
