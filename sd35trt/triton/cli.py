@@ -1,9 +1,4 @@
-"""``sd35trt triton``: write a Triton model repository, and serve one with the local tritonserver.
-
-``sd35trt triton ENGINES --out REPO`` (the ``repository`` command, whose name may be left out)
-writes the repository; ``sd35trt triton serve REPO`` starts the ``tritonserver`` of the backend
-environment ``make setup`` creates (:mod:`sd35trt.triton.local`) and runs until Ctrl-C.
-"""
+"""``sd35trt triton``: write a Triton model repository, and serve one with the local tritonserver."""
 
 from __future__ import annotations
 
