@@ -85,21 +85,12 @@ class _Lpips:
 
 
 def as_uint8(image: Any):
-    """A PIL image, a uint8 ``[H, W, 3]`` array or a float one in [0, 1], as uint8 ``[H, W, 3]``."""
+    """A PIL image (both sides' output) or a uint8 ``[H, W, 3]`` array, as uint8 ``[H, W, 3]``."""
     import numpy as np
-
-    from sd35trt.metrics import to_uint8
 
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if hasattr(image, "detach"):  # torch [3, H, W] or [H, W, 3] in [0, 1]
-        image = image.detach().cpu().float().numpy()
-        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.transpose(1, 2, 0)
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return array
-    return to_uint8(array.astype(np.float32))
+    return np.asarray(image)
 
 
 def compare(reference, image, lpips_fn=None) -> dict:

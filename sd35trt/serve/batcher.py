@@ -114,7 +114,6 @@ class Batcher:
         max_batch: int,
         window_s: float,
         queue_size: int,
-        executor: concurrent.futures.Executor | None = None,
         on_batch: OnBatch | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or window_s < 0:
@@ -126,10 +125,7 @@ class Batcher:
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue_size = queue_size
-        self._own_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="sd35trt-engine"
-        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sd35trt-engine")
         self._pending: collections.deque[Job] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._resumed: asyncio.Event | None = None
@@ -143,8 +139,6 @@ class Batcher:
         self._timed_out = 0
         self._avg_image_s: float | None = None  # running mean of engine seconds per image
         self._paused_flag = threading.Event()  # readable from other threads (tests)
-        self.idle = threading.Event()  # set while the worker waits with nothing to run
-        self.idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -183,10 +177,6 @@ class Batcher:
             self._arrived.set()
         return failed
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let queued and running requests finish, stop the worker."""
         self._draining = True
@@ -210,8 +200,7 @@ class Batcher:
                 self._pending.clear()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._worker
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
+        self._executor.shutdown(wait=False)
 
     # -- test and operations hooks (thread-safe) ---------------------------------------------
 
@@ -374,7 +363,6 @@ class Batcher:
             if self._draining:
                 return None
             self._arrived.clear()
-            self.idle.set()
             await self._arrived.wait()
 
     async def _work(self) -> None:
@@ -387,7 +375,6 @@ class Batcher:
             if not self._resumed.is_set():  # paused while we waited for work: put it back
                 self._pending.appendleft(head)
                 continue
-            self.idle.clear()
             batch = [head]
             total = self._take_compatible(batch, head.size)
             deadline = loop.time() + self.window_s
