@@ -41,18 +41,15 @@ class BenchOptions:
     """How ``sd35trt bench`` measures (the ``bench`` command's options).
 
     Attributes:
-        runs: timed generations per configuration (>= 1).
-        warmup: untimed generations before them (>= 0).
+        runs: timed generations per configuration (>= 1), after ``warmup`` untimed ones (>= 0).
         overhead_runs: timed generations per side of the overhead measurement (0 skips it).
         out_dir: where to write; default ``<first engines dir>/../bench``.
-        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's, CUDA for TensorRT
-            engines, CPU for ONNX Runtime ones); the diffusers pipeline runs there too (default:
-            CUDA when present).
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's) and the diffusers
+            pipeline (default: CUDA when present).
         plot: also write ``bench.png``.
-        img2img_strength: also benchmark image-to-image at this strength when the first engines
-            directory has a VAE encoder (``None`` or 0: skip).
-        generation: generation parameters by name or alias
-            (:data:`sd35trt.parameters.GENERATION_PARAMS`) that replace the engines' recorded
+        img2img_strength: image-to-image strength when the first engines directory has a VAE
+            encoder (``None`` or 0: skip).
+        generation: generation parameters by name or alias replacing the engines' recorded
             defaults; the prompt defaults to :data:`DEFAULT_PROMPT`, the seed to 0.
 
     Raises:
@@ -77,10 +74,8 @@ class BenchOptions:
 
 
 def run_params(engines_dir: Path, generation: Mapping[str, Any] | None = None) -> tuple[BenchParams, int]:
-    """What every configuration generates, and T5's length.
-
-    The engines' recorded defaults, replaced by ``generation`` (checked as a request is, against
-    the engines: :func:`~sd35trt.runtime.request.resolve_request`).
+    """What every configuration generates (the engines' recorded defaults, replaced by
+    ``generation``, checked as a request is), and T5's length.
 
     Raises:
         RequestError: a generation parameter the engines do not accept (named).
@@ -109,8 +104,8 @@ def _load_average() -> float | None:
 MakeSubject = Callable[[StageClock, MemoryProbe], Subject]
 
 
-def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> tuple[Configuration, Any]:
-    """Load a subject, time ``runs`` generations after ``warmup``, and free it (closed and
+def _measure(make: MakeSubject, params: BenchParams, o: BenchOptions) -> tuple[Configuration, Any]:
+    """Load a subject, time ``o.runs`` generations after ``o.warmup``, and free it (closed and
     collected, so the next subject's peak memory is its own).
 
     Returns:
@@ -121,12 +116,12 @@ def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> 
     subject = make(clock, memory)
     try:
         load_before = _load_average()
-        for _ in range(warmup):
+        for _ in range(o.warmup):
             subject.generate(params)
         clock.collect()
         memory.reset()
         timed = []
-        for _ in range(runs):
+        for _ in range(o.runs):
             subject.generate(params)
             timed.append(clock.collect())
         stages = stage_stats(timed, params.steps_run)
@@ -187,42 +182,31 @@ def dedupe_labels(configurations: Sequence[Configuration]) -> list[Configuration
     return out
 
 
-def _measure_img2img(
-    engines_dir: Path, params: BenchParams, strength: float | None, runs: int, warmup: int, device: str | None
-) -> Configuration | None:
+def _measure_img2img(engines_dir: Path, params: BenchParams, o: BenchOptions) -> Configuration | None:
     """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for).
 
     Raises:
-        ConfigError: ``strength`` outside (0, 1].
+        ConfigError: ``o.img2img_strength`` outside (0, 1].
     """
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import Component
 
+    strength = o.img2img_strength
     if not strength or Component.VAE_ENCODER not in read_engine_manifest(engines_dir).engines:
         return None
     if not 0.0 < strength <= 1.0:
         raise ConfigError(f"--img2img-strength {strength:g} is outside (0, 1]")
     # diffusers' image-to-image pipeline has no skip-layer guidance, so neither has the runtime's.
     i2i = params.model_copy(update={"strength": strength, "skip_layer_guidance": None})
-    measured, _ = _measure(_engines_subject(engines_dir, device), i2i, runs, warmup)
+    measured, _ = _measure(_engines_subject(engines_dir, o.device), i2i, o)
     update = {"label": f"{measured.label} img2img", "strength": strength, "steps_run": i2i.steps_run}
     return measured.model_copy(update=update)
 
 
-def _measure_cache(
-    engines_dir: Path,
-    params: BenchParams,
-    runs: int,
-    warmup: int,
-    device: str | None,
-) -> list[Configuration]:
-    """The engines at first-block cache threshold 0 (no step skipped) and at ``params``' threshold
-    (the requested ``cache_threshold``, else the engines' recorded one).
-
-    Empty when the engines were built without the cache (no ``transformer_first_block`` engine).
-    The transformer's time is both parts' engine calls together; ``transformer_calls`` and
-    ``transformer_skipped`` are the last timed generation's.
-    """
+def _measure_cache(engines_dir: Path, params: BenchParams, o: BenchOptions) -> list[Configuration]:
+    """The engines at first-block cache threshold 0 (no step skipped) and at ``params``' threshold;
+    empty when built without the cache. The transformer's time is both parts' calls together;
+    ``transformer_calls`` and ``transformer_skipped`` are the last timed generation's."""
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import TRANSFORMER_PARTS
 
@@ -232,7 +216,7 @@ def _measure_cache(
     out = []
     for threshold in dict.fromkeys([0.0, params.cache_threshold]):
         at = params.model_copy(update={"cache_threshold": threshold})
-        measured, last = _measure(_engines_subject(engines_dir, device), at, runs, warmup)
+        measured, last = _measure(_engines_subject(engines_dir, o.device), at, o)
         t = last.timings
         update = {
             "label": f"{measured.label} cache {threshold:g}",
@@ -262,7 +246,6 @@ def bench(
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).
         reference_dir: a diffusers directory: benchmarked as the PyTorch baseline and used for the
             overhead comparison; ``None`` skips both.
-        options: runs, warm-up, output, device, image-to-image and generation parameters.
 
     Returns:
         The ``bench.json`` content.
@@ -288,9 +271,9 @@ def bench(
     if reference_dir is not None:
         ref_device = o.device or default_device()
         subjects.append(lambda c, m: DiffusersSubject(reference_dir, c, m, ref_device, max_len))
-    configurations = [_measure(make, params, o.runs, o.warmup)[0] for make in subjects]
-    img2img = _measure_img2img(engines_dirs[0], params, o.img2img_strength, o.runs, o.warmup, o.device)
-    cache = _measure_cache(engines_dirs[0], params, o.runs, o.warmup, o.device)
+    configurations = [_measure(make, params, o)[0] for make in subjects]
+    img2img = _measure_img2img(engines_dirs[0], params, o)
+    cache = _measure_cache(engines_dirs[0], params, o)
     # the overhead stand-in replaces the whole transformer engine; cache-only engines have none
     overhead = (
         _overhead(engines_dirs[0], reference_dir, params, max_len, o)

@@ -17,12 +17,8 @@ EVAL_CACHE_PLOT = "eval_cache.png"
 def cache_sweep(
     runtime, prompts: Sequence[str], seeds: Sequence[int], thresholds: Sequence[float]
 ) -> list[CacheQuality]:
-    """Generate every prompt uncached and at each threshold; score each against the uncached image.
-
-    Args:
-        runtime: an ``Sd35Runtime`` over engines built with the first-block cache.
-        prompts: the held-out prompts, with one seed each in ``seeds``.
-        thresholds: the sweep (each in 0..10); one :class:`CacheQuality` each is returned.
+    """Generate every prompt (one seed each) uncached and at each threshold (0..10) with ``runtime``
+    (an ``Sd35Runtime``); one :class:`CacheQuality` per threshold scores them against the uncached.
 
     Raises:
         ConfigError: the engines have no first-block cache engines.

@@ -123,17 +123,14 @@ def evaluate(
     ``eval_grid.png`` (reference, engine image, amplified difference) and the images.
 
     Args:
-        engines_dir: a build's ``engines/`` directory.
         reference_dir: the diffusers directory the engines were made from (non-quantized).
-        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``).
+        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``), the first
+            ``num_prompts`` used; prompt ``i`` uses seed ``seed + i`` on both sides.
         out_dir: where to write; default ``<engines dir>/../eval``.
-        num_prompts: the first this many prompts of the file.
-        seed: prompt ``i`` uses seed ``seed + i`` on both sides.
-        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
-            CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
-        plot: also write the grid PNG.
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's) and the FP32
+            reference (default: CUDA when present).
         cache_thresholds: engines built with the first-block cache: the thresholds whose images
-            are scored against the uncached ones (:mod:`sd35trt.bench.cache_quality`; default
+            are scored against the uncached ones (default
             :data:`~sd35trt.bench.cache_quality.DEFAULT_THRESHOLDS`, ``()`` skips the sweep).
 
     Returns:
@@ -214,8 +211,7 @@ def _engine_images(
     device: str | None,
     cache_thresholds: Sequence[float] | None,
 ) -> tuple[str, list[Any], list[str], list[Any]]:
-    """The engines' image per prompt (the recorded defaults), their device, the warnings, and the
-    first-block cache sweep (:func:`~sd35trt.bench.cache_quality.cache_sweep`; empty without the cache).
+    """The engines' device, image per prompt, warnings, and first-block cache sweep (or ``[]``).
 
     Raises:
         ConfigError: ``cache_thresholds`` given for engines built without the cache.

@@ -104,8 +104,6 @@ def measure_overhead(runtime, pipe, params: BenchParams, max_sequence_length: in
             :class:`InstantTransformer` (and deactivated), so the runtime is for this use only.
         pipe: a diffusers ``StableDiffusion3Pipeline`` on the same device, or ``None`` to measure
             sd35trt only; its ``transformer.forward`` is swapped for the duration.
-        params: generation parameters, the same on both sides.
-        max_sequence_length: T5 tokens, as the engines were built.
         runs: timed generations per side, after one warm-up each.
 
     Returns:

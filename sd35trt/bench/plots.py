@@ -30,11 +30,8 @@ def pyplot():
 
 
 def plot_bench(report: BenchReport, out: str | Path) -> Path:
-    """Draw ``bench.json``: per-stage latency, images/s, peak memory, per-step runtime overhead.
-
-    Returns:
-        The PNG path.
-    """
+    """Draw ``bench.json`` (per-stage latency, images/s, peak memory, per-step runtime overhead)
+    into the PNG ``out``; returns its path."""
     plt = pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
@@ -181,15 +178,9 @@ def plot_eval_grid(
 ) -> Path:
     """Grid: one row per prompt; reference, engine image and a heat map of their difference.
 
-    Args:
-        report: the ``eval.json`` content (image paths relative to ``root``).
-        root: the directory ``eval.json`` is in.
-        out: the PNG to write.
-        diff_max: the difference (8-bit levels) shown at full colour; default the largest
-            difference over all prompts, so rows share one scale.
-
-    Returns:
-        The PNG path.
+    ``root`` is the directory ``eval.json`` is in (image paths are relative to it); ``diff_max`` the
+    difference (8-bit levels) shown at full colour, default the largest over all prompts (one scale).
+    Returns the PNG path ``out``.
     """
     plt = pyplot()
     import numpy as np
