@@ -88,13 +88,8 @@ def guidance_plan(
 
 
 def cache_threshold(value: Any, engines_cache: bool, default: CacheSettings | None) -> float | None:
-    """A request's first-block cache threshold (:mod:`sd35trt.runtime.cache`): its own, else the
-    engines' default, else ``None`` (no cache).
-
-    Args:
-        value: what the request asked for (``None``: the default).
-        engines_cache: the engines include the cache's two transformer engines.
-        default: the engines' recorded ``runtime.cache``.
+    """A request's first-block cache threshold (:mod:`sd35trt.runtime.cache`): ``value``, else the
+    engines' recorded ``default`` when they include the cache's engines, else ``None`` (no cache).
 
     Raises:
         RequestError: not a number in the bounds of :data:`sd35trt.parameters.PARAMS`

@@ -102,12 +102,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_json(
     path: Path, what: str = "", *, error: type[Sd35TrtError] = ManifestError, missing: str = "does not exist"
 ) -> dict:
-    """The JSON object in ``path``.
-
-    Args:
-        what: what to do when the file is not a JSON object (appended after ``;``).
-        error: the error family the file belongs to (a model's configs: ``ModelError``).
-        missing: what a missing file means (after its path).
+    """The JSON object in ``path``; ``what`` says what to do when it is not one, ``missing`` what a
+    missing file means, ``error`` is the file's error family (a model's configs: ``ModelError``).
 
     Raises:
         ``error``: the file is missing, not JSON or not an object (the path named).

@@ -47,15 +47,9 @@ def _as_generator(source: Any, settings: ServeSettings) -> Generator:
 
 
 def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``source``.
-
-    Args:
-        source: an engines directory (loaded in the background: ``/health`` answers at once,
-            ``/ready`` once loaded and warmed up), a loaded ``Sd35Runtime``, or any
-            :class:`~sd35trt.serve.generator.Generator`.
-        settings: batching, queue, timeout, body and connection limits, logging.
-
-    The app's ``state.sd35`` is its :class:`ServerState` (tests pause the batcher through it).
+    """The FastAPI app serving ``source``: an engines directory (loaded in the background:
+    ``/health`` answers at once, ``/ready`` once loaded and warmed up), a loaded ``Sd35Runtime``, or
+    any :class:`~sd35trt.serve.generator.Generator`. Its ``state.sd35`` is its :class:`ServerState`.
 
     Raises:
         ConfigError: ``settings.max_connections`` is above what the fd limit allows.
@@ -204,14 +198,11 @@ def _add_probe_routes(app: FastAPI, state: ServerState) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the app refuses new requests as soon as shutdown starts.
+    """uvicorn, but the app refuses new requests (503) as soon as shutdown starts.
 
-    uvicorn closes its listening sockets (new connections are refused) and waits for running
-    requests; requests arriving meanwhile on kept-alive connections get 503 from the app.
-    Signals (faults.md #35): ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` (a closed terminal or an
-    ssh session ending) start that drain; a second ``SIGINT`` answers every running and queued
-    request 503 at once (one log line) and stops without waiting for the engine; a third is
-    uvicorn's immediate exit.
+    ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` (a closed terminal) start that drain (faults.md #35); a
+    second ``SIGINT`` answers every running and queued request 503 at once and stops without
+    waiting for the engine; a third is uvicorn's immediate exit.
     """
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
@@ -267,11 +258,8 @@ class DrainingServer(uvicorn.Server):
 def make_server(
     app: FastAPI, settings: ServeSettings, log_stream: TextIO | None = None, **uvicorn_options: Any
 ) -> DrainingServer:
-    """A uvicorn server for ``app`` (``server.run(sockets=[sock])`` to serve a bound socket).
-
-    Logs (uvicorn's and sd35trt's) go to ``log_stream`` (default stderr) in ``settings.log_format``,
-    every line with its request id. Connections go through the app's connection guard.
-    """
+    """A uvicorn server for ``app`` (``server.run(sockets=[sock])`` to serve a bound socket), its
+    connections through the app's guard, its logs to ``log_stream`` (default stderr)."""
     state: ServerState = app.state.sd35
     configure_logging(settings.log_level, settings.log_format, log_stream)
     config = uvicorn.Config(

@@ -101,11 +101,8 @@ class BatcherStats:
 
 
 class Batcher:
-    """Bounded request queue plus one batching worker.
-
-    Use from the event loop that called :meth:`start`: ``job = batcher.submit(...)``, then
-    ``result, info = await batcher.wait(job, timeout)``.
-    """
+    """Bounded request queue plus one batching worker, used from the event loop that called
+    :meth:`start`: ``job = batcher.submit(...)``, then ``result, info = await batcher.wait(job, t)``."""
 
     def __init__(
         self,
@@ -160,11 +157,8 @@ class Batcher:
 
     def abort(self, reason: str) -> int:
         """Stop accepting, and fail every queued and running request now with
-        :class:`ShuttingDownError` (``reason``); a running engine batch finishes unheard.
-
-        Returns:
-            How many requests were answered that way.
-        """
+        :class:`ShuttingDownError` (``reason``); returns how many. A running engine batch finishes
+        unheard."""
         self._draining = True
         jobs = [*self._running, *self._pending]
         self._pending.clear()
@@ -205,10 +199,8 @@ class Batcher:
     # -- test and operations hooks (thread-safe) ---------------------------------------------
 
     def pause(self) -> None:
-        """Hold the worker before its next batch (requests keep queueing); a running batch finishes.
-
-        Thread-safe: from another thread it returns once the worker's loop has applied it.
-        """
+        """Hold the worker before its next batch (requests keep queueing). Thread-safe: from another
+        thread it returns once the worker's loop has applied it."""
         self._paused_flag.set()
         self._in_loop(lambda: self._resumed.clear())
 
@@ -268,19 +260,16 @@ class Batcher:
         tag: str | None = None,
         admitted: bool = False,
     ) -> Job:
-        """Queue a request (from the event loop).
+        """Queue a request (from the event loop) for ``run_batch``.
 
         Args:
-            request: passed to ``run_batch`` as it is.
             key: requests with equal keys may share an engine batch.
             size: images the request produces.
-            capacity: most images an engine batch of this key holds (e.g. fewer under
-                classifier-free guidance); capped at ``max_batch``.
-            max_requests: most requests an engine batch of this key holds (default: no limit
-                beyond ``capacity``).
+            capacity: most images an engine batch of this key holds; capped at ``max_batch``.
+            max_requests: most requests an engine batch of this key holds (default: ``capacity``).
             tag: names the request in the log lines of its batch (a request id).
-            admitted: a later part of a request whose first part was queued (a request of more
-                images than one engine batch holds): not refused for a full queue.
+            admitted: a later part of a request of more images than one engine batch holds, whose
+                first part was queued: not refused for a full queue.
 
         Raises:
             ShuttingDownError: the batcher is draining.

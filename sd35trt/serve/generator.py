@@ -10,19 +10,11 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request.
-
-    Attributes:
-        key: requests with equal keys can run in one engine batch (size, steps, guidance).
-        size: images this request produces.
-        capacity: most images one engine batch with this key holds.
-        max_requests: most requests one engine batch with this key holds (text-encoder rows).
-        params: the parameters actually used (defaults filled in, the seed drawn), for the reply.
-        native: the runtime's own request object.
-        split: ``split(capacity)`` cuts a request of more than ``capacity`` images into parts of
-            at most ``capacity``, one engine batch each, every image keeping its seed (``None``:
-            the request cannot be cut).
-    """
+    """A validated request: its batch ``key`` (size, steps, guidance), ``size`` in images, the
+    ``capacity`` (images) and ``max_requests`` (text-encoder rows) of an engine batch with its key,
+    the ``params`` used (defaults filled in, the seed drawn), the runtime's ``native`` request, and
+    ``split(capacity)`` cutting it into parts of at most ``capacity`` images, each keeping its seed
+    (``None``: it cannot be cut)."""
 
     key: Hashable
     size: int
@@ -41,10 +33,8 @@ def _plain_png(image: Any, index: int) -> bytes:
 
 @dataclass
 class ImageSet:
-    """The images of one request, each one's seed, stage timings (seconds) and warnings.
-
-    ``png(image, index)`` encodes one image; it runs outside the engine thread.
-    """
+    """The images of one request, each one's seed, stage timings (seconds) and warnings;
+    ``png(image, index)`` encodes one image, outside the engine thread."""
 
     images: list  # PIL images
     seeds: list[int]  # per image: seed + i
@@ -106,11 +96,8 @@ class Generator(Protocol):
         """
 
     def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
-        """Run ``requests`` (all with the same key) as one engine batch.
-
-        Returns one result per request; raises when the batch fails as a whole (the server then
-        re-runs each request alone).
-        """
+        """Run ``requests`` (all with the same key) as one engine batch: one result per request;
+        raises when the batch fails as a whole (the server then re-runs each request alone)."""
 
     def warmup(self) -> None:
         """One small generation, so the first request doesn't pay for lazy initialisation."""

@@ -50,11 +50,8 @@ def fd_limit() -> int:
 
 
 def connection_bound(requested: int | None, limit: int | None = None) -> int:
-    """The most client connections to hold open: ``requested``, or a default below the fd limit.
-
-    Args:
-        requested: ``--max-connections``, or ``None`` for ``min(1024, fd limit - FD_RESERVE)``.
-        limit: the fd limit (default: this process's soft ``RLIMIT_NOFILE``).
+    """The most client connections to hold open: ``requested`` (``--max-connections``), or
+    ``min(1024, limit - FD_RESERVE)``; ``limit`` defaults to this process's fd limit.
 
     Raises:
         ConfigError: ``requested`` leaves fewer than ``FD_RESERVE`` descriptors for the rest.
