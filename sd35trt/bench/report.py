@@ -56,6 +56,11 @@ class Summary(ReportModel):
     min: float | None
     max: float | None
 
+    @classmethod
+    def empty(cls, unit: str) -> Summary:
+        """No samples."""
+        return cls(unit=unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
+
 
 class Stages(ReportModel):
     """Per-stage statistics over the timed runs (see :data:`STAGES`; ``transformer_call``: per call)."""
@@ -75,12 +80,7 @@ class Stages(ReportModel):
 
     def get(self, stage: str) -> Summary:
         """The statistics of ``stage`` (an optional stage that was not measured: no samples)."""
-        value = getattr(self, stage)
-        return (
-            value
-            if value is not None
-            else Summary(unit=self.total.unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
-        )
+        return getattr(self, stage) or Summary.empty(self.total.unit)
 
 
 class Memory(ReportModel):

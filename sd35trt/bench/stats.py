@@ -20,7 +20,7 @@ def summarize(seconds: Sequence[float], unit: str = "ms") -> Summary:
     if unit not in _UNIT_SCALE:
         raise ValueError(f"unit must be one of {sorted(_UNIT_SCALE)}, got {unit!r}")
     if not len(seconds):
-        return Summary(unit=unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
+        return Summary.empty(unit)
     x = np.asarray(seconds, dtype=np.float64) * _UNIT_SCALE[unit]
     return Summary(
         unit=unit,

@@ -130,14 +130,7 @@ class JsonFormatter(logging.Formatter):
         }
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
-            client, method, path, http_version, status = args
-            entry |= {
-                "client": client,
-                "method": method,
-                "path": path,
-                "http_version": http_version,
-                "status": status,
-            }
+            entry |= dict(zip(("client", "method", "path", "http_version", "status"), args, strict=True))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)  # ASCII: escapes anything, lone surrogates included

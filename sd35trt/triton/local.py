@@ -122,8 +122,6 @@ class LocalTritonServer:
     ) -> None:
         """
         Args:
-            repository: a model repository (``sd35trt triton --out``).
-            env: the backend environment (default: :meth:`BackendEnvironment.default`).
             log_path: where the server's log goes (default: a temporary file, kept after stop).
             exit_timeout_s: on stop, how long Triton waits for running requests (seconds).
             host: the address HTTP, gRPC and metrics listen on (``0.0.0.0``: every interface).
@@ -244,35 +242,36 @@ class LocalTritonServer:
                     start_new_session=True,  # Ctrl-C reaches the parent only; it stops the server once
                 )
             try:
-                self._wait_ready(timeout_s)
-                return self
-            except _ExitedEarly as err:
-                busy = "address already in use" in self.log_tail(80).lower()
-                if busy and attempt + 1 < attempts and self._fixed_ports is None:
-                    continue  # another process took a port between probing and binding
-                self._cleanup()
-                raise Sd35TrtError(
-                    f"tritonserver exited with {err.returncode} before it was ready; "
-                    f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
-                ) from None
+                code = self._wait_ready(timeout_s)
             except BaseException:
                 self.stop()
                 raise
+            if code is None:
+                return self
+            busy = "address already in use" in self.log_tail(80).lower()
+            if busy and attempt + 1 < attempts and self._fixed_ports is None:
+                continue  # another process took a port between probing and binding
+            self._cleanup()
+            raise Sd35TrtError(
+                f"tritonserver exited with {code} before it was ready; "
+                f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
+            )
         raise AssertionError("unreachable")
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float) -> int | None:
+        """``None`` once ready, or the server's exit status if it exits first."""
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise _ExitedEarly(code)
+                return code
             with (
                 contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
                 urllib.request.urlopen(url, timeout=2) as r,
             ):
                 if r.status == 200:
-                    return
+                    return None
             time.sleep(0.2)
         raise Sd35TrtError(
             f"tritonserver was not ready within {timeout_s:g} s; its log ({self.log_path}) ends:\n"
@@ -357,12 +356,6 @@ def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-class _ExitedEarly(Exception):
-    def __init__(self, returncode: int) -> None:
-        super().__init__(returncode)
-        self.returncode = returncode
 
 
 def main(argv: list[str] | None = None) -> None:
