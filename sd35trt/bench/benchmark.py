@@ -183,11 +183,8 @@ def dedupe_labels(configurations: Sequence[Configuration]) -> list[Configuration
 
 
 def _measure_img2img(engines_dir: Path, params: BenchParams, o: BenchOptions) -> Configuration | None:
-    """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for).
-
-    Raises:
-        ConfigError: ``o.img2img_strength`` outside (0, 1].
-    """
+    """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for);
+    ConfigError for a strength outside (0, 1]."""
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import Component
 

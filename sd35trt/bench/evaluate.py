@@ -211,11 +211,8 @@ def _engine_images(
     device: str | None,
     cache_thresholds: Sequence[float] | None,
 ) -> tuple[str, list[Any], list[str], list[Any]]:
-    """The engines' device, image per prompt, warnings, and first-block cache sweep (or ``[]``).
-
-    Raises:
-        ConfigError: ``cache_thresholds`` given for engines built without the cache.
-    """
+    """The engines' device, image per prompt, warnings, and first-block cache sweep (or ``[]``);
+    ConfigError for ``cache_thresholds`` given for engines built without the cache."""
     from sd35trt.runtime.pipeline import Sd35Runtime
     from sd35trt.runtime.request import GenerationRequest
 

@@ -125,11 +125,8 @@ async def _bring_up(state: ServerState, source: Any) -> None:
 
 
 def _max_batch(settings: ServeSettings, gen: Generator) -> int:
-    """The engine batch (images): ``--max-batch``, else the engines' maximum.
-
-    Raises:
-        Sd35TrtError: ``--max-batch`` exceeds the engines' maximum.
-    """
+    """The engine batch (images): ``--max-batch`` (Sd35TrtError above the engines' maximum), else
+    the engines' maximum."""
     max_batch = settings.max_batch or gen.max_batch
     if max_batch > gen.max_batch:
         raise Sd35TrtError(

@@ -38,7 +38,6 @@ class QueueFullError(Exception):
 
     def __init__(self, queue_size: int, retry_after_s: int) -> None:
         super().__init__(f"the queue is full ({queue_size} requests waiting); retry in {retry_after_s} s")
-        self.queue_size = queue_size
         self.retry_after_s = retry_after_s
 
 
@@ -307,12 +306,8 @@ class Batcher:
             job.future.cancel()
 
     async def wait(self, job: Job, timeout_s: float | None) -> tuple[Any, BatchInfo]:
-        """The result of ``job`` and how it ran.
-
-        Raises:
-            RequestTimeoutError: not done within ``timeout_s`` (it is dropped if still queued).
-            Exception: whatever ``run_batch`` gave or raised for this request.
-        """
+        """The result of ``job`` and how it ran; raises RequestTimeoutError when not done within
+        ``timeout_s`` (then dropped), or whatever ``run_batch`` gave or raised for this request."""
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except TimeoutError:

@@ -89,11 +89,8 @@ class Generator(Protocol):
         """Allowed ranges read from the engine manifest, for ``/ready`` and error messages."""
 
     def prepare(self, fields: Mapping[str, Any]) -> Prepared:
-        """Validate one request (``None`` fields take the engine defaults).
-
-        Raises:
-            RequestError: naming the field and the allowed range.
-        """
+        """Validate one request (``None`` fields take the engine defaults); RequestError names the
+        field and the allowed range."""
 
     def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
         """Run ``requests`` (all with the same key) as one engine batch: one result per request;
@@ -114,14 +111,9 @@ def run_alone_on_failure(
     exception), run each item alone, so only the item at fault gets the error (``sd35trt serve``'s
     batcher and the Triton model both batch this way).
 
-    Args:
-        run_batch: runs a list of items, returns one result (or exception) per item, or raises.
-        items: the items of the batch.
-        skip: items not to re-run alone (e.g. a request whose client left); they get ``None``.
-        on_failure: told about the exception of the merged batch before the re-runs.
-
-    Returns:
-        One result or exception per item, and whether the items were re-run alone.
+    ``run_batch`` returns one result (or exception) per item, or raises; ``skip`` names items not to
+    re-run alone (a request whose client left: ``None``); ``on_failure`` is told the merged batch's
+    exception. Returns one result or exception per item, and whether they were re-run alone.
     """
     try:
         return list(run_batch(list(items))), False

@@ -85,12 +85,9 @@ def repository(
 
 
 def _check_repository(repository: Path) -> None:
-    """Refuse, before tritonserver starts, what is not a model repository (tritonserver would
-    report an empty folder ready and an engines directory in a page of its log).
-
-    Raises:
-        ConfigError: not a directory, an engines directory, or no model (``*/config.pbtxt``) in it.
-    """
+    """ConfigError, before tritonserver starts, for what is not a model repository: not a directory,
+    an engines directory, no ``*/config.pbtxt`` (tritonserver would report an empty folder ready and
+    an engines directory in a page of its log)."""
     from sd35trt.artifacts.runlock import engines_instead_of_run
     from sd35trt.errors import ConfigError
 
