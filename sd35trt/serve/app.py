@@ -276,11 +276,9 @@ def make_server(
 
 def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
     """Load and verify the engines (errors surface here, before binding), then serve until stopped."""
-    from sd35trt.serve.runtime_adapter import RuntimeGenerator
-
     connection_bound(settings.max_connections)  # a bad limit fails before the engines load
     check_address(settings.host, settings.port)  # so does an address in use
-    gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram, max_images=settings.max_images)
+    gen = _as_generator(Path(engines_dir), settings)
     _max_batch(settings, gen)
     app = create_app(gen, settings)
     make_server(app, settings).run()

@@ -115,15 +115,6 @@ class ApiError(Exception):
         return ApiError.invalid(fields)
 
 
-def _json_literal(value: float) -> str:
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _field_name(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc[1:]] if len(loc) > 1 and loc[0] == "body" else [str(p) for p in loc]
-    return printable(".".join(parts) or "body")
-
-
 def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
     """FastAPI/pydantic validation errors as :class:`FieldError`, without the offending input: a
     JSON ``NaN`` or ``1e309`` cannot be written back as JSON, nor a lone surrogate as UTF-8, and
@@ -131,11 +122,12 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
     out = []
     for err in errors:
         loc = tuple(p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ()))
-        name = _field_name(loc)
+        name = ".".join(map(str, loc[1:] if len(loc) > 1 and loc[0] == "body" else loc)) or "body"
         value = err.get("input")
         if isinstance(value, float) and not math.isfinite(value):
+            literal = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
             msg = (
-                f"{name} {_json_literal(value)} is not a finite number; JSON NaN, Infinity and "
+                f"{name} {literal} is not a finite number; JSON NaN, Infinity and "
                 "numbers beyond ±1.8e308 are not accepted"
             )
             out.append(FieldError(loc, name, msg, "finite_number"))
