@@ -83,11 +83,8 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse a config's YAML (no aliases, no duplicate keys: see :class:`_ConfigLoader`).
-
-    Raises:
-        ConfigError: naming ``source`` and the problem (cut to :data:`MAX_ERROR_CHARS` characters).
-    """
+    """Parse a config's YAML (no aliases, no duplicate keys); ConfigError names ``source`` and the
+    problem (cut to :data:`MAX_ERROR_CHARS` characters)."""
     try:
         return yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as err:

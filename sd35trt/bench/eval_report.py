@@ -150,11 +150,7 @@ class EvalReport(ReportModel):
 
 
 def read_eval(path: str | Path) -> EvalReport:
-    """Read ``eval.json``.
-
-    Raises:
-        ReportError: missing, not JSON, or a field that does not match the schema (named).
-    """
+    """Read ``eval.json``; ReportError when missing, not JSON, or a field is off the schema (named)."""
     return read_report(path, EvalReport)
 
 

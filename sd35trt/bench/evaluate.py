@@ -39,11 +39,8 @@ _ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts of a file: one per line, ``#`` comments and blank lines skipped.
-
-    Raises:
-        ConfigError: the file is missing, not a UTF-8 text file, or holds no prompt, or ``limit`` < 1.
-    """
+    """Prompts of a file (one per line, ``#`` comments and blank lines skipped), the first ``limit``;
+    ConfigError when the file is missing, not UTF-8 text, or holds no prompt, or ``limit`` < 1."""
     path = Path(path)
     if limit is not None and limit < 1:
         raise ConfigError(f"--num-prompts must be >= 1, got {limit}")

@@ -226,19 +226,13 @@ class BenchReport(ReportModel):
 
 
 def read_bench(path: str | Path) -> BenchReport:
-    """Read ``bench.json``.
-
-    Raises:
-        ReportError: missing, not JSON, or a field that does not match the schema (named).
-    """
+    """Read ``bench.json``; ReportError when missing, not JSON, or a field is off the schema (named)."""
     return read_report(path, BenchReport)
 
 
 def merge_bench(reports: Sequence[BenchReport]) -> BenchReport:
-    """One report holding the configurations of several (labels get their device when they differ).
-
-    Host, parameters and overhead are the first report's.
-    """
+    """One report holding the configurations of several (labels get their device when they differ);
+    host, parameters and overhead are the first report's."""
     if len(reports) == 1:
         return reports[0]
     devices = {r.host.device for r in reports}

@@ -74,11 +74,8 @@ def connection_bound(requested: int | None, limit: int | None = None) -> int:
 
 
 def check_address(host: str, port: int) -> None:
-    """Fail early, in one line, when ``host:port`` cannot be listened on (checked by binding once).
-
-    Raises:
-        ConfigError: the host does not resolve, or the address is in use or not this machine's.
-    """
+    """ConfigError, early and in one line, when ``host:port`` cannot be listened on (the host does
+    not resolve, or the address is in use or not this machine's); checked by binding once."""
     import socket
 
     try:

@@ -16,11 +16,8 @@ DECODE_SLOTS = 2
 
 
 class ServerState:
-    """The state of one server.
-
-    Raises:
-        ConfigError: ``settings.max_connections`` is above what the fd limit allows.
-    """
+    """The state of one server (ConfigError when ``settings.max_connections`` is above what the fd
+    limit allows)."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
