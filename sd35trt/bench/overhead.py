@@ -41,11 +41,8 @@ def _timestep_key(t: torch.Tensor) -> float:
 
 
 class InstantTransformer(Engine):
-    """A transformer engine that returns a preallocated zero ``noise_pred`` at once.
-
-    One zero tensor per input shape, allocated at its first call (the warm-up), then returned as
-    is: the runtime must not write into engine outputs, and none of sd35trt's does.
-    """
+    """A transformer engine that returns a preallocated zero ``noise_pred`` at once (one per input
+    shape, allocated at the warm-up; the runtime never writes into engine outputs)."""
 
     def __init__(self, spec: ComponentSpec, log: CallLog) -> None:
         super().__init__(spec)

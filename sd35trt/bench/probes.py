@@ -13,11 +13,8 @@ from sd35trt.bench.report import Memory
 
 
 class StageClock:
-    """Collects the durations of named stages: CUDA events on a GPU, ``perf_counter`` on the CPU.
-
-    On CUDA, a pair of events is recorded on the current stream around each stage and read only
-    in :meth:`collect`, after one synchronization, so timing adds no synchronization per call.
-    """
+    """Collects the durations of named stages: CUDA events on a GPU (read only in :meth:`collect`,
+    after one synchronization, so timing adds none per call), ``perf_counter`` on the CPU."""
 
     def __init__(self, device: str = "cpu") -> None:
         self.set_device(device)

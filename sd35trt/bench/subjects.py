@@ -83,13 +83,9 @@ class TimedEngine(Engine):
 
 
 class Subject:
-    """One benchmarked configuration: :meth:`generate` runs once, timing stages on its clock.
-
-    Attributes:
-        label: how the report names it.
-        kind: ``engines`` or ``diffusers``.
-        info: the :class:`~sd35trt.bench.report.Configuration` fields that describe it.
-    """
+    """One benchmarked configuration (``kind`` ``engines`` or ``diffusers``, named ``label``, described
+    by the :class:`~sd35trt.bench.report.Configuration` fields ``info``): :meth:`generate` runs once,
+    timing stages on its clock."""
 
     label: str
     kind: str

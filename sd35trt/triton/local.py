@@ -76,10 +76,6 @@ class BackendEnvironment:
     def tritonserver_dir(self) -> Path:
         return self.site_packages / "pytriton" / "tritonserver"
 
-    @property
-    def libs_dir(self) -> Path:
-        return self.site_packages / "nvidia_pytriton.libs"
-
     def link_project(self) -> Path:
         """Write (and return) a ``.pth`` file that adds this interpreter's ``site-packages`` (its
         ``.pth`` files included) after the backend environment's own, so numpy 1.x is found first."""
@@ -180,7 +176,8 @@ class LocalTritonServer:
         """The server's environment: the stub's python3 and libpython, the bundled libraries."""
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR")
-        paths = [p for p in (libdir, str(self.env.libs_dir), env.get("LD_LIBRARY_PATH")) if p]
+        libs = str(self.env.site_packages / "nvidia_pytriton.libs")  # the wheel's bundled libraries
+        paths = [p for p in (libdir, libs, env.get("LD_LIBRARY_PATH")) if p]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
         env["PATH"] = os.pathsep.join([str(self.env.root / "bin"), env.get("PATH", "")])
         env.setdefault("PYTHONIOENCODING", "utf-8")
