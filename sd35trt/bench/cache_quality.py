@@ -23,9 +23,7 @@ def cache_sweep(
     Raises:
         ConfigError: the engines have no first-block cache engines.
     """
-    import numpy as np
-
-    from sd35trt.metrics import psnr, ssim
+    from sd35trt.bench.evaluate import as_uint8, compare
     from sd35trt.runtime.request import GenerationRequest
 
     if not runtime.info.limits.cache:
@@ -37,23 +35,23 @@ def cache_sweep(
         out = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             result = runtime.generate(GenerationRequest(prompt=prompt, seed=seed, cache_threshold=threshold))
-            out.append((np.asarray(result.images[0].convert("RGB"), dtype=np.uint8), result.params))
+            out.append((as_uint8(result.images[0]), result.params))
         return out
 
     uncached = images(0.0)
     rows = []
     for threshold in thresholds:
         cached = images(threshold)
-        pairs = [(ref, img) for (ref, _), (img, _) in zip(uncached, cached, strict=True)]
-        finite = [p for p in (psnr(a, b) for a, b in pairs) if p != float("inf")]
+        scores = [compare(ref, img) for (ref, _), (img, _) in zip(uncached, cached, strict=True)]
+        finite = [s["psnr_db"] for s in scores if s["psnr_db"] is not None]
         rows.append(
             CacheQuality(
                 threshold=threshold,
                 steps=cached[0][1].denoising_steps,
                 skipped_steps=Stats.of([p.cache_skipped_steps for _, p in cached]),
-                identical=len(pairs) - len(finite),
+                identical=len(scores) - len(finite),
                 psnr_db=Stats.of(finite),
-                ssim=Stats.of([ssim(a, b) for a, b in pairs]),
+                ssim=Stats.of([s["ssim"] for s in scores]),
             )
         )
     return rows
