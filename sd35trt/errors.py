@@ -117,11 +117,8 @@ class BackendUnavailableError(Sd35TrtError):
 
 
 class RequestError(Sd35TrtError):
-    """A generation request is invalid (size, steps, guidance, seed, prompt).
-
-    Attributes:
-        field: the request field at fault, so the HTTP layer can name it.
-    """
+    """A generation request is invalid (size, steps, guidance, seed, prompt); ``field`` names the
+    request field at fault, for the HTTP layer."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)

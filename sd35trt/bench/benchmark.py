@@ -106,12 +106,8 @@ MakeSubject = Callable[[StageClock, MemoryProbe], Subject]
 
 def _measure(make: MakeSubject, params: BenchParams, o: BenchOptions) -> tuple[Configuration, Any]:
     """Load a subject, time ``o.runs`` generations after ``o.warmup``, and free it (closed and
-    collected, so the next subject's peak memory is its own).
-
-    Returns:
-        The measured configuration and the last generation's result (``RuntimeSubject.last``;
-        ``None`` for the diffusers pipeline).
-    """
+    collected, so the next subject's peak memory is its own). Returns the configuration and the last
+    generation's result (``RuntimeSubject.last``; ``None`` for the diffusers pipeline)."""
     clock, memory = StageClock(), MemoryProbe()
     subject = make(clock, memory)
     try:
@@ -244,8 +240,7 @@ def bench(
         reference_dir: a diffusers directory: benchmarked as the PyTorch baseline and used for the
             overhead comparison; ``None`` skips both.
 
-    Returns:
-        The ``bench.json`` content.
+    Returns the ``bench.json`` content.
 
     Raises:
         ConfigError: no engines directory, or bad counts (:class:`BenchOptions`).

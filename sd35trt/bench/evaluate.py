@@ -130,8 +130,7 @@ def evaluate(
             are scored against the uncached ones (default
             :data:`~sd35trt.bench.cache_quality.DEFAULT_THRESHOLDS`, ``()`` skips the sweep).
 
-    Returns:
-        The ``eval.json`` content.
+    Returns the ``eval.json`` content.
 
     Raises:
         ConfigError: no prompts, or a bad count.

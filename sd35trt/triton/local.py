@@ -276,11 +276,8 @@ class LocalTritonServer:
         )
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGTERM, wait (Triton waits up to ``exit_timeout_s`` for running requests), then SIGKILL.
-
-        Returns:
-            The server's exit status (``None`` if it was not running).
-        """
+        """SIGTERM, wait (Triton waits up to ``exit_timeout_s`` for running requests), then SIGKILL;
+        returns the server's exit status (``None`` if it was not running)."""
         proc, self.process = self.process, None
         code = None
         if proc is not None:
