@@ -23,7 +23,9 @@ def cache_sweep(
     Raises:
         ConfigError: the engines have no first-block cache engines.
     """
-    from sd35trt.bench.evaluate import as_uint8, compare
+    import numpy as np
+
+    from sd35trt.metrics import psnr, ssim
     from sd35trt.runtime.request import GenerationRequest
 
     if not runtime.info.limits.cache:
@@ -35,23 +37,23 @@ def cache_sweep(
         out = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             result = runtime.generate(GenerationRequest(prompt=prompt, seed=seed, cache_threshold=threshold))
-            out.append((as_uint8(result.images[0]), result.params))
+            out.append((np.asarray(result.images[0].convert("RGB"), dtype=np.uint8), result.params))
         return out
 
     uncached = images(0.0)
     rows = []
     for threshold in thresholds:
         cached = images(threshold)
-        scores = [compare(ref, img) for (ref, _), (img, _) in zip(uncached, cached, strict=True)]
-        finite = [s["psnr_db"] for s in scores if s["psnr_db"] is not None]
+        pairs = [(ref, img) for (ref, _), (img, _) in zip(uncached, cached, strict=True)]
+        finite = [p for p in (psnr(a, b) for a, b in pairs) if p != float("inf")]
         rows.append(
             CacheQuality(
                 threshold=threshold,
                 steps=cached[0][1].denoising_steps,
                 skipped_steps=Stats.of([p.cache_skipped_steps for _, p in cached]),
-                identical=len(scores) - len(finite),
+                identical=len(pairs) - len(finite),
                 psnr_db=Stats.of(finite),
-                ssim=Stats.of([s["ssim"] for s in scores]),
+                ssim=Stats.of([ssim(a, b) for a, b in pairs]),
             )
         )
     return rows
