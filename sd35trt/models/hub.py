@@ -87,6 +87,12 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def download_allowed(setting: bool) -> bool:
+    """Whether a repo missing from the cache may be downloaded: ``model.allow_download`` (``setting``)
+    or ``SD35TRT_ALLOW_DOWNLOAD=1``."""
+    return setting or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))
+
+
 def download_hint(repo_id: str, patterns: list[str], revision: str) -> str:
     """The ``hf download`` command that puts the files ``patterns`` select into the cache."""
     globs = dict.fromkeys(p.split("/")[0] + "/*" if "/" in p else p for p in patterns)
@@ -142,7 +148,7 @@ def resolve(
         if incomplete
         else f"{where} is not in the Hugging Face cache"
     )
-    if not (allow_download or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))):
+    if not download_allowed(allow_download):
         raise ModelError(
             f"{what}: {state} ({cache}); download it with {hint} (gated models: accept the license on "
             f"the Hub and `hf auth login` first), or let sd35trt download it: model.allow_download: true "
