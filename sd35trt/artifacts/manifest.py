@@ -41,6 +41,7 @@ from sd35trt.artifacts.files import (
     verify_files,
 )
 from sd35trt.artifacts.records import RECORD_TYPES, FileRecord, Fingerprint, ManifestFile, Stage, StageRecord
+from sd35trt.component_table import refuse_untyped_controlnet
 from sd35trt.errors import (
     ManifestError,
     StaleArtifactError,
@@ -193,6 +194,13 @@ class RunManifest:
                 f"{self.path} has format {data.get('format')!r}, this sd35trt reads format "
                 f"{FORMAT_VERSION}: {fix}"
             )
+        records = data.get("records")
+        for stage, record in records.items() if isinstance(records, dict) else ():
+            details = record.get("details") if isinstance(record, dict) else None
+            # an export's components, and the single ControlNet type a stage's model once recorded
+            parts = [details.get(k) for k in ("components", "model")] if isinstance(details, dict) else []
+            names = [name for part in parts if isinstance(part, dict) for name in part]
+            refuse_untyped_controlnet(names, f"the {stage} record in {self.path}")
         try:
             # JSON-mode strict validation: no coercion, so a valid record dumps back to the same
             # JSON and keeps the digest its downstream records name it by.

@@ -1,7 +1,7 @@
 """The ControlNet ``model.controlnet`` names: where its weights are, its layout, and the positional
 embedding SD3.5-large's ControlNets borrow from the transformer.
 
-Where (:func:`resolve_controlnet`):
+Where (:func:`resolve_controlnets`):
 
 - ``model.controlnet.path`` unset: the model directory's ``controlnet/``
   (``StableDiffusion3ControlNetPipeline``'s layout; the built-in tiny model has one, a
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.components import SUBFOLDER, Component
-from sd35trt.config import Architecture, ModelSettings, ModelSource
-from sd35trt.errors import ModelError
+from sd35trt.config import Architecture, ControlNetSettings, ControlType, ModelSettings, ModelSource
+from sd35trt.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +46,12 @@ if TYPE_CHECKING:
 #: What is requested of a ControlNet repo: diffusers' weights (one file or shards) and config. The
 #: SD3.5 repos hold nothing else diffusers reads.
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
-#: The config key that names the ControlNet's location, for messages.
-WHAT = "model.controlnet.path"
+
+
+def config_key(index: int, count: int) -> str:
+    """The config key of the ``index``-th of ``count`` ControlNets, for messages:
+    ``model.controlnet`` for a single one (a mapping), ``model.controlnet[1]`` in a list."""
+    return "model.controlnet" if count == 1 else f"model.controlnet[{index}]"
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,25 @@ class ResolvedControlNet:
     """The ControlNet a run exports.
 
     Attributes:
+        control_type: what it was trained on (``model.controlnet[i].type``): names its engine.
         directory: its diffusers directory (a Hub snapshot folder for a repo id).
         config: its ``config.json``.
         hub: the repo id, revision and commit, for a repo id.
+        key: its config key, for messages (:func:`config_key`).
+        given_path: whether ``path`` named it (else the model's ``controlnet/``).
     """
 
+    control_type: ControlType
     directory: Path
     config: dict
     hub: Snapshot | None = None
+    key: str = "model.controlnet"
+    given_path: bool = False
+
+    @property
+    def component(self) -> Component:
+        """Its component (and engine): ``controlnet_<type>``."""
+        return Component.controlnet(self.control_type)
 
     @property
     def layers(self) -> int:
@@ -79,35 +94,84 @@ class ResolvedControlNet:
         """Whether it has its own positional embedding (``use_pos_embed``, default true)."""
         return self.config.get("use_pos_embed", True) is not False
 
+    @property
+    def zero_pooled(self) -> bool:
+        """Whether it takes zero pooled projections (``force_zeros_for_pooled_projection``, default true)."""
+        return self.config.get("force_zeros_for_pooled_projection", True) is not False
 
-def resolve_controlnet(model: ModelSettings, model_dir: str | Path) -> ResolvedControlNet | None:
-    """Locate ``model.controlnet`` and read its config (``None`` without one); see the module docstring.
+    def provenance(self) -> dict:
+        """Its record entry (:class:`sd35trt.artifacts.records.ControlNetInput`)."""
+        out: dict = {"type": self.control_type.value}
+        if self.given_path:
+            out["directory"] = str(self.directory)
+            out["hub"] = None if self.hub is None else self.hub.to_json()
+        return out
+
+
+#: What ControlNets exported together must share, as diffusers' ``SD3MultiControlNetModel``
+#: reads it from its first net only (pooled zeroing, text input) or adds their residuals block by
+#: block (block count): ``(name in messages, ResolvedControlNet property)``.
+ALIKE = (
+    ("block count (num_layers)", "layers"),
+    ("text input (joint_attention_dim set)", "takes_text"),
+    ("own positional embedding (use_pos_embed)", "own_pos_embed"),
+    ("zero pooled projection (force_zeros_for_pooled_projection)", "zero_pooled"),
+)
+
+
+def resolve_controlnets(
+    model: ModelSettings, model_dir: str | Path, named_only: bool = False
+) -> tuple[ResolvedControlNet, ...]:
+    """Locate every ``model.controlnet`` and read its config (empty without one); see the module docstring.
+
+    ``named_only``: only those named by ``path``, not compared (what a build checks without the model).
 
     Raises:
-        ModelError: one line naming ``model.controlnet.path``: no such directory nor a repo id; a
-            repo id not cached and not allowed to download (with the command that downloads it);
-            a directory without a readable ``config.json`` that has ``num_layers``.
+        ModelError: one line naming ``model.controlnet[i].path``: no such directory nor a repo id;
+            a repo id not cached and not allowed to download (with the command that downloads
+            it); a directory without a readable ``config.json`` that has ``num_layers``.
+        ConfigError: ControlNets that differ in what :data:`ALIKE` lists (naming the second one's
+            ``path``, its value and the first one's).
     """
-    settings = model.controlnet
-    if settings is None:
-        return None
+    settings = model.controlnets
+    nets = tuple(
+        _resolve(s, config_key(i, len(settings)), model, model_dir)
+        for i, s in enumerate(settings)
+        if s.path is not None or not named_only
+    )
+    for net in () if named_only else nets[1:]:
+        for what, prop in ALIKE:
+            if getattr(net, prop) != getattr(nets[0], prop):
+                where = net.directory if net.given_path else "the model's controlnet/"
+                raise ConfigError(
+                    f"{net.key}.path {where}: {what} is {getattr(net, prop)}, model.controlnet[0]'s "
+                    f"is {getattr(nets[0], prop)}; ControlNets exported together must share it"
+                )
+    return nets
+
+
+def _resolve(
+    settings: ControlNetSettings, key: str, model: ModelSettings, model_dir: str | Path
+) -> ResolvedControlNet:
+    what = f"{key}.path"
     snap = None
     if settings.path is None:
-        folder = Path(model_dir) / SUBFOLDER[Component.CONTROLNET]
+        folder = Path(model_dir) / SUBFOLDER[Component.controlnet(settings.type)]
     else:
         folder = Path(settings.path).expanduser()
         if not folder.is_dir():
-            snap = _hub_snapshot(settings.path, settings.revision, model.allow_download)
+            snap = _hub_snapshot(settings.path, settings.revision, model.allow_download, what)
             folder = snap.path
         elif settings.revision is not None:
             raise ModelError(
-                f"{WHAT} {settings.path} is a local directory; model.controlnet.revision applies to "
+                f"{what} {settings.path} is a local directory; {key}.revision applies to "
                 "Hugging Face repo ids only"
             )
-    return ResolvedControlNet(folder, _read_config(folder, settings.path is None), snap)
+    config = _read_config(folder, settings.path is None, key)
+    return ResolvedControlNet(settings.type, folder, config, snap, key, settings.path is not None)
 
 
-def _hub_snapshot(path: str, revision: str | None, allow_download: bool) -> Snapshot:
+def _hub_snapshot(path: str, revision: str | None, allow_download: bool, what: str) -> Snapshot:
     import re
 
     from sd35trt.config import REPO_ID_PATTERN
@@ -115,15 +179,15 @@ def _hub_snapshot(path: str, revision: str | None, allow_download: bool) -> Snap
 
     if path.startswith((".", "/", "~")) or not re.fullmatch(REPO_ID_PATTERN, path):
         raise ModelError(
-            f"{WHAT} {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); give a "
+            f"{what} {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); give a "
             "diffusers SD3ControlNetModel directory or a repo id"
         )
     return hub.resolve(
-        path, revision=revision, patterns=CONTROLNET_PATTERNS, allow_download=allow_download, what=WHAT
+        path, revision=revision, patterns=CONTROLNET_PATTERNS, allow_download=allow_download, what=what
     )
 
 
-def _read_config(folder: Path, in_model: bool) -> dict:
+def _read_config(folder: Path, in_model: bool, key: str) -> dict:
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -131,11 +195,11 @@ def _read_config(folder: Path, in_model: bool) -> dict:
     except FileNotFoundError:
         where = (
             f"put the diffusers SD3ControlNetModel in {folder} (StableDiffusion3ControlNetPipeline's "
-            f"layout) or name one with {WHAT}"
+            f"layout) or name one with {key}.path"
             if in_model
             else "it is not a diffusers SD3ControlNetModel directory"
         )
-        raise ModelError(f"model.controlnet is set but {path} is missing: {where}") from None
+        raise ModelError(f"{key} is set but {path} is missing: {where}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"{path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
     return config

@@ -274,7 +274,7 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
     # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
     controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
     # SD3.5-large's ControlNets read no text (sd35trt.models.controlnet)
-    text = component is not Component.CONTROLNET or CONTROLNET_TEXT_INPUT in inputs
+    text = not component.is_controlnet or CONTROLNET_TEXT_INPUT in inputs
     shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet, text)
     check_inputs_match(source.path, inputs, shapes)
     target = out / f"{component.value}{backend.suffix}"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from sd35trt.models.controlnet import ResolvedControlNet
     from sd35trt.models.lora import ResolvedLora
 #: Largest finite FP8 E4M3FN magnitude: ModelOpt's FP8 scale is ``amax / FP8_MAX``.
 FP8_MAX = 448.0
@@ -59,6 +60,7 @@ def load_module(
     slg_layers: Sequence[int] = (),
     calibration: Path | None = None,
     loras: Sequence[ResolvedLora] = (),
+    controlnet: ResolvedControlNet | None = None,
 ) -> nn.Module:
     """The spec-shaped module of ``component`` (see :mod:`sd35trt.models.modules`), ready to trace.
 
@@ -74,6 +76,7 @@ def load_module(
         slg_layers: transformer blocks the ``skip_layers`` input gates.
         calibration: for the transformer, the calibration file to restore FP8 fake quant from.
         loras: ``model.loras``, fused into the transformer and CLIP encoders before anything else.
+        controlnet: for a ControlNet component, its resolved ControlNet.
 
     Returns:
         The module in eval mode with gradients off.
@@ -86,10 +89,12 @@ def load_module(
     from sd35trt.models.loading import LoadPurpose, load_model
     from sd35trt.models.modules import wrap
 
-    if component is Component.CONTROLNET:
+    if controlnet is not None:
         from sd35trt.models.loading import load_controlnet
 
-        raw = load_controlnet(config.model, root, torch_dtype(precision), device=device, trace=True)
+        raw = load_controlnet(
+            controlnet, config.model, root, torch_dtype(precision), device=device, trace=True
+        )
         dims = ModelDims.from_model_dir(root)
         return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     raw = load_model(
@@ -104,9 +109,7 @@ def load_module(
     if component.is_transformer and calibration is not None:
         restore_fp8(raw, config, precision, calibration)
     if component.is_transformer:
-        return wrap(
-            component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
-        )
+        return wrap(component, raw, slg_layers, config.export.fp32_blocks, bool(config.model.controlnets))
     return wrap(component, raw, slg_layers)
 
 
