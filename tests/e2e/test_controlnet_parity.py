@@ -168,7 +168,7 @@ def test_engines_match_diffusers(controlled, tiny_config, picture, guidance, sca
         )  # fmt: skip
         assert _max_diff(zero.images[0], plain.images[0]) == 0
         params = ours.images[0].info[PARAMETERS_KEY]  # the PNG text chunk's JSON
-        assert ours.params.control.image_sha256 in params
+        assert ours.params.control[0].image_sha256 in params
         assert control_type.value in params
 
 
