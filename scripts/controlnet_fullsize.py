@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             {"step": name, "at_s": round(time.perf_counter() - start, 1), "peak_rss_gib": _rss_gib()}
         )
 
-    files = export_component(config, root, Component.CONTROLNET, work / "onnx", phase=phase, device="cpu")
+    files = export_component(
+        config, root, Component.CONTROLNET_CANNY, work / "onnx", phase=phase, device="cpu"
+    )
     onnx_bytes = sum(f.stat().st_size for f in (work / "onnx").iterdir() if f.is_file())
     result = {
         "architecture": config.model.architecture.value,
