@@ -52,6 +52,7 @@ class Component(str, Enum):
 
     @property
     def is_controlnet(self) -> bool:
+        """Whether it is a ControlNet (one per control type: ``controlnet_<type>``)."""
         return self.control_type is not None
 
     @property
@@ -83,7 +84,7 @@ CONTROLNET_PREFIX = "controlnet_"
 UNTYPED_CONTROLNET = "controlnet"
 
 
-def refuse_untyped_controlnet(names, where: str) -> None:
+def refuse_untyped_controlnet(names: Collection[str], where: str) -> None:
     """Refuse ``names`` (a record's or manifest's component keys) holding the ``controlnet`` engine
     of an older build, whose ControlNet engines were not yet named by control type.
 
