@@ -184,7 +184,7 @@ def calibrate_transformer(
         controlled: per ControlNet, ``(StableDiffusion3ControlNetPipeline sharing pipe's
             transformer, control images per batch)``: every batch runs once more with each
             ControlNet, so the FP8 scales fit the transformer's activations with each one's
-            residuals added (calibration takes ``1 + len(controlled)`` times as long).
+            residuals added: ``1 + len(controlled)`` denoising loops per batch.
 
     Returns:
         The quantizer counts of the calibrated transformer (:func:`~sd35trt.models.quantize.summarize`).
