@@ -1,9 +1,6 @@
 """What an engine backend is: one object per backend, registered in :mod:`sd35trt.backends.registry`.
 
-A backend knows its engine file suffix, its label, its default device, what a machine needs to
-build and run it (the machine check), how to build one engine from an ONNX file, and how to open
-the engines of a manifest as :class:`~sd35trt.backends.engine.Engine` objects. Build, verify, the
-runtime, package and bench ask the registry instead of branching on the backend.
+Build, verify, the runtime, package and bench ask the registry instead of branching on the backend.
 """
 
 from __future__ import annotations
@@ -31,19 +28,14 @@ class BuildJob:
     """One engine to build.
 
     Attributes:
-        component: which one.
         source: the ONNX file (external weights beside it).
         target: the engine file to write (``<engines>/<component><suffix>``).
         shapes: the optimization profile per input (min / opt / max).
         settings: the config's ``build`` section.
         fp8: the source has FP8 Q/DQ layers.
         external_data: the source keeps its weights in external files (models over 2 GB).
-        machine: this machine (TensorRT version, GPU).
         run_dir: the run directory (TensorRT keeps its timing cache there).
-        progress: receives progress lines.
         label: prefix of the progress lines, e.g. ``[4/5] transformer``.
-        allow_partial_fp8: an FP8 engine with fewer FP8 GEMMs than quantized layers is a warning,
-            not an error.
         build_has_fp8: some engine of this build is FP8 (TensorRT-RTX then targets, by default,
             only GPUs with FP8, so that every engine of the set runs on the same GPUs).
     """
@@ -59,7 +51,6 @@ class BuildJob:
     run_dir: Path
     progress: Progress
     label: str
-    allow_partial_fp8: bool = False
     build_has_fp8: bool = False
 
 
@@ -92,13 +83,11 @@ class OpenOptions:
         device: ``cpu`` or ``cuda[:N]``; ``None`` for the backend's default.
         intra_op_threads: ONNX Runtime intra-op threads (``None``: its default).
         use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated input shapes.
-        share_activation_memory: TensorRT: one device buffer for every engine's activations.
     """
 
     device: str | None = None
     intra_op_threads: int | None = None
     use_cuda_graph: bool = False
-    share_activation_memory: bool = True
 
 
 class EngineBackend(abc.ABC):

@@ -1,19 +1,12 @@
-"""TensorRT backend: the engine runner and the backend object (the builder is in ``trt_build``).
+"""TensorRT backend: the engine runner and the backend object (the builder is ``tensorrt_build``).
 
-Written against the TensorRT 10 and 11 Python API (checked against the real bindings of both by
-``tests/unit/test_tensorrt_api.py``). ``tensorrt`` is imported inside functions only.
-
-Loading: the plan is memory-mapped, its sha256 computed on the mapping and compared with the
-manifest, and the same mapping handed to ``deserialize_cuda_engine``: each byte is read and
-hashed once, never deserialized unchecked, with no second host copy. Weight streaming budgets
-recorded with the engines are applied before the execution context exists. Activations live in
-one device buffer shared by every engine of the runtime (``ExecutionContextAllocationStrategy.
-USER_MANAGED``, sized for the largest engine, as NVIDIA's demo/Diffusion does): the stages never
-run concurrently.
-
-Running: ``set_input_shape`` / ``set_tensor_address`` on torch CUDA tensors and
-``execute_async_v3`` on one stream; with CUDA graphs, a bounded shape-keyed
-:class:`~sd35trt.backends.graphs.GraphCache` captures a shape on its second call and replays it.
+Loading: the plan is memory-mapped, its sha256 checked on the mapping and that same mapping
+deserialized (:func:`~sd35trt.artifacts.files.map_verified`). Weight streaming budgets recorded
+with the engines are applied before the execution context exists. Activations live in one device
+buffer shared by every engine of the runtime (``ExecutionContextAllocationStrategy.USER_MANAGED``,
+sized for the largest engine, as NVIDIA's demo/Diffusion does): the stages never run concurrently.
+With CUDA graphs, a :class:`~sd35trt.backends.graphs.GraphCache` captures a shape on its second
+call and replays it. ``tensorrt`` is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -26,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts.files import map_verified
-from sd35trt.artifacts.repair import repair_hint
+from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.backends.graphs import GraphCache
 from sd35trt.backends.machine import MachineInfo, same_tensorrt_version, sm_name
 from sd35trt.components import Component, ComponentSpec
-from sd35trt.config import Backend, BuildSettings
+from sd35trt.config import Backend
 from sd35trt.errors import (
     BackendUnavailableError,
     DeviceOutOfMemoryError,
@@ -44,9 +37,6 @@ if TYPE_CHECKING:
     import torch
 
     from sd35trt.artifacts.engine_manifest import EngineManifest, EngineRecord
-
-REBUILD = "rebuild with `sd35trt build`"
-_GIB = 1 << 30
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -75,27 +65,20 @@ class CudaDevice:
     def __init__(self, device: str) -> None:
         import torch
 
+        self.cuda = torch.cuda
         self.device = torch.device(device)
 
     def guard(self) -> contextlib.AbstractContextManager:
-        import torch
-
-        return torch.cuda.device(self.device)
+        return self.cuda.device(self.device)
 
     def new_stream(self) -> Any:
-        import torch
-
-        return torch.cuda.Stream(self.device)
+        return self.cuda.Stream(self.device)
 
     def current_stream(self) -> Any:
-        import torch
-
-        return torch.cuda.current_stream(self.device)
+        return self.cuda.current_stream(self.device)
 
     def use_stream(self, stream: Any) -> contextlib.AbstractContextManager:
-        import torch
-
-        return torch.cuda.stream(stream)
+        return self.cuda.stream(stream)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         import torch
@@ -109,10 +92,8 @@ class CudaDevice:
 
     def capture(self, stream: Any, run: Callable[[], None]) -> Any:
         """Capture ``run``'s work on ``stream`` into a CUDA graph (``replay()`` reruns it)."""
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        graph = self.cuda.CUDAGraph()
+        with self.cuda.graph(graph, stream=stream):
             run()
         return graph
 
@@ -449,23 +430,9 @@ class TensorRTBackend(EngineBackend):
         return device
 
     def build(self, job: BuildJob) -> BuiltEngine:
-        from sd35trt.backends.layers import quantized_linear_nodes
-        from sd35trt.backends.tensorrt_build import TrtBuildOptions, build_plan, timing_cache_path
+        from sd35trt.backends.tensorrt_build import build_plan
 
-        s = job.settings
-        options = TrtBuildOptions.from_settings(s)
-        cache = timing_cache_path(job.run_dir, job.machine)
-        quantized = quantized_linear_nodes(job.source) if job.fp8 else []
-        recorded, facts = build_plan(
-            job.source, job.target, job.shapes, options, cache, job.progress, job.label, quantized
-        )
-        recorded.update(weight_streaming_budget(s))
-        return BuiltEngine(
-            options=recorded,
-            layers=facts.layers,
-            device_memory_bytes=facts.device_memory_bytes,
-            streamable_weights_bytes=facts.streamable_weights_bytes,
-        )
+        return build_plan(job)
 
     def open(
         self, manifest: EngineManifest, components: Iterable[Component], options: OpenOptions
@@ -473,10 +440,8 @@ class TensorRTBackend(EngineBackend):
         device = self.device_for(options.device)
         cuda = self.cuda_device(device)
         selected = list(components)
-        shared = None
-        if options.share_activation_memory:
-            sizes = [manifest.record(c).device_memory_bytes or 0 for c in selected]
-            shared = ActivationMemory(cuda, reserve=max(sizes, default=0))
+        sizes = [manifest.record(c).device_memory_bytes or 0 for c in selected]
+        shared = ActivationMemory(cuda, reserve=max(sizes, default=0))
         engines: dict[Component, Engine] = {}
         for component in selected:
             rec = manifest.record(component)
@@ -509,11 +474,3 @@ class TensorRTBackend(EngineBackend):
     def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
         """Keyword arguments of :attr:`engine_class` that only a subclass's engines take."""
         return {}
-
-
-def weight_streaming_budget(settings: BuildSettings) -> dict[str, int | None]:
-    """``{"weight_streaming_budget_bytes": ...}`` to record with a weight-streaming plan, else ``{}``."""
-    if not settings.weight_streaming:
-        return {}
-    budget = settings.weight_streaming_budget_gib
-    return {"weight_streaming_budget_bytes": int(budget * _GIB) if budget is not None else None}

@@ -293,7 +293,6 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
             run_dir=run_dir,
             progress=progress,
             label=label,
-            allow_partial_fp8=plan.allow_partial_fp8,
             build_has_fp8=plan.build_has_fp8,
         )
     )
