@@ -1,30 +1,12 @@
-"""What a built engine really runs: its layer information, read back into a typed record.
+"""What a built engine really runs: its layer information, read back into a :class:`LayerReport`.
 
-Two sources feed the same :class:`LayerReport`. After a TensorRT build
-(``ProfilingVerbosity.DETAILED``), ``IEngineInspector.get_engine_information
-(LayerInformationFormat.JSON)`` describes every engine layer. The documented format (TensorRT
-developer guide, "Engine Inspector"; the 10.x -> 11.x migration note) is a JSON object whose
-``"Layers"`` list holds one object per layer with ``"Name"``, ``"LayerType"``, ``"Inputs"`` and
-``"Outputs"`` (each tensor with ``"Name"``, ``"Dimensions"`` and its format and type in
-``"Format/Datatype"``, e.g. ``"Row major linear FP8 format"``; 11.x adds separate ``"DataType"``
-fields), ``"TacticName"`` and ``"Metadata"`` (the ONNX node names the layer came from). With
-``LAYER_NAMES_ONLY`` the list holds bare names, which say nothing about precision.
-
-A TensorRT-RTX build cannot deserialize its plan without a GPU, so its layers are read from the
-builder's own log instead (:func:`parse_builder_log`): with ``ProfilingVerbosity.DETAILED`` the
-builder logs, at verbose severity, one ``Layers:`` message with a line per engine layer
-(``Name: ..., LayerType: gemm, Inputs: [ { ..., Datatype: FP8, ... }], Constants: [...],
-Outputs: [...], TacticName: ..., StreamId: 0, Metadata: [ONNX Layer: ...]...``), and at info
-severity ``Total Activation Memory: N bytes`` and ``Total Weights Memory: N bytes``. That format
-is what TensorRT-RTX 1.7 prints (captured builds in ``tests/unit/data/rtx``).
-
-From it :func:`summarize` derives the per-engine :class:`LayerReport` the engine manifest
-records: layers by precision and by output type, the FP8 GEMM layers with the quantized ONNX
-MatMuls inside each, the quantized nodes in no FP8 GEMM (fell back to a higher precision), the
-layers that look like fused attention, by tactic (see :func:`is_fused_attention`: a name-based
-reading that a GPU run must confirm, README "On a GPU"), and weights and activation memory where
-the source gives them.
-Nothing here imports TensorRT; :func:`quantized_linear_nodes` reads the ONNX graph with ``onnx``.
+Two sources: after a TensorRT build, ``IEngineInspector.get_engine_information(JSON)``
+(:func:`parse_layer_information`); after a TensorRT-RTX build, whose plan cannot be deserialized
+without a GPU, the builder's own log (:func:`parse_builder_log`). :func:`summarize` derives the
+report the engine manifest records: layers by precision and output type, the FP8 GEMM layers with
+the quantized ONNX MatMuls inside each, the quantized nodes that fell back to a higher precision,
+fused attention layers by tactic, and memory where the source gives it. Nothing here imports
+TensorRT; :func:`quantized_linear_nodes` reads the ONNX graph with ``onnx``.
 """
 
 from __future__ import annotations
@@ -163,6 +145,12 @@ class LayerInfoError(ValueError):
 def parse_layer_information(text: str) -> tuple[list[EngineLayer], bool]:
     """Parse ``get_engine_information(LayerInformationFormat.JSON)``.
 
+    The documented format (TensorRT developer guide, "Engine Inspector"; the 10.x -> 11.x migration
+    note): a ``"Layers"`` list of objects with ``"Name"``, ``"LayerType"``, ``"Inputs"`` and
+    ``"Outputs"`` (each tensor's type in ``"Format/Datatype"``, e.g. ``"Row major linear FP8
+    format"``; 11.x adds ``"DataType"``), ``"TacticName"`` and ``"Metadata"`` (the ONNX node names).
+    Built without ``ProfilingVerbosity.DETAILED``, the list holds bare names.
+
     Returns:
         ``(layers, detailed)``: ``detailed`` is False when the engine was built without
         ``ProfilingVerbosity.DETAILED`` (bare layer names, no types).
@@ -293,9 +281,14 @@ def _log_types(tensors: str) -> tuple[Precision, ...]:
 def parse_builder_log(text: str) -> BuilderLog:
     """Parse a TensorRT-RTX builder log (``ProfilingVerbosity.DETAILED``, verbose messages kept).
 
+    With ``ProfilingVerbosity.DETAILED`` the builder logs, at verbose severity, one ``Layers:``
+    message with a line per engine layer (``Name: ..., LayerType: gemm, Inputs: [ { ...,
+    Datatype: FP8, ... }], Constants: [...], Outputs: [...], TacticName: ..., StreamId: 0,
+    Metadata: [ONNX Layer: ...]``), and at info severity ``Total Activation Memory: N bytes`` and
+    ``Total Weights Memory: N bytes``: what TensorRT-RTX 1.7 prints (``tests/unit/data/rtx``).
+
     Args:
-        text: the log, one message after another; the ``Layers:`` message spans several lines.
-            Lines may carry a severity prefix (``[V] Layers:``).
+        text: the log; lines may carry a severity prefix (``[V] Layers:``).
 
     Returns:
         The layers of the ``Layers:`` section (the last one, should the log hold several builds)

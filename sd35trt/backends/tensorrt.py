@@ -101,14 +101,9 @@ class CudaDevice:
 class ActivationMemory:
     """One device buffer for the activations of every engine that attaches to it.
 
-    Sized for the largest engine (``reserve`` from the manifest, grown if an engine reports
-    more); contexts are created with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and
-    pointed at it. Growing re-points every attached context (their captured graphs are dropped
-    by their ``bind`` callbacks). The buffer is freed when the last engine detaches.
-
-    Args:
-        device: the stand-in for torch CUDA (see :class:`CudaDevice`).
-        reserve: bytes to allocate at the first attach at least (the largest recorded engine).
+    At least ``reserve`` bytes (the largest recorded engine), grown if an engine reports more;
+    growing re-points every attached context through its ``bind`` callback. Freed when the last
+    engine detaches.
     """
 
     def __init__(self, device: CudaDevice, reserve: int = 0) -> None:
@@ -185,7 +180,6 @@ class _Graph:
 class TrtEngine(Engine):
     """One component's TensorRT engine, run on torch CUDA tensors on one stream.
 
-    ``activate`` maps the plan, checks its sha256 on the mapping and deserializes that mapping.
     Subclasses for another TensorRT library set :attr:`module` and :attr:`library` and may
     override :meth:`_new_context` (TensorRT-RTX: a runtime config).
     """
@@ -209,19 +203,9 @@ class TrtEngine(Engine):
         activation_memory: ActivationMemory | None = None,
         cuda: CudaDevice | None = None,
     ) -> None:
-        """
-        Args:
-            spec: the component's I/O contract.
-            path: the plan file.
-            sha256: its sha256 from the engine manifest.
-            size: its size in bytes from the engine manifest.
-            device: the CUDA device to run on.
-            use_cuda_graph: capture CUDA graphs for repeated input shapes and replay them.
-            weight_streaming: the budget for plans built with weight streaming (``None``: off).
-            activation_memory: a buffer shared with other engines (``None``: the context allocates
-                its own).
-            cuda: the torch CUDA calls (default :class:`CudaDevice` of ``device``).
-        """
+        """``sha256`` and ``size`` (bytes) are the engine manifest's; ``weight_streaming``
+        ``None``: off; ``activation_memory`` ``None``: the context allocates its own; ``cuda``:
+        the torch CUDA calls (default :class:`CudaDevice` of ``device``)."""
         super().__init__(spec)
         self.path = Path(path)
         self.sha256 = sha256
@@ -448,28 +432,19 @@ class TensorRTBackend(EngineBackend):
             streaming = None
             if rec.options.get("weight_streaming"):
                 streaming = WeightStreaming(rec.options.get("weight_streaming_budget_bytes"))
-            engines[component] = self._engine(
-                manifest,
-                component,
+            engines[component] = self.engine_class(
+                manifest.spec(component),
+                manifest.directory / rec.file.path,
+                rec.file.sha256,
+                rec.file.size,
                 device=device,
                 use_cuda_graph=options.use_cuda_graph,
                 weight_streaming=streaming,
                 activation_memory=shared,
                 cuda=cuda,
+                **self.engine_options(manifest, component),
             )
         return engines
-
-    def _engine(self, manifest: EngineManifest, component: Component, **options: Any) -> TrtEngine:
-        """The engine object of one record: :attr:`engine_class` with :meth:`engine_options` too."""
-        rec = manifest.record(component)
-        return self.engine_class(
-            manifest.spec(component),
-            manifest.directory / rec.file.path,
-            rec.file.sha256,
-            rec.file.size,
-            **options,
-            **self.engine_options(manifest, component),
-        )
 
     def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
         """Keyword arguments of :attr:`engine_class` that only a subclass's engines take."""
