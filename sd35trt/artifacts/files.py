@@ -1,9 +1,5 @@
-"""Files of run directories and artefacts: sha256 checks before use, a hash cache, records of
-files, atomic writes and JSON reads.
-
-Every path a record names must stay inside the directory it is anchored at: absolute paths, ``..``
-and symlinks anywhere on the way are refused before a byte is read (:func:`verify_files`).
-"""
+"""Files of run directories and artefacts: sha256 checks before use, a hash cache, file records
+and atomic writes."""
 
 from __future__ import annotations
 
@@ -66,21 +62,12 @@ def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
 
 @contextlib.contextmanager
 def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) -> Iterator[mmap.mmap]:
-    """Memory-map ``path`` read-only and check its sha256 on the mapping itself.
+    """Memory-map ``path`` read-only and check its ``size`` (bytes) and sha256 on the mapping itself.
 
-    The mapping is the only host copy: hashing pages it in from the page cache, and a consumer
-    (TensorRT's ``deserialize_cuda_engine``) reads the very same buffer, so the bytes it sees are
-    the bytes that were checked, with no second copy in process memory. Files are replaced by
-    rename (the atomic writers here, ``tar``, ``cp`` to a new name), which leaves the mapped inode
-    intact; only a writer modifying the file in place during the load could change what is read,
-    and that needs write access to the engines directory.
-
-    Args:
-        path: the file.
-        sha256: its expected sha256.
-        size: its expected size in bytes (checked first: a truncated file fails without hashing).
-        what: who recorded the digest (for the message), e.g. ``"engine manifest"``.
-        fix: what to do about a mismatch, e.g. ``"rebuild with `sd35trt build`"``.
+    The mapping is the only host copy: a consumer (TensorRT's ``deserialize_cuda_engine``) reads the
+    very buffer that was hashed. Files are replaced by rename (the atomic writers here, ``tar``,
+    ``cp`` to a new name), which leaves the mapped inode intact; only an in-place writer with write
+    access to the engines directory could change what is read during the load.
 
     Raises:
         VerificationError: missing, another size, or another sha256.
@@ -186,16 +173,12 @@ def verify_files(
     cache: HashCache | None = None,
     contents: bool = True,
 ) -> None:
-    """Check that every file exists with its recorded size and sha256.
+    """Check that every file exists inside ``root`` with its recorded size and sha256.
 
-    Paths are checked first (inside ``root``, no symlink: see :func:`contained_path`); sizes are
-    checked before hashing, so a truncated multi-GB file fails fast. Every problem is collected
-    and reported together.
+    Paths first (:func:`contained_path`), sizes before hashing (a truncated multi-GB file fails
+    fast); every problem is reported together, after ``what``.
 
     Args:
-        root: the directory the records are relative to.
-        files: the records.
-        what: prefix of the error message.
         cache: reuse digests of unchanged files (freshness checks only; see :class:`HashCache`).
         contents: ``False`` checks presence and sizes only, for files whose reader hashes the
             bytes it loads itself (engines).
@@ -239,7 +222,6 @@ def verify_files(
 
 
 def current_umask() -> int:
-    """This process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -251,11 +233,8 @@ def published_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place.
-
-    A reader sees either the old file or the whole new one; a killed writer leaves only a hidden
-    ``.<name>.*.tmp`` file, never a partial ``path``.
-    """
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: a killed writer
+    leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

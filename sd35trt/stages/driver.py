@@ -30,7 +30,7 @@ from sd35trt.artifacts.files import (
     file_record,
     records_for_tree,
 )
-from sd35trt.artifacts.manifest import RunManifest, new_record, now_utc, staged_output, unrecorded_marker
+from sd35trt.artifacts.manifest import RunManifest, new_record, now_utc, staged_directory, unrecorded_marker
 from sd35trt.artifacts.records import Fingerprint, ModelInput, Stage, StageRecord
 from sd35trt.artifacts.runlock import stage_session, unwritable_is_one_line
 from sd35trt.config import Config
@@ -189,7 +189,7 @@ def run_stage(
             run.inputs[up] = run.verified_upstream(up, identity, cached=False)
         _check_replaceable(run)
         with unwritable_is_one_line(stage.value, run_dir):
-            with staged_output(run_dir, stage) as out:
+            with staged_directory(run_dir, stage.directory, unrecorded_marker(run_dir, stage)) as out:
                 details = spec.produce(run, out)
                 if not isinstance(details, spec.details):
                     raise TypeError(f"{stage.value} produced {type(details).__name__}, not {spec.details}")
