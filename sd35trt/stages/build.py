@@ -1,15 +1,5 @@
-"""The build stage: one engine per exported component, and the engine manifest.
-
-Reads the verified export record, builds every component's engine with TensorRT (a plan) or
-ONNX Runtime (an offline-optimized model) into a staged ``engines/`` directory, copies the
-tokenizer files and scheduler config beside them, writes ``engines/manifest.json`` (everything
-the runtime needs; see :mod:`sd35trt.artifacts.engine_manifest`) and only then records the stage in the run
-manifest. ``tensorrt`` is imported inside functions only.
-
-A rebuild happens when the build config, the export, the backend or the machine (TensorRT
-version, GPU) changed, when an engine file fails verification, or with ``force``; otherwise the
-existing record is returned.
-"""
+"""The build stage: one engine per exported component, with the tokenizer files, scheduler config
+and ``engines/manifest.json`` (:mod:`sd35trt.artifacts.engine_manifest`) beside them."""
 
 from __future__ import annotations
 
@@ -72,13 +62,8 @@ class Source:
 def choose_source(
     component: Component, entry: ExportedComponent, backend: Backend, gpu: GpuInfo | None
 ) -> Source:
-    """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``.
-
-    Args:
-        component: the component.
-        entry: its entry in the export record.
-        backend: the backend building it.
-        gpu: the GPU it is built for (``None``: none, ONNX Runtime on the CPU).
+    """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``
+    (``None``: no GPU).
 
     Raises:
         BuildError: the GPU has no FP8 and the export has no unquantized graph to fall back on.
@@ -132,10 +117,8 @@ def engine_profile(
     controlnet: int = 0,
     controlnet_text: bool = True,
 ) -> dict[str, ShapeRange]:
-    """Profile of ``component`` from the config: batch (doubled under CFG), latent sizes, text lengths.
-
-    Classifier-free guidance is on by default when ``runtime.guidance_scale > 1`` (as in diffusers), so
-    the optimal batch of the text encoders and the transformer is then twice the image batch.
+    """Profile of ``component`` from the config: batch, latent sizes, text lengths; the optimal
+    batch is doubled when the default ``runtime.guidance_scale`` turns CFG on.
 
     Raises:
         ConfigError: a size is not a multiple of the model's size multiple, or too large.
@@ -200,17 +183,14 @@ def _copy_support_files(dirs: list[Path], out: Path) -> list[FileRecord]:
 
 
 def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord:
-    for f in export_rec.files:
-        if f.path == rel:
-            return f
-    return file_record(run_dir, rel)
+    return next((f for f in export_rec.files if f.path == rel), None) or file_record(run_dir, rel)
 
 
 def _model_dir(run: StageRun, exported: ExportDetails) -> Path:
     """The export's model directory: relative to the run directory, or absolute (faults.md #31).
 
-    Exports before that recorded it relative to where they ran; such a path is taken only when it
-    leads into this run directory, never into another run's.
+    An older export's path, relative to where it ran, is taken only when it leads into this run
+    directory, never into another run's.
 
     Raises:
         ModelError: a relative path that is not in the run directory (re-running export fixes it).
@@ -253,13 +233,8 @@ def check_fp8(
 
 def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, label: str) -> EngineRecord:
     """Build one engine into ``out`` (the staged engines directory) and describe it."""
-    config, run_dir, backend, machine, progress = (
-        run.config,
-        run.run_dir,
-        plan.backend,
-        plan.machine,
-        run.progress,
-    )
+    config, run_dir, progress = run.config, run.run_dir, run.progress
+    backend, machine = plan.backend, plan.machine
     export_rec = run.inputs[Stage.EXPORT]
     entry = export_rec.details.components[component]
     source = choose_source(component, entry, backend.backend, machine.gpu)
@@ -470,23 +445,18 @@ def build(
     progress: Progress | None = None,
     allow_partial_fp8: bool = False,
 ) -> BuildRecord:
-    """Build every exported component's engine into ``run_dir/engines``.
+    """Build every exported component's engine into ``run_dir/engines`` (through
+    :func:`~sd35trt.stages.driver.run_stage`, which documents ``force``, ``hint`` and ``progress``).
 
-    Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, upstream checks, freshness,
-    staging, record). Engines are rebuilt when the ``build`` section, the T5 length, whether CFG
-    is on by default (the profiles' optimal batch), the export, the backend or the machine
-    changed; other runtime settings are generation defaults, updated in the engine manifest
-    without a rebuild.
+    Engines are rebuilt when the ``build`` section, the T5 length, whether CFG is on by default
+    (the profiles' optimal batch), the export, the backend or the machine (TensorRT version, GPU)
+    changed, or an engine file fails verification; other runtime settings are generation
+    defaults, updated in the engine manifest without a rebuild.
 
     Args:
-        config: the run's config (``build`` and ``runtime`` sections shape the engines).
-        run_dir: ``runs/<name>``, holding a verified export.
         backend: overrides ``config.build.backend`` (``auto``: TensorRT where it imports and a CUDA
             GPU is present, else ONNX Runtime).
-        force: rebuild even when the existing engines are up to date.
-        hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
         machine: this machine's TensorRT and GPU (detected when ``None``; tests fabricate it).
-        progress: receives one line per step (default: stderr).
         allow_partial_fp8: an FP8 engine whose quantized Linear layers did not all become FP8
             GEMMs is built with a warning instead of failing.
 
@@ -494,7 +464,7 @@ def build(
         The build record now in ``run_dir/manifest.json``.
 
     Raises:
-        RunDirError: ``run_dir`` is not a run directory, or cannot be written.
+        RunDirError, RunDirBusyError: see :func:`~sd35trt.stages.driver.run_stage`.
         ManifestError, StaleArtifactError, VerificationError: the export is missing, stale or corrupt.
         BackendUnavailableError: ``tensorrt`` requested where it cannot run.
         ConfigError: the profile ranges do not fit the model.

@@ -49,17 +49,8 @@ def print_progress(line: str) -> None:
 
 @dataclass
 class StageRun:
-    """One run of a stage: what the driver hands to the stage's steps.
-
-    Attributes:
-        stage: the stage running.
-        config: the whole config.
-        run_dir: the run directory (checked and locked).
-        manifest: its run manifest.
-        hint: appended to suggested commands (``--config c.yaml --run-dir runs/x``).
-        progress: receives one line per step.
-        inputs: the verified upstream records, filled by the driver after ``prepare``.
-    """
+    """One run of a stage, handed to the stage's steps (``run_dir`` checked and locked; ``inputs``:
+    the verified upstream records, filled after ``prepare``)."""
 
     stage: Stage
     config: Config
@@ -79,10 +70,7 @@ class StageRun:
         return self.command(self.stage, "--upstream").strip("`")
 
     def relative(self, path: str | Path) -> Path:
-        """``path`` as records hold it: relative to the run directory when inside it, else absolute.
-
-        Records must not depend on the directory a stage ran from (faults.md #31).
-        """
+        """``path`` relative to the run directory when inside it, else absolute (faults.md #31)."""
         full = Path(path).absolute()
         root = self.run_dir.absolute()
         return full.relative_to(root) if full.is_relative_to(root) else full
@@ -110,12 +98,7 @@ class StageRun:
 
 class StageSpec:
     """A stage, declared: subclassed once per stage, one instance per run (it keeps what
-    :meth:`prepare` resolved for the other steps). :func:`run_stage` runs any of them.
-
-    Attributes:
-        stage: name, output directory and config sections (:class:`Stage`).
-        details: the record's typed details model (what :meth:`produce` returns).
-    """
+    :meth:`prepare` resolved for the other steps); ``details`` is what :meth:`produce` returns."""
 
     stage: ClassVar[Stage]
     details: ClassVar[type[BaseModel]]
@@ -157,8 +140,6 @@ def run_stage(
     """Run ``spec``'s stage on ``run_dir``: lock, upstream checks, freshness, staging, publish, record.
 
     Args:
-        spec: the stage.
-        config: the whole config.
         run_dir: the run directory (created when new).
         force: redo the stage even when its output is up to date.
         hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
