@@ -25,13 +25,9 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BuildJob:
-    """One engine to build.
+    """One engine to build: ``source`` ONNX (external weights beside it) to ``target``.
 
     Attributes:
-        source: the ONNX file (external weights beside it).
-        target: the engine file to write (``<engines>/<component><suffix>``).
-        shapes: the optimization profile per input (min / opt / max).
-        settings: the config's ``build`` section.
         fp8: the source has FP8 Q/DQ layers.
         external_data: the source keeps its weights in external files (models over 2 GB).
         run_dir: the run directory (TensorRT keeps its timing cache there).
@@ -98,8 +94,7 @@ class EngineBackend(abc.ABC):
     suffix: str  # engine file suffix: ".plan"
     default_device: str
     requirements: str = "nothing"  # what building and running needs, for people
-    #: Engines are built for GPU targets, not for the building machine (TensorRT-RTX): a machine
-    #: without a GPU verifies their files and is told which GPUs run them, without failing.
+    #: Engines built for GPU targets, not this machine (TensorRT-RTX): verified without a GPU.
     portable: bool = False
 
     def missing(self, machine: MachineInfo) -> list[str]:
@@ -131,10 +126,7 @@ class EngineBackend(abc.ABC):
         return self.requirements
 
     def rebuild_reason(self, record: EngineRecord, machine: MachineInfo) -> str | None:
-        """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would).
-
-        Engines built for this machine: whatever keeps it from loading them.
-        """
+        """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would)."""
         return self.incompatibility(record, machine)
 
     @property

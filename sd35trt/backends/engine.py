@@ -9,11 +9,13 @@ outputs are torch tensors keyed by the :class:`~sd35trt.components.ComponentSpec
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import ComponentSpec
-from sd35trt.errors import EngineLoadError
+from sd35trt.errors import EngineLoadError, VerificationError
 
 if TYPE_CHECKING:  # torch is imported by the backends themselves, only when they run
     import torch
@@ -75,6 +77,15 @@ class Engine(abc.ABC):
                 f"its spec has {sorted(self.spec.output_names)}"
             )
         return outputs
+
+    def _check_io(self, path: Path, inputs: Iterable[str], outputs: Iterable[str]) -> None:
+        """Raises VerificationError when the loaded model's tensor names are not the spec's."""
+        found = (sorted(inputs), sorted(outputs))
+        if found != (sorted(self.spec.input_names), sorted(self.spec.output_names)):
+            raise VerificationError(
+                f"{path} has inputs {found[0]} and outputs {found[1]}, the {self.name} spec expects "
+                f"{sorted(self.spec.input_names)} and {sorted(self.spec.output_names)}; {REBUILD}"
+            )
 
     def deactivate(self) -> None:
         """Free the engine and its buffers; a no-op when not active."""

@@ -23,7 +23,7 @@ from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOpti
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, EngineLoadError, VerificationError, WriteError, free_bytes
+from sd35trt.errors import BuildError, EngineLoadError, WriteError, free_bytes
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -211,15 +211,7 @@ class OrtEngine(Engine):
                 f"({_first_line(err)}); {REBUILD}"
             ) from None
         self._input_types = {i.name: i.type for i in session.get_inputs()}
-        outputs = [o.name for o in session.get_outputs()]
-        if sorted(self._input_types) != sorted(self.spec.input_names) or sorted(outputs) != sorted(
-            self.spec.output_names
-        ):
-            raise VerificationError(
-                f"{self.path} has inputs {sorted(self._input_types)} and outputs {sorted(outputs)}, "
-                f"the {self.name} spec expects {sorted(self.spec.input_names)} and "
-                f"{sorted(self.spec.output_names)}; {REBUILD}"
-            )
+        self._check_io(self.path, self._input_types, [o.name for o in session.get_outputs()])
         self._session = session
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,6 @@ from sd35trt.errors import (
     BackendUnavailableError,
     DeviceOutOfMemoryError,
     IncompatibleEngineError,
-    VerificationError,
 )
 
 if TYPE_CHECKING:
@@ -236,23 +235,12 @@ class TrtEngine(Engine):
                 raise IncompatibleEngineError(
                     f"{self.library} {trt.__version__} could not deserialize {self.path.name}: {REBUILD}"
                 )
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self._check_io(self.path, inputs, [n for n in names if n not in inputs])
             if self.weight_streaming is not None:
                 self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
             context = self._create_context(trt, engine)
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outputs = [n for n in names if n not in inputs]
-            if (sorted(inputs), sorted(outputs)) != (
-                sorted(self.spec.input_names),
-                sorted(self.spec.output_names),
-            ):
-                if self.activation_memory is not None:
-                    self.activation_memory.detach(self.name)
-                raise VerificationError(
-                    f"{self.path} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the "
-                    f"{self.name} spec expects {sorted(self.spec.input_names)} and "
-                    f"{sorted(self.spec.output_names)}; {REBUILD}"
-                )
             self._state = {
                 "cuda": cuda,
                 "logger": logger,

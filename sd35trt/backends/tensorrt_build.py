@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt.artifacts.files import atomic_write_bytes
-from sd35trt.backends.base import BuildJob, BuiltEngine
+from sd35trt.backends.base import BuildJob, BuiltEngine, Progress
 from sd35trt.backends.layers import LayerInfoError, parse_layer_information, quantized_linear_nodes, summarize
 from sd35trt.backends.machine import MachineInfo
 from sd35trt.components import ShapeRange
 from sd35trt.config import BuildSettings
 from sd35trt.errors import BuildError
 
-Progress = Callable[[str], None]
 _GIB = 1 << 30
 
 
@@ -125,19 +124,12 @@ def build_serialized(
     flags: int,
     library: str = "TensorRT",
 ) -> tuple[Any, Any]:
-    """Parse ``job.source`` into a strongly typed network and build its serialized plan.
+    """Parse ``job.source`` with ``trt`` (``tensorrt`` or ``tensorrt_rtx``) into a strongly typed
+    network and build its serialized plan.
 
     The parser reads the model from its file (so external weights resolve); one optimization
     profile; detailed profiling verbosity (layer names, types and tactics: what ``inspect`` and the
-    FP8 check read); progress reports to ``job.progress``.
-
-    Args:
-        trt: the ``tensorrt`` or ``tensorrt_rtx`` module.
-        logger: the builder's ``ILogger``.
-        job: the model, its profile and where progress goes.
-        configure: sets the library's own builder options on the ``IBuilderConfig``.
-        flags: network creation flags (see :func:`network_flags`; TensorRT-RTX: 0).
-        library: ``TensorRT`` or ``TensorRT-RTX``, for messages.
+    FP8 check read). ``configure`` sets the library's own options on the ``IBuilderConfig``.
 
     Returns:
         The serialized plan (``IHostMemory``) and the builder config (it holds the timing cache).
