@@ -72,19 +72,17 @@ def check_targets(targets: Sequence[ComputeCapability], formats: Iterable[Precis
         ConfigError: FP8 for a target below 8.9, or FP4 for a target other than 12.x, naming the
             target and the ONNX.
     """
-    needs = {
-        Precision.FP8: (lambda c: c.has_fp8, "FP8 runs on 8.9, 12.0 and 12.1"),
-        Precision.FP4: (lambda c: c.has_fp4, "FP4 runs on 12.0 and 12.1"),
-    }
-    for fmt in formats:
-        if fmt not in needs:
-            continue
-        runs, where = needs[fmt]
-        lacking = [c.value for c in targets if not runs(c)]
+    formats = set(formats)
+    for fmt, runs, where in (
+        (Precision.FP8, "has_fp8", "8.9, 12.0 and 12.1"),
+        (Precision.FP4, "has_fp4", "12.0 and 12.1"),
+    ):
+        lacking = [c.value for c in targets if not getattr(c, runs)] if fmt in formats else []
         if lacking:
             raise ConfigError(
                 f"build.compute_capabilities has {', '.join(lacking)}, which cannot run the "
-                f"{fmt.value.upper()} layers of {source} ({where}); drop it from the targets"
+                f"{fmt.value.upper()} layers of {source} ({fmt.value.upper()} runs on {where}); drop it "
+                "from the targets"
             )
 
 
@@ -107,13 +105,8 @@ def _capture_logger(trt: Any) -> Any:
     the verbose output (hundreds of thousands of lines at full size) is dropped as it arrives.
     """
     severity = trt.ILogger.Severity
-    tags = {
-        severity.INTERNAL_ERROR: "F",
-        severity.ERROR: "E",
-        severity.WARNING: "W",
-        severity.INFO: "I",
-        severity.VERBOSE: "V",
-    }
+    levels = (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING, severity.INFO, severity.VERBOSE)
+    tags = dict(zip(levels, "FEWIV", strict=True))
 
     class CaptureLogger(trt.ILogger):
         def __init__(self) -> None:
@@ -124,7 +117,7 @@ def _capture_logger(trt: Any) -> Any:
             if level == severity.VERBOSE and not msg.startswith(LAYERS_MESSAGE):
                 return
             self.lines.append(f"[{tags.get(level, '?')}] {msg}")
-            if level in (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING):
+            if level in levels[:3]:
                 print(f"[{LIBRARY}] [{tags[level]}] {msg}", file=sys.stderr, flush=True)
 
         def text(self) -> str:
@@ -179,23 +172,15 @@ def build_rtx_plan(job: BuildJob) -> BuiltEngine:
 
 
 class TrtRtxEngine(TrtEngine):
-    """One component's TensorRT-RTX engine: :class:`TrtEngine` with a runtime config.
-
-    The execution context comes from an ``IRuntimeConfig`` holding the allocation strategy, the
-    runtime cache (JIT-compiled kernels, :attr:`runtime_cache` file) and TensorRT-RTX's own CUDA
-    graph strategy.
-    """
+    """One component's TensorRT-RTX engine: its context comes from an ``IRuntimeConfig`` holding
+    the allocation strategy, the runtime cache (JIT-compiled kernels) and the CUDA graph strategy."""
 
     module = "tensorrt_rtx"
     library = LIBRARY
     builtin_cuda_graphs = True
 
     def __init__(self, *args: Any, runtime_cache: Path | None = None, **kwargs: Any) -> None:
-        """
-        Args:
-            runtime_cache: the runtime cache file (``None``: kept in memory only); other
-                arguments as :class:`TrtEngine`'s.
-        """
+        """``runtime_cache``: the runtime cache file (``None``: kept in memory only)."""
         super().__init__(*args, **kwargs)
         self.runtime_cache = runtime_cache
         # Held while the context lives: the config and cache objects must outlive it.
