@@ -251,13 +251,10 @@ def compare_engines(
     machine: MachineInfo | None = None,
     device: str | None = None,
 ) -> CompareReport:
-    """Run every engine and its ONNX source on the same inputs and compare their outputs.
-
-    Args:
-        engines_dir: a run's ``engines/`` directory (its ONNX sources are in the run directory).
-        components: the engines to compare (default: all).
-        machine: this machine, for the engines' TensorRT / GPU check (detected when needed).
-        device: where the engines run (default: CUDA for TensorRT, CPU for ONNX Runtime).
+    """Run every engine of a run's ``engines/`` directory (or ``components``) and its ONNX source on
+    the same inputs and compare their outputs; ``machine`` and ``device`` as
+    :func:`~sd35trt.backends.load.verify_engines` and :func:`~sd35trt.backends.load.open_engines`
+    take them.
 
     Returns:
         The per-output errors against the spec tolerance, and the components skipped (with why).

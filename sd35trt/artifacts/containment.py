@@ -123,11 +123,8 @@ def _tensor_location(buf: memoryview, fields: list) -> tuple[str, str] | None:
 
 
 def onnx_external_locations(data: bytes) -> list[tuple[str, str]]:
-    """``(tensor name, location)`` of every tensor of an ONNX model that names external data.
-
-    Returns:
-        The references found; none for bytes that are not a protobuf message (ONNX Runtime then
-        refuses the file itself).
+    """``(tensor name, location)`` of every tensor of an ONNX model that names external data (none
+    for bytes that are not a protobuf message: ONNX Runtime refuses the file itself).
 
     Raises:
         UnsafeArtifactError: graphs nested deeper than :data:`_MAX_NESTING`.

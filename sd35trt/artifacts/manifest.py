@@ -180,9 +180,8 @@ class RunManifest:
         return self.load().get(stage)
 
     def put(self, stage: Stage, record: StageRecord) -> None:
-        """Add or replace the record of ``stage`` (atomically, after its files are in place).
-
-        Removes the stage's :func:`unrecorded_marker`: directory and record agree again.
+        """Add or replace the record of ``stage`` (atomically, after its files are in place) and remove
+        its :func:`unrecorded_marker`.
 
         Raises:
             ValueError: ``record`` is another stage's (a bug).
@@ -208,7 +207,6 @@ class RunManifest:
         """The record of ``stage`` after checking its files, its config digest and its upstream.
 
         Args:
-            stage: the stage whose output is about to be used.
             fingerprint: the stage's current :class:`Fingerprint` (or only its digest); ``None``
                 skips the check. With a fingerprint, a stale record names what changed.
             hint: appended to the suggested command (e.g. ``--config configs/tiny.yaml``).

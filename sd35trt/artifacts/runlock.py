@@ -83,11 +83,8 @@ def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S)
 
 @contextlib.contextmanager
 def unwritable_is_one_line(what: str, root: str | Path | None = None) -> Iterator[None]:
-    """Turn "cannot write here" (read-only, no permission, disk full) into one line naming the path.
-
-    Args:
-        what: the command (``build``), named in the message.
-        root: when given, only errors on paths inside it (or on no path: a full disk) are turned.
+    """Turn "cannot write here" (read-only, no permission, disk full) into one line naming the path
+    and the command ``what``; with ``root``, only errors on paths inside it (or on none) are turned.
 
     Raises:
         RunDirError: an ``OSError`` of :data:`~sd35trt.errors.WRITE_ERRNOS` was raised in the block

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.backends.machine import MachineInfo
+from sd35trt.backends.machine import NO_MACHINE, MachineInfo
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, BuildSettings
 
@@ -96,6 +96,8 @@ class EngineBackend(abc.ABC):
     requirements: str = "nothing"  # what building and running needs, for people
     #: Engines built for GPU targets, not this machine (TensorRT-RTX): verified without a GPU.
     portable: bool = False
+    #: Whether :meth:`incompatibility` needs the detected machine (else it is not detected).
+    needs_machine_check: bool = False
 
     def missing(self, machine: MachineInfo) -> list[str]:
         """What this machine lacks to build and run this backend's engines (empty: nothing)."""
@@ -111,7 +113,7 @@ class EngineBackend(abc.ABC):
 
     def recorded_machine(self, machine: MachineInfo) -> MachineInfo:
         """The part of ``machine`` an engine of this backend is tied to (recorded with it)."""
-        return MachineInfo(tensorrt_version=None, gpu=None)
+        return NO_MACHINE
 
     def built_for(self, record: EngineRecord) -> str:
         """``sm_90 / TensorRT 11.4.0``, or the label for machine-independent engines."""
@@ -128,11 +130,6 @@ class EngineBackend(abc.ABC):
     def rebuild_reason(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would)."""
         return self.incompatibility(record, machine)
-
-    @property
-    def needs_machine_check(self) -> bool:
-        """Whether :meth:`incompatibility` needs the detected machine (else it is not detected)."""
-        return False
 
     def runtime_problems(self) -> list[str]:
         """What is missing to run the engines here that :meth:`incompatibility` does not see."""

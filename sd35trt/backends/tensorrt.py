@@ -214,7 +214,10 @@ class TrtEngine(Engine):
         self.weight_streaming = weight_streaming
         self.activation_memory = activation_memory
         self._cuda = cuda
-        self._state: dict[str, Any] = {}
+        self._loaded: tuple[Any, ...] = ()  # logger, runtime, engine: kept alive with the context
+        self._context: Any = None
+        self._stream: Any = None
+        self._dtypes: dict[str, torch.dtype] = {}
         self.graphs: GraphCache[_Graph] | None = None
         self.weight_streaming_budget: int | None = None
 
@@ -226,7 +229,7 @@ class TrtEngine(Engine):
 
     def _load(self, plan: Any) -> None:
         trt = importlib.import_module(self.module)
-        cuda = self._cuda or CudaDevice(self.device)
+        cuda = self._cuda = self._cuda or CudaDevice(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
         with cuda.guard():
             runtime = trt.Runtime(logger)
@@ -240,16 +243,9 @@ class TrtEngine(Engine):
             self._check_io(self.path, inputs, [n for n in names if n not in inputs])
             if self.weight_streaming is not None:
                 self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
-            context = self._create_context(trt, engine)
-            self._state = {
-                "cuda": cuda,
-                "logger": logger,
-                "runtime": runtime,
-                "engine": engine,
-                "context": context,
-                "stream": cuda.new_stream(),
-                "dtypes": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names},
-            }
+            self._context = self._create_context(trt, engine)
+            self._loaded, self._stream = (logger, runtime, engine), cuda.new_stream()
+            self._dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         own_graphs = self.use_cuda_graph and not self.builtin_cuda_graphs
         self.graphs = GraphCache(self._capture) if own_graphs else None
 
@@ -275,8 +271,7 @@ class TrtEngine(Engine):
 
     def _bind(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Set shapes and addresses for ``inputs``; allocate and bind the outputs."""
-        s = self._state
-        context = s["context"]
+        context = self._context
         for name, t in inputs.items():
             if not context.set_input_shape(name, tuple(t.shape)):
                 raise ValueError(
@@ -286,22 +281,20 @@ class TrtEngine(Engine):
         outputs = {}
         for name in self.spec.output_names:
             shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = s["cuda"].empty(shape, s["dtypes"][name])
+            outputs[name] = self._cuda.empty(shape, self._dtypes[name])
             context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
     def _execute(self) -> None:
-        s = self._state
-        if not s["context"].execute_async_v3(s["stream"].cuda_stream):
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
             raise RuntimeError(f"engine {self.name}: execute_async_v3 failed (see the TensorRT log)")
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s = self._state
-        cuda, stream = s["cuda"], s["stream"]
+        cuda, stream = self._cuda, self._stream
         with cuda.guard():
             current = cuda.current_stream()
             inputs = {
-                n: feeds[n].detach().to(device=cuda.device, dtype=s["dtypes"][n]).contiguous()
+                n: feeds[n].detach().to(device=cuda.device, dtype=self._dtypes[n]).contiguous()
                 for n in self.spec.input_names
             }
             stream.wait_stream(current)
@@ -322,11 +315,10 @@ class TrtEngine(Engine):
 
     def _capture(self, key: Hashable) -> _Graph:
         """Static buffers of shapes ``key`` bound to the context, and a graph of one execution."""
-        s = self._state
-        cuda, stream = s["cuda"], s["stream"]
+        cuda, stream = self._cuda, self._stream
         shapes = dict(zip(self.spec.input_names, key, strict=True))
         with cuda.use_stream(stream):
-            static_in = {n: cuda.empty(shapes[n], s["dtypes"][n]) for n in self.spec.input_names}
+            static_in = {n: cuda.empty(shapes[n], self._dtypes[n]) for n in self.spec.input_names}
             static_out = self._bind(static_in)
             graph = cuda.capture(stream, self._execute)
         return _Graph(graph, static_in, static_out)
@@ -337,7 +329,7 @@ class TrtEngine(Engine):
         self.graphs = None
         if self.activation_memory is not None:
             self.activation_memory.detach(self.name)
-        self._state = {}
+        self._loaded, self._context, self._stream = (), None, None
 
 
 class TensorRTBackend(EngineBackend):
@@ -348,6 +340,7 @@ class TensorRTBackend(EngineBackend):
     suffix = ".plan"
     default_device = "cuda"
     requirements = "TensorRT and a CUDA GPU"
+    needs_machine_check = True
     #: The torch CUDA calls the engines make (the API tests put a CPU stand-in here).
     cuda_device: Callable[[str], CudaDevice] = CudaDevice
     engine_class: type[TrtEngine] = TrtEngine
@@ -375,10 +368,6 @@ class TensorRTBackend(EngineBackend):
     def built_for(self, record: EngineRecord) -> str:
         sm = sm_name(record.compute_capability) if record.compute_capability else "an unknown GPU"
         return f"{sm} / TensorRT {record.tensorrt_version}"
-
-    @property
-    def needs_machine_check(self) -> bool:
-        return True
 
     def incompatibility(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         if machine.tensorrt_version is None or machine.gpu is None:

@@ -221,7 +221,7 @@ class TrtRtxEngine(TrtEngine):
         return True
 
     def _deactivate_impl(self) -> None:
-        if self._state:
+        if self._context is not None:
             self.save_runtime_cache()
         super()._deactivate_impl()  # the context goes first
         self._runtime_config = self._runtime_cache = None

@@ -84,10 +84,8 @@ def choose_source(
 
 
 def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
-    """Input shapes of an ONNX file (ints, or axis names for dynamic dims), without its weights.
-
-    Returns:
-        ``({input: shape}, has_external_data)``.
+    """``({input: shape}, has_external_data)`` of an ONNX file (ints, or axis names for dynamic
+    dims), without its weights.
 
     Raises:
         ModelError: the file is not a loadable ONNX model, or its external data is unsafe
@@ -209,10 +207,8 @@ def _model_dir(run: StageRun, exported: ExportDetails) -> Path:
 def check_fp8(
     component: Component, layers: LayerReport | None, source: str, allow_partial: bool
 ) -> str | None:
-    """Refuse an FP8 engine in which quantized Linear layers did not become FP8 GEMMs.
-
-    Returns:
-        A warning when ``allow_partial`` lets such an engine through, else ``None``.
+    """Refuse an FP8 engine in which quantized Linear layers did not become FP8 GEMMs; return a
+    warning instead when ``allow_partial`` lets it through.
 
     Raises:
         BuildError: naming the engine, the counts and the ONNX nodes that fell back.

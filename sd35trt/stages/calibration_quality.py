@@ -194,9 +194,6 @@ def quality_report(
         batches: held-out prompt batches, already encoded, each with its seed.
         height, width: image size in pixels.
 
-    Returns:
-        The :class:`CalibrationReport`.
-
     Raises:
         CalibrationError: the FP8 or the reference pipeline produced non-finite values.
     """

@@ -85,12 +85,8 @@ class StageRun:
         return Fingerprint.of(self.config, stage, identity if stage is not Stage.BUILD else None)
 
     def verified_upstream(self, stage: Stage, identity: Mapping[str, Any], *, cached: bool) -> StageRecord:
-        """The record of upstream ``stage``, verified (files hashed through the cache when ``cached``).
-
-        Raises:
-            ManifestError, StaleArtifactError, VerificationError: missing, stale (what changed is
-                named, with :attr:`chain`) or damaged.
-        """
+        """The record of upstream ``stage``, verified (files hashed through the cache when ``cached``);
+        raises as :meth:`RunManifest.verified`, suggesting :attr:`chain`."""
         cache = HashCache(self.run_dir) if cached else None
         fingerprint = self.fingerprint(stage, identity)
         return self.manifest.verified(stage, fingerprint, self.hint, cache=cache, chain=self.chain)

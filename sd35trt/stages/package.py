@@ -159,12 +159,8 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def _member_parts(member: tarfile.TarInfo, archive: Path) -> tuple[str, ...]:
-    """The path components of a member, after refusing unsafe names and kinds.
-
-    Raises:
-        UnsafeArtifactError: an absolute name, ``..``, a path deeper than :data:`MAX_DEPTH`, or a
-            member that is not a regular file or directory.
-    """
+    """The path components of a member; raises UnsafeArtifactError for an absolute name, ``..``, a
+    path deeper than :data:`MAX_DEPTH`, or a member that is not a regular file or directory."""
     name = member.name
     parts = PurePosixPath(name).parts
     if not parts or name.startswith("/") or ".." in parts or "\0" in name:
@@ -412,7 +408,6 @@ def _check_sums(root: Path, report: VerifyReport) -> None:
 
 
 def _check_strays(engines: Path, report: VerifyReport) -> None:
-    """An engines directory without ``SHA256SUMS``: files its manifest does not record, symlinks."""
     from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
 
     if not engines.is_dir():
