@@ -19,7 +19,14 @@ from sd35trt.artifacts.engine_manifest import (
     EngineRecord,
     read_engine_manifest,
 )
-from sd35trt.artifacts.files import HashCache, atomic_write_bytes, atomic_write_json, file_record, json_text
+from sd35trt.artifacts.files import (
+    HashCache,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_record,
+    json_text,
+    records_for_tree,
+)
 from sd35trt.artifacts.manifest import FileRecord, Stage, now_utc, tool_versions
 from sd35trt.artifacts.records import (
     BuildDetails,
@@ -177,7 +184,7 @@ def _copy_support_files(dirs: list[Path], out: Path) -> list[FileRecord]:
     """Copy tokenizers and the scheduler config beside the engines; the runtime needs no model dir."""
     for d in dirs:
         shutil.copytree(d, out / d.name, symlinks=False)
-    return [file_record(out, p) for d in dirs for p in sorted((out / d.name).rglob("*")) if p.is_file()]
+    return [rec for d in dirs for rec in records_for_tree(out, d.name)]
 
 
 def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord:
