@@ -19,6 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -130,9 +132,9 @@ ALL_COMPUTE_CAPABILITIES = (
 class Range(_Strict):
     """An inclusive ``min <= opt <= max`` range (a dimension of an optimization profile)."""
 
-    min: int = Field(ge=1)
-    opt: int = Field(ge=1)
-    max: int = Field(ge=1)
+    min: StrictInt = Field(ge=1)
+    opt: StrictInt = Field(ge=1)
+    max: StrictInt = Field(ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
@@ -160,7 +162,7 @@ class LoraSettings(_Strict):
         description="a local .safetensors file (or a directory holding one), or a Hugging Face repo id",
     )
     #: diffusers' ``lora_scale``: the LoRA's update is added ``scale`` times.
-    scale: float = Field(default=1.0, ge=-10.0, le=10.0)
+    scale: StrictFloat = Field(default=1.0, ge=-10.0, le=10.0)
     #: the file inside a Hub repo or directory (diffusers' ``weight_name``); default: its only .safetensors.
     weight_name: str | None = Field(default=None, pattern=r"^[^/\\]+\.safetensors$")
     #: Hub revision (branch, tag or commit) of a LoRA given by repo id.
@@ -178,7 +180,7 @@ class ModelSettings(_Strict, OptionalControlNet):
     #: ``SD35TRT_ALLOW_DOWNLOAD=1``. Not part of any digest: it says how files arrive, not which.
     allow_download: bool = Field(default=False, exclude=True)
     architecture: Architecture = Architecture.TINY
-    seed: int = Field(default=0, ge=0, description="weight seed for source tiny / random")
+    seed: StrictInt = Field(default=0, ge=0, description="weight seed for source tiny / random")
     #: LoRAs fused into the weights, in order, before calibrate and export.
     loras: tuple[LoraSettings, ...] = ()
 
@@ -206,13 +208,13 @@ class ModelSettings(_Strict, OptionalControlNet):
 class CalibrateSettings(_Strict):
     prompts: Path = Path("calibration_prompts/calibration.txt")
     heldout_prompts: Path = Path("calibration_prompts/heldout.txt")
-    num_prompts: int = Field(default=32, ge=1, le=100_000)
-    batch_size: int = Field(default=1, ge=1, le=64)
-    steps: int = Field(default=20, ge=1, le=200)
-    guidance_scale: float = Field(default=4.5, ge=0.0, le=50.0)
-    height: int = Field(default=1024, ge=SIZE_MULTIPLE)
-    width: int = Field(default=1024, ge=SIZE_MULTIPLE)
-    seed: int = Field(default=0, ge=0)
+    num_prompts: StrictInt = Field(default=32, ge=1, le=100_000)
+    batch_size: StrictInt = Field(default=1, ge=1, le=64)
+    steps: StrictInt = Field(default=20, ge=1, le=200)
+    guidance_scale: StrictFloat = Field(default=4.5, ge=0.0, le=50.0)
+    height: StrictInt = Field(default=1024, ge=SIZE_MULTIPLE)
+    width: StrictInt = Field(default=1024, ge=SIZE_MULTIPLE)
+    seed: StrictInt = Field(default=0, ge=0)
     dtype: LoadDtype = LoadDtype.AUTO
     #: fnmatch patterns over transformer module names kept out of FP8.
     exclude: tuple[str, ...] = (
@@ -223,11 +225,11 @@ class CalibrateSettings(_Strict):
         "proj_out*",
     )
     #: transformer_blocks indices kept entirely in high precision.
-    high_precision_blocks: tuple[int, ...] = ()
+    high_precision_blocks: tuple[StrictInt, ...] = ()
     fp8_attention: bool = False
     #: quality report: number of held-out prompts and steps.
-    report_prompts: int = Field(default=4, ge=1)
-    report_steps: int | None = Field(default=None, ge=1)
+    report_prompts: StrictInt = Field(default=4, ge=1)
+    report_steps: StrictInt | None = Field(default=None, ge=1)
 
     @field_validator("height", "width")
     @classmethod
@@ -256,14 +258,14 @@ class ComponentPrecisions(_Strict):
 
 
 class ExportSettings(_Strict):
-    opset: int = Field(default=19, ge=19, le=23)
+    opset: StrictInt = Field(default=19, ge=19, le=23)
     precision: ComponentPrecisions = ComponentPrecisions()
     quantize: bool = True
     fp8_weights: bool = False
     #: transformer_blocks indices computed in fp32 inside a 16-bit transformer graph (their
     #: weights fp32, Casts at their inputs and outputs). NVIDIA's FP8 recipe for SD3.5 Large runs
     #: block 35 this way. With ``quantize`` they must also be in ``calibrate.high_precision_blocks``.
-    fp32_blocks: tuple[int, ...] = ()
+    fp32_blocks: tuple[StrictInt, ...] = ()
 
     @field_validator("fp32_blocks")
     @classmethod
@@ -281,12 +283,12 @@ class BuildSettings(_Strict):
     height: Range = Range(min=512, opt=1024, max=1536)
     width: Range = Range(min=512, opt=1024, max=1536)
     #: TensorRT builder optimization level; 4 as ModelOpt and NVIDIA's demo/Diffusion build FP8 engines.
-    optimization_level: int = Field(default=4, ge=0, le=5)
-    workspace_gib: float | None = Field(default=None, gt=0)
+    optimization_level: StrictInt = Field(default=4, ge=0, le=5)
+    workspace_gib: StrictFloat | None = Field(default=None, gt=0)
     weight_streaming: bool = False
     #: With weight_streaming: GiB of streamable weights kept on the GPU at run time; None lets
     #: TensorRT choose (its automatic budget for the free device memory).
-    weight_streaming_budget_gib: float | None = Field(default=None, ge=0)
+    weight_streaming_budget_gib: StrictFloat | None = Field(default=None, ge=0)
     refit: bool = False
     #: TensorRT-RTX: the GPU architectures the engines are built for (portable across them);
     #: None: 8.9 and 12.0 for FP8 builds, else 8.0, 8.6, 8.9 and 12.0.
@@ -315,10 +317,10 @@ class BuildSettings(_Strict):
 
 
 class SkipLayerGuidance(_Strict):
-    layers: tuple[int, ...]
-    scale: float = Field(default=2.8, ge=0.0)
-    start: float = Field(default=0.01, ge=0.0, le=1.0)
-    stop: float = Field(default=0.2, ge=0.0, le=1.0)
+    layers: tuple[StrictInt, ...]
+    scale: StrictFloat = Field(default=2.8, ge=0.0)
+    start: StrictFloat = Field(default=0.01, ge=0.0, le=1.0)
+    stop: StrictFloat = Field(default=0.2, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _window(self) -> SkipLayerGuidance:
@@ -345,7 +347,7 @@ class CacheSettings(_Strict):
 
     method: CacheMethod = CacheMethod.FIRST_BLOCK
     #: the largest relative change of the first block's residual that still reuses the cache.
-    threshold: float = Field(default=0.05, ge=0.0, le=PARAMS["cache_threshold"].high)
+    threshold: StrictFloat = Field(default=0.05, ge=0.0, le=PARAMS["cache_threshold"].high)
 
 
 _STEPS, _GUIDANCE = PARAMS["num_inference_steps"], PARAMS["guidance_scale"]
@@ -356,16 +358,16 @@ class RuntimeSettings(_Strict):
 
     #: Bounds and aliases are the declared ones (:mod:`sd35trt.parameters`): ``steps`` is read as
     #: well (configs and engine manifests written before the rename use it).
-    num_inference_steps: int = Field(
+    num_inference_steps: StrictInt = Field(
         default=28,
         ge=_STEPS.low,
         le=_STEPS.high,
         validation_alias=AliasChoices(*_STEPS.names),
     )
-    guidance_scale: float = Field(default=3.5, ge=_GUIDANCE.low, le=_GUIDANCE.high)
-    height: int = 1024
-    width: int = 1024
-    max_sequence_length: int = Field(default=256, ge=1, le=512)
+    guidance_scale: StrictFloat = Field(default=3.5, ge=_GUIDANCE.low, le=_GUIDANCE.high)
+    height: StrictInt = 1024
+    width: StrictInt = 1024
+    max_sequence_length: StrictInt = Field(default=256, ge=1, le=512)
     negative_prompt: str = ""
     skip_layer_guidance: SkipLayerGuidance | None = None
     #: the first-block cache (off when absent): export and build make the two transformer engines.

@@ -37,6 +37,21 @@ def test_wrong_type_names_key_and_value(tmp_path):
         load_config(p)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("calibrate", "num_prompts", True),
+        ("calibrate", "guidance_scale", "4.5"),
+        ("build", "optimization_level", 2.0),
+    ],
+)
+def test_numbers_are_not_coerced_from_booleans_strings_or_floats(tmp_path, section, key, value):
+    """faults.md #42: YAML ``true`` is not a count of 1, ``"4.5"`` is not a number."""
+    p = _write(tmp_path, {"name": "x", section: {key: value}})
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*found {value!r}"):
+        load_config(p)
+
+
 def test_runtime_steps_is_read_as_num_inference_steps(tmp_path):
     # configs and engine manifests written before the rename say `steps`
     cfg = load_config(_write(tmp_path, {"name": "x", "runtime": {"steps": 6}}))
