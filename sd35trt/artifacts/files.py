@@ -28,12 +28,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _mismatch(path: Path, digest: str, expected: str, what: str, fix: str) -> VerificationError:
-    HashCache.forget(path)  # a freshness check must not call it intact any more
-    return VerificationError(
-        f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
-        f"corrupted); {fix}"
-    )
+def _compare(path: str | Path, digest: str, expected: str, what: str, fix: str) -> None:
+    if digest != expected:
+        HashCache.forget(path)  # a freshness check must not call it intact any more
+        raise VerificationError(
+            f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
+            f"corrupted); {fix}"
+        )
 
 
 def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> None:
@@ -42,9 +43,7 @@ def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> Non
     Raises:
         VerificationError: naming the file, both digests' prefixes, ``what`` recorded it and ``fix``.
     """
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise _mismatch(Path(path), digest, sha256, what, fix)
+    _compare(path, sha256_file(path), sha256, what, fix)
 
 
 def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
@@ -54,9 +53,7 @@ def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
         VerificationError: the bytes read do not match (see :func:`check_file_digest`).
     """
     data = Path(path).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise _mismatch(Path(path), digest, sha256, what, fix)
+    _compare(path, hashlib.sha256(data).hexdigest(), sha256, what, fix)
     return data
 
 
@@ -83,9 +80,7 @@ def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) 
             raise VerificationError(f"{path} has {found} bytes, the {what} records {size}; {fix}")
         mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     try:
-        digest = hashlib.sha256(mapping).hexdigest()
-        if digest != sha256:
-            raise _mismatch(path, digest, sha256, what, fix)
+        _compare(path, hashlib.sha256(mapping).hexdigest(), sha256, what, fix)
         yield mapping
     finally:
         mapping.close()

@@ -116,15 +116,12 @@ def optimize_model(
         raise BuildError(f"ONNX Runtime could not optimize {source}: {first}") from None
     if not target.is_file():
         raise BuildError(f"ONNX Runtime did not write the optimized model {target}")
-    options: dict[str, Any] = {
+    return {
         "graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL,
         "optimized_with": [CPU_PROVIDER],
         "onnxruntime_version": ort.__version__,
-        "cuda_provider_options": None,
+        "cuda_provider_options": dict(DEFAULT_CUDA_PROVIDER_OPTIONS) if cuda_provider_available() else None,
     }
-    if cuda_provider_available():
-        options["cuda_provider_options"] = dict(DEFAULT_CUDA_PROVIDER_OPTIONS)
-    return options
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:

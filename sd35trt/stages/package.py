@@ -423,19 +423,6 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
         )
 
 
-def _external_data_problems(engines: Path, files: list) -> list[str]:
-    """ONNX engines whose external data leaves the engines directory (``../secret.bin``, absolute,
-    through a symlink): checked here, whatever the ONNX Runtime (faults.md #40)."""
-    problems = []
-    for f in files:
-        if PurePosixPath(f.path).suffix == ".onnx":
-            try:
-                check_onnx_external_data(engines / f.path)
-            except UnsafeArtifactError as err:
-                problems.append(str(err))
-    return problems
-
-
 def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.backends.load import check_compatible
@@ -453,8 +440,12 @@ def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bo
         report.files_checked += len(files) if count_files else 0
     except VerificationError as err:
         report.problems.append(str(err))
-    else:
-        report.problems.extend(_external_data_problems(manifest.directory, files))
+    else:  # ONNX engines whose external data leaves the directory, whatever the ONNX Runtime (faults.md #40)
+        for onnx in (f for f in files if PurePosixPath(f.path).suffix == ".onnx"):
+            try:
+                check_onnx_external_data(manifest.directory / onnx.path)
+            except UnsafeArtifactError as err:
+                report.problems.append(str(err))
     backend = backend_of(manifest.backend)
     report.problems.extend(backend.runtime_problems())
     if backend.needs_machine_check:
