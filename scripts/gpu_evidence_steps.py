@@ -379,7 +379,7 @@ def calibrate(job: Job, config: Config, mark: Phases) -> dict:
         "load_s": round(load_s, 3),
         "seconds": round(seconds, 3),
         "peak_device_memory_bytes": peak,
-        "quantizers_enabled": summary.total_enabled,
+        "quantizers_enabled": sum(summary.enabled.values()),
         "quantizers": summary.to_json(),
         "calibration_file": path.name,
         "calibration_file_bytes": path.stat().st_size,

@@ -146,7 +146,7 @@ def check_sources(manifest: EngineManifest, components: Iterable[Component]) -> 
     """
     from sd35trt.artifacts.files import verify_files
     from sd35trt.artifacts.manifest import FileRecord, RunManifest, Stage
-    from sd35trt.stages.export.onnx_tools import (
+    from sd35trt.stages.export.onnx_files import (
         check_external_data,
         external_ref,
         iter_tensors,

@@ -1,10 +1,5 @@
-"""What the command line shows: one progress display per stage, and third-party noise kept out.
-
-Third-party libraries print progress bars and advisory warnings that say nothing to a user of
-sd35trt (transformers' torchvision fallback, ModelOpt's untested-version notice, per-file loading
-bars). :func:`quiet_third_party` silences them at the command-line boundary only; library code
-leaves logging alone, and ``-v`` or ``SD35TRT_DEBUG=1`` shows everything again.
-"""
+"""What the command line shows: one progress display per stage, and third-party noise kept out
+(at the command-line boundary only; ``-v`` or ``SD35TRT_DEBUG=1`` shows everything again)."""
 
 from __future__ import annotations
 
@@ -39,11 +34,8 @@ console = Console(stderr=False, highlight=False)
 
 
 def quiet_third_party(verbose: bool) -> None:
-    """Silence known-harmless third-party output for this process, unless ``verbose``.
-
-    Must run before the libraries are imported (their environment is read at import time).
-    ``SD35TRT_DEBUG=1`` counts as verbose. Values the user already set are kept.
-    """
+    """Silence known-harmless third-party output for this process, unless ``verbose`` (or
+    ``SD35TRT_DEBUG=1``). Run it before the libraries are imported; values the user set are kept."""
     if verbose or os.environ.get("SD35TRT_DEBUG") == "1":
         return
     for key, value in _QUIET_ENV.items():
@@ -53,11 +45,8 @@ def quiet_third_party(verbose: bool) -> None:
 
 
 class StageProgress:
-    """A stage's progress display: its name, elapsed time and current item on one live line.
-
-    Lines logged through :meth:`log` print above the live line. Where output is not a terminal (a
-    log file, CI) there is no live line, only the logged lines.
-    """
+    """A stage's progress display: its name, elapsed time and current item on one live line (none
+    where output is not a terminal), the lines of :meth:`log` above it."""
 
     def __init__(self, progress: Progress | None = None, task: TaskID | None = None) -> None:
         self._progress = progress
@@ -75,11 +64,7 @@ class StageProgress:
 
 @contextmanager
 def stage_progress(stage: str) -> Iterator[StageProgress]:
-    """The one progress display of a stage: a spinner, ``stage``, elapsed time, current item.
-
-    Yields:
-        The :class:`StageProgress` to report through.
-    """
+    """The one progress display of a stage (a spinner, ``stage``, elapsed time, current item)."""
     if not console.is_terminal:
         yield StageProgress()
         return

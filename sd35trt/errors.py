@@ -1,9 +1,6 @@
-"""User-facing errors.
-
-Every problem a user can fix (bad input, a missing or stale artefact, an engine built for
-another machine) is raised as an :class:`Sd35TrtError` subclass whose message names the
-thing, what was found and what was expected. The CLI prints those as one line and exits 1;
-anything else is a bug and keeps its traceback.
+"""User-facing errors: every problem a user can fix is an :class:`Sd35TrtError` subclass whose
+message names the thing, what was found and what was expected. The CLI prints those as one line
+and exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -81,12 +78,9 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 
 
 def write_error(err: OSError, path: str | os.PathLike) -> WriteError | None:
-    """The one-line user error for ``err``, raised while writing ``path``; ``None`` when ``err``
-    is not about where it writes (see :data:`WRITE_ERRNOS`), so the caller re-raises it.
-
-    The message names the file the OS named (``err.filename``), else ``path``, and for a full
-    disk the bytes left on it.
-    """
+    """The one-line user error for ``err``, raised while writing ``path`` (naming the OS's
+    ``err.filename``, else ``path``, and for a full disk the bytes left); ``None`` when ``err`` is
+    not about where it writes (see :data:`WRITE_ERRNOS`), so the caller re-raises it."""
     if err.errno not in WRITE_ERRNOS:
         return None
     target = err.filename or path
@@ -123,11 +117,8 @@ class BackendUnavailableError(Sd35TrtError):
 
 
 class RequestError(Sd35TrtError):
-    """A generation request is invalid (size, steps, guidance, seed, prompt).
-
-    Attributes:
-        field: the request field at fault, so the HTTP layer can name it.
-    """
+    """A generation request is invalid (size, steps, guidance, seed, prompt); ``field`` names the
+    request field at fault, for the HTTP layer."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -188,13 +179,9 @@ def _problem(error: dict) -> str:
 
 
 def validation_message(err: ValidationError, source: str, limit: int | None = 1) -> str:
-    """One line for a pydantic validation error of a file's contents.
-
-    Names ``source`` (the file), the first ``limit`` bad fields (every one with ``None``) as dotted
-    paths (``records.export.details.components.transformer.onnx``), pydantic's message (an unknown
-    key is called one), the value found (when it is a scalar; long ones are cut) and how many more
-    fields are bad.
-    """
+    """One line for a pydantic validation error of a file's contents: ``source`` (the file), the
+    first ``limit`` bad fields (all with ``None``) as dotted paths (``records.export.details.x``),
+    pydantic's message, the scalar value found (long ones cut) and how many more fields are bad."""
     errors = err.errors()
     shown = errors if limit is None else errors[:limit]
     fields = "; ".join(f"field {_location(e['loc'])}: {_problem(e)}" for e in shown)

@@ -1,9 +1,7 @@
 """The guidance rules every stage follows: when classifier-free and skip-layer guidance run.
 
-Calibration, the engine profiles, the runtime, bench, eval and the diffusers reference all ask
-these functions, so the rules cannot drift apart. Source: diffusers
-``StableDiffusion3Pipeline`` (``do_classifier_free_guidance`` is ``guidance_scale > 1``; the
-skip-layer pass runs inside ``if self.do_classifier_free_guidance``). Nothing here imports torch.
+Source: diffusers ``StableDiffusion3Pipeline`` (``do_classifier_free_guidance`` is
+``guidance_scale > 1``; the skip-layer pass runs inside ``if self.do_classifier_free_guidance``).
 """
 
 from __future__ import annotations
@@ -27,25 +25,16 @@ def cfg_enabled(guidance_scale: float) -> bool:
 def applied_skip_layer_guidance(
     skip_layer_guidance: SkipLayerGuidance | None, guidance_scale: float, image_to_image: bool = False
 ) -> SkipLayerGuidance | None:
-    """The skip-layer guidance that actually runs: ``skip_layer_guidance`` under CFG, else ``None``.
-
-    Skip-layer guidance adds ``scale * (v_pos - v_skip)`` to the guided velocity; without CFG
-    diffusers never runs the skip pass, and neither does sd35trt. Image-to-image never runs it:
-    diffusers' ``StableDiffusion3Img2ImgPipeline`` has no skip-layer guidance.
-    """
+    """The skip-layer guidance that actually runs: ``skip_layer_guidance`` under CFG and not for
+    image-to-image (diffusers' ``StableDiffusion3Img2ImgPipeline`` has none), else ``None``."""
     return skip_layer_guidance if cfg_enabled(guidance_scale) and not image_to_image else None
 
 
 @dataclass(frozen=True)
 class GuidancePlan:
-    """The guidance a request actually gets (see :func:`guidance_plan`).
-
-    Attributes:
-        cfg: classifier-free guidance runs (a ``[negative, positive]`` batch).
-        negative_prompt: the negative prompt used, ``None`` without CFG (it has no effect then).
-        skip_layer_guidance: the skip-layer guidance applied, or ``None``.
-        warnings: one line per setting the caller asked for that has no effect.
-    """
+    """The guidance a request actually gets (see :func:`guidance_plan`): CFG on (a ``[negative,
+    positive]`` batch), the negative prompt and skip-layer guidance used (``None``: not used), and
+    one warning per setting the caller asked for that has no effect."""
 
     cfg: bool
     negative_prompt: str | None
@@ -62,11 +51,8 @@ def guidance_plan(
     slg_requested: bool | None = None,
     image_to_image: bool = False,
 ) -> GuidancePlan:
-    """What a request gets under these rules, and a warning for each explicit setting without effect.
-
-    Without CFG (``guidance_scale <= 1``, e.g. sd3.5-large-turbo) the negative prompt and
-    skip-layer guidance do nothing; they are then not used, recorded as ``None``, and a caller who
-    asked for either is told.
+    """What a request gets under these rules, and a warning for each explicit setting without effect
+    (without CFG, e.g. sd3.5-large-turbo, the negative prompt and skip-layer guidance are not used).
 
     Args:
         guidance_scale: the validated scale.
@@ -74,11 +60,7 @@ def guidance_plan(
         skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
         negative_requested: the caller gave a negative prompt (a default draws no warning).
         slg_requested: the caller's explicit choice (``None``: as built; ``False``: off).
-        image_to_image: the request starts from an image; skip-layer guidance is then not used
-            (diffusers' ``StableDiffusion3Img2ImgPipeline`` has none).
-
-    Returns:
-        What runs, and the warnings.
+        image_to_image: the request starts from an image (no skip-layer guidance).
     """
     slg = applied_skip_layer_guidance(
         None if slg_requested is False else skip_layer_guidance, guidance_scale, image_to_image
@@ -106,13 +88,8 @@ def guidance_plan(
 
 
 def cache_threshold(value: Any, engines_cache: bool, default: CacheSettings | None) -> float | None:
-    """A request's first-block cache threshold (:mod:`sd35trt.runtime.cache`): its own, else the
-    engines' default, else ``None`` (no cache).
-
-    Args:
-        value: what the request asked for (``None``: the default).
-        engines_cache: the engines include the cache's two transformer engines.
-        default: the engines' recorded ``runtime.cache``.
+    """A request's first-block cache threshold (:mod:`sd35trt.runtime.cache`): ``value``, else the
+    engines' recorded ``default`` when they include the cache's engines, else ``None`` (no cache).
 
     Raises:
         RequestError: not a number in the bounds of :data:`sd35trt.parameters.PARAMS`

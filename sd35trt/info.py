@@ -91,12 +91,8 @@ DETAIL_LIST_ITEMS = 12
 
 
 def detail_lines(key: str, value: object, indent: str) -> list[str]:
-    """``key: <JSON>`` lines for a record detail, never cut inside a JSON value.
-
-    Short values are one line; a long object gets one line per member and a long list one line
-    per item (the first :data:`DETAIL_LIST_ITEMS`, then how many more), nested the same way. A
-    long string is printed whole.
-    """
+    """``key: <JSON>`` lines for a record detail, never cut inside a JSON value: a long object gets
+    one line per member, a long list one per item (the first :data:`DETAIL_LIST_ITEMS`), nested."""
     text = json.dumps(value, sort_keys=True)
     if len(text) < DETAIL_LINE_CHARS or not isinstance(value, dict | list) or not value:
         return [f"{indent}{key}: {text}"]
@@ -139,7 +135,6 @@ def format_manifest(path: Path) -> str:
             lines.append(f"    {f.path:<48} {_size(f.size):>10}  {f.sha256[:12]}")
         versions = ", ".join(f"{k} {v}" for k, v in sorted(rec.versions.items()))
         lines.append(f"  versions: {versions}")
-        # Every detail, one line each: the stage's own fields, whatever they are (the weights first).
         details = rec.details.to_json()
         lines += model_lines(details.get("model"))
         for key, value in details.items():
@@ -197,10 +192,8 @@ def layer_lines(layers: LayerReport, indent: str = "    ") -> list[str]:
 
 
 def format_engines(engines_dir: Path) -> list[str]:
-    """Readable lines for an engines directory: per engine, what it was built as and runs.
-
-    TensorRT and TensorRT-RTX engines show their layer information (:func:`layer_lines`) and the
-    activation and weights memory they need.
+    """Readable lines for an engines directory: per engine, what it was built as and runs (and for
+    TensorRT engines their layers and the activation and weights memory they need).
 
     Raises:
         ManifestError: the engine manifest is missing or malformed.

@@ -1,8 +1,5 @@
-"""Image similarity metrics on 8-bit RGB images (``uint8 [H, W, 3]`` numpy arrays).
-
-Thin checked wrappers over scikit-image, so calibration reports and ``sd35trt eval`` compute
-PSNR and SSIM the same way: data range 255, SSIM over the colour channels.
-"""
+"""Image similarity metrics on 8-bit RGB images (``uint8 [H, W, 3]`` numpy arrays), so calibration
+reports and ``sd35trt eval`` compute PSNR and SSIM the same way (data range 255)."""
 
 from __future__ import annotations
 
@@ -33,14 +30,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of ``b`` against ``a`` in dB (peak 255).
-
-    Args:
-        a: reference image, uint8 ``[H, W, 3]``.
-        b: test image, same shape and dtype.
-
-    Returns:
-        PSNR in dB; ``math.inf`` for identical images.
+    """Peak signal-to-noise ratio of ``b`` against the reference ``a`` in dB (peak 255; ``math.inf``
+    for identical images); both uint8 ``[H, W, 3]``.
 
     Raises:
         ValueError: the arrays are not uint8 RGB images of one shape.
@@ -55,14 +46,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Structural similarity of ``b`` against ``a`` (scikit-image, 7x7 windows, data range 255).
-
-    Args:
-        a: reference image, uint8 ``[H, W, 3]``, at least 7 pixels on each side.
-        b: test image, same shape and dtype.
-
-    Returns:
-        Mean SSIM over the image and its channels, in [-1, 1]; 1.0 for identical images.
+    """Structural similarity of ``b`` against the reference ``a`` (scikit-image, 7x7 windows, data
+    range 255): the mean over the image and its channels, in [-1, 1]; both uint8 ``[H, W, 3]``.
 
     Raises:
         ValueError: the arrays are not uint8 RGB images of one shape, or are smaller than 7x7.

@@ -1,12 +1,5 @@
-"""Small files a user writes (a YAML config, a prompts file), read defensively; and JSON objects.
-
-A config or prompts file is text of a few KB: anything larger, binary or not UTF-8 is refused
-with one line naming the file, and YAML aliases and repeated keys are refused (see
-:class:`_ConfigLoader`). Validation of a config's content is :mod:`sd35trt.config`'s.
-
-:func:`read_json` reads the JSON objects sd35trt and diffusers write (manifests, a model's
-component configs, a scheduler config): missing, not JSON and not an object are one line each.
-"""
+"""Small files a user writes (a YAML config, a prompts file), read defensively; and JSON objects
+(manifests, a model's component configs, a scheduler config)."""
 
 from __future__ import annotations
 
@@ -30,14 +23,7 @@ def _capped(text: str) -> str:
 
 
 def read_text_file(path: str | Path, what: str) -> str:
-    """The UTF-8 text of a small user file (a config, a prompts file).
-
-    Args:
-        path: the file.
-        what: how the message names it (``"config file"``, ``"calibrate.prompts: prompt file"``).
-
-    Returns:
-        The text.
+    """The UTF-8 text of a small user file; ``what`` names it in messages (``"config file"``).
 
     Raises:
         ConfigError: the file is missing, a directory, unreadable, over
@@ -64,12 +50,9 @@ def read_text_file(path: str | Path, what: str) -> str:
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader without aliases and duplicate keys.
-
-    An alias can expand a few hundred bytes into gigabytes (a "billion laughs"), and a repeated
-    key silently overrode the first (a second ``export:`` section turned quantization off): a
-    config never needs either, so both are refused with the line they are on.
-    """
+    """YAML's safe loader without aliases (a few hundred bytes can expand into gigabytes, a "billion
+    laughs") and duplicate keys (the second silently overrides the first): both are refused with
+    the line they are on."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -100,11 +83,8 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse a config's YAML (no aliases, no duplicate keys: see :class:`_ConfigLoader`).
-
-    Raises:
-        ConfigError: naming ``source`` and the problem (cut to :data:`MAX_ERROR_CHARS` characters).
-    """
+    """Parse a config's YAML (no aliases, no duplicate keys); ConfigError names ``source`` and the
+    problem (cut to :data:`MAX_ERROR_CHARS` characters)."""
     try:
         return yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as err:
@@ -119,12 +99,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_json(
     path: Path, what: str = "", *, error: type[Sd35TrtError] = ManifestError, missing: str = "does not exist"
 ) -> dict:
-    """The JSON object in ``path``.
-
-    Args:
-        what: what to do when the file is not a JSON object (appended after ``;``).
-        error: the error family the file belongs to (a model's configs: ``ModelError``).
-        missing: what a missing file means (after its path).
+    """The JSON object in ``path``; ``what`` says what to do when it is not one, ``missing`` what a
+    missing file means, ``error`` is the file's error family (a model's configs: ``ModelError``).
 
     Raises:
         ``error``: the file is missing, not JSON or not an object (the path named).

@@ -238,7 +238,7 @@ class WeightsDetails(RecordModel):
 
 
 class QuantizerCounts(RecordModel):
-    """Quantizers of the calibrated transformer by kind (:class:`~sd35trt.models.quantize.QuantSummary`)."""
+    """Quantizers of the calibrated transformer by kind (:func:`~sd35trt.models.quantize.summarize`)."""
 
     enabled: dict[QuantizerKind, int]
     disabled: dict[QuantizerKind, int]

@@ -1,19 +1,9 @@
 """``sd35trt bench``: stage latencies, throughput, peak memory and the runtime's per-step overhead.
 
-Each configuration (an engines directory, or the diffusers PyTorch pipeline given with
-``--reference``) runs ``warmup`` untimed generations, then ``runs`` timed ones with the engines'
-runtime defaults (size, steps, guidance, skip-layer guidance). Stage times are taken around each
-engine call (each diffusers module call for the reference): CUDA events on a GPU, ``perf_counter``
-on the CPU. Per stage the median and 90th percentile over the timed runs are reported; a text
-encoder's time per run is the sum of its calls (diffusers encodes the prompt and the negative
-prompt in two calls, the runtime in one batch), the transformer's is per denoising step (its
-time per run divided by the steps) and per call. The overhead measurement is described in
-:mod:`sd35trt.bench.overhead`; the result's schema in :mod:`sd35trt.bench.report`.
-
-Image-to-image: when the first engines directory has a VAE encoder, it is also benchmarked in
-image-to-image mode (:func:`~sd35trt.bench.subjects.bench_image` at the default size,
-``img2img_strength``), with the VAE encoder as one more stage; the report keeps it apart as
-``img2img`` (its transformer time per step divides by the steps the strength keeps).
+Stage times are taken around each engine call (each diffusers module call for the reference):
+CUDA events on a GPU, ``perf_counter`` on the CPU. A text encoder's time per run is the sum of its
+calls (diffusers encodes the prompt and the negative prompt in two calls, the runtime in one
+batch); the transformer's is per denoising step and per call. Schema: :mod:`sd35trt.bench.report`.
 """
 
 from __future__ import annotations
@@ -51,18 +41,15 @@ class BenchOptions:
     """How ``sd35trt bench`` measures (the ``bench`` command's options).
 
     Attributes:
-        runs: timed generations per configuration (>= 1).
-        warmup: untimed generations before them (>= 0).
+        runs: timed generations per configuration (>= 1), after ``warmup`` untimed ones (>= 0).
         overhead_runs: timed generations per side of the overhead measurement (0 skips it).
         out_dir: where to write; default ``<first engines dir>/../bench``.
-        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's, CUDA for TensorRT
-            engines, CPU for ONNX Runtime ones); the diffusers pipeline runs there too (default:
-            CUDA when present).
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's) and the diffusers
+            pipeline (default: CUDA when present).
         plot: also write ``bench.png``.
-        img2img_strength: also benchmark image-to-image at this strength when the first engines
-            directory has a VAE encoder (``None`` or 0: skip).
-        generation: generation parameters by name or alias
-            (:data:`sd35trt.parameters.GENERATION_PARAMS`) that replace the engines' recorded
+        img2img_strength: image-to-image strength when the first engines directory has a VAE
+            encoder (``None`` or 0: skip).
+        generation: generation parameters by name or alias replacing the engines' recorded
             defaults; the prompt defaults to :data:`DEFAULT_PROMPT`, the seed to 0.
 
     Raises:
@@ -87,10 +74,8 @@ class BenchOptions:
 
 
 def run_params(engines_dir: Path, generation: Mapping[str, Any] | None = None) -> tuple[BenchParams, int]:
-    """What every configuration generates, and T5's length.
-
-    The engines' recorded defaults, replaced by ``generation`` (checked as a request is, against
-    the engines: :func:`~sd35trt.runtime.request.resolve_request`).
+    """What every configuration generates (the engines' recorded defaults, replaced by
+    ``generation``, checked as a request is), and T5's length.
 
     Raises:
         RequestError: a generation parameter the engines do not accept (named).
@@ -119,51 +104,39 @@ def _load_average() -> float | None:
 MakeSubject = Callable[[StageClock, MemoryProbe], Subject]
 
 
-def _measure(make: MakeSubject, params: BenchParams, runs: int, warmup: int) -> tuple[Configuration, Any]:
-    """Load a subject, time ``runs`` generations after ``warmup``, and close it before returning.
-
-    The subject is freed (closed and collected) before the next one loads, so peak memory is its own.
-
-    Returns:
-        The measured configuration and the last generation's result (``RuntimeSubject.last``;
-        ``None`` for the diffusers pipeline).
-    """
+def _measure(make: MakeSubject, params: BenchParams, o: BenchOptions) -> tuple[Configuration, Any]:
+    """Load a subject, time ``o.runs`` generations after ``o.warmup``, and free it (closed and
+    collected, so the next subject's peak memory is its own). Returns the configuration and the last
+    generation's result (``RuntimeSubject.last``; ``None`` for the diffusers pipeline)."""
     clock, memory = StageClock(), MemoryProbe()
     subject = make(clock, memory)
     try:
-        measured = _time(subject, params, clock, memory, runs, warmup)
+        load_before = _load_average()
+        for _ in range(o.warmup):
+            subject.generate(params)
+        clock.collect()
+        memory.reset()
+        timed = []
+        for _ in range(o.runs):
+            subject.generate(params)
+            timed.append(clock.collect())
+        stages = stage_stats(timed, params.steps_run)
+        total = stages.total.median
+        measured = Configuration(
+            label=subject.label,
+            kind=subject.kind,
+            **subject.info,
+            stages=stages,
+            images_per_second=params.num_images / (total / 1e3) if total else None,
+            memory=memory.read(),
+            load_average_1m=(load_before, _load_average()),
+        )
         last = getattr(subject, "last", None)
     finally:
         subject.close()
         del subject
         gc.collect()
     return measured, last
-
-
-def _time(
-    subject: Subject, params: BenchParams, clock: StageClock, memory: MemoryProbe, runs: int, warmup: int
-) -> Configuration:
-    load_before = _load_average()
-    for _ in range(warmup):
-        subject.generate(params)
-    clock.collect()
-    memory.reset()
-    timed = []
-    for _ in range(runs):
-        subject.generate(params)
-        timed.append(clock.collect())
-    mem = memory.read()
-    stages = stage_stats(timed, params.steps_run)
-    total = stages.total.median
-    return Configuration(
-        label=subject.label,
-        kind=subject.kind,
-        **subject.info,
-        stages=stages,
-        images_per_second=params.num_images / (total / 1e3) if total else None,
-        memory=mem,
-        load_average_1m=(load_before, _load_average()),
-    )
 
 
 def host_info(device: str) -> Host:
@@ -205,42 +178,28 @@ def dedupe_labels(configurations: Sequence[Configuration]) -> list[Configuration
     return out
 
 
-def _measure_img2img(
-    engines_dir: Path, params: BenchParams, strength: float | None, runs: int, warmup: int, device: str | None
-) -> Configuration | None:
-    """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for).
-
-    Raises:
-        ConfigError: ``strength`` outside (0, 1].
-    """
+def _measure_img2img(engines_dir: Path, params: BenchParams, o: BenchOptions) -> Configuration | None:
+    """The engines in image-to-image mode, or ``None`` (no VAE encoder, or not asked for);
+    ConfigError for a strength outside (0, 1]."""
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import Component
 
+    strength = o.img2img_strength
     if not strength or Component.VAE_ENCODER not in read_engine_manifest(engines_dir).engines:
         return None
     if not 0.0 < strength <= 1.0:
         raise ConfigError(f"--img2img-strength {strength:g} is outside (0, 1]")
     # diffusers' image-to-image pipeline has no skip-layer guidance, so neither has the runtime's.
     i2i = params.model_copy(update={"strength": strength, "skip_layer_guidance": None})
-    measured, _ = _measure(_engines_subject(engines_dir, device), i2i, runs, warmup)
+    measured, _ = _measure(_engines_subject(engines_dir, o.device), i2i, o)
     update = {"label": f"{measured.label} img2img", "strength": strength, "steps_run": i2i.steps_run}
     return measured.model_copy(update=update)
 
 
-def _measure_cache(
-    engines_dir: Path,
-    params: BenchParams,
-    runs: int,
-    warmup: int,
-    device: str | None,
-) -> list[Configuration]:
-    """The engines at first-block cache threshold 0 (no step skipped) and at ``params``' threshold
-    (the requested ``cache_threshold``, else the engines' recorded one).
-
-    Empty when the engines were built without the cache (no ``transformer_first_block`` engine).
-    The transformer's time is both parts' engine calls together; ``transformer_calls`` and
-    ``transformer_skipped`` are the last timed generation's.
-    """
+def _measure_cache(engines_dir: Path, params: BenchParams, o: BenchOptions) -> list[Configuration]:
+    """The engines at first-block cache threshold 0 (no step skipped) and at ``params``' threshold;
+    empty when built without the cache. The transformer's time is both parts' calls together;
+    ``transformer_calls`` and ``transformer_skipped`` are the last timed generation's."""
     from sd35trt.artifacts.engine_manifest import read_engine_manifest
     from sd35trt.components import TRANSFORMER_PARTS
 
@@ -250,7 +209,7 @@ def _measure_cache(
     out = []
     for threshold in dict.fromkeys([0.0, params.cache_threshold]):
         at = params.model_copy(update={"cache_threshold": threshold})
-        measured, last = _measure(_engines_subject(engines_dir, device), at, runs, warmup)
+        measured, last = _measure(_engines_subject(engines_dir, o.device), at, o)
         t = last.timings
         update = {
             "label": f"{measured.label} cache {threshold:g}",
@@ -269,20 +228,19 @@ def bench(
 ) -> BenchReport:
     """Benchmark engines directories (and the diffusers pipeline) and measure the runtime overhead.
 
-    Every configuration generates with the first engines directory's runtime defaults (replaced
-    by ``options.generation``). Engines built with the first-block cache are also timed at cache
-    threshold 0 and at the generation's ``cache_threshold`` (``report.cache``; no overhead
-    measurement then: its stand-in replaces the whole transformer engine). Writes ``bench.json``
-    and ``bench.png`` (stages side by side, images/s, peak memory, overhead) to ``options.out_dir``.
+    Every configuration runs ``warmup`` untimed then ``runs`` timed generations with the first
+    engines directory's runtime defaults (replaced by ``options.generation``). With a VAE encoder
+    the first directory is also timed in image-to-image mode (``report.img2img``); engines built
+    with the first-block cache at cache threshold 0 and at the generation's ``cache_threshold``
+    (``report.cache``; no overhead measurement then: its stand-in replaces the whole transformer
+    engine). Writes ``bench.json`` and ``bench.png`` to ``options.out_dir``.
 
     Args:
         engines_dirs: one or more ``engines/`` directories (e.g. FP8 and BF16 builds).
         reference_dir: a diffusers directory: benchmarked as the PyTorch baseline and used for the
             overhead comparison; ``None`` skips both.
-        options: runs, warm-up, output, device, image-to-image and generation parameters.
 
-    Returns:
-        The ``bench.json`` content.
+    Returns the ``bench.json`` content.
 
     Raises:
         ConfigError: no engines directory, or bad counts (:class:`BenchOptions`).
@@ -305,9 +263,9 @@ def bench(
     if reference_dir is not None:
         ref_device = o.device or default_device()
         subjects.append(lambda c, m: DiffusersSubject(reference_dir, c, m, ref_device, max_len))
-    configurations = [_measure(make, params, o.runs, o.warmup)[0] for make in subjects]
-    img2img = _measure_img2img(engines_dirs[0], params, o.img2img_strength, o.runs, o.warmup, o.device)
-    cache = _measure_cache(engines_dirs[0], params, o.runs, o.warmup, o.device)
+    configurations = [_measure(make, params, o)[0] for make in subjects]
+    img2img = _measure_img2img(engines_dirs[0], params, o)
+    cache = _measure_cache(engines_dirs[0], params, o)
     # the overhead stand-in replaces the whole transformer engine; cache-only engines have none
     overhead = (
         _overhead(engines_dirs[0], reference_dir, params, max_len, o)
@@ -326,23 +284,18 @@ def bench(
         overhead=overhead,
         files=BenchFiles(json=str(out / BENCH_JSON), png=str(out / BENCH_PNG) if o.plot else None),
     )
-    _write_bench(report, out, o.plot)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out / BENCH_JSON, report)
+    if o.plot:
+        from sd35trt.bench.plots import plot_bench
+
+        plot_bench(report, out / BENCH_PNG)
     return report
 
 
 def _engines_subject(engines_dir: Path, device: str | None) -> MakeSubject:
     """Makes the runtime of ``engines_dir`` on ``device`` as a subject."""
     return lambda clock, memory: RuntimeSubject.from_engines(engines_dir, clock, memory, device)
-
-
-def _write_bench(report: BenchReport, out: Path, plot: bool) -> None:
-    """``bench.json`` and, with ``plot``, ``bench.png`` in ``out`` (created)."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out / BENCH_JSON, report)
-    if plot:
-        from sd35trt.bench.plots import plot_bench
-
-        plot_bench(report, out / BENCH_PNG)
 
 
 def _overhead(

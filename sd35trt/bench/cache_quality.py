@@ -1,11 +1,5 @@
-"""``sd35trt eval`` for engines built with the first-block cache: what each threshold costs in quality.
-
-Over the same held-out prompts and seeds as the rest of ``eval``, the engines generate at
-threshold 0 (no step that changes is skipped: the uncached image) and at each threshold of the
-sweep; each cached image is compared with the uncached one by PSNR and SSIM
-(:mod:`sd35trt.metrics`), and the steps the cache skipped are counted. The result goes into
-``eval.json`` (``cache``), ``eval.md`` and ``eval_cache.png`` (quality against steps skipped).
-"""
+"""``sd35trt eval`` for engines built with the first-block cache: what each threshold costs in quality
+(PSNR and SSIM of each cached image against the threshold-0 one, and the steps skipped)."""
 
 from __future__ import annotations
 
@@ -23,16 +17,8 @@ EVAL_CACHE_PLOT = "eval_cache.png"
 def cache_sweep(
     runtime, prompts: Sequence[str], seeds: Sequence[int], thresholds: Sequence[float]
 ) -> list[CacheQuality]:
-    """Generate every prompt uncached and at each threshold; score each against the uncached image.
-
-    Args:
-        runtime: an ``Sd35Runtime`` over engines built with the first-block cache.
-        prompts: the held-out prompts.
-        seeds: one seed per prompt.
-        thresholds: the sweep (each in 0..10).
-
-    Returns:
-        One :class:`CacheQuality` per threshold, in order.
+    """Generate every prompt (one seed each) uncached and at each threshold (0..10) with ``runtime``
+    (an ``Sd35Runtime``); one :class:`CacheQuality` per threshold scores them against the uncached.
 
     Raises:
         ConfigError: the engines have no first-block cache engines.
@@ -75,13 +61,10 @@ def cache_sweep(
 
 def plot_cache_quality(rows: Sequence[CacheQuality], out: str | Path) -> Path:
     """PSNR and SSIM (means over prompts) against the share of steps skipped, one point per threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from sd35trt.bench.plots import pyplot, save_figure
 
     share = [100 * (r.skipped_steps.mean or 0) / r.steps for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, values, label in (
         (ax1, [r.psnr_db.mean for r in rows], "PSNR vs uncached (dB; identical not plotted)"),
         (ax2, [r.ssim.mean for r in rows], "SSIM vs uncached"),
@@ -94,8 +77,4 @@ def plot_cache_quality(rows: Sequence[CacheQuality], out: str | Path) -> Path:
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle("first-block cache: quality against steps skipped (labels: threshold)")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

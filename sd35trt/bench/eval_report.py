@@ -1,9 +1,7 @@
 """``eval.json``: the schema of an image-quality evaluation, reading it, and its Markdown table.
 
-:func:`sd35trt.bench.evaluate.evaluate` writes an :class:`EvalReport`; the grid figure
-(:func:`sd35trt.bench.plots.plot_eval_grid`) and ``scripts/eval_grid.py`` read it through
-:func:`read_eval`. PSNR is in dB, ``None`` where the two images are identical (infinite PSNR);
-SSIM and LPIPS are unitless; image paths are relative to the directory of ``eval.json``.
+PSNR is in dB, ``None`` where the two images are identical (infinite PSNR); SSIM and LPIPS are
+unitless; image paths are relative to the directory of ``eval.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from sd35trt.bench.reports import ReportModel, read_report
+from sd35trt.bench.reports import fmt_number as _cell
 from sd35trt.config import SkipLayerGuidance
 
 #: ``/2``: generation parameters named as diffusers names them (``num_inference_steps``).
@@ -120,11 +119,8 @@ class EvalFiles(ReportModel):
 
 
 class CacheQuality(ReportModel):
-    """One threshold of the sweep: steps skipped and the quality of the cached images, over prompts.
-
-    PSNR statistics are over the images that differ from the uncached ones (``identical`` counts
-    the others: infinite PSNR).
-    """
+    """One threshold of the sweep: steps skipped and the quality of the cached images, over prompts
+    (PSNR over the images that differ from the uncached ones; ``identical`` counts the others)."""
 
     threshold: float = Field(ge=0.0)
     steps: int = Field(ge=1, description="denoising steps per image")
@@ -154,25 +150,14 @@ class EvalReport(ReportModel):
 
 
 def read_eval(path: str | Path) -> EvalReport:
-    """Read ``eval.json``.
-
-    Raises:
-        ReportError: missing, not JSON, or a field that does not match the schema (named).
-    """
+    """Read ``eval.json``; ReportError when missing, not JSON, or a field is off the schema (named)."""
     return read_report(path, EvalReport)
-
-
-def _cell(v: float | None, digits: int, none: str = "-") -> str:
-    return none if v is None else f"{v:.{digits}f}"
 
 
 def format_cache_quality(rows: Sequence[CacheQuality]) -> list[str]:
     """Markdown lines: a table of threshold, steps skipped (mean of N), PSNR and SSIM (means)."""
     if not rows:
         return []
-
-    def cell(v: float | None, digits: int) -> str:
-        return "inf" if v is None else f"{v:.{digits}f}"
 
     lines = [
         "",
@@ -183,8 +168,8 @@ def format_cache_quality(rows: Sequence[CacheQuality]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r.threshold:g} | {r.skipped_steps.mean:.2f} of {r.steps} | {cell(r.psnr_db.mean, 2)} | "
-            f"{r.ssim.mean:.4f} | {r.identical} |"
+            f"| {r.threshold:g} | {r.skipped_steps.mean:.2f} of {r.steps} | "
+            f"{_cell(r.psnr_db.mean, 2, 'inf')} | {r.ssim.mean:.4f} | {r.identical} |"
         )
     return lines
 

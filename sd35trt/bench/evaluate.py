@@ -1,14 +1,7 @@
 """``sd35trt eval``: image quality of engines against the non-quantized diffusers pipeline.
 
-Over held-out prompts (never used for calibration), each with a fixed seed (``seed + index``),
-the engines and the diffusers pipeline generate with the engines' runtime defaults; each engine
-image is compared with its reference by PSNR and SSIM (:mod:`sd35trt.metrics`) and, when the
-``lpips`` package and its network weights are on this machine, LPIPS. Nothing is downloaded:
-without them LPIPS is skipped and the result says so.
-
-Writes ``eval.json`` (per prompt and aggregated; schema in :mod:`sd35trt.bench.eval_report`), ``eval.md``
-(the table), ``eval_grid.png`` (reference, engine image and their amplified difference per
-prompt) and the images themselves. The reference side runs through :mod:`sd35trt.models.reference`.
+PSNR, SSIM (:mod:`sd35trt.metrics`) and, when the ``lpips`` package and its network weights are on
+this machine, LPIPS. Nothing is downloaded: without them LPIPS is skipped and the result says so.
 """
 
 from __future__ import annotations
@@ -46,11 +39,8 @@ _ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts of a file: one per line, ``#`` comments and blank lines skipped.
-
-    Raises:
-        ConfigError: the file is missing, not a UTF-8 text file, or holds no prompt, or ``limit`` < 1.
-    """
+    """Prompts of a file (one per line, ``#`` comments and blank lines skipped), the first ``limit``;
+    ConfigError when the file is missing, not UTF-8 text, or holds no prompt, or ``limit`` < 1."""
     path = Path(path)
     if limit is not None and limit < 1:
         raise ConfigError(f"--num-prompts must be >= 1, got {limit}")
@@ -92,21 +82,12 @@ class _Lpips:
 
 
 def as_uint8(image: Any):
-    """A PIL image, a uint8 ``[H, W, 3]`` array or a float one in [0, 1], as uint8 ``[H, W, 3]``."""
+    """A PIL image (both sides' output) or a uint8 ``[H, W, 3]`` array, as uint8 ``[H, W, 3]``."""
     import numpy as np
-
-    from sd35trt.metrics import to_uint8
 
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if hasattr(image, "detach"):  # torch [3, H, W] or [H, W, 3] in [0, 1]
-        image = image.detach().cpu().float().numpy()
-        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.transpose(1, 2, 0)
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return array
-    return to_uint8(array.astype(np.float32))
+    return np.asarray(image)
 
 
 def compare(reference, image, lpips_fn=None) -> dict:
@@ -134,24 +115,22 @@ def evaluate(
     plot: bool = True,
     cache_thresholds: Sequence[float] | None = None,
 ) -> EvalReport:
-    """Compare the engines' images with the diffusers pipeline's over held-out prompts.
+    """Compare the engines' images with the diffusers pipeline's over held-out prompts (never used
+    for calibration), both with the engines' runtime defaults. Writes ``eval.json``, ``eval.md``,
+    ``eval_grid.png`` (reference, engine image, amplified difference) and the images.
 
     Args:
-        engines_dir: a build's ``engines/`` directory.
         reference_dir: the diffusers directory the engines were made from (non-quantized).
-        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``).
+        prompts_file: held-out prompts (default ``calibration_prompts/heldout.txt``), the first
+            ``num_prompts`` used; prompt ``i`` uses seed ``seed + i`` on both sides.
         out_dir: where to write; default ``<engines dir>/../eval``.
-        num_prompts: the first this many prompts of the file.
-        seed: prompt ``i`` uses seed ``seed + i`` on both sides.
-        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's: CUDA for TensorRT,
-            CPU for ONNX Runtime); the reference runs there too (default: CUDA when present), in FP32.
-        plot: also write the grid PNG.
+        device: ``cpu`` or ``cuda[:N]`` for the engines (default: the runtime's) and the FP32
+            reference (default: CUDA when present).
         cache_thresholds: engines built with the first-block cache: the thresholds whose images
-            are scored against the uncached ones (:mod:`sd35trt.bench.cache_quality`; default
+            are scored against the uncached ones (default
             :data:`~sd35trt.bench.cache_quality.DEFAULT_THRESHOLDS`, ``()`` skips the sweep).
 
-    Returns:
-        The ``eval.json`` content.
+    Returns the ``eval.json`` content.
 
     Raises:
         ConfigError: no prompts, or a bad count.
@@ -197,7 +176,16 @@ def evaluate(
             grid=str(out / EVAL_GRID) if plot else None,
         ),
     )
-    _write_eval(report, out, plot)
+    write_report(out / EVAL_JSON, report)
+    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
+    if plot:
+        from sd35trt.bench.plots import plot_eval_grid
+
+        plot_eval_grid(report, out, out / EVAL_GRID)
+        if report.cache:
+            from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
+
+            plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
     return report
 
 
@@ -212,21 +200,6 @@ def _eval_params(rt: Any, seed: int) -> EvalParams:
     )
 
 
-def _write_eval(report: EvalReport, out: Path, plot: bool) -> None:
-    """``eval.json``, ``eval.md`` and, with ``plot``, the grid (and the cache sweep's figure) in ``out``."""
-    write_report(out / EVAL_JSON, report)
-    (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
-    if not plot:
-        return
-    from sd35trt.bench.plots import plot_eval_grid
-
-    plot_eval_grid(report, out, out / EVAL_GRID)
-    if report.cache:
-        from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
-
-        plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
-
-
 def _engine_images(
     engines_dir: Path,
     prompts: list[str],
@@ -234,12 +207,8 @@ def _engine_images(
     device: str | None,
     cache_thresholds: Sequence[float] | None,
 ) -> tuple[str, list[Any], list[str], list[Any]]:
-    """The engines' image per prompt (the recorded defaults), their device, the warnings, and the
-    first-block cache sweep (:func:`~sd35trt.bench.cache_quality.cache_sweep`; empty without the cache).
-
-    Raises:
-        ConfigError: ``cache_thresholds`` given for engines built without the cache.
-    """
+    """The engines' device, image per prompt, warnings, and first-block cache sweep (or ``[]``);
+    ConfigError for ``cache_thresholds`` given for engines built without the cache."""
     from sd35trt.runtime.pipeline import Sd35Runtime
     from sd35trt.runtime.request import GenerationRequest
 

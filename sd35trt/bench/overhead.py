@@ -1,13 +1,9 @@
 """The runtime's host overhead per denoising step, against diffusers', with instant transformers.
 
-On both sides the transformer is replaced by a stand-in that returns a preallocated zero tensor
-at once (sd35trt: an :class:`~sd35trt.backends.engine.Engine`; diffusers:
-``pipe.transformer.forward``). The stand-in notes when each call starts and ends and its
-timestep; :func:`~sd35trt.bench.stats.step_overheads` turns that into host time per step outside
-the transformer, which counts everything the loop does per step (CFG combine, skip-layer
+The time counts everything the loop does per step outside the transformer (CFG combine, skip-layer
 guidance, scheduler update, checks, callbacks, building the next inputs) and nothing outside the
-loop (text encoders, VAE). Runs of the two sides alternate so that load from other processes
-falls on both alike.
+loop (text encoders, VAE). Runs of the two sides alternate so that load from other processes falls
+on both alike.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.backends.engine import Engine
@@ -37,17 +32,8 @@ METHOD = (
 )
 
 
-@dataclass
-class CallLog:
-    """When each stand-in transformer call started and ended (``perf_counter_ns``) and its timestep."""
-
-    calls: list[tuple[int, int, float]] = field(default_factory=list)
-
-    def record(self, start_ns: int, end_ns: int, timestep: float) -> None:
-        self.calls.append((start_ns, end_ns, timestep))
-
-    def clear(self) -> None:
-        self.calls = []
+#: ``(start_ns, end_ns, timestep)`` of each stand-in transformer call (``perf_counter_ns``).
+CallLog = list[tuple[int, int, float]]
 
 
 def _timestep_key(t: torch.Tensor) -> float:
@@ -55,11 +41,8 @@ def _timestep_key(t: torch.Tensor) -> float:
 
 
 class InstantTransformer(Engine):
-    """A transformer engine that returns a preallocated zero ``noise_pred`` at once.
-
-    One zero tensor per input shape, allocated at its first call (the warm-up), then returned as
-    is: the runtime must not write into engine outputs, and none of sd35trt's does.
-    """
+    """A transformer engine that returns a preallocated zero ``noise_pred`` at once (one per input
+    shape, allocated at the warm-up; the runtime never writes into engine outputs)."""
 
     def __init__(self, spec: ComponentSpec, log: CallLog) -> None:
         super().__init__(spec)
@@ -82,7 +65,7 @@ class InstantTransformer(Engine):
             import torch
 
             out = self._outputs[key] = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        self.log.record(start, time.perf_counter_ns(), _timestep_key(feeds["timestep"]))
+        self.log.append((start, time.perf_counter_ns(), _timestep_key(feeds["timestep"])))
         return {self._output_name: out}
 
 
@@ -99,7 +82,7 @@ def instant_diffusers_transformer(pipe, log: CallLog) -> Iterator[None]:
             import torch
 
             out = outputs[key] = (torch.zeros_like(hidden_states),)
-        log.record(start, time.perf_counter_ns(), _timestep_key(timestep))
+        log.append((start, time.perf_counter_ns(), _timestep_key(timestep)))
         return out
 
     module = pipe.transformer
@@ -118,14 +101,13 @@ def measure_overhead(runtime, pipe, params: BenchParams, max_sequence_length: in
             :class:`InstantTransformer` (and deactivated), so the runtime is for this use only.
         pipe: a diffusers ``StableDiffusion3Pipeline`` on the same device, or ``None`` to measure
             sd35trt only; its ``transformer.forward`` is swapped for the duration.
-        params: generation parameters, the same on both sides.
-        max_sequence_length: T5 tokens, as the engines were built.
         runs: timed generations per side, after one warm-up each.
 
     Returns:
         The ``overhead`` section of ``bench.json`` (per-step statistics in microseconds).
     """
-    ours_log, theirs_log = CallLog(), CallLog()
+    ours_log: CallLog = []
+    theirs_log: CallLog = []
     engines = runtime.engines.engines
     real = engines[Component.TRANSFORMER]
     engines[Component.TRANSFORMER] = InstantTransformer(real.spec, ours_log)
@@ -139,12 +121,12 @@ def measure_overhead(runtime, pipe, params: BenchParams, max_sequence_length: in
             ours_log.clear()
             runtime.generate(request)
             if i:
-                samples["sd35trt"].extend(step_overheads(ours_log.calls))
+                samples["sd35trt"].extend(step_overheads(ours_log))
             if pipe is not None:
                 theirs_log.clear()
                 run_diffusers(pipe, params, max_sequence_length)
                 if i:
-                    samples["diffusers"].extend(step_overheads(theirs_log.calls))
+                    samples["diffusers"].extend(step_overheads(theirs_log))
 
     ours = summarize(samples["sd35trt"], "us")
     theirs = summarize(samples["diffusers"], "us") if pipe is not None else None

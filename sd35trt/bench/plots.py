@@ -1,23 +1,26 @@
 """Figures for ``bench`` and ``eval``: matplotlib (Agg backend), written as PNG.
 
-Both take the typed report the command wrote (:class:`~sd35trt.bench.report.BenchReport`,
-:class:`~sd35trt.bench.eval_report.EvalReport`; plus, for the grid, the images saved beside it) and
-nothing else, so ``scripts/plot_bench.py`` and ``scripts/eval_grid.py`` can redraw them, or merge
-several ``bench.json`` files (e.g. from a GPU machine and a CPU one), without re-running anything.
+Each takes only the typed report the command wrote (and, for the grid, the images beside it), so
+``scripts/plot_bench.py`` and ``scripts/eval_grid.py`` can redraw them without re-running anything.
 """
 
 from __future__ import annotations
 
 import textwrap
+from functools import partial
 from pathlib import Path
 
 from sd35trt.bench.eval_report import EvalReport, PromptScore
 from sd35trt.bench.report import STAGE_LABELS, BenchReport
+from sd35trt.bench.reports import fmt_number
+
+_num = partial(fmt_number, none="inf")
 
 _STAGES = ("clip_l", "clip_g", "t5", "transformer_step", "vae_decoder", "host", "host_loop")
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,12 +30,9 @@ def _pyplot():
 
 
 def plot_bench(report: BenchReport, out: str | Path) -> Path:
-    """Draw ``bench.json``: per-stage latency, images/s, peak memory, per-step runtime overhead.
-
-    Returns:
-        The PNG path.
-    """
-    plt = _pyplot()
+    """Draw ``bench.json`` (per-stage latency, images/s, peak memory, per-step runtime overhead)
+    into the PNG ``out``; returns its path."""
+    plt = pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     p = report.params
@@ -48,7 +48,7 @@ def plot_bench(report: BenchReport, out: str | Path) -> Path:
     _throughput(axes[0][1], report, colors)
     _peak_memory(axes[1][0], report, colors)
     _overhead(axes[1][1], report)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _upper_whiskers(med: list[float], p90: list[float]) -> list[list[float]]:
@@ -178,17 +178,11 @@ def plot_eval_grid(
 ) -> Path:
     """Grid: one row per prompt; reference, engine image and a heat map of their difference.
 
-    Args:
-        report: the ``eval.json`` content (image paths relative to ``root``).
-        root: the directory ``eval.json`` is in.
-        out: the PNG to write.
-        diff_max: the difference (8-bit levels) shown at full colour; default the largest
-            difference over all prompts, so rows share one scale.
-
-    Returns:
-        The PNG path.
+    ``root`` is the directory ``eval.json`` is in (image paths are relative to it); ``diff_max`` the
+    difference (8-bit levels) shown at full colour, default the largest over all prompts (one scale).
+    Returns the PNG path ``out``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
     from PIL import Image
 
@@ -229,14 +223,10 @@ def plot_eval_grid(
         f"SSIM mean {_num(agg.ssim.mean, 4)} (min {_num(agg.ssim.min, 4)})\n{lp_s}",
         fontsize=9,
     )
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _num(v: float | None, digits: int = 2) -> str:
-    return "inf" if v is None else f"{v:.{digits}f}"
-
-
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path) -> Path:
     """Lay out, write as PNG (creating the directory) and free ``fig``."""
     import matplotlib.pyplot as plt
 

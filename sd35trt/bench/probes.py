@@ -13,14 +13,11 @@ from sd35trt.bench.report import Memory
 
 
 class StageClock:
-    """Collects the durations of named stages: CUDA events on a GPU, ``perf_counter`` on the CPU.
-
-    On CUDA, a pair of events is recorded on the current stream around each stage and read only
-    in :meth:`collect`, after one synchronization, so timing adds no synchronization per call.
-    """
+    """Collects the durations of named stages: CUDA events on a GPU (read only in :meth:`collect`,
+    after one synchronization, so timing adds none per call), ``perf_counter`` on the CPU."""
 
     def __init__(self, device: str = "cpu") -> None:
-        self.cuda = str(device).startswith("cuda")
+        self.set_device(device)
         self._marks: list[tuple[str, Any, Any]] = []
         self._recorded: list[tuple[str, float]] = []
 
@@ -74,13 +71,12 @@ def _rss_status() -> dict[str, int]:
 
 
 class MemoryProbe:
-    """Peak memory over a window: peak RSS on the CPU, device memory on CUDA.
+    """Peak memory over a window (bytes): peak RSS on the CPU, device memory on CUDA.
 
-    CPU: Linux's ``VmHWM`` reset through ``/proc/self/clear_refs`` at :meth:`reset`; where that
-    is not allowed, ``ru_maxrss`` (the process's peak since it started) is reported and said so.
-    CUDA: the peak of device memory in use (``total - free``, sampled after every engine call,
-    other processes on the GPU included) and the torch allocator's peak (TensorRT allocates its
-    own memory, which only the former sees).
+    CPU: Linux's ``VmHWM`` reset through ``/proc/self/clear_refs`` (else ``ru_maxrss``, the peak
+    since the process started, and said so). CUDA: device memory in use (``total - free``, sampled
+    after every engine call, other processes included) and the torch allocator's peak (TensorRT
+    allocates its own memory, which only the former sees).
     """
 
     def __init__(self, device: str = "cpu") -> None:

@@ -1,10 +1,7 @@
 """``bench.json``: the schema of a benchmark result, reading it, merging several, printing one.
 
-:func:`sd35trt.bench.benchmark.bench` writes a :class:`BenchReport`; the figure
-(:func:`sd35trt.bench.plots.plot_bench`) and ``scripts/plot_bench.py`` read it through
-:func:`read_bench`, so a file from another version or a hand-edited one is a one-line error
-naming the field. Times are in the unit each :class:`Summary` states (ms for stages, µs for the
-per-step overhead); memory in bytes.
+Times are in the unit each :class:`Summary` states (ms for stages, µs for the per-step overhead);
+memory in bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from sd35trt.bench.reports import ReportModel, read_report
+from sd35trt.bench.reports import fmt_number as _fmt
 from sd35trt.config import SkipLayerGuidance
 
 #: ``/2``: generation parameters named as diffusers names them (``num_inference_steps``).
@@ -58,6 +56,11 @@ class Summary(ReportModel):
     min: float | None
     max: float | None
 
+    @classmethod
+    def empty(cls, unit: str) -> Summary:
+        """No samples."""
+        return cls(unit=unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
+
 
 class Stages(ReportModel):
     """Per-stage statistics over the timed runs (see :data:`STAGES`; ``transformer_call``: per call)."""
@@ -77,12 +80,7 @@ class Stages(ReportModel):
 
     def get(self, stage: str) -> Summary:
         """The statistics of ``stage`` (an optional stage that was not measured: no samples)."""
-        value = getattr(self, stage)
-        return (
-            value
-            if value is not None
-            else Summary(unit=self.total.unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
-        )
+        return getattr(self, stage) or Summary.empty(self.total.unit)
 
 
 class Memory(ReportModel):
@@ -228,19 +226,13 @@ class BenchReport(ReportModel):
 
 
 def read_bench(path: str | Path) -> BenchReport:
-    """Read ``bench.json``.
-
-    Raises:
-        ReportError: missing, not JSON, or a field that does not match the schema (named).
-    """
+    """Read ``bench.json``; ReportError when missing, not JSON, or a field is off the schema (named)."""
     return read_report(path, BenchReport)
 
 
 def merge_bench(reports: Sequence[BenchReport]) -> BenchReport:
-    """One report holding the configurations of several (labels get their device when they differ).
-
-    Host, parameters and overhead are the first report's.
-    """
+    """One report holding the configurations of several (labels get their device when they differ);
+    host, parameters and overhead are the first report's."""
     if len(reports) == 1:
         return reports[0]
     devices = {r.host.device for r in reports}
@@ -253,10 +245,6 @@ def merge_bench(reports: Sequence[BenchReport]) -> BenchReport:
     first = reports[0]
     host = first.host.model_copy(update={"device": " + ".join(sorted(devices))})
     return first.model_copy(update={"configurations": configurations, "host": host})
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_bench(report: BenchReport) -> str:

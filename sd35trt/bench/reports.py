@@ -1,9 +1,6 @@
 """Typed JSON reports (``bench.json``, ``eval.json``): their base model, reading and writing.
 
-A report is a pydantic model, so the command that writes it and every reader (the figures, the
-scripts that redraw or merge them) share one schema instead of guessing keys. A file that does
-not validate is one :class:`~sd35trt.errors.ReportError` line naming the file, the field, what
-was found and what was expected.
+The writer and every reader (figures, scripts) share one pydantic schema instead of guessing keys.
 """
 
 from __future__ import annotations
@@ -35,13 +32,6 @@ R = TypeVar("R", bound=ReportModel)
 def read_report(path: str | Path, model: type[R]) -> R:
     """Read and validate a report file.
 
-    Args:
-        path: the JSON file.
-        model: its report model (e.g. :class:`sd35trt.bench.report.BenchReport`).
-
-    Returns:
-        The validated report.
-
     Raises:
         ReportError: the file is missing, is not JSON, or a field does not match the schema
             (the message names the file and the field).
@@ -53,15 +43,10 @@ def read_report(path: str | Path, model: type[R]) -> R:
         raise ReportError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReportError(f"{path} is not a readable JSON file ({err})") from None
-    return validate_report(data, model, str(path))
-
-
-def validate_report(data: object, model: type[R], source: str) -> R:
-    """``data`` (parsed JSON) as a ``model``; :class:`ReportError` naming ``source`` and the field."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ReportError(validation_message(err, source)) from None
+        raise ReportError(validation_message(err, str(path))) from None
 
 
 def write_report(path: str | Path, report: ReportModel) -> Path:
@@ -69,3 +54,8 @@ def write_report(path: str | Path, report: ReportModel) -> Path:
     path = Path(path)
     atomic_write_json(path, report.to_json())
     return path
+
+
+def fmt_number(value: float | None, digits: int = 2, none: str = "-") -> str:
+    """``value`` with ``digits`` decimals, or ``none`` for a missing value (an infinite PSNR: ``inf``)."""
+    return none if value is None else f"{value:.{digits}f}"

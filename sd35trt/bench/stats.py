@@ -15,22 +15,12 @@ ENGINE_STAGES = ("clip_l", "clip_g", "t5", "transformer", "vae_decoder", "vae_en
 
 
 def summarize(seconds: Sequence[float], unit: str = "ms") -> Summary:
-    """Median, 90th percentile (numpy's default linear interpolation), mean, min and max.
-
-    Args:
-        seconds: durations in seconds.
-        unit: ``s``, ``ms`` or ``us``: the unit of the statistics.
-
-    Returns:
-        The :class:`Summary`; its statistics are ``None`` when there are no samples.
-
-    Raises:
-        ValueError: an unknown unit.
-    """
+    """Median, 90th percentile (numpy's default linear interpolation), mean, min and max of
+    ``seconds``, in ``unit`` (``s``, ``ms`` or ``us``; else ValueError); ``None`` without samples."""
     if unit not in _UNIT_SCALE:
         raise ValueError(f"unit must be one of {sorted(_UNIT_SCALE)}, got {unit!r}")
     if not len(seconds):
-        return Summary(unit=unit, n=0, median=None, p90=None, mean=None, min=None, max=None)
+        return Summary.empty(unit)
     x = np.asarray(seconds, dtype=np.float64) * _UNIT_SCALE[unit]
     return Summary(
         unit=unit,
@@ -44,20 +34,18 @@ def summarize(seconds: Sequence[float], unit: str = "ms") -> Summary:
 
 
 def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_steps: int) -> Stages:
-    """Per-stage statistics over timed runs.
+    """Per-stage statistics (ms) over timed runs.
 
     Args:
-        runs: per run, the durations (seconds) of every call of each stage; the keys are
-            ``clip_l``, ``clip_g``, ``t5``, ``transformer``, ``vae_decoder``, ``vae_encoder``
-            (image-to-image) and ``total``.
-        num_inference_steps: denoising steps per run (that ran: image-to-image runs fewer).
+        runs: per run, the durations (seconds) of every call of each stage (:data:`ENGINE_STAGES`,
+            ``total`` and ``denoise``, the loop's span).
+        num_inference_steps: denoising steps per run that ran (image-to-image runs fewer).
 
     Returns:
-        :data:`~sd35trt.bench.report.STAGES` plus ``transformer_call`` (every call), in ms. A
-        stage's sample per run is the sum of its calls; ``transformer_step`` is the transformer's
-        sum divided by the steps; ``host`` is ``total`` minus every engine call; ``host_loop``
-        (when the runs record ``denoise``, the loop's span) is ``denoise`` minus the transformer
-        calls. A stage that was never called has no samples (no invented zero).
+        :data:`~sd35trt.bench.report.STAGES` plus ``transformer_call`` (every call). A stage's sample
+        per run is the sum of its calls; ``transformer_step`` is that sum divided by the steps;
+        ``host`` is ``total`` minus every engine call; ``host_loop`` is ``denoise`` minus the
+        transformer calls. A stage never called has no samples (no invented zero).
     """
     per_run: dict[str, list[float]] = {s: [] for s in (*STAGES, "vae_encoder")}
     calls: list[float] = []
@@ -83,18 +71,11 @@ def stage_stats(runs: Sequence[Mapping[str, Sequence[float]]], num_inference_ste
 
 
 def step_overheads(calls: Sequence[tuple[int, int, float]]) -> list[float]:
-    """Host seconds per denoising step spent outside the transformer.
+    """Host seconds per denoising step spent outside the transformer, one per step but the last.
 
-    Consecutive calls with the same timestep form one step (the CFG batch, then the skip-layer
-    guidance pass). A step runs from its first call's start to the next step's first call's
-    start; its overhead is that span minus the time inside its calls. The last step has no
-    successor and yields no sample.
-
-    Args:
-        calls: ``(start_ns, end_ns, timestep)`` per transformer call, in call order.
-
-    Returns:
-        One value per step but the last, in seconds.
+    ``calls`` are ``(start_ns, end_ns, timestep)`` per transformer call, in order; consecutive calls
+    with the same timestep form one step (the CFG batch, then the skip-layer pass). A step runs from
+    its first call's start to the next step's; its overhead is that span minus its calls' time.
     """
     steps: list[tuple[int, int]] = []  # (first call's start, ns inside the step's calls)
     last_key: float | None = None

@@ -1,10 +1,4 @@
-"""What the bench measures, behind one small interface: engines directories and the diffusers pipeline.
-
-A :class:`Subject` generates once per :meth:`~Subject.generate`, timing each stage on a
-:class:`~sd35trt.bench.probes.StageClock`: every engine call for an engines directory
-(:class:`TimedEngine` around each of the runtime's engines), every module call for the diffusers
-pipeline (forward hooks on its text encoders and transformer, a wrapper around ``vae.decode``).
-"""
+"""What the bench measures, behind one small interface: engines directories and the diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -42,7 +36,7 @@ def runtime_request(params: BenchParams) -> GenerationRequest:
     return GenerationRequest(image=image, **fields)
 
 
-def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_type: str = "np") -> Any:
+def run_diffusers(pipe, params: BenchParams, max_sequence_length: int) -> Any:
     """One generation of ``params`` with the diffusers pipeline (SLG as the engines run it)."""
     from sd35trt.models.reference import generate_images
 
@@ -53,7 +47,7 @@ def run_diffusers(pipe, params: BenchParams, max_sequence_length: int, output_ty
         **{name: getattr(params, name) for name in fields},
         max_sequence_length=max_sequence_length,
         skip_layer_guidance=params.skip_layer_guidance,
-        output_type=output_type,
+        output_type="np",
     )
 
 
@@ -75,9 +69,8 @@ class TimedEngine(Engine):
         self.inner.deactivate()
 
     def _infer_impl(self, feeds):
-        start = self.clock.mark()
-        out = self.inner.infer(feeds)
-        self.clock.add(self.stage, start, self.clock.mark())
+        with self.clock.time(self.stage):
+            out = self.inner.infer(feeds)
         if self.memory is not None:
             self.memory.sample()
         return out
@@ -90,13 +83,9 @@ class TimedEngine(Engine):
 
 
 class Subject:
-    """One benchmarked configuration: :meth:`generate` runs once, timing stages on its clock.
-
-    Attributes:
-        label: how the report names it.
-        kind: ``engines`` or ``diffusers``.
-        info: the :class:`~sd35trt.bench.report.Configuration` fields that describe it.
-    """
+    """One benchmarked configuration (``kind`` ``engines`` or ``diffusers``, named ``label``, described
+    by the :class:`~sd35trt.bench.report.Configuration` fields ``info``): :meth:`generate` runs once,
+    timing stages on its clock."""
 
     label: str
     kind: str
@@ -116,15 +105,6 @@ def engines_label(manifest) -> str:
     backend = backend_of(manifest.backend).label
     rec = manifest.record(transformer_engine(manifest.engines))
     return f"sd35trt {backend} {'FP8' if rec.fp8 else rec.precision.value.upper()}"
-
-
-def engines_info(manifest) -> dict:
-    return {
-        "engines_dir": str(manifest.directory),
-        "backend": manifest.backend.value,
-        "precision": {c.value: r.precision.value for c, r in manifest.engines.items()},
-        "transformer_fp8": manifest.record(transformer_engine(manifest.engines)).fp8,
-    }
 
 
 class RuntimeSubject(Subject):
@@ -160,7 +140,13 @@ class RuntimeSubject(Subject):
 
         manifest = read_engine_manifest(engines_dir)
         runtime = Sd35Runtime.load(engines_dir, device=device)
-        return cls(runtime, engines_label(manifest), engines_info(manifest), clock, memory)
+        info = {
+            "engines_dir": str(manifest.directory),
+            "backend": manifest.backend.value,
+            "precision": {c.value: r.precision.value for c, r in manifest.engines.items()},
+            "transformer_fp8": manifest.record(transformer_engine(manifest.engines)).fp8,
+        }
+        return cls(runtime, engines_label(manifest), info, clock, memory)
 
     def generate(self, params: BenchParams) -> None:
         with self.clock.time("total"):
@@ -204,9 +190,8 @@ class DiffusersSubject(Subject):
         decode = vae.decode
 
         def timed_decode(*args, **kwargs):
-            start = clock.mark()
-            out = decode(*args, **kwargs)
-            clock.add("vae_decoder", start, clock.mark())
+            with clock.time("vae_decoder"):
+                out = decode(*args, **kwargs)
             memory.sample()
             return out
 

@@ -1,18 +1,11 @@
 """Models and LoRAs named by Hugging Face repo id, resolved through the local Hugging Face cache.
 
-Resolution goes through ``huggingface_hub.snapshot_download``, so the cache is the one diffusers
-and the ``hf`` CLI fill (``HF_HUB_CACHE``, else ``HF_HOME/hub``):
-
-1. the cache first (``local_files_only``): no network, works under ``HF_HUB_OFFLINE=1``;
-2. a download only when the cache lacks the files, the user allowed it (``model.allow_download``
-   or ``SD35TRT_ALLOW_DOWNLOAD=1``) and the Hub is not switched off (``HF_HUB_OFFLINE``). The
-   user's token is used as ``huggingface_hub`` finds it (``HF_TOKEN`` or ``hf auth login``), which
-   gated repos such as SD3.5 need.
-
-Only safetensors weights, JSON configs and tokenizer files are ever requested (``allow_patterns``),
-never pickle weights, and only the folders of a diffusers SD3 pipeline: the SD3.5 repos also hold
-single-file checkpoints of many GB that diffusers does not read. The resolved commit hash is
-returned, so the manifests record exactly which revision the artefacts were made from.
+``huggingface_hub.snapshot_download`` looks in the cache diffusers and the ``hf`` CLI fill first
+(no network), and downloads only when allowed (:func:`resolve`), with the user's token as
+``huggingface_hub`` finds it (gated repos such as SD3.5 need one). Only safetensors weights, JSON
+configs and tokenizer files of a diffusers SD3 pipeline's folders are ever requested: never pickle
+weights, nor the single-file checkpoints of many GB the SD3.5 repos also hold. The resolved commit
+is recorded in the manifests.
 """
 
 from __future__ import annotations
@@ -55,14 +48,12 @@ class Snapshot:
         repo_id: ``namespace/name``.
         revision: the revision asked for (branch, tag or commit).
         commit: the commit hash it resolved to (40 hex digits).
-        downloaded: whether files were downloaded to complete it.
     """
 
     path: Path
     repo_id: str
     revision: str
     commit: str
-    downloaded: bool = False
 
     def to_json(self) -> dict:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
@@ -96,11 +87,6 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download_allowed(setting: bool) -> bool:
-    """The config flag, or ``SD35TRT_ALLOW_DOWNLOAD=1`` in the environment."""
-    return setting or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))
-
-
 def download_hint(repo_id: str, patterns: list[str], revision: str) -> str:
     """The ``hf download`` command that puts the files ``patterns`` select into the cache."""
     globs = dict.fromkeys(p.split("/")[0] + "/*" if "/" in p else p for p in patterns)
@@ -116,7 +102,10 @@ def resolve(
     allow_download: bool,
     what: str,
 ) -> Snapshot:
-    """Find ``repo_id`` at ``revision`` in the Hugging Face cache, downloading only if allowed.
+    """Find ``repo_id`` at ``revision`` in the Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``).
+
+    The cache is read first (``local_files_only``: works under ``HF_HUB_OFFLINE=1``); missing files
+    are downloaded only when allowed and the Hub is not switched off (``HF_HUB_OFFLINE``).
 
     Args:
         repo_id: ``namespace/name``.
@@ -124,9 +113,6 @@ def resolve(
         patterns: the files needed (``allow_patterns``); nothing else is looked at or downloaded.
         allow_download: the config's flag (``SD35TRT_ALLOW_DOWNLOAD=1`` also allows it).
         what: the config key that named the repo, for messages (``model.path``).
-
-    Returns:
-        The snapshot folder and the commit it resolved to.
 
     Raises:
         ModelError: one line: the repo is not cached (with the command that downloads it), the
@@ -156,7 +142,7 @@ def resolve(
         if incomplete
         else f"{where} is not in the Hugging Face cache"
     )
-    if not download_allowed(allow_download):
+    if not (allow_download or _true(os.environ.get(ALLOW_DOWNLOAD_ENV))):
         raise ModelError(
             f"{what}: {state} ({cache}); download it with {hint} (gated models: accept the license on "
             f"the Hub and `hf auth login` first), or let sd35trt download it: model.allow_download: true "
@@ -193,18 +179,19 @@ def _download(repo_id: str, revision: str, patterns: list[str], what: str) -> Sn
             f"{what}: no repo {repo_id} on the Hugging Face Hub (if it is private: `hf auth login`)"
         ) from None
     except (OSError, ValueError) as err:  # connection errors, HTTP errors, incomplete downloads
-        raise ModelError(f"{what}: downloading {repo_id} failed: {_first_line(err)}") from None
-    return _snapshot(path, repo_id, revision, downloaded=True)
+        raise ModelError(f"{what}: downloading {repo_id} failed: {first_line(err)}") from None
+    return _snapshot(path, repo_id, revision)
 
 
-def _snapshot(path: str, repo_id: str, revision: str, downloaded: bool = False) -> Snapshot:
+def _snapshot(path: str, repo_id: str, revision: str) -> Snapshot:
     folder = Path(path)
     commit = folder.name
     if not _COMMIT.match(commit):  # never for the cache layout; a local_dir download would do it
         raise ModelError(f"{repo_id}: {folder} is not a snapshot folder of the Hugging Face cache")
-    return Snapshot(path=folder, repo_id=repo_id, revision=revision, commit=commit, downloaded=downloaded)
+    return Snapshot(path=folder, repo_id=repo_id, revision=revision, commit=commit)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its class name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

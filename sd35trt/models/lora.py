@@ -3,21 +3,11 @@
 ``model.loras: [{path, scale}]`` names LoRA files (safetensors only) in diffusers' SD3 format:
 keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.`` /
 ``text_encoder_2.`` for the CLIP encoders), as ``StableDiffusion3Pipeline.save_lora_weights`` and
-diffusers' SD3 training scripts write them. A path is a local file, a local directory holding one,
-or a Hugging Face repo id (:mod:`sd35trt.models.hub`).
-
-Every loader of PyTorch weights (the pipeline for calibrate and reference, one component for export
-and the PyTorch backend) calls :func:`fuse_loras` right after loading, so the FP8 scales are
-calibrated on, and the graphs exported from, the weights that are actually used. Fusing is
-diffusers' own: ``load_lora_into_transformer`` / ``load_lora_into_text_encoder``, ``fuse_lora`` at
-the LoRA's scale, then ``unload_lora_weights``, which leaves plain ``Linear`` layers holding
-``W + scale * B @ A`` (what ModelOpt quantizes and the ONNX exporter traces).
-
-Before diffusers sees a file, its safetensors header is checked against the loaded modules: a key
-for another architecture (an SDXL ``unet.`` LoRA), a module the model lacks, or shapes that do not
-fit (another model size, ``lora_A`` and ``lora_B`` of different ranks) is one error naming the
-file and the first such key. diffusers itself would skip unknown keys with a log line, or fail in
-``load_state_dict`` deep in PEFT.
+diffusers' SD3 training scripts write them. Every loader of PyTorch weights (the pipeline for
+calibrate and reference, one component for export and the PyTorch backend) calls
+:func:`fuse_loras` right after loading, so the FP8 scales are calibrated on, and the graphs
+exported from, the weights that are actually used. diffusers itself would skip keys of another
+architecture with a log line, or fail deep in PEFT on a shape: :func:`check_lora` names them first.
 """
 
 from __future__ import annotations
@@ -31,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from sd35trt.config import LoraSettings
 from sd35trt.errors import ModelError
+from sd35trt.models import hub
 from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors, read_header
 
 if TYPE_CHECKING:
@@ -90,14 +81,9 @@ class ResolvedLora:
 
 
 def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False) -> tuple[ResolvedLora, ...]:
-    """Find, check and hash each configured LoRA file.
+    """Find, check and hash each LoRA file of ``model.loras``: one :class:`ResolvedLora` each, in order.
 
-    Args:
-        settings: ``model.loras``.
-        allow_download: ``model.allow_download`` (Hub repo ids not in the cache).
-
-    Returns:
-        One :class:`ResolvedLora` per setting, in order.
+    ``allow_download`` is ``model.allow_download`` (Hub repo ids not in the cache).
 
     Raises:
         ModelError: a path that is neither a file, a directory holding one ``.safetensors`` file nor
@@ -108,15 +94,14 @@ def resolve_loras(settings: Sequence[LoraSettings], allow_download: bool = False
     out = []
     for i, s in enumerate(settings):
         what = f"model.loras[{i}].path"
-        file, hub = _locate(s, what, allow_download)
+        file, repo = _locate(s, what, allow_download)
         check_safetensors(file)
-        out.append(ResolvedLora(i, file, sha256_file(file), s.scale, s.path, hub))
+        out.append(ResolvedLora(i, file, sha256_file(file), s.scale, s.path, repo))
     return tuple(out)
 
 
 def _locate(s: LoraSettings, what: str, allow_download: bool) -> tuple[Path, dict | None]:
     from sd35trt.config import REPO_ID_PATTERN
-    from sd35trt.models import hub
 
     path = Path(s.path).expanduser()
     if path.is_file():
@@ -160,9 +145,6 @@ def _pick(folder: Path, weight_name: str | None, what: str) -> Path:
     )
 
 
-# -- checking a file against the modules ------------------------------------------------------------
-
-
 def _strip_text_model(module: str, names: Mapping[str, object]) -> str:
     # Older CLIP LoRAs name ``text_model.encoder...``; transformers 5 flattens CLIP (diffusers strips it).
     if module not in names and module.startswith("text_model."):
@@ -174,7 +156,6 @@ def check_lora(lora: ResolvedLora, modules: Mapping[str, nn.Module]) -> None:
     """Check ``lora``'s keys and shapes against the loaded ``modules`` it will be fused into.
 
     Args:
-        lora: the resolved file.
         modules: pipeline attribute -> loaded module, for the loadable modules present (export
             loads one at a time; keys of absent ones are checked when those load).
 
@@ -267,11 +248,8 @@ def apply_alphas(state_dict: dict, label: str) -> dict:
     ``B`` by ``alpha / rank`` gives the update the file means at diffusers' scale 1.
 
     Args:
-        state_dict: diffusers' ``lora_state_dict`` of the file (modified in place).
+        state_dict: diffusers' ``lora_state_dict`` of the file; modified in place and returned.
         label: the LoRA, for errors.
-
-    Returns:
-        ``state_dict`` without alpha keys.
 
     Raises:
         ModelError: an alpha that is not finite, or whose module has no up weight.
@@ -290,9 +268,6 @@ def apply_alphas(state_dict: dict, label: str) -> dict:
         rank = state_dict[down].shape[0]
         state_dict[up] = state_dict[up] * (alpha / rank)
     return state_dict
-
-
-# -- fusing ---------------------------------------------------------------------------------------
 
 
 def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) -> None:
@@ -329,7 +304,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                 return_lora_metadata=True,
             )
         except (OSError, ValueError) as err:
-            raise ModelError(f"{lora.label}: diffusers cannot read it: {_first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers cannot read it: {hub.first_line(err)}") from None
         if any(_ALPHA.match(k) for k in state_dict) and metadata:
             raise ModelError(
                 f"{lora.label} holds both .alpha keys and diffusers' adapter metadata (lora_alpha); "
@@ -360,7 +335,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                     )
             holder.fuse_lora(components=used, lora_scale=lora.scale, adapter_names=[lora.adapter_name])
         except (ValueError, RuntimeError, KeyError) as err:  # diffusers' and PEFT's load errors
-            raise ModelError(f"{lora.label}: diffusers could not fuse it: {_first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers could not fuse it: {hub.first_line(err)}") from None
         finally:
             holder.unload_lora_weights()
 
@@ -369,20 +344,4 @@ def _holder(modules: Mapping[str, nn.Module]):
     """A ``StableDiffusion3Pipeline`` holding only ``modules`` (diffusers fuses and unloads through it)."""
     from diffusers import StableDiffusion3Pipeline
 
-    parts = {
-        "transformer": None,
-        "scheduler": None,
-        "vae": None,
-        "text_encoder": None,
-        "tokenizer": None,
-        "text_encoder_2": None,
-        "tokenizer_2": None,
-        "text_encoder_3": None,
-        "tokenizer_3": None,
-    }
-    return StableDiffusion3Pipeline(**{**parts, **modules})
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return StableDiffusion3Pipeline(**{**dict.fromkeys(hub.PIPELINE_FOLDERS), **modules})

@@ -282,14 +282,18 @@ def _run_in_float32(block: nn.Module) -> None:
     block.register_forward_hook(leave)
 
 
-class VaeDecoder(nn.Module):
-    """Raw latents ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1] (scaling/shift inside)."""
+class _Vae(nn.Module):
+    """A VAE and the latent ``scaling_factor`` / ``shift_factor`` of its config."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+
+class VaeDecoder(_Vae):
+    """Raw latents ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1] (scaling/shift inside)."""
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         latent = latent / self.scaling_factor + self.shift_factor
@@ -297,7 +301,7 @@ class VaeDecoder(nn.Module):
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-class VaeEncoder(nn.Module):
+class VaeEncoder(_Vae):
     """Image ``[B, 3, H, W]`` in [0, 1] and noise ``[B, 16, H/8, W/8]`` -> transformer-space latents.
 
     diffusers' image-to-image ``prepare_latents`` step for step: the image mapped to [-1, 1]
@@ -305,12 +309,6 @@ class VaeEncoder(nn.Module):
     ``mean + std * noise`` (``DiagonalGaussianDistribution.sample`` with the noise drawn from the
     request's generator), then ``(latent - shift_factor) * scaling_factor``.
     """
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(vae.config.shift_factor or 0.0)
 
     def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(2.0 * image - 1.0, return_dict=False)[0]
@@ -326,16 +324,11 @@ def wrap(
     controlnet: bool = False,
     vae_shift_offset: float = 0.0,
 ) -> nn.Module:
-    """The spec-shaped module of ``component`` around its ``model``.
+    """The spec-shaped module of ``component`` around ``model`` (:func:`sd35trt.models.loading.load_model`).
 
-    ``model`` comes from :func:`sd35trt.models.loading.load_model`.
-
-    The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); ``slg_layers``
-    are the transformer blocks its ``skip_layers`` input gates and ``fp32_blocks`` the blocks it
-    computes in float32 (transformer only); ``controlnet`` gives the transformer its ControlNet
-    residual input; ``vae_shift_offset`` is the VAE's ``shift_factor * scaling_factor`` (the
-    ControlNet's, see :class:`ControlNet`). Wrap a model once: each wrap of the transformer adds
-    hooks to its blocks.
+    The wrapper class is the component table's (:data:`sd35trt.components.MODELS`); the other
+    arguments are its constructor's. Wrap a model once: each wrap of the transformer adds hooks to
+    its blocks.
     """
     wrapper = globals()[MODELS[component].wrapper]
     if component is Component.TRANSFORMER:

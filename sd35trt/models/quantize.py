@@ -1,20 +1,13 @@
 """FP8 E4M3 post-training quantization of the MMDiT with NVIDIA ModelOpt.
 
-What is quantized is decided here, once, from :class:`~sd35trt.config.CalibrateSettings`:
-
-- the weights and inputs of every ``nn.Linear`` of the transformer, FP8 E4M3, one scale per
-  tensor, ``max`` calibration;
-- not the modules matched by ``calibrate.exclude`` (embedders, ``norm_out``, ``proj_out`` by
-  default), nor whole blocks listed in ``calibrate.high_precision_blocks``;
-- with ``calibrate.fp8_attention``, also the query, key and value entering attention and the
-  softmax output, so the exported graph carries Q/DQ around attention as TensorRT's fused FP8
-  attention needs.
-
-The calibrated state is stored as amax tensors in a safetensors file keyed by quantizer name,
-with each quantizer's format in its metadata: no pickle, and :func:`restore_calibration`
-rebuilds the same fake-quant model on a freshly loaded transformer (export does this).
-
-ModelOpt is imported inside the functions, so importing this module stays cheap.
+What is quantized is decided here, once (:func:`quant_config`): the weights and inputs of every
+``nn.Linear`` of the transformer, one scale per tensor, ``max`` calibration, except the modules
+matched by ``calibrate.exclude`` (embedders, ``norm_out``, ``proj_out`` by default) and the
+``calibrate.high_precision_blocks``; with ``calibrate.fp8_attention`` also the query, key, value
+and softmax output, so the graph carries Q/DQ around attention as TensorRT's fused FP8 attention
+needs. The calibration is a safetensors file of amax tensors (no pickle) that
+:func:`restore_calibration` turns back into the same fake-quant model. ModelOpt is imported inside
+the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -23,10 +16,10 @@ import fnmatch
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.artifacts.records import QuantizerCounts
 from sd35trt.components import ATTENTION_QUANTIZERS, QuantizerKind
 from sd35trt.config import CalibrateSettings
 from sd35trt.errors import CalibrationError, ConfigError
@@ -36,6 +29,9 @@ if TYPE_CHECKING:
 
 #: FP8 E4M3 as ModelOpt spells it: (exponent bits, mantissa bits).
 FP8_E4M3 = (4, 3)
+#: Largest finite FP8 E4M3FN magnitude (no infinity: QuantizeLinear saturates); ModelOpt's FP8 scale
+#: is ``amax / FP8_MAX``.
+FP8_MAX = 448.0
 #: TensorRT's fused FP8 attention kernels need a head dimension that is a multiple of this.
 FP8_ATTENTION_HEAD_DIM_MULTIPLE = 16
 #: The range of a softmax output. SDPA fuses the softmax, so calibration never sees it; this is
@@ -51,50 +47,16 @@ METADATA_KEY = "sd35trt"
 BLOCKS = "transformer_blocks"
 
 
-@dataclass(frozen=True)
-class QuantSummary:
-    """Counts of enabled and disabled quantizers by kind, and the Linear layers left unquantized.
-
-    Attributes:
-        enabled: kind -> number of enabled quantizers.
-        disabled: kind -> number of disabled quantizers.
-        high_precision_linears: names of the ``nn.Linear`` modules kept out of FP8.
-    """
-
-    enabled: dict[QuantizerKind, int]
-    disabled: dict[QuantizerKind, int]
-    high_precision_linears: tuple[str, ...] = field(default=())
-
-    @property
-    def total_enabled(self) -> int:
-        return sum(self.enabled.values())
-
-    def to_json(self) -> dict:
-        return {
-            "enabled": {k.value: self.enabled.get(k, 0) for k in QuantizerKind},
-            "disabled": {k.value: self.disabled.get(k, 0) for k in QuantizerKind},
-            "high_precision_linears": list(self.high_precision_linears),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> QuantSummary:
-        return cls(
-            enabled={QuantizerKind(k): int(v) for k, v in data["enabled"].items()},
-            disabled={QuantizerKind(k): int(v) for k, v in data["disabled"].items()},
-            high_precision_linears=tuple(data.get("high_precision_linears", ())),
-        )
-
-    def table(self) -> str:
-        """A small text table under a title: one row per kind, enabled and disabled counts."""
-        rows = [
-            "FP8 quantizers in the transformer (ModelOpt; enabled: run in FP8, disabled: kept in "
-            "high precision)",
-            f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}",
-        ]
-        for k in QuantizerKind:
-            rows.append(f"{k.value:<11} {self.enabled.get(k, 0):>8} {self.disabled.get(k, 0):>9}")
-        rows.append(f"{'total':<11} {self.total_enabled:>8} {sum(self.disabled.values()):>9}")
-        return "\n".join(rows)
+def quantizer_table(counts: QuantizerCounts) -> str:
+    """A small text table under a title: one row per quantizer kind, enabled and disabled counts."""
+    rows = [
+        "FP8 quantizers in the transformer (ModelOpt; enabled: run in FP8, disabled: kept in high precision)",
+        f"{'quantizers':<11} {'enabled':>8} {'disabled':>9}",
+    ]
+    for k in QuantizerKind:
+        rows.append(f"{k.value:<11} {counts.enabled.get(k, 0):>8} {counts.disabled.get(k, 0):>9}")
+    rows.append(f"{'total':<11} {sum(counts.enabled.values()):>8} {sum(counts.disabled.values()):>9}")
+    return "\n".join(rows)
 
 
 def check_fp8_attention(settings: CalibrateSettings, head_dim: int) -> None:
@@ -117,7 +79,6 @@ def quant_config(settings: CalibrateSettings, num_layers: int, head_dim: int | N
     weights and inputs (and attention when asked), then disable the exclusions.
 
     Args:
-        settings: the ``calibrate`` config section.
         num_layers: number of transformer blocks, to check ``high_precision_blocks``.
         head_dim: attention head size; when given, FP8 attention is checked against it.
 
@@ -213,12 +174,8 @@ def check_amax(model: nn.Module) -> None:
         )
 
 
-def summarize(model: nn.Module) -> QuantSummary:
-    """Count the quantizers of a quantized ``model`` by kind and state.
-
-    Returns:
-        The :class:`QuantSummary`.
-    """
+def summarize(model: nn.Module) -> QuantizerCounts:
+    """Count the quantizers of a quantized ``model`` by kind and state, and its unquantized Linears."""
     from torch import nn
 
     enabled: Counter[QuantizerKind] = Counter()
@@ -231,8 +188,10 @@ def summarize(model: nn.Module) -> QuantSummary:
         return any(q is not None and q.is_enabled for q in qs)
 
     plain = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not quantized(m))
-    return QuantSummary(
-        {k: enabled[k] for k in QuantizerKind}, {k: disabled[k] for k in QuantizerKind}, plain
+    return QuantizerCounts(
+        enabled={k: enabled[k] for k in QuantizerKind},
+        disabled={k: disabled[k] for k in QuantizerKind},
+        high_precision_linears=plain,
     )
 
 
@@ -251,16 +210,12 @@ def _quantizer_at_fault(err: BaseException, model: nn.Module) -> str | None:
 
 def quantize(
     transformer: nn.Module, settings: CalibrateSettings, forward_loop: Callable[[nn.Module], Any]
-) -> QuantSummary:
+) -> QuantizerCounts:
     """Insert FP8 quantizers into ``transformer`` and calibrate them with ``forward_loop``.
 
     Args:
         transformer: a diffusers ``SD3Transformer2DModel``; modified in place.
-        settings: the ``calibrate`` config section (exclusions, high-precision blocks, FP8 attention).
         forward_loop: called once with the transformer; runs the calibration data through it.
-
-    Returns:
-        The :class:`QuantSummary` of the calibrated model.
 
     Raises:
         ConfigError: bad exclusions, blocks or FP8-attention head dim.

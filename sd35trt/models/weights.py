@@ -18,8 +18,6 @@ from pathlib import Path
 from sd35trt.errors import ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
 #: A safetensors header is JSON of a few KB to a few MB; beyond this it is not one (safetensors' own
 #: reader refuses headers over 100 MB).
 MAX_HEADER_BYTES = 100_000_000

@@ -10,13 +10,11 @@ last call in the same context whose rest ran::
                                      otherwise      ->  reuse the rest's residual of that call
 
 A reused step costs the first engine only: its ``noise_pred`` output is the output layers applied
-to block 0's output plus the kept residual, which is what diffusers computes for a skipped step.
+to block 0's output plus the kept residual, which is what diffusers computes for a skipped step; a
+computed step costs one device-to-host read (the decision) and the first engine on top of the rest.
 The first call of a context always runs the rest. Contexts are kept apart as diffusers'
 ``cache_context(name)`` keeps them: the CFG batch (``[negative, positive]`` in one call) is one
 context, the skip-layer-guidance pass another.
-
-Cost: one device-to-host read per call (the decision), and a first engine call (block 0 plus the
-output layers) on top of the rest on computed steps.
 """
 
 from __future__ import annotations
@@ -72,11 +70,6 @@ class CacheStats:
     def skipped_steps(self) -> int:
         """Denoising steps whose transformer work (the CFG pass's rest) was skipped."""
         return len(self.skipped.get(CFG_CONTEXT, []))
-
-    @property
-    def rest_calls(self) -> int:
-        """Calls of the rest engine, all contexts."""
-        return sum(self.calls.values()) - sum(len(v) for v in self.skipped.values())
 
 
 class FirstBlockCache:

@@ -2,10 +2,7 @@
 
 Input files are untrusted: a few KB can declare tens of millions of pixels, Pillow knows dozens
 of formats (some reach external programs), and a corrupt file can raise almost any exception
-from a decoder. :func:`read_image` accepts PNG, JPEG and WebP only, bounds the pixels before
-decoding, and turns every decoder failure into one :class:`~sd35trt.errors.RequestError`. It
-reads the file as diffusers' ``load_image`` does (EXIF orientation applied), so the pixels a
-request records (``init_image_sha256``) are those of the upright image.
+from a decoder.
 """
 
 from __future__ import annotations
@@ -28,14 +25,11 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
     """Decode an input image file into a PIL image, as diffusers' ``load_image`` reads it.
 
-    The one reader of input images (``run --image``, HTTP ``init_image``, Triton's ``init_image``):
-
     - formats: :data:`IMAGE_FORMATS` only (PNG, JPEG, WebP), recognised from the file's first
       bytes before any decoder runs; other formats (TIFF, BMP, DDS, EPS, ...) are refused;
-    - size: at most :data:`MAX_IMAGE_PIXELS` pixels, read from the header before decoding (an 8 KB
-      PNG can declare 67 M pixels);
+    - size: at most :data:`MAX_IMAGE_PIXELS` pixels, read from the header before decoding;
     - EXIF orientation applied (``PIL.ImageOps.exif_transpose``, as ``load_image`` does), so the
-      pixels, and the sha256 recorded of them, are the upright image;
+      pixels, and the sha256 recorded of them (``init_image_sha256``), are the upright image;
     - 16-bit greyscale (``I;16``, ``I``) scaled to 8 bits (``round(v / 257)``; Pillow's own
       conversion clips it, turning mid-grey white).
 

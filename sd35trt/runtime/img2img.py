@@ -35,11 +35,7 @@ def image_tensor(image) -> torch.Tensor:
 
 
 def img2img_schedule(scheduler: FlowMatchEuler, steps: int, strength: float) -> Schedule:
-    """The ``steps``-step schedule without its first ``t_start`` steps (diffusers' ``get_timesteps``).
-
-    Returns:
-        ``timesteps [n]`` and ``sigmas [n + 1]`` from the first kept step on.
-    """
+    """The ``steps``-step schedule from its first kept step on (diffusers' ``get_timesteps``)."""
     full = scheduler.schedule(steps)
     start = img2img_steps(steps, strength)[0]
     return Schedule(timesteps=full.timesteps[start:], sigmas=full.sigmas[start:])

@@ -1,14 +1,9 @@
 """PNG files that record how they were made, with deterministic bytes.
 
-The generation parameters go into one ``parameters`` text chunk as sorted JSON (prompt, negative
-prompt, the image's own seed (``seed + i`` for image ``i`` of a request: a one-image request with
-it makes this image again), num_inference_steps, guidance_scale, size, skip-layer guidance, image-to-image
-strength and the input image's sha256, engine digest, image index, the engine batch the image was
-made in, and the model the engines hold when it is more than the config says: the Hub commit and
-the fused LoRAs with their sha256 and scale), next to a ``Software`` chunk. What is recorded is
-what was used: without classifier-free guidance the negative prompt and skip-layer guidance are
-``null``. No timestamps or other varying chunks are written, so the same pixels and parameters
-always give the same bytes.
+The generation parameters (:func:`png_parameters`) go into one ``parameters`` text chunk as sorted
+JSON, next to a ``Software`` chunk. What is recorded is what was used: without classifier-free
+guidance the negative prompt and skip-layer guidance are ``null``. No timestamps or other varying
+chunks are written, so the same pixels and parameters always give the same bytes.
 """
 
 from __future__ import annotations
@@ -44,11 +39,12 @@ def png_parameters(
 ) -> dict:
     """The parameters recorded in the PNG of image ``index`` of a request.
 
-    ``params`` may be a part of a larger request (:func:`sd35trt.runtime.parts.engine_parts`):
-    ``index`` is then the image's position in the part; what is recorded is the whole request's,
-    with the image's own ``seed`` and its ``image_index`` in the request. ``model`` is the
-    engine manifest's record of the weights (:attr:`EngineManifest.model`): its
-    Hub commit and LoRAs are added when present.
+    The request's own (:meth:`GenerationParams.to_json`), with the image's own ``seed`` (``seed + i``
+    for image ``i``: a one-image request with it makes this image again) and ``image_index``, the
+    engine digest and the engine batch it was made in. ``params`` may be a part of a larger request
+    (:func:`sd35trt.runtime.parts.engine_parts`): ``index`` is then the image's position in the
+    part. ``model`` is the engine manifest's record of the weights (:attr:`EngineManifest.model`):
+    its Hub commit and fused LoRAs (sha256, scale) are added when present.
     """
     data = {
         **params.to_json(),
@@ -66,10 +62,9 @@ def png_parameters(
 
 
 def png_bytes(image: Image.Image, parameters: Mapping) -> bytes:
-    """Encode ``image`` (RGB) as PNG with ``parameters`` (:func:`png_parameters`) in a text chunk.
+    """PNG bytes of ``image`` (RGB) with ``parameters`` (:func:`png_parameters`) in a text chunk.
 
-    Returns:
-        The PNG file's bytes (the same for the same pixels and parameters).
+    The same pixels and parameters always give the same bytes.
     """
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=_png_info(parameters))
@@ -107,9 +102,6 @@ def attach_parameters(
 def save_png(path: str | Path, image: Image.Image, *args, **kwargs) -> Path:
     """Write ``image`` to ``path`` atomically (a temporary file renamed into place), with the
     parameters of :func:`png_parameters` (``*args``, ``**kwargs``) in its text chunk.
-
-    Returns:
-        ``path`` as a Path.
     """
     path = Path(path)
     atomic_write_bytes(path, png_bytes(image, png_parameters(*args, **kwargs)))

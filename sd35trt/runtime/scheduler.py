@@ -82,38 +82,30 @@ class FlowMatchEuler:
         """Read a diffusers ``scheduler_config.json``.
 
         Raises:
-            ManifestError: the file is missing or unreadable, names another scheduler class, or
-                enables an option this implementation does not reproduce.
+            ManifestError: the file is missing or unreadable, names another scheduler class,
+                enables an option this implementation does not reproduce, or has a bad shift or
+                ``num_train_timesteps``.
         """
         path = Path(path)
         data = read_json(path, missing="is missing: the engines directory lacks its scheduler config")
-        return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "scheduler config") -> FlowMatchEuler:
-        """Build from the keys of a diffusers scheduler config (see :meth:`from_config`).
-
-        Raises:
-            ManifestError: another scheduler class, an unsupported option, or a bad shift.
-        """
         name = data.get("_class_name", SCHEDULER_CLASS)
         if name != SCHEDULER_CLASS:
             raise ManifestError(
-                f"{source}: scheduler class {name!r} is not supported; sd35trt runs {SCHEDULER_CLASS}"
+                f"{path}: scheduler class {name!r} is not supported; sd35trt runs {SCHEDULER_CLASS}"
             )
         for key, inert in _INERT_OPTIONS.items():
             value = data.get(key, inert)
             if value != inert and not (inert is False and value is None):
                 raise ManifestError(
-                    f"{source}: {key} = {json.dumps(value)} is not supported; sd35trt's flow-match Euler "
+                    f"{path}: {key} = {json.dumps(value)} is not supported; sd35trt's flow-match Euler "
                     f"needs {json.dumps(inert)} (SD3.5's setting)"
                 )
         shift = data.get("shift", 1.0)
         steps = data.get("num_train_timesteps", 1000)
         if isinstance(shift, bool) or not isinstance(shift, int | float) or not shift > 0:
-            raise ManifestError(f"{source}: shift = {shift!r} must be a positive number")
+            raise ManifestError(f"{path}: shift = {shift!r} must be a positive number")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ManifestError(f"{source}: num_train_timesteps = {steps!r} must be an integer >= 2")
+            raise ManifestError(f"{path}: num_train_timesteps = {steps!r} must be an integer >= 2")
         return cls(shift=float(shift), num_train_timesteps=steps)
 
     def _shifted(self, sigmas):

@@ -94,32 +94,21 @@ class PromptTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path, t5_length: int) -> PromptTokenizer:
-        """Load ``tokenizer/``, ``tokenizer_2/`` and ``tokenizer_3/`` from ``directory``.
-
-        Args:
-            directory: an engines directory (or a diffusers model directory).
-            t5_length: tokens per text for T5.
-
-        Returns:
-            The tokenizer.
+        """Load the three tokenizer folders of an engines (or diffusers model) ``directory``.
 
         Raises:
             ManifestError: a tokenizer folder is missing or transformers cannot read it.
         """
         from transformers import CLIPTokenizer, T5Tokenizer
 
-        classes = {
-            Component.CLIP_L: CLIPTokenizer,
-            Component.CLIP_G: CLIPTokenizer,
-            Component.T5: T5Tokenizer,
-        }
         tokenizers = {}
         for encoder, sub in TOKENIZER_SUBFOLDERS.items():
             path = Path(directory) / sub
             if not path.is_dir():
                 raise ManifestError(f"{path} is missing: {directory} lacks the {encoder.value} tokenizer")
             try:
-                tokenizers[encoder] = classes[encoder].from_pretrained(path, local_files_only=True)
+                kind = T5Tokenizer if encoder is Component.T5 else CLIPTokenizer
+                tokenizers[encoder] = kind.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError, TypeError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ManifestError(
@@ -128,14 +117,7 @@ class PromptTokenizer:
         return cls(tokenizers, t5_length)
 
     def __call__(self, texts: Sequence[str]) -> TokenizedPrompts:
-        """Tokenize ``texts`` for the three encoders.
-
-        Args:
-            texts: the texts of one batch (e.g. ``[negative, positive]``).
-
-        Returns:
-            The padded token ids and the truncations.
-        """
+        """Tokenize the texts of one batch (e.g. ``[negative, positive]``) for the three encoders."""
         ids: dict[Component, torch.Tensor] = {}
         truncations: list[Truncation] = []
         for encoder, tokenizer in self.tokenizers.items():

@@ -34,9 +34,8 @@ def _app_module():
 
 
 def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app for an engines directory, a loaded runtime or a generator.
-
-    See :func:`sd35trt.serve.app.create_app`.
+    """The FastAPI app for an engines directory, a loaded runtime or a generator
+    (:func:`sd35trt.serve.app.create_app`).
 
     Raises:
         Sd35TrtError: FastAPI / uvicorn are not installed.
@@ -45,11 +44,8 @@ def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
 
 
 def serve(engines_dir: str | Path, settings: ServeSettings | None = None) -> None:
-    """Verify and load the engines in ``engines_dir``, then serve HTTP until SIGINT / SIGTERM.
-
-    ``POST /generate``, ``POST /v1/images/generations`` (OpenAI Images API), ``GET /health``,
-    ``GET /ready``, ``GET /metrics`` (Prometheus), OpenAPI docs at ``/docs``. On a signal, the
-    listening socket closes, running and queued requests finish, new ones get 503.
+    """Verify and load the engines in ``engines_dir``, then serve HTTP until SIGINT / SIGTERM (then
+    running and queued requests finish, new ones get 503).
 
     Raises:
         Sd35TrtError: FastAPI / uvicorn missing, or the engines fail verification or loading.

@@ -1,11 +1,5 @@
-"""The HTTP server: the FastAPI app (routes, error handlers, middleware), readiness, graceful
-shutdown, and the uvicorn runner with slow-client protection and structured logs.
-
-Endpoints: ``POST /generate``, ``POST /v1/images/generations``, ``POST /v1/images/edits`` and
-``GET /v1/models`` (:mod:`sd35trt.serve.api`),
-``GET /health`` (alive, also while loading and draining), ``GET /ready`` (503 until the engines are
-loaded and warmed up), ``GET /metrics`` (Prometheus), ``/docs``.
-"""
+"""The HTTP server: the FastAPI app (error handlers, middleware, probe routes; the generation
+routes are :mod:`sd35trt.serve.api`'s), graceful shutdown, and the uvicorn runner."""
 
 from __future__ import annotations
 
@@ -53,15 +47,9 @@ def _as_generator(source: Any, settings: ServeSettings) -> Generator:
 
 
 def create_app(source: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``source``.
-
-    Args:
-        source: an engines directory (loaded in the background: ``/health`` answers at once,
-            ``/ready`` once loaded and warmed up), a loaded ``Sd35Runtime``, or any
-            :class:`~sd35trt.serve.generator.Generator`.
-        settings: batching, queue, timeout, body and connection limits, logging.
-
-    The app's ``state.sd35`` is its :class:`ServerState` (tests pause the batcher through it).
+    """The FastAPI app serving ``source``: an engines directory (loaded in the background:
+    ``/health`` answers at once, ``/ready`` once loaded and warmed up), a loaded ``Sd35Runtime``, or
+    any :class:`~sd35trt.serve.generator.Generator`. Its ``state.sd35`` is its :class:`ServerState`.
 
     Raises:
         ConfigError: ``settings.max_connections`` is above what the fd limit allows.
@@ -109,11 +97,7 @@ async def _bring_up(state: ServerState, source: Any) -> None:
     batcher: Batcher | None = None
     try:
         gen = await asyncio.to_thread(_as_generator, source, settings)
-        max_batch = settings.max_batch or gen.max_batch
-        if max_batch > gen.max_batch:
-            raise Sd35TrtError(
-                f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
-            )
+        max_batch = _max_batch(settings, gen)
         batcher = Batcher(
             gen.run_batch,
             max_batch=max_batch,
@@ -138,6 +122,17 @@ async def _bring_up(state: ServerState, source: Any) -> None:
             log.exception("unexpected error while loading")
         if batcher is not None and state.batcher is None:
             await batcher.close()  # frees its engine thread
+
+
+def _max_batch(settings: ServeSettings, gen: Generator) -> int:
+    """The engine batch (images): ``--max-batch`` (Sd35TrtError above the engines' maximum), else
+    the engines' maximum."""
+    max_batch = settings.max_batch or gen.max_batch
+    if max_batch > gen.max_batch:
+        raise Sd35TrtError(
+            f"--max-batch {max_batch} exceeds the engines' batch maximum of {gen.max_batch} images"
+        )
+    return max_batch
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -200,14 +195,11 @@ def _add_probe_routes(app: FastAPI, state: ServerState) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the app refuses new requests as soon as shutdown starts.
+    """uvicorn, but the app refuses new requests (503) as soon as shutdown starts.
 
-    uvicorn closes its listening sockets (new connections are refused) and waits for running
-    requests; requests arriving meanwhile on kept-alive connections get 503 from the app.
-    Signals (faults.md #35): ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` (a closed terminal or an
-    ssh session ending) start that drain; a second ``SIGINT`` answers every running and queued
-    request 503 at once (one log line) and stops without waiting for the engine; a third is
-    uvicorn's immediate exit.
+    ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` (a closed terminal) start that drain (faults.md #35); a
+    second ``SIGINT`` answers every running and queued request 503 at once and stops without
+    waiting for the engine; a third is uvicorn's immediate exit.
     """
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
@@ -263,11 +255,8 @@ class DrainingServer(uvicorn.Server):
 def make_server(
     app: FastAPI, settings: ServeSettings, log_stream: TextIO | None = None, **uvicorn_options: Any
 ) -> DrainingServer:
-    """A uvicorn server for ``app`` (``server.run(sockets=[sock])`` to serve a bound socket).
-
-    Logs (uvicorn's and sd35trt's) go to ``log_stream`` (default stderr) in ``settings.log_format``,
-    every line with its request id. Connections go through the app's connection guard.
-    """
+    """A uvicorn server for ``app`` (``server.run(sockets=[sock])`` to serve a bound socket), its
+    connections through the app's guard, its logs to ``log_stream`` (default stderr)."""
     state: ServerState = app.state.sd35
     configure_logging(settings.log_level, settings.log_format, log_stream)
     config = uvicorn.Config(
@@ -287,14 +276,9 @@ def make_server(
 
 def run_server(engines_dir: str | Path, settings: ServeSettings) -> None:
     """Load and verify the engines (errors surface here, before binding), then serve until stopped."""
-    from sd35trt.serve.runtime_adapter import RuntimeGenerator
-
     connection_bound(settings.max_connections)  # a bad limit fails before the engines load
     check_address(settings.host, settings.port)  # so does an address in use
-    gen = RuntimeGenerator.load(Path(engines_dir), low_vram=settings.low_vram, max_images=settings.max_images)
-    if settings.max_batch is not None and settings.max_batch > gen.max_batch:
-        raise Sd35TrtError(
-            f"--max-batch {settings.max_batch} exceeds the engines' batch maximum of {gen.max_batch}"
-        )
+    gen = _as_generator(Path(engines_dir), settings)
+    _max_batch(settings, gen)
     app = create_app(gen, settings)
     make_server(app, settings).run()

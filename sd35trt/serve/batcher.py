@@ -1,17 +1,9 @@
 """Dynamic batching: a bounded queue and one worker that runs engine batches in a thread.
 
-Requests wait in arrival order. The worker takes the oldest one, then, for up to the batching
-window, gathers later requests that are *compatible* with it (same batch key: size, steps,
-guidance) while their images fit the engine's maximum batch. Incompatible requests keep their
-place and wait their turn, so the oldest request is always the next to run.
-
-The batch runs in a single-thread executor (engines are not re-entrant; the event loop stays
-responsive). When a merged batch fails as a whole (a NaN, out of memory, any exception), each of
-its requests is re-run alone, so only the request at fault fails.
-
-Nothing here knows about HTTP or engines: :class:`Batcher` calls ``run_batch(requests)``, which
-returns one result (or exception) per request, and tells ``on_batch`` about every engine batch
-(for metrics). While a batch runs, the log context names the requests in it (their ``tag``s).
+The worker takes the oldest request, then, for up to the batching window, gathers later requests
+with the same batch key (size, steps, guidance) while their images fit the engine batch; the others
+keep their place, so the oldest request is always the next to run. Batches run in a single-thread
+executor (engines are not re-entrant). Nothing here knows about HTTP or engines.
 """
 
 from __future__ import annotations
@@ -46,7 +38,6 @@ class QueueFullError(Exception):
 
     def __init__(self, queue_size: int, retry_after_s: int) -> None:
         super().__init__(f"the queue is full ({queue_size} requests waiting); retry in {retry_after_s} s")
-        self.queue_size = queue_size
         self.retry_after_s = retry_after_s
 
 
@@ -109,11 +100,8 @@ class BatcherStats:
 
 
 class Batcher:
-    """Bounded request queue plus one batching worker.
-
-    Use from the event loop that called :meth:`start`: ``job = batcher.submit(...)``, then
-    ``result, info = await batcher.wait(job, timeout)``.
-    """
+    """Bounded request queue plus one batching worker, used from the event loop that called
+    :meth:`start`: ``job = batcher.submit(...)``, then ``result, info = await batcher.wait(job, t)``."""
 
     def __init__(
         self,
@@ -122,7 +110,6 @@ class Batcher:
         max_batch: int,
         window_s: float,
         queue_size: int,
-        executor: concurrent.futures.Executor | None = None,
         on_batch: OnBatch | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or window_s < 0:
@@ -134,10 +121,7 @@ class Batcher:
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue_size = queue_size
-        self._own_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="sd35trt-engine"
-        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sd35trt-engine")
         self._pending: collections.deque[Job] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._resumed: asyncio.Event | None = None
@@ -151,8 +135,6 @@ class Batcher:
         self._timed_out = 0
         self._avg_image_s: float | None = None  # running mean of engine seconds per image
         self._paused_flag = threading.Event()  # readable from other threads (tests)
-        self.idle = threading.Event()  # set while the worker waits with nothing to run
-        self.idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,11 +156,8 @@ class Batcher:
 
     def abort(self, reason: str) -> int:
         """Stop accepting, and fail every queued and running request now with
-        :class:`ShuttingDownError` (``reason``); a running engine batch finishes unheard.
-
-        Returns:
-            How many requests were answered that way.
-        """
+        :class:`ShuttingDownError` (``reason``); returns how many. A running engine batch finishes
+        unheard."""
         self._draining = True
         jobs = [*self._running, *self._pending]
         self._pending.clear()
@@ -190,10 +169,6 @@ class Batcher:
         if self._arrived is not None:
             self._arrived.set()
         return failed
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let queued and running requests finish, stop the worker."""
@@ -218,16 +193,13 @@ class Batcher:
                 self._pending.clear()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._worker
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
+        self._executor.shutdown(wait=False)
 
     # -- test and operations hooks (thread-safe) ---------------------------------------------
 
     def pause(self) -> None:
-        """Hold the worker before its next batch (requests keep queueing); a running batch finishes.
-
-        Thread-safe: from another thread it returns once the worker's loop has applied it.
-        """
+        """Hold the worker before its next batch (requests keep queueing). Thread-safe: from another
+        thread it returns once the worker's loop has applied it."""
         self._paused_flag.set()
         self._in_loop(lambda: self._resumed.clear())
 
@@ -287,19 +259,16 @@ class Batcher:
         tag: str | None = None,
         admitted: bool = False,
     ) -> Job:
-        """Queue a request (from the event loop).
+        """Queue a request (from the event loop) for ``run_batch``.
 
         Args:
-            request: passed to ``run_batch`` as it is.
             key: requests with equal keys may share an engine batch.
             size: images the request produces.
-            capacity: most images an engine batch of this key holds (e.g. fewer under
-                classifier-free guidance); capped at ``max_batch``.
-            max_requests: most requests an engine batch of this key holds (default: no limit
-                beyond ``capacity``).
+            capacity: most images an engine batch of this key holds; capped at ``max_batch``.
+            max_requests: most requests an engine batch of this key holds (default: ``capacity``).
             tag: names the request in the log lines of its batch (a request id).
-            admitted: a later part of a request whose first part was queued (a request of more
-                images than one engine batch holds): not refused for a full queue.
+            admitted: a later part of a request of more images than one engine batch holds, whose
+                first part was queued: not refused for a full queue.
 
         Raises:
             ShuttingDownError: the batcher is draining.
@@ -337,30 +306,19 @@ class Batcher:
             job.future.cancel()
 
     async def wait(self, job: Job, timeout_s: float | None) -> tuple[Any, BatchInfo]:
-        """The result of ``job`` and how it ran.
-
-        Raises:
-            RequestTimeoutError: not done within ``timeout_s`` (it is dropped if still queued).
-            Exception: whatever ``run_batch`` gave or raised for this request.
-        """
+        """The result of ``job`` and how it ran; raises RequestTimeoutError when not done within
+        ``timeout_s`` (then dropped), or whatever ``run_batch`` gave or raised for this request."""
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except TimeoutError:
             self._timed_out += 1
             state = "running" if job.started is not None else "queued"
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-            if not job.future.done():
-                job.future.cancel()  # a running batch's result for it is dropped
+            self.cancel(job)
             raise RequestTimeoutError(
                 f"the request did not finish within {timeout_s:g} s (it was {state})"
             ) from None
         except asyncio.CancelledError:
-            # the client went away (or the server is cancelling tasks): free the queue slot
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-            if not job.future.done():
-                job.future.cancel()
+            self.cancel(job)  # the client went away (or the server is cancelling tasks)
             raise
 
     # -- the worker --------------------------------------------------------------------------
@@ -389,7 +347,6 @@ class Batcher:
             if self._draining:
                 return None
             self._arrived.clear()
-            self.idle.set()
             await self._arrived.wait()
 
     async def _work(self) -> None:
@@ -402,7 +359,6 @@ class Batcher:
             if not self._resumed.is_set():  # paused while we waited for work: put it back
                 self._pending.appendleft(head)
                 continue
-            self.idle.clear()
             batch = [head]
             total = self._take_compatible(batch, head.size)
             deadline = loop.time() + self.window_s
@@ -425,12 +381,6 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         # the worker's own lines about this batch name its requests (the worker task's context only)
         token = REQUEST_ID.set(",".join(j.tag for j in batch if j.tag) or None)
-        try:
-            await self._run_batch(batch)
-        finally:
-            REQUEST_ID.reset(token)
-
-    async def _run_batch(self, batch: list[Job]) -> None:
         self._batch_ids += 1
         batch_id = self._batch_ids
         started = time.monotonic()
@@ -471,16 +421,12 @@ class Batcher:
             raise
         finally:
             self._running = []
+            REQUEST_ID.reset(token)
 
     async def _engine(self, jobs: list[Job], batch_id: int) -> tuple[list[Any], bool]:
         """Run ``jobs`` as one engine batch on the engine thread (each alone if it fails as a
         whole: :func:`~sd35trt.serve.generator.run_alone_on_failure`), logging under their tags."""
-        tags = [j.tag for j in jobs if j.tag]
-        token = REQUEST_ID.set(",".join(tags) or None)
-        try:
-            context = contextvars.copy_context()  # the engine thread logs under the same ids
-        finally:
-            REQUEST_ID.reset(token)
+        context = contextvars.copy_context()  # the engine thread logs under _run's request ids
 
         def failed(err: BaseException) -> None:
             log.warning(

@@ -1,22 +1,13 @@
 """Slow and stalled clients: a deadline for each request's headers and a bound on open connections.
 
-uvicorn has no header timeout: a client that connects and sends its headers a byte at a time (or
-nothing) holds a connection, and a file descriptor, for ever; with enough of them the server runs
-out of descriptors, stops accepting, and asyncio logs a traceback per failed ``accept()``
-(faults.md case 19). :class:`ConnectionGuard` plus :func:`guarded_protocol` (uvicorn's h11
-protocol with two hooks) fix that:
-
-- from connecting, and again after each response on a kept-alive connection, a client has
-  ``read_timeout_s`` to complete a request's headers; then it gets 408 (if it had sent anything)
-  and is disconnected. The body's deadline is the body-limit middleware's.
-- at most ``max_connections`` are held. A new connection beyond that closes the one that has
-  waited longest without a request in progress (a stalled client, never a running request); if
-  every held connection has a request in progress, the new one gets 503.
-- what was closed is logged as one summary line per ``summary_interval_s``, never one per
-  connection, and counted in the metrics.
-
-The h11 implementation is pinned (not uvicorn's "auto", which picks httptools when installed) so
-these hooks always apply.
+uvicorn has no header timeout: a client that sends its headers a byte at a time (or nothing) holds a
+connection and a file descriptor for ever; with enough of them the server stops accepting (faults.md
+case 19). After connecting, and after each response on a kept-alive connection, a client has
+``read_timeout_s`` to complete a request's headers (then 408 if it had sent anything, and
+disconnected). Beyond ``max_connections`` a new connection evicts the one that has waited longest
+without a request in progress, or gets 503 when every one has a request in progress. Closures are
+logged as one summary line per interval. The h11 implementation is pinned (uvicorn's "auto" picks
+httptools when installed) so these hooks always apply.
 """
 
 from __future__ import annotations
@@ -51,15 +42,10 @@ def _raw_response(status: str, code: str, detail: str, retry_after: int | None =
 
 
 class ConnectionGuard:
-    """Which connections are open, in the order they started waiting for a request.
+    """Which connections are open, in the order they started waiting for a request (event loop only).
 
-    Args:
-        max_connections: most connections held open.
-        read_timeout_s: seconds a client has to complete a request's headers.
-        on_close: ``on_close(reason)`` for each connection closed (metrics).
-        summary_interval_s: at most one log line per this many seconds.
-
-    Used from the event loop only.
+    ``on_close(reason)`` is told of each connection closed (metrics); at most one log line is
+    written per ``summary_interval_s``.
     """
 
     def __init__(

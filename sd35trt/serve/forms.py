@@ -1,10 +1,5 @@
-"""``multipart/form-data`` bodies, as OpenAI's ``POST /v1/images/edits`` sends them.
-
-Parsed with the standard library's MIME parser (``email``), so the server needs no form library.
-Text fields are converted to the types of the declared parameters
-(:data:`sd35trt.parameters.GENERATION_PARAMS`; OpenAI's ``n`` is an integer), then validated by
-the same pydantic body as ``/v1/images/generations``.
-"""
+"""``multipart/form-data`` bodies, as OpenAI's ``POST /v1/images/edits`` sends them, parsed with the
+standard library's MIME parser (``email``), so the server needs no form library."""
 
 from __future__ import annotations
 
@@ -62,9 +57,8 @@ def parse_multipart(content_type: str, body: bytes) -> Form:
 
 
 def typed_fields(fields: dict[str, str]) -> dict[str, Any]:
-    """Form text as the JSON types the declared parameters take (``"4"`` -> 4 for ``steps``).
-
-    Names that are no declared parameter stay text (the body then refuses or accepts them).
+    """Form text as the JSON types the declared parameters take (``"4"`` -> 4 for ``steps``; other
+    names stay text, for the body to refuse or accept).
 
     Raises:
         RequestError: a value that is not of its parameter's type (named).

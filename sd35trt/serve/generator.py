@@ -1,11 +1,4 @@
-"""What the server needs from a runtime, and the adapter onto :mod:`sd35trt.runtime.pipeline`.
-
-The server talks to a narrow :class:`Generator`: ``prepare`` validates one request against the
-engine manifest (raising :class:`~sd35trt.errors.RequestError` naming the field) and returns a
-:class:`Prepared` with the parameters actually used and the key that says which requests may
-share an engine batch; ``run_batch`` runs several prepared requests as one engine batch and gives
-one :class:`ImageSet` (or exception) per request.
-"""
+"""What the server needs from a runtime: the narrow :class:`Generator` interface and its records."""
 
 from __future__ import annotations
 
@@ -17,19 +10,11 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request.
-
-    Attributes:
-        key: requests with equal keys can run in one engine batch (size, steps, guidance).
-        size: images this request produces.
-        capacity: most images one engine batch with this key holds.
-        max_requests: most requests one engine batch with this key holds (text-encoder rows).
-        params: the parameters actually used (defaults filled in, the seed drawn), for the reply.
-        native: the runtime's own request object.
-        split: ``split(capacity)`` cuts a request of more than ``capacity`` images into parts of
-            at most ``capacity``, one engine batch each, every image keeping its seed (``None``:
-            the request cannot be cut).
-    """
+    """A validated request: its batch ``key`` (size, steps, guidance), ``size`` in images, the
+    ``capacity`` (images) and ``max_requests`` (text-encoder rows) of an engine batch with its key,
+    the ``params`` used (defaults filled in, the seed drawn), the runtime's ``native`` request, and
+    ``split(capacity)`` cutting it into parts of at most ``capacity`` images, each keeping its seed
+    (``None``: it cannot be cut)."""
 
     key: Hashable
     size: int
@@ -48,10 +33,8 @@ def _plain_png(image: Any, index: int) -> bytes:
 
 @dataclass
 class ImageSet:
-    """The images of one request, each one's seed, stage timings (seconds) and warnings.
-
-    ``png(image, index)`` encodes one image; it runs outside the engine thread.
-    """
+    """The images of one request, each one's seed, stage timings (seconds) and warnings;
+    ``png(image, index)`` encodes one image, outside the engine thread."""
 
     images: list  # PIL images
     seeds: list[int]  # per image: seed + i
@@ -106,18 +89,12 @@ class Generator(Protocol):
         """Allowed ranges read from the engine manifest, for ``/ready`` and error messages."""
 
     def prepare(self, fields: Mapping[str, Any]) -> Prepared:
-        """Validate one request (``None`` fields take the engine defaults).
-
-        Raises:
-            RequestError: naming the field and the allowed range.
-        """
+        """Validate one request (``None`` fields take the engine defaults); RequestError names the
+        field and the allowed range."""
 
     def run_batch(self, requests: Sequence[Prepared]) -> list[ImageSet | BaseException]:
-        """Run ``requests`` (all with the same key) as one engine batch.
-
-        Returns one result per request; raises when the batch fails as a whole (the server then
-        re-runs each request alone).
-        """
+        """Run ``requests`` (all with the same key) as one engine batch: one result per request;
+        raises when the batch fails as a whole (the server then re-runs each request alone)."""
 
     def warmup(self) -> None:
         """One small generation, so the first request doesn't pay for lazy initialisation."""
@@ -130,20 +107,13 @@ def run_alone_on_failure(
     skip: Callable[[Any], bool] = lambda item: False,
     on_failure: Callable[[BaseException], None] = lambda err: None,
 ) -> tuple[list[Any], bool]:
-    """Run ``items`` as one engine batch; when it fails as a whole, run each item alone.
+    """Run ``items`` as one engine batch; when it fails as a whole (a NaN, out of memory, any
+    exception), run each item alone, so only the item at fault gets the error (``sd35trt serve``'s
+    batcher and the Triton model both batch this way).
 
-    One bad request must not fail the others merged with it: a merged batch that raises (a
-    NaN, out of memory, any exception) is re-run one item at a time, so only the item at fault
-    gets the error. ``sd35trt serve``'s batcher and the Triton model both batch this way.
-
-    Args:
-        run_batch: runs a list of items, returns one result (or exception) per item, or raises.
-        items: the items of the batch.
-        skip: items not to re-run alone (e.g. a request whose client left); they get ``None``.
-        on_failure: told about the exception of the merged batch before the re-runs.
-
-    Returns:
-        One result or exception per item, and whether the items were re-run alone.
+    ``run_batch`` returns one result (or exception) per item, or raises; ``skip`` names items not to
+    re-run alone (a request whose client left: ``None``); ``on_failure`` is told the merged batch's
+    exception. Returns one result or exception per item, and whether they were re-run alone.
     """
     try:
         return list(run_batch(list(items))), False

@@ -1,10 +1,7 @@
 """Server logs: every line of a request carries its id; text or JSON lines; floods are capped.
 
-The request id lives in a context variable that the request-id middleware sets for each HTTP
-request; the batcher sets it to the ids of the requests it runs (``"a,b"`` for a merged batch), so
-engine-side lines name the requests they concern. :class:`RequestIdFilter` copies it onto each
-record. uvicorn's access line is written while the request's context is current, so it has the id
-too.
+The request-id middleware sets :data:`REQUEST_ID` per HTTP request, the batcher to the ids of the
+requests it runs (``"a,b"`` for a merged batch); :class:`RequestIdFilter` copies it onto each record.
 """
 
 from __future__ import annotations
@@ -44,8 +41,9 @@ def level_number(level: LogLevel) -> int:
     return _LEVELS[level]
 
 
-def _printable(text: str) -> str:
-    # A lone surrogate would make the stream's UTF-8 encoder raise inside logging.
+def printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so it encodes as UTF-8 (a log
+    stream's encoder would otherwise raise inside logging)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -66,12 +64,9 @@ class _Window:
 
 
 class FloodFilter(logging.Filter):
-    """Pass at most ``burst`` warnings of one kind per ``window_s``; count the rest.
-
-    A kind is a logger and a message template (``record.msg`` before ``%`` formatting), so a
-    thousand "Invalid HTTP request received." lines from an attack become ``burst`` lines, and the
-    first such line of the next window says how many were suppressed. Records below WARNING pass
-    (an access line per request is the log's job, not a flood). Thread-safe.
+    """Pass at most ``burst`` warnings of one kind (a logger and a message template) per
+    ``window_s``; the first such line of the next window says how many were suppressed. Records
+    below WARNING pass. Thread-safe.
     """
 
     #: Kinds remembered at once; beyond, the oldest are forgotten (messages built with f-strings
@@ -117,7 +112,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "request_id", None) is None:
             record.request_id = "-"
-        return _printable(super().format(record))
+        return printable(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -135,14 +130,7 @@ class JsonFormatter(logging.Formatter):
         }
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
-            client, method, path, http_version, status = args
-            entry |= {
-                "client": client,
-                "method": method,
-                "path": path,
-                "http_version": http_version,
-                "status": status,
-            }
+            entry |= dict(zip(("client", "method", "path", "http_version", "status"), args, strict=True))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)  # ASCII: escapes anything, lone surrogates included

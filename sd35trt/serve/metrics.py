@@ -1,23 +1,8 @@
 """Prometheus metrics of one server (``GET /metrics``, the Prometheus text format).
 
 Each app has its own registry, so several servers in one process (tests) keep separate counts.
-Names follow Prometheus' conventions (``_total`` counters, ``_seconds`` histograms, base units).
-
-- ``sd35trt_http_requests_total{endpoint, method, status}``: requests answered (``endpoint`` is
-  the route path, or ``other``; ``method`` a standard HTTP method, or ``other``);
-- ``sd35trt_http_request_duration_seconds{endpoint}``: histogram;
-- ``sd35trt_requests_rejected_total{reason}``: ``queue_full`` (429), ``body_too_large`` (413),
-  ``invalid`` (422), ``read_timeout`` (408);
-- ``sd35trt_queue_depth``, ``sd35trt_requests_running``, ``sd35trt_ready``: gauges;
-- ``sd35trt_engine_batch_images``, ``sd35trt_engine_batch_requests``: histograms per engine batch;
-- ``sd35trt_stage_duration_seconds{stage}``: ``text_encoding``, ``denoise``, ``decode``,
-  ``engine_total``, per engine batch;
-- ``sd35trt_queue_wait_seconds``, ``sd35trt_png_encode_seconds``: histograms per request;
-- ``sd35trt_images_generated_total``: images returned;
-- ``sd35trt_connections_open`` (gauge) and ``sd35trt_connections_closed_total{reason}``:
-  ``read_timeout``, ``evicted``, ``refused`` (slow clients, :mod:`sd35trt.serve.connections`);
-
-plus the client library's ``process_*`` and ``python_*`` metrics.
+Names follow Prometheus' conventions (``_total`` counters, ``_seconds`` histograms, base units);
+each metric's help text says what it counts.
 """
 
 from __future__ import annotations
@@ -135,8 +120,8 @@ class ServeMetrics:
         self.queue_wait.observe(queue_s)
         self.png_encode.observe(encode_s)
 
-    def connection_closed(self, reason: str, count: int = 1) -> None:
-        self.connections_closed.labels(reason).inc(count)
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric (``CONTENT_TYPE`` is its media type)."""

@@ -1,9 +1,5 @@
-"""ASGI middleware: request ids, metrics per response, and the request-body limit and deadline.
-
-Order, outermost first: :class:`RequestIdMiddleware` (so every answer, a 413 or a 500 included,
-carries ``X-Request-ID`` and every log line the id), :class:`MetricsMiddleware` (counts every
-answer), :class:`BodyLimitMiddleware` (413 and 408 before the app parses anything).
-"""
+"""ASGI middleware, outermost first: :class:`RequestIdMiddleware` (so every answer, a 413 or a 500
+included, carries ``X-Request-ID``), :class:`MetricsMiddleware`, :class:`BodyLimitMiddleware`."""
 
 from __future__ import annotations
 
@@ -45,9 +41,8 @@ def request_id_of(scope: dict) -> str:
 class RequestIdMiddleware:
     """Give each HTTP request an id: in the log context, and in the ``X-Request-ID`` response header.
 
-    The context variable is not reset when the request ends: each request runs in its own task
-    (its own context copy), and uvicorn's lines written after the app returns still name it. An
-    exception that escapes the app is logged here, under the id, and answered 500 with the id.
+    The context variable is not reset (each request runs in its own task, and uvicorn's lines after
+    the app returns still name it). An exception escaping the app is logged and answered 500 here.
     """
 
     def __init__(self, app: Any) -> None:
@@ -88,12 +83,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OP
 
 
 class MetricsMiddleware:
-    """Count every answer by endpoint and status, and time it.
-
-    ``endpoints`` are the app's route paths and methods those of :data:`HTTP_METHODS`; any other
-    path or method (HTTP lets a client invent methods) is counted as ``other``, so scanners cannot
-    grow the label set.
-    """
+    """Count every answer by endpoint and status, and time it; a path not in ``endpoints`` or a
+    method not in :data:`HTTP_METHODS` counts as ``other``, so scanners cannot grow the label set."""
 
     def __init__(self, app: Any, metrics: ServeMetrics, endpoints: Collection[str]) -> None:
         self.app = app
@@ -127,13 +118,9 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Read the whole request body before the app: 413 over ``max_bytes``, 408 past the deadline.
-
-    A declared ``Content-Length`` over the limit is refused without reading; otherwise the body is
-    read up to the limit (chunked uploads included) and replayed to the app. The body must arrive
-    within ``read_timeout_s`` of the request's headers (a client trickling it holds a connection
-    otherwise, faults.md case 19). Errors take the shape of the endpoint's API.
-    """
+    """Read the whole request body before the app: 413 over ``max_bytes`` (a declared
+    ``Content-Length`` over it without reading), 408 when it has not arrived within
+    ``read_timeout_s`` of the headers (faults.md case 19). Errors take the endpoint API's shape."""
 
     def __init__(self, app: Any, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app

@@ -1,16 +1,5 @@
-"""Error answers in the two shapes the server speaks, built from one :class:`ApiError`.
-
-- sd35trt's own endpoints (``/generate``, ...): ``{"status": "error", "detail": [{"loc": ["body",
-  field], "msg", "type"}]}`` for invalid fields (FastAPI's 422 shape), else ``{"status": "error",
-  "error": code, "detail": message}``.
-- the OpenAI-compatible endpoints (``/v1/...``): ``{"error": {"message", "type", "param", "code"}}``,
-  the shape OpenAI's clients parse, with the same messages.
-
-Validation errors from FastAPI are rebuilt here without echoing the input: a JSON ``NaN``,
-``Infinity`` or ``1e309`` (which Python reads as infinity) cannot be written back as JSON, and a
-lone surrogate cannot be encoded as UTF-8; either made FastAPI's own handler fail with a 500
-(faults.md cases 17 and 18).
-"""
+"""Error answers in the two shapes the server speaks (sd35trt's own, FastAPI's 422 shape for
+fields; OpenAI's ``{"error": {...}}`` under ``/v1/``), built from one :class:`ApiError`."""
 
 from __future__ import annotations
 
@@ -23,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.errors import NonFiniteError, RequestError, Sd35TrtError, is_out_of_memory
 from sd35trt.serve.batcher import RequestTimeoutError, ShuttingDownError
+from sd35trt.serve.logs import printable
 
 if TYPE_CHECKING:
     from starlette.responses import JSONResponse
@@ -45,11 +35,6 @@ def flavor_of(path: str) -> ApiFlavor:
     return ApiFlavor.OPENAI if path.startswith("/v1/") else ApiFlavor.NATIVE
 
 
-def printable(text: str) -> str:
-    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so it encodes as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @dataclass(frozen=True)
 class FieldError:
     """One invalid field: where (``["body", "width"]``), its name, the message and pydantic's type."""
@@ -65,16 +50,9 @@ class FieldError:
 
 @dataclass(eq=False)
 class ApiError(Exception):
-    """An HTTP error answer.
-
-    Attributes:
-        status: the HTTP status (422, 413, 429, 503, ...).
-        code: a stable token (``invalid_request``, ``queue_full``, ``body_too_large``, ...).
-        message: one line for people.
-        fields: for 422, every invalid field.
-        retry_after: seconds for a ``Retry-After`` header.
-        extra: more members of the native error body (e.g. ``stage`` of a NaN failure).
-    """
+    """An HTTP error answer: ``status``, a stable ``code`` (``queue_full``, ...), one-line
+    ``message``, for 422 every invalid field, ``Retry-After`` seconds, and ``extra`` members of the
+    native error body (e.g. ``stage`` of a NaN failure)."""
 
     status: int
     code: str
@@ -137,28 +115,19 @@ class ApiError(Exception):
         return ApiError.invalid(fields)
 
 
-def _json_literal(value: float) -> str:
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _field_name(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc[1:]] if len(loc) > 1 and loc[0] == "body" else [str(p) for p in loc]
-    return printable(".".join(parts) or "body")
-
-
 def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
-    """FastAPI/pydantic validation errors as :class:`FieldError`, without the offending input.
-
-    A non-finite number gets a message that says so in JSON's terms, whatever the field's type.
-    """
+    """FastAPI/pydantic validation errors as :class:`FieldError`, without the offending input: a
+    JSON ``NaN`` or ``1e309`` cannot be written back as JSON, nor a lone surrogate as UTF-8, and
+    either made FastAPI's own handler fail with a 500 (faults.md cases 17 and 18)."""
     out = []
     for err in errors:
         loc = tuple(p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ()))
-        name = _field_name(loc)
+        name = ".".join(map(str, loc[1:] if len(loc) > 1 and loc[0] == "body" else loc)) or "body"
         value = err.get("input")
         if isinstance(value, float) and not math.isfinite(value):
+            literal = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
             msg = (
-                f"{name} {_json_literal(value)} is not a finite number; JSON NaN, Infinity and "
+                f"{name} {literal} is not a finite number; JSON NaN, Infinity and "
                 "numbers beyond ±1.8e308 are not accepted"
             )
             out.append(FieldError(loc, name, msg, "finite_number"))

@@ -1,12 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic models, shown in ``/docs``).
 
-The generation fields of both bodies are derived from the declared parameters
-(:data:`sd35trt.parameters.GENERATION_PARAMS`): their names, aliases (``steps`` for
-``num_inference_steps``), types and descriptions, so they cannot drift from the CLI's options or
-Triton's inputs. Request bodies are strict (``64.0``, ``"64"`` or ``true`` are not a width), refuse
-unknown fields and non-finite numbers; values are checked by the runtime
-(:func:`~sd35trt.runtime.request.resolve_request`), whose :class:`~sd35trt.errors.RequestError`
-names the field and the allowed range.
+The generation fields are derived from :data:`sd35trt.parameters.GENERATION_PARAMS` (names,
+aliases, types, descriptions). Request bodies are strict (``64.0``, ``"64"`` or ``true`` are not a
+width) and refuse unknown fields and non-finite numbers; the runtime checks the values.
 """
 
 from __future__ import annotations

@@ -50,11 +50,8 @@ def fd_limit() -> int:
 
 
 def connection_bound(requested: int | None, limit: int | None = None) -> int:
-    """The most client connections to hold open: ``requested``, or a default below the fd limit.
-
-    Args:
-        requested: ``--max-connections``, or ``None`` for ``min(1024, fd limit - FD_RESERVE)``.
-        limit: the fd limit (default: this process's soft ``RLIMIT_NOFILE``).
+    """The most client connections to hold open: ``requested`` (``--max-connections``), or
+    ``min(1024, limit - FD_RESERVE)``; ``limit`` defaults to this process's fd limit.
 
     Raises:
         ConfigError: ``requested`` leaves fewer than ``FD_RESERVE`` descriptors for the rest.
@@ -77,11 +74,8 @@ def connection_bound(requested: int | None, limit: int | None = None) -> int:
 
 
 def check_address(host: str, port: int) -> None:
-    """Fail early, in one line, when ``host:port`` cannot be listened on (checked by binding once).
-
-    Raises:
-        ConfigError: the host does not resolve, or the address is in use or not this machine's.
-    """
+    """ConfigError, early and in one line, when ``host:port`` cannot be listened on (the host does
+    not resolve, or the address is in use or not this machine's); checked by binding once."""
     import socket
 
     try:
@@ -99,19 +93,8 @@ def check_address(host: str, port: int) -> None:
 
 
 class ServeSettings(BaseModel):
-    """Options of ``sd35trt serve``.
-
-    ``max_batch`` is in images per engine batch; ``None`` means the engines' profile maximum (a
-    larger value is refused when the engines load). ``max_batch=1`` turns merging off.
-
-    Slow clients (faults.md case 19): a client has ``read_timeout_s`` seconds to send a request's
-    headers (from connecting, or from the previous response on a kept-alive connection) and again
-    ``read_timeout_s`` for its body; then it gets 408 and is disconnected. At most
-    ``max_connections`` connections are held open (default: below the fd limit, see
-    :func:`connection_bound`); beyond, the connection that has waited longest without sending a
-    complete request is closed to make room, or, if every connection has a request running, the
-    new one gets 503.
-    """
+    """Options of ``sd35trt serve`` (slow clients, ``read_timeout_s`` and ``max_connections``:
+    :mod:`sd35trt.serve.connections`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

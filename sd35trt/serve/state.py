@@ -16,11 +16,8 @@ DECODE_SLOTS = 2
 
 
 class ServerState:
-    """The state of one server.
-
-    Raises:
-        ConfigError: ``settings.max_connections`` is above what the fd limit allows.
-    """
+    """The state of one server (ConfigError when ``settings.max_connections`` is above what the fd
+    limit allows)."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -57,11 +54,8 @@ class ServerState:
             self.batcher.begin_drain()
 
     def abort(self, reason: str) -> int:
-        """Refuse new requests and answer queued and running ones 503 now (a second interrupt).
-
-        Returns:
-            How many requests were answered so.
-        """
+        """Refuse new requests and answer queued and running ones 503 now (a second interrupt);
+        returns how many were answered so."""
         self.draining = True
         self.aborted = True
         return self.batcher.abort(reason) if self.batcher is not None else 0

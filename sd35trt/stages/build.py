@@ -98,7 +98,7 @@ def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
         ModelError: the file is not a loadable ONNX model, or its external data is unsafe
             (absolute, escaping the directory, a symlink, or truncated).
     """
-    from sd35trt.stages.export.onnx_tools import check_external_data, uses_external_data
+    from sd35trt.stages.export.onnx_files import check_external_data, uses_external_data
 
     model = check_external_data(path)
     external = any(uses_external_data(t) for t in model.graph.initializer)

@@ -53,7 +53,7 @@ from sd35trt.models.loading import (
     resolve_model,
     torch_dtype,
 )
-from sd35trt.models.quantize import CALIBRATION_FILE, QuantSummary, quant_config
+from sd35trt.models.quantize import CALIBRATION_FILE, quant_config, quantizer_table
 from sd35trt.models.reference import PromptBatch, denoise_batch, drop_text_encoders, encode_batches
 from sd35trt.stages.check import check_config
 from sd35trt.stages.driver import StageRun, StageSpec, run_stage
@@ -163,7 +163,7 @@ def calibrate_transformer(
     settings: CalibrateSettings,
     status: Callable[[str], None] = lambda _item: None,
     controlled: tuple[Any, list] | None = None,
-) -> QuantSummary:
+) -> QuantizerCounts:
     """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
 
     Step 4 of :func:`calibrate`, callable on its own: the pipeline needs only its transformer
@@ -180,7 +180,7 @@ def calibrate_transformer(
             scales fit the transformer's activations with residuals added.
 
     Returns:
-        The :class:`~sd35trt.models.quantize.QuantSummary` of the calibrated transformer.
+        The quantizer counts of the calibrated transformer (:func:`~sd35trt.models.quantize.summarize`).
 
     Raises:
         ConfigError: bad exclusions, blocks or FP8-attention head dim.
@@ -314,7 +314,7 @@ class _Calibrate(StageSpec):
             width=s.width,
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            summary=QuantizerCounts.model_validate(summary.to_json()),
+            summary=summary,
             report=CalibrationQuality(
                 steps=report.steps,
                 metric=METRIC,
@@ -331,7 +331,7 @@ class _Calibrate(StageSpec):
         atomic_write_json(out / SUMMARY_FILE, summary.to_json())
         atomic_write_json(out / REPORT_FILE, report.to_json())
         atomic_write_json(out / QUANT_CONFIG_FILE, cfg)
-        log(summary.table())
+        log(quantizer_table(summary))
         log(report.table())
         log(
             f"calibrate: {len(self.prompts)} prompts x {s.steps} steps in {elapsed:.1f} s, "

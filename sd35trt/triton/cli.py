@@ -1,9 +1,4 @@
-"""``sd35trt triton``: write a Triton model repository, and serve one with the local tritonserver.
-
-``sd35trt triton ENGINES --out REPO`` (the ``repository`` command, whose name may be left out)
-writes the repository; ``sd35trt triton serve REPO`` starts the ``tritonserver`` of the backend
-environment ``make setup`` creates (:mod:`sd35trt.triton.local`) and runs until Ctrl-C.
-"""
+"""``sd35trt triton``: write a Triton model repository, and serve one with the local tritonserver."""
 
 from __future__ import annotations
 
@@ -90,12 +85,9 @@ def repository(
 
 
 def _check_repository(repository: Path) -> None:
-    """Refuse, before tritonserver starts, what is not a model repository (tritonserver would
-    report an empty folder ready and an engines directory in a page of its log).
-
-    Raises:
-        ConfigError: not a directory, an engines directory, or no model (``*/config.pbtxt``) in it.
-    """
+    """ConfigError, before tritonserver starts, for what is not a model repository: not a directory,
+    an engines directory, no ``*/config.pbtxt`` (tritonserver would report an empty folder ready and
+    an engines directory in a page of its log)."""
     from sd35trt.artifacts.runlock import engines_instead_of_run
     from sd35trt.errors import ConfigError
 

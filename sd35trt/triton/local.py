@@ -1,21 +1,15 @@
 """A local ``tritonserver``: ``sd35trt triton serve``, tests and benchmarks (production: deploy/triton/).
 
-The server is the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51 and its Python
-backend). Two facts about it decide how it is started:
+The server is the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51 and its Python backend):
 
-- Its Python-backend stub was built before numpy 2. Under numpy 2 it hands the model corrupted
-  tensors (a BYTES input arrives as its first byte repeated, a multi-row numeric input as its first
-  row repeated), which is why the wheel declares ``numpy<2``. The stub therefore runs in a *backend
-  environment*: a small venv holding ``nvidia-pytriton`` and numpy 1.26 (``requirements-triton.lock``)
-  whose ``site-packages`` is followed, through a ``.pth`` file, by the project environment's
-  (sd35trt, torch, ONNX Runtime). ``make setup`` creates it at ``<venv>/triton-backend``.
-- The stub links ``libpython3.X.so`` by name. A system libpython of another build of the same
-  version breaks it (``'_thread.RLock' object has no attribute '_recursion_count'``), so
-  ``LD_LIBRARY_PATH`` starts with this interpreter's own ``LIBDIR`` (from ``sysconfig``).
-
-The stub's interpreter is the first ``python3`` on ``PATH``: the backend environment's ``bin``
-goes first. The server runs in its own session, so a terminal's Ctrl-C reaches only its parent,
-which stops it once (:func:`serve_foreground`); a second signal would make Triton exit at once.
+- Its Python-backend stub was built before numpy 2; under numpy 2 it hands the model corrupted
+  tensors (a BYTES input arrives as its first byte repeated). So the stub runs in a *backend
+  environment* (``make setup``: ``<venv>/triton-backend``), a venv holding ``nvidia-pytriton`` and
+  numpy 1.26 (``requirements-triton.lock``) whose ``site-packages`` is followed, through a ``.pth``
+  file, by the project environment's. Its ``bin`` goes first on ``PATH`` (the stub runs ``python3``).
+- The stub links ``libpython3.X.so`` by name; a system libpython of another build breaks it
+  (``'_thread.RLock' object has no attribute '_recursion_count'``), so ``LD_LIBRARY_PATH`` starts
+  with this interpreter's own ``LIBDIR``.
 """
 
 from __future__ import annotations
@@ -82,20 +76,9 @@ class BackendEnvironment:
     def tritonserver_dir(self) -> Path:
         return self.site_packages / "pytriton" / "tritonserver"
 
-    @property
-    def libs_dir(self) -> Path:
-        return self.site_packages / "nvidia_pytriton.libs"
-
     def link_project(self) -> Path:
-        """Make this interpreter's ``site-packages`` visible to the backend environment.
-
-        Writes a ``.pth`` file that adds the project environment's ``site-packages`` (its own
-        ``.pth`` files included, e.g. an editable sd35trt) after the backend environment's own, so
-        numpy 1.x is found first and everything else comes from the project.
-
-        Returns:
-            The ``.pth`` file written.
-        """
+        """Write (and return) a ``.pth`` file that adds this interpreter's ``site-packages`` (its
+        ``.pth`` files included) after the backend environment's own, so numpy 1.x is found first."""
         project = sysconfig.get_path("purelib")
         pth = self.site_packages / "sd35trt-project.pth"
         pth.parent.mkdir(parents=True, exist_ok=True)
@@ -130,24 +113,19 @@ class LocalTritonServer:
         env: BackendEnvironment | None = None,
         log_path: str | Path | None = None,
         exit_timeout_s: int = 30,
-        extra_args: tuple[str, ...] = (),
         host: str = "127.0.0.1",
         ports: TritonPorts | None = None,
     ) -> None:
         """
         Args:
-            repository: a model repository (``sd35trt triton --out``).
-            env: the backend environment (default: :meth:`BackendEnvironment.default`).
             log_path: where the server's log goes (default: a temporary file, kept after stop).
             exit_timeout_s: on stop, how long Triton waits for running requests (seconds).
-            extra_args: more tritonserver options.
             host: the address HTTP, gRPC and metrics listen on (``0.0.0.0``: every interface).
             ports: fixed ports (default: free ones, probed at start and retried if taken).
         """
         self.repository = Path(repository).absolute()
         self.env = env or BackendEnvironment.default()
         self.exit_timeout_s = exit_timeout_s
-        self.extra_args = extra_args
         self._workdir: Path | None = None
         self._log_path = Path(log_path) if log_path is not None else None
         self.process: subprocess.Popen | None = None
@@ -198,7 +176,8 @@ class LocalTritonServer:
         """The server's environment: the stub's python3 and libpython, the bundled libraries."""
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR")
-        paths = [p for p in (libdir, str(self.env.libs_dir), env.get("LD_LIBRARY_PATH")) if p]
+        libs = str(self.env.site_packages / "nvidia_pytriton.libs")  # the wheel's bundled libraries
+        paths = [p for p in (libdir, libs, env.get("LD_LIBRARY_PATH")) if p]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
         env["PATH"] = os.pathsep.join([str(self.env.root / "bin"), env.get("PATH", "")])
         env.setdefault("PYTHONIOENCODING", "utf-8")
@@ -231,7 +210,6 @@ class LocalTritonServer:
             f"--metrics-port={ports.metrics}",
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            *self.extra_args,
         ]
 
     def start(self, timeout_s: float = 300.0, attempts: int = 3) -> LocalTritonServer:
@@ -261,35 +239,36 @@ class LocalTritonServer:
                     start_new_session=True,  # Ctrl-C reaches the parent only; it stops the server once
                 )
             try:
-                self._wait_ready(timeout_s)
-                return self
-            except _ExitedEarly as err:
-                busy = "address already in use" in self.log_tail(80).lower()
-                if busy and attempt + 1 < attempts and self._fixed_ports is None:
-                    continue  # another process took a port between probing and binding
-                self._cleanup()
-                raise Sd35TrtError(
-                    f"tritonserver exited with {err.returncode} before it was ready; "
-                    f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
-                ) from None
+                code = self._wait_ready(timeout_s)
             except BaseException:
                 self.stop()
                 raise
+            if code is None:
+                return self
+            busy = "address already in use" in self.log_tail(80).lower()
+            if busy and attempt + 1 < attempts and self._fixed_ports is None:
+                continue  # another process took a port between probing and binding
+            self._cleanup()
+            raise Sd35TrtError(
+                f"tritonserver exited with {code} before it was ready; "
+                f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
+            )
         raise AssertionError("unreachable")
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float) -> int | None:
+        """``None`` once ready, or the server's exit status if it exits first."""
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise _ExitedEarly(code)
+                return code
             with (
                 contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
                 urllib.request.urlopen(url, timeout=2) as r,
             ):
                 if r.status == 200:
-                    return
+                    return None
             time.sleep(0.2)
         raise Sd35TrtError(
             f"tritonserver was not ready within {timeout_s:g} s; its log ({self.log_path}) ends:\n"
@@ -297,11 +276,8 @@ class LocalTritonServer:
         )
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGTERM, wait (Triton waits up to ``exit_timeout_s`` for running requests), then SIGKILL.
-
-        Returns:
-            The server's exit status (``None`` if it was not running).
-        """
+        """SIGTERM, wait (Triton waits up to ``exit_timeout_s`` for running requests), then SIGKILL;
+        returns the server's exit status (``None`` if it was not running)."""
         proc, self.process = self.process, None
         code = None
         if proc is not None:
@@ -333,15 +309,10 @@ class _Signalled(Exception):
 
 
 def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) -> int:
-    """Start ``server``, say where it listens, and run until it exits or SIGINT / SIGTERM arrives.
-
-    A signal (Ctrl-C) is forwarded once as SIGTERM: Triton finishes running requests (up to its
-    ``exit_timeout_s``), unloads the model and exits.
-
-    Args:
-        server: a server not yet started.
-        echo: prints one line (``typer.echo``).
-        timeout_s: how long the models may take to load and warm up.
+    """Start ``server``, say (through ``echo``) where it listens, and run until it exits or SIGINT /
+    SIGTERM arrives. The server runs in its own session, so a terminal's Ctrl-C reaches only this
+    process, which forwards it once as SIGTERM (a second would make Triton exit at once): Triton
+    finishes running requests (up to its ``exit_timeout_s``) and exits.
 
     Returns:
         0 after a signal and a clean stop; else the server's own exit status.
@@ -379,12 +350,6 @@ def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-class _ExitedEarly(Exception):
-    def __init__(self, returncode: int) -> None:
-        super().__init__(returncode)
-        self.returncode = returncode
 
 
 def main(argv: list[str] | None = None) -> None:

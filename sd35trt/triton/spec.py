@@ -1,10 +1,8 @@
 """The model's KServe-v2 tensors: one list that the config writer and the backend both read.
 
-The inputs are derived from the declared generation parameters
-(:data:`sd35trt.parameters.GENERATION_PARAMS`): the HTTP names of ``sd35trt serve`` (diffusers'
-parameter names), each alias (``steps``) as one more optional input, so a request means the same
-thing to both servers and errors name the same fields. With ``max_batch_size`` above 0, every
-tensor has a leading batch dimension: a request of ``B`` rows is ``B`` prompts.
+The inputs are :data:`sd35trt.parameters.GENERATION_PARAMS` under their HTTP names, each alias
+(``steps``) one more optional input. With ``max_batch_size`` above 0, every tensor has a leading
+batch dimension: a request of ``B`` rows is ``B`` prompts.
 """
 
 from __future__ import annotations
@@ -32,15 +30,8 @@ class TritonType(str, Enum):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output, per batch row.
-
-    Attributes:
-        name: the tensor name (an HTTP field name of ``sd35trt serve`` for inputs).
-        dtype: its Triton data type.
-        dims: its shape without the batch dimension (``-1``: variable).
-        optional: inputs only; omitted means the engines' default.
-        doc: what it holds, with units.
-    """
+    """One input or output, per batch row: ``dims`` without the batch dimension (``-1``: variable);
+    an ``optional`` input omitted takes the engines' default; ``doc`` says what it holds, with units."""
 
     name: str
     dtype: TritonType

@@ -1,14 +1,7 @@
 """ONNX files of the export stage: tensors and external data, saving, checking, signatures.
 
-Everything here works on the graph without loading external weights into memory, so a 16 GB
-transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory):
-
-- :func:`save_model` streams tensors into one ``<name>.onnx.data`` file beside the model.
-- :func:`check_external_data` refuses data locations that are absolute, escape the model's
-  directory or go through a symlink, before any ONNX parser follows them; :func:`check_onnx_file`
-  adds the ONNX checker on the path.
-
-The graph rewrites (FP8 Q/DQ, clean-up) are in :mod:`sd35trt.stages.export.onnx_tools`.
+Nothing here loads external weights into memory: a 16 GB transformer is read and written one
+tensor at a time (see :mod:`sd35trt.stages.export` on memory).
 """
 
 from __future__ import annotations
@@ -39,11 +32,6 @@ def _dtype_name(elem_type: int) -> str:
     return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type != FP8 else "float8e4m3fn"
 
 
-# --------------------------------------------------------------------------------------------
-# Tensors and external data
-# --------------------------------------------------------------------------------------------
-
-
 def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
     yield from graph.initializer
     for node in graph.node:
@@ -58,13 +46,9 @@ def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every tensor stored in ``model``: initializers and Constant attributes, subgraphs included.
+    """Every tensor stored in ``model`` (initializers and Constant attributes, subgraphs included).
 
-    Args:
-        model: the model proto (external data loaded or not).
-
-    Returns:
-        An iterator over the TensorProtos, which callers may modify in place.
+    External data may be loaded or not; callers may modify the tensors in place.
     """
     yield from _graph_tensors(model.graph)
     for fn in model.functions:
@@ -158,11 +142,8 @@ def _safe_data_path(model_path: Path, tensor_name: str, location: str) -> Path:
 def check_external_data(path: str | Path) -> ModelProto:
     """Refuse unsafe or broken external-data references of the ONNX file at ``path``.
 
-    Only the graph is parsed (``load_external_data=False``); no data file is opened unless its
-    location passed the checks. Run this before handing a file to ONNX Runtime or TensorRT.
-
-    Returns:
-        The model proto without its external data.
+    Only the graph is parsed (``load_external_data=False``) and returned; no data file is opened
+    unless its location passed the checks. Run this before handing a file to ONNX Runtime or TensorRT.
 
     Raises:
         ModelError: the file is missing or not ONNX, or a tensor's location is absolute, escapes
@@ -271,11 +252,6 @@ def point_at(tensor: TensorProto, location: str, offset: int, length: int) -> No
         entry.key, entry.value = key, str(value)
 
 
-# --------------------------------------------------------------------------------------------
-# Saving and checking
-# --------------------------------------------------------------------------------------------
-
-
 def tensors_bytes(model: ModelProto) -> int:
     """Bytes of all tensors of ``model``, stored inline or outside."""
     return sum(_tensor_nbytes(t) for t in iter_tensors(model))
@@ -285,8 +261,6 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
     """Write ``model`` to ``path``, streaming its weights; ``model`` is updated to match the file.
 
     Args:
-        model: the graph; its external tensors are read from beside ``source``.
-        path: the ``.onnx`` file to write.
         source: the file ``model``'s external locations are relative to (None: none are).
         external: put every tensor of ``SMALL_TENSOR_BYTES`` or more into ``<path>.data``
             beside the model, with a relative location; otherwise everything goes inline.
@@ -322,10 +296,7 @@ def save_model(model: ModelProto, path: Path, source: Path | None, external: boo
 
 
 def check_onnx_file(path: str | Path) -> ModelProto:
-    """:func:`check_external_data`, then the ONNX checker on the path (full check, data included).
-
-    Returns:
-        The model proto without its external data.
+    """:func:`check_external_data` (whose model proto it returns), then the full ONNX checker.
 
     Raises:
         ModelError: an unsafe or broken external-data reference.

@@ -1,22 +1,11 @@
-"""ONNX graph work of the export stage: standard FP8 Q/DQ and clean-up.
+"""ONNX graph rewrites of the export stage: standard FP8 Q/DQ, FP8 weight layout, clean-up.
 
 Everything here works on the graph without loading external weights into memory, so a 16 GB
-transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory):
-
-- :func:`rewrite_fp8_qdq` turns ModelOpt's ``trt::TRT_FP8QuantizeLinear`` /
-  ``trt::TRT_FP8DequantizeLinear`` into standard ``QuantizeLinear`` / ``DequantizeLinear``
-  with a ``float8e4m3fn`` zero point (opset >= 19), which both ONNX Runtime and TensorRT read.
-  ModelOpt's own ``FP8QuantExporter.post_process`` is not used: it also FP8-quantizes the
-  weights of every un-quantized Conv (``pos_embed.proj``, which calibration excludes) and adds
-  Q/DQ after softmax, so its graph would no longer be the calibrated fake-quant model.
-- :func:`pretranspose_qdq_weights` stores each quantized Linear weight as ``[in, out]``, so
-  TensorRT sees ``DequantizeLinear -> MatMul`` with no Transpose between (its FP8 GEMM pattern).
-- :func:`fold_fp8_weights` stores quantized weights as FP8 initializers (half the bytes of BF16).
-- :func:`clean_up` folds constants and removes dead nodes with onnx-graphsurgeon, never folding
-  Q/DQ (that would silently (de)quantize weights) nor nodes that read external weights.
-
-Files (external data, saving, checking) are :mod:`sd35trt.stages.export.onnx_files`; their functions are
-also reachable from here, where the export stage has always read them.
+transformer is processed one tensor at a time (see :mod:`sd35trt.stages.export` on memory); files
+(external data, saving, checking) are :mod:`sd35trt.stages.export.onnx_files`. ModelOpt's own
+``FP8QuantExporter.post_process`` is not used: it also FP8-quantizes the weights of every
+un-quantized Conv (``pos_embed.proj``, which calibration excludes) and adds Q/DQ after softmax, so
+its graph would no longer be the calibrated fake-quant model.
 """
 
 from __future__ import annotations
@@ -28,70 +17,21 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from sd35trt.errors import ExportError
-from sd35trt.stages.export.onnx_files import (
-    ALIGNMENT,
-    EXTERNAL_DATA_THRESHOLD,
-    FP8,
-    check_external_data,
-    check_onnx_file,
-    count_ops,
-    external_ref,
-    io_signature,
-    iter_tensors,
-    point_at,
-    save_model,
-    tensor_array,
-    tensors_bytes,
-    transpose_stored,
-    uses_external_data,
-)
-
-# The file functions are re-exported: the export stage reads them from here.
-__all__ = [
-    "ALIGNMENT",
-    "EXTERNAL_DATA_THRESHOLD",
-    "FP8",
-    "FP8_MAX",
-    "TRT_DOMAIN",
-    "TRT_FP8_DQ",
-    "TRT_FP8_Q",
-    "cast_unsupported_bf16",
-    "check_external_data",
-    "check_onnx_file",
-    "clean_up",
-    "count_ops",
-    "custom_ops",
-    "einsum_to_transpose",
-    "external_ref",
-    "fold_fp8_weights",
-    "io_signature",
-    "iter_tensors",
-    "pretranspose_qdq_weights",
-    "rewrite_fp8_qdq",
-    "save_model",
-    "strip_qdq",
-    "tensors_bytes",
-    "uses_external_data",
-]
+from sd35trt.models.quantize import FP8_MAX
+from sd35trt.stages.export.onnx_files import FP8, point_at, tensor_array, transpose_stored, uses_external_data
 
 TRT_DOMAIN = "trt"
 TRT_FP8_Q = "TRT_FP8QuantizeLinear"
 TRT_FP8_DQ = "TRT_FP8DequantizeLinear"
-#: Largest finite FP8 E4M3FN magnitude (the format has no infinity; QuantizeLinear saturates).
-FP8_MAX = 448.0
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-# --------------------------------------------------------------------------------------------
-# Q/DQ
-# --------------------------------------------------------------------------------------------
+#: The standard ONNX domain's two spellings.
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def _constant_values(model: ModelProto) -> dict[str, TensorProto]:
     """Tensors by name: initializers and the outputs of Constant nodes."""
     out = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = attr.t
@@ -107,19 +47,16 @@ def _zero_point(model: ModelProto, dims: tuple[int, ...]) -> str:
 
 
 def rewrite_fp8_qdq(model: ModelProto) -> int:
-    """Turn ModelOpt's TensorRT FP8 Q/DQ custom ops into standard ONNX ops, in place.
+    """Turn ModelOpt's TensorRT FP8 Q/DQ custom ops into standard ONNX ops; returns how many Q/DQ pairs.
 
     ``QuantizeLinear`` gets a ``float8e4m3fn`` zero point of its scale's shape (that is what
     makes its output FP8) and ``saturate=1``; the Q outputs' value_info becomes FP8 (the
     exporter typed them uint8). The ``trt`` opset import is dropped once unused.
 
-    Returns:
-        The number of Q/DQ pairs rewritten.
-
     Raises:
         ExportError: a scale is not a constant, or opset < 19 (no FP8 Q/DQ before 19).
     """
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     constants = _constant_values(model)
     q_outputs: set[str] = set()
     count = 0
@@ -154,12 +91,8 @@ def rewrite_fp8_qdq(model: ModelProto) -> int:
 
 
 def custom_ops(model: ModelProto) -> set[str]:
-    """Ops ONNX Runtime and TensorRT can't read without plugins.
-
-    Returns:
-        ``domain::op`` of every node outside the standard ONNX domain.
-    """
-    return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in _DEFAULT_DOMAINS}
+    """``domain::op`` of every node outside the standard ONNX domain (ORT and TensorRT need plugins)."""
+    return {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in DEFAULT_DOMAINS}
 
 
 def _consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
@@ -180,7 +113,7 @@ def _attribute(node: NodeProto, name: str, default=None):
 def _is_transpose_2d(node: NodeProto) -> bool:
     return (
         node.op_type == "Transpose"
-        and node.domain in _DEFAULT_DOMAINS
+        and node.domain in DEFAULT_DOMAINS
         and list(_attribute(node, "perm", [])) == [1, 0]
     )
 
@@ -188,7 +121,7 @@ def _is_transpose_2d(node: NodeProto) -> bool:
 def _is_gemm_trans_b(node: NodeProto, tensor: str) -> bool:
     return (
         node.op_type == "Gemm"
-        and node.domain in _DEFAULT_DOMAINS
+        and node.domain in DEFAULT_DOMAINS
         and len(node.input) > 1
         and node.input[1] == tensor
         and node.input[0] != tensor
@@ -197,27 +130,20 @@ def _is_gemm_trans_b(node: NodeProto, tensor: str) -> bool:
 
 
 def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
-    """Store FP8-quantized Linear weights as ``[in, out]`` so DequantizeLinear feeds the GEMM directly.
+    """Store FP8-quantized Linear weights as ``[in, out]`` (DQ feeds the GEMM directly); returns how many.
 
     The TorchScript exporter writes ``nn.Linear`` as ``W [out, in] -> Q -> DQ -> Transpose ->
-    MatMul`` (3-D inputs) or ``-> Gemm(transB=1)`` (2-D inputs). TensorRT fuses an FP8 GEMM from
-    ``DQ -> MatMul``; ModelOpt's FP8 exporter therefore pre-transposes the weights. With one
-    scale per tensor, quantization commutes with the transpose, so storing ``W^T`` and dropping
-    the Transpose (or setting ``transB=0``) computes exactly the same numbers.
-
-    The weight's bytes are rewritten where they are stored (inline, or at the same place of the
-    traced model's data file: no second copy, one weight in memory at a time). Weights that are
-    shared, per-channel scaled, not 2-D, or whose DequantizeLinear output has other users are
-    left alone. Value infos of the changed tensors are dropped; run shape inference afterwards
-    (:func:`clean_up`).
+    MatMul`` (3-D inputs) or ``-> Gemm(transB=1)`` (2-D inputs); TensorRT fuses an FP8 GEMM from
+    ``DQ -> MatMul`` (ModelOpt's FP8 exporter pre-transposes too). With one scale per tensor,
+    quantization commutes with the transpose: the numbers are exactly the same. The bytes are
+    rewritten where they are stored (no second copy, one weight in memory at a time). Weights that
+    are shared, per-channel scaled, not 2-D, or whose DequantizeLinear output has other users are
+    left alone. Value infos of the changed tensors are dropped: run :func:`clean_up` afterwards.
 
     Args:
         model: a graph after :func:`rewrite_fp8_qdq` (scales are constants); changed in place.
         model_path: where ``model``'s external data is relative to (the traced file); its data
             files are modified.
-
-    Returns:
-        The number of weights transposed.
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -228,7 +154,7 @@ def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
     changed: set[str] = set()
     count = 0
     for q in graph.node:
-        if q.op_type != "QuantizeLinear" or q.domain not in _DEFAULT_DOMAINS:
+        if q.op_type != "QuantizeLinear" or q.domain not in DEFAULT_DOMAINS:
             continue
         weight = initializers.get(q.input[0])
         scale = constants.get(q.input[1])
@@ -267,19 +193,15 @@ def pretranspose_qdq_weights(model: ModelProto, model_path: Path) -> int:
 
 
 def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
-    """Store quantized weights as FP8: ``W -> Q -> DQ`` becomes ``W_fp8 -> DQ``, in place.
+    """Store quantized weights as FP8: ``W -> Q -> DQ`` becomes ``W_fp8 -> DQ``; returns how many.
 
     The FP8 values are what ``QuantizeLinear`` computes (``saturate(round(W / scale))``, round
     to nearest even, in float32), so the graph's numbers do not change. One weight is in memory
     at a time: each FP8 weight goes straight to ``<model_path>.fp8.data`` and the graph refers
     to it as external data (:func:`save_model` later streams it into the final file).
 
-    Args:
-        model: a graph after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants).
-        model_path: where ``model``'s external data is relative to (the exported file).
-
-    Returns:
-        The number of weights folded.
+    ``model`` comes after :func:`rewrite_fp8_qdq` and :func:`clean_up` (scales are constants);
+    ``model_path`` is where its external data is relative to (the exported file).
     """
     import ml_dtypes
 
@@ -291,7 +213,7 @@ def fold_fp8_weights(model: ModelProto, model_path: Path) -> int:
     sink = model_path.with_name(model_path.name + ".fp8.data")
     with open(sink, "wb") as out:
         for node in graph.node:
-            if node.op_type != "QuantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
+            if node.op_type != "QuantizeLinear" or node.domain not in DEFAULT_DOMAINS:
                 continue
             weight = initializers.get(node.input[0])
             users = consumers.get(node.output[0], [])
@@ -329,7 +251,7 @@ def strip_qdq(model: ModelProto) -> ModelProto:
     rename: dict[str, str] = {}
     dead: list[NodeProto] = []
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS:
             continue
         q = producers.get(node.input[0])
         if q is None or q.op_type != "QuantizeLinear":
@@ -364,23 +286,15 @@ def _remove_unused_initializers(model: ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
-# --------------------------------------------------------------------------------------------
-# Clean-up
-# --------------------------------------------------------------------------------------------
-
-
 def einsum_to_transpose(model: ModelProto) -> int:
     """Replace single-input Einsums that only permute axes (diffusers' unpatchify) by Transpose.
 
     ONNX defines Einsum for no 16-bit float type, and TensorRT maps Transpose to a shuffle
-    directly.
-
-    Returns:
-        The number of nodes replaced.
+    directly. Returns the number of nodes replaced.
     """
     count = 0
     for node in model.graph.node:
-        if node.op_type != "Einsum" or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 1:
+        if node.op_type != "Einsum" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 1:
             continue
         equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
         src, _, dst = equation.partition("->")
@@ -394,34 +308,25 @@ def einsum_to_transpose(model: ModelProto) -> int:
     return count
 
 
-def _elem_types(model: ModelProto) -> dict[str, int]:
-    graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    return types
-
-
 def cast_unsupported_bf16(model: ModelProto) -> int:
-    """Run the ops the graph's opset defines without bfloat16 in float32, in place.
+    """Run the ops the graph's opset defines without bfloat16 in float32, in place; returns how many.
 
     Before opset 22, ONNX's Conv, ConvTranspose and InstanceNormalization take no bfloat16 (the
     checker rejects such a graph). Their bfloat16 inputs get a Cast to float32 and their outputs
     a Cast back; bfloat16 -> float32 is exact, and PyTorch accumulates bfloat16 convolutions in
     float32 too. In an SD3.5 transformer this is only the patch-embedding Conv.
 
-    Args:
-        model: a graph with inferred types (after :func:`clean_up`).
-
-    Returns:
-        The number of nodes wrapped.
+    ``model`` needs inferred types (after :func:`clean_up`).
     """
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
-    types = _elem_types(model)
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     nodes: list[NodeProto] = []
     count = 0
     for node in model.graph.node:
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             nodes.append(node)
             continue
         schema = onnx.defs.get_schema(node.op_type, opset)
@@ -462,21 +367,13 @@ def _is_bf16(dtype) -> bool:
     return dtype == TensorProto.BFLOAT16 or getattr(dtype, "name", None) == "bfloat16"
 
 
-def _set_ir_version(model: ModelProto) -> None:
-    """The lowest IR version that carries the model's opsets (and FP8: 9): readers reject newer ones."""
-    model.ir_version = max(9, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
-
-
 def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 20) -> ModelProto:
-    """Fold constants, drop dead nodes and tensors, sort, and infer shapes.
+    """Fold constants, drop dead nodes and tensors, sort, and infer shapes, into a new proto.
 
     Folding uses onnx-graphsurgeon (evaluated with ONNX Runtime). Not folded: Q and DQ nodes
     (folding would turn quantized weights into plain ones or into FP8 constants), nodes reading
     external-data tensors (their bytes stay on disk), and results over ``size_threshold``
     bytes. Folding failures on a node leave it as it was.
-
-    Returns:
-        The cleaned model (a new proto).
     """
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
@@ -487,7 +384,8 @@ def clean_up(model: ModelProto, fold: bool = True, size_threshold: int = 64 << 2
     # default logger would also warn about every Unsqueeze of a dynamic shape.
     G_LOGGER.severity = G_LOGGER.ERROR
     ort.set_default_logger_severity(3)
-    _set_ir_version(model)
+    # The lowest IR version that carries the model's opsets (and FP8: 9): readers reject newer ones.
+    model.ir_version = max(9, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     einsum_to_transpose(model)
     graph = gs.import_onnx(model)
     if fold:

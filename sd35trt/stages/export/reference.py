@@ -1,39 +1,33 @@
 """The PyTorch side of FP8 validation: fake quant computed the way the exported graph computes it.
 
-Why ONNX Runtime's FP8 result drifted from ModelOpt's fake quant with depth (measured on narrow
+Why ONNX Runtime's FP8 result drifts from ModelOpt's fake quant with depth (measured on narrow
 SD3 transformers, 1 to 38 blocks, and the full-size medium one; nothing was wrong in the graph):
 
-1. **Arithmetic.** ModelOpt quantizes ``x * (448 / amax)`` and dequantizes ``q * (1 / (448 /
-   amax))``; ONNX's ``QuantizeLinear`` computes ``x / scale`` with the exported ``scale = 1 / (448
-   / amax)``. Both round to nearest even and saturate at 448, but a product and a quotient can
-   differ in the last float32 bit, and where that bit decides an E4M3 rounding the FP8 code
-   differs: a handful of weights per model (fixed, so every case sees them).
+1. **Arithmetic.** ModelOpt quantizes ``x * (448 / amax)``; ONNX's ``QuantizeLinear`` computes
+   ``x / scale`` with ``scale = 1 / (448 / amax)``. A product and a quotient can differ in the last
+   float32 bit, and where that bit decides an E4M3 rounding the FP8 code differs (a handful of
+   weights per model).
 2. **Rounding ties.** Where a quantizer's float32 input lies on a rounding boundary between two
-   E4M3 codes (its distance below float32's accumulation noise, ~1e-7 of the tensor's range),
-   the different summation order of ONNX Runtime's and PyTorch's matrix products picks one code
-   or the other. One flipped code moves every output of its Linear for that token by ~1/16 of
-   an E4M3 step, far above float32 noise, so the next quantizers flip many codes: a cascade.
-   Measured (FP32 graphs, ``max|onnx - torch| / max|torch|``): 2e-7 while no tie flips; 1e-4 to
-   4e-3 at 8 to 16 blocks, 2e-4 to 5e-3 at 24, 9e-4 to 7e-3 at 38 once one does, in about half
-   of the small validation cases and in every full-size one (the medium transformer at 1024x1024
-   has ~4e9 quantized activations per pass). One quantizer's scale 2 % off gives 2e-3 to 4e-3:
-   no tolerance separates the two.
+   E4M3 codes (within float32's accumulation noise), the summation order of the two runtimes'
+   matrix products picks one code or the other. One flipped code moves every output of its
+   Linear for that token by ~1/16 of an E4M3 step, so the next quantizers flip many codes: a
+   cascade. Measured (FP32 graphs, ``max|onnx - torch| / max|torch|``): 2e-7 while no tie flips;
+   1e-4 to 7e-3 at 8 to 38 blocks once one does, in about half of the small validation cases and
+   in every full-size one. One quantizer's scale 2 % off gives 2e-3 to 4e-3: no tolerance
+   separates the two.
 3. **16-bit scales.** A BF16 (FP16) graph stores each scale in BF16 (FP16): opset 19 types the
    scale as the input. Fake quant uses the float32 ``amax / 448``, up to 2**-9 (2**-12) away.
-4. **16-bit constants.** In a BF16 graph, constants such as GELU's ``sqrt(2/pi)`` and
-   ``0.044715`` are BF16-rounded, which moves the following quantizer's inputs by ~1e-3: about
-   1 % of its codes lie that close to a boundary and change by one step.
+4. **16-bit constants.** In a BF16 graph, constants such as GELU's ``sqrt(2/pi)`` are
+   BF16-rounded, which moves the following quantizer's inputs by ~1e-3: about 1 % of its codes
+   lie that close to a boundary and change by one step.
 
-So the reference is computed as the graph is (:func:`pytorch_reference`): every FP8 quantizer
-divides by the scale the graph stores (:func:`~sd35trt.stages.export.tracing.graph_scale`; 16-bit
-exports first move each amax to that scale, :func:`~sd35trt.stages.export.tracing.snap_amax`), and
+So the reference divides by the scale the graph stores (:func:`~sd35trt.stages.export.tracing.graph_scale`;
+16-bit exports first move each amax there, :func:`~sd35trt.stages.export.tracing.snap_amax`), and
 where an activation's code is one step from ONNX Runtime's it takes ONNX Runtime's code
-(:func:`onnx_quantization`), so no difference cascades; :class:`CodeCount` counts those codes, at
-a tie (within :data:`TIE_WINDOW`) or not. A wrong quantizer shows twice: in the output error, and
-as a share of codes off a tie above :data:`MAX_OFF_TIE_SHARE`. Measured on narrow 24-block (BF16)
-and 38-block (FP32) models: right graphs 2e-7 to 3e-7 relative error, at most 1.3 % codes off a
-tie; one input scale 10 % off or one weight scale 2 % off: 10 % to 99 % of that quantizer's (or
-the next one's) codes off a tie (``tests/unit/stages/test_fp8_depth.py``).
+(:func:`onnx_quantization`), so no difference cascades: right graphs then measure 2e-7 to 3e-7
+relative error (narrow 24-block BF16 and 38-block FP32 models). A wrong quantizer shows twice: in
+the output error, and as a share of codes off a tie above :data:`MAX_OFF_TIE_SHARE`
+(``tests/unit/stages/test_fp8_depth.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +40,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sd35trt.config import Precision
-from sd35trt.stages.export.tracing import FP8_MAX, fp8_quantizers, graph_scale, quantizer_backend
+from sd35trt.models.quantize import FP8_MAX
+from sd35trt.stages.export.tracing import fp8_quantizers, graph_scale, quantizer_backend
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +68,7 @@ class CodeCount:
 
     Attributes:
         ties: codes one step apart at a rounding tie (ONNX Runtime's taken).
-        near: codes one step apart away from a tie (ONNX Runtime's taken: a BF16 graph's
-            constants, e.g. GELU's, are BF16-rounded, which moves inputs by ~1e-3).
+        near: codes one step apart away from a tie (ONNX Runtime's taken; BF16 constants).
         far: codes further apart (PyTorch's kept; the output error shows them).
         worst: the quantizer with the largest share of ``near + far`` codes, and that share.
     """
@@ -341,17 +335,8 @@ def pytorch_reference(
     A BF16 module computes in float32 (:func:`float32_compute`; the graph runs in its float32
     form). With ``codes`` (ONNX Runtime's activation codes per case) the module's FP8 quantizers
     use the graph's arithmetic and take those codes at rounding ties (:func:`onnx_quantization`),
-    and the outputs with every quantizer off are computed too.
-
-    Args:
-        module: the spec-shaped module.
-        sp: its spec (output names).
-        cases: the inputs of each case, in the export precision.
-        precision: the export precision.
-        codes: for an FP8 module, ONNX Runtime's codes per case.
-
-    Returns:
-        The :class:`Reference`.
+    and the outputs with every quantizer off are computed too. ``cases`` are the inputs of each
+    case in the export ``precision``.
     """
     from sd35trt.stages.export.tracing import quantizers_disabled, reference
 

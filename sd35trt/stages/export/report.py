@@ -1,8 +1,4 @@
-"""What the export stage says about its graphs: one progress line per component, and the report JSON.
-
-Both read only the exported graphs' facts (files, precision, validation, FP8 information), so they
-stay apart from the tracing and validation steps in :mod:`sd35trt.stages.export.stage`.
-"""
+"""What the export stage says about its graphs: one progress line per component, and the report JSON."""
 
 from __future__ import annotations
 
@@ -43,7 +39,6 @@ def report_json(
 
     Args:
         graphs: every exported graph (the stage's ``_Graph`` records).
-        opset: the ONNX opset exported at.
         device: where tracing ran (``cpu``, ``cuda``).
         providers: the ONNX Runtime providers validation used.
         seconds: the stage's wall time.

@@ -118,7 +118,7 @@ def export(
         hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
         progress: receives one line per step (default: stderr).
         external_threshold: tensor bytes above which a graph is saved with external data
-            (default :data:`~sd35trt.stages.export.onnx_tools.EXTERNAL_DATA_THRESHOLD`, just under 2 GiB).
+            (default :data:`~sd35trt.stages.export.onnx_files.EXTERNAL_DATA_THRESHOLD`, just under 2 GiB).
 
     Returns:
         The export record now in ``run_dir/manifest.json``.
@@ -206,7 +206,7 @@ def _make_job(
 ) -> steps.Job:
     from sd35trt.models.controlnet import resolve_controlnet
     from sd35trt.models.loading import default_device, limit_heap_retention
-    from sd35trt.stages.export import onnx_tools, tracing, validate
+    from sd35trt.stages.export import onnx_files, tracing, validate
 
     limit_heap_retention()
     if config.export.quantize:
@@ -223,7 +223,7 @@ def _make_job(
         calibration=calibration,
         device=default_device(),
         providers=validate.providers(),
-        external_threshold=external_threshold or onnx_tools.EXTERNAL_DATA_THRESHOLD,
+        external_threshold=external_threshold or onnx_files.EXTERNAL_DATA_THRESHOLD,
         progress=progress,
     )
 

@@ -199,7 +199,7 @@ def _write_graphs(job: Job, plan: _Plan) -> list[Graph]:
     Returns:
         The graph, and for an FP8 transformer with high-precision weights its unquantized twin.
     """
-    from sd35trt.stages.export import onnx_tools
+    from sd35trt.stages.export import onnx_files, onnx_tools
 
     config, component, raw = job.config, plan.component, plan.raw
     job.phase("rewrite")
@@ -209,7 +209,7 @@ def _write_graphs(job: Job, plan: _Plan) -> list[Graph]:
         graph.fp32_blocks = config.export.fp32_blocks
     if plan.quantized:
         graph.fp8 = {
-            "qdq_pairs": onnx_tools.count_ops(model).get("QuantizeLinear", 0),
+            "qdq_pairs": onnx_files.count_ops(model).get("QuantizeLinear", 0),
             # TensorRT fuses FP8 GEMMs from DQ -> MatMul: weights stored [in, out], no Transpose.
             "weights_pretransposed": onnx_tools.pretranspose_qdq_weights(model, raw),
             "fp8_weights": False,
@@ -363,7 +363,7 @@ def _save(
     """
     import onnx
 
-    from sd35trt.stages.export import onnx_tools
+    from sd35trt.stages.export import onnx_files
 
     if shared:
         onnx.save_model(model, str(path))
@@ -371,12 +371,12 @@ def _save(
         data = source.with_name(source.name + ".data")
         graph.shared_data = data if data.is_file() else None
     else:
-        external = onnx_tools.tensors_bytes(model) > job.external_threshold or any(
-            onnx_tools.uses_external_data(t) for t in onnx_tools.iter_tensors(model)
+        external = onnx_files.tensors_bytes(model) > job.external_threshold or any(
+            onnx_files.uses_external_data(t) for t in onnx_files.iter_tensors(model)
         )
-        graph.files = onnx_tools.save_model(model, path, source, external)
-    onnx_tools.check_onnx_file(path)
-    graph.signature = onnx_tools.io_signature(model)
+        graph.files = onnx_files.save_model(model, path, source, external)
+    onnx_files.check_onnx_file(path)
+    graph.signature = onnx_files.io_signature(model)
     names = (list(graph.signature["inputs"]), list(graph.signature["outputs"]))
     if names != (sp.input_names, sp.output_names):
         # The spec and the traced wrapper disagree: a bug, not a user error.

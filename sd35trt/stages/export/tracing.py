@@ -1,8 +1,4 @@
-"""The PyTorch half of export: load one component in its export dtype, make inputs, trace.
-
-Only the export stage imports this module (it imports torch and, for the FP8 transformer,
-ModelOpt).
-"""
+"""The PyTorch half of export: load one component in its export dtype, make inputs, trace."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ import numpy as np
 from sd35trt.components import Component, ComponentSpec, ModelDims, Sampling, TensorType
 from sd35trt.config import Config, Precision
 from sd35trt.errors import ConfigError, ExportError
+from sd35trt.models.quantize import FP8_MAX
 from sd35trt.sampling import sample_inputs
 
 if TYPE_CHECKING:
@@ -24,8 +21,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from sd35trt.models.lora import ResolvedLora
-#: Largest finite FP8 E4M3FN magnitude: ModelOpt's FP8 scale is ``amax / FP8_MAX``.
-FP8_MAX = 448.0
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
 
@@ -60,23 +55,17 @@ def load_module(
     calibration: Path | None = None,
     loras: Sequence[ResolvedLora] = (),
 ) -> nn.Module:
-    """The spec-shaped module of ``component`` (see :mod:`sd35trt.models.modules`), ready to trace.
+    """The spec-shaped module of ``component`` (:mod:`sd35trt.models.modules`) in eval mode, to trace.
 
-    Weights are loaded directly in the export precision (no float32 copy of a BF16 model); the
+    Weights are loaded directly in the export ``precision`` (no float32 copy of a BF16 model); the
     transformer's ``export.fp32_blocks`` are then widened to float32.
 
     Args:
-        config: the run's config.
         root: the diffusers model directory (its weights are already checked).
-        component: which component.
-        precision: the export precision.
         device: where the weights go ("cuda" keeps them out of host RAM).
         slg_layers: transformer blocks the ``skip_layers`` input gates.
         calibration: for the transformer, the calibration file to restore FP8 fake quant from.
         loras: ``model.loras``, fused into the transformer and CLIP encoders before anything else.
-
-    Returns:
-        The module in eval mode with gradients off.
 
     Raises:
         ModelError: the component cannot be loaded, or a LoRA does not fit it.
@@ -101,13 +90,11 @@ def load_module(
         model=config.model,
         loras=loras,
     )
-    if component.is_transformer and calibration is not None:
+    if not component.is_transformer:
+        return wrap(component, raw, slg_layers)
+    if calibration is not None:
         restore_fp8(raw, config, precision, calibration)
-    if component.is_transformer:
-        return wrap(
-            component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None
-        )
-    return wrap(component, raw, slg_layers)
+    return wrap(component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None)
 
 
 def check_fp8_attention(precision: Precision) -> None:
@@ -131,8 +118,7 @@ def restore_fp8(transformer: nn.Module, config: Config, precision: Precision, ca
     fake quant and the graph quantize on the same grid.
 
     Raises:
-        ConfigError: ``calibrate.fp8_attention`` with a float32 export (ModelOpt writes FP8
-            attention for 16-bit graphs only, the layout TensorRT's fused kernels need).
+        ConfigError: ``calibrate.fp8_attention`` with a float32 export (:func:`check_fp8_attention`).
         CalibrationError: the calibration file does not match the transformer.
     """
     from sd35trt.components import ATTENTION_QUANTIZERS
@@ -153,10 +139,7 @@ def graph_scale(amax: float, precision: Precision) -> float:
     """The scale ModelOpt's FP8 export writes for ``amax`` into a graph of ``precision``.
 
     ``1 / (448 / amax)`` in Python floats, then stored in the graph's dtype (ModelOpt's
-    ``export_fp8``: a float32 tensor cast to the input's dtype).
-
-    Returns:
-        The stored scale, as a Python float.
+    ``export_fp8``: a float32 tensor cast to the input's dtype), as a Python float.
     """
     import torch
 
@@ -176,14 +159,11 @@ def fp8_quantizers(model: nn.Module) -> dict[str, object]:
 
 
 def snap_amax(model: nn.Module, precision: Precision) -> int:
-    """Move each FP8 quantizer's amax to ``448 * scale`` of the scale a 16-bit graph stores.
+    """Move each FP8 quantizer's amax onto the scale a 16-bit graph stores; returns how many changed.
 
     A BF16 graph keeps ``amax / 448`` rounded to BF16 (relative change up to 2**-9); with the amax
     moved there, fake quant and the graph quantize on the same grid. Float32 graphs store the
     float32 scale: nothing changes.
-
-    Returns:
-        The number of quantizers whose amax changed.
     """
     import torch
 
@@ -300,16 +280,8 @@ def make_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Random inputs of ``spec`` at ``shapes`` (:func:`~sd35trt.sampling.sample_inputs`), as tensors.
 
-    Args:
-        spec: the component's I/O contract (names, dtypes, sampling rules).
-        shapes: a concrete shape per input name.
-        precision: the export precision of ``float`` inputs (``float32`` inputs stay float32).
-        case: seeds the draw (see :func:`~sd35trt.sampling.sample_inputs`).
-        vocab: the token vocabulary, for token inputs.
-        device: where the tensors go.
-
-    Returns:
-        The inputs in the spec's order.
+    ``float`` inputs are cast to ``precision`` (``float32`` inputs stay float32); ``case`` seeds the
+    draw and ``vocab`` bounds token ids. Returns the inputs in the spec's order.
 
     Raises:
         ExportError: the spec has token inputs and the encoder has no vocabulary size.
@@ -338,11 +310,7 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 def reference(
     module: nn.Module, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...]
 ) -> dict[str, np.ndarray]:
-    """Run ``module`` without gradients.
-
-    Returns:
-        Its outputs by the spec's output names, as float32 numpy.
-    """
+    """Run ``module`` without gradients: its outputs by the spec's output names, as float32 numpy."""
     import torch
 
     with torch.no_grad():
@@ -358,15 +326,13 @@ def trace(
 
     Args:
         module: the spec-shaped module (for FP8, inside :func:`fp8_tracing`).
-        spec: names and dynamic axes of the graph.
         inputs: sample inputs; their values don't matter, their shapes set the traced sizes.
-        path: the ``.onnx`` file to write (per-tensor data files may appear beside it).
+        path: the ``.onnx`` file to write (over 2 GB, one external file per tensor beside it).
         opset: the ONNX opset, at most :func:`max_trace_opset`.
 
     Constant folding is left to :func:`~sd35trt.stages.export.onnx_tools.clean_up`: the TorchScript
     folder keeps a second copy of every folded weight (2x the memory of a large model), and it
-    fails on bfloat16 constants. Models over 2 GB come out with one external file per tensor
-    beside ``path``.
+    fails on bfloat16 constants.
     """
     import torch
 

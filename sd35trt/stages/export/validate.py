@@ -1,22 +1,14 @@
 """Numerical validation of exported graphs: ONNX Runtime against the PyTorch module.
 
-Each graph runs in ONNX Runtime (CUDA where onnxruntime-gpu sees a GPU, else CPU) at basic graph
-optimization, on the same fresh random inputs as its PyTorch module, at small shapes (see
-:func:`~sd35trt.components.sample_shapes`). Per output the report keeps ``max|onnx - torch|``,
-``max|torch|`` and the allowed error ``atol + rtol * max|torch|`` of the component's
-:class:`~sd35trt.components.Tolerance`.
-
-- **BF16 graphs run in their float32 form** (:func:`float32_form`): the same nodes, weights and
-  FP8 scales, computed in float32. ONNX Runtime's CPU provider has no bfloat16 kernels and its
-  CUDA provider no bfloat16 FP8 Q/DQ, so this is the form that runs wherever export runs; the
-  PyTorch reference computes the same way (:func:`~sd35trt.stages.export.reference.float32_compute`).
-- **FP8 graphs** also return the FP8 codes of every activation quantizer, for the reference's
-  rounding ties (:mod:`sd35trt.stages.export.reference`).
-- A graph ONNX Runtime cannot load or run raises :class:`NotValidated` (one line: why); the
-  stage records it as not validated.
-- Basic optimization is deliberate: ORT's extended levels fuse ``DequantizeLinear + MatMul``
-  into integer-only kernels that have no FP8 implementation and fail (up to ORT 1.31); two basic
-  optimizers are off (:data:`DISABLED_OPTIMIZERS`).
+Each graph runs in ONNX Runtime (CUDA where onnxruntime-gpu sees a GPU, else CPU) on the same
+fresh random inputs as its PyTorch module, at small shapes (:func:`~sd35trt.components.sample_shapes`).
+Per output the report keeps ``max|onnx - torch|``, ``max|torch|`` and the allowed error
+``atol + rtol * max|torch|`` of the component's :class:`~sd35trt.components.Tolerance`. BF16 graphs
+run in their :func:`float32_form` (ONNX Runtime's CPU provider has no bfloat16 kernels, its CUDA
+provider no bfloat16 FP8 Q/DQ); FP8 graphs also return the codes of their activation quantizers
+(:mod:`sd35trt.stages.export.reference`). Optimization stays basic: ORT's extended levels fuse
+``DequantizeLinear + MatMul`` into integer-only kernels that have no FP8 implementation and fail
+(up to ORT 1.31).
 """
 
 from __future__ import annotations
@@ -33,13 +25,14 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from sd35trt.components import Tolerance
+from sd35trt.stages.export.onnx_files import check_external_data
+from sd35trt.stages.export.onnx_tools import DEFAULT_DOMAINS
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 #: ONNX Runtime optimizers left off. ConstantFolding would store a float32 copy of every BF16
 #: weight the float32 form casts; CastElimination (ORT 1.32) removes a float32 -> float32 Cast
 #: (the float32 form of a BF16 -> float32 one) without rewiring its consumers, and the session fails.
@@ -51,11 +44,7 @@ class NotValidated(Exception):
 
 
 def providers() -> list[str]:
-    """ONNX Runtime providers to validate with.
-
-    Returns:
-        CUDA first where onnxruntime-gpu sees a GPU, CPU always.
-    """
+    """ONNX Runtime providers to validate with: CUDA first where onnxruntime-gpu sees a GPU, CPU always."""
     import onnxruntime as ort
 
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
@@ -68,12 +57,8 @@ def float32_form(model: ModelProto) -> ModelProto | None:
     to float32; bfloat16 Constants, Casts, inputs, outputs and value infos become float32. FP8
     initializers, Q/DQ zero points and every node are kept, so the float32 form holds the same
     weights and scales (BF16 -> float32 is exact) and differs only in the dtype of the compute.
-
-    Args:
-        model: the graph, loaded without external data (locations stay relative).
-
-    Returns:
-        A copy in float32, or None when the graph has no bfloat16 tensor.
+    ``model`` is loaded without external data (locations stay relative); the result is a copy, or
+    None when the graph has no bfloat16 tensor.
     """
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     out = ModelProto()
@@ -130,7 +115,7 @@ def activation_codes(model: ModelProto) -> dict[str, str]:
     return {
         n.output[0]: quantizer_name(n.name)
         for n in graph.node
-        if n.op_type == "QuantizeLinear" and n.domain in _DEFAULT_DOMAINS and n.input[0] not in stored
+        if n.op_type == "QuantizeLinear" and n.domain in DEFAULT_DOMAINS and n.input[0] not in stored
     }
 
 
@@ -163,8 +148,7 @@ def rss_peak(into: list[int]) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
-        sample_now = int(statm.read_text().split()[1]) * page
-        into.append(max(peak[0], sample_now))
+        into.append(max(peak[0], int(statm.read_text().split()[1]) * page))
 
 
 @dataclass
@@ -190,15 +174,7 @@ class GraphRun:
 def _ort_errors() -> tuple[type[BaseException], ...]:
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    names = (
-        "Fail",
-        "NotImplemented",
-        "InvalidGraph",
-        "InvalidArgument",
-        "RuntimeException",
-        "EPFail",
-        "NoSuchFile",
-    )
+    names = "Fail NotImplemented InvalidGraph InvalidArgument RuntimeException EPFail NoSuchFile".split()
     return (*(getattr(state, n) for n in names if hasattr(state, n)), MemoryError)
 
 
@@ -227,13 +203,11 @@ def _open(path: Path, available: list[str], codes: bool) -> tuple[ort.InferenceS
     """
     import onnxruntime as ort
 
-    from sd35trt.stages.export import onnx_tools
-
     # Errors only: ORT warns about every Unsqueeze on a dynamic shape it can't remove.
     ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    model = onnx_tools.check_external_data(path)
+    model = check_external_data(path)
     wide = float32_form(model)
     graph = wide or model
     names = activation_codes(graph) if codes else {}
@@ -305,18 +279,13 @@ def run_cases(
     codes: bool = False,
     codes_dir: Path | None = None,
 ) -> GraphRun:
-    """Run the graph at ``path`` on every validation case.
+    """Run the graph at ``path`` on every validation case (``feeds``: per case, the inputs by name).
 
     Args:
-        path: the exported graph.
         available: ONNX Runtime providers (:func:`providers`).
-        feeds: per case, the inputs by name.
         codes: also return the FP8 codes of the activation quantizers (FP8 graphs).
         codes_dir: where to keep those codes (one ``.npz`` per case, as :class:`SpilledCodes`)
             instead of in memory.
-
-    Returns:
-        The :class:`GraphRun`.
 
     Raises:
         NotValidated: ONNX Runtime cannot load or run the graph (naming its error).
@@ -382,12 +351,9 @@ def json_float(x: float) -> float | str:
 def compare(
     actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], tol: Tolerance
 ) -> list[OutputCheck]:
-    """Per-output errors of ``actual`` (ONNX Runtime) against ``expected`` (PyTorch).
+    """Per-output errors of ``actual`` (ONNX Runtime) against ``expected`` (PyTorch), in its order.
 
     A NaN or inf in either, a missing output or a shape mismatch counts as an infinite error.
-
-    Returns:
-        One :class:`OutputCheck` per expected output, in order.
     """
     checks = []
     for name, ref in expected.items():
@@ -424,10 +390,8 @@ def check_cases(
     """Compare ONNX Runtime's results with PyTorch's, case by case.
 
     Args:
-        graph_run: the graph's results (:func:`run_cases`).
         stem: the graph's name in failure messages.
         shapes, expected: per case, the input shapes and the PyTorch outputs.
-        tol: the tolerance every output is held to.
         against: what ``expected`` is, for the report (``pytorch``, ``modelopt fake quant``).
 
     Returns:

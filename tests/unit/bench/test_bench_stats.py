@@ -155,7 +155,7 @@ def test_timed_engine_times_each_call_and_delegates():
 
 def test_instant_transformer_returns_preallocated_zeros_and_logs_timesteps():
     sp = spec(Component.TRANSFORMER, DIMS)
-    log = CallLog()
+    log: CallLog = []
     engine = InstantTransformer(sp, log)
     x = torch.randn(2, 16, 8, 8)
     with engine:
@@ -164,5 +164,5 @@ def test_instant_transformer_returns_preallocated_zeros_and_logs_timesteps():
         c = engine.infer(_feeds(sp, hidden_states=x[:1], timestep=torch.full((1,), 800.0)))["noise_pred"]
     assert a is b  # preallocated: the same tensor every call of a shape
     assert a.shape == x.shape and not a.any() and c.shape == (1, 16, 8, 8)
-    assert [k for _, _, k in log.calls] == [900.0, 800.0, 800.0]
-    assert all(end >= start for start, end, _ in log.calls)
+    assert [k for _, _, k in log] == [900.0, 800.0, 800.0]
+    assert all(end >= start for start, end, _ in log)

@@ -67,10 +67,12 @@ def test_prompts_are_encoded_with_the_runtime_negative_prompt_and_length(guidanc
 
 def test_calibrate_tables_say_what_they_measure():
     """The two tables calibrate prints carry a title saying what their numbers are."""
-    from sd35trt.models.quantize import QuantizerKind, QuantSummary
+    from sd35trt.artifacts.records import QuantizerCounts
+    from sd35trt.models.quantize import QuantizerKind, quantizer_table
     from sd35trt.stages.calibration_quality import BucketError, CalibrationReport, ImageScore
 
-    quantizers = QuantSummary(enabled={QuantizerKind.WEIGHT: 4}, disabled={}).table()
+    counts = QuantizerCounts(enabled={QuantizerKind.WEIGHT: 4}, disabled={}, high_precision_linears=())
+    quantizers = quantizer_table(counts)
     assert quantizers.splitlines()[0].startswith("FP8 quantizers in the transformer")
     report = CalibrationReport(
         steps=4,

@@ -61,7 +61,7 @@ def exported(request, tmp_path_factory):
 
     from sd35trt.models.modules import wrap
     from sd35trt.models.quantize import quantize
-    from sd35trt.stages.export import onnx_tools, steps, tracing
+    from sd35trt.stages.export import onnx_files, onnx_tools, steps, tracing
 
     layers, precision = request.param
     config = dict(tiny.architecture_config(Architecture.TINY).transformer)
@@ -90,7 +90,7 @@ def exported(request, tmp_path_factory):
     onnx_tools.pretranspose_qdq_weights(model, traced)
     model = onnx_tools.clean_up(model, fold=False)
     path = out / "transformer.onnx"
-    onnx_tools.save_model(model, path, traced, external=False)
+    onnx_files.save_model(model, path, traced, external=False)
     return module, sp, dims, precision, path
 
 

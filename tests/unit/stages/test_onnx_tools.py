@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sd35trt.errors import ModelError
-from sd35trt.stages.export import onnx_tools
+from sd35trt.stages.export import onnx_files, onnx_tools
 
 torch = pytest.importorskip("torch")
 mtq = pytest.importorskip("modelopt.torch.quantization")
@@ -118,21 +118,21 @@ def test_qdq_graph_runs_in_ort_and_matches_fake_quant(quantized, tmp_path, fp8_w
         assert len(fp8_inits) == 2
         assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2  # activations only
     path = tmp_path / "mlp.onnx"
-    files = onnx_tools.save_model(model, path, raw, external=external)
+    files = onnx_files.save_model(model, path, raw, external=external)
     assert files == ([path, tmp_path / "mlp.onnx.data"] if external else [path])
-    onnx_tools.check_onnx_file(path)
+    onnx_files.check_onnx_file(path)
     assert _max_rel(torch_model, path, [(1, 3, 16), (4, 7, 16)]) < 1e-3
 
 
 def test_stripped_graph_is_the_unquantized_model_and_shares_the_data_file(quantized, tmp_path):
     torch_model, raw = quantized
     model = _processed(raw)
-    onnx_tools.save_model(model, tmp_path / "mlp.onnx", raw, external=True)
+    onnx_files.save_model(model, tmp_path / "mlp.onnx", raw, external=True)
     plain = onnx_tools.clean_up(onnx_tools.strip_qdq(model))
-    assert not {"QuantizeLinear", "DequantizeLinear"} & set(onnx_tools.count_ops(plain))
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(onnx_files.count_ops(plain))
     onnx.save_model(plain, str(tmp_path / "mlp_plain.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data", "mlp_plain.onnx"]
-    onnx_tools.check_onnx_file(tmp_path / "mlp_plain.onnx")
+    onnx_files.check_onnx_file(tmp_path / "mlp_plain.onnx")
 
     from sd35trt.models.quantize import quantizers
 
@@ -199,7 +199,7 @@ def test_pretransposed_weights_feed_the_gemm_straight_from_dq_with_the_same_numb
     expected = ("QuantizeLinear", "DequantizeLinear") + (() if rank == 2 else ("Transpose",))
     assert _weight_paths(before) == [expected, expected]
     reference_path = tmp_path / "before.onnx"
-    onnx_tools.save_model(before, reference_path, raw, external=False)  # reads the weights before they move
+    onnx_files.save_model(before, reference_path, raw, external=False)  # reads the weights before they move
 
     model = _processed(raw)
     shapes = {t.name: list(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
@@ -223,8 +223,8 @@ def test_pretransposed_weights_feed_the_gemm_straight_from_dq_with_the_same_numb
     assert sum(stored.get(n + suffix) == s[::-1] for n, s in shapes.items()) == 2
 
     path = tmp_path / "mlp.onnx"
-    onnx_tools.save_model(model, path, raw, external=external)
-    onnx_tools.check_onnx_file(path)
+    onnx_files.save_model(model, path, raw, external=external)
+    onnx_files.check_onnx_file(path)
     x = np.random.default_rng(3).standard_normal((4, 16) if rank == 2 else (2, 5, 16)).astype(np.float32)
     (want,) = _ort_session(reference_path).run(None, {"x": x})
     (got,) = _ort_session(path).run(None, {"x": x})
@@ -284,12 +284,12 @@ def test_unsafe_external_locations_are_refused_before_parsing(outside, kind):
     path = _write_external(model_dir, location)
 
     with pytest.raises(ModelError) as err:
-        onnx_tools.check_external_data(path)
+        onnx_files.check_external_data(path)
     message = str(err.value)
     assert "\n" not in message
     assert all(part in message for part in (str(path), "'W'", repr(location), why, "relative path"))
     with pytest.raises(ModelError):
-        onnx_tools.check_onnx_file(path)
+        onnx_files.check_onnx_file(path)
     # onnx's own loader and checker (kept on) refuse it as well.
     with pytest.raises(onnx.checker.ValidationError):
         onnx.checker.check_model(str(path), full_check=True)
@@ -298,13 +298,13 @@ def test_unsafe_external_locations_are_refused_before_parsing(outside, kind):
 def test_safe_external_data_passes_and_truncation_is_caught(tmp_path):
     (tmp_path / "model.onnx.data").write_bytes(WEIGHT.tobytes())
     path = _write_external(tmp_path, "model.onnx.data")
-    onnx_tools.check_onnx_file(path)
+    onnx_files.check_onnx_file(path)
     (y,) = _ort_session(path).run(None, {"x": np.ones((1, 64), np.float32)})
     np.testing.assert_allclose(y[0], WEIGHT.sum(axis=0))
 
     (tmp_path / "model.onnx.data").write_bytes(WEIGHT.tobytes()[:-4])
     with pytest.raises(ModelError, match="truncated"):
-        onnx_tools.check_external_data(path)
+        onnx_files.check_external_data(path)
 
 
 def test_save_model_streams_one_aligned_data_file(tmp_path):
@@ -321,12 +321,12 @@ def test_save_model_streams_one_aligned_data_file(tmp_path):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     path = tmp_path / "m.onnx"
-    onnx_tools.save_model(model, path, None, external=True)
+    onnx_files.save_model(model, path, None, external=True)
     loaded = onnx.load(str(path), load_external_data=False)
-    where = {t.name: onnx_tools.uses_external_data(t) for t in loaded.graph.initializer}
+    where = {t.name: onnx_files.uses_external_data(t) for t in loaded.graph.initializer}
     assert where == {"big": True, "small": False, "small2": False}
-    refs = [onnx_tools.external_ref(t) for t in loaded.graph.initializer if onnx_tools.uses_external_data(t)]
-    assert [(r.location, r.offset % onnx_tools.ALIGNMENT) for r in refs] == [("m.onnx.data", 0)]
+    refs = [onnx_files.external_ref(t) for t in loaded.graph.initializer if onnx_files.uses_external_data(t)]
+    assert [(r.location, r.offset % onnx_files.ALIGNMENT) for r in refs] == [("m.onnx.data", 0)]
     x = np.ones((2, 300), np.float32)
     (y,) = _ort_session(path).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ numpy_helper.to_array(big) + 2.0, rtol=1e-5)
@@ -362,7 +362,7 @@ def test_bf16_conv_below_opset_22_runs_in_float32_between_casts_and_passes_the_c
     ]  # x, w in; y out
     path = tmp_path / "conv.onnx"
     onnx.save_model(onnx.shape_inference.infer_shapes(model), str(path))
-    onnx_tools.check_onnx_file(path)
+    onnx_files.check_onnx_file(path)
 
     # ORT has no bfloat16 kernels on the CPU (nor bfloat16 FP8 Q/DQ on CUDA): validation opens
     # such graphs in their float32 form (same nodes and BF16 values, float32 compute).
