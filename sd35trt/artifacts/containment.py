@@ -15,10 +15,8 @@ from sd35trt.errors import UnsafeArtifactError
 
 
 def contained_path(root: str | Path, rel: str) -> Path:
-    """``root / rel`` after checking that ``rel`` stays inside ``root`` with no symlink on the way.
-
-    Only the components below ``root`` are checked: ``root`` itself may be reached through a
-    symlink (``/srv`` -> ``/data/srv``), but nothing recorded inside it may lead elsewhere.
+    """``root / rel`` after checking that ``rel`` stays inside ``root`` with no symlink on the way
+    (``root`` itself may be reached through one: ``/srv`` -> ``/data/srv``).
 
     Raises:
         UnsafeArtifactError: ``rel`` is empty, absolute, contains ``..`` or a NUL, or a

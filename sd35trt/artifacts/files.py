@@ -87,14 +87,13 @@ def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) 
 
 
 class HashCache:
-    """sha256 of files keyed on (size, mtime, ctime, inode), for freshness checks in ``make`` chains.
+    """sha256 of files keyed on (size, mtime, ctime, inode), in ``<run dir>/.sha256-cache.json``,
+    for freshness checks in ``make`` chains.
 
-    A file whose size, modification time, status-change time (ns) and inode are unchanged since it
-    was hashed is not read again. ``touch -r`` after an in-place edit restores the mtime but not
-    the ctime, so such an edit is rehashed (faults.md #30). Bit rot changes neither: every reader
-    that hashes bytes fully (``run``, ``serve``, ``verify``, ``package``) and finds a mismatch
-    drops the file's entry (:meth:`forget`), so the next stage rehashes it and agrees.
-    The cache lives in ``<run dir>/.sha256-cache.json`` and is rewritten atomically.
+    ``touch -r`` after an in-place edit restores the mtime but not the ctime, so such an edit is
+    rehashed (faults.md #30). Bit rot changes neither: every reader that hashes bytes fully
+    (``run``, ``serve``, ``verify``, ``package``) and finds a mismatch drops the file's entry
+    (:meth:`forget`), so the next stage rehashes it and agrees.
     """
 
     NAME = ".sha256-cache.json"

@@ -154,8 +154,7 @@ class RunManifest:
 
         Raises:
             ManifestError: the file is not JSON, has another format version, or a field does not
-                match its schema (the message names the file and the field, e.g.
-                ``records.export.details.components.transformer.onnx``).
+                match its schema (naming the file and the field).
         """
         try:
             raw = self.path.read_bytes()
