@@ -23,7 +23,7 @@ from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOpti
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, EngineLoadError, WriteError, free_bytes
+from sd35trt.errors import BuildError, EngineLoadError, WriteError, first_line, free_bytes
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -66,11 +66,6 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n))
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def cuda_provider_available() -> bool:
     """Whether onnxruntime-gpu's CUDA provider is installed (no device query)."""
     import onnxruntime as ort
@@ -106,7 +101,7 @@ def optimize_model(
     try:
         ort.InferenceSession(str(source), so, providers=[CPU_PROVIDER])
     except _ort_errors() as err:
-        first = _first_line(err)
+        first = first_line(err)
         if "serialization failed" in first.lower():  # writing the optimized model, not reading the source
             free = free_bytes(target.parent)
             raise WriteError(
@@ -205,7 +200,7 @@ class OrtEngine(Engine):
         except _ort_errors() as err:
             raise EngineLoadError(
                 f"engine {self.path} matches its record, but ONNX Runtime cannot load it "
-                f"({_first_line(err)}); {REBUILD}"
+                f"({first_line(err)}); {REBUILD}"
             ) from None
         self._input_types = {i.name: i.type for i in session.get_inputs()}
         self._check_io(self.path, self._input_types, [o.name for o in session.get_outputs()])
