@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import (
     Component,
     ComponentSpec,
@@ -342,7 +343,7 @@ class RequestLimits:
         if slg is not None and len(slg.layers) != gated:
             raise ManifestError(
                 f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
-                f"engine gates {gated}; rebuild with `sd35trt build`"
+                f"engine gates {gated}; {REBUILD}"
             )
         limits = cls.from_profiles(
             {c: manifest.spec(c) for c in components},
