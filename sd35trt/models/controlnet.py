@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from sd35trt.components import SUBFOLDER, Component
 from sd35trt.config import Architecture, ControlNetSettings, ControlType, ModelSettings, ModelSource
-from sd35trt.errors import ConfigError, ModelError
+from sd35trt.errors import ConfigError, ModelError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -271,6 +271,5 @@ def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
     try:
         embed.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first})") from None
+        raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first_line(err)})") from None
     return embed
