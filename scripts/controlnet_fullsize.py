@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             {"step": name, "at_s": round(time.perf_counter() - start, 1), "peak_rss_gib": _rss_gib()}
         )
 
-    files = export_component(config, root, Component.CONTROLNET, work / "onnx", phase=phase, device="cpu")
+    files = export_component(
+        config, root, Component.CONTROLNET_CANNY, work / "onnx", phase=phase, device="cpu"
+    )
     onnx_bytes = sum(f.stat().st_size for f in (work / "onnx").iterdir() if f.is_file())
     result = {
         "architecture": config.model.architecture.value,
@@ -104,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace, work: Path, result: dict) -> int:
-    """The TensorRT-RTX build of ``work/onnx/controlnet.onnx`` in a child process; its figures go
+    """The TensorRT-RTX build of ``work/onnx/controlnet_canny.onnx`` in a child process; its figures go
     into ``result["build"]`` (its own peak RSS, ``VmHWM``) and ``result["build_wall_s"]``."""
     import gc
 
     from rtx_fullsize import BUILD_RESULT, proc_status_bytes, run_child  # this directory's script
 
+    from sd35trt.components import Component
     from sd35trt.models.loading import trim_heap
 
     gc.collect()
@@ -123,7 +126,7 @@ def _build(args: argparse.Namespace, work: Path, result: dict) -> int:
         "--build-only",
         str(work),
         "--component",
-        "controlnet",
+        Component.CONTROLNET_CANNY.value,
     ]
     exporter_rss = proc_status_bytes("VmRSS")
     code, wall, _ = run_child(cmd, log)  # wait4's peak would be this process's (vfork)
@@ -148,7 +151,7 @@ def _build(args: argparse.Namespace, work: Path, result: dict) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log, args.out.with_suffix(".build.log"))
-        builder_log = work / "build_logs" / "controlnet.log"
+        builder_log = work / "build_logs" / f"{Component.CONTROLNET_CANNY.value}.log"
         if builder_log.is_file():
             shutil.copy2(builder_log, args.out.with_suffix(".builder.log"))
     return code

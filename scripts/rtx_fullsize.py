@@ -118,7 +118,7 @@ def build_step(work: Path, config_path: str, component_name: str = "transformer"
     inputs, external = onnx_inputs(onnx)
     skip = inputs[SKIP_LAYERS_INPUT][0] if SKIP_LAYERS_INPUT in inputs else 0
     controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
-    text = component is not Component.CONTROLNET or CONTROLNET_TEXT_INPUT in inputs
+    text = not component.is_controlnet or CONTROLNET_TEXT_INPUT in inputs
     dims = ModelDims.from_model_dir(model_dir(config, work))
     shapes = engine_profile(config, dims, component, skip, controlnet, text)
     check_inputs_match(onnx.name, inputs, shapes)

@@ -53,7 +53,18 @@ def _parameter(p: InputParam, default: Any, argument: bool) -> inspect.Parameter
     else:
         info = typer.Option(_flag(p.name), *(_flag(a) for a in p.aliases), help=help_text)
     annotation = _PYTHON_TYPE[p.kind] if default is not None else _PYTHON_TYPE[p.kind] | None
+    if p.per_controlnet:  # repeatable, paired in order with --control-image
+        annotation = list[_PYTHON_TYPE[p.kind]] | None
     return inspect.Parameter(p.name, kind, default=default, annotation=Annotated[annotation, info])
+
+
+def _one_or_list(p: InputParam, value: Any) -> Any:
+    """A repeatable option's values as the request takes them: none given -> ``None``, one -> that
+    value (for every control image), several -> the list."""
+    if not p.per_controlnet or value is None:
+        return value
+    values = list(value)
+    return None if not values else values[0] if len(values) == 1 else values
 
 
 def _bool_flags(name: str) -> str:
@@ -86,7 +97,7 @@ def generation_options(
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            generation = {n: kwargs.pop(n) for n in names}
+            generation = {n: _one_or_list(PARAMS[n], kwargs.pop(n)) for n in names}
             return command(**kwargs, generation=generation)
 
         keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]

@@ -1,24 +1,12 @@
 """``sd35trt verify ENGINES --compare``: every engine against its ONNX source, on the same inputs.
 
-Polygraphy runs both sides and compares them:
-
-- the engine through sd35trt's own runtime backend (TensorRT, or ONNX Runtime where the engines
-  were built with it), wrapped as a Polygraphy runner (:class:`EngineRunner`), so the bytes and the
-  code the runtime would use are the ones checked;
-- its ONNX source (the export the engine was built from, in the run directory) through Polygraphy's
-  ``OnnxrtRunner`` on an ONNX Runtime session opened as export validation opens it (basic graph
-  optimization, CUDA provider where onnxruntime-gpu sees a GPU, float32 I/O for bf16 graphs).
-
-``Comparator.run`` feeds both runners the same inputs, drawn by each input's sampling rule
-(:func:`~sd35trt.sampling.sample_inputs`) at the engine profile's ``opt`` and ``min`` shapes;
-``Comparator.compare_accuracy`` judges every output against the component spec's tolerance, as
-export validation does: ``max|engine - onnx| <= atol + rtol * max|onnx|``
-(:func:`~sd35trt.components.validation_tolerance` of the engine's precision and FP8).
-
-The ONNX sources and their data files are checked against the run manifest (size, sha256) before
-ONNX Runtime reads them; the engines were checked by ``verify`` before. A component whose ONNX
-Runtime side cannot run here (ONNX Runtime refuses the graph; bf16 graphs run in their float32
-form, :func:`~sd35trt.stages.export.validate.float32_form`) is reported as skipped, with the reason.
+Polygraphy's ``Comparator`` runs the engine through sd35trt's own runtime backend (wrapped as a
+runner, :func:`engine_runner`, so the bytes and code the runtime would use are checked) and its
+ONNX source through ``OnnxrtRunner`` on a session opened as export validation opens it, on inputs
+drawn by :func:`~sd35trt.sampling.sample_inputs` at the profile's ``opt`` and ``min`` shapes. Each
+output must satisfy ``max|engine - onnx| <= atol + rtol * max|onnx|``
+(:func:`~sd35trt.components.validation_tolerance`, as export validation does). A component whose
+ONNX side cannot run here (ONNX Runtime refuses the graph) is reported as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -51,8 +39,6 @@ if TYPE_CHECKING:
 #: Profile shapes each engine is compared at (``max`` is left out: at full size ONNX Runtime's
 #: unfused attention at the largest image needs tens of GB).
 CASES = ("opt", "min")
-ENGINE_RUNNER = "engine"
-ONNX_RUNNER = "onnx"
 
 
 @dataclass(frozen=True)
@@ -82,7 +68,6 @@ class CompareReport:
 
     results: list[OutputComparison] = field(default_factory=list)
     skipped: dict[Component, str] = field(default_factory=dict)
-    tolerances: dict[Component, Tolerance] = field(default_factory=dict)
     providers: list[str] = field(default_factory=list)
 
     @property
@@ -148,11 +133,8 @@ def engine_runner(engine: Engine, name: str):
 
 
 def check_sources(manifest: EngineManifest, components: Iterable[Component]) -> dict[Component, Path]:
-    """The ONNX source of each engine, checked before any reader parses it.
-
-    The ``.onnx`` files must match the engine manifest's records of what each engine was built
-    from; their external-data files must be safe (inside the directory, no symlink) and match the
-    run manifest's export record.
+    """The ONNX source of each engine, checked against the engine manifest's records (and its
+    external-data files against the run manifest's export record) before any reader parses it.
 
     Returns:
         The source path per component.
@@ -252,8 +234,8 @@ def _run_pair(
         return OrderedDict((ch.output, ch.ok) for ch in found)
 
     runners = [
-        engine_runner(engine, ENGINE_RUNNER),
-        OnnxrtRunner(lambda: validate.session(source, providers), name=ONNX_RUNNER),
+        engine_runner(engine, "engine"),
+        OnnxrtRunner(lambda: validate.session(source, providers), name="onnx"),
     ]
     # Polygraphy's own progress and dtype-cast notices say nothing the report does not.
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -269,13 +251,10 @@ def compare_engines(
     machine: MachineInfo | None = None,
     device: str | None = None,
 ) -> CompareReport:
-    """Run every engine and its ONNX source on the same inputs and compare their outputs.
-
-    Args:
-        engines_dir: a run's ``engines/`` directory (its ONNX sources are in the run directory).
-        components: the engines to compare (default: all).
-        machine: this machine, for the engines' TensorRT / GPU check (detected when needed).
-        device: where the engines run (default: CUDA for TensorRT, CPU for ONNX Runtime).
+    """Run every engine of a run's ``engines/`` directory (or ``components``) and its ONNX source on
+    the same inputs and compare their outputs; ``machine`` and ``device`` as
+    :func:`~sd35trt.backends.load.verify_engines` and :func:`~sd35trt.backends.load.open_engines`
+    take them.
 
     Returns:
         The per-output errors against the spec tolerance, and the components skipped (with why).
@@ -292,15 +271,12 @@ def compare_engines(
     selected = list(components) if components is not None else list(manifest.engines)
     providers = validate.providers()
     report = CompareReport(providers=providers)
-    runnable = list(selected)
-    sources = check_sources(manifest, runnable)
-    vocab = _vocab_sizes(manifest, runnable)
-    engines = open_engines(manifest, runnable, device)
-    for c in runnable:
-        rec = manifest.record(c)
-        sp = manifest.spec(c)
+    sources = check_sources(manifest, selected)
+    vocab = _vocab_sizes(manifest, selected)
+    engines = open_engines(manifest, selected, device)
+    for c in selected:
+        rec, sp = manifest.record(c), manifest.spec(c)
         tol = validation_tolerance(sp, rec.precision, rec.fp8)
-        report.tolerances[c] = tol
         cases = _feeds(sp, manifest, vocab.get(c))
         try:
             checks = _run_pair(engines[c], sources[c], providers, sp, tol, [feeds for _, feeds in cases])

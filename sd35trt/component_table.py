@@ -10,13 +10,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 
+from sd35trt.controlnet_settings import ControlType
+from sd35trt.errors import ManifestError
+
 
 class Component(str, Enum):
     """The exported components of an SD3.5 pipeline, in execution order.
 
     The VAE encoder is the image-to-image input: engines built before it existed lack it, and
-    text-to-image needs only the other five (:attr:`required`). The ControlNet (diffusers'
-    ``SD3ControlNetModel``) is exported only when ``model.controlnet`` is set.
+    text-to-image needs only the other five (:attr:`required`). A ControlNet (diffusers'
+    ``SD3ControlNetModel``) is exported only when ``model.controlnet`` names it; each is named by
+    its control type (``controlnet_canny``), so an engine set holds one per configured ControlNet.
     """
 
     CLIP_L = "clip_l"
@@ -29,7 +33,27 @@ class Component(str, Enum):
     TRANSFORMER_REST = "transformer_rest"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
-    CONTROLNET = "controlnet"
+    CONTROLNET_CANNY = "controlnet_canny"
+    CONTROLNET_BLUR = "controlnet_blur"
+    CONTROLNET_DEPTH = "controlnet_depth"
+
+    @classmethod
+    def controlnet(cls, control_type: ControlType) -> Component:
+        """The ControlNet component of ``control_type``."""
+        return cls(f"{CONTROLNET_PREFIX}{ControlType(control_type).value}")
+
+    @property
+    def control_type(self) -> ControlType | None:
+        """The control type of a ControlNet component, ``None`` for the others."""
+        name = self.value
+        return (
+            ControlType(name.removeprefix(CONTROLNET_PREFIX)) if name.startswith(CONTROLNET_PREFIX) else None
+        )
+
+    @property
+    def is_controlnet(self) -> bool:
+        """Whether it is a ControlNet (one per control type: ``controlnet_<type>``)."""
+        return self.control_type is not None
 
     @property
     def is_text_encoder(self) -> bool:
@@ -51,21 +75,42 @@ class Component(str, Enum):
 
         The transformer is required, but its two parts stand in for it (:func:`engine_components`).
         """
-        return self not in (Component.VAE_ENCODER, Component.CONTROLNET, *TRANSFORMER_PARTS)
+        return not self.is_controlnet and self not in (Component.VAE_ENCODER, *TRANSFORMER_PARTS)
+
+
+#: What a ControlNet component's name starts with (the rest is its control type).
+CONTROLNET_PREFIX = "controlnet_"
+#: The engine name ControlNet engines had before they were named by type (one per engine set).
+UNTYPED_CONTROLNET = "controlnet"
+
+
+def refuse_untyped_controlnet(names: Collection[str], where: str) -> None:
+    """Refuse ``names`` (a record's or manifest's component keys) holding the ``controlnet`` engine
+    of an older build, whose ControlNet engines were not yet named by control type.
+
+    Raises:
+        ManifestError: one line naming ``where`` and the commands that rebuild it.
+    """
+    if UNTYPED_CONTROLNET in names:
+        raise ManifestError(
+            f"{where} has a '{UNTYPED_CONTROLNET}' component from an older sd35trt (ControlNet "
+            "components are now named by type, e.g. controlnet_canny): re-run `sd35trt export` "
+            "and `sd35trt build`"
+        )
 
 
 #: The first-block-cache engines, in the order a step runs them.
 TRANSFORMER_PARTS = (Component.TRANSFORMER_FIRST_BLOCK, Component.TRANSFORMER_REST)
 
 
-def exported_components(cache: bool = False, controlnet: bool = False) -> list[Component]:
+def exported_components(cache: bool = False, controlnets: Collection[ControlType] = ()) -> list[Component]:
     """What ``sd35trt export`` writes, in order: every component, the transformer as its two parts
-    when ``cache`` (``runtime.cache`` is set) and whole otherwise, and the ControlNet only when
-    ``controlnet`` (``model.controlnet`` is set; the config check refuses it with the cache)."""
+    when ``cache`` (``runtime.cache`` is set) and whole otherwise, and the ControlNets of the
+    ``controlnets`` types (``model.controlnet``; the config check refuses them with the cache)."""
     skipped = (Component.TRANSFORMER,) if cache else TRANSFORMER_PARTS
-    if not controlnet:
-        skipped = (*skipped, Component.CONTROLNET)
-    return [c for c in Component if c not in skipped]
+    return [
+        c for c in Component if c not in skipped and (not c.is_controlnet or c.control_type in controlnets)
+    ]
 
 
 def transformer_engine(available: Collection[Component]) -> Component:
@@ -146,11 +191,15 @@ MODELS: dict[Component, ComponentModel] = {
     ),
     Component.VAE_DECODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeDecoder"),
     Component.VAE_ENCODER: ComponentModel("vae", ModelLibrary.DIFFUSERS, "AutoencoderKL", None, "VaeEncoder"),
-    # StableDiffusion3ControlNetPipeline's layout: the ControlNet in the pipeline's controlnet/.
-    Component.CONTROLNET: ComponentModel(
-        "controlnet", ModelLibrary.DIFFUSERS, "SD3ControlNetModel", None, "ControlNet"
-    ),
 }
+# StableDiffusion3ControlNetPipeline's layout: a ControlNet in the pipeline's controlnet/ (by default).
+MODELS.update(
+    {
+        c: ComponentModel("controlnet", ModelLibrary.DIFFUSERS, "SD3ControlNetModel", None, "ControlNet")
+        for c in Component
+        if c.is_controlnet
+    }
+)
 
 #: diffusers pipeline subfolder of each component's weights (from :data:`MODELS`).
 SUBFOLDER = {c: m.subfolder for c, m in MODELS.items()}

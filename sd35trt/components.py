@@ -34,6 +34,7 @@ from sd35trt.component_table import (  # noqa: F401 -- re-exported: the vocabula
     ModelLibrary,
     engine_components,
     exported_components,
+    refuse_untyped_controlnet,
     transformer_engine,
 )
 from sd35trt.config import BuildSettings, Precision, Range
@@ -135,8 +136,8 @@ def spec(
         return _part_spec(component, dims, skip_layers)
     if component is Component.TRANSFORMER:
         return _transformer_spec(dims, skip_layers, controlnet)
-    if component is Component.CONTROLNET:
-        return _controlnet_spec(dims, controlnet, controlnet_text)
+    if component.is_controlnet:
+        return _controlnet_spec(component, dims, controlnet, controlnet_text)
     if component in (Component.CLIP_L, Component.CLIP_G):
         return _clip_spec(component, dims)
     if component is Component.T5:
@@ -243,11 +244,13 @@ def _vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
-def _controlnet_spec(dims: ModelDims, controlnet: int, text: bool = True) -> ComponentSpec:
+def _controlnet_spec(
+    component: Component, dims: ModelDims, controlnet: int, text: bool = True
+) -> ComponentSpec:
     """``text`` False: no ``encoder_hidden_states`` (SD3.5-large's ControlNets take none)."""
     inputs = [t for t in _text_and_timestep(dims) if text or t.name != "encoder_hidden_states"]
     return ComponentSpec(
-        Component.CONTROLNET,
+        component,
         inputs=(
             _latent("hidden_states", dims),
             # the control image's latent, made by the vae_encoder engine (diffusers' pipeline:

@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -73,10 +74,36 @@ class ControlNetSettings(BaseModel):
 
 
 class OptionalControlNet(BaseModel):
-    """``model.controlnet``: a ControlNet to export; the transformer then takes its residuals as
-    inputs. Left out of dumps when unset, so configs without one keep their digests."""
+    """``model.controlnet``: one ControlNet to export (a mapping), or several (a list of mappings,
+    as diffusers' ``SD3MultiControlNetModel``); the transformer then takes their summed residuals
+    as inputs. Left out of dumps when unset, so configs without one keep their digests; a list of
+    one is that one mapping (same digest, same engines)."""
 
-    controlnet: ControlNetSettings | None = None
+    controlnet: ControlNetSettings | tuple[ControlNetSettings, ...] | None = None
+
+    @field_validator("controlnet")
+    @classmethod
+    def _distinct_types(cls, value):
+        if not isinstance(value, tuple):
+            return value
+        if not value:
+            raise ValueError(
+                "model.controlnet is an empty list: give one ControlNet or more, or leave it out"
+            )
+        for i, net in enumerate(value):
+            first = next(j for j, other in enumerate(value) if other.type is net.type)
+            if first != i:
+                raise ValueError(
+                    f"model.controlnet[{i}].type {net.type.value} is also model.controlnet[{first}]'s: "
+                    "each ControlNet needs a type of its own (the type names its engine and its requests)"
+                )
+        return value[0] if len(value) == 1 else value
+
+    @property
+    def controlnets(self) -> tuple[ControlNetSettings, ...]:
+        """Every configured ControlNet, in the config's order (empty without one)."""
+        c = self.controlnet
+        return () if c is None else c if isinstance(c, tuple) else (c,)
 
     @model_serializer(mode="wrap")
     def _without_absent_controlnet(self, handler: SerializerFunctionWrapHandler) -> dict:

@@ -187,3 +187,10 @@ def validation_message(err: ValidationError, source: str, limit: int | None = 1)
     fields = "; ".join(f"field {_location(e['loc'])}: {_problem(e)}" for e in shown)
     more = f"; {len(errors) - len(shown)} more field(s) are invalid" if len(errors) > len(shown) else ""
     return f"{source}: {fields}{more}"
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its class name when it has none (for one-line errors
+    that quote a library's multi-line message)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -237,20 +237,21 @@ def format_engines(engines_dir: Path) -> list[str]:
 
 
 def controlnet_line(manifest: EngineManifest) -> str:
-    """``controlnet: canny (controlnet engine, bf16; the transformer takes its 19 block residuals
-    as controlnet_block_samples)``, or that the engines have none."""
+    """``controlnet: canny (controlnet_canny engine, bf16); the transformer takes their 19 block
+    residuals as controlnet_block_samples``, or that the engines have none."""
     from sd35trt.components import Component
     from sd35trt.stages.build import CONTROLNET_INPUT
 
-    rec = manifest.engines.get(Component.CONTROLNET)
-    if rec is None:
+    nets = [
+        f"{c.control_type.value} ({c.value} engine, {rec.precision.value}{' + fp8' if rec.fp8 else ''})"
+        for c, rec in manifest.engines.items()
+        if c.is_controlnet
+    ]
+    if not nets:
         return "controlnet: no (built without model.controlnet)"
-    kind = manifest.model.get("controlnet")
-    kinds = ", ".join(kind) if isinstance(kind, list) else str(kind)
     transformer = manifest.engines.get(Component.TRANSFORMER)
     residuals = transformer.controlnet_layers if transformer is not None else 0
-    fp8 = " + fp8" if rec.fp8 else ""
     return (
-        f"controlnet: {kinds} (controlnet engine, {rec.precision.value}{fp8}; the transformer takes its "
-        f"{residuals} block residuals as {CONTROLNET_INPUT})"
+        f"controlnet: {', '.join(nets)}; the transformer takes their {residuals} block residuals as "
+        f"{CONTROLNET_INPUT}"
     )

@@ -75,6 +75,9 @@ class InputParam:
         wire_name: the name where the value travels as a file's bytes (HTTP, Triton):
             ``init_image`` for ``image``.
         note: appended to a bound error (what the bound means).
+        per_controlnet: one value, or a list of one per control image (diffusers' convention for
+            several ControlNets): a repeatable option on the command line, a JSON list over HTTP,
+            several values in a Triton row; a single value applies to every control image.
     """
 
     name: str
@@ -88,6 +91,7 @@ class InputParam:
     required: bool = False
     wire_name: str | None = None
     note: str = ""
+    per_controlnet: bool = False
 
     @property
     def wire(self) -> str:
@@ -189,31 +193,42 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
         "control_image",
         Kind.IMAGE,
         "ControlNet: the picture to follow, of the output's aspect ratio; made into canny edges or a "
-        "blur as control_type says (a depth map is taken as is); needs engines with a ControlNet",
+        "blur as control_type says (a depth map is taken as is); needs engines with a ControlNet; "
+        "one per ControlNet used",
+        per_controlnet=True,
     ),
     InputParam(
-        "control_type", Kind.TEXT, "ControlNet: canny, blur or depth (default: the engines' ControlNet's)"
+        "control_type",
+        Kind.TEXT,
+        "ControlNet: canny, blur or depth, one per control image, in their order (default: the "
+        "engines' ControlNets, in their order)",
+        per_controlnet=True,
     ),
     InputParam(
         "controlnet_conditioning_scale",
         Kind.FLOAT,
-        f"ControlNet: residual scale, 0..{MAX_CONDITIONING_SCALE:g} (default 1)",
+        f"ControlNet: residual scale, 0..{MAX_CONDITIONING_SCALE:g}, one for all or one per control image "
+        "(default 1)",
         low=0.0,
         high=MAX_CONDITIONING_SCALE,
+        per_controlnet=True,
     ),
     InputParam(
         "control_guidance_start",
         Kind.FLOAT,
-        "ControlNet: share of the steps before it acts (default 0)",
+        "ControlNet: share of the steps before it acts, one for all or one per control image (default 0)",
         low=0.0,
         high=1.0,
+        per_controlnet=True,
     ),
     InputParam(
         "control_guidance_end",
         Kind.FLOAT,
-        "ControlNet: share of the steps after which it stops (default 1)",
+        "ControlNet: share of the steps after which it stops, one for all or one per control image "
+        "(default 1)",
         low=0.0,
         high=1.0,
+        per_controlnet=True,
     ),
 )
 
@@ -265,50 +280,58 @@ def is_bool(value: Any) -> bool:
     )
 
 
-def check_value(param: InputParam | str, value: Any) -> Any:
+def listed(value: Any) -> list:
+    """A :attr:`InputParam.per_controlnet` value as a list: a list or tuple as given, anything
+    else as a list of one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_value(param: InputParam | str, value: Any, index: int | None = None) -> Any:
     """``value`` checked against the parameter's type and bounds, as a plain Python value.
 
     Integers accept any integral number (``numpy.int64`` too), floats any finite real number;
     booleans are refused for both. Text must be valid Unicode (a lone surrogate makes tokenizers
-    fail deep inside: faults catalogue case 18).
+    fail deep inside: faults catalogue case 18). ``index``: the value is element ``index`` of a
+    list (:attr:`InputParam.per_controlnet`), named ``name[index]`` in messages.
 
     Raises:
-        RequestError: naming the parameter, the value and what is allowed.
+        RequestError: naming the parameter (its field), the value and what is allowed.
     """
     p = PARAMS[param] if isinstance(param, str) else param
-    name = p.name
+    name = p.name if index is None else f"{p.name}[{index}]"
     if p.kind is Kind.TEXT:
-        return _text(name, value, p.required)
+        return _text(name, value, p.required, p.name)
     if p.kind is Kind.BOOL:
         if not is_bool(value):
-            raise RequestError(name, f"{name} {value!r} is not true or false")
+            raise RequestError(p.name, f"{name} {value!r} is not true or false")
         return bool(value)
     if p.kind is Kind.INT:
         if is_bool(value) or not isinstance(value, numbers.Integral):
-            raise RequestError(name, f"{name} {value!r} is not an integer")
+            raise RequestError(p.name, f"{name} {value!r} is not an integer")
         value = int(value)  # numpy.int64 -> int: records and JSON hold plain ints
     elif p.kind is Kind.FLOAT:
         if is_bool(value) or not isinstance(value, numbers.Real):
-            raise RequestError(name, f"{name} {value!r} is not a number")
+            raise RequestError(p.name, f"{name} {value!r} is not a number")
         value = float(value)
         if not math.isfinite(value):
-            raise RequestError(name, f"{name} {value} is not a finite number; use {p.range_text}")
+            raise RequestError(p.name, f"{name} {value} is not a finite number; use {p.range_text}")
     else:
         return value
     too_low = p.low is not None and (value <= p.low if p.low_open else value < p.low)
     if too_low or (p.high is not None and value > p.high):
         note = f" ({p.note})" if p.note else ""
         allowed = p.range_text if p.high is not None else f"{_num(p.low)} or more"
-        raise RequestError(name, f"{name} {_num(value)} is outside {allowed}{note}")
+        raise RequestError(p.name, f"{name} {_num(value)} is outside {allowed}{note}")
     return value
 
 
-def _text(name: str, value: Any, required: bool) -> str:
+def _text(name: str, value: Any, required: bool, field: str | None = None) -> str:
+    field = field or name
     if not isinstance(value, str):
-        raise RequestError(name, f"{name} must be text, got {type(value).__name__}")
+        raise RequestError(field, f"{name} must be text, got {type(value).__name__}")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(
-            name,
+            field,
             f"{name} is {len(value)} characters, more than the {MAX_PROMPT_CHARS} accepted (the text "
             "encoders read at most 256 tokens, a few thousand characters)",
         )
@@ -318,10 +341,10 @@ def _text(name: str, value: Any, required: bool) -> str:
         # A lone UTF-16 surrogate (JSON "\ud800", or invalid UTF-8 on a command line, which Python
         # keeps as surrogates): tokenizers fail on it deep inside (faults.md #18).
         raise RequestError(
-            name,
+            field,
             f"{name} is not valid Unicode text: {value[err.start]!r} at character {err.start} is a lone "
             "surrogate (invalid UTF-8 bytes, or half of a UTF-16 pair)",
         ) from None
     if required and not value.strip():
-        raise RequestError(name, f"{name} is empty; give a text {name.replace('_', ' ')}")
+        raise RequestError(field, f"{name} is empty; give a text {name.replace('_', ' ')}")
     return str(value)  # numpy.str_ -> str

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt.errors import RequestError
-from sd35trt.parameters import canonical_fields, check_value
+from sd35trt.parameters import canonical_fields, check_value, listed
 from sd35trt.runtime.images import read_image
 from sd35trt.runtime.pipeline import GenerationRequest, GenerationResult, Sd35Runtime
 
@@ -126,9 +126,12 @@ def run(
     fields = canonical_fields({"prompt": prompt, **params}, wire=False)
     num_images = check_value("num_images", fields.get("num_images", 1))
     paths = output_paths(Path(out), num_images)
-    for name in ("image", "control_image"):  # files on the command line
-        if fields.get(name) is not None:
-            fields[name] = read_image(Path(fields[name]), name)
+    if fields.get("image") is not None:  # files on the command line
+        fields["image"] = read_image(Path(fields["image"]), "image")
+    if fields.get("control_image") is not None:  # one or several (a list, paired with control_type)
+        given = fields["control_image"]
+        images = [read_image(Path(p), "control_image") for p in listed(given)]
+        fields["control_image"] = images if isinstance(given, (list, tuple)) else images[0]
     request = GenerationRequest(**fields)
     start = time.perf_counter()
     with Sd35Runtime.load(

@@ -1,11 +1,9 @@
 """Paths recorded in run directories and artefacts stay inside them.
 
-A manifest or ``SHA256SUMS`` names files by paths relative to the directory it describes; one
-edited (or crafted) to name ``../../elsewhere`` or to pass through a symlink would make
-``verify`` vouch for, and ``run`` load, a file outside that directory. :func:`contained_path` is
-the one check every reader of a recorded path goes through, the external-data locations inside
-ONNX engines included (:func:`check_onnx_external_data`, used by ``verify`` and the ONNX Runtime
-loader; it reads the graph at the protobuf wire level, since the runtime does not import ``onnx``).
+A manifest or ``SHA256SUMS`` edited (or crafted) to name ``../../elsewhere`` or to pass through a
+symlink would make ``verify`` vouch for, and ``run`` load, a file outside that directory.
+:func:`contained_path` is the one check every reader of a recorded path goes through, the
+external-data locations inside ONNX engines included (:func:`check_onnx_external_data`).
 """
 
 from __future__ import annotations
@@ -17,10 +15,8 @@ from sd35trt.errors import UnsafeArtifactError
 
 
 def contained_path(root: str | Path, rel: str) -> Path:
-    """``root / rel`` after checking that ``rel`` stays inside ``root`` with no symlink on the way.
-
-    Only the components below ``root`` are checked: ``root`` itself may be reached through a
-    symlink (``/srv`` -> ``/data/srv``), but nothing recorded inside it may lead elsewhere.
+    """``root / rel`` after checking that ``rel`` stays inside ``root`` with no symlink on the way
+    (``root`` itself may be reached through one: ``/srv`` -> ``/data/srv``).
 
     Raises:
         UnsafeArtifactError: ``rel`` is empty, absolute, contains ``..`` or a NUL, or a
@@ -45,11 +41,10 @@ def contained_path(root: str | Path, rel: str) -> Path:
 
 
 # -- ONNX external data ------------------------------------------------------------------------------
-# An ONNX file names its external data by a location relative to itself; a crafted engine naming
-# ``../secret.bin`` makes ONNX Runtime before 1.32 read a file outside the artefact. The graph is
-# read here at the protobuf wire level (no ``onnx`` import: the runtime does not load it), for every
-# tensor ONNX Runtime could load: initializers, sparse initializers and tensor attributes (Constant
-# nodes), in subgraphs and functions too.
+# A crafted engine naming ``../secret.bin`` makes ONNX Runtime before 1.32 read a file outside the
+# artefact. The graph is read at the protobuf wire level (the runtime does not import ``onnx``), for
+# every tensor ONNX Runtime could load: initializers, sparse initializers and tensor attributes, in
+# subgraphs and functions too.
 
 #: Protobuf field numbers (onnx.proto) of the messages that hold tensors, by message kind.
 _TENSOR_FIELDS: dict[str, dict[int, str]] = {
@@ -126,11 +121,8 @@ def _tensor_location(buf: memoryview, fields: list) -> tuple[str, str] | None:
 
 
 def onnx_external_locations(data: bytes) -> list[tuple[str, str]]:
-    """``(tensor name, location)`` of every tensor of an ONNX model that names external data.
-
-    Returns:
-        The references found; none for bytes that are not a protobuf message (ONNX Runtime then
-        refuses the file itself).
+    """``(tensor name, location)`` of every tensor of an ONNX model that names external data (none
+    for bytes that are not a protobuf message: ONNX Runtime refuses the file itself).
 
     Raises:
         UnsafeArtifactError: graphs nested deeper than :data:`_MAX_NESTING`.
@@ -158,11 +150,8 @@ def onnx_external_locations(data: bytes) -> list[tuple[str, str]]:
 
 
 def check_onnx_external_data(path: Path, data: bytes | None = None) -> None:
-    """Refuse the ONNX model at ``path`` when a tensor's external data leaves its directory.
-
-    Args:
-        path: the ONNX file (its directory is where its external data must stay).
-        data: its bytes, when already read (and verified); else the file is read.
+    """Refuse the ONNX model at ``path`` (or its already read ``data``) when a tensor's external data
+    leaves its directory.
 
     Raises:
         UnsafeArtifactError: a location that is absolute, empty, contains ``..`` or passes a

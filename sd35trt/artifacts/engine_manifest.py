@@ -29,7 +29,14 @@ from pydantic import (
 
 from sd35trt.artifacts.manifest import FileRecord
 from sd35trt.artifacts.repair import REBUILD
-from sd35trt.components import Component, ComponentSpec, ModelDims, ShapeRange, spec
+from sd35trt.components import (
+    Component,
+    ComponentSpec,
+    ModelDims,
+    ShapeRange,
+    refuse_untyped_controlnet,
+    spec,
+)
 from sd35trt.config import Backend, Precision, RuntimeSettings
 from sd35trt.errors import ManifestError, validation_message
 from sd35trt.user_files import read_json
@@ -170,7 +177,7 @@ class EngineManifest(_Model):
         controlnet = tr.controlnet_layers if tr is not None else 0  # the ControlNet's outputs too
         rec = self.record(component)
         # SD3.5-large's ControlNets take no text: their profile has no such input
-        text = component is not Component.CONTROLNET or "encoder_hidden_states" in rec.profile
+        text = not component.is_controlnet or "encoder_hidden_states" in rec.profile
         return spec(component, self.dims, rec.skip_layers, controlnet, text)
 
     def record(self, component: Component) -> EngineRecord:
@@ -213,6 +220,7 @@ def read_engine_manifest(engines_dir: str | Path) -> EngineManifest:
         raise ManifestError(
             f"{path} has format {data.get('format')!r}, this sd35trt reads format {ENGINE_FORMAT}; {REBUILD}"
         )
+    refuse_untyped_controlnet(data.get("engines") or {}, str(path))
     try:
         manifest = EngineManifest.model_validate_json(path.read_bytes(), strict=True)
     except ValidationError as err:

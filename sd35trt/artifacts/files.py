@@ -1,9 +1,5 @@
-"""Files of run directories and artefacts: sha256 checks before use, a hash cache, records of
-files, atomic writes and JSON reads.
-
-Every path a record names must stay inside the directory it is anchored at: absolute paths, ``..``
-and symlinks anywhere on the way are refused before a byte is read (:func:`verify_files`).
-"""
+"""Files of run directories and artefacts: sha256 checks before use, a hash cache, file records
+and atomic writes."""
 
 from __future__ import annotations
 
@@ -32,12 +28,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _mismatch(path: Path, digest: str, expected: str, what: str, fix: str) -> VerificationError:
-    HashCache.forget(path)  # a freshness check must not call it intact any more
-    return VerificationError(
-        f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
-        f"corrupted); {fix}"
-    )
+def _compare(path: str | Path, digest: str, expected: str, what: str, fix: str) -> None:
+    if digest != expected:
+        HashCache.forget(path)  # a freshness check must not call it intact any more
+        raise VerificationError(
+            f"{path} sha256 {digest[:12]}… does not match the {what}'s {expected[:12]}… (modified or "
+            f"corrupted); {fix}"
+        )
 
 
 def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> None:
@@ -46,9 +43,7 @@ def check_file_digest(path: str | Path, sha256: str, what: str, fix: str) -> Non
     Raises:
         VerificationError: naming the file, both digests' prefixes, ``what`` recorded it and ``fix``.
     """
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise _mismatch(Path(path), digest, sha256, what, fix)
+    _compare(path, sha256_file(path), sha256, what, fix)
 
 
 def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
@@ -58,29 +53,18 @@ def read_verified(path: str | Path, sha256: str, what: str, fix: str) -> bytes:
         VerificationError: the bytes read do not match (see :func:`check_file_digest`).
     """
     data = Path(path).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise _mismatch(Path(path), digest, sha256, what, fix)
+    _compare(path, hashlib.sha256(data).hexdigest(), sha256, what, fix)
     return data
 
 
 @contextlib.contextmanager
 def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) -> Iterator[mmap.mmap]:
-    """Memory-map ``path`` read-only and check its sha256 on the mapping itself.
+    """Memory-map ``path`` read-only and check its ``size`` (bytes) and sha256 on the mapping itself.
 
-    The mapping is the only host copy: hashing pages it in from the page cache, and a consumer
-    (TensorRT's ``deserialize_cuda_engine``) reads the very same buffer, so the bytes it sees are
-    the bytes that were checked, with no second copy in process memory. Files are replaced by
-    rename (the atomic writers here, ``tar``, ``cp`` to a new name), which leaves the mapped inode
-    intact; only a writer modifying the file in place during the load could change what is read,
-    and that needs write access to the engines directory.
-
-    Args:
-        path: the file.
-        sha256: its expected sha256.
-        size: its expected size in bytes (checked first: a truncated file fails without hashing).
-        what: who recorded the digest (for the message), e.g. ``"engine manifest"``.
-        fix: what to do about a mismatch, e.g. ``"rebuild with `sd35trt build`"``.
+    The mapping is the only host copy: a consumer (TensorRT's ``deserialize_cuda_engine``) reads the
+    very buffer that was hashed. Files are replaced by rename (the atomic writers here, ``tar``,
+    ``cp`` to a new name), which leaves the mapped inode intact; only an in-place writer with write
+    access to the engines directory could change what is read during the load.
 
     Raises:
         VerificationError: missing, another size, or another sha256.
@@ -96,23 +80,20 @@ def map_verified(path: str | Path, sha256: str, size: int, what: str, fix: str) 
             raise VerificationError(f"{path} has {found} bytes, the {what} records {size}; {fix}")
         mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     try:
-        digest = hashlib.sha256(mapping).hexdigest()
-        if digest != sha256:
-            raise _mismatch(path, digest, sha256, what, fix)
+        _compare(path, hashlib.sha256(mapping).hexdigest(), sha256, what, fix)
         yield mapping
     finally:
         mapping.close()
 
 
 class HashCache:
-    """sha256 of files keyed on (size, mtime, ctime, inode), for freshness checks in ``make`` chains.
+    """sha256 of files keyed on (size, mtime, ctime, inode), in ``<run dir>/.sha256-cache.json``,
+    for freshness checks in ``make`` chains.
 
-    A file whose size, modification time, status-change time (ns) and inode are unchanged since it
-    was hashed is not read again. ``touch -r`` after an in-place edit restores the mtime but not
-    the ctime, so such an edit is rehashed (faults.md #30). Bit rot changes neither: every reader
-    that hashes bytes fully (``run``, ``serve``, ``verify``, ``package``) and finds a mismatch
-    drops the file's entry (:meth:`forget`), so the next stage rehashes it and agrees.
-    The cache lives in ``<run dir>/.sha256-cache.json`` and is rewritten atomically.
+    ``touch -r`` after an in-place edit restores the mtime but not the ctime, so such an edit is
+    rehashed (faults.md #30). Bit rot changes neither: every reader that hashes bytes fully
+    (``run``, ``serve``, ``verify``, ``package``) and finds a mismatch drops the file's entry
+    (:meth:`forget`), so the next stage rehashes it and agrees.
     """
 
     NAME = ".sha256-cache.json"
@@ -186,16 +167,12 @@ def verify_files(
     cache: HashCache | None = None,
     contents: bool = True,
 ) -> None:
-    """Check that every file exists with its recorded size and sha256.
+    """Check that every file exists inside ``root`` with its recorded size and sha256.
 
-    Paths are checked first (inside ``root``, no symlink: see :func:`contained_path`); sizes are
-    checked before hashing, so a truncated multi-GB file fails fast. Every problem is collected
-    and reported together.
+    Paths first (:func:`contained_path`), sizes before hashing (a truncated multi-GB file fails
+    fast); every problem is reported together, after ``what``.
 
     Args:
-        root: the directory the records are relative to.
-        files: the records.
-        what: prefix of the error message.
         cache: reuse digests of unchanged files (freshness checks only; see :class:`HashCache`).
         contents: ``False`` checks presence and sizes only, for files whose reader hashes the
             bytes it loads itself (engines).
@@ -239,7 +216,6 @@ def verify_files(
 
 
 def current_umask() -> int:
-    """This process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -251,11 +227,8 @@ def published_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place.
-
-    A reader sees either the old file or the whole new one; a killed writer leaves only a hidden
-    ``.<name>.*.tmp`` file, never a partial ``path``.
-    """
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: a killed writer
+    leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

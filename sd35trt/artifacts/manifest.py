@@ -1,22 +1,14 @@
-"""Run manifests: records, digests, staged publishing and verification.
+"""Run manifests: records, staged publishing and verification.
 
-A run directory ``runs/<name>/`` holds one sub-directory per stage (``calibrate/``, ``onnx/``,
-``engines/``) and ``manifest.json`` with one record per stage. A record lists every file the
-stage wrote (path relative to the run directory, size, sha256), the digest of the config
-sections the stage depends on, the digests of the upstream records it used, and tool versions;
-the records are typed (:mod:`sd35trt.artifacts.records`) and a manifest that does not validate is one
-:class:`~sd35trt.errors.ManifestError` line naming the file and the field. ``Stage`` and
-``FileRecord`` live with the record models and are importable from here too.
+``runs/<name>/manifest.json`` holds one typed record per stage (:mod:`sd35trt.artifacts.records`):
+every file the stage wrote (path relative to the run directory, size, sha256), the digest of the
+config sections it depends on, the digests of the upstream records it used, and tool versions.
 
-Stages publish atomically: they write into a temporary sibling directory, rename it into place,
-and only then add their record (the manifest itself is replaced with ``os.replace``). Between
-the rename and the record a marker file (``.<dir>.unrecorded``) says that the directory on disk
-is not the recorded one, so a stage killed in that window is named as interrupted by every
-later check, and re-done by its own next run. A stage killed at any other point leaves the old
-complete state or a record-less directory that the next stage refuses; its leftovers are
-removed by the next run of the same stage, whatever that run decides.
-
-The file-level helpers (sha256 checks, the hash cache, atomic writes) are :mod:`sd35trt.artifacts.files`.
+Stages publish atomically: into a temporary sibling directory, renamed into place, then the record
+(the manifest is replaced with ``os.replace``). Between rename and record a marker file
+(``.<dir>.unrecorded``) names the stage as interrupted to every later check, and its next run
+redoes it. A stage killed at any other point leaves the old state or a record-less directory that
+the next stage refuses; the next run of the same stage removes the leftovers.
 """
 
 from __future__ import annotations
@@ -41,6 +33,7 @@ from sd35trt.artifacts.files import (
     verify_files,
 )
 from sd35trt.artifacts.records import RECORD_TYPES, FileRecord, Fingerprint, ManifestFile, Stage, StageRecord
+from sd35trt.component_table import refuse_untyped_controlnet
 from sd35trt.errors import (
     ManifestError,
     StaleArtifactError,
@@ -86,30 +79,25 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _leftovers(run_dir: Path, name: str) -> list[Path]:
-    return [*run_dir.glob(f".{name}.tmp-*"), *run_dir.glob(f".{name}.old-*")]
+def clean_leftovers(run_dir: str | Path, name: str) -> None:
+    """Remove what a killed run of the stage writing ``run_dir/name`` left behind, and temporary
+    files of the run manifest and the hash cache.
 
-
-def clean_leftovers(run_dir: str | Path, name: str) -> list[Path]:
-    """Remove what a killed run of the stage writing ``run_dir/name`` left behind.
-
-    Also removes the temporary files of an interrupted write of the run manifest or the hash
-    cache. Call it only
-    while holding the run directory's lock (:mod:`sd35trt.artifacts.runlock`): another writer's staging
-    directory looks the same.
+    Call it only while holding the run directory's lock (:mod:`sd35trt.artifacts.runlock`): another
+    writer's staging directory looks the same.
     """
     run_dir = Path(run_dir)
-    removed = [
-        *_leftovers(run_dir, name),
-        *run_dir.glob(f".{MANIFEST_NAME}.*.tmp"),
-        *run_dir.glob(f".{HashCache.NAME}.*.tmp"),
-    ]
-    for p in removed:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return removed
+    for pattern in (
+        f".{name}.tmp-*",
+        f".{name}.old-*",
+        f".{MANIFEST_NAME}.*.tmp",
+        f".{HashCache.NAME}.*.tmp",
+    ):
+        for p in run_dir.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def unrecorded_marker(run_dir: str | Path, stage: Stage) -> Path:
@@ -121,13 +109,8 @@ def unrecorded_marker(run_dir: str | Path, stage: Stage) -> Path:
 def staged_directory(run_dir: str | Path, name: str, marker: Path | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``run_dir/name`` on success.
 
-    On an exception the temporary directory is removed and ``run_dir/name`` is untouched.
-
-    Args:
-        run_dir: the parent of the published directory.
-        name: the published directory's name.
-        marker: a file created just before the rename (stages pass :func:`unrecorded_marker`,
-            which :meth:`RunManifest.put` removes once the record is written).
+    On an exception it is removed and ``run_dir/name`` is untouched. ``marker``: a file created
+    just before the rename (stages pass :func:`unrecorded_marker`; :meth:`RunManifest.put` removes it).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,18 +139,11 @@ def staged_directory(run_dir: str | Path, name: str, marker: Path | None = None)
         shutil.rmtree(old, ignore_errors=True)
 
 
-def staged_output(run_dir: str | Path, stage: Stage) -> contextlib.AbstractContextManager[Path]:
-    """:func:`staged_directory` for ``stage``'s output, with its :func:`unrecorded_marker`."""
-    return staged_directory(run_dir, stage.directory, marker=unrecorded_marker(run_dir, stage))
-
-
 class RunManifest:
     """``runs/<name>/manifest.json``: at most one typed record per stage.
 
-    The records are :mod:`sd35trt.artifacts.records`'s.
-
-    Every read parses and validates the whole file, so a record edited by hand or written by
-    another version is reported (one line naming the file and the field) before it is used.
+    Every read validates the whole file, so a record edited by hand or written by another version
+    is reported (one line naming the file and the field) before it is used.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -179,8 +155,7 @@ class RunManifest:
 
         Raises:
             ManifestError: the file is not JSON, has another format version, or a field does not
-                match its schema (the message names the file and the field, e.g.
-                ``records.export.details.components.transformer.onnx``).
+                match its schema (naming the file and the field).
         """
         try:
             raw = self.path.read_bytes()
@@ -193,6 +168,13 @@ class RunManifest:
                 f"{self.path} has format {data.get('format')!r}, this sd35trt reads format "
                 f"{FORMAT_VERSION}: {fix}"
             )
+        records = data.get("records")
+        for stage, record in records.items() if isinstance(records, dict) else ():
+            details = record.get("details") if isinstance(record, dict) else None
+            # an export's components, and the single ControlNet type a stage's model once recorded
+            parts = [details.get(k) for k in ("components", "model")] if isinstance(details, dict) else []
+            names = [name for part in parts if isinstance(part, dict) for name in part]
+            refuse_untyped_controlnet(names, f"the {stage} record in {self.path}")
         try:
             # JSON-mode strict validation: no coercion, so a valid record dumps back to the same
             # JSON and keeps the digest its downstream records name it by.
@@ -204,26 +186,9 @@ class RunManifest:
     def get(self, stage: Stage) -> StageRecord | None:
         return self.load().get(stage)
 
-    def require(self, stage: Stage, hint: str = "") -> StageRecord:
-        """The record of ``stage``.
-
-        Raises:
-            ManifestError: there is none (the message says which command to run), or the
-                manifest does not validate.
-        """
-        rec = self.get(stage)
-        if rec is None:
-            raise self._missing(stage, hint)
-        return rec
-
-    def _missing(self, stage: Stage, hint: str) -> ManifestError:
-        cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
-        return ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
-
     def put(self, stage: Stage, record: StageRecord) -> None:
-        """Add or replace the record of ``stage`` (atomically, after its files are in place).
-
-        Removes the stage's :func:`unrecorded_marker`: directory and record agree again.
+        """Add or replace the record of ``stage`` (atomically, after its files are in place) and remove
+        its :func:`unrecorded_marker`.
 
         Raises:
             ValueError: ``record`` is another stage's (a bug).
@@ -249,7 +214,6 @@ class RunManifest:
         """The record of ``stage`` after checking its files, its config digest and its upstream.
 
         Args:
-            stage: the stage whose output is about to be used.
             fingerprint: the stage's current :class:`Fingerprint` (or only its digest); ``None``
                 skips the check. With a fingerprint, a stale record names what changed.
             hint: appended to the suggested command (e.g. ``--config configs/tiny.yaml``).
@@ -266,7 +230,8 @@ class RunManifest:
         records = self.load()
         rec = records.get(stage)
         if rec is None:
-            raise self._missing(stage, hint)
+            cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
+            raise ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
         rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
         fix = f"bring the chain up to date with `{chain}`" if chain else f"re-run {rerun}"
         output = f"the {stage.value} output in {self.run_dir}"
@@ -300,7 +265,6 @@ def new_record(
     """A record of ``stage`` ready for :meth:`RunManifest.put`, created now with this machine's versions.
 
     Args:
-        stage: the stage writing it.
         fingerprint: what the stage's output was made from (:meth:`Fingerprint.of`), or only
             its digest (then the record keeps no inputs).
         files: the files it wrote (relative to the run directory).

@@ -195,24 +195,39 @@ class LoraInput(RecordModel):
     hub: HubRevision | None = None
 
 
+class ControlNetInput(RecordModel):
+    """A ControlNet exported beside the weights
+    (:meth:`sd35trt.models.controlnet.ResolvedControlNet.provenance`)."""
+
+    #: its control type (``model.controlnet[i].type``), which names its engine.
+    type: ControlType
+    #: where it was read when ``path`` named it, and its Hub commit for a repo id.
+    directory: str | None = None
+    hub: HubRevision | None = None
+
+    @model_serializer(mode="wrap")
+    def _location_only_where_named(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.directory is None:
+            data.pop("directory", None)
+            data.pop("hub", None)
+        return data
+
+
 class ModelInput(RecordModel):
     """The weights a stage was made from (:meth:`sd35trt.models.loading.ResolvedModel.provenance`)."""
 
     directory: str
     hub: HubRevision | None = None
     loras: tuple[LoraInput, ...] = ()
-    #: the control type of the ControlNet exported beside it (``model.controlnet``), else ``None``.
-    controlnet: ControlType | None = None
-    #: where a ControlNet named by ``model.controlnet.path`` was read, and its Hub commit for a repo id.
-    controlnet_directory: str | None = None
-    controlnet_hub: HubRevision | None = None
+    #: the ControlNets exported beside it (``model.controlnet``), in the config's order.
+    controlnets: tuple[ControlNetInput, ...] = ()
 
     @model_serializer(mode="wrap")
     def _controlnet_only_where_exported(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)  # records without a ControlNet keep their digests
-        for key in ("controlnet", "controlnet_directory", "controlnet_hub"):
-            if getattr(self, key) is None:
-                data.pop(key, None)
+        if not self.controlnets:
+            data.pop("controlnets", None)
         return data
 
 

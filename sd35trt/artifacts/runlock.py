@@ -1,25 +1,16 @@
-"""One writer per run directory.
+"""One writer per run directory, and the checks before a stage writes one.
 
-Every stage that writes ``runs/<name>/`` (``calibrate``, ``export``, ``build``) and ``package``,
-which reads what they publish, hold an OS file lock (through ``filelock``; the kernel releases it
-when the holder dies, even by SIGKILL). The lock file sits beside the run directory,
-``runs/.<name>.sd35trt-lock``, so a refused or failed command leaves nothing inside it. Beside the
-lock, ``runs/.<name>.sd35trt-lock.holder`` names the holder's pid, command and start time, so a
-second writer that cannot get the lock within ``wait_s`` is refused with a line naming who holds it.
-
-Inside the lock a stage first removes the leftovers of an interrupted run of itself (staging
-directories, temporary manifest files), whatever it then decides to do: without the lock, that
-clean-up would delete a running writer's staging directory.
-
-Before any of that, :func:`check_run_dir` refuses a directory that is not a run (faults.md #29):
-a folder holding anything but a run manifest and what sd35trt writes before its first record,
-or an engines directory. A directory that cannot be written is one line naming it (#32).
+Every stage that writes ``runs/<name>/``, and ``package``, holds an OS file lock (``filelock``;
+released by the kernel when the holder dies, even by SIGKILL) beside the run directory,
+``runs/.<name>.sd35trt-lock``, so a refused command leaves nothing inside it. Its ``.holder`` file
+names the holder's pid, command and start time for the message a second writer gets. Inside the
+lock a stage first removes the leftovers of an interrupted run of itself: without the lock, that
+would delete a running writer's staging directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -30,7 +21,7 @@ from pathlib import Path
 
 from sd35trt.artifacts.files import atomic_write_json
 from sd35trt.artifacts.manifest import MANIFEST_NAME, Stage, clean_leftovers, now_utc
-from sd35trt.errors import RunDirBusyError, RunDirError
+from sd35trt.errors import WRITE_ERRNOS, RunDirBusyError, RunDirError
 from sd35trt.user_files import read_json
 
 LOCK_SUFFIX = ".sd35trt-lock"
@@ -56,12 +47,10 @@ def _holder(path: Path) -> str:
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S) -> Iterator[None]:
-    """Hold ``run_dir``'s writer lock for the ``with`` block.
+    """Hold ``run_dir``'s writer lock for the ``with`` block (``run_dir`` is not created, its parent is).
 
-    Args:
-        run_dir: the run directory (not created here; its parent is).
-        what: what the holder does (``"build"``), recorded for the message others get.
-        wait_s: seconds to wait for another holder to finish before refusing.
+    ``what`` (``"build"``) is recorded for the message others get; ``wait_s``: seconds to wait for
+    another holder before refusing.
 
     Raises:
         RunDirBusyError: another process held the lock for ``wait_s`` seconds (its pid and
@@ -92,27 +81,21 @@ def run_dir_lock(run_dir: str | Path, what: str, wait_s: float = DEFAULT_WAIT_S)
         lock.release()
 
 
-#: What a full or read-only disk, or missing permissions, raise (faults.md #32).
-UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-
-
 @contextlib.contextmanager
 def unwritable_is_one_line(what: str, root: str | Path | None = None) -> Iterator[None]:
-    """Turn "cannot write here" (read-only, no permission, disk full) into one line naming the path.
-
-    Args:
-        what: the command (``build``), named in the message.
-        root: when given, only errors on paths inside it (or on no path: a full disk) are turned.
+    """Turn "cannot write here" (read-only, no permission, disk full) into one line naming the path
+    and the command ``what``; with ``root``, only errors on paths inside it (or on none) are turned.
 
     Raises:
-        RunDirError: an ``OSError`` of :data:`UNWRITABLE` was raised in the block.
+        RunDirError: an ``OSError`` of :data:`~sd35trt.errors.WRITE_ERRNOS` was raised in the block
+            (faults.md #32).
     """
     try:
         yield
     except OSError as err:
         name = err.filename
         inside = root is None or name is None or Path(name).absolute().is_relative_to(Path(root).absolute())
-        if err.errno not in UNWRITABLE or not inside:
+        if err.errno not in WRITE_ERRNOS or not inside:
             raise
         raise RunDirError(
             f"`sd35trt {what}` cannot write {name or root or 'the run directory'}: {err.strerror}; "

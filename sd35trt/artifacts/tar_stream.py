@@ -140,19 +140,14 @@ def _pax_size(records: bytes) -> int | None:
     return size
 
 
-def tar_stream(archive: Path) -> contextlib.AbstractContextManager[io.BufferedReader]:
+@contextlib.contextmanager
+def tar_stream(archive: Path) -> Iterator[io.BufferedReader]:
     """``archive`` (gzip-compressed or not) as a checked tar stream (see :class:`_HeaderGuard`)."""
-    raw = open(archive, "rb")  # noqa: SIM115 (closed with the returned stream)
-    compressed = raw.read(2) == b"\x1f\x8b"
-    raw.seek(0)
-    source = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
-
-    @contextlib.contextmanager
-    def stream() -> Iterator[io.BufferedReader]:
+    with open(archive, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        source = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         try:
             yield io.BufferedReader(_HeaderGuard(source, archive), 1 << 20)
         finally:
             source.close()
-            raw.close()
-
-    return stream()

@@ -1,9 +1,6 @@
 """What an engine backend is: one object per backend, registered in :mod:`sd35trt.backends.registry`.
 
-A backend knows its engine file suffix, its label, its default device, what a machine needs to
-build and run it (the machine check), how to build one engine from an ONNX file, and how to open
-the engines of a manifest as :class:`~sd35trt.backends.engine.Engine` objects. Build, verify, the
-runtime, package and bench ask the registry instead of branching on the backend.
+Build, verify, the runtime, package and bench ask the registry instead of branching on the backend.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.backends.machine import MachineInfo
+from sd35trt.backends.machine import NO_MACHINE, MachineInfo
 from sd35trt.components import Component, ShapeRange
 from sd35trt.config import Backend, BuildSettings
 
@@ -28,22 +25,13 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BuildJob:
-    """One engine to build.
+    """One engine to build: ``source`` ONNX (external weights beside it) to ``target``.
 
     Attributes:
-        component: which one.
-        source: the ONNX file (external weights beside it).
-        target: the engine file to write (``<engines>/<component><suffix>``).
-        shapes: the optimization profile per input (min / opt / max).
-        settings: the config's ``build`` section.
         fp8: the source has FP8 Q/DQ layers.
         external_data: the source keeps its weights in external files (models over 2 GB).
-        machine: this machine (TensorRT version, GPU).
         run_dir: the run directory (TensorRT keeps its timing cache there).
-        progress: receives progress lines.
         label: prefix of the progress lines, e.g. ``[4/5] transformer``.
-        allow_partial_fp8: an FP8 engine with fewer FP8 GEMMs than quantized layers is a warning,
-            not an error.
         build_has_fp8: some engine of this build is FP8 (TensorRT-RTX then targets, by default,
             only GPUs with FP8, so that every engine of the set runs on the same GPUs).
     """
@@ -59,7 +47,6 @@ class BuildJob:
     run_dir: Path
     progress: Progress
     label: str
-    allow_partial_fp8: bool = False
     build_has_fp8: bool = False
 
 
@@ -92,13 +79,11 @@ class OpenOptions:
         device: ``cpu`` or ``cuda[:N]``; ``None`` for the backend's default.
         intra_op_threads: ONNX Runtime intra-op threads (``None``: its default).
         use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated input shapes.
-        share_activation_memory: TensorRT: one device buffer for every engine's activations.
     """
 
     device: str | None = None
     intra_op_threads: int | None = None
     use_cuda_graph: bool = False
-    share_activation_memory: bool = True
 
 
 class EngineBackend(abc.ABC):
@@ -109,9 +94,10 @@ class EngineBackend(abc.ABC):
     suffix: str  # engine file suffix: ".plan"
     default_device: str
     requirements: str = "nothing"  # what building and running needs, for people
-    #: Engines are built for GPU targets, not for the building machine (TensorRT-RTX): a machine
-    #: without a GPU verifies their files and is told which GPUs run them, without failing.
+    #: Engines built for GPU targets, not this machine (TensorRT-RTX): verified without a GPU.
     portable: bool = False
+    #: Whether :meth:`incompatibility` needs the detected machine (else it is not detected).
+    needs_machine_check: bool = False
 
     def missing(self, machine: MachineInfo) -> list[str]:
         """What this machine lacks to build and run this backend's engines (empty: nothing)."""
@@ -127,7 +113,7 @@ class EngineBackend(abc.ABC):
 
     def recorded_machine(self, machine: MachineInfo) -> MachineInfo:
         """The part of ``machine`` an engine of this backend is tied to (recorded with it)."""
-        return MachineInfo(tensorrt_version=None, gpu=None)
+        return NO_MACHINE
 
     def built_for(self, record: EngineRecord) -> str:
         """``sm_90 / TensorRT 11.4.0``, or the label for machine-independent engines."""
@@ -142,16 +128,8 @@ class EngineBackend(abc.ABC):
         return self.requirements
 
     def rebuild_reason(self, record: EngineRecord, machine: MachineInfo) -> str | None:
-        """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would).
-
-        Engines built for this machine: whatever keeps it from loading them.
-        """
+        """Why a build on ``machine`` would not reuse ``record``'s engine (``None``: it would)."""
         return self.incompatibility(record, machine)
-
-    @property
-    def needs_machine_check(self) -> bool:
-        """Whether :meth:`incompatibility` needs the detected machine (else it is not detected)."""
-        return False
 
     def runtime_problems(self) -> list[str]:
         """What is missing to run the engines here that :meth:`incompatibility` does not see."""

@@ -1,22 +1,21 @@
-"""The interface every engine backend implements (TensorRT, ONNX Runtime, PyTorch reference).
+"""The engine every backend runs (TensorRT, ONNX Runtime, PyTorch reference).
 
-Lifecycle, as in Polygraphy's runners: construct (cheap, touches no device), ``activate()``
-(deserialize / create the session, allocate), ``infer()`` any number of times, ``deactivate()``
-(free everything). The base class owns that lifecycle and the checks every backend needs (state,
-missing inputs, the outputs the spec promises); a backend implements only the ``_activate_impl``,
-``_infer_impl`` and ``_deactivate_impl`` hooks. Inputs and outputs are torch tensors keyed by the
-names of the component's :class:`~sd35trt.components.ComponentSpec`; a backend copies to and from
-its device as needed.
+Lifecycle, as in Polygraphy's runners: construct (touches no device), ``activate()``, ``infer()``
+any number of times, ``deactivate()``. The base class guards state, inputs and outputs; a backend
+implements the ``_activate_impl``, ``_infer_impl`` and ``_deactivate_impl`` hooks. Inputs and
+outputs are torch tensors keyed by the :class:`~sd35trt.components.ComponentSpec`'s names.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import ComponentSpec
-from sd35trt.errors import EngineLoadError
+from sd35trt.errors import EngineLoadError, VerificationError
 
 if TYPE_CHECKING:  # torch is imported by the backends themselves, only when they run
     import torch
@@ -79,6 +78,15 @@ class Engine(abc.ABC):
             )
         return outputs
 
+    def _check_io(self, path: Path, inputs: Iterable[str], outputs: Iterable[str]) -> None:
+        """Raises VerificationError when the loaded model's tensor names are not the spec's."""
+        found = (sorted(inputs), sorted(outputs))
+        if found != (sorted(self.spec.input_names), sorted(self.spec.output_names)):
+            raise VerificationError(
+                f"{path} has inputs {found[0]} and outputs {found[1]}, the {self.name} spec expects "
+                f"{sorted(self.spec.input_names)} and {sorted(self.spec.output_names)}; {REBUILD}"
+            )
+
     def deactivate(self) -> None:
         """Free the engine and its buffers; a no-op when not active."""
         if not self._active:
@@ -89,16 +97,14 @@ class Engine(abc.ABC):
             self._active = False
 
     @abc.abstractmethod
-    def _activate_impl(self) -> None:
-        """Backend hook of :meth:`activate` (called only when inactive)."""
+    def _activate_impl(self) -> None: ...
 
     @abc.abstractmethod
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Backend hook of :meth:`infer`: ``feeds`` holds exactly the spec's inputs."""
+        """``feeds`` holds exactly the spec's inputs."""
 
     @abc.abstractmethod
-    def _deactivate_impl(self) -> None:
-        """Backend hook of :meth:`deactivate` (called only when active)."""
+    def _deactivate_impl(self) -> None: ...
 
     def __enter__(self) -> Engine:
         self.activate()

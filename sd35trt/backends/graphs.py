@@ -1,13 +1,9 @@
-"""A bounded, shape-keyed cache of captured CUDA graphs.
+"""A bounded, shape-keyed cache of captured CUDA graphs (no torch import: tested on CPU).
 
 Inside skip-layer guidance's window the transformer alternates two input shapes (batch 2N for
-the CFG pass, N for the skip pass): a cache holding one shape set would recapture on every call.
-This cache holds several, least recently used evicted first. A shape is captured only on its
-second call: the first runs eagerly, which is also the warm-up TensorRT needs before a capture
-(its first enqueue finishes deferred setup), so engines called once per image (text encoders,
-VAE) never run twice and never pay a capture they cannot amortize.
-
-Nothing here imports torch: the capture is a callable, so the policy is tested on CPU.
+CFG, N for the skip pass), so the cache holds several, least recently used evicted first. A shape
+is captured on its second call only: the first runs eagerly, the warm-up TensorRT needs before a
+capture, and engines called once per image (text encoders, VAE) never pay a capture.
 """
 
 from __future__ import annotations
@@ -17,9 +13,6 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 G = TypeVar("G")
-
-#: Shape sets kept per engine: CFG and skip passes, plus room for a second image size.
-DEFAULT_CAPACITY = 4
 
 
 class GraphCache(Generic[G]):
@@ -34,7 +27,7 @@ class GraphCache(Generic[G]):
     def __init__(
         self,
         capture: Callable[[Hashable], G],
-        capacity: int = DEFAULT_CAPACITY,
+        capacity: int = 4,  # CFG and skip passes, plus room for a second image size
         on_evict: Callable[[G], None] | None = None,
     ) -> None:
         if capacity < 1:

@@ -1,30 +1,12 @@
-"""What a built engine really runs: its layer information, read back into a typed record.
+"""What a built engine really runs: its layer information, read back into a :class:`LayerReport`.
 
-Two sources feed the same :class:`LayerReport`. After a TensorRT build
-(``ProfilingVerbosity.DETAILED``), ``IEngineInspector.get_engine_information
-(LayerInformationFormat.JSON)`` describes every engine layer. The documented format (TensorRT
-developer guide, "Engine Inspector"; the 10.x -> 11.x migration note) is a JSON object whose
-``"Layers"`` list holds one object per layer with ``"Name"``, ``"LayerType"``, ``"Inputs"`` and
-``"Outputs"`` (each tensor with ``"Name"``, ``"Dimensions"`` and its format and type in
-``"Format/Datatype"``, e.g. ``"Row major linear FP8 format"``; 11.x adds separate ``"DataType"``
-fields), ``"TacticName"`` and ``"Metadata"`` (the ONNX node names the layer came from). With
-``LAYER_NAMES_ONLY`` the list holds bare names, which say nothing about precision.
-
-A TensorRT-RTX build cannot deserialize its plan without a GPU, so its layers are read from the
-builder's own log instead (:func:`parse_builder_log`): with ``ProfilingVerbosity.DETAILED`` the
-builder logs, at verbose severity, one ``Layers:`` message with a line per engine layer
-(``Name: ..., LayerType: gemm, Inputs: [ { ..., Datatype: FP8, ... }], Constants: [...],
-Outputs: [...], TacticName: ..., StreamId: 0, Metadata: [ONNX Layer: ...]...``), and at info
-severity ``Total Activation Memory: N bytes`` and ``Total Weights Memory: N bytes``. That format
-is what TensorRT-RTX 1.7 prints (captured builds in ``tests/unit/data/rtx``).
-
-From it :func:`summarize` derives the per-engine :class:`LayerReport` the engine manifest
-records: layers by precision and by output type, the FP8 GEMM layers with the quantized ONNX
-MatMuls inside each, the quantized nodes in no FP8 GEMM (fell back to a higher precision), the
-layers that look like fused attention, by tactic (see :func:`is_fused_attention`: a name-based
-reading that a GPU run must confirm, README "On a GPU"), and weights and activation memory where
-the source gives them.
-Nothing here imports TensorRT; :func:`quantized_linear_nodes` reads the ONNX graph with ``onnx``.
+Two sources: after a TensorRT build, ``IEngineInspector.get_engine_information(JSON)``
+(:func:`parse_layer_information`); after a TensorRT-RTX build, whose plan cannot be deserialized
+without a GPU, the builder's own log (:func:`parse_builder_log`). :func:`summarize` derives the
+report the engine manifest records: layers by precision and output type, the FP8 GEMM layers with
+the quantized ONNX MatMuls inside each, the quantized nodes that fell back to a higher precision,
+fused attention layers by tactic, and memory where the source gives it. Nothing here imports
+TensorRT; :func:`quantized_linear_nodes` reads the ONNX graph with ``onnx``.
 """
 
 from __future__ import annotations
@@ -110,8 +92,7 @@ class EngineLayer:
 
     @property
     def precision(self) -> Precision:
-        """The layer's compute type: FP8 when any input is FP8 (a quantized GEMM reads FP8 and
-        writes a wider type), else its first output's type."""
+        """FP8 when any input is FP8 (a quantized GEMM writes a wider type), else its first output's."""
         if Precision.FP8 in self.inputs:
             return Precision.FP8
         known = [p for p in (*self.outputs, *self.inputs) if p is not Precision.UNKNOWN]
@@ -128,11 +109,8 @@ class EngineLayer:
         return self.is_gemm and Precision.FP8 in self.inputs and fp8_weights
 
     def mentions(self, onnx_node: str) -> bool:
-        """Whether this layer was made from ``onnx_node``.
-
-        Exactly one of the ONNX nodes its metadata names, when it names any (``.../MatMul`` is
-        not ``.../MatMul_1``); else the node's name within the layer's name or metadata.
-        """
+        """Whether this layer was made from ``onnx_node``: one of the ONNX nodes its metadata names
+        (``.../MatMul`` is not ``.../MatMul_1``), else a substring of its name or metadata."""
         nodes = self.onnx_nodes
         if nodes:
             return onnx_node in nodes
@@ -142,11 +120,9 @@ class EngineLayer:
 def is_fused_attention(layer: EngineLayer) -> bool:
     """Whether ``layer`` is one fused attention kernel (softmax(QK^T)V in one layer).
 
-    TensorRT names its fused multi-head attention layers and tactics after the kernel family
-    (``mha``, ``fmha``, flash attention); an unfused attention shows up as two batched GEMMs and
-    a softmax instead. This reads names, so it is a heuristic to be confirmed on a GPU. The
-    layer's own name counts only where no tactic is known: a projection GEMM of a module named
-    ``SelfAttention`` is no fused attention.
+    A heuristic on TensorRT's kernel-family names (``mha``, ``fmha``, flash), to be confirmed on a
+    GPU. The layer's own name counts only where no tactic is known: a projection GEMM of a module
+    named ``SelfAttention`` is no fused attention.
     """
     return bool(_ATTENTION.search(layer.layer_type) or _ATTENTION.search(layer.tactic)) or (
         not layer.tactic
@@ -162,6 +138,12 @@ class LayerInfoError(ValueError):
 
 def parse_layer_information(text: str) -> tuple[list[EngineLayer], bool]:
     """Parse ``get_engine_information(LayerInformationFormat.JSON)``.
+
+    The documented format (TensorRT developer guide, "Engine Inspector"; the 10.x -> 11.x migration
+    note): a ``"Layers"`` list of objects with ``"Name"``, ``"LayerType"``, ``"Inputs"`` and
+    ``"Outputs"`` (each tensor's type in ``"Format/Datatype"``, e.g. ``"Row major linear FP8
+    format"``; 11.x adds ``"DataType"``), ``"TacticName"`` and ``"Metadata"`` (the ONNX node names).
+    Built without ``ProfilingVerbosity.DETAILED``, the list holds bare names.
 
     Returns:
         ``(layers, detailed)``: ``detailed`` is False when the engine was built without
@@ -262,13 +244,7 @@ LAYERS_MESSAGE = "Layers:"
 
 @dataclass(frozen=True)
 class BuilderLog:
-    """What a TensorRT-RTX builder log says it built.
-
-    Attributes:
-        layers: one per layer line of the ``Layers:`` section.
-        activation_bytes: ``Total Activation Memory`` (``None`` when not logged).
-        weights_bytes: ``Total Weights Memory`` (``None`` when not logged).
-    """
+    """What a TensorRT-RTX builder log says it built (memory totals ``None`` when not logged)."""
 
     layers: list[EngineLayer]
     activation_bytes: int | None
@@ -293,13 +269,17 @@ def _log_types(tensors: str) -> tuple[Precision, ...]:
 def parse_builder_log(text: str) -> BuilderLog:
     """Parse a TensorRT-RTX builder log (``ProfilingVerbosity.DETAILED``, verbose messages kept).
 
+    With ``ProfilingVerbosity.DETAILED`` the builder logs, at verbose severity, one ``Layers:``
+    message with a line per engine layer (``Name: ..., LayerType: gemm, Inputs: [ { ...,
+    Datatype: FP8, ... }], Constants: [...], Outputs: [...], TacticName: ..., StreamId: 0,
+    Metadata: [ONNX Layer: ...]``), and at info severity ``Total Activation Memory: N bytes`` and
+    ``Total Weights Memory: N bytes``: what TensorRT-RTX 1.7 prints (``tests/unit/data/rtx``).
+
     Args:
-        text: the log, one message after another; the ``Layers:`` message spans several lines.
-            Lines may carry a severity prefix (``[V] Layers:``).
+        text: the log; lines may carry a severity prefix (``[V] Layers:``).
 
     Returns:
-        The layers of the ``Layers:`` section (the last one, should the log hold several builds)
-        and the total memory lines.
+        The layers of the last ``Layers:`` section and the total memory lines.
 
     Raises:
         LayerInfoError: no ``Layers:`` section, or a line in it that is not a layer line.
@@ -334,11 +314,8 @@ def parse_builder_log(text: str) -> BuilderLog:
 
 
 def _quantized_types(graph) -> dict[str, Precision]:
-    """Names of the graph's FP8 / FP4 tensors: initializers, typed values and quantizer outputs.
-
-    A ``QuantizeLinear``'s output has its zero point's type (ONNX), which the exported graph may
-    not repeat in ``value_info``.
-    """
+    """Names of the graph's FP8 / FP4 tensors: initializers, typed values and quantizer outputs
+    (a ``QuantizeLinear``'s output has its zero point's type, not always in ``value_info``)."""
     from onnx import TensorProto
 
     low = {
@@ -365,13 +342,9 @@ def quantized_formats(onnx_path: str | Path) -> set[Precision]:
 
 
 def quantized_linear_nodes(onnx_path: str | Path) -> list[str]:
-    """Names of the MatMul / Gemm nodes of an ONNX file that read an FP8 ``DequantizeLinear``.
-
-    The ``DequantizeLinear`` reads an FP8 tensor: an FP8 initializer, an FP8-typed value, or a
-    ``QuantizeLinear`` output with an FP8 zero point (its own zero point may be omitted). Only the
-    graph is read (external weights are not loaded). A weight path ``DQ -> Transpose -> MatMul``
-    counts as well as ``DQ -> MatMul``.
-    """
+    """Names of the MatMul / Gemm nodes of an ONNX file (its graph only) that read, directly or
+    through a Transpose / Reshape / Cast, a ``DequantizeLinear`` of an FP8 tensor (initializer,
+    typed value, or ``QuantizeLinear`` output with an FP8 zero point)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph

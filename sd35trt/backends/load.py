@@ -1,9 +1,7 @@
 """Engines checked against this machine and opened: the step between the engine manifest and a run.
 
-A TensorRT plan is executable code tied to one TensorRT version and one GPU compute capability.
-:func:`verify_engines` therefore checks, in this order and before any backend sees a byte: sizes
-and sha256 of every file, then backend, TensorRT version and compute capability against this
-machine. What "this machine" is comes from a :class:`MachineInfo`, which tests fabricate.
+A TensorRT plan is executable code tied to one TensorRT version and one GPU compute capability, so
+:func:`verify_engines` checks both (after every file's size and sha256) before any backend sees a byte.
 """
 
 from __future__ import annotations
@@ -70,10 +68,7 @@ def verify_engines(
     cache: HashCache | None = None,
     check_machine: bool = True,
 ) -> EngineManifest:
-    """Read the engine manifest and check the engines before anything loads them.
-
-    Order: every file's size, then its sha256 (engines, external weights, tokenizers, scheduler);
-    then whether this machine can load them (for TensorRT: version and GPU compute capability).
+    """Read the engine manifest and check every file's size and sha256, then this machine.
 
     Args:
         engines_dir: a build's ``engines/`` directory.
@@ -121,18 +116,10 @@ def open_engines(
     intra_op_threads: int | None = None,
     use_cuda_graph: bool = False,
 ) -> dict[Component, Engine]:
-    """Engine objects for verified engines (constructed only: nothing is loaded until ``activate``).
+    """Engine objects for :func:`verify_engines`' manifest (constructed only, see :class:`OpenOptions`).
 
     Each engine checks the sha256 of the exact bytes it loads before its backend sees them, so a
     file swapped after :func:`verify_engines` is still refused.
-
-    Args:
-        manifest: the result of :func:`verify_engines`.
-        components: which engines (default: all).
-        device: ``"cpu"`` or ``"cuda[:N]"``; default: the backend's (TensorRT ``cuda``, ONNX
-            Runtime ``cpu``).
-        intra_op_threads: ONNX Runtime intra-op threads (``None``: ONNX Runtime's default).
-        use_cuda_graph: TensorRT: capture and replay CUDA graphs per input shape.
 
     Raises:
         BackendUnavailableError: TensorRT engines asked to run on the CPU.

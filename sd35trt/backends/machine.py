@@ -36,11 +36,11 @@ class MachineInfo:
     tensorrt_rtx_version: str | None = None
 
     @classmethod
-    def detect(cls, device_index: int | None = None) -> MachineInfo:
+    def detect(cls) -> MachineInfo:
         """Ask ``tensorrt``, ``tensorrt_rtx`` and ``torch.cuda`` (imported here, only when called)."""
         return cls(
             tensorrt_version=detect_tensorrt_version(),
-            gpu=detect_gpu(device_index),
+            gpu=detect_gpu(),
             tensorrt_rtx_version=detect_tensorrt_version("tensorrt_rtx"),
         )
 
@@ -59,14 +59,13 @@ def detect_tensorrt_version(module: str = "tensorrt") -> str | None:
         return None
 
 
-def detect_gpu(device_index: int | None = None) -> GpuInfo | None:
-    """The current (or given) CUDA device, or ``None`` where torch sees no CUDA device."""
+def detect_gpu() -> GpuInfo | None:
+    """The current CUDA device, or ``None`` where torch sees no CUDA device."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    index = torch.cuda.current_device() if device_index is None else device_index
-    props = torch.cuda.get_device_properties(index)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return GpuInfo(name=props.name, compute_capability=(props.major, props.minor))
 
 

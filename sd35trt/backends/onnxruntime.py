@@ -1,12 +1,10 @@
 """ONNX Runtime backend: offline-optimized models as engines.
 
-Build and runtime use the same session options, at ``ORT_ENABLE_BASIC``: basic rewrites
-(constant folding, redundant-node removal) are provider-independent, keep FP8
-``QuantizeLinear``/``DequantizeLinear`` pairs as they are, and fold weight quantization into FP8
-initializers. Up to ONNX Runtime 1.31 the higher levels fused ``DequantizeLinear + MatMul`` into
-``MatMulIntegerToFloat``, which has no FP8 kernel, and the session failed to load; 1.32 runs FP8 at
-every level, but EXTENDED and ALL reassociate float sums (outputs move by ~1e-6 from the validated
-BASIC result) and measured no faster on the tiny engines (``scripts/ort_levels.py``), so BASIC stays.
+Build and runtime use the same session options, at ``ORT_ENABLE_BASIC``: provider-independent
+rewrites that keep FP8 Q/DQ pairs and fold weight quantization into FP8 initializers. Up to ONNX
+Runtime 1.31 higher levels fused ``DequantizeLinear + MatMul`` into ``MatMulIntegerToFloat``, which
+has no FP8 kernel; 1.32 runs FP8 at every level, but EXTENDED and ALL move outputs by ~1e-6 from the
+validated BASIC result and measured no faster on the tiny engines (``scripts/ort_levels.py``).
 Optimizing on the CPU provider keeps the saved model portable to the CUDA provider.
 """
 
@@ -20,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts.containment import check_onnx_external_data
 from sd35trt.artifacts.files import check_file_digest, read_verified
-from sd35trt.artifacts.repair import repair_hint
+from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ComponentSpec
 from sd35trt.config import Backend
-from sd35trt.errors import BuildError, EngineLoadError, VerificationError, WriteError, free_bytes
+from sd35trt.errors import BuildError, EngineLoadError, WriteError, first_line, free_bytes
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -41,7 +39,6 @@ DEFAULT_CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "DEFAULT"}
 #: Initializers at least this large go to the external data file when a model is saved with one.
 EXTERNAL_DATA_MIN_BYTES = 1024
 _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
-REBUILD = "rebuild with `sd35trt build`"
 
 
 def session_options(intra_op_threads: int | None = None) -> onnxruntime.SessionOptions:
@@ -81,11 +78,7 @@ def optimize_model(
 ) -> dict[str, Any]:
     """Save the ``ORT_ENABLE_BASIC``-optimized form of ``source`` as ``target`` (the engine).
 
-    Args:
-        source: the exported ONNX model (its external data beside it).
-        target: where to write the optimized model.
-        external_data: write initializers to ``<target>.data`` (models over protobuf's 2 GB limit).
-        intra_op_threads: threads for the optimization session.
+    ``external_data``: write initializers to ``<target>.data`` (models over protobuf's 2 GB limit).
 
     Returns:
         The options to record in the engine manifest (level, providers, CUDA provider options).
@@ -108,7 +101,7 @@ def optimize_model(
     try:
         ort.InferenceSession(str(source), so, providers=[CPU_PROVIDER])
     except _ort_errors() as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if "serialization failed" in first.lower():  # writing the optimized model, not reading the source
             free = free_bytes(target.parent)
             raise WriteError(
@@ -118,15 +111,12 @@ def optimize_model(
         raise BuildError(f"ONNX Runtime could not optimize {source}: {first}") from None
     if not target.is_file():
         raise BuildError(f"ONNX Runtime did not write the optimized model {target}")
-    options: dict[str, Any] = {
+    return {
         "graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL,
         "optimized_with": [CPU_PROVIDER],
         "onnxruntime_version": ort.__version__,
-        "cuda_provider_options": None,
+        "cuda_provider_options": dict(DEFAULT_CUDA_PROVIDER_OPTIONS) if cuda_provider_available() else None,
     }
-    if cuda_provider_available():
-        options["cuda_provider_options"] = dict(DEFAULT_CUDA_PROVIDER_OPTIONS)
-    return options
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -146,12 +136,10 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
 class OrtEngine(Engine):
     """One component's ONNX Runtime engine (an offline-optimized ONNX model).
 
-    Inputs may live on any device and have any dtype: they are converted to the model's input
-    dtypes on the CPU (the CUDA provider copies them in); outputs come back on ``device``.
-
-    ``activate`` hashes each byte once: the model is read once, its sha256 checked, and those
-    same bytes handed to ONNX Runtime. External weights (``<model>.data``, models over 2 GB) are
-    hashed just before ONNX Runtime opens them by path, which it insists on doing itself.
+    Inputs of any device and dtype are converted to the model's input dtypes on the CPU (the CUDA
+    provider copies them in); outputs come back on ``device``. ``activate`` reads the model once,
+    checks its sha256 and hands those bytes to ONNX Runtime; external weights (``<model>.data``)
+    are hashed just before ONNX Runtime opens them by path, which it insists on doing itself.
     """
 
     def __init__(
@@ -165,17 +153,9 @@ class OrtEngine(Engine):
         intra_op_threads: int | None = None,
         cuda_provider_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """
-        Args:
-            spec: the component's I/O contract.
-            path: the optimized model.
-            sha256: when given, the bytes read are checked against it before ONNX Runtime parses
-                them.
-            extra_files: ``(path, sha256)`` of the external weight files, checked before loading.
-            device: ``cpu``, or ``cuda[:N]`` to use the CUDA provider where onnxruntime-gpu has it.
-            intra_op_threads: ONNX Runtime intra-op threads (``None``: its default).
-            cuda_provider_options: options for the CUDA provider, as recorded at build time.
-        """
+        """``sha256`` (when given) and ``extra_files`` (``(path, sha256)`` of the external weights)
+        are checked before ONNX Runtime reads them; ``device`` ``cuda[:N]`` uses the CUDA provider
+        where onnxruntime-gpu has it, with ``cuda_provider_options`` as recorded at build time."""
         super().__init__(spec)
         self.path = Path(path)
         self.sha256 = sha256
@@ -218,20 +198,12 @@ class OrtEngine(Engine):
         try:
             session = ort.InferenceSession(source, so, providers=self.providers())
         except _ort_errors() as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise EngineLoadError(
-                f"engine {self.path} matches its record, but ONNX Runtime cannot load it ({first}); {REBUILD}"
+                f"engine {self.path} matches its record, but ONNX Runtime cannot load it "
+                f"({first_line(err)}); {REBUILD}"
             ) from None
         self._input_types = {i.name: i.type for i in session.get_inputs()}
-        outputs = [o.name for o in session.get_outputs()]
-        if sorted(self._input_types) != sorted(self.spec.input_names) or sorted(outputs) != sorted(
-            self.spec.output_names
-        ):
-            raise VerificationError(
-                f"{self.path} has inputs {sorted(self._input_types)} and outputs {sorted(outputs)}, "
-                f"the {self.name} spec expects {sorted(self.spec.input_names)} and "
-                f"{sorted(self.spec.output_names)}; {REBUILD}"
-            )
+        self._check_io(self.path, self._input_types, [o.name for o in session.get_outputs()])
         self._session = session
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,11 +1,8 @@
 """The PyTorch reference backend: each component's spec-shaped module as an :class:`Engine`.
 
-It runs :func:`sd35trt.models.modules.wrap` of the diffusers components (loaded by
-:func:`sd35trt.models.loading.load_model`, as every stage loads them), so it has exactly the I/O of
-the exported graphs, and the runtime loop can run on it unchanged: to develop the loop before
-engines exist, to compare the loop with diffusers' own pipeline (they must agree to float32
-rounding), and as the baseline of bench and eval. This is the only runtime module that imports
-diffusers, and only when a component is loaded.
+It runs :func:`sd35trt.models.modules.wrap` of the diffusers components, with exactly the I/O of
+the exported graphs, so the runtime loop runs on it unchanged: to compare the loop with diffusers'
+own pipeline (they must agree to float32 rounding), and as the baseline of bench and eval.
 """
 
 from __future__ import annotations
@@ -25,11 +22,8 @@ ModuleFactory = Callable[[], "nn.Module"]
 
 
 class TorchEngine(Engine):
-    """One component as a PyTorch module behind the engine interface.
-
-    ``activate`` calls the factory (loading weights if it does so) and moves the module to the
-    device; ``deactivate`` drops it.
-    """
+    """One component as a PyTorch module: ``activate`` calls the factory and moves the module to
+    ``device``; ``deactivate`` drops it."""
 
     def __init__(
         self,
@@ -39,14 +33,8 @@ class TorchEngine(Engine):
         device: str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> None:
-        """
-        Args:
-            spec: the component's I/O contract.
-            factory: returns the spec-shaped module (e.g. ``modules.wrap(component, model)``).
-            device: where the module runs.
-            dtype: float dtype of the module and its float inputs; ``None`` keeps the module's own
-                (a module shared with a diffusers pipeline is then left untouched).
-        """
+        """``dtype``: of the module and its float inputs; ``None`` keeps the module's own (a module
+        shared with a diffusers pipeline is then left untouched)."""
         super().__init__(spec)
         self.factory = factory
         self.device = torch.device(device)

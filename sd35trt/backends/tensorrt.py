@@ -1,19 +1,12 @@
-"""TensorRT backend: the engine runner and the backend object (the builder is in ``trt_build``).
+"""TensorRT backend: the engine runner and the backend object (the builder is ``tensorrt_build``).
 
-Written against the TensorRT 10 and 11 Python API (checked against the real bindings of both by
-``tests/unit/test_tensorrt_api.py``). ``tensorrt`` is imported inside functions only.
-
-Loading: the plan is memory-mapped, its sha256 computed on the mapping and compared with the
-manifest, and the same mapping handed to ``deserialize_cuda_engine``: each byte is read and
-hashed once, never deserialized unchecked, with no second host copy. Weight streaming budgets
-recorded with the engines are applied before the execution context exists. Activations live in
-one device buffer shared by every engine of the runtime (``ExecutionContextAllocationStrategy.
-USER_MANAGED``, sized for the largest engine, as NVIDIA's demo/Diffusion does): the stages never
-run concurrently.
-
-Running: ``set_input_shape`` / ``set_tensor_address`` on torch CUDA tensors and
-``execute_async_v3`` on one stream; with CUDA graphs, a bounded shape-keyed
-:class:`~sd35trt.backends.graphs.GraphCache` captures a shape on its second call and replays it.
+Loading: the plan is memory-mapped, its sha256 checked on the mapping and that same mapping
+deserialized (:func:`~sd35trt.artifacts.files.map_verified`). Weight streaming budgets recorded
+with the engines are applied before the execution context exists. Activations live in one device
+buffer shared by every engine of the runtime (``ExecutionContextAllocationStrategy.USER_MANAGED``,
+sized for the largest engine, as NVIDIA's demo/Diffusion does): the stages never run concurrently.
+With CUDA graphs, a :class:`~sd35trt.backends.graphs.GraphCache` captures a shape on its second
+call and replays it. ``tensorrt`` is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -26,27 +19,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts.files import map_verified
-from sd35trt.artifacts.repair import repair_hint
+from sd35trt.artifacts.repair import REBUILD, repair_hint
 from sd35trt.backends.base import BuildJob, BuiltEngine, EngineBackend, OpenOptions
 from sd35trt.backends.engine import Engine
 from sd35trt.backends.graphs import GraphCache
 from sd35trt.backends.machine import MachineInfo, same_tensorrt_version, sm_name
 from sd35trt.components import Component, ComponentSpec
-from sd35trt.config import Backend, BuildSettings
+from sd35trt.config import Backend
 from sd35trt.errors import (
     BackendUnavailableError,
     DeviceOutOfMemoryError,
     IncompatibleEngineError,
-    VerificationError,
 )
 
 if TYPE_CHECKING:
     import torch
 
     from sd35trt.artifacts.engine_manifest import EngineManifest, EngineRecord
-
-REBUILD = "rebuild with `sd35trt build`"
-_GIB = 1 << 30
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -75,27 +64,20 @@ class CudaDevice:
     def __init__(self, device: str) -> None:
         import torch
 
+        self.cuda = torch.cuda
         self.device = torch.device(device)
 
     def guard(self) -> contextlib.AbstractContextManager:
-        import torch
-
-        return torch.cuda.device(self.device)
+        return self.cuda.device(self.device)
 
     def new_stream(self) -> Any:
-        import torch
-
-        return torch.cuda.Stream(self.device)
+        return self.cuda.Stream(self.device)
 
     def current_stream(self) -> Any:
-        import torch
-
-        return torch.cuda.current_stream(self.device)
+        return self.cuda.current_stream(self.device)
 
     def use_stream(self, stream: Any) -> contextlib.AbstractContextManager:
-        import torch
-
-        return torch.cuda.stream(stream)
+        return self.cuda.stream(stream)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         import torch
@@ -109,10 +91,8 @@ class CudaDevice:
 
     def capture(self, stream: Any, run: Callable[[], None]) -> Any:
         """Capture ``run``'s work on ``stream`` into a CUDA graph (``replay()`` reruns it)."""
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        graph = self.cuda.CUDAGraph()
+        with self.cuda.graph(graph, stream=stream):
             run()
         return graph
 
@@ -120,14 +100,9 @@ class CudaDevice:
 class ActivationMemory:
     """One device buffer for the activations of every engine that attaches to it.
 
-    Sized for the largest engine (``reserve`` from the manifest, grown if an engine reports
-    more); contexts are created with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and
-    pointed at it. Growing re-points every attached context (their captured graphs are dropped
-    by their ``bind`` callbacks). The buffer is freed when the last engine detaches.
-
-    Args:
-        device: the stand-in for torch CUDA (see :class:`CudaDevice`).
-        reserve: bytes to allocate at the first attach at least (the largest recorded engine).
+    At least ``reserve`` bytes (the largest recorded engine), grown if an engine reports more;
+    growing re-points every attached context through its ``bind`` callback. Freed when the last
+    engine detaches.
     """
 
     def __init__(self, device: CudaDevice, reserve: int = 0) -> None:
@@ -204,7 +179,6 @@ class _Graph:
 class TrtEngine(Engine):
     """One component's TensorRT engine, run on torch CUDA tensors on one stream.
 
-    ``activate`` maps the plan, checks its sha256 on the mapping and deserializes that mapping.
     Subclasses for another TensorRT library set :attr:`module` and :attr:`library` and may
     override :meth:`_new_context` (TensorRT-RTX: a runtime config).
     """
@@ -228,19 +202,9 @@ class TrtEngine(Engine):
         activation_memory: ActivationMemory | None = None,
         cuda: CudaDevice | None = None,
     ) -> None:
-        """
-        Args:
-            spec: the component's I/O contract.
-            path: the plan file.
-            sha256: its sha256 from the engine manifest.
-            size: its size in bytes from the engine manifest.
-            device: the CUDA device to run on.
-            use_cuda_graph: capture CUDA graphs for repeated input shapes and replay them.
-            weight_streaming: the budget for plans built with weight streaming (``None``: off).
-            activation_memory: a buffer shared with other engines (``None``: the context allocates
-                its own).
-            cuda: the torch CUDA calls (default :class:`CudaDevice` of ``device``).
-        """
+        """``sha256`` and ``size`` (bytes) are the engine manifest's; ``weight_streaming``
+        ``None``: off; ``activation_memory`` ``None``: the context allocates its own; ``cuda``:
+        the torch CUDA calls (default :class:`CudaDevice` of ``device``)."""
         super().__init__(spec)
         self.path = Path(path)
         self.sha256 = sha256
@@ -250,7 +214,10 @@ class TrtEngine(Engine):
         self.weight_streaming = weight_streaming
         self.activation_memory = activation_memory
         self._cuda = cuda
-        self._state: dict[str, Any] = {}
+        self._loaded: tuple[Any, ...] = ()  # logger, runtime, engine: kept alive with the context
+        self._context: Any = None
+        self._stream: Any = None
+        self._dtypes: dict[str, torch.dtype] = {}
         self.graphs: GraphCache[_Graph] | None = None
         self.weight_streaming_budget: int | None = None
 
@@ -262,7 +229,7 @@ class TrtEngine(Engine):
 
     def _load(self, plan: Any) -> None:
         trt = importlib.import_module(self.module)
-        cuda = self._cuda or CudaDevice(self.device)
+        cuda = self._cuda = self._cuda or CudaDevice(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
         with cuda.guard():
             runtime = trt.Runtime(logger)
@@ -271,32 +238,14 @@ class TrtEngine(Engine):
                 raise IncompatibleEngineError(
                     f"{self.library} {trt.__version__} could not deserialize {self.path.name}: {REBUILD}"
                 )
-            if self.weight_streaming is not None:
-                self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
-            context = self._create_context(trt, engine)
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outputs = [n for n in names if n not in inputs]
-            if (sorted(inputs), sorted(outputs)) != (
-                sorted(self.spec.input_names),
-                sorted(self.spec.output_names),
-            ):
-                if self.activation_memory is not None:
-                    self.activation_memory.detach(self.name)
-                raise VerificationError(
-                    f"{self.path} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, the "
-                    f"{self.name} spec expects {sorted(self.spec.input_names)} and "
-                    f"{sorted(self.spec.output_names)}; {REBUILD}"
-                )
-            self._state = {
-                "cuda": cuda,
-                "logger": logger,
-                "runtime": runtime,
-                "engine": engine,
-                "context": context,
-                "stream": cuda.new_stream(),
-                "dtypes": {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names},
-            }
+            self._check_io(self.path, inputs, [n for n in names if n not in inputs])
+            if self.weight_streaming is not None:
+                self.weight_streaming_budget = apply_weight_streaming(engine, self.weight_streaming)
+            self._context = self._create_context(trt, engine)
+            self._loaded, self._stream = (logger, runtime, engine), cuda.new_stream()
+            self._dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         own_graphs = self.use_cuda_graph and not self.builtin_cuda_graphs
         self.graphs = GraphCache(self._capture) if own_graphs else None
 
@@ -322,8 +271,7 @@ class TrtEngine(Engine):
 
     def _bind(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Set shapes and addresses for ``inputs``; allocate and bind the outputs."""
-        s = self._state
-        context = s["context"]
+        context = self._context
         for name, t in inputs.items():
             if not context.set_input_shape(name, tuple(t.shape)):
                 raise ValueError(
@@ -333,22 +281,20 @@ class TrtEngine(Engine):
         outputs = {}
         for name in self.spec.output_names:
             shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = s["cuda"].empty(shape, s["dtypes"][name])
+            outputs[name] = self._cuda.empty(shape, self._dtypes[name])
             context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
     def _execute(self) -> None:
-        s = self._state
-        if not s["context"].execute_async_v3(s["stream"].cuda_stream):
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
             raise RuntimeError(f"engine {self.name}: execute_async_v3 failed (see the TensorRT log)")
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s = self._state
-        cuda, stream = s["cuda"], s["stream"]
+        cuda, stream = self._cuda, self._stream
         with cuda.guard():
             current = cuda.current_stream()
             inputs = {
-                n: feeds[n].detach().to(device=cuda.device, dtype=s["dtypes"][n]).contiguous()
+                n: feeds[n].detach().to(device=cuda.device, dtype=self._dtypes[n]).contiguous()
                 for n in self.spec.input_names
             }
             stream.wait_stream(current)
@@ -369,11 +315,10 @@ class TrtEngine(Engine):
 
     def _capture(self, key: Hashable) -> _Graph:
         """Static buffers of shapes ``key`` bound to the context, and a graph of one execution."""
-        s = self._state
-        cuda, stream = s["cuda"], s["stream"]
+        cuda, stream = self._cuda, self._stream
         shapes = dict(zip(self.spec.input_names, key, strict=True))
         with cuda.use_stream(stream):
-            static_in = {n: cuda.empty(shapes[n], s["dtypes"][n]) for n in self.spec.input_names}
+            static_in = {n: cuda.empty(shapes[n], self._dtypes[n]) for n in self.spec.input_names}
             static_out = self._bind(static_in)
             graph = cuda.capture(stream, self._execute)
         return _Graph(graph, static_in, static_out)
@@ -384,7 +329,7 @@ class TrtEngine(Engine):
         self.graphs = None
         if self.activation_memory is not None:
             self.activation_memory.detach(self.name)
-        self._state = {}
+        self._loaded, self._context, self._stream = (), None, None
 
 
 class TensorRTBackend(EngineBackend):
@@ -395,6 +340,7 @@ class TensorRTBackend(EngineBackend):
     suffix = ".plan"
     default_device = "cuda"
     requirements = "TensorRT and a CUDA GPU"
+    needs_machine_check = True
     #: The torch CUDA calls the engines make (the API tests put a CPU stand-in here).
     cuda_device: Callable[[str], CudaDevice] = CudaDevice
     engine_class: type[TrtEngine] = TrtEngine
@@ -423,10 +369,6 @@ class TensorRTBackend(EngineBackend):
         sm = sm_name(record.compute_capability) if record.compute_capability else "an unknown GPU"
         return f"{sm} / TensorRT {record.tensorrt_version}"
 
-    @property
-    def needs_machine_check(self) -> bool:
-        return True
-
     def incompatibility(self, record: EngineRecord, machine: MachineInfo) -> str | None:
         if machine.tensorrt_version is None or machine.gpu is None:
             missing = " and no ".join(
@@ -449,23 +391,9 @@ class TensorRTBackend(EngineBackend):
         return device
 
     def build(self, job: BuildJob) -> BuiltEngine:
-        from sd35trt.backends.layers import quantized_linear_nodes
-        from sd35trt.backends.tensorrt_build import TrtBuildOptions, build_plan, timing_cache_path
+        from sd35trt.backends.tensorrt_build import build_plan
 
-        s = job.settings
-        options = TrtBuildOptions.from_settings(s)
-        cache = timing_cache_path(job.run_dir, job.machine)
-        quantized = quantized_linear_nodes(job.source) if job.fp8 else []
-        recorded, facts = build_plan(
-            job.source, job.target, job.shapes, options, cache, job.progress, job.label, quantized
-        )
-        recorded.update(weight_streaming_budget(s))
-        return BuiltEngine(
-            options=recorded,
-            layers=facts.layers,
-            device_memory_bytes=facts.device_memory_bytes,
-            streamable_weights_bytes=facts.streamable_weights_bytes,
-        )
+        return build_plan(job)
 
     def open(
         self, manifest: EngineManifest, components: Iterable[Component], options: OpenOptions
@@ -473,47 +401,28 @@ class TensorRTBackend(EngineBackend):
         device = self.device_for(options.device)
         cuda = self.cuda_device(device)
         selected = list(components)
-        shared = None
-        if options.share_activation_memory:
-            sizes = [manifest.record(c).device_memory_bytes or 0 for c in selected]
-            shared = ActivationMemory(cuda, reserve=max(sizes, default=0))
+        sizes = [manifest.record(c).device_memory_bytes or 0 for c in selected]
+        shared = ActivationMemory(cuda, reserve=max(sizes, default=0))
         engines: dict[Component, Engine] = {}
         for component in selected:
             rec = manifest.record(component)
             streaming = None
             if rec.options.get("weight_streaming"):
                 streaming = WeightStreaming(rec.options.get("weight_streaming_budget_bytes"))
-            engines[component] = self._engine(
-                manifest,
-                component,
+            engines[component] = self.engine_class(
+                manifest.spec(component),
+                manifest.directory / rec.file.path,
+                rec.file.sha256,
+                rec.file.size,
                 device=device,
                 use_cuda_graph=options.use_cuda_graph,
                 weight_streaming=streaming,
                 activation_memory=shared,
                 cuda=cuda,
+                **self.engine_options(manifest, component),
             )
         return engines
-
-    def _engine(self, manifest: EngineManifest, component: Component, **options: Any) -> TrtEngine:
-        """The engine object of one record: :attr:`engine_class` with :meth:`engine_options` too."""
-        rec = manifest.record(component)
-        return self.engine_class(
-            manifest.spec(component),
-            manifest.directory / rec.file.path,
-            rec.file.sha256,
-            rec.file.size,
-            **options,
-            **self.engine_options(manifest, component),
-        )
 
     def engine_options(self, manifest: EngineManifest, component: Component) -> dict[str, Any]:
         """Keyword arguments of :attr:`engine_class` that only a subclass's engines take."""
         return {}
-
-
-def weight_streaming_budget(settings: BuildSettings) -> dict[str, int | None]:
-    """``{"weight_streaming_budget_bytes": ...}`` to record with a weight-streaming plan, else ``{}``."""
-    if not settings.weight_streaming:
-        return {}
-    budget = settings.weight_streaming_budget_gib
-    return {"weight_streaming_budget_bytes": int(budget * _GIB) if budget is not None else None}

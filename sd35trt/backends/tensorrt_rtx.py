@@ -1,28 +1,20 @@
 """TensorRT for RTX backend: real plans built on any machine, run on RTX-class GPUs.
 
-Written against the ``tensorrt_rtx`` 1.7 Python API (the real bindings and libraries install
-from the package index; ``tests/unit/backends/test_tensorrt_rtx.py`` builds with them).
-``tensorrt_rtx`` is imported inside functions only.
+Written against the ``tensorrt_rtx`` 1.7 Python API (``tests/unit/backends/test_tensorrt_rtx.py``
+builds with the real libraries); ``tensorrt_rtx`` is imported inside functions only. It shares
+:func:`~sd35trt.backends.tensorrt_build.build_serialized` and :class:`TrtEngine` with TensorRT;
+what differs:
 
-What differs from TensorRT (:mod:`sd35trt.backends.tensorrt`), the rest being shared
-(:func:`~sd35trt.backends.tensorrt_build.build_serialized`, :class:`TrtEngine`):
-
-- **Build anywhere.** TensorRT-RTX's ahead-of-time build needs no GPU: the plan is compiled for
-  the compute capabilities in ``build.compute_capabilities`` (``IBuilderConfig.
-  set_compute_capability``) and runs on any of them. Default: 8.9 and 12.0 when the build has FP8
-  engines (FP8 needs 8.9 or newer), else TensorRT-RTX's own 8.0, 8.6, 8.9 and 12.0. No timing
-  cache: with one the build looks for a GPU.
-- **The layer report from the build log.** The plan cannot be deserialized without a GPU, so
-  the layers are read from the builder's ``Layers:`` log section
-  (:func:`~sd35trt.backends.layers.parse_builder_log`), kept in ``<run>/build_logs/``. With
-  several targets the log lists one compiled graph (12.0 in TensorRT-RTX 1.7, measured); a
-  build for one target lists that target's.
-- **Run time.** The GPU's compute capability must be one of the targets and the TensorRT-RTX
-  version the one that built the plan; both are checked before a byte is deserialized. A JIT
-  specializes the plan for the GPU at load; its kernels are kept in a runtime cache file per
-  engine beside the engines directory (``<engines>.runtime-cache/``), read at load and written
-  back at release under a file lock, atomically. CUDA graphs are TensorRT-RTX's own
-  (``IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE``), not captured here.
+- **Build anywhere.** The ahead-of-time build needs no GPU: the plan is compiled for the
+  ``build.compute_capabilities`` targets and runs on any of them. No timing cache: with one the
+  build looks for a GPU.
+- **The layer report from the build log** (:func:`~sd35trt.backends.layers.parse_builder_log`,
+  log kept in ``<run>/build_logs/``), as the plan cannot be deserialized without a GPU. With
+  several targets the log lists one compiled graph (12.0 in TensorRT-RTX 1.7, measured).
+- **Run time.** The GPU must be a target and the TensorRT-RTX version the one that built the plan,
+  both checked before a byte is deserialized. A JIT specializes the plan at load; its kernels are
+  kept in a runtime cache file per engine in ``<engines>.runtime-cache/``, written back at release
+  under a file lock, atomically. CUDA graphs are TensorRT-RTX's own (``WHOLE_GRAPH_CAPTURE``).
 """
 
 from __future__ import annotations
@@ -43,8 +35,8 @@ from sd35trt.backends.layers import (
     quantized_linear_nodes,
 )
 from sd35trt.backends.machine import MachineInfo, same_tensorrt_version, sm_name
-from sd35trt.backends.tensorrt import TensorRTBackend, TrtEngine, weight_streaming_budget
-from sd35trt.backends.tensorrt_build import TrtBuildOptions, apply_builder_options, build_serialized
+from sd35trt.backends.tensorrt import TensorRTBackend, TrtEngine
+from sd35trt.backends.tensorrt_build import apply_builder_options, build_serialized, recorded_options
 from sd35trt.components import Component
 from sd35trt.config import (
     ALL_COMPUTE_CAPABILITIES,
@@ -80,19 +72,17 @@ def check_targets(targets: Sequence[ComputeCapability], formats: Iterable[Precis
         ConfigError: FP8 for a target below 8.9, or FP4 for a target other than 12.x, naming the
             target and the ONNX.
     """
-    needs = {
-        Precision.FP8: (lambda c: c.has_fp8, "FP8 runs on 8.9, 12.0 and 12.1"),
-        Precision.FP4: (lambda c: c.has_fp4, "FP4 runs on 12.0 and 12.1"),
-    }
-    for fmt in formats:
-        if fmt not in needs:
-            continue
-        runs, where = needs[fmt]
-        lacking = [c.value for c in targets if not runs(c)]
+    formats = set(formats)
+    for fmt, runs, where in (
+        (Precision.FP8, "has_fp8", "8.9, 12.0 and 12.1"),
+        (Precision.FP4, "has_fp4", "12.0 and 12.1"),
+    ):
+        lacking = [c.value for c in targets if not getattr(c, runs)] if fmt in formats else []
         if lacking:
             raise ConfigError(
                 f"build.compute_capabilities has {', '.join(lacking)}, which cannot run the "
-                f"{fmt.value.upper()} layers of {source} ({where}); drop it from the targets"
+                f"{fmt.value.upper()} layers of {source} ({fmt.value.upper()} runs on {where}); drop it "
+                "from the targets"
             )
 
 
@@ -115,13 +105,8 @@ def _capture_logger(trt: Any) -> Any:
     the verbose output (hundreds of thousands of lines at full size) is dropped as it arrives.
     """
     severity = trt.ILogger.Severity
-    tags = {
-        severity.INTERNAL_ERROR: "F",
-        severity.ERROR: "E",
-        severity.WARNING: "W",
-        severity.INFO: "I",
-        severity.VERBOSE: "V",
-    }
+    levels = (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING, severity.INFO, severity.VERBOSE)
+    tags = dict(zip(levels, "FEWIV", strict=True))
 
     class CaptureLogger(trt.ILogger):
         def __init__(self) -> None:
@@ -132,7 +117,7 @@ def _capture_logger(trt: Any) -> Any:
             if level == severity.VERBOSE and not msg.startswith(LAYERS_MESSAGE):
                 return
             self.lines.append(f"[{tags.get(level, '?')}] {msg}")
-            if level in (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING):
+            if level in levels[:3]:
                 print(f"[{LIBRARY}] [{tags[level]}] {msg}", file=sys.stderr, flush=True)
 
         def text(self) -> str:
@@ -152,27 +137,17 @@ def build_rtx_plan(job: BuildJob) -> BuiltEngine:
 
     targets = build_targets(job.settings, job.build_has_fp8)
     check_targets(targets, quantized_formats(job.source), job.source.name)
-    options = TrtBuildOptions.from_settings(job.settings)
     logger = _capture_logger(trt)
 
     def configure(config: Any) -> None:
-        apply_builder_options(trt, config, options)
+        apply_builder_options(trt, config, job.settings)
         config.num_compute_capabilities = len(targets)
         for i, cc in enumerate(targets):
             if not config.set_compute_capability(getattr(trt.ComputeCapability, cc.name), i):
                 raise BuildError(f"{LIBRARY} {trt.__version__} refused compute capability {cc.value}")
 
-    serialized, _ = build_serialized(
-        trt,
-        logger,
-        job.source,
-        job.shapes,
-        configure,
-        flags=0,  # TensorRT-RTX networks are strongly typed
-        library=LIBRARY,
-        progress=job.progress,
-        label=job.label,
-    )
+    # TensorRT-RTX networks are strongly typed: no creation flag
+    serialized, _ = build_serialized(trt, logger, job, configure, flags=0, library=LIBRARY)
     atomic_write_bytes(job.target, memoryview(serialized))
     log_text = logger.text()
     log_path = job.run_dir / BUILD_LOGS / f"{job.component.value}.log"
@@ -185,8 +160,7 @@ def build_rtx_plan(job: BuildJob) -> BuiltEngine:
     quantized = quantized_linear_nodes(job.source) if job.fp8 else []
     return BuiltEngine(
         options={
-            **options.to_json(),
-            **weight_streaming_budget(job.settings),
+            **recorded_options(job.settings),
             "compute_capabilities": [cc.value for cc in targets],
             "tensorrt_rtx_version": trt.__version__,
             "build_log": log_path.relative_to(job.run_dir).as_posix(),
@@ -198,23 +172,15 @@ def build_rtx_plan(job: BuildJob) -> BuiltEngine:
 
 
 class TrtRtxEngine(TrtEngine):
-    """One component's TensorRT-RTX engine: :class:`TrtEngine` with a runtime config.
-
-    The execution context comes from an ``IRuntimeConfig`` holding the allocation strategy, the
-    runtime cache (JIT-compiled kernels, :attr:`runtime_cache` file) and TensorRT-RTX's own CUDA
-    graph strategy.
-    """
+    """One component's TensorRT-RTX engine: its context comes from an ``IRuntimeConfig`` holding
+    the allocation strategy, the runtime cache (JIT-compiled kernels) and the CUDA graph strategy."""
 
     module = "tensorrt_rtx"
     library = LIBRARY
     builtin_cuda_graphs = True
 
     def __init__(self, *args: Any, runtime_cache: Path | None = None, **kwargs: Any) -> None:
-        """
-        Args:
-            runtime_cache: the runtime cache file (``None``: kept in memory only); other
-                arguments as :class:`TrtEngine`'s.
-        """
+        """``runtime_cache``: the runtime cache file (``None``: kept in memory only)."""
         super().__init__(*args, **kwargs)
         self.runtime_cache = runtime_cache
         # Held while the context lives: the config and cache objects must outlive it.
@@ -255,7 +221,7 @@ class TrtRtxEngine(TrtEngine):
         return True
 
     def _deactivate_impl(self) -> None:
-        if self._state:
+        if self._context is not None:
             self.save_runtime_cache()
         super()._deactivate_impl()  # the context goes first
         self._runtime_config = self._runtime_cache = None

@@ -176,6 +176,12 @@ def evaluate(
             grid=str(out / EVAL_GRID) if plot else None,
         ),
     )
+    _write(report, out, plot)
+    return report
+
+
+def _write(report: EvalReport, out: Path, plot: bool) -> None:
+    """``eval.json``, ``eval.md`` and, with ``plot``, the grid and the cache sweep's figure."""
     write_report(out / EVAL_JSON, report)
     (out / EVAL_TABLE).write_text(format_eval(report) + "\n")
     if plot:
@@ -186,7 +192,6 @@ def evaluate(
             from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT, plot_cache_quality
 
             plot_cache_quality(report.cache, out / EVAL_CACHE_PLOT)
-    return report
 
 
 def _eval_params(rt: Any, seed: int) -> EvalParams:

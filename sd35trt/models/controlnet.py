@@ -1,7 +1,7 @@
 """The ControlNet ``model.controlnet`` names: where its weights are, its layout, and the positional
 embedding SD3.5-large's ControlNets borrow from the transformer.
 
-Where (:func:`resolve_controlnet`):
+Where (:func:`resolve_controlnets`):
 
 - ``model.controlnet.path`` unset: the model directory's ``controlnet/``
   (``StableDiffusion3ControlNetPipeline``'s layout; the built-in tiny model has one, a
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.components import SUBFOLDER, Component
-from sd35trt.config import Architecture, ControlNetSettings, ModelSettings, ModelSource
-from sd35trt.errors import ModelError
+from sd35trt.config import Architecture, ControlNetSettings, ControlType, ModelSettings, ModelSource
+from sd35trt.errors import ConfigError, ModelError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -46,11 +46,12 @@ if TYPE_CHECKING:
 #: What is requested of a ControlNet repo: diffusers' weights (one file or shards) and config. The
 #: SD3.5 repos hold nothing else diffusers reads.
 CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
-#: The config key of the ControlNet, for messages; the functions below take another one
-#: (``model.controlnet[1]``) where a config names several.
-FIELD = "model.controlnet"
-#: What a ControlNet directory holds, for messages.
-LAYOUT = "a diffusers SD3ControlNetModel directory (config.json and diffusion_pytorch_model*.safetensors)"
+
+
+def config_key(index: int, count: int) -> str:
+    """The config key of the ``index``-th of ``count`` ControlNets, for messages:
+    ``model.controlnet`` for a single one (a mapping), ``model.controlnet[1]`` in a list."""
+    return "model.controlnet" if count == 1 else f"model.controlnet[{index}]"
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,25 @@ class ResolvedControlNet:
     """The ControlNet a run exports.
 
     Attributes:
+        control_type: what it was trained on (``model.controlnet[i].type``): names its engine.
         directory: its diffusers directory (a Hub snapshot folder for a repo id).
         config: its ``config.json``.
         hub: the repo id, revision and commit, for a repo id.
+        key: its config key, for messages (:func:`config_key`).
+        given_path: whether ``path`` named it (else the model's ``controlnet/``).
     """
 
+    control_type: ControlType
     directory: Path
     config: dict
     hub: Snapshot | None = None
+    key: str = "model.controlnet"
+    given_path: bool = False
+
+    @property
+    def component(self) -> Component:
+        """Its component (and engine): ``controlnet_<type>``."""
+        return Component.controlnet(self.control_type)
 
     @property
     def layers(self) -> int:
@@ -82,80 +94,125 @@ class ResolvedControlNet:
         """Whether it has its own positional embedding (``use_pos_embed``, default true)."""
         return self.config.get("use_pos_embed", True) is not False
 
+    @property
+    def zero_pooled(self) -> bool:
+        """Whether it takes zero pooled projections (``force_zeros_for_pooled_projection``, default true)."""
+        return self.config.get("force_zeros_for_pooled_projection", True) is not False
 
-def resolve_controlnet(model: ModelSettings, model_dir: str | Path) -> ResolvedControlNet | None:
-    """Locate ``model.controlnet`` and read its config (``None`` without one); see the module docstring.
+    def provenance(self) -> dict:
+        """Its record entry (:class:`sd35trt.artifacts.records.ControlNetInput`)."""
+        out: dict = {"type": self.control_type.value}
+        if self.given_path:
+            out["directory"] = str(self.directory)
+            out["hub"] = None if self.hub is None else self.hub.to_json()
+        return out
+
+
+#: What ControlNets exported together must share, as diffusers' ``SD3MultiControlNetModel``
+#: reads it from its first net only (pooled zeroing, text input) or adds their residuals block by
+#: block (block count): ``(name in messages, ResolvedControlNet property)``.
+ALIKE = (
+    ("block count (num_layers)", "layers"),
+    ("text input (joint_attention_dim set)", "takes_text"),
+    ("own positional embedding (use_pos_embed)", "own_pos_embed"),
+    ("zero pooled projection (force_zeros_for_pooled_projection)", "zero_pooled"),
+)
+
+
+def resolve_controlnets(
+    model: ModelSettings, model_dir: str | Path, named_only: bool = False
+) -> tuple[ResolvedControlNet, ...]:
+    """Locate every ``model.controlnet`` and read its config (empty without one); see the module docstring.
+
+    ``named_only``: only those named by ``path``, not compared (what a build checks without the model).
 
     Raises:
-        ModelError: as :func:`resolve_settings`.
+        ModelError: one line naming ``model.controlnet[i].path``: neither a directory nor a repo
+            id; a file, not a directory; a repo id not cached and not allowed to download (with
+            the command that downloads it); a revision for a local directory; a directory without
+            a readable ``config.json`` that has ``num_layers``.
+        ConfigError: ControlNets that differ in what :data:`ALIKE` lists (naming the second one's
+            ``path``, its value and the first one's).
     """
-    if model.controlnet is None:
-        return None
-    return resolve_settings(model.controlnet, model_dir, model.allow_download)
+    settings = model.controlnets
+    nets = tuple(
+        _resolve(s, config_key(i, len(settings)), model, model_dir)
+        for i, s in enumerate(settings)
+        if s.path is not None or not named_only
+    )
+    for net in () if named_only else nets[1:]:
+        for what, prop in ALIKE:
+            if getattr(net, prop) != getattr(nets[0], prop):
+                where = net.directory if net.given_path else "the model's controlnet/"
+                raise ConfigError(
+                    f"{net.key}.path {where}: {what} is {getattr(net, prop)}, model.controlnet[0]'s "
+                    f"is {getattr(nets[0], prop)}; ControlNets exported together must share it"
+                )
+    return nets
 
 
-def resolve_settings(
-    settings: ControlNetSettings, model_dir: str | Path, allow_download: bool, field: str = FIELD
-) -> ResolvedControlNet:
-    """Locate one ControlNet and read its config: ``settings.path``, else ``model_dir``'s
-    ``controlnet/`` (see the module docstring).
-
-    Args:
-        settings: its config section.
-        model_dir: the resolved model directory (read only when ``settings.path`` is unset).
-        allow_download: ``model.allow_download``.
-        field: its config key, for messages (``model.controlnet``).
-
-    Raises:
-        ModelError: one line naming ``<field>.path``: neither a directory nor a repo id; a file,
-            not a directory; a repo id not cached and not allowed to download (with the command
-            that downloads it); a revision for a local directory; a directory without a readable
-            ``config.json`` that has ``num_layers``.
-    """
-    if settings.path is None:
-        folder = Path(model_dir) / SUBFOLDER[Component.CONTROLNET]
-        return ResolvedControlNet(folder, _read_config(folder, field, in_model=True))
-    folder, snap = _locate(settings, allow_download, field, download=True)
-    return ResolvedControlNet(folder, _read_config(folder, field, in_model=False), snap)
-
-
-def check_path(settings: ControlNetSettings | None, allow_download: bool, field: str = FIELD) -> None:
-    """Refuse a ``<field>.path`` that names no ControlNet, from the config alone, so that a stage
-    can do it before it writes anything (run directory, lock file, built-in model).
+def check_paths(model: ModelSettings) -> None:
+    """Refuse a ``model.controlnet[i].path`` that names no ControlNet, from the config alone, so
+    that a stage can do it before it writes anything (run directory, lock file, built-in model).
 
     A repo id is looked up in the Hugging Face cache only: when it is missing and downloads are
     allowed, the download is left to the stage (which holds the run directory's lock then).
 
     Raises:
-        ModelError: as :func:`resolve_settings`, for a given ``path`` only.
+        ModelError: as :func:`resolve_controlnets`, for those given a ``path`` only.
     """
-    if settings is None or settings.path is None:
-        return
-    folder, _ = _locate(settings, allow_download, field, download=False)
-    if folder is not None:
-        _read_config(folder, field, in_model=False)
+    settings = model.controlnets
+    for i, s in enumerate(settings):
+        if s.path is None:
+            continue
+        key = config_key(i, len(settings))
+        folder, _ = _locate(s, key, model.allow_download, download=False)
+        if folder is not None:
+            _read_config(folder, False, key)
+
+
+def _resolve(
+    settings: ControlNetSettings, key: str, model: ModelSettings, model_dir: str | Path
+) -> ResolvedControlNet:
+    snap = None
+    if settings.path is None:
+        folder = Path(model_dir) / SUBFOLDER[Component.controlnet(settings.type)]
+    else:
+        folder, snap = _locate(settings, key, model.allow_download, download=True)
+    config = _read_config(folder, settings.path is None, key)
+    return ResolvedControlNet(settings.type, folder, config, snap, key, settings.path is not None)
+
+
+#: What a ControlNet directory holds, for messages.
+LAYOUT = "a diffusers SD3ControlNetModel directory (config.json and diffusion_pytorch_model*.safetensors)"
 
 
 def _locate(
-    settings: ControlNetSettings, allow_download: bool, field: str, *, download: bool
+    settings: ControlNetSettings, key: str, allow_download: bool, *, download: bool
 ) -> tuple[Path | None, Snapshot | None]:
     """The directory ``settings.path`` names (and its Hub snapshot). Without ``download``, a repo id
     is looked up only where downloads are not allowed; else ``(None, None)``: the stage resolves it."""
+    import re
+
+    from sd35trt.config import REPO_ID_PATTERN
     from sd35trt.models import hub
 
-    path = settings.path
+    path, what = settings.path, f"{key}.path"
     folder = Path(path).expanduser()
     if folder.is_dir():
         if settings.revision is not None:
             raise ModelError(
-                f"{field}.path {path} is a local directory; {field}.revision applies to Hugging Face "
-                "repo ids only"
+                f"{what} {path} is a local directory; {key}.revision applies to Hugging Face repo ids only"
             )
         return folder, None
     if folder.exists():
         inside = f" (the directory that holds it: {folder.parent})" if folder.parent != Path() else ""
-        raise ModelError(f"{field}.path {path} is a file; give {LAYOUT}{inside}, or a Hugging Face repo id")
-    _check_repo_id(path, field)
+        raise ModelError(f"{what} {path} is a file; give {LAYOUT}{inside}, or a Hugging Face repo id")
+    if path.startswith((".", "/", "~")) or not re.fullmatch(REPO_ID_PATTERN, path):
+        raise ModelError(
+            f"{what} {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); "
+            f"give {LAYOUT} or a repo id"
+        )
     if not download and hub.download_allowed(allow_download):
         return None, None
     snap = hub.resolve(
@@ -163,24 +220,12 @@ def _locate(
         revision=settings.revision,
         patterns=CONTROLNET_PATTERNS,
         allow_download=allow_download,
-        what=f"{field}.path",
+        what=what,
     )
     return snap.path, snap
 
 
-def _check_repo_id(path: str, field: str) -> None:
-    import re
-
-    from sd35trt.config import REPO_ID_PATTERN
-
-    if path.startswith((".", "/", "~")) or not re.fullmatch(REPO_ID_PATTERN, path):
-        raise ModelError(
-            f"{field}.path {path}: no such directory (nor a Hugging Face repo id 'namespace/name'); "
-            f"give {LAYOUT} or a repo id"
-        )
-
-
-def _read_config(folder: Path, field: str, *, in_model: bool) -> dict:
+def _read_config(folder: Path, in_model: bool, key: str) -> dict:
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -188,13 +233,13 @@ def _read_config(folder: Path, field: str, *, in_model: bool) -> dict:
     except FileNotFoundError:
         if in_model:
             raise ModelError(
-                f"{field} is set but {path} is missing: put the diffusers SD3ControlNetModel in {folder} "
-                f"(StableDiffusion3ControlNetPipeline's layout) or name one with {field}.path"
+                f"{key} is set but {path} is missing: put the diffusers SD3ControlNetModel in {folder} "
+                f"(StableDiffusion3ControlNetPipeline's layout) or name one with {key}.path"
             ) from None
-        raise ModelError(f"{field}.path {folder} has no config.json: it is not {LAYOUT}") from None
+        raise ModelError(f"{key}.path {folder} has no config.json: it is not {LAYOUT}") from None
     except (KeyError, TypeError, ValueError) as err:
-        key = field if in_model else f"{field}.path"
-        raise ModelError(f"{key}: {path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
+        where = key if in_model else f"{key}.path"
+        raise ModelError(f"{where}: {path} is not a diffusers SD3ControlNetModel config ({err!r})") from None
     return config
 
 
@@ -264,6 +309,5 @@ def _pos_embed_from_weights(folder: Path) -> torch.nn.Module:
     try:
         embed.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first})") from None
+        raise ModelError(f"{folder}: the transformer's pos_embed does not load ({first_line(err)})") from None
     return embed

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd35trt.errors import ModelError
+from sd35trt.errors import ModelError, first_line
 
 #: Environment variable that allows downloads, like ``model.allow_download: true``.
 ALLOW_DOWNLOAD_ENV = "SD35TRT_ALLOW_DOWNLOAD"
@@ -195,9 +195,3 @@ def _snapshot(path: str, repo_id: str, revision: str) -> Snapshot:
     if not _COMMIT.match(commit):  # never for the cache layout; a local_dir download would do it
         raise ModelError(f"{repo_id}: {folder} is not a snapshot folder of the Hugging Face cache")
     return Snapshot(path=folder, repo_id=repo_id, revision=revision, commit=commit)
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message, or its class name when it has none."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -113,45 +113,51 @@ class ResolvedModel:
         directory: the diffusers directory (a Hub snapshot folder for source ``hub``).
         hub: the repo id, revision and commit for source ``hub``.
         loras: the LoRA files fused into the weights, hashed.
-        controlnet: ``model.controlnet``'s ControlNet, located (:mod:`sd35trt.models.controlnet`).
+        controlnets: ``model.controlnet``'s ControlNets, located (:mod:`sd35trt.models.controlnet`).
     """
 
     directory: Path
     hub: Snapshot | None = None
     loras: tuple[ResolvedLora, ...] = ()
-    controlnet: ResolvedControlNet | None = None
+    controlnets: tuple[ResolvedControlNet, ...] = ()
 
     def identity(self) -> dict:
         """What the weights depend on beyond the config: the resolved commits and the LoRA bytes.
 
         Empty for a model without either, so such runs keep their plain config digests.
         """
-        return _identity(self.hub, self.loras, self.controlnet)
+        return _identity(self.hub, self.loras, self.controlnets, len(self.controlnets))
 
     def provenance(self) -> dict:
-        """The model, LoRAs and a ControlNet given by path, as manifests and PNG parameters record them."""
+        """The model, LoRAs and ControlNets (where each was read when named by path), as manifests
+        and PNG parameters record them."""
         out = {
             "directory": str(self.directory),
             "hub": self.hub.to_json() if self.hub is not None else None,
             "loras": [lora.to_json() for lora in self.loras],
         }
-        cn = self.controlnet
-        if cn is not None and cn.directory.parent != self.directory:  # model.controlnet.path
-            out["controlnet_directory"] = str(cn.directory)
-            out["controlnet_hub"] = None if cn.hub is None else cn.hub.to_json()
+        if self.controlnets:
+            out["controlnets"] = [cn.provenance() for cn in self.controlnets]
         return out
 
 
 def _identity(
-    hub: Snapshot | None, loras: Sequence[ResolvedLora], controlnet: ResolvedControlNet | None = None
+    hub: Snapshot | None,
+    loras: Sequence[ResolvedLora],
+    controlnets: Sequence[ResolvedControlNet] = (),
+    configured: int = 0,
 ) -> dict:
+    """``controlnets``: those named by a repo id count (of ``configured`` ControlNets)."""
     out: dict = {}
     if hub is not None:
         out["commit"] = hub.commit
     if loras:
         out["loras"] = [lora.identity() for lora in loras]
-    if controlnet is not None and controlnet.hub is not None:
-        out["controlnet_commit"] = controlnet.hub.commit
+    commits = {cn.control_type.value: cn.hub.commit for cn in controlnets if cn.hub is not None}
+    if configured == 1 and commits:  # the key a single ControlNet always had (same digests)
+        out["controlnet_commit"] = next(iter(commits.values()))
+    elif commits:
+        out["controlnet_commits"] = commits
     return out
 
 
@@ -161,14 +167,14 @@ def weights_identity(config: Config) -> dict:
     Raises:
         ModelError: as :func:`resolve_model`.
     """
-    from sd35trt.models.controlnet import resolve_controlnet
+    from sd35trt.models.controlnet import resolve_controlnets
     from sd35trt.models.lora import resolve_loras
 
     m = config.model
     snapshot = _hub_snapshot(config) if m.source is ModelSource.HUB else None
     # a ControlNet in the model's own folder adds nothing beyond the model's commit
-    controlnet = resolve_controlnet(m, ".") if m.controlnet and m.controlnet.path else None
-    return _identity(snapshot, resolve_loras(m.loras, m.allow_download), controlnet)
+    controlnets = resolve_controlnets(m, ".", named_only=True)
+    return _identity(snapshot, resolve_loras(m.loras, m.allow_download), controlnets, len(m.controlnets))
 
 
 def resolve_model(config: Config, run_dir: str | Path) -> ResolvedModel:
@@ -180,13 +186,13 @@ def resolve_model(config: Config, run_dir: str | Path) -> ResolvedModel:
             saying how to download it); a LoRA file is missing, pickle or damaged; the ControlNet
             has no config.
     """
-    from sd35trt.models.controlnet import resolve_controlnet
+    from sd35trt.models.controlnet import resolve_controlnets
     from sd35trt.models.lora import resolve_loras
 
     m = config.model
     directory, snapshot = _locate(config, run_dir)
     loras = resolve_loras(m.loras, m.allow_download)
-    return ResolvedModel(directory, snapshot, loras, resolve_controlnet(m, directory))
+    return ResolvedModel(directory, snapshot, loras, resolve_controlnets(m, directory))
 
 
 def model_dir(config: Config, run_dir: str | Path) -> Path:
@@ -315,8 +321,8 @@ def load_model(
         raw = raw.get(facts.subfolder)
         if raw is None:  # sd3.5-medium has no published ControlNet
             raise ModelError(
-                f"{model.architecture.value} has no published {component.value} shape to draw random "
-                "weights for; name one with model.controlnet.path"
+                f"{model.architecture.value} has no published controlnet shape ({component.value}) to draw "
+                "random weights for; name one with model.controlnet.path"
             )
         if purpose is LoadPurpose.TRACE and facts.trace_attention is not None:
             raw.set_attn_implementation(facts.trace_attention)
@@ -338,6 +344,7 @@ def load_model(
 
 
 def load_controlnet(
+    net: ResolvedControlNet,
     model: ModelSettings,
     model_dir: str | Path,
     dtype: torch.dtype,
@@ -345,27 +352,28 @@ def load_controlnet(
     device: str = "cpu",
     trace: bool = False,
 ) -> nn.Module:
-    """``model.controlnet``'s ControlNet as every stage loads it: through
-    :func:`load_model` (from ``model.controlnet.path`` when set, else the
-    model's ``controlnet/`` or, for a ``random`` source, drawn), the transformer's positional
-    embedding lent where it has none (:func:`sd35trt.models.controlnet.lend_pos_embed`).
+    """One of ``model.controlnet``'s ControlNets as every stage loads it: through
+    :func:`load_model` (from its ``path`` when set, else the model's ``controlnet/`` or, for a
+    ``random`` source, drawn), the transformer's positional embedding lent where it has none
+    (:func:`sd35trt.models.controlnet.lend_pos_embed`).
 
     Args:
-        model: the config's model section (``model.controlnet`` set).
+        net: the ControlNet, located (:func:`sd35trt.models.controlnet.resolve_controlnets`).
+        model: the config's model section.
         model_dir: the resolved model directory.
         dtype: the weights' dtype.
         device: where the model goes.
         trace: loaded for ONNX export.
 
     Raises:
-        ModelError: as :func:`sd35trt.models.controlnet.resolve_controlnet` and :func:`load_model`.
+        ModelError: as :func:`load_model`.
     """
-    from sd35trt.models.controlnet import lend_pos_embed, resolve_controlnet
+    from sd35trt.models.controlnet import lend_pos_embed
 
-    folder = resolve_controlnet(model, model_dir).directory if model.controlnet.path is not None else None
+    folder = net.directory if net.given_path else None
     purpose = LoadPurpose.TRACE if trace else LoadPurpose.RUN
     raw = load_model(
-        model_dir, Component.CONTROLNET, dtype, device=device, purpose=purpose, model=model, folder=folder
+        model_dir, net.component, dtype, device=device, purpose=purpose, model=model, folder=folder
     )
     return lend_pos_embed(raw, model_dir, model)
 

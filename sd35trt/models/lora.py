@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.config import LoraSettings
-from sd35trt.errors import ModelError
+from sd35trt.errors import ModelError, first_line
 from sd35trt.models import hub
 from sd35trt.models.weights import PICKLE_SUFFIXES, check_safetensors, read_header
 
@@ -304,7 +304,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                 return_lora_metadata=True,
             )
         except (OSError, ValueError) as err:
-            raise ModelError(f"{lora.label}: diffusers cannot read it: {hub.first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers cannot read it: {first_line(err)}") from None
         if any(_ALPHA.match(k) for k in state_dict) and metadata:
             raise ModelError(
                 f"{lora.label} holds both .alpha keys and diffusers' adapter metadata (lora_alpha); "
@@ -335,7 +335,7 @@ def fuse_loras(modules: Mapping[str, nn.Module], loras: Sequence[ResolvedLora]) 
                     )
             holder.fuse_lora(components=used, lora_scale=lora.scale, adapter_names=[lora.adapter_name])
         except (ValueError, RuntimeError, KeyError) as err:  # diffusers' and PEFT's load errors
-            raise ModelError(f"{lora.label}: diffusers could not fuse it: {hub.first_line(err)}") from None
+            raise ModelError(f"{lora.label}: diffusers could not fuse it: {first_line(err)}") from None
         finally:
             holder.unload_lora_weights()
 

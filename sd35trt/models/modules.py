@@ -338,6 +338,6 @@ def wrap(
         return wrapper(model, slg_layers, fp32_blocks, controlnet).eval()
     if component.is_transformer:  # a first-block-cache part, over the whole transformer's wrapper
         return wrapper(Transformer(model, slg_layers, fp32_blocks)).eval()
-    if component is Component.CONTROLNET:
+    if component.is_controlnet:
         return wrapper(model, vae_shift_offset).eval()
     return wrapper(model).eval()

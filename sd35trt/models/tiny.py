@@ -325,7 +325,7 @@ def build_components(
         for c, (index, fn) in makers.items()
     }
     controlnet = controlnet_config(arch)
-    if only is not None and SUBFOLDER[Component.CONTROLNET] in only and controlnet is not None:
+    if only is not None and SUBFOLDER[Component.CONTROLNET_CANNY] in only and controlnet is not None:
         with torch.device(device):
             models["controlnet"] = make_controlnet(
                 controlnet, seed, dtype, 0.2 if arch is Architecture.TINY else 0.02

@@ -1,20 +1,24 @@
-"""ControlNet conditioning: the control image, its preprocessing and its per-step residuals.
+"""ControlNet conditioning: the control images, their preprocessing and their per-step residuals.
 
-As diffusers' ``StableDiffusion3ControlNetPipeline`` (one ControlNet):
+As diffusers' ``StableDiffusion3ControlNetPipeline`` with one ControlNet or several
+(``SD3MultiControlNetModel``): a request gives one control image per ControlNet it uses, each
+with its own type, scale and guidance window.
 
-1. The control image is made RGB and resized to the generation size with Lanczos resampling
+1. Each control image is made RGB and resized to the generation size with Lanczos resampling
    (diffusers' ``VaeImageProcessor.preprocess``); ``canny`` and ``blur`` are made here from the
    user's picture (:func:`preprocess`), a ``depth`` map is taken as given.
 2. The VAE encoder engine encodes it to latents, ``(sample - shift) * scale``. diffusers draws
-   that posterior sample from torch's global generator for the ``[2N or N]`` rows of the
-   CFG-doubled batch; the runtime draws the same rows from a CPU generator seeded with the
-   batch's first seed, so ``torch.manual_seed(seed)`` before diffusers' call gives the same latents.
-3. Each step the ControlNet engine sees the transformer's latents, the control latents, the prompt
-   embeddings (SD3 ControlNets; SD3.5-large's take none) and the pooled projections (zeroed inside
-   the graph where ``force_zeros_for_pooled_projection`` says so); its residuals, times
-   ``conditioning_scale`` inside the ``[start, end]`` window (diffusers' ``controlnet_keep``), are
-   the transformer's ``controlnet_block_samples``. Outside the window, and without a control
-   image, they are zeros (as NVIDIA's demo feeds them), so the ControlNet engine is not run.
+   each posterior sample from torch's global generator for the ``[2N or N]`` rows of the
+   CFG-doubled batch, image after image; the runtime draws the same rows from one CPU generator
+   seeded with the batch's first seed, in the request's order, so ``torch.manual_seed(seed)``
+   before diffusers' call gives the same latents.
+3. Each step each ControlNet engine sees the transformer's latents, its control latents, the
+   prompt embeddings (SD3 ControlNets; SD3.5-large's take none) and the pooled projections
+   (zeroed inside the graph where ``force_zeros_for_pooled_projection`` says so); its residuals,
+   times its ``conditioning_scale`` inside its ``[start, end]`` window (diffusers'
+   ``controlnet_keep``), are summed into the transformer's ``controlnet_block_samples``. A
+   ControlNet outside its window, or built but given no image, is not run; with none running the
+   residuals are zeros (as NVIDIA's demo feeds them).
 
 Nothing here imports torch at module level: requests are validated without it.
 """
@@ -22,11 +26,13 @@ Nothing here imports torch at module level: requests are validated without it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.config import ControlType
 from sd35trt.errors import RequestError
+from sd35trt.parameters import listed
 
 if TYPE_CHECKING:
     import torch
@@ -85,47 +91,79 @@ class ControlParams:
         }
 
 
-def resolve_control(request: Any, built: ControlType | None, height: int, width: int) -> ControlParams | None:
-    """Validate a request's ControlNet fields against the engines (``None``: no control image).
+def resolve_control(
+    request: Any, built: Sequence[ControlType], height: int, width: int
+) -> tuple[ControlParams, ...]:
+    """Validate a request's ControlNet fields against the engines (empty: no control image).
+
+    Each field takes one value or a list (diffusers' convention for several ControlNets):
+    ``control_image`` one image per ControlNet used, ``control_type`` the type of each (default:
+    every built ControlNet, in the engines' order), the scale and the guidance window one value
+    for all or one per image. A built ControlNet without an image is not run.
 
     Args:
         request: a :class:`~sd35trt.runtime.request.GenerationRequest`.
-        built: the control type of the engines' ControlNet, ``None`` without one.
+        built: the control types of the engines' ControlNets (empty without one).
         height: the generation's height in pixels.
         width: the generation's width in pixels.
 
+    Returns:
+        One :class:`ControlParams` per control image, in the request's order.
+
     Raises:
-        RequestError: naming ``control_image`` (no ControlNet engine, not an image, an unsupported
-            mode, another aspect ratio), ``control_type`` (not the engines'),
+        RequestError: naming the field (and the list index in the message): ``control_image`` (no
+            ControlNet engine, not an image, an unsupported mode, another aspect ratio, an empty
+            list), ``control_type`` (not built, given twice, not one per image),
             ``controlnet_conditioning_scale`` (outside 0..2) or ``control_guidance_start`` /
-            ``control_guidance_end`` (outside 0..1, or start not below end).
+            ``control_guidance_end`` (outside 0..1, start not below end), or a list whose length
+            is not the number of control images.
     """
     from PIL import Image
 
-    image = request.control_image
-    if image is None:
+    if request.control_image is None:
         _refuse_fields_without_image(request)
-        return None
-    if built is None:
+        return ()
+    if not built:
         raise RequestError(
             "control_image",
             "these engines have no controlnet engine; set model.controlnet in the config and re-run "
             "`sd35trt export` and `sd35trt build`",
         )
-    _check_image(image, height, width)
-    control_type = _control_type(request.control_type, built)
-    scale, start, end = _conditioning(request)
-    rgb = image.convert("RGB")
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return ControlParams(
-        image=preprocess(rgb, control_type),
-        control_type=control_type,
-        conditioning_scale=scale,
-        guidance_start=start,
-        guidance_end=end,
-        image_sha256=hashlib.sha256(rgb.tobytes()).hexdigest(),
-    )
+    images = listed(request.control_image)
+    if not images:
+        raise RequestError(
+            "control_image", "control_image is an empty list: give one image per ControlNet used"
+        )
+    listed_images = isinstance(request.control_image, (list, tuple))
+    types = _control_types(request.control_type, built, len(images))
+    scales = _per_image(request, "controlnet_conditioning_scale", 1.0, len(images))
+    starts = _per_image(request, "control_guidance_start", 0.0, len(images))
+    ends = _per_image(request, "control_guidance_end", 1.0, len(images))
+    out = []
+    for i, (image, control_type, scale, start, end) in enumerate(
+        zip(images, types, scales, starts, ends, strict=True)
+    ):
+        at = f"[{i}]" if listed_images else ""
+        _check_image(image, height, width, at)
+        if start >= end:
+            raise RequestError(
+                "control_guidance_start",
+                f"control_guidance_start{at} {start:g} must be below control_guidance_end{at} {end:g}",
+            )
+        rgb = image.convert("RGB")
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+        out.append(
+            ControlParams(
+                image=preprocess(rgb, control_type),
+                control_type=control_type,
+                conditioning_scale=scale,
+                guidance_start=start,
+                guidance_end=end,
+                image_sha256=hashlib.sha256(rgb.tobytes()).hexdigest(),
+            )
+        )
+    return tuple(out)
 
 
 #: The request fields that only apply with a control image.
@@ -145,59 +183,87 @@ def _refuse_fields_without_image(request: Any) -> None:
             )
 
 
-def _check_image(image: Any, height: int, width: int) -> None:
-    """A PIL image of an 8-bit mode and the generation's aspect ratio."""
+def _check_image(image: Any, height: int, width: int, at: str = "") -> None:
+    """A PIL image of an 8-bit mode and the generation's aspect ratio (``at``: ``[i]`` in a list)."""
     from PIL import Image
 
+    name = f"control_image{at}"
     if not isinstance(image, Image.Image):
-        raise RequestError("control_image", f"control_image must be a PIL image, got {type(image).__name__}")
+        raise RequestError("control_image", f"{name} must be a PIL image, got {type(image).__name__}")
     if image.mode not in CONTROL_IMAGE_MODES:
         raise RequestError(
             "control_image",
-            f"control_image has mode {image.mode}; give an 8-bit image ({', '.join(CONTROL_IMAGE_MODES)})",
+            f"{name} has mode {image.mode}; give an 8-bit image ({', '.join(CONTROL_IMAGE_MODES)})",
         )
     ratio = (image.width / image.height) / (width / height)
     if abs(ratio - 1.0) > ASPECT_TOLERANCE:
         raise RequestError(
             "control_image",
-            f"control_image is {image.width}x{image.height}, the generation {width}x{height}: give a "
+            f"{name} is {image.width}x{image.height}, the generation {width}x{height}: give a "
             "control image of the same aspect ratio (it is resized, not cropped)",
         )
 
 
-def _control_type(wanted: str | None, built: ControlType) -> ControlType:
-    """The request's control type (default: the engines'), which must be the engines'."""
-    try:
-        control_type = built if wanted is None else ControlType(wanted)
-    except ValueError:
-        allowed = ", ".join(t.value for t in ControlType)
-        raise RequestError("control_type", f"control_type {wanted!r} is not one of {allowed}") from None
-    if control_type is not built:
-        raise RequestError(
-            "control_type",
-            f"control_type {control_type.value} is not what these engines' ControlNet was built for "
-            f"({built.value})",
-        )
-    return control_type
-
-
-def _conditioning(request: Any) -> tuple[float, float, float]:
-    """``(scale, start, end)`` within their declared bounds (0..2, 0..1), start below end."""
+def _control_types(wanted: Any, built: Sequence[ControlType], images: int) -> list[ControlType]:
+    """The control type of each image: ``wanted`` (one per image), by default the engines' ControlNets
+    in their order; each built, none twice."""
     from sd35trt.parameters import check_value
 
-    def given(name: str, default: float) -> float:
-        value = getattr(request, name)
-        return check_value(name, default if value is None else value)
-
-    scale = given("controlnet_conditioning_scale", 1.0)
-    start = given("control_guidance_start", 0.0)
-    end = given("control_guidance_end", 1.0)
-    if start >= end:
+    names = ", ".join(t.value for t in built)
+    if wanted is None:
+        if images != len(built):
+            raise RequestError(
+                "control_type",
+                f"{images} control image(s) for engines with {len(built)} ControlNet(s) ({names}): "
+                "give control_type, one per control image",
+            )
+        return list(built)
+    values = listed(wanted)
+    if len(values) != images:
         raise RequestError(
-            "control_guidance_start",
-            f"control_guidance_start {start:g} must be below control_guidance_end {end:g}",
+            "control_type",
+            f"control_type has {len(values)} value(s), control_image {images}: give one per image",
         )
-    return float(scale), start, end
+    out: list[ControlType] = []
+    for i, value in enumerate(values):
+        at = f"[{i}]" if isinstance(wanted, (list, tuple)) else ""
+        text = check_value("control_type", value, i if at else None)
+        try:
+            control_type = ControlType(text)
+        except ValueError:
+            allowed = ", ".join(t.value for t in ControlType)
+            raise RequestError("control_type", f"control_type{at} {text!r} is not one of {allowed}") from None
+        if control_type not in built:
+            raise RequestError(
+                "control_type",
+                f"control_type{at} {control_type.value} is not what these engines' ControlNets were built "
+                f"for ({names})",
+            )
+        if control_type in out:
+            raise RequestError(
+                "control_type",
+                f"control_type{at} {control_type.value} is also control_type[{out.index(control_type)}]: "
+                "one control image per ControlNet",
+            )
+        out.append(control_type)
+    return out
+
+
+def _per_image(request: Any, name: str, default: float, images: int) -> list[float]:
+    """A scale or window bound per image: one value for all, or a list of one per image, each
+    within its declared bounds (:data:`sd35trt.parameters.PARAMS`)."""
+    from sd35trt.parameters import check_value
+
+    given = getattr(request, name)
+    values = listed(default if given is None else given)
+    if len(values) not in (1, images):
+        raise RequestError(
+            name,
+            f"{name} has {len(values)} values, control_image {images}: give one for all or one per image",
+        )
+    index = isinstance(given, (list, tuple))
+    checked = [float(check_value(name, v, i if index else None)) for i, v in enumerate(values)]
+    return checked * images if len(checked) == 1 else checked
 
 
 def preprocess(image: Any, control_type: ControlType) -> Any:
@@ -233,11 +299,11 @@ def control_latents(
     control: ControlParams,
     images: int,
     cfg: bool,
-    seed: int,
+    generator: torch.Generator,
     noise_shape: tuple[int, ...],
     device: torch.device,
 ) -> torch.Tensor:
-    """The control image's latents for every transformer row.
+    """One control image's latents for every transformer row.
 
     Args:
         engine: the active VAE encoder engine (``image`` in [0, 1], ``noise`` -> ``latent``).
@@ -245,7 +311,8 @@ def control_latents(
         images: images in the batch (``N``).
         cfg: classifier-free guidance: ``2N`` rows, encoded ``N`` at a time (the encoder's batch
             is the image batch).
-        seed: seeds the posterior noise of all rows (see the module docstring).
+        generator: draws the posterior noise of all rows (see the module docstring); the next
+            control image's noise follows, as diffusers encodes its list one image at a time.
         noise_shape: ``(C, h, w)`` of one latent.
         device: where the feeds go.
 
@@ -256,7 +323,6 @@ def control_latents(
     import torch
 
     rows = 2 * images if cfg else images
-    generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((rows, *noise_shape), generator=generator, dtype=torch.float32)  # [rows, C, h, w]
     # diffusers' pil_to_numpy, as img2img's image_tensor (not imported: img2img imports the request)
     array = np.asarray(control.image, dtype=np.float32) / 255.0  # [H, W, 3]
@@ -276,15 +342,22 @@ RESIDUALS_INPUT = "controlnet_block_samples"
 
 
 @dataclass
+class ControlNetPass:
+    """One ControlNet a generation runs: its engine, its conditioning, its control latents."""
+
+    engine: Engine
+    control: ControlParams
+    latents: Any  # [2N or N, C, h, w]
+
+
+@dataclass
 class ControlResiduals:
     """The transformer's ``controlnet_block_samples`` at each step (see the module docstring).
 
     Attributes:
         shape: ``[2N or N, n, image_tokens, inner]`` of the transformer's residual input.
         device: where the zeros live.
-        controlnet: the active ControlNet engine (``None``: zeros at every step).
-        control: the request's conditioning.
-        latents: the control image's latents ``[2N or N, C, h, w]``.
+        nets: the ControlNets the request uses (none: zeros at every step).
         hidden: the prompt embeddings ``[2N or N, 77 + L, D]``.
         pooled: the pooled embeddings ``[2N or N, P]`` (zeroed inside the graph where the
             ControlNet's ``force_zeros_for_pooled_projection`` says so).
@@ -292,9 +365,7 @@ class ControlResiduals:
 
     shape: tuple[int, ...]
     device: Any
-    controlnet: Engine | None = None
-    control: ControlParams | None = None
-    latents: Any = None
+    nets: Sequence[ControlNetPass] = ()
     hidden: Any = None
     pooled: Any = None
     _zeros: Any = field(default=None, repr=False)
@@ -303,49 +374,58 @@ class ControlResiduals:
         """The residuals for step ``step`` of ``steps``, latents ``x`` and timesteps ``timestep``.
 
         Returns:
-            ``[2N or N, n, image_tokens, inner]`` float32: the ControlNet's output times
-            ``conditioning_scale`` inside the guidance window, zeros outside it.
+            ``[2N or N, n, image_tokens, inner]`` float32: the sum over the ControlNets inside
+            their guidance windows of each one's output times its ``conditioning_scale``
+            (diffusers' ``SD3MultiControlNetModel``), zeros when none is.
         """
         import torch
 
-        c = self.control
-        scale = 0.0 if c is None or self.controlnet is None else c.conditioning_scale * c.keep(step, steps)
-        if scale == 0.0:
-            if self._zeros is None:
-                self._zeros = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-            return self._zeros
-        feeds = {
-            "hidden_states": x,
-            "controlnet_cond": self.latents,
-            "encoder_hidden_states": self.hidden,  # unread by SD3.5-large's (Engine.infer feeds its inputs)
-            "pooled_projections": self.pooled,
-            "timestep": timestep,
-        }
-        samples = self.controlnet.infer(feeds)[RESIDUALS_INPUT].float()  # [2N or N, n, tokens, inner]
-        return samples * scale
+        total = None
+        for net in self.nets:
+            scale = net.control.conditioning_scale * net.control.keep(step, steps)
+            if scale == 0.0:  # not run: its residuals would add nothing
+                continue
+            feeds = {
+                "hidden_states": x,
+                "controlnet_cond": net.latents,
+                # unread by SD3.5-large's (Engine.infer feeds only its inputs)
+                "encoder_hidden_states": self.hidden,
+                "pooled_projections": self.pooled,
+                "timestep": timestep,
+            }
+            samples = net.engine.infer(feeds)[RESIDUALS_INPUT].float() * scale  # [2N or N, n, tokens, inner]
+            total = samples if total is None else total + samples
+        if total is not None:
+            return total
+        if self._zeros is None:
+            self._zeros = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        return self._zeros
 
 
 def transformer_residuals(
     engines: Any,
     transformer: Engine,
-    controlnet: Engine | None,
+    controlnets: Sequence[Engine],
     params: Any,
     cond: Any,
     latents: torch.Tensor,
     patch_size: int,
 ) -> ControlResiduals | None:
     """What feeds the transformer engine's ControlNet input: ``None`` for an engine without one,
-    zeros without a control image, else the ControlNet's residuals (the control image encoded here).
+    zeros without a control image, else the used ControlNets' summed residuals (the control
+    images encoded here).
 
     Args:
-        engines: the runtime's ``EngineSet`` (its VAE encoder encodes the control image).
+        engines: the runtime's ``EngineSet`` (its VAE encoder encodes the control images).
         transformer: the active transformer engine.
-        controlnet: the active ControlNet engine, ``None`` without a control image.
+        controlnets: the active ControlNet engine of each of ``params.control``, in its order.
         params: the batch's :class:`~sd35trt.runtime.request.GenerationParams` (its ``control``).
         cond: the text :class:`~sd35trt.runtime.steps.Conditioning`, ``[2N or N]`` rows.
         latents: the starting latents ``[N, C, h, w]``.
         patch_size: the transformer's patch size (image tokens = h * w / patch_size**2).
     """
+    import torch
+
     from sd35trt.components import Component
 
     names = transformer.spec.input_names
@@ -354,12 +434,19 @@ def transformer_residuals(
     _, n, _, inner = transformer.spec.inputs[names.index(RESIDUALS_INPUT)].shape
     n_images, channels, h, w = latents.shape
     shape = (cond.hidden.shape[0], n, h * w // patch_size**2, inner)  # [2N or N, n, tokens, inner]
-    if controlnet is None:
+    if not controlnets:
         return ControlResiduals(shape, latents.device)
+    # one generator for every control image, in the request's order (diffusers' global generator)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
     with engines.use(Component.VAE_ENCODER) as vae_encoder:
-        control = control_latents(
-            vae_encoder, params.control, n_images, cond.cfg, params.seed, (channels, h, w), latents.device
-        )
-    return ControlResiduals(
-        shape, latents.device, controlnet, params.control, control, cond.hidden, cond.pooled
-    )
+        nets = [
+            ControlNetPass(
+                engine,
+                control,
+                control_latents(
+                    vae_encoder, control, n_images, cond.cfg, generator, (channels, h, w), latents.device
+                ),
+            )
+            for engine, control in zip(controlnets, params.control, strict=True)
+        ]
+    return ControlResiduals(shape, latents.device, nets, cond.hidden, cond.pooled)

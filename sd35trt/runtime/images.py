@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from sd35trt.errors import RequestError
+from sd35trt.errors import RequestError, first_line
 
 #: Input images above this many pixels (2^25 = 33.5 M, more than a 24 MP camera's 6000 x 4000)
 #: are refused before they are decoded into memory: a few KB of PNG can declare 67 M pixels, which
@@ -76,7 +76,7 @@ def read_image(source: bytes | str | Path, field_name: str = "image") -> Any:
             IndexError,
             struct.error,
         ) as err:
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            reason = first_line(err)[:200]
             raise RequestError(
                 field_name, f"{field_name} {what} is not a readable image ({reason})"
             ) from None

@@ -534,17 +534,18 @@ class Sd35Runtime:
         """Step 5 (through the first-block cache with a threshold): latents, steps skipped or ``None``."""
         mark = self._clock()
         timer = StepTimer(self.device)
-        uses_controlnet = (
-            self.engines.use(Component.CONTROLNET) if first.control is not None else contextlib.nullcontext()
-        )
         # the ControlNet residual input is the whole transformer engine's only (the config check
         # refuses model.controlnet with runtime.cache): the first-block cache's passes get none
-        with (
-            transformer_passes(self.engines, first.cache_threshold, self.info.dims) as passes,
-            uses_controlnet as controlnet,
-        ):
+        with contextlib.ExitStack() as stack:
+            passes = stack.enter_context(
+                transformer_passes(self.engines, first.cache_threshold, self.info.dims)
+            )
+            controlnets = [
+                stack.enter_context(self.engines.use(Component.controlnet(c.control_type)))
+                for c in first.control
+            ]
             residuals = transformer_residuals(
-                self.engines, passes.cfg, controlnet, first, cond, latents, self.info.dims.patch_size
+                self.engines, passes.cfg, controlnets, first, cond, latents, self.info.dims.patch_size
             )
             latents = denoise(
                 passes.cfg, latents, cond, first, self.scheduler, timer, schedule, passes.slg, residuals

@@ -44,7 +44,7 @@ def torch_runtime(
     slg_layers = tuple(slg.layers) if slg is not None else ()
     specs, profiles, engines = {}, {}, {}
     for c in Component:
-        if c is Component.CONTROLNET:  # no ControlNet in the PyTorch runtime yet
+        if c.is_controlnet:  # no ControlNet in the PyTorch runtime yet
             continue
         # every transformer graph but the first-block cache's first block gates the SLG layers
         n_skip = len(slg_layers) if c.is_transformer and c is not Component.TRANSFORMER_FIRST_BLOCK else 0

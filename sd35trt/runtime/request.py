@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.artifacts.repair import REBUILD
 from sd35trt.components import (
     Component,
     ComponentSpec,
@@ -95,11 +96,12 @@ class GenerationRequest:
     image: Any = None
     strength: float | None = None
     cache_threshold: float | None = None
-    control_image: Any = None  # ControlNet conditioning: sd35trt.runtime.control
-    control_type: str | None = None
-    controlnet_conditioning_scale: float | None = None
-    control_guidance_start: float | None = None
-    control_guidance_end: float | None = None
+    # ControlNet conditioning, one value or a list of one per ControlNet used: sd35trt.runtime.control
+    control_image: Any = None
+    control_type: str | Sequence[str] | None = None
+    controlnet_conditioning_scale: float | Sequence[float] | None = None
+    control_guidance_start: float | Sequence[float] | None = None
+    control_guidance_end: float | Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,8 @@ class GenerationParams:
     request_images: int | None = None
     cache_threshold: float | None = None  # None: no first-block cache; once generated, the steps it skipped:
     cache_skipped_steps: int | None = field(default=None, compare=False)
-    #: ControlNet conditioning (a ``sd35trt.runtime.control.ControlParams``), or ``None``.
-    control: Any = None
+    #: ControlNet conditioning: a ``sd35trt.runtime.control.ControlParams`` per ControlNet used.
+    control: tuple = ()
 
     @property
     def cfg(self) -> bool:
@@ -183,8 +185,8 @@ class GenerationParams:
         if self.image_sha256 is not None:
             data["strength"] = self.strength
             data["image_sha256"] = self.image_sha256
-        if self.control is not None:
-            data.update(self.control.to_json())
+        if self.control:
+            data["controlnets"] = [c.to_json() for c in self.control]
         return data
 
 
@@ -249,8 +251,8 @@ class RequestLimits:
     img2img_batch: tuple[int, int] | None = None
     max_images: int = DEFAULT_MAX_IMAGES
     cache: bool = False  # the engines include the first-block cache's two transformer engines
-    #: the control type of the engines' ControlNet, ``None`` without one.
-    controlnet: ControlType | None = None
+    #: the control types of the engines' ControlNets, in their order (empty without one).
+    controlnets: tuple[ControlType, ...] = ()
 
     @classmethod
     def from_profiles(
@@ -341,7 +343,7 @@ class RequestLimits:
         if slg is not None and len(slg.layers) != gated:
             raise ManifestError(
                 f"{manifest.directory}: the runtime defaults skip {len(slg.layers)} layers, the transformer "
-                f"engine gates {gated}; rebuild with `sd35trt build`"
+                f"engine gates {gated}; {REBUILD}"
             )
         limits = cls.from_profiles(
             {c: manifest.spec(c) for c in components},
@@ -349,10 +351,8 @@ class RequestLimits:
             manifest.dims,
             slg,
         )
-        control = (
-            (manifest.model or {}).get("controlnet") if Component.CONTROLNET in manifest.engines else None
-        )
-        return limits if control is None else replace(limits, controlnet=ControlType(control))
+        built = tuple(c.control_type for c in manifest.engines if c.is_controlnet)
+        return replace(limits, controlnets=built)
 
     def images(self, cfg: bool, slg: bool = False) -> tuple[int, int]:
         """``(min, max)`` images per batch.
@@ -447,8 +447,8 @@ def resolve_request(
     height = _size("height", _given(request, defaults, "height"), spans[0], m)
     width = _size("width", _given(request, defaults, "width"), spans[1], m)
     image, strength, image_sha = _image_to_image(request, steps, height, width)
-    control = resolve_control(request, limits.controlnet, height, width)
-    if control is not None and image_to_image:
+    control = resolve_control(request, limits.controlnets, height, width)
+    if control and image_to_image:
         raise RequestError(
             "control_image", "a control_image works with text-to-image only, not with an image"
         )
@@ -469,7 +469,7 @@ def resolve_request(
         limits.skip_layer_guidance,
         negative_requested=request.negative_prompt is not None,
         slg_requested=None if wanted_slg is None else bool(wanted_slg),
-        image_to_image=image_to_image or control is not None,  # neither diffusers pipeline has SLG
+        image_to_image=image_to_image or bool(control),  # neither diffusers pipeline has SLG
     )
     num_images = _batch_fits(limits, check_value("num_images", request.num_images), plan, guidance)
     seed = _seed(request.seed, num_images)

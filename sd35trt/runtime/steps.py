@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd35trt.artifacts.repair import REBUILD
 from sd35trt.backends.engine import Engine
 from sd35trt.components import Component, ModelDims, engine_components
 from sd35trt.config import SkipLayerGuidance
@@ -343,8 +344,8 @@ def _text_feeds(
         size = engine.spec.inputs[engine.spec.input_names.index("skip_layers")].shape[0]
         if slg is not None and len(slg.layers) != size:
             raise ManifestError(
-                f"skip-layer guidance lists {len(slg.layers)} layers, the transformer engine gates {size}; "
-                "rebuild with `sd35trt build`"
+                f"skip-layer guidance lists {len(slg.layers)} layers, the transformer engine gates "
+                f"{size}; {REBUILD}"
             )
         feeds["skip_layers"] = torch.zeros(size, device=device)  # [n]: every block runs
         skip_on = torch.ones(size, device=device)  # [n]: the listed blocks are skipped

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sd35trt.components import CLIP_MAX_LENGTH, TOKENIZER_SUBFOLDERS, Component
-from sd35trt.errors import ManifestError
+from sd35trt.errors import ManifestError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -110,7 +110,7 @@ class PromptTokenizer:
                 kind = T5Tokenizer if encoder is Component.T5 else CLIPTokenizer
                 tokenizers[encoder] = kind.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError, TypeError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                first = first_line(err)
                 raise ManifestError(
                     f"cannot load the {encoder.value} tokenizer from {path}: {first}"
                 ) from None

@@ -90,14 +90,15 @@ class Generated:
 
 
 async def _prepare(state: ServerState, fields: dict[str, Any]) -> Prepared:
-    """Validate a request; one with an ``init_image`` is decoded on a worker thread, at most
-    :data:`DECODE_SLOTS` at a time, so a large image never blocks the event loop (``/health``).
+    """Validate a request; one with an ``init_image`` or control images is decoded on a worker
+    thread, at most :data:`DECODE_SLOTS` at a time, so a large image never blocks the event loop
+    (``/health``).
 
     Raises:
         RequestError: a field is invalid.
         ApiError: 429 when :data:`DECODE_SLOTS` decodes run and ``queue_size`` more wait.
     """
-    if fields.get("init_image") is None:
+    if fields.get("init_image") is None and fields.get("control_image") is None:
         return state.generator.prepare(fields)
     if state.decoding >= DECODE_SLOTS + state.settings.queue_size:
         raise ApiError(

@@ -116,8 +116,11 @@ class RuntimeGenerator:
         image = known.pop("init_image", None)
         if image is not None:
             known["image"] = _decode_image(image)
-        if known.get("control_image") is not None:
-            known["control_image"] = _decode_image(known["control_image"], "control_image")
+        control = known.get("control_image")
+        if isinstance(control, list):  # one per ControlNet used
+            known["control_image"] = [_decode_image(c, f"control_image[{i}]") for i, c in enumerate(control)]
+        elif control is not None:
+            known["control_image"] = _decode_image(control, "control_image")
         try:
             params = self.runtime.validate(GenerationRequest(**known))
         except RequestError as err:

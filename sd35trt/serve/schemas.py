@@ -34,6 +34,8 @@ def _field(p: InputParam, prefix: str = "") -> tuple[Any, Any]:
     if p.required:
         return kind, Field(description=description, validation_alias=alias)
     annotation = kind if p.default is not None else kind | None
+    if p.per_controlnet:  # one value, or a JSON list of one per control image
+        annotation = kind | list[kind] | None
     return annotation, Field(default=p.default, description=description, validation_alias=alias)
 
 

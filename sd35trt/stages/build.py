@@ -1,15 +1,5 @@
-"""The build stage: one engine per exported component, and the engine manifest.
-
-Reads the verified export record, builds every component's engine with TensorRT (a plan) or
-ONNX Runtime (an offline-optimized model) into a staged ``engines/`` directory, copies the
-tokenizer files and scheduler config beside them, writes ``engines/manifest.json`` (everything
-the runtime needs; see :mod:`sd35trt.artifacts.engine_manifest`) and only then records the stage in the run
-manifest. ``tensorrt`` is imported inside functions only.
-
-A rebuild happens when the build config, the export, the backend or the machine (TensorRT
-version, GPU) changed, when an engine file fails verification, or with ``force``; otherwise the
-existing record is returned.
-"""
+"""The build stage: one engine per exported component, with the tokenizer files, scheduler config
+and ``engines/manifest.json`` (:mod:`sd35trt.artifacts.engine_manifest`) beside them."""
 
 from __future__ import annotations
 
@@ -29,7 +19,14 @@ from sd35trt.artifacts.engine_manifest import (
     EngineRecord,
     read_engine_manifest,
 )
-from sd35trt.artifacts.files import HashCache, atomic_write_bytes, atomic_write_json, file_record, json_text
+from sd35trt.artifacts.files import (
+    HashCache,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_record,
+    json_text,
+    records_for_tree,
+)
 from sd35trt.artifacts.manifest import FileRecord, Stage, now_utc, tool_versions
 from sd35trt.artifacts.records import (
     BuildDetails,
@@ -72,13 +69,8 @@ class Source:
 def choose_source(
     component: Component, entry: ExportedComponent, backend: Backend, gpu: GpuInfo | None
 ) -> Source:
-    """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``.
-
-    Args:
-        component: the component.
-        entry: its entry in the export record.
-        backend: the backend building it.
-        gpu: the GPU it is built for (``None``: none, ONNX Runtime on the CPU).
+    """The export to build ``component`` from: the FP8 one unless the backend cannot run FP8 on ``gpu``
+    (``None``: no GPU).
 
     Raises:
         BuildError: the GPU has no FP8 and the export has no unquantized graph to fall back on.
@@ -99,10 +91,8 @@ def choose_source(
 
 
 def onnx_inputs(path: Path) -> tuple[dict[str, tuple[int | str, ...]], bool]:
-    """Input shapes of an ONNX file (ints, or axis names for dynamic dims), without its weights.
-
-    Returns:
-        ``({input: shape}, has_external_data)``.
+    """``({input: shape}, has_external_data)`` of an ONNX file (ints, or axis names for dynamic
+    dims), without its weights.
 
     Raises:
         ModelError: the file is not a loadable ONNX model, or its external data is unsafe
@@ -132,10 +122,8 @@ def engine_profile(
     controlnet: int = 0,
     controlnet_text: bool = True,
 ) -> dict[str, ShapeRange]:
-    """Profile of ``component`` from the config: batch (doubled under CFG), latent sizes, text lengths.
-
-    Classifier-free guidance is on by default when ``runtime.guidance_scale > 1`` (as in diffusers), so
-    the optimal batch of the text encoders and the transformer is then twice the image batch.
+    """Profile of ``component`` from the config: batch, latent sizes, text lengths; the optimal
+    batch is doubled when the default ``runtime.guidance_scale`` turns CFG on.
 
     Raises:
         ConfigError: a size is not a multiple of the model's size multiple, or too large.
@@ -196,21 +184,18 @@ def _copy_support_files(dirs: list[Path], out: Path) -> list[FileRecord]:
     """Copy tokenizers and the scheduler config beside the engines; the runtime needs no model dir."""
     for d in dirs:
         shutil.copytree(d, out / d.name, symlinks=False)
-    return [file_record(out, p) for d in dirs for p in sorted((out / d.name).rglob("*")) if p.is_file()]
+    return [rec for d in dirs for rec in records_for_tree(out, d.name)]
 
 
 def _export_file(run_dir: Path, export_rec: StageRecord, rel: str) -> FileRecord:
-    for f in export_rec.files:
-        if f.path == rel:
-            return f
-    return file_record(run_dir, rel)
+    return next((f for f in export_rec.files if f.path == rel), None) or file_record(run_dir, rel)
 
 
 def _model_dir(run: StageRun, exported: ExportDetails) -> Path:
     """The export's model directory: relative to the run directory, or absolute (faults.md #31).
 
-    Exports before that recorded it relative to where they ran; such a path is taken only when it
-    leads into this run directory, never into another run's.
+    An older export's path, relative to where it ran, is taken only when it leads into this run
+    directory, never into another run's.
 
     Raises:
         ModelError: a relative path that is not in the run directory (re-running export fixes it).
@@ -229,10 +214,8 @@ def _model_dir(run: StageRun, exported: ExportDetails) -> Path:
 def check_fp8(
     component: Component, layers: LayerReport | None, source: str, allow_partial: bool
 ) -> str | None:
-    """Refuse an FP8 engine in which quantized Linear layers did not become FP8 GEMMs.
-
-    Returns:
-        A warning when ``allow_partial`` lets such an engine through, else ``None``.
+    """Refuse an FP8 engine in which quantized Linear layers did not become FP8 GEMMs; return a
+    warning instead when ``allow_partial`` lets it through.
 
     Raises:
         BuildError: naming the engine, the counts and the ONNX nodes that fell back.
@@ -253,13 +236,8 @@ def check_fp8(
 
 def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, label: str) -> EngineRecord:
     """Build one engine into ``out`` (the staged engines directory) and describe it."""
-    config, run_dir, backend, machine, progress = (
-        run.config,
-        run.run_dir,
-        plan.backend,
-        plan.machine,
-        run.progress,
-    )
+    config, run_dir, progress = run.config, run.run_dir, run.progress
+    backend, machine = plan.backend, plan.machine
     export_rec = run.inputs[Stage.EXPORT]
     entry = export_rec.details.components[component]
     source = choose_source(component, entry, backend.backend, machine.gpu)
@@ -274,7 +252,7 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
     # The ControlNet's residual count, from the transformer graph's input (its own graph's output).
     controlnet = inputs[CONTROLNET_INPUT][1] if CONTROLNET_INPUT in inputs else 0
     # SD3.5-large's ControlNets read no text (sd35trt.models.controlnet)
-    text = component is not Component.CONTROLNET or CONTROLNET_TEXT_INPUT in inputs
+    text = not component.is_controlnet or CONTROLNET_TEXT_INPUT in inputs
     shapes = engine_profile(config, export_rec.details.dims, component, skip, controlnet, text)
     check_inputs_match(source.path, inputs, shapes)
     target = out / f"{component.value}{backend.suffix}"
@@ -293,7 +271,6 @@ def _build_one(run: StageRun, plan: _Build, out: Path, component: Component, lab
             run_dir=run_dir,
             progress=progress,
             label=label,
-            allow_partial_fp8=plan.allow_partial_fp8,
             build_has_fp8=plan.build_has_fp8,
         )
     )
@@ -471,23 +448,18 @@ def build(
     progress: Progress | None = None,
     allow_partial_fp8: bool = False,
 ) -> BuildRecord:
-    """Build every exported component's engine into ``run_dir/engines``.
+    """Build every exported component's engine into ``run_dir/engines`` (through
+    :func:`~sd35trt.stages.driver.run_stage`, which documents ``force``, ``hint`` and ``progress``).
 
-    Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, upstream checks, freshness,
-    staging, record). Engines are rebuilt when the ``build`` section, the T5 length, whether CFG
-    is on by default (the profiles' optimal batch), the export, the backend or the machine
-    changed; other runtime settings are generation defaults, updated in the engine manifest
-    without a rebuild.
+    Engines are rebuilt when the ``build`` section, the T5 length, whether CFG is on by default
+    (the profiles' optimal batch), the export, the backend or the machine (TensorRT version, GPU)
+    changed, or an engine file fails verification; other runtime settings are generation
+    defaults, updated in the engine manifest without a rebuild.
 
     Args:
-        config: the run's config (``build`` and ``runtime`` sections shape the engines).
-        run_dir: ``runs/<name>``, holding a verified export.
         backend: overrides ``config.build.backend`` (``auto``: TensorRT where it imports and a CUDA
             GPU is present, else ONNX Runtime).
-        force: rebuild even when the existing engines are up to date.
-        hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
         machine: this machine's TensorRT and GPU (detected when ``None``; tests fabricate it).
-        progress: receives one line per step (default: stderr).
         allow_partial_fp8: an FP8 engine whose quantized Linear layers did not all become FP8
             GEMMs is built with a warning instead of failing.
 
@@ -495,7 +467,7 @@ def build(
         The build record now in ``run_dir/manifest.json``.
 
     Raises:
-        RunDirError: ``run_dir`` is not a run directory, or cannot be written.
+        RunDirError, RunDirBusyError: see :func:`~sd35trt.stages.driver.run_stage`.
         ManifestError, StaleArtifactError, VerificationError: the export is missing, stale or corrupt.
         BackendUnavailableError: ``tensorrt`` requested where it cannot run.
         ConfigError: the profile ranges do not fit the model.

@@ -121,40 +121,46 @@ def _forward_loop(
     batches: Sequence[PromptBatch],
     s: CalibrateSettings,
     status: Callable[[str], None],
-    controlled: tuple[Any, list] | None = None,
+    controlled: Sequence[tuple[Any, list]] = (),
 ) -> Callable[[Any], None]:
     def loop(_transformer) -> None:
         for i, batch in enumerate(batches, 1):
             status(f"calibrating: batch {i}/{len(batches)}")
             denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="latent")
-            if controlled is not None:  # the same batch with the ControlNet's residuals added
-                cn_pipe, images = controlled
+            for cn_pipe, images in controlled:  # the same batch with each ControlNet's residuals
                 args = (cn_pipe, batch, s.steps, s.guidance_scale, s.height, s.width)
                 denoise_batch(*args, output_type="latent", control_image=images[i - 1])
 
     return loop
 
 
-def control_images(pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, control_type) -> list:
-    """Control images for FP8 calibration with a ControlNet: each batch's own generated images
-    (unquantized transformer, same seed), made into ``control_type``'s control image as the
-    runtime makes them (:func:`sd35trt.runtime.control.preprocess`); for ``depth`` the images'
-    luminance stands in for a depth map (no depth model is run).
+def control_images(
+    pipe, batches: Sequence[PromptBatch], s: CalibrateSettings, control_types: Sequence
+) -> dict:
+    """Control images for FP8 calibration with ControlNets: each batch's own generated images
+    (unquantized transformer, same seed, generated once), made into each of ``control_types``'
+    control images as the runtime makes them (:func:`sd35trt.runtime.control.preprocess`); for
+    ``depth`` the images' luminance stands in for a depth map (no depth model is run).
 
     Returns:
-        Per batch, a list of RGB PIL images (one per prompt of the batch).
+        Per control type, per batch, a list of RGB PIL images (one per prompt of the batch).
     """
     from sd35trt.config import ControlType
     from sd35trt.runtime.control import preprocess
 
-    out = []
-    for batch in batches:
-        images = denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="pil")
-        if control_type is ControlType.DEPTH:
-            out.append([im.convert("L").convert("RGB") for im in images])
-        else:
-            out.append([preprocess(im, control_type) for im in images])
-    return out
+    generated = [
+        denoise_batch(pipe, batch, s.steps, s.guidance_scale, s.height, s.width, output_type="pil")
+        for batch in batches
+    ]
+
+    def made(im, control_type):
+        return (
+            im.convert("L").convert("RGB")
+            if control_type is ControlType.DEPTH
+            else preprocess(im, control_type)
+        )
+
+    return {t: [[made(im, t) for im in images] for images in generated] for t in control_types}
 
 
 def calibrate_transformer(
@@ -162,7 +168,7 @@ def calibrate_transformer(
     batches: Sequence[PromptBatch],
     settings: CalibrateSettings,
     status: Callable[[str], None] = lambda _item: None,
-    controlled: tuple[Any, list] | None = None,
+    controlled: Sequence[tuple[Any, list]] = (),
 ) -> QuantizerCounts:
     """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
 
@@ -175,9 +181,10 @@ def calibrate_transformer(
             ``settings.height`` x ``settings.width`` with ``settings.guidance_scale``.
         settings: the ``calibrate`` config section.
         status: receives the batch being calibrated (``calibrating: batch 2/4``).
-        controlled: ``(StableDiffusion3ControlNetPipeline sharing pipe's transformer, control
-            images per batch)``: every batch runs a second time with the ControlNet, so the FP8
-            scales fit the transformer's activations with residuals added.
+        controlled: per ControlNet, ``(StableDiffusion3ControlNetPipeline sharing pipe's
+            transformer, control images per batch)``: every batch runs once more with each
+            ControlNet, so the FP8 scales fit the transformer's activations with each one's
+            residuals added: ``1 + len(controlled)`` denoising loops per batch.
 
     Returns:
         The quantizer counts of the calibrated transformer (:func:`~sd35trt.models.quantize.summarize`).
@@ -229,21 +236,25 @@ class _Calibrate(StageSpec):
     def reusable(self, run: StageRun, record: StageRecord) -> bool:
         return record.details.prompt_set_sha256 == prompt_set_sha256(self.prompts)
 
-    def _controlled(self, config: Config, pipe, batches, dtype, device: str):
-        """With ``model.controlnet``: the ControlNet pipeline over ``pipe``'s modules and each batch's
-        control images (made from the batch's own images), so calibration sees conditioned
-        activations too; else ``None``."""
-        if config.model.controlnet is None:
-            return None
+    def _controlled(self, config: Config, pipe, batches, dtype, device: str) -> list:
+        """Per ``model.controlnet`` ControlNet: a ControlNet pipeline over ``pipe``'s modules and
+        each batch's control images (made from the batch's own images), so calibration sees each
+        one's conditioned activations too; empty without one."""
+        nets = self.resolved.controlnets
+        if not nets:
+            return []
         from diffusers import StableDiffusion3ControlNetPipeline
 
         from sd35trt.models.loading import load_controlnet
 
-        images = control_images(pipe, batches, config.calibrate, config.model.controlnet.type)
-        controlnet = load_controlnet(config.model, self.resolved.directory, dtype, device=device)
-        cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
-        cn_pipe.set_progress_bar_config(disable=True)
-        return cn_pipe, images
+        images = control_images(pipe, batches, config.calibrate, [net.control_type for net in nets])
+        out = []
+        for net in nets:
+            controlnet = load_controlnet(net, config.model, self.resolved.directory, dtype, device=device)
+            cn_pipe = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
+            cn_pipe.set_progress_bar_config(disable=True)
+            out.append((cn_pipe, images[net.control_type]))
+        return out
 
     def _encoded(self, run: StageRun, device: str, dtype) -> tuple[Any, list[PromptBatch], list[PromptBatch]]:
         """The pipeline with the calibration and held-out prompts encoded, its text encoders then

@@ -1,21 +1,19 @@
 """Quality of a calibrated FP8 transformer against the unquantized one, on held-out prompts.
 
-Two measurements, both with the FP8 model in ModelOpt's fake-quant form:
+Both with the FP8 model in ModelOpt's fake-quant form:
 
-- **Per-step transformer error.** While the unquantized pipeline denoises, every transformer
-  call is repeated with the quantizers on, on the very same inputs, and the relative error
-  ``||fp8 - ref|| / ||ref||`` of the two outputs is recorded against the step's sigma. Using the
-  reference trajectory for both isolates the transformer's own error from drift between
-  trajectories. Steps are grouped into sigma buckets (early steps have sigma near 1).
-- **Final images.** The FP8 pipeline then denoises from the same noise (same seed) and decodes;
-  its images are compared with the reference ones by PSNR and SSIM.
-
-Nothing here writes files: :func:`quality_report` returns a :class:`CalibrationReport`.
+- **Per-step transformer error.** While the unquantized pipeline denoises, every transformer call
+  is repeated with the quantizers on, on the same inputs, and ``||fp8 - ref|| / ||ref||`` recorded
+  against the step's sigma (grouped into buckets; early steps have sigma near 1). The shared
+  reference trajectory isolates the transformer's own error from drift between trajectories.
+- **Final images.** The FP8 pipeline denoises from the same seed; PSNR and SSIM against the
+  reference images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -37,10 +35,8 @@ METRIC = "relative error ||fp8 - ref|| / ||ref|| of the transformer output, same
 
 @dataclass(frozen=True)
 class BucketError:
-    """Relative transformer error over the steps whose sigma falls in ``(low, high]``.
-
-    ``mean`` and ``max`` are None when no step fell in the bucket.
-    """
+    """Relative transformer error over the steps whose sigma falls in ``(low, high]`` (``mean`` and
+    ``max`` None when none did)."""
 
     low: float
     high: float
@@ -68,7 +64,7 @@ class ImageScore:
     ssim: float
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "seed": self.seed, "psnr_db": self.psnr_db, "ssim": self.ssim}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -128,19 +124,13 @@ class CalibrationReport:
 def quantizers_set(model: nn.Module, names: Sequence[str], enabled: bool) -> Iterator[None]:
     """Temporarily enable or disable the named quantizers of ``model``."""
     qs = [quantizers(model)[n] for n in names]
-
-    def switch(on: bool) -> None:
-        for q in qs:
-            if on:
-                q.enable()
-            else:
-                q.disable()
-
-    switch(enabled)
+    for q in qs:
+        q.enable() if enabled else q.disable()
     try:
         yield
     finally:
-        switch(not enabled)
+        for q in qs:
+            q.disable() if enabled else q.enable()
 
 
 class _StepErrors:
@@ -202,13 +192,7 @@ def quality_report(
         pipe: a ``StableDiffusion3Pipeline`` whose transformer :func:`sd35trt.models.quantize.quantize`
             has calibrated (its text encoders may be gone: the batches carry embeddings).
         batches: held-out prompt batches, already encoded, each with its seed.
-        steps: denoising steps.
-        guidance_scale: CFG scale.
-        height: image height in pixels.
-        width: image width in pixels.
-
-    Returns:
-        The :class:`CalibrationReport`.
+        height, width: image size in pixels.
 
     Raises:
         CalibrationError: the FP8 or the reference pipeline produced non-finite values.

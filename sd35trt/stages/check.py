@@ -144,7 +144,7 @@ def config_problems(
                 f"this one has {dims.num_layers}"
             )
         _collect(problems, lambda: check_fp32_blocks(config, dims))
-    if config.model.controlnet is not None and config.runtime.cache is not None:
+    if config.model.controlnets and config.runtime.cache is not None:
         problems.append(
             "model.controlnet and runtime.cache are set together: the ControlNet's residuals feed the "
             "whole transformer engine, which runtime.cache splits in two; unset one of them"
@@ -152,6 +152,11 @@ def config_problems(
     problems += _build_problems(config, dims)  # the build and runtime sections: every stage
     if model_dir is not None:
         problems += scheduler_problems(model_dir)
+        if len(config.model.controlnets) > 1 and Stage.EXPORT in ahead:
+            from sd35trt.models.controlnet import resolve_controlnets
+
+            # exported together, they must share block count and layout (they are summed)
+            _collect(problems, lambda: resolve_controlnets(config.model, model_dir))
     return problems
 
 

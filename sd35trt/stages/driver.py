@@ -3,7 +3,7 @@
 A stage is a :class:`StageSpec` subclass: its :class:`~sd35trt.artifacts.records.Stage` (name,
 output directory, config sections), upstream stages, typed details and its own steps. For every
 stage alike the driver then (0) lets the stage ``check`` what the config alone shows (a ControlNet
-path naming nothing, faults.md #43), (1) refuses a ``--run-dir`` that is not a run before writing anything,
+path naming nothing, faults.md #46), (1) refuses a ``--run-dir`` that is not a run before writing anything,
 holds the writer lock and removes the stage's own leftovers (faults.md #4, #22, #29); (2) lets the
 stage ``prepare`` (resolve inputs, check the config); (3) verifies the upstream records, naming
 what changed and the one command that brings the chain up to date (#16, issue 26.5); (4) returns
@@ -31,7 +31,7 @@ from sd35trt.artifacts.files import (
     file_record,
     records_for_tree,
 )
-from sd35trt.artifacts.manifest import RunManifest, new_record, now_utc, staged_output, unrecorded_marker
+from sd35trt.artifacts.manifest import RunManifest, new_record, now_utc, staged_directory, unrecorded_marker
 from sd35trt.artifacts.records import Fingerprint, ModelInput, Stage, StageRecord
 from sd35trt.artifacts.runlock import stage_session, unwritable_is_one_line
 from sd35trt.config import Config
@@ -50,17 +50,8 @@ def print_progress(line: str) -> None:
 
 @dataclass
 class StageRun:
-    """One run of a stage: what the driver hands to the stage's steps.
-
-    Attributes:
-        stage: the stage running.
-        config: the whole config.
-        run_dir: the run directory (checked and locked).
-        manifest: its run manifest.
-        hint: appended to suggested commands (``--config c.yaml --run-dir runs/x``).
-        progress: receives one line per step.
-        inputs: the verified upstream records, filled by the driver after ``prepare``.
-    """
+    """One run of a stage, handed to the stage's steps (``run_dir`` checked and locked; ``inputs``:
+    the verified upstream records, filled after ``prepare``)."""
 
     stage: Stage
     config: Config
@@ -80,10 +71,7 @@ class StageRun:
         return self.command(self.stage, "--upstream").strip("`")
 
     def relative(self, path: str | Path) -> Path:
-        """``path`` as records hold it: relative to the run directory when inside it, else absolute.
-
-        Records must not depend on the directory a stage ran from (faults.md #31).
-        """
+        """``path`` relative to the run directory when inside it, else absolute (faults.md #31)."""
         full = Path(path).absolute()
         root = self.run_dir.absolute()
         return full.relative_to(root) if full.is_relative_to(root) else full
@@ -98,12 +86,8 @@ class StageRun:
         return Fingerprint.of(self.config, stage, identity if stage is not Stage.BUILD else None)
 
     def verified_upstream(self, stage: Stage, identity: Mapping[str, Any], *, cached: bool) -> StageRecord:
-        """The record of upstream ``stage``, verified (files hashed through the cache when ``cached``).
-
-        Raises:
-            ManifestError, StaleArtifactError, VerificationError: missing, stale (what changed is
-                named, with :attr:`chain`) or damaged.
-        """
+        """The record of upstream ``stage``, verified (files hashed through the cache when ``cached``);
+        raises as :meth:`RunManifest.verified`, suggesting :attr:`chain`."""
         cache = HashCache(self.run_dir) if cached else None
         fingerprint = self.fingerprint(stage, identity)
         return self.manifest.verified(stage, fingerprint, self.hint, cache=cache, chain=self.chain)
@@ -111,12 +95,7 @@ class StageRun:
 
 class StageSpec:
     """A stage, declared: subclassed once per stage, one instance per run (it keeps what
-    :meth:`prepare` resolved for the other steps). :func:`run_stage` runs any of them.
-
-    Attributes:
-        stage: name, output directory and config sections (:class:`Stage`).
-        details: the record's typed details model (what :meth:`produce` returns).
-    """
+    :meth:`prepare` resolved for the other steps); ``details`` is what :meth:`produce` returns."""
 
     stage: ClassVar[Stage]
     details: ClassVar[type[BaseModel]]
@@ -128,14 +107,14 @@ class StageSpec:
     def check(self, config: Config) -> None:
         """Refuse, from the config alone, an input that names nothing: before the run directory,
         its lock file or a built-in model is written. Every stage reads the model, so by default:
-        a ControlNet ``path`` (:func:`sd35trt.models.controlnet.check_path`).
+        the ControlNets' ``path`` (:func:`sd35trt.models.controlnet.check_paths`).
 
         Raises:
             ModelError: naming the field, the value and what is allowed.
         """
-        from sd35trt.models.controlnet import check_path
+        from sd35trt.models.controlnet import check_paths
 
-        check_path(config.model.controlnet, config.model.allow_download)
+        check_paths(config.model)
 
     def prepare(self, run: StageRun) -> Mapping[str, Any]:
         """Resolve inputs and check the config (nothing heavy, nothing written).
@@ -170,8 +149,6 @@ def run_stage(
     """Run ``spec``'s stage on ``run_dir``: lock, upstream checks, freshness, staging, publish, record.
 
     Args:
-        spec: the stage.
-        config: the whole config.
         run_dir: the run directory (created when new).
         force: redo the stage even when its output is up to date.
         hint: appended to suggested commands (e.g. ``--config configs/tiny.yaml``).
@@ -203,7 +180,7 @@ def run_stage(
             run.inputs[up] = run.verified_upstream(up, identity, cached=False)
         _check_replaceable(run)
         with unwritable_is_one_line(stage.value, run_dir):
-            with staged_output(run_dir, stage) as out:
+            with staged_directory(run_dir, stage.directory, unrecorded_marker(run_dir, stage)) as out:
                 details = spec.produce(run, out)
                 if not isinstance(details, spec.details):
                     raise TypeError(f"{stage.value} produced {type(details).__name__}, not {spec.details}")

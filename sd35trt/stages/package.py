@@ -8,18 +8,12 @@ An artefact is a ``.tar.gz`` with one top-level directory::
                           engines, tokenizers, scheduler config, and config.yaml (the config the
                           engines were made with)
 
-``verify`` checks an artefact (file or unpacked directory) or an engines directory completely and
-reports every problem: checksum mismatches, missing and unexpected files, and whether this
-machine can load the engines (backend installed, TensorRT version, GPU compute capability).
-
-An artefact comes from elsewhere and is treated as hostile until verified (faults.md cases 20
-and 21). Unpacking streams the archive once and extracts nothing it has not declared: the two
-leading index files are read under a size cap, every later member must be a regular file that
-the engine manifest lists, with exactly the size it records, so what is written is bounded by
-the declared sizes (and those by the archive's size times :data:`MAX_EXPANSION`). Absolute
-names, ``..``, links, devices, sparse files, duplicates and paths deeper than :data:`MAX_DEPTH`
-are refused with one line; nothing is left behind. Every path a manifest or ``SHA256SUMS``
-names must stay inside the artefact, and symlinks are refused.
+An artefact comes from elsewhere and is hostile until verified (faults.md cases 20 and 21).
+Unpacking streams the archive once and extracts nothing it has not declared: the two leading index
+files under a size cap, then only regular files the engine manifest lists, with exactly the size
+it records (bounded by the archive's size times :data:`MAX_EXPANSION`). Absolute names, ``..``,
+links, devices, sparse files, duplicates and paths deeper than :data:`MAX_DEPTH` are refused with
+one line; nothing is left behind.
 """
 
 from __future__ import annotations
@@ -85,15 +79,8 @@ def engines_dir_of(path: str | Path) -> Path:
     return path
 
 
-def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _refuse_engines_dir(run_dir: Path) -> None:
-    """Raises RunDirError, before anything is written, when ``run_dir`` is an engines directory or
-    an unpacked artefact (a run directory that lost its manifest is left to the manifest's error)."""
+    """Raises RunDirError when ``run_dir`` is an engines directory or an unpacked artefact."""
     engines = engines_instead_of_run(run_dir)
     if engines is None or (engines != run_dir and not (run_dir / CHECKSUMS).is_file()):
         return
@@ -109,14 +96,11 @@ def _refuse_engines_dir(run_dir: Path) -> None:
 
 
 def package(run_dir: str | Path, out: str | Path) -> Path:
-    """Pack a built run directory into a verified ``.tar.gz`` artefact.
+    """Pack a built run directory into a verified ``.tar.gz`` artefact, under the run directory's lock.
 
-    The engines are verified first; the archive is written beside ``out`` and renamed into place.
-    ``SHA256SUMS`` and ``engines/manifest.json`` come first, so :func:`unpack` knows every size
-    before it extracts anything. Exactly the files the engine manifest declares are shipped: any
-    other file in ``engines/`` (one a user put there) is left out, so ``verify`` accepts what
-    ``package`` writes (faults.md #32). The run directory's lock is held throughout, so no stage
-    re-publishes the engines meanwhile.
+    The archive is written beside ``out`` and renamed into place. ``SHA256SUMS`` and
+    ``engines/manifest.json`` come first, so :func:`unpack` knows every size before it extracts
+    anything. Exactly the files the engine manifest declares are shipped (faults.md #32).
 
     Returns:
         ``out`` as a Path.
@@ -149,7 +133,7 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
         members = [
             (engines / rel, f"{ENGINES}/{rel}") for rel in (ENGINE_MANIFEST_NAME, *(f.path for f in declared))
         ]
-        sums = "".join(f"{sha256_file(src)}  {name}\n" for src, name in members)
+        sums = "".join(f"{sha256_file(src)}  {name}\n" for src, name in members).encode()
         top = f"sd35trt-{run_dir.name}"
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed package's leftovers
@@ -159,7 +143,9 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
         os.close(fd)
         try:
             with tarfile.open(tmp, "w:gz") as tar:
-                _tar_bytes(tar, f"{top}/{CHECKSUMS}", sums.encode())
+                info = tarfile.TarInfo(f"{top}/{CHECKSUMS}")
+                info.size, info.mode, info.mtime = len(sums), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(sums))
                 for src, name in members:
                     tar.add(src, arcname=f"{top}/{name}")
             os.replace(tmp, out)
@@ -173,12 +159,8 @@ def package(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def _member_parts(member: tarfile.TarInfo, archive: Path) -> tuple[str, ...]:
-    """The path components of a member, after refusing unsafe names and kinds.
-
-    Raises:
-        UnsafeArtifactError: an absolute name, ``..``, a path deeper than :data:`MAX_DEPTH`, or a
-            member that is not a regular file or directory.
-    """
+    """The path components of a member; raises UnsafeArtifactError for an absolute name, ``..``, a
+    path deeper than :data:`MAX_DEPTH`, or a member that is not a regular file or directory."""
     name = member.name
     parts = PurePosixPath(name).parts
     if not parts or name.startswith("/") or ".." in parts or "\0" in name:
@@ -300,10 +282,8 @@ class _Extraction:
 
 
 def unpack(archive: str | Path, dest: str | Path) -> Path:
-    """Extract an artefact safely into ``dest``: bounded by its declared sizes, nothing unsafe.
-
-    The archive is read once, as a stream, into a staging directory inside ``dest`` that is
-    renamed into place only when every member passed; on any problem nothing is left behind.
+    """Extract an artefact into ``dest``, through a staging directory renamed into place only when
+    every member passed.
 
     Returns:
         The artefact's top-level directory inside ``dest``.
@@ -369,17 +349,10 @@ def _tree(root: Path, report: VerifyReport) -> set[str]:
 
 
 def verify(path: str | Path, machine=None) -> VerifyReport:
-    """Check an artefact, an unpacked artefact or an engines directory, and report every problem.
+    """Check an artefact (archive or unpacked), an engines directory or a run directory holding one.
 
-    An archive is unpacked safely (:func:`unpack`) into a temporary directory first. A directory
-    with ``SHA256SUMS`` is checked against it; an engines directory (or a run directory holding
-    one) against its engine manifest's records. Either way every recorded path must stay inside
-    the directory, symlinks and stray files are reported, and the engines are checked against
-    this machine.
-
-    Args:
-        path: the archive, its unpacked top-level directory, an engines directory, or a run directory.
-        machine: a ``MachineInfo`` to check against (default: detected when TensorRT engines are present).
+    Checksums against ``SHA256SUMS`` (else the engine manifest's records), missing, stray and
+    symlinked files, and whether ``machine`` (detected when the backend needs it) loads the engines.
 
     Returns:
         A report listing every problem (empty when the artefact verifies and fits this machine).
@@ -404,8 +377,6 @@ def verify(path: str | Path, machine=None) -> VerifyReport:
         _check_sums(path, report)
         _check_engines(engines_dir_of(path), machine, report)
     else:
-        # An engines directory (or a run directory holding one) has no SHA256SUMS: its manifest
-        # records every file.
         engines = engines_dir_of(path)
         _check_engines(engines, machine, report, count_files=True)
         _check_strays(engines, report)
@@ -437,7 +408,6 @@ def _check_sums(root: Path, report: VerifyReport) -> None:
 
 
 def _check_strays(engines: Path, report: VerifyReport) -> None:
-    """An engines directory without ``SHA256SUMS``: files its manifest does not record, symlinks."""
     from sd35trt.artifacts.engine_manifest import ENGINE_MANIFEST_NAME, read_engine_manifest
 
     if not engines.is_dir():
@@ -451,19 +421,6 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
         report.problems.append(
             f"{name} is an unexpected file (not recorded in {engines}/{ENGINE_MANIFEST_NAME})"
         )
-
-
-def _external_data_problems(engines: Path, files: list) -> list[str]:
-    """ONNX engines whose external data leaves the engines directory (``../secret.bin``, absolute,
-    through a symlink): checked here, whatever the ONNX Runtime (faults.md #40)."""
-    problems = []
-    for f in files:
-        if PurePosixPath(f.path).suffix == ".onnx":
-            try:
-                check_onnx_external_data(engines / f.path)
-            except UnsafeArtifactError as err:
-                problems.append(str(err))
-    return problems
 
 
 def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bool = False) -> None:
@@ -483,8 +440,12 @@ def _check_engines(engines: Path, machine, report: VerifyReport, count_files: bo
         report.files_checked += len(files) if count_files else 0
     except VerificationError as err:
         report.problems.append(str(err))
-    else:
-        report.problems.extend(_external_data_problems(manifest.directory, files))
+    else:  # ONNX engines whose external data leaves the directory, whatever the ONNX Runtime (faults.md #40)
+        for onnx in (f for f in files if PurePosixPath(f.path).suffix == ".onnx"):
+            try:
+                check_onnx_external_data(manifest.directory / onnx.path)
+            except UnsafeArtifactError as err:
+                report.problems.append(str(err))
     backend = backend_of(manifest.backend)
     report.problems.extend(backend.runtime_problems())
     if backend.needs_machine_check:

@@ -92,7 +92,9 @@ def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
     """Per-row request fields from a request's input arrays.
 
     Args:
-        columns: input name -> numpy array ``[rows, 1]`` (inputs the client omitted are absent).
+        columns: input name -> numpy array ``[rows, 1]``, ``[rows, k]`` for a ControlNet field
+            (one value per control image; one value applies to all) (inputs the client omitted
+            are absent).
         rows: the request's batch size (Triton checks every input has it).
 
     Returns:
@@ -108,13 +110,23 @@ def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
         array = columns.get(spec.name)
         if array is None:
             continue
-        if array.shape != (rows, 1):
+        listed = spec.dims == (-1,)
+        if (
+            array.ndim != 2
+            or array.shape[0] != rows
+            or (array.shape[1] != 1 and not listed)
+            or not array.shape[1]
+        ):
+            expected = (
+                f"[{rows}, k] (k values per prompt, one per control image)" if listed else f"[{rows}, 1]"
+            )
             raise RequestError(
                 spec.name,
-                f"{spec.name} has shape {list(array.shape)}; expected [{rows}, 1] (one value per prompt)",
+                f"{spec.name} has shape {list(array.shape)}; expected {expected} (one row per prompt)",
             )
-        for row, cell in zip(out, array[:, 0], strict=True):
-            row[spec.name] = _value(spec.name, spec.dtype, cell)
+        for row, cells in zip(out, array, strict=True):
+            values = [_value(spec.name, spec.dtype, cell) for cell in cells]
+            row[spec.name] = values if len(values) > 1 else values[0]
     return [canonical_fields(row) for row in out]
 
 

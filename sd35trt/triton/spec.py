@@ -52,7 +52,13 @@ def _doc(p: InputParam) -> str:
 
 
 INPUTS: tuple[TensorSpec, ...] = (
-    *(TensorSpec(p.wire, _dtype(p), optional=not p.required, doc=_doc(p)) for p in GENERATION_PARAMS),
+    *(
+        # a ControlNet field: one value, or one per control image (diffusers' lists)
+        TensorSpec(
+            p.wire, _dtype(p), dims=(-1,) if p.per_controlnet else (1,), optional=not p.required, doc=_doc(p)
+        )
+        for p in GENERATION_PARAMS
+    ),
     *(
         TensorSpec(alias, _dtype(p), doc=f"{p.wire}, under another name")
         for p in GENERATION_PARAMS

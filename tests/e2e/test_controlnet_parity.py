@@ -36,32 +36,51 @@ H, W, STEPS = 64, 64, 4  # small and few: the whole file runs on one xdist worke
 CASES = [(ControlType.CANNY, "sd3"), (ControlType.BLUR, "sd3"), (ControlType.CANNY, "sd3.5-large")]
 
 
-def _run_dir(tiny_config, tmp_path_factory, control_type: ControlType, layout: str):
+def _run_dir(tiny_config, tmp_path_factory, name: str, settings) -> object:
+    """Export and build (ONNX Runtime, no FP8) the tiny model with ``settings(parent)``'s
+    ControlNets once per session (``parent``: where ControlNet directories may be written)."""
     from filelock import FileLock
 
     from sd35trt.config import Backend
-    from sd35trt.models.tiny import tiny_controlnet
     from sd35trt.stages.build import build
     from sd35trt.stages.export import export
 
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
-    run_dir = base / f"shared-run-controlnet-{control_type.value}-{layout}" / "tiny"
+    run_dir = base / f"shared-run-controlnet-{name}" / "tiny"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = None
     with FileLock(str(run_dir.parent / "stages.lock")):
-        if layout != "sd3":  # a directory of its own, named by model.controlnet.path
-            path = run_dir.parent / "controlnet"
-            if not path.is_dir():
-                tiny_controlnet(seed=tiny_config.model.seed, own_pos_embed=False).save_pretrained(path)
-        settings = ControlNetSettings(type=control_type, path=None if path is None else str(path))
-        model = tiny_config.model.model_copy(update={"controlnet": settings})
+        model = tiny_config.model.model_copy(update={"controlnet": settings(run_dir.parent)})
         export_settings = tiny_config.export.model_copy(update={"quantize": False})
         config = tiny_config.model_copy(update={"model": model, "export": export_settings})
         export(config, run_dir, progress=lambda _line: None)
         build(config, run_dir, Backend.ONNXRUNTIME, progress=lambda _line: None)
-    return run_dir, path or run_dir / "model" / "controlnet"
+    return run_dir
+
+
+def _saved_controlnet(path, seed: int, own_pos_embed: bool = True):
+    """A tiny ControlNet saved at ``path`` (once)."""
+    from sd35trt.models.tiny import tiny_controlnet
+
+    if not path.is_dir():
+        tiny_controlnet(seed=seed, own_pos_embed=own_pos_embed).save_pretrained(path)
+    return path
+
+
+def _single_run(tiny_config, tmp_path_factory, control_type: ControlType, layout: str):
+    def settings(parent):
+        # the large layout: a directory of its own, named by model.controlnet.path
+        path = (
+            None
+            if layout == "sd3"
+            else _saved_controlnet(parent / "controlnet", tiny_config.model.seed, False)
+        )
+        return ControlNetSettings(type=control_type, path=None if path is None else str(path))
+
+    run_dir = _run_dir(tiny_config, tmp_path_factory, f"{control_type.value}-{layout}", settings)
+    folder = run_dir / "model" / "controlnet" if layout == "sd3" else run_dir.parent / "controlnet"
+    return run_dir, folder
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join((case[0].value, case[1])))
@@ -74,7 +93,7 @@ def controlled(request, tiny_config, tmp_path_factory):
     from sd35trt.models.loading import load_pipeline
 
     control_type, layout = request.param
-    run_dir, folder = _run_dir(tiny_config, tmp_path_factory, control_type, layout)
+    run_dir, folder = _single_run(tiny_config, tmp_path_factory, control_type, layout)
     base = load_pipeline(tiny_config, run_dir, device="cpu")
     controlnet = SD3ControlNetModel.from_pretrained(folder, use_safetensors=True)
     assert controlnet.config.use_pos_embed is (layout == "sd3")
@@ -94,15 +113,16 @@ def picture():
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def _reference(pipe, tiny_config, control_image, guidance, scale):
+def _reference(pipe, tiny_config, control_image, guidance, scale, **window):
     import torch
 
-    torch.manual_seed(SEED)  # the control image's posterior sample (global generator)
+    torch.manual_seed(SEED)  # the control images' posterior samples (global generator)
     with torch.inference_mode():
         return pipe(
             PROMPT,
             control_image=control_image,
             controlnet_conditioning_scale=scale,
+            **window,
             height=H,
             width=W,
             num_inference_steps=STEPS,
@@ -148,7 +168,7 @@ def test_engines_match_diffusers(controlled, tiny_config, picture, guidance, sca
         )  # fmt: skip
         assert _max_diff(zero.images[0], plain.images[0]) == 0
         params = ours.images[0].info[PARAMETERS_KEY]  # the PNG text chunk's JSON
-        assert ours.params.control.image_sha256 in params
+        assert ours.params.control[0].image_sha256 in params
         assert control_type.value in params
 
 
@@ -172,3 +192,125 @@ def test_request_faults_name_their_field(controlled, picture):
         "control_guidance_start"
     )
     assert field_of(controlnet_conditioning_scale=0.5) == "controlnet_conditioning_scale"  # no image
+
+
+# Two ControlNets in one engine set (diffusers' SD3MultiControlNetModel): the built-in canny one and
+# a blur one of another seed, named by path.
+BLUR_SEED_OFFSET = 1
+
+
+@pytest.fixture(scope="module")
+def two_nets(tiny_config, tmp_path_factory):
+    """``(runtime, canny ControlNet, blur ControlNet, base pipeline)`` of engines built with both."""
+    from diffusers import SD3ControlNetModel
+
+    from sd35trt.models.loading import load_pipeline
+
+    def settings(parent):
+        blur = _saved_controlnet(parent / "blur", tiny_config.model.seed + BLUR_SEED_OFFSET)
+        return (
+            ControlNetSettings(type=ControlType.CANNY),
+            ControlNetSettings(type=ControlType.BLUR, path=str(blur)),
+        )
+
+    run_dir = _run_dir(tiny_config, tmp_path_factory, "canny+blur", settings)
+    base = load_pipeline(tiny_config, run_dir, device="cpu")
+    nets = [
+        SD3ControlNetModel.from_pretrained(folder, use_safetensors=True)
+        for folder in (run_dir / "model" / "controlnet", run_dir.parent / "blur")
+    ]
+    with Sd35Runtime.load(run_dir / "engines") as rt:
+        assert rt.info.limits.controlnets == (ControlType.CANNY, ControlType.BLUR)  # one engine each
+        yield rt, *nets, base
+
+
+def _pipeline(base, nets):
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    pipe = StableDiffusion3ControlNetPipeline(
+        **base.components, controlnet=nets if len(nets) > 1 else nets[0]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _made(picture, control_type):
+    return preprocess(picture.resize((W, H), resample=Image.Resampling.LANCZOS), control_type)
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (0.3, 0.8)], ids=["1.0-0.5", "0.3-0.8"])
+def test_two_controlnets_match_diffusers_multi_controlnet(two_nets, tiny_config, picture, guidance, scales):
+    rt, canny, blur, base = two_nets
+    ours = rt.generate(
+        GenerationRequest(
+            PROMPT, control_image=[picture, picture], controlnet_conditioning_scale=list(scales),
+            guidance_scale=guidance, height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+        )
+    )  # fmt: skip
+    images = [_made(picture, ControlType.CANNY), _made(picture, ControlType.BLUR)]
+    theirs = _reference(_pipeline(base, [canny, blur]), tiny_config, images, guidance, list(scales))
+    assert _max_diff(ours.images[0], theirs) <= MAX_PIXEL_DIFF
+    if scales == (1.0, 0.5) and guidance > 1:
+        # the second net changes the result (summing only the first would match nothing here)
+        (first,) = [c for c in ours.params.control if c.control_type is ControlType.CANNY]
+        alone = rt.generate(
+            GenerationRequest(
+                PROMPT, control_image=picture, control_type="canny", guidance_scale=guidance,
+                height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+            )
+        )  # fmt: skip
+        assert first.conditioning_scale == 1.0
+        assert _max_diff(ours.images[0], alone.images[0]) > 4 * MAX_PIXEL_DIFF
+        recorded = ours.images[0].info[PARAMETERS_KEY]  # every control image, its type, scale, window
+        for c in ours.params.control:
+            assert c.image_sha256 in recorded and c.control_type.value in recorded
+
+
+def test_two_controlnets_with_their_own_guidance_windows(two_nets, tiny_config, picture):
+    rt, canny, blur, base = two_nets
+    window = {"control_guidance_start": [0.0, 0.5], "control_guidance_end": [0.5, 1.0]}
+    ours = rt.generate(
+        GenerationRequest(
+            PROMPT, control_image=[picture, picture], controlnet_conditioning_scale=[1.0, 0.8],
+            guidance_scale=4.5, height=H, width=W, seed=SEED, num_inference_steps=STEPS, **window,
+        )
+    )  # fmt: skip
+    images = [_made(picture, ControlType.CANNY), _made(picture, ControlType.BLUR)]
+    theirs = _reference(_pipeline(base, [canny, blur]), tiny_config, images, 4.5, [1.0, 0.8], **window)
+    assert _max_diff(ours.images[0], theirs) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("control_type", [ControlType.BLUR, ControlType.CANNY])
+def test_one_of_two_controlnets_equals_the_single_controlnet_pipeline(
+    two_nets, tiny_config, picture, control_type
+):
+    rt, canny, blur, base = two_nets
+    ours = rt.generate(
+        GenerationRequest(
+            PROMPT, control_image=picture, control_type=control_type.value, controlnet_conditioning_scale=0.7,
+            guidance_scale=4.5, height=H, width=W, seed=SEED, num_inference_steps=STEPS,
+        )
+    )  # fmt: skip
+    net = canny if control_type is ControlType.CANNY else blur
+    theirs = _reference(_pipeline(base, [net]), tiny_config, _made(picture, control_type), 4.5, 0.7)
+    assert _max_diff(ours.images[0], theirs) <= MAX_PIXEL_DIFF
+
+
+def test_two_controlnet_request_faults_name_field_and_index(two_nets, picture):
+    rt = two_nets[0]
+
+    def fault(**kwargs) -> RequestError:
+        with pytest.raises(RequestError) as err:
+            rt.validate(GenerationRequest(PROMPT, height=H, width=W, **kwargs))
+        assert "\n" not in str(err.value)
+        return err.value
+
+    err = fault(control_image=[picture, picture], control_type=["canny", "depth"])
+    assert err.field == "control_type" and "control_type[1] depth" in str(err)
+    err = fault(control_image=[picture, picture], control_type=["blur", "blur"])
+    assert err.field == "control_type" and "also control_type[0]" in str(err)
+    err = fault(control_image=[picture, picture], controlnet_conditioning_scale=[0.5, 0.5, 0.5])
+    assert err.field == "controlnet_conditioning_scale"
+    err = fault(control_image=[picture, picture], controlnet_conditioning_scale=[0.5, 3.0])
+    assert err.field == "controlnet_conditioning_scale" and "[1] 3 is outside" in str(err)

@@ -343,7 +343,9 @@ def test_the_sd3_layout_controlnet_exports_in_bf16(tiny_config, tiny_model_dir, 
         }
     )
     lines: list[str] = []
-    (path,) = export_component(cfg, tiny_model_dir, Component.CONTROLNET, tmp_path, progress=lines.append)
+    (path,) = export_component(
+        cfg, tiny_model_dir, Component.CONTROLNET_CANNY, tmp_path, progress=lines.append
+    )
     model = onnx.load(str(path))
     inputs = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
     bf16 = TensorProto.BFLOAT16

@@ -197,7 +197,7 @@ def test_records_hold_paths_relative_to_the_run_directory(tiny_config, tmp_path,
     monkeypatch.chdir(here)
     export(config, Path("runs/tiny"), progress=lambda _line: None)
     run_dir = here / "runs" / "tiny"
-    details = RunManifest(run_dir).require(Stage.EXPORT).details
+    details = RunManifest(run_dir).get(Stage.EXPORT).details
     assert details.model_dir == Path("model") and details.model.directory == "model"
 
     # Another run's model at the same relative path from the other directory.

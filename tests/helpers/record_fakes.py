@@ -100,7 +100,7 @@ def export_details(model_dir: Path = Path("model"), **changes) -> ExportDetails:
         "max_sequence_length": 8,
         "report": "onnx/export_report.json",
         "calibration": None,
-        "components": {c: exported_component(c) for c in exported_components(controlnet=False)},
+        "components": {c: exported_component(c) for c in exported_components()},
     }
     return ExportDetails(**{**fields, **changes})
 
@@ -114,7 +114,7 @@ def build_details(**changes) -> BuildDetails:
             c: BuiltEngine(
                 engine=f"engines/{c.value}.onnx", precision=Precision.FP32, fp8=False, build_seconds=0.1
             )
-            for c in exported_components(controlnet=False)
+            for c in exported_components()
         },
         "machine": BuildMachine(tensorrt_version=None, gpu_name=None, compute_capability=None),
     }

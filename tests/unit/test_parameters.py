@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,53 @@ def test_run_bench_and_reference_show_the_declared_help(command):
     assert help_words in result.output
     if command == "bench":
         assert "--prompt" in result.output and "--num-images" in result.output
+
+
+def test_controlnet_options_repeat_and_pair_in_order():
+    probe = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False)
+    seen = {}
+    names = ("prompt", "control_image", "control_type", "controlnet_conditioning_scale")
+
+    @probe.command()
+    @generation_options(*names)
+    def go(generation: dict) -> None:
+        seen.clear()
+        seen.update(generation)
+
+    two = ["p", "--control-image", "a.png", "--control-type", "canny", "--control-image", "b.png"]
+    result = CliRunner().invoke(
+        probe, [*two, "--control-type", "blur", "--controlnet-conditioning-scale", "0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == {
+        "prompt": "p",
+        "control_image": [Path("a.png"), Path("b.png")],
+        "control_type": ["canny", "blur"],
+        "controlnet_conditioning_scale": 0.5,  # one value: for every control image
+    }
+    result = CliRunner().invoke(probe, ["p", "--control-image", "a.png"])
+    assert result.exit_code == 0, result.output
+    assert seen["control_image"] == Path("a.png") and seen["control_type"] is None
+
+
+def test_controlnet_fields_take_lists_over_http_and_name_the_index():
+    from pydantic import ValidationError
+
+    from sd35trt.serve.schemas import GenerateBody
+
+    body = GenerateBody.model_validate(
+        {"prompt": "p", "control_image": ["YQ==", "Yg=="], "controlnet_conditioning_scale": [1.0, 0.5]}
+    )
+    fields = body.generation_fields()
+    assert fields["control_image"] == ["YQ==", "Yg=="] and fields["controlnet_conditioning_scale"] == [
+        1.0,
+        0.5,
+    ]
+    assert GenerateBody.model_validate({"prompt": "p", "control_type": "canny"}).control_type == "canny"
+    with pytest.raises(ValidationError, match="control_guidance_end"):
+        GenerateBody.model_validate({"prompt": "p", "control_guidance_end": ["late"]})
+    with pytest.raises(RequestError) as err:
+        check_value("control_guidance_end", 1.5, 1)
+    assert err.value.field == "control_guidance_end" and str(err.value).startswith(
+        "control_guidance_end[1] 1.5"
+    )

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
-from sd35trt.errors import ExportError, ModelError
+from sd35trt.errors import ExportError, ModelError, first_line
 
 FP8 = TensorProto.FLOAT8E4M3FN
 #: Tensor bytes above which a model is saved with external data: protobuf refuses messages of
@@ -306,7 +306,7 @@ def check_onnx_file(path: str | Path) -> ModelProto:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ExportError(f"{path} fails the ONNX checker: {first}") from None
     return model
 

@@ -80,7 +80,7 @@ class _Export(StageSpec):
         job = _make_job(config, root, loras, dims, out, slg, calibration, threshold, run.progress)
         graphs: list[steps.Graph] = []
         components = exported_components(
-            config.runtime.cache is not None, config.model.controlnet is not None
+            config.runtime.cache is not None, [c.type for c in config.model.controlnets]
         )
         _warn_slow_on_cpu(config, components, job.device, run.progress)
         for i, component in enumerate(components, 1):
@@ -204,7 +204,7 @@ def _make_job(
     external_threshold: int | None,
     progress: Progress,
 ) -> steps.Job:
-    from sd35trt.models.controlnet import resolve_controlnet
+    from sd35trt.models.controlnet import resolve_controlnets
     from sd35trt.models.loading import default_device, limit_heap_retention
     from sd35trt.stages.export import onnx_files, tracing, validate
 
@@ -219,7 +219,7 @@ def _make_job(
         out=out,
         scratch=out / ".scratch",
         slg=slg,
-        controlnet=resolve_controlnet(config.model, root),
+        controlnets={net.component: net for net in resolve_controlnets(config.model, root)},
         calibration=calibration,
         device=default_device(),
         providers=validate.providers(),
@@ -277,7 +277,7 @@ def _details(
     components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
     for component in exported_components(
-        config.runtime.cache is not None, config.model.controlnet is not None
+        config.runtime.cache is not None, [c.type for c in config.model.controlnets]
     ):
         g = by_stem[component.value]
         is_transformer = component.is_transformer
@@ -311,7 +311,5 @@ def _details(
             sha256=sha256_file(calibration),
         ),
         components=components,
-        model=run.model_input(plan.resolved).model_copy(
-            update={"controlnet": None if config.model.controlnet is None else config.model.controlnet.type}
-        ),
+        model=run.model_input(plan.resolved),
     )

@@ -52,7 +52,7 @@ class Job:
     out: Path  # the staged onnx/ directory
     scratch: Path
     slg: tuple[int, ...]
-    controlnet: ResolvedControlNet | None  # model.controlnet's
+    controlnets: dict[Component, ResolvedControlNet]  # model.controlnet's, by component
     calibration: Path | None
     device: str
     providers: list[str]
@@ -90,7 +90,7 @@ class Graph:
 def component_precision(config: Config, component: Component) -> Precision:
     """The precision ``component`` is exported in (``export.precision``)."""
     # The ControlNet is exported in the transformer's precision (it is made of its blocks).
-    model = Component.TRANSFORMER if component is Component.CONTROLNET else component.model
+    model = Component.TRANSFORMER if component.is_controlnet else component.model
     return getattr(config.export.precision, model.value)
 
 
@@ -142,8 +142,10 @@ def _plan(job: Job, component: Component) -> _Plan:
     # the first-block-cache head never gates a block (the config keeps block 0 out of SLG)
     gated = component.is_transformer and component is not Component.TRANSFORMER_FIRST_BLOCK
     n_skip = len(job.slg) if gated else 0
-    # the ControlNet residual input is the whole transformer's only (never with runtime.cache)
-    cn = job.controlnet if component in (Component.TRANSFORMER, Component.CONTROLNET) else None
+    # the ControlNet residual input is the whole transformer's only (never with runtime.cache);
+    # every ControlNet has the same block count and layout (resolve_controlnets checks it)
+    nets = list(job.controlnets.values())
+    cn = job.controlnets.get(component) or (nets[0] if component is Component.TRANSFORMER and nets else None)
     controlnet = (cn.layers, cn.takes_text) if cn is not None else (0, True)
     trace_shapes, *check_shapes = sample_shapes(
         component, job.dims, config.build, config.runtime.max_sequence_length, n_skip, *controlnet
@@ -295,6 +297,7 @@ def _load(job: Job, component: Component, precision: Precision, quantized: bool)
         job.slg,
         job.calibration if quantized else None,
         job.loras,
+        job.controlnets.get(component),
     )
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from sd35trt.models.controlnet import ResolvedControlNet
     from sd35trt.models.lora import ResolvedLora
 #: ModelOpt's names for the 16-bit dtypes its FP8 attention export emits.
 _MODELOPT_DTYPE = {Precision.FP16: "Half", Precision.BF16: "BFloat16"}
@@ -54,6 +55,7 @@ def load_module(
     slg_layers: Sequence[int] = (),
     calibration: Path | None = None,
     loras: Sequence[ResolvedLora] = (),
+    controlnet: ResolvedControlNet | None = None,
 ) -> nn.Module:
     """The spec-shaped module of ``component`` (:mod:`sd35trt.models.modules`) in eval mode, to trace.
 
@@ -66,6 +68,7 @@ def load_module(
         slg_layers: transformer blocks the ``skip_layers`` input gates.
         calibration: for the transformer, the calibration file to restore FP8 fake quant from.
         loras: ``model.loras``, fused into the transformer and CLIP encoders before anything else.
+        controlnet: for a ControlNet component, its resolved ControlNet.
 
     Raises:
         ModelError: the component cannot be loaded, or a LoRA does not fit it.
@@ -75,10 +78,12 @@ def load_module(
     from sd35trt.models.loading import LoadPurpose, load_model
     from sd35trt.models.modules import wrap
 
-    if component is Component.CONTROLNET:
+    if controlnet is not None:
         from sd35trt.models.loading import load_controlnet
 
-        raw = load_controlnet(config.model, root, torch_dtype(precision), device=device, trace=True)
+        raw = load_controlnet(
+            controlnet, config.model, root, torch_dtype(precision), device=device, trace=True
+        )
         dims = ModelDims.from_model_dir(root)
         return wrap(component, raw, vae_shift_offset=dims.vae_shift_factor * dims.vae_scaling_factor)
     raw = load_model(
@@ -94,7 +99,7 @@ def load_module(
         return wrap(component, raw, slg_layers)
     if calibration is not None:
         restore_fp8(raw, config, precision, calibration)
-    return wrap(component, raw, slg_layers, config.export.fp32_blocks, config.model.controlnet is not None)
+    return wrap(component, raw, slg_layers, config.export.fp32_blocks, bool(config.model.controlnets))
 
 
 def check_fp8_attention(precision: Precision) -> None:

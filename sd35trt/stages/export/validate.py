@@ -25,6 +25,7 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from sd35trt.components import Tolerance
+from sd35trt.errors import first_line
 from sd35trt.stages.export.onnx_files import check_external_data
 from sd35trt.stages.export.onnx_tools import DEFAULT_DOMAINS
 
@@ -225,7 +226,7 @@ def _open(path: Path, available: list[str], codes: bool) -> tuple[ort.InferenceS
         finally:
             temporary.unlink(missing_ok=True)
     except _ort_errors() as err:
-        raise NotValidated(f"ONNX Runtime cannot load {path.name}: {str(err).splitlines()[0]}") from None
+        raise NotValidated(f"ONNX Runtime cannot load {path.name}: {first_line(err)}") from None
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,9 +299,7 @@ def run_cases(
             try:
                 got = run(sess, case)
             except _ort_errors() as err:
-                raise NotValidated(
-                    f"ONNX Runtime cannot run {path.name}: {str(err).splitlines()[0]}"
-                ) from None
+                raise NotValidated(f"ONNX Runtime cannot run {path.name}: {first_line(err)}") from None
             case_codes = {q: got.pop(name) for name, q in names.items()}
             if codes_dir is not None and case_codes:
                 spilled = codes_dir / f"{path.stem}.codes_{len(found)}.npz"

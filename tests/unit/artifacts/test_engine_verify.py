@@ -208,6 +208,33 @@ def test_unknown_component_is_a_clear_error(tmp_path):
         verify_engines(out, components=[Component.CLIP_L], machine=MachineInfo("11.4.0", H100))
 
 
+def test_an_untyped_controlnet_engine_of_an_older_build_says_to_rebuild(tmp_path):
+    """Engines once named their single ControlNet ``controlnet``; they are named by type now."""
+    import json
+
+    from sd35trt.artifacts.manifest import FORMAT_VERSION, RunManifest
+
+    out = _engines_dir(tmp_path)
+    path = out / "manifest.json"
+    data = json.loads(path.read_text())
+    data["engines"]["controlnet"] = data["engines"]["vae_decoder"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as err:
+        verify_engines(out, machine=MachineInfo("11.4.0", H100))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path} has a 'controlnet' component")
+    assert "re-run `sd35trt export` and `sd35trt build`" in message
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(
+        json.dumps(
+            {"format": FORMAT_VERSION, "records": {"export": {"details": {"components": {"controlnet": {}}}}}}
+        )
+    )
+    with pytest.raises(ManifestError, match=r"the export record in .* has a 'controlnet' component"):
+        RunManifest(run).load()
+
+
 def test_plan_swapped_after_verification_is_refused_before_tensorrt_sees_it(tmp_path):
     out = _engines_dir(tmp_path)
     m = verify_engines(out, machine=MachineInfo("11.4.0", H100))

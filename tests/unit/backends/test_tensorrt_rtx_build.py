@@ -115,7 +115,7 @@ def test_one_target_build_fuses_projections_and_keeps_them_fp8(tiny_config, expo
 def _dims(run_dir: Path):
     from sd35trt.artifacts.manifest import RunManifest, Stage
 
-    return RunManifest(run_dir).require(Stage.EXPORT, "").details.dims
+    return RunManifest(run_dir).get(Stage.EXPORT).details.dims
 
 
 def test_machine_detection_finds_tensorrt_rtx():

@@ -59,14 +59,13 @@ def rtx_controlnet_run(config, tmp_path_factory) -> Path:
 def test_every_engine_is_built_with_the_controlnet(rtx_controlnet_run):
     manifest = read_engine_manifest(rtx_controlnet_run / "engines")
     assert manifest.backend is Backend.TENSORRT_RTX
-    assert Component.CONTROLNET in manifest.engines
-    assert set(manifest.engines) == set(exported_components(cache=False, controlnet=True))
+    assert Component.CONTROLNET_CANNY in manifest.engines
+    assert set(manifest.engines) == set(exported_components(cache=False, controlnets=(ControlType.CANNY,)))
     for rec in manifest.engines.values():
         plan = (rtx_controlnet_run / "engines" / rec.file.path).read_bytes()
         assert len(plan) == rec.file.size > 100_000  # a compiled plan, not a placeholder
         assert rec.compute_capabilities == ((8, 9), (12, 0)) and rec.tensorrt_version == trt.__version__
-    # the manifest records the ControlNet: its type, and the residuals the transformer takes
-    assert manifest.model["controlnet"] == ControlType.CANNY.value
+    # the manifest records the ControlNet: its engine by type, and the residuals the transformer takes
     assert manifest.engines[Component.TRANSFORMER].controlnet_layers == CONTROLNET_BLOCKS
     spec = manifest.spec(Component.TRANSFORMER)
     assert CONTROLNET_INPUT in {t.name for t in spec.inputs}
@@ -94,9 +93,9 @@ def test_the_transformer_fp8_proof_covers_every_quantized_matmul_with_the_residu
 
 def test_the_controlnet_engine_is_bf16_with_no_fp8_gemm(rtx_controlnet_run, config):
     run = rtx_controlnet_run
-    rec = read_engine_manifest(run / "engines").engines[Component.CONTROLNET]
-    assert rec.precision is component_precision(config, Component.CONTROLNET) is Precision.BF16
-    assert not rec.fp8 and quantized_linear_nodes(run / "onnx" / "controlnet.onnx") == []
+    rec = read_engine_manifest(run / "engines").engines[Component.CONTROLNET_CANNY]
+    assert rec.precision is component_precision(config, Component.CONTROLNET_CANNY) is Precision.BF16
+    assert not rec.fp8 and quantized_linear_nodes(run / "onnx" / "controlnet_canny.onnx") == []
     layers = rec.layers
     assert layers.detailed and layers.layers > 10 and layers.fp8_gemms == 0
     assert layers.output_precisions.get("bf16", 0) > 0 and "fp8" not in layers.output_precisions
@@ -111,10 +110,10 @@ def test_inspect_shows_the_controlnet(rtx_controlnet_run):
     result = CliRunner().invoke(app, ["inspect", str(rtx_controlnet_run)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    engine = next(line for line in lines if line.strip().startswith("controlnet ") and ".plan" in line)
-    assert "controlnet.plan" in engine and "bf16, built for sm_89, sm_120" in engine and "fp8" not in engine
+    engine = next(line for line in lines if "controlnet_canny.plan" in line)
+    assert "bf16, built for sm_89, sm_120" in engine and "fp8" not in engine
     assert (
-        f"  controlnet: canny (controlnet engine, bf16; the transformer takes its {CONTROLNET_BLOCKS} "
-        f"block residuals as {CONTROLNET_INPUT})"
+        f"  controlnet: canny (controlnet_canny engine, bf16); the transformer takes their "
+        f"{CONTROLNET_BLOCKS} block residuals as {CONTROLNET_INPUT}"
     ) in lines
     assert any("FP8 proof (builder log): every quantized MatMul is inside an FP8 GEMM" in x for x in lines)

@@ -26,8 +26,8 @@ def _picture(w: int = 64, h: int = 64) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def _resolve(**kwargs):
-    return resolve_control(GenerationRequest("p", **kwargs), ControlType.CANNY, 64, 64)
+def _resolve(built=(ControlType.CANNY,), **kwargs):
+    return resolve_control(GenerationRequest("p", **kwargs), built, 64, 64)
 
 
 def test_canny_marks_the_square_s_outline_and_nothing_else():
@@ -46,7 +46,7 @@ def test_blur_smooths_and_depth_is_taken_as_given():
 
 
 def test_guidance_window_is_diffusers_controlnet_keep():
-    c = _resolve(control_image=_picture(), control_guidance_start=0.25, control_guidance_end=0.75)
+    (c,) = _resolve(control_image=_picture(), control_guidance_start=0.25, control_guidance_end=0.75)
     steps = 8
     keep = [c.keep(i, steps) for i in range(steps)]
     # diffusers: 1 - float(i / n < start or (i + 1) / n > end)
@@ -82,7 +82,7 @@ def test_bad_control_fields_are_one_line_naming_the_field(kwargs, field):
 
 def test_engines_without_a_controlnet_refuse_a_control_image():
     with pytest.raises(RequestError, match="no controlnet engine") as err:
-        resolve_control(GenerationRequest("p", control_image=_picture()), None, 64, 64)
+        resolve_control(GenerationRequest("p", control_image=_picture()), (), 64, 64)
     assert err.value.field == "control_image"
 
 
@@ -94,7 +94,7 @@ def test_the_transformer_takes_residuals_only_with_a_controlnet():
     assert plain.output_names == with_cn.output_names
     residuals = with_cn.inputs[-1]
     assert residuals.shape == ("batch", 2, "image_tokens", TINY.num_heads * TINY.head_dim)
-    assert spec(Component.CONTROLNET, TINY, controlnet=2).outputs == (residuals,)
+    assert spec(Component.CONTROLNET_CANNY, TINY, controlnet=2).outputs == (residuals,)
     ranges = profile(Component.TRANSFORMER, TINY, build, controlnet=2)
     latent = ranges["hidden_states"]
     tokens = ranges["controlnet_block_samples"]
@@ -104,3 +104,110 @@ def test_the_transformer_takes_residuals_only_with_a_controlnet():
     assert dataclasses.asdict(
         profile(Component.TRANSFORMER, TINY, build)["hidden_states"]
     ) == dataclasses.asdict(latent)
+
+
+TWO = (ControlType.CANNY, ControlType.BLUR)
+
+
+def test_lists_pair_images_with_types_and_one_value_applies_to_all():
+    pic = _picture()
+    canny, blur = _resolve(TWO, control_image=[pic, pic], controlnet_conditioning_scale=[1.0, 0.5])
+    assert (canny.control_type, canny.conditioning_scale) == (ControlType.CANNY, 1.0)  # engines' order
+    assert (blur.control_type, blur.conditioning_scale) == (ControlType.BLUR, 0.5)
+    assert canny.image_sha256 == blur.image_sha256 and canny.image.tobytes() != blur.image.tobytes()
+    first, second = _resolve(
+        TWO, control_image=[pic, pic], control_type=["blur", "canny"], control_guidance_end=0.5
+    )
+    assert (first.control_type, second.control_type) == (ControlType.BLUR, ControlType.CANNY)
+    assert first.guidance_end == second.guidance_end == 0.5
+    # one of two built: the other is not run
+    (only,) = _resolve(TWO, control_image=pic, control_type="blur")
+    assert only.control_type is ControlType.BLUR
+    assert _resolve(TWO) == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        (
+            {"control_image": [_picture()]},
+            "control_type",
+            "1 control image(s) for engines with 2 ControlNet(s)",
+        ),
+        (
+            {"control_image": [_picture()] * 2, "control_type": ["canny", "depth"]},
+            "control_type",
+            "control_type[1] depth",
+        ),
+        (
+            {"control_image": [_picture()] * 2, "control_type": ["blur", "blur"]},
+            "control_type",
+            "control_type[1] blur is also control_type[0]",
+        ),
+        (
+            {"control_image": [_picture()] * 2, "control_type": ["blur"]},
+            "control_type",
+            "1 value(s), control_image 2",
+        ),
+        (
+            {"control_image": [_picture()] * 2, SCALE: [0.5, 2.5]},
+            SCALE,
+            "controlnet_conditioning_scale[1] 2.5 is outside",
+        ),
+        ({"control_image": [_picture()] * 2, SCALE: [0.5, 0.5, 0.5]}, SCALE, "has 3 values, control_image 2"),
+        ({"control_image": [_picture(), _picture(64, 32)]}, "control_image", "control_image[1] is 64x32"),
+        ({"control_image": []}, "control_image", "empty list"),
+        (
+            {
+                "control_image": [_picture()] * 2,
+                "control_guidance_start": [0.0, 0.6],
+                "control_guidance_end": [1.0, 0.5],
+            },
+            "control_guidance_start",
+            "control_guidance_start[1] 0.6 must be below control_guidance_end[1] 0.5",
+        ),
+    ],
+)
+def test_bad_lists_name_the_field_and_the_index(kwargs, field, message):
+    with pytest.raises(RequestError) as err:
+        _resolve(TWO, **kwargs)
+    assert err.value.field == field and message in str(err.value) and "\n" not in str(err.value)
+
+
+class _FakeControlNet:
+    """An engine whose residuals are its ``value`` wherever the control latents are nonzero."""
+
+    def __init__(self, value: float):
+        self.value, self.calls = value, 0
+
+    def infer(self, feeds):
+        import torch
+
+        self.calls += 1
+        return {
+            "controlnet_block_samples": torch.full((1, 2, 4, 8), self.value) * feeds["controlnet_cond"].sum()
+        }
+
+
+def test_residuals_are_the_scaled_sum_of_the_nets_inside_their_windows():
+    import torch
+
+    from sd35trt.runtime.control import ControlNetPass, ControlResiduals
+
+    pic = _picture()
+    canny, blur = _resolve(
+        TWO,
+        control_image=[pic, pic],
+        controlnet_conditioning_scale=[1.0, 0.5],
+        control_guidance_start=[0.0, 0.5],
+    )
+    a, b = _FakeControlNet(1.0), _FakeControlNet(10.0)
+    ones = torch.ones(1, 1, 1, 1)
+    residuals = ControlResiduals(
+        (1, 2, 4, 8), "cpu", [ControlNetPass(a, canny, ones), ControlNetPass(b, blur, ones)]
+    )
+    x, t = torch.zeros(1), torch.zeros(1)
+    assert torch.equal(residuals(0, 4, x, t), torch.full((1, 2, 4, 8), 1.0))  # blur's window not open yet
+    assert b.calls == 0  # outside its window a net is not run
+    assert torch.equal(residuals(2, 4, x, t), torch.full((1, 2, 4, 8), 1.0 + 0.5 * 10.0))
+    assert torch.equal(ControlResiduals((1, 2, 4, 8), "cpu")(0, 4, x, t), torch.zeros(1, 2, 4, 8))

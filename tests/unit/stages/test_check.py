@@ -111,3 +111,18 @@ def test_controlnet_and_the_first_block_cache_are_refused_together_in_one_line()
         check_config(both, TINY, Stage.EXPORT)
     assert config_problems(_config(model={"controlnet": {"type": "canny"}}), TINY) == []
     assert config_problems(_config(runtime={"cache": {"threshold": 0.1}}), TINY) == []
+
+
+def test_controlnets_of_another_layout_are_refused_by_the_config_check_before_export(
+    tiny_config, tiny_model_dir, tmp_path
+):
+    from sd35trt.models.tiny import tiny_controlnet
+
+    large = tmp_path / "large-layout"
+    tiny_controlnet(own_pos_embed=False).save_pretrained(large)
+    two = _config(model={"controlnet": [{"type": "canny"}, {"type": "blur", "path": str(large)}]})
+    problems = config_problems(two, TINY, Stage.EXPORT, tiny_model_dir)
+    assert len(problems) == 1 and problems[0].startswith(f"model.controlnet[1].path {large}: text input")
+    assert config_problems(two, TINY, Stage.BUILD, tiny_model_dir) == []  # exported already
+    with pytest.raises(ConfigError, match=r"model\.controlnet\[1\]\.path"):
+        check_config(two, TINY, Stage.CALIBRATE, tiny_model_dir)

@@ -54,6 +54,22 @@ def test_read_rows_gives_serve_fields_per_row_and_names_bad_text():
     assert err.value.field == "negative_prompt" and "UTF-8" in str(err.value)
 
 
+def test_controlnet_inputs_take_one_value_per_control_image():
+    columns = {
+        "control_type": np.array([[b"canny", b"blur"]], dtype=object),
+        "controlnet_conditioning_scale": np.array([[0.5]]),
+    }
+    assert read_rows(columns, 1) == [
+        {"control_type": ["canny", "blur"], "controlnet_conditioning_scale": 0.5}
+    ]
+    with pytest.raises(RequestError) as err:
+        read_rows({"width": np.array([[64, 64]], dtype=np.int32)}, 1)  # not a ControlNet field
+    assert err.value.field == "width" and "expected [1, 1]" in str(err.value)
+    with pytest.raises(RequestError) as err:
+        read_rows({"control_type": np.zeros((1, 0), dtype=object)}, 1)
+    assert err.value.field == "control_type"
+
+
 def test_inputs_are_the_fields_of_serve_and_their_aliases():
     from sd35trt.parameters import BY_WIRE_NAME
     from sd35trt.serve.schemas import SCHEDULING_FIELDS, GenerateBody
