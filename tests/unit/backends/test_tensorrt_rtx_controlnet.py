@@ -110,7 +110,7 @@ def test_inspect_shows_the_controlnet(rtx_controlnet_run):
     result = CliRunner().invoke(app, ["inspect", str(rtx_controlnet_run)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    engine = next(line for line in lines if "controlnet_canny.plan" in line)
+    engine = next(line for line in lines if "controlnet_canny.plan" in line and "built for" in line)
     assert "bf16, built for sm_89, sm_120" in engine and "fp8" not in engine
     assert (
         f"  controlnet: canny (controlnet_canny engine, bf16); the transformer takes their "
