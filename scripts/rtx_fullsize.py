@@ -100,11 +100,10 @@ def build_step(work: Path, config_path: str, component_name: str = "transformer"
     from sd35trt.backends.layers import quantized_linear_nodes
     from sd35trt.backends.machine import MachineInfo
     from sd35trt.backends.tensorrt_rtx import build_rtx_plan
-    from sd35trt.components import Component, ModelDims
+    from sd35trt.components import CONTROLNET_INPUT, Component, ModelDims
     from sd35trt.config import load_config
     from sd35trt.models.loading import model_dir
     from sd35trt.stages.build import (
-        CONTROLNET_INPUT,
         CONTROLNET_TEXT_INPUT,
         SKIP_LAYERS_INPUT,
         check_inputs_match,

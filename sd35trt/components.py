@@ -311,11 +311,13 @@ def _part_spec(component: Component, dims: ModelDims, skip_layers: int) -> Compo
     )
 
 
+#: The ControlNet engines' output and the transformer's input: the block residuals.
+CONTROLNET_INPUT = "controlnet_block_samples"
+
+
 def _controlnet_samples(dims: ModelDims, n: int) -> TensorSpec:
     """The ControlNet's ``n`` residuals as one tensor, ``[B, n, image_tokens, inner_dim]``."""
-    return TensorSpec(
-        "controlnet_block_samples", TensorType.FLOAT, ("batch", n, "image_tokens", dims.inner_dim)
-    )
+    return TensorSpec(CONTROLNET_INPUT, TensorType.FLOAT, ("batch", n, "image_tokens", dims.inner_dim))
 
 
 #: Extra validation slack for graphs exported in 16 bits: ONNX Runtime and PyTorch round and

@@ -239,8 +239,7 @@ def format_engines(engines_dir: Path) -> list[str]:
 def controlnet_line(manifest: EngineManifest) -> str:
     """``controlnet: canny (controlnet_canny engine, bf16); the transformer takes their 19 block
     residuals as controlnet_block_samples``, or that the engines have none."""
-    from sd35trt.components import Component
-    from sd35trt.stages.build import CONTROLNET_INPUT
+    from sd35trt.components import CONTROLNET_INPUT, Component
 
     nets = [
         f"{c.control_type.value} ({c.value} engine, {rec.precision.value}{' + fp8' if rec.fp8 else ''})"

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sd35trt.components import CONTROLNET_INPUT
 from sd35trt.config import ControlType
 from sd35trt.errors import RequestError
 from sd35trt.parameters import listed
@@ -337,10 +338,6 @@ def control_latents(
     return torch.cat(parts)
 
 
-#: The transformer input that takes the ControlNet's residuals.
-RESIDUALS_INPUT = "controlnet_block_samples"
-
-
 @dataclass
 class ControlNetPass:
     """One ControlNet a generation runs: its engine, its conditioning, its control latents."""
@@ -393,7 +390,7 @@ class ControlResiduals:
                 "pooled_projections": self.pooled,
                 "timestep": timestep,
             }
-            samples = net.engine.infer(feeds)[RESIDUALS_INPUT].float() * scale  # [2N or N, n, tokens, inner]
+            samples = net.engine.infer(feeds)[CONTROLNET_INPUT].float() * scale  # [2N or N, n, tokens, inner]
             total = samples if total is None else total + samples
         if total is not None:
             return total
@@ -429,9 +426,9 @@ def transformer_residuals(
     from sd35trt.components import Component
 
     names = transformer.spec.input_names
-    if RESIDUALS_INPUT not in names:
+    if CONTROLNET_INPUT not in names:
         return None
-    _, n, _, inner = transformer.spec.inputs[names.index(RESIDUALS_INPUT)].shape
+    _, n, _, inner = transformer.spec.inputs[names.index(CONTROLNET_INPUT)].shape
     n_images, channels, h, w = latents.shape
     shape = (cond.hidden.shape[0], n, h * w // patch_size**2, inner)  # [2N or N, n, tokens, inner]
     if not controlnets:

@@ -21,11 +21,11 @@ from PIL import Image
 
 from sd35trt.artifacts.repair import REBUILD
 from sd35trt.backends.engine import Engine
-from sd35trt.components import Component, ModelDims, engine_components
+from sd35trt.components import CONTROLNET_INPUT, Component, ModelDims, engine_components
 from sd35trt.config import SkipLayerGuidance
 from sd35trt.errors import ManifestError, NonFiniteError
 from sd35trt.runtime.cache import CachedPass
-from sd35trt.runtime.control import RESIDUALS_INPUT, ControlResiduals
+from sd35trt.runtime.control import ControlResiduals
 from sd35trt.runtime.request import GenerationParams
 from sd35trt.runtime.scheduler import FlowMatchEuler, Schedule
 from sd35trt.runtime.tokenize import TokenizedPrompts
@@ -282,7 +282,7 @@ def denoise(
     for i, dt in enumerate(dts):
         feeds["timestep"] = step_t[i]
         if residuals is not None:
-            feeds[RESIDUALS_INPUT] = residuals(i, len(dts), x, step_t[i])  # [2N or N, n, tokens, inner]
+            feeds[CONTROLNET_INPUT] = residuals(i, len(dts), x, step_t[i])  # [2N or N, n, tokens, inner]
         velocity = engine.infer(feeds)["noise_pred"]  # [2N or N, C, h, w]
         if velocity.dtype is not torch.float32:
             velocity = velocity.float()
@@ -292,7 +292,7 @@ def denoise(
             skip_feeds["hidden_states"] = x[:n_images]  # [N, C, h, w] view, contiguous
             skip_feeds["timestep"] = skip_t[i]
             if residuals is not None:  # the positive rows' residuals
-                skip_feeds[RESIDUALS_INPUT] = feeds[RESIDUALS_INPUT][n_images:]
+                skip_feeds[CONTROLNET_INPUT] = feeds[CONTROLNET_INPUT][n_images:]
             v_skip = skip_engine.infer(skip_feeds)["noise_pred"].float()  # [N, C, h, w]
             _guided_update(pair, velocity, dt, g, v_skip, slg.scale)
         else:

@@ -43,7 +43,14 @@ from sd35trt.backends.base import BuildJob, EngineBackend
 from sd35trt.backends.layers import LayerReport
 from sd35trt.backends.load import verify_engines
 from sd35trt.backends.machine import NO_MACHINE, GpuInfo, MachineInfo
-from sd35trt.components import TOKENIZER_SUBFOLDERS, Component, ModelDims, ShapeRange, profile
+from sd35trt.components import (
+    CONTROLNET_INPUT,
+    TOKENIZER_SUBFOLDERS,
+    Component,
+    ModelDims,
+    ShapeRange,
+    profile,
+)
 from sd35trt.config import Backend, Config
 from sd35trt.errors import BuildError, ModelError, Sd35TrtError
 from sd35trt.guidance import cfg_enabled
@@ -52,7 +59,6 @@ from sd35trt.stages.driver import Progress, StageRun, StageSpec, print_progress,
 
 SCHEDULER_SUBFOLDER = "scheduler"
 SKIP_LAYERS_INPUT = "skip_layers"
-CONTROLNET_INPUT = "controlnet_block_samples"
 #: The ControlNet graph's text input, absent from SD3.5-large's ControlNets.
 CONTROLNET_TEXT_INPUT = "encoder_hidden_states"
 

@@ -16,9 +16,9 @@ import pytest
 
 from sd35trt.artifacts.engine_manifest import read_engine_manifest
 from sd35trt.backends.layers import quantized_linear_nodes
-from sd35trt.components import Component, exported_components
+from sd35trt.components import CONTROLNET_INPUT, Component, exported_components
 from sd35trt.config import Backend, ControlNetSettings, ControlType, Precision
-from sd35trt.stages.build import CONTROLNET_INPUT, build, onnx_inputs
+from sd35trt.stages.build import build, onnx_inputs
 from sd35trt.stages.export.steps import component_precision
 
 pytestmark = pytest.mark.tensorrt_rtx
