@@ -97,6 +97,15 @@ class OptionalControlNet(BaseModel):
                     f"model.controlnet[{i}].type {net.type.value} is also model.controlnet[{first}]'s: "
                     "each ControlNet needs a type of its own (the type names its engine and its requests)"
                 )
+            same = next(
+                j for j, other in enumerate(value) if (other.path, other.revision) == (net.path, net.revision)
+            )
+            if same != i:
+                where = "the model's controlnet/ folder" if net.path is None else repr(net.path)
+                raise ValueError(
+                    f"model.controlnet[{i}].path: {where} is also model.controlnet[{same}]'s: each "
+                    "ControlNet needs weights of its own (give each a path)"
+                )
         return value[0] if len(value) == 1 else value
 
     @property

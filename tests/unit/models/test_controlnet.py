@@ -272,6 +272,14 @@ def test_config_faults_name_the_list_element():
         _two({"type": "canny"}, {"type": "canny", "path": "./x"})
     with pytest.raises(ConfigError, match="empty list"):
         config_from_dict({"name": "cn", "model": {"controlnet": []}})
+    # faults.md #43: two ControlNets of the same weights (both the model's controlnet/, or one path twice)
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.controlnet\[1\]\.path: the model's controlnet/ folder is also",
+    ):
+        _two({"type": "canny"}, {"type": "blur"})
+    with pytest.raises(ConfigError, match=r"model\.controlnet\[1\]\.path: './x' is also"):
+        _two({"type": "canny", "path": "./x"}, {"type": "blur", "path": "./x"})
     with pytest.raises(ConfigError, match="type"):
         _two({"type": "canny"}, {"type": "sketch"})
 
