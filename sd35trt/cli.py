@@ -227,7 +227,9 @@ def tiny(
 ) -> None:
     """Write the built-in tiny SD3.5-shaped diffusers pipeline (deterministic, offline, ~2 MB)."""
     from sd35trt.models.tiny import write_tiny
+    from sd35trt.user_files import output_directory
 
+    output_directory(out, "--out", empty=True)
     typer.echo(f"wrote {write_tiny(out, seed)}")
 
 
@@ -313,6 +315,7 @@ def bench(
     from sd35trt.bench.benchmark import bench as run
     from sd35trt.bench.report import format_bench
 
+    _check_out_and_device(out, device)
     options = BenchOptions(
         runs=runs,
         warmup=warmup,
@@ -325,6 +328,23 @@ def bench(
     report = run(engines, reference, options)
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
+
+
+def _check_out_and_device(out: Path | None, device: str | None) -> None:
+    """bench's and eval's ``--out`` (not a file) and ``--device`` (``cpu`` or ``cuda[:N]``).
+
+    Raises:
+        ConfigError: naming the option and the value.
+    """
+    import re
+
+    from sd35trt.errors import ConfigError
+    from sd35trt.user_files import output_directory
+
+    if out is not None:
+        output_directory(out, "--out")
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r}: give cpu, cuda or cuda:N")
 
 
 @app.command(name="eval")
@@ -358,6 +378,7 @@ def eval_(
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
 
+    _check_out_and_device(out, device)
     if reference is None:
         from sd35trt.models.reference import run_model_dir
 

@@ -51,11 +51,47 @@ def _parameter(p: InputParam, default: Any, argument: bool) -> inspect.Parameter
     if p.kind is Kind.BOOL:
         info = typer.Option(_bool_flags(p.name), help=help_text, show_default=False)
     else:
-        info = typer.Option(_flag(p.name), *(_flag(a) for a in p.aliases), help=help_text)
+        info = typer.Option(_flag(p.name), help=help_text)
     annotation = _PYTHON_TYPE[p.kind] if default is not None else _PYTHON_TYPE[p.kind] | None
     if p.per_controlnet:  # repeatable, paired in order with --control-image
         annotation = list[_PYTHON_TYPE[p.kind]] | None
     return inspect.Parameter(p.name, kind, default=default, annotation=Annotated[annotation, info])
+
+
+def _alias_parameters(p: InputParam) -> list[inspect.Parameter]:
+    """An option of its own per alias (``--steps``), so that giving the name and an alias together
+    is refused rather than the last one silently winning (see :func:`_take_alias`)."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    annotation = _PYTHON_TYPE[p.kind] | None
+    return [
+        inspect.Parameter(
+            _ALIAS_PREFIX + a,
+            kind,
+            default=None,
+            annotation=Annotated[annotation, typer.Option(_flag(a), help=f"Same as {_flag(p.name)}.")],
+        )
+        for a in p.aliases
+    ]
+
+
+_ALIAS_PREFIX = "alias__"
+
+
+def _take_alias(p: InputParam, kwargs: dict[str, Any]) -> None:
+    """Move an alias option's value in ``kwargs`` to ``p``'s own name (an aliased option has no
+    default of its own: ``None`` is "not given", the engines' default applies).
+
+    Raises:
+        ConfigError: the name and an alias (or two aliases) were both given on the command line.
+    """
+    names = (p.name, *(_ALIAS_PREFIX + a for a in p.aliases))
+    given = [n.removeprefix(_ALIAS_PREFIX) for n in names if kwargs.get(n) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{_flag(given[0])} and {_flag(given[1])} are the same parameter; give one of them")
+    for a in p.aliases:
+        value = kwargs.pop(_ALIAS_PREFIX + a)
+        if value is not None:
+            kwargs[p.name] = value
 
 
 def _one_or_list(p: InputParam, value: Any) -> Any:
@@ -90,6 +126,10 @@ def generation_options(
         _parameter(PARAMS[n], defaults.get(n, PARAMS[n].default), PARAMS[n].required and n not in defaults)
         for n in names
     ]
+    aliased = [n for n in names if PARAMS[n].aliases and PARAMS[n].kind is not Kind.BOOL]
+    if any(defaults.get(n, PARAMS[n].default) is not None for n in aliased):
+        raise TypeError(f"an aliased option needs the default None: {aliased}")  # a programming error
+    declared += [a for n in aliased for a in _alias_parameters(PARAMS[n])]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)  # typer reads real annotations
@@ -97,6 +137,8 @@ def generation_options(
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
+            for n in aliased:
+                _take_alias(PARAMS[n], kwargs)
             generation = {n: _one_or_list(PARAMS[n], kwargs.pop(n)) for n in names}
             return command(**kwargs, generation=generation)
 

@@ -82,6 +82,22 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def output_directory(path: Path, option: str, *, empty: bool = False, outside: Path | None = None) -> None:
+    """Refuse an output directory named by ``option`` (``--out``) before anything is written.
+
+    Raises:
+        ConfigError: ``path`` is a file; with ``empty``, a directory holding anything (its files
+            would be replaced); with ``outside``, inside that directory (an engines directory,
+            whose ``verify`` would then find files it does not list).
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; a directory is needed (a new or existing one)")
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{option} {path} is a directory holding files; give a new or empty directory")
+    if outside is not None and path.resolve().is_relative_to(outside.resolve()):
+        raise ConfigError(f"{option} {path} is inside {outside}; give a directory outside it")
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse a config's YAML (no aliases, no duplicate keys); ConfigError names ``source`` and the
     problem (cut to :data:`MAX_ERROR_CHARS` characters)."""

@@ -65,6 +65,7 @@ def repository(
     from sd35trt.errors import ConfigError
     from sd35trt.stages.package import engines_dir_of
     from sd35trt.triton.repository import EngineMode, write_repository
+    from sd35trt.user_files import output_directory
 
     try:
         gpu_ids = tuple(int(g) for g in gpus.split(",")) if gpus else None
@@ -74,7 +75,9 @@ def repository(
         raise ConfigError(f"--gpus {gpus!r}: GPU ids are 0 or more")
     mode = EngineMode.REFERENCE if reference else EngineMode.COPY
     settings = settings.model_copy(update={"gpus": gpu_ids, "engines": mode})
-    model = write_repository(engines_dir_of(engines), out, settings)
+    engines_dir = engines_dir_of(engines)
+    output_directory(out, "--out", outside=engines_dir)
+    model = write_repository(engines_dir, out, settings)
     typer.echo(
         f"wrote {model.model_dir} ({model.backend.value} engines, {model.instance_kind}, "
         f"max_batch_size {model.max_batch_size}):"
@@ -132,7 +135,10 @@ def serve(
     _check_repository(repository)
     ports = TritonPorts(http=http_port, grpc=grpc_port, metrics=metrics_port)
     if len({http_port, grpc_port, metrics_port}) < 3:
-        raise ConfigError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+        raise ConfigError(
+            f"--http-port, --grpc-port and --metrics-port must differ, got {http_port}, {grpc_port} and "
+            f"{metrics_port}"
+        )
     server = LocalTritonServer(repository, log_path=log, exit_timeout_s=exit_timeout, host=host, ports=ports)
     code = serve_foreground(server, typer.echo, timeout_s=load_timeout)
     if code:

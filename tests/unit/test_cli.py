@@ -239,3 +239,58 @@ def test_triton_serve_refuses_an_empty_folder_and_an_engines_directory_before_st
     said = str(r.exception)
     assert "is an engines directory, not a Triton model repository" in said
     assert f"write one from it with `sd35trt triton {engines} --out REPO`" in said
+
+
+def test_tiny_out_never_replaces_a_users_files(tmp_path):
+    """faults.md #47: ``tiny --out`` naming a folder with files, or a file, is refused; they survive."""
+    runner = CliRunner()
+    folder, file = tmp_path / "mine", tmp_path / "notes.txt"
+    folder.mkdir()
+    (folder / "data.txt").write_text("keep")
+    file.write_text("keep")
+    r = runner.invoke(app, ["tiny", "--out", str(folder)])
+    assert r.exit_code != 0 and "holding files; give a new or empty directory" in str(r.exception)
+    r = runner.invoke(app, ["tiny", "--out", str(file)])
+    assert r.exit_code != 0 and "is a file; a directory is needed" in str(r.exception)
+    assert (folder / "data.txt").read_text() == file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]  # nothing staged beside
+
+
+@pytest.mark.parametrize(
+    ("name", "alias", "value"),
+    [("--num-inference-steps", "--steps", "3"), ("--guidance-scale", "--guidance", "2")],
+)
+def test_a_parameter_and_its_alias_together_are_refused(tmp_path, name, alias, value):
+    """faults.md #47: as HTTP and Triton refuse them (the last one silently won before)."""
+    r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", alias, value, name, value])
+    assert r.exit_code != 0
+    assert f"{name} and {alias} are the same parameter; give one of them" in str(r.exception)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--engines", "E", "--out", "FILE"],
+        ["eval", "--engines", "E", "--out", "FILE"],
+        ["bench", "--engines", "E", "--device", "foo"],
+    ],
+)
+def test_bench_and_eval_refuse_an_out_file_and_an_unknown_device_in_one_line(tmp_path, argv):
+    """faults.md #47: before any engine is opened (were tracebacks)."""
+    (tmp_path / "FILE").write_text("keep")
+    argv = [str(tmp_path / a) if a in ("E", "FILE") else a for a in argv]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code != 0
+    assert "is a file; a directory is needed" in str(r.exception) or "give cpu, cuda or cuda:N" in str(
+        r.exception
+    )
+    assert (tmp_path / "FILE").read_text() == "keep"
+
+
+def test_an_output_directory_inside_the_engines_is_refused(tmp_path):
+    from sd35trt.errors import ConfigError
+    from sd35trt.user_files import output_directory
+
+    with pytest.raises(ConfigError, match=r"--out .*repo is inside .*engines; give a directory outside it"):
+        output_directory(tmp_path / "engines" / "repo", "--out", outside=tmp_path / "engines")
+    output_directory(tmp_path / "repo", "--out", outside=tmp_path / "engines")
