@@ -202,6 +202,11 @@ class RunManifest:
         atomic_write_json(self.path, {"format": FORMAT_VERSION, "records": ordered})
         unrecorded_marker(self.run_dir, stage).unlink(missing_ok=True)
 
+    def no_record(self, stage: Stage, hint: str = "") -> ManifestError:
+        """The error for a missing ``stage`` record: the command to run first (``hint``: its options)."""
+        cmd = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
+        return ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
+
     def verified(
         self,
         stage: Stage,
@@ -230,8 +235,7 @@ class RunManifest:
         records = self.load()
         rec = records.get(stage)
         if rec is None:
-            cmd = f"`sd35trt {stage.value}`" + (f" {hint}" if hint else "")
-            raise ManifestError(f"{self.run_dir} has no {stage.value} record: run {cmd} first")
+            raise self.no_record(stage, hint)
         rerun = f"`sd35trt {stage.value}" + (f" {hint}`" if hint else "`")
         fix = f"bring the chain up to date with `{chain}`" if chain else f"re-run {rerun}"
         output = f"the {stage.value} output in {self.run_dir}"

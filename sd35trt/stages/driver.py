@@ -168,7 +168,10 @@ def run_stage(
     spec.check(config)
     with stage_session(run_dir, stage):
         run = StageRun(stage, config, run_dir, RunManifest(run_dir), hint, progress)
-        run.manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo
+        records = run.manifest.load()  # an unreadable manifest is the user's to fix, not a reason to redo
+        missing = [up for up in spec.upstream(config) if up not in records]
+        if missing:  # before prepare writes anything (the built-in model)
+            raise run.manifest.no_record(missing[0], hint)
         identity = spec.prepare(run)
         for up in spec.upstream(config):
             run.inputs[up] = run.verified_upstream(up, identity, cached=True)

@@ -294,3 +294,29 @@ def test_an_output_directory_inside_the_engines_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--out .*repo is inside .*engines; give a directory outside it"):
         output_directory(tmp_path / "engines" / "repo", "--out", outside=tmp_path / "engines")
     output_directory(tmp_path / "repo", "--out", outside=tmp_path / "engines")
+
+
+def test_a_stage_without_its_upstream_record_writes_nothing(tmp_path):
+    """faults.md #47: ``build`` on an empty run directory names the command to run first (options
+    inside its backticks) and leaves the folder as it was (it used to write the built-in model)."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd35trt.cli",
+            "build",
+            "-c",
+            str(repo / "configs/tiny.yaml"),
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path} has no export record: run "
+        f"`sd35trt export --config {repo / 'configs/tiny.yaml'} --run-dir {tmp_path}` first"
+    ]
+    assert list(tmp_path.iterdir()) == []
