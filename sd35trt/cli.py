@@ -234,7 +234,7 @@ def tiny(
 
 
 @app.command()
-@generation_options(*REFERENCE_PARAMS, defaults={"seed": 0})
+@generation_options(*REFERENCE_PARAMS, defaults={"seed": 0}, defaults_from="the config's runtime section")
 def reference(
     generation: dict,
     config: ConfigOpt = Path("configs/tiny.yaml"),
@@ -243,8 +243,17 @@ def reference(
 ) -> None:
     """Generate with the diffusers PyTorch pipeline: the baseline the engines are compared with."""
     from sd35trt.artifacts.runlock import check_run_dir
+    from sd35trt.config import SIZE_MULTIPLE
+    from sd35trt.errors import ConfigError
     from sd35trt.models.reference import generate_reference
+    from sd35trt.parameters import check_value
 
+    generation = {k: check_value(k, v) for k, v in generation.items() if v is not None}  # as `run`
+    for side in ("height", "width"):
+        if generation.get(side, 0) % SIZE_MULTIPLE:
+            raise ConfigError(f"--{side} {generation[side]} is not a multiple of {SIZE_MULTIPLE}")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: a .png file name is needed")
     cfg, rd = _load(config, run_dir)
     check_run_dir(rd)  # the built-in model is written into it: never into a user's folder
     typer.echo(f"wrote {generate_reference(cfg, rd, out=out, **generation)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sd35trt.errors import ConfigError
-from sd35trt.parameters import PARAMS, InputParam, Kind
+from sd35trt.parameters import PARAMS, RECORDED_DEFAULT, InputParam, Kind
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -41,13 +42,29 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def _parameter(p: InputParam, default: Any, argument: bool) -> inspect.Parameter:
-    """The typer parameter (an option, or an argument such as PROMPT) of one declared parameter."""
+def _parameter(
+    p: InputParam,
+    default: Any,
+    argument: bool,
+    *,
+    own_default: bool = False,
+    defaults_from: str | None = None,
+) -> inspect.Parameter:
+    """The typer parameter (an option, or an argument such as PROMPT) of one declared parameter.
+
+    ``own_default``: the command gives it a default of its own (shown by typer), so the declared
+    "(default: ...)" is dropped from the help; ``defaults_from`` replaces "the engines' recorded" in
+    it for a command that has no engines (``reference``: "the config's runtime section")."""
     kind = inspect.Parameter.KEYWORD_ONLY
+    text = p.help
+    if own_default:
+        text = re.sub(r" \(default: [^)]*\)", "", text)
+    elif defaults_from is not None:
+        text = text.replace(RECORDED_DEFAULT, f"(default: {defaults_from})")
     if argument:
-        info = typer.Argument(metavar=p.name.upper(), help=_sentence(p.help))
+        info = typer.Argument(metavar=p.name.upper(), help=_sentence(text))
         return inspect.Parameter(p.name, kind, annotation=Annotated[_PYTHON_TYPE[p.kind], info])
-    help_text = _sentence(p.help)
+    help_text = _sentence(text)
     if p.kind is Kind.BOOL:
         info = typer.Option(_bool_flags(p.name), help=help_text, show_default=False)
     else:
@@ -108,7 +125,7 @@ def _bool_flags(name: str) -> str:
 
 
 def generation_options(
-    *names: str, defaults: Mapping[str, Any] | None = None
+    *names: str, defaults: Mapping[str, Any] | None = None, defaults_from: str | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a typer command so that it takes the declared parameters ``names`` as options.
 
@@ -120,10 +137,17 @@ def generation_options(
         names: declared parameter names (:data:`sd35trt.parameters.PARAMS`), in help order.
         defaults: per-command defaults that replace the declared ones (e.g. ``seed=0``); a
             required parameter given a default here is an option (``--prompt``), not an argument.
+        defaults_from: where the defaults come from when not the engines' records.
     """
     defaults = dict(defaults or {})
     declared = [
-        _parameter(PARAMS[n], defaults.get(n, PARAMS[n].default), PARAMS[n].required and n not in defaults)
+        _parameter(
+            PARAMS[n],
+            defaults.get(n, PARAMS[n].default),
+            PARAMS[n].required and n not in defaults,
+            own_default=defaults.get(n) is not None,
+            defaults_from=defaults_from,
+        )
         for n in names
     ]
     aliased = [n for n in names if PARAMS[n].aliases and PARAMS[n].kind is not Kind.BOOL]

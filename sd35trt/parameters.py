@@ -116,8 +116,9 @@ def _num(x: float | None) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-_RECORDED = "(default: the engines' recorded)"
-_SIZE = "in pixels, a multiple of 16 inside the engines' profile " + _RECORDED
+#: How a parameter's help says its default is the engines' (``reference`` says where its own come from).
+RECORDED_DEFAULT = "(default: the engines' recorded)"
+_SIZE = "in pixels, a multiple of 16 inside the engines' profile " + RECORDED_DEFAULT
 
 GENERATION_PARAMS: tuple[InputParam, ...] = (
     InputParam(
@@ -127,12 +128,14 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
         required=True,
     ),
     InputParam(
-        "negative_prompt", Kind.TEXT, f"negative prompt, used under classifier-free guidance {_RECORDED}"
+        "negative_prompt",
+        Kind.TEXT,
+        f"negative prompt, used under classifier-free guidance {RECORDED_DEFAULT}",
     ),
     InputParam(
         "num_inference_steps",
         Kind.INT,
-        f"denoising steps, 1..{MAX_STEPS} {_RECORDED}",
+        f"denoising steps, 1..{MAX_STEPS} {RECORDED_DEFAULT}",
         ("steps",),
         1,
         MAX_STEPS,
@@ -140,7 +143,7 @@ GENERATION_PARAMS: tuple[InputParam, ...] = (
     InputParam(
         "guidance_scale",
         Kind.FLOAT,
-        f"classifier-free guidance scale, 0..{MAX_GUIDANCE:g}; at most 1 turns CFG off {_RECORDED}",
+        f"classifier-free guidance scale, 0..{MAX_GUIDANCE:g}; at most 1 turns CFG off {RECORDED_DEFAULT}",
         ("guidance",),
         0.0,
         MAX_GUIDANCE,

@@ -179,7 +179,7 @@ def test_model_by_repo_id_missing_from_the_cache_is_one_line(tmp_path):
             sys.executable,
             "-m",
             "sd35trt.cli",
-            "export",
+            "calibrate",
             "--config",
             str(cfg),
             "--run-dir",
@@ -320,3 +320,26 @@ def test_a_stage_without_its_upstream_record_writes_nothing(tmp_path):
         f"`sd35trt export --config {repo / 'configs/tiny.yaml'} --run-dir {tmp_path}` first"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "num_inference_steps 0 is outside 1..500"),
+        (["--height", "100"], "--height 100 is not a multiple of 16"),
+        (["-o", "picture"], "a .png file name is needed"),
+    ],
+)
+def test_reference_checks_its_parameters_as_run_does(tmp_path, argv, message):
+    """faults.md #47: before the pipeline loads (were an image with 0 steps and diffusers/PIL tracebacks)."""
+    r = CliRunner().invoke(app, ["reference", "a cat", "--run-dir", str(tmp_path / "r"), *argv])
+    assert r.exit_code != 0 and message in str(r.exception)
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_says_where_defaults_come_from():
+    runner = CliRunner()
+    reference = " ".join(runner.invoke(app, ["reference", "--help"]).stdout.split())
+    assert "the config's runtime section" in reference and "engines' recorded" not in reference
+    bench = " ".join(runner.invoke(app, ["bench", "--help"]).stdout.split())
+    assert "drawn below" not in bench  # its seed defaults to 0, as typer shows
