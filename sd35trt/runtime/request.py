@@ -184,7 +184,7 @@ class GenerationParams:
         data["skip_layer_guidance"] = slg.model_dump(mode="json") if slg is not None else None
         if self.image_sha256 is not None:
             data["strength"] = self.strength
-            data["image_sha256"] = self.image_sha256
+            data["init_image_sha256"] = self.image_sha256  # the field the image came in, everywhere
         if self.control:
             data["controlnets"] = [c.to_json() for c in self.control]
         return data

@@ -16,7 +16,6 @@ from typing import Any, TextIO
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -159,7 +158,16 @@ def _add_error_handlers(app: FastAPI) -> None:
             reason = printable(f"{type(err.__cause__).__name__}: {err.__cause__}")[:300]
             field = FieldError(("body",), "body", f"body is not valid JSON text: {reason}", "json_invalid")
             return render(ApiError.invalid([field]), flavor_of(request.url.path))
-        return await http_exception_handler(request, err)
+        # 404, 405, ...: the error body every other answer has (FastAPI's is {"detail": ...})
+        code = HTTP_CODES.get(err.status_code, "http_error")
+        message = f"{request.method} {printable(request.url.path)[:200]}: {err.detail}"
+        response = render(ApiError(err.status_code, code, message), flavor_of(request.url.path))
+        response.headers.update(err.headers or {})  # Allow on a 405
+        return response
+
+
+#: Stable ``error`` codes of the HTTP errors routing answers.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def _add_probe_routes(app: FastAPI, state: ServerState) -> None:

@@ -58,14 +58,6 @@ def _decode_image(text: str | bytes, field: str = "init_image") -> Any:
     return read_image(data, field)
 
 
-def _http_params(params: Any) -> dict:
-    """The parameters used, as the reply reports them (the image as its sha256)."""
-    data = params.to_json()
-    if "image_sha256" in data:
-        data["init_image_sha256"] = data.pop("image_sha256")
-    return data
-
-
 class RuntimeGenerator:
     """Serve an ``Sd35Runtime``: validate with it, run merged batches with ``generate_batch``."""
 
@@ -126,7 +118,7 @@ class RuntimeGenerator:
         except RequestError as err:
             # the runtime's ``image`` is the HTTP ``init_image``
             raise (RequestError("init_image", str(err)) if err.field == "image" else err) from None
-        return self._prepared(params, alone, _http_params(params))
+        return self._prepared(params, alone, params.to_json())
 
     def _prepared(self, params: Any, alone: bool, reply: Mapping[str, Any]) -> Prepared:
         from sd35trt.runtime.parts import engine_parts
@@ -172,7 +164,7 @@ class RuntimeGenerator:
                         "engine_total": t.total_s,
                     },
                     warnings=list(res.warnings),
-                    parameters=_http_params(res.params),
+                    parameters=res.params.to_json(),
                     # the PNG records its parameters and the engines' digest, as `sd35trt run` writes it
                     png=functools.partial(
                         _png, params=res.params, digest=res.engine_digest, batch=res.batch, model=res.model

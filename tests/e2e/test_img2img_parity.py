@@ -111,7 +111,7 @@ def test_run_writes_png_recording_strength_and_image(engines_dir, init_image, tm
     init_image.save(source, quality=95)
     out = run(engines_dir, PROMPT, image=source, strength=0.75, seed=3, out=tmp_path / "out.png")
     meta = read_png_parameters(out.paths[0])
-    assert meta["strength"] == 0.75 and len(meta["image_sha256"]) == 64
+    assert meta["strength"] == 0.75 and len(meta["init_image_sha256"]) == 64
     assert meta["skip_layer_guidance"] is None and meta["num_inference_steps"] == 8
     assert "image-to-image at strength 0.75" in out.report()
     again = run(engines_dir, PROMPT, image=source, strength=0.75, seed=3, out=tmp_path / "again.png")

@@ -78,7 +78,7 @@ def test_image_is_made_rgb_and_resized_like_diffusers():
     assert params.image.size == (64, 96) and params.image.mode == "RGB" and params.strength == 0.5
     theirs = VaeImageProcessor(vae_scale_factor=8).preprocess(rgb, height=96, width=64)
     assert torch.equal(2.0 * image_tensor(params.image) - 1.0, theirs)
-    assert params.to_json()["image_sha256"] == params.image_sha256 and "image" not in params.to_json()
+    assert params.to_json()["init_image_sha256"] == params.image_sha256 and "image" not in params.to_json()
     default = resolve_request(GenerationRequest("a cat", image=rgb, seed=1), _limits(), CONFIG.runtime)
     assert default.strength == 0.6 and default.image.size == (128, 128)  # the engines' default size
     assert default.batch_key != params.batch_key

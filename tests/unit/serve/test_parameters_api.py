@@ -145,7 +145,7 @@ def test_v1_images_edits_runs_image_to_image_with_the_uploaded_file(server, clie
     assert (used.strength, used.num_inference_steps, used.num_images) == (0.5, 4, 2)
     assert used.image.size == (64, 64) and used.image.getpixel((5, 5)) == (10, 200, 30)
     recorded = _recorded(response.data[1].b64_json)
-    assert recorded["strength"] == 0.5 and len(recorded["image_sha256"]) == 64
+    assert recorded["strength"] == 0.5 and len(recorded["init_image_sha256"]) == 64
 
 
 PNG = ("s.png", _png(64, 64), "image/png")
@@ -183,3 +183,15 @@ def test_v1_images_edits_refuses_what_it_cannot_serve_naming_the_field(server, f
 def test_v1_images_edits_wants_a_form(server):
     r = httpx.post(server.url + EDITS, json={"prompt": "a cat"})
     assert r.status_code == 422 and "multipart/form-data" in r.json()["error"]["message"]
+
+
+def test_unknown_paths_and_methods_answer_the_common_error_body(server):
+    """faults.md #47: 404 and 405 in the body every other error has (were FastAPI's ``{"detail": ...}``)."""
+    r = httpx.get(server.url + "/nope")
+    assert r.status_code == 404
+    assert r.json() == {"status": "error", "error": "not_found", "detail": "GET /nope: Not Found"}
+    r = httpx.get(server.url + GENERATE)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"] == "method_not_allowed"
+    r = httpx.get(server.url + "/v1/images/nope")  # the OpenAI routes answer in OpenAI's shape
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
