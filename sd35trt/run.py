@@ -125,6 +125,8 @@ def run(
     """
     fields = canonical_fields({"prompt": prompt, **params}, wire=False)
     num_images = check_value("num_images", fields.get("num_images", 1))
+    if num_images < 1:  # the upper bound is the runtime's max_images, made from this count below
+        raise RequestError("num_images", f"num_images {num_images} is not 1 or more")
     paths = output_paths(Path(out), num_images)
     if fields.get("image") is not None:  # files on the command line
         fields["image"] = read_image(Path(fields["image"]), "image")
@@ -134,9 +136,7 @@ def run(
         fields["control_image"] = images if isinstance(given, (list, tuple)) else images[0]
     request = GenerationRequest(**fields)
     start = time.perf_counter()
-    with Sd35Runtime.load(
-        engines_dir, low_vram=low_vram, activate=False, max_images=max(num_images, 1)
-    ) as runtime:
+    with Sd35Runtime.load(engines_dir, low_vram=low_vram, activate=False, max_images=num_images) as runtime:
         used = runtime.validate(request)  # a bad request fails before any engine loads
         runtime.engines.activate_all()  # so stage timings don't include loading (except with low_vram)
         load_s = time.perf_counter() - start

@@ -343,3 +343,9 @@ def test_help_says_where_defaults_come_from():
     assert "the config's runtime section" in reference and "engines' recorded" not in reference
     bench = " ".join(runner.invoke(app, ["bench", "--help"]).stdout.split())
     assert "drawn below" not in bench  # its seed defaults to 0, as typer shows
+
+
+def test_run_refuses_num_images_below_one_naming_the_bound_that_applies(tmp_path):
+    """faults.md #47: was "outside 1..1", a bound made from the refused count itself."""
+    r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", "--num-images", "0"])
+    assert r.exit_code != 0 and str(r.exception) == "num_images 0 is not 1 or more"
