@@ -55,7 +55,7 @@ def test_relative_run_dir(tmp_path, monkeypatch):
 
 
 def test_missing_record_names_the_stage_to_run(tmp_path):
-    with pytest.raises(ManifestError, match=r"no calibrate record.*`sd35trt calibrate --config c\.yaml` first"):
+    with pytest.raises(ManifestError, match=r"no calibrate record.*calibrate --config c\.yaml` first"):
         RunManifest(tmp_path).verified(Stage.CALIBRATE, "d", hint="--config c.yaml")
 
 
