@@ -403,8 +403,13 @@ def eval_(
         cache_thresholds=cache_threshold,
     )
     typer.echo(format_eval(report))
+    from sd35trt.bench.cache_quality import EVAL_CACHE_PLOT
+
     files = report.files
-    typer.echo(f"wrote {files.json_path}, {files.table} and {files.grid}")
+    written = [files.json_path, files.table, *([files.grid] if files.grid else [])]
+    if files.grid and report.cache:
+        written.append(str(Path(files.json_path).parent / EVAL_CACHE_PLOT))
+    typer.echo(f"wrote {', '.join(written)}")
 
 
 def _serve_settings() -> type[ServeSettings]:
