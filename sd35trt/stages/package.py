@@ -412,11 +412,11 @@ def _check_strays(engines: Path, report: VerifyReport) -> None:
 
     if not engines.is_dir():
         return
-    present = _tree(engines, report)
     try:
         recorded = {PurePosixPath(f.path).as_posix() for f in _engine_files(read_engine_manifest(engines))}
     except ManifestError:
-        return  # reported by _check_engines
+        return  # reported by _check_engines; a folder without a manifest is not walked (`verify /tmp`)
+    present = _tree(engines, report)
     for name in sorted(present - recorded - {ENGINE_MANIFEST_NAME}):
         report.problems.append(
             f"{name} is an unexpected file (not recorded in {engines}/{ENGINE_MANIFEST_NAME})"

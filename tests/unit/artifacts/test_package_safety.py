@@ -349,3 +349,14 @@ def test_cli_verify_prints_one_line_per_problem_without_traceback(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "OK (3 files checked" in ok.stdout
+
+
+def test_verify_of_a_folder_without_a_manifest_is_one_problem_not_a_walk(tmp_path):
+    """faults.md #47: ``verify /tmp`` listed every symlink below it (869 lines)."""
+    from sd35trt.stages.package import verify
+
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "deep" / f"link{i}").symlink_to("/etc")
+    report = verify(tmp_path)
+    assert len(report.problems) == 1 and "manifest.json does not exist" in report.problems[0]
