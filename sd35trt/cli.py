@@ -334,7 +334,9 @@ def bench(
         img2img_strength=img2img_strength,
         generation={k: v for k, v in generation.items() if v is not None},
     )
-    report = run(engines, reference, options)
+    from sd35trt.stages.package import engines_dir_of
+
+    report = run([engines_dir_of(e) for e in engines], reference, options)
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
 
@@ -386,8 +388,10 @@ def eval_(
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
+    from sd35trt.stages.package import engines_dir_of
 
     _check_out_and_device(out, device)
+    engines = engines_dir_of(engines)
     if reference is None:
         from sd35trt.models.reference import run_model_dir
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sd35trt.artifacts.engine_manifest import LayerReport
-from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, tool_versions
+from sd35trt.artifacts.manifest import FORMAT_VERSION, MANIFEST_NAME, RunManifest, Stage, tool_versions
 from sd35trt.errors import ManifestError
 from sd35trt.user_files import read_json
 
@@ -120,8 +120,12 @@ def format_manifest(path: Path) -> str:
         ManifestError: there is no readable manifest at ``path``, or it does not validate.
     """
     mpath = Path(path) / MANIFEST_NAME
+    if not mpath.is_file() and (Path(path) / Stage.BUILD.directory / MANIFEST_NAME).is_file():
+        return "\n".join(format_engines(Path(path) / Stage.BUILD.directory))  # an unpacked artefact
     if not mpath.is_file():
-        raise ManifestError(f"{path} has no {MANIFEST_NAME}: it is not a run or engines directory")
+        raise ManifestError(
+            f"{path} has no {MANIFEST_NAME}: it is not a run or engines directory, nor an unpacked artefact"
+        )
     data = read_json(mpath, "it is not an sd35trt manifest")
     if "records" not in data:  # an engines directory
         return "\n".join(format_engines(Path(path)))

@@ -28,6 +28,9 @@ def test_packed_artefact_verifies_and_unpacks_to_engines(artefact, tmp_path):
     assert (root / CHECKSUMS).is_file() and (root / "engines" / "config.yaml").is_file()
     assert engines_dir_of(root) == root / "engines"
     assert verify(root).ok
+    from sd35trt.info import format_manifest  # `sd35trt inspect` of the unpacked artefact: its engines
+
+    assert format_manifest(root).startswith(f"engines {root / 'engines'} (onnxruntime")
 
 
 def test_artefact_file_gets_the_umask_mode_not_mkstemps_0600(artefact):
