@@ -1,14 +1,6 @@
-"""Command-line options derived from declarations made once elsewhere.
-
-:func:`generation_options` adds the options of :data:`sd35trt.parameters.GENERATION_PARAMS` to a
-typer command: ``--num-inference-steps`` with its alias ``--steps``, the declared help, a
-``--flag/--no-flag`` pair for booleans, a file path for the image. The command receives them as
-one mapping, so no command spells a parameter out again.
-
-:func:`settings_options` does the same for the fields of a pydantic settings model (``sd35trt
-serve``'s :class:`~sd35trt.serve.settings.ServeSettings`, ``sd35trt triton``'s
-:class:`~sd35trt.triton.repository.TritonRepoSettings`): the fields' types, defaults, bounds and
-descriptions are the options', and the command receives the validated model.
+"""Command-line options derived from declarations made once elsewhere: the generation
+parameters (:func:`generation_options`) and the fields of a pydantic settings model
+(:func:`settings_options`), so no command spells an option out again.
 """
 
 from __future__ import annotations

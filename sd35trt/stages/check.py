@@ -1,13 +1,9 @@
 """Checking a config against the model before any stage runs.
 
-A config can be valid on its own (``sd35trt.config`` checks types, ranges, multiples of 16 and
-settings that contradict each other) and still not fit the model: image sizes beyond what the
-transformer's positional embedding covers, skip-layer-guidance layers the transformer does not
-have, FP8 attention for a head size TensorRT cannot take, a scheduler option the runtime does not
-reproduce (``use_dynamic_shifting``). Found only by the stage that needs them, they would stop
-``export`` (or ``run``) after calibration had run (seconds on the tiny model, hours on a large one).
-Every stage verb therefore calls :func:`check_config` first, with the model dims, for itself and
-every stage after it, and every problem is reported at once.
+A valid config can still not fit the model (image sizes beyond the positional embedding, layers
+the transformer lacks, FP8 attention for a head size TensorRT cannot take, a scheduler option the
+runtime does not reproduce). Every stage verb calls :func:`check_config` first, for itself and
+every later stage, so ``export`` never stops after hours of calibration.
 """
 
 from __future__ import annotations

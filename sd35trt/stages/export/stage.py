@@ -86,14 +86,12 @@ class _Export(StageSpec):
         for i, component in enumerate(components, 1):
             graphs += steps.export_graphs(job, component, f"[{i}/{len(components)}] {component.value}")
         shutil.rmtree(job.scratch, ignore_errors=True)
-        failures = [f for g in graphs for f in g.failures]
-        if failures:
-            raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
+        _raise_failures(graphs)
         seconds = time.perf_counter() - start
         report = report_json(graphs, config.export.opset, job.device, job.providers, seconds)
         atomic_write_json(out / REPORT_FILE, report)
         run.progress(f"export done in {seconds:.1f} s -> {run.run_dir / Stage.EXPORT.directory}")
-        return _details(run, self, slg, graphs, cal, calibration)
+        return _details(run, self, slg, graphs, components, cal, calibration)
 
 
 def export(
@@ -187,10 +185,14 @@ def export_component(
         graphs = steps.export_graphs(job, component, component.value)
     finally:
         shutil.rmtree(job.scratch, ignore_errors=True)
+    _raise_failures(graphs)
+    return [g.files[0] for g in graphs]
+
+
+def _raise_failures(graphs: list[steps.Graph]) -> None:
     failures = [f for g in graphs for f in g.failures]
     if failures:
         raise ExportError(f"export validation failed ({len(failures)}): " + "; ".join(failures))
-    return [g.files[0] for g in graphs]
 
 
 def _make_job(
@@ -266,6 +268,7 @@ def _details(
     plan: _Export,
     slg: tuple[int, ...],
     graphs: list[steps.Graph],
+    exported: list[Component],
     calibrate_record: StageRecord | None,
     calibration: Path | None,
 ) -> ExportDetails:
@@ -276,9 +279,7 @@ def _details(
 
     components: dict[Component, ExportedComponent] = {}
     by_stem = {g.stem: g for g in graphs}
-    for component in exported_components(
-        config.runtime.cache is not None, [c.type for c in config.model.controlnets]
-    ):
+    for component in exported:
         g = by_stem[component.value]
         is_transformer = component.is_transformer
         plain = by_stem.get(steps.unquantized_stem(component)) if is_transformer else None
