@@ -1,16 +1,9 @@
 """The generation parameters, declared once: name, type, bounds, default, help and aliases.
 
-As diffusers' modular pipelines declare their ``InputParam``s, every parameter a generation takes
-is one :class:`InputParam` in :data:`GENERATION_PARAMS`, and each surface derives its own form
-from that list: the ``run`` / ``bench`` / ``reference`` options (:mod:`sd35trt.cli_options`), the
-``/generate`` and OpenAI bodies (:mod:`sd35trt.serve.schemas`), the Triton inputs
-(:mod:`sd35trt.triton.spec`), and the checks of :func:`sd35trt.runtime.request.resolve_request`
-(:func:`check_value`). An alias (``steps`` for ``num_inference_steps``) is therefore accepted
-everywhere, and a bound stated here is the bound every surface enforces.
-
-Names are diffusers' (``StableDiffusion3Pipeline.__call__``). Bounds that depend on the engines
-(sizes, images per batch) are not here: they come from the engine manifest
-(:class:`~sd35trt.runtime.request.RequestLimits`).
+Every surface (CLI options, ``/generate`` and OpenAI bodies, Triton inputs, the request checks)
+derives its form from :data:`GENERATION_PARAMS`, so an alias or a bound holds everywhere. Names are
+diffusers' (``StableDiffusion3Pipeline.__call__``); bounds that depend on the engines (sizes,
+images per batch) come from the engine manifest (:class:`~sd35trt.runtime.request.RequestLimits`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """``sd35trt calibrate``: FP8 post-training quantization of the MMDiT over the real SD3.5 loop.
 
-1. Read the calibration prompts and the held-out prompts (never used for calibration).
-2. Load the diffusers pipeline (safetensors only) in ``calibrate.dtype``: BF16 on a GPU, FP32 on
-   a CPU by default; ``model.loras`` are fused into it first, so the FP8 scales fit the weights
-   the engines will hold.
-3. Encode every prompt batch once, with the runtime's negative prompt and T5 length, then drop
-   the three text encoders: the denoising loop only needs the embeddings (both steps are in
-   :mod:`sd35trt.models.reference`, the one module that drives diffusers).
-4. Quantize the transformer with ModelOpt (:mod:`sd35trt.models.quantize`); its calibration forward
-   loop is diffusers' own ``StableDiffusion3Pipeline`` denoising loop (CFG, the configured
-   steps, one fixed seed per batch), so the activation ranges are those the engine will see.
-5. Measure the FP8 model against the unquantized one on the held-out prompts
-   (:mod:`sd35trt.stages.calibration_quality`).
-6. Write ``calibrate/`` into the staging directory :mod:`sd35trt.stages.driver` gives it; the driver
-   publishes it and adds the manifest record.
+The pipeline (LoRAs fused first, so the FP8 scales fit the engines' weights) encodes every prompt
+batch once and drops its text encoders; ModelOpt then calibrates the transformer over diffusers'
+own denoising loop (CFG, the configured steps, one seed per batch), so the activation ranges are
+those the engine will see. The FP8 model is measured against the unquantized one on held-out
+prompts (:mod:`sd35trt.stages.calibration_quality`).
 
 Memory, sd3.5-large in BF16 on one GPU (parameter counts of the published checkpoints):
 transformer 8.1 B parameters = 16.3 GB, T5-XXL encoder 4.8 B = 9.5 GB, CLIP-G 0.7 B = 1.4 GB,
@@ -172,8 +163,7 @@ def calibrate_transformer(
 ) -> QuantizerCounts:
     """Quantize ``pipe.transformer`` to FP8 in place, calibrated over diffusers' loop on ``batches``.
 
-    Step 4 of :func:`calibrate`, callable on its own: the pipeline needs only its transformer
-    and scheduler when the batches carry their embeddings (the text encoders may be None).
+    The pipeline needs only its transformer and scheduler (the batches carry their embeddings).
 
     Args:
         pipe: a ``StableDiffusion3Pipeline`` on the calibration device.
@@ -219,7 +209,7 @@ class _Calibrate(StageSpec):
         self.device, self.status = device, status
 
     def prepare(self, run: StageRun) -> dict:
-        """Step 1: read the prompt sets, resolve the model and refuse settings it can't take."""
+        """Read the prompt sets, resolve the model and refuse settings it can't take."""
         s = run.config.calibrate
         self.prompts = read_prompts(s.prompts, s.num_prompts, "prompts")
         self.heldout = read_prompts(s.heldout_prompts, s.report_prompts, "heldout_prompts")
@@ -270,9 +260,9 @@ class _Calibrate(StageSpec):
         text = _text_settings(config)
         report_truncations(pipe, self.prompts, "calibration", log, text["max_sequence_length"])
         report_truncations(pipe, self.heldout, "held-out", log, text["max_sequence_length"])
-        batches = encode_batches(pipe, self.prompts, s.batch_size, s.seed, s.guidance_scale, device, **text)
-        report_batches = encode_batches(
-            pipe, self.heldout, s.batch_size, s.seed, s.guidance_scale, device, **text
+        batches, report_batches = (
+            encode_batches(pipe, p, s.batch_size, s.seed, s.guidance_scale, device, **text)
+            for p in (self.prompts, self.heldout)
         )
         drop_text_encoders(pipe)
         trim_heap()
@@ -282,7 +272,7 @@ class _Calibrate(StageSpec):
         return pipe, batches, report_batches
 
     def produce(self, run: StageRun, out: Path) -> CalibrateDetails:
-        """Steps 2-6: load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
+        """Load, encode, quantize, measure, and write ``calibrate/`` into ``out``."""
         import torch
 
         from sd35trt.models.quantize import save_calibration
