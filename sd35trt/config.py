@@ -359,10 +359,7 @@ class RuntimeSettings(_Strict):
     #: Bounds and aliases are the declared ones (:mod:`sd35trt.parameters`): ``steps`` is read as
     #: well (configs and engine manifests written before the rename use it).
     num_inference_steps: StrictInt = Field(
-        default=28,
-        ge=_STEPS.low,
-        le=_STEPS.high,
-        validation_alias=AliasChoices(*_STEPS.names),
+        default=28, ge=_STEPS.low, le=_STEPS.high, validation_alias=AliasChoices(*_STEPS.names)
     )
     guidance_scale: StrictFloat = Field(default=3.5, ge=_GUIDANCE.low, le=_GUIDANCE.high)
     height: StrictInt = 1024

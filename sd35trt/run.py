@@ -96,12 +96,7 @@ def output_paths(out: Path, num_images: int) -> list[Path]:
 
 
 def run(
-    engines_dir: Path,
-    prompt: str,
-    *,
-    low_vram: bool = False,
-    out: Path = DEFAULT_OUT,
-    **params: Any,
+    engines_dir: Path, prompt: str, *, low_vram: bool = False, out: Path = DEFAULT_OUT, **params: Any
 ) -> RunOutput:
     """Generate images from ``prompt`` with the engines in ``engines_dir`` and write PNGs.
 
