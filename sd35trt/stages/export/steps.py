@@ -1,19 +1,4 @@
-"""One component's export, step by step: trace, write the graph(s), validate.
-
-The export stage (:mod:`sd35trt.stages.export.stage`) runs :func:`export_graphs` per component;
-:func:`~sd35trt.stages.export.stage.export_component` runs it for one. Steps (one model in
-memory at a time; what a step loads is gone when it returns):
-
-1. :func:`_trace_component`: load the module in its export precision, LoRAs fused (the FP8
-   transformer with its calibration restored); draw fresh random inputs at the validation
-   shapes and keep PyTorch's outputs (not for the FP8 transformer: see step 3); trace at the
-   small trace shape with ``torch.onnx.export``; free the module.
-2. :func:`_write_graphs`: rewrite FP8 Q/DQ to standard ONNX, clean up, optionally fold FP8
-   weights, save (external data over 2 GB), check the file (external-data guards + ONNX
-   checker); the FP8 transformer's unquantized twin when its weights stay in high precision.
-3. :func:`_validate_graphs`: run each graph in ONNX Runtime on the kept inputs and compare; the
-   FP8 transformer's reference is computed now (:func:`_fp8_reference`, the module loaded
-   again once the session is gone), as it follows ONNX Runtime's FP8 codes.
+"""One component's export, step by step: trace, write the graph(s), validate (:func:`export_graphs`).
 
 Validation failures are collected on each :class:`Graph`; the caller raises them together.
 """
@@ -176,7 +161,7 @@ def _trace_component(job: Job, plan: _Plan) -> tuple[list, reference.Reference |
 
     sp, precision = plan.sp, plan.precision
     job.phase("load")
-    module = _load(job, plan.component, precision, plan.quantized)
+    module = _load(job, plan)
     vocab = tracing.vocab_size(module)
     cases = [
         tracing.make_inputs(sp, s, precision, case=i, vocab=vocab, device=job.device)
@@ -276,7 +261,7 @@ def _fp8_reference(job: Job, plan: _Plan, cases: list, codes: list) -> reference
 
     job.phase("reference")
     _free_memory(job.device)  # what ONNX Runtime freed goes back before the module comes in
-    module = _load(job, plan.component, plan.precision, plan.quantized)
+    module = _load(job, plan)
     # it runs at the small validation shapes only: the rest of the positional table can go
     reference.crop_pos_embed(module, max(max(s["hidden_states"][-2:]) for s in plan.check_shapes))
     ref = reference.pytorch_reference(module, plan.sp, cases, plan.precision, codes)
@@ -285,20 +270,12 @@ def _fp8_reference(job: Job, plan: _Plan, cases: list, codes: list) -> reference
     return ref
 
 
-def _load(job: Job, component: Component, precision: Precision, quantized: bool):
+def _load(job: Job, plan: _Plan):
     from sd35trt.stages.export import tracing
 
-    return tracing.load_module(
-        job.config,
-        job.root,
-        component,
-        precision,
-        job.device,
-        job.slg,
-        job.calibration if quantized else None,
-        job.loras,
-        job.controlnets.get(component),
-    )
+    calibration = job.calibration if plan.quantized else None
+    args = (job.config, job.root, plan.component, plan.precision, job.device, job.slg, calibration)
+    return tracing.load_module(*args, job.loras, job.controlnets.get(plan.component))
 
 
 def _run(job: Job, graph: Graph, feeds: list, scratch: Path) -> validate.GraphRun | str:
