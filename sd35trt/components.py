@@ -379,10 +379,14 @@ def batch_range(component: Component, images: Range, cfg_by_default: bool = True
     return Range(min=images.min, opt=opt, max=images.max * 2)
 
 
+#: The fields of a :class:`Range` (and of a :class:`ShapeRange`), in order.
+_BOUNDS = ("min", "opt", "max")
+
+
 def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
     """Convert an image-size range (pixels) to latent sizes, refusing sizes the model can't take."""
     m = dims.size_multiple
-    for key in ("min", "opt", "max"):
+    for key in _BOUNDS:
         v = getattr(r, key)
         if v % m:
             raise ConfigError(f"build.{field}.{key} = {v} is not a multiple of {m} (VAE factor x patch size)")
@@ -397,11 +401,7 @@ def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
 
 def _tokens(h: Range, w: Range, patch: int) -> Range:
     """Image token count range from latent height and width ranges (one token per patch)."""
-    return Range(
-        min=(h.min // patch) * (w.min // patch),
-        opt=(h.opt // patch) * (w.opt // patch),
-        max=(h.max // patch) * (w.max // patch),
-    )
+    return Range(**{k: (getattr(h, k) // patch) * (getattr(w, k) // patch) for k in _BOUNDS})
 
 
 def profile(
@@ -436,16 +436,10 @@ def profile(
         "t5_length": Range.static(max_sequence_length),
         "text_length": Range.static(text_len),
     }
-    out = {}
-    for t in sp.inputs:
-        lo, op, hi = [], [], []
-        for d in t.shape:
-            r = sizes[d] if isinstance(d, str) else Range.static(d)
-            lo.append(r.min)
-            op.append(r.opt)
-            hi.append(r.max)
-        out[t.name] = ShapeRange(tuple(lo), tuple(op), tuple(hi))
-    return out
+    ranges = {
+        t.name: [sizes[d] if isinstance(d, str) else Range.static(d) for d in t.shape] for t in sp.inputs
+    }
+    return {n: ShapeRange(*(tuple(getattr(r, k) for r in rs) for k in _BOUNDS)) for n, rs in ranges.items()}
 
 
 #: Largest image side (pixels) export traces at, and the largest sides of its two validation
