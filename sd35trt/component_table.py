@@ -127,14 +127,12 @@ def engine_components(available: Collection[Component]) -> list[Component]:
     and the optional components that are available. A missing required one stays in the list (the
     caller names it).
     """
-    parts = all(p in available for p in TRANSFORMER_PARTS)
-    wanted = []
-    for c in Component:
-        if c is Component.TRANSFORMER and parts and c not in available:
-            continue
-        if c.required or c in available:
-            wanted.append(c)
-    return wanted
+    only_parts = Component.TRANSFORMER not in available and all(p in available for p in TRANSFORMER_PARTS)
+    return [
+        c
+        for c in Component
+        if (c.required or c in available) and not (only_parts and c is Component.TRANSFORMER)
+    ]
 
 
 class ModelLibrary(str, Enum):
