@@ -62,14 +62,14 @@ class ModelDims:
             missing = f"is missing: {root} is not a diffusers SD3 pipeline directory"
             return read_json(root / sub / "config.json", error=ModelError, missing=missing)
 
-        return cls.from_configs(
-            read(SUBFOLDER[Component.TRANSFORMER]),
-            read(SUBFOLDER[Component.CLIP_L]),
-            read(SUBFOLDER[Component.CLIP_G]),
-            read(SUBFOLDER[Component.T5]),
-            read(SUBFOLDER[Component.VAE_DECODER]),
-            source=str(root),
+        order = (
+            Component.TRANSFORMER,
+            Component.CLIP_L,
+            Component.CLIP_G,
+            Component.T5,
+            Component.VAE_DECODER,
         )
+        return cls.from_configs(*(read(SUBFOLDER[c]) for c in order), source=str(root))
 
     @classmethod
     def from_configs(
