@@ -87,12 +87,8 @@ def prompt_set_sha256(prompts: Sequence[str]) -> str:
 def report_truncations(
     pipe, prompts: Sequence[str], what: str, log: Callable[[str], None], max_sequence_length: int
 ) -> None:
-    """Log, once per prompt and encoder, prompts cut by the pipeline's tokenizers (with an excerpt).
-
-    ``max_sequence_length`` is T5's token limit (``config.runtime``, as the engines run).
-
-    diffusers logs each truncation on every encode, with padding tokens; this is the one report.
-    """
+    """Log, once per prompt and encoder, prompts cut by the pipeline's tokenizers (with an excerpt);
+    ``max_sequence_length`` is T5's token limit. diffusers' own warning repeats on every encode."""
     from sd35trt.runtime.tokenize import PromptTokenizer
 
     tokenizers = {
