@@ -383,18 +383,29 @@ def batch_range(component: Component, images: Range, cfg_by_default: bool = True
 _BOUNDS = ("min", "opt", "max")
 
 
-def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
-    """Convert an image-size range (pixels) to latent sizes, refusing sizes the model can't take."""
-    m = dims.size_multiple
-    for key in _BOUNDS:
-        v = getattr(r, key)
-        if v % m:
-            raise ConfigError(f"build.{field}.{key} = {v} is not a multiple of {m} (VAE factor x patch size)")
-    if r.max > dims.max_image_size:
-        raise ConfigError(
-            f"build.{field}.max = {r.max} exceeds what the positional embedding covers "
+def size_problems(key: str, value: int, dims: ModelDims, limit: bool = True) -> list[str]:
+    """What the model can't take in the image side ``value`` (pixels) at config ``key``: a side not a
+    multiple of its size multiple, or (``limit``) beyond what its positional embedding covers."""
+    m, problems = dims.size_multiple, []
+    if value % m:
+        problems.append(f"{key} = {value} is not a multiple of {m} (VAE factor x patch size)")
+    if limit and value > dims.max_image_size:
+        problems.append(
+            f"{key} = {value} exceeds what the positional embedding covers "
             f"({dims.max_image_size} = pos_embed_max_size {dims.pos_embed_max_size} x {m})"
         )
+    return problems
+
+
+def latent_range(r: Range, dims: ModelDims, field: str) -> Range:
+    """Convert an image-size range (pixels) to latent sizes, refusing sizes the model can't take.
+
+    Raises:
+        ConfigError: the first problem (:func:`size_problems`) of ``build.<field>``.
+    """
+    for key in _BOUNDS:
+        if problems := size_problems(f"build.{field}.{key}", getattr(r, key), dims, key == "max"):
+            raise ConfigError(problems[0])
     s = dims.vae_scale_factor
     return Range(min=r.min // s, opt=r.opt // s, max=r.max // s)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sd35trt.artifacts.records import Stage
-from sd35trt.components import ModelDims, latent_range
+from sd35trt.components import ModelDims, latent_range, size_problems
 from sd35trt.config import Config
 from sd35trt.errors import ConfigError, ManifestError
 
@@ -83,17 +83,10 @@ def scheduler_problems(model_dir: str | Path) -> list[str]:
 def _calibration_problems(config: Config, dims: ModelDims) -> list[str]:
     from sd35trt.models.quantize import quant_config
 
-    s, problems = config.calibrate, []
-    m = dims.size_multiple
-    for name in ("height", "width"):
-        value = getattr(s, name)
-        if value % m:
-            problems.append(f"calibrate.{name} = {value} is not a multiple of {m} (VAE factor x patch size)")
-        if value > dims.max_image_size:
-            problems.append(
-                f"calibrate.{name} = {value} exceeds what the positional embedding covers "
-                f"({dims.max_image_size} = pos_embed_max_size {dims.pos_embed_max_size} x {m})"
-            )
+    s = config.calibrate
+    problems = [
+        p for name in ("height", "width") for p in size_problems(f"calibrate.{name}", getattr(s, name), dims)
+    ]
     _collect(problems, lambda: quant_config(s, dims.num_layers, dims.head_dim))
     return problems
 
@@ -102,12 +95,7 @@ def _build_problems(config: Config, dims: ModelDims) -> list[str]:
     problems: list[str] = []
     for name in ("height", "width"):
         _collect(problems, lambda name=name: latent_range(getattr(config.build, name), dims, name))
-        value = getattr(config.runtime, name)
-        if value % dims.size_multiple:
-            problems.append(
-                f"runtime.{name} = {value} is not a multiple of {dims.size_multiple} "
-                "(VAE factor x patch size)"
-            )
+        problems += size_problems(f"runtime.{name}", getattr(config.runtime, name), dims, limit=False)
     return problems
 
 
