@@ -261,7 +261,7 @@ def test_tiny_out_never_replaces_a_users_files(tmp_path):
     [("--num-inference-steps", "--steps", "3"), ("--guidance-scale", "--guidance", "2")],
 )
 def test_a_parameter_and_its_alias_together_are_refused(tmp_path, name, alias, value):
-    """faults.md #47: as HTTP and Triton refuse them (the last one silently won before)."""
+    """faults.md #48: as HTTP and Triton refuse them (the last one silently won before)."""
     r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", alias, value, name, value])
     assert r.exit_code != 0
     assert f"{name} and {alias} are the same parameter; give one of them" in str(r.exception)
@@ -297,7 +297,7 @@ def test_an_output_directory_inside_the_engines_is_refused(tmp_path):
 
 
 def test_a_stage_without_its_upstream_record_writes_nothing(tmp_path):
-    """faults.md #47: ``build`` on an empty run directory names the command to run first (options
+    """faults.md #49: ``build`` on an empty run directory names the command to run first (options
     inside its backticks) and leaves the folder as it was (it used to write the built-in model)."""
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(

@@ -362,7 +362,7 @@ def test_fake_every_engine_batch_is_reported_and_logged_under_its_requests_tags(
 
 
 def test_fake_abort_counts_a_request_of_several_parts_once():
-    """faults.md #47: the second SIGINT's "answered N request(s) 503" counted engine-batch parts."""
+    """faults.md #52: the second SIGINT's "answered N request(s) 503" counted engine-batch parts."""
 
     async def main():
         b = await _started(FakeRunBatch(), max_batch=2, queue_size=8)
