@@ -348,6 +348,8 @@ def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) 
             echo(f"tritonserver stopped (exit status {code})")
             return 0 if code in (0, None) else code
     finally:
+        if server.process is not None:  # left by an error here, e.g. echo into a closed pipe (`| head`)
+            server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
