@@ -349,3 +349,16 @@ def test_run_refuses_num_images_below_one_naming_the_bound_that_applies(tmp_path
     """faults.md #47: was "outside 1..1", a bound made from the refused count itself."""
     r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", "--num-images", "0"])
     assert r.exit_code != 0 and str(r.exception) == "num_images 0 is not 1 or more"
+
+
+@pytest.mark.parametrize("verb", ["bench", "eval"])
+def test_bench_and_eval_of_an_unpacked_artefact_need_an_out_outside_it(tmp_path, verb):
+    """faults.md #47: the default ``<engines>/../bench`` landed inside the artefact, whose verify then failed."""
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "manifest.json").write_text("{}")
+    (tmp_path / "SHA256SUMS").write_text("")
+    r = CliRunner().invoke(app, [verb, "--engines", str(tmp_path)])
+    assert r.exit_code != 0 and f"--out is needed: the default, {tmp_path / verb}, is inside" in str(
+        r.exception
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "engines"]
