@@ -353,7 +353,7 @@ def test_run_refuses_num_images_below_one_naming_the_bound_that_applies(tmp_path
 
 @pytest.mark.parametrize("verb", ["bench", "eval"])
 def test_bench_and_eval_of_an_unpacked_artefact_need_an_out_outside_it(tmp_path, verb):
-    """faults.md #47: the default ``<engines>/../bench`` landed inside the artefact, whose verify then failed."""
+    """faults.md #47: the default ``<engines>/../bench`` was inside the artefact (its verify then failed)."""
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "manifest.json").write_text("{}")
     (tmp_path / "SHA256SUMS").write_text("")
