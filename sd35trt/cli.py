@@ -478,6 +478,11 @@ def verify(
     from sd35trt.stages.package import engines_dir_of
     from sd35trt.stages.package import verify as run
 
+    if compare and path.is_file():
+        raise VerificationError(
+            f"--compare needs the ONNX the engines were built from; {path} is an artefact, which ships no "
+            "ONNX: run it on the engines directory of the run, runs/<name>/engines"
+        )
     report = run(path)
     if not report.ok:
         for problem in report.problems:

@@ -362,3 +362,12 @@ def test_bench_and_eval_of_an_unpacked_artefact_need_an_out_outside_it(tmp_path,
         r.exception
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "engines"]
+
+
+def test_verify_compare_of_an_archive_says_it_ships_no_onnx_before_verifying(tmp_path):
+    """faults.md #47: it printed "OK", then a missing-manifest error advising `sd35trt build`."""
+    archive = tmp_path / "x.tar.gz"
+    archive.write_bytes(b"not read")
+    r = CliRunner().invoke(app, ["verify", str(archive), "--compare"])
+    assert r.exit_code != 0 and "is an artefact, which ships no ONNX" in str(r.exception)
+    assert "OK" not in r.output
