@@ -156,9 +156,6 @@ def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: i
     then moves the batch to the device. (One generator for a whole batch would make image ``i``
     depend on the images before it, so it could not be made again alone.)
 
-    Args:
-        seeds: the seed of each image (:func:`sd35trt.runtime.parts.image_seeds`).
-
     Returns:
         ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
     """
@@ -168,16 +165,11 @@ def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: i
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
-def skip_layer_window(step: int, steps: int, start: float, stop: float) -> bool:
-    """Whether step ``step`` of ``steps`` gets the skip-layer pass (diffusers' strict inequalities)."""
-    return steps * start < step < steps * stop
-
-
 def skip_layer_steps(steps: int, slg: SkipLayerGuidance | None) -> set[int]:
     """The steps of ``steps`` that get the skip-layer pass (none without skip-layer guidance)."""
     if slg is None:  # resolve_request keeps it only under CFG (sd35trt.guidance)
         return set()
-    return {i for i in range(steps) if skip_layer_window(i, steps, slg.start, slg.stop)}
+    return {i for i in range(steps) if steps * slg.start < i < steps * slg.stop}  # diffusers' strict <
 
 
 @dataclass(frozen=True)
@@ -237,22 +229,11 @@ def denoise(
     ``[negative, positive]`` and ``v = v_neg + g (v_pos - v_neg)``; inside the skip-layer window
     one more conditional pass skips the configured blocks and ``v += s (v_pos - v_skip)``.
 
-    Args:
-        engine: the active transformer engine, or the first-block cache's CFG pass.
-        latents: ``[N, C, h, w]`` float32 on the runtime's device.
-        cond: the text conditioning.
-        params: steps, guidance scale and skip-layer guidance.
-        scheduler: the flow-match Euler scheduler.
-        timer: marked before the first step and after each one.
-        schedule: the steps to run (default: all ``params.num_inference_steps`` of ``scheduler``'s schedule;
-            image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
-        skip_engine: what runs the skip-layer pass (default ``engine``): the first-block cache
-            keeps it in its own context (:mod:`sd35trt.runtime.cache`).
-        residuals: the ControlNet residuals per step, for a transformer engine that takes them
-            (:mod:`sd35trt.runtime.control`; zeros without a control image).
-
-    Returns:
-        The denoised latents ``[N, C, h, w]`` float32.
+    ``latents`` ``[N, C, h, w]`` float32 -> the denoised latents, same shape. ``engine``: the
+    transformer or the first-block cache's CFG pass; ``skip_engine`` (default ``engine``) runs the
+    skip-layer pass; ``schedule`` defaults to all ``params.num_inference_steps`` (image-to-image:
+    the strength's cut); ``residuals``: ControlNet residuals per step; ``timer`` is marked before
+    the first step and after each one.
 
     Raises:
         NonFiniteError: the transformer produced NaN or inf (checked once, after the last step).
@@ -371,12 +352,6 @@ def _finite(latents: torch.Tensor, steps: int) -> torch.Tensor:
     return latents
 
 
-def to_pixels(image: torch.Tensor) -> np.ndarray:
-    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8, rounded exactly as diffusers does."""
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # [N, H, W, 3]
-    return (array * 255).round().astype(np.uint8)
-
-
 def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     """Step 6: VAE-decode raw latents ``[N, C, h, w]`` into ``N`` RGB images.
 
@@ -385,7 +360,8 @@ def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     """
     image = engine.infer({"latent": latents})["image"]  # [N, 3, H, W] in [0, 1]
     check_finite(Component.VAE_DECODER, image, "image")
-    return [Image.fromarray(a) for a in to_pixels(image)]
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # [N, H, W, 3], rounded as diffusers does
+    return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
 
 
 def peak_memory(device: torch.device | str) -> tuple[int, str]:
@@ -397,5 +373,4 @@ def peak_memory(device: torch.device | str) -> tuple[int, str]:
             device
         ), "CUDA, torch allocator (TensorRT's own memory not included)"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
     return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"
