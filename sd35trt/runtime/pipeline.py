@@ -158,19 +158,11 @@ class Timings:
 class GenerationResult:
     """The images of one request and how they were made.
 
-    Attributes:
-        images: ``num_images`` RGB images; image ``i`` was drawn with seed ``params.seed + i``.
-        params: the parameters used (defaults filled in, the seed drawn when none was given).
-        timings: stage timings of the engine batch the request ran in (of all of them, summed,
-            when it ran as several).
-        warnings: settings that had no effect (a negative prompt without CFG) and prompt text
-            dropped by truncation.
-        engine_digest: identifies the engines (digest of their files' sha256).
-        batch: the engine batch the request ran in (recorded in its PNGs); the first one when
-            it ran as several (``image_batches`` then holds each image's).
-        model: the weights the engines hold (repo commit, LoRAs with sha256 and scale).
-        image_batches: per image, the engine batch it ran in (empty: all in ``batch``).
-        engine_batches: how many engine batches the request ran as.
+    Image ``i`` was drawn with seed ``params.seed + i``; ``params`` has the defaults filled in and
+    the drawn seed. A request run as several engine batches has their ``timings`` summed, the first
+    one's ``batch`` and each image's in ``image_batches``. ``warnings``: settings that had no
+    effect and prompt text dropped by truncation. ``engine_digest``: of the engines' files'
+    sha256; ``model``: the weights they hold (repo commit, LoRAs with sha256 and scale).
     """
 
     images: list[Image.Image]  # each one's ``save("x.png")`` records its parameters (as ``save`` here)
@@ -232,15 +224,8 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the runtime knows about the model behind its engines.
-
-    Attributes:
-        dims: model sizes (latent channels, VAE scale factor, ...).
-        limits: what the engines accept (request validation).
-        defaults: the runtime defaults recorded with the engines.
-        digest: identifies the engines; written into every PNG.
-        model: the weights the engines hold (repo commit, LoRAs); written into every PNG.
-    """
+    """What the runtime knows about the model behind its engines (``digest`` and ``model``, the
+    weights they hold, are written into every PNG)."""
 
     dims: ModelDims
     limits: RequestLimits
@@ -295,18 +280,11 @@ class Sd35Runtime:
     ) -> Sd35Runtime:
         """Verify an engines directory and load it.
 
-        Args:
-            engines_dir: a build's ``engines/`` directory.
-            low_vram: load each engine only for its stage and free it after.
-            device: ``cpu`` or ``cuda[:N]``; default ``cuda`` for TensorRT engines, ``cpu`` for
-                ONNX Runtime engines (``cuda`` uses ONNX Runtime's CUDA provider where installed).
-            intra_op_threads: ONNX Runtime intra-op threads (default: ONNX Runtime's).
-            use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated shapes.
-            activate: load the engines now rather than at first use (with ``low_vram``: load and
-                free each once, so an engine that cannot be loaded is named here).
-            max_images: most images one request may ask for (default
-                :data:`~sd35trt.runtime.request.DEFAULT_MAX_IMAGES`); beyond the engine batch they
-                run as several engine batches.
+        ``low_vram``: load each engine only for its stage and free it after. ``device``: ``cpu`` or
+        ``cuda[:N]``; default ``cuda`` for TensorRT engines, ``cpu`` for ONNX Runtime ones.
+        ``activate``: load the engines now (with ``low_vram``: load and free each once), so an
+        engine that cannot be loaded is named here. ``max_images`` defaults to
+        :data:`~sd35trt.runtime.request.DEFAULT_MAX_IMAGES`.
 
         Raises:
             ManifestError: the directory, its manifest or a support file is missing or malformed.

@@ -207,20 +207,10 @@ def _axis(spec: ComponentSpec, profile: Mapping[str, ShapeRange], axis: str) -> 
 class RequestLimits:
     """What the engines accept, read from their optimization profiles.
 
-    Attributes:
-        height: ``(min, max)`` image height in pixels (transformer and VAE profiles intersected).
-        width: ``(min, max)`` image width in pixels.
-        size_multiple: height and width must be multiples of this (VAE factor x patch size).
-        transformer_batch: ``(min, max)`` batch of the transformer engine.
-        decoder_batch: ``(min, max)`` batch of the VAE decoder engine.
-        encoder_batch: ``(min, max)`` batch all three text encoders accept.
-        t5_length: tokens per text for T5 (static in the engines).
-        skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
-        img2img_size: ``((min, max) height, (min, max) width)`` image-to-image accepts (the VAE
-            encoder's profile intersected with the above), or ``None`` without a VAE encoder.
-        img2img_batch: ``(min, max)`` images the VAE encoder takes in one batch (one per image).
-        max_images: most images one request may ask for; beyond the engine batch they run as
-            several engine batches (a setting of the runtime, not of the engines).
+    Every pair is ``(min, max)``; ``height`` / ``width`` in pixels (transformer and VAE profiles
+    intersected), multiples of ``size_multiple`` (VAE factor x patch size); ``encoder_batch``: what
+    all three text encoders accept; ``img2img_size``: ``(height, width)`` ranges the VAE encoder
+    allows too (``None`` without one); ``max_images``: the runtime's setting, not the engines'.
     """
 
     height: tuple[int, int]
