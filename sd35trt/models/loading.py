@@ -34,10 +34,7 @@ if TYPE_CHECKING:
 
 
 def check_weights(model_dir: str | Path) -> list[Path]:
-    """Refuse pickle weights and truncated safetensors shards below ``model_dir``.
-
-    Returns:
-        The safetensors files found.
+    """Refuse pickle weights and truncated safetensors shards below ``model_dir``; the shards found.
 
     Raises:
         ModelError: naming the pickle file or the damaged shard.
@@ -359,8 +356,7 @@ def load_pipeline(
     transformer (4.5 GB medium, 16.3 GB large) need not be in memory together.
 
     Raises:
-        ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
-            that does not fit the model.
+        ModelError: as :func:`load_pipeline_dir`.
     """
     from sd35trt.models.lora import resolve_loras
 
