@@ -1,9 +1,5 @@
-"""The steps of SD3.5 generation over engines, as functions the runtime calls in order.
-
-Each function is one step of diffusers' ``StableDiffusion3Pipeline.__call__`` (its numbering
-kept in :meth:`sd35trt.runtime.pipeline.Sd35Runtime._run`), written against the engine interface:
-engines take and return torch tensors keyed by their spec's names. Every engine output is checked
-for NaN and inf, and a failure names the stage.
+"""The steps of SD3.5 generation over engines (diffusers' ``StableDiffusion3Pipeline.__call__``'s,
+numbered in :mod:`sd35trt.runtime.pipeline`); every engine output is checked for NaN and inf.
 """
 
 from __future__ import annotations
@@ -60,10 +56,8 @@ class EngineSet:
             raise
 
     def probe(self) -> None:
-        """Load and free each engine in turn (at most one holds memory at a time).
-
-        With ``low_vram`` nothing loads before its stage; this names an engine its backend
-        cannot load at start-up instead of at the first request.
+        """Load and free each engine in turn, so that with ``low_vram`` an engine its backend
+        cannot load is named at start-up, not at the first request.
 
         Raises:
             EngineLoadError: naming the engine file (from the backend's ``activate``).
@@ -153,11 +147,8 @@ def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: i
 
     diffusers' ``randn_tensor`` given a list of CPU generators draws one ``[1, C, h, w]`` sample
     per generator on the CPU in the latents' dtype (float32 here), concatenates them and only
-    then moves the batch to the device. (One generator for a whole batch would make image ``i``
-    depend on the images before it, so it could not be made again alone.)
-
-    Returns:
-        ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
+    then moves the batch to the device (so image ``i`` can be made again alone). Returns
+    ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
     """
     f = dims.vae_scale_factor
     shape = (1, dims.latent_channels, height // f, width // f)
