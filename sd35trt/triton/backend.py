@@ -119,16 +119,6 @@ def _joined(parts: list[tuple[ImageSet | BaseException, dict]]) -> tuple[ImageSe
     return ImageSet.joined([r for r, _ in parts]), parts[0][1]
 
 
-def _same_num_images(prepared: Sequence[Prepared]) -> None:
-    counts = sorted({p.size for p in prepared})
-    if len(counts) > 1:
-        raise RequestError(
-            "num_images",
-            f"num_images must be equal for every prompt of one request (found {counts}); "
-            "send prompts with different counts as separate requests",
-        )
-
-
 class Sd35TritonModel:
     """Triton Python-backend model over :class:`~sd35trt.runtime.pipeline.Sd35Runtime`.
 
@@ -198,7 +188,12 @@ class Sd35TritonModel:
             try:
                 fields = read_rows(self._columns(request), self._rows(request))
                 prepared = [self.generator.prepare(f) for f in fields]
-                _same_num_images(prepared)
+                if len(counts := sorted({p.size for p in prepared})) > 1:
+                    raise RequestError(
+                        "num_images",
+                        f"num_images must be equal for every prompt of one request (found {counts}); "
+                        "send prompts with different counts as separate requests",
+                    )
             except RequestError as err:
                 responses[i] = self._error(err)
                 continue
