@@ -324,7 +324,7 @@ def bench(
     from sd35trt.bench.benchmark import bench as run
     from sd35trt.bench.report import format_bench
 
-    _check_out_and_device(out, device)
+    engines = _checked_engines(engines, out, device, "bench")
     options = BenchOptions(
         runs=runs,
         warmup=warmup,
@@ -334,15 +334,15 @@ def bench(
         img2img_strength=img2img_strength,
         generation={k: v for k, v in generation.items() if v is not None},
     )
-    from sd35trt.stages.package import engines_dir_of
-
-    report = run([engines_dir_of(e) for e in engines], reference, options)
+    report = run(engines, reference, options)
     typer.echo(format_bench(report))
     typer.echo(f"wrote {report.files.json_path} and {report.files.png}")
 
 
-def _check_out_and_device(out: Path | None, device: str | None) -> None:
-    """bench's and eval's ``--out`` (not a file) and ``--device`` (``cpu`` or ``cuda[:N]``).
+def _checked_engines(engines: list[Path], out: Path | None, device: str | None, verb: str) -> list[Path]:
+    """bench's and eval's engines directories (an unpacked artefact's ``engines/`` for the
+    artefact), checked with their ``--out`` (not a file; given when the default, ``<engines>/../
+    <verb>``, would land inside an artefact) and ``--device`` (``cpu`` or ``cuda[:N]``).
 
     Raises:
         ConfigError: naming the option and the value.
@@ -350,12 +350,20 @@ def _check_out_and_device(out: Path | None, device: str | None) -> None:
     import re
 
     from sd35trt.errors import ConfigError
+    from sd35trt.stages.package import CHECKSUMS, engines_dir_of
     from sd35trt.user_files import output_directory
 
+    dirs = [engines_dir_of(e) for e in engines]
     if out is not None:
         output_directory(out, "--out")
+    elif (dirs[0].parent / CHECKSUMS).is_file():
+        raise ConfigError(
+            f"--out is needed: the default, {dirs[0].parent / verb}, is inside the unpacked artefact "
+            f"{dirs[0].parent} (whose verify would then fail)"
+        )
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    return dirs
 
 
 @app.command(name="eval")
@@ -388,10 +396,8 @@ def eval_(
     """PSNR / SSIM (LPIPS when its weights are local) of engine images against the diffusers reference."""
     from sd35trt.bench.eval_report import format_eval
     from sd35trt.bench.evaluate import evaluate
-    from sd35trt.stages.package import engines_dir_of
 
-    _check_out_and_device(out, device)
-    engines = engines_dir_of(engines)
+    (engines,) = _checked_engines([engines], out, device, "eval")
     if reference is None:
         from sd35trt.models.reference import run_model_dir
 
@@ -472,6 +478,11 @@ def verify(
     from sd35trt.stages.package import engines_dir_of
     from sd35trt.stages.package import verify as run
 
+    if compare and path.is_file():
+        raise VerificationError(
+            f"--compare needs the ONNX the engines were built from; {path} is an artefact, which ships no "
+            "ONNX: run it on the engines directory of the run, runs/<name>/engines"
+        )
     report = run(path)
     if not report.ok:
         for problem in report.problems:

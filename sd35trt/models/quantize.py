@@ -12,7 +12,9 @@ the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -328,7 +330,8 @@ def restore_calibration(transformer: nn.Module, settings: CalibrateSettings, pat
     stored = meta["quantizers"]
 
     cfg = quant_config(settings, len(getattr(transformer, BLOCKS)), transformer.config.attention_head_dim)
-    mtq.quantize(transformer, {**cfg, "algorithm": None})
+    with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt's "Inserted N quantizers": calibrate's line
+        mtq.quantize(transformer, {**cfg, "algorithm": None})
     current = _quantizer_formats(transformer)
 
     missing, unknown = set(current) - set(stored), set(stored) - set(current)

@@ -156,19 +156,20 @@ class Batcher:
 
     def abort(self, reason: str) -> int:
         """Stop accepting, and fail every queued and running request now with
-        :class:`ShuttingDownError` (``reason``); returns how many. A running engine batch finishes
+        :class:`ShuttingDownError` (``reason``); returns how many requests (the engine-batch parts
+        of one request, which share its ``tag``, count once). A running engine batch finishes
         unheard."""
         self._draining = True
         jobs = [*self._running, *self._pending]
         self._pending.clear()
-        failed = 0
+        failed: set[object] = set()
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(ShuttingDownError(reason))
-                failed += 1
+                failed.add(job.tag if job.tag is not None else id(job))
         if self._arrived is not None:
             self._arrived.set()
-        return failed
+        return len(failed)
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let queued and running requests finish, stop the worker."""

@@ -245,10 +245,16 @@ class LocalTritonServer:
                 raise
             if code is None:
                 return self
-            busy = "address already in use" in self.log_tail(80).lower()
+            busy = "already in use" in self.log_tail(80).lower()  # "Socket 'host:port' already in use"
             if busy and attempt + 1 < attempts and self._fixed_ports is None:
                 continue  # another process took a port between probing and binding
             self._cleanup()
+            if busy:  # one of the fixed ports: name them rather than print Triton's log
+                raise Sd35TrtError(
+                    f"tritonserver could not listen: a port is already in use (HTTP {self.ports.http}, "
+                    f"gRPC {self.ports.grpc}, metrics {self.ports.metrics}); choose free ones with "
+                    f"--http-port/--grpc-port/--metrics-port (log: {self.log_path})"
+                )
             raise Sd35TrtError(
                 f"tritonserver exited with {code} before it was ready; "
                 f"its log ({self.log_path}) ends:\n{self.log_tail(25)}"
@@ -348,6 +354,8 @@ def serve_foreground(server: LocalTritonServer, echo, timeout_s: float = 600.0) 
             echo(f"tritonserver stopped (exit status {code})")
             return 0 if code in (0, None) else code
     finally:
+        if server.process is not None:  # left by an error here, e.g. echo into a closed pipe (`| head`)
+            server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -250,6 +250,30 @@ def test_triton_serve_answers_tritonclient_and_stops_on_sigint(repository, tmp_p
     assert f"successfully unloaded '{MODEL}'" in (tmp_path / "triton.log").read_text(errors="replace")
 
 
+def test_triton_serve_on_a_port_in_use_is_one_line_naming_the_ports(repository, tmp_path):
+    """faults.md #53: Triton's 25-line log (mostly its option table) was printed instead."""
+    import socket
+    import subprocess
+    import sys
+
+    from sd35trt.triton.local import TritonPorts
+
+    ports = TritonPorts.free()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", ports.http))
+        taken.listen()
+        cmd = [sys.executable, "-m", "sd35trt.cli", "triton", "serve", str(repository)]
+        cmd += ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc)]
+        cmd += ["--metrics-port", str(ports.metrics), "--log", str(tmp_path / "triton.log")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: tritonserver could not listen: a port is already in use (HTTP {ports.http}, gRPC "
+        f"{ports.grpc}, metrics {ports.metrics}); choose free ones with --http-port/--grpc-port/"
+        f"--metrics-port (log: {tmp_path / 'triton.log'})"
+    ]
+
+
 BAD = [
     ("http", {"width": 1000}, "width"),
     ("grpc", {"width": 1000}, "width"),

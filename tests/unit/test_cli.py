@@ -261,7 +261,7 @@ def test_tiny_out_never_replaces_a_users_files(tmp_path):
     [("--num-inference-steps", "--steps", "3"), ("--guidance-scale", "--guidance", "2")],
 )
 def test_a_parameter_and_its_alias_together_are_refused(tmp_path, name, alias, value):
-    """faults.md #47: as HTTP and Triton refuse them (the last one silently won before)."""
+    """faults.md #48: as HTTP and Triton refuse them (the last one silently won before)."""
     r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", alias, value, name, value])
     assert r.exit_code != 0
     assert f"{name} and {alias} are the same parameter; give one of them" in str(r.exception)
@@ -297,7 +297,7 @@ def test_an_output_directory_inside_the_engines_is_refused(tmp_path):
 
 
 def test_a_stage_without_its_upstream_record_writes_nothing(tmp_path):
-    """faults.md #47: ``build`` on an empty run directory names the command to run first (options
+    """faults.md #49: ``build`` on an empty run directory names the command to run first (options
     inside its backticks) and leaves the folder as it was (it used to write the built-in model)."""
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
@@ -349,3 +349,25 @@ def test_run_refuses_num_images_below_one_naming_the_bound_that_applies(tmp_path
     """faults.md #47: was "outside 1..1", a bound made from the refused count itself."""
     r = CliRunner().invoke(app, ["run", "--engines", str(tmp_path), "x", "--num-images", "0"])
     assert r.exit_code != 0 and str(r.exception) == "num_images 0 is not 1 or more"
+
+
+@pytest.mark.parametrize("verb", ["bench", "eval"])
+def test_bench_and_eval_of_an_unpacked_artefact_need_an_out_outside_it(tmp_path, verb):
+    """faults.md #47: the default ``<engines>/../bench`` was inside the artefact (its verify then failed)."""
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "manifest.json").write_text("{}")
+    (tmp_path / "SHA256SUMS").write_text("")
+    r = CliRunner().invoke(app, [verb, "--engines", str(tmp_path)])
+    assert r.exit_code != 0 and f"--out is needed: the default, {tmp_path / verb}, is inside" in str(
+        r.exception
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "engines"]
+
+
+def test_verify_compare_of_an_archive_says_it_ships_no_onnx_before_verifying(tmp_path):
+    """faults.md #47: it printed "OK", then a missing-manifest error advising `sd35trt build`."""
+    archive = tmp_path / "x.tar.gz"
+    archive.write_bytes(b"not read")
+    r = CliRunner().invoke(app, ["verify", str(archive), "--compare"])
+    assert r.exit_code != 0 and "is an artefact, which ships no ONNX" in str(r.exception)
+    assert "OK" not in r.output

@@ -352,7 +352,7 @@ def test_cli_verify_prints_one_line_per_problem_without_traceback(tmp_path):
 
 
 def test_verify_of_a_folder_without_a_manifest_is_one_problem_not_a_walk(tmp_path):
-    """faults.md #47: ``verify /tmp`` listed every symlink below it (869 lines)."""
+    """faults.md #51: ``verify /tmp`` listed every symlink below it (869 lines)."""
     from sd35trt.stages.package import verify
 
     (tmp_path / "deep" / "er").mkdir(parents=True)

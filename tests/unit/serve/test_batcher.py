@@ -359,3 +359,24 @@ def test_fake_every_engine_batch_is_reported_and_logged_under_its_requests_tags(
     assert seen == [(2, 2, None), (1, 1, None), (1, 1, ["good-done"])]
     assert tags == ["rid-bad,rid-good", "rid-bad", "rid-good"]
     assert REQUEST_ID.get() is None  # nothing leaks into the caller's context
+
+
+def test_fake_abort_counts_a_request_of_several_parts_once():
+    """faults.md #52: the second SIGINT's "answered N request(s) 503" counted engine-batch parts."""
+
+    async def main():
+        b = await _started(FakeRunBatch(), max_batch=2, queue_size=8)
+        b.pause()
+        await asyncio.sleep(0.01)
+        parts = [b.submit(f"p{i}", key="k", size=2, tag="req-1", admitted=i > 0) for i in range(3)]
+        alone = b.submit("q", key="k", size=1, tag="req-2")
+        untagged = b.submit("r", key="k", size=1)
+        answered = b.abort("stopping")
+        outcomes = await asyncio.gather(
+            *(j.future for j in (*parts, alone, untagged)), return_exceptions=True
+        )
+        await b.close()
+        return answered, outcomes
+
+    answered, outcomes = run(main())
+    assert answered == 3 and all(isinstance(o, ShuttingDownError) for o in outcomes)

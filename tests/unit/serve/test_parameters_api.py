@@ -186,7 +186,7 @@ def test_v1_images_edits_wants_a_form(server):
 
 
 def test_unknown_paths_and_methods_answer_the_common_error_body(server):
-    """faults.md #47: 404 and 405 in the body every other error has (were FastAPI's ``{"detail": ...}``)."""
+    """faults.md #50: 404 and 405 in the body every other error has (were FastAPI's ``{"detail": ...}``)."""
     r = httpx.get(server.url + "/nope")
     assert r.status_code == 404
     assert r.json() == {"status": "error", "error": "not_found", "detail": "GET /nope: Not Found"}
