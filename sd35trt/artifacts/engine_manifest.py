@@ -1,15 +1,9 @@
 """The engine manifest, ``engines/manifest.json``: one pydantic model, read and written through it.
 
-The manifest is self-contained: it records, per component, the engine file (size, sha256), the
-backend and precision actually built, the profile ranges per input, the ONNX it came from, and for
-TensorRT the version, GPU name and compute capability (for TensorRT-RTX its version in
-``tensorrt_version`` and the compute capabilities it was built for); plus the model dims, the
-runtime defaults (typed: :class:`~sd35trt.config.RuntimeSettings`) and the tokenizer / scheduler
-files copied beside the engines, and the model they were made from (repo commit, LoRA files with
-their sha256 and scales). The runtime needs nothing else.
-
-Checking engines against this machine and opening them needs the backends:
-:mod:`sd35trt.backends.load` (``verify_engines``, ``check_compatible``, ``open_engines``).
+The manifest is self-contained: per component the engine file, what was built and for which
+GPU / TensorRT version, its profile and source ONNX; plus the model dims, the runtime defaults,
+the tokenizer / scheduler files beside the engines and the weights they hold. The runtime needs
+nothing else; checking and opening the engines is :mod:`sd35trt.backends.load`.
 """
 
 from __future__ import annotations
@@ -54,25 +48,15 @@ class _Model(BaseModel):
 class LayerReport(BaseModel):
     """Per-engine precision evidence, recorded in the engine manifest (``layers``).
 
-    Attributes:
-        detailed: the layer information had types (``ProfilingVerbosity.DETAILED``).
-        layers: number of engine layers.
-        by_precision: layer count per compute precision (``fp8``, ``bf16``, ...).
-        quantized_linear: MatMul / Gemm nodes of the ONNX with an FP8 ``DequantizeLinear`` input.
-        fp8_gemms: engine GEMM layers reading FP8 inputs (and FP8 weights where listed).
-        fell_back: quantized ONNX nodes found in no FP8 GEMM layer (at most
-            :data:`sd35trt.backends.layers.MAX_NAMED` named; ``fell_back_count`` has them all).
-        fell_back_count: how many quantized ONNX nodes no FP8 GEMM layer holds.
-        fused_attention: names of the layers that look like fused attention kernels.
-        source: where the layers were read: ``engine inspector`` (TensorRT) or ``builder log``
-            (TensorRT-RTX).
-        fp8_gemm_layers: each FP8 GEMM layer's name -> the quantized ONNX MatMul / Gemm nodes
-            inside it (several when the builder fused q/k/v projections into one GEMM).
-        fused_attention_tactics: fused attention layers per tactic name (its kernel hash dropped).
-        output_precisions: layer count per output element type (a layer with several outputs
-            counts once per type).
-        weights_bytes: ``Total Weights Memory`` of the build (builder log), bytes.
-        activation_bytes: ``Total Activation Memory`` of the build (builder log), bytes.
+    ``detailed``: built with ``ProfilingVerbosity.DETAILED``; ``quantized_linear``: ONNX MatMul /
+    Gemm nodes with an FP8 ``DequantizeLinear`` input; ``fp8_gemms``: engine GEMM layers reading
+    FP8 inputs; ``fell_back``: quantized ONNX nodes in no FP8 GEMM layer (at most
+    :data:`sd35trt.backends.layers.MAX_NAMED` named; ``fell_back_count`` counts them all);
+    ``source``: ``engine inspector`` (TensorRT) or ``builder log`` (TensorRT-RTX);
+    ``fp8_gemm_layers``: FP8 GEMM layer -> the quantized ONNX nodes fused into it;
+    ``fused_attention_tactics``: per tactic name, kernel hash dropped; ``output_precisions``: a
+    layer counts once per output type; ``weights_bytes`` / ``activation_bytes``: the builder log's
+    ``Total Weights Memory`` / ``Total Activation Memory``, bytes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

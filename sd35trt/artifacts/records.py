@@ -3,12 +3,10 @@
 A record has the fields every stage shares (:class:`StageRecord`: stage, created, config digest,
 upstream record digests, tool versions, files) and a ``details`` model of its own stage
 (:class:`CalibrateDetails`, :class:`ExportDetails`, :class:`BuildDetails`). Writers construct
-these models; readers use their attributes; :mod:`sd35trt.artifacts.manifest` reads, validates, writes and
-verifies them.
+these models; :mod:`sd35trt.artifacts.manifest` reads, validates, writes and verifies them.
 
-The JSON layout is manifest format 1 as earlier versions wrote it, key for key: a record read
-from disk dumps back to the same JSON, so its digest (which downstream records name it by) is
-unchanged. ``tests/unit/test_records.py`` checks that on a manifest written by such a version.
+The JSON layout is manifest format 1, key for key: a record read from disk dumps back to the
+same JSON, so its digest (which downstream records name it by) is unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
@@ -79,12 +77,9 @@ CFG_INPUT = "cfg_by_default"
 class Fingerprint:
     """What a stage's output depends on: the digest its record carries and the values behind it.
 
-    Attributes:
-        digest: the record's ``config_digest``: sha256 of the values of ``stage.config_sections``,
-            combined with the weights' identity (calibrate, export) and, for build, whether
-            classifier-free guidance is on by default (the engines' optimal batch).
-        inputs: those values by name (config path, :data:`WEIGHTS_INPUT`, :data:`CFG_INPUT`),
-            kept in the record so a stale one names what changed.
+    ``digest``: sha256 of the values of ``stage.config_sections``, combined with the weights'
+    identity (calibrate, export) and, for build, whether CFG is on by default (the engines' optimal
+    batch). ``inputs``: those values by name, kept in the record so a stale one names what changed.
     """
 
     digest: str
@@ -145,14 +140,8 @@ def _shown(value: Any, width: int = 24) -> str:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file a stage wrote (validated as a field of the records that hold it).
-
-    Attributes:
-        path: POSIX path relative to the directory the record is anchored at (the run directory,
-            or the engines directory in the engine manifest).
-        size: bytes.
-        sha256: hex digest of the whole file.
-    """
+    """One file a stage wrote: POSIX ``path`` relative to the run (or engines) directory, ``size``
+    in bytes, ``sha256`` of the whole file."""
 
     path: str
     size: int
@@ -166,6 +155,18 @@ class RecordModel(BaseModel):
     """Base of the manifest's models: unknown keys refused, immutable once built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: ``{field: keys}``: keys left out of the JSON while ``field`` is ``None``, so records written
+    #: before the field existed keep their digests.
+    _omitted_while_none: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name, keys in self._omitted_while_none.items():
+            if getattr(self, name) is None:
+                for key in keys:
+                    data.pop(key, None)
+        return data
 
     def to_json(self) -> dict:
         """The model as JSON-ready data, with the manifest's key names."""
@@ -204,14 +205,7 @@ class ControlNetInput(RecordModel):
     #: where it was read when ``path`` named it, and its Hub commit for a repo id.
     directory: str | None = None
     hub: HubRevision | None = None
-
-    @model_serializer(mode="wrap")
-    def _location_only_where_named(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.directory is None:
-            data.pop("directory", None)
-            data.pop("hub", None)
-        return data
+    _omitted_while_none: ClassVar = {"directory": ("directory", "hub")}
 
 
 class ModelInput(RecordModel):
@@ -224,7 +218,7 @@ class ModelInput(RecordModel):
     controlnets: tuple[ControlNetInput, ...] = ()
 
     @model_serializer(mode="wrap")
-    def _controlnet_only_where_exported(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)  # records without a ControlNet keep their digests
         if not self.controlnets:
             data.pop("controlnets", None)
@@ -240,13 +234,7 @@ class WeightsDetails(RecordModel):
 
     #: the model (Hub commit) and the LoRAs fused into the weights.
     model: ModelInput | None = None
-
-    @model_serializer(mode="wrap")
-    def _model_only_where_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.model is None:
-            data.pop("model", None)
-        return data
+    _omitted_while_none: ClassVar = {"model": ("model",)}
 
 
 # -- calibrate ----------------------------------------------------------------------------------
@@ -355,16 +343,7 @@ class ExportedComponent(RecordModel):
     fp8_weights: bool | None = None
     #: transformer blocks exported in float32 (``export.fp32_blocks``).
     fp32_blocks: tuple[int, ...] | None = None
-
-    @model_serializer(mode="wrap")
-    def _transformer_keys_only_where_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.fp8_weights is None:
-            for key in _TRANSFORMER_KEYS:
-                data.pop(key, None)
-        if self.fp32_blocks is None:
-            data.pop("fp32_blocks", None)
-        return data
+    _omitted_while_none: ClassVar = {"fp8_weights": _TRANSFORMER_KEYS, "fp32_blocks": ("fp32_blocks",)}
 
 
 class CalibrationInput(RecordModel):
@@ -432,16 +411,9 @@ class BuildDetails(RecordModel):
 class StageRecord(RecordModel):
     """What every stage records: its files, the config digest and the upstream records it used.
 
-    Attributes:
-        stage: the stage that wrote the record.
-        created: ISO 8601 UTC time, seconds.
-        config_digest: sha256 of the config sections of ``stage.config_sections``.
-        upstream: the digest (:meth:`digest`) of each upstream record the stage read.
-        versions: installed versions of the tools the outputs depend on.
-        files: every file the stage wrote, relative to the run directory.
-        inputs: the values ``config_digest`` was made from (config path -> value, and the
-            weights' identity), so a stale record names what changed; ``None`` in records written
-            before they were kept (the key is then left out, and their digests stay).
+    ``created``: ISO 8601 UTC, seconds; ``config_digest``: :attr:`Fingerprint.digest`, made from
+    ``inputs``; ``upstream``: the :meth:`digest` of each upstream record the stage read;
+    ``versions``: of the tools the outputs depend on.
     """
 
     stage: Stage
@@ -451,13 +423,7 @@ class StageRecord(RecordModel):
     versions: dict[str, str]
     files: tuple[FileRecord, ...]
     inputs: dict[str, Any] | None = None
-
-    @model_serializer(mode="wrap")
-    def _inputs_only_where_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.inputs is None:
-            data.pop("inputs", None)
-        return data
+    _omitted_while_none: ClassVar = {"inputs": ("inputs",)}
 
     def digest(self) -> str:
         """sha256 of the record's JSON: downstream records name their inputs by it."""

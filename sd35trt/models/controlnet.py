@@ -1,18 +1,9 @@
 """The ControlNet ``model.controlnet`` names: where its weights are, its layout, and the positional
 embedding SD3.5-large's ControlNets borrow from the transformer.
 
-Where (:func:`resolve_controlnets`):
-
-- ``model.controlnet.path`` unset: the model directory's ``controlnet/``
-  (``StableDiffusion3ControlNetPipeline``'s layout; the built-in tiny model has one, a
-  ``random`` architecture's config-only directory too);
-- a local directory: a diffusers ``SD3ControlNetModel`` directory (``config.json`` and
-  safetensors weights);
-- otherwise a Hugging Face repo id (``stabilityai/stable-diffusion-3.5-large-controlnet-canny``),
-  resolved through the local Hugging Face cache exactly as ``model.path`` with ``source: hub``
-  is (:func:`sd35trt.models.hub.resolve`: the cache first, a download only with
-  ``model.allow_download`` or ``SD35TRT_ALLOW_DOWNLOAD=1``). Only the diffusers weights and
-  config are requested (:data:`CONTROLNET_PATTERNS`).
+Where: with ``path`` unset the model directory's ``controlnet/`` (``StableDiffusion3ControlNetPipeline``'s
+layout), else a local ``SD3ControlNetModel`` directory or a Hugging Face repo id, resolved as
+``model.path`` with ``source: hub`` is (the cache first, a download only where allowed).
 
 Layouts (diffusers 0.42.1's ``SD3ControlNetModel`` and ``StableDiffusion3ControlNetPipeline``):
 
@@ -56,16 +47,9 @@ def config_key(index: int, count: int) -> str:
 
 @dataclass(frozen=True)
 class ResolvedControlNet:
-    """The ControlNet a run exports.
-
-    Attributes:
-        control_type: what it was trained on (``model.controlnet[i].type``): names its engine.
-        directory: its diffusers directory (a Hub snapshot folder for a repo id).
-        config: its ``config.json``.
-        hub: the repo id, revision and commit, for a repo id.
-        key: its config key, for messages (:func:`config_key`).
-        given_path: whether ``path`` named it (else the model's ``controlnet/``).
-    """
+    """The ControlNet a run exports: its diffusers ``directory`` (a Hub snapshot folder for a repo
+    id, ``hub`` then set), its ``config.json``, its config ``key`` for messages, and whether
+    ``path`` named it (``given_path``; else the model's ``controlnet/``)."""
 
     control_type: ControlType
     directory: Path
@@ -250,9 +234,7 @@ def lend_pos_embed(controlnet: nn.Module, model_dir: str | Path, model: ModelSet
     Only the transformer's ``pos_embed.*`` tensors are read (from its safetensors, or drawn for a
     ``random`` source by :func:`random_pos_embed`), not its 8 B weights.
     LoRAs are not applied to them (SD3.5 LoRAs adapt the attention and feed-forward layers).
-
-    Returns:
-        ``controlnet`` with ``pos_embed`` set, in its dtype and on its device.
+    Returns ``controlnet`` with ``pos_embed`` set, in its dtype and on its device.
 
     Raises:
         ModelError: the transformer's weights hold no ``pos_embed`` tensors of its config's shape.

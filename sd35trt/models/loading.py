@@ -3,12 +3,9 @@
 Only safetensors weights are loaded: pickle files (``.bin``, ``.pt``, ...) can execute code and
 are refused, and every shard's header is checked against its size before anything reads it.
 
-A model is the built-in tiny pipeline, a local diffusers directory, or a Hugging Face repo id
-resolved through the local cache (:mod:`sd35trt.models.hub`); ``model.loras`` are fused into the weights
-by every loader right after loading (:func:`sd35trt.models.lora.fuse_loras`). :func:`resolve_model` says
-which bytes a run is made from (the resolved commit, each LoRA's sha256), and
-:meth:`sd35trt.artifacts.records.Fingerprint.of` folds that into the calibrate and export digests,
-so a new commit or a changed LoRA file makes the chain stale just as a config change does.
+``model.loras`` are fused into the weights by every loader right after loading.
+:func:`resolve_model` says which bytes a run is made from (the resolved commit, each LoRA's
+sha256), which the calibrate and export digests include.
 """
 
 from __future__ import annotations
@@ -37,10 +34,7 @@ if TYPE_CHECKING:
 
 
 def check_weights(model_dir: str | Path) -> list[Path]:
-    """Refuse pickle weights and truncated safetensors shards below ``model_dir``.
-
-    Returns:
-        The safetensors files found.
+    """Refuse pickle weights and truncated safetensors shards below ``model_dir``; the shards found.
 
     Raises:
         ModelError: naming the pickle file or the damaged shard.
@@ -107,14 +101,8 @@ def _glibc():
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """The weights a run is made from.
-
-    Attributes:
-        directory: the diffusers directory (a Hub snapshot folder for source ``hub``).
-        hub: the repo id, revision and commit for source ``hub``.
-        loras: the LoRA files fused into the weights, hashed.
-        controlnets: ``model.controlnet``'s ControlNets, located (:mod:`sd35trt.models.controlnet`).
-    """
+    """The weights a run is made from: the diffusers directory, the Hub snapshot (source ``hub``),
+    the hashed LoRAs and the located ControlNets."""
 
     directory: Path
     hub: Snapshot | None = None
@@ -196,12 +184,8 @@ def resolve_model(config: Config, run_dir: str | Path) -> ResolvedModel:
 
 
 def model_dir(config: Config, run_dir: str | Path) -> Path:
-    """The diffusers directory for ``config``, materializing the built-in ones under the run dir.
-
-    - ``tiny``: the built-in pipeline, written to ``<run_dir>/model`` on first use.
-    - ``local``: ``model.path`` as given.
-    - ``hub``: the snapshot folder of the repo in the Hugging Face cache (see :mod:`sd35trt.models.hub`).
-    - ``random``: configs, tokenizers and scheduler only (weights are drawn at load time).
+    """The diffusers directory for ``config``: ``model.path`` (``local``), the Hub snapshot folder
+    (``hub``), or written to ``<run_dir>/model`` on first use (``tiny``; ``random``: no weights).
 
     Raises:
         ModelError: a local directory is missing or not a diffusers pipeline, or a repo id cannot
@@ -287,23 +271,9 @@ def load_model(
     The class, subfolder and options come from :data:`sd35trt.components.MODELS`; weights load
     from safetensors straight in ``dtype`` (no float32 copy of a BF16 model), or are drawn from
     ``model.seed`` when ``model.source`` is ``random``. Random weights are drawn on the CPU, so a
-    seed gives the same weights whichever device a stage runs on.
-
-    Args:
-        model_dir: the diffusers pipeline directory.
-        component: which component.
-        dtype: the weights' dtype.
-        device: where the model goes.
-        purpose: ``TRACE`` for ONNX export (eager attention in the text encoders).
-        model: the config's model section (only its ``random`` source changes anything).
-        loras: resolved ``model.loras``, fused into the transformer and the CLIP encoders right
-            after loading (:func:`sd35trt.models.lora.fuse_loras`), so every stage sees the same weights.
-        folder: the component's own directory when it is not ``model_dir``'s subfolder (a
-            ControlNet named by ``model.controlnet.path``); then loaded from there whatever the source.
-
-    Returns:
-        The raw model (see :func:`sd35trt.models.modules.wrap` for its spec-shaped form), in eval mode
-        with gradients off.
+    seed gives the same weights whichever device a stage runs on. ``loras`` are fused right after
+    loading; ``folder``: the component's own directory (a ControlNet named by path), used whatever
+    the source. Returns the raw model in eval mode, gradients off.
 
     Raises:
         ModelError: pickle weights, a truncated shard, a subfolder that does not load, or a LoRA
@@ -355,15 +325,7 @@ def load_controlnet(
     """One of ``model.controlnet``'s ControlNets as every stage loads it: through
     :func:`load_model` (from its ``path`` when set, else the model's ``controlnet/`` or, for a
     ``random`` source, drawn), the transformer's positional embedding lent where it has none
-    (:func:`sd35trt.models.controlnet.lend_pos_embed`).
-
-    Args:
-        net: the ControlNet, located (:func:`sd35trt.models.controlnet.resolve_controlnets`).
-        model: the config's model section.
-        model_dir: the resolved model directory.
-        dtype: the weights' dtype.
-        device: where the model goes.
-        trace: loaded for ONNX export.
+    (:func:`sd35trt.models.controlnet.lend_pos_embed`); ``trace``: loaded for ONNX export.
 
     Raises:
         ModelError: as :func:`load_model`.
@@ -394,8 +356,7 @@ def load_pipeline(
     transformer (4.5 GB medium, 16.3 GB large) need not be in memory together.
 
     Raises:
-        ModelError: pickle weights, a truncated shard, a directory that is not SD3, or a LoRA
-            that does not fit the model.
+        ModelError: as :func:`load_pipeline_dir`.
     """
     from sd35trt.models.lora import resolve_loras
 

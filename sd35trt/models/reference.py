@@ -110,22 +110,10 @@ def generate_images(
 ) -> Any:
     """Run the pipeline once over ``prompts`` (one image each), as the runtime runs a request.
 
-    Args:
-        pipe: a loaded ``StableDiffusion3Pipeline``.
-        prompts: the prompts of one batch.
-        negative_prompt: used for every prompt (under CFG only).
-        num_inference_steps: denoising steps.
-        guidance_scale: CFG scale; at most 1 turns CFG (and skip-layer guidance) off.
-        height: image height in pixels.
-        width: image width in pixels.
-        seed: image ``i``'s initial noise ``[1, 16, H/8, W/8]`` comes from a CPU generator seeded
-            ``seed + i`` (a list of generators, as the runtime draws it).
-        max_sequence_length: T5 tokens per prompt.
-        skip_layer_guidance: the engines' skip-layer guidance, or ``None``.
-        output_type: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` float in [0, 1]) or ``"latent"``.
-
-    Returns:
-        The pipeline's ``images``.
+    ``height`` and ``width`` in pixels; ``guidance_scale`` at most 1 turns CFG (and SLG) off;
+    image ``i``'s initial noise ``[1, 16, H/8, W/8]`` comes from a CPU generator seeded
+    ``seed + i``. Returns the pipeline's ``images`` (``output_type`` ``"pil"``, ``"np"``:
+    ``[B, H, W, 3]`` float in [0, 1], or ``"latent"``).
     """
     import torch
 
@@ -182,13 +170,9 @@ _GENERATION_SETTINGS = (
 
 
 def generate_reference(config: Config, run_dir: Path, prompt: str, out: Path, **kwargs) -> Path:
-    """Generate one image with the PyTorch pipeline and write it as a PNG.
+    """Generate one image with the PyTorch pipeline and write it as the PNG ``out``.
 
-    Args:
-        kwargs: :func:`reference_images` overrides (``num_inference_steps``, ``seed``, ...).
-
-    Returns:
-        The PNG path.
+    ``kwargs``: :func:`reference_images` overrides (``num_inference_steps``, ``seed``, ...).
     """
     from PIL.PngImagePlugin import PngInfo
 
@@ -239,10 +223,7 @@ def encode_batches(
 
     Batch ``i`` gets noise seed ``seed + i``. The negative prompt and T5's length are the
     runtime's (``config.runtime``), so the transformer is calibrated on the conditioning the
-    engines will see.
-
-    Returns:
-        The encoded batches, on the pipeline's device.
+    engines will see. The batches are on the pipeline's device.
     """
     import torch
 
@@ -283,14 +264,10 @@ def denoise_batch(
     output_type: str,
     **control: Any,
 ) -> Any:
-    """Run diffusers' SD3 denoising loop on one encoded batch, noise from a CPU generator.
+    """The pipeline's ``images`` from diffusers' SD3 denoising loop on one encoded batch.
 
-    Args:
-        output_type: ``"latent"`` to stop before the VAE, ``"np"`` for ``[B, H, W, 3]`` images in [0, 1].
-        control: ``control_image=...`` for a ``StableDiffusion3ControlNetPipeline``.
-
-    Returns:
-        The pipeline's ``images`` for ``output_type``.
+    ``output_type``: ``"latent"`` stops before the VAE, ``"np"`` gives ``[B, H, W, 3]`` in [0, 1];
+    ``control``: ``control_image=...`` for a ``StableDiffusion3ControlNetPipeline``.
     """
     import torch
 

@@ -4,13 +4,8 @@ The tiny pipeline has every structural feature of SD3.5 that the toolchain handl
 RMS qk-norm and a dual-attention block, patch size 2, 16 latent channels; two CLIP text encoders
 with projection; a T5 encoder; a 16-channel AutoencoderKL with an 8x scale factor; flow-match
 Euler with shift 3.0), at sizes that run on a CPU in seconds. Its tokenizers are built offline
-from a fixed list of common prompt words: a CLIP BPE vocabulary (the byte symbols plus the merges
-byte-pair encoding learns from the list, so those words are one token and others a few subwords; the
-shipped calibration prompts the tiny config uses fit CLIP's 77 tokens) and a T5 Unigram
-vocabulary of single characters plus the words. Same seed => byte-identical files.
-
-``architecture_configs`` gives the published shapes of sd3.5-medium and sd3.5-large, so
-:func:`build_components` can instantiate them with random weights for scale tests.
+from a fixed list of common prompt words. Same seed => byte-identical files. The published
+shapes of sd3.5-medium and sd3.5-large can be built with random weights for scale tests.
 """
 
 from __future__ import annotations
@@ -269,19 +264,11 @@ def build_components(
     dtype=None,
     only: Collection[str] | None = None,
 ):
-    """Instantiate every component of ``arch`` with seeded random weights.
+    """The keyword arguments of ``StableDiffusion3Pipeline`` for ``arch``, seeded random weights.
 
-    Args:
-        arch: tiny, sd3.5-medium or sd3.5-large.
-        seed: weight seed; the same seed gives the same weights.
-        device: where to create the weights (large architectures need a GPU's memory).
-        dtype: torch dtype of the weights (default float32).
-        only: build just these models (pipeline keyword names, e.g. ``{"transformer"}``); the
-            others are None. Each model has its own seed, so its weights don't depend on this.
-            The ControlNet (:func:`controlnet_config`) is built only when named here.
-
-    Returns:
-        A dict of the keyword arguments of ``StableDiffusion3Pipeline``.
+    ``dtype`` defaults to float32; ``only``: build just these models (pipeline keyword names, e.g.
+    ``{"transformer"}``; the others are None; each model has its own seed). The ControlNet is
+    built only when ``only`` names it.
     """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -394,10 +381,8 @@ def make_controlnet(config: dict[str, Any], seed: int = 0, dtype=None, std: floa
 
     diffusers zero-initialises the ControlNet's input and output projections (a fresh ControlNet
     changes nothing); a test model that changed nothing could not show a wrong wiring, so they
-    are drawn from a normal distribution of standard deviation ``std`` instead.
-
-    Returns:
-        The model in eval mode, float32 unless ``dtype`` says otherwise.
+    are drawn from a normal distribution of standard deviation ``std`` instead. In eval mode,
+    float32 unless ``dtype`` says otherwise.
     """
     import torch
     from diffusers import SD3ControlNetModel
@@ -417,9 +402,6 @@ def tiny_controlnet(seed: int = 0, dtype=None, own_pos_embed: bool = True):
     Two blocks (so the tiny transformer's three blocks take residuals 0, 0, 1: diffusers'
     ``index_block / (num_layers / n)`` rule), in the SD3 layout or, ``own_pos_embed=False``, in
     SD3.5-large's (:func:`controlnet_config`).
-
-    Returns:
-        The model in eval mode, float32 unless ``dtype`` says otherwise.
     """
     return make_controlnet(controlnet_config(Architecture.TINY, own_pos_embed), seed, dtype)
 
@@ -427,15 +409,8 @@ def tiny_controlnet(seed: int = 0, dtype=None, own_pos_embed: bool = True):
 def write_tiny(out: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline as a diffusers directory (safetensors) at ``out``.
 
-    The directory is written beside ``out`` and renamed into place, so ``out`` is either
-    complete or absent. An existing ``out`` is replaced.
-
-    The tiny ControlNet (:func:`tiny_controlnet`) is written to ``controlnet/``, as
-    ``StableDiffusion3ControlNetPipeline.save_pretrained`` lays it out; it is exported only for
-    configs with ``model.controlnet``.
-
-    Returns:
-        ``out`` as a Path.
+    Written beside ``out`` and renamed into place (an existing ``out`` is replaced). The tiny
+    ControlNet goes to ``controlnet/``, ``StableDiffusion3ControlNetPipeline``'s layout.
     """
     import torch
     from diffusers import StableDiffusion3Pipeline

@@ -59,16 +59,11 @@ ASPECT_TOLERANCE = 0.01
 
 @dataclass(frozen=True)
 class ControlParams:
-    """The ControlNet conditioning a generation runs with (validated).
+    """The validated ControlNet conditioning of one control image.
 
-    Attributes:
-        image: the preprocessed control image, RGB at the generation size.
-        control_type: what it is (canny, blur, depth): the type the engines were built with.
-        conditioning_scale: diffusers' ``controlnet_conditioning_scale``, in 0..2.
-        guidance_start: fraction of the steps after which the ControlNet starts to act, in [0, 1).
-        guidance_end: fraction of the steps after which it stops, in (start, 1].
-        image_sha256: sha256 of the given image's RGB pixels at the generation size (recorded in
-            the PNG parameters instead of the image).
+    ``image``: preprocessed, RGB at the generation size; ``conditioning_scale`` in 0..2;
+    ``guidance_start`` / ``guidance_end``: fractions of the steps, start < end in [0, 1];
+    ``image_sha256``: of the given image's RGB pixels at the generation size (recorded in the PNG).
     """
 
     image: Any = field(compare=False, repr=False)
@@ -100,16 +95,8 @@ def resolve_control(
     Each field takes one value or a list (diffusers' convention for several ControlNets):
     ``control_image`` one image per ControlNet used, ``control_type`` the type of each (default:
     every built ControlNet, in the engines' order), the scale and the guidance window one value
-    for all or one per image. A built ControlNet without an image is not run.
-
-    Args:
-        request: a :class:`~sd35trt.runtime.request.GenerationRequest`.
-        built: the control types of the engines' ControlNets (empty without one).
-        height: the generation's height in pixels.
-        width: the generation's width in pixels.
-
-    Returns:
-        One :class:`ControlParams` per control image, in the request's order.
+    for all or one per image. A built ControlNet without an image is not run. ``built``: the
+    engines' ControlNets' types; ``height``, ``width`` in pixels. One result per control image.
 
     Raises:
         RequestError: naming the field (and the list index in the message): ``control_image`` (no
@@ -122,7 +109,16 @@ def resolve_control(
     from PIL import Image
 
     if request.control_image is None:
-        _refuse_fields_without_image(request)
+        for name in (
+            "control_type",
+            "controlnet_conditioning_scale",
+            "control_guidance_start",
+            "control_guidance_end",
+        ):
+            if getattr(request, name) is not None:
+                raise RequestError(
+                    name, f"{name} applies to ControlNet generation only: give a control_image too"
+                )
         return ()
     if not built:
         raise RequestError(
@@ -165,23 +161,6 @@ def resolve_control(
             )
         )
     return tuple(out)
-
-
-#: The request fields that only apply with a control image.
-CONTROL_FIELDS = (
-    "control_type",
-    "controlnet_conditioning_scale",
-    "control_guidance_start",
-    "control_guidance_end",
-)
-
-
-def _refuse_fields_without_image(request: Any) -> None:
-    for name in CONTROL_FIELDS:
-        if getattr(request, name) is not None:
-            raise RequestError(
-                name, f"{name} applies to ControlNet generation only: give a control_image too"
-            )
 
 
 def _check_image(image: Any, height: int, width: int, at: str = "") -> None:
@@ -304,21 +283,11 @@ def control_latents(
     noise_shape: tuple[int, ...],
     device: torch.device,
 ) -> torch.Tensor:
-    """One control image's latents for every transformer row.
+    """One control image's latents for every transformer row: ``[2N or N, C, h, w]`` float32.
 
-    Args:
-        engine: the active VAE encoder engine (``image`` in [0, 1], ``noise`` -> ``latent``).
-        control: the validated conditioning.
-        images: images in the batch (``N``).
-        cfg: classifier-free guidance: ``2N`` rows, encoded ``N`` at a time (the encoder's batch
-            is the image batch).
-        generator: draws the posterior noise of all rows (see the module docstring); the next
-            control image's noise follows, as diffusers encodes its list one image at a time.
-        noise_shape: ``(C, h, w)`` of one latent.
-        device: where the feeds go.
-
-    Returns:
-        ``[2N or N, C, h, w]`` float32.
+    ``engine``: the VAE encoder, run ``N = images`` rows at a time; ``generator`` draws the
+    posterior noise of all rows (the next control image's follows, as diffusers encodes its list
+    one image at a time); ``noise_shape``: ``(C, h, w)``.
     """
     import numpy as np
     import torch
@@ -351,13 +320,8 @@ class ControlNetPass:
 class ControlResiduals:
     """The transformer's ``controlnet_block_samples`` at each step (see the module docstring).
 
-    Attributes:
-        shape: ``[2N or N, n, image_tokens, inner]`` of the transformer's residual input.
-        device: where the zeros live.
-        nets: the ControlNets the request uses (none: zeros at every step).
-        hidden: the prompt embeddings ``[2N or N, 77 + L, D]``.
-        pooled: the pooled embeddings ``[2N or N, P]`` (zeroed inside the graph where the
-            ControlNet's ``force_zeros_for_pooled_projection`` says so).
+    ``shape``: ``[2N or N, n, image_tokens, inner]``; ``nets``: the ControlNets the request uses
+    (none: zeros at every step); ``hidden`` ``[2N or N, 77 + L, D]``, ``pooled`` ``[2N or N, P]``.
     """
 
     shape: tuple[int, ...]
@@ -368,12 +332,8 @@ class ControlResiduals:
     _zeros: Any = field(default=None, repr=False)
 
     def __call__(self, step: int, steps: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The residuals for step ``step`` of ``steps``, latents ``x`` and timesteps ``timestep``.
-
-        Returns:
-            ``[2N or N, n, image_tokens, inner]`` float32: the sum over the ControlNets inside
-            their guidance windows of each one's output times its ``conditioning_scale``
-            (diffusers' ``SD3MultiControlNetModel``), zeros when none is.
+        """``[2N or N, n, image_tokens, inner]`` float32 for step ``step`` of ``steps``: the sum of each
+        ControlNet inside its window times its scale (diffusers' ``SD3MultiControlNetModel``), or zeros.
         """
         import torch
 
@@ -410,16 +370,8 @@ def transformer_residuals(
 ) -> ControlResiduals | None:
     """What feeds the transformer engine's ControlNet input: ``None`` for an engine without one,
     zeros without a control image, else the used ControlNets' summed residuals (the control
-    images encoded here).
-
-    Args:
-        engines: the runtime's ``EngineSet`` (its VAE encoder encodes the control images).
-        transformer: the active transformer engine.
-        controlnets: the active ControlNet engine of each of ``params.control``, in its order.
-        params: the batch's :class:`~sd35trt.runtime.request.GenerationParams` (its ``control``).
-        cond: the text :class:`~sd35trt.runtime.steps.Conditioning`, ``[2N or N]`` rows.
-        latents: the starting latents ``[N, C, h, w]``.
-        patch_size: the transformer's patch size (image tokens = h * w / patch_size**2).
+    images encoded by ``engines``' VAE encoder). ``controlnets``: the active engine of each of
+    ``params.control``, in its order; ``latents``: ``[N, C, h, w]``; ``cond``: ``[2N or N]`` rows.
     """
     import torch
 

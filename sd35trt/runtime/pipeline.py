@@ -15,17 +15,13 @@ the same image as diffusers with the same weights:
 1. tokenize (CLIP-L and CLIP-G: 77 tokens; T5: the engines' sequence length),
 2. encode with the three text encoders, ``[negative, positive]`` in one batch under CFG,
 3. join the embeddings: ``[T, 77 + L, D]`` and pooled ``[T, P]``,
-4. draw the initial latents, image ``i`` of a request seeded ``s`` from a CPU generator seeded
-   ``s + i`` (diffusers given a list of generators; :mod:`sd35trt.runtime.parts`); image-to-image:
-   encode the image with the VAE encoder and noise it to the strength's first step, as
-   ``StableDiffusion3Img2ImgPipeline`` does (:mod:`sd35trt.runtime.img2img`),
+4. draw the initial latents, image ``i`` of seed ``s`` from a CPU generator seeded ``s + i``;
+   image-to-image: the VAE-encoded image noised to the strength's first step,
 5. denoise with flow-match Euler, classifier-free guidance and skip-layer guidance,
 6. decode with the VAE (scaling, shift and the [0, 1] mapping are inside its engine).
 
 Every stage's output is checked for NaN and inf; a failure names the stage and no image is
-returned. The steps themselves are in :mod:`sd35trt.runtime.steps`. This module imports no
-diffusers, ONNX or TensorRT: engines come from :mod:`sd35trt.artifacts.engine_manifest` (or
-:mod:`sd35trt.backends.pytorch` for PyTorch).
+returned. The steps are in :mod:`sd35trt.runtime.steps`.
 """
 
 from __future__ import annotations
@@ -112,20 +108,7 @@ class Timings:
     transformer_skipped: int = 0
 
     def to_json(self) -> dict:
-        return {
-            "text_encoding_s": self.text_encoding_s,
-            "image_encoding_s": self.image_encoding_s,
-            "step_s": list(self.step_s),
-            "denoise_s": self.denoise_s,
-            "decode_s": self.decode_s,
-            "total_s": self.total_s,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "memory_kind": self.memory_kind,
-            "device_memory_bytes": self.device_memory_bytes,
-            "activation_memory_bytes": self.activation_memory_bytes,
-            "transformer_calls": self.transformer_calls,
-            "transformer_skipped": self.transformer_skipped,
-        }
+        return dataclasses.asdict(self)
 
     def format(self) -> str:
         """A short human-readable report (one line per stage)."""
@@ -175,19 +158,11 @@ class Timings:
 class GenerationResult:
     """The images of one request and how they were made.
 
-    Attributes:
-        images: ``num_images`` RGB images; image ``i`` was drawn with seed ``params.seed + i``.
-        params: the parameters used (defaults filled in, the seed drawn when none was given).
-        timings: stage timings of the engine batch the request ran in (of all of them, summed,
-            when it ran as several).
-        warnings: settings that had no effect (a negative prompt without CFG) and prompt text
-            dropped by truncation.
-        engine_digest: identifies the engines (digest of their files' sha256).
-        batch: the engine batch the request ran in (recorded in its PNGs); the first one when
-            it ran as several (``image_batches`` then holds each image's).
-        model: the weights the engines hold (repo commit, LoRAs with sha256 and scale).
-        image_batches: per image, the engine batch it ran in (empty: all in ``batch``).
-        engine_batches: how many engine batches the request ran as.
+    Image ``i`` was drawn with seed ``params.seed + i``; ``params`` has the defaults filled in and
+    the drawn seed. A request run as several engine batches has their ``timings`` summed, the first
+    one's ``batch`` and each image's in ``image_batches``. ``warnings``: settings that had no
+    effect and prompt text dropped by truncation. ``engine_digest``: of the engines' files'
+    sha256; ``model``: the weights they hold (repo commit, LoRAs with sha256 and scale).
     """
 
     images: list[Image.Image]  # each one's ``save("x.png")`` records its parameters (as ``save`` here)
@@ -210,10 +185,7 @@ class GenerationResult:
         return self.image_batches[index] if self.image_batches else self.batch
 
     def save(self, path: str | Path, index: int = 0) -> Path:
-        """Write image ``index`` as a PNG whose ``parameters`` chunk records how it was made.
-
-        The same file ``sd35trt run`` writes (:func:`sd35trt.runtime.png.save_png`), atomically.
-        """
+        """Write image ``index`` atomically as the PNG ``sd35trt run`` writes (``parameters`` chunk)."""
         from sd35trt.runtime.png import save_png
 
         return save_png(
@@ -252,15 +224,8 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the runtime knows about the model behind its engines.
-
-    Attributes:
-        dims: model sizes (latent channels, VAE scale factor, ...).
-        limits: what the engines accept (request validation).
-        defaults: the runtime defaults recorded with the engines.
-        digest: identifies the engines; written into every PNG.
-        model: the weights the engines hold (repo commit, LoRAs); written into every PNG.
-    """
+    """What the runtime knows about the model behind its engines (``digest`` and ``model``, the
+    weights they hold, are written into every PNG)."""
 
     dims: ModelDims
     limits: RequestLimits
@@ -292,14 +257,7 @@ class Sd35Runtime:
         info: ModelInfo,
         device: str | torch.device = "cpu",
     ) -> None:
-        """
-        Args:
-            engines: the engines, five or six (activated on first use; see :meth:`EngineSet.activate_all`).
-            tokenizer: the three tokenizers, at the T5 length of the engines.
-            scheduler: the flow-match Euler scheduler.
-            info: model sizes, request limits, runtime defaults and the engines' digest.
-            device: where the loop keeps its tensors (the engines' device).
-        """
+        """``tokenizer`` at the engines' T5 length; ``device``: the engines', where the loop keeps tensors."""
         self.engines = engines
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -322,21 +280,11 @@ class Sd35Runtime:
     ) -> Sd35Runtime:
         """Verify an engines directory and load it.
 
-        Args:
-            engines_dir: a build's ``engines/`` directory.
-            low_vram: load each engine only for its stage and free it after.
-            device: ``cpu`` or ``cuda[:N]``; default ``cuda`` for TensorRT engines, ``cpu`` for
-                ONNX Runtime engines (``cuda`` uses ONNX Runtime's CUDA provider where installed).
-            intra_op_threads: ONNX Runtime intra-op threads (default: ONNX Runtime's).
-            use_cuda_graph: TensorRT: capture and replay CUDA graphs for repeated shapes.
-            activate: load the engines now rather than at first use (with ``low_vram``: load and
-                free each once, so an engine that cannot be loaded is named here).
-            max_images: most images one request may ask for (default
-                :data:`~sd35trt.runtime.request.DEFAULT_MAX_IMAGES`); beyond the engine batch they
-                run as several engine batches.
-
-        Returns:
-            The runtime.
+        ``low_vram``: load each engine only for its stage and free it after. ``device``: ``cpu`` or
+        ``cuda[:N]``; default ``cuda`` for TensorRT engines, ``cpu`` for ONNX Runtime ones.
+        ``activate``: load the engines now (with ``low_vram``: load and free each once), so an
+        engine that cannot be loaded is named here. ``max_images`` defaults to
+        :data:`~sd35trt.runtime.request.DEFAULT_MAX_IMAGES`.
 
         Raises:
             ManifestError: the directory, its manifest or a support file is missing or malformed.
@@ -398,11 +346,7 @@ class Sd35Runtime:
     def generate(self, request: GenerationRequest | GenerationParams) -> GenerationResult:
         """Generate the images of one request, in several engine batches when it needs more.
 
-        Args:
-            request: a request, or parameters :meth:`validate` returned.
-
-        Returns:
-            The images (image ``i`` from seed ``seed + i``), the parameters used, timings and warnings.
+        ``request``: a request, or parameters :meth:`validate` returned.
 
         Raises:
             RequestError: the request is invalid (checked before anything runs).

@@ -2,17 +2,9 @@
 
 A :class:`GenerationRequest` holds what a caller asked for (``None`` = the engines' default);
 :func:`resolve_request` checks it against the :class:`RequestLimits` read from the engine manifest
-and returns the :class:`GenerationParams` actually used. Every problem is a
-:class:`~sd35trt.errors.RequestError` naming the field, the value found and what is allowed, so
-the CLI prints it as one line and the HTTP server answers 422 with the field. Nothing here runs
-an engine or imports torch.
-
-Image-to-image (a request with an ``image``) follows diffusers' ``StableDiffusion3Img2ImgPipeline``:
-the image is converted to RGB and resized to the request's ``height`` x ``width`` (the engines'
-defaults when omitted) with Lanczos resampling, as diffusers' ``VaeImageProcessor`` does;
-``strength`` in (0, 1] (default 0.6, diffusers') keeps the last ``int(steps * strength)``-ish
-steps of the schedule (:func:`img2img_steps`); skip-layer guidance is not used (that pipeline
-has none).
+and returns the :class:`GenerationParams` actually used; every problem is a
+:class:`~sd35trt.errors.RequestError` naming the field, the value found and what is allowed.
+Image-to-image follows diffusers' ``StableDiffusion3Img2ImgPipeline`` (no skip-layer guidance).
 """
 
 from __future__ import annotations
@@ -56,14 +48,9 @@ DEFAULT_MAX_IMAGES = 16
 class EngineBatch:
     """The engine batch a request ran in; recorded in its PNGs.
 
-    The same seed gives the same pixels for the same engine batch. Merged with other requests
-    into a larger batch, the engines may choose other kernels, and pixels may differ by about
-    1/255 (run a request alone for exact reproduction).
-
-    Attributes:
-        requests: requests in the batch.
-        images: images in the batch.
-        first_image: position of this request's first image in the batch.
+    The same seed gives the same pixels for the same engine batch; in a larger batch the engines
+    may choose other kernels, and pixels may differ by about 1/255. ``first_image``: the position
+    of this request's first image in the batch.
     """
 
     requests: int = 1
@@ -200,10 +187,6 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     return start, steps - start
 
 
-def _span(r: ShapeRange, index: int) -> tuple[int, int]:
-    return r.min[index], r.max[index]
-
-
 def _axis(spec: ComponentSpec, profile: Mapping[str, ShapeRange], axis: str) -> tuple[int, int]:
     """``(min, max)`` of the symbolic ``axis`` over the inputs of one engine's profile."""
     lo, hi = 1, math.inf
@@ -212,7 +195,8 @@ def _axis(spec: ComponentSpec, profile: Mapping[str, ShapeRange], axis: str) -> 
         if axis in t.shape:
             if t.name not in profile:
                 raise ManifestError(f"the {spec.component.value} engine has no profile for input {t.name}")
-            a, b = _span(profile[t.name], t.shape.index(axis))
+            r, i = profile[t.name], t.shape.index(axis)
+            a, b = r.min[i], r.max[i]
             lo, hi, found = max(lo, a), min(hi, b), True
     if not found:
         raise ValueError(f"{spec.component.value} has no axis {axis!r}")
@@ -223,20 +207,10 @@ def _axis(spec: ComponentSpec, profile: Mapping[str, ShapeRange], axis: str) -> 
 class RequestLimits:
     """What the engines accept, read from their optimization profiles.
 
-    Attributes:
-        height: ``(min, max)`` image height in pixels (transformer and VAE profiles intersected).
-        width: ``(min, max)`` image width in pixels.
-        size_multiple: height and width must be multiples of this (VAE factor x patch size).
-        transformer_batch: ``(min, max)`` batch of the transformer engine.
-        decoder_batch: ``(min, max)`` batch of the VAE decoder engine.
-        encoder_batch: ``(min, max)`` batch all three text encoders accept.
-        t5_length: tokens per text for T5 (static in the engines).
-        skip_layer_guidance: the skip-layer guidance the engines were built for, or ``None``.
-        img2img_size: ``((min, max) height, (min, max) width)`` image-to-image accepts (the VAE
-            encoder's profile intersected with the above), or ``None`` without a VAE encoder.
-        img2img_batch: ``(min, max)`` images the VAE encoder takes in one batch (one per image).
-        max_images: most images one request may ask for; beyond the engine batch they run as
-            several engine batches (a setting of the runtime, not of the engines).
+    Every pair is ``(min, max)``; ``height`` / ``width`` in pixels (transformer and VAE profiles
+    intersected), multiples of ``size_multiple`` (VAE factor x patch size); ``encoder_batch``: what
+    all three text encoders accept; ``img2img_size``: ``(height, width)`` ranges the VAE encoder
+    allows too (``None`` without one); ``max_images``: the runtime's setting, not the engines'.
     """
 
     height: tuple[int, int]
@@ -262,15 +236,10 @@ class RequestLimits:
         dims: ModelDims,
         skip_layer_guidance: SkipLayerGuidance | None,
     ) -> RequestLimits:
-        """Derive the limits from each engine's spec and profile.
+        """Derive the limits from each engine's spec and optimization profile.
 
-        Args:
-            specs: the I/O contract of every component's engine (the VAE encoder's only when the
-                engines have one).
-            profiles: the optimization-profile ranges per input of every component's engine.
-            dims: the model sizes (VAE scale factor, patch size).
-            skip_layer_guidance: the runtime defaults' SLG settings when the transformer engine
-                has a ``skip_layers`` input, else ``None``.
+        ``skip_layer_guidance``: the runtime defaults' SLG when the transformer engine has a
+        ``skip_layers`` input, else ``None``.
 
         Raises:
             ManifestError: an engine's profile lacks an input or is empty, or T5's length is not static.
@@ -322,12 +291,9 @@ class RequestLimits:
 
     @classmethod
     def from_manifest(cls, manifest: EngineManifest, skip_layer_guidance: bool = True) -> RequestLimits:
-        """The limits of the engines an engine manifest records (the VAE encoder's when built).
+        """The limits of the engines an engine manifest records.
 
-        Args:
-            manifest: the engine manifest.
-            skip_layer_guidance: take the recorded skip-layer guidance when the transformer engine
-                gates layers (``False``: none, which only lowers the minimum batch).
+        ``skip_layer_guidance=False``: ignore the recorded SLG (which only lowers the minimum batch).
 
         Raises:
             ManifestError: as :meth:`from_profiles`, or the recorded skip-layer guidance does not
@@ -416,17 +382,8 @@ def resolve_request(
     """Validate ``request`` against the engines and fill in the defaults.
 
     Types and fixed bounds are the declared ones (:data:`sd35trt.parameters.GENERATION_PARAMS`);
-    sizes and images per batch are the engines' (``limits``).
-
-    Args:
-        request: what the caller asked for.
-        limits: what the engines accept (from the engine manifest).
-        defaults: the runtime defaults recorded with the engines.
-
-    Returns:
-        The parameters the generation runs with (a seed below ``2**53`` drawn when none was
-        given; without CFG no negative prompt or skip-layer guidance, and a warning for each
-        one the caller asked for: :func:`sd35trt.guidance.guidance_plan`).
+    sizes and images per batch are the engines' (``limits``). A seed below ``2**53`` is drawn when
+    none was given; without CFG a requested negative prompt or SLG is dropped with a warning.
 
     Raises:
         RequestError: naming the first invalid field, its value and the allowed values.

@@ -1,9 +1,5 @@
-"""The steps of SD3.5 generation over engines, as functions the runtime calls in order.
-
-Each function is one step of diffusers' ``StableDiffusion3Pipeline.__call__`` (its numbering
-kept in :meth:`sd35trt.runtime.pipeline.Sd35Runtime._run`), written against the engine interface:
-engines take and return torch tensors keyed by their spec's names. Every engine output is checked
-for NaN and inf, and a failure names the stage.
+"""The steps of SD3.5 generation over engines (diffusers' ``StableDiffusion3Pipeline.__call__``'s,
+numbered in :mod:`sd35trt.runtime.pipeline`); every engine output is checked for NaN and inf.
 """
 
 from __future__ import annotations
@@ -60,10 +56,8 @@ class EngineSet:
             raise
 
     def probe(self) -> None:
-        """Load and free each engine in turn (at most one holds memory at a time).
-
-        With ``low_vram`` nothing loads before its stage; this names an engine its backend
-        cannot load at start-up instead of at the first request.
+        """Load and free each engine in turn, so that with ``low_vram`` an engine its backend
+        cannot load is named at start-up, not at the first request.
 
         Raises:
             EngineLoadError: naming the engine file (from the backend's ``activate``).
@@ -153,14 +147,8 @@ def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: i
 
     diffusers' ``randn_tensor`` given a list of CPU generators draws one ``[1, C, h, w]`` sample
     per generator on the CPU in the latents' dtype (float32 here), concatenates them and only
-    then moves the batch to the device. (One generator for a whole batch would make image ``i``
-    depend on the images before it, so it could not be made again alone.)
-
-    Args:
-        seeds: the seed of each image (:func:`sd35trt.runtime.parts.image_seeds`).
-
-    Returns:
-        ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
+    then moves the batch to the device (so image ``i`` can be made again alone). Returns
+    ``[len(seeds), C, height / f, width / f]`` float32 on the CPU.
     """
     f = dims.vae_scale_factor
     shape = (1, dims.latent_channels, height // f, width // f)
@@ -168,16 +156,11 @@ def initial_latents(seeds: Sequence[int], dims: ModelDims, height: int, width: i
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
-def skip_layer_window(step: int, steps: int, start: float, stop: float) -> bool:
-    """Whether step ``step`` of ``steps`` gets the skip-layer pass (diffusers' strict inequalities)."""
-    return steps * start < step < steps * stop
-
-
 def skip_layer_steps(steps: int, slg: SkipLayerGuidance | None) -> set[int]:
     """The steps of ``steps`` that get the skip-layer pass (none without skip-layer guidance)."""
     if slg is None:  # resolve_request keeps it only under CFG (sd35trt.guidance)
         return set()
-    return {i for i in range(steps) if skip_layer_window(i, steps, slg.start, slg.stop)}
+    return {i for i in range(steps) if steps * slg.start < i < steps * slg.stop}  # diffusers' strict <
 
 
 @dataclass(frozen=True)
@@ -237,22 +220,11 @@ def denoise(
     ``[negative, positive]`` and ``v = v_neg + g (v_pos - v_neg)``; inside the skip-layer window
     one more conditional pass skips the configured blocks and ``v += s (v_pos - v_skip)``.
 
-    Args:
-        engine: the active transformer engine, or the first-block cache's CFG pass.
-        latents: ``[N, C, h, w]`` float32 on the runtime's device.
-        cond: the text conditioning.
-        params: steps, guidance scale and skip-layer guidance.
-        scheduler: the flow-match Euler scheduler.
-        timer: marked before the first step and after each one.
-        schedule: the steps to run (default: all ``params.num_inference_steps`` of ``scheduler``'s schedule;
-            image-to-image passes the strength's cut, see :mod:`sd35trt.runtime.img2img`).
-        skip_engine: what runs the skip-layer pass (default ``engine``): the first-block cache
-            keeps it in its own context (:mod:`sd35trt.runtime.cache`).
-        residuals: the ControlNet residuals per step, for a transformer engine that takes them
-            (:mod:`sd35trt.runtime.control`; zeros without a control image).
-
-    Returns:
-        The denoised latents ``[N, C, h, w]`` float32.
+    ``latents`` ``[N, C, h, w]`` float32 -> the denoised latents, same shape. ``engine``: the
+    transformer or the first-block cache's CFG pass; ``skip_engine`` (default ``engine``) runs the
+    skip-layer pass; ``schedule`` defaults to all ``params.num_inference_steps`` (image-to-image:
+    the strength's cut); ``residuals``: ControlNet residuals per step; ``timer`` is marked before
+    the first step and after each one.
 
     Raises:
         NonFiniteError: the transformer produced NaN or inf (checked once, after the last step).
@@ -371,12 +343,6 @@ def _finite(latents: torch.Tensor, steps: int) -> torch.Tensor:
     return latents
 
 
-def to_pixels(image: torch.Tensor) -> np.ndarray:
-    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8, rounded exactly as diffusers does."""
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # [N, H, W, 3]
-    return (array * 255).round().astype(np.uint8)
-
-
 def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     """Step 6: VAE-decode raw latents ``[N, C, h, w]`` into ``N`` RGB images.
 
@@ -385,7 +351,8 @@ def decode(engine: Engine, latents: torch.Tensor) -> list[Image.Image]:
     """
     image = engine.infer({"latent": latents})["image"]  # [N, 3, H, W] in [0, 1]
     check_finite(Component.VAE_DECODER, image, "image")
-    return [Image.fromarray(a) for a in to_pixels(image)]
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # [N, H, W, 3], rounded as diffusers does
+    return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
 
 
 def peak_memory(device: torch.device | str) -> tuple[int, str]:
@@ -397,5 +364,4 @@ def peak_memory(device: torch.device | str) -> tuple[int, str]:
             device
         ), "CUDA, torch allocator (TensorRT's own memory not included)"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
     return (rss if sys.platform == "darwin" else rss * 1024), "host peak RSS of the process"

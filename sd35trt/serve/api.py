@@ -90,9 +90,8 @@ class Generated:
 
 
 async def _prepare(state: ServerState, fields: dict[str, Any]) -> Prepared:
-    """Validate a request; one with an ``init_image`` or control images is decoded on a worker
-    thread, at most :data:`DECODE_SLOTS` at a time, so a large image never blocks the event loop
-    (``/health``).
+    """Validate a request; images are decoded on a worker thread, at most :data:`DECODE_SLOTS` at
+    a time, so a large image never blocks the event loop (``/health``).
 
     Raises:
         RequestError: a field is invalid.
@@ -160,9 +159,8 @@ def _check_ready(state: ServerState) -> None:
 
 
 def _submit(state: ServerState, prepared: Prepared) -> list[Job]:
-    """Queue ``prepared``: more images than one engine batch holds are queued as parts together,
-    each image keeping its seed; the queue limit counts requests, so later parts are admitted with
-    the first.
+    """Queue ``prepared``, in parts when one engine batch cannot hold its images (each keeping its
+    seed; the queue limit counts requests, so later parts are admitted with the first).
 
     Raises:
         ApiError: 429 when the queue is full, 503 when the server is shutting down (no part queued).

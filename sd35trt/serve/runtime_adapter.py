@@ -1,8 +1,7 @@
 """The :class:`~sd35trt.serve.generator.Generator` over :class:`sd35trt.runtime.pipeline.Sd35Runtime`.
 
-Validation is the runtime's (``Sd35Runtime.validate``, limits read from the engine manifest);
-merged batches are ``Sd35Runtime.generate_batch``, which keeps each request's prompt and seed.
-HTTP fields are the runtime's own (diffusers' names), so requests and errors pass through as they are.
+Validation is ``Sd35Runtime.validate``; merged batches are ``Sd35Runtime.generate_batch``, which
+keeps each request's prompt and seed. HTTP fields are the runtime's own (diffusers' names).
 A request with ``batch: "alone"`` gets an engine batch of its own (a key nothing else shares):
 its PNG bytes then equal those ``sd35trt run`` writes for the same parameters.
 ``init_image`` is the image file in base64, decoded here into the runtime's ``image``.
@@ -22,13 +21,6 @@ from sd35trt.serve.generator import ImageSet, Prepared
 
 #: Values of the request field ``batch``: merge with compatible requests (default), or run alone.
 BATCH_MERGE, BATCH_ALONE = "merge", "alone"
-
-
-def _free_cached_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _png(image: Any, index: int, *, params: Any, digest: str, batch: Any = None, model: Any = None) -> bytes:
@@ -71,11 +63,7 @@ class RuntimeGenerator:
     def load(
         cls, engines_dir: Path, low_vram: bool = False, max_images: int | None = None
     ) -> RuntimeGenerator:
-        """Verify and load an engines directory (errors name the file and the fix).
-
-        Args:
-            max_images: most images one request may ask for (default: the runtime's).
-        """
+        """Verify and load an engines directory (errors name the file and the fix)."""
         from sd35trt.runtime.pipeline import Sd35Runtime
 
         return cls(Sd35Runtime.load(engines_dir, low_vram=low_vram, max_images=max_images))
@@ -144,7 +132,10 @@ class RuntimeGenerator:
             results = self.runtime.generate_batch([r.native for r in requests])
         except Exception as err:
             if is_out_of_memory(err):
-                _free_cached_memory()
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 raise DeviceOutOfMemoryError(
                     f"out of memory during generation ({type(err).__name__}: {err})"
                 ) from err

@@ -8,14 +8,8 @@ The generated file only binds Triton's utilities to this class::
     class TritonPythonModel(Sd35TritonModel):
         pb_utils = pb_utils
 
-so the server runs the same code as ``sd35trt run`` and ``sd35trt serve``: ``initialize``
-verifies and loads the engines with :meth:`Sd35Runtime.load`, every row is validated by
-``sd35trt serve``'s :class:`~sd35trt.serve.runtime_adapter.RuntimeGenerator` (same messages as
-its HTTP 422s), and the rows Triton's dynamic batcher hands over together are grouped into engine
-batches by :func:`engine_batches`, the rule of ``serve``'s batcher.
-
-Nothing here imports Triton: ``pb_utils`` is whatever the subclass binds (Triton's
-``triton_python_backend_utils`` in the server).
+so the server runs the same code as ``sd35trt run`` and ``sd35trt serve`` (same validation
+messages, same engine batching rule). Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -46,12 +40,7 @@ def engine_batches(items: Sequence[Prepared]) -> list[list[int]]:
     The oldest row not yet placed opens a batch; later rows with the same batch key (size, steps,
     guidance) join it while its images fit the engine batch (``capacity``) and its prompts fit
     the text encoders (``max_requests``). Other rows keep their order for the next batches.
-
-    Args:
-        items: rows in arrival order (Triton's request order, then row order).
-
-    Returns:
-        Indices into ``items``, one list per engine batch, in the order they should run.
+    Returns indices into ``items`` (in arrival order), one list per engine batch, in running order.
     """
     left = list(range(len(items)))
     batches: list[list[int]] = []
@@ -89,17 +78,9 @@ def _value(name: str, dtype: TritonType, raw: Any) -> Any:
 
 
 def read_rows(columns: dict[str, Any], rows: int) -> list[dict[str, Any]]:
-    """Per-row request fields from a request's input arrays.
-
-    Args:
-        columns: input name -> numpy array ``[rows, 1]``, ``[rows, k]`` for a ControlNet field
-            (one value per control image; one value applies to all) (inputs the client omitted
-            are absent).
-        rows: the request's batch size (Triton checks every input has it).
-
-    Returns:
-        One dict of HTTP field names per row (aliases under their parameter's name); omitted
-        inputs are left out (engine defaults apply).
+    """One dict of HTTP field names per row (aliases under their parameter's name) from
+    ``columns``: input name -> ``[rows, 1]``, or ``[rows, k]`` for a ControlNet field (one value
+    per control image). Omitted inputs are left out (engine defaults apply).
 
     Raises:
         RequestError: a text input is not UTF-8, an input does not hold one value per row, or a
@@ -136,16 +117,6 @@ def _joined(parts: list[tuple[ImageSet | BaseException, dict]]) -> tuple[ImageSe
         if isinstance(result, BaseException):
             return result, info
     return ImageSet.joined([r for r, _ in parts]), parts[0][1]
-
-
-def _same_num_images(prepared: Sequence[Prepared]) -> None:
-    counts = sorted({p.size for p in prepared})
-    if len(counts) > 1:
-        raise RequestError(
-            "num_images",
-            f"num_images must be equal for every prompt of one request (found {counts}); "
-            "send prompts with different counts as separate requests",
-        )
 
 
 class Sd35TritonModel:
@@ -208,10 +179,7 @@ class Sd35TritonModel:
         Every row is validated first (an invalid request gets its own error, the others run);
         the valid rows run in engine batches of compatible rows (:func:`engine_batches`); a row of
         more images than one engine batch holds runs as several parts, each image keeping its
-        seed (``seed + i``).
-
-        Returns:
-            One ``InferenceResponse`` per request, in order.
+        seed (``seed + i``). Returns one ``InferenceResponse`` per request, in order.
         """
         responses: list[Any] = [None] * len(requests)
         items: list[Prepared] = []
@@ -220,7 +188,12 @@ class Sd35TritonModel:
             try:
                 fields = read_rows(self._columns(request), self._rows(request))
                 prepared = [self.generator.prepare(f) for f in fields]
-                _same_num_images(prepared)
+                if len(counts := sorted({p.size for p in prepared})) > 1:
+                    raise RequestError(
+                        "num_images",
+                        f"num_images must be equal for every prompt of one request (found {counts}); "
+                        "send prompts with different counts as separate requests",
+                    )
             except RequestError as err:
                 responses[i] = self._error(err)
                 continue

@@ -182,13 +182,8 @@ def render_config(
 ) -> str:
     """The model's ``config.pbtxt`` (protobuf text format of Triton's ``ModelConfig``).
 
-    Args:
-        settings: the repository options.
-        backend: the engines' backend: TensorRT engines get KIND_GPU instances (on
-            ``settings.gpus``, or every visible GPU), ONNX Runtime engines KIND_CPU instances.
-        max_batch_size: Triton's ``max_batch_size`` (prompts per model execution).
-        engines_dir: the ``engines_dir`` parameter (relative to the version directory, or absolute).
-        header: comment lines for the top of the file.
+    TensorRT engines get KIND_GPU instances (on ``settings.gpus``, or every visible GPU), ONNX
+    Runtime engines KIND_CPU ones; ``header``: comment lines for the top of the file.
 
     Raises:
         ConfigError: GPUs were listed for ONNX Runtime engines.
@@ -237,14 +232,6 @@ def render_config(
 # -- writing the repository ----------------------------------------------------------------------
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # engines are large and never rewritten in place (builds rename)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _copy_engines(src: Path, dst: Path) -> None:
     for path in sorted(src.rglob("*")):
         if path.is_symlink():
@@ -252,7 +239,12 @@ def _copy_engines(src: Path, dst: Path) -> None:
                 f"{path} is a symbolic link; the repository must hold the engines themselves"
             )
         if path.is_file():
-            _link_or_copy(path, dst / path.relative_to(src))
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)  # engines are large and never rewritten in place (builds rename)
+            except OSError:
+                shutil.copy2(path, target)
 
 
 def write_repository(
@@ -261,15 +253,8 @@ def write_repository(
     """Write a Triton model repository serving the engines in ``engines_dir``.
 
     The engines' files are checked against their manifest (sizes and sha256) first; whether this
-    machine can load them is not (the server checks at model load, as ``run`` does).
-
-    Args:
-        engines_dir: a build's ``engines/`` directory.
-        out: the repository directory (created; other models in it are left alone).
-        settings: the repository options.
-
-    Returns:
-        What was written.
+    machine can load them is not (the server checks at model load, as ``run`` does). Other
+    models in ``out`` are left alone.
 
     Raises:
         ConfigError: a bad model name, ``--gpus`` for ONNX Runtime engines, or the model
