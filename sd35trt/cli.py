@@ -151,8 +151,8 @@ def export(
     force: ForceOpt = False,
     upstream: UpstreamOpt = False,
 ):
-    """ONNX of the six components (CLIP-L, CLIP-G, T5, the FP8 Q/DQ transformer, VAE decoder and
-    encoder), each validated against PyTorch."""
+    """ONNX of each component (CLIP-L, CLIP-G, T5, the FP8 Q/DQ transformer, VAE decoder and
+    encoder, the ControlNets), each validated against PyTorch."""
     _run_stage("export", config, run_dir, functools.partial(_export, force=force), upstream)
 
 

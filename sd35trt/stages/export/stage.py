@@ -1,4 +1,5 @@
-"""``sd35trt export``: the six components to validated ONNX, then the manifest record.
+"""``sd35trt export``: each component (CLIP-L, CLIP-G, T5, the transformer, the VAE decoder and
+encoder, the configured ControlNets) to validated ONNX, then the manifest record.
 
 Each component in :class:`~sd35trt.components.Component` order, one model in memory at a time,
 goes through :func:`sd35trt.stages.export.steps.export_graphs` (trace, write, validate). All
@@ -103,7 +104,7 @@ def export(
     progress: Progress | None = None,
     external_threshold: int | None = None,
 ) -> ExportRecord:
-    """Export, validate and record the six components of ``config``'s model.
+    """Export, validate and record the components of ``config``'s model.
 
     Runs through :func:`~sd35trt.stages.driver.run_stage` (lock, upstream checks, freshness,
     staging, record).
