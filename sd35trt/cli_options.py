@@ -67,6 +67,10 @@ def _parameter(
     return inspect.Parameter(p.name, kind, default=default, annotation=Annotated[annotation, info])
 
 
+#: Python name prefix of the alias options (``alias__steps``), whose values move to their parameter.
+_ALIAS_PREFIX = "alias__"
+
+
 def _alias_parameters(p: InputParam) -> list[inspect.Parameter]:
     """An option of its own per alias (``--steps``), so that giving the name and an alias together
     is refused rather than the last one silently winning (see :func:`_take_alias`)."""
@@ -82,8 +86,6 @@ def _alias_parameters(p: InputParam) -> list[inspect.Parameter]:
         for a in p.aliases
     ]
 
-
-_ALIAS_PREFIX = "alias__"
 
 
 def _take_alias(p: InputParam, kwargs: dict[str, Any]) -> None:

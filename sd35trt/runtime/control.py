@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.components import CONTROLNET_INPUT
 from sd35trt.config import ControlType
 from sd35trt.errors import RequestError
-from sd35trt.parameters import listed
+from sd35trt.parameters import check_value, listed
 
 if TYPE_CHECKING:
     import torch
@@ -187,8 +187,6 @@ def _check_image(image: Any, height: int, width: int, at: str = "") -> None:
 def _control_types(wanted: Any, built: Sequence[ControlType], images: int) -> list[ControlType]:
     """The control type of each image: ``wanted`` (one per image), by default the engines' ControlNets
     in their order; each built, none twice."""
-    from sd35trt.parameters import check_value
-
     names = ", ".join(t.value for t in built)
     if wanted is None:
         if images != len(built):
@@ -232,8 +230,6 @@ def _control_types(wanted: Any, built: Sequence[ControlType], images: int) -> li
 def _per_image(request: Any, name: str, default: float, images: int) -> list[float]:
     """A scale or window bound per image: one value for all, or a list of one per image, each
     within its declared bounds (:data:`sd35trt.parameters.PARAMS`)."""
-    from sd35trt.parameters import check_value
-
     given = getattr(request, name)
     values = listed(default if given is None else given)
     if len(values) not in (1, images):
