@@ -87,7 +87,6 @@ def _alias_parameters(p: InputParam) -> list[inspect.Parameter]:
     ]
 
 
-
 def _take_alias(p: InputParam, kwargs: dict[str, Any]) -> None:
     """Move an alias option's value in ``kwargs`` to ``p``'s own name (an aliased option has no
     default of its own: ``None`` is "not given", the engines' default applies).
